@@ -1,0 +1,31 @@
+"""torchslim: make trained PyTorch models smaller and faster while keeping their accuracy.
+
+Example:
+    >>> import torchslim as ts
+    >>> data = ts.data.load("mnist-sample")                  # offline: 4,000 / 1,000 real MNIST digits
+    >>> model = ts.models.lenet_300_100()
+    >>> result = ts.train(model, data, {"epochs": 1})
+    >>> ts.evaluate(result.model, data)["accuracy"] > 0.8
+    True
+"""
+
+from torchslim import data, models
+from torchslim.core import Config, ConfigError, Report, Result, TorchslimError
+from torchslim.verbs import evaluate, load, profile, save, train
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "Report",
+    "Result",
+    "TorchslimError",
+    "data",
+    "evaluate",
+    "load",
+    "models",
+    "profile",
+    "save",
+    "train",
+]

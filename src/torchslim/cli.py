@@ -1,0 +1,217 @@
+"""The ``torchslim`` command line: thin, it parses, calls the public verbs and prints.
+
+Errors print one line (``error: ...``) and exit 1; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="torchslim: make trained PyTorch models smaller and faster while keeping their accuracy.",
+)
+console = Console(width=None if sys.stdout.isatty() else 160)
+STATE = {"debug": False}
+
+
+@app.callback()
+def main_options(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
+    STATE["debug"] = debug
+
+
+def _int_list(text: str, option: str) -> list[int]:
+    from torchslim.core.errors import TorchslimError
+
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise TorchslimError(f"{option}: expected comma-separated integers like 1,64, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise TorchslimError(f"{option}: expected positive integers, got {text!r}")
+    return values
+
+
+def _example_input(data) -> "object":
+    import torch
+
+    if hasattr(data, "train_ids"):
+        return data.test_ids[:64].unsqueeze(0)
+    return data.example_input(1)
+
+
+def _load_model_arg(model: str, data, trust_factory: bool, weights: Optional[Path], trust_weights: bool):
+    """A registered model name (sized for the data), a saved .safetensors model file, or package.module:callable."""
+    import torchslim as ts
+    from torchslim.io.modelfile import build_from_spec, load_weights
+
+    if model.endswith(".safetensors") and Path(model).is_file():
+        loaded = ts.load(model, trust_factory=trust_factory)
+    elif ":" in model:
+        loaded = build_from_spec({"factory": model, "kwargs": {}}, trust_factory=True, where="--model")
+    else:
+        loaded = ts.models.create_for(model, data)
+    if weights is not None:
+        from torchslim.io.modelfile import _load_into
+
+        _load_into(loaded, load_weights(weights, trusted=trust_weights), str(weights))
+    return loaded
+
+
+@app.command("list")
+def list_command(what: str = typer.Argument("all", help="models, datasets, backends or all")) -> None:
+    """List registered models, datasets and latency backends with one line each."""
+    from torchslim.core.errors import TorchslimError
+    from torchslim.data import DATASETS
+    from torchslim.measure.latency import BACKENDS
+    from torchslim.models import MODELS
+
+    tables = {"models": MODELS, "datasets": DATASETS, "backends": BACKENDS}
+    if what != "all" and what not in tables:
+        raise TorchslimError(f"unknown list {what!r}; choose from: all, {', '.join(tables)}")
+    for title, registry in tables.items():
+        if what in ("all", title):
+            console.print(f"[bold]{title}[/bold]")
+            for name in registry.names():
+                console.print(f"  {name:<18} {registry.summary(name)}")
+
+
+@app.command()
+def train(
+    model: str = typer.Option("lenet-300-100", help="Registered model name (see `torchslim list models`)."),
+    data: str = typer.Option("mnist-sample", help="Dataset name (see `torchslim list datasets`); mnist-sample is embedded and offline."),
+    data_root: Optional[Path] = typer.Option(None, help="Folder holding the dataset files (default: $TORCHSLIM_DATA or the cache)."),
+    epochs: int = typer.Option(5, help="Training epochs."),
+    lr: float = typer.Option(0.05, help="Base learning rate."),
+    optimizer: str = typer.Option("sgd", help="sgd, adam or adamw."),
+    batch_size: int = typer.Option(64, help="Training batch size."),
+    weight_decay: float = typer.Option(1e-4, help="Weight decay."),
+    seed: int = typer.Option(0, help="Random seed (runs are reproducible)."),
+    out: Optional[Path] = typer.Option(None, help="Write the trained model here (.safetensors with its architecture spec)."),
+    report: Optional[Path] = typer.Option(None, help="Write the JSON report here."),
+    force: bool = typer.Option(False, help="Overwrite --out / --report if they exist."),
+    threads: int = typer.Option(2, help="Threads for the latency measurement."),
+) -> None:
+    """Train a reference model on a dataset, then evaluate and profile it (the main job until recipes land)."""
+    import torchslim as ts
+    from torchslim.core.errors import TorchslimError
+    from torchslim.report.console import print_report
+
+    for path in (out, report):
+        if path is not None and path.exists() and not force:
+            raise TorchslimError(f"{path} exists; refusing to overwrite it (pass --force)")
+    ts.models.MODELS.get(model)
+    dataset = ts.data.load(data, root=data_root, download=data_root is None)
+    console.print(f"{data}: {len(getattr(dataset, 'train', getattr(dataset, 'train_ids', [])))} training examples")
+    network = ts.models.create_for(model, dataset)
+    config = {"epochs": epochs, "lr": lr, "optimizer": optimizer, "batch_size": batch_size, "weight_decay": weight_decay, "seed": seed}
+    result = ts.train(network, dataset, config)
+    for note in result.report.stages[0].notes:
+        console.print(f"  {note}")
+    profiled = ts.profile(result.model, _example_input(dataset), batch_sizes=(1, 64), threads=threads)
+    stage = profiled.report.stages[0]
+    stage.name, stage.kind = "trained", "train"
+    for key in ("accuracy", "error", "loss", "examples"):
+        stage.metrics[key] = result.report.stages[0].metrics[key]
+    result.report.stages.append(stage)
+    print_report(type(result.report)(model=result.report.model, stages=[stage], environment=result.report.environment))
+    if out is not None:
+        saved = ts.save(result.model, out)
+        console.print(f"model written to {saved} ({saved.stat().st_size:,} bytes)")
+    if report is not None:
+        result.report.save(report)
+        console.print(f"report written to {report}")
+
+
+@app.command()
+def evaluate(
+    model: str = typer.Argument(..., help="A saved model file (.safetensors) or a registered model name."),
+    data: str = typer.Option("mnist-sample", help="Dataset name."),
+    data_root: Optional[Path] = typer.Option(None, help="Folder holding the dataset files."),
+    weights: Optional[Path] = typer.Option(None, help="Weights to load into the model (.safetensors or .pt state_dict)."),
+    trust_weights: bool = typer.Option(False, help="Allow unpickling a .pt that holds more than tensors (only files you made)."),
+    trust_factory: bool = typer.Option(False, help="Allow a model file whose architecture is an import path."),
+    split: str = typer.Option("test", help="train or test."),
+) -> None:
+    """Evaluate a model on a dataset split: accuracy, error, loss."""
+    import torchslim as ts
+
+    dataset = ts.data.load(data, root=data_root, download=data_root is None)
+    network = _load_model_arg(model, dataset, trust_factory, weights, trust_weights)
+    metrics = ts.evaluate(network, dataset, split=split)
+    console.print(
+        f"{data} {split}: accuracy {100 * metrics['accuracy']:.2f}%  error {100 * metrics['error']:.2f}%  "
+        f"({metrics['errors']} of {metrics['examples']})  loss {metrics['loss']:.4f}"
+    )
+
+
+@app.command()
+def profile(
+    model: str = typer.Argument(..., help="A saved model file (.safetensors) or a registered model name."),
+    data: str = typer.Option("mnist-sample", help="Dataset whose input shape to use."),
+    data_root: Optional[Path] = typer.Option(None, help="Folder holding the dataset files."),
+    batch_sizes: str = typer.Option("1,64", help="Comma-separated batch sizes to time."),
+    backends: str = typer.Option("eager", help="Comma-separated latency backends (see `torchslim list backends`)."),
+    runs: int = typer.Option(50, help="Timed runs per batch size (after warm-up)."),
+    threads: int = typer.Option(2, help="Thread count fixed while timing."),
+    trust_factory: bool = typer.Option(False, help="Allow a model file whose architecture is an import path."),
+    report: Optional[Path] = typer.Option(None, help="Write the JSON report here."),
+    layers: bool = typer.Option(False, help="Print the per-layer table too."),
+) -> None:
+    """Parameters, non-zeros, MACs, bytes and measured latency of a model."""
+    import torchslim as ts
+    from torchslim.report.console import print_report
+    from torchslim.report.markdown import report_to_markdown
+
+    dataset = ts.data.load(data, root=data_root, download=data_root is None)
+    network = _load_model_arg(model, dataset, trust_factory, None, False)
+    sizes = _int_list(batch_sizes, "--batch-sizes")
+    result = ts.profile(network, _example_input(dataset), batch_sizes=sizes, backends=[b.strip() for b in backends.split(",")], runs=runs, threads=threads)
+    print_report(result.report)
+    for row in result.report.stages[0].metrics["latency"]:
+        flag = "  BIMODAL" if row["bimodal"] else ""
+        console.print(
+            f"  {row['backend']:<8} batch {row['batch_size']:>4}: median {row['median_ms']:.3f} ms, "
+            f"min {row['min_ms']:.3f}, p90 {row['p90_ms']:.3f} ({row['runs']} runs, {row['threads']} threads){flag}"
+        )
+    if layers:
+        console.print(report_to_markdown(result.report))
+    if report is not None:
+        result.report.save(report)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Entry point: runs the app; user errors print one line unless --debug."""
+    arguments = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in arguments
+    try:
+        app(args=arguments, standalone_mode=False)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        return 130
+    except Exception as error:  # noqa: BLE001 - one clear line for any failure, traceback with --debug
+        import click
+
+        if isinstance(error, click.exceptions.Exit):
+            return error.exit_code
+        if isinstance(error, click.ClickException):
+            error.show()
+            return error.exit_code
+        if debug:
+            raise
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""Saving and loading models without pickle: safetensors weights plus a JSON architecture spec.
+
+The spec names how to rebuild the module: a registry name with its arguments (``{"name": "lenet-5", "kwargs":
+{}}``) or an import path ``package.module:callable`` with arguments (``{"factory": "mypkg.nets:Net", "kwargs":
+{...}}``). It is stored in the safetensors header, with a SHA-256 of the tensor data, so one file holds both.
+Import paths from a file run code, so loading one needs ``trust_factory=True``.
+
+Example:
+    >>> import torchslim as ts, tempfile, os
+    >>> model = ts.models.create("lenet-300-100")
+    >>> path = save_model(model, os.path.join(tempfile.mkdtemp(), "m.safetensors"))
+    >>> sum(p.numel() for p in load_model(path).parameters())
+    266610
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_save
+from torch import nn
+
+from torchslim.core.errors import ChecksumError, TorchslimError
+from torchslim.core.report import write_atomic
+
+FORMAT = "torchslim-model"
+VERSION = 1
+SPEC_KEY = "torchslim.spec"
+DIGEST_KEY = "torchslim.sha256"
+
+
+def model_spec(model: nn.Module) -> dict[str, Any] | None:
+    """The architecture spec a model carries (set by ``torchslim.models.create`` or by ``load_model``)."""
+    return getattr(model, "torchslim_spec", None)
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Plain state dict with pruning parametrizations resolved to the weights they compute."""
+    from torchslim.measure.weights import effective_weights
+
+    state = {k: v for k, v in model.state_dict().items() if ".parametrizations." not in k and not k.startswith("parametrizations.")}
+    state.update(effective_weights(model))
+    return {name: tensor.detach().cpu().contiguous().clone() for name, tensor in state.items()}
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name]
+        digest.update(name.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def _check_spec(spec: Any, where: str) -> dict[str, Any]:
+    if not isinstance(spec, dict) or ("name" in spec) == ("factory" in spec):
+        raise TorchslimError(f"{where}: an architecture spec needs exactly one of 'name' (a registered model) or 'factory' (package.module:callable), got {spec!r}")
+    kwargs = spec.get("kwargs", {})
+    if not isinstance(kwargs, dict):
+        raise TorchslimError(f"{where}: the spec's 'kwargs' must be a mapping, got {kwargs!r}")
+    try:
+        json.dumps(kwargs)
+    except TypeError as error:
+        raise TorchslimError(f"{where}: the spec's kwargs are not JSON-serializable ({error})") from None
+    return {**spec, "kwargs": kwargs}
+
+
+def save_model(model: nn.Module, path: str | os.PathLike[str], spec: dict[str, Any] | None = None, overwrite: bool = True) -> Path:
+    """Write the model's weights and architecture spec to one .safetensors file, atomically.
+
+    ``spec`` defaults to the one the model carries. Masks from pruning are applied (zeros are stored).
+    """
+    path = Path(path)
+    if not overwrite and path.exists():
+        raise TorchslimError(f"{path} exists; refusing to overwrite it (pass overwrite=True / --force)")
+    spec = _check_spec(spec if spec is not None else model_spec(model), str(path))
+    tensors = _state(model)
+    metadata = {
+        "format": FORMAT,
+        "version": str(VERSION),
+        SPEC_KEY: json.dumps(spec),
+        DIGEST_KEY: _digest(tensors),
+    }
+    write_atomic(path, safetensors_save(tensors, metadata=metadata))
+    return path
+
+
+def _resolve_factory(reference: str, where: str):
+    module_name, _, attribute = reference.partition(":")
+    if not module_name or not attribute:
+        raise TorchslimError(f"{where}: factory {reference!r} must look like package.module:callable")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise TorchslimError(f"{where}: cannot import {module_name!r} for factory {reference!r} ({error})") from None
+    target: Any = module
+    for part in attribute.split("."):
+        if not hasattr(target, part):
+            raise TorchslimError(f"{where}: {module_name!r} has no attribute {attribute!r}")
+        target = getattr(target, part)
+    if not callable(target):
+        raise TorchslimError(f"{where}: factory {reference!r} is not callable")
+    return target
+
+
+def build_from_spec(spec: dict[str, Any], trust_factory: bool = False, where: str = "spec") -> nn.Module:
+    """Build an (untrained) model from a spec; import-path factories need ``trust_factory=True``."""
+    from torchslim.models import create
+
+    spec = _check_spec(spec, where)
+    if "name" in spec:
+        model = create(spec["name"], **spec["kwargs"])
+    else:
+        if not trust_factory:
+            raise TorchslimError(
+                f"{where}: the architecture is the import path {spec['factory']!r}; importing it runs its code, so "
+                f"pass trust_factory=True (CLI: --trust-factory) if you trust this file"
+            )
+        model = _resolve_factory(spec["factory"], where)(**spec["kwargs"])
+        if not isinstance(model, nn.Module):
+            raise TorchslimError(f"{where}: factory {spec['factory']!r} returned {type(model).__name__}, not an nn.Module")
+        model.torchslim_spec = dict(spec)
+    return model
+
+
+def read_model_file(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The spec and tensors of a torchslim .safetensors file, its checksum verified."""
+    path = Path(path)
+    if not path.is_file():
+        raise TorchslimError(f"{path}: no such model file")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    except Exception as error:  # noqa: BLE001 - safetensors raises several types for corrupt files
+        raise ChecksumError(f"{path}: not a readable safetensors file (corrupt or truncated: {error})") from None
+    if metadata.get("format") != FORMAT or SPEC_KEY not in metadata:
+        raise TorchslimError(f"{path}: a safetensors file without a torchslim architecture spec; load its weights with load_weights()")
+    expected = metadata.get(DIGEST_KEY)
+    if expected is not None and _digest(tensors) != expected:
+        raise ChecksumError(f"{path}: tensor data does not match its SHA-256 checksum (corrupt file)")
+    try:
+        spec = json.loads(metadata[SPEC_KEY])
+    except json.JSONDecodeError as error:
+        raise TorchslimError(f"{path}: the architecture spec is not valid JSON ({error})") from None
+    return spec, tensors
+
+
+def load_model(path: str | os.PathLike[str], trust_factory: bool = False, device: str | torch.device | None = None) -> nn.Module:
+    """Rebuild a model saved by ``save_model``: architecture from the spec, weights from safetensors (no pickle)."""
+    spec, tensors = read_model_file(path)
+    model = build_from_spec(spec, trust_factory=trust_factory, where=str(path))
+    _load_into(model, tensors, str(path))
+    model.eval()
+    return model.to(device) if device is not None else model
+
+
+def _load_into(model: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise TorchslimError(f"{where}: weights do not fit the architecture (missing: {missing[:5]}, unexpected: {unexpected[:5]})")
+    for name, tensor in tensors.items():
+        if tuple(expected[name].shape) != tuple(tensor.shape):
+            raise TorchslimError(f"{where}: {name} has shape {tuple(tensor.shape)}, the architecture needs {tuple(expected[name].shape)}")
+    model.load_state_dict(tensors, assign=True)
+
+
+def load_weights(path: str | os.PathLike[str], trusted: bool = False) -> dict[str, torch.Tensor]:
+    """A state dict from a user's weights file: .safetensors, or a .pt/.pth read with ``weights_only=True``.
+
+    A .pt that holds more than plain tensors is refused with a clear error unless ``trusted=True`` (which unpickles
+    it: only for files you made yourself). A checkpoint dict with a 'state_dict' or 'model' entry is unwrapped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise TorchslimError(f"{path}: no such weights file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as error:  # noqa: BLE001
+            raise ChecksumError(f"{path}: not a readable safetensors file ({error})") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=not trusted)
+    except pickle.UnpicklingError as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else "refused"
+        raise TorchslimError(
+            f"{path}: refused to unpickle objects beyond plain tensors ({first_line}). Save a plain state_dict "
+            f"(torch.save(model.state_dict(), ...)) or safetensors; if you made this file yourself, pass trusted=True "
+            f"(CLI: --trust-weights)"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as error:
+        raise TorchslimError(f"{path}: not a readable PyTorch file ({error})") from None
+    for key in ("state_dict", "model_state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if isinstance(state, nn.Module):
+        state = state.state_dict()
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise TorchslimError(f"{path}: expected a mapping of names to tensors (a state_dict)")
+    return state

@@ -1,0 +1,170 @@
+"""Counting what a model holds and costs: parameters, non-zeros, MACs (hook-based), and bytes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from torchslim.train.modes import eval_mode
+
+MacCounter = Callable[[nn.Module, tuple, Any], int]
+MAC_COUNTERS: dict[type, MacCounter] = {}
+
+
+def register_mac_counter(module_type: type) -> Callable[[MacCounter], MacCounter]:
+    """Register how many multiply-accumulates one forward call of ``module_type`` costs (for the whole batch)."""
+
+    def add(counter: MacCounter) -> MacCounter:
+        if module_type in MAC_COUNTERS:
+            raise ValueError(f"a MAC counter for {module_type.__name__} is registered twice")
+        MAC_COUNTERS[module_type] = counter
+        return counter
+
+    return add
+
+
+@register_mac_counter(nn.Linear)
+def _linear(module: nn.Linear, inputs: tuple, output: torch.Tensor) -> int:
+    return output.numel() * module.in_features
+
+
+def _conv(module: nn.modules.conv._ConvNd, inputs: tuple, output: torch.Tensor) -> int:
+    kernel = 1
+    for size in module.kernel_size:
+        kernel *= size
+    return output.numel() * (module.in_channels // module.groups) * kernel
+
+
+for _conv_type in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+    register_mac_counter(_conv_type)(_conv)
+
+
+def _conv_transpose(module: nn.modules.conv._ConvTransposeNd, inputs: tuple, output: torch.Tensor) -> int:
+    kernel = 1
+    for size in module.kernel_size:
+        kernel *= size
+    return inputs[0].numel() * (module.out_channels // module.groups) * kernel
+
+
+for _conv_type in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
+    register_mac_counter(_conv_type)(_conv_transpose)
+
+
+@register_mac_counter(nn.MultiheadAttention)
+def _multihead_attention(module: nn.MultiheadAttention, inputs: tuple, output: Any) -> int:
+    query, key = inputs[0], inputs[1]
+    if not module.batch_first:
+        query, key = query.transpose(0, 1), key.transpose(0, 1)
+    batch, query_length, embed = query.shape[0], query.shape[-2], module.embed_dim
+    key_length = key.shape[-2]
+    projections = batch * (query_length * embed * embed + 2 * key_length * embed * module.kdim)
+    attention = 2 * batch * query_length * key_length * embed  # QK^T and AV over all heads
+    return projections + attention + batch * query_length * embed * embed
+
+
+def _attention_method(module: nn.Module, inputs: tuple, output: Any) -> int:
+    return inputs[0].shape[0] * module.attention_macs(inputs[0])
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameters (shared parameters counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def count_nonzeros(model: nn.Module) -> int:
+    """Number of non-zero parameter values (after any pruning masks are applied)."""
+    from torchslim.measure.weights import effective_weights
+
+    return int(sum(int(torch.count_nonzero(t)) for t in effective_weights(model).values()))
+
+
+def dense_bytes(model: nn.Module) -> int:
+    """Bytes the parameters and buffers take stored densely at their current dtype."""
+    from torchslim.measure.weights import effective_weights
+
+    tensors = list(effective_weights(model).values()) + [b for b in model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def stored_bytes(path: str | os.PathLike[str]) -> int:
+    """Size in bytes of a file actually written to disk."""
+    return Path(path).stat().st_size
+
+
+def _counter_for(module: nn.Module) -> MacCounter | None:
+    for klass in type(module).__mro__:
+        if klass in MAC_COUNTERS:
+            return MAC_COUNTERS[klass]
+    if callable(getattr(module, "attention_macs", None)):
+        return _attention_method
+    return None
+
+
+@torch.no_grad()
+def count_macs(model: nn.Module, example_input: torch.Tensor | tuple, per_example: bool = True) -> dict[str, Any]:
+    """Multiply-accumulates of one forward pass, by hooks on Linear, Conv and attention modules.
+
+    Returns {"total": int, "layers": [{"name", "type", "macs"}...]}; per example of the batch by default.
+    Modules inside a counted module (an nn.MultiheadAttention's projections) are not counted twice.
+
+    Example:
+        >>> count_macs(nn.Linear(784, 300), torch.zeros(1, 784))["total"]
+        235200
+    """
+    inputs = example_input if isinstance(example_input, tuple) else (example_input,)
+    batch = inputs[0].shape[0] if inputs[0].dim() > 0 else 1
+    rows: dict[str, int] = {}
+    types: dict[str, str] = {}
+    handles = []
+    modules = dict(model.named_modules())
+    # Modules whose counter covers their children (nn.MultiheadAttention counts its own projections).
+    covering = [name for name, module in modules.items() if isinstance(module, nn.MultiheadAttention)]
+    for name, module in modules.items():
+        counter = _counter_for(module)
+        if counter is None or any(name.startswith(prefix + ".") for prefix in covering):
+            continue
+
+        def hook(mod, args, output, _name=name, _counter=counter):
+            rows[_name] = rows.get(_name, 0) + int(_counter(mod, args, output))
+
+        handles.append(module.register_forward_hook(hook))
+        types[name] = type(module).__name__
+    try:
+        with eval_mode(model):
+            model(*inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    divisor = batch if per_example else 1
+    layers = [{"name": name, "type": types[name], "macs": macs // divisor} for name, macs in rows.items()]
+    return {"total": sum(row["macs"] for row in layers), "layers": layers}
+
+
+def layer_table(model: nn.Module, example_input: torch.Tensor | None = None) -> list[dict[str, Any]]:
+    """One row per module that owns parameters: name, type, parameters, non-zeros, sparsity, MACs."""
+    from torchslim.measure.weights import effective_weights
+
+    weights = effective_weights(model)
+    macs = {row["name"]: row["macs"] for row in count_macs(model, example_input)["layers"]} if example_input is not None else {}
+    rows = []
+    for name, module in model.named_modules():
+        own = {k: v for k, v in weights.items() if k.rsplit(".", 1)[0] == name or (name == "" and "." not in k)}
+        if not own:
+            continue
+        parameters = sum(t.numel() for t in own.values())
+        nonzeros = sum(int(torch.count_nonzero(t)) for t in own.values())
+        row = {
+            "name": name or "(root)",
+            "type": type(module).__name__,
+            "parameters": parameters,
+            "nonzeros": nonzeros,
+            "sparsity": round(1 - nonzeros / parameters, 4) if parameters else 0.0,
+        }
+        if name in macs:
+            row["macs"] = macs[name]
+        rows.append(row)
+    return rows

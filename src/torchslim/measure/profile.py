@@ -1,0 +1,67 @@
+"""``profile``: every size and cost measure of a model in one Report stage."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from torchslim.core.report import Report, Result, Stage
+from torchslim.measure.counts import count_macs, count_nonzeros, count_parameters, dense_bytes, layer_table, stored_bytes
+from torchslim.measure.latency import measure_latency
+
+
+def profile(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    batch_sizes: Sequence[int] = (1,),
+    backends: Sequence[str] = ("eager",),
+    runs: int = 50,
+    threads: int | None = 2,
+    stage_name: str = "profile",
+    file_bytes: bool = True,
+) -> Result:
+    """Parameters, non-zeros, MACs, dense bytes, bytes of the saved model file, latency and per-layer rows.
+
+    Example:
+        >>> import torchslim as ts
+        >>> result = profile(ts.models.create("lenet-300-100"), torch.zeros(1, 1, 28, 28), runs=10)
+        >>> result.report.stages[0].metrics["parameters"]
+        266610
+    """
+    metrics: dict[str, Any] = {
+        "parameters": count_parameters(model),
+        "nonzeros": count_nonzeros(model),
+        "macs": count_macs(model, example_input[:1])["total"],
+        "dense_bytes": dense_bytes(model),
+    }
+    notes = []
+    if file_bytes:
+        from torchslim.io.modelfile import save_model
+
+        with tempfile.TemporaryDirectory() as folder:
+            try:
+                path = save_model(model, Path(folder) / "model.safetensors", spec={"name": "(profiled)", "kwargs": {}})
+                metrics["stored_bytes"] = stored_bytes(path)
+            except Exception as error:  # noqa: BLE001 - report, never fail a profile on the file size
+                notes.append(f"stored bytes not measured: {error}")
+    latency = []
+    for backend in backends:
+        for result in measure_latency(model, example_input, batch_sizes=batch_sizes, backend=backend, runs=runs, threads=threads):
+            latency.append(result.to_dict())
+            if result.bimodal:
+                notes.append(
+                    f"{backend} batch {result.batch_size}: bimodal timings ({100 * result.slow_fraction:.0f}% of runs "
+                    f"in a slow cluster; fast median {result.fast_median_ms:.3f} ms)"
+                )
+    if latency:
+        metrics["latency_median_ms"] = latency[0]["median_ms"]
+        metrics["latency_p90_ms"] = latency[0]["p90_ms"]
+    metrics["latency"] = latency
+    stage = Stage(name=stage_name, kind="profile", metrics=metrics, layers=layer_table(model, example_input[:1]), notes=notes)
+    spec = getattr(model, "torchslim_spec", None)
+    report = Report(model={"name": (spec or {}).get("name", type(model).__name__), "spec": spec}, stages=[stage])
+    return Result(model=model, report=report)

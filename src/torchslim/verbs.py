@@ -1,0 +1,98 @@
+"""The public verbs: each takes a model and returns a Result (a new model and a Report) or metrics."""
+
+from __future__ import annotations
+
+import copy
+import os
+import platform
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from torchslim.core.report import Report, Result, Stage
+from torchslim.measure.counts import count_nonzeros, count_parameters
+from torchslim.train.evaluate import evaluate as _evaluate
+from torchslim.train.fit import TrainConfig, fit
+
+
+def environment() -> dict[str, Any]:
+    """Machine and library versions for reports and benchmarks."""
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def _spec_name(model: nn.Module) -> str:
+    spec = getattr(model, "torchslim_spec", None) or {}
+    return spec.get("name") or spec.get("factory") or type(model).__name__
+
+
+def train(
+    model: nn.Module,
+    data: Any,
+    config: TrainConfig | Mapping[str, Any] | None = None,
+    inplace: bool = False,
+    progress: bool | None = None,
+) -> Result:
+    """Train a copy of ``model`` (the original stays as it was unless ``inplace=True``) and report the result.
+
+    Example:
+        >>> import torchslim as ts
+        >>> data = ts.data.load("digits")
+        >>> result = ts.train(ts.models.create_for("lenet-300-100", data), data, {"epochs": 1})
+        >>> result.report.stages[0].name
+        'train'
+    """
+    config = TrainConfig.coerce(config)
+    trained = model if inplace else copy.deepcopy(model)
+    history = fit(trained, data, config, progress=progress)
+    metrics = dict(history.final)
+    metrics.update(parameters=count_parameters(trained), nonzeros=count_nonzeros(trained), train_seconds=history.seconds)
+    stage = Stage(name="train", kind="train", metrics=metrics, config=config.to_dict())
+    stage.layers = []
+    stage.notes = [f"epoch {row['epoch']}: train loss {row['train_loss']:.4f}" + (
+        f", test error {100 * row['test_error']:.2f}%" if "test_error" in row else "") for row in history.epochs]
+    report = Report(model={"name": _spec_name(model), "spec": getattr(model, "torchslim_spec", None)}, stages=[stage], environment=environment())
+    return Result(model=trained, report=report)
+
+
+def evaluate(model: nn.Module, data: Any, split: str = "test", batch_size: int = 1000, limit: int | None = None) -> dict[str, float]:
+    """Accuracy, error, loss and example count of ``model`` on a dataset split (mode restored afterwards)."""
+    return _evaluate(model, data, split=split, batch_size=batch_size, limit=limit)
+
+
+def profile(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    batch_sizes: Sequence[int] = (1,),
+    backends: Sequence[str] = ("eager",),
+    runs: int = 50,
+    threads: int | None = 2,
+) -> Result:
+    """Parameters, non-zeros, MACs, bytes (dense and on disk), latency, per-layer rows (see measure.profile)."""
+    from torchslim.measure.profile import profile as _profile
+
+    result = _profile(model, example_input, batch_sizes=batch_sizes, backends=backends, runs=runs, threads=threads)
+    result.report.environment = environment()
+    return result
+
+
+def save(model: nn.Module, path: str | os.PathLike[str], overwrite: bool = True) -> Path:
+    """Save a model as safetensors weights with its JSON architecture spec (see io.modelfile)."""
+    from torchslim.io.modelfile import save_model
+
+    return save_model(model, path, overwrite=overwrite)
+
+
+def load(path: str | os.PathLike[str], trust_factory: bool = False) -> nn.Module:
+    """Load a model saved by ``save`` (no unpickling; import-path architectures need ``trust_factory``)."""
+    from torchslim.io.modelfile import load_model
+
+    return load_model(path, trust_factory=trust_factory)

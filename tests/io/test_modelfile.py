@@ -1,0 +1,96 @@
+
+import pytest
+import torch
+from torch import nn
+
+import torchslim as ts
+from torchslim.core.errors import ChecksumError, TorchslimError
+from torchslim.io.modelfile import build_from_spec, load_model, load_weights, save_model
+
+
+class UserNet(nn.Module):
+    def __init__(self, hidden: int = 16) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(8, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, 2))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def make_user_net(hidden: int = 16) -> UserNet:
+    return UserNet(hidden)
+
+
+@pytest.mark.parametrize("name", ["lenet-5", "resnet20", "char-transformer"])
+def test_save_load_gives_identical_outputs(tmp_path, name):
+    torch.manual_seed(0)
+    model = ts.models.create(name).eval()
+    example = torch.randint(0, 65, (2, 16)) if name == "char-transformer" else torch.randn(2, *((1, 28, 28) if name == "lenet-5" else (3, 32, 32)))
+    path = ts.save(model, tmp_path / "model.safetensors")
+    again = ts.load(path)
+    assert torch.equal(again(example), model(example))
+    assert again.torchslim_spec == model.torchslim_spec
+
+
+def test_import_path_factory_needs_trust(tmp_path):
+    model = make_user_net(12).eval()
+    model.body[1].running_mean.fill_(0.5)
+    spec = {"factory": "tests.io.test_modelfile:make_user_net", "kwargs": {"hidden": 12}}
+    path = save_model(model, tmp_path / "user.safetensors", spec=spec)
+    with pytest.raises(TorchslimError, match="trust_factory=True"):
+        load_model(path)
+    again = load_model(path, trust_factory=True)
+    x = torch.randn(3, 8)
+    assert torch.equal(again(x), model(x))
+
+
+def test_model_without_spec_is_a_clear_error(tmp_path):
+    with pytest.raises(TorchslimError, match="exactly one of 'name'"):
+        save_model(UserNet(), tmp_path / "x.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_corrupt_and_truncated_files(tmp_path):
+    path = ts.save(ts.models.create("lenet-300-100"), tmp_path / "m.safetensors")
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ChecksumError, match="SHA-256"):
+        ts.load(path)
+    path.write_bytes(bytes(data[: len(data) // 2]))
+    with pytest.raises(ChecksumError, match="corrupt or truncated"):
+        ts.load(path)
+
+
+def test_refuses_to_overwrite_when_asked(tmp_path):
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(b"keep me")
+    with pytest.raises(TorchslimError, match="refusing to overwrite"):
+        save_model(ts.models.create("lenet-300-100"), path, overwrite=False)
+    assert path.read_bytes() == b"keep me"
+
+
+def test_weights_mismatch_names_the_tensor(tmp_path):
+    model = ts.models.create("lenet-300-100")
+    path = save_model(model, tmp_path / "m.safetensors", spec={"name": "lenet-300-100", "kwargs": {"hidden": [200, 100]}})
+    with pytest.raises(TorchslimError, match=r"fc1\.(weight|bias) has shape"):
+        ts.load(path)
+
+
+def test_pt_files_load_weights_only(tmp_path):
+    model = ts.models.create("lenet-300-100")
+    plain = tmp_path / "plain.pt"
+    torch.save({"state_dict": model.state_dict(), "epoch": 3}, plain)
+    state = load_weights(plain)
+    assert torch.equal(state["fc1.weight"], model.fc1.weight)
+
+    pickled = tmp_path / "module.pt"
+    torch.save(UserNet(), pickled)
+    with pytest.raises(TorchslimError, match="refused to unpickle"):
+        load_weights(pickled)
+    assert "body.0.weight" in load_weights(pickled, trusted=True)
+
+
+def test_unknown_registry_name_in_spec():
+    with pytest.raises(TorchslimError, match="unknown model 'alexnet'"):
+        build_from_spec({"name": "alexnet", "kwargs": {}})
