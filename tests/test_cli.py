@@ -1,0 +1,67 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+import torchslim as ts
+from torchslim.cli import main
+
+
+def test_list_shows_registries(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "lenet-300-100" in out and "mnist-sample" in out and "eager" in out
+
+
+def test_train_evaluate_profile_round_trip(tmp_path, capsys):
+    out = tmp_path / "digits.safetensors"
+    report = tmp_path / "report.json"
+    code = main(["train", "--model", "lenet-300-100", "--data", "digits", "--epochs", "2", "--out", str(out), "--report", str(report)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "test error" in printed and "model written to" in printed
+    data = json.loads(report.read_text())
+    accuracy = data["stages"][0]["metrics"]["accuracy"]
+    assert accuracy > 0.8
+    assert main(["evaluate", str(out), "--data", "digits"]) == 0
+    assert f"accuracy {100 * accuracy:.2f}%" in capsys.readouterr().out
+    assert main(["profile", str(out), "--data", "digits", "--batch-sizes", "1,8", "--runs", "5"]) == 0
+    assert "batch    8" in capsys.readouterr().out
+    # the model written earlier is not overwritten without --force
+    before = out.read_bytes()
+    assert main(["train", "--data", "digits", "--epochs", "1", "--out", str(out)]) == 1
+    assert "refusing to overwrite" in capsys.readouterr().err
+    assert out.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["train", "--model", "vgg"], "error: unknown model 'vgg'; valid models:"),
+        (["train", "--data", "imagenet"], "error: unknown dataset 'imagenet'; valid datasets:"),
+        (["profile", "lenet-300-100", "--batch-sizes", "1,x"], "error: --batch-sizes: expected comma-separated integers"),
+        (["list", "recipes-that-do-not-exist"], "error: unknown list"),
+    ],
+)
+def test_errors_are_one_line(arguments, message, capsys):
+    assert main(arguments) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1
+
+
+def test_missing_data_dir_message(tmp_path, capsys):
+    assert main(["evaluate", "lenet-300-100", "--data", "mnist", "--data-root", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "not found; looked in" in err and str(tmp_path) in err
+
+
+def test_debug_shows_traceback():
+    result = subprocess.run([sys.executable, "-m", "torchslim", "--debug", "train", "--model", "vgg"], capture_output=True, text=True)
+    assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_help_for_newcomers():
+    result = subprocess.run([sys.executable, "-m", "torchslim", "train", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "--data-root" in result.stdout and "embedded" in result.stdout
+    assert ts.__version__
