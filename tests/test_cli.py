@@ -65,3 +65,17 @@ def test_help_for_newcomers():
     result = subprocess.run([sys.executable, "-m", "torchslim", "train", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "--data-root" in result.stdout and "embedded" in result.stdout
     assert ts.__version__
+
+
+def test_prune_command(tmp_path, capsys):
+    trained = tmp_path / "m.safetensors"
+    assert main(["train", "--data", "digits", "--epochs", "2", "--out", str(trained)]) == 0
+    pruned = tmp_path / "p.safetensors"
+    assert main(["prune", str(trained), "--data", "digits", "--sparsity", "0.75", "--scope", "global", "--out", str(pruned)]) == 0
+    model = ts.load(pruned)
+    weights = sum(m.weight.numel() for m in (model.fc1, model.fc2, model.fc3))
+    zeros = sum(int((m.weight == 0).sum()) for m in (model.fc1, model.fc2, model.fc3))
+    assert zeros == round(0.75 * weights)
+    capsys.readouterr()
+    assert main(["prune", str(trained), "--data", "digits", "--sparsity", "1.5", "--out", str(tmp_path / "x.safetensors")]) == 1
+    assert "sparsity must be in [0, 1)" in capsys.readouterr().err

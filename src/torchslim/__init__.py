@@ -9,8 +9,9 @@ Example:
     True
 """
 
-from torchslim import data, models
+from torchslim import data, measure, models
 from torchslim.core import Config, ConfigError, Report, Result, TorchslimError
+from torchslim.pruning import make_permanent, prune
 from torchslim.verbs import evaluate, load, profile, save, train
 
 __version__ = "0.1.0"
@@ -24,8 +25,11 @@ __all__ = [
     "data",
     "evaluate",
     "load",
+    "measure",
+    "make_permanent",
     "models",
     "profile",
+    "prune",
     "save",
     "train",
 ]

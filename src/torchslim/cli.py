@@ -186,6 +186,64 @@ def profile(
         result.report.save(report)
 
 
+@app.command()
+def prune(
+    model: str = typer.Argument(..., help="A saved model file (.safetensors) or a registered model name."),
+    out: Path = typer.Option(..., help="Where to write the pruned model (.safetensors)."),
+    sparsity: Optional[float] = typer.Option(None, help="Fraction of the selected weights to remove, in [0, 1)."),
+    quality: Optional[float] = typer.Option(None, help="Han et al.'s rule instead: prune |w| < quality x the layer's std."),
+    method: str = typer.Option("l1", help="Importance criterion: l1, l2, gradient, taylor, random."),
+    scope: str = typer.Option("layer", help="layer (each layer to the sparsity) or global (one threshold)."),
+    include: str = typer.Option("*", help="Comma-separated layer-name patterns (glob or re:regex)."),
+    exclude: str = typer.Option("", help="Comma-separated layer-name patterns to leave alone."),
+    steps: int = typer.Option(1, help="Iterative pruning: reach the sparsity in this many prune + fine-tune steps."),
+    finetune_epochs: int = typer.Option(0, help="Fine-tuning epochs after each pruning step."),
+    lr: float = typer.Option(0.01, help="Fine-tuning learning rate."),
+    data: str = typer.Option("mnist-sample", help="Dataset for gradient criteria, fine-tuning and evaluation."),
+    data_root: Optional[Path] = typer.Option(None, help="Folder holding the dataset files."),
+    trust_factory: bool = typer.Option(False, help="Allow a model file whose architecture is an import path."),
+    report: Optional[Path] = typer.Option(None, help="Write the JSON report here."),
+    force: bool = typer.Option(False, help="Overwrite --out / --report if they exist."),
+    structured: bool = typer.Option(False, "--structured", help="Remove whole neurons / channels (needs structured pruning support)."),
+) -> None:
+    """Prune weights (unstructured; per layer or global), optionally iteratively with fine-tuning, and save."""
+    import torchslim as ts
+    from torchslim.core.errors import TorchslimError
+    from torchslim.pruning import iterative_prune, make_permanent, schedule_sparsities
+    from torchslim.report.console import print_report
+
+    if structured:
+        raise TorchslimError("--structured: structured (channel) pruning is not available in this version; use unstructured pruning")
+    for path in (out, report):
+        if path is not None and path.exists() and not force:
+            raise TorchslimError(f"{path} exists; refusing to overwrite it (pass --force)")
+    if (sparsity is None) == (quality is None):
+        raise TorchslimError("give exactly one of --sparsity or --quality")
+    if steps < 1:
+        raise TorchslimError(f"--steps must be >= 1, got {steps}")
+    dataset = ts.data.load(data, root=data_root, download=data_root is None)
+    network = _load_model_arg(model, dataset, trust_factory, None, False)
+    layers = {"include": [p for p in include.split(",") if p], "exclude": [p for p in exclude.split(",") if p]}
+    base = {"method": method, "scope": scope, "layers": layers}
+    baseline = ts.evaluate(network, dataset)
+    if quality is not None or steps == 1 and finetune_epochs == 0:
+        target = {"quality": quality} if quality is not None else {"sparsity": sparsity}
+        result = ts.prune(network, {**base, **target}, data=dataset)
+        result.report.stages[0].metrics.update(ts.evaluate(result.model, dataset))
+    else:
+        config = {"sparsities": list(schedule_sparsities(sparsity, steps)), "prune": {**base, "sparsity": sparsity},
+                  "finetune": {"epochs": max(1, finetune_epochs), "lr": lr}}
+        result = iterative_prune(network, dataset, config)
+    result.report.stages.insert(0, ts.Report().add_stage("original", kind="baseline", metrics={
+        **baseline, "parameters": ts.measure.count_parameters(network), "nonzeros": ts.measure.count_nonzeros(network)}))
+    make_permanent(result.model)
+    print_report(result.report)
+    saved = ts.save(result.model, out)
+    console.print(f"pruned model written to {saved} ({saved.stat().st_size:,} bytes; zeros are stored densely)")
+    if report is not None:
+        result.report.save(report)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point: runs the app; user errors print one line unless --debug."""
     arguments = sys.argv[1:] if argv is None else argv

@@ -9,6 +9,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from torchslim.core.selector import module_type_name
 from torchslim.train.modes import eval_mode
 
 MacCounter = Callable[[nn.Module, tuple, Any], int]
@@ -159,7 +160,7 @@ def layer_table(model: nn.Module, example_input: torch.Tensor | None = None) -> 
         nonzeros = sum(int(torch.count_nonzero(t)) for t in own.values())
         row = {
             "name": name or "(root)",
-            "type": type(module).__name__,
+            "type": module_type_name(module),
             "parameters": parameters,
             "nonzeros": nonzeros,
             "sparsity": round(1 - nonzeros / parameters, 4) if parameters else 0.0,

@@ -1,0 +1,60 @@
+"""Applying masks to modules (a parametrization that multiplies the weight by its mask) and making them permanent.
+
+While a mask is attached, the forward pass sees ``weight * mask``: pruned weights are exactly zero whatever the
+optimizer does to the stored original (momentum, weight decay), and their gradients are zero.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+
+class WeightMask(nn.Module):
+    """Parametrization: weight -> weight * mask (mask is a buffer, saved and moved with the module)."""
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mask", mask.to(torch.bool))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * self.mask.to(weight.dtype)
+
+
+def get_mask(module: nn.Module) -> torch.Tensor | None:
+    parametrizations = getattr(module, "parametrizations", None)
+    if parametrizations is None or "weight" not in parametrizations:
+        return None
+    for parametrization in parametrizations["weight"]:
+        if isinstance(parametrization, WeightMask):
+            return parametrization.mask
+    return None
+
+
+@torch.no_grad()
+def set_mask(module: nn.Module, mask: torch.Tensor) -> None:
+    """Attach (or replace) the module's weight mask; the stored original is zeroed where pruned as well."""
+    mask = mask.to(device=module.weight.device, dtype=torch.bool)
+    if mask.shape != module.weight.shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not fit weight {tuple(module.weight.shape)}")
+    existing = get_mask(module)
+    if existing is not None:
+        existing.copy_(mask)
+        module.parametrizations["weight"].original.mul_(mask)
+        return
+    module.weight.mul_(mask)
+    parametrize.register_parametrization(module, "weight", WeightMask(mask), unsafe=True)
+
+
+def make_permanent(model: nn.Module) -> nn.Module:
+    """Remove every mask parametrization, leaving plain weights with exact zeros where pruned (in place)."""
+    for module in model.modules():
+        if get_mask(module) is not None:
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+    return model
+
+
+def masks_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    """{module name: mask} of every masked module."""
+    return {name: mask for name, module in model.named_modules() if (mask := get_mask(module)) is not None}

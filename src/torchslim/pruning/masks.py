@@ -1,0 +1,67 @@
+"""From scores to masks: pure tensor functions (per layer or one global threshold).
+
+Masks are boolean tensors of the weight's shape: True keeps a weight. Exactly ``round(sparsity * n)`` entries are
+pruned per layer (or across all layers for the global scope), ties broken by position.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from torchslim.core.errors import TorchslimError
+
+
+def check_sparsity(sparsity: float, where: str) -> None:
+    if not (isinstance(sparsity, (int, float)) and 0.0 <= sparsity < 1.0):
+        raise TorchslimError(f"{where}: sparsity must be in [0, 1), got {sparsity!r}")
+
+
+def mask_by_count(scores: torch.Tensor, prune_count: int) -> torch.Tensor:
+    """Keep all but the ``prune_count`` lowest-scoring entries."""
+    flat = scores.reshape(-1)
+    mask = torch.ones_like(flat, dtype=torch.bool)
+    if prune_count > 0:
+        order = torch.argsort(flat, stable=True)
+        mask[order[:prune_count]] = False
+    return mask.view_as(scores)
+
+
+def layer_masks(scores: dict[str, torch.Tensor], sparsity: float | dict[str, float]) -> dict[str, torch.Tensor]:
+    """Each layer pruned to its own sparsity (one number for all, or a mapping by layer name).
+
+    Example:
+        >>> layer_masks({"a": torch.tensor([3.0, 1.0, 2.0, 4.0])}, 0.5)["a"].tolist()
+        [True, False, False, True]
+    """
+    masks = {}
+    for name, score in scores.items():
+        target = sparsity[name] if isinstance(sparsity, dict) else sparsity
+        check_sparsity(target, name)
+        masks[name] = mask_by_count(score, int(round(target * score.numel())))
+    return masks
+
+
+def global_masks(scores: dict[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:
+    """One threshold across all layers: the ``sparsity`` fraction of all weights with the lowest scores is pruned."""
+    check_sparsity(sparsity, "global")
+    names = list(scores)
+    flat = torch.cat([scores[n].reshape(-1).float() for n in names])
+    keep = mask_by_count(flat, int(round(sparsity * flat.numel())))
+    masks, offset = {}, 0
+    for name in names:
+        size = scores[name].numel()
+        masks[name] = keep[offset : offset + size].view_as(scores[name])
+        offset += size
+    return masks
+
+
+def threshold_masks(scores: dict[str, torch.Tensor], threshold: float | dict[str, float]) -> dict[str, torch.Tensor]:
+    """Keep entries whose score is above the threshold (one for all layers, or per layer)."""
+    return {name: score > (threshold[name] if isinstance(threshold, dict) else threshold) for name, score in scores.items()}
+
+
+def std_threshold_masks(weights: dict[str, torch.Tensor], quality: float) -> dict[str, torch.Tensor]:
+    """Han et al. 2015: prune |w| below ``quality`` times the layer's weight standard deviation."""
+    if quality < 0:
+        raise TorchslimError(f"quality must be >= 0, got {quality}")
+    return {name: weight.abs() > quality * weight.float().std() for name, weight in weights.items()}

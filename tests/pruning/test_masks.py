@@ -1,0 +1,39 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from torchslim.core.errors import TorchslimError
+from torchslim.pruning.masks import global_masks, layer_masks, std_threshold_masks, threshold_masks
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 9), cols=st.integers(1, 9), sparsity=st.floats(0, 0.99), seed=st.integers(0, 1000))
+def test_layer_masks_prune_exact_count_of_lowest(rows, cols, sparsity, seed):
+    scores = torch.rand(rows, cols, generator=torch.Generator().manual_seed(seed))
+    mask = layer_masks({"w": scores}, sparsity)["w"]
+    pruned = int(round(sparsity * rows * cols))
+    assert int((~mask).sum()) == pruned
+    if 0 < pruned < rows * cols:
+        assert scores[~mask].max() <= scores[mask].min()
+
+
+def test_global_masks_share_one_threshold():
+    scores = {"a": torch.tensor([[0.1, 0.9], [0.2, 0.8]]), "b": torch.tensor([0.3, 0.4, 0.05, 1.0])}
+    masks = global_masks(scores, 0.5)
+    assert masks["a"].tolist() == [[False, True], [False, True]]
+    assert masks["b"].tolist() == [False, True, False, True]
+
+
+def test_thresholds_and_han_rule():
+    weights = {"w": torch.tensor([-3.0, -1.0, 0.0, 1.0, 3.0])}
+    assert threshold_masks({"w": weights["w"].abs()}, 1.0)["w"].tolist() == [True, False, False, False, True]
+    std = weights["w"].std().item()
+    masks = std_threshold_masks(weights, 1.0 / std)  # threshold = 1.0
+    assert masks["w"].tolist() == [True, False, False, False, True]
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5])
+def test_sparsity_out_of_range_names_layer(bad):
+    with pytest.raises(TorchslimError, match=r"fc2: sparsity must be in \[0, 1\)"):
+        layer_masks({"fc2": torch.rand(3)}, bad)
