@@ -11,13 +11,11 @@ import time
 import torch
 
 import torchslim as ts
+from benchmarks.common import BASELINE_TRAINING
 from benchmarks.harness import RESULTS, arguments, markdown_table, write
 
-RECIPES = {
-    # model: (target error, training config)
-    "lenet-300-100": (0.018, {"epochs": 20, "optimizer": "sgd", "lr": 0.05, "batch_size": 64, "weight_decay": 1e-4}),
-    "lenet-5": (0.009, {"epochs": 12, "optimizer": "sgd", "lr": 0.02, "batch_size": 64, "weight_decay": 5e-4, "warmup_epochs": 0.5, "grad_clip": 5.0}),
-}
+# model: (target error, training config)
+RECIPES = {"lenet-300-100": (0.018, BASELINE_TRAINING["lenet-300-100"]), "lenet-5": (0.009, BASELINE_TRAINING["lenet-5"])}
 
 
 def main() -> None:

@@ -1,0 +1,37 @@
+"""Helpers shared by benchmarks: the trained MNIST baselines (trained once, then reused from results/)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import torchslim as ts
+from benchmarks.harness import RESULTS
+
+BASELINE_TRAINING = {
+    "lenet-300-100": {"epochs": 20, "optimizer": "sgd", "lr": 0.05, "batch_size": 64, "weight_decay": 1e-4},
+    "lenet-5": {"epochs": 12, "optimizer": "sgd", "lr": 0.02, "batch_size": 64, "weight_decay": 5e-4, "warmup_epochs": 0.5, "grad_clip": 5.0},
+}
+
+
+def load_mnist(root: Path, quick: bool):
+    data = ts.data.load("mnist", root=root / "mnist", download=False)
+    return data.subset(train=6000, test=2000) if quick else data
+
+
+def trained_baseline(name: str, data, quick: bool) -> nn.Module:
+    """The trained model saved by benchmarks.baseline, or a freshly trained one (one epoch in quick mode)."""
+    path = RESULTS / f"{name}-mnist.safetensors"
+    if path.exists() and not quick:
+        return ts.load(path)
+    torch.manual_seed(0)
+    config = dict(BASELINE_TRAINING[name], eval_every_epoch=False)
+    if quick:
+        config["epochs"] = 1
+    model = ts.train(ts.models.create(name), data, config, progress=False).model
+    if not quick:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        ts.save(model, path)
+    return model
