@@ -79,3 +79,17 @@ def test_prune_command(tmp_path, capsys):
     capsys.readouterr()
     assert main(["prune", str(trained), "--data", "digits", "--sparsity", "1.5", "--out", str(tmp_path / "x.safetensors")]) == 1
     assert "sparsity must be in [0, 1)" in capsys.readouterr().err
+
+
+def test_distill_command(tmp_path, capsys):
+    teacher = tmp_path / "t.safetensors"
+    assert main(["train", "--data", "digits", "--epochs", "3", "--out", str(teacher)]) == 0
+    student = tmp_path / "s.safetensors"
+    code = main(["distill", "--teacher", str(teacher), "--student", "mlp", "--student-args", '{"hidden": [24]}',
+                 "--data", "digits", "--epochs", "3", "--temperature", "5", "--out", str(student)])
+    assert code == 0
+    assert "student error" in capsys.readouterr().out
+    model = ts.load(student)
+    assert model.layers[0].out_features == 24
+    assert main(["distill", "--teacher", str(teacher), "--student", "mlp", "--student-args", "{bad", "--data", "digits", "--out", str(tmp_path / "x.safetensors")]) == 1
+    assert "--student-args is not valid JSON" in capsys.readouterr().err

@@ -11,6 +11,7 @@ Example:
 
 from torchslim import data, measure, models
 from torchslim.core import Config, ConfigError, Report, Result, TorchslimError
+from torchslim.distillation import distill
 from torchslim.pruning import make_permanent, prune
 from torchslim.verbs import evaluate, load, profile, save, train
 
@@ -23,6 +24,7 @@ __all__ = [
     "Result",
     "TorchslimError",
     "data",
+    "distill",
     "evaluate",
     "load",
     "measure",

@@ -244,6 +244,58 @@ def prune(
         result.report.save(report)
 
 
+@app.command()
+def distill(
+    teacher: str = typer.Option(..., help="The teacher: a saved model file (.safetensors) or a registered model name."),
+    student: str = typer.Option(..., help="The student: a saved model file or a registered model name."),
+    student_args: str = typer.Option("{}", help='JSON arguments for a registered student, e.g. \'{"hidden": [300]}\'.'),
+    out: Path = typer.Option(..., help="Where to write the distilled student (.safetensors)."),
+    temperature: float = typer.Option(4.0, help="Softmax temperature T of the soft targets."),
+    alpha: float = typer.Option(0.9, help="Weight of the soft term; 1 - alpha weighs the hard labels."),
+    loss: str = typer.Option("kl", help="kl (soft targets) or mse (logits)."),
+    epochs: int = typer.Option(10, help="Training epochs."),
+    lr: float = typer.Option(0.05, help="Learning rate."),
+    batch_size: int = typer.Option(128, help="Batch size."),
+    cache_teacher: bool = typer.Option(False, help="Compute the teacher's logits once over the training data."),
+    data: str = typer.Option("mnist-sample", help="Dataset name."),
+    data_root: Optional[Path] = typer.Option(None, help="Folder holding the dataset files."),
+    trust_factory: bool = typer.Option(False, help="Allow model files whose architecture is an import path."),
+    report: Optional[Path] = typer.Option(None, help="Write the JSON report here."),
+    force: bool = typer.Option(False, help="Overwrite --out / --report if they exist."),
+) -> None:
+    """Distill a teacher into a student: soft targets at temperature T (or logit MSE), then save the student."""
+    import json
+
+    import torchslim as ts
+    from torchslim.core.errors import TorchslimError
+    from torchslim.report.console import print_report
+
+    for path in (out, report):
+        if path is not None and path.exists() and not force:
+            raise TorchslimError(f"{path} exists; refusing to overwrite it (pass --force)")
+    try:
+        kwargs = json.loads(student_args)
+    except json.JSONDecodeError as error:
+        raise TorchslimError(f"--student-args is not valid JSON ({error})") from None
+    dataset = ts.data.load(data, root=data_root, download=data_root is None)
+    teacher_model = _load_model_arg(teacher, dataset, trust_factory, None, False)
+    if student.endswith(".safetensors"):
+        student_model = _load_model_arg(student, dataset, trust_factory, None, False)
+    else:
+        student_model = ts.models.create_for(student, dataset, **kwargs)
+    config = {"temperature": temperature, "alpha": alpha, "loss": loss, "cache_teacher": cache_teacher,
+              "train": {"epochs": epochs, "lr": lr, "batch_size": batch_size}}
+    result = ts.distill(student_model, teacher_model, dataset, config)
+    print_report(result.report)
+    metrics = result.report.stages[0].metrics
+    console.print(f"teacher error {100 * metrics['teacher_error']:.2f}% ({metrics['teacher_parameters']:,} params); "
+                  f"student error {100 * metrics['error']:.2f}% ({metrics['parameters']:,} params)")
+    saved = ts.save(result.model, out)
+    console.print(f"student written to {saved}")
+    if report is not None:
+        result.report.save(report)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point: runs the app; user errors print one line unless --debug."""
     arguments = sys.argv[1:] if argv is None else argv

@@ -14,7 +14,7 @@ from typing import Any, Callable
 from torch import nn
 
 from torchslim.core.registry import Registry
-from torchslim.models.lenet import LeNet5, LeNet300100
+from torchslim.models.lenet import MLP, LeNet5, LeNet300100
 from torchslim.models.mobilenetv2 import MobileNetV2
 from torchslim.models.resnet_cifar import CifarResNet, resnet18_style, resnet_cifar
 from torchslim.models.transformer import CausalSelfAttention, CharTransformer
@@ -23,6 +23,7 @@ MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
 SPEC_ATTRIBUTE = "torchslim_spec"
 
 MODELS.register("lenet-300-100", "784-300-100-10 fully connected net (266,610 params), for MNIST")(LeNet300100)
+MODELS.register("mlp", "fully connected net with configurable hidden widths and dropout (distillation teachers/students)")(MLP)
 MODELS.register("lenet-5", "Caffe LeNet-5: conv20-pool-conv50-pool-fc500-fc10 (431,080 params), for MNIST")(LeNet5)
 for _depth in (20, 32, 44, 56):
     MODELS.register(f"resnet{_depth}", f"ResNet-{_depth} for CIFAR-10 with option-A shortcuts")(
@@ -61,6 +62,7 @@ __all__ = [
     "CifarResNet",
     "LeNet5",
     "LeNet300100",
+    "MLP",
     "MobileNetV2",
     "create",
     "create_for",
@@ -96,7 +98,7 @@ def create_for(name: str, dataset: object, **kwargs: Any) -> nn.Module:
 
             raise TorchslimError("char-transformer needs a text dataset (e.g. shakespeare)")
         fitted["num_classes"] = classes
-        if name == "lenet-300-100":
+        if name in ("lenet-300-100", "mlp"):
             features = 1
             for size in shape:
                 features *= size

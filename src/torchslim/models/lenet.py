@@ -60,3 +60,29 @@ class LeNet5(nn.Module):
         x = torch.flatten(x, 1)  # (B, 800)
         x = torch.relu(self.fc1(x))
         return self.fc2(x)
+
+
+class MLP(nn.Module):
+    """Fully connected net with ReLU and optional dropout: ``hidden`` widths between input and classes.
+
+    Hinton et al. 2015's MNIST teacher is MLP(hidden=(1200, 1200), dropout=0.2) (dropout on inputs and hidden).
+
+    Example:
+        >>> MLP(hidden=(32,))(torch.zeros(2, 1, 28, 28)).shape
+        torch.Size([2, 10])
+    """
+
+    def __init__(self, in_features: int = 784, hidden: tuple[int, ...] = (800, 800), num_classes: int = 10,
+                 dropout: float = 0.0, input_dropout: float = 0.0) -> None:
+        super().__init__()
+        widths = [in_features, *hidden]
+        self.input_dropout = nn.Dropout(input_dropout)
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(widths[-1], num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.input_dropout(torch.flatten(x, 1))
+        for layer in self.layers:
+            x = self.dropout(torch.relu(layer(x)))
+        return self.head(x)

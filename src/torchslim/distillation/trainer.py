@@ -1,0 +1,217 @@
+"""``distill``: train a student from a teacher on logits (soft targets or MSE) and on named features (FitNets hints
+through learned adapters, or attention transfer).
+
+The teacher runs in eval mode under no_grad, once per batch; with ``cache_teacher`` its logits over the (fixed,
+un-augmented) training split are computed once and looked up by example.
+
+Example:
+    >>> import torchslim as ts
+    >>> data = ts.data.load("digits")
+    >>> teacher = ts.train(ts.models.create_for("mlp", data, hidden=(256,)), data, {"epochs": 3}).model
+    >>> student = ts.models.create_for("mlp", data, hidden=(16,))
+    >>> result = ts.distill(student, teacher, data, {"temperature": 4.0, "alpha": 0.9, "train": {"epochs": 2}})
+    >>> result.report.stages[0].name
+    'distill'
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any
+
+import torch
+from torch import nn
+
+from torchslim.core.config import Config, ConfigError, check
+from torchslim.core.errors import TorchslimError
+from torchslim.core.report import Report, Result, Stage
+from torchslim.data.datasets import Dataset, Split
+from torchslim.distillation.losses import attention_transfer_loss, hint_loss, logit_mse_loss, soft_target_loss
+from torchslim.measure.counts import count_nonzeros, count_parameters
+from torchslim.train.evaluate import evaluate
+from torchslim.train.fit import Callback, TrainConfig, TrainState, fit, make_optimizer
+from torchslim.train.modes import eval_mode, model_device
+
+
+@dataclasses.dataclass(frozen=True)
+class FeaturePair(Config):
+    """Match the output of ``student`` module to that of ``teacher`` module (names as in named_modules)."""
+
+    student: str
+    teacher: str
+    kind: str = "hint"
+    weight: float = 1.0
+
+    def validate(self) -> None:
+        check(self.kind in ("hint", "attention"), f"feature kind must be 'hint' or 'attention', got {self.kind!r}")
+        check(self.weight >= 0, f"feature weight must be >= 0, got {self.weight}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig(Config):
+    """Distillation settings: ``loss`` "kl" (soft targets at temperature T, weight alpha) or "mse" (logits);
+    ``features`` pairs for hint / attention-transfer terms; ``train`` the student's training run."""
+
+    temperature: float = 4.0
+    alpha: float = 0.9
+    loss: str = "kl"
+    features: tuple[FeaturePair, ...] = ()
+    cache_teacher: bool = False
+    train: TrainConfig = TrainConfig(epochs=10)
+
+    def validate(self) -> None:
+        check(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
+        check(0.0 <= self.alpha <= 1.0, f"alpha must be in [0, 1], got {self.alpha}")
+        check(self.loss in ("kl", "mse"), f"loss must be 'kl' or 'mse', got {self.loss!r}")
+        check(not (self.cache_teacher and self.features), "cache_teacher holds logits only: it cannot be combined with features")
+
+
+class FeatureCapture:
+    """Forward hooks that keep the latest output of named modules."""
+
+    def __init__(self, model: nn.Module, names: list[str], role: str) -> None:
+        modules = dict(model.named_modules())
+        missing = [n for n in names if n not in modules]
+        if missing:
+            available = ", ".join(n for n in modules if n)
+            raise TorchslimError(f"{role} has no layer named {missing[0]!r}; its layers: {available}")
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.handles = [modules[n].register_forward_hook(self._hook(n)) for n in names]
+
+    def _hook(self, name: str):
+        def hook(module, args, output):
+            self.outputs[name] = output[0] if isinstance(output, tuple) else output
+
+        return hook
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def make_adapter(student_feature: torch.Tensor, teacher_feature: torch.Tensor, kind: str, where: str) -> nn.Module:
+    """A learned map from the student's feature width to the teacher's (identity when they already agree)."""
+    if kind == "attention":
+        if student_feature.shape[2:] != teacher_feature.shape[2:]:
+            raise TorchslimError(f"{where}: attention transfer needs equal spatial sizes, got {tuple(student_feature.shape[2:])} and {tuple(teacher_feature.shape[2:])}")
+        return nn.Identity()
+    if student_feature.shape == teacher_feature.shape:
+        return nn.Identity()
+    if student_feature.dim() == 4 and teacher_feature.dim() == 4 and student_feature.shape[2:] == teacher_feature.shape[2:]:
+        return nn.Conv2d(student_feature.shape[1], teacher_feature.shape[1], 1, bias=False)
+    if student_feature.dim() == teacher_feature.dim() and student_feature.shape[:-1] == teacher_feature.shape[:-1]:
+        return nn.Linear(student_feature.shape[-1], teacher_feature.shape[-1], bias=False)
+    raise TorchslimError(f"{where}: cannot adapt student feature {tuple(student_feature.shape)} to teacher feature {tuple(teacher_feature.shape)}")
+
+
+class _TeacherCache:
+    """Teacher logits over the whole training split, computed once; the training split's targets become indices."""
+
+    def __init__(self, teacher: nn.Module, data: Dataset, batch_size: int = 1000) -> None:
+        outputs = []
+        with eval_mode(teacher), torch.no_grad():
+            for start in range(0, len(data.train), batch_size):
+                outputs.append(teacher(data.train.inputs[start : start + batch_size].to(model_device(teacher))).cpu())
+        self.logits = torch.cat(outputs)
+        self.labels = data.train.targets
+        indexed = Split(data.train.inputs, torch.arange(len(data.train)))
+        self.data = dataclasses.replace(data, train=indexed)
+
+
+class _DistillLoss(Callback):
+    """The loss for ``fit``: logit term against the teacher (run once per batch, or cached) plus feature terms."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, config: DistillConfig, adapters: nn.ModuleDict,
+                 cache: _TeacherCache | None) -> None:
+        self.student, self.teacher, self.config, self.adapters, self.cache = student, teacher, config, adapters, cache
+        self.student_features = FeatureCapture(student, [p.student for p in config.features], "student") if config.features else None
+        self.teacher_features = FeatureCapture(teacher, [p.teacher for p in config.features], "teacher") if config.features else None
+        self.teacher_calls = 0
+
+    def __call__(self, outputs: torch.Tensor, targets: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        device = outputs.device
+        if self.cache is not None:
+            indices = targets.cpu()
+            teacher_logits = self.cache.logits[indices].to(device)
+            targets = self.cache.labels[indices].to(device)
+        else:
+            with torch.no_grad():
+                teacher_logits = self.teacher(inputs)
+            self.teacher_calls += 1
+        if self.config.loss == "kl":
+            loss = soft_target_loss(outputs, teacher_logits, targets, self.config.temperature, self.config.alpha)
+        else:
+            loss = logit_mse_loss(outputs, teacher_logits, targets, self.config.alpha)
+        for index, pair in enumerate(self.config.features):
+            assert self.student_features is not None and self.teacher_features is not None
+            student_feature = self.adapters[str(index)](self.student_features.outputs[pair.student])
+            teacher_feature = self.teacher_features.outputs[pair.teacher]
+            term = hint_loss if pair.kind == "hint" else attention_transfer_loss
+            loss = loss + pair.weight * term(student_feature, teacher_feature)
+        return loss
+
+    def remove(self) -> None:
+        for capture in (self.student_features, self.teacher_features):
+            if capture is not None:
+                capture.remove()
+
+
+def _check_compatible(student: nn.Module, teacher: nn.Module, example: torch.Tensor, config: DistillConfig) -> nn.ModuleDict:
+    """Dry run on one batch: output shapes must agree; builds the feature adapters."""
+    captures = [FeatureCapture(student, [p.student for p in config.features], "student"),
+                FeatureCapture(teacher, [p.teacher for p in config.features], "teacher")] if config.features else []
+    try:
+        with eval_mode(student), eval_mode(teacher), torch.no_grad():
+            student_out, teacher_out = student(example), teacher(example)
+        if student_out.shape != teacher_out.shape:
+            raise TorchslimError(f"teacher output {tuple(teacher_out.shape)} and student output {tuple(student_out.shape)} differ: distillation needs the same classes")
+        adapters = nn.ModuleDict()
+        for index, pair in enumerate(config.features):
+            adapters[str(index)] = make_adapter(captures[0].outputs[pair.student], captures[1].outputs[pair.teacher], pair.kind,
+                                                f"features[{index}] ({pair.student} -> {pair.teacher})")
+        return adapters.to(model_device(student))
+    finally:
+        for capture in captures:
+            capture.remove()
+
+
+def distill(student: nn.Module, teacher: nn.Module, data: Any, config: DistillConfig | dict | None = None,
+            inplace: bool = False, progress: bool | None = None) -> Result:
+    """Train ``student`` (a copy, unless ``inplace``) to match ``teacher`` on ``data``; the teacher is not changed.
+
+    Works as a recovery step too: pass a pruned or quantized model as the student and its uncompressed original as
+    the teacher (masks stay in force while training).
+    """
+    config = DistillConfig.coerce(config, where="distill")
+    if not hasattr(data, "loader") or not hasattr(data, "train"):
+        raise ConfigError("distill needs a torchslim Dataset (ts.data.load(...)) for its training and test splits")
+    trained = student if inplace else copy.deepcopy(student)
+    adapters = _check_compatible(trained, teacher, data.example_input(2).to(model_device(trained)), config)
+    cache = None
+    if config.cache_teacher:
+        if data.augment is not None:
+            raise ConfigError("cache_teacher needs fixed training data, but this dataset augments its batches")
+        cache = _TeacherCache(teacher, data)
+    loss = _DistillLoss(trained, teacher, config, adapters, cache)
+    optimizer = make_optimizer(list(trained.parameters()) + list(adapters.parameters()), config.train)
+    teacher_modes = {m: m.training for m in teacher.modules()}
+    teacher.eval()
+    try:
+        history = fit(trained, cache.data if cache is not None else data, config.train.replace(eval_every_epoch=False),
+                      loss=loss, optimizer=optimizer, progress=progress)
+    finally:
+        loss.remove()
+        for module, mode in teacher_modes.items():
+            module.training = mode
+    final = evaluate(trained, data)
+    teacher_metrics = evaluate(teacher, data)
+    metrics = {**final, "teacher_accuracy": teacher_metrics["accuracy"], "teacher_error": teacher_metrics["error"],
+               "parameters": count_parameters(trained), "nonzeros": count_nonzeros(trained),
+               "teacher_parameters": count_parameters(teacher), "teacher_calls": loss.teacher_calls, "train_seconds": history.seconds}
+    stage = Stage(name="distill", kind="distill", metrics=metrics, config=config.to_dict(),
+                  notes=[f"teacher logits {'cached once' if cache is not None else 'computed once per batch'}; "
+                         f"{len(config.features)} feature pair(s)"])
+    spec = getattr(student, "torchslim_spec", None)
+    report = Report(model={"name": (spec or {}).get("name", type(student).__name__), "spec": spec}, stages=[stage])
+    return Result(model=trained, report=report)
