@@ -21,7 +21,7 @@ def test_parameter_counts_exact(name, count):
 
 
 def _input(name: str) -> torch.Tensor:
-    if name.startswith("lenet"):
+    if name.startswith("lenet") or name == "mlp":
         return torch.randn(2, 1, 28, 28)
     if name == "char-transformer":
         return torch.randint(0, 65, (2, 32))
