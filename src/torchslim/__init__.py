@@ -13,7 +13,7 @@ from torchslim import data, measure, models
 from torchslim.core import Config, ConfigError, Report, Result, TorchslimError
 from torchslim.distillation import distill
 from torchslim.pruning import make_permanent, prune
-from torchslim.verbs import evaluate, load, profile, save, train
+from torchslim.verbs import evaluate, load, profile, quantize, save, train
 
 __version__ = "0.1.0"
 
@@ -32,6 +32,7 @@ __all__ = [
     "models",
     "profile",
     "prune",
+    "quantize",
     "save",
     "train",
 ]

@@ -96,3 +96,18 @@ def load(path: str | os.PathLike[str], trust_factory: bool = False) -> nn.Module
     from torchslim.io.modelfile import load_model
 
     return load_model(path, trust_factory=trust_factory)
+
+
+def quantize(model: nn.Module, config: Any = None, inplace: bool = False) -> Result:
+    """Weight-only quantization of Linear/Conv2d layers (uniform, k-means, power-of-two, binary, ternary, fp16/bf16),
+    with per-layer schemes; see ``torchslim.quantization.WeightOnlyConfig``.
+
+    Example:
+        >>> import torchslim as ts
+        >>> result = quantize(ts.models.create("lenet-300-100"), {"weights": {"scheme": "uniform", "bits": 8}})
+        >>> result.report.stages[0].metrics["compression"] > 3.9
+        True
+    """
+    from torchslim.quantization.weight_only import quantize_weights
+
+    return quantize_weights(model, config or {}, inplace=inplace)

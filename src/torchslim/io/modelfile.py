@@ -130,7 +130,20 @@ def build_from_spec(spec: dict[str, Any], trust_factory: bool = False, where: st
         if not isinstance(model, nn.Module):
             raise TorchslimError(f"{where}: factory {spec['factory']!r} returned {type(model).__name__}, not an nn.Module")
         model.torchslim_spec = dict(spec)
+    for transform in spec.get("transforms", []):
+        model = _apply_transform(model, transform, where)
+    model.torchslim_spec = dict(spec)
     return model
+
+
+def _apply_transform(model: nn.Module, transform: dict[str, Any], where: str) -> nn.Module:
+    """Rebuild structural changes a compression step recorded in the spec (e.g. quantized layers)."""
+    kind = transform.get("kind") if isinstance(transform, dict) else None
+    if kind == "weight-quantization":
+        from torchslim.quantization.weight_only import apply_structure
+
+        return apply_structure(model, transform)
+    raise TorchslimError(f"{where}: unknown transform {kind!r} in the architecture spec")
 
 
 def read_model_file(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

@@ -1,0 +1,228 @@
+"""Weight-only quantized Linear and Conv modules: they store integer codes (bit-packed below 8 bits) with their
+scales or codebook, and dequantize in forward. ``stored_bytes`` counts what they really hold.
+
+Schemes: ``uniform`` (affine or symmetric; per tensor, channel or group), ``kmeans`` (a codebook of 2^bits shared
+weights whose centroids can be fine-tuned: the gather's backward sums the gradients of each cluster, Deep Compression
+section 3.3), ``pow2`` (log / power-of-two levels held as a codebook), ``binary``, ``ternary``, and ``fp16`` /
+``bf16`` casts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from torchslim.core.config import Config, check
+from torchslim.quantization.nonuniform import binarize, kmeans_quantize, power_of_two_quantize, ternarize
+from torchslim.quantization.packing import pack_bits, unpack_bits
+from torchslim.quantization.primitives import UniformSpec, check_finite, compute_qparams, dequantize, quantize
+
+SCHEMES = ("uniform", "kmeans", "pow2", "binary", "ternary", "fp16", "bf16")
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightScheme(Config):
+    """How one layer's weight is stored: scheme, bits and (for uniform) the grid."""
+
+    scheme: str = "uniform"
+    bits: int = 8
+    symmetric: bool = True
+    granularity: str = "channel"
+    group_size: int = 128
+    kmeans_init: str = "linear"
+    kmeans_iterations: int = 50
+    trainable_codebook: bool = True
+
+    def validate(self) -> None:
+        check(self.scheme in SCHEMES, f"scheme must be one of {', '.join(SCHEMES)}, got {self.scheme!r}")
+        if self.scheme == "uniform":
+            check(1 <= self.bits <= 16, f"bits must be between 1 and 16, got {self.bits}")
+        elif self.scheme in ("kmeans", "pow2"):
+            check(1 <= self.bits <= 8 if self.scheme == "kmeans" else 2 <= self.bits <= 8,
+                  f"{self.scheme} takes {'1' if self.scheme == 'kmeans' else '2'} to 8 bits, got {self.bits}")
+
+    @property
+    def stored_bits(self) -> int:
+        return {"binary": 1, "ternary": 2, "fp16": 16, "bf16": 16}.get(self.scheme, self.bits)
+
+    def uniform_spec(self) -> UniformSpec:
+        return UniformSpec(bits=self.bits, symmetric=self.symmetric, granularity=self.granularity, axis=0, group_size=self.group_size)
+
+
+class QuantizedWeight(nn.Module):
+    """Holds one weight in a compressed form and gives it back dequantized (``weight()``)."""
+
+    def __init__(self, shape: tuple[int, ...], scheme: WeightScheme) -> None:
+        super().__init__()
+        self.shape, self.scheme = tuple(shape), scheme
+        count = math.prod(shape)
+        if scheme.scheme in ("fp16", "bf16"):
+            self.register_buffer("value16", torch.zeros(shape, dtype=torch.float16 if scheme.scheme == "fp16" else torch.bfloat16))
+            return
+        self.register_buffer("packed", torch.zeros((count * scheme.stored_bits + 7) // 8 if scheme.stored_bits < 8 else count * (1 if scheme.stored_bits == 8 else 2), dtype=torch.uint8))
+        self.register_buffer("codes", torch.zeros(count, dtype=torch.int64), persistent=False)
+        if scheme.scheme in ("kmeans", "pow2"):
+            self.codebook = nn.Parameter(torch.zeros(2**scheme.bits), requires_grad=scheme.scheme == "kmeans" and scheme.trainable_codebook)
+        elif scheme.scheme == "uniform":
+            spec = scheme.uniform_spec()
+            scale_shape = self._scale_shape(spec)
+            self.register_buffer("scale", torch.ones(scale_shape))
+            self.register_buffer("zero_point", torch.zeros(scale_shape, dtype=torch.int32))
+        else:
+            self.register_buffer("scale", torch.ones((shape[0],) + (1,) * (len(shape) - 1)))
+        self.register_load_state_dict_post_hook(lambda module, keys: module._unpack())
+
+    def _scale_shape(self, spec: UniformSpec) -> tuple[int, ...]:
+        if spec.granularity == "tensor":
+            return (1,)
+        if spec.granularity == "channel":
+            return (self.shape[0],) + (1,) * (len(self.shape) - 1)
+        return (*self.shape[:-1], self.shape[-1] // spec.group_size, 1)
+
+    def _pack(self, codes: torch.Tensor) -> None:
+        bits = self.scheme.stored_bits
+        flat = codes.reshape(-1)
+        if bits <= 8:
+            self.packed = pack_bits(flat, bits)
+        else:  # 9..16-bit codes: two bytes each, little-endian
+            value = flat.to(torch.int64)
+            self.packed = torch.stack([value & 0xFF, value >> 8], dim=1).reshape(-1).to(torch.uint8)
+        self.codes = flat.to(torch.int64).clone()
+
+    def _unpack(self) -> None:
+        if self.scheme.scheme in ("fp16", "bf16"):
+            return
+        bits, count = self.scheme.stored_bits, math.prod(self.shape)
+        if bits <= 8:
+            self.codes = unpack_bits(self.packed, bits, count)
+        else:
+            pairs = self.packed.reshape(-1, 2).to(torch.int64)
+            self.codes = pairs[:, 0] | (pairs[:, 1] << 8)
+
+    @torch.no_grad()
+    def encode(self, weight: torch.Tensor, where: str) -> None:
+        """Quantize ``weight`` into this holder."""
+        check_finite(weight, where)
+        scheme = self.scheme.scheme
+        if scheme in ("fp16", "bf16"):
+            self.value16.copy_(weight.to(self.value16.dtype))
+        elif scheme == "uniform":
+            spec = self.scheme.uniform_spec()
+            scale, zero_point = compute_qparams(weight, spec, where)
+            codes = quantize(weight, scale, zero_point, spec, where)
+            self.scale, self.zero_point = scale.reshape(self._scale_shape(spec)).float(), zero_point.reshape(self._scale_shape(spec))
+            self._pack(codes - spec.code_range[0])  # stored unsigned
+        elif scheme in ("kmeans", "pow2"):
+            if scheme == "kmeans":
+                codebook, index = kmeans_quantize(weight, self.scheme.bits, self.scheme.kmeans_init, self.scheme.kmeans_iterations)
+            else:
+                levels = power_of_two_quantize(weight, self.scheme.bits)
+                codebook, index = torch.unique(levels, return_inverse=True)
+            padded = torch.cat([codebook.float(), codebook[-1:].float().expand(2**self.scheme.bits - codebook.numel())])
+            self.codebook.data.copy_(padded)
+            self._pack(index)
+        elif scheme == "binary":
+            signs, scale = binarize(weight)
+            self.scale = scale.float()
+            self._pack((signs > 0).to(torch.int64))
+        else:
+            codes, scale = ternarize(weight, per_channel=True)
+            self.scale = scale.float()
+            self._pack(codes.to(torch.int64) + 1)
+
+    def weight(self) -> torch.Tensor:
+        scheme = self.scheme.scheme
+        if scheme in ("fp16", "bf16"):
+            return self.value16.float()
+        codes = self.codes.reshape(self.shape)
+        if scheme == "uniform":
+            spec = self.scheme.uniform_spec()
+            return dequantize(codes + spec.code_range[0], self.scale, self.zero_point, spec)
+        if scheme in ("kmeans", "pow2"):
+            return self.codebook[codes]  # gather: its backward sums each cluster's gradients into its centroid
+        if scheme == "binary":
+            return (2.0 * codes - 1.0) * self.scale
+        return (codes - 1.0) * self.scale
+
+    def stored_bytes(self) -> int:
+        """Bytes of what is stored: codes (packed), scales / zero points / codebook."""
+        return sum(t.numel() * t.element_size() for name, t in self.state_dict().items())
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}, scheme={self.scheme.scheme}, bits={self.scheme.stored_bits}"
+
+
+class QuantizedLinear(nn.Module):
+    """Linear with a weight-only quantized weight, dequantized in forward."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, scheme: WeightScheme) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.quantized = QuantizedWeight((out_features, in_features), scheme)
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, scheme: WeightScheme, where: str) -> QuantizedLinear:
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None, scheme)
+        module.quantized.encode(linear.weight.detach().float(), where)
+        if linear.bias is not None:
+            module.bias.data.copy_(linear.bias.detach())
+        return module.to(linear.weight.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.quantized.weight().to(x.dtype), self.bias)
+
+    def stored_bytes(self) -> int:
+        return self.quantized.stored_bytes() + (self.bias.numel() * 4 if self.bias is not None else 0)
+
+
+class QuantizedConv2d(nn.Module):
+    """Conv2d with a weight-only quantized weight, dequantized in forward."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int], stride: Any, padding: Any,
+                 dilation: Any, groups: int, bias: bool, scheme: WeightScheme) -> None:
+        super().__init__()
+        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, tuple(kernel_size)
+        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+        self.quantized = QuantizedWeight((out_channels, in_channels // groups, *self.kernel_size), scheme)
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, scheme: WeightScheme, where: str) -> QuantizedConv2d:
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"{where}: padding_mode {conv.padding_mode!r} is not supported by weight-only quantization")
+        module = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                     conv.groups, conv.bias is not None, scheme)
+        module.quantized.encode(conv.weight.detach().float(), where)
+        if conv.bias is not None:
+            module.bias.data.copy_(conv.bias.detach())
+        return module.to(conv.weight.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.quantized.weight().to(x.dtype), self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def stored_bytes(self) -> int:
+        return self.quantized.stored_bytes() + (self.bias.numel() * 4 if self.bias is not None else 0)
+
+
+def empty_like(module: nn.Module, scheme: WeightScheme) -> nn.Module:
+    """A quantized module with the layer's structure and empty codes (filled by load_state_dict)."""
+    if isinstance(module, nn.Linear):
+        return QuantizedLinear(module.in_features, module.out_features, module.bias is not None, scheme)
+    if isinstance(module, nn.Conv2d):
+        return QuantizedConv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
+                               module.dilation, module.groups, module.bias is not None, scheme)
+    raise TypeError(f"weight-only quantization supports Linear and Conv2d, not {type(module).__name__}")
+
+
+def quantize_module(module: nn.Module, scheme: WeightScheme, where: str) -> nn.Module:
+    if isinstance(module, nn.Linear):
+        return QuantizedLinear.from_float(module, scheme, where)
+    if isinstance(module, nn.Conv2d):
+        return QuantizedConv2d.from_float(module, scheme, where)
+    raise TypeError(f"{where}: weight-only quantization supports Linear and Conv2d, not {type(module).__name__}")

@@ -1,0 +1,44 @@
+"""Bit packing of integer codes below 8 bits into bytes (little-endian within each byte)."""
+
+from __future__ import annotations
+
+import torch
+
+from torchslim.core.errors import TorchslimError
+
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack non-negative codes (< 2^bits) into a flat uint8 tensor of ceil(n * bits / 8) bytes.
+
+    Example:
+        >>> pack_bits(torch.tensor([1, 2, 3, 0]), 2).tolist()   # 0b00_11_10_01
+        [57]
+    """
+    if not 1 <= bits <= 8:
+        raise TorchslimError(f"bit packing takes 1 to 8 bits, got {bits}")
+    flat = codes.reshape(-1).to(torch.int64)
+    if flat.numel() and (flat.min() < 0 or flat.max() >= 2**bits):
+        raise TorchslimError(f"codes must lie in [0, {2 ** bits - 1}] to pack into {bits} bits")
+    if bits == 8:
+        return flat.to(torch.uint8)
+    total_bits = flat.numel() * bits
+    positions = torch.arange(flat.numel()) * bits
+    bit_values = ((flat.unsqueeze(1) >> torch.arange(bits)) & 1)  # (n, bits)
+    bit_positions = positions.unsqueeze(1) + torch.arange(bits)  # (n, bits)
+    stream = torch.zeros((total_bits + 7) // 8 * 8, dtype=torch.int64)
+    stream[bit_positions.reshape(-1)] = bit_values.reshape(-1)
+    weights = 2 ** torch.arange(8)
+    return (stream.reshape(-1, 8) * weights).sum(dim=1).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """Inverse of ``pack_bits``: the first ``count`` codes as int64."""
+    if not 1 <= bits <= 8:
+        raise TorchslimError(f"bit packing takes 1 to 8 bits, got {bits}")
+    if bits == 8:
+        return packed.reshape(-1)[:count].to(torch.int64)
+    stream = ((packed.reshape(-1).to(torch.int64).unsqueeze(1) >> torch.arange(8)) & 1).reshape(-1)
+    needed = count * bits
+    if stream.numel() < needed:
+        raise TorchslimError(f"packed data holds {stream.numel()} bits, {count} codes of {bits} bits need {needed}")
+    return (stream[:needed].reshape(count, bits) * (2 ** torch.arange(bits))).sum(dim=1)

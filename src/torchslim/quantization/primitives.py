@@ -1,0 +1,173 @@
+"""Uniform quantization primitives: pure tensor functions.
+
+Affine (asymmetric, min-max) and symmetric schemes; per tensor, per channel (any axis) or per group (groups of
+``group_size`` along the input dimension); 1 to 16 bits; signed or unsigned codes; round to nearest; and a
+straight-through estimator for training.
+
+Example:
+    >>> spec = UniformSpec(bits=8, symmetric=True)
+    >>> x = torch.tensor([-1.0, 0.0, 0.5, 1.0])
+    >>> scale, zero_point = compute_qparams(x, spec)
+    >>> dequantize(quantize(x, scale, zero_point, spec), scale, zero_point, spec).tolist()[-1]
+    1.0
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from torchslim.core.config import Config, check
+from torchslim.core.errors import TorchslimError
+
+MIN_BITS, MAX_BITS = 1, 16
+
+
+@dataclasses.dataclass(frozen=True)
+class UniformSpec(Config):
+    """A uniform quantization scheme.
+
+    ``granularity``: "tensor", "channel" (one scale per index of ``axis``) or "group" (``group_size`` consecutive
+    values along the last dimension share a scale, per row). ``signed`` picks codes in [-2^(b-1), 2^(b-1)-1]
+    (default for symmetric) or [0, 2^b - 1] (default for affine).
+    """
+
+    bits: int = 8
+    symmetric: bool = True
+    signed: bool | None = None
+    granularity: str = "tensor"
+    axis: int = 0
+    group_size: int = 128
+
+    def validate(self) -> None:
+        check(MIN_BITS <= self.bits <= MAX_BITS, f"bits must be between {MIN_BITS} and {MAX_BITS}, got {self.bits}")
+        check(self.granularity in ("tensor", "channel", "group"), f"granularity must be tensor, channel or group, got {self.granularity!r}")
+        check(self.group_size >= 1, f"group_size must be >= 1, got {self.group_size}")
+        check(not (self.symmetric and self.signed is False and self.bits == 1), "1-bit unsigned symmetric codes hold only zero")
+
+    @property
+    def is_signed(self) -> bool:
+        return self.symmetric if self.signed is None else self.signed
+
+    @property
+    def code_range(self) -> tuple[int, int]:
+        """(qmin, qmax) of the integer codes."""
+        if self.is_signed:
+            if self.bits == 1:
+                return -1, 0
+            return -(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1
+        return 0, 2**self.bits - 1
+
+
+def check_finite(x: torch.Tensor, where: str) -> None:
+    if not torch.isfinite(x).all():
+        bad = int((~torch.isfinite(x)).sum())
+        raise TorchslimError(f"{where}: {bad} value(s) are NaN or Inf; quantization needs finite values")
+
+
+def _grouped(x: torch.Tensor, spec: UniformSpec, where: str) -> torch.Tensor:
+    """View x as (..., groups, group_size) along its last dimension."""
+    if x.shape[-1] % spec.group_size:
+        raise TorchslimError(f"{where}: group_size {spec.group_size} does not divide the input dimension {x.shape[-1]}")
+    return x.reshape(*x.shape[:-1], x.shape[-1] // spec.group_size, spec.group_size)
+
+
+def reduce_range(x: torch.Tensor, spec: UniformSpec, where: str = "tensor") -> tuple[torch.Tensor, torch.Tensor]:
+    """(min, max) at the spec's granularity, shaped to broadcast against x (or its grouped view)."""
+    if spec.granularity == "tensor":
+        return x.min().reshape(1), x.max().reshape(1)
+    if spec.granularity == "channel":
+        axis = spec.axis % x.dim()
+        moved = x.movedim(axis, 0).reshape(x.shape[axis], -1)
+        shape = [1] * x.dim()
+        shape[axis] = x.shape[axis]
+        return moved.min(dim=1).values.reshape(shape), moved.max(dim=1).values.reshape(shape)
+    grouped = _grouped(x, spec, where)
+    return grouped.amin(dim=-1, keepdim=True), grouped.amax(dim=-1, keepdim=True)
+
+
+def qparams_from_range(low: torch.Tensor, high: torch.Tensor, spec: UniformSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point covering [low, high] (widened to include 0 so that zero is exact)."""
+    qmin, qmax = spec.code_range
+    low = torch.minimum(low, torch.zeros_like(low)).float()
+    high = torch.maximum(high, torch.zeros_like(high)).float()
+    tiny = torch.finfo(torch.float32).tiny
+    if spec.symmetric:
+        bound = torch.maximum(-low, high)
+        if spec.is_signed:
+            # 1-bit signed codes are {-1, 0}: cover the larger side with one step
+            scale = bound / max(qmax, -qmin if spec.bits == 1 else qmax)
+        else:
+            scale = bound / qmax
+        scale = torch.clamp(scale, min=tiny)
+        zero_point = torch.zeros_like(scale, dtype=torch.int32)
+        return scale, zero_point
+    scale = torch.clamp((high - low) / (qmax - qmin), min=tiny)
+    zero_point = torch.clamp(qmin - torch.round(low / scale), qmin, qmax).to(torch.int32)
+    return scale, zero_point
+
+
+def compute_qparams(x: torch.Tensor, spec: UniformSpec, where: str = "tensor") -> tuple[torch.Tensor, torch.Tensor]:
+    """Min-max scale and zero point of x at the spec's granularity."""
+    check_finite(x, where)
+    low, high = reduce_range(x.detach(), spec, where)
+    return qparams_from_range(low, high, spec)
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: UniformSpec, where: str = "tensor") -> torch.Tensor:
+    """Integer codes: clamp(round(x / scale) + zero_point, qmin, qmax), as int32 (grouped view when per group)."""
+    qmin, qmax = spec.code_range
+    view = _grouped(x, spec, where) if spec.granularity == "group" else x
+    codes = torch.clamp(torch.round(view / scale) + zero_point, qmin, qmax)
+    return codes.reshape(x.shape).to(torch.int32)
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: UniformSpec) -> torch.Tensor:
+    """(codes - zero_point) * scale, back in the input's shape."""
+    view = _grouped(codes, spec, "codes") if spec.granularity == "group" else codes
+    return ((view.float() - zero_point) * scale).reshape(codes.shape)
+
+
+def quantize_dequantize(x: torch.Tensor, spec: UniformSpec, where: str = "tensor") -> torch.Tensor:
+    """x rounded to the nearest point of its min-max uniform grid (no gradient)."""
+    scale, zero_point = compute_qparams(x, spec, where)
+    return dequantize(quantize(x, scale, zero_point, spec, where), scale, zero_point, spec).to(x.dtype)
+
+
+class _RoundSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):  # noqa: ANN001, ANN205
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        return grad
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: UniformSpec) -> torch.Tensor:
+    """Quantize-dequantize with a straight-through estimator: gradients pass where x is inside the grid's range
+    and are zero where it clamps; gradients also reach ``scale`` when it is a learned parameter (LSQ)."""
+    qmin, qmax = spec.code_range
+    view = _grouped(x, spec, "tensor") if spec.granularity == "group" else x
+    codes = _RoundSTE.apply(view / scale) + zero_point
+    codes = torch.clamp(codes, qmin, qmax)
+    return ((codes - zero_point) * scale).reshape(x.shape)
+
+
+def sqnr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB: 10 log10(|x|^2 / |x - q(x)|^2) (inf when exact)."""
+    reference, approximation = reference.detach().float(), approximation.detach().float()
+    noise = (reference - approximation).pow(2).sum()
+    signal = reference.pow(2).sum()
+    if noise == 0:
+        return float("inf")
+    return float(10 * torch.log10(signal / noise))
+
+
+def cast_float(x: torch.Tensor, dtype: str) -> torch.Tensor:
+    """fp16 / bf16 round trip: the trivial baseline."""
+    target = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(dtype)
+    if target is None:
+        raise TorchslimError(f"float cast must be fp16 or bf16, got {dtype!r}")
+    return x.to(target).to(x.dtype)
