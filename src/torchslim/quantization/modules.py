@@ -82,7 +82,7 @@ class QuantizedWeight(nn.Module):
             return (1,)
         if spec.granularity == "channel":
             return (self.shape[0],) + (1,) * (len(self.shape) - 1)
-        return (*self.shape[:-1], self.shape[-1] // spec.group_size, 1)
+        return (self.shape[0], math.prod(self.shape[1:]) // spec.group_size, 1)
 
     def _pack(self, codes: torch.Tensor) -> None:
         bits = self.scheme.stored_bits
@@ -113,6 +113,8 @@ class QuantizedWeight(nn.Module):
             self.value16.copy_(weight.to(self.value16.dtype))
         elif scheme == "uniform":
             spec = self.scheme.uniform_spec()
+            if spec.granularity == "group":  # groups run along the flattened input dimension (in * kh * kw)
+                weight = weight.reshape(weight.shape[0], -1)
             scale, zero_point = compute_qparams(weight, spec, where)
             codes = quantize(weight, scale, zero_point, spec, where)
             self.scale, self.zero_point = scale.reshape(self._scale_shape(spec)).float(), zero_point.reshape(self._scale_shape(spec))
@@ -142,6 +144,9 @@ class QuantizedWeight(nn.Module):
         codes = self.codes.reshape(self.shape)
         if scheme == "uniform":
             spec = self.scheme.uniform_spec()
+            if spec.granularity == "group":
+                flat = codes.reshape(self.shape[0], -1) + spec.code_range[0]
+                return dequantize(flat, self.scale, self.zero_point, spec).reshape(self.shape)
             return dequantize(codes + spec.code_range[0], self.scale, self.zero_point, spec)
         if scheme in ("kmeans", "pow2"):
             return self.codebook[codes]  # gather: its backward sums each cluster's gradients into its centroid

@@ -34,7 +34,7 @@ class WeightOnlyConfig(Config):
 
     weights: WeightScheme = WeightScheme()
     layer_schemes: dict[str, WeightScheme] = dataclasses.field(default_factory=dict)
-    layers: LayerSelector = LayerSelector(types=("Linear", "Conv2d"))
+    layers: LayerSelector = LayerSelector()
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
