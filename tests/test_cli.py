@@ -93,3 +93,19 @@ def test_distill_command(tmp_path, capsys):
     assert model.layers[0].out_features == 24
     assert main(["distill", "--teacher", str(teacher), "--student", "mlp", "--student-args", "{bad", "--data", "digits", "--out", str(tmp_path / "x.safetensors")]) == 1
     assert "--student-args is not valid JSON" in capsys.readouterr().err
+
+
+def test_quantize_command(tmp_path, capsys):
+    trained = tmp_path / "m.safetensors"
+    assert main(["train", "--data", "digits", "--epochs", "2", "--out", str(trained)]) == 0
+    packed = tmp_path / "q.safetensors"
+    assert main(["quantize", str(trained), "--data", "digits", "--scheme", "kmeans", "--bits", "4", "--layer-bits", "fc3=8", "--out", str(packed)]) == 0
+    out = capsys.readouterr().out
+    assert "fc3" in out and "8 bits" in out and "test error" in out
+    assert packed.stat().st_size < trained.stat().st_size / 5
+    onnx_file = tmp_path / "q.onnx"
+    assert main(["quantize", str(trained), "--data", "digits", "--scheme", "int8-static", "--out", str(onnx_file)]) == 0
+    assert onnx_file.exists()
+    capsys.readouterr()
+    assert main(["quantize", str(trained), "--data", "digits", "--bits", "40", "--out", str(tmp_path / "x.safetensors")]) == 1
+    assert "bits must be between 1 and 16" in capsys.readouterr().err

@@ -44,6 +44,25 @@ def compile_backend(model: nn.Module, example: torch.Tensor) -> Runner:
     return run
 
 
+@BACKENDS.register("onnxruntime")
+def onnxruntime_backend(model: nn.Module, example: torch.Tensor) -> Runner:
+    """The model exported to ONNX (fp32) and run by ONNX Runtime on the CPU, spinning off, threads as torch's."""
+    import tempfile
+    from pathlib import Path
+
+    from torchslim.export.onnx import export_onnx, onnx_session
+
+    folder = tempfile.mkdtemp(prefix="torchslim-onnx-")
+    path = export_onnx(model, example, Path(folder) / "model.onnx")
+    session = onnx_session(path, threads=torch.get_num_threads())
+    name = session.get_inputs()[0].name
+
+    def run(x: torch.Tensor) -> Any:
+        return session.run(None, {name: x.numpy()})
+
+    return run
+
+
 @dataclasses.dataclass
 class LatencyResult:
     """Timings of one (backend, batch size) in milliseconds, with their spread and a bimodality flag."""
