@@ -1,0 +1,70 @@
+"""Real int8 execution through torchao's PT2E flow: torch.export, X86InductorQuantizer, calibration, convert, then
+torch.compile (inductor) with freezing on, which lowers the quantized patterns to int8 kernels (oneDNN)."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from torchslim.core.errors import TorchslimError
+from torchslim.train.modes import eval_mode
+
+
+class CompiledModule(nn.Module):
+    """A compiled callable behind an nn.Module interface; runs under no_grad (inference only)."""
+
+    def __init__(self, compiled, reference: str) -> None:
+        super().__init__()
+        # held outside the module tree: exported graphs refuse .train() / .eval(), which callers may apply to us
+        self._compiled = (compiled,)
+        self.reference = reference
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self._compiled[0](x)
+
+
+def _freezing():
+    import torch._inductor.config as inductor_config
+
+    return inductor_config.patch(freezing=True)
+
+
+def pt2e_int8(model: nn.Module, example_input: torch.Tensor, calibration: Iterable, batches: int = 16) -> CompiledModule:
+    """Quantize ``model`` (static int8, X86InductorQuantizer defaults) and compile it; calibration batches are inputs."""
+    try:
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+        from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+    except ImportError:
+        raise TorchslimError("the PT2E int8 path needs torchao: pip install torchao (with torch pinned)") from None
+    with eval_mode(model), torch.no_grad():
+        batch = torch.export.Dim("batch", min=1, max=4096)
+        traced_input = example_input[:1].expand(2, *example_input.shape[1:]).contiguous()  # batch 1 would specialize
+        exported = torch.export.export(model, (traced_input,), dynamic_shapes=({0: batch},)).module()
+        quantizer = xiq.X86InductorQuantizer()
+        quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
+        prepared = prepare_pt2e(exported, quantizer)
+        seen = 0
+        for inputs in calibration:
+            if seen >= batches:
+                break
+            prepared(inputs[0] if isinstance(inputs, (tuple, list)) else inputs)
+            seen += 1
+        if seen == 0:
+            raise TorchslimError("PT2E calibration got no batches: the calibration data is empty")
+        converted = convert_pt2e(prepared)
+        with _freezing():
+            compiled = torch.compile(converted)
+            compiled(example_input)  # compile now, not inside a timed run
+    return CompiledModule(compiled, "pt2e-int8")
+
+
+def compiled_fp32(model: nn.Module, example_input: torch.Tensor) -> CompiledModule:
+    """The same model compiled in fp32 with freezing, for side-by-side timing in the same engine."""
+    with eval_mode(model), torch.no_grad(), _freezing():
+        module = model.eval()
+        compiled = torch.compile(module)
+        compiled(example_input)
+    return CompiledModule(compiled, "compiled-fp32")

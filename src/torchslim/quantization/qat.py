@@ -1,0 +1,176 @@
+"""Quantization-aware training: fake-quant Linear / Conv2d modules, then conversion to real int8 in ONNX Runtime.
+
+Weights: int8 symmetric per output channel, with scales either recomputed from the weights (observer-driven) or
+learned (LSQ, Esser et al. 2020). Activations (each layer's input): uint8 affine, with the range tracked by a
+moving-average min-max observer during training and frozen in eval. Exported, the fake-quant ops become ONNX
+QuantizeLinear / DequantizeLinear pairs, which ONNX Runtime fuses into integer kernels (U8S8).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from torchslim.core.config import Config, check
+from torchslim.core.report import Report, Result, Stage
+from torchslim.core.selector import LayerSelector, select_modules
+from torchslim.quantization.primitives import UniformSpec, fake_quantize
+
+WEIGHT_SPEC = UniformSpec(bits=8, symmetric=True, granularity="channel", axis=0)
+ACTIVATION_SPEC = UniformSpec(bits=8, symmetric=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class QATConfig(Config):
+    """Which layers train with fake quantization, and how their weight scales are set ("observer" or "learned")."""
+
+    weight_scale: str = "learned"
+    activation_momentum: float = 0.1
+    layers: LayerSelector = LayerSelector()
+
+    def validate(self) -> None:
+        check(self.weight_scale in ("observer", "learned"), f"weight_scale must be 'observer' or 'learned', got {self.weight_scale!r}")
+        check(0 < self.activation_momentum <= 1, f"activation_momentum must be in (0, 1], got {self.activation_momentum}")
+
+
+class FakeQuant(nn.Module):
+    """Fake quantization of a layer's input (uint8 affine, observed range) and weight (int8 per channel)."""
+
+    def __init__(self, weight: torch.Tensor, config: QATConfig) -> None:
+        super().__init__()
+        self.config = config
+        channels = weight.shape[0]
+        initial = weight.detach().abs().reshape(channels, -1).amax(dim=1).clamp(min=1e-8) / 127
+        shape = (channels,) + (1,) * (weight.dim() - 1)
+        if config.weight_scale == "learned":
+            self.weight_scale = nn.Parameter(initial.reshape(shape).clone())
+        else:
+            self.register_buffer("weight_scale", initial.reshape(shape).clone())
+        self.register_buffer("input_low", torch.tensor(0.0))
+        self.register_buffer("input_high", torch.tensor(0.0))
+        self.register_buffer("observed", torch.tensor(False))
+        self.frozen: dict[str, torch.Tensor] | None = None
+
+    @torch.no_grad()
+    def freeze(self) -> None:
+        """Fix the scales as constants for export (the exported graph then holds plain Q/DQ pairs)."""
+        scale, zero = self.activation_qparams()
+        self.frozen = {"weight_scale": self.weight_scale.detach().abs().clamp(min=1e-8).reshape(-1).float().clone(),
+                       "input_scale": float(scale), "input_zero": int(zero), "observed": bool(self.observed)}
+
+    def quantize_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.config.weight_scale == "observer":
+            channels = weight.shape[0]
+            scale = weight.detach().abs().reshape(channels, -1).amax(dim=1).clamp(min=1e-8) / 127
+            self.weight_scale = scale.reshape(self.weight_scale.shape)
+        if self.frozen is not None and torch.onnx.is_in_onnx_export():
+            scale = self.frozen["weight_scale"]
+            return torch.fake_quantize_per_channel_affine(weight, scale, torch.zeros(scale.shape, dtype=torch.int32), 0, -128, 127)
+        scale = self.weight_scale.abs().clamp(min=1e-8)
+        zero = torch.zeros(scale.shape, dtype=torch.int32, device=weight.device)
+        if not self.training:
+            return torch.fake_quantize_per_channel_affine(weight, scale.reshape(-1).detach(), zero.reshape(-1), 0, -128, 127)
+        if self.config.weight_scale == "learned":  # LSQ gradient scaling: 1 / sqrt(numel * qmax)
+            gradient_scale = 1.0 / (weight[0].numel() * 127) ** 0.5
+            scale = (scale - scale * gradient_scale).detach() + scale * gradient_scale
+        return fake_quantize(weight, scale, zero, WEIGHT_SPEC)
+
+    def activation_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        low = torch.minimum(self.input_low, torch.zeros_like(self.input_low))
+        high = torch.maximum(self.input_high, torch.zeros_like(self.input_high))
+        scale = ((high - low) / 255).clamp(min=1e-8)
+        zero = torch.clamp(torch.round(-low / scale), 0, 255)
+        return scale, zero
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.frozen is not None and torch.onnx.is_in_onnx_export():
+            if not self.frozen["observed"]:
+                return x
+            return torch.fake_quantize_per_tensor_affine(x, self.frozen["input_scale"], self.frozen["input_zero"], 0, 255)
+        if self.training:
+            low, high = x.detach().min(), x.detach().max()
+            if not bool(self.observed):
+                self.input_low.copy_(low)
+                self.input_high.copy_(high)
+                self.observed.fill_(True)
+            else:
+                momentum = self.config.activation_momentum
+                self.input_low.add_(momentum * (low - self.input_low))
+                self.input_high.add_(momentum * (high - self.input_high))
+        if not bool(self.observed):
+            return x
+        scale, zero = self.activation_qparams()
+        return torch.fake_quantize_per_tensor_affine(x, scale.detach().reshape(()).float(), zero.to(torch.int32).reshape(()), 0, 255)
+
+
+class QATLinear(nn.Linear):
+    """Linear trained with fake-quantized input and weight."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.fake.quantize_input(x), self.fake.quantize_weight(self.weight), self.bias)
+
+
+class QATConv2d(nn.Conv2d):
+    """Conv2d trained with fake-quantized input and weight."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self.fake.quantize_input(x), self.fake.quantize_weight(self.weight), self.bias)
+
+
+def _convert(module: nn.Module, config: QATConfig) -> nn.Module:
+    klass = QATLinear if isinstance(module, nn.Linear) else QATConv2d
+    module.__class__ = klass
+    module.fake = FakeQuant(module.weight, config).to(module.weight.device)
+    return module
+
+
+def prepare_qat(model: nn.Module, config: QATConfig | dict | None = None, inplace: bool = False) -> nn.Module:
+    """A copy of ``model`` whose selected Linear / Conv2d layers train with fake quantization.
+
+    Fold BatchNorm first for the closest match to the exported graph (the exporter folds it anyway).
+    """
+    config = QATConfig.coerce(config, where="qat")
+    target = model if inplace else copy.deepcopy(model)
+    for name, module in select_modules(target, config.layers, default_types=("Linear", "Conv2d")):
+        if type(module) in (nn.Linear, nn.Conv2d):
+            _convert(module, config)
+    return target
+
+
+def calibrate_qat(model: nn.Module, batches, count: int = 8) -> None:
+    """Seed the activation ranges from a few batches (train-mode forward passes without gradients)."""
+    was_training = model.training
+    model.train()
+    with torch.no_grad():
+        for index, (inputs, _) in enumerate(batches):
+            if index >= count:
+                break
+            model(inputs)
+    model.train(was_training)
+
+
+def export_qat_onnx(model: nn.Module, example_input: torch.Tensor, path: str | os.PathLike[str]) -> Path:
+    """Export the fake-quantized model as a QDQ ONNX file (real int8 in ONNX Runtime)."""
+    from torchslim.export.onnx import export_onnx
+
+    fakes = [module.fake for module in model.modules() if isinstance(module, (QATLinear, QATConv2d))]
+    for fake in fakes:
+        fake.freeze()
+    try:
+        return export_onnx(model, example_input, path, opset=17)
+    finally:
+        for fake in fakes:
+            fake.frozen = None
+
+
+def qat_report(model: nn.Module, config: QATConfig) -> Result:
+    layers = [name for name, module in model.named_modules() if isinstance(module, (QATLinear, QATConv2d))]
+    stage = Stage(name="qat", kind="quantize", metrics={"layers": len(layers)}, layers=[{"name": n} for n in layers],
+                  config=config.to_dict(), execution="simulated (fake-quant) until exported")
+    return Result(model=model, report=Report(stages=[stage]))
