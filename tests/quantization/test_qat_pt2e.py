@@ -1,0 +1,56 @@
+import pytest
+import torch
+
+import torchslim as ts
+from torchslim.export.onnx import OnnxModule
+from torchslim.quantization.onnx_static import count_ops
+from torchslim.quantization.qat import QATConv2d, QATLinear, calibrate_qat, export_qat_onnx, prepare_qat
+from torchslim.train import fit
+
+
+@pytest.mark.parametrize("weight_scale", ["learned", "observer"])
+def test_qat_trains_and_runs_as_int8_in_onnx_runtime(weight_scale, mnist_small, tmp_path):
+    torch.manual_seed(0)
+    model = ts.models.create("lenet-300-100")
+    fit(model, mnist_small, {"epochs": 1, "eval_every_epoch": False}, progress=False)
+    qat = prepare_qat(model, {"weight_scale": weight_scale})
+    assert type(model.fc1) is torch.nn.Linear and isinstance(qat.fc1, QATLinear)
+    calibrate_qat(qat, mnist_small.loader("train", batch_size=64), 4)
+    scale_before = qat.fc1.fake.weight_scale.detach().clone()
+    fit(qat, mnist_small, {"epochs": 1, "lr": 0.005, "max_batches_per_epoch": 40, "eval_every_epoch": False}, progress=False)
+    if weight_scale == "learned":
+        assert not torch.equal(qat.fc1.fake.weight_scale, scale_before)  # LSQ moved the scales
+    accuracy = ts.evaluate(qat, mnist_small)["accuracy"]
+    assert accuracy > ts.evaluate(model, mnist_small)["accuracy"] - 0.01
+    path = export_qat_onnx(qat, mnist_small.example_input(1), tmp_path / "qat.onnx")
+    ops = count_ops(path)
+    assert ops["QuantizeLinear"] == 6 and ops["DequantizeLinear"] == 6 and "Round" not in ops
+    engine = OnnxModule(path)
+    assert abs(ts.evaluate(engine, mnist_small)["accuracy"] - accuracy) <= 0.005  # integer kernels round differently
+
+
+def test_qat_convs(tmp_path):
+    torch.manual_seed(0)
+    qat = prepare_qat(ts.models.create("resnet20"), {"layers": {"include": ["layer1.*"]}})
+    assert sum(isinstance(m, QATConv2d) for m in qat.modules()) == 6
+    x = torch.randn(2, 3, 32, 32)
+    qat.train()
+    qat(x)
+    qat.eval()
+    engine = OnnxModule(export_qat_onnx(qat, x[:1], tmp_path / "r.onnx"))
+    torch.testing.assert_close(engine(x), qat(x), rtol=1e-3, atol=1e-3)
+
+
+def test_pt2e_int8_matches_float(mnist_small):
+    pytest.importorskip("torchao")
+    from torchslim.quantization.pt2e import pt2e_int8
+
+    torch.manual_seed(0)
+    model = ts.models.create("lenet-5")
+    fit(model, mnist_small, {"epochs": 1, "lr": 0.02, "max_batches_per_epoch": 50, "eval_every_epoch": False}, progress=False)
+    calibration = (x for x, _ in mnist_small.loader("train", batch_size=64))
+    quantized = pt2e_int8(model, mnist_small.example_input(1), calibration, batches=4)
+    dense = ts.evaluate(model, mnist_small)["accuracy"]
+    assert abs(ts.evaluate(quantized, mnist_small)["accuracy"] - dense) <= 0.01
+    with pytest.raises(ts.TorchslimError, match="PT2E calibration got no batches"):
+        pt2e_int8(model, mnist_small.example_input(1), iter([]))
