@@ -20,6 +20,7 @@ from torchslim.measure import measure_latency
 from torchslim.quantization import QuantizedConv2d, QuantizedLinear, WeightScheme
 from torchslim.quantization.onnx_static import fp32_onnx_module, onnx_int8_module
 from torchslim.quantization.primitives import sqnr_db
+from torchslim.quantization.pt2e import compiled_fp32, pt2e_int8
 from torchslim.train import fit
 
 BITS = (8, 6, 4, 3, 2)
@@ -90,6 +91,22 @@ def int8_latency(model, example: torch.Tensor, calibration, folder: Path, runs: 
     return result, fp32, int8
 
 
+def pt2e_latency(model, example: torch.Tensor, calibration, runs: int) -> tuple:
+    """torchao PT2E int8 (X86InductorQuantizer, inductor with freezing) vs the same model compiled in fp32."""
+    fp32 = compiled_fp32(model, example)
+    int8 = pt2e_int8(model, example, calibration, batches=16)
+    result = {}
+    for batch in (1, 64):
+        batch_input = example[:1].expand(batch, *example.shape[1:]).contiguous()
+        fp32.prepare(batch_input), int8.prepare(batch_input)  # compile this batch size (frozen) outside the timed runs
+        fp32_ms, int8_ms = [], []
+        for _ in range(3):
+            fp32_ms.append(measure_latency(fp32, example, batch_sizes=(batch,), runs=runs, warmup=5)[0].median_ms)
+            int8_ms.append(measure_latency(int8, example, batch_sizes=(batch,), runs=runs, warmup=5)[0].median_ms)
+        result[f"batch_{batch}"] = {"fp32_ms": median(fp32_ms), "int8_ms": median(int8_ms), "speedup": median(fp32_ms) / median(int8_ms)}
+    return result, fp32, int8
+
+
 def main() -> None:
     options = arguments(__doc__)
     data = load_mnist(options.data_root, options.quick)
@@ -134,6 +151,28 @@ def main() -> None:
             int8_rows.append([name, change, f"{entry['batch_1']['fp32_ms']:.3f}", f"{entry['batch_1']['int8_ms']:.3f}", f"{entry['batch_1']['speedup']:.2f}x",
                               f"{entry['batch_64']['fp32_ms']:.3f}", f"{entry['batch_64']['int8_ms']:.3f}", f"{entry['batch_64']['speedup']:.2f}x",
                               f"{entry['fp32_bytes']:,}", f"{entry['int8_bytes']:,}"])
+    pt2e_rows = []
+    for name, model, example in (("lenet-5", models["lenet-5"], data.example_input(1)),
+                                 ("resnet18-style", ts.models.create("resnet18-style").eval(), torch.randn(1, 3, 32, 32))):
+        if name == "lenet-5":
+            batches = (x for x, _ in data.loader("train", batch_size=64, shuffle=True))
+        else:
+            generator = torch.Generator().manual_seed(0)
+            batches = (torch.randn(16, 3, 32, 32, generator=generator) for _ in range(16))
+        timing, fp32, int8 = pt2e_latency(model, example, batches, runs if name == "lenet-5" else max(5, runs // 8))
+        entry = dict(timing)
+        if name == "lenet-5":
+            entry["fp32_error"], entry["int8_error"] = ts.evaluate(fp32, data)["error"], ts.evaluate(int8, data)["error"]
+            change = f"{100 * (entry['int8_error'] - entry['fp32_error']):+.2f} points"
+        else:
+            probe = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+            entry["output_sqnr_db"] = sqnr_db(fp32(probe), int8(probe))
+            change = f"output SQNR {entry['output_sqnr_db']:.1f} dB (no CIFAR-10 here)"
+        results.setdefault("pt2e", {})[name] = entry
+        pt2e_rows.append([name, change, *[f"{entry[f'batch_{b}'][k]:.3f}" if k != "speedup" else f"{entry[f'batch_{b}'][k]:.2f}x"
+                                          for b in (1, 64) for k in ("fp32_ms", "int8_ms", "speedup")]])
+    tables.append("torchao PT2E int8 (X86InductorQuantizer, torch.compile with freezing) vs torch.compile fp32 with freezing\n\n" + markdown_table(
+        ["model", "accuracy change", "fp32 b1 (ms)", "int8 b1 (ms)", "b1 speedup", "fp32 b64 (ms)", "int8 b64 (ms)", "b64 speedup"], pt2e_rows))
     tables.append("Static int8 in ONNX Runtime vs ONNX Runtime fp32 (2 threads, spinning off, medians of 3 alternating rounds)\n\n" + markdown_table(
         ["model", "accuracy change", "fp32 b1 (ms)", "int8 b1 (ms)", "b1 speedup", "fp32 b64 (ms)", "int8 b64 (ms)", "b64 speedup", "fp32 bytes", "int8 bytes"], int8_rows))
     write("quantization", "Quantization: uniform vs k-means, SQNR, and real int8 in ONNX Runtime", results, tables, options, notes=[

@@ -25,6 +25,13 @@ class CompiledModule(nn.Module):
         with torch.no_grad():
             return self._compiled[0](x)
 
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """Run once with freezing on, so that a new input shape compiles (frozen, static shapes) before any timed run."""
+        import torch._dynamo.config as dynamo_config
+
+        with _freezing(), dynamo_config.patch(automatic_dynamic_shapes=False), torch.no_grad():
+            return self._compiled[0](x)
+
 
 def _freezing():
     import torch._inductor.config as inductor_config
