@@ -47,7 +47,7 @@ def main() -> None:
         result = ts.distill(initial, teacher, data, config, progress=False)
         metrics = result.report.stages[0].metrics
         results["distilled"].append({"temperature": temperature, "alpha": alpha, "errors": metrics["errors"], "error": metrics["error"]})
-        rows.append([f"student distilled", temperature, alpha, metrics["errors"], f"{100 * metrics['error']:.2f}%", f"{metrics['parameters']:,}"])
+        rows.append(["student distilled", temperature, alpha, metrics["errors"], f"{100 * metrics['error']:.2f}%", f"{metrics['parameters']:,}"])
     best = min(results["distilled"], key=lambda r: r["errors"])
     results["best"] = best
     results["error_reduction"] = 1 - best["errors"] / max(1, results["student_alone"]["errors"])

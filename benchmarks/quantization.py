@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import copy
 import tempfile
 from pathlib import Path
 

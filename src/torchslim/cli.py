@@ -38,9 +38,16 @@ def _int_list(text: str, option: str) -> list[int]:
     return values
 
 
-def _example_input(data) -> "object":
-    import torch
+def _refuse_overwrite(*paths: Optional[Path], force: bool) -> None:
+    """Stop before any work when an output exists and --force was not given: nothing the user had is overwritten."""
+    from torchslim.core.errors import TorchslimError
 
+    for path in paths:
+        if path is not None and path.exists() and not force:
+            raise TorchslimError(f"{path} exists; refusing to overwrite it (pass --force)")
+
+
+def _example_input(data) -> "object":
     if hasattr(data, "train_ids"):
         return data.test_ids[:64].unsqueeze(0)
     return data.example_input(1)
@@ -100,12 +107,9 @@ def train(
 ) -> None:
     """Train a reference model on a dataset, then evaluate and profile it (the main job until recipes land)."""
     import torchslim as ts
-    from torchslim.core.errors import TorchslimError
     from torchslim.report.console import print_report
 
-    for path in (out, report):
-        if path is not None and path.exists() and not force:
-            raise TorchslimError(f"{path} exists; refusing to overwrite it (pass --force)")
+    _refuse_overwrite(out, report, force=force)
     ts.models.MODELS.get(model)
     dataset = ts.data.load(data, root=data_root, download=data_root is None)
     console.print(f"{data}: {len(getattr(dataset, 'train', getattr(dataset, 'train_ids', [])))} training examples")
@@ -214,9 +218,7 @@ def prune(
 
     if structured:
         raise TorchslimError("--structured: structured (channel) pruning is not available in this version; use unstructured pruning")
-    for path in (out, report):
-        if path is not None and path.exists() and not force:
-            raise TorchslimError(f"{path} exists; refusing to overwrite it (pass --force)")
+    _refuse_overwrite(out, report, force=force)
     if (sparsity is None) == (quality is None):
         raise TorchslimError("give exactly one of --sparsity or --quality")
     if steps < 1:
@@ -270,9 +272,7 @@ def distill(
     from torchslim.core.errors import TorchslimError
     from torchslim.report.console import print_report
 
-    for path in (out, report):
-        if path is not None and path.exists() and not force:
-            raise TorchslimError(f"{path} exists; refusing to overwrite it (pass --force)")
+    _refuse_overwrite(out, report, force=force)
     try:
         kwargs = json.loads(student_args)
     except json.JSONDecodeError as error:
@@ -318,8 +318,7 @@ def quantize(
     from torchslim.core.errors import TorchslimError
     from torchslim.report.markdown import format_bytes
 
-    if out.exists() and not force:
-        raise TorchslimError(f"{out} exists; refusing to overwrite it (pass --force)")
+    _refuse_overwrite(out, force=force)
     dataset = ts.data.load(data, root=data_root, download=data_root is None)
     network = _load_model_arg(model, dataset, trust_factory, None, False)
     before = ts.evaluate(network, dataset)

@@ -29,11 +29,6 @@ def environment() -> dict[str, Any]:
     }
 
 
-def _spec_name(model: nn.Module) -> str:
-    spec = getattr(model, "torchslim_spec", None) or {}
-    return spec.get("name") or spec.get("factory") or type(model).__name__
-
-
 def train(
     model: nn.Module,
     data: Any,
@@ -59,7 +54,8 @@ def train(
     stage.layers = []
     stage.notes = [f"epoch {row['epoch']}: train loss {row['train_loss']:.4f}" + (
         f", test error {100 * row['test_error']:.2f}%" if "test_error" in row else "") for row in history.epochs]
-    report = Report(model={"name": _spec_name(model), "spec": getattr(model, "torchslim_spec", None)}, stages=[stage], environment=environment())
+    report = Report.for_model(model, [stage])
+    report.environment = environment()
     return Result(model=trained, report=report)
 
 

@@ -70,6 +70,13 @@ class Report:
     stages: list[Stage] = dataclasses.field(default_factory=list)
     environment: dict[str, Any] = dataclasses.field(default_factory=dict)
 
+    @classmethod
+    def for_model(cls, model: Any, stages: list[Stage] | None = None) -> Report:
+        """A report about ``model``: its registry name (or class name) and architecture spec."""
+        spec = getattr(model, "torchslim_spec", None)
+        name = (spec or {}).get("name") or (spec or {}).get("factory") or type(model).__name__
+        return cls(model={"name": name, "spec": spec}, stages=list(stages or []))
+
     def add_stage(self, name: str, kind: str = "stage", **fields: Any) -> Stage:
         stage = Stage(name=name, kind=kind, **fields)
         self.stages.append(stage)

@@ -30,7 +30,7 @@ from torchslim.data.datasets import Dataset, Split
 from torchslim.distillation.losses import attention_transfer_loss, hint_loss, logit_mse_loss, soft_target_loss
 from torchslim.measure.counts import count_nonzeros, count_parameters
 from torchslim.train.evaluate import evaluate
-from torchslim.train.fit import Callback, TrainConfig, TrainState, fit, make_optimizer
+from torchslim.train.fit import Callback, TrainConfig, fit, make_optimizer
 from torchslim.train.modes import eval_mode, model_device
 
 
@@ -212,6 +212,5 @@ def distill(student: nn.Module, teacher: nn.Module, data: Any, config: DistillCo
     stage = Stage(name="distill", kind="distill", metrics=metrics, config=config.to_dict(),
                   notes=[f"teacher logits {'cached once' if cache is not None else 'computed once per batch'}; "
                          f"{len(config.features)} feature pair(s)"])
-    spec = getattr(student, "torchslim_spec", None)
-    report = Report(model={"name": (spec or {}).get("name", type(student).__name__), "spec": spec}, stages=[stage])
+    report = Report.for_model(student, [stage])
     return Result(model=trained, report=report)

@@ -62,6 +62,5 @@ def profile(
         metrics["latency_p90_ms"] = latency[0]["p90_ms"]
     metrics["latency"] = latency
     stage = Stage(name=stage_name, kind="profile", metrics=metrics, layers=layer_table(model, example_input[:1]), notes=notes)
-    spec = getattr(model, "torchslim_spec", None)
-    report = Report(model={"name": (spec or {}).get("name", type(model).__name__), "spec": spec}, stages=[stage])
+    report = Report.for_model(model, [stage])
     return Result(model=model, report=report)

@@ -73,8 +73,7 @@ def iterative_prune(model: nn.Module, data: Any, config: IterativeConfig | dict,
     """Prune to each sparsity in turn and fine-tune after each step; one report stage per step."""
     config = IterativeConfig.coerce(config, where="iterative")
     target = model if inplace else copy.deepcopy(model)
-    spec = getattr(model, "torchslim_spec", None)
-    report = Report(model={"name": (spec or {}).get("name", type(model).__name__), "spec": spec})
+    report = Report.for_model(model)
     for index, sparsity in enumerate(config.sparsities):
         names = prune_in_place(target, config.prune.replace(sparsity=sparsity), data)
         pruned = evaluate(target, data)

@@ -146,5 +146,4 @@ def prune(model: nn.Module, config: PruneConfig | dict, data: Any = None, inplac
     }
     metrics["compression"] = metrics["parameters"] / max(1, metrics["nonzeros"])
     stage = Stage(name="prune", kind="prune", metrics=metrics, layers=layers, execution="simulated (masks)", config=config.to_dict())
-    spec = getattr(model, "torchslim_spec", None)
-    return Result(model=target, report=Report(model={"name": (spec or {}).get("name", type(model).__name__), "spec": spec}, stages=[stage]))
+    return Result(model=target, report=Report.for_model(model, [stage]))

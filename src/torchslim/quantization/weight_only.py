@@ -96,8 +96,7 @@ def quantize_weights(model: nn.Module, config: WeightOnlyConfig | dict, inplace:
                "compression": sum(r["dense_bytes"] for r in rows) / weight_bytes}
     stage = Stage(name="quantize", kind="quantize", metrics=metrics, layers=rows, config=config.to_dict(),
                   execution="weights stored quantized, dequantized in eager forward")
-    spec = getattr(model, "torchslim_spec", None)
-    return Result(model=target, report=Report(model={"name": (spec or {}).get("name", type(model).__name__), "spec": spec}, stages=[stage]))
+    return Result(model=target, report=Report.for_model(model, [stage]))
 
 
 @torch.no_grad()

@@ -17,24 +17,21 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 @contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+def _mode(model: nn.Module, training: bool) -> Iterator[nn.Module]:
+    modes = {module: module.training for module in model.modules()}
+    model.train(training)
+    try:
+        yield model
+    finally:
+        for module, previous in modes.items():
+            module.training = previous
+
+
+def eval_mode(model: nn.Module):  # noqa: ANN201 - a context manager
     """Put every submodule in eval mode for the block, then restore each one's own mode."""
-    modes = {module: module.training for module in model.modules()}
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, training in modes.items():
-            module.training = training
+    return _mode(model, False)
 
 
-@contextlib.contextmanager
-def train_mode(model: nn.Module) -> Iterator[nn.Module]:
+def train_mode(model: nn.Module):  # noqa: ANN201 - a context manager
     """Put the model in train mode for the block, then restore each submodule's own mode."""
-    modes = {module: module.training for module in model.modules()}
-    model.train()
-    try:
-        yield model
-    finally:
-        for module, training in modes.items():
-            module.training = training
+    return _mode(model, True)
