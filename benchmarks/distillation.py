@@ -16,9 +16,9 @@ from torchslim.train import fit
 
 TEACHER = {"hidden": (1200, 1200), "dropout": 0.5, "input_dropout": 0.2}
 STUDENT = {"hidden": (100,)}
-TEACHER_TRAINING = {"epochs": 12, "lr": 0.05, "batch_size": 128, "weight_decay": 0.0}
-STUDENT_TRAINING = {"epochs": 12, "lr": 0.05, "batch_size": 128}
-SWEEP = [(2.0, 0.5), (5.0, 0.5), (5.0, 0.9), (10.0, 0.9), (20.0, 0.9), (20.0, 0.99)]
+TEACHER_TRAINING = {"epochs": 10, "lr": 0.05, "batch_size": 128, "weight_decay": 0.0}
+STUDENT_TRAINING = {"epochs": 20, "lr": 0.02, "batch_size": 128}
+SWEEP = [(2.0, 0.5), (2.0, 0.9), (4.0, 0.5), (4.0, 0.9), (8.0, 0.9), (20.0, 0.9)]
 
 
 def main() -> None:
@@ -59,6 +59,8 @@ def main() -> None:
         f"{results['student_alone']['errors']} alone ({100 * results['error_reduction']:.0f}% fewer).",
         "Hinton et al. 2015 report 146 -> 74 errors with a 784-800-800-10 student and a jittered-input teacher; "
         "this student is smaller so that the sweep runs in minutes on 2 CPU cores.",
+        "The T^2 factor keeps the soft term's gradient scale constant only when T is large against the teacher's logit gaps; "
+        "with gaps of about 15-20 the soft gradient grows with T, so high T at a fixed learning rate trains worse here.",
     ])
 
 
