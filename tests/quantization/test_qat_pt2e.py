@@ -34,6 +34,9 @@ def test_qat_convs(tmp_path):
     qat = prepare_qat(ts.models.create("resnet20"), {"layers": {"include": ["layer1.*"]}})
     assert sum(isinstance(m, QATConv2d) for m in qat.modules()) == 6
     x = torch.randn(2, 3, 32, 32)
+    running_mean = qat.bn1.running_mean.clone()
+    calibrate_qat(qat, [(x, None)], 1)
+    assert torch.equal(qat.bn1.running_mean, running_mean) and bool(qat.layer1[0].conv1.fake.observed)
     qat.train()
     qat(x)
     qat.eval()

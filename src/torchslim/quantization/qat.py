@@ -56,6 +56,7 @@ class FakeQuant(nn.Module):
         self.register_buffer("input_high", torch.tensor(0.0))
         self.register_buffer("observed", torch.tensor(False))
         self.frozen: dict[str, torch.Tensor] | None = None
+        self.calibrating = False
 
     @torch.no_grad()
     def freeze(self) -> None:
@@ -93,7 +94,7 @@ class FakeQuant(nn.Module):
             if not self.frozen["observed"]:
                 return x
             return torch.fake_quantize_per_tensor_affine(x, self.frozen["input_scale"], self.frozen["input_zero"], 0, 255)
-        if self.training:
+        if self.training or self.calibrating:
             low, high = x.detach().min(), x.detach().max()
             if not bool(self.observed):
                 self.input_low.copy_(low)
@@ -144,15 +145,22 @@ def prepare_qat(model: nn.Module, config: QATConfig | dict | None = None, inplac
 
 
 def calibrate_qat(model: nn.Module, batches, count: int = 8) -> None:
-    """Seed the activation ranges from a few batches (train-mode forward passes without gradients)."""
-    was_training = model.training
-    model.train()
-    with torch.no_grad():
-        for index, (inputs, _) in enumerate(batches):
-            if index >= count:
-                break
-            model(inputs)
-    model.train(was_training)
+    """Seed the activation ranges from a few batches: eval-mode passes (BatchNorm statistics stay as they are)
+    in which only the fake-quant observers update."""
+    from torchslim.train.modes import eval_mode
+
+    fakes = [module.fake for module in model.modules() if isinstance(module, (QATLinear, QATConv2d))]
+    for fake in fakes:
+        fake.calibrating = True
+    try:
+        with eval_mode(model), torch.no_grad():
+            for index, (inputs, _) in enumerate(batches):
+                if index >= count:
+                    break
+                model(inputs)
+    finally:
+        for fake in fakes:
+            fake.calibrating = False
 
 
 def export_qat_onnx(model: nn.Module, example_input: torch.Tensor, path: str | os.PathLike[str]) -> Path:
