@@ -24,7 +24,8 @@ def test_qat_trains_and_runs_as_int8_in_onnx_runtime(weight_scale, mnist_small, 
     assert accuracy > ts.evaluate(model, mnist_small)["accuracy"] - 0.01
     path = export_qat_onnx(qat, mnist_small.example_input(1), tmp_path / "qat.onnx")
     ops = count_ops(path)
-    assert ops["QuantizeLinear"] == 6 and ops["DequantizeLinear"] == 6 and "Round" not in ops
+    # inputs quantized at run time (3), weights stored as int8 initializers, all dequantized (6)
+    assert ops["QuantizeLinear"] == 3 and ops["DequantizeLinear"] == 6 and "Round" not in ops
     engine = OnnxModule(path)
     assert abs(ts.evaluate(engine, mnist_small)["accuracy"] - accuracy) <= 0.005  # integer kernels round differently
 
@@ -57,3 +58,26 @@ def test_pt2e_int8_matches_float(mnist_small):
     assert abs(ts.evaluate(quantized, mnist_small)["accuracy"] - dense) <= 0.01
     with pytest.raises(ts.TorchslimError, match="PT2E calibration got no batches"):
         pt2e_int8(model, mnist_small.example_input(1), iter([]))
+
+
+def test_native_ptq_with_observers_folds_bn_and_stores_int8(tmp_path):
+    import onnx
+
+    from torchslim.quantization.qat import calibrate_observers, fold_batchnorm
+
+    torch.manual_seed(0)
+    model = ts.models.create("resnet20").eval()
+    folded = fold_batchnorm(model)
+    x = torch.randn(4, 3, 32, 32)
+    torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-4)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    native = prepare_qat(folded, {"weight_scale": "observer"})
+    calibrate_observers(native, [(torch.randn(8, 3, 32, 32), None) for _ in range(4)], "mse", 4)
+    path = export_qat_onnx(native, x[:1], tmp_path / "ptq.onnx")
+    graph = onnx.load(str(path)).graph
+    int8 = [init for init in graph.initializer if init.data_type == onnx.TensorProto.INT8]
+    assert len(int8) == 20  # the 19 convolutions and the linear layer hold int8 weights
+    assert path.stat().st_size < 0.35 * 269_722 * 4
+    from torchslim.quantization.primitives import sqnr_db
+
+    assert sqnr_db(model(x), OnnxModule(path)(x)) > 15

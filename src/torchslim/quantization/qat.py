@@ -163,6 +163,37 @@ def calibrate_qat(model: nn.Module, batches, count: int = 8) -> None:
             fake.calibrating = False
 
 
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` (eval mode) with every Conv2d -> BatchNorm2d pair folded into one Conv2d (torch.fx)."""
+    from torch.fx.experimental.optimization import fuse
+
+    from torchslim.core.errors import TorchslimError
+
+    try:
+        folded = fuse(copy.deepcopy(model).eval(), inplace=True)
+    except Exception as error:  # noqa: BLE001 - tracing fails in many ways; name the model and the cause
+        raise TorchslimError(f"cannot trace {type(model).__name__} to fold BatchNorm: {str(error).splitlines()[0]}") from None
+    spec = getattr(model, "torchslim_spec", None)
+    if spec is not None:
+        folded.torchslim_spec = spec
+    return folded
+
+
+def calibrate_observers(model: nn.Module, batches, observer: str = "minmax", count: int = 16) -> None:
+    """Set every fake-quant layer's input range from a torchslim observer (minmax, moving-average, percentile, mse,
+    entropy) run over calibration batches in eval mode: post-training static quantization with torchslim's own
+    calibration, exported through ``export_qat_onnx`` as a QDQ model."""
+    from torchslim.quantization.observers import calibrate
+
+    layers = [(name, module) for name, module in model.named_modules() if isinstance(module, (QATLinear, QATConv2d))]
+    observers = calibrate(model, batches, layers, observer=observer, limit=count)
+    for name, module in layers:
+        low, high = observers[name].range()
+        module.fake.input_low.copy_(low.reshape(()))
+        module.fake.input_high.copy_(high.reshape(()))
+        module.fake.observed.fill_(True)
+
+
 def export_qat_onnx(model: nn.Module, example_input: torch.Tensor, path: str | os.PathLike[str]) -> Path:
     """Export the fake-quantized model as a QDQ ONNX file (real int8 in ONNX Runtime)."""
     from torchslim.export.onnx import export_onnx
@@ -171,10 +202,56 @@ def export_qat_onnx(model: nn.Module, example_input: torch.Tensor, path: str | o
     for fake in fakes:
         fake.freeze()
     try:
-        return export_onnx(model, example_input, path, opset=17)
+        exported = export_onnx(model, example_input, path, opset=17)
     finally:
         for fake in fakes:
             fake.frozen = None
+    store_int8_weights(exported)
+    return exported
+
+
+def store_int8_weights(path: str | os.PathLike[str]) -> None:
+    """Replace each QuantizeLinear applied to a float weight initializer by the int8 initializer it computes, so
+    that the file holds int8 weights and ONNX Runtime sees the DequantizeLinear(int8 weight) pattern it fuses into
+    integer kernels."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    initializers = {init.name: init for init in graph.initializer}
+    constants = {node.output[0]: node for node in graph.node if node.op_type == "Constant"}
+
+    def value(name: str):
+        if name in initializers:
+            return numpy_helper.to_array(initializers[name])
+        if name in constants:
+            return numpy_helper.to_array(constants[name].attribute[0].t)
+        return None
+
+    removed = []
+    for node in list(graph.node):
+        if node.op_type != "QuantizeLinear" or node.input[0] not in initializers:
+            continue
+        weight, scale = value(node.input[0]), value(node.input[1])
+        zero = value(node.input[2]) if len(node.input) > 2 else np.zeros((), dtype=np.uint8)
+        if weight is None or scale is None or zero is None or zero.dtype != np.int8:
+            continue
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        shape = [1] * weight.ndim
+        if scale.ndim == 1 and scale.size > 1:
+            shape[axis] = -1
+        codes = np.clip(np.rint(weight / scale.reshape(shape)) + zero.reshape(shape).astype(np.float32), -128, 127).astype(np.int8)
+        graph.initializer.append(numpy_helper.from_array(codes, name=node.output[0]))
+        removed.append(node)
+    for node in removed:
+        graph.node.remove(node)
+    used = {name for node in graph.node for name in node.input}
+    for init in list(graph.initializer):
+        if init.name not in used:
+            graph.initializer.remove(init)
+    onnx.save(model, str(path))
 
 
 def qat_report(model: nn.Module, config: QATConfig) -> Result:

@@ -1,0 +1,76 @@
+"""Static int8 paths side by side on one model, all executed by ONNX Runtime (QDQ, U8S8, per-channel int8 weights):
+torchslim's own post-training quantization (BatchNorm folded, torchslim observers calibrate the activations, exported
+as QDQ) against ONNX Runtime's own quantize_static (min-max), with the fp32 export as the reference.
+LeNet-5 on full MNIST (accuracy and latency) and the ResNet-18-style net (latency and output SQNR; no CIFAR-10 here)."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+import torchslim as ts
+from benchmarks.common import load_mnist, trained_baseline
+from benchmarks.harness import arguments, markdown_table, median, write
+from torchslim.export.onnx import OnnxModule
+from torchslim.measure import measure_latency
+from torchslim.quantization.onnx_static import fp32_onnx_module, onnx_int8_module
+from torchslim.quantization.primitives import sqnr_db
+from torchslim.quantization.qat import calibrate_observers, export_qat_onnx, fold_batchnorm, prepare_qat
+
+
+def main() -> None:
+    options = arguments(__doc__)
+    data = load_mnist(options.data_root, options.quick)
+    results, rows = {}, []
+    generator = torch.Generator().manual_seed(0)
+    random_batches = [(torch.randn(16, 3, 32, 32, generator=generator), None) for _ in range(16)]
+    cases = [("lenet-5", trained_baseline("lenet-5", data, options.quick), data.example_input(1), list(data.loader("train", batch_size=64))[:16]),
+             ("resnet18-style", ts.models.create("resnet18-style").eval(), torch.randn(1, 3, 32, 32), random_batches)]
+    with tempfile.TemporaryDirectory() as folder:
+        for name, model, example, calibration in cases:
+            engines = {"fp32": fp32_onnx_module(model, example, Path(folder) / f"{name}-fp32.onnx")}
+            native = prepare_qat(fold_batchnorm(model), {"weight_scale": "observer"})
+            calibrate_observers(native, calibration, "mse", 16)
+            engines["torchslim PTQ (mse observer)"] = OnnxModule(export_qat_onnx(native, example, Path(folder) / f"{name}-native.onnx"))
+            engines["ORT quantize_static (min-max)"] = onnx_int8_module(model, example, (x for x, _ in calibration), Path(folder) / f"{name}-ort.onnx")
+            entry = {}
+            for label, engine in engines.items():
+                row = {"bytes": Path(engine.path).stat().st_size}
+                if name == "lenet-5":
+                    row["errors"] = ts.evaluate(engine, data)["errors"]
+                else:
+                    probe = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+                    row["output_sqnr_db"] = sqnr_db(engines["fp32"](probe), engine(probe)) if label != "fp32" else float("inf")
+                entry[label] = row
+            runs = 10 if options.quick else (100 if name == "lenet-5" else 12)
+            for batch in (1, 64):
+                samples = {label: [] for label in engines}
+                for _ in range(3):  # alternate engines so drift hits all alike
+                    for label, engine in engines.items():
+                        samples[label].append(measure_latency(engine, example, batch_sizes=(batch,), runs=runs, warmup=5)[0].median_ms)
+                for label in engines:
+                    entry[label][f"batch_{batch}_ms"] = median(samples[label])
+            for label in engines:
+                entry[label]["speedup_b1"] = entry["fp32"]["batch_1_ms"] / entry[label]["batch_1_ms"]
+                entry[label]["speedup_b64"] = entry["fp32"]["batch_64_ms"] / entry[label]["batch_64_ms"]
+                quality = f"{entry[label]['errors']} errors" if "errors" in entry[label] else (
+                    "reference" if label == "fp32" else f"output SQNR {entry[label]['output_sqnr_db']:.1f} dB")
+                rows.append([name, label, quality, f"{entry[label]['batch_1_ms']:.3f}", f"{entry[label]['speedup_b1']:.2f}x",
+                             f"{entry[label]['batch_64_ms']:.3f}", f"{entry[label]['speedup_b64']:.2f}x", f"{entry[label]['bytes']:,}"])
+            results[name] = entry
+    table = markdown_table(["model", "engine", "quality", "b1 (ms)", "b1 vs fp32", "b64 (ms)", "b64 vs fp32", "file bytes"], rows)
+    write("int8_paths", "Static int8: torchslim's own PTQ vs ONNX Runtime's quantize_static", results, [table], options, notes=[
+        "Both int8 models are QDQ files run by ONNX Runtime (2 threads, spinning off); medians of 3 alternating rounds.",
+        "torchslim PTQ: Conv-BN folded with torch.fx, per-channel symmetric int8 weights, uint8 activations calibrated by "
+        "torchslim's MSE observer on 16 batches; weights stored as int8 initializers. LeNet-5 errors are out of 10,000 test "
+        "images (fp32: the baseline).",
+        "torchslim's QDQ quantizes each layer's input only; ONNX Runtime also quantizes each op's output, which lets it fuse "
+        "QLinearConv / QGemm. Without output Q/DQ pairs our files run as dequantize + float kernels: as accurate or more, "
+        "4x smaller, but not faster. Adding output quantization is the next step of this path.",
+    ])
+
+
+if __name__ == "__main__":
+    main()
