@@ -13,7 +13,8 @@ from torchslim import data, measure, models
 from torchslim.core import Config, ConfigError, Report, Result, TorchslimError
 from torchslim.distillation import distill
 from torchslim.pruning import make_permanent, prune
-from torchslim.verbs import evaluate, load, profile, quantize, save, train
+from torchslim.measure.profile import profile
+from torchslim.verbs import evaluate, load, quantize, save, train
 
 __version__ = "0.1.0"
 

@@ -4,29 +4,16 @@ from __future__ import annotations
 
 import copy
 import os
-import platform
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
-import torch
 from torch import nn
 
+from torchslim.core.environment import environment
 from torchslim.core.report import Report, Result, Stage
 from torchslim.measure.counts import count_nonzeros, count_parameters
 from torchslim.train.evaluate import evaluate as _evaluate
 from torchslim.train.fit import TrainConfig, fit
-
-
-def environment() -> dict[str, Any]:
-    """Machine and library versions for reports and benchmarks."""
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "machine": platform.machine(),
-        "processor": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-    }
 
 
 def train(
@@ -62,22 +49,6 @@ def train(
 def evaluate(model: nn.Module, data: Any, split: str = "test", batch_size: int = 1000, limit: int | None = None) -> dict[str, float]:
     """Accuracy, error, loss and example count of ``model`` on a dataset split (mode restored afterwards)."""
     return _evaluate(model, data, split=split, batch_size=batch_size, limit=limit)
-
-
-def profile(
-    model: nn.Module,
-    example_input: torch.Tensor,
-    batch_sizes: Sequence[int] = (1,),
-    backends: Sequence[str] = ("eager",),
-    runs: int = 50,
-    threads: int | None = 2,
-) -> Result:
-    """Parameters, non-zeros, MACs, bytes (dense and on disk), latency, per-layer rows (see measure.profile)."""
-    from torchslim.measure.profile import profile as _profile
-
-    result = _profile(model, example_input, batch_sizes=batch_sizes, backends=backends, runs=runs, threads=threads)
-    result.report.environment = environment()
-    return result
 
 
 def save(model: nn.Module, path: str | os.PathLike[str], overwrite: bool = True) -> Path:

@@ -9,6 +9,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from torchslim.core.environment import environment
 from torchslim.core.report import Report, Result, Stage
 from torchslim.measure.counts import count_macs, count_nonzeros, count_parameters, dense_bytes, layer_table, stored_bytes
 from torchslim.measure.latency import measure_latency
@@ -63,4 +64,5 @@ def profile(
     metrics["latency"] = latency
     stage = Stage(name=stage_name, kind="profile", metrics=metrics, layers=layer_table(model, example_input[:1]), notes=notes)
     report = Report.for_model(model, [stage])
+    report.environment = environment()
     return Result(model=model, report=report)
