@@ -64,7 +64,8 @@ class QuantizedWeight(nn.Module):
         if scheme.scheme in ("fp16", "bf16"):
             self.register_buffer("value16", torch.zeros(shape, dtype=torch.float16 if scheme.scheme == "fp16" else torch.bfloat16))
             return
-        self.register_buffer("packed", torch.zeros((count * scheme.stored_bits + 7) // 8 if scheme.stored_bits < 8 else count * (1 if scheme.stored_bits == 8 else 2), dtype=torch.uint8))
+        bits = scheme.stored_bits  # up to 8 bits: bit-packed; 9 to 16 bits: two bytes per code
+        self.register_buffer("packed", torch.zeros((count * bits + 7) // 8 if bits <= 8 else 2 * count, dtype=torch.uint8))
         self.register_buffer("codes", torch.zeros(count, dtype=torch.int64), persistent=False)
         if scheme.scheme in ("kmeans", "pow2"):
             self.codebook = nn.Parameter(torch.zeros(2**scheme.bits), requires_grad=scheme.scheme == "kmeans" and scheme.trainable_codebook)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable
@@ -92,7 +93,7 @@ def quantize_onnx(model: nn.Module, example_input: torch.Tensor, calibration: It
                     raise TorchslimError("static int8 calibration got no batches: the calibration data is empty") from None
                 raise TorchslimError(f"ONNX Runtime static quantization failed: {error}") from None
         path.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(temporary, path) if temporary.stat().st_dev == path.parent.stat().st_dev else path.write_bytes(temporary.read_bytes())
+        shutil.move(temporary, path)
     return path
 
 

@@ -13,7 +13,6 @@ import copy
 import dataclasses
 from typing import Any
 
-import torch
 from torch import nn
 
 from torchslim.core.config import Config, ConfigError
@@ -98,10 +97,3 @@ def quantize_weights(model: nn.Module, config: WeightOnlyConfig | dict, inplace:
                   execution="weights stored quantized, dequantized in eager forward")
     return Result(model=target, report=Report.for_model(model, [stage]))
 
-
-@torch.no_grad()
-def assert_exact(model: nn.Module) -> None:
-    """Raise unless every quantized layer's codes decode to a finite weight (a check for reloaded files)."""
-    for name, module in model.named_modules():
-        if isinstance(module, (QuantizedLinear, QuantizedConv2d)) and not torch.isfinite(module.quantized.weight()).all():
-            raise TorchslimError(f"layer {name!r} decodes to non-finite weights")
