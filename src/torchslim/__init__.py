@@ -14,7 +14,7 @@ from torchslim.core import Config, ConfigError, Report, Result, TorchslimError
 from torchslim.distillation import distill
 from torchslim.pruning import make_permanent, prune
 from torchslim.measure.profile import profile
-from torchslim.verbs import evaluate, load, quantize, save, train
+from torchslim.verbs import compress, evaluate, load, quantize, save, train
 
 __version__ = "0.1.0"
 
@@ -24,6 +24,7 @@ __all__ = [
     "Report",
     "Result",
     "TorchslimError",
+    "compress",
     "data",
     "distill",
     "evaluate",

@@ -59,10 +59,23 @@ def save(model: nn.Module, path: str | os.PathLike[str], overwrite: bool = True)
 
 
 def load(path: str | os.PathLike[str], trust_factory: bool = False) -> nn.Module:
-    """Load a model saved by ``save`` (no unpickling; import-path architectures need ``trust_factory``)."""
+    """Load a model saved by ``save`` (.safetensors) or a compressed ``.tslim`` file (no unpickling; import-path
+    architectures need ``trust_factory``)."""
+    from torchslim.codec.tslim import is_tslim, load_tslim
     from torchslim.io.modelfile import load_model
 
+    if is_tslim(path):
+        return load_tslim(path, trust_factory=trust_factory)
     return load_model(path, trust_factory=trust_factory)
+
+
+def compress(model: nn.Module, recipe: Any, data: Any, **options: Any):
+    """Run a recipe of compression stages (a built-in name such as ``deep-compression``, a YAML path, a mapping or a
+    Recipe) on a copy of ``model``; see ``torchslim.pipeline.compress`` for the options. ``result.save("x.tslim")``
+    writes the compressed file."""
+    from torchslim.pipeline.runner import compress as run
+
+    return run(model, recipe, data, **options)
 
 
 def quantize(model: nn.Module, config: Any = None, inplace: bool = False) -> Result:

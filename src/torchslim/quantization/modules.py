@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from torchslim.core.config import Config, check
+from torchslim.measure.counts import register_mac_counter
 from torchslim.quantization.nonuniform import binarize, kmeans_quantize, power_of_two_quantize, ternarize
 from torchslim.quantization.packing import pack_bits, unpack_bits
 from torchslim.quantization.primitives import UniformSpec, check_finite, compute_qparams, dequantize, quantize
@@ -150,7 +151,10 @@ class QuantizedWeight(nn.Module):
                 return dequantize(flat, self.scale, self.zero_point, spec).reshape(self.shape)
             return dequantize(codes + spec.code_range[0], self.scale, self.zero_point, spec)
         if scheme in ("kmeans", "pow2"):
-            return self.codebook[codes]  # gather: its backward sums each cluster's gradients into its centroid
+            # gather: its backward sums each cluster's gradients into its centroid. A centroid at exactly zero is the
+            # pruned weights' code: it gets no gradient, so pruned weights stay zero through centroid fine-tuning.
+            codebook = torch.where(self.codebook.detach() == 0, torch.zeros_like(self.codebook), self.codebook)
+            return codebook[codes]
         if scheme == "binary":
             return (2.0 * codes - 1.0) * self.scale
         return (codes - 1.0) * self.scale
@@ -214,6 +218,16 @@ class QuantizedConv2d(nn.Module):
 
     def stored_bytes(self) -> int:
         return self.quantized.stored_bytes() + (self.bias.numel() * 4 if self.bias is not None else 0)
+
+
+@register_mac_counter(QuantizedLinear)
+def _quantized_linear_macs(module: QuantizedLinear, inputs: tuple, output: torch.Tensor) -> int:
+    return output.numel() * module.in_features
+
+
+@register_mac_counter(QuantizedConv2d)
+def _quantized_conv_macs(module: QuantizedConv2d, inputs: tuple, output: torch.Tensor) -> int:
+    return output.numel() * (module.in_channels // module.groups) * math.prod(module.kernel_size)
 
 
 def empty_like(module: nn.Module, scheme: WeightScheme) -> nn.Module:

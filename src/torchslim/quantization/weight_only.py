@@ -18,7 +18,7 @@ from torch import nn
 from torchslim.core.config import Config, ConfigError
 from torchslim.core.errors import TorchslimError
 from torchslim.core.report import Report, Result, Stage
-from torchslim.core.selector import LayerSelector, select_modules
+from torchslim.core.selector import LayerSelector, module_type_name, select_modules
 from torchslim.measure.counts import count_parameters
 from torchslim.quantization.modules import QuantizedConv2d, QuantizedLinear, WeightScheme, empty_like, quantize_module
 from torchslim.quantization.primitives import sqnr_db
@@ -28,12 +28,21 @@ TRANSFORM_KIND = "weight-quantization"
 
 @dataclasses.dataclass(frozen=True)
 class WeightOnlyConfig(Config):
-    """Weight-only quantization: one ``weights`` scheme for the selected layers, overridden per layer name by
-    ``layer_schemes`` (mixed precision, e.g. {"fc3": {"scheme": "uniform", "bits": 8}})."""
+    """Weight-only quantization: one ``weights`` scheme for the selected layers, overridden per module type by
+    ``type_schemes`` (e.g. {"Conv2d": {"scheme": "kmeans", "bits": 8}}, as Deep Compression gives convolutions more
+    bits than fully connected layers) and per layer name by ``layer_schemes`` (mixed precision, e.g.
+    {"fc3": {"scheme": "uniform", "bits": 8}}); a layer's name wins over its type."""
 
     weights: WeightScheme = WeightScheme()
+    type_schemes: dict[str, WeightScheme] = dataclasses.field(default_factory=dict)
     layer_schemes: dict[str, WeightScheme] = dataclasses.field(default_factory=dict)
     layers: LayerSelector = LayerSelector()
+
+    def validate(self) -> None:
+        # a type rule is general (a recipe may meet models without convolutions); only the supported types are valid
+        unknown = sorted(set(self.type_schemes) - {"Linear", "Conv2d"})
+        if unknown:
+            raise ConfigError(f"type_schemes: weight-only quantization supports Linear and Conv2d, got {unknown}")
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -80,7 +89,7 @@ def quantize_weights(model: nn.Module, config: WeightOnlyConfig | dict, inplace:
             raise TorchslimError(f"layer {name!r} is already quantized")
         if not isinstance(module, (nn.Linear, nn.Conv2d)):
             raise TorchslimError(f"layer {name!r} ({type(module).__name__}): weight-only quantization supports Linear and Conv2d")
-        scheme = config.layer_schemes.get(name, config.weights)
+        scheme = config.layer_schemes.get(name, config.type_schemes.get(module_type_name(module), config.weights))
         weight = module.weight.detach().float().clone()
         quantized = quantize_module(module, scheme, name)
         _set_module(target, name, quantized)

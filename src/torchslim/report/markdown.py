@@ -16,6 +16,7 @@ STAGE_COLUMNS = [
     ("macs", "MACs"),
     ("dense_bytes", "dense bytes"),
     ("stored_bytes", "bytes on disk"),
+    ("compression", "vs dense"),
     ("latency_median_ms", "latency median (ms)"),
     ("latency_p90_ms", "p90 (ms)"),
 ]
@@ -35,6 +36,8 @@ def format_value(key: str, value: Any) -> str:
         return "-"
     if key in ("accuracy", "error") and isinstance(value, float):
         return f"{100 * value:.2f}%"
+    if key == "compression" and isinstance(value, (int, float)):
+        return f"{value:.1f}x"
     if key.endswith("bytes") and isinstance(value, (int, float)):
         return format_bytes(value)
     if isinstance(value, int):

@@ -1,0 +1,349 @@
+"""The .tslim compressed model file.
+
+Layout::
+
+    b"TSLIM\\0"  version (1 byte)  header length (uint32 LE)  header CRC-32 (uint32 LE)
+    header: zlib-compressed JSON {format, version, spec (architecture), payload_sha256, metadata,
+                                  tensors: [{name, dtype, shape, encoding, ..., streams: [{role, coder, length, crc32}]}]}
+    payload: the streams, one after another, in header order
+
+Each tensor is stored the smallest way found among:
+
+- ``raw``: its bytes as they are (any dtype);
+- ``symbols``: integer codes (codebook indices of k-means / power-of-two weights, uniform codes) coded as one
+  symbol stream;
+- ``sparse-symbols``: codes that differ from the most frequent code (the pruned weights' code), with relative
+  indices of 1..8 bits and filler entries (Deep Compression), as an index stream and a code stream;
+- ``sparse-float``: the non-zero values of a float tensor kept exactly, with relative indices.
+
+Every symbol stream is bit-packed, Huffman- or ANS-coded, whichever is smallest (see ``codec.entropy``).
+Weights quantized by ``torchslim.quantize`` are stored as their codes and rebuilt into the same packed buffers,
+so a loaded model's state equals the compressed model's state exactly. Writes are atomic; a corrupt or truncated
+file raises ``ChecksumError``.
+
+Example:
+    >>> import torchslim as ts, tempfile, os
+    >>> model = ts.models.create("lenet-300-100")
+    >>> path = os.path.join(tempfile.mkdtemp(), "m.tslim")
+    >>> summary = save_tslim(model, path)
+    >>> loaded = load_tslim(path)
+    >>> all(bool((a == b).all()) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import struct
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from torchslim.codec import entropy
+from torchslim.codec.sparse import relative_decode, relative_encode
+from torchslim.core.errors import ChecksumError, TorchslimError
+from torchslim.core.report import write_atomic
+
+MAGIC = b"TSLIM\x00"
+VERSION = 1
+FORMAT = "torchslim-compressed"
+PREAMBLE = struct.Struct("<6sBII")
+INDEX_BITS = tuple(range(1, 9))
+
+_DTYPES = {str(dtype).removeprefix("torch."): dtype for dtype in (
+    torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16, torch.int8,
+    torch.uint8, torch.bool)}
+_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+@dataclasses.dataclass
+class Encoded:
+    """One tensor's chosen encoding: its header record and its stream bytes."""
+
+    record: dict[str, Any]
+    streams: list[bytes]
+
+    @property
+    def size(self) -> int:
+        return sum(len(s) for s in self.streams)
+
+
+def _raw_bytes(tensor: torch.Tensor) -> bytes:
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+
+
+def _from_raw(data: bytes, dtype: torch.dtype, count: int, where: str) -> torch.Tensor:
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    if len(data) != count * itemsize:
+        raise ChecksumError(f"{where}: raw stream holds {len(data)} bytes, {count} x {dtype} need {count * itemsize} (truncated)")
+    if count == 0:
+        return torch.empty(0, dtype=dtype)
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype).clone()
+
+
+def _stream(role: str, coder: str, data: bytes) -> dict[str, Any]:
+    return {"role": role, "coder": coder, "length": len(data), "crc32": zlib.crc32(data)}
+
+
+def _encode_codes(codes: np.ndarray, alphabet: int, coders: tuple[str, ...], index_bits: tuple[int, ...]) -> Encoded:
+    """The smallest of a dense symbol stream and sparse (relative index) streams for each index width."""
+    coder, data = entropy.encode_best(codes, alphabet, coders)
+    best = Encoded({"encoding": "symbols", "alphabet": alphabet, "streams": [_stream("codes", coder, data)]}, [data])
+    if codes.size == 0:
+        return best
+    background = int(np.bincount(codes, minlength=alphabet).argmax())
+    if np.count_nonzero(codes != background) > codes.size // 2:
+        return best
+    for bits in index_bits:
+        gaps, entries = relative_encode(codes, background, bits)
+        index_coder, index_data = entropy.encode_best(gaps, 2**bits, coders)
+        value_coder, value_data = entropy.encode_best(entries, alphabet, coders)
+        if len(index_data) + len(value_data) < best.size:
+            best = Encoded({"encoding": "sparse-symbols", "alphabet": alphabet, "background": background, "index_bits": bits,
+                            "streams": [_stream("index", index_coder, index_data), _stream("codes", value_coder, value_data)]},
+                           [index_data, value_data])
+    return best
+
+
+def _encode_float(tensor: torch.Tensor, coders: tuple[str, ...], index_bits: tuple[int, ...]) -> Encoded:
+    data = _raw_bytes(tensor)
+    best = Encoded({"encoding": "raw", "streams": [_stream("data", "raw", data)]}, [data])
+    flat = tensor.detach().cpu().reshape(-1)
+    nonzero = int(torch.count_nonzero(flat))
+    if flat.numel() == 0 or nonzero * flat.element_size() >= len(data):
+        return best
+    # -0.0 (what masking a negative weight gives) is stored as 0.0: equal in value and in every computation
+    flat = torch.where(flat == 0, torch.zeros_like(flat), flat)
+    words = flat.contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()]).numpy()
+    for bits in index_bits:
+        gaps, entries = relative_encode(words, 0, bits)
+        index_coder, index_data = entropy.encode_best(gaps, 2**bits, coders)
+        value_data = entries.tobytes()
+        if len(index_data) + len(value_data) < best.size:
+            best = Encoded({"encoding": "sparse-float", "index_bits": bits,
+                            "streams": [_stream("index", index_coder, index_data), _stream("values", "raw", value_data)]},
+                           [index_data, value_data])
+    return best
+
+
+def quantized_code_tensors(model: nn.Module) -> dict[str, tuple[torch.Tensor, int]]:
+    """{state key of a packed buffer: (its integer codes, bits per code)} for every weight-only quantized weight."""
+    from torchslim.quantization.modules import QuantizedWeight
+
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, QuantizedWeight) and module.scheme.scheme not in ("fp16", "bf16"):
+            bits = module.scheme.stored_bits
+            module._unpack()  # codes from what is stored, not from a cached copy
+            out[f"{name}.packed" if name else "packed"] = (module.codes.reshape(-1).clone(), bits)
+    return out
+
+
+def _pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    from torchslim.quantization.packing import pack_bits
+
+    if bits <= 8:
+        return pack_bits(codes, bits)
+    return torch.stack([codes & 0xFF, codes >> 8], dim=1).reshape(-1).to(torch.uint8)
+
+
+def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What a .tslim file holds for ``model``: its state with pruning masks resolved (as the model file does)."""
+    from torchslim.io.modelfile import _state
+
+    return _state(model)
+
+
+def encode_model(model: nn.Module, coders: tuple[str, ...] = entropy.CODERS, index_bits: tuple[int, ...] = INDEX_BITS,
+                 spec: dict[str, Any] | None = None, metadata: dict[str, Any] | None = None) -> bytes:
+    """The .tslim bytes of ``model``. ``coders`` limits the symbol coders (("packed",) measures the size before
+    entropy coding); ``spec`` defaults to the architecture spec the model carries."""
+    from torchslim.io.modelfile import _check_spec, model_spec
+
+    unknown = [c for c in coders if c not in entropy.CODERS]
+    if unknown or not coders:
+        raise TorchslimError(f"coders must be a non-empty list of {', '.join(entropy.CODERS)}, got {list(coders)}")
+    spec = spec if spec is not None else model_spec(model)
+    if spec is None:
+        raise TorchslimError("the model carries no architecture spec (build it with torchslim.models.create, or pass "
+                             "spec={'factory': 'package.module:callable', 'kwargs': {...}})")
+    spec = _check_spec(spec, "encode")
+    state = model_state(model)
+    codes = quantized_code_tensors(model)
+    records, streams = [], []
+    for name in sorted(state):
+        tensor = state[name]
+        if name in codes:
+            code_tensor, bits = codes[name]
+            encoded = _encode_codes(code_tensor.numpy().astype(np.int64), 2**bits, tuple(coders), tuple(index_bits))
+            encoded.record["packed_bits"] = bits
+            encoded.record["count"] = int(code_tensor.numel())
+        elif tensor.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+            encoded = _encode_float(tensor, tuple(coders), tuple(index_bits))
+        else:
+            data = _raw_bytes(tensor)
+            encoded = Encoded({"encoding": "raw", "streams": [_stream("data", "raw", data)]}, [data])
+        if str(tensor.dtype).removeprefix("torch.") not in _DTYPES:
+            raise TorchslimError(f"tensor {name!r} has dtype {tensor.dtype}, which the .tslim format does not store")
+        records.append({"name": name, "dtype": str(tensor.dtype).removeprefix("torch."), "shape": list(tensor.shape), **encoded.record})
+        streams.extend(encoded.streams)
+    payload = b"".join(streams)
+    header = {"format": FORMAT, "version": VERSION, "spec": spec, "metadata": metadata or {},
+              "payload_sha256": hashlib.sha256(payload).hexdigest(), "tensors": records}
+    header_bytes = zlib.compress(json.dumps(header, separators=(",", ":")).encode(), 9)
+    return PREAMBLE.pack(MAGIC, VERSION, len(header_bytes), zlib.crc32(header_bytes)) + header_bytes + payload
+
+
+def encoded_size(model: nn.Module, coders: tuple[str, ...] = entropy.CODERS) -> int:
+    """Bytes the model's .tslim file would take with these coders (nothing written)."""
+    return len(encode_model(model, coders=coders))
+
+
+@dataclasses.dataclass
+class TslimSummary:
+    path: Path
+    bytes: int
+    tensors: list[dict[str, Any]]
+
+
+def save_tslim(model: nn.Module, path: str | os.PathLike[str], coders: tuple[str, ...] = entropy.CODERS,
+               spec: dict[str, Any] | None = None, metadata: dict[str, Any] | None = None, overwrite: bool = True) -> TslimSummary:
+    """Write the model as a .tslim file (temporary file, then rename)."""
+    path = Path(path)
+    if not overwrite and path.exists():
+        raise TorchslimError(f"{path} exists; refusing to overwrite it (pass overwrite=True / --force)")
+    data = encode_model(model, coders=coders, spec=spec, metadata=metadata)
+    write_atomic(path, data)
+    header, _ = _parse(data, str(path))
+    return TslimSummary(path=path, bytes=len(data), tensors=header["tensors"])
+
+
+def _parse(data: bytes, where: str) -> tuple[dict[str, Any], memoryview]:
+    if len(data) < PREAMBLE.size or data[:len(MAGIC)] != MAGIC:
+        raise ChecksumError(f"{where}: not a .tslim file (bad magic bytes)" if len(data) >= len(MAGIC) else f"{where}: file too short to be a .tslim file")
+    _, version, header_length, header_crc = PREAMBLE.unpack_from(data)
+    if version > VERSION:
+        raise TorchslimError(f"{where}: .tslim format version {version} is newer than this torchslim reads ({VERSION})")
+    header_bytes = data[PREAMBLE.size:PREAMBLE.size + header_length]
+    if len(header_bytes) != header_length or zlib.crc32(header_bytes) != header_crc:
+        raise ChecksumError(f"{where}: header checksum mismatch (corrupt or truncated file)")
+    header = json.loads(zlib.decompress(header_bytes))
+    payload = memoryview(data)[PREAMBLE.size + header_length:]
+    expected = sum(s["length"] for t in header["tensors"] for s in t["streams"])
+    if len(payload) != expected:
+        raise ChecksumError(f"{where}: payload holds {len(payload)} bytes, the header lists {expected} (truncated or corrupt)")
+    if hashlib.sha256(payload).hexdigest() != header["payload_sha256"]:
+        raise ChecksumError(f"{where}: payload does not match its SHA-256 checksum (corrupt file)")
+    return header, payload
+
+
+def _read_streams(record: dict[str, Any], payload: memoryview, offset: int, where: str) -> tuple[dict[str, bytes], int]:
+    out = {}
+    for stream in record["streams"]:
+        data = bytes(payload[offset:offset + stream["length"]])
+        offset += stream["length"]
+        if zlib.crc32(data) != stream["crc32"]:
+            raise ChecksumError(f"{where}: stream {stream['role']!r} of tensor {record['name']!r} fails its CRC-32 (corrupt)")
+        out[stream["role"]] = data
+    return out, offset
+
+
+def _decode_record(record: dict[str, Any], data: dict[str, bytes], where: str) -> torch.Tensor:
+    coders = {s["role"]: s["coder"] for s in record["streams"]}
+    name, dtype = record["name"], _DTYPES.get(record["dtype"])
+    if dtype is None:
+        raise ChecksumError(f"{where}: tensor {name!r} has unknown dtype {record['dtype']!r}")
+    shape = tuple(record["shape"])
+    count = math.prod(shape)
+    encoding = record["encoding"]
+    if encoding == "raw":
+        return _from_raw(data["data"], dtype, count, f"{where}: {name}").reshape(shape)
+    if encoding == "sparse-float":
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        gaps = entropy.decode(coders["index"], data["index"])
+        words = np.frombuffer(data["values"], dtype={2: np.int16, 4: np.int32, 8: np.int64}[itemsize])
+        flat = relative_decode(gaps, words.copy(), count, 0)
+        return torch.from_numpy(flat).view(dtype).reshape(shape).clone()
+    if encoding in ("symbols", "sparse-symbols"):
+        if encoding == "symbols":
+            codes = entropy.decode(coders["codes"], data["codes"])
+        else:
+            gaps = entropy.decode(coders["index"], data["index"])
+            codes = relative_decode(gaps, entropy.decode(coders["codes"], data["codes"]), record["count"], record["background"])
+        if codes.size != record["count"]:
+            raise ChecksumError(f"{where}: tensor {name!r} decodes to {codes.size} codes, expected {record['count']}")
+        packed = _pack_codes(torch.from_numpy(codes), record["packed_bits"])
+        if tuple(packed.shape) != shape:
+            raise ChecksumError(f"{where}: tensor {name!r} repacks to {tuple(packed.shape)}, expected {shape}")
+        return packed
+    raise ChecksumError(f"{where}: tensor {name!r} has unknown encoding {encoding!r}")
+
+
+def read_tslim(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The header and decoded state of a .tslim file, every checksum verified."""
+    path = Path(path)
+    if not path.is_file():
+        raise TorchslimError(f"{path}: no such .tslim file")
+    header, payload = _parse(path.read_bytes(), str(path))
+    tensors, offset = {}, 0
+    for record in header["tensors"]:
+        data, offset = _read_streams(record, payload, offset, str(path))
+        tensors[record["name"]] = _decode_record(record, data, str(path))
+    return header, tensors
+
+
+def load_tslim(path: str | os.PathLike[str], trust_factory: bool = False, device: str | torch.device | None = None) -> nn.Module:
+    """A runnable model from a .tslim file: the architecture from its spec, the exact stored state."""
+    from torchslim.io.modelfile import _load_into, build_from_spec
+
+    header, tensors = read_tslim(path)
+    model = build_from_spec(header["spec"], trust_factory=trust_factory, where=str(path))
+    _load_into(model, tensors, str(path))
+    model.eval()
+    return model.to(device) if device is not None else model
+
+
+def inspect_tslim(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Each tensor's encoding and bytes, with each symbol stream's order-0 entropy bound next to its coded size."""
+    path = Path(path)
+    if not path.is_file():
+        raise TorchslimError(f"{path}: no such .tslim file")
+    data = path.read_bytes()
+    header, payload = _parse(data, str(path))
+    rows, offset = [], 0
+    for record in header["tensors"]:
+        streams, offset = _read_streams(record, payload, offset, str(path))
+        count = math.prod(record["shape"]) if "count" not in record else record["count"]
+        row = {"name": record["name"], "shape": record["shape"], "elements": count, "encoding": record["encoding"],
+               "index_bits": record.get("index_bits"), "bits": record.get("packed_bits"),
+               "bytes": sum(s["length"] for s in record["streams"]), "streams": []}
+        for stream in record["streams"]:
+            entry = {"role": stream["role"], "coder": stream["coder"], "bytes": stream["length"]}
+            if stream["coder"] != "raw":
+                symbols = entropy.decode(stream["coder"], streams[stream["role"]])
+                entry.update(symbols=int(symbols.size), entropy_bytes=round(entropy.entropy_bytes(symbols), 1))
+            row["streams"].append(entry)
+        rows.append(row)
+    header_bytes = PREAMBLE.size + PREAMBLE.unpack_from(data)[2]
+    return {"path": str(path), "bytes": len(data), "header_bytes": header_bytes, "spec": header["spec"],
+            "metadata": header.get("metadata", {}), "tensors": rows}
+
+
+def is_tslim(path: str | os.PathLike[str]) -> bool:
+    path = Path(path)
+    if path.suffix == ".tslim":
+        return True
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(len(MAGIC)) == MAGIC
+    except OSError:
+        return False
