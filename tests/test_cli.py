@@ -109,3 +109,89 @@ def test_quantize_command(tmp_path, capsys):
     capsys.readouterr()
     assert main(["quantize", str(trained), "--data", "digits", "--bits", "40", "--out", str(tmp_path / "x.safetensors")]) == 1
     assert "bits must be between 1 and 16" in capsys.readouterr().err
+
+
+def test_recipes_command_lists_the_builtins(capsys):
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    for name in ("deep-compression", "int8-static", "prune-distill", "weight-sharing", "prune-int8"):
+        assert name in out
+    assert "prune -> quantize -> encode" in out
+
+
+def test_compress_inspect_evaluate(tmp_path, capsys):
+    recipe = tmp_path / "quick.yaml"
+    recipe.write_text(
+        "name: quick\nstages:\n"
+        "  - prune: {sparsities: [0.8], finetune: {epochs: 1, lr: 0.02, eval_every_epoch: false}}\n"
+        "  - quantize: {weights: {scheme: kmeans, bits: 4}}\n"
+        "  - encode: {}\n"
+    )
+    out = tmp_path / "m.tslim"
+    arguments = ["compress", "--data", "digits", "--recipe", str(recipe), "--out", str(out), "--train-epochs", "4", "--no-latency"]
+    assert main(arguments) == 0
+    printed = capsys.readouterr().out
+    assert "3 encode" in printed and "reloaded from the file: test error" in printed
+    assert out.is_file() and (tmp_path / "m.tslim.report.json").is_file()
+    assert not (tmp_path / "m.tslim.ckpt").exists()  # the checkpoint goes once the run is done
+    report = json.loads((tmp_path / "m.tslim.report.json").read_text())
+    final = report["stages"][-1]["metrics"]
+    assert final["stored_bytes"] == pytest.approx(out.stat().st_size, abs=200)
+    assert main(["inspect", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "fc1.quantized.packed" in printed and "sparse-symbols" in printed or "symbols" in printed
+    assert main(["evaluate", str(out), "--data", "digits"]) == 0
+    assert f"error {100 * final['error']:.2f}%" in capsys.readouterr().out
+    # a second run does not overwrite the file, and --resume needs a checkpoint
+    before = out.read_bytes()
+    assert main(arguments) == 1
+    assert "refusing to overwrite" in capsys.readouterr().err and out.read_bytes() == before
+    assert main(arguments + ["--resume"]) == 1
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text, message", [
+    ("name: bad\nstages:\n  - quantize: {weights: {bitz: 3}}\n", r"error: .*stage 1 \(quantize\)\.weights: unknown key 'bitz'"),
+    ("name: bad\nstages:\n  - shrink: {}\n", r"error: .*unknown stage kind 'shrink'"),
+])
+def test_compress_bad_recipe_is_one_line(tmp_path, capsys, text, message):
+    import re
+
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(text)
+    assert main(["compress", "--data", "digits", "--recipe", str(recipe), "--out", str(tmp_path / "x.tslim")]) == 1
+    err = capsys.readouterr().err
+    assert re.match(message, err) and err.count("\n") == 1
+    assert not (tmp_path / "x.tslim").exists()
+
+
+def test_inspect_corrupt_file_is_one_line(tmp_path, capsys):
+    path = tmp_path / "x.tslim"
+    path.write_bytes(b"TSLIM\x00\x01" + b"\x10\x00\x00\x00" + b"\x00" * 4 + b"garbage garbage!")
+    assert main(["inspect", str(path)]) == 1
+    assert "header checksum mismatch" in capsys.readouterr().err
+
+
+def test_compress_a_users_own_model_from_an_import_path(tmp_path, capsys):
+    """A model class given as package.module:callable plus a .pt state_dict, compressed and reloaded."""
+    import torch
+
+    from tests.conftest import TinyConvNet
+
+    data = ts.data.load("digits")
+    torch.manual_seed(0)
+    model = ts.train(TinyConvNet(), data, {"epochs": 3, "lr": 0.05}, progress=False).model
+    weights = tmp_path / "net.pt"
+    torch.save(model.state_dict(), weights)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: r\nstages:\n  - prune: {sparsities: [0.5]}\n  - quantize: {weights: {scheme: kmeans, bits: 6}}\n  - encode: {}\n")
+    out = tmp_path / "net.tslim"
+    code = main(["compress", "--model", "tests.conftest:TinyConvNet", "--weights", str(weights), "--data", "digits",
+                 "--recipe", str(recipe), "--out", str(out), "--no-latency"])
+    assert code == 0, capsys.readouterr().err
+    with pytest.raises(ts.TorchslimError, match="trust_factory"):
+        ts.load(out)  # the file names an import path: loading it runs code, so it must be trusted explicitly
+    loaded = ts.load(out, trust_factory=True)
+    assert isinstance(loaded, TinyConvNet)
+    report = json.loads((tmp_path / "net.tslim.report.json").read_text())
+    assert ts.evaluate(loaded, data)["error"] == pytest.approx(report["stages"][-1]["metrics"]["error"])

@@ -105,7 +105,7 @@ def train(
     force: bool = typer.Option(False, help="Overwrite --out / --report if they exist."),
     threads: int = typer.Option(2, help="Threads for the latency measurement."),
 ) -> None:
-    """Train a reference model on a dataset, then evaluate and profile it (the main job until recipes land)."""
+    """Train a reference model on a dataset, then evaluate and profile it."""
     import torchslim as ts
     from torchslim.report.console import print_report
 
@@ -424,7 +424,7 @@ def compress(
         result.save(out)
         if report != out.with_suffix(out.suffix + ".report.json"):
             result.report.save(report)
-        loaded = ts.load(out, trust_factory=trust_factory)
+        loaded = ts.load(out, trust_factory=trust_factory or ":" in model)  # an import path given here is trusted
         check = ts.evaluate(loaded, dataset)
         console.print(f"compressed model written to {out} ({format_bytes(out.stat().st_size)}); reloaded from the file: "
                       f"test error {100 * check['error']:.2f}%")

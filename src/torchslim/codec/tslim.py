@@ -228,8 +228,10 @@ def save_tslim(model: nn.Module, path: str | os.PathLike[str], coders: tuple[str
 
 
 def _parse(data: bytes, where: str) -> tuple[dict[str, Any], memoryview]:
-    if len(data) < PREAMBLE.size or data[:len(MAGIC)] != MAGIC:
-        raise ChecksumError(f"{where}: not a .tslim file (bad magic bytes)" if len(data) >= len(MAGIC) else f"{where}: file too short to be a .tslim file")
+    if data[:len(MAGIC)] != MAGIC:
+        raise ChecksumError(f"{where}: not a .tslim file (bad magic bytes)")
+    if len(data) < PREAMBLE.size:
+        raise ChecksumError(f"{where}: truncated .tslim file ({len(data)} bytes, shorter than its fixed header)")
     _, version, header_length, header_crc = PREAMBLE.unpack_from(data)
     if version > VERSION:
         raise TorchslimError(f"{where}: .tslim format version {version} is newer than this torchslim reads ({VERSION})")

@@ -92,21 +92,24 @@ def _bytes(model: nn.Module, kind: str, encode: EncodeStage | None) -> tuple[int
 
 
 def measure_stage(model: nn.Module, data: Any, kind: str, baseline_bytes: int | None, encode: EncodeStage | None = None,
-                  latency: bool = True, threads: int = 2, evaluate_limit: int | None = None) -> dict[str, Any]:
-    """The numbers recorded after a stage."""
+                  latency: bool = True, threads: int = 2, evaluate_limit: int | None = None, engine: nn.Module | None = None,
+                  stored: tuple[int, str] | None = None) -> dict[str, Any]:
+    """The numbers recorded after a stage. ``engine`` (e.g. an ONNX Runtime module) is what runs: accuracy and latency
+    are measured on it, counts on ``model``; ``stored`` gives the bytes of a file the stage wrote."""
     from torchslim.measure.latency import measure_latency
 
-    metrics: dict[str, Any] = dict(evaluate(model, data, limit=evaluate_limit))
+    runner = engine if engine is not None else model
+    metrics: dict[str, Any] = dict(evaluate(runner, data, limit=evaluate_limit))
     weights = logical_weights(model)
     metrics["parameters"] = sum(t.numel() for t in weights.values())
     metrics["nonzeros"] = sum(int(torch.count_nonzero(t)) for t in weights.values())
     example = data.example_input(1)
     metrics["macs"] = int(count_macs(model, example)["total"])
-    size, how = _bytes(model, kind, encode)
+    size, how = stored if stored is not None else _bytes(model, kind, encode)
     metrics["stored_bytes"], metrics["bytes_as"] = size, how
     metrics["compression"] = (baseline_bytes or size) / size
     if latency:
-        result = measure_latency(model, example, batch_sizes=(1,), runs=30, warmup=5, threads=threads)[0]
+        result = measure_latency(runner, example, batch_sizes=(1,), runs=30, warmup=5, threads=threads)[0]
         metrics["latency_median_ms"] = result.median_ms
     return metrics
 
@@ -282,7 +285,7 @@ def compress(
             continue
         began = time.perf_counter()
         try:
-            current, measured_model, notes, execution = _run_stage(current, stage, data, context, progress, files)
+            current, engine, notes, execution = _run_stage(current, stage, data, context, progress, files)
         except KeyboardInterrupt:
             if folder is not None and started_at >= 1:
                 where = f"the checkpoint after stage {started_at} is in {folder}; run again with --resume to continue"
@@ -291,10 +294,9 @@ def compress(
             raise CompressInterrupted(f"interrupted during stage {index} ({stage.kind}); {where}") from None
         seconds = time.perf_counter() - began
         encode = stage.config if stage.kind == "encode" else None
-        metrics = measure_stage(measured_model, data, stage.kind, baseline_bytes, encode=encode, latency=latency, threads=threads)
-        if stage.kind == "export":
-            metrics["stored_bytes"], metrics["bytes_as"] = files["onnx"].stat().st_size, "ONNX file"
-            metrics["compression"] = baseline_bytes / metrics["stored_bytes"]
+        stored = (files["onnx"].stat().st_size, "ONNX file") if stage.kind == "export" else None
+        metrics = measure_stage(current, data, stage.kind, baseline_bytes, encode=encode, latency=latency, threads=threads,
+                                engine=engine if engine is not current else None, stored=stored)
         metrics["seconds"] = round(seconds, 2)
         record = Stage(name=f"{index} {stage.kind}", kind=stage.kind, metrics=metrics, notes=notes, execution=execution,
                        config=stage.config.to_dict())
@@ -311,7 +313,7 @@ def compress(
 
 def _run_stage(model: nn.Module, stage: RecipeStage, data: Any, context: dict[str, Any], progress: bool | None,
                files: dict[str, Path]) -> tuple[nn.Module, nn.Module, list[str], str]:
-    """(model after the stage, the module to measure, notes, how it executes)."""
+    """(model after the stage, the module that runs it, notes, how it executes)."""
     kind, config = stage.kind, stage.config
     if kind == "prune":
         return model, model, _prune(model, config, data, context, progress), "eager, pruned weights masked to zero"

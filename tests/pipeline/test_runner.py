@@ -1,0 +1,130 @@
+import pytest
+import torch
+
+import torchslim as ts
+from torchslim.core.errors import TorchslimError
+from torchslim.pipeline import CompressInterrupted, checkpoint_status, load_recipe
+from torchslim.pipeline import runner as runner_module
+
+SMALL = {
+    "name": "small-deep-compression",
+    "stages": [
+        {"prune": {"sparsities": [0.5, 0.8], "scope": "global", "finetune": {"epochs": 1, "lr": 0.02, "batch_size": 64, "eval_every_epoch": False}}},
+        {"finetune": {"epochs": 1, "lr": 0.01, "batch_size": 64, "eval_every_epoch": False}},
+        {"quantize": {"weights": {"scheme": "kmeans", "bits": 4},
+                      "finetune": {"epochs": 1, "optimizer": "adam", "lr": 0.001, "batch_size": 64, "eval_every_epoch": False}}},
+        {"encode": {}},
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def trained(digits):
+    torch.manual_seed(0)
+    return ts.train(ts.models.create_for("lenet-300-100", digits), digits, {"epochs": 8, "lr": 0.05}, progress=False).model
+
+
+def _states_equal(a, b) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_every_stage_is_evaluated_and_measured(trained, digits):
+    before = {k: v.clone() for k, v in trained.state_dict().items()}
+    result = ts.compress(trained, SMALL, digits, latency=True, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in trained.state_dict().items())  # the input model is untouched
+    stages = result.report.stages
+    assert [s.name for s in stages] == ["baseline", "1 prune", "2 finetune", "3 quantize", "4 encode"]
+    for stage in stages:
+        for key in ("accuracy", "error", "parameters", "nonzeros", "macs", "stored_bytes", "compression", "latency_median_ms"):
+            assert key in stage.metrics, (stage.name, key)
+    weights = sum(m.weight.numel() for m in (trained.fc1, trained.fc2, trained.fc3))
+    assert stages[0].metrics["parameters"] == stages[-1].metrics["parameters"] == ts.measure.count_parameters(trained)
+    assert stages[1].metrics["nonzeros"] == stages[0].metrics["nonzeros"] - round(0.8 * weights)
+    assert stages[0].metrics["macs"] == stages[-1].metrics["macs"] == weights  # dense execution counted honestly
+    sizes = [s.metrics["stored_bytes"] for s in stages]
+    assert sizes[0] > sizes[1] > sizes[3] > sizes[4]  # pruning, then codebooks, then entropy coding shrink the file
+    assert stages[-1].metrics["bytes_as"] == ".tslim, entropy-coded"
+    assert stages[-1].metrics["error"] < 0.2  # still a working classifier on the real digits
+    assert any("after fine-tuning" in note for note in stages[1].notes)
+    assert any("centroid fine-tuning" in note for note in stages[3].notes)
+
+
+def test_compressed_file_rebuilds_the_model_exactly(trained, digits, tmp_path):
+    result = ts.compress(trained, SMALL, digits, latency=False, progress=False)
+    path = result.save(tmp_path / "model.tslim")
+    assert path.stat().st_size == pytest.approx(result.report.stages[-1].metrics["stored_bytes"], abs=200)  # metadata aside
+    assert (tmp_path / "model.tslim.report.json").is_file()
+    loaded = ts.load(path)
+    assert _states_equal(result.model, loaded)
+    assert ts.evaluate(loaded, digits) == ts.evaluate(result.model, digits)
+
+
+def test_pruned_weights_stay_zero_through_every_fine_tuning(trained, digits):
+    recipe = load_recipe(SMALL).with_stage(2, finetune={"epochs": 2, "optimizer": "adam", "lr": 0.01, "eval_every_epoch": False})
+    result = ts.compress(trained, recipe, digits, latency=False, progress=False)
+    pruned_after_prune = result.report.stages[1].metrics["nonzeros"]
+    assert result.report.stages[-1].metrics["nonzeros"] == pruned_after_prune
+    codebook = result.model.fc1.quantized.codebook
+    assert (codebook == 0).sum() == 1  # the pruned weights' centroid stayed exactly zero while the others moved
+
+
+def test_interrupted_run_resumes_to_the_same_model(trained, digits, tmp_path, monkeypatch):
+    uninterrupted = ts.compress(trained, SMALL, digits, latency=False, progress=False)
+    folder = tmp_path / "ckpt"
+    original = runner_module._quantize
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner_module, "_quantize", interrupted)
+    with pytest.raises(CompressInterrupted, match=r"during stage 3 \(quantize\); the checkpoint after stage 2 is in .*--resume"):
+        ts.compress(trained, SMALL, digits, checkpoint=folder, latency=False, progress=False)
+    assert checkpoint_status(folder) == {"recipe": "small-deep-compression", "completed": 2, "stages": 4}
+    # starting over on the same folder without resume is refused: the checkpoint is not overwritten
+    with pytest.raises(TorchslimError, match="holds a checkpoint"):
+        ts.compress(trained, SMALL, digits, checkpoint=folder, latency=False, progress=False)
+    monkeypatch.setattr(runner_module, "_quantize", original)
+    resumed = ts.compress(trained, SMALL, digits, checkpoint=folder, resume=True, latency=False, progress=False)
+    assert [s.name for s in resumed.report.stages] == [s.name for s in uninterrupted.report.stages]
+    assert _states_equal(resumed.model, uninterrupted.model)
+    assert checkpoint_status(folder)["completed"] == 4
+    # a different recipe cannot continue this checkpoint
+    with pytest.raises(TorchslimError, match="different recipe"):
+        ts.compress(trained, load_recipe(SMALL).with_stage(1, epochs=3), digits, checkpoint=folder, resume=True, latency=False)
+
+
+def test_masks_are_restored_on_resume(trained, digits, tmp_path, monkeypatch):
+    """Resuming after the prune stage keeps pruned weights at zero through the next fine-tuning."""
+    recipe = {"name": "p", "stages": [{"prune": {"sparsities": [0.9]}}, {"finetune": {"epochs": 1, "lr": 0.05, "eval_every_epoch": False}}]}
+    original = runner_module._finetune
+    monkeypatch.setattr(runner_module, "_finetune", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(CompressInterrupted):
+        ts.compress(trained, recipe, digits, checkpoint=tmp_path / "c", latency=False, progress=False)
+    monkeypatch.setattr(runner_module, "_finetune", original)
+    result = ts.compress(trained, recipe, digits, checkpoint=tmp_path / "c", resume=True, latency=False, progress=False)
+    assert result.report.stages[-1].metrics["nonzeros"] == result.report.stages[1].metrics["nonzeros"]
+
+
+def test_int8_export_stage_runs_in_onnx_runtime(trained, digits, tmp_path):
+    result = ts.compress(trained, "int8-static", digits, export_path=tmp_path / "m.onnx", latency=True, progress=False)
+    stage = result.report.stages[-1]
+    assert stage.execution == "ONNX Runtime" and (tmp_path / "m.onnx").is_file()
+    assert stage.metrics["stored_bytes"] == (tmp_path / "m.onnx").stat().st_size < result.report.stages[0].metrics["stored_bytes"] / 2.5
+    assert abs(stage.metrics["accuracy"] - result.report.stages[0].metrics["accuracy"]) < 0.03
+    with pytest.raises(TorchslimError, match="export_path"):
+        ts.compress(trained, "int8-static", digits)
+
+
+def test_prune_distill_recipe(trained, digits):
+    recipe = load_recipe("prune-distill").with_stage(1, train={"epochs": 2, "lr": 0.01, "eval_every_epoch": False})
+    result = ts.compress(trained, recipe, digits, latency=False, progress=False)
+    pruned, distilled = result.report.stages[1], result.report.stages[2]
+    assert distilled.metrics["nonzeros"] == pruned.metrics["nonzeros"]  # masks stay while distilling
+    assert distilled.metrics["error"] <= pruned.metrics["error"]
+    assert "teacher error" in distilled.notes[0]
+
+
+def test_compress_needs_a_dataset(trained):
+    with pytest.raises(TorchslimError, match="needs a torchslim Dataset"):
+        ts.compress(trained, SMALL, [(torch.zeros(1, 64), torch.zeros(1))])
