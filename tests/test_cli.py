@@ -195,3 +195,26 @@ def test_compress_a_users_own_model_from_an_import_path(tmp_path, capsys):
     assert isinstance(loaded, TinyConvNet)
     report = json.loads((tmp_path / "net.tslim.report.json").read_text())
     assert ts.evaluate(loaded, data)["error"] == pytest.approx(report["stages"][-1]["metrics"]["error"])
+
+
+def test_compress_resume_after_interrupt(tmp_path, capsys, monkeypatch):
+    from torchslim.pipeline import runner
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: r\nstages:\n  - prune: {sparsities: [0.7]}\n  - distill: {teacher: original, train: {epochs: 1, lr: 0.01}}\n  - encode: {}\n")
+    out = tmp_path / "m.tslim"
+    arguments = ["compress", "--data", "digits", "--recipe", str(recipe), "--out", str(out), "--train-epochs", "3", "--no-latency"]
+    original = runner._distill
+    monkeypatch.setattr(runner, "_distill", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    assert main(arguments) == 130
+    assert "interrupted during stage 2 (distill); the checkpoint after stage 1" in capsys.readouterr().out
+    assert not out.exists() and (tmp_path / "m.tslim.ckpt" / "progress.json").is_file()
+    assert main(arguments) == 1  # a fresh start would throw the checkpoint away: refused
+    assert "pass --resume" in capsys.readouterr().err
+    monkeypatch.setattr(runner, "_distill", original)
+    assert main(arguments + ["--resume"]) == 0
+    printed = capsys.readouterr().out
+    assert "no --weights given" not in printed  # nothing retrained: the checkpoint holds the starting model
+    assert out.is_file() and not (tmp_path / "m.tslim.ckpt").exists()
+    report = json.loads((tmp_path / "m.tslim.report.json").read_text())
+    assert [s["name"] for s in report["stages"]] == ["baseline", "1 prune", "2 distill", "3 encode"]

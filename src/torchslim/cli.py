@@ -373,7 +373,7 @@ def compress(
 
     import torchslim as ts
     from torchslim.core.errors import TorchslimError
-    from torchslim.pipeline import CompressInterrupted, checkpoint_status, load_recipe
+    from torchslim.pipeline import CompressInterrupted, checkpoint_original, checkpoint_status, load_recipe
     from torchslim.report.console import print_report
     from torchslim.report.markdown import format_bytes
 
@@ -396,13 +396,16 @@ def compress(
     elif checkpoint_status(checkpoint) is None:
         raise TorchslimError(f"--resume: no checkpoint in {checkpoint} to continue")
     dataset = ts.data.load(data, root=data_root, download=data_root is None)
-    network = _load_model_arg(model, dataset, trust_factory, weights, trust_weights)
-    if weights is None and not model.endswith((".safetensors", ".tslim")) and ":" not in model:
-        console.print(f"no --weights given: training {model} on {data} for {train_epochs} epochs first")
-        network = ts.train(network, dataset, {"epochs": train_epochs, "lr": 0.05, "batch_size": 64, "weight_decay": 1e-4,
-                                              "eval_every_epoch": False}).model
+    if resume:  # the run continues from its checkpoint, which holds the model it started from
+        network = checkpoint_original(checkpoint, trust_factory=trust_factory or ":" in model)
     elif weights is None and ":" in model:
         raise TorchslimError(f"--model {model}: an import-path model needs --weights (its trained state)")
+    else:
+        network = _load_model_arg(model, dataset, trust_factory, weights, trust_weights)
+        if weights is None and not model.endswith((".safetensors", ".tslim")):
+            console.print(f"no --weights given: training {model} on {data} for {train_epochs} epochs first")
+            network = ts.train(network, dataset, {"epochs": train_epochs, "lr": 0.05, "batch_size": 64, "weight_decay": 1e-4,
+                                                  "eval_every_epoch": False}).model
 
     def show(stage) -> None:
         metrics = stage.metrics
@@ -414,7 +417,7 @@ def compress(
         result = ts.compress(network, plan, dataset, checkpoint=checkpoint, resume=resume, export_path=out if exports else None,
                              latency=latency, threads=threads, trust_factory=trust_factory, on_stage=show)
     except CompressInterrupted as error:
-        console.print(f"[yellow]{error}[/yellow]")
+        console.print(f"[yellow]{error}[/yellow]", soft_wrap=True)
         raise typer.Exit(130) from None
     print_report(result.report)
     if exports:
@@ -476,7 +479,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     arguments = sys.argv[1:] if argv is None else argv
     debug = "--debug" in arguments
     try:
-        app(args=arguments, standalone_mode=False)
+        code = app(args=arguments, standalone_mode=False)
+        if isinstance(code, int):  # typer.Exit(n) inside a command comes back as its exit code
+            return code
     except SystemExit as exit_:
         return int(exit_.code or 0)
     except KeyboardInterrupt:

@@ -3,8 +3,8 @@ built-in recipes (YAML files shipped in ``recipes/``)."""
 
 from torchslim.pipeline.recipe import (STAGE_TYPES, DistillStage, EncodeStage, ExportStage, PruneStage, QuantizeStage, Recipe,
                                        RecipeStage, builtin_recipes, load_recipe)
-from torchslim.pipeline.runner import CompressInterrupted, CompressResult, checkpoint_status, compress, logical_weights
+from torchslim.pipeline.runner import CompressInterrupted, CompressResult, checkpoint_original, checkpoint_status, compress, logical_weights
 
 __all__ = ["STAGE_TYPES", "CompressInterrupted", "CompressResult", "DistillStage", "EncodeStage", "ExportStage", "PruneStage",
-           "QuantizeStage", "Recipe", "RecipeStage", "builtin_recipes", "checkpoint_status", "compress", "load_recipe",
+           "QuantizeStage", "Recipe", "RecipeStage", "builtin_recipes", "checkpoint_original", "checkpoint_status", "compress", "load_recipe",
            "logical_weights"]

@@ -188,18 +188,30 @@ def _export(model: nn.Module, stage: ExportStage, data: Any, context: dict[str, 
 
 # -- checkpoints -------------------------------------------------------------------------------------------------
 
-def _save_checkpoint(folder: Path, index: int, model: nn.Module, recipe: Recipe, report: Report) -> None:
+ORIGINAL = "original.safetensors"
+
+
+def _save_checkpoint(folder: Path, index: int, model: nn.Module, recipe: Recipe, report: Report, original: nn.Module) -> None:
     from torchslim.io.modelfile import save_model
 
     folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / ORIGINAL).exists():  # the starting model: a resumed run distills from the same teacher
+        save_model(original, folder / ORIGINAL)
     name = f"stage-{index:02d}.safetensors"
     save_model(model, folder / name)
     progress = {"recipe": recipe.to_dict(), "completed": index, "model_file": name,
                 "masked": sorted(masks_of(model)), "report": report.to_dict()}
     write_atomic(folder / PROGRESS, json.dumps(progress, indent=1).encode())
-    for old in folder.glob("stage-*.safetensors"):
+    for old in folder.glob("stage-*.safetensors"):  # only the latest stage is kept
         if old.name != name:
             old.unlink()
+
+
+def checkpoint_original(folder: str | os.PathLike[str], trust_factory: bool = False) -> nn.Module:
+    """The model a checkpointed run started from."""
+    from torchslim.io.modelfile import load_model
+
+    return load_model(Path(folder) / ORIGINAL, trust_factory=trust_factory)
 
 
 def _load_checkpoint(folder: Path, recipe: Recipe, trust_factory: bool) -> tuple[nn.Module, Report, int]:
@@ -271,6 +283,8 @@ def compress(
     started_at = 0
     if resume and folder is not None and (folder / PROGRESS).exists():
         current, report, started_at = _load_checkpoint(folder, recipe, trust_factory)
+        if (folder / ORIGINAL).exists():
+            context["original"] = checkpoint_original(folder, trust_factory).eval()
         baseline_bytes = report.stages[0].metrics["stored_bytes"]
     else:
         current = copy.deepcopy(model)
@@ -304,7 +318,7 @@ def compress(
         if on_stage:
             on_stage(record)
         if folder is not None:
-            _save_checkpoint(folder, index, current, recipe, report)
+            _save_checkpoint(folder, index, current, recipe, report, original)
         started_at = index
     make_permanent(current)
     current.eval()
@@ -333,4 +347,4 @@ def _run_stage(model: nn.Module, stage: RecipeStage, data: Any, context: dict[st
     raise TorchslimError(f"unknown stage kind {kind!r}")
 
 
-__all__ = ["CompressInterrupted", "CompressResult", "checkpoint_status", "compress", "logical_weights", "measure_stage"]
+__all__ = ["CompressInterrupted", "CompressResult", "checkpoint_original", "checkpoint_status", "compress", "logical_weights", "measure_stage"]
