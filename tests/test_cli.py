@@ -218,3 +218,20 @@ def test_compress_resume_after_interrupt(tmp_path, capsys, monkeypatch):
     assert out.is_file() and not (tmp_path / "m.tslim.ckpt").exists()
     report = json.loads((tmp_path / "m.tslim.report.json").read_text())
     assert [s["name"] for s in report["stages"]] == ["baseline", "1 prune", "2 distill", "3 encode"]
+
+
+def test_prune_structured_command(tmp_path, capsys):
+    trained = tmp_path / "m.safetensors"
+    assert main(["train", "--data", "digits", "--epochs", "3", "--out", str(trained)]) == 0
+    pruned = tmp_path / "s.safetensors"
+    code = main(["prune", str(trained), "--structured", "--sparsity", "0.5", "--protect", "", "--data", "digits",
+                 "--finetune-epochs", "1", "--out", str(pruned)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "fewer" in printed and "channels removed" in printed
+    model = ts.load(pruned)
+    assert (model.fc1.out_features, model.fc2.out_features) == (150, 50)
+    assert main(["evaluate", str(pruned), "--data", "digits"]) == 0
+    assert main(["prune", str(trained), "--structured", "--sparsity", "0.5", "--importance", "gradient", "--data", "digits",
+                 "--out", str(tmp_path / "x.safetensors")]) == 1
+    assert "importance must be one of" in capsys.readouterr().err

@@ -208,17 +208,53 @@ def prune(
     trust_factory: bool = typer.Option(False, help="Allow a model file whose architecture is an import path."),
     report: Optional[Path] = typer.Option(None, help="Write the JSON report here."),
     force: bool = typer.Option(False, help="Overwrite --out / --report if they exist."),
-    structured: bool = typer.Option(False, "--structured", help="Remove whole neurons / channels (needs structured pruning support)."),
+    structured: bool = typer.Option(False, "--structured", help="Remove whole neurons, channels and heads (the model really shrinks); --sparsity is then the fraction of channels."),
+    importance: str = typer.Option("l1", help="--structured: l1, l2, bn_scale, mean_activation, apoz, taylor or random."),
+    round_to: int = typer.Option(1, help="--structured: kept channel counts are multiples of this."),
+    head_ratio: float = typer.Option(0.0, help="--structured: fraction of attention heads to remove."),
+    protect: Optional[str] = typer.Option(None, help="--structured: comma-separated layers whose outputs stay (default: first and last)."),
+    keep_residual: bool = typer.Option(False, help="--structured: leave channels joined by residual adds whole."),
 ) -> None:
-    """Prune weights (unstructured; per layer or global), optionally iteratively with fine-tuning, and save."""
+    """Prune weights (unstructured; per layer or global) or, with --structured, whole channels; optionally
+    iteratively with fine-tuning, and save."""
     import torchslim as ts
     from torchslim.core.errors import TorchslimError
     from torchslim.pruning import iterative_prune, make_permanent, schedule_sparsities
     from torchslim.report.console import print_report
 
-    if structured:
-        raise TorchslimError("--structured: structured (channel) pruning is not available in this version; use unstructured pruning")
     _refuse_overwrite(out, report, force=force)
+    if structured:
+        from torchslim.pruning.structured import prune_channels
+        from torchslim.train.fit import fit
+
+        if sparsity is None or quality is not None:
+            raise TorchslimError("--structured takes --sparsity (the fraction of channels to remove), not --quality")
+        dataset = ts.data.load(data, root=data_root, download=data_root is None)
+        network = _load_model_arg(model, dataset, trust_factory, None, False)
+        baseline = ts.evaluate(network, dataset)
+        config = {"ratio": sparsity, "scope": scope, "importance": importance if importance != "l1" else method,
+                  "round_to": round_to, "head_ratio": head_ratio, "prune_residual": not keep_residual}
+        if protect is not None:
+            config["protect"] = [p for p in protect.split(",") if p]
+        result = prune_channels(network, config, data=dataset)
+        stage = result.report.stages[0]
+        stage.metrics.update({f"{k}_after_prune": v for k, v in ts.evaluate(result.model, dataset).items() if k in ("accuracy", "error")})
+        if finetune_epochs > 0:
+            fit(result.model, dataset, {"epochs": finetune_epochs, "lr": lr, "eval_every_epoch": False})
+        stage.metrics.update(ts.evaluate(result.model, dataset))
+        result.report.stages.insert(0, ts.Report().add_stage("original", kind="baseline", metrics={
+            **baseline, "parameters": ts.measure.count_parameters(network)}))
+        print_report(result.report)
+        for row in stage.layers:
+            console.print(f"  {row['name']:<32} {row['type']:<12} {row['before']:>14} -> {row['after']}")
+        for note in stage.notes:
+            console.print(f"  [yellow]{note}[/yellow]")
+        console.print(f"MACs {stage.metrics['macs_before']:,} -> {stage.metrics['macs']:,} ({stage.metrics['macs_ratio']:.2f}x fewer)")
+        saved = ts.save(result.model, out)
+        console.print(f"pruned model written to {saved} ({saved.stat().st_size:,} bytes; channels removed)")
+        if report is not None:
+            result.report.save(report)
+        return
     if (sparsity is None) == (quality is None):
         raise TorchslimError("give exactly one of --sparsity or --quality")
     if steps < 1:

@@ -143,6 +143,10 @@ def _apply_transform(model: nn.Module, transform: dict[str, Any], where: str) ->
         from torchslim.quantization.weight_only import apply_structure
 
         return apply_structure(model, transform)
+    if kind == "channel-pruning":
+        from torchslim.pruning.structured import apply_structure as apply_channels
+
+        return apply_channels(model, transform)
     raise TorchslimError(f"{where}: unknown transform {kind!r} in the architecture spec")
 
 

@@ -11,13 +11,27 @@ from torch.nn import functional as F
 class PadShortcut(nn.Module):
     """Option-A shortcut: subsample by ``stride`` and zero-pad channels from ``in_channels`` to ``out_channels``."""
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, stride: int, positions: list[int] | None = None) -> None:
         super().__init__()
         self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
+        self.index = None if positions is None else list(positions)  # set when channels were pruned
+        if self.index is not None and (len(self.index) != in_channels or max(self.index, default=-1) >= out_channels):
+            raise ValueError(f"positions {self.index} do not fit {in_channels} -> {out_channels} channels")
+
+    def positions(self) -> list[int]:
+        """Where each input channel lands among the output channels (the rest are zeros)."""
+        if self.index is not None:
+            return list(self.index)
+        extra = self.out_channels - self.in_channels
+        return [extra // 2 + i for i in range(self.in_channels)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.stride > 1:
             x = x[:, :, :: self.stride, :: self.stride]
+        if self.index is not None:  # after channel pruning the zero channels need not sit symmetrically
+            out = x.new_zeros((x.shape[0], self.out_channels) + tuple(x.shape[2:]))
+            out[:, self.index] = x
+            return out
         extra = self.out_channels - self.in_channels
         if extra > 0:
             x = F.pad(x, (0, 0, 0, 0, extra // 2, extra - extra // 2))
