@@ -16,7 +16,8 @@ import torchslim as ts
 from benchmarks.common import load_mnist, trained_baseline
 from benchmarks.harness import RESULTS, arguments, markdown_table, write
 from torchslim.codec import inspect_tslim
-from torchslim.pipeline import load_recipe
+from torchslim.pipeline import Recipe, RecipeStage, load_recipe
+from torchslim.train.fit import TrainConfig
 
 PAPER = {"lenet-300-100": {"kb": 27, "ratio": 40, "error": 0.0164}, "lenet-5": {"kb": 44, "ratio": 39, "error": 0.0080}}
 PRUNING = {  # the schedules and fine-tuning of benchmarks/pruning.py
@@ -27,6 +28,11 @@ PRUNING = {  # the schedules and fine-tuning of benchmarks/pruning.py
 }
 
 
+# LeNet-300-100 sits at the paper's 1.64% right after pruning; a longer, gentler fine-tuning after the last pruning
+# step gives the quantization some room
+FINAL_FINETUNE = {"lenet-300-100": {"epochs": 10, "lr": 0.005, "batch_size": 64, "weight_decay": 1e-4, "eval_every_epoch": False}}
+
+
 def recipe_for(name: str, quick: bool):
     recipe = load_recipe("deep-compression")
     prune = dict(PRUNING[name])
@@ -34,7 +40,13 @@ def recipe_for(name: str, quick: bool):
     if quick:
         prune["finetune"] = dict(prune["finetune"], epochs=1, max_batches_per_epoch=30)
         quantize_finetune["max_batches_per_epoch"] = 30
-    return recipe.with_stage(0, **prune).with_stage(1, finetune=quantize_finetune)
+    recipe = recipe.with_stage(0, **prune).with_stage(1, finetune=quantize_finetune)
+    if name in FINAL_FINETUNE:
+        finetune = dict(FINAL_FINETUNE[name], **({"epochs": 1, "max_batches_per_epoch": 30} if quick else {}))
+        stages = list(recipe.stages)
+        stages.insert(1, RecipeStage("finetune", TrainConfig.from_dict(finetune)))
+        recipe = Recipe(name=recipe.name, description=recipe.description, stages=tuple(stages))
+    return recipe
 
 
 def run(name: str, data, quick: bool) -> dict:
@@ -84,7 +96,8 @@ def main() -> None:
     tables.insert(0, markdown_table(["model", "dense fp32", ".tslim file", "ratio", "test error (file reloaded)", "Deep Compression paper", "reload exact"], summary_rows))
     notes += [
         "One `ts.compress(model, recipe, data)` run per model, from the trained baselines of benchmarks/baseline.py; the recipe is the built-in "
-        "`deep-compression` with the pruning schedule and fine-tuning of benchmarks/pruning.py. Test error on the 10,000 MNIST test images.",
+        "`deep-compression` with the pruning schedule and fine-tuning of benchmarks/pruning.py; for LeNet-300-100 a fine-tuning stage "
+        "(10 epochs, SGD lr 0.005) follows the last pruning step. Test error on the 10,000 MNIST test images.",
         "'bytes' after the pruning and quantization stages is the .tslim file those weights would make with fixed-width codes (relative "
         "indices and codebook indices bit-packed, no entropy coding); after encode it is the entropy-coded file (each stream Huffman, ANS or "
         "packed, whichever is smallest, tables included). The dense size counts every weight and bias as fp32 (the paper's 1070 / 1720 KB).",

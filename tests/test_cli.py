@@ -114,7 +114,7 @@ def test_quantize_command(tmp_path, capsys):
 def test_recipes_command_lists_the_builtins(capsys):
     assert main(["recipes"]) == 0
     out = capsys.readouterr().out
-    for name in ("deep-compression", "int8-static", "prune-distill", "weight-sharing", "prune-int8"):
+    for name in ("deep-compression", "int8-static", "prune-distill", "weight-sharing", "prune-int8", "channel-slim"):
         assert name in out
     assert "prune -> quantize -> encode" in out
 

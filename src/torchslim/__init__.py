@@ -12,7 +12,7 @@ Example:
 from torchslim import data, measure, models
 from torchslim.core import Config, ConfigError, Report, Result, TorchslimError
 from torchslim.distillation import distill
-from torchslim.pruning import make_permanent, prune
+from torchslim.pruning import make_permanent, prune, prune_channels
 from torchslim.measure.profile import profile
 from torchslim.verbs import compress, evaluate, load, quantize, save, train
 
@@ -34,6 +34,7 @@ __all__ = [
     "models",
     "profile",
     "prune",
+    "prune_channels",
     "quantize",
     "save",
     "train",

@@ -4,7 +4,7 @@ from torchslim.core.config import ConfigError
 from torchslim.core.errors import TorchslimError
 from torchslim.pipeline import PruneStage, QuantizeStage, Recipe, RecipeStage, builtin_recipes, load_recipe
 
-EXPECTED = {"deep-compression", "int8-static", "prune-distill", "prune-int8", "weight-sharing"}
+EXPECTED = {"channel-slim", "deep-compression", "int8-static", "prune-distill", "prune-int8", "weight-sharing"}
 
 
 def test_builtin_recipes_ship_and_round_trip():

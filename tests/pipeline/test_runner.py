@@ -128,3 +128,22 @@ def test_prune_distill_recipe(trained, digits):
 def test_compress_needs_a_dataset(trained):
     with pytest.raises(TorchslimError, match="needs a torchslim Dataset"):
         ts.compress(trained, SMALL, [(torch.zeros(1, 64), torch.zeros(1))])
+
+
+def test_channel_pruning_stage_shrinks_the_model_and_the_file_reloads(digits, tmp_path):
+    torch.manual_seed(0)
+    model = ts.train(ts.models.create_for("lenet-300-100", digits, hidden=(64, 32)), digits, {"epochs": 5}, progress=False).model
+    recipe = {"name": "slim", "stages": [
+        {"prune-channels": {"ratio": 0.5, "protect": [], "finetune": {"epochs": 2, "lr": 0.02, "eval_every_epoch": False}}},
+        {"quantize": {"weights": {"scheme": "uniform", "bits": 8}}},
+        {"encode": {}},
+    ]}
+    result = ts.compress(model, recipe, digits, latency=False, progress=False)
+    baseline, pruned = result.report.stages[0], result.report.stages[1]
+    assert pruned.metrics["macs"] < baseline.metrics["macs"] / 1.8 and "MACs" in pruned.notes[0]
+    assert (result.model.fc1.out_features, result.model.fc2.out_features) == (32, 16)
+    assert result.report.stages[-1].metrics["error"] < 0.25
+    path = result.save(tmp_path / "slim.tslim")
+    loaded = ts.load(path)  # channel-pruned shapes and quantized layers both rebuilt from the spec
+    x = digits.example_input(5)
+    assert torch.equal(loaded(x), result.model(x))

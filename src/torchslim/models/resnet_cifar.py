@@ -14,9 +14,23 @@ class PadShortcut(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, stride: int, positions: list[int] | None = None) -> None:
         super().__init__()
         self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
-        self.index = None if positions is None else list(positions)  # set when channels were pruned
-        if self.index is not None and (len(self.index) != in_channels or max(self.index, default=-1) >= out_channels):
-            raise ValueError(f"positions {self.index} do not fit {in_channels} -> {out_channels} channels")
+        self.index = positions  # set when channels were pruned
+
+    @property
+    def index(self) -> list[int] | None:
+        return self._index
+
+    @index.setter
+    def index(self, positions: list[int] | None) -> None:
+        self._index = None if positions is None else [int(p) for p in positions]
+        if self._index is None:
+            return
+        if len(self._index) != self.in_channels or max(self._index, default=-1) >= self.out_channels:
+            raise ValueError(f"positions {self._index} do not fit {self.in_channels} -> {self.out_channels} channels")
+        order = [self.in_channels] * self.out_channels  # every output channel reads an input channel or the zero channel
+        for channel, position in enumerate(self._index):
+            order[position] = channel
+        self.register_buffer("order", torch.tensor(order, dtype=torch.long), persistent=False)
 
     def positions(self) -> list[int]:
         """Where each input channel lands among the output channels (the rest are zeros)."""
@@ -29,9 +43,7 @@ class PadShortcut(nn.Module):
         if self.stride > 1:
             x = x[:, :, :: self.stride, :: self.stride]
         if self.index is not None:  # after channel pruning the zero channels need not sit symmetrically
-            out = x.new_zeros((x.shape[0], self.out_channels) + tuple(x.shape[2:]))
-            out[:, self.index] = x
-            return out
+            return torch.cat([x, torch.zeros_like(x[:, :1])], dim=1).index_select(1, self.order)
         extra = self.out_channels - self.in_channels
         if extra > 0:
             x = F.pad(x, (0, 0, 0, 0, extra // 2, extra - extra // 2))

@@ -36,6 +36,7 @@ from torchslim.core.selector import LayerSelector
 from torchslim.distillation.trainer import DistillConfig
 from torchslim.quantization.modules import WeightScheme
 from torchslim.quantization.onnx_static import OnnxInt8Config
+from torchslim.pruning.structured import StructuredConfig
 from torchslim.train.fit import TrainConfig
 
 
@@ -58,6 +59,30 @@ class PruneStage(Config):
         check(all(0 <= s < 1 for s in self.sparsities), f"every sparsity must be in [0, 1), got {list(self.sparsities)}")
         check(list(self.sparsities) == sorted(self.sparsities), f"sparsities must not decrease, got {list(self.sparsities)}")
         check(self.scope in ("layer", "global"), f"scope must be 'layer' or 'global', got {self.scope!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelPruneStage(Config):
+    """Structured pruning (see ``torchslim.prune_channels``): channels, neurons and heads physically removed, then
+    an optional fine-tuning run."""
+
+    ratio: float = 0.3
+    layer_ratios: dict[str, float] = dataclasses.field(default_factory=dict)
+    scope: str = "layer"
+    importance: str = "l1"
+    protect: tuple[str, ...] | None = None
+    round_to: int = 1
+    prune_residual: bool = True
+    head_ratio: float = 0.0
+    calibration_batches: int = 8
+    finetune: TrainConfig | None = None
+
+    def structured_config(self) -> StructuredConfig:
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(StructuredConfig) if hasattr(self, f.name)}
+        return StructuredConfig(**fields)
+
+    def validate(self) -> None:
+        self.structured_config()  # the same checks as torchslim.prune_channels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +144,7 @@ class ExportStage(Config):
 
 STAGE_TYPES: dict[str, type[Config]] = {
     "prune": PruneStage,
+    "prune-channels": ChannelPruneStage,
     "finetune": TrainConfig,
     "quantize": QuantizeStage,
     "distill": DistillStage,

@@ -132,6 +132,22 @@ def _prune(model: nn.Module, stage: Any, data: Any, context: dict[str, Any], pro
     return notes
 
 
+def _prune_channels(model: nn.Module, stage: Any, data: Any, progress: bool | None) -> tuple[nn.Module, nn.Module, list[str], str]:
+    from torchslim.pruning.structured import prune_channels
+    from torchslim.train.fit import fit
+
+    make_permanent(model)
+    result = prune_channels(model, stage.structured_config(), data=data)
+    metrics = result.report.stages[0].metrics
+    notes = [f"{metrics['groups_removed']} channel groups and {metrics['heads_removed']} heads removed: MACs "
+             f"{metrics['macs_before']:,} -> {metrics['macs']:,} ({metrics['macs_ratio']:.2f}x fewer)"]
+    notes += result.report.stages[0].notes
+    notes.append(f"test error {100 * evaluate(result.model, data)['error']:.2f}% right after removal")
+    if stage.finetune is not None:
+        fit(result.model, data, stage.finetune, progress=progress)
+    return result.model, result.model, notes, "eager, smaller dense layers"
+
+
 def _finetune(model: nn.Module, stage: Any, data: Any, context: dict[str, Any], progress: bool | None) -> list[str]:
     from torchslim.train.fit import fit
 
@@ -331,6 +347,8 @@ def _run_stage(model: nn.Module, stage: RecipeStage, data: Any, context: dict[st
     kind, config = stage.kind, stage.config
     if kind == "prune":
         return model, model, _prune(model, config, data, context, progress), "eager, pruned weights masked to zero"
+    if kind == "prune-channels":
+        return _prune_channels(model, config, data, progress)
     if kind == "finetune":
         return model, model, _finetune(model, config, data, context, progress), "eager"
     if kind == "quantize":

@@ -313,7 +313,8 @@ def remove_channels(model: nn.Module, graph: ChannelGraph, groups: list[Group], 
         roots_out = [graph.uf.find(s) for s in kept_out]
         positions = [roots_out.index(graph.uf.find(s)) for s in kept_in]
         if len(kept_out) != module.out_channels or len(kept_in) != module.in_channels:
-            module.in_channels, module.out_channels, module.index = len(kept_in), len(kept_out), positions
+            module.in_channels, module.out_channels = len(kept_in), len(kept_out)
+            module.index = positions
             transform["attributes"][name] = {"in_channels": len(kept_in), "out_channels": len(kept_out), "index": positions}
     removed_heads: dict[str, list[HeadGroup]] = {}
     for head in heads:
@@ -349,7 +350,7 @@ def apply_structure(model: nn.Module, transform: dict[str, Any]) -> nn.Module:
             _slice_module(module, {(name, dim): keep})
     for module_name, attributes in transform.get("attributes", {}).items():
         module = model.get_submodule(module_name)
-        for key, value in attributes.items():
+        for key, value in sorted(attributes.items(), key=lambda item: item[0] == "index"):  # sizes before the index
             setattr(module, key, value)
     return model
 
