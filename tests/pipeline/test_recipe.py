@@ -42,7 +42,7 @@ stages:
     ([{"prune": {"sparsities": [0.5]}}, {"quantize": {"weights": {"bitz": 4}}}], r"stage 2 \(quantize\)\.weights: unknown key 'bitz'"),
     ([{"prune": {"sparsities": "lots"}}], r"stage 1 \(prune\)\.sparsities: expected list of float"),
     ([{"prune": {"sparsities": [0.9, 0.5]}}], r"stage 1 \(prune\).*must not decrease"),
-    ([{"squeeze": {}}], r"stage 1: unknown stage kind 'squeeze'; valid: prune, finetune"),
+    ([{"squeeze": {}}], r"stage 1: unknown stage kind 'squeeze'; valid: prune, prune-channels, finetune"),
     ([{"prune": {}, "quantize": {}}], r"stage 1: expected a one-key mapping"),
     ([{"finetune": {"epochs": "two"}}], r"stage 1 \(finetune\)\.epochs: expected an integer"),
     ([{"encode": {}}, {"prune": {}}], r"only they may follow"),

@@ -24,8 +24,8 @@ def test_qat_trains_and_runs_as_int8_in_onnx_runtime(weight_scale, mnist_small, 
     assert accuracy > ts.evaluate(model, mnist_small)["accuracy"] - 0.01
     path = export_qat_onnx(qat, mnist_small.example_input(1), tmp_path / "qat.onnx")
     ops = count_ops(path)
-    # inputs quantized at run time (3), weights stored as int8 initializers, all dequantized (6)
-    assert ops["QuantizeLinear"] == 3 and ops["DequantizeLinear"] == 6 and "Round" not in ops
+    # inputs and outputs quantized at run time (3 + 3), weights stored as int8 initializers, all dequantized (9)
+    assert ops["QuantizeLinear"] == 6 and ops["DequantizeLinear"] == 9 and "Round" not in ops
     engine = OnnxModule(path)
     assert abs(ts.evaluate(engine, mnist_small)["accuracy"] - accuracy) <= 0.005  # integer kernels round differently
 
@@ -42,7 +42,12 @@ def test_qat_convs(tmp_path):
     qat(x)
     qat.eval()
     engine = OnnxModule(export_qat_onnx(qat, x[:1], tmp_path / "r.onnx"))
-    torch.testing.assert_close(engine(x), qat(x), rtol=1e-3, atol=1e-3)
+    # integer kernels requantize their outputs with their own rounding: an element may land one output step away
+    from torchslim.quantization.primitives import sqnr_db
+
+    expected = qat(x).detach()
+    assert sqnr_db(expected, engine(x)) > 35  # the same model, not merely a similar one
+    assert (engine(x) - expected).abs().max() < 0.05 * expected.abs().max()
 
 
 def test_pt2e_int8_matches_float(mnist_small):

@@ -88,7 +88,10 @@ class ChannelPruneStage(Config):
 @dataclasses.dataclass(frozen=True)
 class QuantizeStage(Config):
     """Weight-only quantization (see ``torchslim.quantize``); with ``finetune`` the codebooks (k-means centroids)
-    and biases are trained afterwards while every weight keeps its cluster (Deep Compression section 3.3)."""
+    and biases are trained afterwards while every weight keeps its cluster (Deep Compression section 3.3).
+
+    A centroid's gradient is the sum over its whole cluster (hundreds to thousands of weights), so centroid
+    fine-tuning wants a learning rate far below the one the weights were trained with (e.g. Adam at 3e-5)."""
 
     weights: WeightScheme = WeightScheme(scheme="kmeans", bits=5)
     type_schemes: dict[str, WeightScheme] = dataclasses.field(default_factory=dict)

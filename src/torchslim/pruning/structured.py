@@ -80,12 +80,17 @@ def _tensor(model: nn.Module, piece: ParamSlice) -> torch.Tensor:
 
 
 def _norm(model: nn.Module, pieces: list[ParamSlice], p: int) -> float:
+    """The group's L1 norm (p=1) or L2 norm (p=2) over its weights, from the per-weight criteria of unstructured
+    pruning (the same registry: |w| and w^2 summed over the group)."""
+    from torchslim.pruning.importance import WEIGHT_IMPORTANCE
+
+    criterion = WEIGHT_IMPORTANCE.get("l1" if p == 1 else "l2")
     total = 0.0
     for piece in pieces:
         if piece.name != "weight":
             continue
         values = _tensor(model, piece).index_select(piece.dim, torch.tensor(piece.indices))
-        total += float(values.abs().sum()) if p == 1 else float(values.pow(2).sum())
+        total += float(criterion(values, {}).sum())
     return total if p == 1 else total ** 0.5
 
 

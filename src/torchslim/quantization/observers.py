@@ -197,12 +197,16 @@ def make_observer(name: str, where: str = "tensor", **kwargs) -> Observer:
 
 @torch.no_grad()
 def calibrate(model: nn.Module, batches: Iterable, modules: list[tuple[str, nn.Module]], observer: str = "minmax",
-              limit: int | None = None, progress: bool = False) -> dict[str, Observer]:
-    """Run ``model`` over calibration batches, observing each listed module's input; returns observers by name."""
+              limit: int | None = None, progress: bool = False, outputs: bool = False) -> dict[str, Observer]:
+    """Run ``model`` over calibration batches, observing each listed module's input (or, with ``outputs``, its
+    output); returns observers by name."""
     from torchslim.train.modes import eval_mode, model_device
 
-    observers = {name: make_observer(observer, where=f"input of {name}") for name, _ in modules}
-    handles = [module.register_forward_pre_hook(lambda m, args, _n=name: observers[_n].observe(args[0])) for name, module in modules]
+    observers = {name: make_observer(observer, where=f"{'output' if outputs else 'input'} of {name}") for name, _ in modules}
+    if outputs:
+        handles = [module.register_forward_hook(lambda m, args, out, _n=name: observers[_n].observe(out)) for name, module in modules]
+    else:
+        handles = [module.register_forward_pre_hook(lambda m, args, _n=name: observers[_n].observe(args[0])) for name, module in modules]
     device = model_device(model)
     count = 0
     try:

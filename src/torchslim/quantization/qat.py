@@ -55,6 +55,11 @@ class FakeQuant(nn.Module):
         self.register_buffer("input_low", torch.tensor(0.0))
         self.register_buffer("input_high", torch.tensor(0.0))
         self.register_buffer("observed", torch.tensor(False))
+        # the layer's output gets its own uint8 grid: Q/DQ after the layer lets ONNX Runtime fuse DQ -> op -> Q
+        # into integer kernels (QLinearConv, QGemm) instead of dequantizing into float kernels
+        self.register_buffer("output_low", torch.tensor(0.0))
+        self.register_buffer("output_high", torch.tensor(0.0))
+        self.register_buffer("output_observed", torch.tensor(False))
         self.frozen: dict[str, torch.Tensor] | None = None
         self.calibrating = False
 
@@ -62,8 +67,10 @@ class FakeQuant(nn.Module):
     def freeze(self) -> None:
         """Fix the scales as constants for export (the exported graph then holds plain Q/DQ pairs)."""
         scale, zero = self.activation_qparams()
+        out_scale, out_zero = _affine_qparams(self.output_low, self.output_high)
         self.frozen = {"weight_scale": self.weight_scale.detach().abs().clamp(min=1e-8).reshape(-1).float().clone(),
-                       "input_scale": float(scale), "input_zero": int(zero), "observed": bool(self.observed)}
+                       "input_scale": float(scale), "input_zero": int(zero), "observed": bool(self.observed),
+                       "output_scale": float(out_scale), "output_zero": int(out_zero), "output_observed": bool(self.output_observed)}
 
     def quantize_weight(self, weight: torch.Tensor) -> torch.Tensor:
         if self.config.weight_scale == "observer":
@@ -83,45 +90,59 @@ class FakeQuant(nn.Module):
         return fake_quantize(weight, scale, zero, WEIGHT_SPEC)
 
     def activation_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
-        low = torch.minimum(self.input_low, torch.zeros_like(self.input_low))
-        high = torch.maximum(self.input_high, torch.zeros_like(self.input_high))
-        scale = ((high - low) / 255).clamp(min=1e-8)
-        zero = torch.clamp(torch.round(-low / scale), 0, 255)
-        return scale, zero
+        return _affine_qparams(self.input_low, self.input_high)
 
-    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+    def _observe_and_quantize(self, x: torch.Tensor, which: str) -> torch.Tensor:
+        prefix = "input" if which == "input" else "output"
+        observed_name = "observed" if which == "input" else "output_observed"
+        low_buffer, high_buffer, observed = getattr(self, f"{prefix}_low"), getattr(self, f"{prefix}_high"), getattr(self, observed_name)
         if self.frozen is not None and torch.onnx.is_in_onnx_export():
-            if not self.frozen["observed"]:
+            if not self.frozen[observed_name]:
                 return x
-            return torch.fake_quantize_per_tensor_affine(x, self.frozen["input_scale"], self.frozen["input_zero"], 0, 255)
+            return torch.fake_quantize_per_tensor_affine(x, self.frozen[f"{prefix}_scale"], self.frozen[f"{prefix}_zero"], 0, 255)
         if self.training or self.calibrating:
             low, high = x.detach().min(), x.detach().max()
-            if not bool(self.observed):
-                self.input_low.copy_(low)
-                self.input_high.copy_(high)
-                self.observed.fill_(True)
+            if not bool(observed):
+                low_buffer.copy_(low)
+                high_buffer.copy_(high)
+                observed.fill_(True)
             else:
                 momentum = self.config.activation_momentum
-                self.input_low.add_(momentum * (low - self.input_low))
-                self.input_high.add_(momentum * (high - self.input_high))
-        if not bool(self.observed):
+                low_buffer.add_(momentum * (low - low_buffer))
+                high_buffer.add_(momentum * (high - high_buffer))
+        if not bool(observed):
             return x
-        scale, zero = self.activation_qparams()
+        scale, zero = _affine_qparams(low_buffer, high_buffer)
         return torch.fake_quantize_per_tensor_affine(x, scale.detach().reshape(()).float(), zero.to(torch.int32).reshape(()), 0, 255)
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        return self._observe_and_quantize(x, "input")
+
+    def quantize_output(self, y: torch.Tensor) -> torch.Tensor:
+        return self._observe_and_quantize(y, "output")
+
+
+def _affine_qparams(low: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 affine grid over [min(low, 0), max(high, 0)] (zero exactly representable)."""
+    low = torch.minimum(low, torch.zeros_like(low))
+    high = torch.maximum(high, torch.zeros_like(high))
+    scale = ((high - low) / 255).clamp(min=1e-8)
+    zero = torch.clamp(torch.round(-low / scale), 0, 255)
+    return scale, zero
 
 
 class QATLinear(nn.Linear):
     """Linear trained with fake-quantized input and weight."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.fake.quantize_input(x), self.fake.quantize_weight(self.weight), self.bias)
+        return self.fake.quantize_output(F.linear(self.fake.quantize_input(x), self.fake.quantize_weight(self.weight), self.bias))
 
 
 class QATConv2d(nn.Conv2d):
     """Conv2d trained with fake-quantized input and weight."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self.fake.quantize_input(x), self.fake.quantize_weight(self.weight), self.bias)
+        return self.fake.quantize_output(self._conv_forward(self.fake.quantize_input(x), self.fake.quantize_weight(self.weight), self.bias))
 
 
 def _convert(module: nn.Module, config: QATConfig) -> nn.Module:
@@ -186,12 +207,20 @@ def calibrate_observers(model: nn.Module, batches, observer: str = "minmax", cou
     from torchslim.quantization.observers import calibrate
 
     layers = [(name, module) for name, module in model.named_modules() if isinstance(module, (QATLinear, QATConv2d))]
+    batches = list(batches)
     observers = calibrate(model, batches, layers, observer=observer, limit=count)
     for name, module in layers:
         low, high = observers[name].range()
         module.fake.input_low.copy_(low.reshape(()))
         module.fake.input_high.copy_(high.reshape(()))
         module.fake.observed.fill_(True)
+    # outputs are observed once the inputs are fixed, so each range sees the quantized inputs it will get
+    outputs = calibrate(model, batches, layers, observer=observer, limit=count, outputs=True)
+    for name, module in layers:
+        low, high = outputs[name].range()
+        module.fake.output_low.copy_(low.reshape(()))
+        module.fake.output_high.copy_(high.reshape(()))
+        module.fake.output_observed.fill_(True)
 
 
 def export_qat_onnx(model: nn.Module, example_input: torch.Tensor, path: str | os.PathLike[str]) -> Path:
