@@ -107,6 +107,15 @@ def test_quantize_command(tmp_path, capsys):
     assert main(["quantize", str(trained), "--data", "digits", "--scheme", "int8-static", "--out", str(onnx_file)]) == 0
     assert onnx_file.exists()
     capsys.readouterr()
+    native = tmp_path / "native.onnx"
+    assert main(["quantize", str(trained), "--data", "digits", "--scheme", "int8-native", "--calibration", "mse",
+                 "--calibration-batches", "4", "--out", str(native)]) == 0
+    printed = capsys.readouterr().out
+    before, after = [float(v.strip().rstrip("%")) for v in printed.split("test error ")[1].split(" -> ")]
+    assert native.stat().st_size < trained.stat().st_size / 3 and abs(after - before) < 2.0
+    assert main(["quantize", str(trained), "--data", "digits", "--scheme", "int8-native", "--calibration", "magic",
+                 "--out", str(tmp_path / "n2.onnx")]) == 1
+    assert "unknown observer 'magic'" in capsys.readouterr().err
     assert main(["quantize", str(trained), "--data", "digits", "--bits", "40", "--out", str(tmp_path / "x.safetensors")]) == 1
     assert "bits must be between 1 and 16" in capsys.readouterr().err
 
@@ -235,3 +244,15 @@ def test_prune_structured_command(tmp_path, capsys):
     assert main(["prune", str(trained), "--structured", "--sparsity", "0.5", "--importance", "gradient", "--data", "digits",
                  "--out", str(tmp_path / "x.safetensors")]) == 1
     assert "importance must be one of" in capsys.readouterr().err
+
+
+def test_readme_main_job_runs_as_written(tmp_path):
+    """`python3 -m torchslim compress` with no arguments: Deep Compression of LeNet-300-100 on the embedded sample."""
+    result = subprocess.run([sys.executable, "-m", "torchslim", "compress"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "3 encode" in result.stdout and "reloaded from the file" in result.stdout
+    out = tmp_path / "lenet-300-100-deep-compression.tslim"
+    report = json.loads((tmp_path / "lenet-300-100-deep-compression.tslim.report.json").read_text())
+    final = report["stages"][-1]["metrics"]
+    assert final["compression"] > 30 and final["error"] < 0.1  # real compression of a working classifier
+    assert ts.evaluate(ts.load(out), ts.data.load("mnist-sample"))["error"] == pytest.approx(final["error"])

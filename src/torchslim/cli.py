@@ -336,13 +336,13 @@ def distill(
 def quantize(
     model: str = typer.Argument(..., help="A saved model file (.safetensors) or a registered model name."),
     out: Path = typer.Option(..., help="Output: .safetensors for weight-only schemes, .onnx for int8 in ONNX Runtime."),
-    scheme: str = typer.Option("uniform", help="uniform, kmeans, pow2, binary, ternary, fp16, bf16; or int8-static / int8-dynamic (ONNX Runtime)."),
+    scheme: str = typer.Option("uniform", help="uniform, kmeans, pow2, binary, ternary, fp16, bf16; int8-static / int8-dynamic (ONNX Runtime's quantizer); int8-native (torchslim's own static int8: BN folded, torchslim observers, QDQ for ONNX Runtime)."),
     bits: int = typer.Option(8, help="Bits per weight (uniform 1-16, kmeans 1-8, pow2 2-8)."),
     granularity: str = typer.Option("channel", help="Uniform grids: tensor, channel or group."),
     group_size: int = typer.Option(128, help="Group size along the input dimension (granularity group)."),
     asymmetric: bool = typer.Option(False, help="Affine (min-max) grid instead of symmetric."),
     layer_bits: str = typer.Option("", help="Mixed precision: comma-separated layer=bits, e.g. fc1=2,fc3=8."),
-    calibration: str = typer.Option("minmax", help="int8-static calibration: minmax, entropy or percentile."),
+    calibration: str = typer.Option("minmax", help="int8 calibration: minmax, entropy or percentile (int8-static); minmax, moving-average, percentile, mse or entropy (int8-native)."),
     calibration_batches: int = typer.Option(16, help="int8-static calibration batches."),
     data: str = typer.Option("mnist-sample", help="Dataset for calibration and evaluation."),
     data_root: Optional[Path] = typer.Option(None, help="Folder holding the dataset files."),
@@ -358,7 +358,20 @@ def quantize(
     dataset = ts.data.load(data, root=data_root, download=data_root is None)
     network = _load_model_arg(model, dataset, trust_factory, None, False)
     before = ts.evaluate(network, dataset)
-    if scheme in ("int8-static", "int8-dynamic"):
+    if scheme == "int8-native":
+        from torchslim.export.onnx import OnnxModule
+        from torchslim.quantization.observers import OBSERVERS
+        from torchslim.quantization.qat import calibrate_observers, export_qat_onnx, fold_batchnorm, prepare_qat
+
+        if calibration not in OBSERVERS:
+            raise TorchslimError(f"--calibration: unknown observer {calibration!r}; valid: {', '.join(OBSERVERS.names())}")
+        native = prepare_qat(fold_batchnorm(network), {"weight_scale": "observer"})
+        batches = list(dataset.loader("train", batch_size=64, shuffle=True))[:calibration_batches]
+        calibrate_observers(native, batches, calibration, calibration_batches)
+        engine = OnnxModule(export_qat_onnx(native, dataset.example_input(1), out))
+        after = ts.evaluate(engine, dataset)
+        console.print(f"int8 QDQ model written to {out} ({format_bytes(out.stat().st_size)}); runs in ONNX Runtime")
+    elif scheme in ("int8-static", "int8-dynamic"):
         from torchslim.quantization.onnx_static import onnx_int8_module
 
         config = {"mode": scheme.split("-")[1], "calibration": calibration, "calibration_batches": calibration_batches}
