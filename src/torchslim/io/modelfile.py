@@ -62,6 +62,22 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def append_transform(model: nn.Module, transform: dict[str, Any], replace_kind: bool = False) -> None:
+    """Record a structural change in the model's spec (a copy of it), so a saved file rebuilds the changed model;
+    ``replace_kind`` drops an earlier transform of the same kind first. A model without a spec is left alone."""
+    import copy
+
+    spec = model_spec(model)
+    if spec is None:
+        return
+    spec = copy.deepcopy(spec)
+    transforms = spec.get("transforms", [])
+    if replace_kind:
+        transforms = [t for t in transforms if t.get("kind") != transform["kind"]]
+    spec["transforms"] = transforms + [transform]
+    model.torchslim_spec = spec
+
+
 def _check_spec(spec: Any, where: str) -> dict[str, Any]:
     if not isinstance(spec, dict) or ("name" in spec) == ("factory" in spec):
         raise TorchslimError(f"{where}: an architecture spec needs exactly one of 'name' (a registered model) or 'factory' (package.module:callable), got {spec!r}")

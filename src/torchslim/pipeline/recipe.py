@@ -62,27 +62,14 @@ class PruneStage(Config):
 
 
 @dataclasses.dataclass(frozen=True)
-class ChannelPruneStage(Config):
-    """Structured pruning (see ``torchslim.prune_channels``): channels, neurons and heads physically removed, then
-    an optional fine-tuning run."""
+class ChannelPruneStage(StructuredConfig):
+    """Structured pruning (see ``torchslim.prune_channels`` and its ``StructuredConfig``, whose keys it takes):
+    channels, neurons and heads physically removed, then an optional fine-tuning run."""
 
-    ratio: float = 0.3
-    layer_ratios: dict[str, float] = dataclasses.field(default_factory=dict)
-    scope: str = "layer"
-    importance: str = "l1"
-    protect: tuple[str, ...] | None = None
-    round_to: int = 1
-    prune_residual: bool = True
-    head_ratio: float = 0.0
-    calibration_batches: int = 8
     finetune: TrainConfig | None = None
 
     def structured_config(self) -> StructuredConfig:
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(StructuredConfig) if hasattr(self, f.name)}
-        return StructuredConfig(**fields)
-
-    def validate(self) -> None:
-        self.structured_config()  # the same checks as torchslim.prune_channels
+        return StructuredConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(StructuredConfig)})
 
 
 @dataclasses.dataclass(frozen=True)

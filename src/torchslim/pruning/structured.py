@@ -32,6 +32,7 @@ from torchslim.core.config import Config, ConfigError, check
 from torchslim.core.errors import TorchslimError
 from torchslim.core.report import Report, Result, Stage
 from torchslim.measure.counts import count_macs, count_parameters
+from torchslim.io.modelfile import append_transform
 from torchslim.pruning.graph import ChannelGraph, Group, HeadGroup, ParamSlice, trace
 
 IMPORTANCE = ("l1", "l2", "bn_scale", "mean_activation", "apoz", "taylor", "random")
@@ -360,15 +361,6 @@ def apply_structure(model: nn.Module, transform: dict[str, Any]) -> nn.Module:
     return model
 
 
-def _record(model: nn.Module, transform: dict[str, Any]) -> None:
-    spec = getattr(model, "torchslim_spec", None)
-    if spec is None:
-        return
-    spec = copy.deepcopy(spec)
-    spec.setdefault("transforms", []).append(transform)
-    model.torchslim_spec = spec
-
-
 def _example(data: Any, example_input: Any) -> Any:
     if example_input is not None:
         return example_input
@@ -403,7 +395,7 @@ def prune_channels(model: nn.Module, config: StructuredConfig | dict, data: Any 
     macs_before = count_macs(target, example)["total"]
     transform = remove_channels(target, graph, chosen, heads)
     seconds = time.perf_counter() - started
-    _record(target, transform)
+    append_transform(target, transform)
     after = {n: _width(m) for n, m in target.named_modules() if _width(m) is not None}
     rows = [{"name": n, "type": type(target.get_submodule(n)).__name__, "before": before[n], "after": after.get(n)}
             for n in before if before[n] != after.get(n)]

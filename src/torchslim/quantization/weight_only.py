@@ -52,15 +52,10 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def _record_transform(model: nn.Module, schemes: dict[str, dict[str, Any]]) -> None:
-    spec = getattr(model, "torchslim_spec", None)
-    if spec is None:
-        return
-    spec = copy.deepcopy(spec)
-    transforms = [t for t in spec.get("transforms", []) if t.get("kind") != TRANSFORM_KIND]
-    previous = next((t for t in spec.get("transforms", []) if t.get("kind") == TRANSFORM_KIND), {"layers": {}})
-    transforms.append({"kind": TRANSFORM_KIND, "layers": {**previous["layers"], **schemes}})
-    spec["transforms"] = transforms
-    model.torchslim_spec = spec
+    from torchslim.io.modelfile import append_transform, model_spec
+
+    previous = next((t for t in (model_spec(model) or {}).get("transforms", []) if t.get("kind") == TRANSFORM_KIND), {"layers": {}})
+    append_transform(model, {"kind": TRANSFORM_KIND, "layers": {**previous["layers"], **schemes}}, replace_kind=True)
 
 
 def apply_structure(model: nn.Module, transform: dict[str, Any]) -> nn.Module:

@@ -1,0 +1,136 @@
+"""The pipeline commands of the ``torchslim`` CLI: ``compress`` (run a recipe), ``recipes`` (list the built-ins)
+and ``inspect`` (a .tslim file's encodings). Registered on the app in ``torchslim.cli``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from torchslim.cli import _load_model_arg, _refuse_overwrite, app, console
+
+
+@app.command()
+def compress(
+    model: str = typer.Option("lenet-300-100", help="Registered model name, a saved model file (.safetensors / .tslim), or package.module:callable."),
+    weights: Optional[Path] = typer.Option(None, help="Trained weights for --model (.safetensors or a .pt state_dict). Without them a registered model is trained first."),
+    data: str = typer.Option("mnist-sample", help="Dataset name (see `torchslim list datasets`); mnist-sample is embedded and offline."),
+    data_root: Optional[Path] = typer.Option(None, help="Folder holding the dataset files (default: $TORCHSLIM_DATA or the cache)."),
+    recipe: str = typer.Option("deep-compression", help="A built-in recipe (see `torchslim recipes`) or a recipe .yaml file."),
+    out: Optional[Path] = typer.Option(None, help="The compressed file: .tslim (or .onnx for export recipes). Default: <model>-<recipe>.tslim."),
+    report: Optional[Path] = typer.Option(None, help="Also write the JSON report here (default: <out>.report.json)."),
+    train_epochs: int = typer.Option(10, help="Epochs of training when a registered model comes without --weights."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its checkpoint (<out>.ckpt/)."),
+    keep_checkpoint: bool = typer.Option(False, help="Keep the <out>.ckpt/ folder after a successful run."),
+    latency: bool = typer.Option(True, help="Measure eager batch-1 latency after every stage."),
+    threads: int = typer.Option(2, help="Thread count fixed while timing."),
+    trust_factory: bool = typer.Option(False, help="Allow a model file whose architecture is an import path."),
+    trust_weights: bool = typer.Option(False, help="Allow unpickling a .pt that holds more than tensors (only files you made)."),
+    force: bool = typer.Option(False, help="Overwrite --out / --report if they exist."),
+) -> None:
+    """Run a compression recipe (default: Deep Compression on LeNet-300-100 and the embedded MNIST sample) and
+    print the per-stage table; writes the compressed file."""
+    import shutil
+
+    import torchslim as ts
+    from torchslim.core.errors import TorchslimError
+    from torchslim.pipeline import CompressInterrupted, checkpoint_original, checkpoint_status, load_recipe
+    from torchslim.report.console import print_report
+    from torchslim.report.markdown import format_bytes
+
+    plan = load_recipe(recipe)
+    exports = any(stage.kind == "export" for stage in plan.stages)
+    stem = Path(model).stem if model.endswith((".safetensors", ".tslim")) else model.replace(":", "-").replace(".", "-")
+    out = out or Path(f"{stem}-{plan.name}{'.onnx' if exports else '.tslim'}")
+    if exports and out.suffix != ".onnx":
+        raise TorchslimError(f"--out: recipe {plan.name!r} exports to ONNX, so the output must end in .onnx, got {out}")
+    if not exports and out.suffix != ".tslim":
+        raise TorchslimError(f"--out: recipe {plan.name!r} writes a .tslim file, got {out}")
+    report = report or out.with_suffix(out.suffix + ".report.json")
+    checkpoint = out.with_suffix(out.suffix + ".ckpt")
+    if not resume:
+        _refuse_overwrite(out, report, force=force)
+        status = checkpoint_status(checkpoint)
+        if status is not None:
+            raise TorchslimError(f"{checkpoint} holds an unfinished run of {status['recipe']!r} ({status['completed']} of {status['stages']} "
+                                 f"stages done): pass --resume to continue it, or remove the folder")
+    elif checkpoint_status(checkpoint) is None:
+        raise TorchslimError(f"--resume: no checkpoint in {checkpoint} to continue")
+    dataset = ts.data.load(data, root=data_root, download=data_root is None)
+    if resume:  # the run continues from its checkpoint, which holds the model it started from
+        network = checkpoint_original(checkpoint, trust_factory=trust_factory or ":" in model)
+    elif weights is None and ":" in model:
+        raise TorchslimError(f"--model {model}: an import-path model needs --weights (its trained state)")
+    else:
+        network = _load_model_arg(model, dataset, trust_factory, weights, trust_weights)
+        if weights is None and not model.endswith((".safetensors", ".tslim")):
+            console.print(f"no --weights given: training {model} on {data} for {train_epochs} epochs first")
+            network = ts.train(network, dataset, {"epochs": train_epochs, "lr": 0.05, "batch_size": 64, "weight_decay": 1e-4,
+                                                  "eval_every_epoch": False}).model
+
+    def show(stage) -> None:
+        metrics = stage.metrics
+        console.print(f"  {stage.name:<12} test error {100 * metrics['error']:6.2f}%  non-zeros {metrics['nonzeros']:>10,}  "
+                      f"{format_bytes(metrics['stored_bytes']):>11} ({metrics['bytes_as']}, {metrics['compression']:.1f}x)")
+
+    console.print(f"recipe {plan.name}: {' -> '.join(stage.kind for stage in plan.stages)}  (checkpoints in {checkpoint})")
+    try:
+        result = ts.compress(network, plan, dataset, checkpoint=checkpoint, resume=resume, export_path=out if exports else None,
+                             latency=latency, threads=threads, trust_factory=trust_factory, on_stage=show)
+    except CompressInterrupted as error:
+        console.print(f"[yellow]{error}[/yellow]", soft_wrap=True)
+        raise typer.Exit(130) from None
+    print_report(result.report)
+    if exports:
+        result.report.save(report)
+        console.print(f"ONNX model written to {out} ({format_bytes(out.stat().st_size)})")
+    else:
+        result.save(out)
+        if report != out.with_suffix(out.suffix + ".report.json"):
+            result.report.save(report)
+        loaded = ts.load(out, trust_factory=trust_factory or ":" in model)  # an import path given here is trusted
+        check = ts.evaluate(loaded, dataset)
+        console.print(f"compressed model written to {out} ({format_bytes(out.stat().st_size)}); reloaded from the file: "
+                      f"test error {100 * check['error']:.2f}%")
+    console.print(f"report written to {report}")
+    if not keep_checkpoint:
+        shutil.rmtree(checkpoint, ignore_errors=True)
+
+
+@app.command()
+def recipes() -> None:
+    """List the built-in recipes with one line each."""
+    from torchslim.pipeline import builtin_recipes, load_recipe
+
+    for name in builtin_recipes():
+        plan = load_recipe(name)
+        console.print(f"  {name:<18} {' -> '.join(stage.kind for stage in plan.stages):<32} {plan.description}")
+
+
+@app.command()
+def inspect(
+    path: Path = typer.Argument(..., help="A .tslim file."),
+    streams: bool = typer.Option(True, help="Show each stream's coder, bytes and entropy bound."),
+) -> None:
+    """Each tensor's encoding and bytes in a .tslim file (checksums verified)."""
+    from rich.table import Table
+
+    from torchslim.codec import inspect_tslim
+
+    info = inspect_tslim(path)
+    spec = info["spec"]
+    console.print(f"{path}: {info['bytes']:,} bytes; architecture {spec.get('name') or spec.get('factory')}; header {info['header_bytes']:,} bytes")
+    if info["metadata"]:
+        console.print(f"  metadata: {info['metadata']}")
+    table = Table()
+    for column in ("tensor", "shape", "encoding", "index bits", "code bits", "bytes", "bits / element") + (("streams (coder: bytes / entropy bound)",) if streams else ()):
+        table.add_column(column, justify="left" if column in ("tensor", "encoding") or column.startswith("streams") else "right")
+    for row in info["tensors"]:
+        cells = [row["name"], "x".join(str(d) for d in row["shape"]) or "scalar", row["encoding"], str(row["index_bits"] or "-"),
+                 str(row["bits"] or "-"), f"{row['bytes']:,}", f"{8 * row['bytes'] / max(1, row['elements']):.2f}"]
+        if streams:
+            cells.append("; ".join(f"{s['role']} {s['coder']}: {s['bytes']:,}" + (f" / {s['entropy_bytes']:,.0f}" if "entropy_bytes" in s else "")
+                                   for s in row["streams"]))
+        table.add_row(*cells)
+    console.print(table)
