@@ -174,8 +174,7 @@ def group_scores(model: nn.Module, groups: list[Group], config: StructuredConfig
     stats = _activation_statistics(model, modules, data, config)
     scores = {}
     for g in groups:
-        values = [stats[p.module][method][p.indices if p.dim == 0 or p.name != "weight" else p.indices].mean().item()
-                  for p in sites[g.id] if p.module in stats]
+        values = [stats[p.module][method][p.indices].mean().item() for p in sites[g.id] if p.module in stats]
         if not values:
             continue
         value = sum(values) / len(values)
@@ -210,7 +209,7 @@ def select_groups(model: nn.Module, graph: ChannelGraph, config: StructuredConfi
         raise ConfigError(f"protect / layer_ratios name layers the model does not have: {unknown}; weight layers: {layers[:20]}")
     candidates, notes = [], []
     for g in groups:
-        if not g.prunable or not g.producers and not g.members:
+        if not g.prunable:
             continue
         if set(g.layers) & protect or not g.layers:
             continue
