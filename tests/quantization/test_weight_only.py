@@ -91,3 +91,21 @@ def test_mixed_precision_and_errors():
         bad.fc2.weight[0, 0] = float("inf")
     with pytest.raises(ts.TorchslimError, match="fc2: 1 value\\(s\\) are NaN or Inf"):
         ts.quantize(bad, {})
+
+
+def test_inference_caches_the_decoded_weight_and_notices_changes():
+    import torchslim as ts
+
+    model = ts.quantize(ts.models.create("lenet-300-100"), {"weights": {"scheme": "kmeans", "bits": 4}}).model.eval()
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        first = model(x)
+        weight = model.fc1.quantized.weight()
+        assert model.fc1.quantized.weight() is weight  # decoded once, reused
+        model.fc1.quantized.codebook.mul_(2)  # an in-place change of what is stored
+        assert not torch.equal(model.fc1.quantized.weight(), weight)
+        assert not torch.equal(model(x), first)
+    # with gradients on, the codebook is trained through a fresh gather every time
+    loss = model.fc1.quantized.weight().sum()
+    loss.backward()
+    assert model.fc1.quantized.codebook.grad is not None

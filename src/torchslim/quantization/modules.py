@@ -140,6 +140,22 @@ class QuantizedWeight(nn.Module):
             self._pack(codes.to(torch.int64) + 1)
 
     def weight(self) -> torch.Tensor:
+        """The dequantized weight. Outside autograd (inference) it is cached until a stored tensor changes (in place
+        or replaced), so eager inference does not decode on every call."""
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters(recurse=False)):
+            return self._decode()
+        key = tuple((id(t), t._version) for t in self._stored_tensors())
+        cached = getattr(self, "_cache", None)
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                self._cache = (key, self._decode())
+        return self._cache[1]
+
+    def _stored_tensors(self) -> list[torch.Tensor]:
+        names = ("value16", "codes", "codebook", "scale", "zero_point")
+        return [t for t in (getattr(self, n, None) for n in names) if isinstance(t, torch.Tensor)]
+
+    def _decode(self) -> torch.Tensor:
         scheme = self.scheme.scheme
         if scheme in ("fp16", "bf16"):
             return self.value16.float()
