@@ -148,14 +148,6 @@ def quantized_code_tensors(model: nn.Module) -> dict[str, tuple[torch.Tensor, in
     return out
 
 
-def _pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    from torchslim.quantization.packing import pack_bits
-
-    if bits <= 8:
-        return pack_bits(codes, bits)
-    return torch.stack([codes & 0xFF, codes >> 8], dim=1).reshape(-1).to(torch.uint8)
-
-
 def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """What a .tslim file holds for ``model``: its state with pruning masks resolved (as the model file does)."""
     from torchslim.io.modelfile import _state
@@ -167,6 +159,11 @@ def encode_model(model: nn.Module, coders: tuple[str, ...] = entropy.CODERS, ind
                  spec: dict[str, Any] | None = None, metadata: dict[str, Any] | None = None) -> bytes:
     """The .tslim bytes of ``model``. ``coders`` limits the symbol coders (("packed",) measures the size before
     entropy coding); ``spec`` defaults to the architecture spec the model carries."""
+    return _encode(model, coders, index_bits, spec, metadata)[0]
+
+
+def _encode(model: nn.Module, coders: tuple[str, ...], index_bits: tuple[int, ...], spec: dict[str, Any] | None,
+            metadata: dict[str, Any] | None) -> tuple[bytes, dict[str, Any]]:
     from torchslim.io.modelfile import _check_spec, model_spec
 
     unknown = [c for c in coders if c not in entropy.CODERS]
@@ -200,7 +197,7 @@ def encode_model(model: nn.Module, coders: tuple[str, ...] = entropy.CODERS, ind
     header = {"format": FORMAT, "version": VERSION, "spec": spec, "metadata": metadata or {},
               "payload_sha256": hashlib.sha256(payload).hexdigest(), "tensors": records}
     header_bytes = zlib.compress(json.dumps(header, separators=(",", ":")).encode(), 9)
-    return PREAMBLE.pack(MAGIC, VERSION, len(header_bytes), zlib.crc32(header_bytes)) + header_bytes + payload
+    return PREAMBLE.pack(MAGIC, VERSION, len(header_bytes), zlib.crc32(header_bytes)) + header_bytes + payload, header
 
 
 def encoded_size(model: nn.Module, coders: tuple[str, ...] = entropy.CODERS) -> int:
@@ -221,9 +218,8 @@ def save_tslim(model: nn.Module, path: str | os.PathLike[str], coders: tuple[str
     path = Path(path)
     if not overwrite and path.exists():
         raise TorchslimError(f"{path} exists; refusing to overwrite it (pass overwrite=True / --force)")
-    data = encode_model(model, coders=coders, spec=spec, metadata=metadata)
+    data, header = _encode(model, coders, INDEX_BITS, spec, metadata)
     write_atomic(path, data)
-    header, _ = _parse(data, str(path))
     return TslimSummary(path=path, bytes=len(data), tensors=header["tensors"])
 
 
@@ -283,7 +279,9 @@ def _decode_record(record: dict[str, Any], data: dict[str, bytes], where: str) -
             codes = relative_decode(gaps, entropy.decode(coders["codes"], data["codes"]), record["count"], record["background"])
         if codes.size != record["count"]:
             raise ChecksumError(f"{where}: tensor {name!r} decodes to {codes.size} codes, expected {record['count']}")
-        packed = _pack_codes(torch.from_numpy(codes), record["packed_bits"])
+        from torchslim.quantization.packing import pack_codes
+
+        packed = pack_codes(torch.from_numpy(codes), record["packed_bits"])
         if tuple(packed.shape) != shape:
             raise ChecksumError(f"{where}: tensor {name!r} repacks to {tuple(packed.shape)}, expected {shape}")
         return packed

@@ -280,8 +280,7 @@ def apply_function(graph: ChannelGraph, where: str, func: Any, args: tuple, kwar
         mode = args[2] if len(args) > 2 else kwargs.get("mode", "constant")
         value = args[3] if len(args) > 3 else kwargs.get("value", 0.0)
         if mode == "constant" and not value and left >= 0 and right >= 0:
-            zeros_left, zeros_right = graph.new_slots(left), graph.new_slots(right)
-            graph.zero_slots.update(zeros_left + zeros_right)
+            zeros_left, zeros_right = graph.new_slots(left), graph.new_slots(right)  # free: no parameters
             graph.set_info(output, zeros_left + info.slots + zeros_right, info.axis)
             return
     if func in (torch.Tensor.transpose, torch.transpose) and info is not None:
@@ -317,9 +316,7 @@ def _register_model_rules() -> None:
         if info is None or info.axis != 1:
             return
         positions = module.positions()
-        out_slots = graph.new_slots(module.out_channels)
-        taken = set(positions)
-        graph.zero_slots.update(s for i, s in enumerate(out_slots) if i not in taken)
+        out_slots = graph.new_slots(module.out_channels)  # the padded (zero) positions own no parameters
         for slot, position in zip(info.slots, positions):
             graph.uf.union(slot, out_slots[position])
         graph.leaf_records[name] = [(list(info.slots), out_slots)]

@@ -50,7 +50,6 @@ class Group:
     members: list[ParamSlice] = dataclasses.field(default_factory=list)
     consumers: list[ParamSlice] = dataclasses.field(default_factory=list)
     blocked: list[str] = dataclasses.field(default_factory=list)
-    zero_slots: int = 0
 
     @property
     def prunable(self) -> bool:
@@ -117,7 +116,6 @@ class ChannelGraph:
         self.slot_params: list[tuple[int, str, ParamSlice]] = []  # (slot, role, slice of one index)
         self.consumer_records: list[tuple[str, str, int, list[int]]] = []  # (module, param, dim, slot per index)
         self.blocked: dict[int, str] = {}
-        self.zero_slots: set[int] = set()
         self.unsupported: list[str] = []
         self.heads: list[HeadGroup] = []
         self.leaf_records: dict[str, list[tuple[list[int] | None, list[int]]]] = {}  # pad-shortcut slot maps
@@ -182,8 +180,6 @@ class ChannelGraph:
         for slot, reason in self.blocked.items():
             if reason not in group(slot).blocked:
                 group(slot).blocked.append(reason)
-        for slot in self.zero_slots:
-            group(slot).zero_slots += 1
         for item in by_root.values():
             item.producers = _merge(item.producers)
             item.members = _merge(item.members)

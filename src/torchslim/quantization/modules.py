@@ -20,7 +20,7 @@ from torch.nn import functional as F
 from torchslim.core.config import Config, check
 from torchslim.measure.counts import register_mac_counter
 from torchslim.quantization.nonuniform import binarize, kmeans_quantize, power_of_two_quantize, ternarize
-from torchslim.quantization.packing import pack_bits, unpack_bits
+from torchslim.quantization.packing import pack_codes, unpack_codes
 from torchslim.quantization.primitives import UniformSpec, check_finite, compute_qparams, dequantize, quantize
 
 SCHEMES = ("uniform", "kmeans", "pow2", "binary", "ternary", "fp16", "bf16")
@@ -87,24 +87,14 @@ class QuantizedWeight(nn.Module):
         return (self.shape[0], math.prod(self.shape[1:]) // spec.group_size, 1)
 
     def _pack(self, codes: torch.Tensor) -> None:
-        bits = self.scheme.stored_bits
         flat = codes.reshape(-1)
-        if bits <= 8:
-            self.packed = pack_bits(flat, bits)
-        else:  # 9..16-bit codes: two bytes each, little-endian
-            value = flat.to(torch.int64)
-            self.packed = torch.stack([value & 0xFF, value >> 8], dim=1).reshape(-1).to(torch.uint8)
+        self.packed = pack_codes(flat, self.scheme.stored_bits)
         self.codes = flat.to(torch.int64).clone()
 
     def _unpack(self) -> None:
         if self.scheme.scheme in ("fp16", "bf16"):
             return
-        bits, count = self.scheme.stored_bits, math.prod(self.shape)
-        if bits <= 8:
-            self.codes = unpack_bits(self.packed, bits, count)
-        else:
-            pairs = self.packed.reshape(-1, 2).to(torch.int64)
-            self.codes = pairs[:, 0] | (pairs[:, 1] << 8)
+        self.codes = unpack_codes(self.packed, self.scheme.stored_bits, math.prod(self.shape))
 
     @torch.no_grad()
     def encode(self, weight: torch.Tensor, where: str) -> None:

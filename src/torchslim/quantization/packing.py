@@ -42,3 +42,19 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     if stream.numel() < needed:
         raise TorchslimError(f"packed data holds {stream.numel()} bits, {count} codes of {bits} bits need {needed}")
     return (stream[:needed].reshape(count, bits) * (2 ** torch.arange(bits))).sum(dim=1)
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes of any width up to 16 bits as bytes: bit-packed up to 8 bits, two little-endian bytes each above."""
+    if bits <= 8:
+        return pack_bits(codes, bits)
+    value = codes.reshape(-1).to(torch.int64)
+    return torch.stack([value & 0xFF, value >> 8], dim=1).reshape(-1).to(torch.uint8)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """Inverse of ``pack_codes``: the first ``count`` codes as int64."""
+    if bits <= 8:
+        return unpack_bits(packed, bits, count)
+    pairs = packed.reshape(-1, 2).to(torch.int64)
+    return (pairs[:, 0] | (pairs[:, 1] << 8))[:count]
