@@ -4,38 +4,49 @@ Example:
     >>> import torchslim as ts
     >>> data = ts.data.load("mnist-sample")                  # offline: 4,000 / 1,000 real MNIST digits
     >>> model = ts.models.lenet_300_100()
-    >>> result = ts.train(model, data, {"epochs": 1})
+    >>> result = ts.train(model, data, {"epochs": 1}, progress=False)
     >>> ts.evaluate(result.model, data)["accuracy"] > 0.8
     True
 """
 
-from torchslim import data, measure, models
+from torchslim import codec, data, export, io, measure, models, report, tasks
 from torchslim.core import Config, ConfigError, Report, Result, TorchslimError
+from torchslim.data.sources import Data
 from torchslim.distillation import distill
-from torchslim.pruning import make_permanent, prune, prune_channels
 from torchslim.measure.profile import profile
-from torchslim.verbs import compress, evaluate, load, quantize, save, train
-
-__version__ = "0.1.0"
+from torchslim.pipeline import compress
+from torchslim.pruning import make_permanent, prune, prune_channels
+from torchslim.quantization import quantize
+from torchslim.tasks import Task
+from torchslim.verbs import evaluate, load, save, train
+from torchslim.version import __version__
 
 __all__ = [
     "Config",
     "ConfigError",
+    "Data",
     "Report",
     "Result",
+    "Task",
     "TorchslimError",
+    "__version__",
+    "codec",
     "compress",
     "data",
     "distill",
     "evaluate",
+    "export",
+    "io",
     "load",
-    "measure",
     "make_permanent",
+    "measure",
     "models",
     "profile",
     "prune",
     "prune_channels",
     "quantize",
+    "report",
     "save",
+    "tasks",
     "train",
 ]

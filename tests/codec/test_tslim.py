@@ -19,7 +19,7 @@ def _states_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 def _pruned(name: str, sparsity: float = 0.9, **kwargs) -> torch.nn.Module:
     torch.manual_seed(0)
     model = ts.models.create(name, **kwargs)
-    prune_in_place(model, PruneConfig(method="l1", scope="global", sparsity=sparsity))
+    prune_in_place(model, PruneConfig(importance="l1", scope="global", sparsity=sparsity))
     ts.make_permanent(model)
     return model
 
@@ -64,7 +64,7 @@ def test_resnet20_with_batchnorm_buffers_round_trips(tmp_path):
 def test_masked_model_stores_its_effective_weights(tmp_path):
     torch.manual_seed(0)
     model = ts.models.create("lenet-300-100")
-    prune_in_place(model, PruneConfig(method="l1", scope="global", sparsity=0.9))  # masks still attached
+    prune_in_place(model, PruneConfig(importance="l1", scope="global", sparsity=0.9))  # masks still attached
     path = tmp_path / "m.tslim"
     save_tslim(model, path)
     loaded = ts.load(path)

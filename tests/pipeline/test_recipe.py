@@ -2,7 +2,10 @@ import pytest
 
 from torchslim.core.config import ConfigError
 from torchslim.core.errors import TorchslimError
-from torchslim.pipeline import PruneStage, QuantizeStage, Recipe, RecipeStage, builtin_recipes, load_recipe
+from torchslim.pipeline import STAGES, Recipe, RecipeStage, builtin_recipes, load_recipe
+from torchslim.pruning import PruneConfig
+from torchslim.quantization import WeightOnlyConfig
+from torchslim.train import TrainConfig
 
 EXPECTED = {"channel-slim", "deep-compression", "int8-static", "prune-distill", "prune-int8", "weight-sharing"}
 
@@ -19,33 +22,48 @@ def test_builtin_recipes_ship_and_round_trip():
 def test_deep_compression_recipe_is_the_paper_pipeline():
     recipe = load_recipe("deep-compression")
     assert [s.kind for s in recipe.stages] == ["prune", "quantize", "encode"]
-    prune, quantize, encode = (s.config for s in recipe.stages)
-    assert prune.scope == "global" and prune.finetune is not None and prune.sparsities[-1] >= 0.9
-    assert quantize.weights.scheme == "kmeans" and quantize.weights.bits == 5 and quantize.type_schemes["Conv2d"].bits == 8
+    prune, quantize, encode = recipe.stages
+    assert prune.config.scope == "global" and prune.finetune is not None and prune.config.steps[-1] >= 0.9
+    assert quantize.config.weights.scheme == "kmeans" and quantize.config.weights.bits == 5
+    conv = quantize.config.overrides["type:Conv2d"]
+    assert (conv.scheme, conv.bits, conv.kmeans_init) == ("kmeans", 8, "linear")  # the override is merged onto the weights scheme
     assert quantize.finetune is not None  # centroid fine-tuning
-    assert {"huffman", "ans"} <= set(encode.coders)
+    assert {"huffman", "ans"} <= set(encode.config.coders)
 
 
 def test_python_and_yaml_forms_are_the_same_recipe():
-    python = Recipe(name="r", stages=(RecipeStage("prune", PruneStage(sparsities=(0.5, 0.8))),
-                                      RecipeStage("quantize", QuantizeStage())))
+    python = Recipe(name="r", stages=(RecipeStage("prune", PruneConfig(sparsity=(0.5, 0.8)), finetune=TrainConfig(epochs=1)),
+                                      RecipeStage("quantize", WeightOnlyConfig())))
     yaml_text = """
 name: r
 stages:
-  - prune: {sparsities: [0.5, 0.8]}
+  - prune: {sparsity: [0.5, 0.8], finetune: {epochs: 1}}
   - quantize: {}
 """
     assert Recipe.from_yaml(yaml_text) == python
 
 
+def test_every_stage_kind_parses_its_defaults_and_round_trips():
+    """Parametrized over the registry: each stage kind takes {} (or its verb's defaults) and round-trips."""
+    for kind in STAGES.names():
+        settings = {"sparsity": 0.5} if kind == "prune" else {}
+        stage = RecipeStage.parse(kind, settings, f"stage ({kind})")
+        (again, plain), = stage.to_dict().items()
+        assert again == kind and RecipeStage.parse(kind, plain, "again") == stage
+
+
 @pytest.mark.parametrize("stages, message", [
-    ([{"prune": {"sparsities": [0.5]}}, {"quantize": {"weights": {"bitz": 4}}}], r"stage 2 \(quantize\)\.weights: unknown key 'bitz'"),
-    ([{"prune": {"sparsities": "lots"}}], r"stage 1 \(prune\)\.sparsities: expected list of float"),
-    ([{"prune": {"sparsities": [0.9, 0.5]}}], r"stage 1 \(prune\).*must not decrease"),
-    ([{"squeeze": {}}], r"stage 1: unknown stage kind 'squeeze'; valid: prune, prune-channels, finetune"),
+    ([{"prune": {"sparsity": [0.5]}}, {"quantize": {"weights": {"bitz": 4}}}], r"stage 2 \(quantize\)\.weights: unknown key 'bitz'"),
+    ([{"prune": {"sparsity": "lots"}}], r"stage 1 \(prune\)\.sparsity: expected float \| list of float \| null"),
+    ([{"prune": {"sparsity": [0.9, 0.5]}}], r"stage 1 \(prune\).*must not decrease"),
+    ([{"prune": {"sparsity": 0.5, "method": "l1"}}], r"stage 1 \(prune\): unknown key 'method'"),
+    ([{"squeeze": {}}], r"stage 1 \(squeeze\): unknown stage kind 'squeeze'; valid: distill, encode, export"),
+    ([{"encode": {"finetune": {"epochs": 1}}}], r"stage 1 \(encode\): unknown key 'finetune'"),
+    ([{"quantize": {"method": "onnxruntime"}}, {"finetune": {}}], r"only be followed by one another at the end"),
+    ([{"quantize": {"method": "lossless"}}], r"unknown quantization method 'lossless'"),
     ([{"prune": {}, "quantize": {}}], r"stage 1: expected a one-key mapping"),
     ([{"finetune": {"epochs": "two"}}], r"stage 1 \(finetune\)\.epochs: expected an integer"),
-    ([{"encode": {}}, {"prune": {}}], r"only they may follow"),
+    ([{"encode": {}}, {"prune": {"sparsity": 0.5}}], r"only be followed by one another"),
     ([{"encode": {"coders": ["zip"]}}], r"unknown coder 'zip'"),
     ([], r"at least one stage"),
 ])
@@ -75,7 +93,8 @@ def test_yaml_file_recipe(tmp_path):
 
 def test_with_stage_validates_again():
     recipe = load_recipe("deep-compression")
-    changed = recipe.with_stage(0, sparsities=[0.5, 0.9])
-    assert changed.stages[0].config.sparsities == (0.5, 0.9) and recipe.stages[0].config.sparsities != (0.5, 0.9)
+    changed = recipe.with_stage(0, sparsity=[0.5, 0.9])
+    assert changed.stages[0].config.sparsity == (0.5, 0.9) and recipe.stages[0].config.sparsity != (0.5, 0.9)
+    assert changed.stages[0].finetune == recipe.stages[0].finetune
     with pytest.raises(ConfigError, match=r"stage 1 \(prune\)"):
-        recipe.with_stage(0, sparsities=[1.5])
+        recipe.with_stage(0, sparsity=[1.5])

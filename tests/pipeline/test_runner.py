@@ -4,12 +4,12 @@ import torch
 import torchslim as ts
 from torchslim.core.errors import TorchslimError
 from torchslim.pipeline import CompressInterrupted, checkpoint_status, load_recipe
-from torchslim.pipeline import runner as runner_module
+from torchslim.pipeline import stages as stages_module
 
 SMALL = {
     "name": "small-deep-compression",
     "stages": [
-        {"prune": {"sparsities": [0.5, 0.8], "scope": "global", "finetune": {"epochs": 1, "lr": 0.02, "batch_size": 64, "eval_every_epoch": False}}},
+        {"prune": {"sparsity": [0.5, 0.8], "scope": "global", "finetune": {"epochs": 1, "lr": 0.02, "batch_size": 64, "eval_every_epoch": False}}},
         {"finetune": {"epochs": 1, "lr": 0.01, "batch_size": 64, "eval_every_epoch": False}},
         {"quantize": {"weights": {"scheme": "kmeans", "bits": 4},
                       "finetune": {"epochs": 1, "optimizer": "adam", "lr": 0.001, "batch_size": 64, "eval_every_epoch": False}}},
@@ -47,7 +47,7 @@ def test_every_stage_is_evaluated_and_measured(trained, digits):
     assert stages[-1].metrics["bytes_as"] == ".tslim, entropy-coded"
     assert stages[-1].metrics["error"] < 0.2  # still a working classifier on the real digits
     assert any("after fine-tuning" in note for note in stages[1].notes)
-    assert any("centroid fine-tuning" in note for note in stages[3].notes)
+    assert any("codebook fine-tuning" in note for note in stages[3].notes)
 
 
 def test_compressed_file_rebuilds_the_model_exactly(trained, digits, tmp_path):
@@ -72,19 +72,19 @@ def test_pruned_weights_stay_zero_through_every_fine_tuning(trained, digits):
 def test_interrupted_run_resumes_to_the_same_model(trained, digits, tmp_path, monkeypatch):
     uninterrupted = ts.compress(trained, SMALL, digits, latency=False, progress=False)
     folder = tmp_path / "ckpt"
-    original = runner_module._quantize
+    original = stages_module.quantize
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(runner_module, "_quantize", interrupted)
+    monkeypatch.setattr(stages_module, "quantize", interrupted)
     with pytest.raises(CompressInterrupted, match=r"during stage 3 \(quantize\); the checkpoint after stage 2 is in .*--resume"):
         ts.compress(trained, SMALL, digits, checkpoint=folder, latency=False, progress=False)
-    assert checkpoint_status(folder) == {"recipe": "small-deep-compression", "completed": 2, "stages": 4}
+    assert checkpoint_status(folder) == {"recipe": "small-deep-compression", "completed": 2, "stages": 4, "step": 0}
     # starting over on the same folder without resume is refused: the checkpoint is not overwritten
     with pytest.raises(TorchslimError, match="holds a checkpoint"):
         ts.compress(trained, SMALL, digits, checkpoint=folder, latency=False, progress=False)
-    monkeypatch.setattr(runner_module, "_quantize", original)
+    monkeypatch.setattr(stages_module, "quantize", original)
     resumed = ts.compress(trained, SMALL, digits, checkpoint=folder, resume=True, latency=False, progress=False)
     assert [s.name for s in resumed.report.stages] == [s.name for s in uninterrupted.report.stages]
     assert _states_equal(resumed.model, uninterrupted.model)
@@ -96,12 +96,12 @@ def test_interrupted_run_resumes_to_the_same_model(trained, digits, tmp_path, mo
 
 def test_masks_are_restored_on_resume(trained, digits, tmp_path, monkeypatch):
     """Resuming after the prune stage keeps pruned weights at zero through the next fine-tuning."""
-    recipe = {"name": "p", "stages": [{"prune": {"sparsities": [0.9]}}, {"finetune": {"epochs": 1, "lr": 0.05, "eval_every_epoch": False}}]}
-    original = runner_module._finetune
-    monkeypatch.setattr(runner_module, "_finetune", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    recipe = {"name": "p", "stages": [{"prune": {"sparsity": [0.9]}}, {"finetune": {"epochs": 1, "lr": 0.05, "eval_every_epoch": False}}]}
+    original = stages_module.fit
+    monkeypatch.setattr(stages_module, "fit", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(CompressInterrupted):
         ts.compress(trained, recipe, digits, checkpoint=tmp_path / "c", latency=False, progress=False)
-    monkeypatch.setattr(runner_module, "_finetune", original)
+    monkeypatch.setattr(stages_module, "fit", original)
     result = ts.compress(trained, recipe, digits, checkpoint=tmp_path / "c", resume=True, latency=False, progress=False)
     assert result.report.stages[-1].metrics["nonzeros"] == result.report.stages[1].metrics["nonzeros"]
 
@@ -109,11 +109,22 @@ def test_masks_are_restored_on_resume(trained, digits, tmp_path, monkeypatch):
 def test_int8_export_stage_runs_in_onnx_runtime(trained, digits, tmp_path):
     result = ts.compress(trained, "int8-static", digits, export_path=tmp_path / "m.onnx", latency=True, progress=False)
     stage = result.report.stages[-1]
-    assert stage.execution == "ONNX Runtime" and (tmp_path / "m.onnx").is_file()
+    assert stage.execution == "ONNX Runtime" and (tmp_path / "m.onnx").is_file() and result.files["onnx"] == tmp_path / "m.onnx"
     assert stage.metrics["stored_bytes"] == (tmp_path / "m.onnx").stat().st_size < result.report.stages[0].metrics["stored_bytes"] / 2.5
     assert abs(stage.metrics["accuracy"] - result.report.stages[0].metrics["accuracy"]) < 0.03
     with pytest.raises(TorchslimError, match="export_path"):
         ts.compress(trained, "int8-static", digits)
+
+
+def test_int8_quantize_stage_and_native_export_run_in_onnx_runtime(trained, digits, tmp_path):
+    """The quantize stage takes every method of the quantize verb; an int8 engine ends the recipe."""
+    for index, stage in enumerate([{"quantize": {"method": "native-int8", "calibration_batches": 4}},
+                                   {"export": {"int8": {"method": "native-int8", "observer": "mse", "calibration_batches": 4}}}]):
+        path = tmp_path / f"n{index}.onnx"
+        result = ts.compress(trained, {"name": "n", "stages": [stage]}, digits, export_path=path, latency=False, progress=False)
+        final = result.report.stages[-1]
+        assert path.is_file() and final.metrics["stored_bytes"] == path.stat().st_size
+        assert "ONNX Runtime" in final.execution and abs(final.metrics["accuracy"] - result.report.stages[0].metrics["accuracy"]) < 0.03
 
 
 def test_prune_distill_recipe(trained, digits):
@@ -122,19 +133,24 @@ def test_prune_distill_recipe(trained, digits):
     pruned, distilled = result.report.stages[1], result.report.stages[2]
     assert distilled.metrics["nonzeros"] == pruned.metrics["nonzeros"]  # masks stay while distilling
     assert distilled.metrics["error"] <= pruned.metrics["error"]
-    assert "teacher error" in distilled.notes[0]
+    assert "teacher accuracy" in distilled.notes[0]
 
 
-def test_compress_needs_a_dataset(trained):
-    with pytest.raises(TorchslimError, match="needs a torchslim Dataset"):
-        ts.compress(trained, SMALL, [(torch.zeros(1, 64), torch.zeros(1))])
+def test_compress_takes_a_list_of_batches(trained, digits):
+    """Any iterable of batches is data: the same recipe on the digits as a list of (inputs, labels) batches."""
+    batches = list(digits.loader("train", batch_size=64, shuffle=True))
+    data = ts.Data(train=batches, eval=list(digits.loader("test", batch_size=256)))
+    recipe = {"name": "r", "stages": [{"prune": {"sparsity": 0.5, "finetune": {"epochs": 1, "lr": 0.01}}}, {"encode": {}}]}
+    result = ts.compress(trained, recipe, data, latency=False, progress=False)
+    assert result.report.stages[-1].metrics["examples"] == len(digits.test)
+    assert result.report.stages[-1].metrics["accuracy"] > 0.8
 
 
 def test_channel_pruning_stage_shrinks_the_model_and_the_file_reloads(digits, tmp_path):
     torch.manual_seed(0)
     model = ts.train(ts.models.create_for("lenet-300-100", digits, hidden=(64, 32)), digits, {"epochs": 5}, progress=False).model
     recipe = {"name": "slim", "stages": [
-        {"prune-channels": {"ratio": 0.5, "protect": [], "finetune": {"epochs": 2, "lr": 0.02, "eval_every_epoch": False}}},
+        {"prune-channels": {"ratio": 0.5, "finetune": {"epochs": 2, "lr": 0.02, "eval_every_epoch": False}}},
         {"quantize": {"weights": {"scheme": "uniform", "bits": 8}}},
         {"encode": {}},
     ]}

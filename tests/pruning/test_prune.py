@@ -7,10 +7,10 @@ from torchslim.core.errors import TorchslimError
 from torchslim.pruning import (
     GradualPruning,
     L0Regularizer,
+    WEIGHT_IMPORTANCE,
     PruneConfig,
     SparseLinear,
     SparsityRegularizer,
-    iterative_prune,
     make_permanent,
     masks_of,
     polynomial_sparsity,
@@ -27,11 +27,11 @@ def trained_lenet(mnist_small):
     return model
 
 
-@pytest.mark.parametrize("method", ["l1", "l2", "gradient", "taylor", "random"])
+@pytest.mark.parametrize("importance", WEIGHT_IMPORTANCE.names())
 @pytest.mark.parametrize("scope", ["layer", "global"])
-def test_every_criterion_reaches_the_target(method, scope, mnist_small):
+def test_every_criterion_reaches_the_target(importance, scope, mnist_small):
     model = ts.models.create("lenet-300-100")
-    result = ts.prune(model, {"method": method, "scope": scope, "sparsity": 0.8, "calibration_batches": 2}, data=mnist_small)
+    result = ts.prune(model, {"importance": importance, "scope": scope, "sparsity": 0.8, "calibration_batches": 2}, data=mnist_small)
     rows = result.report.stages[0].layers
     assert sum(r["weights"] - r["nonzeros"] for r in rows) == round(0.8 * 266_200) or scope == "layer"
     if scope == "layer":
@@ -44,13 +44,13 @@ def test_every_criterion_reaches_the_target(method, scope, mnist_small):
 
 def test_magnitude_beats_random_on_a_trained_model(trained_lenet, mnist_small):
     config = {"scope": "global", "sparsity": 0.9}
-    magnitude = ts.evaluate(ts.prune(trained_lenet, {**config, "method": "l1"}).model, mnist_small)["accuracy"]
-    random = ts.evaluate(ts.prune(trained_lenet, {**config, "method": "random"}).model, mnist_small)["accuracy"]
+    magnitude = ts.evaluate(ts.prune(trained_lenet, {**config, "importance": "l1"}).model, mnist_small)["accuracy"]
+    random = ts.evaluate(ts.prune(trained_lenet, {**config, "importance": "random"}).model, mnist_small)["accuracy"]
     assert magnitude > 0.8 > random + 0.2
 
 
 def test_pruned_weights_stay_zero_through_finetuning(trained_lenet, mnist_small):
-    result = ts.prune(trained_lenet, {"method": "l1", "sparsity": 0.7})
+    result = ts.prune(trained_lenet, {"importance": "l1", "sparsity": 0.7})
     model = result.model
     masks = {name: mask.clone() for name, mask in masks_of(model).items()}
     config = {"epochs": 1, "optimizer": "sgd", "momentum": 0.9, "weight_decay": 5e-3, "lr": 0.05, "max_batches_per_epoch": 30, "eval_every_epoch": False}
@@ -68,7 +68,7 @@ def test_pruned_weights_stay_zero_through_finetuning(trained_lenet, mnist_small)
 
 
 def test_save_load_of_pruned_model_keeps_zeros(trained_lenet, tmp_path):
-    pruned = ts.prune(trained_lenet, {"method": "l1", "scope": "global", "sparsity": 0.9}).model
+    pruned = ts.prune(trained_lenet, {"importance": "l1", "scope": "global", "sparsity": 0.9}).model
     path = ts.save(pruned, tmp_path / "p.safetensors")
     again = ts.load(path)
     x = torch.randn(3, 1, 28, 28)
@@ -76,23 +76,36 @@ def test_save_load_of_pruned_model_keeps_zeros(trained_lenet, tmp_path):
     assert ts.measure.count_nonzeros(again) == ts.measure.count_nonzeros(pruned)
 
 
-def test_han_quality_threshold_and_layer_sparsity(trained_lenet):
+def test_han_quality_threshold_and_overrides(trained_lenet):
     result = ts.prune(trained_lenet, {"quality": 1.0})
     for row in result.report.stages[0].layers:
         assert 0.5 < row["sparsity"] < 0.8  # |w| < std holds for about 68% of a bell-shaped layer
-    per_layer = ts.prune(trained_lenet, {"layer_sparsity": {"fc1": 0.9, "fc2": 0.5}, "layers": {"include": ["fc1", "fc2"]}})
+    per_layer = ts.prune(trained_lenet, {"overrides": {"fc1": 0.9, "fc2": 0.5}, "layers": {"include": ["fc1", "fc2"]}})
     assert [round(r["sparsity"], 3) for r in per_layer.report.stages[0].layers] == [0.9, 0.5]
+    mixed = ts.prune(trained_lenet, {"sparsity": 0.6, "overrides": {"fc3": 0.2, "type:Linear": 0.4, "fc1": 0.8}})
+    assert [round(r["sparsity"], 3) for r in mixed.report.stages[0].layers] == [0.8, 0.4, 0.2]  # name beats type beats the base
+    globally = ts.prune(trained_lenet, {"sparsity": 0.9, "scope": "global", "overrides": {"fc3": 0.0}})
+    rows = globally.report.stages[0].layers
+    assert rows[2]["sparsity"] == 0.0 and sum(r["weights"] - r["nonzeros"] for r in rows[:2]) == round(0.9 * 265_200)
+    with pytest.raises(TorchslimError, match="picks none of the selected layers"):
+        ts.prune(trained_lenet, {"sparsity": 0.5, "overrides": {"conv*": 0.9}})
 
 
-def test_iterative_schedule_recovers_accuracy(trained_lenet, mnist_small):
-    config = {"sparsities": [0.6, 0.85], "prune": {"sparsity": 0.5, "scope": "global"},
-              "finetune": {"epochs": 1, "lr": 0.02, "max_batches_per_epoch": 40}}
+@pytest.mark.slow
+def test_pruning_in_steps_with_fine_tuning_recovers_accuracy(trained_lenet, mnist_small):
     dense = ts.evaluate(trained_lenet, mnist_small)["accuracy"]
-    result = iterative_prune(trained_lenet, mnist_small, config, progress=False)
-    stages = result.report.stages
-    assert len(stages) == 2 and stages[-1].metrics["nonzeros"] < 0.16 * 266_610 + 410
-    assert stages[-1].metrics["accuracy"] >= stages[-1].metrics["accuracy_after_prune"] - 0.005
-    assert stages[-1].metrics["accuracy"] > dense - 0.02
+    steps = []
+    result = ts.prune(trained_lenet, {"sparsity": [0.6, 0.85], "scope": "global"}, data=mnist_small,
+                      finetune={"epochs": 1, "lr": 0.02, "max_batches_per_epoch": 40}, on_step=lambda index, model: steps.append(index),
+                      progress=False)
+    stage = result.report.stages[0]
+    assert steps == [0, 1] and len(stage.notes) == 2 and stage.metrics["nonzeros"] < 0.16 * 266_610 + 410
+    after_prune, after_tuning = (float(part.split("accuracy ")[1].split("%")[0]) if "accuracy" in part else float(part.split("%")[0])
+                                 for part in stage.notes[-1].split(", ")[1:])
+    assert after_tuning >= after_prune - 0.5
+    assert ts.evaluate(result.model, mnist_small)["accuracy"] > dense - 0.02
+    resumed = ts.prune(trained_lenet, {"sparsity": [0.6, 0.85], "scope": "global"}, start_step=1)
+    assert resumed.report.stages[0].metrics["weight_sparsity"] == pytest.approx(0.85, abs=1e-3)  # only the last step ran
 
 
 def test_gradual_pruning_follows_polynomial_schedule(mnist_small):
@@ -148,13 +161,13 @@ def test_bad_input_errors():
     with pytest.raises(ConfigError, match=r"sparsity must be in \[0, 1\)"):
         ts.prune(model, {"sparsity": 1.0})
     with pytest.raises(ConfigError, match="unknown weight importance 'l3'"):
-        ts.prune(model, {"sparsity": 0.5, "method": "l3"})
+        ts.prune(model, {"sparsity": 0.5, "importance": "l3"})
     with pytest.raises(TorchslimError, match="layer pattern 'conv\\*' matches no module"):
         ts.prune(model, {"sparsity": 0.5, "layers": {"include": ["conv*"]}})
     with pytest.raises(ConfigError, match="unknown key 'sparsty'"):
         ts.prune(model, {"sparsty": 0.5})
     with pytest.raises(ConfigError, match="needs data"):
-        ts.prune(model, {"sparsity": 0.5, "method": "taylor"})
+        ts.prune(model, {"sparsity": 0.5, "importance": "taylor"})
     with pytest.raises(TorchslimError, match="layer 'bn1' \\(BatchNorm2d\\) is not one of the selectable types"):
         ts.prune(ts.models.create("resnet20"), {"sparsity": 0.5, "layers": {"include": ["bn1"]}})
 

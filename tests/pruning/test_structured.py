@@ -7,8 +7,7 @@ from torch import nn
 import torchslim as ts
 from torchslim.core.config import ConfigError
 from torchslim.core.errors import TorchslimError
-from torchslim.pruning.graph import trace
-from torchslim.pruning.structured import StructuredConfig, prune_channels, remove_channels, select_groups
+from torchslim.pruning import GROUP_IMPORTANCE, StructuredConfig, prune_channels, remove_channels, select_groups, trace
 
 ARCHITECTURES = {
     "lenet-5": (lambda: ts.models.create("lenet-5"), lambda: torch.randn(4, 1, 28, 28), {}),
@@ -55,7 +54,7 @@ def test_removing_zero_channels_leaves_outputs_unchanged(name):
     _randomize_norms(model)
     x = example()
     graph = trace(model, x)
-    config = StructuredConfig(ratio=0.4, protect=(), importance="random", **extra)
+    config = StructuredConfig(ratio=0.4, importance="random", **extra)
     groups, _ = select_groups(model, graph, config)
     heads = [h for i, h in enumerate(graph.heads) if i % 4 in (1, 2)] if extra.get("head_ratio") else []
     assert groups, "something must be prunable"
@@ -100,29 +99,34 @@ def test_channel_counts_follow_the_ratio_and_rounding(round_to):
         if isinstance(before, nn.Conv2d) and name.endswith("conv2"):
             assert after.out_channels == before.out_channels  # residual streams left whole when asked
     lenet = prune_channels(ts.models.create("lenet-5"), {"ratio": 0.5}, example_input=torch.zeros(1, 1, 28, 28)).model
-    assert (lenet.conv1.out_channels, lenet.conv2.out_channels, lenet.fc1.out_features, lenet.fc2.out_features) == (20, 25, 250, 10)
+    assert (lenet.conv1.out_channels, lenet.conv2.out_channels, lenet.fc1.out_features, lenet.fc2.out_features) == (10, 25, 250, 10)
     assert lenet.fc1.in_features == 25 * 4 * 4  # a flatten block per removed channel
 
 
-def test_layer_ratios_protect_and_global_scope():
+def test_overrides_protection_and_global_scope():
     x = torch.zeros(1, 1, 28, 28)
     model = ts.models.create("lenet-300-100")
-    result = prune_channels(model, {"ratio": 0.5, "layer_ratios": {"fc2": 0.1}}, example_input=x)
-    assert (result.model.fc1.out_features, result.model.fc2.out_features) == (300, 90)  # fc1 is the protected first layer
-    result = prune_channels(model, {"ratio": 0.5, "protect": []}, example_input=x)
-    assert (result.model.fc1.out_features, result.model.fc2.out_features) == (150, 50)
+    result = prune_channels(model, {"ratio": 0.5, "overrides": {"fc2": 0.1}}, example_input=x)
+    assert (result.model.fc1.out_features, result.model.fc2.out_features) == (150, 90)
+    assert "protected: output channels of fc3 (they are the model's output)" in result.report.stages[0].notes
+    assert result.report.stages[0].metrics["macs_ratio"] > 1.9  # the words "ratio 0.5" do what they say on an MLP
+    result = prune_channels(model, {"ratio": 0.5, "overrides": {"fc1": 0.0}}, example_input=x)
+    assert (result.model.fc1.out_features, result.model.fc2.out_features) == (300, 50)
+    assert "protected by overrides: fc1" in result.report.stages[0].notes
+    result = prune_channels(model, {"ratio": 0.5, "layers": {"exclude": ["fc2"]}}, example_input=x)
+    assert (result.model.fc1.out_features, result.model.fc2.out_features) == (150, 100)
     with torch.no_grad():
         model.fc2.weight.mul_(100)  # fc2's neurons much larger: the global ranking (normalized per set) is unaffected
-    result = prune_channels(model, {"ratio": 0.5, "protect": [], "scope": "global"}, example_input=x)
+    result = prune_channels(model, {"ratio": 0.5, "scope": "global"}, example_input=x)
     assert result.model.fc1.out_features + result.model.fc2.out_features == 200
-    with pytest.raises(ConfigError, match="layers the model does not have"):
-        prune_channels(model, {"ratio": 0.5, "protect": ["fc9"]}, example_input=x)
+    with pytest.raises(TorchslimError, match="picks none of the selected layers"):
+        prune_channels(model, {"ratio": 0.5, "overrides": {"fc9": 0.0}}, example_input=x)
 
 
 def test_option_a_shortcut_gets_an_index_after_pruning():
     x = torch.randn(2, 3, 32, 32)
     model = ts.models.create("resnet20").eval()
-    result = prune_channels(model, {"ratio": 0.5, "protect": []}, example_input=x)
+    result = prune_channels(model, {"ratio": 0.5}, example_input=x)
     shortcut = result.model.layer2[0].shortcut
     assert shortcut.index is not None and len(shortcut.index) == shortcut.in_channels
     assert shortcut.out_channels == result.model.layer2[0].conv2.out_channels
@@ -130,7 +134,7 @@ def test_option_a_shortcut_gets_an_index_after_pruning():
     assert transform["attributes"]["layer2.0.shortcut"]["index"] == shortcut.index
 
 
-@pytest.mark.parametrize("importance", ["l1", "l2", "bn_scale", "mean_activation", "apoz", "taylor", "random"])
+@pytest.mark.parametrize("importance", GROUP_IMPORTANCE.names())
 def test_every_importance_criterion(importance, digits):
     torch.manual_seed(0)
     model = ts.models.create("resnet20", in_channels=1)  # 8x8 digits: convolutions, BatchNorm, residual streams
@@ -159,6 +163,8 @@ def test_bad_input_is_named():
         prune_channels(model, {"ratio": 0.5})
     with pytest.raises(ConfigError, match="needs calibration data"):
         prune_channels(model, {"ratio": 0.5, "importance": "taylor"}, example_input=torch.zeros(1, 784))
+    with pytest.raises(ConfigError, match="importance must be one of"):
+        prune_channels(model, {"ratio": 0.5, "importance": "gradient"}, example_input=torch.zeros(1, 784))
     with pytest.raises(ConfigError, match="needs BatchNorm"):
         prune_channels(model, {"ratio": 0.5, "importance": "bn_scale"}, example_input=torch.zeros(1, 784))
     masked = ts.prune(model, {"sparsity": 0.5}).model
@@ -187,7 +193,7 @@ class Unusual(nn.Module):
 def test_what_cannot_be_pruned_is_named_and_left_intact():
     model = Unusual().eval()
     x = torch.randn(2, 1, 12, 12)
-    result = prune_channels(model, {"ratio": 0.5, "protect": []}, example_input=x)
+    result = prune_channels(model, {"ratio": 0.5}, example_input=x)
     notes = " ".join(result.report.stages[0].notes)
     assert "roll" in notes and "left intact" in notes
     assert result.model.conv1.out_channels == 8  # its channels feed the roll: untouched
@@ -212,7 +218,7 @@ def test_hugging_face_style_encoder_is_handled_or_named():
 
     wrapper = Wrapper(model).eval()
     expected_shape = wrapper(ids).shape
-    result = prune_channels(wrapper, {"ratio": 0.5, "protect": [], "prune_residual": False, "head_ratio": 0.5}, example_input=ids)
+    result = prune_channels(wrapper, {"ratio": 0.5, "prune_residual": False, "head_ratio": 0.5}, example_input=ids)
     assert result.model(ids).shape == expected_shape
     layer = result.model.bert.encoder.layer[0]
     assert layer.intermediate.dense.out_features == 32  # the MLP neurons went
@@ -220,10 +226,24 @@ def test_hugging_face_style_encoder_is_handled_or_named():
     assert layer.attention.output.dense.in_features == 16  # the projection reading the heads lost their columns
     # zero heads and neurons first: then removing them leaves the encoder's output unchanged
     graph = trace(wrapper, ids)
-    groups, _ = select_groups(wrapper, graph, StructuredConfig(ratio=0.5, protect=(), prune_residual=False, importance="random"))
+    groups, _ = select_groups(wrapper, graph, StructuredConfig(ratio=0.5, prune_residual=False, importance="random"))
     heads = [h for h in graph.heads if h.head in (1, 3)]
     _zero(wrapper, groups, heads)
     expected = wrapper(ids)
     pruned = copy.deepcopy(wrapper)
     remove_channels(pruned, graph, groups, heads)
     torch.testing.assert_close(pruned(ids), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_any_callable_is_a_group_criterion():
+    """As in Torch-Pruning, a function of (model, group) ranks the groups: here, keep the groups of the largest bias."""
+    model = ts.models.create("lenet-300-100")
+    with torch.no_grad():
+        model.fc2.bias.copy_(torch.arange(100, dtype=torch.float32))
+
+    def bias_size(net, group):
+        return sum(float(getattr(net.get_submodule(p.module), p.name).detach()[p.indices].sum()) for p in group.producers if p.name == "bias")
+
+    result = prune_channels(model, {"ratio": 0.3, "importance": bias_size}, example_input=torch.zeros(1, 1, 28, 28))
+    assert torch.equal(result.model.fc2.bias, torch.arange(30, 100, dtype=torch.float32))
+    assert result.report.stages[0].config["importance"].endswith("bias_size")

@@ -77,11 +77,14 @@ def test_centroid_finetuning_recovers_accuracy(mnist_small):
 
 def test_mixed_precision_and_errors():
     model = ts.models.create("lenet-300-100")
-    result = ts.quantize(model, {"weights": {"scheme": "kmeans", "bits": 2}, "layer_schemes": {"fc3": {"scheme": "uniform", "bits": 8}}})
-    assert [(r["name"], r["bits"]) for r in result.report.stages[0].layers] == [("fc1", 2), ("fc2", 2), ("fc3", 8)]
+    result = ts.quantize(model, {"weights": {"scheme": "kmeans", "bits": 2}, "overrides": {"fc3": {"scheme": "uniform", "bits": 8}}})
+    assert [(r["name"], r["scheme"], r["bits"]) for r in result.report.stages[0].layers] == [("fc1", "kmeans", 2), ("fc2", "kmeans", 2),
+                                                                                               ("fc3", "uniform", 8)]
     assert type(model.fc1) is torch.nn.Linear  # the caller's model is untouched
-    with pytest.raises(ConfigError, match="layer_schemes names layers that are not selected: \\['fc9'\\]"):
-        ts.quantize(model, {"layer_schemes": {"fc9": {"bits": 4}}})
+    partial = ts.quantize(model, {"weights": {"scheme": "kmeans", "bits": 2}, "overrides": {"type:Linear": {"bits": 4}, "fc2": {"bits": 6}}})
+    assert [(r["scheme"], r["bits"]) for r in partial.report.stages[0].layers] == [("kmeans", 4), ("kmeans", 6), ("kmeans", 4)]
+    with pytest.raises(ts.TorchslimError, match="layer pattern 'fc9' picks none of the selected layers"):
+        ts.quantize(model, {"overrides": {"fc9": {"bits": 4}}})
     with pytest.raises(ConfigError, match="bits must be between 1 and 16"):
         ts.quantize(model, {"weights": {"bits": 20}})
     with pytest.raises(ts.TorchslimError, match="group_size 128 does not divide the input dimension 100"):

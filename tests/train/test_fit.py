@@ -76,7 +76,7 @@ def test_schedules():
 
 def test_divergence_is_a_clear_error(digits):
     model = ts.models.create_for("lenet-300-100", digits)
-    with pytest.raises(FloatingPointError, match="loss became"):
+    with pytest.raises(ts.TorchslimError, match="loss became .* lower the learning rate"):
         fit(model, digits, {"epochs": 1, "lr": 1e6, "momentum": 0.0}, progress=False)
 
 
@@ -85,7 +85,8 @@ def test_text_model_trains(tmp_path):
 
     text = ts.data.load("shakespeare", root=shared_data_or_skip("text"), download=False)
     model = ts.models.create_for("char-transformer", text, block_size=32, layers=1, embed_dim=32, heads=2)
-    before = ts.evaluate(model, text, limit=4, batch_size=16)["bits_per_character"]
+    before = ts.evaluate(model, text, limit=64, batch_size=16)
+    assert before["perplexity"] > 30  # about the 65-character vocabulary for an untrained model
     fit(model, text, {"epochs": 1, "optimizer": "adam", "lr": 3e-3, "batch_size": 16, "max_batches_per_epoch": 60, "eval_every_epoch": False}, progress=False)
-    after = ts.evaluate(model, text, limit=4, batch_size=16)["bits_per_character"]
-    assert after < before - 1.0
+    after = ts.evaluate(model, text, limit=64, batch_size=16)
+    assert after["bits_per_token"] < before["bits_per_token"] - 1.0 and after["perplexity"] < before["perplexity"] / 2

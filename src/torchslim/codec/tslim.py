@@ -50,7 +50,9 @@ from torch import nn
 from torchslim.codec import entropy
 from torchslim.codec.sparse import relative_decode, relative_encode
 from torchslim.core.errors import ChecksumError, TorchslimError
-from torchslim.core.report import write_atomic
+from torchslim.core.files import ModelFormat, refuse_overwrite, register_format, write_atomic
+from torchslim.core.spec import check_spec, model_spec
+from torchslim.io.modelfile import build_from_spec, load_state, state_for_saving
 
 MAGIC = b"TSLIM\x00"
 VERSION = 1
@@ -136,23 +138,20 @@ def _encode_float(tensor: torch.Tensor, coders: tuple[str, ...], index_bits: tup
 
 
 def quantized_code_tensors(model: nn.Module) -> dict[str, tuple[torch.Tensor, int]]:
-    """{state key of a packed buffer: (its integer codes, bits per code)} for every weight-only quantized weight."""
-    from torchslim.quantization.modules import QuantizedWeight
-
+    """{state key of a packed buffer: (its integer codes, bits per code)} for every module that stores integer codes
+    (it declares ``code_tensor() -> (codes, bits) | None``, as weight-only quantized weights do)."""
     out = {}
     for name, module in model.named_modules():
-        if isinstance(module, QuantizedWeight) and module.scheme.scheme not in ("fp16", "bf16"):
-            bits = module.scheme.stored_bits
-            module._unpack()  # codes from what is stored, not from a cached copy
-            out[f"{name}.packed" if name else "packed"] = (module.codes.reshape(-1).clone(), bits)
+        declared = getattr(module, "code_tensor", None)
+        codes = declared() if callable(declared) else None
+        if codes is not None:
+            out[f"{name}.packed" if name else "packed"] = codes
     return out
 
 
 def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """What a .tslim file holds for ``model``: its state with pruning masks resolved (as the model file does)."""
-    from torchslim.io.modelfile import _state
-
-    return _state(model)
+    return state_for_saving(model)
 
 
 def encode_model(model: nn.Module, coders: tuple[str, ...] = entropy.CODERS, index_bits: tuple[int, ...] = INDEX_BITS,
@@ -164,8 +163,6 @@ def encode_model(model: nn.Module, coders: tuple[str, ...] = entropy.CODERS, ind
 
 def _encode(model: nn.Module, coders: tuple[str, ...], index_bits: tuple[int, ...], spec: dict[str, Any] | None,
             metadata: dict[str, Any] | None) -> tuple[bytes, dict[str, Any]]:
-    from torchslim.io.modelfile import _check_spec, model_spec
-
     unknown = [c for c in coders if c not in entropy.CODERS]
     if unknown or not coders:
         raise TorchslimError(f"coders must be a non-empty list of {', '.join(entropy.CODERS)}, got {list(coders)}")
@@ -173,7 +170,7 @@ def _encode(model: nn.Module, coders: tuple[str, ...], index_bits: tuple[int, ..
     if spec is None:
         raise TorchslimError("the model carries no architecture spec (build it with torchslim.models.create, or pass "
                              "spec={'factory': 'package.module:callable', 'kwargs': {...}})")
-    spec = _check_spec(spec, "encode")
+    spec = check_spec(spec, "encode")
     state = model_state(model)
     codes = quantized_code_tensors(model)
     records, streams = [], []
@@ -216,8 +213,7 @@ def save_tslim(model: nn.Module, path: str | os.PathLike[str], coders: tuple[str
                spec: dict[str, Any] | None = None, metadata: dict[str, Any] | None = None, overwrite: bool = True) -> TslimSummary:
     """Write the model as a .tslim file (temporary file, then rename)."""
     path = Path(path)
-    if not overwrite and path.exists():
-        raise TorchslimError(f"{path} exists; refusing to overwrite it (pass overwrite=True / --force)")
+    refuse_overwrite(path, overwrite)
     data, header = _encode(model, coders, INDEX_BITS, spec, metadata)
     write_atomic(path, data)
     return TslimSummary(path=path, bytes=len(data), tensors=header["tensors"])
@@ -303,11 +299,9 @@ def read_tslim(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, 
 
 def load_tslim(path: str | os.PathLike[str], trust_factory: bool = False, device: str | torch.device | None = None) -> nn.Module:
     """A runnable model from a .tslim file: the architecture from its spec, the exact stored state."""
-    from torchslim.io.modelfile import _load_into, build_from_spec
-
     header, tensors = read_tslim(path)
     model = build_from_spec(header["spec"], trust_factory=trust_factory, where=str(path))
-    _load_into(model, tensors, str(path))
+    load_state(model, tensors, str(path))
     model.eval()
     return model.to(device) if device is not None else model
 
@@ -347,3 +341,10 @@ def is_tslim(path: str | os.PathLike[str]) -> bool:
             return handle.read(len(MAGIC)) == MAGIC
     except OSError:
         return False
+
+
+def _save_format(model: nn.Module, path: Path, overwrite: bool = True) -> Path:
+    return save_tslim(model, path, overwrite=overwrite).path
+
+
+register_format(ModelFormat(".tslim", save=_save_format, load=load_tslim, sniff=lambda head: head.startswith(MAGIC)))

@@ -16,11 +16,16 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+
+from torchslim.core.errors import TorchslimError
+from torchslim.core.files import refuse_overwrite, save_model_file, write_atomic
+
+# Renderers of a Report by format name ("markdown", ...), registered by torchslim.report.
+RENDERERS: dict[str, Callable[["Report"], str]] = {}
 
 
 def _jsonable(value: Any) -> Any:
@@ -123,10 +128,15 @@ class Report:
     def load(cls, path: str | os.PathLike[str]) -> Report:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
-    def to_markdown(self) -> str:
-        from torchslim.report.markdown import report_to_markdown
+    def render(self, form: str) -> str:
+        """The report rendered by a registered renderer (``markdown``)."""
+        if form not in RENDERERS:
+            raise TorchslimError(f"no report renderer {form!r}; available: {', '.join(sorted(RENDERERS)) or '(none)'}")
+        return RENDERERS[form](self)
 
-        return report_to_markdown(self)
+    def to_markdown(self) -> str:
+        """The per-stage table, then each stage's notes and per-layer rows, as Markdown."""
+        return self.render("markdown")
 
 
 @dataclasses.dataclass
@@ -136,33 +146,11 @@ class Result:
     model: torch.nn.Module
     report: Report
 
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """Save the model (safetensors weights + JSON architecture spec) and the report beside it."""
-        from torchslim.io.modelfile import save_model
-
-        saved = save_model(self.model, path)
-        self.report.save(saved.with_suffix(saved.suffix + ".report.json"))
+    def save(self, path: str | os.PathLike[str], overwrite: bool = True) -> Path:
+        """Save the model in the format its suffix names (``.safetensors`` model file, ``.tslim`` compressed file,
+        ``.onnx`` for models that run in ONNX Runtime) and the report beside it as ``<path>.report.json``."""
+        report_path = Path(path).with_suffix(Path(path).suffix + ".report.json")
+        refuse_overwrite(report_path, overwrite)
+        saved = save_model_file(self.model, path, overwrite=overwrite)
+        self.report.save(report_path)
         return saved
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename.
-
-    A crash leaves either the old file or the new one, never a half-written file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes 0600; a finished file gets the usual permissions
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise

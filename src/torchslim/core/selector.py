@@ -1,6 +1,12 @@
-"""One layer selector for every technique: include/exclude by module name (glob, or ``re:`` regex) and by type.
+r"""One layer selector for every technique: include/exclude by module name (glob, or ``re:`` regex) and by type,
+and one form of per-layer overrides.
 
-A pattern that matches nothing is an error, never a silent skip.
+A layer pattern is a name glob (``fc*``, ``layer1.*.conv1``), a regular expression (``re:blocks\.\d+\.attn\..*``)
+or a module type (``type:Conv2d``; subclasses match too). Every config that picks layers has a ``layers`` selector;
+every config with per-layer settings has ``overrides``: a mapping from a layer pattern to that layer's value
+(``{"fc3": 0.5}``, ``{"type:Conv2d": {"bits": 8}}``). The most specific pattern wins: an exact layer name over a
+glob or regex, over a type. A name pattern that matches nothing is an error, never a silent skip (a ``type:``
+override is a general rule, so a recipe can carry ``type:Conv2d`` to models without convolutions).
 
 Example:
     >>> import torchslim as ts
@@ -14,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import re
+from typing import Mapping, TypeVar
 
 from torch import nn
 
@@ -24,22 +31,69 @@ from torchslim.core.errors import TorchslimError
 WEIGHT_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d", "Embedding")
 
 
-def _matches(pattern: str, name: str) -> bool:
+V = TypeVar("V")
+
+
+def _type_names(module: nn.Module) -> set[str]:
+    names = {klass.__name__ for klass in type(module).__mro__}
+    return names | {module_type_name(module)}
+
+
+def matches(pattern: str, name: str, module: nn.Module | None = None) -> bool:
+    """Whether a layer pattern (name glob, ``re:`` regex or ``type:Class``) picks the module called ``name``."""
+    if pattern.startswith("type:"):
+        return module is not None and pattern[5:] in _type_names(module)
     if pattern.startswith("re:"):
         return re.fullmatch(pattern[3:], name) is not None
     return fnmatch.fnmatchcase(name, pattern)
 
 
-def _type_names(module: nn.Module) -> set[str]:
-    return {klass.__name__ for klass in type(module).__mro__}
+def specificity(pattern: str) -> int:
+    """3 for an exact layer name, 2 for a glob or regex, 1 for a type."""
+    if pattern.startswith("type:"):
+        return 1
+    if pattern.startswith("re:") or any(ch in pattern for ch in "*?["):
+        return 2
+    return 3
+
+
+def resolve_overrides(modules: list[tuple[str, nn.Module]], overrides: Mapping[str, V], where: str) -> dict[str, V]:
+    """{layer name: value} for every module an override pattern picks, the most specific pattern winning.
+
+    Errors: a name pattern that picks none of ``modules`` (a ``type:`` pattern is a general rule and may pick none);
+    two equally specific patterns giving one layer different values.
+
+    Example:
+        >>> layers = [("fc1", nn.Linear(2, 2)), ("fc2", nn.Linear(2, 2)), ("conv", nn.Conv2d(1, 1, 1))]
+        >>> resolve_overrides(layers, {"type:Linear": 0.5, "fc2": 0.9}, "overrides")
+        {'fc1': 0.5, 'fc2': 0.9}
+    """
+    chosen: dict[str, tuple[int, str, V]] = {}
+    for pattern, value in overrides.items():
+        picked = [(name, module) for name, module in modules if matches(pattern, name, module)]
+        if not picked and pattern.startswith("type:"):
+            continue  # a type rule is general (a recipe may meet models without that type); names must match
+        if not picked:
+            listed = ", ".join(name for name, _ in modules[:30])
+            raise TorchslimError(f"{where}: layer pattern {pattern!r} picks none of the selected layers ({listed})")
+        rank = specificity(pattern)
+        for name, _ in picked:
+            previous = chosen.get(name)
+            if previous is not None and previous[0] == rank and previous[2] != value:
+                raise TorchslimError(f"{where}: layer {name!r} is picked by both {previous[1]!r} and {pattern!r} with different values; "
+                                     f"name it exactly to say which wins")
+            if previous is None or rank > previous[0]:
+                chosen[name] = (rank, pattern, value)
+    return {name: chosen[name][2] for name, _ in modules if name in chosen}
 
 
 @dataclasses.dataclass(frozen=True)
 class LayerSelector(Config):
     """Which modules a technique touches.
 
-    ``include`` / ``exclude``: module-name patterns (``fc*``, ``layer1.*.conv1``, or ``re:blocks\\.\\d+\\.attn\\..*``).
-    ``types``: module class names (subclasses match too); empty means the technique's defaults.
+    ``include`` / ``exclude``: layer patterns (``fc*``, ``layer1.*.conv1``, ``re:blocks\\.\\d+\\.attn\\..*``,
+    ``type:Conv2d``). ``types``: module class names the technique may touch (subclasses match too); empty means the
+    technique's defaults.
     """
 
     include: tuple[str, ...] = ("*",)
@@ -62,7 +116,7 @@ def select_modules(
     types = selector.types or default_types
     named = [(name, module) for name, module in model.named_modules() if name]
     for pattern in selector.include + selector.exclude:
-        if not any(_matches(pattern, name) for name, _ in named):
+        if not any(matches(pattern, name, module) for name, module in named):
             raise TorchslimError(f"layer pattern {pattern!r} matches no module; modules: {', '.join(n for n, _ in named[:30])}")
     all_types = set().union(*(_type_names(m) for _, m in named)) if named else set()
     for type_name in selector.types:
@@ -70,9 +124,9 @@ def select_modules(
             raise TorchslimError(f"layer type {type_name!r} matches no module; types present: {', '.join(sorted(all_types & set(WEIGHT_TYPES)) or sorted(all_types)[:20])}")
     chosen = []
     for name, module in named:
-        if not any(_matches(p, name) for p in selector.include) or any(_matches(p, name) for p in selector.exclude):
+        if not any(matches(p, name, module) for p in selector.include) or any(matches(p, name, module) for p in selector.exclude):
             continue
-        explicit = selector.include != ("*",) and not any(ch in p for p in selector.include for ch in "*?[") and not any(p.startswith("re:") for p in selector.include)
+        explicit = selector.include != ("*",) and all(specificity(p) == 3 for p in selector.include)
         if not (_type_names(module) & set(types)):
             if explicit:
                 raise TorchslimError(f"layer {name!r} ({type(module).__name__}) is not one of the selectable types {', '.join(types)}")

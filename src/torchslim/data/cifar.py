@@ -95,8 +95,9 @@ def _read_members(folder_or_archive: Path, names: list[str]) -> dict[str, bytes]
     return out
 
 
-def load_cifar10(root: str | os.PathLike[str] | None, download: bool) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Read CIFAR-10 from an extracted folder or archive (binary or python version); download if allowed."""
+def load_cifar10(root: str | os.PathLike[str] | None, download: bool, check: bool = True) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Read CIFAR-10 from an extracted folder or archive (binary or python version); download if allowed.
+    ``check=False`` skips the archive's checksum."""
     base = Path(root).expanduser() if root is not None else default_root()
     searched = [base, base / "cifar10"]
     for folder in searched:
@@ -110,7 +111,7 @@ def load_cifar10(root: str | os.PathLike[str] | None, download: bool) -> dict[st
             if (folder / extracted).is_dir():
                 source = folder / extracted
             elif (folder / archive.name).is_file():
-                verify(folder / archive.name, archive)
+                verify(folder / archive.name, archive, check=check)
                 source = folder / archive.name
             if source is not None:
                 return _cifar_splits(_read_members(source, names), kind, suffix)

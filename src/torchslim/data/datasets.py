@@ -112,10 +112,13 @@ class Dataset:
     test: Split
     num_classes: int
     input_shape: tuple[int, ...]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
+    mean: tuple[float, ...] | None
+    std: tuple[float, ...] | None
     source: str = ""
     augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None
+    scale: float = 1 / 255
+    checks: list[str] = dataclasses.field(default_factory=list)
+    classes: tuple[str, ...] | None = None
 
     def split(self, name: str) -> Split:
         if name not in ("train", "test"):
@@ -157,12 +160,22 @@ class Dataset:
             "classes": self.num_classes,
             "input_shape": list(self.input_shape),
             "source": self.source,
+            "preprocessing": {"scale": self.scale, "mean": self.mean, "std": self.std},
+            "checks": list(self.checks),
         }
 
 
-def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """uint8 images (N, C, H, W) -> float, scaled to [0, 1] then standardized per channel."""
-    scaled = images.float().div_(255.0)
+def normalize(images: torch.Tensor, mean: tuple[float, ...] | None, std: tuple[float, ...] | None, scale: float = 1 / 255) -> torch.Tensor:
+    """uint8 images (N, C, H, W) -> float: multiplied by ``scale`` (1/255 gives [0, 1]; Caffe models use 1/256),
+    then standardized per channel by ``mean`` / ``std`` unless they are None.
+
+    Example:
+        >>> normalize(torch.tensor([[[[255]]]], dtype=torch.uint8), None, None, scale=1 / 256).item()
+        0.99609375
+    """
+    scaled = images.float().mul_(scale)
+    if mean is None or std is None:
+        return scaled
     mean_t = torch.tensor(mean).view(1, -1, 1, 1)
     std_t = torch.tensor(std).view(1, -1, 1, 1)
     return (scaled - mean_t) / std_t

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from torchslim.core.errors import ChecksumError, TorchslimError
-from torchslim.core.report import write_atomic
+from torchslim.core.files import write_atomic
 
 
 @dataclass(frozen=True)
@@ -32,11 +32,11 @@ def md5_of(data: bytes) -> str:
     return hashlib.md5(data, usedforsecurity=False).hexdigest()
 
 
-def verify(path: Path, expected: RemoteFile, data: bytes | None = None) -> bytes:
+def verify(path: Path, expected: RemoteFile, data: bytes | None = None, check: bool = True) -> bytes:
     """Check a local file against its known digests; return its content (decompressed for .gz).
 
     Raises ChecksumError naming the file when neither the stored nor the decompressed digest matches, or when a
-    .gz file is truncated.
+    .gz file is truncated. With ``check=False`` the digests are not compared (a user's own copy of the files).
     """
     raw = path.read_bytes() if data is None else data
     if expected.name.endswith(".gz"):
@@ -46,7 +46,7 @@ def verify(path: Path, expected: RemoteFile, data: bytes | None = None) -> bytes
             raise ChecksumError(f"{path}: corrupt or truncated gzip file ({error}); delete it and fetch it again") from None
     else:
         content = raw
-    if expected.md5 is None and expected.content_md5 is None:
+    if not check or (expected.md5 is None and expected.content_md5 is None):
         return content
     if expected.md5 is not None and md5_of(raw) == expected.md5:
         return content
@@ -56,7 +56,7 @@ def verify(path: Path, expected: RemoteFile, data: bytes | None = None) -> bytes
     raise ChecksumError(
         f"{path}: checksum mismatch (expected MD5 {wanted} of the "
         f"{'decompressed ' if expected.content_md5 else ''}content); the file is corrupt, truncated or not the "
-        f"expected one: delete it and fetch it again"
+        f"expected one: delete it and fetch it again, or, for your own copy of the data, pass verify=False (CLI: --no-verify)"
     )
 
 
@@ -102,10 +102,12 @@ def fetch(remote: RemoteFile, folder: Path, timeout: float = 60.0) -> Path:
     raise TorchslimError(f"could not download {remote.name}: " + "; ".join(failures))
 
 
-def locate(dataset: str, files: list[RemoteFile], root: str | os.PathLike[str] | None, download: bool) -> dict[str, bytes]:
+def locate(dataset: str, files: list[RemoteFile], root: str | os.PathLike[str] | None, download: bool, check: bool = True,
+           checks: list[str] | None = None) -> dict[str, bytes]:
     """Find (or download) every file of a dataset and return their verified contents by name.
 
     Files are looked for in ``root`` and ``root/<dataset>`` (``root`` defaults to $TORCHSLIM_DATA or the cache).
+    ``check=False`` skips the checksum comparison; either way each file's outcome is appended to ``checks``.
     """
     base = Path(root).expanduser() if root is not None else default_root()
     folders = [base, base / dataset]
@@ -127,5 +129,7 @@ def locate(dataset: str, files: list[RemoteFile], root: str | os.PathLike[str] |
                     f"failed ({error}). Put the files there, pass root=<folder> (CLI: --data-root) or set "
                     f"TORCHSLIM_DATA"
                 ) from None
-        contents[remote.name] = verify(path, remote)
+        contents[remote.name] = verify(path, remote, check=check)
+        if checks is not None:
+            checks.append(f"{path}: {'MD5 verified' if check else 'checksum NOT verified (verify=False)'}")
     return contents

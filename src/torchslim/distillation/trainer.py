@@ -1,8 +1,10 @@
-"""``distill``: train a student from a teacher on logits (soft targets or MSE) and on named features (FitNets hints
-through learned adapters, or attention transfer).
+"""``distill``: train a student from a teacher on outputs (soft targets at temperature T, or MSE) and on named
+features (FitNets hints through learned adapters, or attention transfer), plus the task's own loss where the data
+has labels.
 
-The teacher runs in eval mode under no_grad, once per batch; with ``cache_teacher`` its logits over the (fixed,
-un-augmented) training split are computed once and looked up by example.
+Outputs may be tensors, tuples or Hugging Face ``ModelOutput``s (their logits, or hidden states for encoders). The
+teacher runs in eval mode under no_grad, once per batch; with ``cache_teacher`` its outputs over the (fixed,
+un-augmented) training split of an in-memory dataset are computed once and looked up by example.
 
 Example:
     >>> import torchslim as ts
@@ -25,13 +27,16 @@ from torch import nn
 
 from torchslim.core.config import Config, ConfigError, check
 from torchslim.core.errors import TorchslimError
+from torchslim.core.modes import eval_mode, model_device
 from torchslim.core.report import Report, Result, Stage
 from torchslim.data.datasets import Dataset, Split
-from torchslim.distillation.losses import attention_transfer_loss, hint_loss, logit_mse_loss, soft_target_loss
+from torchslim.data.sources import DatasetSource, as_source
+from torchslim.distillation.losses import attention_transfer_loss, hint_loss, kl_soft_targets
 from torchslim.measure.counts import count_nonzeros, count_parameters
-from torchslim.train.evaluate import evaluate
-from torchslim.train.fit import Callback, TrainConfig, fit, make_optimizer
-from torchslim.train.modes import eval_mode, model_device
+from torchslim.tasks.base import Task, resolve_task
+from torchslim.tasks.batches import batch_targets, call_model, model_inputs, move_to, output_tensor
+from torchslim.train.evaluate import evaluate_source
+from torchslim.train.fit import TrainConfig, fit, make_optimizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,43 +111,51 @@ def make_adapter(student_feature: torch.Tensor, teacher_feature: torch.Tensor, k
 
 
 class _TeacherCache:
-    """Teacher logits over the whole training split, computed once; the training split's targets become indices."""
+    """Teacher outputs over the whole training split, computed once; the training split's targets become indices."""
 
     def __init__(self, teacher: nn.Module, data: Dataset, batch_size: int = 1000) -> None:
         outputs = []
         with eval_mode(teacher), torch.no_grad():
             for start in range(0, len(data.train), batch_size):
-                outputs.append(teacher(data.train.inputs[start : start + batch_size].to(model_device(teacher))).cpu())
+                batch = data.train.inputs[start : start + batch_size].to(model_device(teacher))
+                outputs.append(output_tensor(teacher(batch), "teacher output").cpu())
         self.logits = torch.cat(outputs)
         self.labels = data.train.targets
         indexed = Split(data.train.inputs, torch.arange(len(data.train)))
         self.data = dataclasses.replace(data, train=indexed)
 
 
-class _DistillLoss(Callback):
-    """The loss for ``fit``: logit term against the teacher (run once per batch, or cached) plus feature terms."""
+class _DistillLoss:
+    """The loss for ``fit``: the output term against the teacher (run once per batch, or cached), the task's loss on
+    labels weighted by 1 - alpha where the batch has labels, plus feature terms."""
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, config: DistillConfig, adapters: nn.ModuleDict,
-                 cache: _TeacherCache | None) -> None:
-        self.student, self.teacher, self.config, self.adapters, self.cache = student, teacher, config, adapters, cache
+    def __init__(self, teacher: nn.Module, config: DistillConfig, adapters: nn.ModuleDict, cache: _TeacherCache | None,
+                 task: Task, student: nn.Module) -> None:
+        self.teacher, self.config, self.adapters, self.cache, self.task = teacher, config, adapters, cache, task
         self.student_features = FeatureCapture(student, [p.student for p in config.features], "student") if config.features else None
         self.teacher_features = FeatureCapture(teacher, [p.teacher for p in config.features], "teacher") if config.features else None
         self.teacher_calls = 0
 
-    def __call__(self, outputs: torch.Tensor, targets: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
-        device = outputs.device
+    def __call__(self, student: nn.Module, batch: Any) -> torch.Tensor:
+        batch = move_to(batch, model_device(student))
+        args, kwargs = model_inputs(batch)
+        raw = student(*args, **kwargs)
+        outputs = output_tensor(raw, "student output")
         if self.cache is not None:
-            indices = targets.cpu()
-            teacher_logits = self.cache.logits[indices].to(device)
-            targets = self.cache.labels[indices].to(device)
+            indices = batch_targets(batch).cpu()
+            teacher_outputs = self.cache.logits[indices].to(outputs.device)
+            batch = (args[0], self.cache.labels[indices].to(outputs.device))
         else:
             with torch.no_grad():
-                teacher_logits = self.teacher(inputs)
+                teacher_outputs = output_tensor(self.teacher(*args, **kwargs), "teacher output")
             self.teacher_calls += 1
         if self.config.loss == "kl":
-            loss = soft_target_loss(outputs, teacher_logits, targets, self.config.temperature, self.config.alpha)
+            soft = kl_soft_targets(outputs, teacher_outputs, self.config.temperature)
         else:
-            loss = logit_mse_loss(outputs, teacher_logits, targets, self.config.alpha)
+            soft = torch.nn.functional.mse_loss(outputs.float(), teacher_outputs.float())
+        loss = soft
+        if self.config.alpha < 1.0 and self.task.needs_targets and batch_targets(batch) is not None:
+            loss = (1.0 - self.config.alpha) * self.task.loss_from(raw, batch) + self.config.alpha * soft
         for index, pair in enumerate(self.config.features):
             assert self.student_features is not None and self.teacher_features is not None
             student_feature = self.adapters[str(index)](self.student_features.outputs[pair.student])
@@ -157,15 +170,17 @@ class _DistillLoss(Callback):
                 capture.remove()
 
 
-def _check_compatible(student: nn.Module, teacher: nn.Module, example: torch.Tensor, config: DistillConfig) -> nn.ModuleDict:
+def _check_compatible(student: nn.Module, teacher: nn.Module, example: Any, config: DistillConfig) -> nn.ModuleDict:
     """Dry run on one batch: output shapes must agree; builds the feature adapters."""
     captures = [FeatureCapture(student, [p.student for p in config.features], "student"),
                 FeatureCapture(teacher, [p.teacher for p in config.features], "teacher")] if config.features else []
     try:
         with eval_mode(student), eval_mode(teacher), torch.no_grad():
-            student_out, teacher_out = student(example), teacher(example)
+            student_out = output_tensor(call_model(student, example), "student output")
+            teacher_out = output_tensor(call_model(teacher, example), "teacher output")
         if student_out.shape != teacher_out.shape:
-            raise TorchslimError(f"teacher output {tuple(teacher_out.shape)} and student output {tuple(student_out.shape)} differ: distillation needs the same classes")
+            raise TorchslimError(f"teacher output {tuple(teacher_out.shape)} and student output {tuple(student_out.shape)} differ: "
+                                 f"distillation needs outputs of the same shape (the same classes or embedding width)")
         adapters = nn.ModuleDict()
         for index, pair in enumerate(config.features):
             adapters[str(index)] = make_adapter(captures[0].outputs[pair.student], captures[1].outputs[pair.teacher], pair.kind,
@@ -177,40 +192,41 @@ def _check_compatible(student: nn.Module, teacher: nn.Module, example: torch.Ten
 
 
 def distill(student: nn.Module, teacher: nn.Module, data: Any, config: DistillConfig | dict | None = None,
-            inplace: bool = False, progress: bool | None = None) -> Result:
-    """Train ``student`` (a copy, unless ``inplace``) to match ``teacher`` on ``data``; the teacher is not changed.
+            task: str | Task | None = None, inplace: bool = False, progress: bool | str | None = None) -> Result:
+    """Train ``student`` (a copy, unless ``inplace``) to match ``teacher`` on ``data`` (anything
+    ``torchslim.data.as_source`` takes; labels are used where the batches have them); the teacher is not changed.
 
     Works as a recovery step too: pass a pruned or quantized model as the student and its uncompressed original as
-    the teacher (masks stay in force while training).
+    the teacher (masks stay in force while training). The report compares student and teacher by the ``task``'s
+    metric (fidelity to the teacher for unlabeled data).
     """
     config = DistillConfig.coerce(config, where="distill")
-    if not hasattr(data, "loader") or not hasattr(data, "train"):
-        raise ConfigError("distill needs a torchslim Dataset (ts.data.load(...)) for its training and test splits")
     trained = student if inplace else copy.deepcopy(student)
-    adapters = _check_compatible(trained, teacher, data.example_input(2).to(model_device(trained)), config)
+    source = as_source(data, trained)
+    resolved = resolve_task(task, source, teacher)
+    adapters = _check_compatible(trained, teacher, move_to(source.example(2), model_device(trained)), config)
     cache = None
     if config.cache_teacher:
-        if data.augment is not None:
+        if not isinstance(source, DatasetSource):
+            raise ConfigError("cache_teacher holds the outputs of an in-memory dataset's training split; this data is a loader")
+        if source.dataset.augment is not None:
             raise ConfigError("cache_teacher needs fixed training data, but this dataset augments its batches")
-        cache = _TeacherCache(teacher, data)
-    loss = _DistillLoss(trained, teacher, config, adapters, cache)
+        cache = _TeacherCache(teacher, source.dataset)
+    loss = _DistillLoss(teacher, config, adapters, cache, resolved, trained)
     optimizer = make_optimizer(list(trained.parameters()) + list(adapters.parameters()), config.train)
-    teacher_modes = {m: m.training for m in teacher.modules()}
-    teacher.eval()
     try:
-        history = fit(trained, cache.data if cache is not None else data, config.train.replace(eval_every_epoch=False),
-                      loss=loss, optimizer=optimizer, progress=progress)
+        with eval_mode(teacher):
+            history = fit(trained, cache.data if cache is not None else source, config.train.replace(eval_every_epoch=False), task=resolved,
+                          loss=loss, optimizer=optimizer, progress=progress, label="distill", evaluate_at_end=False)
     finally:
         loss.remove()
-        for module, mode in teacher_modes.items():
-            module.training = mode
-    final = evaluate(trained, data)
-    teacher_metrics = evaluate(teacher, data)
-    metrics = {**final, "teacher_accuracy": teacher_metrics["accuracy"], "teacher_error": teacher_metrics["error"],
+    final = evaluate_source(trained, source, resolved)
+    teacher_metrics = evaluate_source(teacher, source, resolved)
+    metrics = {**final, **{f"teacher_{key}": value for key, value in teacher_metrics.items() if key in (resolved.metric, "error", "accuracy")},
                "parameters": count_parameters(trained), "nonzeros": count_nonzeros(trained),
                "teacher_parameters": count_parameters(teacher), "teacher_calls": loss.teacher_calls, "train_seconds": history.seconds}
     stage = Stage(name="distill", kind="distill", metrics=metrics, config=config.to_dict(),
-                  notes=[f"teacher logits {'cached once' if cache is not None else 'computed once per batch'}; "
-                         f"{len(config.features)} feature pair(s)"])
+                  notes=[f"teacher outputs {'cached once' if cache is not None else 'computed once per batch'}; "
+                         f"{len(config.features)} feature pair(s); task {resolved.name}"])
     report = Report.for_model(student, [stage])
     return Result(model=trained, report=report)

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from torchslim.core.errors import TorchslimError
-from torchslim.train.modes import eval_mode
+from torchslim.core.files import ModelFormat, refuse_overwrite, register_format, write_atomic
+from torchslim.core.modes import eval_mode
 
 INPUT_NAME, OUTPUT_NAME = "input", "output"
 
@@ -56,8 +57,9 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | os.Pa
     return path
 
 
-def onnx_session(path: str | os.PathLike[str], threads: int = 2, spinning: bool = False) -> Any:
-    """An ONNX Runtime CPU session with a fixed intra-op thread count (spinning off by default, for fair timing)."""
+def onnx_session(path: str | os.PathLike[str] | bytes, threads: int = 2, spinning: bool = False) -> Any:
+    """An ONNX Runtime CPU session (from a file or the model's bytes) with a fixed intra-op thread count (spinning off
+    by default, for fair timing)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -67,7 +69,8 @@ def onnx_session(path: str | os.PathLike[str], threads: int = 2, spinning: bool 
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    model = path if isinstance(path, bytes) else str(path)
+    return ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
 
 
 def run_onnx(session: Any, inputs: torch.Tensor) -> torch.Tensor:
@@ -76,12 +79,30 @@ def run_onnx(session: Any, inputs: torch.Tensor) -> torch.Tensor:
 
 
 class OnnxModule(nn.Module):
-    """An ONNX Runtime session behind an nn.Module interface (for evaluate and the latency harness)."""
+    """An ONNX Runtime session behind an nn.Module interface (for evaluate, the latency harness and ``save``). It
+    keeps the model's bytes, so it saves as an ``.onnx`` file wherever the file it came from went."""
 
-    def __init__(self, path: str | os.PathLike[str], threads: int = 2) -> None:
+    def __init__(self, path: str | os.PathLike[str] | bytes, threads: int = 2, description: str = "ONNX Runtime") -> None:
         super().__init__()
-        self.path = str(path)
-        self.session = onnx_session(path, threads)
+        self.onnx_bytes = path if isinstance(path, bytes) else Path(path).read_bytes()
+        self.path = None if isinstance(path, bytes) else str(path)
+        self.description = description
+        self.session = onnx_session(self.onnx_bytes, threads)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return run_onnx(self.session, x)
+
+    def save(self, path: str | os.PathLike[str], overwrite: bool = True) -> Path:
+        refuse_overwrite(path, overwrite)
+        write_atomic(path, self.onnx_bytes)
+        return Path(path)
+
+
+def _save_onnx(model: nn.Module, path: Path, overwrite: bool = True) -> Path:
+    if not isinstance(model, OnnxModule):
+        raise TorchslimError(f"{path}: saving to .onnx takes a model that runs in ONNX Runtime (what quantize returns for an "
+                             f"int8 method); export a PyTorch model with torchslim.export.export_onnx(model, example_input, path)")
+    return model.save(path, overwrite=overwrite)
+
+
+register_format(ModelFormat(".onnx", save=_save_onnx, load=lambda path, trust_factory=False: OnnxModule(path)))

@@ -29,7 +29,9 @@ from safetensors.torch import save as safetensors_save
 from torch import nn
 
 from torchslim.core.errors import ChecksumError, TorchslimError
-from torchslim.core.report import write_atomic
+from torchslim.core.files import ModelFormat, refuse_overwrite, register_format, write_atomic
+from torchslim.core.spec import apply_transforms, check_spec, model_spec, set_spec
+from torchslim.measure.weights import effective_weights
 
 FORMAT = "torchslim-model"
 VERSION = 1
@@ -37,15 +39,8 @@ SPEC_KEY = "torchslim.spec"
 DIGEST_KEY = "torchslim.sha256"
 
 
-def model_spec(model: nn.Module) -> dict[str, Any] | None:
-    """The architecture spec a model carries (set by ``torchslim.models.create`` or by ``load_model``)."""
-    return getattr(model, "torchslim_spec", None)
-
-
-def _state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Plain state dict with pruning parametrizations resolved to the weights they compute."""
-    from torchslim.measure.weights import effective_weights
-
+def state_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Plain state dict (CPU, contiguous copies) with pruning parametrizations resolved to the weights they compute."""
     state = {k: v for k, v in model.state_dict().items() if ".parametrizations." not in k and not k.startswith("parametrizations.")}
     state.update(effective_weights(model))
     return {name: tensor.detach().cpu().contiguous().clone() for name, tensor in state.items()}
@@ -62,45 +57,15 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def append_transform(model: nn.Module, transform: dict[str, Any], replace_kind: bool = False) -> None:
-    """Record a structural change in the model's spec (a copy of it), so a saved file rebuilds the changed model;
-    ``replace_kind`` drops an earlier transform of the same kind first. A model without a spec is left alone."""
-    import copy
-
-    spec = model_spec(model)
-    if spec is None:
-        return
-    spec = copy.deepcopy(spec)
-    transforms = spec.get("transforms", [])
-    if replace_kind:
-        transforms = [t for t in transforms if t.get("kind") != transform["kind"]]
-    spec["transforms"] = transforms + [transform]
-    model.torchslim_spec = spec
-
-
-def _check_spec(spec: Any, where: str) -> dict[str, Any]:
-    if not isinstance(spec, dict) or ("name" in spec) == ("factory" in spec):
-        raise TorchslimError(f"{where}: an architecture spec needs exactly one of 'name' (a registered model) or 'factory' (package.module:callable), got {spec!r}")
-    kwargs = spec.get("kwargs", {})
-    if not isinstance(kwargs, dict):
-        raise TorchslimError(f"{where}: the spec's 'kwargs' must be a mapping, got {kwargs!r}")
-    try:
-        json.dumps(kwargs)
-    except TypeError as error:
-        raise TorchslimError(f"{where}: the spec's kwargs are not JSON-serializable ({error})") from None
-    return {**spec, "kwargs": kwargs}
-
-
 def save_model(model: nn.Module, path: str | os.PathLike[str], spec: dict[str, Any] | None = None, overwrite: bool = True) -> Path:
     """Write the model's weights and architecture spec to one .safetensors file, atomically.
 
     ``spec`` defaults to the one the model carries. Masks from pruning are applied (zeros are stored).
     """
     path = Path(path)
-    if not overwrite and path.exists():
-        raise TorchslimError(f"{path} exists; refusing to overwrite it (pass overwrite=True / --force)")
-    spec = _check_spec(spec if spec is not None else model_spec(model), str(path))
-    tensors = _state(model)
+    refuse_overwrite(path, overwrite)
+    spec = check_spec(spec if spec is not None else model_spec(model), str(path))
+    tensors = state_for_saving(model)
     metadata = {
         "format": FORMAT,
         "version": str(VERSION),
@@ -133,7 +98,7 @@ def build_from_spec(spec: dict[str, Any], trust_factory: bool = False, where: st
     """Build an (untrained) model from a spec; import-path factories need ``trust_factory=True``."""
     from torchslim.models import create
 
-    spec = _check_spec(spec, where)
+    spec = check_spec(spec, where)
     if "name" in spec:
         model = create(spec["name"], **spec["kwargs"])
     else:
@@ -145,25 +110,9 @@ def build_from_spec(spec: dict[str, Any], trust_factory: bool = False, where: st
         model = _resolve_factory(spec["factory"], where)(**spec["kwargs"])
         if not isinstance(model, nn.Module):
             raise TorchslimError(f"{where}: factory {spec['factory']!r} returned {type(model).__name__}, not an nn.Module")
-        model.torchslim_spec = dict(spec)
-    for transform in spec.get("transforms", []):
-        model = _apply_transform(model, transform, where)
-    model.torchslim_spec = dict(spec)
+    model = apply_transforms(model, spec.get("transforms", []), where)
+    set_spec(model, spec)
     return model
-
-
-def _apply_transform(model: nn.Module, transform: dict[str, Any], where: str) -> nn.Module:
-    """Rebuild structural changes a compression step recorded in the spec (e.g. quantized layers)."""
-    kind = transform.get("kind") if isinstance(transform, dict) else None
-    if kind == "weight-quantization":
-        from torchslim.quantization.weight_only import apply_structure
-
-        return apply_structure(model, transform)
-    if kind == "channel-pruning":
-        from torchslim.pruning.structured import apply_structure as apply_channels
-
-        return apply_channels(model, transform)
-    raise TorchslimError(f"{where}: unknown transform {kind!r} in the architecture spec")
 
 
 def read_model_file(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -193,12 +142,13 @@ def load_model(path: str | os.PathLike[str], trust_factory: bool = False, device
     """Rebuild a model saved by ``save_model``: architecture from the spec, weights from safetensors (no pickle)."""
     spec, tensors = read_model_file(path)
     model = build_from_spec(spec, trust_factory=trust_factory, where=str(path))
-    _load_into(model, tensors, str(path))
+    load_state(model, tensors, str(path))
     model.eval()
     return model.to(device) if device is not None else model
 
 
-def _load_into(model: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
+def load_state(model: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Load ``tensors`` into ``model``, with an error naming ``where`` when names or shapes do not fit."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
@@ -246,3 +196,6 @@ def load_weights(path: str | os.PathLike[str], trusted: bool = False) -> dict[st
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise TorchslimError(f"{path}: expected a mapping of names to tensors (a state_dict)")
     return state
+
+
+register_format(ModelFormat(".safetensors", save=save_model, load=load_model))

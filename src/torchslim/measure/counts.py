@@ -9,8 +9,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from torchslim.core.modes import eval_mode
 from torchslim.core.selector import module_type_name
-from torchslim.train.modes import eval_mode
+from torchslim.measure.weights import effective_weights, logical_weights
+from torchslim.tasks.batches import batch_size_of, call_model
 
 MacCounter = Callable[[nn.Module, tuple, Any], int]
 MAC_COUNTERS: dict[type, MacCounter] = {}
@@ -72,23 +74,25 @@ def _attention_method(module: nn.Module, inputs: tuple, output: Any) -> int:
 
 
 def count_parameters(model: nn.Module) -> int:
-    """Number of parameters (shared parameters counted once)."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    """Number of parameters as the forward pass uses them (shared parameters counted once; a quantized layer counts
+    the weights it encodes, not its codebook)."""
+    return sum(t.numel() for t in logical_weights(model).values())
 
 
 def count_nonzeros(model: nn.Module) -> int:
-    """Number of non-zero parameter values (after any pruning masks are applied)."""
-    from torchslim.measure.weights import effective_weights
-
-    return int(sum(int(torch.count_nonzero(t)) for t in effective_weights(model).values()))
+    """Number of non-zero parameter values (after pruning masks; quantized weights as decoded)."""
+    return int(sum(int(torch.count_nonzero(t)) for t in logical_weights(model).values()))
 
 
 def dense_bytes(model: nn.Module) -> int:
     """Bytes the parameters and buffers take stored densely at their current dtype."""
-    from torchslim.measure.weights import effective_weights
-
     tensors = list(effective_weights(model).values()) + [b for b in model.buffers()]
     return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def fp32_weight_bytes(model: nn.Module) -> int:
+    """Bytes of the model's floating-point weights stored densely in fp32 (the baseline size of compression papers)."""
+    return sum(t.numel() * 4 for t in logical_weights(model).values() if t.is_floating_point())
 
 
 def stored_bytes(path: str | os.PathLike[str]) -> int:
@@ -116,8 +120,7 @@ def count_macs(model: nn.Module, example_input: torch.Tensor | tuple, per_exampl
         >>> count_macs(nn.Linear(784, 300), torch.zeros(1, 784))["total"]
         235200
     """
-    inputs = example_input if isinstance(example_input, tuple) else (example_input,)
-    batch = inputs[0].shape[0] if inputs[0].dim() > 0 else 1
+    batch = batch_size_of(example_input)
     rows: dict[str, int] = {}
     types: dict[str, str] = {}
     handles = []
@@ -136,7 +139,7 @@ def count_macs(model: nn.Module, example_input: torch.Tensor | tuple, per_exampl
         types[name] = type(module).__name__
     try:
         with eval_mode(model):
-            model(*inputs)
+            call_model(model, example_input)
     finally:
         for handle in handles:
             handle.remove()
@@ -147,8 +150,6 @@ def count_macs(model: nn.Module, example_input: torch.Tensor | tuple, per_exampl
 
 def layer_table(model: nn.Module, example_input: torch.Tensor | None = None) -> list[dict[str, Any]]:
     """One row per module that owns parameters: name, type, parameters, non-zeros, sparsity, MACs."""
-    from torchslim.measure.weights import effective_weights
-
     weights = effective_weights(model)
     macs = {row["name"]: row["macs"] for row in count_macs(model, example_input)["layers"]} if example_input is not None else {}
     rows = []

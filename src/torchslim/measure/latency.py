@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from torchslim.core.registry import Registry
-from torchslim.train.modes import eval_mode
+from torchslim.core.modes import eval_mode
+from torchslim.tasks.batches import call_model, repeat_example
 
 Runner = Callable[[torch.Tensor], Any]
 # A backend turns (model, example input) into a callable that runs one batch.
@@ -25,9 +26,9 @@ BACKENDS: Registry[Callable[[nn.Module, torch.Tensor], Runner]] = Registry("late
 def eager_backend(model: nn.Module, example: torch.Tensor) -> Runner:
     """Plain PyTorch, eval mode, under inference_mode."""
 
-    def run(x: torch.Tensor) -> Any:
+    def run(x: Any) -> Any:
         with torch.inference_mode():
-            return model(x)
+            return call_model(model, x)
 
     return run
 
@@ -37,9 +38,9 @@ def compile_backend(model: nn.Module, example: torch.Tensor) -> Runner:
     """torch.compile (inductor) of the model in eval mode."""
     compiled = torch.compile(model)
 
-    def run(x: torch.Tensor) -> Any:
+    def run(x: Any) -> Any:
         with torch.inference_mode():
-            return compiled(x)
+            return call_model(compiled, x)
 
     return run
 
@@ -202,12 +203,11 @@ def measure_latency(
     name = backend if isinstance(backend, str) else getattr(backend, "__name__", "custom")
     make = BACKENDS.get(backend) if isinstance(backend, str) else backend
     results = []
-    single = example_input[:1]
     with thread_count(threads) as used, contextlib.ExitStack() as stack:
         if isinstance(model, nn.Module):
             stack.enter_context(eval_mode(model))
         for batch_size in batch_sizes:
-            batch = single.expand(batch_size, *single.shape[1:]).contiguous()
+            batch = repeat_example(example_input, batch_size)
             run = make(model, batch) if isinstance(model, nn.Module) else model
             samples = time_runner(run, batch, warmup, runs, min_seconds)
             results.append(summarize(name, batch_size, used, samples))

@@ -10,9 +10,24 @@ import torch
 from torch import nn
 
 from torchslim.core.environment import environment
+from torchslim.core.files import save_model_file
 from torchslim.core.report import Report, Result, Stage
 from torchslim.measure.counts import count_macs, count_nonzeros, count_parameters, dense_bytes, layer_table, stored_bytes
 from torchslim.measure.latency import measure_latency
+from torchslim.tasks.batches import first_examples
+
+
+def measure_model(model: nn.Module, example_input: Any, engine: nn.Module | None = None, latency: bool = True, threads: int | None = 2,
+                  runs: int = 30, warmup: int = 5) -> dict[str, Any]:
+    """Parameters and non-zeros (as the forward pass uses them), MACs of one example, and, with ``latency``, the
+    median eager batch-1 latency of ``engine`` (what runs; default the model itself)."""
+    metrics: dict[str, Any] = {"parameters": count_parameters(model), "nonzeros": count_nonzeros(model),
+                               "macs": int(count_macs(model, first_examples(example_input, 1))["total"])}
+    if latency:
+        result = measure_latency(engine if engine is not None else model, example_input, batch_sizes=(1,), runs=runs, warmup=warmup,
+                                 threads=threads)[0]
+        metrics["latency_median_ms"] = result.median_ms
+    return metrics
 
 
 def profile(
@@ -33,19 +48,13 @@ def profile(
         >>> result.report.stages[0].metrics["parameters"]
         266610
     """
-    metrics: dict[str, Any] = {
-        "parameters": count_parameters(model),
-        "nonzeros": count_nonzeros(model),
-        "macs": count_macs(model, example_input[:1])["total"],
-        "dense_bytes": dense_bytes(model),
-    }
+    metrics = measure_model(model, example_input, latency=False)
+    metrics["dense_bytes"] = dense_bytes(model)
     notes = []
     if file_bytes:
-        from torchslim.io.modelfile import save_model
-
         with tempfile.TemporaryDirectory() as folder:
             try:
-                path = save_model(model, Path(folder) / "model.safetensors", spec={"name": "(profiled)", "kwargs": {}})
+                path = save_model_file(model, Path(folder) / "model.safetensors")
                 metrics["stored_bytes"] = stored_bytes(path)
             except Exception as error:  # noqa: BLE001 - report, never fail a profile on the file size
                 notes.append(f"stored bytes not measured: {error}")
@@ -62,7 +71,7 @@ def profile(
         metrics["latency_median_ms"] = latency[0]["median_ms"]
         metrics["latency_p90_ms"] = latency[0]["p90_ms"]
     metrics["latency"] = latency
-    stage = Stage(name=stage_name, kind="profile", metrics=metrics, layers=layer_table(model, example_input[:1]), notes=notes)
+    stage = Stage(name=stage_name, kind="profile", metrics=metrics, layers=layer_table(model, first_examples(example_input, 1)), notes=notes)
     report = Report.for_model(model, [stage])
     report.environment = environment()
     return Result(model=model, report=report)

@@ -1,4 +1,10 @@
-"""The weights a model really computes with: masked parametrizations resolved to their effective values."""
+"""The weights a model really computes with: masked parametrizations resolved to their effective values, and
+compressed layers' stored forms given back as the weights they stand for.
+
+A module that stores its weights in another form (codes and a codebook, packed integers) declares
+``logical_parameters() -> {local name: tensor}``: what its parameters are as the forward pass uses them. Counting
+parameters and non-zeros goes through these, so a quantized layer counts as the weights it encodes.
+"""
 
 from __future__ import annotations
 
@@ -27,4 +33,26 @@ def effective_weights(model: nn.Module) -> dict[str, torch.Tensor]:
                 for original in parametrizations[name].parameters(recurse=False):
                     seen.add(id(original))
                 out[f"{module_name}.{name}" if module_name else name] = getattr(module, name).detach()
+    return out
+
+
+@torch.no_grad()
+def logical_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``effective_weights`` with every module that declares ``logical_parameters`` counted by what it declares
+    (e.g. a quantized Linear: its decoded weight and its bias, not its codebook).
+
+    Example:
+        >>> sorted(logical_weights(nn.Linear(3, 2)))
+        ['bias', 'weight']
+    """
+    out = effective_weights(model)
+    for name, module in model.named_modules():
+        declared = getattr(module, "logical_parameters", None)
+        if not callable(declared):
+            continue
+        prefix = f"{name}." if name else ""
+        for key in [k for k in out if k.startswith(prefix)]:
+            del out[key]
+        for key, tensor in declared().items():
+            out[prefix + key] = tensor.detach()
     return out

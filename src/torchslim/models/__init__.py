@@ -13,14 +13,15 @@ from typing import Any, Callable
 
 from torch import nn
 
+from torchslim.core.errors import TorchslimError
 from torchslim.core.registry import Registry
+from torchslim.core.spec import set_spec
 from torchslim.models.lenet import MLP, LeNet5, LeNet300100
 from torchslim.models.mobilenetv2 import MobileNetV2
 from torchslim.models.resnet_cifar import CifarResNet, resnet18_style, resnet_cifar
 from torchslim.models.transformer import CausalSelfAttention, CharTransformer
 
 MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
-SPEC_ATTRIBUTE = "torchslim_spec"
 
 MODELS.register("lenet-300-100", "784-300-100-10 fully connected net (266,610 params), for MNIST")(LeNet300100)
 MODELS.register("mlp", "fully connected net with configurable hidden widths and dropout (distillation teachers/students)")(MLP)
@@ -37,7 +38,7 @@ MODELS.register("char-transformer", "small decoder-only character-level transfor
 def create(name: str, **kwargs: Any) -> nn.Module:
     """Build a registered model and record its spec (name and arguments) so that model files can rebuild it."""
     model = MODELS.get(name)(**kwargs)
-    setattr(model, SPEC_ATTRIBUTE, {"name": name, "kwargs": dict(kwargs)})
+    set_spec(model, {"name": name, "kwargs": dict(kwargs)})
     return model
 
 
@@ -86,16 +87,12 @@ def create_for(name: str, dataset: object, **kwargs: Any) -> nn.Module:
     vocab_size = getattr(dataset, "vocab_size", None)
     if vocab_size is not None:
         if name != "char-transformer":
-            from torchslim.core.errors import TorchslimError
-
             raise TorchslimError(f"model {name!r} does not take text; use char-transformer for {getattr(dataset, 'name', 'text')}")
         fitted["vocab_size"] = vocab_size
     else:
         shape = tuple(getattr(dataset, "input_shape"))
         classes = int(getattr(dataset, "num_classes"))
         if name == "char-transformer":
-            from torchslim.core.errors import TorchslimError
-
             raise TorchslimError("char-transformer needs a text dataset (e.g. shakespeare)")
         fitted["num_classes"] = classes
         if name in ("lenet-300-100", "mlp"):

@@ -52,6 +52,18 @@ class PadShortcut(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.in_channels}->{self.out_channels}, stride={self.stride}"
 
+    def channel_rule(self, graph, name: str, inputs: list, output: torch.Tensor) -> None:  # noqa: ANN001 - a ChannelGraph
+        """Structured pruning: each input channel joins the output channel it lands on; the padded (zero) channels own
+        no parameters, and the kept channels' new positions are recorded so the shortcut's index can be rebuilt."""
+        info = graph.get_info(inputs[0])
+        if info is None or info.axis != 1:
+            return
+        out_slots = graph.new_slots(self.out_channels)
+        for slot, position in zip(info.slots, self.positions()):
+            graph.uf.union(slot, out_slots[position])
+        graph.leaf_records[name] = [(list(info.slots), out_slots)]
+        graph.set_info(output, out_slots, 1)
+
 
 class BasicBlock(nn.Module):
     """conv3x3-BN-ReLU-conv3x3-BN plus a shortcut, then ReLU."""

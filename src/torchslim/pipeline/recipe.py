@@ -1,19 +1,22 @@
-"""Recipes: an ordered list of typed stages (prune, finetune, quantize, distill, encode, export).
+"""Recipes: a named, ordered list of stages, each the config of a verb (plus optional fine-tuning).
 
-In YAML a stage is a one-key mapping from its kind to its settings::
+In YAML a stage is a one-key mapping from its kind to the verb's config::
 
     name: deep-compression
     description: prune, k-means quantize with centroid fine-tuning, entropy-code
     stages:
-      - prune: {sparsities: [0.5, 0.8, 0.9], method: l1, scope: global, finetune: {epochs: 2, lr: 0.02}}
-      - quantize: {weights: {scheme: kmeans, bits: 5}, finetune: {epochs: 1, optimizer: adam, lr: 0.001}}
+      - prune: {sparsity: [0.5, 0.8, 0.9], importance: l1, scope: global, finetune: {epochs: 2, lr: 0.02}}
+      - quantize: {weights: {scheme: kmeans, bits: 5}, finetune: {epochs: 1, optimizer: adam, lr: 0.00003}}
       - encode: {coders: [huffman, ans]}
 
-Every stage is validated by its typed config: an unknown key or a wrong type is an error that names the stage
-(its position and kind) and the key. Recipes round-trip through ``to_dict`` / ``to_yaml``.
+A stage kind is registered once (``pipeline.stages``) with the verb's config type, whether it takes ``finetune``,
+any keys of its own (the teacher of ``distill``), and whether it must end the recipe; a new technique registers one
+stage kind and nothing else changes. Every stage is validated by its typed config: an unknown key or a wrong type
+is an error that names the stage (its position and kind) and the key. Recipes round-trip through ``to_dict`` /
+``to_yaml``.
 
 Example:
-    >>> recipe = Recipe.from_dict({"name": "r", "stages": [{"prune": {"sparsities": [0.5]}}, {"encode": {}}]})
+    >>> recipe = Recipe.from_dict({"name": "r", "stages": [{"prune": {"sparsity": [0.5]}}, {"encode": {}}]})
     >>> [stage.kind for stage in recipe.stages]
     ['prune', 'encode']
     >>> Recipe.from_yaml(recipe.to_yaml()) == recipe
@@ -25,140 +28,104 @@ from __future__ import annotations
 import dataclasses
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import yaml
 
-from torchslim.codec.entropy import CODERS
-from torchslim.core.config import Config, ConfigError, check
+from torchslim.core.config import Config, ConfigError
 from torchslim.core.errors import TorchslimError
-from torchslim.core.selector import LayerSelector
-from torchslim.distillation.trainer import DistillConfig
-from torchslim.quantization.modules import WeightScheme
-from torchslim.quantization.onnx_static import OnnxInt8Config
-from torchslim.pruning.structured import StructuredConfig
+from torchslim.core.registry import Registry
 from torchslim.train.fit import TrainConfig
 
 
 @dataclasses.dataclass(frozen=True)
-class PruneStage(Config):
-    """Unstructured pruning to each sparsity in ``sparsities`` in turn (one step = prune + optional fine-tune).
+class StageKind:
+    """A registered kind of recipe stage.
 
-    ``method``/``scope``/``layers`` as in ``torchslim.prune``; ``finetune`` trains after every step with the masks
-    in force (Han et al. 2015); leave it out for one-shot pruning.
+    ``parse(mapping, where)`` validates the verb's config; ``run(context, stage)`` applies it (see
+    ``pipeline.stages``); ``finetune``: whether the stage takes a ``finetune`` training run; ``options``: a config of
+    keys the stage has beside the verb's; ``terminal(config)``: whether the stage writes a final artifact, so only
+    terminal stages may follow it; ``writes_onnx(config)``: whether that artifact is an ONNX file the run needs a
+    path for.
     """
 
-    sparsities: tuple[float, ...] = (0.5, 0.75, 0.875, 0.92)
-    method: str = "l1"
-    scope: str = "global"
-    layers: LayerSelector = LayerSelector()
-    finetune: TrainConfig | None = None
-
-    def validate(self) -> None:
-        check(len(self.sparsities) > 0, "sparsities must list at least one step")
-        check(all(0 <= s < 1 for s in self.sparsities), f"every sparsity must be in [0, 1), got {list(self.sparsities)}")
-        check(list(self.sparsities) == sorted(self.sparsities), f"sparsities must not decrease, got {list(self.sparsities)}")
-        check(self.scope in ("layer", "global"), f"scope must be 'layer' or 'global', got {self.scope!r}")
+    name: str
+    parse: Callable[[Any, str], Config]
+    run: Callable[..., Any]
+    finetune: bool = False
+    options: type[Config] | None = None
+    terminal: Callable[[Config], bool] = lambda config: False
+    writes_onnx: Callable[[Config], bool] = lambda config: False
 
 
-@dataclasses.dataclass(frozen=True)
-class ChannelPruneStage(StructuredConfig):
-    """Structured pruning (see ``torchslim.prune_channels`` and its ``StructuredConfig``, whose keys it takes):
-    channels, neurons and heads physically removed, then an optional fine-tuning run."""
-
-    finetune: TrainConfig | None = None
-
-    def structured_config(self) -> StructuredConfig:
-        return StructuredConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(StructuredConfig)})
+STAGES: Registry[StageKind] = Registry("stage kind")
 
 
-@dataclasses.dataclass(frozen=True)
-class QuantizeStage(Config):
-    """Weight-only quantization (see ``torchslim.quantize``); with ``finetune`` the codebooks (k-means centroids)
-    and biases are trained afterwards while every weight keeps its cluster (Deep Compression section 3.3).
-
-    A centroid's gradient is the sum over its whole cluster (hundreds to thousands of weights), so centroid
-    fine-tuning wants a learning rate far below the one the weights were trained with (e.g. Adam at 3e-5)."""
-
-    weights: WeightScheme = WeightScheme(scheme="kmeans", bits=5)
-    type_schemes: dict[str, WeightScheme] = dataclasses.field(default_factory=dict)
-    layer_schemes: dict[str, WeightScheme] = dataclasses.field(default_factory=dict)
-    layers: LayerSelector = LayerSelector()
-    finetune: TrainConfig | None = None
+def _predicate(value: Callable[[Config], bool] | bool) -> Callable[[Config], bool]:
+    return value if callable(value) else (lambda config: value)
 
 
-@dataclasses.dataclass(frozen=True)
-class DistillStage(Config):
-    """Train the current model against a teacher: ``original`` (the model the recipe started from) or a path to
-    a saved model file."""
+def register_stage(name: str, parse: Callable[[Any, str], Config] | type[Config], finetune: bool = False,
+                   options: type[Config] | None = None, terminal: Callable[[Config], bool] | bool = False,
+                   writes_onnx: Callable[[Config], bool] | bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register ``run(context, stage) -> StageOutcome`` as stage kind ``name`` (``parse``: a Config type or a
+    function of (mapping, where)); its docstring's first line describes it."""
+    parser = parse.from_dict if isinstance(parse, type) else parse
 
-    teacher: str = "original"
-    temperature: float = 4.0
-    alpha: float = 0.9
-    loss: str = "kl"
-    train: TrainConfig = TrainConfig(epochs=5, lr=0.01)
-
-    def distill_config(self) -> DistillConfig:
-        return DistillConfig(temperature=self.temperature, alpha=self.alpha, loss=self.loss, train=self.train)
-
-    def validate(self) -> None:
-        self.distill_config()  # the same checks as torchslim.distill
-
-
-@dataclasses.dataclass(frozen=True)
-class EncodeStage(Config):
-    """Write the model as a .tslim file: sparse relative indices and codebook codes, each stream coded with the
-    smallest of ``coders`` (``packed`` fixed-width bits, ``huffman``, ``ans``)."""
-
-    coders: tuple[str, ...] = CODERS
-    index_bits: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8)
-
-    def validate(self) -> None:
-        check(len(self.coders) > 0, "coders must name at least one coder")
-        for coder in self.coders:
-            check(coder in CODERS, f"unknown coder {coder!r}; valid: {', '.join(CODERS)}")
-        check(len(self.index_bits) > 0 and all(1 <= b <= 16 for b in self.index_bits), f"index_bits must be between 1 and 16, got {list(self.index_bits)}")
-
-
-@dataclasses.dataclass(frozen=True)
-class ExportStage(Config):
-    """Export to ONNX and run in ONNX Runtime: fp32 (``int8: null``) or int8 (``int8: {mode: static, ...}``,
-    QDQ with uint8 activations and int8 weights); the evaluation after this stage runs the exported file."""
-
-    format: str = "onnx"
-    int8: OnnxInt8Config | None = None
-
-    def validate(self) -> None:
-        check(self.format == "onnx", f"format must be 'onnx', got {self.format!r}")
-
-
-STAGE_TYPES: dict[str, type[Config]] = {
-    "prune": PruneStage,
-    "prune-channels": ChannelPruneStage,
-    "finetune": TrainConfig,
-    "quantize": QuantizeStage,
-    "distill": DistillStage,
-    "encode": EncodeStage,
-    "export": ExportStage,
-}
-
-
-TERMINAL_KINDS = ("encode", "export")
+    def add(run: Callable[..., Any]) -> Callable[..., Any]:
+        kind = StageKind(name, parser, run, finetune, options, _predicate(terminal), _predicate(writes_onnx))
+        STAGES.register(name, (run.__doc__ or "").strip())(kind)
+        return run
+    return add
 
 
 @dataclasses.dataclass(frozen=True)
 class RecipeStage:
-    """One stage: its kind and its typed settings."""
+    """One stage: its kind, the verb's typed config, an optional fine-tuning run and the stage's own options."""
 
     kind: str
     config: Config
+    finetune: TrainConfig | None = None
+    options: Config | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {self.kind: self.config.to_dict()}
+        settings = self.config.to_dict()
+        if self.options is not None:
+            settings.update(self.options.to_dict())
+        if self.finetune is not None:
+            settings["finetune"] = self.finetune.to_dict()
+        return {self.kind: settings}
 
     @property
-    def label(self) -> str:
-        return self.kind
+    def terminal(self) -> bool:
+        """Whether this stage writes a final artifact (only such stages may follow it)."""
+        return STAGES.get(self.kind).terminal(self.config)
+
+    @property
+    def writes_onnx(self) -> bool:
+        """Whether this stage writes an ONNX file (the run needs a path for it)."""
+        return STAGES.get(self.kind).writes_onnx(self.config)
+
+    @classmethod
+    def parse(cls, kind: str, settings: Any, where: str) -> RecipeStage:
+        """Validate one stage's settings: its options' keys and ``finetune`` are taken out, the rest is the verb's."""
+        if kind not in STAGES:
+            raise ConfigError(f"{where}: unknown stage kind {kind!r}; valid: {', '.join(STAGES.names())}")
+        entry = STAGES.get(kind)
+        if settings is None:
+            settings = {}
+        if not isinstance(settings, Mapping):
+            raise ConfigError(f"{where}: expected a mapping of settings, got {settings!r}")
+        settings = dict(settings)
+        finetune = None
+        if "finetune" in settings and entry.finetune:
+            raw = settings.pop("finetune")
+            finetune = None if raw is None else TrainConfig.coerce(raw, where=f"{where}.finetune")
+        options = None
+        if entry.options is not None:
+            names = {f.name for f in dataclasses.fields(entry.options)}
+            options = entry.options.from_dict({k: settings.pop(k) for k in list(settings) if k in names}, where=where)
+        return cls(kind, entry.parse(settings, where), finetune, options)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,11 +139,10 @@ class Recipe:
     def __post_init__(self) -> None:
         if not self.stages:
             raise ConfigError(f"recipe {self.name!r}: stages must list at least one stage")
-        kinds = [s.kind for s in self.stages]
-        terminal = [i for i, kind in enumerate(kinds) if kind in TERMINAL_KINDS]
-        if terminal and any(kind not in TERMINAL_KINDS for kind in kinds[terminal[0]:]):
-            raise ConfigError(f"recipe {self.name!r}: encode and export write the final files, so only they may follow "
-                              f"one another at the end (stages: {kinds})")
+        terminal = [i for i, stage in enumerate(self.stages) if stage.terminal]
+        if terminal and any(not stage.terminal for stage in self.stages[terminal[0]:]):
+            raise ConfigError(f"recipe {self.name!r}: stages that write the final artifact (encode, export, int8 engines) may only be "
+                              f"followed by one another at the end (stages: {[s.kind for s in self.stages]})")
 
     @classmethod
     def from_dict(cls, mapping: Mapping[str, Any], where: str = "recipe") -> Recipe:
@@ -199,10 +165,7 @@ class Recipe:
             if not isinstance(entry, Mapping) or len(entry) != 1:
                 raise ConfigError(f"{where} stage {index}: expected a one-key mapping like {{prune: {{...}}}}, got {entry!r}")
             (kind, settings), = entry.items()
-            if kind not in STAGE_TYPES:
-                raise ConfigError(f"{where} stage {index}: unknown stage kind {kind!r}; valid: {', '.join(STAGE_TYPES)}")
-            config = STAGE_TYPES[kind].from_dict(settings or {}, where=f"{where} stage {index} ({kind})")
-            parsed.append(RecipeStage(kind, config))
+            parsed.append(RecipeStage.parse(kind, settings, f"{where} stage {index} ({kind})"))
         description = mapping.get("description", "")
         if not isinstance(description, str):
             raise ConfigError(f"{where}.description: expected a string, got {description!r}")
@@ -233,9 +196,10 @@ class Recipe:
     def with_stage(self, index: int, **changes: Any) -> Recipe:
         """A copy with stage ``index`` (0-based) changed, validated again."""
         stage = self.stages[index]
-        updated = STAGE_TYPES[stage.kind].from_dict({**stage.config.to_dict(), **changes}, where=f"recipe stage {index + 1} ({stage.kind})")
+        (kind, settings), = stage.to_dict().items()
+        updated = RecipeStage.parse(kind, {**settings, **changes}, f"recipe stage {index + 1} ({kind})")
         stages = list(self.stages)
-        stages[index] = RecipeStage(stage.kind, updated)
+        stages[index] = updated
         return dataclasses.replace(self, stages=tuple(stages))
 
 
@@ -258,3 +222,6 @@ def load_recipe(recipe: str | Path | Mapping[str, Any] | Recipe) -> Recipe:
     if path.suffix in (".yaml", ".yml"):
         return Recipe.from_yaml(path)
     raise TorchslimError(f"unknown recipe {str(recipe)!r}: not a built-in ({', '.join(builtin)}) and not a .yaml file")
+
+
+__all__ = ["STAGES", "Recipe", "RecipeStage", "StageKind", "builtin_recipes", "load_recipe", "register_stage"]

@@ -1,34 +1,55 @@
-"""Pruning: importance criteria, masks (per layer or global), schedules, sparsity regularization, CSR storage, and
-structured pruning that removes channels, neurons and heads."""
+"""Pruning: importance criteria, masks (per layer or global, in one step or several), schedules, sparsity
+regularization, CSR storage, and structured pruning that removes channels, neurons and heads.
+
+The structure API is public: ``trace(model, example)`` gives the ``ChannelGraph`` of coupled channel ``Group``s
+and attention ``HeadGroup``s; ``select_groups`` / ``select_heads`` choose what to remove; ``remove_channels``
+slices it out.
+"""
 
 from torchslim.pruning.apply import get_mask, make_permanent, masks_of, set_mask
 from torchslim.pruning.csr import CSRWeight, SparseLinear, to_csr
-from torchslim.pruning.importance import WEIGHT_IMPORTANCE
+from torchslim.pruning.graph import ChannelGraph, Group, HeadGroup, ParamSlice
+from torchslim.pruning.importance import GROUP_IMPORTANCE, WEIGHT_IMPORTANCE, Criterion, group_criterion, weight_criterion
 from torchslim.pruning.regularize import HardConcreteGate, L0Regularizer, SparsityRegularizer
-from torchslim.pruning.schedule import GradualPruning, IterativeConfig, iterative_prune, polynomial_sparsity, schedule_sparsities
-from torchslim.pruning.structured import StructuredConfig, prune_channels
+from torchslim.pruning.removal import apply_structure, remove_channels, zero_readers
+from torchslim.pruning.schedule import GradualPruning, polynomial_sparsity, schedule_sparsities
+from torchslim.pruning.structured import StructuredConfig, check_removal, prune_channels, select_groups, select_heads
+from torchslim.pruning.tracing import trace
 from torchslim.pruning.unstructured import PruneConfig, prune, prune_in_place
 
 __all__ = [
     "CSRWeight",
+    "ChannelGraph",
+    "Criterion",
+    "GROUP_IMPORTANCE",
     "GradualPruning",
+    "Group",
     "HardConcreteGate",
-    "IterativeConfig",
+    "HeadGroup",
     "L0Regularizer",
+    "ParamSlice",
     "PruneConfig",
     "SparseLinear",
     "SparsityRegularizer",
     "StructuredConfig",
     "WEIGHT_IMPORTANCE",
+    "apply_structure",
+    "check_removal",
     "get_mask",
-    "iterative_prune",
+    "group_criterion",
     "make_permanent",
     "masks_of",
     "polynomial_sparsity",
     "prune",
     "prune_channels",
     "prune_in_place",
+    "remove_channels",
     "schedule_sparsities",
+    "select_groups",
+    "select_heads",
     "set_mask",
     "to_csr",
+    "trace",
+    "weight_criterion",
+    "zero_readers",
 ]

@@ -15,8 +15,10 @@ Whatever the tracer does not understand (an op that mixes channels in a way it c
 convolution, a reshape that splits the channel axis) blocks the slots it touches; the report names the module and
 op, and those channels are left intact. Slots that reach the model's input or output are never pruned.
 
-The trace runs under a ``TorchFunctionMode`` with forward hooks on leaf modules, so Python control flow in
-``forward`` is no obstacle (it runs for real on the example).
+This module holds the graph and its bookkeeping; ``pruning.rules`` says what each module and function does to the
+slots, and ``pruning.tracing`` runs the model to build the graph. A module of a user's own can declare its rule as a
+method ``channel_rule(graph, name, inputs, output)`` (as ``attention_macs`` declares its MACs), using the graph's
+``produce`` / ``consume`` / ``add_head`` helpers.
 """
 
 from __future__ import annotations
@@ -26,9 +28,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
-
-from torchslim.core.errors import TorchslimError
 
 
 @dataclasses.dataclass
@@ -72,7 +71,7 @@ class HeadGroup:
     attributes: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
-class _UnionFind:
+class UnionFind:
     def __init__(self) -> None:
         self.parent: list[int] = []
 
@@ -96,22 +95,21 @@ class _UnionFind:
 
 
 @dataclasses.dataclass
-class _Info:
+class SlotInfo:
     """Channel slots of one traced tensor: ``slots[i]`` is the slot of index i along ``axis``."""
 
     slots: list[int]
     axis: int
 
 
-# leaf-module rules: (graph, module name, module, input tensors, output) -> None; registered by type
 class ChannelGraph:
     """The result of tracing: groups of coupled channels, attention head groups, and what could not be followed."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.names = {id(m): n for n, m in model.named_modules()}
-        self.uf = _UnionFind()
-        self.info: dict[int, _Info] = {}
+        self.uf = UnionFind()
+        self.info: dict[int, SlotInfo] = {}
         self.keep_alive: list[torch.Tensor] = []
         self.slot_params: list[tuple[int, str, ParamSlice]] = []  # (slot, role, slice of one index)
         self.consumer_records: list[tuple[str, str, int, list[int]]] = []  # (module, param, dim, slot per index)
@@ -123,9 +121,9 @@ class ChannelGraph:
     # -- slot bookkeeping ------------------------------------------------------------------------------------------
     def set_info(self, tensor: torch.Tensor, slots: list[int], axis: int) -> None:
         self.keep_alive.append(tensor)
-        self.info[id(tensor)] = _Info(list(slots), axis % tensor.dim() if tensor.dim() else 0)
+        self.info[id(tensor)] = SlotInfo(list(slots), axis % tensor.dim() if tensor.dim() else 0)
 
-    def get_info(self, tensor: Any) -> _Info | None:
+    def get_info(self, tensor: Any) -> SlotInfo | None:
         return self.info.get(id(tensor)) if isinstance(tensor, torch.Tensor) else None
 
     def new_slots(self, count: int) -> list[int]:
@@ -146,6 +144,33 @@ class ChannelGraph:
 
     def param(self, slot: int, role: str, module: str, name: str, dim: int, index: int) -> None:
         self.slot_params.append((slot, role, ParamSlice(module, name, dim, [index])))
+
+    # -- helpers for rules ------------------------------------------------------------------------------------------
+    def produce(self, name: str, module: nn.Module, output: torch.Tensor, count: int, axis: int, weight_dim: int = 0,
+                bias: bool = True) -> list[int]:
+        """New slots for ``count`` output channels of ``name``, owned by its weight rows (and bias entries)."""
+        slots = self.new_slots(count)
+        for index, slot in enumerate(slots):
+            self.param(slot, "producer", name, "weight", weight_dim, index)
+            if bias and getattr(module, "bias", None) is not None:
+                self.param(slot, "producer", name, "bias", 0, index)
+        self.set_info(output, slots, axis)
+        return slots
+
+    def consume(self, name: str, info: SlotInfo | None, dim: int, parameter: str = "weight") -> None:
+        """``name``'s ``parameter`` reads the channels of ``info`` along ``dim`` (e.g. a Linear's input columns)."""
+        if info is not None:
+            self.consumer_records.append((name, parameter, dim, list(info.slots)))
+
+    @staticmethod
+    def slice(module: str, name: str, dim: int, indices: list[int]) -> ParamSlice:
+        """Entries ``indices`` of ``module.name`` along ``dim`` (for head groups)."""
+        return ParamSlice(module, name, dim, list(indices))
+
+    def add_head(self, module: str, head: int, slices: list[ParamSlice], slots: list[int] | None = None,
+                 attributes: dict[str, str] | None = None) -> None:
+        """One attention head of ``module`` that may be removed whole."""
+        self.heads.append(HeadGroup(module, head, slices, slots=list(slots or []), attributes=dict(attributes or {})))
 
     def head_slices(self, head: HeadGroup) -> list[ParamSlice]:
         """A head's own slices plus the columns of whatever reads its output features."""
@@ -195,76 +220,3 @@ def _merge(pieces: list[ParamSlice]) -> list[ParamSlice]:
         else:
             merged[key] = ParamSlice(piece.module, piece.name, piece.dim, list(piece.indices))
     return list(merged.values())
-
-
-class _Tracer(TorchFunctionMode):
-    def __init__(self, graph: ChannelGraph, rules: Any) -> None:
-        super().__init__()
-        self.graph, self.rules = graph, rules
-        self.depth = 0
-        self.where: list[str] = [""]
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        output = func(*args, **kwargs)
-        if self.depth == 0:
-            try:
-                self.rules.apply_function(self.graph, self.where[-1], func, args, kwargs, output)
-            except Exception as error:  # noqa: BLE001 - an op the rules misread is named, never fatal
-                self.graph.unsupported_op(self.where[-1], f"{getattr(func, '__name__', func)} ({error})", self.rules.tensors_in(args))
-        return output
-
-
-def trace(model: nn.Module, example_input: Any) -> ChannelGraph:
-    """Run ``model`` once on ``example_input`` and collect its channel groups (the model's mode is kept)."""
-    from torchslim.pruning import channel_rules as rules
-
-    graph = ChannelGraph(model)
-    tracer = _Tracer(graph, rules)
-    is_leaf, rule_for, _tensors = rules.is_leaf, rules.rule_for, rules.tensors_in
-    handles = []
-
-    def pre_hook(module: nn.Module, args: tuple) -> None:
-        if is_leaf(module):
-            tracer.depth += 1
-        else:
-            tracer.where.append(graph.names.get(id(module), ""))
-
-    def post_hook(module: nn.Module, args: tuple, output: Any) -> None:
-        if is_leaf(module):
-            if tracer.depth == 1:  # the rule runs with recording still off
-                name = graph.names.get(id(module), "")
-                rule = rule_for(module)
-                try:
-                    rule(graph, name, module, list(args), output)
-                except TorchslimError:
-                    raise
-                except Exception as error:  # noqa: BLE001
-                    graph.unsupported_op(name, f"{type(module).__name__} ({error})", _tensors(args))
-            tracer.depth -= 1
-        else:
-            tracer.where.pop()
-
-    for module in model.modules():
-        handles.append(module.register_forward_pre_hook(pre_hook))
-        handles.append(module.register_forward_hook(post_hook))
-    inputs = example_input if isinstance(example_input, tuple) else (example_input,)
-    was_training = model.training
-    model.eval()
-    try:
-        for tensor in inputs:
-            if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and tensor.dim() >= 2:
-                slots = graph.new_slots(tensor.shape[1])
-                graph.block(slots, "model input")
-                graph.set_info(tensor, slots, 1)
-        with torch.no_grad(), tracer:
-            output = model(*inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
-    for tensor in _tensors(output):
-        info = graph.get_info(tensor)
-        if info is not None:
-            graph.block(info.slots, "model output")
-    return graph

@@ -1,8 +1,9 @@
-"""Unstructured weight pruning: score -> mask -> apply, per layer or with one global threshold.
+"""Unstructured weight pruning: score -> mask -> apply, per layer or with one global threshold, in one step or in
+several (iterative pruning, each step optionally followed by fine-tuning: Han et al. 2015).
 
 Example:
     >>> import torchslim as ts
-    >>> result = ts.prune(ts.models.create("lenet-300-100"), {"method": "l1", "scope": "global", "sparsity": 0.9})
+    >>> result = ts.prune(ts.models.create("lenet-300-100"), {"importance": "l1", "scope": "global", "sparsity": 0.9})
     >>> round(result.report.stages[0].metrics["weight_sparsity"], 2)
     0.9
 """
@@ -12,35 +13,42 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from torchslim.core.config import Config, ConfigError, check
 from torchslim.core.report import Report, Result, Stage
-from torchslim.core.selector import LayerSelector, module_type_name, select_modules
+from torchslim.core.selector import LayerSelector, module_type_name, resolve_overrides, select_modules
+from torchslim.data.sources import as_source
 from torchslim.measure.counts import count_nonzeros, count_parameters
 from torchslim.pruning.apply import get_mask, set_mask
-from torchslim.pruning.importance import NEEDS_GRADIENTS, WEIGHT_IMPORTANCE, collect_gradient_statistics
+from torchslim.pruning.importance import GRADIENTS, WEIGHT_IMPORTANCE, collect_gradient_statistics
 from torchslim.pruning.masks import check_sparsity, global_masks, layer_masks, std_threshold_masks, threshold_masks
+from torchslim.tasks.base import Task, resolve_task
+from torchslim.train.evaluate import evaluate_source
+from torchslim.train.fit import TrainConfig, fit
+from torchslim.train.progress import Progress, progress_mode
 
 
 @dataclasses.dataclass(frozen=True)
 class PruneConfig(Config):
     """What to prune and how far.
 
-    Give exactly one target: ``sparsity`` (fraction of selected weights to zero; with ``scope`` "layer" each layer
-    gets it, with "global" one threshold spans all layers), ``layer_sparsity`` (a fraction per layer name),
-    ``threshold`` (prune scores at or below it) or ``quality`` (Han et al. 2015: prune |w| below quality x the
-    layer's weight standard deviation). ``method`` is a registered importance criterion (l1, l2, gradient, taylor,
-    random); gradient criteria read ``calibration_batches`` batches of the training data.
+    Give one target: ``sparsity`` (the fraction of selected weights to zero; with ``scope`` "layer" each layer gets
+    it, with "global" one threshold spans all layers; a list such as [0.5, 0.75, 0.9] prunes in that many steps,
+    each followed by fine-tuning when the verb is given ``finetune``), ``threshold`` (prune scores at or below it)
+    or ``quality`` (Han et al. 2015: prune |w| below quality x the layer's weight standard deviation).
+    ``overrides`` gives layers their own final sparsity (``{"fc3": 0.5, "type:Conv2d": 0.7}``; alone, only those
+    layers are pruned). ``importance`` is a registered criterion (l1, l2, gradient, taylor, random); gradient
+    criteria read ``calibration_batches`` batches of the training data through the task's loss.
     """
 
-    method: str = "l1"
+    importance: str = "l1"
     scope: str = "layer"
-    sparsity: float | None = None
-    layer_sparsity: dict[str, float] = dataclasses.field(default_factory=dict)
+    sparsity: float | tuple[float, ...] | None = None
+    overrides: dict[str, float] = dataclasses.field(default_factory=dict)
     threshold: float | None = None
     quality: float | None = None
     layers: LayerSelector = LayerSelector()
@@ -48,34 +56,53 @@ class PruneConfig(Config):
     seed: int = 0
 
     def validate(self) -> None:
-        targets = [self.sparsity is not None, bool(self.layer_sparsity), self.threshold is not None, self.quality is not None]
-        check(sum(targets) == 1, "give exactly one of sparsity, layer_sparsity, threshold or quality")
+        targets = [self.sparsity is not None or bool(self.overrides), self.threshold is not None, self.quality is not None]
+        check(sum(targets) == 1, "give exactly one of sparsity (and/or overrides), threshold or quality")
         check(self.scope in ("layer", "global"), f"scope must be 'layer' or 'global', got {self.scope!r}")
-        if self.method not in WEIGHT_IMPORTANCE:
-            raise ConfigError(f"method: unknown weight importance {self.method!r}; valid: {', '.join(WEIGHT_IMPORTANCE.names())}")
-        if self.sparsity is not None:
-            check(0.0 <= self.sparsity < 1.0, f"sparsity must be in [0, 1), got {self.sparsity}")
-        for name, value in self.layer_sparsity.items():
-            check(0.0 <= value < 1.0, f"layer_sparsity[{name!r}] must be in [0, 1), got {value}")
-        check(self.quality is None or self.method == "l1", "quality (Han's std rule) works on magnitudes: use method 'l1'")
-        check(self.scope == "layer" or self.sparsity is not None, "scope 'global' takes a single sparsity")
+        if self.importance not in WEIGHT_IMPORTANCE:
+            raise ConfigError(f"importance: unknown weight importance {self.importance!r}; valid: {', '.join(WEIGHT_IMPORTANCE.names())}")
+        steps = self.steps
+        check(all(s is None or 0.0 <= s < 1.0 for s in steps), f"sparsity must be in [0, 1), got {self.sparsity}")
+        check(len(steps) > 0, "sparsity must list at least one step")
+        check(all(a <= b for a, b in zip(steps, steps[1:]) if a is not None and b is not None),
+              f"the sparsity steps must not decrease, got {list(steps)}")
+        for name, value in self.overrides.items():
+            check(0.0 <= value < 1.0, f"overrides[{name!r}] must be in [0, 1), got {value}")
+        check(self.quality is None or self.importance == "l1", "quality (Han's std rule) works on magnitudes: use importance 'l1'")
+        check(self.scope == "layer" or self.sparsity is not None, "scope 'global' takes a sparsity")
+
+    @property
+    def steps(self) -> tuple[float | None, ...]:
+        """The sparsity of each pruning step (one step for a single target)."""
+        if isinstance(self.sparsity, tuple):
+            return self.sparsity
+        return (self.sparsity,)
+
+    def at_step(self, index: int) -> PruneConfig:
+        """The one-step config of step ``index``: its sparsity, and overrides scaled as the steps rise."""
+        steps = self.steps
+        target = steps[index]
+        final = steps[-1]
+        fraction = 1.0 if not final or target is None else target / final
+        return dataclasses.replace(self, sparsity=target, overrides={k: v * fraction for k, v in self.overrides.items()})
 
 
-def compute_scores(
-    model: nn.Module, modules: list[tuple[str, nn.Module]], config: PruneConfig, data: Any = None
-) -> dict[str, torch.Tensor]:
+def compute_scores(model: nn.Module, modules: list[tuple[str, nn.Module]], config: PruneConfig, data: Any = None,
+                   task: str | Task | None = None) -> dict[str, torch.Tensor]:
     """Importance of every selected weight, computed on the weights the model currently uses (masked = zero)."""
     statistics: dict[str, dict[str, Any]] = {name: {} for name, _ in modules}
-    if config.method in NEEDS_GRADIENTS:
+    criterion = WEIGHT_IMPORTANCE.get(config.importance)
+    if criterion.needs == GRADIENTS:
         if data is None:
-            raise ConfigError(f"method {config.method!r} needs data (gradients over calibration batches)")
-        batches = data.loader("train", batch_size=64, seed=config.seed) if hasattr(data, "loader") else data
-        statistics = collect_gradient_statistics(model, modules, batches, config.calibration_batches)
+            raise ConfigError(f"importance {config.importance!r} needs data (gradients over calibration batches)")
+        source = as_source(data, model)
+        resolved = resolve_task(task, source, model)
+        batches = source.batches("train", batch_size=64, seed=config.seed)
+        statistics = collect_gradient_statistics(model, modules, batches, config.calibration_batches, resolved.loss)
     generator = torch.Generator().manual_seed(config.seed)
     scores = {}
     for name, module in modules:
-        weight = module.weight.detach()
-        score = WEIGHT_IMPORTANCE.get(config.method)(weight, {**statistics[name], "generator": generator}).float()
+        score = criterion.score(module.weight.detach(), {**statistics[name], "generator": generator}).float()
         mask = get_mask(module)
         if mask is not None:  # already pruned weights stay pruned: rank them lowest
             score = torch.where(mask, score, torch.full_like(score, -1.0))
@@ -84,20 +111,20 @@ def compute_scores(
 
 
 def compute_masks(scores: dict[str, torch.Tensor], modules: list[tuple[str, nn.Module]], config: PruneConfig) -> dict[str, torch.Tensor]:
+    """Masks for the selected layers (layers that keep every weight get none)."""
     if config.quality is not None:
         return std_threshold_masks({n: m.weight.detach() for n, m in modules}, config.quality)
     if config.threshold is not None:
         return threshold_masks(scores, config.threshold)
-    if config.layer_sparsity:
-        unknown = sorted(set(config.layer_sparsity) - set(scores))
-        if unknown:
-            raise ConfigError(f"layer_sparsity names layers that are not selected: {unknown}; selected: {sorted(scores)}")
-        return layer_masks(scores, {name: config.layer_sparsity.get(name, 0.0) for name in scores})
-    assert config.sparsity is not None
+    own = resolve_overrides(modules, config.overrides, "prune.overrides")
+    masks = layer_masks({name: scores[name] for name in own}, own)
+    rest = {name: score for name, score in scores.items() if name not in own}
+    if config.sparsity is None or not rest:
+        return masks
+    assert isinstance(config.sparsity, float)
     check_sparsity(config.sparsity, "sparsity")
-    if config.scope == "global":
-        return global_masks(scores, config.sparsity)
-    return layer_masks(scores, config.sparsity)
+    masks.update(global_masks(rest, config.sparsity) if config.scope == "global" else layer_masks(rest, config.sparsity))
+    return masks
 
 
 def sparsity_rows(model: nn.Module, names: list[str]) -> list[dict[str, Any]]:
@@ -111,39 +138,77 @@ def sparsity_rows(model: nn.Module, names: list[str]) -> list[dict[str, Any]]:
     return rows
 
 
-def prune_in_place(model: nn.Module, config: PruneConfig, data: Any = None) -> list[str]:
-    """Score, mask and attach masks to the selected layers of ``model``; returns the pruned layer names."""
+def prune_in_place(model: nn.Module, config: PruneConfig, data: Any = None, task: str | Task | None = None) -> list[str]:
+    """One pruning step (the config's single target): score, mask and attach masks to the selected layers of
+    ``model``; earlier masks stay in force. Returns the selected layer names."""
+    if isinstance(config.sparsity, tuple):
+        raise ConfigError("prune_in_place takes one sparsity; prune() runs a list of steps")
     modules = select_modules(model, config.layers)
-    scores = compute_scores(model, modules, config, data)
+    scores = compute_scores(model, modules, config, data, task)
     masks = compute_masks(scores, modules, config)
     for name, module in modules:
+        if name not in masks:
+            continue
         previous = get_mask(module)
-        mask = masks[name] if previous is None else (masks[name] & previous)
-        set_mask(module, mask)
+        set_mask(module, masks[name] if previous is None else (masks[name] & previous))
     return [name for name, _ in modules]
 
 
-def prune(model: nn.Module, config: PruneConfig | dict, data: Any = None, inplace: bool = False) -> Result:
-    """Prune weights of the selected layers (masks attached as parametrizations; see ``make_permanent``).
+def prune(model: nn.Module, config: PruneConfig | dict, data: Any = None, task: str | Task | None = None,
+          finetune: TrainConfig | dict | None = None, inplace: bool = False, progress: bool | str | None = None,
+          start_step: int = 0, on_step: Callable[[int, nn.Module], None] | None = None) -> Result:
+    """Prune weights of the selected layers (masks attached as parametrizations; see ``make_permanent``), in one
+    step or in the config's list of steps, fine-tuning after each step when ``finetune`` is given.
 
-    The model passed in is unchanged unless ``inplace=True``. The report's stage holds overall and per-layer
-    sparsity and non-zeros; the numbers are a simulation of sparsity (dense execution) until the weights are stored
-    sparse (CSR) or structurally removed.
+    The model passed in is unchanged unless ``inplace=True``. With ``data`` each step is evaluated by the ``task``
+    (chosen from the data when not named). ``on_step(index, model)`` runs after each completed step (for
+    checkpoints); ``start_step`` skips steps already done. The report's stage holds overall and per-layer sparsity
+    and non-zeros; the numbers are a simulation of sparsity (dense execution) until the weights are stored sparse
+    (CSR, .tslim) or structurally removed.
     """
     config = PruneConfig.coerce(config, where="prune")
+    tuning = TrainConfig.coerce(finetune, where="prune.finetune") if finetune is not None else None
+    if tuning is not None and data is None:
+        raise ConfigError("prune: fine-tuning needs data")
     target = model if inplace else copy.deepcopy(model)
+    source = as_source(data, target) if data is not None else None
+    resolved = resolve_task(task, source, model) if source is not None else None
     started = time.perf_counter()
-    names = prune_in_place(target, config, data)
-    seconds = time.perf_counter() - started
+    notes: list[str] = []
+    names: list[str] = []
+    steps = config.steps
+    lines = Progress("prune", len(steps), "lines" if progress_mode(progress) == "lines" and len(steps) > 1 else "off")
+    for index in range(start_step, len(steps)):
+        step = config.at_step(index)
+        names = prune_in_place(target, step, source, resolved)
+        note = f"step {index + 1}/{len(steps)}" + (f": sparsity {step.sparsity:.3f}" if step.sparsity is not None else "")
+        metric = None
+        if source is not None and resolved is not None:
+            metric = evaluate_source(target, source, resolved)[resolved.metric]
+            note += f", {resolved.metric} {_format(metric)} after pruning"
+            if tuning is not None:
+                fit(target, source, tuning.replace(seed=tuning.seed + index), task=resolved, progress=progress,
+                    label=f"prune step {index + 1} fine-tune", evaluate_at_end=False)
+                metric = evaluate_source(target, source, resolved)[resolved.metric]
+                note += f", {_format(metric)} after fine-tuning"
+        notes.append(note)
+        lines.step(**({resolved.metric: metric} if resolved is not None and metric is not None else {}))
+        if on_step is not None:
+            on_step(index, target)
+    names = names or [name for name, _ in select_modules(target, config.layers)]
     layers = sparsity_rows(target, names)
     weights = sum(row["weights"] for row in layers)
     nonzero_weights = sum(row["nonzeros"] for row in layers)
-    metrics = {
-        "parameters": count_parameters(target),
-        "nonzeros": count_nonzeros(target),
-        "weight_sparsity": 1 - nonzero_weights / weights,
-        "seconds": seconds,
-    }
+    metrics = {"parameters": count_parameters(target), "nonzeros": count_nonzeros(target), "weight_sparsity": 1 - nonzero_weights / weights,
+               "seconds": time.perf_counter() - started}
     metrics["compression"] = metrics["parameters"] / max(1, metrics["nonzeros"])
-    stage = Stage(name="prune", kind="prune", metrics=metrics, layers=layers, execution="simulated (masks)", config=config.to_dict())
+    stage = Stage(name="prune", kind="prune", metrics=metrics, layers=layers, notes=notes, execution="simulated (masks)",
+                  config=config.to_dict())
     return Result(model=target, report=Report.for_model(model, [stage]))
+
+
+def _format(value: float) -> str:
+    return f"{100 * value:.2f}%" if 0.0 <= value <= 1.0 else f"{value:.4g}"
+
+
+__all__ = ["PruneConfig", "compute_masks", "compute_scores", "prune", "prune_in_place", "sparsity_rows"]

@@ -1,6 +1,8 @@
-"""Quantization: uniform and non-uniform primitives, observers, weight-only quantized modules (packed codes)."""
+"""Quantization: uniform and non-uniform primitives, observers, weight-only quantized modules (packed codes), and
+the ``quantize`` verb over every method (weight-only, ONNX Runtime int8, torchslim's native int8, PT2E, QAT)."""
 
-from torchslim.quantization.modules import QuantizedConv2d, QuantizedLinear, WeightScheme
+from torchslim.quantization.api import METHODS, NativeInt8Config, Pt2eConfig, quantization_method, quantize, quantize_config
+from torchslim.quantization.modules import FORMATS, QuantizedConv2d, QuantizedLinear, QuantizedWeight, StorageFormat, WeightScheme
 from torchslim.quantization.nonuniform import binarize, kmeans_quantize, power_of_two_quantize, ternarize
 from torchslim.quantization.observers import OBSERVERS, calibrate, make_observer
 from torchslim.quantization.primitives import (
@@ -11,10 +13,23 @@ from torchslim.quantization.primitives import (
     quantize_dequantize,
     sqnr_db,
 )
+from torchslim.quantization.onnx_static import OnnxInt8Config
+from torchslim.quantization.qat import QATConfig
 from torchslim.quantization.weight_only import WeightOnlyConfig, quantize_weights
 
 __all__ = [
+    "FORMATS",
+    "METHODS",
+    "NativeInt8Config",
     "OBSERVERS",
+    "OnnxInt8Config",
+    "Pt2eConfig",
+    "QATConfig",
+    "QuantizedWeight",
+    "StorageFormat",
+    "quantization_method",
+    "quantize",
+    "quantize_config",
     "QuantizedConv2d",
     "QuantizedLinear",
     "UniformSpec",

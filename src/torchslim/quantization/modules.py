@@ -23,7 +23,6 @@ from torchslim.quantization.nonuniform import binarize, kmeans_quantize, power_o
 from torchslim.quantization.packing import pack_codes, unpack_codes
 from torchslim.quantization.primitives import UniformSpec, check_finite, compute_qparams, dequantize, quantize
 
-SCHEMES = ("uniform", "kmeans", "pow2", "binary", "ternary", "fp16", "bf16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +39,7 @@ class WeightScheme(Config):
     trainable_codebook: bool = True
 
     def validate(self) -> None:
-        check(self.scheme in SCHEMES, f"scheme must be one of {', '.join(SCHEMES)}, got {self.scheme!r}")
+        check(self.scheme in FORMATS, f"scheme must be one of {', '.join(FORMATS)}, got {self.scheme!r}")
         if self.scheme == "uniform":
             check(1 <= self.bits <= 16, f"bits must be between 1 and 16, got {self.bits}")
         elif self.scheme in ("kmeans", "pow2"):
@@ -55,79 +54,174 @@ class WeightScheme(Config):
         return UniformSpec(bits=self.bits, symmetric=self.symmetric, granularity=self.granularity, axis=0, group_size=self.group_size)
 
 
+class StorageFormat:
+    """How one scheme stores a weight inside a ``QuantizedWeight``: which tensors it registers, how it encodes a
+    float weight into them and decodes them back. ``code_bits`` is the width of its integer codes (None for float
+    casts), the symbols the .tslim codec entropy-codes."""
+
+    def code_bits(self, scheme: WeightScheme) -> int | None:
+        return scheme.stored_bits
+
+    def register(self, holder: QuantizedWeight) -> None:
+        """Register the tensors this format stores on ``holder`` (shapes from ``holder.shape``)."""
+
+    def encode(self, holder: QuantizedWeight, weight: torch.Tensor, where: str) -> None:
+        """Quantize ``weight`` into ``holder``'s tensors."""
+
+    def decode(self, holder: QuantizedWeight, codes: torch.Tensor) -> torch.Tensor:
+        """The float weight from ``holder``'s tensors and its integer ``codes`` (shaped like the weight)."""
+        return codes.float()
+
+
+class HalfFormat(StorageFormat):
+    """fp16 / bf16: the weight cast to 16 bits (no codes)."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+
+    def code_bits(self, scheme: WeightScheme) -> int | None:
+        return None
+
+    def register(self, holder: QuantizedWeight) -> None:
+        holder.register_buffer("value16", torch.zeros(holder.shape, dtype=self.dtype))
+
+    def encode(self, holder: QuantizedWeight, weight: torch.Tensor, where: str) -> None:
+        holder.value16.copy_(weight.to(self.dtype))
+
+    def decode(self, holder: QuantizedWeight, codes: torch.Tensor) -> torch.Tensor:
+        return holder.value16.float()
+
+
+class UniformFormat(StorageFormat):
+    """Uniform grid codes (stored unsigned) with a scale and zero point per tensor, channel or group."""
+
+    def register(self, holder: QuantizedWeight) -> None:
+        shape = holder.scale_shape(holder.scheme.uniform_spec())
+        holder.register_buffer("scale", torch.ones(shape))
+        holder.register_buffer("zero_point", torch.zeros(shape, dtype=torch.int32))
+
+    def encode(self, holder: QuantizedWeight, weight: torch.Tensor, where: str) -> None:
+        spec = holder.scheme.uniform_spec()
+        if spec.granularity == "group":  # groups run along the flattened input dimension (in * kh * kw)
+            weight = weight.reshape(weight.shape[0], -1)
+        scale, zero_point = compute_qparams(weight, spec, where)
+        codes = quantize(weight, scale, zero_point, spec, where)
+        holder.scale, holder.zero_point = scale.reshape(holder.scale_shape(spec)).float(), zero_point.reshape(holder.scale_shape(spec))
+        holder.pack(codes - spec.code_range[0])
+
+    def decode(self, holder: QuantizedWeight, codes: torch.Tensor) -> torch.Tensor:
+        spec = holder.scheme.uniform_spec()
+        if spec.granularity == "group":
+            flat = codes.reshape(holder.shape[0], -1) + spec.code_range[0]
+            return dequantize(flat, holder.scale, holder.zero_point, spec).reshape(holder.shape)
+        return dequantize(codes + spec.code_range[0], holder.scale, holder.zero_point, spec)
+
+
+class CodebookFormat(StorageFormat):
+    """Codes into a codebook of 2^bits values: k-means shared weights (centroids trainable) or power-of-two levels."""
+
+    def register(self, holder: QuantizedWeight) -> None:
+        scheme = holder.scheme
+        holder.codebook = nn.Parameter(torch.zeros(2**scheme.bits), requires_grad=scheme.scheme == "kmeans" and scheme.trainable_codebook)
+
+    def encode(self, holder: QuantizedWeight, weight: torch.Tensor, where: str) -> None:
+        scheme = holder.scheme
+        if scheme.scheme == "kmeans":
+            codebook, index = kmeans_quantize(weight, scheme.bits, scheme.kmeans_init, scheme.kmeans_iterations)
+        else:
+            codebook, index = torch.unique(power_of_two_quantize(weight, scheme.bits), return_inverse=True)
+        padded = torch.cat([codebook.float(), codebook[-1:].float().expand(2**scheme.bits - codebook.numel())])
+        holder.codebook.data.copy_(padded)
+        holder.pack(index)
+
+    def decode(self, holder: QuantizedWeight, codes: torch.Tensor) -> torch.Tensor:
+        # gather: its backward sums each cluster's gradients into its centroid. A centroid at exactly zero is the
+        # pruned weights' code: it gets no gradient, so pruned weights stay zero through centroid fine-tuning.
+        codebook = torch.where(holder.codebook.detach() == 0, torch.zeros_like(holder.codebook), holder.codebook)
+        return codebook[codes]
+
+
+class SignFormat(StorageFormat):
+    """Binary (sign x per-channel scale, 1 bit) or ternary ({-1, 0, +1} x per-channel scale, 2 bits)."""
+
+    def __init__(self, ternary: bool) -> None:
+        self.ternary = ternary
+
+    def register(self, holder: QuantizedWeight) -> None:
+        holder.register_buffer("scale", torch.ones((holder.shape[0],) + (1,) * (len(holder.shape) - 1)))
+
+    def encode(self, holder: QuantizedWeight, weight: torch.Tensor, where: str) -> None:
+        if self.ternary:
+            codes, scale = ternarize(weight, per_channel=True)
+            holder.scale = scale.float()
+            holder.pack(codes.to(torch.int64) + 1)
+        else:
+            signs, scale = binarize(weight)
+            holder.scale = scale.float()
+            holder.pack((signs > 0).to(torch.int64))
+
+    def decode(self, holder: QuantizedWeight, codes: torch.Tensor) -> torch.Tensor:
+        return (codes - 1.0) * holder.scale if self.ternary else (2.0 * codes - 1.0) * holder.scale
+
+
+FORMATS: dict[str, StorageFormat] = {
+    "uniform": UniformFormat(),
+    "kmeans": CodebookFormat(),
+    "pow2": CodebookFormat(),
+    "binary": SignFormat(ternary=False),
+    "ternary": SignFormat(ternary=True),
+    "fp16": HalfFormat(torch.float16),
+    "bf16": HalfFormat(torch.bfloat16),
+}
+
+
 class QuantizedWeight(nn.Module):
-    """Holds one weight in a compressed form and gives it back dequantized (``weight()``)."""
+    """Holds one weight in a compressed form (its scheme's ``StorageFormat``) and gives it back dequantized
+    (``weight()``)."""
 
     def __init__(self, shape: tuple[int, ...], scheme: WeightScheme) -> None:
         super().__init__()
         self.shape, self.scheme = tuple(shape), scheme
-        count = math.prod(shape)
-        if scheme.scheme in ("fp16", "bf16"):
-            self.register_buffer("value16", torch.zeros(shape, dtype=torch.float16 if scheme.scheme == "fp16" else torch.bfloat16))
-            return
-        bits = scheme.stored_bits  # up to 8 bits: bit-packed; 9 to 16 bits: two bytes per code
-        self.register_buffer("packed", torch.zeros((count * bits + 7) // 8 if bits <= 8 else 2 * count, dtype=torch.uint8))
-        self.register_buffer("codes", torch.zeros(count, dtype=torch.int64), persistent=False)
-        if scheme.scheme in ("kmeans", "pow2"):
-            self.codebook = nn.Parameter(torch.zeros(2**scheme.bits), requires_grad=scheme.scheme == "kmeans" and scheme.trainable_codebook)
-        elif scheme.scheme == "uniform":
-            spec = scheme.uniform_spec()
-            scale_shape = self._scale_shape(spec)
-            self.register_buffer("scale", torch.ones(scale_shape))
-            self.register_buffer("zero_point", torch.zeros(scale_shape, dtype=torch.int32))
-        else:
-            self.register_buffer("scale", torch.ones((shape[0],) + (1,) * (len(shape) - 1)))
-        self.register_load_state_dict_post_hook(lambda module, keys: module._unpack())
+        self.format = FORMATS[scheme.scheme]
+        bits = self.format.code_bits(scheme)
+        if bits is not None:  # up to 8 bits: bit-packed; 9 to 16 bits: two bytes per code
+            count = math.prod(shape)
+            self.register_buffer("packed", torch.zeros((count * bits + 7) // 8 if bits <= 8 else 2 * count, dtype=torch.uint8))
+            self.register_buffer("codes", torch.zeros(count, dtype=torch.int64), persistent=False)
+            self.register_load_state_dict_post_hook(lambda module, keys: module.unpack())
+        self.format.register(self)
 
-    def _scale_shape(self, spec: UniformSpec) -> tuple[int, ...]:
+    def scale_shape(self, spec: UniformSpec) -> tuple[int, ...]:
         if spec.granularity == "tensor":
             return (1,)
         if spec.granularity == "channel":
             return (self.shape[0],) + (1,) * (len(self.shape) - 1)
         return (self.shape[0], math.prod(self.shape[1:]) // spec.group_size, 1)
 
-    def _pack(self, codes: torch.Tensor) -> None:
+    def pack(self, codes: torch.Tensor) -> None:
+        """Store integer codes (bit-packed) and keep them unpacked for decoding."""
         flat = codes.reshape(-1)
         self.packed = pack_codes(flat, self.scheme.stored_bits)
         self.codes = flat.to(torch.int64).clone()
 
-    def _unpack(self) -> None:
-        if self.scheme.scheme in ("fp16", "bf16"):
-            return
-        self.codes = unpack_codes(self.packed, self.scheme.stored_bits, math.prod(self.shape))
+    def unpack(self) -> None:
+        """Rebuild the unpacked codes from the packed bytes (after loading a state)."""
+        if self.format.code_bits(self.scheme) is not None:
+            self.codes = unpack_codes(self.packed, self.scheme.stored_bits, math.prod(self.shape))
+
+    def code_tensor(self) -> tuple[torch.Tensor, int] | None:
+        """(integer codes from what is stored, bits per code), or None for a float cast: what the codec entropy-codes."""
+        bits = self.format.code_bits(self.scheme)
+        if bits is None:
+            return None
+        self.unpack()
+        return self.codes.reshape(-1).clone(), bits
 
     @torch.no_grad()
     def encode(self, weight: torch.Tensor, where: str) -> None:
         """Quantize ``weight`` into this holder."""
         check_finite(weight, where)
-        scheme = self.scheme.scheme
-        if scheme in ("fp16", "bf16"):
-            self.value16.copy_(weight.to(self.value16.dtype))
-        elif scheme == "uniform":
-            spec = self.scheme.uniform_spec()
-            if spec.granularity == "group":  # groups run along the flattened input dimension (in * kh * kw)
-                weight = weight.reshape(weight.shape[0], -1)
-            scale, zero_point = compute_qparams(weight, spec, where)
-            codes = quantize(weight, scale, zero_point, spec, where)
-            self.scale, self.zero_point = scale.reshape(self._scale_shape(spec)).float(), zero_point.reshape(self._scale_shape(spec))
-            self._pack(codes - spec.code_range[0])  # stored unsigned
-        elif scheme in ("kmeans", "pow2"):
-            if scheme == "kmeans":
-                codebook, index = kmeans_quantize(weight, self.scheme.bits, self.scheme.kmeans_init, self.scheme.kmeans_iterations)
-            else:
-                levels = power_of_two_quantize(weight, self.scheme.bits)
-                codebook, index = torch.unique(levels, return_inverse=True)
-            padded = torch.cat([codebook.float(), codebook[-1:].float().expand(2**self.scheme.bits - codebook.numel())])
-            self.codebook.data.copy_(padded)
-            self._pack(index)
-        elif scheme == "binary":
-            signs, scale = binarize(weight)
-            self.scale = scale.float()
-            self._pack((signs > 0).to(torch.int64))
-        else:
-            codes, scale = ternarize(weight, per_channel=True)
-            self.scale = scale.float()
-            self._pack(codes.to(torch.int64) + 1)
+        self.format.encode(self, weight, where)
 
     def weight(self) -> torch.Tensor:
         """The dequantized weight. Outside autograd (inference) it is cached until a stored tensor changes (in place
@@ -146,24 +240,8 @@ class QuantizedWeight(nn.Module):
         return [t for t in (getattr(self, n, None) for n in names) if isinstance(t, torch.Tensor)]
 
     def _decode(self) -> torch.Tensor:
-        scheme = self.scheme.scheme
-        if scheme in ("fp16", "bf16"):
-            return self.value16.float()
-        codes = self.codes.reshape(self.shape)
-        if scheme == "uniform":
-            spec = self.scheme.uniform_spec()
-            if spec.granularity == "group":
-                flat = codes.reshape(self.shape[0], -1) + spec.code_range[0]
-                return dequantize(flat, self.scale, self.zero_point, spec).reshape(self.shape)
-            return dequantize(codes + spec.code_range[0], self.scale, self.zero_point, spec)
-        if scheme in ("kmeans", "pow2"):
-            # gather: its backward sums each cluster's gradients into its centroid. A centroid at exactly zero is the
-            # pruned weights' code: it gets no gradient, so pruned weights stay zero through centroid fine-tuning.
-            codebook = torch.where(self.codebook.detach() == 0, torch.zeros_like(self.codebook), self.codebook)
-            return codebook[codes]
-        if scheme == "binary":
-            return (2.0 * codes - 1.0) * self.scale
-        return (codes - 1.0) * self.scale
+        codes = getattr(self, "codes", None)
+        return self.format.decode(self, codes.reshape(self.shape) if codes is not None else torch.empty(0))
 
     def stored_bytes(self) -> int:
         """Bytes of what is stored: codes (packed), scales / zero points / codebook."""
@@ -173,7 +251,29 @@ class QuantizedWeight(nn.Module):
         return f"shape={self.shape}, scheme={self.scheme.scheme}, bits={self.scheme.stored_bits}"
 
 
-class QuantizedLinear(nn.Module):
+class _QuantizedLayer(nn.Module):
+    """What quantized layers share: ``.weight`` reads the decoded weight (read-only) as the layer it replaced did,
+    ``logical_parameters`` counts it as the weights it encodes, and ``stored_bytes`` what it holds."""
+
+    quantized: QuantizedWeight
+    bias: nn.Parameter | None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The decoded weight (read-only: assign through ``quantized.encode``)."""
+        return self.quantized.weight()
+
+    def logical_parameters(self) -> dict[str, torch.Tensor]:
+        out = {"weight": self.quantized.weight()}
+        if self.bias is not None:
+            out["bias"] = self.bias
+        return out
+
+    def stored_bytes(self) -> int:
+        return self.quantized.stored_bytes() + (self.bias.numel() * 4 if self.bias is not None else 0)
+
+
+class QuantizedLinear(_QuantizedLayer):
     """Linear with a weight-only quantized weight, dequantized in forward."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, scheme: WeightScheme) -> None:
@@ -193,11 +293,8 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.quantized.weight().to(x.dtype), self.bias)
 
-    def stored_bytes(self) -> int:
-        return self.quantized.stored_bytes() + (self.bias.numel() * 4 if self.bias is not None else 0)
 
-
-class QuantizedConv2d(nn.Module):
+class QuantizedConv2d(_QuantizedLayer):
     """Conv2d with a weight-only quantized weight, dequantized in forward."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int], stride: Any, padding: Any,
@@ -221,9 +318,6 @@ class QuantizedConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, self.quantized.weight().to(x.dtype), self.bias, self.stride, self.padding, self.dilation, self.groups)
-
-    def stored_bytes(self) -> int:
-        return self.quantized.stored_bytes() + (self.bias.numel() * 4 if self.bias is not None else 0)
 
 
 @register_mac_counter(QuantizedLinear)

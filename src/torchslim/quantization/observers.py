@@ -13,6 +13,8 @@ import torch
 from torch import nn
 
 from torchslim.core.errors import TorchslimError
+from torchslim.core.modes import eval_mode, model_device
+from torchslim.tasks.batches import model_inputs, move_to
 from torchslim.core.registry import Registry
 from torchslim.quantization.primitives import UniformSpec, check_finite, dequantize, qparams_from_range, quantize
 
@@ -199,9 +201,7 @@ def make_observer(name: str, where: str = "tensor", **kwargs) -> Observer:
 def calibrate(model: nn.Module, batches: Iterable, modules: list[tuple[str, nn.Module]], observer: str = "minmax",
               limit: int | None = None, progress: bool = False, outputs: bool = False) -> dict[str, Observer]:
     """Run ``model`` over calibration batches, observing each listed module's input (or, with ``outputs``, its
-    output); returns observers by name."""
-    from torchslim.train.modes import eval_mode, model_device
-
+    output); returns observers by name. Batches may be tensors, (inputs, targets) tuples or mappings."""
     observers = {name: make_observer(observer, where=f"{'output' if outputs else 'input'} of {name}") for name, _ in modules}
     if outputs:
         handles = [module.register_forward_hook(lambda m, args, out, _n=name: observers[_n].observe(out)) for name, module in modules]
@@ -216,10 +216,11 @@ def calibrate(model: nn.Module, batches: Iterable, modules: list[tuple[str, nn.M
                 from tqdm.auto import tqdm
 
                 iterator = tqdm(batches, total=limit, desc="calibrating", leave=False)
-            for inputs, _ in iterator:
+            for batch in iterator:
                 if limit is not None and count >= limit:
                     break
-                model(inputs.to(device))
+                args, kwargs = model_inputs(move_to(batch, device))
+                model(*args, **kwargs)
                 count += 1
     finally:
         for handle in handles:

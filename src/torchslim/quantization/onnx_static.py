@@ -20,12 +20,16 @@ from torch import nn
 from torchslim.core.config import Config, check
 from torchslim.core.errors import TorchslimError
 from torchslim.export.onnx import INPUT_NAME, OnnxModule, export_onnx
+from torchslim.tasks.batches import example_of
 
 
 @dataclasses.dataclass(frozen=True)
 class OnnxInt8Config(Config):
-    """Static or dynamic int8 through ONNX Runtime."""
+    """Static or dynamic int8 through ONNX Runtime's quantizer: ``mode`` static (QDQ, calibrated with ONNX Runtime's
+    ``calibration`` method: minmax, entropy or percentile) or dynamic; ``activations`` uint8 (the fast U8S8 form on
+    x86) or int8; per-channel weights."""
 
+    method: str = "onnxruntime"
     mode: str = "static"
     calibration: str = "minmax"
     calibration_batches: int = 16
@@ -35,6 +39,7 @@ class OnnxInt8Config(Config):
     percentile: float = 99.999
 
     def validate(self) -> None:
+        check(self.method == "onnxruntime", f"method must be 'onnxruntime' for OnnxInt8Config, got {self.method!r}")
         check(self.mode in ("static", "dynamic"), f"mode must be 'static' or 'dynamic', got {self.mode!r}")
         check(self.calibration in ("minmax", "entropy", "percentile"), f"calibration must be minmax, entropy or percentile, got {self.calibration!r}")
         check(self.calibration_batches >= 1, f"calibration_batches must be >= 1, got {self.calibration_batches}")
@@ -52,10 +57,11 @@ class _Reader:
         if self.count >= self.limit:
             return None
         try:
-            inputs = next(self.iterator)
+            inputs = example_of(next(self.iterator))
         except StopIteration:
             return None
-        inputs = inputs[0] if isinstance(inputs, (tuple, list)) else inputs
+        if not isinstance(inputs, torch.Tensor):
+            raise TorchslimError("ONNX Runtime calibration feeds models of one tensor input; this data gives several")
         self.count += 1
         return {INPUT_NAME: inputs.detach().cpu().numpy()}
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from torchslim.core.errors import TorchslimError
-from torchslim.train.modes import eval_mode
+from torchslim.core.modes import eval_mode
 
 
 class CompiledModule(nn.Module):

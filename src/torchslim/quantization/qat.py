@@ -18,9 +18,14 @@ from torch import nn
 from torch.nn import functional as F
 
 from torchslim.core.config import Config, check
-from torchslim.core.report import Report, Result, Stage
+from torchslim.core.errors import TorchslimError
+from torchslim.core.modes import eval_mode, model_device
 from torchslim.core.selector import LayerSelector, select_modules
+from torchslim.core.spec import model_spec, set_spec
+from torchslim.export.onnx import export_onnx
+from torchslim.quantization.observers import calibrate
 from torchslim.quantization.primitives import UniformSpec, fake_quantize
+from torchslim.tasks.batches import model_inputs, move_to
 
 WEIGHT_SPEC = UniformSpec(bits=8, symmetric=True, granularity="channel", axis=0)
 ACTIVATION_SPEC = UniformSpec(bits=8, symmetric=False)
@@ -28,13 +33,19 @@ ACTIVATION_SPEC = UniformSpec(bits=8, symmetric=False)
 
 @dataclasses.dataclass(frozen=True)
 class QATConfig(Config):
-    """Which layers train with fake quantization, and how their weight scales are set ("observer" or "learned")."""
+    """Quantization-aware training: which layers train with fake quantization, how their weight scales are set
+    ("observer" or "learned"), calibration batches that seed the activation ranges, and whether the trained model is
+    exported to a QDQ ONNX model that runs in ONNX Runtime (``export``; otherwise the fake-quant model is returned)."""
 
+    method: str = "qat"
     weight_scale: str = "learned"
     activation_momentum: float = 0.1
     layers: LayerSelector = LayerSelector()
+    calibration_batches: int = 8
+    export: bool = True
 
     def validate(self) -> None:
+        check(self.method == "qat", f"method must be 'qat' for QATConfig, got {self.method!r}")
         check(self.weight_scale in ("observer", "learned"), f"weight_scale must be 'observer' or 'learned', got {self.weight_scale!r}")
         check(0 < self.activation_momentum <= 1, f"activation_momentum must be in (0, 1], got {self.activation_momentum}")
 
@@ -168,17 +179,16 @@ def prepare_qat(model: nn.Module, config: QATConfig | dict | None = None, inplac
 def calibrate_qat(model: nn.Module, batches, count: int = 8) -> None:
     """Seed the activation ranges from a few batches: eval-mode passes (BatchNorm statistics stay as they are)
     in which only the fake-quant observers update."""
-    from torchslim.train.modes import eval_mode
-
     fakes = [module.fake for module in model.modules() if isinstance(module, (QATLinear, QATConv2d))]
     for fake in fakes:
         fake.calibrating = True
     try:
         with eval_mode(model), torch.no_grad():
-            for index, (inputs, _) in enumerate(batches):
+            for index, batch in enumerate(batches):
                 if index >= count:
                     break
-                model(inputs)
+                args, kwargs = model_inputs(move_to(batch, model_device(model)))
+                model(*args, **kwargs)
     finally:
         for fake in fakes:
             fake.calibrating = False
@@ -188,15 +198,11 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     """A copy of ``model`` (eval mode) with every Conv2d -> BatchNorm2d pair folded into one Conv2d (torch.fx)."""
     from torch.fx.experimental.optimization import fuse
 
-    from torchslim.core.errors import TorchslimError
-
     try:
         folded = fuse(copy.deepcopy(model).eval(), inplace=True)
     except Exception as error:  # noqa: BLE001 - tracing fails in many ways; name the model and the cause
         raise TorchslimError(f"cannot trace {type(model).__name__} to fold BatchNorm: {str(error).splitlines()[0]}") from None
-    spec = getattr(model, "torchslim_spec", None)
-    if spec is not None:
-        folded.torchslim_spec = spec
+    set_spec(folded, model_spec(model))
     return folded
 
 
@@ -204,8 +210,6 @@ def calibrate_observers(model: nn.Module, batches, observer: str = "minmax", cou
     """Set every fake-quant layer's input range from a torchslim observer (minmax, moving-average, percentile, mse,
     entropy) run over calibration batches in eval mode: post-training static quantization with torchslim's own
     calibration, exported through ``export_qat_onnx`` as a QDQ model."""
-    from torchslim.quantization.observers import calibrate
-
     layers = [(name, module) for name, module in model.named_modules() if isinstance(module, (QATLinear, QATConv2d))]
     batches = list(batches)
     observers = calibrate(model, batches, layers, observer=observer, limit=count)
@@ -225,8 +229,6 @@ def calibrate_observers(model: nn.Module, batches, observer: str = "minmax", cou
 
 def export_qat_onnx(model: nn.Module, example_input: torch.Tensor, path: str | os.PathLike[str]) -> Path:
     """Export the fake-quantized model as a QDQ ONNX file (real int8 in ONNX Runtime)."""
-    from torchslim.export.onnx import export_onnx
-
     fakes = [module.fake for module in model.modules() if isinstance(module, (QATLinear, QATConv2d))]
     for fake in fakes:
         fake.freeze()
@@ -281,10 +283,3 @@ def store_int8_weights(path: str | os.PathLike[str]) -> None:
         if init.name not in used:
             graph.initializer.remove(init)
     onnx.save(model, str(path))
-
-
-def qat_report(model: nn.Module, config: QATConfig) -> Result:
-    layers = [name for name, module in model.named_modules() if isinstance(module, (QATLinear, QATConv2d))]
-    stage = Stage(name="qat", kind="quantize", metrics={"layers": len(layers)}, layers=[{"name": n} for n in layers],
-                  config=config.to_dict(), execution="simulated (fake-quant) until exported")
-    return Result(model=model, report=Report(stages=[stage]))

@@ -11,53 +11,59 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Any
+from typing import Any, Mapping
 
 from torch import nn
 
 from torchslim.core.config import Config, ConfigError
 from torchslim.core.errors import TorchslimError
 from torchslim.core.report import Report, Result, Stage
-from torchslim.core.selector import LayerSelector, module_type_name, select_modules
+from torchslim.core.selector import LayerSelector, resolve_overrides, select_modules
+from torchslim.core.spec import append_transform, recorded_transform, register_transform
 from torchslim.measure.counts import count_parameters
 from torchslim.quantization.modules import QuantizedConv2d, QuantizedLinear, WeightScheme, empty_like, quantize_module
 from torchslim.quantization.primitives import sqnr_db
 
 TRANSFORM_KIND = "weight-quantization"
+QUANTIZABLE = ("Linear", "Conv2d")
 
 
 @dataclasses.dataclass(frozen=True)
 class WeightOnlyConfig(Config):
-    """Weight-only quantization: one ``weights`` scheme for the selected layers, overridden per module type by
-    ``type_schemes`` (e.g. {"Conv2d": {"scheme": "kmeans", "bits": 8}}, as Deep Compression gives convolutions more
-    bits than fully connected layers) and per layer name by ``layer_schemes`` (mixed precision, e.g.
-    {"fc3": {"scheme": "uniform", "bits": 8}}); a layer's name wins over its type."""
+    """Weight-only quantization: one ``weights`` scheme for the ``layers`` selected (Linear and Conv2d), and
+    ``overrides`` per layer pattern (mixed precision), each merged onto ``weights``: ``{"type:Conv2d": {"bits": 8}}``
+    (Deep Compression gives convolutions more bits than fully connected layers), ``{"fc3": {"scheme": "uniform",
+    "bits": 8}}``. The most specific pattern wins (a layer's name over a type)."""
 
+    method: str = "weight-only"
     weights: WeightScheme = WeightScheme()
-    type_schemes: dict[str, WeightScheme] = dataclasses.field(default_factory=dict)
-    layer_schemes: dict[str, WeightScheme] = dataclasses.field(default_factory=dict)
     layers: LayerSelector = LayerSelector()
+    overrides: dict[str, WeightScheme] = dataclasses.field(default_factory=dict)
 
     def validate(self) -> None:
-        # a type rule is general (a recipe may meet models without convolutions); only the supported types are valid
-        unknown = sorted(set(self.type_schemes) - {"Linear", "Conv2d"})
-        if unknown:
-            raise ConfigError(f"type_schemes: weight-only quantization supports Linear and Conv2d, got {unknown}")
+        if self.method != "weight-only":
+            raise ConfigError(f"method must be 'weight-only' for WeightOnlyConfig, got {self.method!r}")
+
+    @classmethod
+    def from_dict(cls, mapping: Any, where: str | None = None) -> WeightOnlyConfig:
+        """As ``Config.from_dict``, with each override a partial scheme merged onto ``weights``."""
+        if isinstance(mapping, Mapping) and isinstance(mapping.get("overrides"), Mapping):
+            base = mapping.get("weights", {})
+            base = base.to_dict() if isinstance(base, WeightScheme) else dict(base) if isinstance(base, Mapping) else base
+            if isinstance(base, dict):
+                merged = {key: ({**base, **value} if isinstance(value, Mapping) else value) for key, value in mapping["overrides"].items()}
+                mapping = {**mapping, "overrides": merged}
+        return super().from_dict(mapping, where=where)
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule called ``name`` (``a.b.c``) by ``module``."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
 
 
-def _record_transform(model: nn.Module, schemes: dict[str, dict[str, Any]]) -> None:
-    from torchslim.io.modelfile import append_transform, model_spec
-
-    previous = next((t for t in (model_spec(model) or {}).get("transforms", []) if t.get("kind") == TRANSFORM_KIND), {"layers": {}})
-    append_transform(model, {"kind": TRANSFORM_KIND, "layers": {**previous["layers"], **schemes}}, replace_kind=True)
-
-
+@register_transform(TRANSFORM_KIND)
 def apply_structure(model: nn.Module, transform: dict[str, Any]) -> nn.Module:
     """Replace the layers a saved file lists with empty quantized modules of the same structure (for loading)."""
     for name, scheme in transform["layers"].items():
@@ -65,7 +71,7 @@ def apply_structure(model: nn.Module, transform: dict[str, Any]) -> nn.Module:
             module = model.get_submodule(name)
         except AttributeError:
             raise TorchslimError(f"the file quantizes layer {name!r}, which the architecture does not have") from None
-        _set_module(model, name, empty_like(module, WeightScheme.from_dict(scheme)))
+        set_module(model, name, empty_like(module, WeightScheme.from_dict(scheme)))
     return model
 
 
@@ -73,31 +79,32 @@ def quantize_weights(model: nn.Module, config: WeightOnlyConfig | dict, inplace:
     """Replace the selected layers by weight-only quantized modules; report SQNR and stored bytes per layer."""
     config = WeightOnlyConfig.coerce(config, where="quantize")
     target = model if inplace else copy.deepcopy(model)
-    modules = select_modules(target, config.layers, default_types=("Linear", "Conv2d"))
-    names = {name for name, _ in modules}
-    unknown = sorted(set(config.layer_schemes) - names)
-    if unknown:
-        raise ConfigError(f"quantize.layer_schemes names layers that are not selected: {unknown}; selected: {sorted(names)}")
+    modules = select_modules(target, config.layers, default_types=QUANTIZABLE)
+    schemes_by_layer = resolve_overrides(modules, config.overrides, "quantize.overrides")
     rows, schemes = [], {}
     for name, module in modules:
         if isinstance(module, (QuantizedLinear, QuantizedConv2d)):
             raise TorchslimError(f"layer {name!r} is already quantized")
         if not isinstance(module, (nn.Linear, nn.Conv2d)):
             raise TorchslimError(f"layer {name!r} ({type(module).__name__}): weight-only quantization supports Linear and Conv2d")
-        scheme = config.layer_schemes.get(name, config.type_schemes.get(module_type_name(module), config.weights))
+        scheme = schemes_by_layer.get(name, config.weights)
         weight = module.weight.detach().float().clone()
         quantized = quantize_module(module, scheme, name)
-        _set_module(target, name, quantized)
+        set_module(target, name, quantized)
         schemes[name] = scheme.to_dict()
         rows.append({"name": name, "scheme": scheme.scheme, "bits": scheme.stored_bits, "weights": weight.numel(),
                      "sqnr_db": round(sqnr_db(weight, quantized.quantized.weight()), 2),
                      "dense_bytes": weight.numel() * 4, "stored_bytes": quantized.stored_bytes()})
-    _record_transform(target, schemes)
+    previous = recorded_transform(target, TRANSFORM_KIND) or {"layers": {}}
+    append_transform(target, {"kind": TRANSFORM_KIND, "layers": {**previous["layers"], **schemes}}, replace_kind=True)
     weight_bytes = sum(r["stored_bytes"] for r in rows)
     metrics = {"parameters": count_parameters(model), "weight_bytes": weight_bytes,
                "dense_weight_bytes": sum(r["dense_bytes"] for r in rows),
                "compression": sum(r["dense_bytes"] for r in rows) / weight_bytes}
     stage = Stage(name="quantize", kind="quantize", metrics=metrics, layers=rows, config=config.to_dict(),
+                  notes=[f"{row['name']}: {row['scheme']} {row['bits']} bits, SQNR {row['sqnr_db']:.1f} dB" for row in rows],
                   execution="weights stored quantized, dequantized in eager forward")
     return Result(model=target, report=Report.for_model(model, [stage]))
 
+
+__all__ = ["QUANTIZABLE", "TRANSFORM_KIND", "WeightOnlyConfig", "apply_structure", "quantize_weights", "set_module"]

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from torchslim.core.report import Report
+from torchslim.core.report import RENDERERS, Report
 
 # Columns of the per-stage table, in order; a column shows only when some stage has it.
 STAGE_COLUMNS = [
@@ -71,3 +70,6 @@ def report_to_markdown(report: Report) -> str:
             parts += ["", f"## {stage.name}: layers", ""]
             parts.append(table(keys, [[format_value(k, row.get(k)) for k in keys] for row in stage.layers]))
     return "\n".join(parts) + "\n"
+
+
+RENDERERS["markdown"] = report_to_markdown

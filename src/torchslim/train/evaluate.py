@@ -1,36 +1,46 @@
-"""Evaluation of a classifier (or a character model) over a dataset split or any iterable of batches."""
+"""Evaluation of a model on data by its task (accuracy for classification, perplexity for language modeling,
+cosine similarity to the original for unlabeled data, or a user's own metric)."""
 
 from __future__ import annotations
 
-import math
-from typing import Any, Iterable
+from typing import Any, Iterator
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-from torchslim.train.modes import eval_mode, model_device
+from torchslim.data.sources import DataSource, as_source
+from torchslim.tasks.base import Task, resolve_task
+from torchslim.tasks.batches import batch_size_of
 
 
-def _batches(data: Any, split: str, batch_size: int, limit: int | None, block_size: int = 64) -> Iterable:
-    if hasattr(data, "loader") and hasattr(data, "train"):
-        return data.loader(split, batch_size=batch_size, shuffle=False, limit=limit, augment=False)
-    if hasattr(data, "loader") and hasattr(data, "train_ids"):
-        return data.loader(split, batch_size=batch_size, block_size=block_size, batches=limit or 10**9)
-    return data
+def _examples(batches: Iterator[Any], limit: int | None) -> Iterator[Any]:
+    """Batches until ``limit`` examples have been given (all when None)."""
+    seen = 0
+    for batch in batches:
+        if limit is not None and seen >= limit:
+            return
+        yield batch
+        seen += batch_size_of(batch)
+
+
+def evaluate_source(model: nn.Module, source: DataSource, task: Task, limit: int | None = None, batch_size: int | None = None) -> dict[str, float]:
+    """``task``'s metrics of ``model`` over the evaluation split of ``source`` (at most about ``limit`` examples)."""
+    return task.evaluate(model, _examples(source.batches("eval", batch_size=batch_size, shuffle=False), limit))
 
 
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
     data: Any,
-    split: str = "test",
-    batch_size: int = 1000,
+    task: str | Task | None = None,
+    split: str = "eval",
+    batch_size: int | None = None,
     limit: int | None = None,
+    reference: nn.Module | None = None,
 ) -> dict[str, float]:
-    """Accuracy, error, mean cross-entropy and example count of ``model`` on a split (or a loader of batches).
-
-    For sequence outputs (B, T, V) it also gives bits per character. The model's train/eval mode is restored.
+    """Metrics of ``model`` on ``data`` (anything ``torchslim.data.as_source`` takes) by its ``task`` (chosen from
+    the data when not named). ``split`` is "eval" (or "test") or "train"; ``limit`` caps the examples used.
+    Every submodule's train/eval mode is restored.
 
     Example:
         >>> import torchslim as ts
@@ -39,23 +49,10 @@ def evaluate(
         >>> 0.0 <= metrics["accuracy"] <= 1.0
         True
     """
-    device = model_device(model)
-    correct, count, loss_sum, sequence = 0, 0, 0.0, False
-    with eval_mode(model):
-        for inputs, targets in _batches(data, split, batch_size, limit, getattr(model, "block_size", 64)):
-            inputs, targets = inputs.to(device), targets.to(device)
-            outputs = model(inputs)
-            if outputs.dim() == 3:  # (B, T, V) language model
-                sequence = True
-                outputs, targets = outputs.reshape(-1, outputs.shape[-1]), targets.reshape(-1)
-            loss_sum += F.cross_entropy(outputs.float(), targets, reduction="sum").item()
-            correct += (outputs.argmax(dim=-1) == targets).sum().item()
-            count += targets.numel()
-    if count == 0:
-        raise ValueError("evaluate got no examples (an empty split or loader)")
-    loss = loss_sum / count
-    metrics = {"accuracy": correct / count, "error": 1 - correct / count, "loss": loss, "examples": count}
-    metrics["errors"] = count - correct
-    if sequence:
-        metrics["bits_per_character"] = loss / math.log(2)
-    return metrics
+    source = as_source(data, model)
+    resolved = resolve_task(task, source, reference)
+    name = "eval" if split in ("eval", "test") else split
+    return resolved.evaluate(model, _examples(source.batches(name, batch_size=batch_size, shuffle=False), limit))
+
+
+__all__ = ["evaluate", "evaluate_source"]

@@ -1,4 +1,5 @@
-"""``fit``: a seeded training loop with optimizer, learning-rate schedule, loss, callbacks and progress bars."""
+"""``fit``: a seeded training loop with optimizer, learning-rate schedule, the task's loss, callbacks, and progress
+(a bar on a terminal, one line per epoch elsewhere). Data is anything ``torchslim.data.as_source`` takes."""
 
 from __future__ import annotations
 
@@ -12,18 +13,25 @@ from typing import Any, Callable, Literal, Sequence
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from torchslim.core.config import Config, check
-from torchslim.train.evaluate import evaluate
-from torchslim.train.modes import model_device, train_mode
+from torchslim.core.errors import TorchslimError
+from torchslim.core.modes import train_mode
+from torchslim.data.sources import DataSource, as_source
+from torchslim.tasks.base import Task, resolve_task
+from torchslim.train.evaluate import evaluate_source
+from torchslim.train.progress import Progress, progress_mode
 
-LossFunction = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# A loss of the model and a batch (what a task gives; distillation supplies its own)
+LossFunction = Callable[[nn.Module, Any], torch.Tensor]
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig(Config):
     """How to train: optimizer, learning-rate schedule, epochs, batch size, seed.
+
+    ``batch_size`` and shuffling apply to data torchslim batches itself; a user's DataLoader keeps its own.
+    ``max_batches_per_epoch`` shortens epochs; ``eval_limit`` caps the evaluation examples (all by default).
 
     Example:
         >>> TrainConfig.from_dict({"epochs": 2, "optimizer": "adam", "lr": 1e-3}).schedule
@@ -67,8 +75,7 @@ class TrainState:
     total_steps: int = 0
     steps_per_epoch: int = 0
     loss: float = float("nan")
-    inputs: torch.Tensor | None = None
-    targets: torch.Tensor | None = None
+    batch: Any = None
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
@@ -145,38 +152,25 @@ def learning_rate_factor(config: TrainConfig, step: int, steps_per_epoch: int) -
     return 1.0
 
 
-def default_loss(config: TrainConfig) -> LossFunction:
-    def loss(outputs: torch.Tensor, targets: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
-        if outputs.dim() == 3:  # (B, T, V)
-            outputs, targets = outputs.reshape(-1, outputs.shape[-1]), targets.reshape(-1)
-        return F.cross_entropy(outputs, targets, label_smoothing=config.label_smoothing)
-
-    return loss
-
-
-def _train_batches(data: Any, config: TrainConfig, epoch: int, block_size: int = 64):
-    if hasattr(data, "train_ids"):  # text: windows as long as the model's context
-        batches = config.max_batches_per_epoch or 200
-        return data.loader("train", batch_size=config.batch_size, block_size=block_size, batches=batches, seed=config.seed + epoch)
-    if hasattr(data, "loader"):
-        return data.loader("train", batch_size=config.batch_size, seed=config.seed + epoch)
-    return data
-
-
 def fit(
     model: nn.Module,
     data: Any,
     config: TrainConfig | dict | None = None,
+    task: str | Task | None = None,
     loss: LossFunction | None = None,
     callbacks: Sequence[Callback] = (),
-    progress: bool | None = None,
+    progress: bool | str | None = None,
     optimizer: torch.optim.Optimizer | None = None,
+    label: str = "train",
+    evaluate_at_end: bool = True,
+    reference: nn.Module | None = None,
 ) -> FitHistory:
-    """Train ``model`` in place on ``data`` (a Dataset, TextDataset, or an iterable of (inputs, targets) batches).
+    """Train ``model`` in place on ``data`` (anything ``torchslim.data.as_source`` takes).
 
-    ``loss(outputs, targets, inputs)`` defaults to cross-entropy. Progress bars show on a terminal only (or force
-    with ``progress``). Returns the per-epoch history and the final test metrics. Runs are reproducible for a
-    fixed ``config.seed``. The model's train/eval mode is restored afterwards.
+    The loss is the ``task``'s (chosen from the data when not named; ``reference`` is the model a fidelity task
+    compares against), or ``loss(model, batch)`` when given. Progress shows as a bar on a terminal and one line per
+    epoch elsewhere (``progress=False`` silences it). Returns the per-epoch history and the final evaluation.
+    Runs are reproducible for a fixed ``config.seed``. Every submodule's train/eval mode is restored afterwards.
 
     Example:
         >>> import torchslim as ts
@@ -188,18 +182,16 @@ def fit(
     """
     config = TrainConfig.coerce(config)
     seed_everything(config.seed)
-    device = model_device(model)
-    loss_function = loss or default_loss(config)
+    source = as_source(data, model)
+    resolved = resolve_task(task, source, reference)
+    loss_function = loss or (lambda m, batch: resolved.training_loss(m, batch, config.label_smoothing))
     optimizer = optimizer or make_optimizer(model.parameters(), config)
     base_rates = [group["lr"] for group in optimizer.param_groups]
-    show = sys.stderr.isatty() if progress is None else progress
-    block_size = getattr(model, "block_size", 64)
-    first = _train_batches(data, config, 0, block_size)
-    steps_per_epoch = len(first) if hasattr(first, "__len__") else (config.max_batches_per_epoch or 200)
-    if config.max_batches_per_epoch is not None:
-        steps_per_epoch = min(steps_per_epoch, config.max_batches_per_epoch)
+    mode = progress_mode(progress)
+    steps_per_epoch = _steps_per_epoch(source, config)
     state = TrainState(model, optimizer, config, total_steps=config.epochs * steps_per_epoch, steps_per_epoch=steps_per_epoch)
     started = time.perf_counter()
+    lines = Progress(label, config.epochs, "lines" if mode == "lines" else "off")
     for callback in callbacks:
         callback.on_train_start(state)
     with train_mode(model):
@@ -208,27 +200,24 @@ def fit(
             model.train()
             for callback in callbacks:
                 callback.on_epoch_start(state)
-            batches = first if epoch == 0 else _train_batches(data, config, epoch, block_size)
-            bar = _progress(batches, steps_per_epoch, f"epoch {epoch + 1}/{config.epochs}", show)
+            batches = source.batches("train", batch_size=config.batch_size, seed=config.seed + epoch, limit=steps_per_epoch)
+            bar = _bar(batches, steps_per_epoch, f"{label} epoch {epoch + 1}/{config.epochs}", mode == "bar")
             loss_sum, seen = 0.0, 0
-            for index, (inputs, targets) in enumerate(bar):
-                if index >= steps_per_epoch:
-                    break
-                inputs, targets = inputs.to(device), targets.to(device)
+            for batch in bar:
                 factor = learning_rate_factor(config, state.step, steps_per_epoch)
                 for group, rate in zip(optimizer.param_groups, base_rates):
                     group["lr"] = rate * factor
-                state.inputs, state.targets = inputs, targets
+                state.batch = batch
                 for callback in callbacks:
                     callback.on_batch_start(state)
-                outputs = model(inputs)
-                value = loss_function(outputs, targets, inputs)
+                value = loss_function(model, batch)
                 for callback in callbacks:
                     extra = callback.extra_loss(state)
                     if extra is not None:
                         value = value + extra
                 if not torch.isfinite(value):
-                    raise FloatingPointError(f"loss became {value.item()} at epoch {epoch + 1}, step {state.step}")
+                    raise TorchslimError(f"{label}: the loss became {value.item()} at epoch {epoch + 1}, step {state.step}; lower "
+                                         f"the learning rate (lr={config.lr}) or check the data for NaN/Inf")
                 optimizer.zero_grad(set_to_none=True)
                 value.backward()
                 for callback in callbacks:
@@ -239,25 +228,38 @@ def fit(
                 for callback in callbacks:
                     callback.after_step(state)
                 state.loss = value.item()
-                loss_sum += state.loss * len(targets)
-                seen += len(targets)
+                loss_sum += state.loss
+                seen += 1
                 state.step += 1
-                if show and hasattr(bar, "set_postfix"):
+                if hasattr(bar, "set_postfix"):
                     bar.set_postfix(loss=f"{state.loss:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
-            metrics: dict[str, Any] = {"epoch": epoch + 1, "train_loss": loss_sum / max(1, seen)}
-            if config.eval_every_epoch and hasattr(data, "loader"):
-                test = evaluate(model, data, limit=config.eval_limit)
+            if seen == 0:
+                raise TorchslimError(f"{label}: the training data gave no batches")
+            metrics: dict[str, Any] = {"epoch": epoch + 1, "train_loss": loss_sum / seen}
+            if config.eval_every_epoch:
+                test = evaluate_source(model, source, resolved, limit=config.eval_limit)
                 metrics.update({f"test_{k}": v for k, v in test.items()})
             state.history.append(metrics)
+            lines.step(loss=metrics["train_loss"], **({resolved.metric: metrics[f"test_{resolved.metric}"]}
+                                                      if f"test_{resolved.metric}" in metrics else {}))
             for callback in callbacks:
                 callback.on_epoch_end(state, metrics)
     for callback in callbacks:
         callback.on_train_end(state)
-    final = evaluate(model, data, limit=config.eval_limit) if hasattr(data, "loader") else {}
+    final = evaluate_source(model, source, resolved, limit=config.eval_limit) if evaluate_at_end else {}
     return FitHistory(epochs=state.history, final=final, seconds=time.perf_counter() - started)
 
 
-def _progress(iterable, total: int, description: str, show: bool):
+def _steps_per_epoch(source: DataSource, config: TrainConfig) -> int:
+    known = source.batches_per_epoch(config.batch_size)
+    if known is None:  # a loader without a length: count one pass
+        known = sum(1 for _ in source.batches("train", batch_size=config.batch_size, seed=config.seed))
+    if config.max_batches_per_epoch is not None:
+        known = min(known, config.max_batches_per_epoch)
+    return known
+
+
+def _bar(iterable, total: int, description: str, show: bool):
     if not show:
         return iterable
     from tqdm.auto import tqdm

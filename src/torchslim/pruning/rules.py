@@ -1,7 +1,8 @@
 """The rules of channel tracing (see ``pruning.graph``): what each leaf module and each torch function does to the
-channel slots of the tensors it reads and writes. Leaf rules are registered by module type (``leaf_rule``) or by a
-predicate on the module (Hugging Face style self-attention); a function the rules do not know blocks the slots it
-touches and is named."""
+channel slots of the tensors it reads and writes. Leaf rules are registered by module type (``leaf_rule``), by a
+predicate on the module (Hugging Face style self-attention), or declared by the module itself as a
+``channel_rule(graph, name, inputs, output)`` method; a function the rules do not know blocks the slots it touches
+and is named."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from torchslim.pruning.graph import ChannelGraph, HeadGroup, ParamSlice, _Info
+from torchslim.pruning.graph import ChannelGraph, ParamSlice, SlotInfo
 
 # leaf-module rules: (graph, module name, module, input tensors, output) -> None; registered by type
 LEAF_RULES: dict[type, Callable[..., None]] = {}
@@ -38,21 +39,6 @@ PASS_MODULES = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Har
 
 # -- leaf modules ----------------------------------------------------------------------------------------------------
 
-def _producer(graph: ChannelGraph, name: str, module: nn.Module, output: torch.Tensor, count: int, axis: int,
-              weight_dim: int = 0, bias: bool = True) -> None:
-    slots = graph.new_slots(count)
-    for index, slot in enumerate(slots):
-        graph.param(slot, "producer", name, "weight", weight_dim, index)
-        if bias and getattr(module, "bias", None) is not None:
-            graph.param(slot, "producer", name, "bias", 0, index)
-    graph.set_info(output, slots, axis)
-
-
-def _consume(graph: ChannelGraph, name: str, info: _Info | None, dim: int) -> None:
-    if info is not None:
-        graph.consumer_records.append((name, "weight", dim, list(info.slots)))
-
-
 @leaf_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
 def _conv(graph: ChannelGraph, name: str, module: nn.Module, inputs: list[Any], output: torch.Tensor) -> None:
     info = graph.get_info(inputs[0])
@@ -60,11 +46,11 @@ def _conv(graph: ChannelGraph, name: str, module: nn.Module, inputs: list[Any], 
         graph.unsupported_op(name, f"{type(module).__name__} on a tensor whose channels are not on axis 1", inputs[:1])
         info = None
     if module.groups == 1:
-        _consume(graph, name, info, 1)
-        _producer(graph, name, module, output, module.out_channels, 1)
+        graph.consume(name, info, 1)
+        graph.produce(name, module, output, module.out_channels, 1)
     elif module.groups == module.in_channels == module.out_channels:  # depthwise: channels pass through
         if info is None:
-            _producer(graph, name, module, output, module.out_channels, 1)
+            graph.produce(name, module, output, module.out_channels, 1)
             return
         for index, slot in enumerate(info.slots):
             graph.param(slot, "member", name, "weight", 0, index)
@@ -84,13 +70,13 @@ def _linear(graph: ChannelGraph, name: str, module: nn.Linear, inputs: list[Any]
     if info is not None and info.axis != inputs[0].dim() - 1:
         graph.unsupported_op(name, "Linear over a tensor whose channels are not on the last axis", inputs[:1])
         info = None
-    _consume(graph, name, info, 1)
-    _producer(graph, name, module, output, module.out_features, -1)
+    graph.consume(name, info, 1)
+    graph.produce(name, module, output, module.out_features, -1)
 
 
 @leaf_rule(nn.Embedding)
 def _embedding(graph: ChannelGraph, name: str, module: nn.Embedding, inputs: list[Any], output: torch.Tensor) -> None:
-    _producer(graph, name, module, output, module.embedding_dim, -1, weight_dim=1, bias=False)
+    graph.produce(name, module, output, module.embedding_dim, -1, weight_dim=1, bias=False)
 
 
 @leaf_rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -273,16 +259,15 @@ def apply_function(graph: ChannelGraph, where: str, func: Any, args: tuple, kwar
     if func is F.pad and info is not None:
         pad = list(args[1] if len(args) > 1 else kwargs["pad"])
         axis_from_end = first.dim() - 1 - info.axis
-        if len(pad) <= 2 * axis_from_end:
+        if len(pad) <= 2 * axis_from_end or not any(pad[2 * axis_from_end:2 * axis_from_end + 2]):
             graph.set_info(output, info.slots, info.axis)
             return
-        left, right = pad[2 * axis_from_end], pad[2 * axis_from_end + 1]
-        mode = args[2] if len(args) > 2 else kwargs.get("mode", "constant")
-        value = args[3] if len(args) > 3 else kwargs.get("value", 0.0)
-        if mode == "constant" and not value and left >= 0 and right >= 0:
-            zeros_left, zeros_right = graph.new_slots(left), graph.new_slots(right)  # free: no parameters
-            graph.set_info(output, zeros_left + info.slots + zeros_right, info.axis)
-            return
+        # padding the channel axis by a fixed amount (a lambda's option-A shortcut) cannot follow a change in the
+        # channel count: the channels it touches stay (torchslim's PadShortcut module records its own positions)
+        graph.unsupported_op(where, "pad of the channel axis by a fixed amount", inputs)
+        graph.set_info(output, graph.new_slots(output.shape[info.axis]), info.axis)
+        graph.block(graph.get_info(output).slots, f"{where or 'model'}: pad of the channel axis by a fixed amount")
+        return
     if func in (torch.Tensor.transpose, torch.transpose) and info is not None:
         a, b = (args[1] % first.dim(), args[2] % first.dim())
         axis = b if info.axis == a else a if info.axis == b else info.axis
@@ -292,6 +277,10 @@ def apply_function(graph: ChannelGraph, where: str, func: Any, args: tuple, kwar
 
 
 def rule_for(module: nn.Module) -> Callable[..., None] | None:
+    """The channel rule of a leaf module (its own ``channel_rule`` first), or None for a module traced inside."""
+    own = getattr(module, "channel_rule", None)
+    if callable(own):
+        return lambda graph, name, _module, inputs, output: own(graph, name, inputs, output)
     for klass in type(module).__mro__:
         if klass in LEAF_RULES:
             return LEAF_RULES[klass]
@@ -305,39 +294,6 @@ def is_leaf(module: nn.Module) -> bool:
     return rule_for(module) is not None
 
 
-def _register_model_rules() -> None:
-    """Rules for torchslim's own modules with structure the generic rules cannot see."""
-    from torchslim.models.resnet_cifar import PadShortcut
-    from torchslim.models.transformer import CausalSelfAttention
-
-    @leaf_rule(PadShortcut)
-    def _pad_shortcut(graph: ChannelGraph, name: str, module: PadShortcut, inputs: list[Any], output: torch.Tensor) -> None:
-        info = graph.get_info(inputs[0])
-        if info is None or info.axis != 1:
-            return
-        positions = module.positions()
-        out_slots = graph.new_slots(module.out_channels)  # the padded (zero) positions own no parameters
-        for slot, position in zip(info.slots, positions):
-            graph.uf.union(slot, out_slots[position])
-        graph.leaf_records[name] = [(list(info.slots), out_slots)]
-        graph.set_info(output, out_slots, 1)
-
-    @leaf_rule(CausalSelfAttention)
-    def _attention(graph: ChannelGraph, name: str, module: CausalSelfAttention, inputs: list[Any], output: torch.Tensor) -> None:
-        info = graph.get_info(inputs[0])
-        for projection in ("q_proj", "k_proj", "v_proj"):
-            _consume(graph, f"{name}.{projection}", info, 1)
-        out = module.out_proj
-        _producer(graph, f"{name}.out_proj", out, output, out.out_features, -1)
-        width = module.head_dim
-        for head in range(module.num_heads):
-            rows = list(range(head * width, (head + 1) * width))
-            slices = [ParamSlice(f"{name}.{p}", "weight", 0, rows) for p in ("q_proj", "k_proj", "v_proj")]
-            slices += [ParamSlice(f"{name}.{p}", "bias", 0, rows) for p in ("q_proj", "k_proj", "v_proj") if getattr(module, p).bias is not None]
-            slices.append(ParamSlice(f"{name}.out_proj", "weight", 1, rows))
-            graph.heads.append(HeadGroup(name, head, slices))
-
-
 def _is_hf_self_attention(module: nn.Module) -> bool:
     return all(isinstance(getattr(module, n, None), nn.Linear) for n in ("query", "key", "value")) and \
         isinstance(getattr(module, "num_attention_heads", None), int) and isinstance(getattr(module, "attention_head_size", None), int)
@@ -348,7 +304,7 @@ def _hf_self_attention(graph: ChannelGraph, name: str, module: nn.Module, inputs
     projection that reads the heads' output is found through the traced slots."""
     info = graph.get_info(inputs[0]) if inputs else None
     for projection in ("query", "key", "value"):
-        _consume(graph, f"{name}.{projection}", info, 1)
+        graph.consume(f"{name}.{projection}", info, 1)
     result = output[0] if isinstance(output, (tuple, list)) else output
     width, heads = module.attention_head_size, module.num_attention_heads
     slots = graph.new_slots(width * heads)
@@ -358,9 +314,8 @@ def _hf_self_attention(graph: ChannelGraph, name: str, module: nn.Module, inputs
         rows = list(range(head * width, (head + 1) * width))
         slices = [ParamSlice(f"{name}.{p}", "weight", 0, rows) for p in ("query", "key", "value")]
         slices += [ParamSlice(f"{name}.{p}", "bias", 0, rows) for p in ("query", "key", "value") if getattr(module, p).bias is not None]
-        graph.heads.append(HeadGroup(name, head, slices, slots=slots[head * width:(head + 1) * width],
-                                     attributes={"count": "num_attention_heads", "size": "all_head_size", "head": "attention_head_size"}))
+        graph.add_head(name, head, slices, slots=slots[head * width:(head + 1) * width],
+                       attributes={"count": "num_attention_heads", "size": "all_head_size", "head": "attention_head_size"})
 
 
 PREDICATE_RULES.append((_is_hf_self_attention, _hf_self_attention))
-_register_model_rules()

@@ -1,5 +1,5 @@
-"""The pipeline commands of the ``torchslim`` CLI: ``compress`` (run a recipe), ``recipes`` (list the built-ins)
-and ``inspect`` (a .tslim file's encodings). Registered on the app in ``torchslim.cli``."""
+"""Commands for recipes and compressed files: ``compress`` (run a recipe), ``recipes`` (list the built-ins) and
+``inspect`` (a .tslim file's encodings)."""
 
 from __future__ import annotations
 
@@ -8,17 +8,24 @@ from typing import Optional
 
 import typer
 
-from torchslim.cli import _load_model_arg, _refuse_overwrite, app, console
+from torchslim.cli.app import app, console
+from torchslim.cli.basics import headline
+from torchslim.cli.common import DATA_HELP, DATA_ROOT, NO_VERIFY, NORMALIZE, SCALE, TASK, load_data, load_model_arg, refuse_overwrite
+from torchslim.core.errors import TorchslimError
 
 
 @app.command()
 def compress(
     model: str = typer.Option("lenet-300-100", help="Registered model name, a saved model file (.safetensors / .tslim), or package.module:callable."),
     weights: Optional[Path] = typer.Option(None, help="Trained weights for --model (.safetensors or a .pt state_dict). Without them a registered model is trained first."),
-    data: str = typer.Option("mnist-sample", help="Dataset name (see `torchslim list datasets`); mnist-sample is embedded and offline."),
-    data_root: Optional[Path] = typer.Option(None, help="Folder holding the dataset files (default: $TORCHSLIM_DATA or the cache)."),
+    data: str = typer.Option("mnist-sample", help=DATA_HELP),
+    data_root: Optional[Path] = DATA_ROOT,
+    no_verify: bool = NO_VERIFY,
+    normalize: str = NORMALIZE,
+    scale: float = SCALE,
+    task: Optional[str] = TASK,
     recipe: str = typer.Option("deep-compression", help="A built-in recipe (see `torchslim recipes`) or a recipe .yaml file."),
-    out: Optional[Path] = typer.Option(None, help="The compressed file: .tslim (or .onnx for export recipes). Default: <model>-<recipe>.tslim."),
+    out: Optional[Path] = typer.Option(None, help="The compressed file: .tslim (or .onnx for recipes that end in an int8 engine). Default: <model>-<recipe>.tslim."),
     report: Optional[Path] = typer.Option(None, help="Also write the JSON report here (default: <out>.report.json)."),
     train_epochs: int = typer.Option(10, help="Epochs of training when a registered model comes without --weights."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its checkpoint (<out>.ckpt/)."),
@@ -34,49 +41,48 @@ def compress(
     import shutil
 
     import torchslim as ts
-    from torchslim.core.errors import TorchslimError
     from torchslim.pipeline import CompressInterrupted, checkpoint_original, checkpoint_status, load_recipe
     from torchslim.report.console import print_report
     from torchslim.report.markdown import format_bytes
 
     plan = load_recipe(recipe)
-    exports = any(stage.kind == "export" for stage in plan.stages)
+    exports = any(stage.writes_onnx for stage in plan.stages)
     stem = Path(model).stem if model.endswith((".safetensors", ".tslim")) else model.replace(":", "-").replace(".", "-")
     out = out or Path(f"{stem}-{plan.name}{'.onnx' if exports else '.tslim'}")
     if exports and out.suffix != ".onnx":
-        raise TorchslimError(f"--out: recipe {plan.name!r} exports to ONNX, so the output must end in .onnx, got {out}")
+        raise TorchslimError(f"--out: recipe {plan.name!r} ends in an ONNX Runtime engine, so the output must end in .onnx, got {out}")
     if not exports and out.suffix != ".tslim":
         raise TorchslimError(f"--out: recipe {plan.name!r} writes a .tslim file, got {out}")
     report = report or out.with_suffix(out.suffix + ".report.json")
     checkpoint = out.with_suffix(out.suffix + ".ckpt")
     if not resume:
-        _refuse_overwrite(out, report, force=force)
+        refuse_overwrite(out, report, force=force)
         status = checkpoint_status(checkpoint)
         if status is not None:
             raise TorchslimError(f"{checkpoint} holds an unfinished run of {status['recipe']!r} ({status['completed']} of {status['stages']} "
                                  f"stages done): pass --resume to continue it, or remove the folder")
     elif checkpoint_status(checkpoint) is None:
         raise TorchslimError(f"--resume: no checkpoint in {checkpoint} to continue")
-    dataset = ts.data.load(data, root=data_root, download=data_root is None)
+    dataset = load_data(data, data_root, no_verify, normalize, scale)
     if resume:  # the run continues from its checkpoint, which holds the model it started from
         network = checkpoint_original(checkpoint, trust_factory=trust_factory or ":" in model)
     elif weights is None and ":" in model:
         raise TorchslimError(f"--model {model}: an import-path model needs --weights (its trained state)")
     else:
-        network = _load_model_arg(model, dataset, trust_factory, weights, trust_weights)
+        network = load_model_arg(model, dataset, trust_factory, weights, trust_weights)
         if weights is None and not model.endswith((".safetensors", ".tslim")):
             console.print(f"no --weights given: training {model} on {data} for {train_epochs} epochs first")
             network = ts.train(network, dataset, {"epochs": train_epochs, "lr": 0.05, "batch_size": 64, "weight_decay": 1e-4,
-                                                  "eval_every_epoch": False}).model
+                                                  "eval_every_epoch": False}, task=task).model
 
     def show(stage) -> None:
         metrics = stage.metrics
-        console.print(f"  {stage.name:<12} test error {100 * metrics['error']:6.2f}%  non-zeros {metrics['nonzeros']:>10,}  "
+        console.print(f"  {stage.name:<12} {headline(metrics)}  non-zeros {metrics['nonzeros']:>10,}  "
                       f"{format_bytes(metrics['stored_bytes']):>11} ({metrics['bytes_as']}, {metrics['compression']:.1f}x)")
 
     console.print(f"recipe {plan.name}: {' -> '.join(stage.kind for stage in plan.stages)}  (checkpoints in {checkpoint})")
     try:
-        result = ts.compress(network, plan, dataset, checkpoint=checkpoint, resume=resume, export_path=out if exports else None,
+        result = ts.compress(network, plan, dataset, task=task, checkpoint=checkpoint, resume=resume, export_path=out if exports else None,
                              latency=latency, threads=threads, trust_factory=trust_factory, on_stage=show)
     except CompressInterrupted as error:
         console.print(f"[yellow]{error}[/yellow]", soft_wrap=True)
@@ -90,9 +96,9 @@ def compress(
         if report != out.with_suffix(out.suffix + ".report.json"):
             result.report.save(report)
         loaded = ts.load(out, trust_factory=trust_factory or ":" in model)  # an import path given here is trusted
-        check = ts.evaluate(loaded, dataset)
+        check = ts.evaluate(loaded, dataset, task=task)
         console.print(f"compressed model written to {out} ({format_bytes(out.stat().st_size)}); reloaded from the file: "
-                      f"test error {100 * check['error']:.2f}%")
+                      f"{headline(check).replace('  ', ' ')}")
     console.print(f"report written to {report}")
     if not keep_checkpoint:
         shutil.rmtree(checkpoint, ignore_errors=True)

@@ -1,0 +1,53 @@
+"""The ``torchslim`` command line's app: global options and the entry point. Commands live beside it, one module
+per group, and call the public verbs; errors print one line (``error: ...``) and exit 1; ``--debug`` shows the
+traceback."""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="torchslim: make trained PyTorch models smaller and faster while keeping their accuracy.",
+)
+console = Console(width=None if sys.stdout.isatty() else 160)
+STATE = {"debug": False}
+
+
+@app.callback()
+def main_options(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
+    STATE["debug"] = debug
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Entry point: runs the app; user errors print one line unless --debug."""
+    arguments = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in arguments
+    try:
+        code = app(args=arguments, standalone_mode=False)
+        if isinstance(code, int):  # typer.Exit(n) inside a command comes back as its exit code
+            return code
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        return 130
+    except Exception as error:  # noqa: BLE001 - one clear line for any failure, traceback with --debug
+        import click
+
+        if isinstance(error, click.exceptions.Exit):
+            return error.exit_code
+        if isinstance(error, click.ClickException):
+            error.show()
+            return error.exit_code
+        if debug:
+            raise
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,160 @@
+"""Commands about models as they are: ``list``, ``train``, ``evaluate``, ``profile``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from torchslim.cli.app import app, console
+from torchslim.cli.common import (DATA_HELP, DATA_ROOT, NO_VERIFY, NORMALIZE, SCALE, TASK, example_input, int_list, load_data,
+                                  load_model_arg, refuse_overwrite)
+from torchslim.core.errors import TorchslimError
+
+
+def describe_metrics(metrics: dict[str, Any]) -> str:
+    """One line of evaluation metrics: accuracy / error for classification, else each number."""
+    if "accuracy" in metrics and "errors" in metrics:
+        return (f"accuracy {100 * metrics['accuracy']:.2f}%  error {100 * metrics['error']:.2f}%  "
+                f"({metrics['errors']} of {metrics['examples']})  loss {metrics['loss']:.4f}")
+    return "  ".join(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}" for key, value in metrics.items())
+
+
+def headline(metrics: dict[str, Any]) -> str:
+    """The one number a person looks at first: test error for classification, else the task's metric."""
+    if "errors" in metrics:
+        return f"test error {100 * metrics['error']:6.2f}%"
+    return next(f"{key} {metrics[key]:.4g}" for key in ("perplexity", "cosine", "loss") if key in metrics)
+
+
+def change_line(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """How the headline metric moved: ``test error 1.20% -> 1.35%``."""
+    if "errors" in before and "errors" in after:
+        return f"test error {100 * before['error']:.2f}% -> {100 * after['error']:.2f}%"
+    key = next(k for k in ("perplexity", "cosine", "loss") if k in before and k in after)
+    return f"{key} {before[key]:.4g} -> {after[key]:.4g}"
+
+
+@app.command("list")
+def list_command(what: str = typer.Argument("all", help="models, datasets, backends, tasks, stages, quantization or all")) -> None:
+    """List the registries: models, datasets, latency backends, tasks, recipe stage kinds, quantization methods."""
+    from torchslim.data import DATASETS
+    from torchslim.measure.latency import BACKENDS
+    from torchslim.models import MODELS
+    from torchslim.pipeline import STAGES
+    from torchslim.quantization import METHODS
+    from torchslim.tasks import TASKS
+
+    tables = {"models": MODELS, "datasets": DATASETS, "backends": BACKENDS, "tasks": TASKS, "stages": STAGES, "quantization": METHODS}
+    if what != "all" and what not in tables:
+        raise TorchslimError(f"unknown list {what!r}; choose from: all, {', '.join(tables)}")
+    for title, registry in tables.items():
+        if what in ("all", title):
+            console.print(f"[bold]{title}[/bold]")
+            for name in registry.names():
+                console.print(f"  {name:<18} {registry.summary(name)}")
+
+
+@app.command()
+def train(
+    model: str = typer.Option("lenet-300-100", help="Registered model name (see `torchslim list models`)."),
+    data: str = typer.Option("mnist-sample", help=DATA_HELP),
+    data_root: Optional[Path] = DATA_ROOT,
+    no_verify: bool = NO_VERIFY,
+    normalize: str = NORMALIZE,
+    scale: float = SCALE,
+    epochs: int = typer.Option(5, help="Training epochs."),
+    lr: float = typer.Option(0.05, help="Base learning rate."),
+    optimizer: str = typer.Option("sgd", help="sgd, adam or adamw."),
+    batch_size: int = typer.Option(64, help="Training batch size."),
+    weight_decay: float = typer.Option(1e-4, help="Weight decay."),
+    seed: int = typer.Option(0, help="Random seed (runs are reproducible)."),
+    out: Optional[Path] = typer.Option(None, help="Write the trained model here (.safetensors with its architecture spec)."),
+    report: Optional[Path] = typer.Option(None, help="Write the JSON report here."),
+    force: bool = typer.Option(False, help="Overwrite --out / --report if they exist."),
+    threads: int = typer.Option(2, help="Threads for the latency measurement."),
+) -> None:
+    """Train a reference model on a dataset, then evaluate and profile it."""
+    import torchslim as ts
+    from torchslim.report.console import print_report
+
+    refuse_overwrite(out, report, force=force)
+    ts.models.MODELS.get(model)
+    dataset = load_data(data, data_root, no_verify, normalize, scale)
+    console.print(f"{data}: {len(getattr(dataset, 'train', getattr(dataset, 'train_ids', [])))} training examples")
+    network = ts.models.create_for(model, dataset)
+    config = {"epochs": epochs, "lr": lr, "optimizer": optimizer, "batch_size": batch_size, "weight_decay": weight_decay, "seed": seed}
+    result = ts.train(network, dataset, config)
+    for note in result.report.stages[0].notes:
+        console.print(f"  {note}")
+    profiled = ts.profile(result.model, example_input(dataset), batch_sizes=(1, 64), threads=threads)
+    stage = profiled.report.stages[0]
+    stage.name, stage.kind = "trained", "train"
+    stage.metrics.update({k: v for k, v in result.report.stages[0].metrics.items() if k in ("accuracy", "error", "loss", "examples", "perplexity")})
+    result.report.stages.append(stage)
+    print_report(type(result.report)(model=result.report.model, stages=[stage], environment=result.report.environment))
+    if out is not None:
+        saved = ts.save(result.model, out)
+        console.print(f"model written to {saved} ({saved.stat().st_size:,} bytes)")
+    if report is not None:
+        result.report.save(report)
+        console.print(f"report written to {report}")
+
+
+@app.command()
+def evaluate(
+    model: str = typer.Argument(..., help="A saved model file (.safetensors / .tslim / .onnx) or a registered model name."),
+    data: str = typer.Option("mnist-sample", help=DATA_HELP),
+    data_root: Optional[Path] = DATA_ROOT,
+    no_verify: bool = NO_VERIFY,
+    normalize: str = NORMALIZE,
+    scale: float = SCALE,
+    task: Optional[str] = TASK,
+    weights: Optional[Path] = typer.Option(None, help="Weights to load into the model (.safetensors or .pt state_dict)."),
+    trust_weights: bool = typer.Option(False, help="Allow unpickling a .pt that holds more than tensors (only files you made)."),
+    trust_factory: bool = typer.Option(False, help="Allow a model file whose architecture is an import path."),
+    split: str = typer.Option("test", help="train or test."),
+) -> None:
+    """Evaluate a model on a dataset split by its task: accuracy and error, perplexity, or cosine similarity."""
+    import torchslim as ts
+
+    dataset = load_data(data, data_root, no_verify, normalize, scale)
+    network = ts.load(model) if model.endswith(".onnx") else load_model_arg(model, dataset, trust_factory, weights, trust_weights)
+    metrics = ts.evaluate(network, dataset, task=task, split=split)
+    console.print(f"{data} {split}: {describe_metrics(metrics)}")
+
+
+@app.command()
+def profile(
+    model: str = typer.Argument(..., help="A saved model file (.safetensors) or a registered model name."),
+    data: str = typer.Option("mnist-sample", help="Dataset (or image folder) whose input shape to use."),
+    data_root: Optional[Path] = DATA_ROOT,
+    batch_sizes: str = typer.Option("1,64", help="Comma-separated batch sizes to time."),
+    backends: str = typer.Option("eager", help="Comma-separated latency backends (see `torchslim list backends`)."),
+    runs: int = typer.Option(50, help="Timed runs per batch size (after warm-up)."),
+    threads: int = typer.Option(2, help="Thread count fixed while timing."),
+    trust_factory: bool = typer.Option(False, help="Allow a model file whose architecture is an import path."),
+    report: Optional[Path] = typer.Option(None, help="Write the JSON report here."),
+    layers: bool = typer.Option(False, help="Print the per-layer table too."),
+) -> None:
+    """Parameters, non-zeros, MACs, bytes and measured latency of a model."""
+    import torchslim as ts
+    from torchslim.report.console import print_report
+
+    dataset = load_data(data, data_root)
+    network = load_model_arg(model, dataset, trust_factory)
+    sizes = int_list(batch_sizes, "--batch-sizes")
+    result = ts.profile(network, example_input(dataset), batch_sizes=sizes, backends=[b.strip() for b in backends.split(",")], runs=runs,
+                        threads=threads)
+    print_report(result.report)
+    for row in result.report.stages[0].metrics["latency"]:
+        flag = "  BIMODAL" if row["bimodal"] else ""
+        console.print(
+            f"  {row['backend']:<8} batch {row['batch_size']:>4}: median {row['median_ms']:.3f} ms, "
+            f"min {row['min_ms']:.3f}, p90 {row['p90_ms']:.3f} ({row['runs']} runs, {row['threads']} threads){flag}"
+        )
+    if layers:
+        console.print(result.report.to_markdown())
+    if report is not None:
+        result.report.save(report)

@@ -1,0 +1,83 @@
+"""Helpers the command groups share: reading models, data and lists from the command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from torchslim.core.errors import TorchslimError
+
+DATA_HELP = "A dataset name (see `torchslim list datasets`; mnist-sample is embedded and offline) or a folder of images in class subfolders."
+DATA_ROOT = typer.Option(None, help="Folder holding the dataset files (default: $TORCHSLIM_DATA or the cache).")
+NO_VERIFY = typer.Option(False, "--no-verify", help="Accept your own copy of a dataset's files without comparing checksums.")
+NORMALIZE = typer.Option("dataset", help="Input standardization: 'dataset' (the set's mean/std), 'none', or MEAN:STD (comma-separated per channel).")
+SCALE = typer.Option(1 / 255, help="Pixel scale before standardization (1/255 gives [0, 1]; Caffe models use 0.00390625 = 1/256).")
+TASK = typer.Option(None, help="classification, language-modeling or fidelity (default: from the data).")
+
+
+def int_list(text: str, option: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise TorchslimError(f"{option}: expected comma-separated integers like 1,64, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise TorchslimError(f"{option}: expected positive integers, got {text!r}")
+    return values
+
+
+def names(text: Optional[str]) -> list[str]:
+    """Comma-separated names, empty entries dropped."""
+    return [part.strip() for part in (text or "").split(",") if part.strip()]
+
+
+def refuse_overwrite(*paths: Optional[Path], force: bool) -> None:
+    """Stop before any work when an output exists and --force was not given: nothing the user had is overwritten."""
+    for path in paths:
+        if path is not None and path.exists() and not force:
+            raise TorchslimError(f"{path} exists; refusing to overwrite it (pass --force)")
+
+
+def _normalization(text: str) -> Any:
+    if text == "dataset":
+        return "dataset"
+    if text.lower() == "none":
+        return None
+    mean, sep, std = text.partition(":")
+    try:
+        values = (tuple(float(v) for v in mean.split(",")), tuple(float(v) for v in std.split(",")))
+    except ValueError:
+        values = ((), ())
+    if not sep or not values[0] or len(values[0]) != len(values[1]):
+        raise TorchslimError(f"--normalize: expected 'dataset', 'none' or MEAN:STD such as 0.1307:0.3081, got {text!r}")
+    return values
+
+
+def load_data(name: str, root: Optional[Path] = None, no_verify: bool = False, normalize: str = "dataset", scale: float = 1 / 255) -> Any:
+    """A dataset by name, or a folder of images, with the user's preprocessing."""
+    import torchslim as ts
+
+    return ts.data.load(name, root=root, download=root is None, normalize=_normalization(normalize), scale=scale, verify=not no_verify)
+
+
+def example_input(data: Any) -> Any:
+    from torchslim.data.sources import as_source
+
+    return as_source(data).example(1)
+
+
+def load_model_arg(model: str, data: Any, trust_factory: bool, weights: Optional[Path] = None, trust_weights: bool = False) -> Any:
+    """A registered model name (sized for the data), a saved model file, or package.module:callable (+ weights)."""
+    import torchslim as ts
+    from torchslim.io.modelfile import build_from_spec, load_state, load_weights
+
+    if model.endswith((".safetensors", ".tslim")) and Path(model).is_file():
+        loaded = ts.load(model, trust_factory=trust_factory)
+    elif ":" in model:
+        loaded = build_from_spec({"factory": model, "kwargs": {}}, trust_factory=True, where="--model")
+    else:
+        loaded = ts.models.create_for(model, data)
+    if weights is not None:
+        load_state(loaded, load_weights(weights, trusted=trust_weights), str(weights))
+    return loaded

@@ -1,0 +1,194 @@
+"""The stage kinds recipes are made of, each a thin call of its public verb.
+
+A handler ``run(context, stage) -> StageOutcome`` gets the model as it stands (``context.model``, changed in place or
+replaced), the data source, the task, the original model and the run's settings, and returns the model after the
+stage, what executes it (an engine such as an ONNX Runtime session, where the stage produced one), notes, how it
+executes, and the bytes of the artifact it wrote, where it wrote one.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable
+
+from torch import nn
+
+from torchslim.codec.entropy import CODERS
+from torchslim.codec.tslim import encode_model
+from torchslim.core.config import Config, check
+from torchslim.data.sources import DataSource
+from torchslim.distillation.trainer import DistillConfig, distill
+from torchslim.export.onnx import OnnxModule, export_onnx
+from torchslim.io.modelfile import load_model
+from torchslim.pipeline.recipe import RecipeStage, register_stage
+from torchslim.pruning.apply import make_permanent
+from torchslim.pruning.structured import StructuredConfig, prune_channels
+from torchslim.pruning.unstructured import PruneConfig, prune
+from torchslim.quantization.api import NativeInt8Config, Pt2eConfig, quantize, quantize_config
+from torchslim.quantization.onnx_static import OnnxInt8Config
+from torchslim.quantization.qat import QATConfig
+from torchslim.quantization.weight_only import WeightOnlyConfig
+from torchslim.tasks.base import Task
+from torchslim.train.fit import TrainConfig, fit
+
+
+@dataclasses.dataclass
+class StageContext:
+    """What a stage handler works with."""
+
+    model: nn.Module
+    source: DataSource
+    task: Task
+    original: nn.Module
+    threads: int = 2
+    progress: bool | str | None = None
+    trust_factory: bool = False
+    export_path: Path | None = None
+    resume_step: int = 0
+    on_step: Callable[[int, nn.Module], None] | None = None
+
+
+@dataclasses.dataclass
+class StageOutcome:
+    """The model after a stage, what runs it (``engine``, default the model), notes, how it executes, and the bytes
+    of the artifact it wrote (``stored``: (bytes, what they are)), if any."""
+
+    model: nn.Module
+    notes: list[str]
+    execution: str
+    engine: nn.Module | None = None
+    stored: tuple[int, str] | None = None
+    files: dict[str, Path] = dataclasses.field(default_factory=dict)
+    seconds: float = 0.0
+
+
+@register_stage("prune", PruneConfig, finetune=True)
+def run_prune(context: StageContext, stage: RecipeStage) -> StageOutcome:
+    """Unstructured pruning, in the config's steps, fine-tuned after each step (torchslim.prune)."""
+    result = prune(context.model, stage.config, context.source, context.task, finetune=stage.finetune, inplace=True,
+                   progress=context.progress, start_step=context.resume_step, on_step=context.on_step)
+    return StageOutcome(result.model, result.report.stages[0].notes, "eager, pruned weights masked to zero")
+
+
+@register_stage("prune-channels", StructuredConfig, finetune=True)
+def run_prune_channels(context: StageContext, stage: RecipeStage) -> StageOutcome:
+    """Structured pruning: channels, neurons and heads removed, then fine-tuned (torchslim.prune_channels)."""
+    make_permanent(context.model)
+    result = prune_channels(context.model, stage.config, context.source, task=context.task, finetune=stage.finetune,
+                            progress=context.progress)
+    metrics = result.report.stages[0].metrics
+    notes = [f"MACs {metrics['macs_before']:,} -> {metrics['macs']:,} ({metrics['macs_ratio']:.2f}x fewer), "
+             f"{metrics['groups_removed']} channel groups and {metrics['heads_removed']} heads removed"] + result.report.stages[0].notes
+    return StageOutcome(result.model, notes, "eager, smaller dense layers")
+
+
+@register_stage("finetune", TrainConfig)
+def run_finetune(context: StageContext, stage: RecipeStage) -> StageOutcome:
+    """Training with every mask in force (torchslim.train)."""
+    assert isinstance(stage.config, TrainConfig)
+    history = fit(context.model, context.source, stage.config, task=context.task, progress=context.progress, label="finetune",
+                  evaluate_at_end=False, reference=context.original)
+    return StageOutcome(context.model, [f"{len(history.epochs)} epochs, {history.seconds:.1f} s"], "eager")
+
+
+def _engine_method(config: Config) -> bool:
+    """Whether a quantization method hands back an engine (ONNX Runtime, compiled PT2E) instead of a model."""
+    return not isinstance(config, WeightOnlyConfig) and not (isinstance(config, QATConfig) and not config.export)
+
+
+def _onnx_method(config: Config) -> bool:
+    return _engine_method(config) and not isinstance(config, Pt2eConfig)
+
+
+@register_stage("quantize", quantize_config, finetune=True, terminal=_engine_method, writes_onnx=_onnx_method)
+def run_quantize(context: StageContext, stage: RecipeStage) -> StageOutcome:
+    """Quantization by any method (torchslim.quantize); weight-only stores codes, int8 methods produce an engine
+    (then the stage must end the recipe)."""
+    result = quantize(context.model, stage.config, context.source, context.task, finetune=stage.finetune, inplace=True,
+                      example_input=context.source.example(1), path=context.export_path, threads=context.threads,
+                      progress=context.progress)
+    report = result.report.stages[0]
+    if isinstance(result.model, OnnxModule):  # an engine: the float model stays for counting, the engine runs
+        files = {"onnx": context.export_path} if context.export_path is not None else {}
+        return StageOutcome(context.model, report.notes, report.execution, engine=result.model,
+                            stored=(len(result.model.onnx_bytes), "ONNX file"), files=files)
+    if _engine_method(stage.config):  # compiled in memory: nothing written, the float model is what is stored
+        return StageOutcome(context.model, report.notes, report.execution, engine=result.model)
+    return StageOutcome(result.model, report.notes, report.execution)
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillOptions(Config):
+    """The distill stage's teacher: ``original`` (the model the recipe started from) or a saved model file."""
+
+    teacher: str = "original"
+
+
+@register_stage("distill", DistillConfig, options=DistillOptions)
+def run_distill(context: StageContext, stage: RecipeStage) -> StageOutcome:
+    """Training against a teacher: the original model or a saved one (torchslim.distill)."""
+    teacher_name = getattr(stage.options, "teacher", "original")
+    teacher = context.original if teacher_name == "original" else load_model(teacher_name, trust_factory=context.trust_factory)
+    result = distill(context.model, teacher, context.source, stage.config, task=context.task, inplace=True, progress=context.progress)
+    metrics = result.report.stages[0].metrics
+    metric = context.task.metric
+    return StageOutcome(context.model, [f"teacher {metric} {metrics.get('teacher_' + metric, float('nan')):.4g}, "
+                                        f"student {metric} {metrics[metric]:.4g}"], "eager")
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodeConfig(Config):
+    """Write the model as a .tslim file: sparse relative indices and codebook codes, each stream coded with the
+    smallest of ``coders`` (``packed`` fixed-width bits, ``huffman``, ``ans``)."""
+
+    coders: tuple[str, ...] = CODERS
+    index_bits: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8)
+
+    def validate(self) -> None:
+        check(len(self.coders) > 0, "coders must name at least one coder")
+        for coder in self.coders:
+            check(coder in CODERS, f"unknown coder {coder!r}; valid: {', '.join(CODERS)}")
+        check(len(self.index_bits) > 0 and all(1 <= b <= 16 for b in self.index_bits), f"index_bits must be between 1 and 16, got {list(self.index_bits)}")
+
+
+@register_stage("encode", EncodeConfig, terminal=True)
+def run_encode(context: StageContext, stage: RecipeStage) -> StageOutcome:
+    """The .tslim file: entropy-coded sparse indices and codes."""
+    assert isinstance(stage.config, EncodeConfig)
+    size = len(encode_model(context.model, coders=stage.config.coders, index_bits=stage.config.index_bits))
+    return StageOutcome(context.model, [], "eager (as rebuilt from .tslim)", stored=(size, ".tslim, entropy-coded"))
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig(Config):
+    """Export to ONNX and run in ONNX Runtime: fp32 (``int8: null``) or int8 (``int8: {mode: static, ...}`` through
+    ONNX Runtime's quantizer, or ``{method: native-int8, ...}`` for torchslim's own); the evaluation after this stage
+    runs the exported file."""
+
+    format: str = "onnx"
+    int8: OnnxInt8Config | NativeInt8Config | None = None
+
+    def validate(self) -> None:
+        check(self.format == "onnx", f"format must be 'onnx', got {self.format!r}")
+
+
+@register_stage("export", ExportConfig, terminal=True, writes_onnx=True)
+def run_export(context: StageContext, stage: RecipeStage) -> StageOutcome:
+    """An ONNX file (fp32, or int8 through torchslim.quantize) run by ONNX Runtime."""
+    assert isinstance(stage.config, ExportConfig) and context.export_path is not None
+    plain = make_permanent(copy.deepcopy(context.model))
+    if stage.config.int8 is None:
+        engine = OnnxModule(export_onnx(plain, context.source.example(1), context.export_path), threads=context.threads)
+        notes = ["fp32 ONNX"]
+    else:
+        result = quantize(plain, stage.config.int8, context.source, context.task, example_input=context.source.example(1),
+                          path=context.export_path, threads=context.threads)
+        engine, notes = result.model, result.report.stages[0].notes
+    notes = notes + [f"written to {context.export_path}"]
+    return StageOutcome(context.model, notes, "ONNX Runtime", engine=engine, stored=(context.export_path.stat().st_size, "ONNX file"),
+                        files={"onnx": context.export_path})
+
+
+__all__ = ["DistillOptions", "EncodeConfig", "ExportConfig", "StageContext", "StageOutcome"]

@@ -1,0 +1,164 @@
+"""Removing channel groups and attention heads from a model: slicing every weight, bias and buffer they own, and
+making each module's size attributes agree. The removal is recorded as a ``channel-pruning`` transform in the
+model's spec and re-applied on load.
+
+Example:
+    >>> import torch, torchslim as ts
+    >>> from torchslim.pruning.tracing import trace
+    >>> model = ts.models.create("lenet-300-100")
+    >>> graph = trace(model, torch.zeros(1, 1, 28, 28))
+    >>> group = next(g for g in graph.groups() if g.layers == ("fc2",))
+    >>> transform = remove_channels(model, graph, [group], [])
+    >>> model.fc2.out_features, model.fc3.in_features
+    (99, 99)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from torchslim.core.errors import TorchslimError
+from torchslim.core.spec import register_transform
+from torchslim.pruning.graph import ChannelGraph, Group, HeadGroup, ParamSlice
+
+TRANSFORM_KIND = "channel-pruning"
+
+
+def _drops(pieces: list[ParamSlice]) -> dict[tuple[str, str, int], set[int]]:
+    out: dict[tuple[str, str, int], set[int]] = {}
+    for piece in pieces:
+        out.setdefault((piece.module, piece.name, piece.dim), set()).update(piece.indices)
+    return out
+
+
+def update_attributes(module: nn.Module) -> None:
+    """Make a module's size attributes agree with its (sliced) tensors."""
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        depthwise = module.groups > 1 and module.groups == module.in_channels == module.out_channels
+        module.out_channels = module.weight.shape[0]
+        if depthwise:
+            module.groups = module.in_channels = module.out_channels
+        else:
+            module.in_channels = module.weight.shape[1] * module.groups
+    elif isinstance(module, nn.Linear):
+        module.out_features, module.in_features = module.weight.shape
+    elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+        module.num_features = (module.weight if module.weight is not None else module.running_mean).shape[0]
+    elif isinstance(module, nn.LayerNorm):
+        module.normalized_shape = (module.weight.shape[0],)
+    elif isinstance(module, nn.Embedding):
+        module.embedding_dim = module.weight.shape[1]
+
+
+def slice_module(module: nn.Module, keeps: dict[tuple[str, int], torch.Tensor]) -> None:
+    """Keep entries ``keep`` along ``dim`` of each named tensor of ``module``."""
+    for (name, dim), keep in keeps.items():
+        tensor = getattr(module, name)
+        sliced = tensor.detach().index_select(dim, keep.to(tensor.device)).clone()
+        if isinstance(tensor, nn.Parameter):
+            setattr(module, name, nn.Parameter(sliced, requires_grad=tensor.requires_grad))
+        else:
+            setattr(module, name, sliced)
+    update_attributes(module)
+
+
+def _pieces(graph: ChannelGraph, groups: list[Group], heads: list[HeadGroup]) -> list[ParamSlice]:
+    return [p for g in groups for p in g.producers + g.members + g.consumers] + [s for h in heads for s in graph.head_slices(h)]
+
+
+@torch.no_grad()
+def zero_readers(model: nn.Module, graph: ChannelGraph, groups: list[Group], heads: list[HeadGroup]) -> None:
+    """Zero the weight columns that read the given channels and heads (in place): the model then computes what the
+    model with those channels removed computes, which is how removal is checked."""
+    readers = [p for g in groups for p in g.consumers] + [s for h in heads for s in graph.head_slices(h) if s.name == "weight" and s.dim == 1]
+    for piece in readers:
+        tensor = getattr(model.get_submodule(piece.module), piece.name)
+        tensor.index_fill_(piece.dim, torch.tensor(piece.indices, device=tensor.device), 0.0)
+
+
+def remove_channels(model: nn.Module, graph: ChannelGraph, groups: list[Group], heads: list[HeadGroup]) -> dict[str, Any]:
+    """Slice the pruned groups and heads out of ``model`` (in place); returns the spec transform."""
+    per_module: dict[str, dict[tuple[str, int], torch.Tensor]] = {}
+    for (module_name, name, dim), indices in _drops(_pieces(graph, groups, heads)).items():
+        tensor = getattr(model.get_submodule(module_name), name)
+        keep = torch.tensor([i for i in range(tensor.shape[dim]) if i not in indices], dtype=torch.long)
+        if keep.numel() == 0:
+            raise TorchslimError(f"pruning would remove every channel of {module_name}.{name} (dim {dim})")
+        per_module.setdefault(module_name, {})[(name, dim)] = keep
+    transform: dict[str, Any] = {"kind": TRANSFORM_KIND, "shapes": {}, "attributes": {}}
+    for module_name, keeps in per_module.items():
+        module = model.get_submodule(module_name)
+        slice_module(module, keeps)
+        transform["shapes"][module_name] = {name: list(getattr(module, name).shape) for name, _ in
+                                            list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
+                                            if getattr(module, name) is not None and getattr(module, name).dim() > 0}
+    pruned_slots = {g.id for g in groups}
+    for name, records in graph.leaf_records.items():  # option-A shortcuts: where the kept inputs land now
+        module = model.get_submodule(name)
+        in_slots, out_slots = records[0]
+        kept_out = [s for s in out_slots if graph.uf.find(s) not in pruned_slots]
+        kept_in = [s for s in in_slots if graph.uf.find(s) not in pruned_slots]
+        roots_out = [graph.uf.find(s) for s in kept_out]
+        positions = [roots_out.index(graph.uf.find(s)) for s in kept_in]
+        if len(kept_out) != module.out_channels or len(kept_in) != module.in_channels:
+            module.in_channels, module.out_channels = len(kept_in), len(kept_out)
+            module.index = positions
+            transform["attributes"][name] = {"in_channels": len(kept_in), "out_channels": len(kept_out), "index": positions}
+    removed_heads: dict[str, list[HeadGroup]] = {}
+    for head in heads:
+        removed_heads.setdefault(head.module, []).append(head)
+    for name, gone in removed_heads.items():
+        module = model.get_submodule(name)
+        names = gone[0].attributes or {"count": "num_heads"}
+        setattr(module, names["count"], getattr(module, names["count"]) - len(gone))
+        attributes = {names["count"]: getattr(module, names["count"])}
+        if "size" in names:  # e.g. all_head_size = heads x head size
+            setattr(module, names["size"], getattr(module, names["count"]) * getattr(module, names["head"]))
+            attributes[names["size"]] = getattr(module, names["size"])
+        transform["attributes"][name] = attributes
+    return transform
+
+
+@register_transform(TRANSFORM_KIND)
+def apply_structure(model: nn.Module, transform: dict[str, Any]) -> nn.Module:
+    """Rebuild the shapes a saved file records (for loading): slice each tensor to its recorded shape."""
+    for module_name, shapes in transform["shapes"].items():
+        try:
+            module = model.get_submodule(module_name)
+        except AttributeError:
+            raise TorchslimError(f"the file prunes layer {module_name!r}, which the architecture does not have") from None
+        keeps = {}
+        for name, shape in shapes.items():
+            tensor = getattr(module, name, None)
+            if tensor is None or tensor.dim() != len(shape):
+                raise TorchslimError(f"the file's shape {shape} for {module_name}.{name} does not fit the architecture")
+            for dim, size in enumerate(shape):
+                if size != tensor.shape[dim]:
+                    keeps[(name, dim)] = torch.arange(size)
+        for key, keep in keeps.items():
+            slice_module(module, {key: keep})
+    for module_name, attributes in transform.get("attributes", {}).items():
+        module = model.get_submodule(module_name)
+        for key, value in sorted(attributes.items(), key=lambda item: item[0] == "index"):  # sizes before the index
+            setattr(module, key, value)
+    return model
+
+
+def module_width(module: nn.Module) -> str | None:
+    """A layer's width for reports: in->out channels / features, BatchNorm features, attention heads."""
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return f"{module.in_channels}->{module.out_channels}"
+    if isinstance(module, nn.Linear):
+        return f"{module.in_features}->{module.out_features}"
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return str(module.num_features)
+    for attribute in ("num_heads", "num_attention_heads"):
+        if isinstance(getattr(module, attribute, None), int):
+            return f"{getattr(module, attribute)} heads"
+    return None
+
+
+__all__ = ["TRANSFORM_KIND", "apply_structure", "module_width", "remove_channels", "slice_module", "update_attributes", "zero_readers"]

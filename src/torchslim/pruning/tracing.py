@@ -1,0 +1,95 @@
+"""Tracing: run the model once on an example input and build its channel graph (see ``pruning.graph``).
+
+The trace runs under a ``TorchFunctionMode`` with forward hooks on leaf modules, so Python control flow in
+``forward`` is no obstacle (it runs for real on the example). Leaf modules are those with a channel rule
+(``pruning.rules``); inside them the function-level rules stay off.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from torchslim.core.errors import TorchslimError
+from torchslim.core.modes import eval_mode
+from torchslim.pruning import rules
+from torchslim.pruning.graph import ChannelGraph
+from torchslim.tasks.batches import call_model
+
+
+class _Tracer(TorchFunctionMode):
+    def __init__(self, graph: ChannelGraph, rules: Any) -> None:
+        super().__init__()
+        self.graph, self.rules = graph, rules
+        self.depth = 0
+        self.where: list[str] = [""]
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        output = func(*args, **kwargs)
+        if self.depth == 0:
+            try:
+                self.rules.apply_function(self.graph, self.where[-1], func, args, kwargs, output)
+            except Exception as error:  # noqa: BLE001 - an op the rules misread is named, never fatal
+                self.graph.unsupported_op(self.where[-1], f"{getattr(func, '__name__', func)} ({error})", self.rules.tensors_in(args))
+        return output
+
+
+def trace(model: nn.Module, example_input: Any) -> ChannelGraph:
+    """Run ``model`` once on ``example_input`` (eval mode, no gradients; every module's own mode restored) and
+    collect its channel groups.
+
+    Example:
+        >>> import torch, torchslim as ts
+        >>> graph = trace(ts.models.create("lenet-300-100"), torch.zeros(1, 1, 28, 28))
+        >>> sorted(len(g.producers[0].indices) for g in graph.groups() if g.prunable)[:1]
+        [1]
+    """
+    graph = ChannelGraph(model)
+    tracer = _Tracer(graph, rules)
+    is_leaf, rule_for, _tensors = rules.is_leaf, rules.rule_for, rules.tensors_in
+    handles = []
+
+    def pre_hook(module: nn.Module, args: tuple) -> None:
+        if is_leaf(module):
+            tracer.depth += 1
+        else:
+            tracer.where.append(graph.names.get(id(module), ""))
+
+    def post_hook(module: nn.Module, args: tuple, output: Any) -> None:
+        if is_leaf(module):
+            if tracer.depth == 1:  # the rule runs with recording still off
+                name = graph.names.get(id(module), "")
+                rule = rule_for(module)
+                try:
+                    rule(graph, name, module, list(args), output)
+                except TorchslimError:
+                    raise
+                except Exception as error:  # noqa: BLE001
+                    graph.unsupported_op(name, f"{type(module).__name__} ({error})", _tensors(args))
+            tracer.depth -= 1
+        else:
+            tracer.where.pop()
+
+    for module in model.modules():
+        handles.append(module.register_forward_pre_hook(pre_hook))
+        handles.append(module.register_forward_hook(post_hook))
+    try:
+        for tensor in rules.tensors_in(example_input):
+            if tensor.is_floating_point() and tensor.dim() >= 2:
+                slots = graph.new_slots(tensor.shape[1])
+                graph.block(slots, "model input")
+                graph.set_info(tensor, slots, 1)
+        with eval_mode(model), torch.no_grad(), tracer:
+            output = call_model(model, example_input)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for tensor in rules.tensors_in(output):
+        info = graph.get_info(tensor)
+        if info is not None:
+            graph.block(info.slots, "model output")
+    return graph

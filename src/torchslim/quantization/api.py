@@ -1,0 +1,238 @@
+"""``quantize``: one verb for every quantization method, chosen by the config's type (or a mapping's ``method``).
+
+| method | config | what runs afterwards |
+|---|---|---|
+| ``weight-only`` (default) | ``WeightOnlyConfig`` | eager PyTorch, weights stored packed and dequantized (uniform 1-16 bits, k-means, power-of-two, binary, ternary, fp16/bf16); ``finetune`` trains the k-means centroids |
+| ``onnxruntime`` | ``OnnxInt8Config`` | ONNX Runtime int8 (static QDQ U8S8 calibrated by ONNX Runtime, or dynamic) |
+| ``native-int8`` | ``NativeInt8Config`` | ONNX Runtime int8 from torchslim's own static quantization (BatchNorm folded, torchslim observers, QDQ) |
+| ``pt2e`` | ``Pt2eConfig`` | torchao PT2E int8 compiled by inductor with freezing |
+| ``qat`` | ``QATConfig`` | fake-quant training with ``finetune``, then ONNX Runtime int8 (QDQ) |
+
+Each returns a ``Result`` whose model runs (engines are wrapped as modules) and whose report says what executes.
+
+Example:
+    >>> import torchslim as ts
+    >>> result = ts.quantize(ts.models.create("lenet-300-100"), {"method": "weight-only", "weights": {"bits": 4}})
+    >>> result.report.stages[0].execution
+    'weights stored quantized, dequantized in eager forward'
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from torch import nn
+
+from torchslim.core.config import Config, ConfigError, check
+from torchslim.core.errors import TorchslimError
+from torchslim.core.registry import Registry
+from torchslim.core.report import Report, Result, Stage
+from torchslim.data.sources import DataSource, as_source
+from torchslim.export.onnx import OnnxModule
+from torchslim.quantization.observers import OBSERVERS
+from torchslim.quantization.onnx_static import OnnxInt8Config, quantize_onnx
+from torchslim.quantization.qat import QATConfig, calibrate_observers, calibrate_qat, export_qat_onnx, fold_batchnorm, prepare_qat
+from torchslim.quantization.weight_only import WeightOnlyConfig, quantize_weights
+from torchslim.tasks.base import Task, resolve_task
+from torchslim.train.fit import TrainConfig, fit
+
+
+@dataclasses.dataclass(frozen=True)
+class NativeInt8Config(Config):
+    """torchslim's own post-training static int8: BatchNorm folded, activation ranges from a torchslim ``observer``
+    (minmax, moving-average, percentile, mse, entropy) over ``calibration_batches`` batches, exported as a QDQ ONNX
+    model (uint8 activations, int8 per-channel weights) that ONNX Runtime runs with integer kernels."""
+
+    method: str = "native-int8"
+    observer: str = "minmax"
+    calibration_batches: int = 16
+    batch_size: int = 64
+
+    def validate(self) -> None:
+        check(self.method == "native-int8", f"method must be 'native-int8' for NativeInt8Config, got {self.method!r}")
+        check(self.observer in OBSERVERS, f"observer must be one of {', '.join(OBSERVERS.names())}, got {self.observer!r}")
+        check(self.calibration_batches >= 1, f"calibration_batches must be >= 1, got {self.calibration_batches}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Pt2eConfig(Config):
+    """Static int8 through torchao's PT2E flow (X86InductorQuantizer), compiled by inductor with freezing."""
+
+    method: str = "pt2e"
+    calibration_batches: int = 16
+    batch_size: int = 64
+
+    def validate(self) -> None:
+        check(self.method == "pt2e", f"method must be 'pt2e' for Pt2eConfig, got {self.method!r}")
+        check(self.calibration_batches >= 1, f"calibration_batches must be >= 1, got {self.calibration_batches}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """A quantization method: its config type and the function that applies it."""
+
+    config: type[Config]
+    apply: Callable[..., tuple[nn.Module, Stage]]
+    needs_data: bool
+
+
+METHODS: Registry[Method] = Registry("quantization method")
+
+
+def quantization_method(name: str, config: type[Config], needs_data: bool) -> Callable:
+    """Register ``apply(model, config, context) -> (model, report stage)`` as quantization method ``name``."""
+    def add(function: Callable[..., tuple[nn.Module, Stage]]) -> Callable[..., tuple[nn.Module, Stage]]:
+        METHODS.register(name, (config.__doc__ or "").strip())(Method(config, function, needs_data))
+        return function
+    return add
+
+
+def quantize_config(config: Any, where: str = "quantize") -> Config:
+    """A typed quantization config from a typed one, a mapping (``method`` picks the type; default weight-only) or None."""
+    if config is None:
+        return WeightOnlyConfig()
+    for name in METHODS.names():
+        if isinstance(config, METHODS.get(name).config):
+            return config
+    if not isinstance(config, Mapping):
+        raise ConfigError(f"{where}: expected a quantization config or a mapping, got {type(config).__name__}")
+    method = config.get("method", "weight-only")
+    if method not in METHODS:
+        raise ConfigError(f"{where}.method: unknown quantization method {method!r}; valid: {', '.join(METHODS.names())}")
+    return METHODS.get(method).config.from_dict(config, where=where)
+
+
+@dataclasses.dataclass
+class _Context:
+    source: DataSource | None
+    task: Task | None
+    finetune: TrainConfig | None
+    example: Any
+    progress: bool | str | None
+    threads: int
+    path: Path | None
+
+
+def _calibration(context: _Context, batch_size: int) -> Any:
+    if context.source is None:
+        raise ConfigError("this quantization method calibrates on data: pass data=...")
+    return context.source.batches("train", batch_size=batch_size, shuffle=True, seed=0)
+
+
+def _output_path(context: _Context, folder: str) -> Path:
+    return context.path if context.path is not None else Path(folder) / "model.onnx"
+
+
+@quantization_method("weight-only", WeightOnlyConfig, needs_data=False)
+def _weight_only(model: nn.Module, config: WeightOnlyConfig, context: _Context) -> tuple[nn.Module, Stage]:
+    stage = quantize_weights(model, config, inplace=True).report.stages[0]
+    if context.finetune is not None:
+        if context.source is None or context.task is None:
+            raise ConfigError("centroid fine-tuning needs data")
+        metric = context.task.metric
+        before = context.task.evaluate(model, context.source.batches("eval", shuffle=False))[metric]
+        fit(model, context.source, context.finetune, task=context.task, progress=context.progress, label="quantize fine-tune",
+            evaluate_at_end=False)
+        after = context.task.evaluate(model, context.source.batches("eval", shuffle=False))[metric]
+        stage.notes.append(f"codebook fine-tuning: {metric} {before:.4g} -> {after:.4g}")
+    return model, stage
+
+
+@quantization_method("onnxruntime", OnnxInt8Config, needs_data=True)
+def _onnxruntime(model: nn.Module, config: OnnxInt8Config, context: _Context) -> tuple[nn.Module, Stage]:
+    batches = _calibration(context, config.batch_size) if config.mode == "static" else None
+    with tempfile.TemporaryDirectory() as folder:
+        path = quantize_onnx(model, context.example, batches, _output_path(context, folder), config)
+        engine = OnnxModule(path, threads=context.threads)
+    how = f"{config.mode} int8 ({config.calibration} calibration, {config.activations} activations)" if config.mode == "static" \
+        else "dynamic int8"
+    return engine, _stage([f"ONNX Runtime quantizer: {how}"], f"ONNX Runtime, {how}", engine)
+
+
+@quantization_method("native-int8", NativeInt8Config, needs_data=True)
+def _native_int8(model: nn.Module, config: NativeInt8Config, context: _Context) -> tuple[nn.Module, Stage]:
+    native = prepare_qat(fold_batchnorm(model), {"weight_scale": "observer"}, inplace=True)
+    batches = list(_take(_calibration(context, config.batch_size), config.calibration_batches))
+    calibrate_observers(native, batches, config.observer, config.calibration_batches)
+    with tempfile.TemporaryDirectory() as folder:
+        engine = OnnxModule(export_qat_onnx(native, context.example, _output_path(context, folder)), threads=context.threads)
+    return engine, _stage([f"BatchNorm folded; {config.observer} observers over {len(batches)} batches"],
+                          f"ONNX Runtime, static int8 QDQ ({config.observer} calibration by torchslim)", engine)
+
+
+@quantization_method("pt2e", Pt2eConfig, needs_data=True)
+def _pt2e(model: nn.Module, config: Pt2eConfig, context: _Context) -> tuple[nn.Module, Stage]:
+    from torchslim.quantization.pt2e import pt2e_int8
+
+    compiled = pt2e_int8(model, context.example, _calibration(context, config.batch_size), config.calibration_batches)
+    return compiled, _stage(["X86InductorQuantizer defaults"], "torch.compile (inductor, freezing), PT2E int8")
+
+
+@quantization_method("qat", QATConfig, needs_data=True)
+def _qat(model: nn.Module, config: QATConfig, context: _Context) -> tuple[nn.Module, Stage]:
+    trained = prepare_qat(model, config, inplace=True)
+    calibrate_qat(trained, _calibration(context, 64), config.calibration_batches)
+    notes = [f"{sum(1 for m in trained.modules() if hasattr(m, 'fake'))} layers fake-quantized ({config.weight_scale} weight scales)"]
+    if context.finetune is not None:
+        assert context.source is not None
+        history = fit(trained, context.source, context.finetune, task=context.task, progress=context.progress, label="qat",
+                      evaluate_at_end=False)
+        notes.append(f"trained {len(history.epochs)} epochs with fake quantization ({history.seconds:.1f} s)")
+    if not config.export:
+        return trained, _stage(notes, "simulated (fake-quant) in eager PyTorch")
+    with tempfile.TemporaryDirectory() as folder:
+        engine = OnnxModule(export_qat_onnx(trained, context.example, _output_path(context, folder)), threads=context.threads)
+    return engine, _stage(notes, "ONNX Runtime, int8 QDQ from quantization-aware training", engine)
+
+
+def _stage(notes: list[str], execution: str, engine: OnnxModule | None = None) -> Stage:
+    metrics = {"onnx_bytes": len(engine.onnx_bytes)} if engine is not None else {}
+    return Stage(name="quantize", kind="quantize", metrics=metrics, notes=notes, execution=execution)
+
+
+def _take(batches: Any, count: int) -> Any:
+    for index, batch in enumerate(batches):
+        if index >= count:
+            return
+        yield batch
+
+
+def quantize(model: nn.Module, config: Any = None, data: Any = None, task: str | Task | None = None,
+             finetune: TrainConfig | dict | None = None, inplace: bool = False, example_input: Any = None,
+             path: str | Path | None = None, threads: int = 2, progress: bool | str | None = None) -> Result:
+    """Quantize ``model`` by the method its ``config`` names (see this module's table); the caller's model is left
+    as it was unless ``inplace`` (weight-only and QAT change it; engine methods never do).
+
+    ``data`` (anything ``torchslim.data.as_source`` takes) calibrates and, with ``finetune``, trains (k-means
+    centroids; QAT). ``example_input`` (default: from the data) fixes the exported input shape; ``path`` keeps the
+    ONNX file an engine method writes.
+    """
+    typed = quantize_config(config)
+    method = next(name for name in METHODS.names() if isinstance(typed, METHODS.get(name).config))
+    entry = METHODS.get(method)
+    if entry.needs_data and data is None:
+        raise ConfigError(f"quantize: method {method!r} calibrates on data: pass data=...")
+    target = model if inplace else copy.deepcopy(model)
+    source = as_source(data, target) if data is not None else None
+    tuning = TrainConfig.coerce(finetune, where="quantize.finetune") if finetune is not None else None
+    resolved = resolve_task(task, source, model) if source is not None and tuning is not None else None
+    example = example_input if example_input is not None else (source.example(1) if source is not None else None)
+    if method != "weight-only" and example is None:
+        raise ConfigError(f"quantize: method {method!r} exports the model: pass example_input=... or data=...")
+    context = _Context(source, resolved, tuning, example, progress, threads, Path(path) if path is not None else None)
+    started = time.perf_counter()
+    try:
+        quantized, stage = entry.apply(target, typed, context)
+    except ImportError as error:
+        raise TorchslimError(f"quantize method {method!r} needs a package that is not installed ({error})") from None
+    stage.metrics["seconds"] = time.perf_counter() - started
+    stage.config = typed.to_dict()
+    return Result(model=quantized, report=Report.for_model(model, [stage]))
+
+
+__all__ = ["METHODS", "NativeInt8Config", "Pt2eConfig", "quantization_method", "quantize", "quantize_config"]

@@ -1,0 +1,139 @@
+"""Batches as users have them: a tensor, a tuple ``(inputs, targets)``, or a mapping (``input_ids``,
+``attention_mask``, ``labels``), and model outputs as models give them: a tensor, a tuple, or a Hugging Face
+``ModelOutput`` / mapping.
+
+Example:
+    >>> import torch
+    >>> args, kwargs = model_inputs({"input_ids": torch.zeros(2, 4, dtype=torch.long), "labels": torch.zeros(2)})
+    >>> args, sorted(kwargs)
+    ((), ['input_ids'])
+    >>> tuple(output_tensor({"logits": torch.ones(2, 3), "hidden": torch.zeros(1)}).shape)
+    (2, 3)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from torchslim.core.errors import TorchslimError
+
+# keys of a mapping batch that hold targets, not model inputs
+TARGET_KEYS = ("labels", "label", "targets", "target")
+# keys of a model output mapping, in the order a task looks for the tensor it scores
+OUTPUT_KEYS = ("logits", "last_hidden_state", "pooler_output", "prediction_logits", "sentence_embedding", "embeddings")
+
+
+def move_to(value: Any, device: torch.device | str) -> Any:
+    """``value`` with every tensor in it moved to ``device`` (tuples, lists and mappings kept as they are)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, Mapping):
+        return {key: move_to(item, device) for key, item in value.items()}
+    if isinstance(value, tuple):
+        return tuple(move_to(item, device) for item in value)
+    if isinstance(value, list):
+        return [move_to(item, device) for item in value]
+    return value
+
+
+def model_inputs(batch: Any) -> tuple[tuple, dict[str, Any]]:
+    """(positional, keyword) arguments the model is called with: a tensor is the input; a tuple's first entry is
+    the input (the rest are targets); a mapping's entries other than targets are keyword arguments."""
+    if isinstance(batch, torch.Tensor):
+        return (batch,), {}
+    if isinstance(batch, Mapping):
+        return (), {key: value for key, value in batch.items() if key not in TARGET_KEYS}
+    if isinstance(batch, (tuple, list)) and batch:
+        first = batch[0]
+        if isinstance(first, Mapping):
+            return (), dict(first)
+        return (first,), {}
+    raise TorchslimError(f"cannot read a batch of type {type(batch).__name__}: give tensors, (inputs, targets) tuples or mappings")
+
+
+def batch_targets(batch: Any) -> Any | None:
+    """The targets a batch carries, or None for unlabeled data."""
+    if isinstance(batch, Mapping):
+        return next((batch[key] for key in TARGET_KEYS if key in batch), None)
+    if isinstance(batch, (tuple, list)) and len(batch) > 1:
+        return batch[1]
+    return None
+
+
+def example_of(batch: Any, count: int | None = None) -> Any:
+    """The model inputs of ``batch`` (its first ``count`` examples), as ``model(*x)`` / ``model(**x)`` take them: a
+    tensor, a tuple of tensors, or a mapping."""
+    args, kwargs = model_inputs(batch)
+    if count is not None:
+        args = tuple(a[:count] if isinstance(a, torch.Tensor) else a for a in args)
+        kwargs = {k: v[:count] if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    if kwargs:
+        return kwargs
+    return args[0] if len(args) == 1 else args
+
+
+def first_examples(example: Any, count: int) -> Any:
+    """The first ``count`` examples of an example input (a tensor, a tuple of tensors, or a mapping)."""
+    if isinstance(example, torch.Tensor):
+        return example[:count]
+    if isinstance(example, Mapping):
+        return {k: v[:count] if isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in example.items()}
+    if isinstance(example, tuple):
+        return tuple(v[:count] if isinstance(v, torch.Tensor) and v.dim() > 0 else v for v in example)
+    return example
+
+
+def repeat_example(example: Any, batch_size: int) -> Any:
+    """A batch of ``batch_size`` copies of the first example (contiguous), of the same form as ``example``."""
+    def repeat(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return value[:1].expand(batch_size, *value.shape[1:]).contiguous()
+        return value
+    if isinstance(example, Mapping):
+        return {k: repeat(v) for k, v in example.items()}
+    if isinstance(example, tuple):
+        return tuple(repeat(v) for v in example)
+    return repeat(example)
+
+
+def call_model(model: Any, example: Any) -> Any:
+    """Run ``model`` on an example as ``example_of`` gives it (a tensor, a tuple of positional inputs, a mapping)."""
+    if isinstance(example, Mapping):
+        return model(**example)
+    if isinstance(example, tuple):
+        return model(*example)
+    return model(example)
+
+
+def batch_size_of(batch: Any) -> int:
+    """Examples in a batch (the leading size of its first tensor)."""
+    args, kwargs = model_inputs(batch)
+    for value in list(args) + list(kwargs.values()):
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return int(value.shape[0])
+    return 1
+
+
+def output_tensor(output: Any, where: str = "model output") -> torch.Tensor:
+    """The tensor a task scores from a model's output: the tensor itself; ``logits`` (or ``last_hidden_state``, ...)
+    of a Hugging Face ``ModelOutput`` or mapping; the first entry of a tuple."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, Mapping) or hasattr(output, "keys"):
+        for key in OUTPUT_KEYS:
+            value = output.get(key) if hasattr(output, "get") else None
+            if isinstance(value, torch.Tensor):
+                return value
+        for value in output.values():
+            if isinstance(value, torch.Tensor):
+                return value
+    if isinstance(output, (tuple, list)) and output:
+        return output_tensor(output[0], where)
+    raise TorchslimError(f"{where}: expected a tensor, a tuple or a ModelOutput with tensors, got {type(output).__name__}")
+
+
+__all__ = ["OUTPUT_KEYS", "TARGET_KEYS", "batch_size_of", "batch_targets", "call_model", "example_of", "first_examples", "model_inputs", "move_to", "repeat_example",
+           "output_tensor"]

@@ -1,0 +1,89 @@
+"""Classification: cross-entropy on class labels; accuracy and error. Sequence outputs (B, T, classes) with
+targets (B, T) are scored per position (token classification); targets of -100 are ignored.
+
+Example:
+    >>> import torch
+    >>> task = ClassificationTask()
+    >>> logits, targets = torch.tensor([[2.0, 0.0], [0.0, 2.0]]), torch.tensor([0, 0])
+    >>> totals = task.start(); task.update(totals, logits, (None, targets)); task.finish(totals)["accuracy"]
+    0.5
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.nn import functional as F
+
+from torchslim.core.errors import TorchslimError
+from torchslim.tasks.base import TASKS, Task
+from torchslim.tasks.batches import batch_targets, output_tensor
+
+IGNORE = -100
+
+
+def flat_logits_and_targets(outputs: Any, batch: Any, task: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (N, classes) and integer targets (N,) of a batch, with checks that name what is wrong."""
+    logits = output_tensor(outputs)
+    targets = batch_targets(batch)
+    if targets is None:
+        raise TorchslimError(f"{task}: the batches carry no labels; give (inputs, labels) batches, or use the 'fidelity' task "
+                             f"for unlabeled data")
+    if not isinstance(targets, torch.Tensor):
+        targets = torch.as_tensor(targets)
+    targets = targets.to(logits.device)
+    if logits.dim() < 2:
+        raise TorchslimError(f"{task}: the model output has shape {tuple(logits.shape)}; expected logits (batch, classes)")
+    logits = logits.reshape(-1, logits.shape[-1])
+    targets = targets.reshape(-1).long()
+    if logits.shape[0] != targets.shape[0]:
+        raise TorchslimError(f"{task}: {logits.shape[0]} predictions but {targets.shape[0]} labels in the batch")
+    valid = targets[targets != IGNORE]
+    if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= logits.shape[-1]):
+        raise TorchslimError(f"{task}: label {int(valid.max()) if int(valid.max()) >= logits.shape[-1] else int(valid.min())} is "
+                             f"outside the model's {logits.shape[-1]} classes")
+    return logits, targets
+
+
+class ClassificationTask(Task):
+    """Cross-entropy on labels; accuracy (primary), error, mean loss, example and error counts."""
+
+    name = "classification"
+    metric = "accuracy"
+    higher_is_better = True
+    needs_targets = True
+
+    def loss_from(self, outputs: Any, batch: Any) -> torch.Tensor:
+        logits, targets = flat_logits_and_targets(outputs, batch, self.name)
+        return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE)
+
+    def training_loss(self, model: Any, batch: Any, label_smoothing: float = 0.0) -> torch.Tensor:
+        if not label_smoothing:
+            return self.loss(model, batch)
+        logits, targets = flat_logits_and_targets(self.outputs(model, batch), batch, self.name)
+        return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE, label_smoothing=label_smoothing)
+
+    def start(self) -> dict[str, float]:
+        return {"correct": 0.0, "count": 0.0, "loss_sum": 0.0}
+
+    def update(self, totals: dict[str, float], outputs: Any, batch: Any) -> None:
+        logits, targets = flat_logits_and_targets(outputs, batch, self.name)
+        keep = targets != IGNORE
+        logits, targets = logits[keep], targets[keep]
+        totals["loss_sum"] += F.cross_entropy(logits.float(), targets, reduction="sum").item()
+        totals["correct"] += (logits.argmax(dim=-1) == targets).sum().item()
+        totals["count"] += targets.numel()
+
+    def finish(self, totals: dict[str, float]) -> dict[str, float]:
+        count = int(totals["count"])
+        if count == 0:
+            raise TorchslimError("classification evaluation got no labelled examples")
+        accuracy = totals["correct"] / count
+        loss = totals["loss_sum"] / count
+        return {"accuracy": accuracy, "error": 1 - accuracy, "loss": loss, "examples": count, "errors": count - int(totals["correct"])}
+
+
+TASKS.register("classification", "cross-entropy on labels; accuracy and error")(ClassificationTask)
+
+__all__ = ["ClassificationTask", "flat_logits_and_targets"]
