@@ -50,17 +50,29 @@ def main() -> None:
         if not options.quick and not options.no_write:
             RESULTS.mkdir(parents=True, exist_ok=True)
             ts.save(trained.model, RESULTS / f"{name}-mnist.safetensors")
-        rows.append([
-            name, f"{100 * metrics['error']:.2f}%", f"{100 * target:.2f}%", "yes" if metrics["error"] <= target else "NO",
-            f"{profiled['parameters']:,}", f"{profiled['macs']:,}", f"{profiled['stored_bytes']:,}",
-            f"{latency[1]['median_ms']:.3f}", f"{latency[64]['median_ms']:.3f}", f"{seconds:.0f}",
-        ])
-    table = markdown_table(
-        ["model", "test error", "target", "met", "params", "MACs", "file bytes", "latency b1 (ms)", "latency b64 (ms)", "train s"], rows
+        rows.append(
+            [
+                name,
+                f"{100 * metrics['error']:.2f}%",
+                f"{100 * target:.2f}%",
+                "yes" if metrics["error"] <= target else "NO",
+                f"{profiled['parameters']:,}",
+                f"{profiled['macs']:,}",
+                f"{profiled['stored_bytes']:,}",
+                f"{latency[1]['median_ms']:.3f}",
+                f"{latency[64]['median_ms']:.3f}",
+                f"{seconds:.0f}",
+            ]
+        )
+    table = markdown_table(["model", "test error", "target", "met", "params", "MACs", "file bytes", "latency b1 (ms)", "latency b64 (ms)", "train s"], rows)
+    write(
+        "baseline",
+        "Baseline training on full MNIST",
+        results,
+        [table],
+        options,
+        notes=["Deep Compression's baselines: LeNet-300-100 1.64%, LeNet-5 0.80%.", "Latency: eager PyTorch, median of 100 runs after warm-up."],
     )
-    write("baseline", "Baseline training on full MNIST", results, [table], options,
-          notes=["Deep Compression's baselines: LeNet-300-100 1.64%, LeNet-5 0.80%.",
-                 "Latency: eager PyTorch, median of 100 runs after warm-up."])
 
 
 if __name__ == "__main__":

@@ -21,10 +21,14 @@ from torchslim.train.fit import TrainConfig
 
 PAPER = {"lenet-300-100": {"kb": 27, "ratio": 40, "error": 0.0164}, "lenet-5": {"kb": 44, "ratio": 39, "error": 0.0080}}
 PRUNING = {  # the schedules and fine-tuning of benchmarks/pruning.py
-    "lenet-300-100": {"sparsities": [0.5, 0.7, 0.8, 0.87, 0.9, 0.92],
-                      "finetune": {"epochs": 4, "lr": 0.02, "batch_size": 64, "weight_decay": 1e-4, "eval_every_epoch": False}},
-    "lenet-5": {"sparsities": [0.5, 0.75, 0.875, 0.925],
-                "finetune": {"epochs": 2, "lr": 0.005, "batch_size": 64, "weight_decay": 5e-4, "eval_every_epoch": False}},
+    "lenet-300-100": {
+        "sparsities": [0.5, 0.7, 0.8, 0.87, 0.9, 0.92],
+        "finetune": {"epochs": 4, "lr": 0.02, "batch_size": 64, "weight_decay": 1e-4, "eval_every_epoch": False},
+    },
+    "lenet-5": {
+        "sparsities": [0.5, 0.75, 0.875, 0.925],
+        "finetune": {"epochs": 2, "lr": 0.005, "batch_size": 64, "weight_decay": 5e-4, "eval_every_epoch": False},
+    },
 }
 
 
@@ -60,11 +64,25 @@ def run(name: str, data, quick: bool) -> dict:
     reference = result.model.state_dict()
     exact = all(torch.equal(reference[k], v) for k, v in loaded.state_dict().items())
     loaded_metrics = ts.evaluate(loaded, data)
-    stages = [{"stage": s.name, **{k: s.metrics.get(k) for k in ("error", "errors", "nonzeros", "stored_bytes", "bytes_as", "compression",
-                                                               "latency_median_ms", "seconds")}, "notes": s.notes} for s in result.report.stages]
+    stages = [
+        {
+            "stage": s.name,
+            **{k: s.metrics.get(k) for k in ("error", "errors", "nonzeros", "stored_bytes", "bytes_as", "compression", "latency_median_ms", "seconds")},
+            "notes": s.notes,
+        }
+        for s in result.report.stages
+    ]
     inspected = inspect_tslim(path)
-    return {"stages": stages, "file_bytes": path.stat().st_size, "file_error": loaded_metrics["error"], "file_errors": loaded_metrics["errors"],
-            "reload_exact": exact, "header_bytes": inspected["header_bytes"], "tensors": inspected["tensors"], "recipe": recipe.to_dict()}
+    return {
+        "stages": stages,
+        "file_bytes": path.stat().st_size,
+        "file_error": loaded_metrics["error"],
+        "file_errors": loaded_metrics["errors"],
+        "reload_exact": exact,
+        "header_bytes": inspected["header_bytes"],
+        "tensors": inspected["tensors"],
+        "recipe": recipe.to_dict(),
+    }
 
 
 def main() -> None:
@@ -76,24 +94,57 @@ def main() -> None:
         outcome = run(name, data, options.quick)
         results[name] = outcome
         stages = outcome["stages"]
-        rows = [[s["stage"], f"{100 * s['error']:.2f}%", f"{s['nonzeros']:,}", f"{s['stored_bytes'] / 1000:.1f} KB", s["bytes_as"],
-                 f"{s['compression']:.1f}x", "-" if s["seconds"] is None else f"{s['seconds']:.0f} s"] for s in stages]
+        rows = [
+            [
+                s["stage"],
+                f"{100 * s['error']:.2f}%",
+                f"{s['nonzeros']:,}",
+                f"{s['stored_bytes'] / 1000:.1f} KB",
+                s["bytes_as"],
+                f"{s['compression']:.1f}x",
+                "-" if s["seconds"] is None else f"{s['seconds']:.0f} s",
+            ]
+            for s in stages
+        ]
         tables.append(f"**{name}**\n\n" + markdown_table(["stage", "test error", "non-zeros", "bytes", "stored as", "vs dense fp32", "stage time"], rows))
         stream_rows = []
         for tensor in outcome["tensors"]:
             for stream in tensor["streams"]:
                 bound = stream.get("entropy_bytes")
-                stream_rows.append([tensor["name"], tensor["encoding"], tensor["index_bits"] or "-", tensor["bits"] or "-", stream["role"], stream["coder"],
-                                    stream.get("symbols", "-"), f"{stream['bytes']:,}", "-" if bound is None else f"{bound:,.0f}"])
+                stream_rows.append(
+                    [
+                        tensor["name"],
+                        tensor["encoding"],
+                        tensor["index_bits"] or "-",
+                        tensor["bits"] or "-",
+                        stream["role"],
+                        stream["coder"],
+                        stream.get("symbols", "-"),
+                        f"{stream['bytes']:,}",
+                        "-" if bound is None else f"{bound:,.0f}",
+                    ]
+                )
         stream_rows.append(["header (spec, encodings, checksums)", "zlib JSON", "-", "-", "-", "-", "-", f"{outcome['header_bytes']:,}", "-"])
-        tables.append(f"**{name}: streams of the .tslim file** ({outcome['file_bytes']:,} bytes)\n\n" + markdown_table(
-            ["tensor", "encoding", "index bits", "code bits", "stream", "coder", "symbols", "bytes", "entropy bound (bytes)"], stream_rows))
+        tables.append(
+            f"**{name}: streams of the .tslim file** ({outcome['file_bytes']:,} bytes)\n\n"
+            + markdown_table(["tensor", "encoding", "index bits", "code bits", "stream", "coder", "symbols", "bytes", "entropy bound (bytes)"], stream_rows)
+        )
         dense = stages[0]["stored_bytes"]
         paper = PAPER[name]
-        summary_rows.append([name, f"{dense / 1000:.0f} KB", f"{outcome['file_bytes'] / 1000:.1f} KB", f"{dense / outcome['file_bytes']:.1f}x",
-                             f"{100 * outcome['file_error']:.2f}%", f"{paper['kb']} KB, {paper['ratio']}x, {100 * paper['error']:.2f}%",
-                             "yes" if outcome["reload_exact"] else "NO"])
-    tables.insert(0, markdown_table(["model", "dense fp32", ".tslim file", "ratio", "test error (file reloaded)", "Deep Compression paper", "reload exact"], summary_rows))
+        summary_rows.append(
+            [
+                name,
+                f"{dense / 1000:.0f} KB",
+                f"{outcome['file_bytes'] / 1000:.1f} KB",
+                f"{dense / outcome['file_bytes']:.1f}x",
+                f"{100 * outcome['file_error']:.2f}%",
+                f"{paper['kb']} KB, {paper['ratio']}x, {100 * paper['error']:.2f}%",
+                "yes" if outcome["reload_exact"] else "NO",
+            ]
+        )
+    tables.insert(
+        0, markdown_table(["model", "dense fp32", ".tslim file", "ratio", "test error (file reloaded)", "Deep Compression paper", "reload exact"], summary_rows)
+    )
     notes += [
         "One `ts.compress(model, recipe, data)` run per model, from the trained baselines of benchmarks/baseline.py; the recipe is the built-in "
         "`deep-compression` with the pruning schedule and fine-tuning of benchmarks/pruning.py; for LeNet-300-100 a fine-tuning stage "

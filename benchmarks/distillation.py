@@ -40,9 +40,23 @@ def main() -> None:
     initial = ts.models.create("mlp", **STUDENT)
     alone = ts.train(initial, data, {**student_config, "eval_every_epoch": False}, progress=False)
     alone_metrics = alone.report.stages[0].metrics
-    rows = [["student 784-100-10 alone", "-", "-", "-", alone_metrics["errors"], f"{100 * alone_metrics['error']:.2f}%", f"{ts.measure.count_parameters(initial):,}"]]
-    results = {"mlp_teacher_train_seconds": teacher_seconds, "student_alone": {"errors": alone_metrics["errors"], "error": alone_metrics["error"]},
-               "teachers": {}, "distilled": []}
+    rows = [
+        [
+            "student 784-100-10 alone",
+            "-",
+            "-",
+            "-",
+            alone_metrics["errors"],
+            f"{100 * alone_metrics['error']:.2f}%",
+            f"{ts.measure.count_parameters(initial):,}",
+        ]
+    ]
+    results = {
+        "mlp_teacher_train_seconds": teacher_seconds,
+        "student_alone": {"errors": alone_metrics["errors"], "error": alone_metrics["error"]},
+        "teachers": {},
+        "distilled": [],
+    }
     for teacher_name, (teacher, label) in teachers.items():
         teacher_metrics = ts.evaluate(teacher, data)
         results["teachers"][teacher_name] = {"errors": teacher_metrics["errors"], "error": teacher_metrics["error"]}
@@ -51,24 +65,36 @@ def main() -> None:
             config = {"temperature": temperature, "alpha": alpha, "cache_teacher": True, "train": student_config}
             result = ts.distill(initial, teacher, data, config, progress=False)
             metrics = result.report.stages[0].metrics
-            results["distilled"].append({"teacher": teacher_name, "temperature": temperature, "alpha": alpha, "errors": metrics["errors"], "error": metrics["error"]})
-            rows.append(["student distilled", teacher_name, temperature, alpha, metrics["errors"], f"{100 * metrics['error']:.2f}%", f"{metrics['parameters']:,}"])
+            results["distilled"].append(
+                {"teacher": teacher_name, "temperature": temperature, "alpha": alpha, "errors": metrics["errors"], "error": metrics["error"]}
+            )
+            rows.append(
+                ["student distilled", teacher_name, temperature, alpha, metrics["errors"], f"{100 * metrics['error']:.2f}%", f"{metrics['parameters']:,}"]
+            )
     best = min(results["distilled"], key=lambda r: r["errors"])
     results["best"] = best
     results["error_reduction"] = 1 - best["errors"] / max(1, results["student_alone"]["errors"])
     table = markdown_table(["model", "teacher", "T", "alpha", "test errors", "test error", "params"], rows)
-    write("distillation", "Distillation: Hinton et al.'s MNIST experiment", results, [table], options, notes=[
-        f"Errors counted on the {len(data.test):,} test images. Same student initialization, epochs ({student_config['epochs']}), SGD lr {student_config['lr']} with a cosine schedule, "
-        "batch 128 for every student run; the teacher's logits are cached once (the training data is fixed, no jitter).",
-        f"Best distilled student: teacher {best['teacher']}, T={best['temperature']}, alpha={best['alpha']}: {best['errors']} errors vs "
-        f"{results['student_alone']['errors']} alone ({100 * results['error_reduction']:.0f}% fewer).",
-        "Hinton et al. 2015 report 146 -> 74 errors with a 784-800-800-10 student and a jittered-input teacher; "
-        "this student is smaller so that the sweep runs in minutes on 2 CPU cores.",
-        "The T^2 factor keeps the soft term's gradient scale constant only when T is large against the teacher's logit gaps; "
-        "with gaps of about 15-20 the soft gradient grows with T, so high T at a fixed learning rate trains worse here.",
-        "The dropout MLP teacher (10 epochs here, no input jitter) is barely better than the student, so it has little to "
-        "pass on; Hinton's teacher made 67 errors.",
-    ])
+    write(
+        "distillation",
+        "Distillation: Hinton et al.'s MNIST experiment",
+        results,
+        [table],
+        options,
+        notes=[
+            f"Errors counted on the {len(data.test):,} test images. Same student initialization, epochs "
+            f"({student_config['epochs']}), SGD lr {student_config['lr']} with a cosine schedule, "
+            "batch 128 for every student run; the teacher's logits are cached once (the training data is fixed, no jitter).",
+            f"Best distilled student: teacher {best['teacher']}, T={best['temperature']}, alpha={best['alpha']}: {best['errors']} errors vs "
+            f"{results['student_alone']['errors']} alone ({100 * results['error_reduction']:.0f}% fewer).",
+            "Hinton et al. 2015 report 146 -> 74 errors with a 784-800-800-10 student and a jittered-input teacher; "
+            "this student is smaller so that the sweep runs in minutes on 2 CPU cores.",
+            "The T^2 factor keeps the soft term's gradient scale constant only when T is large against the teacher's logit gaps; "
+            "with gaps of about 15-20 the soft gradient grows with T, so high T at a fixed learning rate trains worse here.",
+            "The dropout MLP teacher (10 epochs here, no input jitter) is barely better than the student, so it has little to "
+            "pass on; Hinton's teacher made 67 errors.",
+        ],
+    )
 
 
 if __name__ == "__main__":

@@ -15,8 +15,9 @@ import platform
 import re
 import statistics
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -88,9 +89,14 @@ def write(name: str, title: str, results: dict[str, Any], tables: Sequence[str],
     payload = {"benchmark": name, "mode": mode, "machine": machine(), "results": results}
     text = json.dumps(payload, indent=2, default=str)
     print(text if len(text) < 4000 else text[:4000] + "\n...")
-    section = [f"## {title}", "", f"`python3 -m benchmarks.{name}` ({mode} mode; {payload['machine']['date']}; "
-               f"{payload['machine']['cpu']}, {payload['machine']['threads']} threads; torch {torch.__version__}; "
-               f"commit {payload['machine']['commit']})", ""]
+    section = [
+        f"## {title}",
+        "",
+        f"`python3 -m benchmarks.{name}` ({mode} mode; {payload['machine']['date']}; "
+        f"{payload['machine']['cpu']}, {payload['machine']['threads']} threads; torch {torch.__version__}; "
+        f"commit {payload['machine']['commit']})",
+        "",
+    ]
     for table in tables:
         section += [table, ""]
     section += [f"- {note}" for note in notes]
@@ -103,7 +109,11 @@ def write(name: str, title: str, results: dict[str, Any], tables: Sequence[str],
     if options.quick:
         return  # quick runs check that a benchmark works; BENCHMARKS.md keeps the full numbers
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    current = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else "# Benchmarks\n\nFull-mode results, written by the scripts in benchmarks/ (medians of repeated runs).\n"
+    current = (
+        BENCHMARKS_MD.read_text()
+        if BENCHMARKS_MD.exists()
+        else "# Benchmarks\n\nFull-mode results, written by the scripts in benchmarks/ (medians of repeated runs).\n"
+    )
     replacement = f"{start}\n{block}{end}"
     if start in current:
         current = re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: replacement, current, flags=re.S)

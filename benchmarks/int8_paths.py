@@ -26,8 +26,10 @@ def main() -> None:
     results, rows = {}, []
     generator = torch.Generator().manual_seed(0)
     random_batches = [(torch.randn(16, 3, 32, 32, generator=generator), None) for _ in range(16)]
-    cases = [("lenet-5", trained_baseline("lenet-5", data, options.quick), data.example_input(1), list(data.loader("train", batch_size=64))[:16]),
-             ("resnet18-style", ts.models.create("resnet18-style").eval(), torch.randn(1, 3, 32, 32), random_batches)]
+    cases = [
+        ("lenet-5", trained_baseline("lenet-5", data, options.quick), data.example_input(1), list(data.loader("train", batch_size=64))[:16]),
+        ("resnet18-style", ts.models.create("resnet18-style").eval(), torch.randn(1, 3, 32, 32), random_batches),
+    ]
     with tempfile.TemporaryDirectory() as folder:
         for name, model, example, calibration in cases:
             engines = {"fp32": fp32_onnx_module(model, example, Path(folder) / f"{name}-fp32.onnx")}
@@ -55,21 +57,41 @@ def main() -> None:
             for label in engines:
                 entry[label]["speedup_b1"] = entry["fp32"]["batch_1_ms"] / entry[label]["batch_1_ms"]
                 entry[label]["speedup_b64"] = entry["fp32"]["batch_64_ms"] / entry[label]["batch_64_ms"]
-                quality = f"{entry[label]['errors']} errors" if "errors" in entry[label] else (
-                    "reference" if label == "fp32" else f"output SQNR {entry[label]['output_sqnr_db']:.1f} dB")
-                rows.append([name, label, quality, f"{entry[label]['batch_1_ms']:.3f}", f"{entry[label]['speedup_b1']:.2f}x",
-                             f"{entry[label]['batch_64_ms']:.3f}", f"{entry[label]['speedup_b64']:.2f}x", f"{entry[label]['bytes']:,}"])
+                quality = (
+                    f"{entry[label]['errors']} errors"
+                    if "errors" in entry[label]
+                    else ("reference" if label == "fp32" else f"output SQNR {entry[label]['output_sqnr_db']:.1f} dB")
+                )
+                rows.append(
+                    [
+                        name,
+                        label,
+                        quality,
+                        f"{entry[label]['batch_1_ms']:.3f}",
+                        f"{entry[label]['speedup_b1']:.2f}x",
+                        f"{entry[label]['batch_64_ms']:.3f}",
+                        f"{entry[label]['speedup_b64']:.2f}x",
+                        f"{entry[label]['bytes']:,}",
+                    ]
+                )
             results[name] = entry
     table = markdown_table(["model", "engine", "quality", "b1 (ms)", "b1 vs fp32", "b64 (ms)", "b64 vs fp32", "file bytes"], rows)
-    write("int8_paths", "Static int8: torchslim's own PTQ vs ONNX Runtime's quantize_static", results, [table], options, notes=[
-        "Both int8 models are QDQ files run by ONNX Runtime (2 threads, spinning off); medians of 3 alternating rounds.",
-        "torchslim PTQ: Conv-BN folded with torch.fx, per-channel symmetric int8 weights, uint8 activations calibrated by "
-        "torchslim's MSE observer on 16 batches; weights stored as int8 initializers. LeNet-5 errors are out of 10,000 test "
-        "images (fp32: the baseline).",
-        "torchslim's QDQ puts Q/DQ pairs on each Conv / Gemm input and output, so ONNX Runtime fuses them into QLinearConv / "
-        "QGemm (every conv of both nets fuses; checked on the optimized graph). Residual Adds stay float between Q/DQ pairs, "
-        "where quantize_static also quantizes them (QLinearAdd).",
-    ])
+    write(
+        "int8_paths",
+        "Static int8: torchslim's own PTQ vs ONNX Runtime's quantize_static",
+        results,
+        [table],
+        options,
+        notes=[
+            "Both int8 models are QDQ files run by ONNX Runtime (2 threads, spinning off); medians of 3 alternating rounds.",
+            "torchslim PTQ: Conv-BN folded with torch.fx, per-channel symmetric int8 weights, uint8 activations calibrated by "
+            "torchslim's MSE observer on 16 batches; weights stored as int8 initializers. LeNet-5 errors are out of 10,000 test "
+            "images (fp32: the baseline).",
+            "torchslim's QDQ puts Q/DQ pairs on each Conv / Gemm input and output, so ONNX Runtime fuses them into QLinearConv / "
+            "QGemm (every conv of both nets fuses; checked on the optimized graph). Residual Adds stay float between Q/DQ pairs, "
+            "where quantize_static also quantizes them (QLinearAdd).",
+        ],
+    )
 
 
 if __name__ == "__main__":

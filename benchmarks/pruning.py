@@ -109,9 +109,16 @@ def csr_latency(quick: bool) -> list[dict]:
         for _ in range(3):
             dense_ms.append(measure_latency(dense, x, batch_sizes=(batch,), runs=runs, warmup=5)[0].median_ms)
             sparse_ms.append(measure_latency(sparse, x, batch_sizes=(batch,), runs=runs, warmup=5)[0].median_ms)
-        rows.append({"batch": batch, "dense_ms": median(dense_ms), "csr_ms": median(sparse_ms),
-                     "csr_speedup": median(dense_ms) / median(sparse_ms),
-                     "dense_bytes": dense.weight.numel() * 4, "csr_bytes": csr.stored_bytes})
+        rows.append(
+            {
+                "batch": batch,
+                "dense_ms": median(dense_ms),
+                "csr_ms": median(sparse_ms),
+                "csr_speedup": median(dense_ms) / median(sparse_ms),
+                "dense_bytes": dense.weight.numel() * 4,
+                "csr_bytes": csr.stored_bytes,
+            }
+        )
     return rows
 
 
@@ -126,30 +133,47 @@ def main() -> None:
         for library in ("torchslim", "torch.nn.utils.prune"):
             run = run_schedule(name, baseline, data, library, options.quick)
             entry[library] = run
-            table_rows.append([
-                name, library, f"{100 * base_error:.2f}%", f"{100 * run['test_error']:.2f}%", f"{run['nonzeros']:,}",
-                f"{run['compression']:.1f}x", "yes" if run["test_error"] <= target and run["compression"] >= 12 else "NO",
-                f"{1000 * run['prune_step_seconds_median']:.1f}",
-            ])
+            table_rows.append(
+                [
+                    name,
+                    library,
+                    f"{100 * base_error:.2f}%",
+                    f"{100 * run['test_error']:.2f}%",
+                    f"{run['nonzeros']:,}",
+                    f"{run['compression']:.1f}x",
+                    "yes" if run["test_error"] <= target and run["compression"] >= 12 else "NO",
+                    f"{1000 * run['prune_step_seconds_median']:.1f}",
+                ]
+            )
         entry["step_time_90"] = pruning_step_time(baseline, 3 if options.quick else 15)
         results[name] = entry
     csr = csr_latency(options.quick)
     results["csr_4096"] = csr
     accuracy_table = markdown_table(
-        ["model", "library", "dense error", "pruned error", "non-zeros", "compression", "target met", "prune step (ms, median)"], table_rows)
+        ["model", "library", "dense error", "pruned error", "non-zeros", "compression", "target met", "prune step (ms, median)"], table_rows
+    )
     step_table = markdown_table(
         ["model", "torchslim 90% step (ms)", "torch.nn.utils.prune 90% step (ms)"],
-        [[n, f"{1000 * results[n]['step_time_90']['torchslim_s']:.1f}", f"{1000 * results[n]['step_time_90']['torch_s']:.1f}"] for n in TARGETS])
+        [[n, f"{1000 * results[n]['step_time_90']['torchslim_s']:.1f}", f"{1000 * results[n]['step_time_90']['torch_s']:.1f}"] for n in TARGETS],
+    )
     csr_table = markdown_table(
         ["batch", "dense (ms)", "CSR (ms)", "CSR speedup", "dense bytes", "CSR bytes"],
-        [[r["batch"], f"{r['dense_ms']:.3f}", f"{r['csr_ms']:.3f}", f"{r['csr_speedup']:.2f}x", f"{r['dense_bytes']:,}", f"{r['csr_bytes']:,}"] for r in csr])
-    write("pruning", "Pruning I: weight pruning on full MNIST, and CSR latency", results, [accuracy_table, step_table, csr_table], options, notes=[
-        f"Iterative global magnitude (L1) pruning of the Linear/Conv weights to the sparsities {SPARSITIES}, fine-tuning after "
-        f"each step ({FINETUNE}); the same schedule, seeds and fine-tuning for both libraries, so their masks coincide.",
-        "Compression = parameters / non-zero parameters (biases included, unpruned). Han et al. 2015 report 12x for both nets.",
-        "CSR: torch.sparse CSR matmul of a 4096x4096 Linear at 90% sparsity vs dense, 2 threads; medians of 3 alternating "
-        "rounds of timed runs. A ratio below 1 means sparse is slower.",
-    ])
+        [[r["batch"], f"{r['dense_ms']:.3f}", f"{r['csr_ms']:.3f}", f"{r['csr_speedup']:.2f}x", f"{r['dense_bytes']:,}", f"{r['csr_bytes']:,}"] for r in csr],
+    )
+    write(
+        "pruning",
+        "Pruning I: weight pruning on full MNIST, and CSR latency",
+        results,
+        [accuracy_table, step_table, csr_table],
+        options,
+        notes=[
+            f"Iterative global magnitude (L1) pruning of the Linear/Conv weights to the sparsities {SPARSITIES}, fine-tuning after "
+            f"each step ({FINETUNE}); the same schedule, seeds and fine-tuning for both libraries, so their masks coincide.",
+            "Compression = parameters / non-zero parameters (biases included, unpruned). Han et al. 2015 report 12x for both nets.",
+            "CSR: torch.sparse CSR matmul of a 4096x4096 Linear at 90% sparsity vs dense, 2 threads; medians of 3 alternating "
+            "rounds of timed runs. A ratio below 1 means sparse is slower.",
+        ],
+    )
 
 
 if __name__ == "__main__":

@@ -51,8 +51,12 @@ def accuracy_sweep(name: str, model, data, quick: bool) -> list[dict]:
         # centroid fine-tuning: only the shared values (and biases) train; every weight keeps its cluster
         for parameter_name, parameter in kmeans.named_parameters():
             parameter.requires_grad_(parameter_name.endswith("codebook"))
-        fit(kmeans, data, {"epochs": 1, "optimizer": "adam", "lr": 1e-3, "max_batches_per_epoch": 30 if quick else 400,
-                            "eval_every_epoch": False, "seed": bits}, progress=False)
+        fit(
+            kmeans,
+            data,
+            {"epochs": 1, "optimizer": "adam", "lr": 1e-3, "max_batches_per_epoch": 30 if quick else 400, "eval_every_epoch": False, "seed": bits},
+            progress=False,
+        )
         row["kmeans_finetuned_error"] = ts.evaluate(kmeans, data)["error"]
         rows.append(row)
     return rows
@@ -68,7 +72,9 @@ def sqnr_table(models: dict) -> list[dict]:
                 if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
                     continue
                 try:
-                    quantized = (QuantizedLinear if isinstance(module, torch.nn.Linear) else QuantizedConv2d).from_float(module, WeightScheme.from_dict(scheme), layer_name)
+                    quantized = (QuantizedLinear if isinstance(module, torch.nn.Linear) else QuantizedConv2d).from_float(
+                        module, WeightScheme.from_dict(scheme), layer_name
+                    )
                 except ts.TorchslimError:
                     continue  # e.g. a group size that does not divide this layer
                 values.append((module.weight.numel(), sqnr_db(module.weight, quantized.quantized.weight())))
@@ -118,13 +124,19 @@ def main() -> None:
         rows = accuracy_sweep(name, model, data, options.quick)
         dense = ts.evaluate(model, data)["error"]
         results["accuracy"][name] = {"dense_error": dense, "rows": rows}
-        tables.append(f"**{name}** (dense test error {100 * dense:.2f}%)\n\n" + markdown_table(
-            ["bits", "uniform per-channel", "k-means", "k-means + centroid fine-tuning"],
-            [[r["bits"], f"{100 * r['uniform_error']:.2f}%", f"{100 * r['kmeans_error']:.2f}%", f"{100 * r['kmeans_finetuned_error']:.2f}%"] for r in rows]))
+        tables.append(
+            f"**{name}** (dense test error {100 * dense:.2f}%)\n\n"
+            + markdown_table(
+                ["bits", "uniform per-channel", "k-means", "k-means + centroid fine-tuning"],
+                [[r["bits"], f"{100 * r['uniform_error']:.2f}%", f"{100 * r['kmeans_error']:.2f}%", f"{100 * r['kmeans_finetuned_error']:.2f}%"] for r in rows],
+            )
+        )
     sqnr = sqnr_table(models)
     results["sqnr_db"] = sqnr
-    tables.append("SQNR of the trained weights (dB, weighted by layer size)\n\n" + markdown_table(
-        ["scheme", *models], [[r["scheme"], *[f"{r[m]:.2f}" if r[m] is not None else "-" for m in models]] for r in sqnr]))
+    tables.append(
+        "SQNR of the trained weights (dB, weighted by layer size)\n\n"
+        + markdown_table(["scheme", *models], [[r["scheme"], *[f"{r[m]:.2f}" if r[m] is not None else "-" for m in models]] for r in sqnr])
+    )
     int8_rows = []
     with tempfile.TemporaryDirectory() as folder:
         for name, model, example, calibration_data in (
@@ -148,12 +160,25 @@ def main() -> None:
                 entry["output_sqnr_db"] = sqnr_db(fp32(probe), int8(probe))
                 change = f"output SQNR {entry['output_sqnr_db']:.1f} dB (no CIFAR-10 here)"
             results["int8"][name] = entry
-            int8_rows.append([name, change, f"{entry['batch_1']['fp32_ms']:.3f}", f"{entry['batch_1']['int8_ms']:.3f}", f"{entry['batch_1']['speedup']:.2f}x",
-                              f"{entry['batch_64']['fp32_ms']:.3f}", f"{entry['batch_64']['int8_ms']:.3f}", f"{entry['batch_64']['speedup']:.2f}x",
-                              f"{entry['fp32_bytes']:,}", f"{entry['int8_bytes']:,}"])
+            int8_rows.append(
+                [
+                    name,
+                    change,
+                    f"{entry['batch_1']['fp32_ms']:.3f}",
+                    f"{entry['batch_1']['int8_ms']:.3f}",
+                    f"{entry['batch_1']['speedup']:.2f}x",
+                    f"{entry['batch_64']['fp32_ms']:.3f}",
+                    f"{entry['batch_64']['int8_ms']:.3f}",
+                    f"{entry['batch_64']['speedup']:.2f}x",
+                    f"{entry['fp32_bytes']:,}",
+                    f"{entry['int8_bytes']:,}",
+                ]
+            )
     pt2e_rows = []
-    for name, model, example in (("lenet-5", models["lenet-5"], data.example_input(1)),
-                                 ("resnet18-style", ts.models.create("resnet18-style").eval(), torch.randn(1, 3, 32, 32))):
+    for name, model, example in (
+        ("lenet-5", models["lenet-5"], data.example_input(1)),
+        ("resnet18-style", ts.models.create("resnet18-style").eval(), torch.randn(1, 3, 32, 32)),
+    ):
         if name == "lenet-5":
             batches = (x for x, _ in data.loader("train", batch_size=64, shuffle=True))
         else:
@@ -169,19 +194,53 @@ def main() -> None:
             entry["output_sqnr_db"] = sqnr_db(fp32(probe), int8(probe))
             change = f"output SQNR {entry['output_sqnr_db']:.1f} dB (no CIFAR-10 here)"
         results.setdefault("pt2e", {})[name] = entry
-        pt2e_rows.append([name, change, *[f"{entry[f'batch_{b}'][k]:.3f}" if k != "speedup" else f"{entry[f'batch_{b}'][k]:.2f}x"
-                                          for b in (1, 64) for k in ("fp32_ms", "int8_ms", "speedup")]])
-    tables.append("torchao PT2E int8 (X86InductorQuantizer, torch.compile with freezing) vs torch.compile fp32 with freezing\n\n" + markdown_table(
-        ["model", "accuracy change", "fp32 b1 (ms)", "int8 b1 (ms)", "b1 speedup", "fp32 b64 (ms)", "int8 b64 (ms)", "b64 speedup"], pt2e_rows))
-    tables.append("Static int8 in ONNX Runtime vs ONNX Runtime fp32 (2 threads, spinning off, medians of 3 alternating rounds)\n\n" + markdown_table(
-        ["model", "accuracy change", "fp32 b1 (ms)", "int8 b1 (ms)", "b1 speedup", "fp32 b64 (ms)", "int8 b64 (ms)", "b64 speedup", "fp32 bytes", "int8 bytes"], int8_rows))
-    write("quantization", "Quantization: uniform vs k-means, SQNR, and real int8 in ONNX Runtime", results, tables, options, notes=[
-        "Weight-only schemes quantize every Linear/Conv weight; activations stay fp32 (simulation of the stored weights, dequantized in forward).",
-        "Centroid fine-tuning trains only the codebooks (each centroid gets the summed gradients of its cluster), 400 batches of 128, "
-        "Adam at lr 1e-3 (plain SGD on summed gradients needs a learning rate scaled down by the cluster sizes, else it diverges).",
-        "The int8 path is ONNX Runtime's quantize_static driven by torchslim (QDQ, uint8 activations, int8 per-channel weights, min-max); "
-        "the ResNet-18-style net is untrained (no CIFAR-10 on this machine), so its row shows speed and output fidelity only.",
-    ])
+        pt2e_rows.append(
+            [
+                name,
+                change,
+                *[
+                    f"{entry[f'batch_{b}'][k]:.3f}" if k != "speedup" else f"{entry[f'batch_{b}'][k]:.2f}x"
+                    for b in (1, 64)
+                    for k in ("fp32_ms", "int8_ms", "speedup")
+                ],
+            ]
+        )
+    tables.append(
+        "torchao PT2E int8 (X86InductorQuantizer, torch.compile with freezing) vs torch.compile fp32 with freezing\n\n"
+        + markdown_table(["model", "accuracy change", "fp32 b1 (ms)", "int8 b1 (ms)", "b1 speedup", "fp32 b64 (ms)", "int8 b64 (ms)", "b64 speedup"], pt2e_rows)
+    )
+    tables.append(
+        "Static int8 in ONNX Runtime vs ONNX Runtime fp32 (2 threads, spinning off, medians of 3 alternating rounds)\n\n"
+        + markdown_table(
+            [
+                "model",
+                "accuracy change",
+                "fp32 b1 (ms)",
+                "int8 b1 (ms)",
+                "b1 speedup",
+                "fp32 b64 (ms)",
+                "int8 b64 (ms)",
+                "b64 speedup",
+                "fp32 bytes",
+                "int8 bytes",
+            ],
+            int8_rows,
+        )
+    )
+    write(
+        "quantization",
+        "Quantization: uniform vs k-means, SQNR, and real int8 in ONNX Runtime",
+        results,
+        tables,
+        options,
+        notes=[
+            "Weight-only schemes quantize every Linear/Conv weight; activations stay fp32 (simulation of the stored weights, dequantized in forward).",
+            "Centroid fine-tuning trains only the codebooks (each centroid gets the summed gradients of its cluster), 400 batches of 128, "
+            "Adam at lr 1e-3 (plain SGD on summed gradients needs a learning rate scaled down by the cluster sizes, else it diverges).",
+            "The int8 path is ONNX Runtime's quantize_static driven by torchslim (QDQ, uint8 activations, int8 per-channel weights, min-max); "
+            "the ResNet-18-style net is untrained (no CIFAR-10 on this machine), so its row shows speed and output fidelity only.",
+        ],
+    )
 
 
 if __name__ == "__main__":

@@ -51,8 +51,9 @@ def torch_pruning_internal(model: nn.Module, example: torch.Tensor, ratio: float
     return model, time.perf_counter() - started
 
 
-def latency_side_by_side(models: dict[str, nn.Module], example: torch.Tensor, batch_sizes: tuple[int, ...], rounds: int, runs: int,
-                         backend: str = "eager") -> dict:
+def latency_side_by_side(
+    models: dict[str, nn.Module], example: torch.Tensor, batch_sizes: tuple[int, ...], rounds: int, runs: int, backend: str = "eager"
+) -> dict:
     """Median over interleaved rounds of each model's median latency (one runner per model, built once)."""
     from torchslim.measure.latency import BACKENDS
 
@@ -80,31 +81,62 @@ def resnet56_part(quick: bool) -> tuple[dict, list[str]]:
         tp_seconds.append(seconds)
     full_ratio, full, _ = ratio_for_macs(dense, example, 2.0)
     rounded_ratio, rounded, _ = ratio_for_macs(dense, example, 2.0, round_to=8)
-    same_widths = [m.out_channels for m in internal.modules() if isinstance(m, nn.Conv2d)] == \
-                  [m.out_channels for m in tp_model.modules() if isinstance(m, nn.Conv2d)]
-    models = {"dense": dense, "torchslim, block-internal channels (ratio 0.5)": internal,
-              "Torch-Pruning, block-internal channels (ratio 0.5)": tp_model,
-              f"torchslim, all channel groups (ratio {full_ratio:.3f})": full,
-              f"torchslim, all channel groups, widths multiple of 8 (ratio {rounded_ratio:.3f})": rounded}
-    rows, results = [], {"macs_dense": macs_dense, "same_architecture_as_torch_pruning": same_widths,
-                         "prune_seconds": {"torchslim": median(ts_seconds), "torch_pruning": median(tp_seconds)}, "models": {}}
+    same_widths = [m.out_channels for m in internal.modules() if isinstance(m, nn.Conv2d)] == [
+        m.out_channels for m in tp_model.modules() if isinstance(m, nn.Conv2d)
+    ]
+    models = {
+        "dense": dense,
+        "torchslim, block-internal channels (ratio 0.5)": internal,
+        "Torch-Pruning, block-internal channels (ratio 0.5)": tp_model,
+        f"torchslim, all channel groups (ratio {full_ratio:.3f})": full,
+        f"torchslim, all channel groups, widths multiple of 8 (ratio {rounded_ratio:.3f})": rounded,
+    }
+    rows, results = (
+        [],
+        {
+            "macs_dense": macs_dense,
+            "same_architecture_as_torch_pruning": same_widths,
+            "prune_seconds": {"torchslim": median(ts_seconds), "torch_pruning": median(tp_seconds)},
+            "models": {},
+        },
+    )
     for backend in ("eager", "onnxruntime"):
         latency = latency_side_by_side(models, example, (1, 64), rounds=2 if quick else 7, runs=10 if quick else 30, backend=backend)
         for name, model in models.items():
             macs = count_macs(model, example)["total"]
-            entry = {"macs": macs, "macs_ratio": macs_dense / macs, "parameters": ts.measure.count_parameters(model),
-                     "latency_ms": latency[name], "speedup_b1": latency["dense"][1] / latency[name][1],
-                     "speedup_b64": latency["dense"][64] / latency[name][64]}
+            entry = {
+                "macs": macs,
+                "macs_ratio": macs_dense / macs,
+                "parameters": ts.measure.count_parameters(model),
+                "latency_ms": latency[name],
+                "speedup_b1": latency["dense"][1] / latency[name][1],
+                "speedup_b64": latency["dense"][64] / latency[name][64],
+            }
             entry["speedup_over_macs_b1"] = entry["speedup_b1"] / entry["macs_ratio"]
             entry["speedup_over_macs_b64"] = entry["speedup_b64"] / entry["macs_ratio"]
             results["models"].setdefault(name, {})[backend] = entry
-            rows.append([name, backend, f"{macs / 1e6:.1f} M", f"{entry['macs_ratio']:.2f}x", f"{entry['parameters']:,}",
-                         f"{latency[name][1]:.2f} ms", f"{entry['speedup_b1']:.2f}x", f"{latency[name][64]:.1f} ms", f"{entry['speedup_b64']:.2f}x",
-                         f"{entry['speedup_over_macs_b1']:.2f} / {entry['speedup_over_macs_b64']:.2f}"])
-    table = markdown_table(["ResNet-56 (32x32 input)", "engine", "MACs", "MACs ratio", "params", "batch 1", "speedup", "batch 64", "speedup",
-                            "speedup / MACs ratio (b1 / b64)"], rows)
-    timing = markdown_table(["library", "time to prune (median)"], [["torchslim (trace + score + remove)", f"{median(ts_seconds):.2f} s"],
-                                                                     ["Torch-Pruning MetaPruner", f"{median(tp_seconds):.2f} s"]])
+            rows.append(
+                [
+                    name,
+                    backend,
+                    f"{macs / 1e6:.1f} M",
+                    f"{entry['macs_ratio']:.2f}x",
+                    f"{entry['parameters']:,}",
+                    f"{latency[name][1]:.2f} ms",
+                    f"{entry['speedup_b1']:.2f}x",
+                    f"{latency[name][64]:.1f} ms",
+                    f"{entry['speedup_b64']:.2f}x",
+                    f"{entry['speedup_over_macs_b1']:.2f} / {entry['speedup_over_macs_b64']:.2f}",
+                ]
+            )
+    table = markdown_table(
+        ["ResNet-56 (32x32 input)", "engine", "MACs", "MACs ratio", "params", "batch 1", "speedup", "batch 64", "speedup", "speedup / MACs ratio (b1 / b64)"],
+        rows,
+    )
+    timing = markdown_table(
+        ["library", "time to prune (median)"],
+        [["torchslim (trace + score + remove)", f"{median(ts_seconds):.2f} s"], ["Torch-Pruning MetaPruner", f"{median(tp_seconds):.2f} s"]],
+    )
     return results, [table, timing]
 
 
@@ -112,8 +144,17 @@ def lenet5_part(data, quick: bool) -> tuple[dict, list[str]]:
     baseline = trained_baseline("lenet-5", data, quick)
     example = data.example_input(1)
     base_metrics = ts.evaluate(baseline, data)
-    rows = [["dense", "-", f"{count_macs(baseline, example)['total'] / 1e6:.2f} M", "1.00x", f"{ts.measure.count_parameters(baseline):,}",
-             "-", f"{100 * base_metrics['error']:.2f}%"]]
+    rows = [
+        [
+            "dense",
+            "-",
+            f"{count_macs(baseline, example)['total'] / 1e6:.2f} M",
+            "1.00x",
+            f"{ts.measure.count_parameters(baseline):,}",
+            "-",
+            f"{100 * base_metrics['error']:.2f}%",
+        ]
+    ]
     results = {"baseline_error": base_metrics["error"], "pruned": []}
     finetune = {"epochs": 1 if quick else 3, "lr": 0.01, "batch_size": 64, "weight_decay": 5e-4, "eval_every_epoch": False}
     if quick:
@@ -124,12 +165,33 @@ def lenet5_part(data, quick: bool) -> tuple[dict, list[str]]:
         ts.train(model, data, finetune, inplace=True, progress=False)
         after = ts.evaluate(model, data)
         widths = f"conv {model.conv1.out_channels}/{model.conv2.out_channels}, fc {model.fc1.out_features}"
-        results["pruned"].append({"target": target, "ratio": ratio, "macs_ratio": achieved, "widths": widths, "error_after_prune": after_prune,
-                                  "error": after["error"], "errors": after["errors"], "parameters": ts.measure.count_parameters(model)})
-        rows.append([f"{target:.0f}x fewer MACs ({widths})", f"{ratio:.3f}", f"{count_macs(model, example)['total'] / 1e6:.2f} M",
-                     f"{achieved:.2f}x", f"{ts.measure.count_parameters(model):,}", f"{100 * after_prune:.2f}%", f"{100 * after['error']:.2f}%"])
-    table = markdown_table(["LeNet-5 on MNIST", "channel ratio", "MACs", "MACs ratio", "params", "test error after pruning",
-                            f"after {finetune['epochs']} epochs fine-tuning"], rows)
+        results["pruned"].append(
+            {
+                "target": target,
+                "ratio": ratio,
+                "macs_ratio": achieved,
+                "widths": widths,
+                "error_after_prune": after_prune,
+                "error": after["error"],
+                "errors": after["errors"],
+                "parameters": ts.measure.count_parameters(model),
+            }
+        )
+        rows.append(
+            [
+                f"{target:.0f}x fewer MACs ({widths})",
+                f"{ratio:.3f}",
+                f"{count_macs(model, example)['total'] / 1e6:.2f} M",
+                f"{achieved:.2f}x",
+                f"{ts.measure.count_parameters(model):,}",
+                f"{100 * after_prune:.2f}%",
+                f"{100 * after['error']:.2f}%",
+            ]
+        )
+    table = markdown_table(
+        ["LeNet-5 on MNIST", "channel ratio", "MACs", "MACs ratio", "params", "test error after pruning", f"after {finetune['epochs']} epochs fine-tuning"],
+        rows,
+    )
     return results, [table]
 
 
@@ -138,8 +200,10 @@ def main() -> None:
     resnet, resnet_tables = resnet56_part(options.quick)
     data = load_mnist(options.data_root, options.quick)
     lenet, lenet_tables = lenet5_part(data, options.quick)
-    notes = ["Latency: 2 threads, median of per-round medians over interleaved rounds (every model timed in each round); eager "
-             "PyTorch and ONNX Runtime (each model exported once, thread-pool spinning off)."]
+    notes = [
+        "Latency: 2 threads, median of per-round medians over interleaved rounds (every model timed in each round); eager "
+        "PyTorch and ONNX Runtime (each model exported once, thread-pool spinning off)."
+    ]
     for backend in ("eager", "onnxruntime"):
         full = next(v[backend] for k, v in resnet["models"].items() if k.startswith("torchslim, all channel groups, widths"))
         internal = resnet["models"]["torchslim, block-internal channels (ratio 0.5)"][backend]
@@ -150,7 +214,8 @@ def main() -> None:
             f"{tp_entry['latency_ms'][64] / internal['latency_ms'][64]:.2f}x Torch-Pruning's model's speed (batch 1 / 64; >1 is faster); "
             f"speedup / MACs ratio {internal['speedup_over_macs_b1']:.2f} / {internal['speedup_over_macs_b64']:.2f}.",
             f"{backend}: all channel groups, widths rounded to multiples of 8 (residual streams through the option-A padding "
-            f"included; stem conv and classifier protected): {full['macs_ratio']:.2f}x fewer MACs, {full['speedup_b1']:.2f}x / {full['speedup_b64']:.2f}x faster "
+            f"included; stem conv and classifier protected): {full['macs_ratio']:.2f}x fewer MACs, {full['speedup_b1']:.2f}x / "
+            f"{full['speedup_b64']:.2f}x faster "
             f"({full['speedup_over_macs_b1']:.2f} / {full['speedup_over_macs_b64']:.2f} of the MACs ratio; target >= 0.8).",
         ]
     notes += [
@@ -160,8 +225,7 @@ def main() -> None:
         "LeNet-5: l1 filter / neuron norms, per-layer ratio found by bisection to the MACs target, classifier protected; "
         "fine-tuning with SGD lr 0.01 on the full training set.",
     ]
-    write("structured", "Structured pruning: channels removed, measured", {"resnet56": resnet, "lenet5": lenet},
-          resnet_tables + lenet_tables, options, notes)
+    write("structured", "Structured pruning: channels removed, measured", {"resnet56": resnet, "lenet5": lenet}, resnet_tables + lenet_tables, options, notes)
 
 
 if __name__ == "__main__":

@@ -85,13 +85,33 @@ def test_distill_command(tmp_path, capsys):
     teacher = tmp_path / "t.safetensors"
     assert main(["train", "--data", "digits", "--epochs", "3", "--out", str(teacher)]) == 0
     student = tmp_path / "s.safetensors"
-    code = main(["distill", "--teacher", str(teacher), "--student", "mlp", "--student-args", '{"hidden": [24]}',
-                 "--data", "digits", "--epochs", "3", "--temperature", "5", "--out", str(student)])
+    code = main(
+        [
+            "distill",
+            "--teacher",
+            str(teacher),
+            "--student",
+            "mlp",
+            "--student-args",
+            '{"hidden": [24]}',
+            "--data",
+            "digits",
+            "--epochs",
+            "3",
+            "--temperature",
+            "5",
+            "--out",
+            str(student),
+        ]
+    )
     assert code == 0
     assert "student error" in capsys.readouterr().out
     model = ts.load(student)
     assert model.layers[0].out_features == 24
-    assert main(["distill", "--teacher", str(teacher), "--student", "mlp", "--student-args", "{bad", "--data", "digits", "--out", str(tmp_path / "x.safetensors")]) == 1
+    assert (
+        main(["distill", "--teacher", str(teacher), "--student", "mlp", "--student-args", "{bad", "--data", "digits", "--out", str(tmp_path / "x.safetensors")])
+        == 1
+    )
     assert "--student-args is not valid JSON" in capsys.readouterr().err
 
 
@@ -108,13 +128,29 @@ def test_quantize_command(tmp_path, capsys):
     assert onnx_file.exists()
     capsys.readouterr()
     native = tmp_path / "native.onnx"
-    assert main(["quantize", str(trained), "--data", "digits", "--scheme", "int8-native", "--calibration", "mse",
-                 "--calibration-batches", "4", "--out", str(native)]) == 0
+    assert (
+        main(
+            [
+                "quantize",
+                str(trained),
+                "--data",
+                "digits",
+                "--scheme",
+                "int8-native",
+                "--calibration",
+                "mse",
+                "--calibration-batches",
+                "4",
+                "--out",
+                str(native),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     before, after = [float(v.strip().rstrip("%")) for v in printed.split("test error ")[1].split(" -> ")]
     assert native.stat().st_size < trained.stat().st_size / 3 and abs(after - before) < 2.0
-    assert main(["quantize", str(trained), "--data", "digits", "--scheme", "int8-native", "--calibration", "magic",
-                 "--out", str(tmp_path / "n2.onnx")]) == 1
+    assert main(["quantize", str(trained), "--data", "digits", "--scheme", "int8-native", "--calibration", "magic", "--out", str(tmp_path / "n2.onnx")]) == 1
     assert "observer must be one of" in capsys.readouterr().err
     assert main(["quantize", str(trained), "--data", "digits", "--bits", "40", "--out", str(tmp_path / "x.safetensors")]) == 1
     assert "bits must be between 1 and 16" in capsys.readouterr().err
@@ -148,7 +184,7 @@ def test_compress_inspect_evaluate(tmp_path, capsys):
     assert final["stored_bytes"] == pytest.approx(out.stat().st_size, abs=200)
     assert main(["inspect", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "fc1.quantized.packed" in printed and "sparse-symbols" in printed or "symbols" in printed
+    assert ("fc1.quantized.packed" in printed and "sparse-symbols" in printed) or "symbols" in printed
     assert main(["evaluate", str(out), "--data", "digits"]) == 0
     assert f"error {100 * final['error']:.2f}%" in capsys.readouterr().out
     # a second run does not overwrite the file, and --resume needs a checkpoint
@@ -159,10 +195,13 @@ def test_compress_inspect_evaluate(tmp_path, capsys):
     assert "no checkpoint" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("text, message", [
-    ("name: bad\nstages:\n  - quantize: {weights: {bitz: 3}}\n", r"error: .*stage 1 \(quantize\)\.weights: unknown key 'bitz'"),
-    ("name: bad\nstages:\n  - shrink: {}\n", r"error: .*unknown stage kind 'shrink'"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("name: bad\nstages:\n  - quantize: {weights: {bitz: 3}}\n", r"error: .*stage 1 \(quantize\)\.weights: unknown key 'bitz'"),
+        ("name: bad\nstages:\n  - shrink: {}\n", r"error: .*unknown stage kind 'shrink'"),
+    ],
+)
 def test_compress_bad_recipe_is_one_line(tmp_path, capsys, text, message):
     import re
 
@@ -195,8 +234,22 @@ def test_compress_a_users_own_model_from_an_import_path(tmp_path, capsys):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("name: r\nstages:\n  - prune: {sparsity: 0.5}\n  - quantize: {weights: {scheme: kmeans, bits: 6}}\n  - encode: {}\n")
     out = tmp_path / "net.tslim"
-    code = main(["compress", "--model", "tests.conftest:TinyConvNet", "--weights", str(weights), "--data", "digits",
-                 "--recipe", str(recipe), "--out", str(out), "--no-latency"])
+    code = main(
+        [
+            "compress",
+            "--model",
+            "tests.conftest:TinyConvNet",
+            "--weights",
+            str(weights),
+            "--data",
+            "digits",
+            "--recipe",
+            str(recipe),
+            "--out",
+            str(out),
+            "--no-latency",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     with pytest.raises(ts.TorchslimError, match="trust_factory"):
         ts.load(out)  # the file names an import path: loading it runs code, so it must be trusted explicitly
@@ -233,16 +286,31 @@ def test_prune_structured_command(tmp_path, capsys):
     trained = tmp_path / "m.safetensors"
     assert main(["train", "--data", "digits", "--epochs", "3", "--out", str(trained)]) == 0
     pruned = tmp_path / "s.safetensors"
-    code = main(["prune", str(trained), "--structured", "--sparsity", "0.5", "--data", "digits",
-                 "--finetune-epochs", "1", "--out", str(pruned)])
+    code = main(["prune", str(trained), "--structured", "--sparsity", "0.5", "--data", "digits", "--finetune-epochs", "1", "--out", str(pruned)])
     assert code == 0
     printed = capsys.readouterr().out
     assert "fewer" in printed and "channels removed" in printed
     model = ts.load(pruned)
     assert (model.fc1.out_features, model.fc2.out_features) == (150, 50)
     assert main(["evaluate", str(pruned), "--data", "digits"]) == 0
-    assert main(["prune", str(trained), "--structured", "--sparsity", "0.5", "--importance", "gradient", "--data", "digits",
-                 "--out", str(tmp_path / "x.safetensors")]) == 1
+    assert (
+        main(
+            [
+                "prune",
+                str(trained),
+                "--structured",
+                "--sparsity",
+                "0.5",
+                "--importance",
+                "gradient",
+                "--data",
+                "digits",
+                "--out",
+                str(tmp_path / "x.safetensors"),
+            ]
+        )
+        == 1
+    )
     assert "importance must be one of" in capsys.readouterr().err
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from torch import nn
 
@@ -43,16 +44,25 @@ def train(
     metrics = dict(history.final)
     metrics.update(parameters=count_parameters(trained), nonzeros=count_nonzeros(trained), train_seconds=history.seconds)
     stage = Stage(name="train", kind="train", metrics=metrics, config=config.to_dict())
-    stage.notes = [f"epoch {row['epoch']}: train loss {row['train_loss']:.4f}" + "".join(
-        f", test {key[5:]} {value:.4g}" for key, value in row.items() if key in ("test_accuracy", "test_perplexity", "test_cosine"))
-        for row in history.epochs]
+    stage.notes = [
+        f"epoch {row['epoch']}: train loss {row['train_loss']:.4f}"
+        + "".join(f", test {key[5:]} {value:.4g}" for key, value in row.items() if key in ("test_accuracy", "test_perplexity", "test_cosine"))
+        for row in history.epochs
+    ]
     report = Report.for_model(model, [stage])
     report.environment = environment()
     return Result(model=trained, report=report)
 
 
-def evaluate(model: nn.Module, data: Any, task: str | Task | None = None, split: str = "eval", batch_size: int | None = None,
-             limit: int | None = None, reference: nn.Module | None = None) -> dict[str, float]:
+def evaluate(
+    model: nn.Module,
+    data: Any,
+    task: str | Task | None = None,
+    split: str = "eval",
+    batch_size: int | None = None,
+    limit: int | None = None,
+    reference: nn.Module | None = None,
+) -> dict[str, float]:
     """Metrics of ``model`` on ``data`` by its ``task`` (chosen from the data when not named: accuracy for labelled
     classes, perplexity for text; ``reference`` is the original for the fidelity task). Modes are restored."""
     return evaluate_data(model, data, task=task, split=split, batch_size=batch_size, limit=limit, reference=reference)

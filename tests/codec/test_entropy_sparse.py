@@ -32,7 +32,7 @@ def test_huffman_is_optimal_prefix_code_on_skewed_data():
     symbols = rng.choice(5, size=20000, p=probabilities)
     counts = np.bincount(symbols, minlength=5)
     lengths = entropy.huffman_lengths(counts)
-    assert sum(2.0 ** -l for l in lengths if l) <= 1.0  # Kraft
+    assert sum(2.0**-length for length in lengths if length) <= 1.0  # Kraft
     assert lengths.tolist() == [1, 2, 3, 4, 4]  # dyadic probabilities: code lengths are -log2 p
     bound = entropy.entropy_bytes(symbols) * 8
     assert bound <= entropy.huffman_bits(symbols, 5) < bound + symbols.size  # within one bit per symbol
@@ -44,7 +44,7 @@ def test_huffman_is_optimal_prefix_code_on_skewed_data():
 def test_huffman_lengths_are_limited():
     counts = np.array([2**i for i in range(30)])  # Fibonacci-like skew would need 29-bit codes
     lengths = entropy.huffman_lengths(counts)
-    assert lengths.max() <= entropy.MAX_HUFFMAN_LENGTH and sum(2.0 ** -l for l in lengths) <= 1.0
+    assert lengths.max() <= entropy.MAX_HUFFMAN_LENGTH and sum(2.0**-length for length in lengths) <= 1.0
     symbols = np.repeat(np.arange(30), [min(c, 50) for c in counts])
     assert np.array_equal(entropy.decode("huffman", entropy.encode("huffman", symbols, 30)), symbols)
 

@@ -24,15 +24,18 @@ def _pruned(name: str, sparsity: float = 0.9, **kwargs) -> torch.nn.Module:
     return model
 
 
-@pytest.mark.parametrize("scheme", [
-    {"scheme": "kmeans", "bits": 5},
-    {"scheme": "kmeans", "bits": 8},
-    {"scheme": "uniform", "bits": 4, "granularity": "group", "group_size": 25},
-    {"scheme": "uniform", "bits": 12},
-    {"scheme": "pow2", "bits": 4},
-    {"scheme": "ternary"},
-    {"scheme": "fp16"},
-])
+@pytest.mark.parametrize(
+    "scheme",
+    [
+        {"scheme": "kmeans", "bits": 5},
+        {"scheme": "kmeans", "bits": 8},
+        {"scheme": "uniform", "bits": 4, "granularity": "group", "group_size": 25},
+        {"scheme": "uniform", "bits": 12},
+        {"scheme": "pow2", "bits": 4},
+        {"scheme": "ternary"},
+        {"scheme": "fp16"},
+    ],
+)
 def test_quantized_lenet5_round_trips_exactly(tmp_path, scheme):
     model = ts.quantize(_pruned("lenet-5"), {"weights": scheme}).model
     path = tmp_path / "m.tslim"

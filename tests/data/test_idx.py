@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 import torchslim as ts
+from tests.conftest import shared_data_or_skip
 from torchslim.core.errors import ChecksumError, TorchslimError
 from torchslim.data.idx import parse_idx
-from tests.conftest import shared_data_or_skip
 
 
 def _idx(array: np.ndarray) -> bytes:

@@ -42,8 +42,7 @@ def test_cached_teacher_gives_the_same_run(teacher, mnist_small):
 
 def test_hint_features_with_adapter(teacher, mnist_small):
     student = ts.models.create("mlp", hidden=(32,))
-    config = {"features": [{"student": "layers.0", "teacher": "layers.1", "weight": 0.5}],
-              "train": {"epochs": 1, "max_batches_per_epoch": 20}}
+    config = {"features": [{"student": "layers.0", "teacher": "layers.1", "weight": 0.5}], "train": {"epochs": 1, "max_batches_per_epoch": 20}}
     result = ts.distill(student, teacher, mnist_small, config, progress=False)
     assert result.report.stages[0].metrics["accuracy"] > 0.5
     assert not hasattr(result.model, "adapters") and set(result.model.state_dict()) == set(student.state_dict())
@@ -53,9 +52,10 @@ def test_attention_transfer_between_convnets(mnist_small):
     torch.manual_seed(0)
     teacher = ts.models.create("lenet-5")
     student = ts.models.create("lenet-5", channels=(8, 16), hidden=64)
-    config = {"features": [{"student": "conv2", "teacher": "conv2", "kind": "attention", "weight": 10.0},
-                           {"student": "conv1", "teacher": "conv1", "kind": "hint"}],
-              "train": {"epochs": 1, "max_batches_per_epoch": 5}}
+    config = {
+        "features": [{"student": "conv2", "teacher": "conv2", "kind": "attention", "weight": 10.0}, {"student": "conv1", "teacher": "conv1", "kind": "hint"}],
+        "train": {"epochs": 1, "max_batches_per_epoch": 5},
+    }
     result = ts.distill(student, teacher, mnist_small, config, progress=False)
     assert result.model(mnist_small.example_input(2)).shape == (2, 10)
 

@@ -42,8 +42,9 @@ def test_static_int8_keeps_accuracy(trained_lenet5, mnist_small, tmp_path):
 @pytest.mark.parametrize("calibration", ["entropy", "percentile"])
 def test_other_calibrations_and_dynamic(trained_lenet5, mnist_small, tmp_path, calibration):
     batches = (x for x, _ in mnist_small.loader("train", batch_size=64))
-    engine = onnx_int8_module(trained_lenet5, mnist_small.example_input(1), batches, tmp_path / "q.onnx",
-                              {"calibration": calibration, "calibration_batches": 4})
+    engine = onnx_int8_module(
+        trained_lenet5, mnist_small.example_input(1), batches, tmp_path / "q.onnx", {"calibration": calibration, "calibration_batches": 4}
+    )
     dense = ts.evaluate(trained_lenet5, mnist_small)["accuracy"]
     assert abs(ts.evaluate(engine, mnist_small)["accuracy"] - dense) < 0.01
     dynamic = onnx_int8_module(trained_lenet5, mnist_small.example_input(1), None, tmp_path / "d.onnx", {"mode": "dynamic"})

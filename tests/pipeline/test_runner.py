@@ -11,8 +11,12 @@ SMALL = {
     "stages": [
         {"prune": {"sparsity": [0.5, 0.8], "scope": "global", "finetune": {"epochs": 1, "lr": 0.02, "batch_size": 64, "eval_every_epoch": False}}},
         {"finetune": {"epochs": 1, "lr": 0.01, "batch_size": 64, "eval_every_epoch": False}},
-        {"quantize": {"weights": {"scheme": "kmeans", "bits": 4},
-                      "finetune": {"epochs": 1, "optimizer": "adam", "lr": 0.001, "batch_size": 64, "eval_every_epoch": False}}},
+        {
+            "quantize": {
+                "weights": {"scheme": "kmeans", "bits": 4},
+                "finetune": {"epochs": 1, "optimizer": "adam", "lr": 0.001, "batch_size": 64, "eval_every_epoch": False},
+            }
+        },
         {"encode": {}},
     ],
 }
@@ -118,8 +122,12 @@ def test_int8_export_stage_runs_in_onnx_runtime(trained, digits, tmp_path):
 
 def test_int8_quantize_stage_and_native_export_run_in_onnx_runtime(trained, digits, tmp_path):
     """The quantize stage takes every method of the quantize verb; an int8 engine ends the recipe."""
-    for index, stage in enumerate([{"quantize": {"method": "native-int8", "calibration_batches": 4}},
-                                   {"export": {"int8": {"method": "native-int8", "observer": "mse", "calibration_batches": 4}}}]):
+    for index, stage in enumerate(
+        [
+            {"quantize": {"method": "native-int8", "calibration_batches": 4}},
+            {"export": {"int8": {"method": "native-int8", "observer": "mse", "calibration_batches": 4}}},
+        ]
+    ):
         path = tmp_path / f"n{index}.onnx"
         result = ts.compress(trained, {"name": "n", "stages": [stage]}, digits, export_path=path, latency=False, progress=False)
         final = result.report.stages[-1]
@@ -149,11 +157,14 @@ def test_compress_takes_a_list_of_batches(trained, digits):
 def test_channel_pruning_stage_shrinks_the_model_and_the_file_reloads(digits, tmp_path):
     torch.manual_seed(0)
     model = ts.train(ts.models.create_for("lenet-300-100", digits, hidden=(64, 32)), digits, {"epochs": 5}, progress=False).model
-    recipe = {"name": "slim", "stages": [
-        {"prune-channels": {"ratio": 0.5, "finetune": {"epochs": 2, "lr": 0.02, "eval_every_epoch": False}}},
-        {"quantize": {"weights": {"scheme": "uniform", "bits": 8}}},
-        {"encode": {}},
-    ]}
+    recipe = {
+        "name": "slim",
+        "stages": [
+            {"prune-channels": {"ratio": 0.5, "finetune": {"epochs": 2, "lr": 0.02, "eval_every_epoch": False}}},
+            {"quantize": {"weights": {"scheme": "uniform", "bits": 8}}},
+            {"encode": {}},
+        ],
+    }
     result = ts.compress(model, recipe, digits, latency=False, progress=False)
     baseline, pruned = result.report.stages[0], result.report.stages[1]
     assert pruned.metrics["macs"] < baseline.metrics["macs"] / 1.8 and "MACs" in pruned.notes[0]

@@ -5,9 +5,9 @@ import torchslim as ts
 from torchslim.core.config import ConfigError
 from torchslim.core.errors import TorchslimError
 from torchslim.pruning import (
+    WEIGHT_IMPORTANCE,
     GradualPruning,
     L0Regularizer,
-    WEIGHT_IMPORTANCE,
     PruneConfig,
     SparseLinear,
     SparsityRegularizer,
@@ -95,13 +95,19 @@ def test_han_quality_threshold_and_overrides(trained_lenet):
 def test_pruning_in_steps_with_fine_tuning_recovers_accuracy(trained_lenet, mnist_small):
     dense = ts.evaluate(trained_lenet, mnist_small)["accuracy"]
     steps = []
-    result = ts.prune(trained_lenet, {"sparsity": [0.6, 0.85], "scope": "global"}, data=mnist_small,
-                      finetune={"epochs": 1, "lr": 0.02, "max_batches_per_epoch": 40}, on_step=lambda index, model: steps.append(index),
-                      progress=False)
+    result = ts.prune(
+        trained_lenet,
+        {"sparsity": [0.6, 0.85], "scope": "global"},
+        data=mnist_small,
+        finetune={"epochs": 1, "lr": 0.02, "max_batches_per_epoch": 40},
+        on_step=lambda index, model: steps.append(index),
+        progress=False,
+    )
     stage = result.report.stages[0]
     assert steps == [0, 1] and len(stage.notes) == 2 and stage.metrics["nonzeros"] < 0.16 * 266_610 + 410
-    after_prune, after_tuning = (float(part.split("accuracy ")[1].split("%")[0]) if "accuracy" in part else float(part.split("%")[0])
-                                 for part in stage.notes[-1].split(", ")[1:])
+    after_prune, after_tuning = (
+        float(part.split("accuracy ")[1].split("%")[0]) if "accuracy" in part else float(part.split("%")[0]) for part in stage.notes[-1].split(", ")[1:]
+    )
     assert after_tuning >= after_prune - 0.5
     assert ts.evaluate(result.model, mnist_small)["accuracy"] > dense - 0.02
     resumed = ts.prune(trained_lenet, {"sparsity": [0.6, 0.85], "scope": "global"}, start_step=1)
@@ -145,8 +151,13 @@ def test_l0_gates_learn_sparsity(mnist_small):
     model = ts.models.create("lenet-300-100")
     regularizer = L0Regularizer(model, strength=2.0, layers={"include": ["fc1"]}, initial_keep=0.15)
     before = regularizer.expected_l0().item()
-    fit(model, mnist_small, {"epochs": 1, "optimizer": "adam", "lr": 0.03, "max_batches_per_epoch": 120, "eval_every_epoch": False, "schedule": "constant"},
-        callbacks=[regularizer], progress=False)
+    fit(
+        model,
+        mnist_small,
+        {"epochs": 1, "optimizer": "adam", "lr": 0.03, "max_batches_per_epoch": 120, "eval_every_epoch": False, "schedule": "constant"},
+        callbacks=[regularizer],
+        progress=False,
+    )
     assert regularizer.expected_l0().item() < before
     x = mnist_small.example_input(8)
     with torch.no_grad():

@@ -16,8 +16,11 @@ ARCHITECTURES = {
     "resnet56": (lambda: ts.models.create("resnet56"), lambda: torch.randn(2, 3, 32, 32), {}),
     "resnet18-style": (lambda: ts.models.create("resnet18-style", stage_widths=(16, 32, 64, 128)), lambda: torch.randn(2, 3, 32, 32), {}),
     "mobilenetv2": (lambda: ts.models.create("mobilenetv2"), lambda: torch.randn(2, 3, 32, 32), {}),
-    "char-transformer": (lambda: ts.models.create("char-transformer", block_size=16, layers=2, embed_dim=32, heads=4),
-                         lambda: torch.randint(0, 65, (2, 16)), {"prune_residual": False, "head_ratio": 0.5}),
+    "char-transformer": (
+        lambda: ts.models.create("char-transformer", block_size=16, layers=2, embed_dim=32, heads=4),
+        lambda: torch.randint(0, 65, (2, 16)),
+        {"prune_residual": False, "head_ratio": 0.5},
+    ),
 }
 
 
@@ -203,8 +206,9 @@ def test_what_cannot_be_pruned_is_named_and_left_intact():
 
 def test_hugging_face_style_encoder_is_handled_or_named():
     transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                                     max_position_embeddings=32)
+    config = transformers.BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_position_embeddings=32
+    )
     model = transformers.BertModel(config).eval()
     ids = torch.randint(0, 100, (2, 12))
 

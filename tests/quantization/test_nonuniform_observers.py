@@ -73,6 +73,7 @@ def test_clipping_observers_ignore_outliers():
     spec = UniformSpec(bits=8)
     bulk = torch.randn(100_000)
     from torchslim.quantization.observers import observed_sqnr
+
     minmax, percentile = make_observer("minmax"), make_observer("percentile")
     minmax.observe(x)
     percentile.observe(x)

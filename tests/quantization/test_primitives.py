@@ -66,7 +66,7 @@ def test_pack_unpack_is_exact(bits, values):
 def test_per_channel_axis_and_zero_is_exact():
     x = torch.tensor([[0.0, 1.0, -2.0], [0.0, 10.0, 5.0]])
     spec = UniformSpec(bits=8, symmetric=False, granularity="channel", axis=0)
-    s, z = compute_qparams(x, spec)
+    s, _z = compute_qparams(x, spec)
     assert s.shape == (2, 1)
     assert torch.all(quantize_dequantize(x, spec)[:, 0] == 0)
     column = UniformSpec(bits=8, granularity="channel", axis=1)

@@ -78,8 +78,7 @@ def test_centroid_finetuning_recovers_accuracy(mnist_small):
 def test_mixed_precision_and_errors():
     model = ts.models.create("lenet-300-100")
     result = ts.quantize(model, {"weights": {"scheme": "kmeans", "bits": 2}, "overrides": {"fc3": {"scheme": "uniform", "bits": 8}}})
-    assert [(r["name"], r["scheme"], r["bits"]) for r in result.report.stages[0].layers] == [("fc1", "kmeans", 2), ("fc2", "kmeans", 2),
-                                                                                               ("fc3", "uniform", 8)]
+    assert [(r["name"], r["scheme"], r["bits"]) for r in result.report.stages[0].layers] == [("fc1", "kmeans", 2), ("fc2", "kmeans", 2), ("fc3", "uniform", 8)]
     assert type(model.fc1) is torch.nn.Linear  # the caller's model is untouched
     partial = ts.quantize(model, {"weights": {"scheme": "kmeans", "bits": 2}, "overrides": {"type:Linear": {"bits": 4}, "fc2": {"bits": 6}}})
     assert [(r["scheme"], r["bits"]) for r in partial.report.stages[0].layers] == [("kmeans", 4), ("kmeans", 6), ("kmeans", 4)]

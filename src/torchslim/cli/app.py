@@ -5,7 +5,6 @@ traceback."""
 from __future__ import annotations
 
 import sys
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -24,7 +23,7 @@ def main_options(debug: bool = typer.Option(False, "--debug", help="Show full tr
     STATE["debug"] = debug
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """Entry point: runs the app; user errors print one line unless --debug."""
     arguments = sys.argv[1:] if argv is None else argv
     debug = "--debug" in arguments
@@ -37,7 +36,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:
         console.print("interrupted")
         return 130
-    except Exception as error:  # noqa: BLE001 - one clear line for any failure, traceback with --debug
+    except Exception as error:  # one clear line for any failure, traceback with --debug
         import click
 
         if isinstance(error, click.exceptions.Exit):

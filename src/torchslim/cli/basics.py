@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
 from torchslim.cli.app import app, console
-from torchslim.cli.common import (DATA_HELP, DATA_ROOT, NO_VERIFY, NORMALIZE, SCALE, TASK, example_input, int_list, load_data,
-                                  load_model_arg, refuse_overwrite)
+from torchslim.cli.common import DATA_HELP, DATA_ROOT, NO_VERIFY, NORMALIZE, SCALE, TASK, example_input, int_list, load_data, load_model_arg, refuse_overwrite
 from torchslim.core.errors import TorchslimError
 
 
 def describe_metrics(metrics: dict[str, Any]) -> str:
     """One line of evaluation metrics: accuracy / error for classification, else each number."""
     if "accuracy" in metrics and "errors" in metrics:
-        return (f"accuracy {100 * metrics['accuracy']:.2f}%  error {100 * metrics['error']:.2f}%  "
-                f"({metrics['errors']} of {metrics['examples']})  loss {metrics['loss']:.4f}")
+        return (
+            f"accuracy {100 * metrics['accuracy']:.2f}%  error {100 * metrics['error']:.2f}%  "
+            f"({metrics['errors']} of {metrics['examples']})  loss {metrics['loss']:.4f}"
+        )
     return "  ".join(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}" for key, value in metrics.items())
 
 
@@ -46,7 +47,7 @@ def list_command(what: str = typer.Argument("all", help="models, datasets, backe
     from torchslim.quantization import METHODS
     from torchslim.tasks import TASKS
 
-    tables = {"models": MODELS, "datasets": DATASETS, "backends": BACKENDS, "tasks": TASKS, "stages": STAGES, "quantization": METHODS}
+    tables: dict[str, Any] = {"models": MODELS, "datasets": DATASETS, "backends": BACKENDS, "tasks": TASKS, "stages": STAGES, "quantization": METHODS}
     if what != "all" and what not in tables:
         raise TorchslimError(f"unknown list {what!r}; choose from: all, {', '.join(tables)}")
     for title, registry in tables.items():
@@ -60,7 +61,7 @@ def list_command(what: str = typer.Argument("all", help="models, datasets, backe
 def train(
     model: str = typer.Option("lenet-300-100", help="Registered model name (see `torchslim list models`)."),
     data: str = typer.Option("mnist-sample", help=DATA_HELP),
-    data_root: Optional[Path] = DATA_ROOT,
+    data_root: Path | None = DATA_ROOT,
     no_verify: bool = NO_VERIFY,
     normalize: str = NORMALIZE,
     scale: float = SCALE,
@@ -70,8 +71,8 @@ def train(
     batch_size: int = typer.Option(64, help="Training batch size."),
     weight_decay: float = typer.Option(1e-4, help="Weight decay."),
     seed: int = typer.Option(0, help="Random seed (runs are reproducible)."),
-    out: Optional[Path] = typer.Option(None, help="Write the trained model here (.safetensors with its architecture spec)."),
-    report: Optional[Path] = typer.Option(None, help="Write the JSON report here."),
+    out: Path | None = typer.Option(None, help="Write the trained model here (.safetensors with its architecture spec)."),
+    report: Path | None = typer.Option(None, help="Write the JSON report here."),
     force: bool = typer.Option(False, help="Overwrite --out / --report if they exist."),
     threads: int = typer.Option(2, help="Threads for the latency measurement."),
 ) -> None:
@@ -106,12 +107,12 @@ def train(
 def evaluate(
     model: str = typer.Argument(..., help="A saved model file (.safetensors / .tslim / .onnx) or a registered model name."),
     data: str = typer.Option("mnist-sample", help=DATA_HELP),
-    data_root: Optional[Path] = DATA_ROOT,
+    data_root: Path | None = DATA_ROOT,
     no_verify: bool = NO_VERIFY,
     normalize: str = NORMALIZE,
     scale: float = SCALE,
-    task: Optional[str] = TASK,
-    weights: Optional[Path] = typer.Option(None, help="Weights to load into the model (.safetensors or .pt state_dict)."),
+    task: str | None = TASK,
+    weights: Path | None = typer.Option(None, help="Weights to load into the model (.safetensors or .pt state_dict)."),
     trust_weights: bool = typer.Option(False, help="Allow unpickling a .pt that holds more than tensors (only files you made)."),
     trust_factory: bool = typer.Option(False, help="Allow a model file whose architecture is an import path."),
     split: str = typer.Option("test", help="train or test."),
@@ -129,13 +130,13 @@ def evaluate(
 def profile(
     model: str = typer.Argument(..., help="A saved model file (.safetensors) or a registered model name."),
     data: str = typer.Option("mnist-sample", help="Dataset (or image folder) whose input shape to use."),
-    data_root: Optional[Path] = DATA_ROOT,
+    data_root: Path | None = DATA_ROOT,
     batch_sizes: str = typer.Option("1,64", help="Comma-separated batch sizes to time."),
     backends: str = typer.Option("eager", help="Comma-separated latency backends (see `torchslim list backends`)."),
     runs: int = typer.Option(50, help="Timed runs per batch size (after warm-up)."),
     threads: int = typer.Option(2, help="Thread count fixed while timing."),
     trust_factory: bool = typer.Option(False, help="Allow a model file whose architecture is an import path."),
-    report: Optional[Path] = typer.Option(None, help="Write the JSON report here."),
+    report: Path | None = typer.Option(None, help="Write the JSON report here."),
     layers: bool = typer.Option(False, help="Print the per-layer table too."),
 ) -> None:
     """Parameters, non-zeros, MACs, bytes and measured latency of a model."""
@@ -145,8 +146,7 @@ def profile(
     dataset = load_data(data, data_root)
     network = load_model_arg(model, dataset, trust_factory)
     sizes = int_list(batch_sizes, "--batch-sizes")
-    result = ts.profile(network, example_input(dataset), batch_sizes=sizes, backends=[b.strip() for b in backends.split(",")], runs=runs,
-                        threads=threads)
+    result = ts.profile(network, example_input(dataset), batch_sizes=sizes, backends=[b.strip() for b in backends.split(",")], runs=runs, threads=threads)
     print_report(result.report)
     for row in result.report.stages[0].metrics["latency"]:
         flag = "  BIMODAL" if row["bimodal"] else ""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
@@ -27,12 +27,12 @@ def int_list(text: str, option: str) -> list[int]:
     return values
 
 
-def names(text: Optional[str]) -> list[str]:
+def names(text: str | None) -> list[str]:
     """Comma-separated names, empty entries dropped."""
     return [part.strip() for part in (text or "").split(",") if part.strip()]
 
 
-def refuse_overwrite(*paths: Optional[Path], force: bool) -> None:
+def refuse_overwrite(*paths: Path | None, force: bool) -> None:
     """Stop before any work when an output exists and --force was not given: nothing the user had is overwritten."""
     for path in paths:
         if path is not None and path.exists() and not force:
@@ -54,7 +54,7 @@ def _normalization(text: str) -> Any:
     return values
 
 
-def load_data(name: str, root: Optional[Path] = None, no_verify: bool = False, normalize: str = "dataset", scale: float = 1 / 255) -> Any:
+def load_data(name: str, root: Path | None = None, no_verify: bool = False, normalize: str = "dataset", scale: float = 1 / 255) -> Any:
     """A dataset by name, or a folder of images, with the user's preprocessing."""
     import torchslim as ts
 
@@ -67,7 +67,7 @@ def example_input(data: Any) -> Any:
     return as_source(data).example(1)
 
 
-def load_model_arg(model: str, data: Any, trust_factory: bool, weights: Optional[Path] = None, trust_weights: bool = False) -> Any:
+def load_model_arg(model: str, data: Any, trust_factory: bool, weights: Path | None = None, trust_weights: bool = False) -> Any:
     """A registered model name (sized for the data), a saved model file, or package.module:callable (+ weights)."""
     import torchslim as ts
     from torchslim.io.modelfile import build_from_spec, load_state, load_weights

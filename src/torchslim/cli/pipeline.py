@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -17,16 +16,20 @@ from torchslim.core.errors import TorchslimError
 @app.command()
 def compress(
     model: str = typer.Option("lenet-300-100", help="Registered model name, a saved model file (.safetensors / .tslim), or package.module:callable."),
-    weights: Optional[Path] = typer.Option(None, help="Trained weights for --model (.safetensors or a .pt state_dict). Without them a registered model is trained first."),
+    weights: Path | None = typer.Option(
+        None, help="Trained weights for --model (.safetensors or a .pt state_dict). Without them a registered model is trained first."
+    ),
     data: str = typer.Option("mnist-sample", help=DATA_HELP),
-    data_root: Optional[Path] = DATA_ROOT,
+    data_root: Path | None = DATA_ROOT,
     no_verify: bool = NO_VERIFY,
     normalize: str = NORMALIZE,
     scale: float = SCALE,
-    task: Optional[str] = TASK,
+    task: str | None = TASK,
     recipe: str = typer.Option("deep-compression", help="A built-in recipe (see `torchslim recipes`) or a recipe .yaml file."),
-    out: Optional[Path] = typer.Option(None, help="The compressed file: .tslim (or .onnx for recipes that end in an int8 engine). Default: <model>-<recipe>.tslim."),
-    report: Optional[Path] = typer.Option(None, help="Also write the JSON report here (default: <out>.report.json)."),
+    out: Path | None = typer.Option(
+        None, help="The compressed file: .tslim (or .onnx for recipes that end in an int8 engine). Default: <model>-<recipe>.tslim."
+    ),
+    report: Path | None = typer.Option(None, help="Also write the JSON report here (default: <out>.report.json)."),
     train_epochs: int = typer.Option(10, help="Epochs of training when a registered model comes without --weights."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its checkpoint (<out>.ckpt/)."),
     keep_checkpoint: bool = typer.Option(False, help="Keep the <out>.ckpt/ folder after a successful run."),
@@ -59,8 +62,10 @@ def compress(
         refuse_overwrite(out, report, force=force)
         status = checkpoint_status(checkpoint)
         if status is not None:
-            raise TorchslimError(f"{checkpoint} holds an unfinished run of {status['recipe']!r} ({status['completed']} of {status['stages']} "
-                                 f"stages done): pass --resume to continue it, or remove the folder")
+            raise TorchslimError(
+                f"{checkpoint} holds an unfinished run of {status['recipe']!r} ({status['completed']} of {status['stages']} "
+                f"stages done): pass --resume to continue it, or remove the folder"
+            )
     elif checkpoint_status(checkpoint) is None:
         raise TorchslimError(f"--resume: no checkpoint in {checkpoint} to continue")
     dataset = load_data(data, data_root, no_verify, normalize, scale)
@@ -72,18 +77,32 @@ def compress(
         network = load_model_arg(model, dataset, trust_factory, weights, trust_weights)
         if weights is None and not model.endswith((".safetensors", ".tslim")):
             console.print(f"no --weights given: training {model} on {data} for {train_epochs} epochs first")
-            network = ts.train(network, dataset, {"epochs": train_epochs, "lr": 0.05, "batch_size": 64, "weight_decay": 1e-4,
-                                                  "eval_every_epoch": False}, task=task).model
+            network = ts.train(
+                network, dataset, {"epochs": train_epochs, "lr": 0.05, "batch_size": 64, "weight_decay": 1e-4, "eval_every_epoch": False}, task=task
+            ).model
 
     def show(stage) -> None:
         metrics = stage.metrics
-        console.print(f"  {stage.name:<12} {headline(metrics)}  non-zeros {metrics['nonzeros']:>10,}  "
-                      f"{format_bytes(metrics['stored_bytes']):>11} ({metrics['bytes_as']}, {metrics['compression']:.1f}x)")
+        console.print(
+            f"  {stage.name:<12} {headline(metrics)}  non-zeros {metrics['nonzeros']:>10,}  "
+            f"{format_bytes(metrics['stored_bytes']):>11} ({metrics['bytes_as']}, {metrics['compression']:.1f}x)"
+        )
 
     console.print(f"recipe {plan.name}: {' -> '.join(stage.kind for stage in plan.stages)}  (checkpoints in {checkpoint})")
     try:
-        result = ts.compress(network, plan, dataset, task=task, checkpoint=checkpoint, resume=resume, export_path=out if exports else None,
-                             latency=latency, threads=threads, trust_factory=trust_factory, on_stage=show)
+        result = ts.compress(
+            network,
+            plan,
+            dataset,
+            task=task,
+            checkpoint=checkpoint,
+            resume=resume,
+            export_path=out if exports else None,
+            latency=latency,
+            threads=threads,
+            trust_factory=trust_factory,
+            on_stage=show,
+        )
     except CompressInterrupted as error:
         console.print(f"[yellow]{error}[/yellow]", soft_wrap=True)
         raise typer.Exit(130) from None
@@ -97,8 +116,7 @@ def compress(
             result.report.save(report)
         loaded = ts.load(out, trust_factory=trust_factory or ":" in model)  # an import path given here is trusted
         check = ts.evaluate(loaded, dataset, task=task)
-        console.print(f"compressed model written to {out} ({format_bytes(out.stat().st_size)}); reloaded from the file: "
-                      f"{headline(check).replace('  ', ' ')}")
+        console.print(f"compressed model written to {out} ({format_bytes(out.stat().st_size)}); reloaded from the file: {headline(check).replace('  ', ' ')}")
     console.print(f"report written to {report}")
     if not keep_checkpoint:
         shutil.rmtree(checkpoint, ignore_errors=True)
@@ -130,13 +148,25 @@ def inspect(
     if info["metadata"]:
         console.print(f"  metadata: {info['metadata']}")
     table = Table()
-    for column in ("tensor", "shape", "encoding", "index bits", "code bits", "bytes", "bits / element") + (("streams (coder: bytes / entropy bound)",) if streams else ()):
+    for column in ("tensor", "shape", "encoding", "index bits", "code bits", "bytes", "bits / element") + (
+        ("streams (coder: bytes / entropy bound)",) if streams else ()
+    ):
         table.add_column(column, justify="left" if column in ("tensor", "encoding") or column.startswith("streams") else "right")
     for row in info["tensors"]:
-        cells = [row["name"], "x".join(str(d) for d in row["shape"]) or "scalar", row["encoding"], str(row["index_bits"] or "-"),
-                 str(row["bits"] or "-"), f"{row['bytes']:,}", f"{8 * row['bytes'] / max(1, row['elements']):.2f}"]
+        cells = [
+            row["name"],
+            "x".join(str(d) for d in row["shape"]) or "scalar",
+            row["encoding"],
+            str(row["index_bits"] or "-"),
+            str(row["bits"] or "-"),
+            f"{row['bytes']:,}",
+            f"{8 * row['bytes'] / max(1, row['elements']):.2f}",
+        ]
         if streams:
-            cells.append("; ".join(f"{s['role']} {s['coder']}: {s['bytes']:,}" + (f" / {s['entropy_bytes']:,.0f}" if "entropy_bytes" in s else "")
-                                   for s in row["streams"]))
+            cells.append(
+                "; ".join(
+                    f"{s['role']} {s['coder']}: {s['bytes']:,}" + (f" / {s['entropy_bytes']:,.0f}" if "entropy_bytes" in s else "") for s in row["streams"]
+                )
+            )
         table.add_row(*cells)
     console.print(table)

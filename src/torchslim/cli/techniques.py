@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -13,17 +12,22 @@ from torchslim.cli.common import DATA_HELP, DATA_ROOT, NO_VERIFY, NORMALIZE, SCA
 from torchslim.core.errors import TorchslimError
 
 WEIGHT_SCHEMES = ("uniform", "kmeans", "pow2", "binary", "ternary", "fp16", "bf16")
-ENGINE_SCHEMES = {"int8-static": {"method": "onnxruntime", "mode": "static"}, "int8-dynamic": {"method": "onnxruntime", "mode": "dynamic"},
-                  "int8-native": {"method": "native-int8"}}
+ENGINE_SCHEMES = {
+    "int8-static": {"method": "onnxruntime", "mode": "static"},
+    "int8-dynamic": {"method": "onnxruntime", "mode": "dynamic"},
+    "int8-native": {"method": "native-int8"},
+}
 
 
 @app.command()
 def prune(
     model: str = typer.Argument(..., help="A saved model file (.safetensors) or a registered model name."),
     out: Path = typer.Option(..., help="Where to write the pruned model (.safetensors or .tslim)."),
-    sparsity: Optional[float] = typer.Option(None, help="Fraction of the selected weights (with --structured: channels) to remove, in [0, 1)."),
-    quality: Optional[float] = typer.Option(None, help="Han et al.'s rule instead: prune |w| < quality x the layer's std."),
-    importance: str = typer.Option("l1", help="Criterion: l1, l2, gradient, taylor, random; --structured: l1, l2, bn_scale, mean_activation, apoz, taylor, random."),
+    sparsity: float | None = typer.Option(None, help="Fraction of the selected weights (with --structured: channels) to remove, in [0, 1)."),
+    quality: float | None = typer.Option(None, help="Han et al.'s rule instead: prune |w| < quality x the layer's std."),
+    importance: str = typer.Option(
+        "l1", help="Criterion: l1, l2, gradient, taylor, random; --structured: l1, l2, bn_scale, mean_activation, apoz, taylor, random."
+    ),
     scope: str = typer.Option("layer", help="layer (each layer / coupled set to the sparsity) or global (one ranking)."),
     include: str = typer.Option("*", help="Comma-separated layer patterns (glob, re:regex or type:Class)."),
     exclude: str = typer.Option("", help="Comma-separated layer patterns to leave alone."),
@@ -31,18 +35,18 @@ def prune(
     finetune_epochs: int = typer.Option(0, help="Fine-tuning epochs after each pruning step (after removal with --structured)."),
     lr: float = typer.Option(0.01, help="Fine-tuning learning rate."),
     data: str = typer.Option("mnist-sample", help=DATA_HELP),
-    data_root: Optional[Path] = DATA_ROOT,
+    data_root: Path | None = DATA_ROOT,
     no_verify: bool = NO_VERIFY,
     normalize: str = NORMALIZE,
     scale: float = SCALE,
-    task: Optional[str] = TASK,
+    task: str | None = TASK,
     trust_factory: bool = typer.Option(False, help="Allow a model file whose architecture is an import path."),
-    report: Optional[Path] = typer.Option(None, help="Write the JSON report here."),
+    report: Path | None = typer.Option(None, help="Write the JSON report here."),
     force: bool = typer.Option(False, help="Overwrite --out / --report if they exist."),
     structured: bool = typer.Option(False, "--structured", help="Remove whole neurons, channels and heads (the model really shrinks)."),
     round_to: int = typer.Option(1, help="--structured: kept channel counts are multiples of this."),
     head_ratio: float = typer.Option(0.0, help="--structured: fraction of attention heads to remove."),
-    protect: Optional[str] = typer.Option(None, help="--structured: comma-separated layers whose output channels stay."),
+    protect: str | None = typer.Option(None, help="--structured: comma-separated layers whose output channels stay."),
     keep_residual: bool = typer.Option(False, help="--structured: leave channels joined by residual adds whole."),
 ) -> None:
     """Prune weights (unstructured; per layer or global, in steps with fine-tuning) or, with --structured, whole
@@ -62,20 +66,34 @@ def prune(
     if structured:
         if sparsity is None or quality is not None:
             raise TorchslimError("--structured takes --sparsity (the fraction of channels to remove), not --quality")
-        config = {"ratio": sparsity, "scope": scope, "importance": importance, "round_to": round_to, "head_ratio": head_ratio,
-                  "prune_residual": not keep_residual, "layers": layers, "overrides": {name: 0.0 for name in names(protect)}}
+        config = {
+            "ratio": sparsity,
+            "scope": scope,
+            "importance": importance,
+            "round_to": round_to,
+            "head_ratio": head_ratio,
+            "prune_residual": not keep_residual,
+            "layers": layers,
+            "overrides": {name: 0.0 for name in names(protect)},
+        }
         result = ts.prune_channels(network, config, data=dataset, task=task, finetune=finetune)
     else:
         if (sparsity is None) == (quality is None):
             raise TorchslimError("give exactly one of --sparsity or --quality")
-        target = {"quality": quality} if quality is not None else {"sparsity": list(schedule_sparsities(sparsity, steps)) if steps > 1 else sparsity}
-        result = ts.prune(network, {"importance": importance, "scope": scope, "layers": layers, **target}, data=dataset, task=task,
-                          finetune=finetune)
+        steps_to = list(schedule_sparsities(sparsity, steps)) if sparsity is not None and steps > 1 else sparsity
+        target = {"quality": quality} if quality is not None else {"sparsity": steps_to}
+        result = ts.prune(network, {"importance": importance, "scope": scope, "layers": layers, **target}, data=dataset, task=task, finetune=finetune)
         make_permanent(result.model)
     stage = result.report.stages[0]
     stage.metrics.update(ts.evaluate(result.model, dataset, task=task))
-    result.report.stages.insert(0, ts.Report().add_stage("original", kind="baseline", metrics={
-        **baseline, "parameters": ts.measure.count_parameters(network), "nonzeros": ts.measure.count_nonzeros(network)}))
+    result.report.stages.insert(
+        0,
+        ts.Report().add_stage(
+            "original",
+            kind="baseline",
+            metrics={**baseline, "parameters": ts.measure.count_parameters(network), "nonzeros": ts.measure.count_nonzeros(network)},
+        ),
+    )
     print_report(result.report)
     for note in stage.notes:
         console.print(f"  {note}")
@@ -94,7 +112,7 @@ def prune(
 def distill(
     teacher: str = typer.Option(..., help="The teacher: a saved model file (.safetensors) or a registered model name."),
     student: str = typer.Option(..., help="The student: a saved model file or a registered model name."),
-    student_args: str = typer.Option("{}", help='JSON arguments for a registered student, e.g. \'{"hidden": [300]}\'.'),
+    student_args: str = typer.Option("{}", help="JSON arguments for a registered student, e.g. '{\"hidden\": [300]}'."),
     out: Path = typer.Option(..., help="Where to write the distilled student (.safetensors)."),
     temperature: float = typer.Option(4.0, help="Softmax temperature T of the soft targets."),
     alpha: float = typer.Option(0.9, help="Weight of the soft term; 1 - alpha weighs the task's loss on labels."),
@@ -104,13 +122,13 @@ def distill(
     batch_size: int = typer.Option(128, help="Batch size."),
     cache_teacher: bool = typer.Option(False, help="Compute the teacher's outputs once over the training data."),
     data: str = typer.Option("mnist-sample", help=DATA_HELP),
-    data_root: Optional[Path] = DATA_ROOT,
+    data_root: Path | None = DATA_ROOT,
     no_verify: bool = NO_VERIFY,
     normalize: str = NORMALIZE,
     scale: float = SCALE,
-    task: Optional[str] = TASK,
+    task: str | None = TASK,
     trust_factory: bool = typer.Option(False, help="Allow model files whose architecture is an import path."),
-    report: Optional[Path] = typer.Option(None, help="Write the JSON report here."),
+    report: Path | None = typer.Option(None, help="Write the JSON report here."),
     force: bool = typer.Option(False, help="Overwrite --out / --report if they exist."),
 ) -> None:
     """Distill a teacher into a student: soft targets at temperature T (or output MSE), then save the student."""
@@ -130,14 +148,21 @@ def distill(
         student_model = load_model_arg(student, dataset, trust_factory)
     else:
         student_model = ts.models.create_for(student, dataset, **kwargs)
-    config = {"temperature": temperature, "alpha": alpha, "loss": loss, "cache_teacher": cache_teacher,
-              "train": {"epochs": epochs, "lr": lr, "batch_size": batch_size}}
+    config = {
+        "temperature": temperature,
+        "alpha": alpha,
+        "loss": loss,
+        "cache_teacher": cache_teacher,
+        "train": {"epochs": epochs, "lr": lr, "batch_size": batch_size},
+    }
     result = ts.distill(student_model, teacher_model, dataset, config, task=task)
     print_report(result.report)
     metrics = result.report.stages[0].metrics
     if "teacher_error" in metrics:
-        console.print(f"teacher error {100 * metrics['teacher_error']:.2f}% ({metrics['teacher_parameters']:,} params); "
-                      f"student error {100 * metrics['error']:.2f}% ({metrics['parameters']:,} params)")
+        console.print(
+            f"teacher error {100 * metrics['teacher_error']:.2f}% ({metrics['teacher_parameters']:,} params); "
+            f"student error {100 * metrics['error']:.2f}% ({metrics['parameters']:,} params)"
+        )
     saved = ts.save(result.model, out)
     console.print(f"student written to {saved}")
     if report is not None:
@@ -148,20 +173,26 @@ def distill(
 def quantize(
     model: str = typer.Argument(..., help="A saved model file (.safetensors) or a registered model name."),
     out: Path = typer.Option(..., help="Output: .safetensors or .tslim for weight-only schemes, .onnx for int8 in ONNX Runtime."),
-    scheme: str = typer.Option("uniform", help="uniform, kmeans, pow2, binary, ternary, fp16, bf16; int8-static / int8-dynamic (ONNX Runtime's quantizer); int8-native (torchslim's own static int8: BN folded, torchslim observers, QDQ for ONNX Runtime)."),
+    scheme: str = typer.Option(
+        "uniform",
+        help="uniform, kmeans, pow2, binary, ternary, fp16, bf16; int8-static / int8-dynamic (ONNX Runtime's quantizer); "
+        "int8-native (torchslim's own static int8: BN folded, torchslim observers, QDQ for ONNX Runtime).",
+    ),
     bits: int = typer.Option(8, help="Bits per weight (uniform 1-16, kmeans 1-8, pow2 2-8)."),
     granularity: str = typer.Option("channel", help="Uniform grids: tensor, channel or group."),
     group_size: int = typer.Option(128, help="Group size along the input dimension (granularity group)."),
     asymmetric: bool = typer.Option(False, help="Affine (min-max) grid instead of symmetric."),
     layer_bits: str = typer.Option("", help="Mixed precision: comma-separated layer=bits, e.g. fc1=2,fc3=8."),
-    calibration: str = typer.Option("minmax", help="int8 calibration: minmax, entropy or percentile (int8-static); minmax, moving-average, percentile, mse or entropy (int8-native)."),
+    calibration: str = typer.Option(
+        "minmax", help="int8 calibration: minmax, entropy or percentile (int8-static); minmax, moving-average, percentile, mse or entropy (int8-native)."
+    ),
     calibration_batches: int = typer.Option(16, help="int8 calibration batches."),
     data: str = typer.Option("mnist-sample", help=DATA_HELP),
-    data_root: Optional[Path] = DATA_ROOT,
+    data_root: Path | None = DATA_ROOT,
     no_verify: bool = NO_VERIFY,
     normalize: str = NORMALIZE,
     scale: float = SCALE,
-    task: Optional[str] = TASK,
+    task: str | None = TASK,
     trust_factory: bool = typer.Option(False, help="Allow a model file whose architecture is an import path."),
     force: bool = typer.Option(False, help="Overwrite --out if it exists."),
 ) -> None:
@@ -194,7 +225,9 @@ def quantize(
     saved = ts.save(result.model, out)
     stage = result.report.stages[0]
     for row in stage.layers:
-        console.print(f"  {row['name']:<24} {row['scheme']:<8} {row['bits']:>2} bits  SQNR {row['sqnr_db']:6.2f} dB  "
-                      f"{format_bytes(row['dense_bytes'])} -> {format_bytes(row['stored_bytes'])}")
+        console.print(
+            f"  {row['name']:<24} {row['scheme']:<8} {row['bits']:>2} bits  SQNR {row['sqnr_db']:6.2f} dB  "
+            f"{format_bytes(row['dense_bytes'])} -> {format_bytes(row['stored_bytes'])}"
+        )
     console.print(f"quantized model written to {saved} ({format_bytes(saved.stat().st_size)}); runs in {stage.execution}")
     console.print(change_line(before, after))

@@ -28,6 +28,7 @@ MAX_ENTROPY_ALPHABET = 4096  # larger alphabets (e.g. 16-bit codes) are only bit
 
 # -- varints -----------------------------------------------------------------------------------------------------
 
+
 def write_varint(value: int) -> bytes:
     if value < 0:
         raise TorchslimError(f"varint of a negative value {value}")
@@ -58,6 +59,7 @@ def read_varint(data: bytes | memoryview, offset: int) -> tuple[int, int]:
 
 
 # -- bit helpers -------------------------------------------------------------------------------------------------
+
 
 def _pack_fixed(values: np.ndarray, bits: int) -> bytes:
     """Big-endian fixed-width codes, MSB first, concatenated."""
@@ -102,6 +104,7 @@ def entropy_bytes(symbols: np.ndarray) -> float:
 
 # -- packed ------------------------------------------------------------------------------------------------------
 
+
 def _encode_packed(symbols: np.ndarray, alphabet: int) -> bytes:
     bits = bits_for(alphabet)
     return write_varint(symbols.size) + bytes([bits]) + _pack_fixed(symbols, bits)
@@ -112,10 +115,11 @@ def _decode_packed(data: bytes | memoryview) -> np.ndarray:
     if offset >= len(data):
         raise ChecksumError("bit-packed stream truncated")
     bits = data[offset]
-    return _unpack_fixed(data[offset + 1:], bits, count)
+    return _unpack_fixed(data[offset + 1 :], bits, count)
 
 
 # -- Huffman -----------------------------------------------------------------------------------------------------
+
 
 def huffman_lengths(counts: np.ndarray, max_length: int = MAX_HUFFMAN_LENGTH) -> np.ndarray:
     """Code lengths of an optimal prefix code for ``counts`` (zero counts get length 0), limited to ``max_length``
@@ -132,7 +136,7 @@ def huffman_lengths(counts: np.ndarray, max_length: int = MAX_HUFFMAN_LENGTH) ->
         raise TorchslimError(f"{used.size} symbols cannot take Huffman codes of at most {max_length} bits")
     weights = counts[used].copy()
     while True:
-        heap = [(int(w), i, (int(s),)) for i, (w, s) in enumerate(zip(weights, used))]
+        heap: list[tuple[int, int, tuple[int, ...]]] = [(int(w), i, (int(s),)) for i, (w, s) in enumerate(zip(weights, used))]
         heapq.heapify(heap)
         depth = dict.fromkeys((int(s) for s in used), 0)
         tie = len(heap)
@@ -187,7 +191,7 @@ def _decode_huffman(data: bytes | memoryview) -> np.ndarray:
     table_bytes = (alphabet + 1) // 2
     if offset + table_bytes > len(data):
         raise ChecksumError("Huffman stream truncated inside its code table")
-    packed = np.frombuffer(data[offset:offset + table_bytes], dtype=np.uint8)
+    packed = np.frombuffer(data[offset : offset + table_bytes], dtype=np.uint8)
     lengths = np.stack([packed >> 4, packed & 0x0F], axis=1).reshape(-1)[:alphabet].astype(np.int64)
     offset += table_bytes
     if count == 0:
@@ -202,13 +206,13 @@ def _decode_huffman(data: bytes | memoryview) -> np.ndarray:
     for symbol in np.flatnonzero(lengths):
         length = int(lengths[symbol])
         first = int(codes[symbol]) << (width - length)
-        lookup_symbol[first:first + (1 << (width - length))] = symbol
-        lookup_length[first:first + (1 << (width - length))] = length
+        lookup_symbol[first : first + (1 << (width - length))] = symbol
+        lookup_length[first : first + (1 << (width - length))] = length
     bits = np.unpackbits(np.frombuffer(data[offset:], dtype=np.uint8)).astype(np.int64)
     padded = np.concatenate([bits, np.zeros(width, dtype=np.int64)])
     windows = np.zeros(bits.size, dtype=np.int64)
     for j in range(width):
-        windows = (windows << 1) | padded[j:j + bits.size]
+        windows = (windows << 1) | padded[j : j + bits.size]
     symbol_at, length_at = lookup_symbol[windows].tolist(), lookup_length[windows].tolist()
     out = [0] * count
     position, limit = 0, bits.size
@@ -229,6 +233,7 @@ def huffman_bits(symbols: np.ndarray, alphabet: int) -> int:
 
 
 # -- ANS (constriction) ------------------------------------------------------------------------------------------
+
 
 def _ans_model(counts: np.ndarray):
     import constriction
@@ -269,7 +274,7 @@ def _decode_ans(data: bytes | memoryview) -> np.ndarray:
     coder = constriction.stream.stack.AnsCoder(np.frombuffer(payload, dtype="<u4").astype(np.uint32))
     try:
         decoded = np.asarray(coder.decode(_ans_model(counts), count), dtype=np.int64)
-    except Exception as error:  # noqa: BLE001 - constriction raises its own types for invalid data
+    except Exception as error:  # constriction raises its own types for invalid data
         raise ChecksumError(f"ANS stream does not decode ({error})") from None
     return decoded
 

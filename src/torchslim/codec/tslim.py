@@ -60,9 +60,10 @@ FORMAT = "torchslim-compressed"
 PREAMBLE = struct.Struct("<6sBII")
 INDEX_BITS = tuple(range(1, 9))
 
-_DTYPES = {str(dtype).removeprefix("torch."): dtype for dtype in (
-    torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16, torch.int8,
-    torch.uint8, torch.bool)}
+_DTYPES = {
+    str(dtype).removeprefix("torch."): dtype
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)
+}
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
@@ -110,9 +111,16 @@ def _encode_codes(codes: np.ndarray, alphabet: int, coders: tuple[str, ...], ind
         index_coder, index_data = entropy.encode_best(gaps, 2**bits, coders)
         value_coder, value_data = entropy.encode_best(entries, alphabet, coders)
         if len(index_data) + len(value_data) < best.size:
-            best = Encoded({"encoding": "sparse-symbols", "alphabet": alphabet, "background": background, "index_bits": bits,
-                            "streams": [_stream("index", index_coder, index_data), _stream("codes", value_coder, value_data)]},
-                           [index_data, value_data])
+            best = Encoded(
+                {
+                    "encoding": "sparse-symbols",
+                    "alphabet": alphabet,
+                    "background": background,
+                    "index_bits": bits,
+                    "streams": [_stream("index", index_coder, index_data), _stream("codes", value_coder, value_data)],
+                },
+                [index_data, value_data],
+            )
     return best
 
 
@@ -131,9 +139,10 @@ def _encode_float(tensor: torch.Tensor, coders: tuple[str, ...], index_bits: tup
         index_coder, index_data = entropy.encode_best(gaps, 2**bits, coders)
         value_data = entries.tobytes()
         if len(index_data) + len(value_data) < best.size:
-            best = Encoded({"encoding": "sparse-float", "index_bits": bits,
-                            "streams": [_stream("index", index_coder, index_data), _stream("values", "raw", value_data)]},
-                           [index_data, value_data])
+            best = Encoded(
+                {"encoding": "sparse-float", "index_bits": bits, "streams": [_stream("index", index_coder, index_data), _stream("values", "raw", value_data)]},
+                [index_data, value_data],
+            )
     return best
 
 
@@ -154,22 +163,30 @@ def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return state_for_saving(model)
 
 
-def encode_model(model: nn.Module, coders: tuple[str, ...] = entropy.CODERS, index_bits: tuple[int, ...] = INDEX_BITS,
-                 spec: dict[str, Any] | None = None, metadata: dict[str, Any] | None = None) -> bytes:
+def encode_model(
+    model: nn.Module,
+    coders: tuple[str, ...] = entropy.CODERS,
+    index_bits: tuple[int, ...] = INDEX_BITS,
+    spec: dict[str, Any] | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> bytes:
     """The .tslim bytes of ``model``. ``coders`` limits the symbol coders (("packed",) measures the size before
     entropy coding); ``spec`` defaults to the architecture spec the model carries."""
     return _encode(model, coders, index_bits, spec, metadata)[0]
 
 
-def _encode(model: nn.Module, coders: tuple[str, ...], index_bits: tuple[int, ...], spec: dict[str, Any] | None,
-            metadata: dict[str, Any] | None) -> tuple[bytes, dict[str, Any]]:
+def _encode(
+    model: nn.Module, coders: tuple[str, ...], index_bits: tuple[int, ...], spec: dict[str, Any] | None, metadata: dict[str, Any] | None
+) -> tuple[bytes, dict[str, Any]]:
     unknown = [c for c in coders if c not in entropy.CODERS]
     if unknown or not coders:
         raise TorchslimError(f"coders must be a non-empty list of {', '.join(entropy.CODERS)}, got {list(coders)}")
     spec = spec if spec is not None else model_spec(model)
     if spec is None:
-        raise TorchslimError("the model carries no architecture spec (build it with torchslim.models.create, or pass "
-                             "spec={'factory': 'package.module:callable', 'kwargs': {...}})")
+        raise TorchslimError(
+            "the model carries no architecture spec (build it with torchslim.models.create, or pass "
+            "spec={'factory': 'package.module:callable', 'kwargs': {...}})"
+        )
     spec = check_spec(spec, "encode")
     state = model_state(model)
     codes = quantized_code_tensors(model)
@@ -191,8 +208,14 @@ def _encode(model: nn.Module, coders: tuple[str, ...], index_bits: tuple[int, ..
         records.append({"name": name, "dtype": str(tensor.dtype).removeprefix("torch."), "shape": list(tensor.shape), **encoded.record})
         streams.extend(encoded.streams)
     payload = b"".join(streams)
-    header = {"format": FORMAT, "version": VERSION, "spec": spec, "metadata": metadata or {},
-              "payload_sha256": hashlib.sha256(payload).hexdigest(), "tensors": records}
+    header = {
+        "format": FORMAT,
+        "version": VERSION,
+        "spec": spec,
+        "metadata": metadata or {},
+        "payload_sha256": hashlib.sha256(payload).hexdigest(),
+        "tensors": records,
+    }
     header_bytes = zlib.compress(json.dumps(header, separators=(",", ":")).encode(), 9)
     return PREAMBLE.pack(MAGIC, VERSION, len(header_bytes), zlib.crc32(header_bytes)) + header_bytes + payload, header
 
@@ -209,8 +232,14 @@ class TslimSummary:
     tensors: list[dict[str, Any]]
 
 
-def save_tslim(model: nn.Module, path: str | os.PathLike[str], coders: tuple[str, ...] = entropy.CODERS,
-               spec: dict[str, Any] | None = None, metadata: dict[str, Any] | None = None, overwrite: bool = True) -> TslimSummary:
+def save_tslim(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    coders: tuple[str, ...] = entropy.CODERS,
+    spec: dict[str, Any] | None = None,
+    metadata: dict[str, Any] | None = None,
+    overwrite: bool = True,
+) -> TslimSummary:
     """Write the model as a .tslim file (temporary file, then rename)."""
     path = Path(path)
     refuse_overwrite(path, overwrite)
@@ -220,18 +249,18 @@ def save_tslim(model: nn.Module, path: str | os.PathLike[str], coders: tuple[str
 
 
 def _parse(data: bytes, where: str) -> tuple[dict[str, Any], memoryview]:
-    if data[:len(MAGIC)] != MAGIC:
+    if data[: len(MAGIC)] != MAGIC:
         raise ChecksumError(f"{where}: not a .tslim file (bad magic bytes)")
     if len(data) < PREAMBLE.size:
         raise ChecksumError(f"{where}: truncated .tslim file ({len(data)} bytes, shorter than its fixed header)")
     _, version, header_length, header_crc = PREAMBLE.unpack_from(data)
     if version > VERSION:
         raise TorchslimError(f"{where}: .tslim format version {version} is newer than this torchslim reads ({VERSION})")
-    header_bytes = data[PREAMBLE.size:PREAMBLE.size + header_length]
+    header_bytes = data[PREAMBLE.size : PREAMBLE.size + header_length]
     if len(header_bytes) != header_length or zlib.crc32(header_bytes) != header_crc:
         raise ChecksumError(f"{where}: header checksum mismatch (corrupt or truncated file)")
     header = json.loads(zlib.decompress(header_bytes))
-    payload = memoryview(data)[PREAMBLE.size + header_length:]
+    payload = memoryview(data)[PREAMBLE.size + header_length :]
     expected = sum(s["length"] for t in header["tensors"] for s in t["streams"])
     if len(payload) != expected:
         raise ChecksumError(f"{where}: payload holds {len(payload)} bytes, the header lists {expected} (truncated or corrupt)")
@@ -243,7 +272,7 @@ def _parse(data: bytes, where: str) -> tuple[dict[str, Any], memoryview]:
 def _read_streams(record: dict[str, Any], payload: memoryview, offset: int, where: str) -> tuple[dict[str, bytes], int]:
     out = {}
     for stream in record["streams"]:
-        data = bytes(payload[offset:offset + stream["length"]])
+        data = bytes(payload[offset : offset + stream["length"]])
         offset += stream["length"]
         if zlib.crc32(data) != stream["crc32"]:
             raise ChecksumError(f"{where}: stream {stream['role']!r} of tensor {record['name']!r} fails its CRC-32 (corrupt)")
@@ -317,9 +346,16 @@ def inspect_tslim(path: str | os.PathLike[str]) -> dict[str, Any]:
     for record in header["tensors"]:
         streams, offset = _read_streams(record, payload, offset, str(path))
         count = math.prod(record["shape"]) if "count" not in record else record["count"]
-        row = {"name": record["name"], "shape": record["shape"], "elements": count, "encoding": record["encoding"],
-               "index_bits": record.get("index_bits"), "bits": record.get("packed_bits"),
-               "bytes": sum(s["length"] for s in record["streams"]), "streams": []}
+        row = {
+            "name": record["name"],
+            "shape": record["shape"],
+            "elements": count,
+            "encoding": record["encoding"],
+            "index_bits": record.get("index_bits"),
+            "bits": record.get("packed_bits"),
+            "bytes": sum(s["length"] for s in record["streams"]),
+            "streams": [],
+        }
         for stream in record["streams"]:
             entry = {"role": stream["role"], "coder": stream["coder"], "bytes": stream["length"]}
             if stream["coder"] != "raw":
@@ -328,8 +364,14 @@ def inspect_tslim(path: str | os.PathLike[str]) -> dict[str, Any]:
             row["streams"].append(entry)
         rows.append(row)
     header_bytes = PREAMBLE.size + PREAMBLE.unpack_from(data)[2]
-    return {"path": str(path), "bytes": len(data), "header_bytes": header_bytes, "spec": header["spec"],
-            "metadata": header.get("metadata", {}), "tensors": rows}
+    return {
+        "path": str(path),
+        "bytes": len(data),
+        "header_bytes": header_bytes,
+        "spec": header["spec"],
+        "metadata": header.get("metadata", {}),
+        "tensors": rows,
+    }
 
 
 def is_tslim(path: str | os.PathLike[str]) -> bool:

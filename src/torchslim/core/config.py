@@ -18,8 +18,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import types
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Mapping, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -150,9 +151,7 @@ class Config:
         fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
         unknown = [key for key in mapping if key not in fields]
         if unknown:
-            raise ConfigError(
-                f"{where}: unknown key {unknown[0]!r}; valid keys: {', '.join(sorted(fields))}"
-            )
+            raise ConfigError(f"{where}: unknown key {unknown[0]!r}; valid keys: {', '.join(sorted(fields))}")
         values = {}
         for name, field in fields.items():
             if name in mapping:
@@ -187,13 +186,11 @@ class Config:
         """Parse YAML text (or a path to a .yaml file) with the safe loader and validate it."""
         text = text_or_path
         where = cls.__name__
-        if isinstance(text_or_path, Path) or (
-            isinstance(text_or_path, str) and "\n" not in text_or_path and text_or_path.endswith((".yaml", ".yml"))
-        ):
+        if isinstance(text_or_path, Path) or (isinstance(text_or_path, str) and "\n" not in text_or_path and text_or_path.endswith((".yaml", ".yml"))):
             path = Path(text_or_path)
             text = path.read_text()
             where = str(path)
-        return cls.from_dict(yaml.safe_load(text) or {}, where=where)
+        return cls.from_dict(yaml.safe_load(str(text)) or {}, where=where)
 
     @classmethod
     def from_json(cls: type[C], text: str) -> C:

@@ -17,8 +17,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from torchslim.core.errors import TorchslimError
 from torchslim.core.registry import Registry
@@ -88,8 +89,7 @@ def format_for(path: str | os.PathLike[str], reading: bool = False) -> ModelForm
                 return entry
     suffix = path.suffix.lower()
     if suffix not in FORMATS:
-        raise TorchslimError(f"{path}: unknown model file suffix {suffix or '(none)'!r}; torchslim writes and reads "
-                             f"{', '.join(FORMATS.names())}")
+        raise TorchslimError(f"{path}: unknown model file suffix {suffix or '(none)'!r}; torchslim writes and reads {', '.join(FORMATS.names())}")
     return FORMATS.get(suffix)
 
 
@@ -109,5 +109,4 @@ def load_model_file(path: str | os.PathLike[str], trust_factory: bool = False) -
     return entry.load(path, trust_factory=trust_factory)
 
 
-__all__ = ["FORMATS", "ModelFormat", "format_for", "load_model_file", "refuse_overwrite", "register_format", "save_model_file",
-           "write_atomic"]
+__all__ = ["FORMATS", "ModelFormat", "format_for", "load_model_file", "refuse_overwrite", "register_format", "save_model_file", "write_atomic"]

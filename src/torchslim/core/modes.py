@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -27,11 +27,11 @@ def _mode(model: nn.Module, training: bool) -> Iterator[nn.Module]:
             module.training = previous
 
 
-def eval_mode(model: nn.Module):  # noqa: ANN201 - a context manager
+def eval_mode(model: nn.Module):  # a context manager
     """Put every submodule in eval mode for the block, then restore each one's own mode."""
     return _mode(model, False)
 
 
-def train_mode(model: nn.Module):  # noqa: ANN201 - a context manager
+def train_mode(model: nn.Module):  # a context manager
     """Put the model in train mode for the block, then restore each submodule's own mode."""
     return _mode(model, True)

@@ -16,8 +16,9 @@ import dataclasses
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -25,7 +26,7 @@ from torchslim.core.errors import TorchslimError
 from torchslim.core.files import refuse_overwrite, save_model_file, write_atomic
 
 # Renderers of a Report by format name ("markdown", ...), registered by torchslim.report.
-RENDERERS: dict[str, Callable[["Report"], str]] = {}
+RENDERERS: dict[str, Callable[[Report], str]] = {}
 
 
 def _jsonable(value: Any) -> Any:

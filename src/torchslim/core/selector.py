@@ -20,8 +20,10 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import re
-from typing import Mapping, TypeVar
+from collections.abc import Mapping
+from typing import TypeVar
 
+import torch
 from torch import nn
 
 from torchslim.core.config import Config
@@ -80,8 +82,9 @@ def resolve_overrides(modules: list[tuple[str, nn.Module]], overrides: Mapping[s
         for name, _ in picked:
             previous = chosen.get(name)
             if previous is not None and previous[0] == rank and previous[2] != value:
-                raise TorchslimError(f"{where}: layer {name!r} is picked by both {previous[1]!r} and {pattern!r} with different values; "
-                                     f"name it exactly to say which wins")
+                raise TorchslimError(
+                    f"{where}: layer {name!r} is picked by both {previous[1]!r} and {pattern!r} with different values; name it exactly to say which wins"
+                )
             if previous is None or rank > previous[0]:
                 chosen[name] = (rank, pattern, value)
     return {name: chosen[name][2] for name, _ in modules if name in chosen}
@@ -121,7 +124,9 @@ def select_modules(
     all_types = set().union(*(_type_names(m) for _, m in named)) if named else set()
     for type_name in selector.types:
         if type_name not in all_types:
-            raise TorchslimError(f"layer type {type_name!r} matches no module; types present: {', '.join(sorted(all_types & set(WEIGHT_TYPES)) or sorted(all_types)[:20])}")
+            raise TorchslimError(
+                f"layer type {type_name!r} matches no module; types present: {', '.join(sorted(all_types & set(WEIGHT_TYPES)) or sorted(all_types)[:20])}"
+            )
     chosen = []
     for name, module in named:
         if not any(matches(p, name, module) for p in selector.include) or any(matches(p, name, module) for p in selector.exclude):
@@ -142,6 +147,13 @@ def select_modules(
 def _parametrized(module: nn.Module) -> bool:
     parametrizations = getattr(module, "parametrizations", None)
     return parametrizations is not None and "weight" in parametrizations
+
+
+def weight_of(module: nn.Module) -> torch.Tensor:
+    """A module's ``weight`` as a tensor (as the forward pass computes it)."""
+    weight = module.weight
+    assert isinstance(weight, torch.Tensor), f"{type(module).__name__}.weight is not a tensor"
+    return weight
 
 
 def module_type_name(module: nn.Module) -> str:

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import copy
 import json
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from torch import nn
 
@@ -45,8 +46,9 @@ def set_spec(model: nn.Module, spec: dict[str, Any] | None) -> None:
 def check_spec(spec: Any, where: str) -> dict[str, Any]:
     """``spec`` validated: exactly one of ``name`` / ``factory``, JSON-serializable ``kwargs``, a list of transforms."""
     if not isinstance(spec, dict) or ("name" in spec) == ("factory" in spec):
-        raise TorchslimError(f"{where}: an architecture spec needs exactly one of 'name' (a registered model) or 'factory' "
-                             f"(package.module:callable), got {spec!r}")
+        raise TorchslimError(
+            f"{where}: an architecture spec needs exactly one of 'name' (a registered model) or 'factory' (package.module:callable), got {spec!r}"
+        )
     kwargs = spec.get("kwargs", {})
     if not isinstance(kwargs, dict):
         raise TorchslimError(f"{where}: the spec's 'kwargs' must be a mapping, got {kwargs!r}")
@@ -87,12 +89,21 @@ def recorded_transform(model: nn.Module, kind: str) -> dict[str, Any] | None:
 def apply_transforms(model: nn.Module, transforms: list[dict[str, Any]], where: str) -> nn.Module:
     """Re-apply recorded transforms in order (each by the function registered for its kind)."""
     for transform in transforms:
-        kind = transform.get("kind")
+        kind = str(transform.get("kind"))
         if kind not in TRANSFORMS:
             raise TorchslimError(f"{where}: unknown transform {kind!r} in the architecture spec; known: {', '.join(TRANSFORMS.names())}")
         model = TRANSFORMS.get(kind)(model, transform)
     return model
 
 
-__all__ = ["SPEC_ATTRIBUTE", "TRANSFORMS", "append_transform", "apply_transforms", "check_spec", "model_spec", "recorded_transform",
-           "register_transform", "set_spec"]
+__all__ = [
+    "SPEC_ATTRIBUTE",
+    "TRANSFORMS",
+    "append_transform",
+    "apply_transforms",
+    "check_spec",
+    "model_spec",
+    "recorded_transform",
+    "register_transform",
+    "set_spec",
+]

@@ -10,8 +10,9 @@ Example:
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any
 
 from torchslim.core.errors import TorchslimError
 from torchslim.core.registry import Registry
@@ -20,7 +21,7 @@ from torchslim.data.download import RemoteFile, default_root, locate
 from torchslim.data.folder import image_folder
 from torchslim.data.sources import Data, DataSource, as_source
 
-DATASETS: Registry[Callable[..., Union[Dataset, TextDataset]]] = Registry("dataset")
+DATASETS: Registry[Callable[..., Dataset | TextDataset]] = Registry("dataset")
 
 MNIST_STATS = ((0.1307,), (0.3081,))
 FASHION_STATS = ((0.2860,), (0.3530,))
@@ -31,8 +32,7 @@ Stats = tuple[tuple[float, ...], tuple[float, ...]]
 DEFAULT = "dataset"
 
 
-def _image_dataset(name: str, splits: dict, stats: Stats, source: str, options: dict[str, Any], augment=None,
-                   checks: list[str] | None = None) -> Dataset:
+def _image_dataset(name: str, splits: dict, stats: Stats, source: str, options: dict[str, Any], augment=None, checks: list[str] | None = None) -> Dataset:
     """A Dataset from uint8 splits, preprocessed as the user asked: ``scale`` (default 1/255) then ``normalize``
     (the set's own mean/std by default, None for none, or the user's (mean, std))."""
     choice = options.get("normalize", DEFAULT)
@@ -40,7 +40,7 @@ def _image_dataset(name: str, splits: dict, stats: Stats, source: str, options: 
         raise TorchslimError(f"normalize must be {DEFAULT!r} (the set's statistics), None or (mean, std), got {choice!r}")
     mean, std = stats if choice == DEFAULT else (choice if choice is not None else (None, None))
     if mean is not None:
-        mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)  # type: ignore[union-attr]
+        mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
     scale = float(options.get("scale", 1 / 255))
     train_images, train_labels = splits["train"]
     test_images, test_labels = splits["test"]
@@ -122,9 +122,7 @@ def shakespeare(root=None, download=True, **options: Any) -> TextDataset:
     path = next((f / SHAKESPEARE.name for f in folders if (f / SHAKESPEARE.name).is_file()), None)
     if path is None:
         if not download:
-            raise TorchslimError(
-                f"shakespeare: {SHAKESPEARE.name} not found; looked in {', '.join(str(f) for f in folders)}"
-            )
+            raise TorchslimError(f"shakespeare: {SHAKESPEARE.name} not found; looked in {', '.join(str(f) for f in folders)}")
         from torchslim.data.download import fetch
 
         remote = RemoteFile("input.txt", SHAKESPEARE.mirrors)
@@ -139,8 +137,14 @@ def shakespeare(root=None, download=True, **options: Any) -> TextDataset:
     return TextDataset("shakespeare", ids[:cut], ids[cut:], vocabulary, source=str(path))
 
 
-def load(name: str | os.PathLike[str], root: str | os.PathLike[str] | None = None, download: bool = True,
-         normalize: Any = DEFAULT, scale: float = 1 / 255, verify: bool = True):
+def load(
+    name: str | os.PathLike[str],
+    root: str | os.PathLike[str] | None = None,
+    download: bool = True,
+    normalize: Any = DEFAULT,
+    scale: float = 1 / 255,
+    verify: bool = True,
+):
     """Load a dataset by name (or a folder of images in class subfolders): train and test splits, in memory.
 
     ``root`` is a folder holding the files (or a subfolder named after the set); without it, $TORCHSLIM_DATA,

@@ -7,6 +7,7 @@ import os
 import pickle
 import tarfile
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -25,7 +26,7 @@ RECORD_BYTES = 1 + 3 * 32 * 32
 class RestrictedUnpickler(pickle.Unpickler):
     """Admits only what a CIFAR python batch holds: plain containers and numpy array reconstruction."""
 
-    ALLOWED = {
+    ALLOWED: ClassVar[set[tuple[str, str]]] = {
         ("numpy.core.multiarray", "_reconstruct"),
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"),
@@ -33,7 +34,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         ("_codecs", "encode"),
     }
 
-    def find_class(self, module: str, name: str):  # noqa: ANN201 - pickle's signature
+    def find_class(self, module: str, name: str):  # pickle's signature
         if (module, name) in self.ALLOWED:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"refused to load {module}.{name}: not a type a CIFAR batch contains")
@@ -45,7 +46,7 @@ def restricted_load(data: bytes, name: str) -> dict:
         batch = RestrictedUnpickler(io.BytesIO(data), encoding="bytes").load()
     except pickle.UnpicklingError as error:
         raise TorchslimError(f"{name}: {error}") from None
-    except Exception as error:  # noqa: BLE001 - any malformed pickle
+    except Exception as error:  # any malformed pickle
         raise TorchslimError(f"{name}: not a readable CIFAR python batch ({error})") from None
     if not isinstance(batch, dict):
         raise TorchslimError(f"{name}: expected a dict in a CIFAR python batch, found {type(batch).__name__}")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -222,13 +222,9 @@ class TextDataset:
             generator = torch.Generator().manual_seed(seed)
             for _ in range(batches):
                 starts = torch.randint(0, len(ids) - block_size - 1, (batch_size,), generator=generator)
-                yield torch.stack([ids[s : s + block_size] for s in starts]), torch.stack(
-                    [ids[s + 1 : s + block_size + 1] for s in starts]
-                )
+                yield torch.stack([ids[s : s + block_size] for s in starts]), torch.stack([ids[s + 1 : s + block_size + 1] for s in starts])
             return
-        starts = list(range(0, len(ids) - block_size - 1, block_size))[: batches * batch_size]
-        for i in range(0, len(starts), batch_size):
-            chunk = starts[i : i + batch_size]
-            yield torch.stack([ids[s : s + block_size] for s in chunk]), torch.stack(
-                [ids[s + 1 : s + block_size + 1] for s in chunk]
-            )
+        windows = list(range(0, len(ids) - block_size - 1, block_size))[: batches * batch_size]
+        for i in range(0, len(windows), batch_size):
+            chunk = windows[i : i + batch_size]
+            yield torch.stack([ids[s : s + block_size] for s in chunk]), torch.stack([ids[s + 1 : s + block_size + 1] for s in chunk])

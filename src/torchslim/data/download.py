@@ -102,8 +102,9 @@ def fetch(remote: RemoteFile, folder: Path, timeout: float = 60.0) -> Path:
     raise TorchslimError(f"could not download {remote.name}: " + "; ".join(failures))
 
 
-def locate(dataset: str, files: list[RemoteFile], root: str | os.PathLike[str] | None, download: bool, check: bool = True,
-           checks: list[str] | None = None) -> dict[str, bytes]:
+def locate(
+    dataset: str, files: list[RemoteFile], root: str | os.PathLike[str] | None, download: bool, check: bool = True, checks: list[str] | None = None
+) -> dict[str, bytes]:
     """Find (or download) every file of a dataset and return their verified contents by name.
 
     Files are looked for in ``root`` and ``root/<dataset>`` (``root`` defaults to $TORCHSLIM_DATA or the cache).

@@ -57,8 +57,9 @@ def _read(folder: Path, classes: list[str], mode: str | None, size: tuple[int, i
             if size is None:
                 size = pixels.shape[:2]
             if pixels.shape[:2] != tuple(size):
-                raise TorchslimError(f"{file}: image of {pixels.shape[1]}x{pixels.shape[0]} pixels; the folder's images are "
-                                     f"{size[1]}x{size[0]} (resize them first)")
+                raise TorchslimError(
+                    f"{file}: image of {pixels.shape[1]}x{pixels.shape[0]} pixels; the folder's images are {size[1]}x{size[0]} (resize them first)"
+                )
             images.append(pixels)
             labels.append(label)
     if not images:
@@ -69,8 +70,13 @@ def _read(folder: Path, classes: list[str], mode: str | None, size: tuple[int, i
     return stacked.contiguous(), torch.tensor(labels, dtype=torch.long), mode, size
 
 
-def image_folder(root: str | Path, normalize_with: tuple[tuple[float, ...], tuple[float, ...]] | None = None, scale: float = 1 / 255,
-                 test_fraction: float = 0.1, seed: int = 0) -> Dataset:
+def image_folder(
+    root: str | Path,
+    normalize_with: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+    scale: float = 1 / 255,
+    test_fraction: float = 0.1,
+    seed: int = 0,
+) -> Dataset:
     """Read a folder of class subfolders (optionally under ``train/`` and ``test/``) into a ``Dataset``."""
     root = Path(root).expanduser()
     if not root.is_dir():

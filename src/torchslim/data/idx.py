@@ -46,7 +46,7 @@ def parse_idx(data: bytes, name: str = "IDX data") -> np.ndarray:
     if len(data) < header:
         raise TorchslimError(f"{name}: truncated IDX header")
     shape = struct.unpack(">" + "I" * dims, data[4:header])
-    dtype = np.dtype(_DTYPES[type_code])
+    dtype: np.dtype = np.dtype(_DTYPES[type_code])  # type: ignore[call-overload]
     expected = int(np.prod(shape)) * dtype.itemsize
     if len(data) - header != expected:
         raise TorchslimError(f"{name}: IDX body holds {len(data) - header} bytes, shape {shape} needs {expected}")

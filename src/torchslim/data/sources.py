@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -54,16 +54,15 @@ class DataSource:
         self.description = description
         self.notes: list[str] = []
 
-    def batches(self, split: str = "train", batch_size: int | None = None, shuffle: bool | None = None, seed: int = 0,
-                limit: int | None = None) -> Iterator[Any]:
+    def batches(
+        self, split: str = "train", batch_size: int | None = None, shuffle: bool | None = None, seed: int = 0, limit: int | None = None
+    ) -> Iterator[Any]:
         if split not in SPLITS:
             raise TorchslimError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-        count = 0
-        for batch in self._batches(split, batch_size, shuffle, seed):
+        for count, batch in enumerate(self._batches(split, batch_size, shuffle, seed)):
             if limit is not None and count >= limit:
                 return
             yield batch
-            count += 1
 
     def _batches(self, split: str, batch_size: int | None, shuffle: bool | None, seed: int) -> Iterable[Any]:
         raise TorchslimError(f"{type(self).__name__} gives no batches")
@@ -163,7 +162,7 @@ class TensorSource(DataSource):
 def _unlabeled(inputs: torch.Tensor, batch_size: int, shuffle: bool, seed: int) -> Iterator[torch.Tensor]:
     order = torch.randperm(inputs.shape[0], generator=torch.Generator().manual_seed(seed)) if shuffle else None
     for start in range(0, inputs.shape[0], batch_size):
-        yield inputs[start:start + batch_size] if order is None else inputs[order[start:start + batch_size]]
+        yield inputs[start : start + batch_size] if order is None else inputs[order[start : start + batch_size]]
 
 
 class LoaderSource(DataSource):
@@ -201,15 +200,18 @@ def _describe(data: Any) -> str:
 
 def _reiterable(data: Any, where: str) -> Callable[[], Iterable[Any]]:
     if callable(data) and not isinstance(data, (torch.Tensor, Iterable)):
+
         def fresh() -> Iterable[Any]:
             produced = data()
             if not isinstance(produced, Iterable):
                 raise TorchslimError(f"{where}: the batch factory returned {type(produced).__name__}, not an iterable of batches")
             return produced
+
         return fresh
     if isinstance(data, Iterator):
-        raise TorchslimError(f"{where}: a generator can be read only once; pass a list, a DataLoader, or a function that returns a "
-                             f"fresh generator for each pass")
+        raise TorchslimError(
+            f"{where}: a generator can be read only once; pass a list, a DataLoader, or a function that returns a fresh generator for each pass"
+        )
     if not isinstance(data, Iterable):
         raise TorchslimError(f"{where}: expected batches (a DataLoader, a list, a generator factory), got {type(data).__name__}")
     return lambda: data
@@ -280,8 +282,11 @@ def _hf_dataset(value: Any) -> bool:
 
 
 def _hf_batches(dataset: Any, batch_size: int) -> Callable[[], Iterator[Any]]:
-    columns = [c for c in dataset.column_names if dataset.features[c].dtype not in ("string", "large_string")] \
-        if hasattr(dataset, "features") else list(dataset.column_names)
+    columns = (
+        [c for c in dataset.column_names if dataset.features[c].dtype not in ("string", "large_string")]
+        if hasattr(dataset, "features")
+        else list(dataset.column_names)
+    )
     skipped = sorted(set(dataset.column_names) - set(columns))
     if not columns:
         raise TorchslimError(f"Hugging Face dataset: no numeric columns (found {dataset.column_names}); tokenize the text first")
@@ -289,7 +294,7 @@ def _hf_batches(dataset: Any, batch_size: int) -> Callable[[], Iterator[Any]]:
 
     def batches() -> Iterator[Any]:
         for start in range(0, len(formatted), batch_size):
-            batch = formatted[start:start + batch_size]
+            batch = formatted[start : start + batch_size]
             yield {("labels" if key == "label" else key): value for key, value in batch.items()}
 
     batches.skipped = skipped  # type: ignore[attr-defined]

@@ -1,6 +1,5 @@
 """Knowledge distillation: soft targets with temperature, logit MSE, FitNets hints, attention transfer."""
 
-from torchslim.distillation.trainer import DistillConfig, FeaturePair, distill
 from torchslim.distillation.losses import (
     attention_map,
     attention_transfer_loss,
@@ -9,6 +8,7 @@ from torchslim.distillation.losses import (
     logit_mse_loss,
     soft_target_loss,
 )
+from torchslim.distillation.trainer import DistillConfig, FeaturePair, distill
 
 __all__ = [
     "DistillConfig",

@@ -27,8 +27,9 @@ def kl_soft_targets(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     return F.kl_div(student, teacher, reduction="batchmean", log_target=True) * temperature**2
 
 
-def soft_target_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor | None,
-                     temperature: float = 4.0, alpha: float = 0.9) -> torch.Tensor:
+def soft_target_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor | None, temperature: float = 4.0, alpha: float = 0.9
+) -> torch.Tensor:
     """(1 - alpha) * CE(y, p_s) + alpha * T^2 * KL(p_t^T || p_s^T); without targets, the soft term alone."""
     soft = kl_soft_targets(student_logits, teacher_logits, temperature)
     if targets is None or alpha >= 1.0:

@@ -99,7 +99,9 @@ def make_adapter(student_feature: torch.Tensor, teacher_feature: torch.Tensor, k
     """A learned map from the student's feature width to the teacher's (identity when they already agree)."""
     if kind == "attention":
         if student_feature.shape[2:] != teacher_feature.shape[2:]:
-            raise TorchslimError(f"{where}: attention transfer needs equal spatial sizes, got {tuple(student_feature.shape[2:])} and {tuple(teacher_feature.shape[2:])}")
+            raise TorchslimError(
+                f"{where}: attention transfer needs equal spatial sizes, got {tuple(student_feature.shape[2:])} and {tuple(teacher_feature.shape[2:])}"
+            )
         return nn.Identity()
     if student_feature.shape == teacher_feature.shape:
         return nn.Identity()
@@ -129,8 +131,7 @@ class _DistillLoss:
     """The loss for ``fit``: the output term against the teacher (run once per batch, or cached), the task's loss on
     labels weighted by 1 - alpha where the batch has labels, plus feature terms."""
 
-    def __init__(self, teacher: nn.Module, config: DistillConfig, adapters: nn.ModuleDict, cache: _TeacherCache | None,
-                 task: Task, student: nn.Module) -> None:
+    def __init__(self, teacher: nn.Module, config: DistillConfig, adapters: nn.ModuleDict, cache: _TeacherCache | None, task: Task, student: nn.Module) -> None:
         self.teacher, self.config, self.adapters, self.cache, self.task = teacher, config, adapters, cache, task
         self.student_features = FeatureCapture(student, [p.student for p in config.features], "student") if config.features else None
         self.teacher_features = FeatureCapture(teacher, [p.teacher for p in config.features], "teacher") if config.features else None
@@ -172,27 +173,40 @@ class _DistillLoss:
 
 def _check_compatible(student: nn.Module, teacher: nn.Module, example: Any, config: DistillConfig) -> nn.ModuleDict:
     """Dry run on one batch: output shapes must agree; builds the feature adapters."""
-    captures = [FeatureCapture(student, [p.student for p in config.features], "student"),
-                FeatureCapture(teacher, [p.teacher for p in config.features], "teacher")] if config.features else []
+    captures = (
+        [FeatureCapture(student, [p.student for p in config.features], "student"), FeatureCapture(teacher, [p.teacher for p in config.features], "teacher")]
+        if config.features
+        else []
+    )
     try:
         with eval_mode(student), eval_mode(teacher), torch.no_grad():
             student_out = output_tensor(call_model(student, example), "student output")
             teacher_out = output_tensor(call_model(teacher, example), "teacher output")
         if student_out.shape != teacher_out.shape:
-            raise TorchslimError(f"teacher output {tuple(teacher_out.shape)} and student output {tuple(student_out.shape)} differ: "
-                                 f"distillation needs outputs of the same shape (the same classes or embedding width)")
+            raise TorchslimError(
+                f"teacher output {tuple(teacher_out.shape)} and student output {tuple(student_out.shape)} differ: "
+                f"distillation needs outputs of the same shape (the same classes or embedding width)"
+            )
         adapters = nn.ModuleDict()
         for index, pair in enumerate(config.features):
-            adapters[str(index)] = make_adapter(captures[0].outputs[pair.student], captures[1].outputs[pair.teacher], pair.kind,
-                                                f"features[{index}] ({pair.student} -> {pair.teacher})")
+            adapters[str(index)] = make_adapter(
+                captures[0].outputs[pair.student], captures[1].outputs[pair.teacher], pair.kind, f"features[{index}] ({pair.student} -> {pair.teacher})"
+            )
         return adapters.to(model_device(student))
     finally:
         for capture in captures:
             capture.remove()
 
 
-def distill(student: nn.Module, teacher: nn.Module, data: Any, config: DistillConfig | dict | None = None,
-            task: str | Task | None = None, inplace: bool = False, progress: bool | str | None = None) -> Result:
+def distill(
+    student: nn.Module,
+    teacher: nn.Module,
+    data: Any,
+    config: DistillConfig | dict | None = None,
+    task: str | Task | None = None,
+    inplace: bool = False,
+    progress: bool | str | None = None,
+) -> Result:
     """Train ``student`` (a copy, unless ``inplace``) to match ``teacher`` on ``data`` (anything
     ``torchslim.data.as_source`` takes; labels are used where the batches have them); the teacher is not changed.
 
@@ -216,17 +230,38 @@ def distill(student: nn.Module, teacher: nn.Module, data: Any, config: DistillCo
     optimizer = make_optimizer(list(trained.parameters()) + list(adapters.parameters()), config.train)
     try:
         with eval_mode(teacher):
-            history = fit(trained, cache.data if cache is not None else source, config.train.replace(eval_every_epoch=False), task=resolved,
-                          loss=loss, optimizer=optimizer, progress=progress, label="distill", evaluate_at_end=False)
+            history = fit(
+                trained,
+                cache.data if cache is not None else source,
+                config.train.replace(eval_every_epoch=False),
+                task=resolved,
+                loss=loss,
+                optimizer=optimizer,
+                progress=progress,
+                label="distill",
+                evaluate_at_end=False,
+            )
     finally:
         loss.remove()
     final = evaluate_source(trained, source, resolved)
     teacher_metrics = evaluate_source(teacher, source, resolved)
-    metrics = {**final, **{f"teacher_{key}": value for key, value in teacher_metrics.items() if key in (resolved.metric, "error", "accuracy")},
-               "parameters": count_parameters(trained), "nonzeros": count_nonzeros(trained),
-               "teacher_parameters": count_parameters(teacher), "teacher_calls": loss.teacher_calls, "train_seconds": history.seconds}
-    stage = Stage(name="distill", kind="distill", metrics=metrics, config=config.to_dict(),
-                  notes=[f"teacher outputs {'cached once' if cache is not None else 'computed once per batch'}; "
-                         f"{len(config.features)} feature pair(s); task {resolved.name}"])
+    metrics = {
+        **final,
+        **{f"teacher_{key}": value for key, value in teacher_metrics.items() if key in (resolved.metric, "error", "accuracy")},
+        "parameters": count_parameters(trained),
+        "nonzeros": count_nonzeros(trained),
+        "teacher_parameters": count_parameters(teacher),
+        "teacher_calls": loss.teacher_calls,
+        "train_seconds": history.seconds,
+    }
+    stage = Stage(
+        name="distill",
+        kind="distill",
+        metrics=metrics,
+        config=config.to_dict(),
+        notes=[
+            f"teacher outputs {'cached once' if cache is not None else 'computed once per batch'}; {len(config.features)} feature pair(s); task {resolved.name}"
+        ],
+    )
     report = Report.for_model(student, [stage])
     return Result(model=trained, report=report)

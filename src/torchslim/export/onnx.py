@@ -24,8 +24,9 @@ from torchslim.core.modes import eval_mode
 INPUT_NAME, OUTPUT_NAME = "input", "output"
 
 
-def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | os.PathLike[str], opset: int = 17,
-                dynamic_batch: bool = True, exporter: str = "torchscript") -> Path:
+def export_onnx(
+    model: nn.Module, example_input: torch.Tensor, path: str | os.PathLike[str], opset: int = 17, dynamic_batch: bool = True, exporter: str = "torchscript"
+) -> Path:
     """Write ``model`` (in eval mode; its mode is restored) to an ONNX file with a dynamic batch dimension.
 
     ``exporter`` "torchscript" is fast and folds BatchNorm into convolutions; "dynamo" uses torch.export.
@@ -37,19 +38,33 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | os.Pa
         with eval_mode(model), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if exporter == "torchscript":
-                torch.onnx.export(model, (example_input,), str(temporary), dynamo=False, opset_version=opset,
-                                  input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], do_constant_folding=True,
-                                  dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None)
+                torch.onnx.export(
+                    model,
+                    (example_input,),
+                    str(temporary),
+                    dynamo=False,
+                    opset_version=opset,
+                    input_names=[INPUT_NAME],
+                    output_names=[OUTPUT_NAME],
+                    do_constant_folding=True,
+                    dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None,
+                )
             elif exporter == "dynamo":
-                program = torch.onnx.export(model, (example_input,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                                            dynamic_shapes=({0: torch.export.Dim("batch")},) if dynamic_batch else None)
+                program = torch.onnx.export(
+                    model,
+                    (example_input,),
+                    dynamo=True,
+                    input_names=[INPUT_NAME],
+                    output_names=[OUTPUT_NAME],
+                    dynamic_shapes=({0: torch.export.Dim("batch")},) if dynamic_batch else None,
+                )
                 program.save(str(temporary))
             else:
                 raise TorchslimError(f"exporter must be 'torchscript' or 'dynamo', got {exporter!r}")
         os.replace(temporary, path)
     except TorchslimError:
         raise
-    except Exception as error:  # noqa: BLE001 - the exporter raises many types; name the model and the cause
+    except Exception as error:  # the exporter raises many types; name the model and the cause
         raise TorchslimError(f"ONNX export of {type(model).__name__} failed: {str(error).splitlines()[0] if str(error) else type(error).__name__}") from error
     finally:
         if temporary.exists():
@@ -100,8 +115,10 @@ class OnnxModule(nn.Module):
 
 def _save_onnx(model: nn.Module, path: Path, overwrite: bool = True) -> Path:
     if not isinstance(model, OnnxModule):
-        raise TorchslimError(f"{path}: saving to .onnx takes a model that runs in ONNX Runtime (what quantize returns for an "
-                             f"int8 method); export a PyTorch model with torchslim.export.export_onnx(model, example_input, path)")
+        raise TorchslimError(
+            f"{path}: saving to .onnx takes a model that runs in ONNX Runtime (what quantize returns for an "
+            f"int8 method); export a PyTorch model with torchslim.export.export_onnx(model, example_input, path)"
+        )
     return model.save(path, overwrite=overwrite)
 
 

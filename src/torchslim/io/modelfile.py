@@ -123,8 +123,8 @@ def read_model_file(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-    except Exception as error:  # noqa: BLE001 - safetensors raises several types for corrupt files
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 - safe_open is not iterable
+    except Exception as error:  # safetensors raises several types for corrupt files
         raise ChecksumError(f"{path}: not a readable safetensors file (corrupt or truncated: {error})") from None
     if metadata.get("format") != FORMAT or SPEC_KEY not in metadata:
         raise TorchslimError(f"{path}: a safetensors file without a torchslim architecture spec; load its weights with load_weights()")
@@ -174,7 +174,7 @@ def load_weights(path: str | os.PathLike[str], trusted: bool = False) -> dict[st
 
         try:
             return load_file(str(path))
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:
             raise ChecksumError(f"{path}: not a readable safetensors file ({error})") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=not trusted)

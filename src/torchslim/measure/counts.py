@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -14,7 +15,7 @@ from torchslim.core.selector import module_type_name
 from torchslim.measure.weights import effective_weights, logical_weights
 from torchslim.tasks.batches import batch_size_of, call_model
 
-MacCounter = Callable[[nn.Module, tuple, Any], int]
+MacCounter = Callable[..., int]  # (module, inputs, output) -> MACs of the call
 MAC_COUNTERS: dict[type, MacCounter] = {}
 
 
@@ -53,8 +54,8 @@ def _conv_transpose(module: nn.modules.conv._ConvTransposeNd, inputs: tuple, out
     return inputs[0].numel() * (module.out_channels // module.groups) * kernel
 
 
-for _conv_type in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
-    register_mac_counter(_conv_type)(_conv_transpose)
+for _transpose_type in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
+    register_mac_counter(_transpose_type)(_conv_transpose)
 
 
 @register_mac_counter(nn.MultiheadAttention)

@@ -8,13 +8,14 @@ import contextlib
 import dataclasses
 import statistics
 import time
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-from torchslim.core.registry import Registry
 from torchslim.core.modes import eval_mode
+from torchslim.core.registry import Registry
 from torchslim.tasks.batches import call_model, repeat_example
 
 Runner = Callable[[torch.Tensor], Any]

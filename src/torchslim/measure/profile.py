@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -17,15 +18,18 @@ from torchslim.measure.latency import measure_latency
 from torchslim.tasks.batches import first_examples
 
 
-def measure_model(model: nn.Module, example_input: Any, engine: nn.Module | None = None, latency: bool = True, threads: int | None = 2,
-                  runs: int = 30, warmup: int = 5) -> dict[str, Any]:
+def measure_model(
+    model: nn.Module, example_input: Any, engine: nn.Module | None = None, latency: bool = True, threads: int | None = 2, runs: int = 30, warmup: int = 5
+) -> dict[str, Any]:
     """Parameters and non-zeros (as the forward pass uses them), MACs of one example, and, with ``latency``, the
     median eager batch-1 latency of ``engine`` (what runs; default the model itself)."""
-    metrics: dict[str, Any] = {"parameters": count_parameters(model), "nonzeros": count_nonzeros(model),
-                               "macs": int(count_macs(model, first_examples(example_input, 1))["total"])}
+    metrics: dict[str, Any] = {
+        "parameters": count_parameters(model),
+        "nonzeros": count_nonzeros(model),
+        "macs": int(count_macs(model, first_examples(example_input, 1))["total"]),
+    }
     if latency:
-        result = measure_latency(engine if engine is not None else model, example_input, batch_sizes=(1,), runs=runs, warmup=warmup,
-                                 threads=threads)[0]
+        result = measure_latency(engine if engine is not None else model, example_input, batch_sizes=(1,), runs=runs, warmup=warmup, threads=threads)[0]
         metrics["latency_median_ms"] = result.median_ms
     return metrics
 
@@ -56,7 +60,7 @@ def profile(
             try:
                 path = save_model_file(model, Path(folder) / "model.safetensors")
                 metrics["stored_bytes"] = stored_bytes(path)
-            except Exception as error:  # noqa: BLE001 - report, never fail a profile on the file size
+            except Exception as error:  # report, never fail a profile on the file size
                 notes.append(f"stored bytes not measured: {error}")
     latency = []
     for backend in backends:

@@ -29,7 +29,7 @@ def effective_weights(model: nn.Module) -> dict[str, torch.Tensor]:
             seen.add(id(parameter))
             out[f"{module_name}.{name}" if module_name else name] = parameter.detach()
         if parametrizations is not None:
-            for name in parametrizations.keys():
+            for name in parametrizations:
                 for original in parametrizations[name].parameters(recurse=False):
                     seen.add(id(original))
                 out[f"{module_name}.{name}" if module_name else name] = getattr(module, name).detach()

@@ -9,7 +9,8 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from torch import nn
 
@@ -27,9 +28,7 @@ MODELS.register("lenet-300-100", "784-300-100-10 fully connected net (266,610 pa
 MODELS.register("mlp", "fully connected net with configurable hidden widths and dropout (distillation teachers/students)")(MLP)
 MODELS.register("lenet-5", "Caffe LeNet-5: conv20-pool-conv50-pool-fc500-fc10 (431,080 params), for MNIST")(LeNet5)
 for _depth in (20, 32, 44, 56):
-    MODELS.register(f"resnet{_depth}", f"ResNet-{_depth} for CIFAR-10 with option-A shortcuts")(
-        lambda _d=_depth, **kw: resnet_cifar(_d, **kw)
-    )
+    MODELS.register(f"resnet{_depth}", f"ResNet-{_depth} for CIFAR-10 with option-A shortcuts")(lambda _d=_depth, **kw: resnet_cifar(_d, **kw))
 MODELS.register("resnet18-style", "ResNet-18-style net for 32x32 inputs, projection shortcuts")(resnet18_style)
 MODELS.register("mobilenetv2", "MobileNetV2-style net (depthwise convs, inverted residuals) for 32x32 inputs")(MobileNetV2)
 MODELS.register("char-transformer", "small decoder-only character-level transformer")(CharTransformer)
@@ -57,13 +56,13 @@ def names() -> list[str]:
 
 
 __all__ = [
+    "MLP",
     "MODELS",
     "CausalSelfAttention",
     "CharTransformer",
     "CifarResNet",
     "LeNet5",
     "LeNet300100",
-    "MLP",
     "MobileNetV2",
     "create",
     "create_for",
@@ -73,7 +72,7 @@ __all__ = [
 ]
 
 
-def create_for(name: str, dataset: object, **kwargs: Any) -> nn.Module:
+def create_for(name: str, dataset: Any, **kwargs: Any) -> nn.Module:
     """Build a registered model sized for a dataset (input features, channels, image size, classes, vocabulary).
 
     Example:
@@ -90,8 +89,8 @@ def create_for(name: str, dataset: object, **kwargs: Any) -> nn.Module:
             raise TorchslimError(f"model {name!r} does not take text; use char-transformer for {getattr(dataset, 'name', 'text')}")
         fitted["vocab_size"] = vocab_size
     else:
-        shape = tuple(getattr(dataset, "input_shape"))
-        classes = int(getattr(dataset, "num_classes"))
+        shape = tuple(dataset.input_shape)
+        classes = int(dataset.num_classes)
         if name == "char-transformer":
             raise TorchslimError("char-transformer needs a text dataset (e.g. shakespeare)")
         fitted["num_classes"] = classes

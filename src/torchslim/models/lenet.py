@@ -72,8 +72,9 @@ class MLP(nn.Module):
         torch.Size([2, 10])
     """
 
-    def __init__(self, in_features: int = 784, hidden: tuple[int, ...] = (800, 800), num_classes: int = 10,
-                 dropout: float = 0.0, input_dropout: float = 0.0) -> None:
+    def __init__(
+        self, in_features: int = 784, hidden: tuple[int, ...] = (800, 800), num_classes: int = 10, dropout: float = 0.0, input_dropout: float = 0.0
+    ) -> None:
         super().__init__()
         widths = [in_features, *hidden]
         self.input_dropout = nn.Dropout(input_dropout)

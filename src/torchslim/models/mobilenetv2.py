@@ -56,9 +56,7 @@ class MobileNetV2(nn.Module):
     ) -> None:
         super().__init__()
         stem = _round(32 * width_multiplier)
-        features: list[nn.Module] = [
-            nn.Sequential(nn.Conv2d(in_channels, stem, 3, 1, 1, bias=False), nn.BatchNorm2d(stem), nn.ReLU6(inplace=True))
-        ]
+        features: list[nn.Module] = [nn.Sequential(nn.Conv2d(in_channels, stem, 3, 1, 1, bias=False), nn.BatchNorm2d(stem), nn.ReLU6(inplace=True))]
         channels, block = stem, 0
         blocks = sum(n for _, _, n, _ in settings)
         if hidden_widths is not None and len(hidden_widths) != blocks:

@@ -11,6 +11,8 @@ from torch.nn import functional as F
 class PadShortcut(nn.Module):
     """Option-A shortcut: subsample by ``stride`` and zero-pad channels from ``in_channels`` to ``out_channels``."""
 
+    order: torch.Tensor
+
     def __init__(self, in_channels: int, out_channels: int, stride: int, positions: list[int] | None = None) -> None:
         super().__init__()
         self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
@@ -52,7 +54,7 @@ class PadShortcut(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.in_channels}->{self.out_channels}, stride={self.stride}"
 
-    def channel_rule(self, graph, name: str, inputs: list, output: torch.Tensor) -> None:  # noqa: ANN001 - a ChannelGraph
+    def channel_rule(self, graph, name: str, inputs: list, output: torch.Tensor) -> None:  # a ChannelGraph
         """Structured pruning: each input channel joins the output channel it lands on; the padded (zero) channels own
         no parameters, and the kept channels' new positions are recorded so the shortcut's index can be rebuilt."""
         info = graph.get_info(inputs[0])
@@ -79,9 +81,7 @@ class BasicBlock(nn.Module):
         elif shortcut == "A":
             self.shortcut = PadShortcut(in_channels, out_channels, stride)
         else:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), nn.BatchNorm2d(out_channels)
-            )
+            self.shortcut = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), nn.BatchNorm2d(out_channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -115,9 +115,7 @@ class CifarResNet(nn.Module):
         if len(blocks) != len(stage_widths):
             raise ValueError(f"blocks {blocks} and stage_widths {stage_widths} differ in length")
         total = sum(blocks)
-        inner = tuple(inner_widths) if inner_widths is not None else tuple(
-            w for count, w in zip(blocks, stage_widths) for _ in range(count)
-        )
+        inner = tuple(inner_widths) if inner_widths is not None else tuple(w for count, w in zip(blocks, stage_widths) for _ in range(count))
         if len(inner) != total:
             raise ValueError(f"inner_widths needs {total} entries, got {len(inner)}")
         stem = stem_width or stage_widths[0]

@@ -46,7 +46,7 @@ class CausalSelfAttention(nn.Module):
         _, length, _ = x.shape
         return 2 * self.num_heads * length * length * self.head_dim
 
-    def channel_rule(self, graph, name: str, inputs: list, output: torch.Tensor) -> None:  # noqa: ANN001 - a ChannelGraph
+    def channel_rule(self, graph, name: str, inputs: list, output: torch.Tensor) -> None:  # a ChannelGraph
         """Structured pruning: q/k/v read the input channels; out_proj produces the output channels; each head (its
         q/k/v rows and out_proj columns) may be removed whole."""
         info = graph.get_info(inputs[0])

@@ -7,6 +7,24 @@ from torchslim.pipeline.recipe import STAGES, Recipe, RecipeStage, StageKind, bu
 from torchslim.pipeline.runner import CompressInterrupted, CompressResult, compress, measure_stage
 from torchslim.pipeline.stages import DistillOptions, EncodeConfig, ExportConfig, StageContext, StageOutcome
 
-__all__ = ["STAGES", "Checkpoint", "CompressInterrupted", "CompressResult", "DistillOptions", "EncodeConfig", "ExportConfig", "Recipe",
-           "RecipeStage", "StageContext", "StageKind", "StageOutcome", "builtin_recipes", "checkpoint_original", "checkpoint_status",
-           "compress", "load_recipe", "measure_stage", "register_stage"]
+__all__ = [
+    "STAGES",
+    "Checkpoint",
+    "CompressInterrupted",
+    "CompressResult",
+    "DistillOptions",
+    "EncodeConfig",
+    "ExportConfig",
+    "Recipe",
+    "RecipeStage",
+    "StageContext",
+    "StageKind",
+    "StageOutcome",
+    "builtin_recipes",
+    "checkpoint_original",
+    "checkpoint_status",
+    "compress",
+    "load_recipe",
+    "measure_stage",
+    "register_stage",
+]

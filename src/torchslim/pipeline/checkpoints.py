@@ -38,8 +38,12 @@ class Checkpoint:
         if not path.is_file():
             return None
         progress = json.loads(path.read_text())
-        return {"recipe": progress["recipe"]["name"], "completed": progress["completed"], "stages": len(progress["recipe"]["stages"]),
-                "step": progress.get("step", 0)}
+        return {
+            "recipe": progress["recipe"]["name"],
+            "completed": progress["completed"],
+            "stages": len(progress["recipe"]["stages"]),
+            "step": progress.get("step", 0),
+        }
 
     def save(self, recipe: Recipe, report: Report, model: nn.Module, original: nn.Module, completed: int, step: int = 0) -> None:
         """Record that ``completed`` stages (and ``step`` steps of the next one) are done, with the model as it stands."""
@@ -48,8 +52,14 @@ class Checkpoint:
             save_model(original, self.folder / ORIGINAL)
         name = f"stage-{completed:02d}-step-{step:03d}.safetensors"
         save_model(model, self.folder / name)
-        progress = {"recipe": recipe.to_dict(), "completed": completed, "step": step, "model_file": name,
-                    "masked": sorted(masks_of(model)), "report": report.to_dict()}
+        progress = {
+            "recipe": recipe.to_dict(),
+            "completed": completed,
+            "step": step,
+            "model_file": name,
+            "masked": sorted(masks_of(model)),
+            "report": report.to_dict(),
+        }
         write_atomic(self.folder / PROGRESS, json.dumps(progress, indent=1).encode())
         for old in self.folder.glob("stage-*.safetensors"):
             if old.name != name:
@@ -63,8 +73,10 @@ class Checkpoint:
         """(model, report, stages completed, steps completed of the next stage); the recipe must be the run's."""
         progress = json.loads((self.folder / PROGRESS).read_text())
         if progress.get("recipe") != recipe.to_dict():
-            raise TorchslimError(f"{self.folder}: the checkpoint was made by a different recipe ({progress.get('recipe', {}).get('name')!r} "
-                                 f"with other settings); run with the same recipe, or remove the folder to start over")
+            raise TorchslimError(
+                f"{self.folder}: the checkpoint was made by a different recipe ({progress.get('recipe', {}).get('name')!r} "
+                f"with other settings); run with the same recipe, or remove the folder to start over"
+            )
         model = load_model(self.folder / progress["model_file"], trust_factory=trust_factory)
         for name in progress["masked"]:
             module = model.get_submodule(name)

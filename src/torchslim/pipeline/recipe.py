@@ -26,9 +26,10 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import yaml
 
@@ -65,17 +66,23 @@ def _predicate(value: Callable[[Config], bool] | bool) -> Callable[[Config], boo
     return value if callable(value) else (lambda config: value)
 
 
-def register_stage(name: str, parse: Callable[[Any, str], Config] | type[Config], finetune: bool = False,
-                   options: type[Config] | None = None, terminal: Callable[[Config], bool] | bool = False,
-                   writes_onnx: Callable[[Config], bool] | bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def register_stage(
+    name: str,
+    parse: Callable[[Any, str], Config] | type[Config],
+    finetune: bool = False,
+    options: type[Config] | None = None,
+    terminal: Callable[[Config], bool] | bool = False,
+    writes_onnx: Callable[[Config], bool] | bool = False,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register ``run(context, stage) -> StageOutcome`` as stage kind ``name`` (``parse``: a Config type or a
     function of (mapping, where)); its docstring's first line describes it."""
-    parser = parse.from_dict if isinstance(parse, type) else parse
+    parser: Callable[[Any, str], Config] = parse.from_dict if isinstance(parse, type) else parse  # type: ignore[attr-defined]
 
     def add(run: Callable[..., Any]) -> Callable[..., Any]:
         kind = StageKind(name, parser, run, finetune, options, _predicate(terminal), _predicate(writes_onnx))
         STAGES.register(name, (run.__doc__ or "").strip())(kind)
         return run
+
     return add
 
 
@@ -140,9 +147,11 @@ class Recipe:
         if not self.stages:
             raise ConfigError(f"recipe {self.name!r}: stages must list at least one stage")
         terminal = [i for i, stage in enumerate(self.stages) if stage.terminal]
-        if terminal and any(not stage.terminal for stage in self.stages[terminal[0]:]):
-            raise ConfigError(f"recipe {self.name!r}: stages that write the final artifact (encode, export, int8 engines) may only be "
-                              f"followed by one another at the end (stages: {[s.kind for s in self.stages]})")
+        if terminal and any(not stage.terminal for stage in self.stages[terminal[0] :]):
+            raise ConfigError(
+                f"recipe {self.name!r}: stages that write the final artifact (encode, export, int8 engines) may only be "
+                f"followed by one another at the end (stages: {[s.kind for s in self.stages]})"
+            )
 
     @classmethod
     def from_dict(cls, mapping: Mapping[str, Any], where: str = "recipe") -> Recipe:
@@ -164,7 +173,7 @@ class Recipe:
                 continue
             if not isinstance(entry, Mapping) or len(entry) != 1:
                 raise ConfigError(f"{where} stage {index}: expected a one-key mapping like {{prune: {{...}}}}, got {entry!r}")
-            (kind, settings), = entry.items()
+            ((kind, settings),) = entry.items()
             parsed.append(RecipeStage.parse(kind, settings, f"{where} stage {index} ({kind})"))
         description = mapping.get("description", "")
         if not isinstance(description, str):
@@ -181,14 +190,13 @@ class Recipe:
     def from_yaml(cls, text_or_path: str | Path) -> Recipe:
         where = "recipe"
         text = text_or_path
-        if isinstance(text_or_path, Path) or (isinstance(text_or_path, str) and "\n" not in text_or_path
-                                              and text_or_path.endswith((".yaml", ".yml"))):
+        if isinstance(text_or_path, Path) or (isinstance(text_or_path, str) and "\n" not in text_or_path and text_or_path.endswith((".yaml", ".yml"))):
             path = Path(text_or_path)
             if not path.is_file():
                 raise ConfigError(f"recipe file {path} does not exist")
             text, where = path.read_text(), str(path)
         try:
-            data = yaml.safe_load(text)
+            data = yaml.safe_load(str(text))
         except yaml.YAMLError as error:
             raise ConfigError(f"{where}: not valid YAML ({error})") from None
         return cls.from_dict(data, where=where)
@@ -196,7 +204,7 @@ class Recipe:
     def with_stage(self, index: int, **changes: Any) -> Recipe:
         """A copy with stage ``index`` (0-based) changed, validated again."""
         stage = self.stages[index]
-        (kind, settings), = stage.to_dict().items()
+        ((kind, settings),) = stage.to_dict().items()
         updated = RecipeStage.parse(kind, {**settings, **changes}, f"recipe stage {index + 1} ({kind})")
         stages = list(self.stages)
         stages[index] = updated

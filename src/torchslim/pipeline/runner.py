@@ -21,8 +21,9 @@ import copy
 import dataclasses
 import os
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from torch import nn
 
@@ -62,14 +63,20 @@ class CompressResult(Result):
         refuse_overwrite(report_path, overwrite)
         encode = [s.config for s in (self.recipe.stages if self.recipe else ()) if isinstance(s.config, EncodeConfig)]
         coders = encode[-1].coders if encode else EncodeConfig().coders
-        save_tslim(self.model, path, coders=coders, overwrite=overwrite,
-                   metadata={"recipe": self.recipe.name if self.recipe else None, "stages": [s.name for s in self.report.stages]})
+        save_tslim(
+            self.model,
+            path,
+            coders=coders,
+            overwrite=overwrite,
+            metadata={"recipe": self.recipe.name if self.recipe else None, "stages": [s.name for s in self.report.stages]},
+        )
         self.report.save(report_path)
         return path
 
 
-def measure_stage(model: nn.Module, source: DataSource, task: Task, outcome: StageOutcome | None, baseline_bytes: int | None,
-                  latency: bool = True, threads: int = 2) -> dict[str, Any]:
+def measure_stage(
+    model: nn.Module, source: DataSource, task: Task, outcome: StageOutcome | None, baseline_bytes: int | None, latency: bool = True, threads: int = 2
+) -> dict[str, Any]:
     """The numbers recorded after a stage: the task's metrics of what runs (the engine a stage produced, or the
     model), counts of the model (``measure.measure_model``), the bytes it would take (or that the stage wrote), and
     the ratio against the dense baseline."""
@@ -124,8 +131,10 @@ def compress(
     store = Checkpoint(checkpoint) if checkpoint is not None else None
     if store is not None and not resume and store.status() is not None:
         status = store.status()
-        raise TorchslimError(f"{store.folder} holds a checkpoint of recipe {status['recipe']!r} ({status['completed']} of "
-                             f"{status['stages']} stages done); resume it (--resume) or remove the folder")
+        raise TorchslimError(
+            f"{store.folder} holds a checkpoint of recipe {status['recipe']!r} ({status['completed']} of "
+            f"{status['stages']} stages done); resume it (--resume) or remove the folder"
+        )
     if resume and store is None:
         raise TorchslimError("resume needs the checkpoint folder of the run to continue")
     if any(stage.writes_onnx for stage in recipe.stages) and export_path is None:
@@ -149,13 +158,27 @@ def compress(
     for index, stage in enumerate(recipe.stages, start=1):
         if index <= completed:
             continue
-        current, outcome = _run(store, recipe, report, original, index, stage, StageContext(
-            model=current, source=source, task=resolved, original=original, threads=threads, progress=progress,
-            trust_factory=trust_factory, export_path=Path(export_path) if export_path is not None else None,
-            resume_step=step if index == completed + 1 else 0))
+        current, outcome = _run(
+            store,
+            recipe,
+            report,
+            original,
+            index,
+            stage,
+            StageContext(
+                model=current,
+                source=source,
+                task=resolved,
+                original=original,
+                threads=threads,
+                progress=progress,
+                trust_factory=trust_factory,
+                export_path=Path(export_path) if export_path is not None else None,
+                resume_step=step if index == completed + 1 else 0,
+            ),
+        )
         files.update(outcome.files)
-        record = Stage(name=f"{index} {stage.kind}", kind=stage.kind, notes=outcome.notes, execution=outcome.execution,
-                       config=stage.to_dict()[stage.kind])
+        record = Stage(name=f"{index} {stage.kind}", kind=stage.kind, notes=outcome.notes, execution=outcome.execution, config=stage.to_dict()[stage.kind])
         record.metrics = measure_stage(current, source, resolved, outcome, baseline_bytes, latency, threads)
         record.metrics["seconds"] = round(outcome.seconds, 2)
         report.stages.append(record)
@@ -168,14 +191,17 @@ def compress(
     return CompressResult(model=current, report=report, recipe=recipe, files=files)
 
 
-def _run(store: Checkpoint | None, recipe: Recipe, report: Report, original: nn.Module, index: int, stage: RecipeStage,
-         context: StageContext) -> tuple[nn.Module, StageOutcome]:
+def _run(
+    store: Checkpoint | None, recipe: Recipe, report: Report, original: nn.Module, index: int, stage: RecipeStage, context: StageContext
+) -> tuple[nn.Module, StageOutcome]:
     """One stage, timed, with a checkpoint after each of its steps; Ctrl-C becomes ``CompressInterrupted``."""
     done = {"step": context.resume_step}
     if store is not None:
+
         def on_step(step: int, model: nn.Module) -> None:
             store.save(recipe, report, model, original, completed=index - 1, step=step + 1)
             done["step"] = step + 1
+
         context.on_step = on_step
     began = time.perf_counter()
     try:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
 
 from torch import nn
 
@@ -67,20 +67,32 @@ class StageOutcome:
 @register_stage("prune", PruneConfig, finetune=True)
 def run_prune(context: StageContext, stage: RecipeStage) -> StageOutcome:
     """Unstructured pruning, in the config's steps, fine-tuned after each step (torchslim.prune)."""
-    result = prune(context.model, stage.config, context.source, context.task, finetune=stage.finetune, inplace=True,
-                   progress=context.progress, start_step=context.resume_step, on_step=context.on_step)
+    assert isinstance(stage.config, PruneConfig)
+    result = prune(
+        context.model,
+        stage.config,
+        context.source,
+        context.task,
+        finetune=stage.finetune,
+        inplace=True,
+        progress=context.progress,
+        start_step=context.resume_step,
+        on_step=context.on_step,
+    )
     return StageOutcome(result.model, result.report.stages[0].notes, "eager, pruned weights masked to zero")
 
 
 @register_stage("prune-channels", StructuredConfig, finetune=True)
 def run_prune_channels(context: StageContext, stage: RecipeStage) -> StageOutcome:
     """Structured pruning: channels, neurons and heads removed, then fine-tuned (torchslim.prune_channels)."""
+    assert isinstance(stage.config, StructuredConfig)
     make_permanent(context.model)
-    result = prune_channels(context.model, stage.config, context.source, task=context.task, finetune=stage.finetune,
-                            progress=context.progress)
+    result = prune_channels(context.model, stage.config, context.source, task=context.task, finetune=stage.finetune, progress=context.progress)
     metrics = result.report.stages[0].metrics
-    notes = [f"MACs {metrics['macs_before']:,} -> {metrics['macs']:,} ({metrics['macs_ratio']:.2f}x fewer), "
-             f"{metrics['groups_removed']} channel groups and {metrics['heads_removed']} heads removed"] + result.report.stages[0].notes
+    notes = [
+        f"MACs {metrics['macs_before']:,} -> {metrics['macs']:,} ({metrics['macs_ratio']:.2f}x fewer), "
+        f"{metrics['groups_removed']} channel groups and {metrics['heads_removed']} heads removed"
+    ] + result.report.stages[0].notes
     return StageOutcome(result.model, notes, "eager, smaller dense layers")
 
 
@@ -88,8 +100,16 @@ def run_prune_channels(context: StageContext, stage: RecipeStage) -> StageOutcom
 def run_finetune(context: StageContext, stage: RecipeStage) -> StageOutcome:
     """Training with every mask in force (torchslim.train)."""
     assert isinstance(stage.config, TrainConfig)
-    history = fit(context.model, context.source, stage.config, task=context.task, progress=context.progress, label="finetune",
-                  evaluate_at_end=False, reference=context.original)
+    history = fit(
+        context.model,
+        context.source,
+        stage.config,
+        task=context.task,
+        progress=context.progress,
+        label="finetune",
+        evaluate_at_end=False,
+        reference=context.original,
+    )
     return StageOutcome(context.model, [f"{len(history.epochs)} epochs, {history.seconds:.1f} s"], "eager")
 
 
@@ -106,14 +126,22 @@ def _onnx_method(config: Config) -> bool:
 def run_quantize(context: StageContext, stage: RecipeStage) -> StageOutcome:
     """Quantization by any method (torchslim.quantize); weight-only stores codes, int8 methods produce an engine
     (then the stage must end the recipe)."""
-    result = quantize(context.model, stage.config, context.source, context.task, finetune=stage.finetune, inplace=True,
-                      example_input=context.source.example(1), path=context.export_path, threads=context.threads,
-                      progress=context.progress)
+    result = quantize(
+        context.model,
+        stage.config,
+        context.source,
+        context.task,
+        finetune=stage.finetune,
+        inplace=True,
+        example_input=context.source.example(1),
+        path=context.export_path,
+        threads=context.threads,
+        progress=context.progress,
+    )
     report = result.report.stages[0]
     if isinstance(result.model, OnnxModule):  # an engine: the float model stays for counting, the engine runs
         files = {"onnx": context.export_path} if context.export_path is not None else {}
-        return StageOutcome(context.model, report.notes, report.execution, engine=result.model,
-                            stored=(len(result.model.onnx_bytes), "ONNX file"), files=files)
+        return StageOutcome(context.model, report.notes, report.execution, engine=result.model, stored=(len(result.model.onnx_bytes), "ONNX file"), files=files)
     if _engine_method(stage.config):  # compiled in memory: nothing written, the float model is what is stored
         return StageOutcome(context.model, report.notes, report.execution, engine=result.model)
     return StageOutcome(result.model, report.notes, report.execution)
@@ -131,11 +159,13 @@ def run_distill(context: StageContext, stage: RecipeStage) -> StageOutcome:
     """Training against a teacher: the original model or a saved one (torchslim.distill)."""
     teacher_name = getattr(stage.options, "teacher", "original")
     teacher = context.original if teacher_name == "original" else load_model(teacher_name, trust_factory=context.trust_factory)
+    assert isinstance(stage.config, DistillConfig)
     result = distill(context.model, teacher, context.source, stage.config, task=context.task, inplace=True, progress=context.progress)
     metrics = result.report.stages[0].metrics
     metric = context.task.metric
-    return StageOutcome(context.model, [f"teacher {metric} {metrics.get('teacher_' + metric, float('nan')):.4g}, "
-                                        f"student {metric} {metrics[metric]:.4g}"], "eager")
+    return StageOutcome(
+        context.model, [f"teacher {metric} {metrics.get('teacher_' + metric, float('nan')):.4g}, student {metric} {metrics[metric]:.4g}"], "eager"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,16 +209,19 @@ def run_export(context: StageContext, stage: RecipeStage) -> StageOutcome:
     """An ONNX file (fp32, or int8 through torchslim.quantize) run by ONNX Runtime."""
     assert isinstance(stage.config, ExportConfig) and context.export_path is not None
     plain = make_permanent(copy.deepcopy(context.model))
+    engine: nn.Module
     if stage.config.int8 is None:
         engine = OnnxModule(export_onnx(plain, context.source.example(1), context.export_path), threads=context.threads)
         notes = ["fp32 ONNX"]
     else:
-        result = quantize(plain, stage.config.int8, context.source, context.task, example_input=context.source.example(1),
-                          path=context.export_path, threads=context.threads)
+        result = quantize(
+            plain, stage.config.int8, context.source, context.task, example_input=context.source.example(1), path=context.export_path, threads=context.threads
+        )
         engine, notes = result.model, result.report.stages[0].notes
     notes = notes + [f"written to {context.export_path}"]
-    return StageOutcome(context.model, notes, "ONNX Runtime", engine=engine, stored=(context.export_path.stat().st_size, "ONNX file"),
-                        files={"onnx": context.export_path})
+    return StageOutcome(
+        context.model, notes, "ONNX Runtime", engine=engine, stored=(context.export_path.stat().st_size, "ONNX file"), files={"onnx": context.export_path}
+    )
 
 
 __all__ = ["DistillOptions", "EncodeConfig", "ExportConfig", "StageContext", "StageOutcome"]

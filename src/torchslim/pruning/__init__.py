@@ -18,10 +18,11 @@ from torchslim.pruning.tracing import trace
 from torchslim.pruning.unstructured import PruneConfig, prune, prune_in_place
 
 __all__ = [
+    "GROUP_IMPORTANCE",
+    "WEIGHT_IMPORTANCE",
     "CSRWeight",
     "ChannelGraph",
     "Criterion",
-    "GROUP_IMPORTANCE",
     "GradualPruning",
     "Group",
     "HardConcreteGate",
@@ -32,7 +33,6 @@ __all__ = [
     "SparseLinear",
     "SparsityRegularizer",
     "StructuredConfig",
-    "WEIGHT_IMPORTANCE",
     "apply_structure",
     "check_removal",
     "get_mask",

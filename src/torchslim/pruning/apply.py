@@ -10,9 +10,13 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from torchslim.core.selector import weight_of
+
 
 class WeightMask(nn.Module):
     """Parametrization: weight -> weight * mask (mask is a buffer, saved and moved with the module)."""
+
+    mask: torch.Tensor
 
     def __init__(self, mask: torch.Tensor) -> None:
         super().__init__()
@@ -35,9 +39,10 @@ def get_mask(module: nn.Module) -> torch.Tensor | None:
 @torch.no_grad()
 def set_mask(module: nn.Module, mask: torch.Tensor) -> None:
     """Attach (or replace) the module's weight mask; the stored original is zeroed where pruned as well."""
-    mask = mask.to(device=module.weight.device, dtype=torch.bool)
-    if mask.shape != module.weight.shape:
-        raise ValueError(f"mask shape {tuple(mask.shape)} does not fit weight {tuple(module.weight.shape)}")
+    weight = weight_of(module)
+    mask = mask.to(device=weight.device, dtype=torch.bool)
+    if mask.shape != weight.shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not fit weight {tuple(weight.shape)}")
     existing = get_mask(module)
     if existing is not None:
         existing.copy_(mask)

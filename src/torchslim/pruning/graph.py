@@ -119,7 +119,7 @@ class ChannelGraph:
         self.leaf_records: dict[str, list[tuple[list[int] | None, list[int]]]] = {}  # pad-shortcut slot maps
 
     # -- slot bookkeeping ------------------------------------------------------------------------------------------
-    def set_info(self, tensor: torch.Tensor, slots: list[int], axis: int) -> None:
+    def set_info(self, tensor: Any, slots: list[int], axis: int) -> None:
         self.keep_alive.append(tensor)
         self.info[id(tensor)] = SlotInfo(list(slots), axis % tensor.dim() if tensor.dim() else 0)
 
@@ -146,8 +146,7 @@ class ChannelGraph:
         self.slot_params.append((slot, role, ParamSlice(module, name, dim, [index])))
 
     # -- helpers for rules ------------------------------------------------------------------------------------------
-    def produce(self, name: str, module: nn.Module, output: torch.Tensor, count: int, axis: int, weight_dim: int = 0,
-                bias: bool = True) -> list[int]:
+    def produce(self, name: str, module: nn.Module, output: torch.Tensor, count: int, axis: int, weight_dim: int = 0, bias: bool = True) -> list[int]:
         """New slots for ``count`` output channels of ``name``, owned by its weight rows (and bias entries)."""
         slots = self.new_slots(count)
         for index, slot in enumerate(slots):
@@ -167,8 +166,7 @@ class ChannelGraph:
         """Entries ``indices`` of ``module.name`` along ``dim`` (for head groups)."""
         return ParamSlice(module, name, dim, list(indices))
 
-    def add_head(self, module: str, head: int, slices: list[ParamSlice], slots: list[int] | None = None,
-                 attributes: dict[str, str] | None = None) -> None:
+    def add_head(self, module: str, head: int, slices: list[ParamSlice], slots: list[int] | None = None, attributes: dict[str, str] | None = None) -> None:
         """One attention head of ``module`` that may be removed whole."""
         self.heads.append(HeadGroup(module, head, slices, slots=list(slots or []), attributes=dict(attributes or {})))
 

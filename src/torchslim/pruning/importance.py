@@ -18,7 +18,8 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -49,21 +50,26 @@ GROUP_IMPORTANCE: Registry[Criterion] = Registry("group importance")
 
 def weight_criterion(name: str, needs: str | None = None) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Register a per-weight criterion ``score(weight, statistics) -> scores of the weight's shape``."""
+
     def add(function: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         WEIGHT_IMPORTANCE.register(name, (function.__doc__ or "").strip())(Criterion(function, needs))
         return function
+
     return add
 
 
 def group_criterion(name: str, needs: str | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a group criterion ``score(model, group, statistics) -> float`` (None: leave the group alone)."""
+
     def add(function: Callable[..., Any]) -> Callable[..., Any]:
         GROUP_IMPORTANCE.register(name, (function.__doc__ or "").strip())(Criterion(function, needs))
         return function
+
     return add
 
 
 # -- per weight ------------------------------------------------------------------------------------------------------
+
 
 @weight_criterion("l1")
 def l1(weight: torch.Tensor, statistics: dict[str, Any]) -> torch.Tensor:
@@ -107,15 +113,17 @@ def parametrized_weight(module: nn.Module) -> nn.Parameter:
     parametrizations = getattr(module, "parametrizations", None)
     if parametrizations is not None and "weight" in parametrizations:
         return parametrizations["weight"].original
-    return module.weight
+    weight = module.weight
+    assert isinstance(weight, nn.Parameter), f"{type(module).__name__}.weight is not a parameter"
+    return weight
 
 
-def collect_gradient_statistics(model: nn.Module, modules: list[tuple[str, nn.Module]], batches: Iterable, count: int,
-                                loss: Callable[[nn.Module, Any], torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+def collect_gradient_statistics(
+    model: nn.Module, modules: list[tuple[str, nn.Module]], batches: Iterable, count: int, loss: Callable[[nn.Module, Any], torch.Tensor]
+) -> dict[str, dict[str, torch.Tensor]]:
     """Sum g^2 and |w * g| of each selected module's weight over ``count`` batches of ``loss(model, batch)`` (train
     mode, no update; gradients of masked weights are zero)."""
-    sums = {name: {"squared_gradient": torch.zeros_like(m.weight.detach()), "taylor": torch.zeros_like(m.weight.detach())}
-            for name, m in modules}
+    sums = {name: {"squared_gradient": torch.zeros_like(m.weight.detach()), "taylor": torch.zeros_like(m.weight.detach())} for name, m in modules}
     seen = 0
     previous = {name: p.requires_grad for name, p in model.named_parameters()}
     try:
@@ -145,6 +153,7 @@ def collect_gradient_statistics(model: nn.Module, modules: list[tuple[str, nn.Mo
 
 # -- per group -------------------------------------------------------------------------------------------------------
 
+
 def slice_values(model: nn.Module, piece: ParamSlice) -> torch.Tensor:
     """The entries of a tensor a group owns."""
     tensor = getattr(model.get_submodule(piece.module), piece.name).detach()
@@ -155,7 +164,7 @@ def group_norm(model: nn.Module, pieces: list[ParamSlice], p: int) -> float:
     """The group's L1 norm (p=1) or L2 norm (p=2) over its weights: the per-weight criteria l1 / l2 summed."""
     criterion = WEIGHT_IMPORTANCE.get("l1" if p == 1 else "l2").score
     total = sum(float(criterion(slice_values(model, piece), {}).sum()) for piece in pieces if piece.name == "weight")
-    return total if p == 1 else total ** 0.5
+    return total if p == 1 else total**0.5
 
 
 def _norm_pieces(group: Group) -> list[ParamSlice]:
@@ -225,8 +234,9 @@ def _channel_axis(module: nn.Module, output: torch.Tensor) -> int:
     return 1 if isinstance(module, convolutional) and output.dim() > 2 else output.dim() - 1
 
 
-def activation_statistics(model: nn.Module, modules: set[str], batches: Iterable, count: int,
-                          loss: Callable[[nn.Module, Any], torch.Tensor] | None) -> dict[str, dict[str, torch.Tensor]]:
+def activation_statistics(
+    model: nn.Module, modules: set[str], batches: Iterable, count: int, loss: Callable[[nn.Module, Any], torch.Tensor] | None
+) -> dict[str, dict[str, torch.Tensor]]:
     """Per module and output channel: mean activation after ReLU, APoZ, and (with ``loss``) |a * dL/da| averaged
     over ``count`` batches, in eval mode (every submodule's mode restored)."""
     stats: dict[str, dict[str, Any]] = {}
@@ -246,6 +256,7 @@ def activation_statistics(model: nn.Module, modules: set[str], batches: Iterable
             if loss is not None and output.requires_grad:
                 output.retain_grad()
                 captured[name] = (output, dims)
+
         return record
 
     handles = [module.register_forward_hook(hook(name)) for name, module in model.named_modules() if name in modules]
@@ -278,5 +289,18 @@ def activation_statistics(model: nn.Module, modules: set[str], batches: Iterable
     return {name: {key: value / entry["batches"] for key, value in entry.items() if key != "batches"} for name, entry in stats.items()}
 
 
-__all__ = ["ACTIVATIONS", "GRADIENTS", "GROUP_IMPORTANCE", "WEIGHT_IMPORTANCE", "Criterion", "activation_sites", "activation_statistics",
-           "collect_gradient_statistics", "group_criterion", "group_norm", "parametrized_weight", "slice_values", "weight_criterion"]
+__all__ = [
+    "ACTIVATIONS",
+    "GRADIENTS",
+    "GROUP_IMPORTANCE",
+    "WEIGHT_IMPORTANCE",
+    "Criterion",
+    "activation_sites",
+    "activation_statistics",
+    "collect_gradient_statistics",
+    "group_criterion",
+    "group_norm",
+    "parametrized_weight",
+    "slice_values",
+    "weight_criterion",
+]

@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from torchslim.core.errors import TorchslimError
-from torchslim.core.selector import LayerSelector, select_modules
+from torchslim.core.selector import LayerSelector, select_modules, weight_of
 from torchslim.pruning.apply import set_mask
 from torchslim.pruning.masks import global_masks
 from torchslim.train.fit import Callback, TrainState
@@ -41,7 +41,7 @@ class SparsityRegularizer(Callback):
     def penalty(self) -> torch.Tensor:
         total = None
         for _, module in self.modules:
-            weight = module.weight
+            weight = weight_of(module)
             if self.kind == "l1":
                 term = weight.abs().sum()
             elif self.kind == "l2":
@@ -68,13 +68,19 @@ class SparsityRegularizer(Callback):
             if threshold is not None:
                 keep = {name: n > threshold for name, n in norms.items()}
             else:
+                assert sparsity is not None
                 keep = global_masks(norms, sparsity)
             for name, module in self.modules:
-                shape = (-1,) + (1,) * (module.weight.dim() - 1)
-                masks[name] = keep[name].view(shape).expand_as(module.weight).clone()
+                weight = weight_of(module)
+                shape = (-1,) + (1,) * (weight.dim() - 1)
+                masks[name] = keep[name].view(shape).expand_as(weight).clone()
         else:
             magnitudes = {name: module.weight.detach().abs() for name, module in self.modules}
-            masks = {n: m > threshold for n, m in magnitudes.items()} if threshold is not None else global_masks(magnitudes, sparsity)
+            if threshold is not None:
+                masks = {n: m > threshold for n, m in magnitudes.items()}
+            else:
+                assert sparsity is not None
+                masks = global_masks(magnitudes, sparsity)
         for name, module in self.modules:
             set_mask(module, masks[name])
         return masks
@@ -115,8 +121,9 @@ class L0Regularizer(Callback):
     """L0 regularization with hard-concrete gates: attach gates, train with ``strength`` x expected L0 (per weight
     gated, normalized by the gate count), then ``to_masks`` turns the deterministic gates into masks."""
 
-    def __init__(self, model: nn.Module, strength: float = 1e-2, layers: LayerSelector | dict | None = None,
-                 granularity: str = "weight", initial_keep: float = 0.9) -> None:
+    def __init__(
+        self, model: nn.Module, strength: float = 1e-2, layers: LayerSelector | dict | None = None, granularity: str = "weight", initial_keep: float = 0.9
+    ) -> None:
         if granularity not in ("weight", "neuron"):
             raise TorchslimError(f"granularity must be 'weight' or 'neuron', got {granularity!r}")
         self.strength = strength
@@ -144,7 +151,8 @@ class L0Regularizer(Callback):
             value = gate.gate()
             original = module.parametrizations["weight"].original.detach().clone()
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
-            module.weight.copy_(original * value)
-            masks[name] = (value > 0).expand_as(module.weight).clone()
+            weight = weight_of(module)
+            weight.copy_(original * value)
+            masks[name] = (value > 0).expand_as(weight).clone()
             set_mask(module, masks[name])
         return masks

@@ -92,20 +92,22 @@ def remove_channels(model: nn.Module, graph: ChannelGraph, groups: list[Group], 
     for module_name, keeps in per_module.items():
         module = model.get_submodule(module_name)
         slice_module(module, keeps)
-        transform["shapes"][module_name] = {name: list(getattr(module, name).shape) for name, _ in
-                                            list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
-                                            if getattr(module, name) is not None and getattr(module, name).dim() > 0}
+        transform["shapes"][module_name] = {
+            name: list(getattr(module, name).shape)
+            for name, _ in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
+            if getattr(module, name) is not None and getattr(module, name).dim() > 0
+        }
     pruned_slots = {g.id for g in groups}
     for name, records in graph.leaf_records.items():  # option-A shortcuts: where the kept inputs land now
-        module = model.get_submodule(name)
+        shortcut: Any = model.get_submodule(name)
         in_slots, out_slots = records[0]
         kept_out = [s for s in out_slots if graph.uf.find(s) not in pruned_slots]
         kept_in = [s for s in in_slots if graph.uf.find(s) not in pruned_slots]
         roots_out = [graph.uf.find(s) for s in kept_out]
         positions = [roots_out.index(graph.uf.find(s)) for s in kept_in]
-        if len(kept_out) != module.out_channels or len(kept_in) != module.in_channels:
-            module.in_channels, module.out_channels = len(kept_in), len(kept_out)
-            module.index = positions
+        if len(kept_out) != shortcut.out_channels or len(kept_in) != shortcut.in_channels:
+            shortcut.in_channels, shortcut.out_channels = len(kept_in), len(kept_out)
+            shortcut.index = positions
             transform["attributes"][name] = {"in_channels": len(kept_in), "out_channels": len(kept_out), "index": positions}
     removed_heads: dict[str, list[HeadGroup]] = {}
     for head in heads:

@@ -7,13 +7,14 @@ and is named."""
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from torchslim.pruning.graph import ChannelGraph, ParamSlice, SlotInfo
+from torchslim.pruning.graph import ChannelGraph, ParamSlice
 
 # leaf-module rules: (graph, module name, module, input tensors, output) -> None; registered by type
 LEAF_RULES: dict[type, Callable[..., None]] = {}
@@ -32,15 +33,34 @@ def leaf_rule(*types: type) -> Callable:
     return register
 
 
-PASS_MODULES = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.LeakyReLU,
-                nn.ELU, nn.Dropout, nn.Dropout2d, nn.Identity, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
-                nn.AdaptiveMaxPool2d, nn.MaxPool1d, nn.AvgPool1d)
+PASS_MODULES = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.GELU,
+    nn.SiLU,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.Dropout,
+    nn.Dropout2d,
+    nn.Identity,
+    nn.MaxPool2d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
+    nn.MaxPool1d,
+    nn.AvgPool1d,
+)
 
 
 # -- leaf modules ----------------------------------------------------------------------------------------------------
 
+
 @leaf_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
-def _conv(graph: ChannelGraph, name: str, module: nn.Module, inputs: list[Any], output: torch.Tensor) -> None:
+def _conv(graph: ChannelGraph, name: str, module: Any, inputs: list[Any], output: Any) -> None:
     info = graph.get_info(inputs[0])
     if info is not None and info.axis != 1:
         graph.unsupported_op(name, f"{type(module).__name__} on a tensor whose channels are not on axis 1", inputs[:1])
@@ -65,7 +85,7 @@ def _conv(graph: ChannelGraph, name: str, module: nn.Module, inputs: list[Any], 
 
 
 @leaf_rule(nn.Linear)
-def _linear(graph: ChannelGraph, name: str, module: nn.Linear, inputs: list[Any], output: torch.Tensor) -> None:
+def _linear(graph: ChannelGraph, name: str, module: Any, inputs: list[Any], output: Any) -> None:
     info = graph.get_info(inputs[0])
     if info is not None and info.axis != inputs[0].dim() - 1:
         graph.unsupported_op(name, "Linear over a tensor whose channels are not on the last axis", inputs[:1])
@@ -75,12 +95,12 @@ def _linear(graph: ChannelGraph, name: str, module: nn.Linear, inputs: list[Any]
 
 
 @leaf_rule(nn.Embedding)
-def _embedding(graph: ChannelGraph, name: str, module: nn.Embedding, inputs: list[Any], output: torch.Tensor) -> None:
+def _embedding(graph: ChannelGraph, name: str, module: Any, inputs: list[Any], output: Any) -> None:
     graph.produce(name, module, output, module.embedding_dim, -1, weight_dim=1, bias=False)
 
 
 @leaf_rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-def _batchnorm(graph: ChannelGraph, name: str, module: nn.Module, inputs: list[Any], output: torch.Tensor) -> None:
+def _batchnorm(graph: ChannelGraph, name: str, module: Any, inputs: list[Any], output: Any) -> None:
     info = graph.get_info(inputs[0])
     if info is None:
         return
@@ -92,7 +112,7 @@ def _batchnorm(graph: ChannelGraph, name: str, module: nn.Module, inputs: list[A
 
 
 @leaf_rule(nn.LayerNorm)
-def _layernorm(graph: ChannelGraph, name: str, module: nn.LayerNorm, inputs: list[Any], output: torch.Tensor) -> None:
+def _layernorm(graph: ChannelGraph, name: str, module: Any, inputs: list[Any], output: Any) -> None:
     info = graph.get_info(inputs[0])
     if info is None:
         return
@@ -106,7 +126,7 @@ def _layernorm(graph: ChannelGraph, name: str, module: nn.LayerNorm, inputs: lis
     graph.set_info(output, info.slots, info.axis)
 
 
-def _pass_module(graph: ChannelGraph, name: str, module: nn.Module, inputs: list[Any], output: torch.Tensor) -> None:
+def _pass_module(graph: ChannelGraph, name: str, module: Any, inputs: list[Any], output: Any) -> None:
     info = graph.get_info(inputs[0]) if inputs else None
     if info is not None and isinstance(output, torch.Tensor) and output.dim() == inputs[0].dim() and output.shape[info.axis] == inputs[0].shape[info.axis]:
         graph.set_info(output, info.slots, info.axis)
@@ -119,13 +139,14 @@ for _klass in PASS_MODULES:
 
 
 @leaf_rule(nn.Flatten)
-def _flatten_module(graph: ChannelGraph, name: str, module: nn.Flatten, inputs: list[Any], output: torch.Tensor) -> None:
+def _flatten_module(graph: ChannelGraph, name: str, module: Any, inputs: list[Any], output: Any) -> None:
     _flatten(graph, name, inputs[0], output, module.start_dim, module.end_dim)
 
 
 # -- functions -------------------------------------------------------------------------------------------------------
 
-def _flatten(graph: ChannelGraph, where: str, tensor: torch.Tensor, output: torch.Tensor, start: int, end: int) -> None:
+
+def _flatten(graph: ChannelGraph, where: str, tensor: Any, output: Any, start: int, end: int) -> None:
     info = graph.get_info(tensor)
     if info is None:
         return
@@ -133,7 +154,7 @@ def _flatten(graph: ChannelGraph, where: str, tensor: torch.Tensor, output: torc
     if info.axis < start:
         graph.set_info(output, info.slots, info.axis)
     elif info.axis == start:
-        block = math.prod(tensor.shape[start + 1:end + 1])
+        block = math.prod(tensor.shape[start + 1 : end + 1])
         graph.set_info(output, [slot for slot in info.slots for _ in range(block)], start)
     elif info.axis > end:
         graph.set_info(output, info.slots, info.axis - (end - start))
@@ -142,23 +163,86 @@ def _flatten(graph: ChannelGraph, where: str, tensor: torch.Tensor, output: torc
 
 
 ELEMENTWISE = {
-    torch.add, torch.sub, torch.mul, torch.div, torch.Tensor.add, torch.Tensor.sub, torch.Tensor.mul, torch.Tensor.div,
-    torch.Tensor.__add__, torch.Tensor.__radd__, torch.Tensor.__iadd__, torch.Tensor.__sub__, torch.Tensor.__rsub__,
-    torch.Tensor.__isub__, torch.Tensor.__mul__, torch.Tensor.__rmul__, torch.Tensor.__imul__, torch.Tensor.__truediv__,
-    torch.Tensor.__itruediv__, torch.Tensor.add_, torch.Tensor.mul_,
+    torch.add,
+    torch.sub,
+    torch.mul,
+    torch.div,
+    torch.Tensor.add,
+    torch.Tensor.sub,
+    torch.Tensor.mul,
+    torch.Tensor.div,
+    torch.Tensor.__add__,
+    torch.Tensor.__radd__,
+    torch.Tensor.__iadd__,
+    torch.Tensor.__sub__,
+    torch.Tensor.__rsub__,
+    torch.Tensor.__isub__,
+    torch.Tensor.__mul__,
+    torch.Tensor.__rmul__,
+    torch.Tensor.__imul__,
+    torch.Tensor.__truediv__,
+    torch.Tensor.__itruediv__,
+    torch.Tensor.add_,
+    torch.Tensor.mul_,
 }
 UNARY = {
-    F.relu, torch.relu, torch.Tensor.relu, F.relu_, torch.relu_, torch.Tensor.relu_, F.gelu, F.silu, F.relu6, F.hardswish,
-    F.leaky_relu, F.elu, torch.sigmoid, torch.Tensor.sigmoid, torch.tanh, torch.Tensor.tanh, F.sigmoid, F.tanh,
-    F.dropout, F.dropout2d, torch.Tensor.contiguous, torch.Tensor.clone, torch.clone, torch.Tensor.float, torch.Tensor.to,
-    torch.Tensor.type_as, torch.Tensor.detach, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d,
-    F.max_pool1d, F.avg_pool1d, torch.Tensor.abs, torch.abs, torch.Tensor.neg, torch.neg, torch.Tensor.__neg__,
-    torch.Tensor.sqrt, torch.Tensor.exp, torch.exp,
+    F.relu,
+    torch.relu,
+    torch.Tensor.relu,
+    F.relu_,
+    torch.relu_,
+    torch.Tensor.relu_,
+    F.gelu,
+    F.silu,
+    F.relu6,
+    F.hardswish,
+    F.leaky_relu,
+    F.elu,
+    torch.sigmoid,
+    torch.Tensor.sigmoid,
+    torch.tanh,
+    torch.Tensor.tanh,
+    F.sigmoid,
+    F.tanh,
+    F.dropout,
+    F.dropout2d,
+    torch.Tensor.contiguous,
+    torch.Tensor.clone,
+    torch.clone,
+    torch.Tensor.float,
+    torch.Tensor.to,
+    torch.Tensor.type_as,
+    torch.Tensor.detach,
+    F.max_pool2d,
+    F.avg_pool2d,
+    F.adaptive_avg_pool2d,
+    F.adaptive_max_pool2d,
+    F.max_pool1d,
+    F.avg_pool1d,
+    torch.Tensor.abs,
+    torch.abs,
+    torch.Tensor.neg,
+    torch.neg,
+    torch.Tensor.__neg__,
+    torch.Tensor.sqrt,
+    torch.Tensor.exp,
+    torch.exp,
 }
 REDUCTIONS = {torch.mean, torch.Tensor.mean, torch.sum, torch.Tensor.sum, torch.amax, torch.Tensor.amax}
-IGNORED = {torch.Tensor.size, torch.Tensor.dim, torch.Tensor.__len__, torch.Tensor.shape.__get__, torch.Tensor.dtype.__get__,
-           torch.Tensor.device.__get__, torch.Tensor.__format__, torch.Tensor.__bool__, torch.Tensor.item, torch.Tensor.numel,
-           torch.Tensor.requires_grad.__get__, torch.Tensor.is_floating_point}
+IGNORED = {
+    torch.Tensor.size,
+    torch.Tensor.dim,
+    torch.Tensor.__len__,
+    torch.Tensor.shape.__get__,  # type: ignore[attr-defined]
+    torch.Tensor.dtype.__get__,  # type: ignore[attr-defined]
+    torch.Tensor.device.__get__,
+    torch.Tensor.__format__,
+    torch.Tensor.__bool__,
+    torch.Tensor.item,
+    torch.Tensor.numel,
+    torch.Tensor.requires_grad.__get__,  # type: ignore[attr-defined]
+    torch.Tensor.is_floating_point,
+}
 
 
 def tensors_in(value: Any) -> list[torch.Tensor]:
@@ -171,35 +255,32 @@ def tensors_in(value: Any) -> list[torch.Tensor]:
     return []
 
 
-def _elementwise(graph: ChannelGraph, where: str, name: str, args: tuple, output: torch.Tensor) -> None:
+def _elementwise(graph: ChannelGraph, where: str, name: str, args: tuple, output: Any) -> None:
     infos = [(a, graph.get_info(a)) for a in args if isinstance(a, torch.Tensor)]
     carried = [(a, i) for a, i in infos if i is not None]
     if not carried:
         return
-    out_axis_from_end = None
-    result: list[int] | None = None
+    first, first_info = carried[0]
+    out_axis_from_end, result = first.dim() - first_info.axis, first_info.slots
     for tensor, info in carried:
         from_end = tensor.dim() - info.axis
         if tensor.shape[info.axis] != output.shape[output.dim() - from_end]:
             graph.unsupported_op(where, f"{name} broadcasting over channels", [t for t, _ in carried])
             return
-        if out_axis_from_end is None:
-            out_axis_from_end, result = from_end, info.slots
-        elif from_end != out_axis_from_end:
+        if from_end != out_axis_from_end:
             graph.unsupported_op(where, f"{name} of tensors with channels on different axes", [t for t, _ in carried])
             return
-        else:
-            for a, b in zip(result, info.slots):
-                graph.uf.union(a, b)
-    for tensor, info in infos:  # a plain tensor (not a traced activation) of full channel size would need slicing too
-        if info is None and tensor.dim() >= out_axis_from_end and tensor.shape[tensor.dim() - out_axis_from_end] > 1:
+        for a, b in zip(result, info.slots):
+            graph.uf.union(a, b)
+    for tensor, known in infos:  # a plain tensor (not a traced activation) of full channel size would need slicing too
+        if known is None and tensor.dim() >= out_axis_from_end and tensor.shape[tensor.dim() - out_axis_from_end] > 1:
             graph.unsupported_op(where, f"{name} with a constant tensor over the channels", [t for t, _ in carried])
             return
     graph.set_info(output, result, output.dim() - out_axis_from_end)
 
 
 def apply_function(graph: ChannelGraph, where: str, func: Any, args: tuple, kwargs: dict, output: Any) -> None:
-    if func in IGNORED or not isinstance(output, torch.Tensor) and not isinstance(output, (tuple, list)):
+    if func in IGNORED or (not isinstance(output, torch.Tensor) and not isinstance(output, (tuple, list))):
         return
     inputs = tensors_in(args) + tensors_in(kwargs)
     if not any(graph.get_info(t) is not None for t in inputs):
@@ -210,10 +291,15 @@ def apply_function(graph: ChannelGraph, where: str, func: Any, args: tuple, kwar
     if func in ELEMENTWISE:
         _elementwise(graph, where, name, args, output)
         return
-    if func in UNARY and info is not None and isinstance(output, torch.Tensor):
-        if output.dim() == first.dim() and output.shape[info.axis] == first.shape[info.axis]:
-            graph.set_info(output, info.slots, info.axis)
-            return
+    if (
+        func in UNARY
+        and info is not None
+        and isinstance(output, torch.Tensor)
+        and output.dim() == first.dim()
+        and output.shape[info.axis] == first.shape[info.axis]
+    ):
+        graph.set_info(output, info.slots, info.axis)
+        return
     if func in (torch.flatten, torch.Tensor.flatten) and info is not None:
         start = args[1] if len(args) > 1 else kwargs.get("start_dim", 0)
         end = args[2] if len(args) > 2 else kwargs.get("end_dim", -1)
@@ -221,10 +307,10 @@ def apply_function(graph: ChannelGraph, where: str, func: Any, args: tuple, kwar
         return
     if func in (torch.Tensor.view, torch.Tensor.reshape, torch.reshape) and info is not None:
         shape_in, shape_out = tuple(first.shape), tuple(output.shape)
-        if shape_out[:info.axis] == shape_in[:info.axis] and len(shape_out) == info.axis + 1:
+        if shape_out[: info.axis] == shape_in[: info.axis] and len(shape_out) == info.axis + 1:
             _flatten(graph, where, first, output, info.axis, -1)
             return
-        if shape_out[:info.axis + 1] == shape_in[:info.axis + 1]:
+        if shape_out[: info.axis + 1] == shape_in[: info.axis + 1]:
             graph.set_info(output, info.slots, info.axis)
             return
     if func in REDUCTIONS and info is not None:
@@ -238,10 +324,9 @@ def apply_function(graph: ChannelGraph, where: str, func: Any, args: tuple, kwar
                 return
     if func is torch.Tensor.__getitem__ and info is not None:
         index = args[1] if isinstance(args[1], tuple) else (args[1],)
-        if all(isinstance(i, slice) for i in index) and Ellipsis not in index:
-            if len(index) <= info.axis or index[info.axis] == slice(None):
-                graph.set_info(output, info.slots, info.axis)
-                return
+        if all(isinstance(i, slice) for i in index) and Ellipsis not in index and (len(index) <= info.axis or index[info.axis] == slice(None)):
+            graph.set_info(output, info.slots, info.axis)
+            return
     if func in (torch.cat, torch.concat):
         tensors = list(args[0])
         dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
@@ -259,7 +344,7 @@ def apply_function(graph: ChannelGraph, where: str, func: Any, args: tuple, kwar
     if func is F.pad and info is not None:
         pad = list(args[1] if len(args) > 1 else kwargs["pad"])
         axis_from_end = first.dim() - 1 - info.axis
-        if len(pad) <= 2 * axis_from_end or not any(pad[2 * axis_from_end:2 * axis_from_end + 2]):
+        if len(pad) <= 2 * axis_from_end or not any(pad[2 * axis_from_end : 2 * axis_from_end + 2]):
             graph.set_info(output, info.slots, info.axis)
             return
         # padding the channel axis by a fixed amount (a lambda's option-A shortcut) cannot follow a change in the
@@ -295,11 +380,14 @@ def is_leaf(module: nn.Module) -> bool:
 
 
 def _is_hf_self_attention(module: nn.Module) -> bool:
-    return all(isinstance(getattr(module, n, None), nn.Linear) for n in ("query", "key", "value")) and \
-        isinstance(getattr(module, "num_attention_heads", None), int) and isinstance(getattr(module, "attention_head_size", None), int)
+    return (
+        all(isinstance(getattr(module, n, None), nn.Linear) for n in ("query", "key", "value"))
+        and isinstance(getattr(module, "num_attention_heads", None), int)
+        and isinstance(getattr(module, "attention_head_size", None), int)
+    )
 
 
-def _hf_self_attention(graph: ChannelGraph, name: str, module: nn.Module, inputs: list[Any], output: Any) -> None:
+def _hf_self_attention(graph: ChannelGraph, name: str, module: Any, inputs: list[Any], output: Any) -> None:
     """Hugging Face style self-attention (query/key/value, num_attention_heads): heads are pruned whole; the
     projection that reads the heads' output is found through the traced slots."""
     info = graph.get_info(inputs[0]) if inputs else None
@@ -314,8 +402,13 @@ def _hf_self_attention(graph: ChannelGraph, name: str, module: nn.Module, inputs
         rows = list(range(head * width, (head + 1) * width))
         slices = [ParamSlice(f"{name}.{p}", "weight", 0, rows) for p in ("query", "key", "value")]
         slices += [ParamSlice(f"{name}.{p}", "bias", 0, rows) for p in ("query", "key", "value") if getattr(module, p).bias is not None]
-        graph.add_head(name, head, slices, slots=slots[head * width:(head + 1) * width],
-                       attributes={"count": "num_attention_heads", "size": "all_head_size", "head": "attention_head_size"})
+        graph.add_head(
+            name,
+            head,
+            slices,
+            slots=slots[head * width : (head + 1) * width],
+            attributes={"count": "num_attention_heads", "size": "all_head_size", "head": "attention_head_size"},
+        )
 
 
 PREDICATE_RULES.append((_is_hf_self_attention, _hf_self_attention))

@@ -3,7 +3,8 @@ fine-tuning: Han et al. 2015) and gradual polynomial sparsity during training (Z
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from torchslim.core.config import check
 from torchslim.pruning.unstructured import PruneConfig, prune_in_place
@@ -31,8 +32,17 @@ class GradualPruning(Callback):
     ``task`` serve gradient criteria.
     """
 
-    def __init__(self, config: PruneConfig, final_sparsity: float, initial_sparsity: float = 0.0,
-                 start_step: int = 0, steps: int = 10, frequency: int = 100, data: Any = None, task: str | Task | None = None) -> None:
+    def __init__(
+        self,
+        config: PruneConfig,
+        final_sparsity: float,
+        initial_sparsity: float = 0.0,
+        start_step: int = 0,
+        steps: int = 10,
+        frequency: int = 100,
+        data: Any = None,
+        task: str | Task | None = None,
+    ) -> None:
         check(0.0 <= initial_sparsity <= final_sparsity < 1.0, f"need 0 <= initial <= final < 1, got {initial_sparsity}, {final_sparsity}")
         self.config, self.data, self.task = config, data, task
         self.initial, self.final = initial_sparsity, final_sparsity

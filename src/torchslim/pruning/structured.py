@@ -25,7 +25,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -82,9 +83,10 @@ class StructuredConfig(Config):
         for name, value in self.overrides.items():
             check(0.0 <= value < 1.0, f"overrides[{name!r}] must be in [0, 1), got {value}")
         check(self.scope in ("layer", "global"), f"scope must be 'layer' or 'global', got {self.scope!r}")
-        check(callable(self.importance) or self.importance in GROUP_IMPORTANCE,
-              f"importance must be one of {', '.join(GROUP_IMPORTANCE.names())} or a callable (model, group) -> float, "
-              f"got {self.importance!r}")
+        check(
+            callable(self.importance) or self.importance in GROUP_IMPORTANCE,
+            f"importance must be one of {', '.join(GROUP_IMPORTANCE.names())} or a callable (model, group) -> float, got {self.importance!r}",
+        )
         check(self.round_to >= 1, f"round_to must be >= 1, got {self.round_to}")
         check(self.min_channels >= 1, f"min_channels must be >= 1, got {self.min_channels}")
 
@@ -97,8 +99,8 @@ class StructuredConfig(Config):
 
 # -- importance ------------------------------------------------------------------------------------------------------
 
-def group_scores(model: nn.Module, groups: list[Group], config: StructuredConfig, data: Any = None,
-                 task: str | Task | None = None) -> dict[int, float]:
+
+def group_scores(model: nn.Module, groups: list[Group], config: StructuredConfig, data: Any = None, task: str | Task | None = None) -> dict[int, float]:
     """One importance score per group (groups a criterion cannot score are left out, and so kept)."""
     if callable(config.importance):
         return {g.id: float(config.importance(model, g)) for g in groups}
@@ -129,6 +131,7 @@ def _head_score(model: nn.Module, graph: ChannelGraph, head: HeadGroup, importan
 
 # -- selection -------------------------------------------------------------------------------------------------------
 
+
 def _kept_count(total: int, ratio: float, config: StructuredConfig) -> int:
     kept = total - round(ratio * total)
     if config.round_to > 1:
@@ -141,13 +144,20 @@ def _protection_notes(groups: list[Group], head_ratio: float) -> list[str]:
     outputs = sorted({layer for g in groups if "model output" in g.blocked for layer in g.layers})
     if outputs:
         notes.append(f"protected: output channels of {', '.join(outputs)} (they are the model's output)")
-    blocked = sorted({reason for g in groups for reason in g.blocked if reason not in ("model input", "model output")
-                      and not (head_ratio > 0 and "attention head dimensions" in reason)})
+    blocked = sorted(
+        {
+            reason
+            for g in groups
+            for reason in g.blocked
+            if reason not in ("model input", "model output") and not (head_ratio > 0 and "attention head dimensions" in reason)
+        }
+    )
     return notes + [f"left intact: {reason}" for reason in blocked]
 
 
-def select_groups(model: nn.Module, graph: ChannelGraph, config: StructuredConfig, data: Any = None,
-                  task: str | Task | None = None) -> tuple[list[Group], list[str]]:
+def select_groups(
+    model: nn.Module, graph: ChannelGraph, config: StructuredConfig, data: Any = None, task: str | Task | None = None
+) -> tuple[list[Group], list[str]]:
     """The groups to remove, and notes on what was left alone and why."""
     groups = graph.groups()
     selected = select_modules(model, config.layers)
@@ -157,8 +167,7 @@ def select_groups(model: nn.Module, graph: ChannelGraph, config: StructuredConfi
     kept_whole = sorted(name for name, ratio in ratios.items() if ratio == 0.0)
     if kept_whole:
         notes.append(f"protected by overrides: {', '.join(kept_whole)}")
-    candidates = [g for g in groups if g.prunable and g.layers and set(g.layers) <= names
-                  and (config.prune_residual or len(g.layers) == 1)]
+    candidates = [g for g in groups if g.prunable and g.layers and set(g.layers) <= names and (config.prune_residual or len(g.layers) == 1)]
     if not candidates:
         return [], notes
     scores = group_scores(model, candidates, config, data, task)
@@ -210,6 +219,7 @@ def select_heads(model: nn.Module, graph: ChannelGraph, config: StructuredConfig
 
 # -- checks ----------------------------------------------------------------------------------------------------------
 
+
 def _outputs(model: nn.Module, example: Any) -> list[torch.Tensor]:
     with eval_mode(model), torch.no_grad():
         output = call_model(model, example)
@@ -224,14 +234,15 @@ def _cross_channel(model: nn.Module, groups: list[Group]) -> bool:
     return any(isinstance(model.get_submodule(p.module), (nn.LayerNorm, nn.GroupNorm)) for g in groups for p in g.members)
 
 
-def check_removal(original: nn.Module, pruned: nn.Module, graph: ChannelGraph, groups: list[Group], heads: list[HeadGroup],
-                  example: Any, expected: list[torch.Tensor]) -> str | None:
+def check_removal(
+    original: nn.Module, pruned: nn.Module, graph: ChannelGraph, groups: list[Group], heads: list[HeadGroup], example: Any, expected: list[torch.Tensor]
+) -> str | None:
     """Why ``pruned`` is not a faithful removal of ``groups`` / ``heads`` from ``original``, or None when it is:
     it must run, keep every output's shape, and (unless cross-channel norms are involved) equal the original with
     the removed channels' readers zeroed."""
     try:
         outputs = _outputs(pruned, example)
-    except Exception as error:  # noqa: BLE001 - any failure of the pruned model is the finding
+    except Exception as error:  # any failure of the pruned model is the finding
         return f"the pruned model fails to run ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
     shapes, wanted = [tuple(o.shape) for o in outputs], [tuple(e.shape) for e in expected]
     if shapes != wanted:
@@ -248,8 +259,9 @@ def check_removal(original: nn.Module, pruned: nn.Module, graph: ChannelGraph, g
     return None
 
 
-def _safe_removal(model: nn.Module, graph: ChannelGraph, chosen: list[Group], heads: list[HeadGroup], example: Any,
-                  notes: list[str]) -> tuple[list[Group], list[HeadGroup]]:
+def _safe_removal(
+    model: nn.Module, graph: ChannelGraph, chosen: list[Group], heads: list[HeadGroup], example: Any, notes: list[str]
+) -> tuple[list[Group], list[HeadGroup]]:
     """The groups and heads whose removal is checked faithful; sets that break the model are dropped and named."""
     expected = _outputs(model, example)
 
@@ -292,6 +304,7 @@ def _safe_removal(model: nn.Module, graph: ChannelGraph, chosen: list[Group], he
 
 # -- the verb --------------------------------------------------------------------------------------------------------
 
+
 def _example(data: Any, example_input: Any, model: nn.Module) -> Any:
     if example_input is not None:
         return example_input
@@ -300,9 +313,16 @@ def _example(data: Any, example_input: Any, model: nn.Module) -> Any:
     raise ConfigError("structured pruning traces the model: pass example_input=... or data=...")
 
 
-def prune_channels(model: nn.Module, config: StructuredConfig | dict, data: Any = None, example_input: Any = None,
-                   task: str | Task | None = None, finetune: TrainConfig | dict | None = None, inplace: bool = False,
-                   progress: bool | str | None = None) -> Result:
+def prune_channels(
+    model: nn.Module,
+    config: StructuredConfig | dict,
+    data: Any = None,
+    example_input: Any = None,
+    task: str | Task | None = None,
+    finetune: TrainConfig | dict | None = None,
+    inplace: bool = False,
+    progress: bool | str | None = None,
+) -> Result:
     """Remove channels, neurons and heads (physically), then fine-tune when ``finetune`` is given; the report lists
     every layer's width before and after, what was protected and why, and MACs before and after.
 
@@ -333,20 +353,34 @@ def prune_channels(model: nn.Module, config: StructuredConfig | dict, data: Any 
     append_transform(target, transform)
     seconds = time.perf_counter() - started
     after = {n: module_width(m) for n, m in target.named_modules() if module_width(m) is not None}
-    rows = [{"name": n, "type": type(target.get_submodule(n)).__name__, "before": before[n], "after": after.get(n)}
-            for n in before if before[n] != after.get(n)]
+    rows = [
+        {"name": n, "type": type(target.get_submodule(n)).__name__, "before": before[n], "after": after.get(n)} for n in before if before[n] != after.get(n)
+    ]
     macs_after = count_macs(target, example)["total"]
-    metrics = {"parameters_before": count_parameters(model), "parameters": count_parameters(target), "macs_before": macs_before,
-               "macs": macs_after, "macs_ratio": macs_before / max(1, macs_after), "groups_removed": len(chosen),
-               "heads_removed": len(heads), "prune_seconds": seconds}
+    metrics = {
+        "parameters_before": count_parameters(model),
+        "parameters": count_parameters(target),
+        "macs_before": macs_before,
+        "macs": macs_after,
+        "macs_ratio": macs_before / max(1, macs_after),
+        "groups_removed": len(chosen),
+        "heads_removed": len(heads),
+        "prune_seconds": seconds,
+    }
     if graph.unsupported:
         notes.append(f"{len(graph.unsupported)} op(s) the tracer could not follow; their channels were left intact")
     if tuning is not None:
-        history = fit(target, data, tuning, task=task, progress=progress, label="prune-channels fine-tune", evaluate_at_end=False,
-                      reference=model)
+        history = fit(target, data, tuning, task=task, progress=progress, label="prune-channels fine-tune", evaluate_at_end=False, reference=model)
         notes.append(f"fine-tuned {len(history.epochs)} epochs ({history.seconds:.1f} s)")
-    stage = Stage(name="prune channels", kind="prune-channels", metrics=metrics, layers=rows, notes=notes, config=config.to_dict(),
-                  execution="channels removed (smaller dense layers)")
+    stage = Stage(
+        name="prune channels",
+        kind="prune-channels",
+        metrics=metrics,
+        layers=rows,
+        notes=notes,
+        config=config.to_dict(),
+        execution="channels removed (smaller dense layers)",
+    )
     return Result(model=target, report=Report.for_model(model, [stage]))
 
 

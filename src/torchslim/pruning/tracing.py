@@ -33,7 +33,7 @@ class _Tracer(TorchFunctionMode):
         if self.depth == 0:
             try:
                 self.rules.apply_function(self.graph, self.where[-1], func, args, kwargs, output)
-            except Exception as error:  # noqa: BLE001 - an op the rules misread is named, never fatal
+            except Exception as error:  # an op the rules misread is named, never fatal
                 self.graph.unsupported_op(self.where[-1], f"{getattr(func, '__name__', func)} ({error})", self.rules.tensors_in(args))
         return output
 
@@ -64,11 +64,12 @@ def trace(model: nn.Module, example_input: Any) -> ChannelGraph:
             if tracer.depth == 1:  # the rule runs with recording still off
                 name = graph.names.get(id(module), "")
                 rule = rule_for(module)
+                assert rule is not None
                 try:
                     rule(graph, name, module, list(args), output)
                 except TorchslimError:
                     raise
-                except Exception as error:  # noqa: BLE001
+                except Exception as error:
                     graph.unsupported_op(name, f"{type(module).__name__} ({error})", _tensors(args))
             tracer.depth -= 1
         else:

@@ -13,7 +13,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -64,8 +65,7 @@ class PruneConfig(Config):
         steps = self.steps
         check(all(s is None or 0.0 <= s < 1.0 for s in steps), f"sparsity must be in [0, 1), got {self.sparsity}")
         check(len(steps) > 0, "sparsity must list at least one step")
-        check(all(a <= b for a, b in zip(steps, steps[1:]) if a is not None and b is not None),
-              f"the sparsity steps must not decrease, got {list(steps)}")
+        check(all(a <= b for a, b in zip(steps, steps[1:]) if a is not None and b is not None), f"the sparsity steps must not decrease, got {list(steps)}")
         for name, value in self.overrides.items():
             check(0.0 <= value < 1.0, f"overrides[{name!r}] must be in [0, 1), got {value}")
         check(self.quality is None or self.importance == "l1", "quality (Han's std rule) works on magnitudes: use importance 'l1'")
@@ -87,8 +87,9 @@ class PruneConfig(Config):
         return dataclasses.replace(self, sparsity=target, overrides={k: v * fraction for k, v in self.overrides.items()})
 
 
-def compute_scores(model: nn.Module, modules: list[tuple[str, nn.Module]], config: PruneConfig, data: Any = None,
-                   task: str | Task | None = None) -> dict[str, torch.Tensor]:
+def compute_scores(
+    model: nn.Module, modules: list[tuple[str, nn.Module]], config: PruneConfig, data: Any = None, task: str | Task | None = None
+) -> dict[str, torch.Tensor]:
     """Importance of every selected weight, computed on the weights the model currently uses (masked = zero)."""
     statistics: dict[str, dict[str, Any]] = {name: {} for name, _ in modules}
     criterion = WEIGHT_IMPORTANCE.get(config.importance)
@@ -133,8 +134,15 @@ def sparsity_rows(model: nn.Module, names: list[str]) -> list[dict[str, Any]]:
     for name in names:
         weight = modules[name].weight.detach()
         nonzeros = int(torch.count_nonzero(weight))
-        rows.append({"name": name, "type": module_type_name(modules[name]), "weights": weight.numel(), "nonzeros": nonzeros,
-                     "sparsity": round(1 - nonzeros / weight.numel(), 4)})
+        rows.append(
+            {
+                "name": name,
+                "type": module_type_name(modules[name]),
+                "weights": weight.numel(),
+                "nonzeros": nonzeros,
+                "sparsity": round(1 - nonzeros / weight.numel(), 4),
+            }
+        )
     return rows
 
 
@@ -154,9 +162,17 @@ def prune_in_place(model: nn.Module, config: PruneConfig, data: Any = None, task
     return [name for name, _ in modules]
 
 
-def prune(model: nn.Module, config: PruneConfig | dict, data: Any = None, task: str | Task | None = None,
-          finetune: TrainConfig | dict | None = None, inplace: bool = False, progress: bool | str | None = None,
-          start_step: int = 0, on_step: Callable[[int, nn.Module], None] | None = None) -> Result:
+def prune(
+    model: nn.Module,
+    config: PruneConfig | dict,
+    data: Any = None,
+    task: str | Task | None = None,
+    finetune: TrainConfig | dict | None = None,
+    inplace: bool = False,
+    progress: bool | str | None = None,
+    start_step: int = 0,
+    on_step: Callable[[int, nn.Module], None] | None = None,
+) -> Result:
     """Prune weights of the selected layers (masks attached as parametrizations; see ``make_permanent``), in one
     step or in the config's list of steps, fine-tuning after each step when ``finetune`` is given.
 
@@ -187,8 +203,15 @@ def prune(model: nn.Module, config: PruneConfig | dict, data: Any = None, task: 
             metric = evaluate_source(target, source, resolved)[resolved.metric]
             note += f", {resolved.metric} {_format(metric)} after pruning"
             if tuning is not None:
-                fit(target, source, tuning.replace(seed=tuning.seed + index), task=resolved, progress=progress,
-                    label=f"prune step {index + 1} fine-tune", evaluate_at_end=False)
+                fit(
+                    target,
+                    source,
+                    tuning.replace(seed=tuning.seed + index),
+                    task=resolved,
+                    progress=progress,
+                    label=f"prune step {index + 1} fine-tune",
+                    evaluate_at_end=False,
+                )
                 metric = evaluate_source(target, source, resolved)[resolved.metric]
                 note += f", {_format(metric)} after fine-tuning"
         notes.append(note)
@@ -199,11 +222,14 @@ def prune(model: nn.Module, config: PruneConfig | dict, data: Any = None, task: 
     layers = sparsity_rows(target, names)
     weights = sum(row["weights"] for row in layers)
     nonzero_weights = sum(row["nonzeros"] for row in layers)
-    metrics = {"parameters": count_parameters(target), "nonzeros": count_nonzeros(target), "weight_sparsity": 1 - nonzero_weights / weights,
-               "seconds": time.perf_counter() - started}
+    metrics = {
+        "parameters": count_parameters(target),
+        "nonzeros": count_nonzeros(target),
+        "weight_sparsity": 1 - nonzero_weights / weights,
+        "seconds": time.perf_counter() - started,
+    }
     metrics["compression"] = metrics["parameters"] / max(1, metrics["nonzeros"])
-    stage = Stage(name="prune", kind="prune", metrics=metrics, layers=layers, notes=notes, execution="simulated (masks)",
-                  config=config.to_dict())
+    stage = Stage(name="prune", kind="prune", metrics=metrics, layers=layers, notes=notes, execution="simulated (masks)", config=config.to_dict())
     return Result(model=target, report=Report.for_model(model, [stage]))
 
 

@@ -5,6 +5,7 @@ from torchslim.quantization.api import METHODS, NativeInt8Config, Pt2eConfig, qu
 from torchslim.quantization.modules import FORMATS, QuantizedConv2d, QuantizedLinear, QuantizedWeight, StorageFormat, WeightScheme
 from torchslim.quantization.nonuniform import binarize, kmeans_quantize, power_of_two_quantize, ternarize
 from torchslim.quantization.observers import OBSERVERS, calibrate, make_observer
+from torchslim.quantization.onnx_static import OnnxInt8Config
 from torchslim.quantization.primitives import (
     UniformSpec,
     compute_qparams,
@@ -13,25 +14,21 @@ from torchslim.quantization.primitives import (
     quantize_dequantize,
     sqnr_db,
 )
-from torchslim.quantization.onnx_static import OnnxInt8Config
 from torchslim.quantization.qat import QATConfig
 from torchslim.quantization.weight_only import WeightOnlyConfig, quantize_weights
 
 __all__ = [
     "FORMATS",
     "METHODS",
-    "NativeInt8Config",
     "OBSERVERS",
+    "NativeInt8Config",
     "OnnxInt8Config",
     "Pt2eConfig",
     "QATConfig",
-    "QuantizedWeight",
-    "StorageFormat",
-    "quantization_method",
-    "quantize",
-    "quantize_config",
     "QuantizedConv2d",
     "QuantizedLinear",
+    "QuantizedWeight",
+    "StorageFormat",
     "UniformSpec",
     "WeightOnlyConfig",
     "WeightScheme",
@@ -43,6 +40,9 @@ __all__ = [
     "kmeans_quantize",
     "make_observer",
     "power_of_two_quantize",
+    "quantization_method",
+    "quantize",
+    "quantize_config",
     "quantize_dequantize",
     "quantize_weights",
     "sqnr_db",

@@ -1,12 +1,12 @@
 """``quantize``: one verb for every quantization method, chosen by the config's type (or a mapping's ``method``).
 
-| method | config | what runs afterwards |
-|---|---|---|
-| ``weight-only`` (default) | ``WeightOnlyConfig`` | eager PyTorch, weights stored packed and dequantized (uniform 1-16 bits, k-means, power-of-two, binary, ternary, fp16/bf16); ``finetune`` trains the k-means centroids |
-| ``onnxruntime`` | ``OnnxInt8Config`` | ONNX Runtime int8 (static QDQ U8S8 calibrated by ONNX Runtime, or dynamic) |
-| ``native-int8`` | ``NativeInt8Config`` | ONNX Runtime int8 from torchslim's own static quantization (BatchNorm folded, torchslim observers, QDQ) |
-| ``pt2e`` | ``Pt2eConfig`` | torchao PT2E int8 compiled by inductor with freezing |
-| ``qat`` | ``QATConfig`` | fake-quant training with ``finetune``, then ONNX Runtime int8 (QDQ) |
+- ``weight-only`` (default, ``WeightOnlyConfig``): eager PyTorch, weights stored packed and dequantized (uniform 1-16
+  bits, k-means, power-of-two, binary, ternary, fp16/bf16); ``finetune`` trains the k-means centroids;
+- ``onnxruntime`` (``OnnxInt8Config``): ONNX Runtime int8 (static QDQ U8S8 calibrated by ONNX Runtime, or dynamic);
+- ``native-int8`` (``NativeInt8Config``): ONNX Runtime int8 from torchslim's own static quantization (BatchNorm
+  folded, torchslim observers, QDQ);
+- ``pt2e`` (``Pt2eConfig``): torchao PT2E int8, compiled by inductor with freezing;
+- ``qat`` (``QATConfig``): fake-quant training with ``finetune``, then ONNX Runtime int8 (QDQ).
 
 Each returns a ``Result`` whose model runs (engines are wrapped as modules) and whose report says what executes.
 
@@ -23,8 +23,9 @@ import copy
 import dataclasses
 import tempfile
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from torch import nn
 
@@ -86,9 +87,11 @@ METHODS: Registry[Method] = Registry("quantization method")
 
 def quantization_method(name: str, config: type[Config], needs_data: bool) -> Callable:
     """Register ``apply(model, config, context) -> (model, report stage)`` as quantization method ``name``."""
+
     def add(function: Callable[..., tuple[nn.Module, Stage]]) -> Callable[..., tuple[nn.Module, Stage]]:
         METHODS.register(name, (config.__doc__ or "").strip())(Method(config, function, needs_data))
         return function
+
     return add
 
 
@@ -136,8 +139,7 @@ def _weight_only(model: nn.Module, config: WeightOnlyConfig, context: _Context) 
             raise ConfigError("centroid fine-tuning needs data")
         metric = context.task.metric
         before = context.task.evaluate(model, context.source.batches("eval", shuffle=False))[metric]
-        fit(model, context.source, context.finetune, task=context.task, progress=context.progress, label="quantize fine-tune",
-            evaluate_at_end=False)
+        fit(model, context.source, context.finetune, task=context.task, progress=context.progress, label="quantize fine-tune", evaluate_at_end=False)
         after = context.task.evaluate(model, context.source.batches("eval", shuffle=False))[metric]
         stage.notes.append(f"codebook fine-tuning: {metric} {before:.4g} -> {after:.4g}")
     return model, stage
@@ -149,8 +151,7 @@ def _onnxruntime(model: nn.Module, config: OnnxInt8Config, context: _Context) ->
     with tempfile.TemporaryDirectory() as folder:
         path = quantize_onnx(model, context.example, batches, _output_path(context, folder), config)
         engine = OnnxModule(path, threads=context.threads)
-    how = f"{config.mode} int8 ({config.calibration} calibration, {config.activations} activations)" if config.mode == "static" \
-        else "dynamic int8"
+    how = f"{config.mode} int8 ({config.calibration} calibration, {config.activations} activations)" if config.mode == "static" else "dynamic int8"
     return engine, _stage([f"ONNX Runtime quantizer: {how}"], f"ONNX Runtime, {how}", engine)
 
 
@@ -161,8 +162,11 @@ def _native_int8(model: nn.Module, config: NativeInt8Config, context: _Context) 
     calibrate_observers(native, batches, config.observer, config.calibration_batches)
     with tempfile.TemporaryDirectory() as folder:
         engine = OnnxModule(export_qat_onnx(native, context.example, _output_path(context, folder)), threads=context.threads)
-    return engine, _stage([f"BatchNorm folded; {config.observer} observers over {len(batches)} batches"],
-                          f"ONNX Runtime, static int8 QDQ ({config.observer} calibration by torchslim)", engine)
+    return engine, _stage(
+        [f"BatchNorm folded; {config.observer} observers over {len(batches)} batches"],
+        f"ONNX Runtime, static int8 QDQ ({config.observer} calibration by torchslim)",
+        engine,
+    )
 
 
 @quantization_method("pt2e", Pt2eConfig, needs_data=True)
@@ -180,8 +184,7 @@ def _qat(model: nn.Module, config: QATConfig, context: _Context) -> tuple[nn.Mod
     notes = [f"{sum(1 for m in trained.modules() if hasattr(m, 'fake'))} layers fake-quantized ({config.weight_scale} weight scales)"]
     if context.finetune is not None:
         assert context.source is not None
-        history = fit(trained, context.source, context.finetune, task=context.task, progress=context.progress, label="qat",
-                      evaluate_at_end=False)
+        history = fit(trained, context.source, context.finetune, task=context.task, progress=context.progress, label="qat", evaluate_at_end=False)
         notes.append(f"trained {len(history.epochs)} epochs with fake quantization ({history.seconds:.1f} s)")
     if not config.export:
         return trained, _stage(notes, "simulated (fake-quant) in eager PyTorch")
@@ -202,9 +205,18 @@ def _take(batches: Any, count: int) -> Any:
         yield batch
 
 
-def quantize(model: nn.Module, config: Any = None, data: Any = None, task: str | Task | None = None,
-             finetune: TrainConfig | dict | None = None, inplace: bool = False, example_input: Any = None,
-             path: str | Path | None = None, threads: int = 2, progress: bool | str | None = None) -> Result:
+def quantize(
+    model: nn.Module,
+    config: Any = None,
+    data: Any = None,
+    task: str | Task | None = None,
+    finetune: TrainConfig | dict | None = None,
+    inplace: bool = False,
+    example_input: Any = None,
+    path: str | Path | None = None,
+    threads: int = 2,
+    progress: bool | str | None = None,
+) -> Result:
     """Quantize ``model`` by the method its ``config`` names (see this module's table); the caller's model is left
     as it was unless ``inplace`` (weight-only and QAT change it; engine methods never do).
 

@@ -24,7 +24,6 @@ from torchslim.quantization.packing import pack_codes, unpack_codes
 from torchslim.quantization.primitives import UniformSpec, check_finite, compute_qparams, dequantize, quantize
 
 
-
 @dataclasses.dataclass(frozen=True)
 class WeightScheme(Config):
     """How one layer's weight is stored: scheme, bits and (for uniform) the grid."""
@@ -43,8 +42,10 @@ class WeightScheme(Config):
         if self.scheme == "uniform":
             check(1 <= self.bits <= 16, f"bits must be between 1 and 16, got {self.bits}")
         elif self.scheme in ("kmeans", "pow2"):
-            check(1 <= self.bits <= 8 if self.scheme == "kmeans" else 2 <= self.bits <= 8,
-                  f"{self.scheme} takes {'1' if self.scheme == 'kmeans' else '2'} to 8 bits, got {self.bits}")
+            check(
+                1 <= self.bits <= 8 if self.scheme == "kmeans" else 2 <= self.bits <= 8,
+                f"{self.scheme} takes {'1' if self.scheme == 'kmeans' else '2'} to 8 bits, got {self.bits}",
+            )
 
     @property
     def stored_bits(self) -> int:
@@ -179,6 +180,14 @@ class QuantizedWeight(nn.Module):
     """Holds one weight in a compressed form (its scheme's ``StorageFormat``) and gives it back dequantized
     (``weight()``)."""
 
+    # what the formats store (each registers the ones it uses)
+    packed: torch.Tensor
+    codes: torch.Tensor
+    value16: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    codebook: nn.Parameter
+
     def __init__(self, shape: tuple[int, ...], scheme: WeightScheme) -> None:
         super().__init__()
         self.shape, self.scheme = tuple(shape), scheme
@@ -297,8 +306,18 @@ class QuantizedLinear(_QuantizedLayer):
 class QuantizedConv2d(_QuantizedLayer):
     """Conv2d with a weight-only quantized weight, dequantized in forward."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int], stride: Any, padding: Any,
-                 dilation: Any, groups: int, bias: bool, scheme: WeightScheme) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: tuple[int, ...],
+        stride: Any,
+        padding: Any,
+        dilation: Any,
+        groups: int,
+        bias: bool,
+        scheme: WeightScheme,
+    ) -> None:
         super().__init__()
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, tuple(kernel_size)
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
@@ -309,8 +328,9 @@ class QuantizedConv2d(_QuantizedLayer):
     def from_float(cls, conv: nn.Conv2d, scheme: WeightScheme, where: str) -> QuantizedConv2d:
         if conv.padding_mode != "zeros":
             raise ValueError(f"{where}: padding_mode {conv.padding_mode!r} is not supported by weight-only quantization")
-        module = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                     conv.groups, conv.bias is not None, scheme)
+        module = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups, conv.bias is not None, scheme
+        )
         module.quantized.encode(conv.weight.detach().float(), where)
         if conv.bias is not None:
             module.bias.data.copy_(conv.bias.detach())
@@ -335,8 +355,17 @@ def empty_like(module: nn.Module, scheme: WeightScheme) -> nn.Module:
     if isinstance(module, nn.Linear):
         return QuantizedLinear(module.in_features, module.out_features, module.bias is not None, scheme)
     if isinstance(module, nn.Conv2d):
-        return QuantizedConv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
-                               module.dilation, module.groups, module.bias is not None, scheme)
+        return QuantizedConv2d(
+            module.in_channels,
+            module.out_channels,
+            module.kernel_size,
+            module.stride,
+            module.padding,
+            module.dilation,
+            module.groups,
+            module.bias is not None,
+            scheme,
+        )
     raise TypeError(f"weight-only quantization supports Linear and Conv2d, not {type(module).__name__}")
 
 

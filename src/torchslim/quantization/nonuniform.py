@@ -66,8 +66,9 @@ def kmeans_1d(values: torch.Tensor, count: int, init: str = "linear", iterations
     return centroids, assign(values, centroids)
 
 
-def kmeans_quantize(weight: torch.Tensor, bits: int, init: str = "linear", iterations: int = 30, seed: int = 0,
-                    keep_zeros: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def kmeans_quantize(
+    weight: torch.Tensor, bits: int, init: str = "linear", iterations: int = 30, seed: int = 0, keep_zeros: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Weight sharing with a codebook of 2^bits centroids: (codebook, indices shaped like the weight).
 
     With ``keep_zeros`` (the default) pruned zeros stay exactly zero: they get their own centroid fixed at 0 and

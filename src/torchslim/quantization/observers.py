@@ -7,18 +7,18 @@ each gives (low, high), and ``qparams(spec)`` the scale and zero point. ``calibr
 from __future__ import annotations
 
 import abc
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 
 from torchslim.core.errors import TorchslimError
 from torchslim.core.modes import eval_mode, model_device
-from torchslim.tasks.batches import model_inputs, move_to
 from torchslim.core.registry import Registry
 from torchslim.quantization.primitives import UniformSpec, check_finite, dequantize, qparams_from_range, quantize
+from torchslim.tasks.batches import model_inputs, move_to
 
-OBSERVERS: Registry[Callable[..., "Observer"]] = Registry("observer")
+OBSERVERS: Registry[Callable[..., Observer]] = Registry("observer")
 
 
 class Observer(abc.ABC):
@@ -73,7 +73,9 @@ class MovingAverageObserver(Observer):
 
     def __init__(self, where: str = "tensor", momentum: float = 0.01) -> None:
         super().__init__(where)
-        self.momentum, self.low, self.high = momentum, None, None
+        self.momentum = momentum
+        self.low: torch.Tensor | None = None
+        self.high: torch.Tensor | None = None
 
     def _observe(self, x: torch.Tensor) -> None:
         low, high = x.min().cpu(), x.max().cpu()
@@ -198,8 +200,15 @@ def make_observer(name: str, where: str = "tensor", **kwargs) -> Observer:
 
 
 @torch.no_grad()
-def calibrate(model: nn.Module, batches: Iterable, modules: list[tuple[str, nn.Module]], observer: str = "minmax",
-              limit: int | None = None, progress: bool = False, outputs: bool = False) -> dict[str, Observer]:
+def calibrate(
+    model: nn.Module,
+    batches: Iterable,
+    modules: Sequence[tuple[str, nn.Module]],
+    observer: str = "minmax",
+    limit: int | None = None,
+    progress: bool = False,
+    outputs: bool = False,
+) -> dict[str, Observer]:
     """Run ``model`` over calibration batches, observing each listed module's input (or, with ``outputs``, its
     output); returns observers by name. Batches may be tensors, (inputs, targets) tuples or mappings."""
     observers = {name: make_observer(observer, where=f"{'output' if outputs else 'input'} of {name}") for name, _ in modules}

@@ -11,8 +11,9 @@ import dataclasses
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -69,8 +70,9 @@ class _Reader:
         return None
 
 
-def quantize_onnx(model: nn.Module, example_input: torch.Tensor, calibration: Iterable | None, path: str | os.PathLike[str],
-                  config: OnnxInt8Config | dict | None = None) -> Path:
+def quantize_onnx(
+    model: nn.Module, example_input: torch.Tensor, calibration: Iterable | None, path: str | os.PathLike[str], config: OnnxInt8Config | dict | None = None
+) -> Path:
     """Export ``model`` and write an int8 ONNX model to ``path``; returns the path."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -91,9 +93,17 @@ def quantize_onnx(model: nn.Module, example_input: torch.Tensor, calibration: It
             method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}[config.calibration]
             extra = {"CalibPercentile": config.percentile} if config.calibration == "percentile" else {}
             try:
-                quantize_static(str(prepared), str(temporary), reader, quant_format=QuantFormat.QDQ, per_channel=config.per_channel,
-                                activation_type=QuantType.QUInt8 if config.activations == "uint8" else QuantType.QInt8,
-                                weight_type=QuantType.QInt8, calibrate_method=method, extra_options=extra)
+                quantize_static(
+                    str(prepared),
+                    str(temporary),
+                    reader,
+                    quant_format=QuantFormat.QDQ,
+                    per_channel=config.per_channel,
+                    activation_type=QuantType.QUInt8 if config.activations == "uint8" else QuantType.QInt8,
+                    weight_type=QuantType.QInt8,
+                    calibrate_method=method,
+                    extra_options=extra,
+                )
             except ValueError as error:
                 if reader.count == 0:
                     raise TorchslimError("static int8 calibration got no batches: the calibration data is empty") from None
@@ -103,8 +113,14 @@ def quantize_onnx(model: nn.Module, example_input: torch.Tensor, calibration: It
     return path
 
 
-def onnx_int8_module(model: nn.Module, example_input: torch.Tensor, calibration: Iterable | None, path: str | os.PathLike[str],
-                     config: OnnxInt8Config | dict | None = None, threads: int = 2) -> OnnxModule:
+def onnx_int8_module(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    calibration: Iterable | None,
+    path: str | os.PathLike[str],
+    config: OnnxInt8Config | dict | None = None,
+    threads: int = 2,
+) -> OnnxModule:
     """Quantize to an int8 ONNX file and return an nn.Module that runs it in ONNX Runtime."""
     return OnnxModule(quantize_onnx(model, example_input, calibration, path, config), threads)
 

@@ -18,12 +18,12 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
         raise TorchslimError(f"bit packing takes 1 to 8 bits, got {bits}")
     flat = codes.reshape(-1).to(torch.int64)
     if flat.numel() and (flat.min() < 0 or flat.max() >= 2**bits):
-        raise TorchslimError(f"codes must lie in [0, {2 ** bits - 1}] to pack into {bits} bits")
+        raise TorchslimError(f"codes must lie in [0, {2**bits - 1}] to pack into {bits} bits")
     if bits == 8:
         return flat.to(torch.uint8)
     total_bits = flat.numel() * bits
     positions = torch.arange(flat.numel()) * bits
-    bit_values = ((flat.unsqueeze(1) >> torch.arange(bits)) & 1)  # (n, bits)
+    bit_values = (flat.unsqueeze(1) >> torch.arange(bits)) & 1  # (n, bits)
     bit_positions = positions.unsqueeze(1) + torch.arange(bits)  # (n, bits)
     stream = torch.zeros((total_bits + 7) // 8 * 8, dtype=torch.int64)
     stream[bit_positions.reshape(-1)] = bit_values.reshape(-1)

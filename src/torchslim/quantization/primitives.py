@@ -137,11 +137,11 @@ def quantize_dequantize(x: torch.Tensor, spec: UniformSpec, where: str = "tensor
 
 class _RoundSTE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x):  # noqa: ANN001, ANN205
+    def forward(ctx, x):
         return torch.round(x)
 
     @staticmethod
-    def backward(ctx, grad):  # noqa: ANN001, ANN205
+    def backward(ctx, grad):
         return grad
 
 

@@ -3,7 +3,7 @@ torch.compile (inductor) with freezing on, which lowers the quantized patterns t
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn

@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -20,7 +21,7 @@ from torch.nn import functional as F
 from torchslim.core.config import Config, check
 from torchslim.core.errors import TorchslimError
 from torchslim.core.modes import eval_mode, model_device
-from torchslim.core.selector import LayerSelector, select_modules
+from torchslim.core.selector import LayerSelector, select_modules, weight_of
 from torchslim.core.spec import model_spec, set_spec
 from torchslim.export.onnx import export_onnx
 from torchslim.quantization.observers import calibrate
@@ -53,6 +54,14 @@ class QATConfig(Config):
 class FakeQuant(nn.Module):
     """Fake quantization of a layer's input (uint8 affine, observed range) and weight (int8 per channel)."""
 
+    weight_scale: torch.Tensor
+    input_low: torch.Tensor
+    input_high: torch.Tensor
+    observed: torch.Tensor
+    output_low: torch.Tensor
+    output_high: torch.Tensor
+    output_observed: torch.Tensor
+
     def __init__(self, weight: torch.Tensor, config: QATConfig) -> None:
         super().__init__()
         self.config = config
@@ -71,7 +80,7 @@ class FakeQuant(nn.Module):
         self.register_buffer("output_low", torch.tensor(0.0))
         self.register_buffer("output_high", torch.tensor(0.0))
         self.register_buffer("output_observed", torch.tensor(False))
-        self.frozen: dict[str, torch.Tensor] | None = None
+        self.frozen: dict[str, Any] | None = None
         self.calibrating = False
 
     @torch.no_grad()
@@ -79,9 +88,15 @@ class FakeQuant(nn.Module):
         """Fix the scales as constants for export (the exported graph then holds plain Q/DQ pairs)."""
         scale, zero = self.activation_qparams()
         out_scale, out_zero = _affine_qparams(self.output_low, self.output_high)
-        self.frozen = {"weight_scale": self.weight_scale.detach().abs().clamp(min=1e-8).reshape(-1).float().clone(),
-                       "input_scale": float(scale), "input_zero": int(zero), "observed": bool(self.observed),
-                       "output_scale": float(out_scale), "output_zero": int(out_zero), "output_observed": bool(self.output_observed)}
+        self.frozen = {
+            "weight_scale": self.weight_scale.detach().abs().clamp(min=1e-8).reshape(-1).float().clone(),
+            "input_scale": float(scale),
+            "input_zero": int(zero),
+            "observed": bool(self.observed),
+            "output_scale": float(out_scale),
+            "output_zero": int(out_zero),
+            "output_observed": bool(self.output_observed),
+        }
 
     def quantize_weight(self, weight: torch.Tensor) -> torch.Tensor:
         if self.config.weight_scale == "observer":
@@ -159,7 +174,8 @@ class QATConv2d(nn.Conv2d):
 def _convert(module: nn.Module, config: QATConfig) -> nn.Module:
     klass = QATLinear if isinstance(module, nn.Linear) else QATConv2d
     module.__class__ = klass
-    module.fake = FakeQuant(module.weight, config).to(module.weight.device)
+    weight = weight_of(module)
+    module.fake = FakeQuant(weight, config).to(weight.device)
     return module
 
 
@@ -170,7 +186,7 @@ def prepare_qat(model: nn.Module, config: QATConfig | dict | None = None, inplac
     """
     config = QATConfig.coerce(config, where="qat")
     target = model if inplace else copy.deepcopy(model)
-    for name, module in select_modules(target, config.layers, default_types=("Linear", "Conv2d")):
+    for _name, module in select_modules(target, config.layers, default_types=("Linear", "Conv2d")):
         if type(module) in (nn.Linear, nn.Conv2d):
             _convert(module, config)
     return target
@@ -200,7 +216,7 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
 
     try:
         folded = fuse(copy.deepcopy(model).eval(), inplace=True)
-    except Exception as error:  # noqa: BLE001 - tracing fails in many ways; name the model and the cause
+    except Exception as error:  # tracing fails in many ways; name the model and the cause
         raise TorchslimError(f"cannot trace {type(model).__name__} to fold BatchNorm: {str(error).splitlines()[0]}") from None
     set_spec(folded, model_spec(model))
     return folded
@@ -210,7 +226,7 @@ def calibrate_observers(model: nn.Module, batches, observer: str = "minmax", cou
     """Set every fake-quant layer's input range from a torchslim observer (minmax, moving-average, percentile, mse,
     entropy) run over calibration batches in eval mode: post-training static quantization with torchslim's own
     calibration, exported through ``export_qat_onnx`` as a QDQ model."""
-    layers = [(name, module) for name, module in model.named_modules() if isinstance(module, (QATLinear, QATConv2d))]
+    layers: list[tuple[str, Any]] = [(name, module) for name, module in model.named_modules() if isinstance(module, (QATLinear, QATConv2d))]
     batches = list(batches)
     observers = calibrate(model, batches, layers, observer=observer, limit=count)
     for name, module in layers:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from torch import nn
 
@@ -92,18 +93,35 @@ def quantize_weights(model: nn.Module, config: WeightOnlyConfig | dict, inplace:
         quantized = quantize_module(module, scheme, name)
         set_module(target, name, quantized)
         schemes[name] = scheme.to_dict()
-        rows.append({"name": name, "scheme": scheme.scheme, "bits": scheme.stored_bits, "weights": weight.numel(),
-                     "sqnr_db": round(sqnr_db(weight, quantized.quantized.weight()), 2),
-                     "dense_bytes": weight.numel() * 4, "stored_bytes": quantized.stored_bytes()})
+        rows.append(
+            {
+                "name": name,
+                "scheme": scheme.scheme,
+                "bits": scheme.stored_bits,
+                "weights": weight.numel(),
+                "sqnr_db": round(sqnr_db(weight, quantized.quantized.weight()), 2),
+                "dense_bytes": weight.numel() * 4,
+                "stored_bytes": quantized.stored_bytes(),
+            }
+        )
     previous = recorded_transform(target, TRANSFORM_KIND) or {"layers": {}}
     append_transform(target, {"kind": TRANSFORM_KIND, "layers": {**previous["layers"], **schemes}}, replace_kind=True)
     weight_bytes = sum(r["stored_bytes"] for r in rows)
-    metrics = {"parameters": count_parameters(model), "weight_bytes": weight_bytes,
-               "dense_weight_bytes": sum(r["dense_bytes"] for r in rows),
-               "compression": sum(r["dense_bytes"] for r in rows) / weight_bytes}
-    stage = Stage(name="quantize", kind="quantize", metrics=metrics, layers=rows, config=config.to_dict(),
-                  notes=[f"{row['name']}: {row['scheme']} {row['bits']} bits, SQNR {row['sqnr_db']:.1f} dB" for row in rows],
-                  execution="weights stored quantized, dequantized in eager forward")
+    metrics = {
+        "parameters": count_parameters(model),
+        "weight_bytes": weight_bytes,
+        "dense_weight_bytes": sum(r["dense_bytes"] for r in rows),
+        "compression": sum(r["dense_bytes"] for r in rows) / weight_bytes,
+    }
+    stage = Stage(
+        name="quantize",
+        kind="quantize",
+        metrics=metrics,
+        layers=rows,
+        config=config.to_dict(),
+        notes=[f"{row['name']}: {row['scheme']} {row['bits']} bits, SQNR {row['sqnr_db']:.1f} dB" for row in rows],
+        execution="weights stored quantized, dequantized in eager forward",
+    )
     return Result(model=target, report=Report.for_model(model, [stage]))
 
 

@@ -57,10 +57,7 @@ def report_to_markdown(report: Report) -> str:
     name = report.model.get("name", "model")
     parts = [f"# torchslim report: {name}", ""]
     columns = [(key, title) for key, title in STAGE_COLUMNS if any(key in s.metrics for s in report.stages)]
-    rows = [
-        [stage.name, stage.execution] + [format_value(key, stage.metrics.get(key)) for key, _ in columns]
-        for stage in report.stages
-    ]
+    rows = [[stage.name, stage.execution] + [format_value(key, stage.metrics.get(key)) for key, _ in columns] for stage in report.stages]
     parts.append(table(["stage", "execution"] + [title for _, title in columns], rows))
     for stage in report.stages:
         if stage.notes:

@@ -7,5 +7,19 @@ from torchslim.tasks.classification import ClassificationTask
 from torchslim.tasks.fidelity import FidelityTask
 from torchslim.tasks.language import LanguageModelingTask
 
-__all__ = ["TASKS", "ClassificationTask", "CustomTask", "FidelityTask", "LanguageModelingTask", "Task", "batch_targets", "call_model",
-           "example_of", "get_task", "resolve_task", "model_inputs", "move_to", "output_tensor"]
+__all__ = [
+    "TASKS",
+    "ClassificationTask",
+    "CustomTask",
+    "FidelityTask",
+    "LanguageModelingTask",
+    "Task",
+    "batch_targets",
+    "call_model",
+    "example_of",
+    "get_task",
+    "model_inputs",
+    "move_to",
+    "output_tensor",
+    "resolve_task",
+]

@@ -21,7 +21,8 @@ Example:
 from __future__ import annotations
 
 import abc
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -103,8 +104,13 @@ class Task(abc.ABC):
         return self
 
     @staticmethod
-    def custom(loss: Callable[[nn.Module, Any], torch.Tensor], evaluate: Callable[[nn.Module, Iterable], dict[str, float]],
-               metric: str, higher_is_better: bool, name: str = "custom") -> Task:
+    def custom(
+        loss: Callable[[nn.Module, Any], torch.Tensor],
+        evaluate: Callable[[nn.Module, Iterable], dict[str, float]],
+        metric: str,
+        higher_is_better: bool,
+        name: str = "custom",
+    ) -> Task:
         """A task from a user's own callables: ``loss(model, batch) -> scalar tensor`` and ``evaluate(model, batches)
         -> {metric: value, ...}`` (must hold ``metric``)."""
         return CustomTask(loss, evaluate, metric, higher_is_better, name)
@@ -113,8 +119,14 @@ class Task(abc.ABC):
 class CustomTask(Task):
     """A user's loss and evaluation callables as a task."""
 
-    def __init__(self, loss: Callable[[nn.Module, Any], torch.Tensor], evaluate: Callable[[nn.Module, Iterable], dict[str, float]],
-                 metric: str, higher_is_better: bool, name: str = "custom") -> None:
+    def __init__(
+        self,
+        loss: Callable[[nn.Module, Any], torch.Tensor],
+        evaluate: Callable[[nn.Module, Iterable], dict[str, float]],
+        metric: str,
+        higher_is_better: bool,
+        name: str = "custom",
+    ) -> None:
         self._loss, self._evaluate = loss, evaluate
         self.metric, self.higher_is_better, self.name = metric, higher_is_better, name
 
@@ -166,8 +178,9 @@ def resolve_task(task: str | Task | None, source: Any, reference: nn.Module | No
         elif reference is not None:
             task = "fidelity"
         else:
-            raise TorchslimError("the data has no labels and no task was named: pass task='fidelity' (with the original model), "
-                                 "'language-modeling', or a Task of your own")
+            raise TorchslimError(
+                "the data has no labels and no task was named: pass task='fidelity' (with the original model), 'language-modeling', or a Task of your own"
+            )
     resolved = get_task(task)
     if reference is not None:
         resolved = resolved.with_reference(reference)
@@ -185,4 +198,4 @@ def get_task(task: str | Task, **options: Any) -> Task:
     return TASKS.get(task)(**options)
 
 
-__all__ = ["CustomTask", "TASKS", "Task", "get_task", "resolve_task"]
+__all__ = ["TASKS", "CustomTask", "Task", "get_task", "resolve_task"]

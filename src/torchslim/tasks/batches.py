@@ -88,10 +88,12 @@ def first_examples(example: Any, count: int) -> Any:
 
 def repeat_example(example: Any, batch_size: int) -> Any:
     """A batch of ``batch_size`` copies of the first example (contiguous), of the same form as ``example``."""
+
     def repeat(value: Any) -> Any:
         if isinstance(value, torch.Tensor) and value.dim() > 0:
             return value[:1].expand(batch_size, *value.shape[1:]).contiguous()
         return value
+
     if isinstance(example, Mapping):
         return {k: repeat(v) for k, v in example.items()}
     if isinstance(example, tuple):
@@ -135,5 +137,16 @@ def output_tensor(output: Any, where: str = "model output") -> torch.Tensor:
     raise TorchslimError(f"{where}: expected a tensor, a tuple or a ModelOutput with tensors, got {type(output).__name__}")
 
 
-__all__ = ["OUTPUT_KEYS", "TARGET_KEYS", "batch_size_of", "batch_targets", "call_model", "example_of", "first_examples", "model_inputs", "move_to", "repeat_example",
-           "output_tensor"]
+__all__ = [
+    "OUTPUT_KEYS",
+    "TARGET_KEYS",
+    "batch_size_of",
+    "batch_targets",
+    "call_model",
+    "example_of",
+    "first_examples",
+    "model_inputs",
+    "move_to",
+    "output_tensor",
+    "repeat_example",
+]

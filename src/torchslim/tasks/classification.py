@@ -28,8 +28,7 @@ def flat_logits_and_targets(outputs: Any, batch: Any, task: str) -> tuple[torch.
     logits = output_tensor(outputs)
     targets = batch_targets(batch)
     if targets is None:
-        raise TorchslimError(f"{task}: the batches carry no labels; give (inputs, labels) batches, or use the 'fidelity' task "
-                             f"for unlabeled data")
+        raise TorchslimError(f"{task}: the batches carry no labels; give (inputs, labels) batches, or use the 'fidelity' task for unlabeled data")
     if not isinstance(targets, torch.Tensor):
         targets = torch.as_tensor(targets)
     targets = targets.to(logits.device)
@@ -41,8 +40,9 @@ def flat_logits_and_targets(outputs: Any, batch: Any, task: str) -> tuple[torch.
         raise TorchslimError(f"{task}: {logits.shape[0]} predictions but {targets.shape[0]} labels in the batch")
     valid = targets[targets != IGNORE]
     if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= logits.shape[-1]):
-        raise TorchslimError(f"{task}: label {int(valid.max()) if int(valid.max()) >= logits.shape[-1] else int(valid.min())} is "
-                             f"outside the model's {logits.shape[-1]} classes")
+        raise TorchslimError(
+            f"{task}: label {int(valid.max()) if int(valid.max()) >= logits.shape[-1] else int(valid.min())} is outside the model's {logits.shape[-1]} classes"
+        )
     return logits, targets
 
 

@@ -89,8 +89,12 @@ class FidelityTask(Task):
         if totals["rows"] == 0:
             raise TorchslimError("fidelity evaluation compared no outputs")
         mse = totals["squared_sum"] / totals["values"]
-        return {"cosine": totals["cosine_sum"] / totals["rows"], "mse": mse,
-                "relative_error": (totals["squared_sum"] / max(totals["reference_sum"], 1e-30)) ** 0.5, "examples": int(totals["rows"])}
+        return {
+            "cosine": totals["cosine_sum"] / totals["rows"],
+            "mse": mse,
+            "relative_error": (totals["squared_sum"] / max(totals["reference_sum"], 1e-30)) ** 0.5,
+            "examples": int(totals["rows"]),
+        }
 
 
 TASKS.register("fidelity", "agreement with the original model's outputs: cosine similarity and MSE (unlabeled data)")(FidelityTask)

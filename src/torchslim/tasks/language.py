@@ -83,8 +83,14 @@ class LanguageModelingTask(Task):
             raise TorchslimError("language-modeling evaluation scored no tokens")
         loss = totals["loss_sum"] / tokens
         accuracy = totals["correct"] / tokens
-        return {"perplexity": math.exp(min(loss, 700.0)), "loss": loss, "bits_per_token": loss / math.log(2), "accuracy": accuracy,
-                "error": 1 - accuracy, "tokens": tokens}
+        return {
+            "perplexity": math.exp(min(loss, 700.0)),
+            "loss": loss,
+            "bits_per_token": loss / math.log(2),
+            "accuracy": accuracy,
+            "error": 1 - accuracy,
+            "tokens": tokens,
+        }
 
 
 TASKS.register("language-modeling", "next-token cross-entropy; perplexity")(LanguageModelingTask)

@@ -3,7 +3,8 @@ cosine similarity to the original for unlabeled data, or a user's own metric).""
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn

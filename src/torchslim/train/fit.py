@@ -8,7 +8,8 @@ import math
 import random
 import sys
 import time
-from typing import Any, Callable, Literal, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -127,9 +128,7 @@ def seed_everything(seed: int) -> None:
 def make_optimizer(parameters, config: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in parameters if p.requires_grad]
     if config.optimizer == "sgd":
-        return torch.optim.SGD(
-            params, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov, weight_decay=config.weight_decay
-        )
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov, weight_decay=config.weight_decay)
     if config.optimizer == "adam":
         return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -216,8 +215,10 @@ def fit(
                     if extra is not None:
                         value = value + extra
                 if not torch.isfinite(value):
-                    raise TorchslimError(f"{label}: the loss became {value.item()} at epoch {epoch + 1}, step {state.step}; lower "
-                                         f"the learning rate (lr={config.lr}) or check the data for NaN/Inf")
+                    raise TorchslimError(
+                        f"{label}: the loss became {value.item()} at epoch {epoch + 1}, step {state.step}; lower "
+                        f"the learning rate (lr={config.lr}) or check the data for NaN/Inf"
+                    )
                 optimizer.zero_grad(set_to_none=True)
                 value.backward()
                 for callback in callbacks:
@@ -240,8 +241,7 @@ def fit(
                 test = evaluate_source(model, source, resolved, limit=config.eval_limit)
                 metrics.update({f"test_{k}": v for k, v in test.items()})
             state.history.append(metrics)
-            lines.step(loss=metrics["train_loss"], **({resolved.metric: metrics[f"test_{resolved.metric}"]}
-                                                      if f"test_{resolved.metric}" in metrics else {}))
+            lines.step(loss=metrics["train_loss"], **({resolved.metric: metrics[f"test_{resolved.metric}"]} if f"test_{resolved.metric}" in metrics else {}))
             for callback in callbacks:
                 callback.on_epoch_end(state, metrics)
     for callback in callbacks:

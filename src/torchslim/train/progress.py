@@ -18,7 +18,7 @@ from typing import IO, Any
 
 
 def progress_mode(progress: bool | str | None) -> str:
-    """"bar" on a terminal, "lines" when not, "off" when asked (``progress=False``); True forces a bar."""
+    """ "bar" on a terminal, "lines" when not, "off" when asked (``progress=False``); True forces a bar."""
     if progress is False or progress == "off":
         return "off"
     if progress is True or progress == "bar":
@@ -49,8 +49,11 @@ class Progress:
         if self.mode != "lines":
             return
         elapsed = time.perf_counter() - self.started
-        parts = [f"{key.replace('_', ' ')} {value:.4f}" if isinstance(value, float) else f"{key.replace('_', ' ')} {value}"
-                 for key, value in values.items() if value is not None]
+        parts = [
+            f"{key.replace('_', ' ')} {value:.4f}" if isinstance(value, float) else f"{key.replace('_', ' ')} {value}"
+            for key, value in values.items()
+            if value is not None
+        ]
         where = f"{self.count}/{self.total}" if self.total else str(self.count)
         timing = f"{_duration(elapsed)} elapsed"
         if self.total:
