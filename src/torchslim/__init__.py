@@ -18,7 +18,8 @@ from torchslim.pipeline import compress
 from torchslim.pruning import make_permanent, prune, prune_channels
 from torchslim.quantization import quantize
 from torchslim.tasks import Task
-from torchslim.verbs import evaluate, load, save, train
+from torchslim.train.evaluate import evaluate
+from torchslim.verbs import load, save, train
 from torchslim.version import __version__
 
 __all__ = [

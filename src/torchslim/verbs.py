@@ -1,4 +1,5 @@
-"""The public verbs that are not a technique of their own: train, evaluate, save and load. Each takes a
+"""The public verbs that are not a technique of their own: train, save and load (``evaluate`` is
+``torchslim.train.evaluate``). Each takes a
 model and returns a ``Result`` (a new model and a ``Report``) or metrics."""
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from torchslim.core.files import load_model_file, save_model_file
 from torchslim.core.report import Report, Result, Stage
 from torchslim.measure.counts import count_nonzeros, count_parameters
 from torchslim.tasks.base import Task
-from torchslim.train.evaluate import evaluate as evaluate_data
 from torchslim.train.fit import TrainConfig, fit
 
 
@@ -52,20 +52,6 @@ def train(
     report = Report.for_model(model, [stage])
     report.environment = environment()
     return Result(model=trained, report=report)
-
-
-def evaluate(
-    model: nn.Module,
-    data: Any,
-    task: str | Task | None = None,
-    split: str = "eval",
-    batch_size: int | None = None,
-    limit: int | None = None,
-    reference: nn.Module | None = None,
-) -> dict[str, float]:
-    """Metrics of ``model`` on ``data`` by its ``task`` (chosen from the data when not named: accuracy for labelled
-    classes, perplexity for text; ``reference`` is the original for the fidelity task). Modes are restored."""
-    return evaluate_data(model, data, task=task, split=split, batch_size=batch_size, limit=limit, reference=reference)
 
 
 def save(model: nn.Module, path: str | os.PathLike[str], overwrite: bool = True) -> Path:

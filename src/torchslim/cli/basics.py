@@ -8,7 +8,7 @@ from typing import Any
 import typer
 
 from torchslim.cli.app import app, console
-from torchslim.cli.common import DATA_HELP, DATA_ROOT, NO_VERIFY, NORMALIZE, SCALE, TASK, example_input, int_list, load_data, load_model_arg, refuse_overwrite
+from torchslim.cli.common import DataArguments, example_input, int_list, load_model_arg, refuse_overwrite, with_data
 from torchslim.core.errors import TorchslimError
 
 
@@ -58,13 +58,10 @@ def list_command(what: str = typer.Argument("all", help="models, datasets, backe
 
 
 @app.command()
+@with_data()
 def train(
+    source: DataArguments,
     model: str = typer.Option("lenet-300-100", help="Registered model name (see `torchslim list models`)."),
-    data: str = typer.Option("mnist-sample", help=DATA_HELP),
-    data_root: Path | None = DATA_ROOT,
-    no_verify: bool = NO_VERIFY,
-    normalize: str = NORMALIZE,
-    scale: float = SCALE,
     epochs: int = typer.Option(5, help="Training epochs."),
     lr: float = typer.Option(0.05, help="Base learning rate."),
     optimizer: str = typer.Option("sgd", help="sgd, adam or adamw."),
@@ -82,8 +79,8 @@ def train(
 
     refuse_overwrite(out, report, force=force)
     ts.models.MODELS.get(model)
-    dataset = load_data(data, data_root, no_verify, normalize, scale)
-    console.print(f"{data}: {len(getattr(dataset, 'train', getattr(dataset, 'train_ids', [])))} training examples")
+    dataset = source.load()
+    console.print(f"{source.name}: {len(getattr(dataset, 'train', getattr(dataset, 'train_ids', [])))} training examples")
     network = ts.models.create_for(model, dataset)
     config = {"epochs": epochs, "lr": lr, "optimizer": optimizer, "batch_size": batch_size, "weight_decay": weight_decay, "seed": seed}
     result = ts.train(network, dataset, config)
@@ -104,14 +101,10 @@ def train(
 
 
 @app.command()
+@with_data()
 def evaluate(
+    source: DataArguments,
     model: str = typer.Argument(..., help="A saved model file (.safetensors / .tslim / .onnx) or a registered model name."),
-    data: str = typer.Option("mnist-sample", help=DATA_HELP),
-    data_root: Path | None = DATA_ROOT,
-    no_verify: bool = NO_VERIFY,
-    normalize: str = NORMALIZE,
-    scale: float = SCALE,
-    task: str | None = TASK,
     weights: Path | None = typer.Option(None, help="Weights to load into the model (.safetensors or .pt state_dict)."),
     trust_weights: bool = typer.Option(False, help="Allow unpickling a .pt that holds more than tensors (only files you made)."),
     trust_factory: bool = typer.Option(False, help="Allow a model file whose architecture is an import path."),
@@ -120,17 +113,17 @@ def evaluate(
     """Evaluate a model on a dataset split by its task: accuracy and error, perplexity, or cosine similarity."""
     import torchslim as ts
 
-    dataset = load_data(data, data_root, no_verify, normalize, scale)
+    dataset = source.load()
     network = ts.load(model) if model.endswith(".onnx") else load_model_arg(model, dataset, trust_factory, weights, trust_weights)
-    metrics = ts.evaluate(network, dataset, task=task, split=split)
-    console.print(f"{data} {split}: {describe_metrics(metrics)}")
+    metrics = ts.evaluate(network, dataset, task=source.task, split=split)
+    console.print(f"{source.name} {split}: {describe_metrics(metrics)}")
 
 
 @app.command()
+@with_data()
 def profile(
+    source: DataArguments,
     model: str = typer.Argument(..., help="A saved model file (.safetensors) or a registered model name."),
-    data: str = typer.Option("mnist-sample", help="Dataset (or image folder) whose input shape to use."),
-    data_root: Path | None = DATA_ROOT,
     batch_sizes: str = typer.Option("1,64", help="Comma-separated batch sizes to time."),
     backends: str = typer.Option("eager", help="Comma-separated latency backends (see `torchslim list backends`)."),
     runs: int = typer.Option(50, help="Timed runs per batch size (after warm-up)."),
@@ -143,7 +136,7 @@ def profile(
     import torchslim as ts
     from torchslim.report.console import print_report
 
-    dataset = load_data(data, data_root)
+    dataset = source.load()
     network = load_model_arg(model, dataset, trust_factory)
     sizes = int_list(batch_sizes, "--batch-sizes")
     result = ts.profile(network, example_input(dataset), batch_sizes=sizes, backends=[b.strip() for b in backends.split(",")], runs=runs, threads=threads)

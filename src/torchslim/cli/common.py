@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 import typer
 
@@ -15,6 +19,56 @@ NO_VERIFY = typer.Option(False, "--no-verify", help="Accept your own copy of a d
 NORMALIZE = typer.Option("dataset", help="Input standardization: 'dataset' (the set's mean/std), 'none', or MEAN:STD (comma-separated per channel).")
 SCALE = typer.Option(1 / 255, help="Pixel scale before standardization (1/255 gives [0, 1]; Caffe models use 0.00390625 = 1/256).")
 TASK = typer.Option(None, help="classification, language-modeling or fidelity (default: from the data).")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataArguments:
+    """The data options of a command: ``--data`` (a name or an image folder), ``--data-root``, ``--no-verify``,
+    ``--normalize``, ``--scale`` and ``--task``."""
+
+    name: str
+    root: Path | None = None
+    no_verify: bool = False
+    normalize: str = "dataset"
+    scale: float = 1 / 255
+    task: str | None = None
+
+    def load(self) -> Any:
+        return load_data(self.name, self.root, self.no_verify, self.normalize, self.scale)
+
+
+def with_data(default: str = "mnist-sample") -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Give a command the data options; it receives them as ``source: DataArguments``."""
+    options = [
+        ("data", str, typer.Option(default, help=DATA_HELP)),
+        ("data_root", Path | None, DATA_ROOT),
+        ("no_verify", bool, NO_VERIFY),
+        ("normalize", str, NORMALIZE),
+        ("scale", float, SCALE),
+        ("task", str | None, TASK),
+    ]
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        hints = get_type_hints(command)
+        own = [
+            parameter.replace(annotation=hints.get(parameter.name, parameter.annotation))
+            for parameter in inspect.signature(command).parameters.values()
+            if parameter.name != "source"
+        ]
+        added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation) for name, annotation, option in options]
+
+        @functools.wraps(command)
+        def run(**values: Any) -> Any:
+            data = DataArguments(*(values.pop(name) for name, _, _ in options))
+            return command(source=data, **values)
+
+        parameters = own + added
+        run.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+        run.__annotations__ = {p.name: p.annotation for p in parameters}
+        del run.__wrapped__  # typer must see the new signature, not the command's
+        return run
+
+    return decorate
 
 
 def int_list(text: str, option: str) -> list[int]:

@@ -9,22 +9,18 @@ import typer
 
 from torchslim.cli.app import app, console
 from torchslim.cli.basics import headline
-from torchslim.cli.common import DATA_HELP, DATA_ROOT, NO_VERIFY, NORMALIZE, SCALE, TASK, load_data, load_model_arg, refuse_overwrite
+from torchslim.cli.common import DataArguments, load_model_arg, refuse_overwrite, with_data
 from torchslim.core.errors import TorchslimError
 
 
 @app.command()
+@with_data()
 def compress(
+    source: DataArguments,
     model: str = typer.Option("lenet-300-100", help="Registered model name, a saved model file (.safetensors / .tslim), or package.module:callable."),
     weights: Path | None = typer.Option(
         None, help="Trained weights for --model (.safetensors or a .pt state_dict). Without them a registered model is trained first."
     ),
-    data: str = typer.Option("mnist-sample", help=DATA_HELP),
-    data_root: Path | None = DATA_ROOT,
-    no_verify: bool = NO_VERIFY,
-    normalize: str = NORMALIZE,
-    scale: float = SCALE,
-    task: str | None = TASK,
     recipe: str = typer.Option("deep-compression", help="A built-in recipe (see `torchslim recipes`) or a recipe .yaml file."),
     out: Path | None = typer.Option(
         None, help="The compressed file: .tslim (or .onnx for recipes that end in an int8 engine). Default: <model>-<recipe>.tslim."
@@ -68,7 +64,7 @@ def compress(
             )
     elif checkpoint_status(checkpoint) is None:
         raise TorchslimError(f"--resume: no checkpoint in {checkpoint} to continue")
-    dataset = load_data(data, data_root, no_verify, normalize, scale)
+    dataset = source.load()
     if resume:  # the run continues from its checkpoint, which holds the model it started from
         network = checkpoint_original(checkpoint, trust_factory=trust_factory or ":" in model)
     elif weights is None and ":" in model:
@@ -76,9 +72,9 @@ def compress(
     else:
         network = load_model_arg(model, dataset, trust_factory, weights, trust_weights)
         if weights is None and not model.endswith((".safetensors", ".tslim")):
-            console.print(f"no --weights given: training {model} on {data} for {train_epochs} epochs first")
+            console.print(f"no --weights given: training {model} on {source.name} for {train_epochs} epochs first")
             network = ts.train(
-                network, dataset, {"epochs": train_epochs, "lr": 0.05, "batch_size": 64, "weight_decay": 1e-4, "eval_every_epoch": False}, task=task
+                network, dataset, {"epochs": train_epochs, "lr": 0.05, "batch_size": 64, "weight_decay": 1e-4, "eval_every_epoch": False}, task=source.task
             ).model
 
     def show(stage) -> None:
@@ -94,7 +90,7 @@ def compress(
             network,
             plan,
             dataset,
-            task=task,
+            task=source.task,
             checkpoint=checkpoint,
             resume=resume,
             export_path=out if exports else None,
@@ -115,7 +111,7 @@ def compress(
         if report != out.with_suffix(out.suffix + ".report.json"):
             result.report.save(report)
         loaded = ts.load(out, trust_factory=trust_factory or ":" in model)  # an import path given here is trusted
-        check = ts.evaluate(loaded, dataset, task=task)
+        check = ts.evaluate(loaded, dataset, task=source.task)
         console.print(f"compressed model written to {out} ({format_bytes(out.stat().st_size)}); reloaded from the file: {headline(check).replace('  ', ' ')}")
     console.print(f"report written to {report}")
     if not keep_checkpoint:

@@ -8,7 +8,7 @@ import typer
 
 from torchslim.cli.app import app, console
 from torchslim.cli.basics import change_line
-from torchslim.cli.common import DATA_HELP, DATA_ROOT, NO_VERIFY, NORMALIZE, SCALE, TASK, load_data, load_model_arg, names, refuse_overwrite
+from torchslim.cli.common import DataArguments, load_model_arg, names, refuse_overwrite, with_data
 from torchslim.core.errors import TorchslimError
 
 WEIGHT_SCHEMES = ("uniform", "kmeans", "pow2", "binary", "ternary", "fp16", "bf16")
@@ -20,7 +20,9 @@ ENGINE_SCHEMES = {
 
 
 @app.command()
+@with_data()
 def prune(
+    source: DataArguments,
     model: str = typer.Argument(..., help="A saved model file (.safetensors) or a registered model name."),
     out: Path = typer.Option(..., help="Where to write the pruned model (.safetensors or .tslim)."),
     sparsity: float | None = typer.Option(None, help="Fraction of the selected weights (with --structured: channels) to remove, in [0, 1)."),
@@ -34,12 +36,6 @@ def prune(
     steps: int = typer.Option(1, help="Iterative pruning: reach the sparsity in this many prune + fine-tune steps."),
     finetune_epochs: int = typer.Option(0, help="Fine-tuning epochs after each pruning step (after removal with --structured)."),
     lr: float = typer.Option(0.01, help="Fine-tuning learning rate."),
-    data: str = typer.Option("mnist-sample", help=DATA_HELP),
-    data_root: Path | None = DATA_ROOT,
-    no_verify: bool = NO_VERIFY,
-    normalize: str = NORMALIZE,
-    scale: float = SCALE,
-    task: str | None = TASK,
     trust_factory: bool = typer.Option(False, help="Allow a model file whose architecture is an import path."),
     report: Path | None = typer.Option(None, help="Write the JSON report here."),
     force: bool = typer.Option(False, help="Overwrite --out / --report if they exist."),
@@ -58,9 +54,9 @@ def prune(
     refuse_overwrite(out, report, force=force)
     if steps < 1:
         raise TorchslimError(f"--steps must be >= 1, got {steps}")
-    dataset = load_data(data, data_root, no_verify, normalize, scale)
+    dataset = source.load()
     network = load_model_arg(model, dataset, trust_factory)
-    baseline = ts.evaluate(network, dataset, task=task)
+    baseline = ts.evaluate(network, dataset, task=source.task)
     layers = {"include": names(include) or ["*"], "exclude": names(exclude)}
     finetune = {"epochs": finetune_epochs, "lr": lr, "eval_every_epoch": False} if finetune_epochs > 0 else None
     if structured:
@@ -76,16 +72,16 @@ def prune(
             "layers": layers,
             "overrides": {name: 0.0 for name in names(protect)},
         }
-        result = ts.prune_channels(network, config, data=dataset, task=task, finetune=finetune)
+        result = ts.prune_channels(network, config, data=dataset, task=source.task, finetune=finetune)
     else:
         if (sparsity is None) == (quality is None):
             raise TorchslimError("give exactly one of --sparsity or --quality")
         steps_to = list(schedule_sparsities(sparsity, steps)) if sparsity is not None and steps > 1 else sparsity
         target = {"quality": quality} if quality is not None else {"sparsity": steps_to}
-        result = ts.prune(network, {"importance": importance, "scope": scope, "layers": layers, **target}, data=dataset, task=task, finetune=finetune)
+        result = ts.prune(network, {"importance": importance, "scope": scope, "layers": layers, **target}, data=dataset, task=source.task, finetune=finetune)
         make_permanent(result.model)
     stage = result.report.stages[0]
-    stage.metrics.update(ts.evaluate(result.model, dataset, task=task))
+    stage.metrics.update(ts.evaluate(result.model, dataset, task=source.task))
     result.report.stages.insert(
         0,
         ts.Report().add_stage(
@@ -109,7 +105,9 @@ def prune(
 
 
 @app.command()
+@with_data()
 def distill(
+    source: DataArguments,
     teacher: str = typer.Option(..., help="The teacher: a saved model file (.safetensors) or a registered model name."),
     student: str = typer.Option(..., help="The student: a saved model file or a registered model name."),
     student_args: str = typer.Option("{}", help="JSON arguments for a registered student, e.g. '{\"hidden\": [300]}'."),
@@ -121,12 +119,6 @@ def distill(
     lr: float = typer.Option(0.05, help="Learning rate."),
     batch_size: int = typer.Option(128, help="Batch size."),
     cache_teacher: bool = typer.Option(False, help="Compute the teacher's outputs once over the training data."),
-    data: str = typer.Option("mnist-sample", help=DATA_HELP),
-    data_root: Path | None = DATA_ROOT,
-    no_verify: bool = NO_VERIFY,
-    normalize: str = NORMALIZE,
-    scale: float = SCALE,
-    task: str | None = TASK,
     trust_factory: bool = typer.Option(False, help="Allow model files whose architecture is an import path."),
     report: Path | None = typer.Option(None, help="Write the JSON report here."),
     force: bool = typer.Option(False, help="Overwrite --out / --report if they exist."),
@@ -142,7 +134,7 @@ def distill(
         kwargs = json.loads(student_args)
     except json.JSONDecodeError as error:
         raise TorchslimError(f"--student-args is not valid JSON ({error})") from None
-    dataset = load_data(data, data_root, no_verify, normalize, scale)
+    dataset = source.load()
     teacher_model = load_model_arg(teacher, dataset, trust_factory)
     if student.endswith(".safetensors"):
         student_model = load_model_arg(student, dataset, trust_factory)
@@ -155,7 +147,7 @@ def distill(
         "cache_teacher": cache_teacher,
         "train": {"epochs": epochs, "lr": lr, "batch_size": batch_size},
     }
-    result = ts.distill(student_model, teacher_model, dataset, config, task=task)
+    result = ts.distill(student_model, teacher_model, dataset, config, task=source.task)
     print_report(result.report)
     metrics = result.report.stages[0].metrics
     if "teacher_error" in metrics:
@@ -170,7 +162,9 @@ def distill(
 
 
 @app.command()
+@with_data()
 def quantize(
+    source: DataArguments,
     model: str = typer.Argument(..., help="A saved model file (.safetensors) or a registered model name."),
     out: Path = typer.Option(..., help="Output: .safetensors or .tslim for weight-only schemes, .onnx for int8 in ONNX Runtime."),
     scheme: str = typer.Option(
@@ -187,12 +181,6 @@ def quantize(
         "minmax", help="int8 calibration: minmax, entropy or percentile (int8-static); minmax, moving-average, percentile, mse or entropy (int8-native)."
     ),
     calibration_batches: int = typer.Option(16, help="int8 calibration batches."),
-    data: str = typer.Option("mnist-sample", help=DATA_HELP),
-    data_root: Path | None = DATA_ROOT,
-    no_verify: bool = NO_VERIFY,
-    normalize: str = NORMALIZE,
-    scale: float = SCALE,
-    task: str | None = TASK,
     trust_factory: bool = typer.Option(False, help="Allow a model file whose architecture is an import path."),
     force: bool = typer.Option(False, help="Overwrite --out if it exists."),
 ) -> None:
@@ -217,11 +205,11 @@ def quantize(
         config = {"method": "weight-only", "weights": grid, "overrides": overrides}
     else:
         raise TorchslimError(f"--scheme: unknown scheme {scheme!r}; valid: {', '.join(WEIGHT_SCHEMES + tuple(ENGINE_SCHEMES))}")
-    dataset = load_data(data, data_root, no_verify, normalize, scale)
+    dataset = source.load()
     network = load_model_arg(model, dataset, trust_factory)
-    before = ts.evaluate(network, dataset, task=task)
+    before = ts.evaluate(network, dataset, task=source.task)
     result = ts.quantize(network, config, data=dataset)
-    after = ts.evaluate(result.model, dataset, task=task)
+    after = ts.evaluate(result.model, dataset, task=source.task)
     saved = ts.save(result.model, out)
     stage = result.report.stages[0]
     for row in stage.layers:

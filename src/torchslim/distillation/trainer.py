@@ -9,9 +9,9 @@ un-augmented) training split of an in-memory dataset are computed once and looke
 Example:
     >>> import torchslim as ts
     >>> data = ts.data.load("digits")
-    >>> teacher = ts.train(ts.models.create_for("mlp", data, hidden=(256,)), data, {"epochs": 3}).model
+    >>> teacher = ts.train(ts.models.create_for("mlp", data, hidden=(256,)), data, {"epochs": 3}, progress=False).model
     >>> student = ts.models.create_for("mlp", data, hidden=(16,))
-    >>> result = ts.distill(student, teacher, data, {"temperature": 4.0, "alpha": 0.9, "train": {"epochs": 2}})
+    >>> result = ts.distill(student, teacher, data, {"temperature": 4.0, "alpha": 0.9, "train": {"epochs": 2}}, progress=False)
     >>> result.report.stages[0].name
     'distill'
 """

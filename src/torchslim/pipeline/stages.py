@@ -12,6 +12,7 @@ import copy
 import dataclasses
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -49,6 +50,10 @@ class StageContext:
     resume_step: int = 0
     on_step: Callable[[int, nn.Module], None] | None = None
 
+    def verb_options(self, stage: RecipeStage) -> dict[str, Any]:
+        """The keyword arguments every verb a stage calls takes: data, task, the stage's fine-tuning, progress."""
+        return {"data": self.source, "task": self.task, "finetune": stage.finetune, "progress": self.progress}
+
 
 @dataclasses.dataclass
 class StageOutcome:
@@ -68,17 +73,7 @@ class StageOutcome:
 def run_prune(context: StageContext, stage: RecipeStage) -> StageOutcome:
     """Unstructured pruning, in the config's steps, fine-tuned after each step (torchslim.prune)."""
     assert isinstance(stage.config, PruneConfig)
-    result = prune(
-        context.model,
-        stage.config,
-        context.source,
-        context.task,
-        finetune=stage.finetune,
-        inplace=True,
-        progress=context.progress,
-        start_step=context.resume_step,
-        on_step=context.on_step,
-    )
+    result = prune(context.model, stage.config, inplace=True, start_step=context.resume_step, on_step=context.on_step, **context.verb_options(stage))
     return StageOutcome(result.model, result.report.stages[0].notes, "eager, pruned weights masked to zero")
 
 
@@ -87,7 +82,7 @@ def run_prune_channels(context: StageContext, stage: RecipeStage) -> StageOutcom
     """Structured pruning: channels, neurons and heads removed, then fine-tuned (torchslim.prune_channels)."""
     assert isinstance(stage.config, StructuredConfig)
     make_permanent(context.model)
-    result = prune_channels(context.model, stage.config, context.source, task=context.task, finetune=stage.finetune, progress=context.progress)
+    result = prune_channels(context.model, stage.config, **context.verb_options(stage))
     metrics = result.report.stages[0].metrics
     notes = [
         f"MACs {metrics['macs_before']:,} -> {metrics['macs']:,} ({metrics['macs_ratio']:.2f}x fewer), "
@@ -126,17 +121,9 @@ def _onnx_method(config: Config) -> bool:
 def run_quantize(context: StageContext, stage: RecipeStage) -> StageOutcome:
     """Quantization by any method (torchslim.quantize); weight-only stores codes, int8 methods produce an engine
     (then the stage must end the recipe)."""
+    example = context.source.example(1)
     result = quantize(
-        context.model,
-        stage.config,
-        context.source,
-        context.task,
-        finetune=stage.finetune,
-        inplace=True,
-        example_input=context.source.example(1),
-        path=context.export_path,
-        threads=context.threads,
-        progress=context.progress,
+        context.model, stage.config, inplace=True, example_input=example, path=context.export_path, threads=context.threads, **context.verb_options(stage)
     )
     report = result.report.stages[0]
     if isinstance(result.model, OnnxModule):  # an engine: the float model stays for counting, the engine runs

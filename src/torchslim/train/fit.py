@@ -175,7 +175,7 @@ def fit(
         >>> import torchslim as ts
         >>> data = ts.data.load("digits")
         >>> model = ts.models.create("lenet-300-100", in_features=64)
-        >>> history = fit(model, data, {"epochs": 1, "lr": 0.05})
+        >>> history = fit(model, data, {"epochs": 3, "lr": 0.05}, progress=False)
         >>> history.final["accuracy"] > 0.5
         True
     """
