@@ -15,6 +15,7 @@ from torch import nn
 from torchslim.core.environment import environment
 from torchslim.core.files import load_model_file, save_model_file
 from torchslim.core.report import Report, Result, Stage
+from torchslim.core.spec import set_spec, spec_of
 from torchslim.measure.counts import count_nonzeros, count_parameters
 from torchslim.tasks.base import Task
 from torchslim.train.fit import TrainConfig, fit
@@ -54,9 +55,17 @@ def train(
     return Result(model=trained, report=report)
 
 
-def save(model: nn.Module, path: str | os.PathLike[str], overwrite: bool = True) -> Path:
+def save(model: nn.Module, path: str | os.PathLike[str], overwrite: bool = True, factory: str | None = None, kwargs: dict[str, Any] | None = None) -> Path:
     """Save a model in the format its suffix names: ``.safetensors`` (weights and a JSON architecture spec, no
-    pickle), ``.tslim`` (the compressed file), or ``.onnx`` (a model that runs in ONNX Runtime)."""
+    pickle), ``.tslim`` (the compressed file), or ``.onnx`` (a model that runs in ONNX Runtime).
+
+    Any model a verb returned saves, a user's own class included: the file records how to rebuild it (its class's
+    import path and the constructor arguments its attributes hold, checked by rebuilding it) and every structural
+    change torchslim made; ``factory="package.module:build"`` with ``kwargs`` names the builder where the class
+    cannot tell. Hugging Face models record their class and config. Loading an import path needs ``trust_factory``.
+    """
+    if factory is not None:
+        set_spec(model, {"factory": factory, "kwargs": dict(kwargs or {}), "transforms": spec_of(model).get("transforms", []), "inferred": True})
     return save_model_file(model, path, overwrite=overwrite)
 
 

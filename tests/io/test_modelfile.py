@@ -43,10 +43,27 @@ def test_import_path_factory_needs_trust(tmp_path):
     assert torch.equal(again(x), model(x))
 
 
-def test_model_without_spec_is_a_clear_error(tmp_path):
-    with pytest.raises(TorchslimError, match="exactly one of 'name'"):
-        save_model(UserNet(), tmp_path / "x.safetensors")
-    assert not (tmp_path / "x.safetensors").exists()
+def test_a_users_own_class_saves_as_it_can_be_rebuilt(tmp_path):
+    """A model without a spec records its class and the constructor arguments its attributes hold, checked by
+    rebuilding it; where that cannot give the model, the error says to name the factory, and naming it works."""
+    model = UserNet()
+    path = ts.save(model, tmp_path / "x.safetensors")
+    with pytest.raises(TorchslimError, match="trust_factory"):
+        ts.load(path)
+    x = torch.randn(4, 8)
+    assert torch.equal(ts.load(path, trust_factory=True).eval()(x), model.eval()(x))
+    wide = UserNet(hidden=32)  # the width is no attribute of the model: rebuilding with the default would not fit
+    with pytest.raises(TorchslimError, match="does not give this model .*save with factory="):
+        ts.save(wide, tmp_path / "w.safetensors")
+    assert not (tmp_path / "w.safetensors").exists()
+    path = ts.save(wide, tmp_path / "w.safetensors", factory="tests.io.test_modelfile:make_user_net", kwargs={"hidden": 32})
+    assert torch.equal(ts.load(path, trust_factory=True).eval()(x), wide.eval()(x))
+
+    class Local(nn.Linear):
+        pass
+
+    with pytest.raises(TorchslimError, match="cannot be imported again"):
+        ts.save(Local(2, 2), tmp_path / "l.safetensors")
 
 
 def test_corrupt_and_truncated_files(tmp_path):

@@ -51,8 +51,7 @@ from torchslim.codec import entropy
 from torchslim.codec.sparse import relative_decode, relative_encode
 from torchslim.core.errors import ChecksumError, TorchslimError
 from torchslim.core.files import ModelFormat, refuse_overwrite, register_format, write_atomic
-from torchslim.core.spec import check_spec, model_spec
-from torchslim.io.modelfile import build_from_spec, load_state, state_for_saving
+from torchslim.io.modelfile import build_from_spec, file_spec, load_state, state_for_saving
 
 MAGIC = b"TSLIM\x00"
 VERSION = 1
@@ -181,13 +180,7 @@ def _encode(
     unknown = [c for c in coders if c not in entropy.CODERS]
     if unknown or not coders:
         raise TorchslimError(f"coders must be a non-empty list of {', '.join(entropy.CODERS)}, got {list(coders)}")
-    spec = spec if spec is not None else model_spec(model)
-    if spec is None:
-        raise TorchslimError(
-            "the model carries no architecture spec (build it with torchslim.models.create, or pass "
-            "spec={'factory': 'package.module:callable', 'kwargs': {...}})"
-        )
-    spec = check_spec(spec, "encode")
+    spec = file_spec(model, "encode", spec)
     state = model_state(model)
     codes = quantized_code_tensors(model)
     records, streams = [], []

@@ -30,7 +30,7 @@ from torchslim.core.config import Config
 from torchslim.core.errors import TorchslimError
 
 # Module types that hold a prunable / quantizable ``weight`` by default.
-WEIGHT_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d", "Embedding")
+WEIGHT_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "Embedding", "Conv1D")
 
 
 V = TypeVar("V")

@@ -1,8 +1,10 @@
 """Architecture specs: how a model is rebuilt from a file, and the structural transforms recorded on top of it.
 
-A spec is a JSON mapping: ``{"name": "lenet-5", "kwargs": {...}}`` (a registered model) or ``{"factory":
-"package.module:callable", "kwargs": {...}}`` (an import path), plus ``"transforms"``: the structural changes
-compression made, in order (channels removed, layers replaced by quantized ones). A technique that changes a model's
+A spec is a JSON mapping: ``{"name": "lenet-5", "kwargs": {...}}`` (a registered model), ``{"factory":
+"package.module:callable", "kwargs": {...}}`` (an import path: a user's own class, its constructor arguments
+recovered from the model's attributes where they can be), or ``{"huggingface": "BertModel", "config": {...}}`` (a
+Hugging Face transformers class and its config), plus ``"transforms"``: the structural changes compression made,
+in order (channels removed, layers replaced by quantized ones). A technique that changes a model's
 structure registers, under its transform kind, how to re-apply a recorded transform to a freshly built model; the
 model-file readers know no technique by name.
 
@@ -18,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 from collections.abc import Callable
 from typing import Any
@@ -43,11 +46,81 @@ def set_spec(model: nn.Module, spec: dict[str, Any] | None) -> None:
     setattr(model, SPEC_ATTRIBUTE, copy.deepcopy(spec))
 
 
+SOURCES = ("name", "factory", "huggingface")
+
+
+def class_path(klass: type) -> str | None:
+    """``package.module:Class`` of a class that can be imported again (not one defined in a function or __main__)."""
+    if "<locals>" in klass.__qualname__ or klass.__module__ in ("__main__", "builtins"):
+        return None
+    return f"{klass.__module__}:{klass.__qualname__}"
+
+
+def _json_value(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def inferred_spec(model: nn.Module) -> dict[str, Any]:
+    """How to rebuild a model that carries no spec: a Hugging Face class with its config, or the model's own class
+    with the constructor arguments its attributes of the same names hold. Arguments that cannot be recovered are
+    listed under ``missing`` (``check_spec`` then asks for them)."""
+    klass = type(model)
+    config = getattr(model, "config", None)
+    if klass.__module__.startswith("transformers.") and callable(getattr(config, "to_dict", None)):
+        return {"huggingface": klass.__name__, "config": json.loads(json.dumps(config.to_dict(), default=str)), "kwargs": {}}
+    kwargs: dict[str, Any] = {}
+    missing: list[str] = []
+    for name, parameter in list(inspect.signature(klass.__init__).parameters.items())[1:]:
+        if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+            continue
+        value = getattr(model, name, inspect.Parameter.empty)
+        if value is not inspect.Parameter.empty and _json_value(value):
+            if parameter.default is inspect.Parameter.empty or value != parameter.default:
+                kwargs[name] = value
+        elif parameter.default is inspect.Parameter.empty:
+            missing.append(name)
+    path = class_path(klass)
+    spec: dict[str, Any] = {"factory": path or f"{klass.__module__}:{klass.__qualname__}", "kwargs": kwargs, "inferred": True}
+    if path is None:
+        spec["unimportable"] = True
+    if missing:
+        spec["missing"] = missing
+    return spec
+
+
+def spec_of(model: nn.Module) -> dict[str, Any]:
+    """The spec a model carries, or the one ``inferred_spec`` finds."""
+    return model_spec(model) or inferred_spec(model)
+
+
+def sizing_spec(model: nn.Module) -> dict[str, Any]:
+    """The spec a file of ``model`` would record, as a stand-in for measuring the file's size before the spec is
+    checked (an inferred spec's notes on what it could not recover left out)."""
+    return {key: value for key, value in spec_of(model).items() if key not in ("inferred", "missing", "unimportable")}
+
+
 def check_spec(spec: Any, where: str) -> dict[str, Any]:
-    """``spec`` validated: exactly one of ``name`` / ``factory``, JSON-serializable ``kwargs``, a list of transforms."""
-    if not isinstance(spec, dict) or ("name" in spec) == ("factory" in spec):
+    """``spec`` validated: exactly one of ``name`` / ``factory`` / ``huggingface``, JSON-serializable ``kwargs``, a
+    list of transforms; an inferred spec that cannot rebuild the model says what to give instead."""
+    if not isinstance(spec, dict) or sum(key in spec for key in SOURCES) != 1:
         raise TorchslimError(
-            f"{where}: an architecture spec needs exactly one of 'name' (a registered model) or 'factory' (package.module:callable), got {spec!r}"
+            f"{where}: an architecture spec needs exactly one of 'name' (a registered model), 'factory' "
+            f"(package.module:callable) or 'huggingface' (a transformers class and its config), got {spec!r}"
+        )
+    if spec.get("unimportable"):
+        raise TorchslimError(
+            f"{where}: the model's class {spec['factory']} cannot be imported again (defined in a function or in "
+            f"__main__); move it to a module, or save with factory='package.module:build' and its kwargs"
+        )
+    if spec.get("missing"):
+        raise TorchslimError(
+            f"{where}: cannot tell how to rebuild {spec['factory']}: its constructor argument(s) "
+            f"{', '.join(spec['missing'])} are not attributes of the model; save with "
+            f"factory='{spec['factory']}' and kwargs={{...}}"
         )
     kwargs = spec.get("kwargs", {})
     if not isinstance(kwargs, dict):
@@ -69,11 +142,9 @@ def register_transform(kind: str) -> Callable[[Transform], Transform]:
 
 def append_transform(model: nn.Module, transform: dict[str, Any], replace_kind: bool = False) -> None:
     """Record a structural change in the model's spec (a copy of it), so a saved file rebuilds the changed model;
-    ``replace_kind`` drops an earlier transform of the same kind first. A model without a spec is left alone."""
-    spec = model_spec(model)
-    if spec is None:
-        return
-    spec = copy.deepcopy(spec)
+    ``replace_kind`` drops an earlier transform of the same kind first. A model without a spec gets the inferred one
+    first (how its class was built), so a user's own model keeps its history too."""
+    spec = copy.deepcopy(spec_of(model))
     transforms = spec.get("transforms", [])
     if replace_kind:
         transforms = [t for t in transforms if t.get("kind") != transform["kind"]]
@@ -97,13 +168,18 @@ def apply_transforms(model: nn.Module, transforms: list[dict[str, Any]], where: 
 
 
 __all__ = [
+    "SOURCES",
     "SPEC_ATTRIBUTE",
     "TRANSFORMS",
     "append_transform",
     "apply_transforms",
     "check_spec",
+    "class_path",
+    "inferred_spec",
     "model_spec",
     "recorded_transform",
     "register_transform",
     "set_spec",
+    "sizing_spec",
+    "spec_of",
 ]

@@ -7,7 +7,8 @@
   each pass (a generator factory); batches may be tensors, ``(inputs, targets)`` tuples or mappings
   (``input_ids``, ``attention_mask``, ``labels``);
 - a pair ``(inputs, targets)`` of tensors or NumPy arrays, or a single tensor / array of unlabeled inputs;
-- a Hugging Face ``datasets.Dataset`` split (numeric columns; tokenize text first);
+- a Hugging Face ``datasets.Dataset`` split (numeric columns; tokenize text first): one input column gives
+  ``(inputs, labels)`` batches, several (``input_ids``, ``attention_mask``, ...) give mappings;
 - a folder of images in class subfolders (see ``torchslim.data.folder``);
 - ``Data(train=..., eval=...)`` to give separate training and evaluation data in any of these forms.
 
@@ -33,7 +34,7 @@ import torch
 
 from torchslim.core.errors import TorchslimError
 from torchslim.data.datasets import Dataset, Split, TensorLoader, TextDataset
-from torchslim.tasks.batches import batch_targets, example_of
+from torchslim.tasks.batches import TARGET_KEYS, batch_targets, example_of
 
 SPLITS = ("train", "eval")
 
@@ -282,20 +283,29 @@ def _hf_dataset(value: Any) -> bool:
 
 
 def _hf_batches(dataset: Any, batch_size: int) -> Callable[[], Iterator[Any]]:
-    columns = (
-        [c for c in dataset.column_names if dataset.features[c].dtype not in ("string", "large_string")]
-        if hasattr(dataset, "features")
-        else list(dataset.column_names)
-    )
+    first = dataset[0] if len(dataset) else {}
+
+    def textual(value: Any) -> bool:
+        while isinstance(value, (list, tuple)) and value:
+            value = value[0]
+        return isinstance(value, str)
+
+    columns = [c for c in dataset.column_names if not textual(first.get(c))]
     skipped = sorted(set(dataset.column_names) - set(columns))
     if not columns:
         raise TorchslimError(f"Hugging Face dataset: no numeric columns (found {dataset.column_names}); tokenize the text first")
     formatted = dataset.with_format("torch", columns=columns)
 
+    inputs = [c for c in columns if c not in TARGET_KEYS]
+    target = next((c for c in columns if c in TARGET_KEYS), None)
+
     def batches() -> Iterator[Any]:
         for start in range(0, len(formatted), batch_size):
             batch = formatted[start : start + batch_size]
-            yield {("labels" if key == "label" else key): value for key, value in batch.items()}
+            if len(inputs) == 1:  # one input column: (inputs, labels) as a plain model's forward(x) takes it
+                yield (batch[inputs[0]], batch[target]) if target is not None else batch[inputs[0]]
+            else:  # several (input_ids, attention_mask, ...): keyword arguments of forward, labels apart
+                yield {("labels" if key == "label" else key): value for key, value in batch.items()}
 
     batches.skipped = skipped  # type: ignore[attr-defined]
     return batches

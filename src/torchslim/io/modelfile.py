@@ -30,7 +30,7 @@ from torch import nn
 
 from torchslim.core.errors import ChecksumError, TorchslimError
 from torchslim.core.files import ModelFormat, refuse_overwrite, register_format, write_atomic
-from torchslim.core.spec import apply_transforms, check_spec, model_spec, set_spec
+from torchslim.core.spec import apply_transforms, check_spec, set_spec, spec_of
 from torchslim.measure.weights import effective_weights
 
 FORMAT = "torchslim-model"
@@ -57,14 +57,34 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def file_spec(model: nn.Module, where: str, spec: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The spec a file records for ``model``: ``spec`` as given, else the model's own, or for a model that carries
+    none (a user's own class, a Hugging Face model) the one ``core.spec.inferred_spec`` finds. An inferred spec (or
+    a factory a user named at save time) is checked by building the model from it: the rebuilt model must hold
+    tensors of the same names and shapes, or the error says which differs."""
+    spec = check_spec(spec if spec is not None else spec_of(model), where)
+    if spec.pop("inferred", False):
+        rebuilt = build_from_spec(spec, trust_factory=True, where=where)  # the class is this process's own: nothing new runs
+        expected = {name: tuple(t.shape) for name, t in rebuilt.state_dict().items()}
+        actual = {name: tuple(t.shape) for name, t in state_for_saving(model).items()}
+        if expected != actual:
+            differing = sorted(set(expected) ^ set(actual)) or sorted(n for n in expected if expected[n] != actual[n])
+            raise TorchslimError(
+                f"{where}: rebuilding {spec.get('factory') or spec.get('huggingface')} from {spec['kwargs']} does not give this "
+                f"model ({differing[0]} differs); save with factory='package.module:callable' and the kwargs that build it"
+            )
+    return spec
+
+
 def save_model(model: nn.Module, path: str | os.PathLike[str], spec: dict[str, Any] | None = None, overwrite: bool = True) -> Path:
     """Write the model's weights and architecture spec to one .safetensors file, atomically.
 
-    ``spec`` defaults to the one the model carries. Masks from pruning are applied (zeros are stored).
+    The spec is the one the model carries, or how its class is rebuilt (see ``file_spec``). Masks from pruning are
+    applied (zeros are stored).
     """
     path = Path(path)
     refuse_overwrite(path, overwrite)
-    spec = check_spec(spec if spec is not None else model_spec(model), str(path))
+    spec = file_spec(model, str(path), spec)
     tensors = state_for_saving(model)
     metadata = {
         "format": FORMAT,
@@ -101,6 +121,8 @@ def build_from_spec(spec: dict[str, Any], trust_factory: bool = False, where: st
     spec = check_spec(spec, where)
     if "name" in spec:
         model = create(spec["name"], **spec["kwargs"])
+    elif "huggingface" in spec:
+        model = _huggingface_model(spec, where)
     else:
         if not trust_factory:
             raise TorchslimError(
@@ -113,6 +135,21 @@ def build_from_spec(spec: dict[str, Any], trust_factory: bool = False, where: st
     model = apply_transforms(model, spec.get("transforms", []), where)
     set_spec(model, spec)
     return model
+
+
+def _huggingface_model(spec: dict[str, Any], where: str) -> nn.Module:
+    """A Hugging Face transformers model from its class name and config (no import path from the file is used)."""
+    try:
+        import transformers
+    except ImportError:
+        raise TorchslimError(f"{where}: the model is a Hugging Face {spec['huggingface']}; install transformers to load it") from None
+    klass = getattr(transformers, str(spec["huggingface"]), None)
+    if not (isinstance(klass, type) and issubclass(klass, transformers.PreTrainedModel)):
+        raise TorchslimError(f"{where}: {spec['huggingface']!r} is not a transformers model class")
+    config = spec.get("config")
+    if not isinstance(config, dict):
+        raise TorchslimError(f"{where}: the Hugging Face spec needs the model's config as a mapping")
+    return klass(klass.config_class.from_dict(config))
 
 
 def read_model_file(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

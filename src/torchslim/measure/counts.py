@@ -107,7 +107,13 @@ def _counter_for(module: nn.Module) -> MacCounter | None:
             return MAC_COUNTERS[klass]
     if callable(getattr(module, "attention_macs", None)):
         return _attention_method
+    if type(module).__name__ == "Conv1D" and isinstance(getattr(module, "nx", None), int):  # GPT-2's (in, out) Linear
+        return _transposed_linear
     return None
+
+
+def _transposed_linear(module: Any, inputs: tuple, output: torch.Tensor) -> int:
+    return output.numel() * int(module.nx)
 
 
 @torch.no_grad()

@@ -31,6 +31,7 @@ from torchslim.codec.tslim import encode_model, save_tslim
 from torchslim.core.errors import TorchslimError
 from torchslim.core.files import refuse_overwrite
 from torchslim.core.report import Report, Result, Stage
+from torchslim.core.spec import sizing_spec
 from torchslim.data.sources import DataSource, as_source
 from torchslim.measure.counts import fp32_weight_bytes
 from torchslim.measure.profile import measure_model
@@ -88,7 +89,7 @@ def measure_stage(
     elif outcome.stored is not None:
         size, how = outcome.stored
     else:
-        size, how = len(encode_model(model, coders=("packed",))), ".tslim, fixed-width codes"
+        size, how = len(encode_model(model, coders=("packed",), spec=sizing_spec(model))), ".tslim, fixed-width codes"
     metrics["stored_bytes"], metrics["bytes_as"] = size, how
     metrics["compression"] = (baseline_bytes or size) / size
     return metrics

@@ -19,6 +19,7 @@ from torch import nn
 from torchslim.codec.entropy import CODERS
 from torchslim.codec.tslim import encode_model
 from torchslim.core.config import Config, check
+from torchslim.core.spec import sizing_spec
 from torchslim.data.sources import DataSource
 from torchslim.distillation.trainer import DistillConfig, distill
 from torchslim.export.onnx import OnnxModule, export_onnx
@@ -174,7 +175,7 @@ class EncodeConfig(Config):
 def run_encode(context: StageContext, stage: RecipeStage) -> StageOutcome:
     """The .tslim file: entropy-coded sparse indices and codes."""
     assert isinstance(stage.config, EncodeConfig)
-    size = len(encode_model(context.model, coders=stage.config.coders, index_bits=stage.config.index_bits))
+    size = len(encode_model(context.model, coders=stage.config.coders, index_bits=stage.config.index_bits, spec=sizing_spec(context.model)))
     return StageOutcome(context.model, [], "eager (as rebuilt from .tslim)", stored=(size, ".tslim, entropy-coded"))
 
 

@@ -34,7 +34,7 @@ def _drops(pieces: list[ParamSlice]) -> dict[tuple[str, str, int], set[int]]:
     return out
 
 
-def update_attributes(module: nn.Module) -> None:
+def update_attributes(module: Any) -> None:
     """Make a module's size attributes agree with its (sliced) tensors."""
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         depthwise = module.groups > 1 and module.groups == module.in_channels == module.out_channels
@@ -51,6 +51,10 @@ def update_attributes(module: nn.Module) -> None:
         module.normalized_shape = (module.weight.shape[0],)
     elif isinstance(module, nn.Embedding):
         module.embedding_dim = module.weight.shape[1]
+    elif isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+        module.in_channels, module.out_channels = module.weight.shape[0], module.weight.shape[1] * module.groups
+    elif type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # GPT-2's (in, out) Linear
+        module.nx, module.nf = module.weight.shape
 
 
 def slice_module(module: nn.Module, keeps: dict[tuple[str, int], torch.Tensor]) -> None:

@@ -53,6 +53,12 @@ PASS_MODULES = (
     nn.AdaptiveMaxPool2d,
     nn.MaxPool1d,
     nn.AvgPool1d,
+    nn.Upsample,
+    nn.UpsamplingNearest2d,
+    nn.UpsamplingBilinear2d,
+    nn.Mish,
+    nn.Softplus,
+    nn.PReLU,
 )
 
 
@@ -82,6 +88,18 @@ def _conv(graph: ChannelGraph, name: str, module: Any, inputs: list[Any], output
         slots = graph.new_slots(module.out_channels)
         graph.block(slots, f"{name}: grouped {type(module).__name__} (groups={module.groups})")
         graph.set_info(output, slots, 1)
+
+
+@leaf_rule(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+def _conv_transpose(graph: ChannelGraph, name: str, module: Any, inputs: list[Any], output: Any) -> None:
+    """A transposed convolution's weight is (in, out / groups, k...): it reads along dim 0 and produces along dim 1."""
+    info = graph.get_info(inputs[0])
+    if module.groups != 1 or (info is not None and info.axis != 1):
+        graph.unsupported_op(name, f"{type(module).__name__} (groups={module.groups})", inputs[:1])
+        graph.block(graph.produce(name, module, output, module.out_channels, 1, weight_dim=1), f"{name}: grouped {type(module).__name__}")
+        return
+    graph.consume(name, info, 0)
+    graph.produce(name, module, output, module.out_channels, 1, weight_dim=1)
 
 
 @leaf_rule(nn.Linear)
@@ -219,6 +237,9 @@ UNARY = {
     F.adaptive_max_pool2d,
     F.max_pool1d,
     F.avg_pool1d,
+    F.interpolate,
+    F.mish,
+    F.softplus,
     torch.Tensor.abs,
     torch.abs,
     torch.Tensor.neg,
@@ -377,6 +398,23 @@ def rule_for(module: nn.Module) -> Callable[..., None] | None:
 
 def is_leaf(module: nn.Module) -> bool:
     return rule_for(module) is not None
+
+
+def _is_gpt_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and isinstance(getattr(module, "nf", None), int) and isinstance(getattr(module, "nx", None), int)
+
+
+def _gpt_conv1d(graph: ChannelGraph, name: str, module: Any, inputs: list[Any], output: Any) -> None:
+    """GPT-2's Conv1D: a Linear with its weight stored (in, out)."""
+    info = graph.get_info(inputs[0])
+    if info is not None and info.axis != inputs[0].dim() - 1:
+        graph.unsupported_op(name, "Conv1D over a tensor whose channels are not on the last axis", inputs[:1])
+        info = None
+    graph.consume(name, info, 0)
+    graph.produce(name, module, output, module.nf, -1, weight_dim=1)
+
+
+PREDICATE_RULES.append((_is_gpt_conv1d, _gpt_conv1d))
 
 
 def _is_hf_self_attention(module: nn.Module) -> bool:

@@ -350,8 +350,15 @@ def _quantized_conv_macs(module: QuantizedConv2d, inputs: tuple, output: torch.T
     return output.numel() * (module.in_channels // module.groups) * math.prod(module.kernel_size)
 
 
-def empty_like(module: nn.Module, scheme: WeightScheme) -> nn.Module:
+def is_transposed_linear(module: nn.Module) -> bool:
+    """GPT-2's Conv1D: a Linear whose weight is stored (in, out); it quantizes as a Linear."""
+    return type(module).__name__ == "Conv1D" and isinstance(getattr(module, "nf", None), int)
+
+
+def empty_like(module: Any, scheme: WeightScheme) -> nn.Module:
     """A quantized module with the layer's structure and empty codes (filled by load_state_dict)."""
+    if is_transposed_linear(module):
+        return QuantizedLinear(module.nx, module.nf, module.bias is not None, scheme)
     if isinstance(module, nn.Linear):
         return QuantizedLinear(module.in_features, module.out_features, module.bias is not None, scheme)
     if isinstance(module, nn.Conv2d):
@@ -369,7 +376,14 @@ def empty_like(module: nn.Module, scheme: WeightScheme) -> nn.Module:
     raise TypeError(f"weight-only quantization supports Linear and Conv2d, not {type(module).__name__}")
 
 
-def quantize_module(module: nn.Module, scheme: WeightScheme, where: str) -> nn.Module:
+def quantize_module(module: Any, scheme: WeightScheme, where: str) -> nn.Module:
+    """The quantized module replacing ``module`` (Linear, Conv2d, or GPT-2's transposed Conv1D)."""
+    if is_transposed_linear(module):
+        quantized = QuantizedLinear(module.nx, module.nf, module.bias is not None, scheme)
+        quantized.quantized.encode(module.weight.detach().float().t(), where)
+        if module.bias is not None:
+            quantized.bias.data.copy_(module.bias.detach())
+        return quantized.to(module.weight.device)
     if isinstance(module, nn.Linear):
         return QuantizedLinear.from_float(module, scheme, where)
     if isinstance(module, nn.Conv2d):

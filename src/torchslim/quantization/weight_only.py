@@ -22,11 +22,11 @@ from torchslim.core.report import Report, Result, Stage
 from torchslim.core.selector import LayerSelector, resolve_overrides, select_modules
 from torchslim.core.spec import append_transform, recorded_transform, register_transform
 from torchslim.measure.counts import count_parameters
-from torchslim.quantization.modules import QuantizedConv2d, QuantizedLinear, WeightScheme, empty_like, quantize_module
+from torchslim.quantization.modules import QuantizedConv2d, QuantizedLinear, WeightScheme, empty_like, is_transposed_linear, quantize_module
 from torchslim.quantization.primitives import sqnr_db
 
 TRANSFORM_KIND = "weight-quantization"
-QUANTIZABLE = ("Linear", "Conv2d")
+QUANTIZABLE = ("Linear", "Conv2d", "Conv1D")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,10 +86,11 @@ def quantize_weights(model: nn.Module, config: WeightOnlyConfig | dict, inplace:
     for name, module in modules:
         if isinstance(module, (QuantizedLinear, QuantizedConv2d)):
             raise TorchslimError(f"layer {name!r} is already quantized")
-        if not isinstance(module, (nn.Linear, nn.Conv2d)):
-            raise TorchslimError(f"layer {name!r} ({type(module).__name__}): weight-only quantization supports Linear and Conv2d")
+        if not isinstance(module, (nn.Linear, nn.Conv2d)) and not is_transposed_linear(module):
+            raise TorchslimError(f"layer {name!r} ({type(module).__name__}): weight-only quantization supports Linear, Conv2d and Conv1D")
         scheme = schemes_by_layer.get(name, config.weights)
         weight = module.weight.detach().float().clone()
+        weight = weight.t() if is_transposed_linear(module) else weight
         quantized = quantize_module(module, scheme, name)
         set_module(target, name, quantized)
         schemes[name] = scheme.to_dict()

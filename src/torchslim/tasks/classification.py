@@ -34,6 +34,8 @@ def flat_logits_and_targets(outputs: Any, batch: Any, task: str) -> tuple[torch.
     targets = targets.to(logits.device)
     if logits.dim() < 2:
         raise TorchslimError(f"{task}: the model output has shape {tuple(logits.shape)}; expected logits (batch, classes)")
+    if logits.dim() > 2 and targets.dim() == logits.dim() - 1 and targets.shape == logits.shape[:1] + logits.shape[2:]:
+        logits = logits.movedim(1, -1)  # (B, classes, H, W) dense predictions (segmentation): classes on dim 1
     logits = logits.reshape(-1, logits.shape[-1])
     targets = targets.reshape(-1).long()
     if logits.shape[0] != targets.shape[0]:
