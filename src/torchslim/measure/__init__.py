@@ -10,13 +10,14 @@ from torchslim.measure.counts import (
     register_mac_counter,
     stored_bytes,
 )
-from torchslim.measure.latency import BACKENDS, LatencyResult, detect_bimodal, measure_latency
+from torchslim.measure.latency import BACKENDS, LatencyResult, compare_latency, detect_bimodal, measure_latency
 from torchslim.measure.profile import profile
 
 __all__ = [
     "BACKENDS",
     "MAC_COUNTERS",
     "LatencyResult",
+    "compare_latency",
     "count_macs",
     "count_nonzeros",
     "count_parameters",

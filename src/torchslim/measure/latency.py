@@ -213,3 +213,33 @@ def measure_latency(
             samples = time_runner(run, batch, warmup, runs, min_seconds)
             results.append(summarize(name, batch_size, used, samples))
     return results
+
+
+def compare_latency(
+    models: dict[str, nn.Module | Runner],
+    example_input: Any,
+    batch_sizes: Sequence[int] = (1,),
+    rounds: int = 5,
+    runs: int = 30,
+    warmup: int = 5,
+    backend: str | Callable[[nn.Module, Any], Runner] = "eager",
+    threads: int | None = 2,
+) -> dict[str, dict[int, float]]:
+    """Median latency (ms) of several models measured side by side: ``rounds`` interleaved rounds in which every
+    model is timed at every batch size, each model's per-round medians then reduced to their median. Drift on a
+    shared machine hits every model alike, so their ratios hold. Each model's runner (an exported ONNX session, a
+    compiled graph) is built once.
+
+    Example:
+        >>> medians = compare_latency({"a": nn.Linear(8, 8), "b": nn.Linear(8, 4)}, torch.zeros(1, 8), rounds=2, runs=5)
+        >>> sorted(medians), sorted(medians["a"])
+        (['a', 'b'], [1])
+    """
+    make = BACKENDS.get(backend) if isinstance(backend, str) else backend
+    runners = {name: make(model.eval(), example_input) if isinstance(model, nn.Module) else model for name, model in models.items()}
+    samples: dict[str, dict[int, list[float]]] = {name: {size: [] for size in batch_sizes} for name in models}
+    for _ in range(rounds):
+        for name, runner in runners.items():
+            for result in measure_latency(runner, example_input, batch_sizes=batch_sizes, runs=runs, warmup=warmup, threads=threads):
+                samples[name][result.batch_size].append(result.median_ms)
+    return {name: {size: statistics.median(values) for size, values in per_size.items()} for name, per_size in samples.items()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from torchslim.core.report import RENDERERS, Report
@@ -46,9 +47,21 @@ def format_value(key: str, value: Any) -> str:
     return str(value)
 
 
-def table(headers: list[str], rows: list[list[str]]) -> str:
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A Markdown table; floats show 4 significant digits, everything else as ``str`` gives it.
+
+    Example:
+        >>> print(table(["model", "error"], [["lenet", 0.016349]]))
+        | model | error |
+        |---|---|
+        | lenet | 0.01635 |
+    """
+
+    def cell(value: Any) -> str:
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines += ["| " + " | ".join(cell(value) for value in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
