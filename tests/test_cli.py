@@ -14,6 +14,7 @@ def test_list_shows_registries(capsys):
     assert "lenet-300-100" in out and "mnist-sample" in out and "eager" in out
 
 
+@pytest.mark.slow
 def test_train_evaluate_profile_round_trip(tmp_path, capsys):
     out = tmp_path / "digits.safetensors"
     report = tmp_path / "report.json"
@@ -67,6 +68,7 @@ def test_help_for_newcomers():
     assert ts.__version__
 
 
+@pytest.mark.slow
 def test_prune_command(tmp_path, capsys):
     trained = tmp_path / "m.safetensors"
     assert main(["train", "--data", "digits", "--epochs", "2", "--out", str(trained)]) == 0
@@ -81,6 +83,7 @@ def test_prune_command(tmp_path, capsys):
     assert "sparsity must be in [0, 1)" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_distill_command(tmp_path, capsys):
     teacher = tmp_path / "t.safetensors"
     assert main(["train", "--data", "digits", "--epochs", "3", "--out", str(teacher)]) == 0
@@ -115,6 +118,7 @@ def test_distill_command(tmp_path, capsys):
     assert "--student-args is not valid JSON" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_quantize_command(tmp_path, capsys):
     trained = tmp_path / "m.safetensors"
     assert main(["train", "--data", "digits", "--epochs", "2", "--out", str(trained)]) == 0
@@ -164,6 +168,7 @@ def test_recipes_command_lists_the_builtins(capsys):
     assert "prune -> quantize -> encode" in out
 
 
+@pytest.mark.slow
 def test_compress_inspect_evaluate(tmp_path, capsys):
     recipe = tmp_path / "quick.yaml"
     recipe.write_text(
@@ -220,6 +225,7 @@ def test_inspect_corrupt_file_is_one_line(tmp_path, capsys):
     assert "header checksum mismatch" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_compress_a_users_own_model_from_an_import_path(tmp_path, capsys):
     """A model class given as package.module:callable plus a .pt state_dict, compressed and reloaded."""
     import torch
@@ -259,6 +265,7 @@ def test_compress_a_users_own_model_from_an_import_path(tmp_path, capsys):
     assert ts.evaluate(loaded, data)["error"] == pytest.approx(report["stages"][-1]["metrics"]["error"])
 
 
+@pytest.mark.slow
 def test_compress_resume_after_interrupt(tmp_path, capsys, monkeypatch):
     from torchslim.pipeline import stages
 
@@ -282,6 +289,7 @@ def test_compress_resume_after_interrupt(tmp_path, capsys, monkeypatch):
     assert [s["name"] for s in report["stages"]] == ["baseline", "1 prune", "2 distill", "3 encode"]
 
 
+@pytest.mark.slow
 def test_prune_structured_command(tmp_path, capsys):
     trained = tmp_path / "m.safetensors"
     assert main(["train", "--data", "digits", "--epochs", "3", "--out", str(trained)]) == 0
@@ -314,6 +322,7 @@ def test_prune_structured_command(tmp_path, capsys):
     assert "importance must be one of" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_readme_main_job_runs_as_written(tmp_path):
     """`python3 -m torchslim compress` with no arguments: Deep Compression of LeNet-300-100 on the embedded sample."""
     result = subprocess.run([sys.executable, "-m", "torchslim", "compress"], cwd=tmp_path, capture_output=True, text=True, timeout=600)

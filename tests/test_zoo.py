@@ -98,6 +98,7 @@ def test_structured_pruning_keeps_shapes_and_names_what_it_left(name):
         assert any("pad of the channel axis" in note for note in stage.notes)
 
 
+@pytest.mark.slow
 def test_the_lambda_resnet56_of_the_bug_report():
     """ResNet-56 with the lambda shortcut, ratio 0.5, widths rounded to 8: a working model, not a shape error."""
     model = zoo.resnet56().eval()

@@ -6,6 +6,8 @@ from torchslim.core.errors import TorchslimError
 from torchslim.pruning import masks_of
 from torchslim.train import fit
 
+pytestmark = pytest.mark.slow  # every test here trains or runs a recipe
+
 
 @pytest.fixture(scope="module")
 def teacher(mnist_small):

@@ -6,6 +6,8 @@ from torchslim.core.errors import TorchslimError
 from torchslim.pipeline import CompressInterrupted, checkpoint_status, load_recipe
 from torchslim.pipeline import stages as stages_module
 
+pytestmark = pytest.mark.slow  # every test here trains or runs a recipe
+
 SMALL = {
     "name": "small-deep-compression",
     "stages": [

@@ -7,6 +7,8 @@ from torchslim.quantization.onnx_static import count_ops
 from torchslim.quantization.qat import QATConv2d, QATLinear, calibrate_qat, export_qat_onnx, prepare_qat
 from torchslim.train import fit
 
+pytestmark = pytest.mark.slow  # every test here trains or runs a recipe
+
 
 @pytest.mark.parametrize("weight_scale", ["learned", "observer"])
 def test_qat_trains_and_runs_as_int8_in_onnx_runtime(weight_scale, mnist_small, tmp_path):

@@ -6,6 +6,7 @@ from torchslim.train import Callback, TrainConfig, fit
 from torchslim.train.fit import learning_rate_factor
 
 
+@pytest.mark.slow
 def test_lenet_learns_real_mnist(mnist_small):
     model = ts.models.create("lenet-300-100")
     history = fit(model, mnist_small, {"epochs": 2, "lr": 0.05, "batch_size": 64}, progress=False)
@@ -80,6 +81,7 @@ def test_divergence_is_a_clear_error(digits):
         fit(model, digits, {"epochs": 1, "lr": 1e6, "momentum": 0.0}, progress=False)
 
 
+@pytest.mark.slow
 def test_text_model_trains(tmp_path):
     from tests.conftest import shared_data_or_skip
 
