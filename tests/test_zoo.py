@@ -159,3 +159,26 @@ def test_a_two_stage_recipe_on_the_models_task(name, tmp_path):
     path = ts.save(result.model, tmp_path / "m.tslim", factory=ZOO[name].get("factory"))
     example = ts.data.as_source(data).example(2)
     assert torch.equal(_output(ts.load(path, trust_factory=True), example), _output(result.model, example))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["hf-gpt2", "hf-bert"])
+def test_distilling_a_hugging_face_model_into_a_shallower_one(name):
+    """Teacher outputs are ModelOutputs (logits for GPT-2, hidden states for BERT): read and matched all the same."""
+    transformers = pytest.importorskip("transformers")
+    teacher = _model(name)
+    config = teacher.config.to_dict()
+    config.update(n_layer=1) if name == "hf-gpt2" else config.update(num_hidden_layers=1)
+    torch.manual_seed(1)
+    student = type(teacher)(type(teacher.config).from_dict(config))
+    task = ZOO[name]["task"]
+    data = ZOO[name]["data"]()
+    loss = "kl" if task == "language-modeling" else "mse"
+    before = ts.evaluate(student, data, task=task, reference=teacher)
+    result = ts.distill(
+        student, teacher, data, {"loss": loss, "alpha": 1.0, "train": {"epochs": 3, "lr": 3e-3, "optimizer": "adam"}}, task=task, progress=False
+    )
+    after = result.report.stages[0].metrics
+    metric = "perplexity" if task == "language-modeling" else "cosine"
+    assert ts.tasks.get_task(task).better(after[metric], before[metric])
+    assert isinstance(result.model, transformers.PreTrainedModel) and result.model.config.to_dict() == student.config.to_dict()

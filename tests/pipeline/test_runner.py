@@ -176,3 +176,36 @@ def test_channel_pruning_stage_shrinks_the_model_and_the_file_reloads(digits, tm
     loaded = ts.load(path)  # channel-pruned shapes and quantized layers both rebuilt from the spec
     x = digits.example_input(5)
     assert torch.equal(loaded(x), result.model(x))
+
+
+def test_an_interrupt_inside_the_prune_stage_loses_one_step_at_most(trained, digits, tmp_path, monkeypatch):
+    """Ctrl-C during the second pruning step: the checkpoint holds the first step; resuming runs the rest and ends
+    where an uninterrupted run ends."""
+    from torchslim.pruning import unstructured
+
+    recipe = {
+        "name": "steps",
+        "stages": [
+            {"prune": {"sparsity": [0.5, 0.7, 0.9], "scope": "global", "finetune": {"epochs": 1, "lr": 0.02, "eval_every_epoch": False}}},
+            {"encode": {}},
+        ],
+    }
+    uninterrupted = ts.compress(trained, recipe, digits, latency=False, progress=False)
+    calls = {"count": 0}
+    original = unstructured.fit
+
+    def interrupted(*args, **kwargs):
+        calls["count"] += 1
+        if calls["count"] == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(unstructured, "fit", interrupted)
+    folder = tmp_path / "c"
+    with pytest.raises(CompressInterrupted, match=r"the checkpoint after step 1 of stage 1 is in"):
+        ts.compress(trained, recipe, digits, checkpoint=folder, latency=False, progress=False)
+    assert checkpoint_status(folder) == {"recipe": "steps", "completed": 0, "stages": 2, "step": 1}
+    monkeypatch.setattr(unstructured, "fit", original)
+    resumed = ts.compress(trained, recipe, digits, checkpoint=folder, resume=True, latency=False, progress=False)
+    assert _states_equal(resumed.model, uninterrupted.model)
+    assert [s.name for s in resumed.report.stages] == ["baseline", "1 prune", "2 encode"]

@@ -209,7 +209,8 @@ def _run(
         outcome = STAGES.get(stage.kind).run(context, stage)
     except KeyboardInterrupt:
         if store is not None and (index > 1 or done["step"] > 0):
-            where = f"stage {index - 1}" + (f" and step {done['step']} of stage {index}" if done["step"] else "")
+            parts = ([f"stage {index - 1}"] if index > 1 else []) + ([f"step {done['step']} of stage {index}"] if done["step"] else [])
+            where = " and ".join(parts)
             message = f"the checkpoint after {where} is in {store.folder}; run again with --resume to continue"
         else:
             message = "no stage had completed, so no checkpoint was written"
