@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import torchslim as ts
 from torchslim.cli import main
@@ -333,3 +334,42 @@ def test_readme_main_job_runs_as_written(tmp_path):
     final = report["stages"][-1]["metrics"]
     assert final["compression"] > 30 and final["error"] < 0.1  # real compression of a working classifier
     assert ts.evaluate(ts.load(out), ts.data.load("mnist-sample"))["error"] == pytest.approx(final["error"])
+
+
+@pytest.mark.slow
+def test_a_hugging_face_model_folder_through_the_commands(tmp_path, capsys):
+    """A ViTForImageClassification saved with save_pretrained: heads and MLP neurons pruned from the command line, the
+    result evaluated from its file without any import path."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ViTConfig(
+        image_size=8, patch_size=4, num_channels=1, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, num_labels=10
+    )
+    torch.manual_seed(0)
+    transformers.ViTForImageClassification(config).save_pretrained(tmp_path / "vit")
+    out = tmp_path / "vit-slim.safetensors"
+    code = main(
+        [
+            "prune",
+            str(tmp_path / "vit"),
+            "--structured",
+            "--sparsity",
+            "0.5",
+            "--head-ratio",
+            "0.5",
+            "--data",
+            "digits",
+            "--finetune-epochs",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "mlp.fc1" in printed and "4 heads -> 2 heads" in printed and "fewer" in printed
+    model = ts.load(out)
+    assert isinstance(model, transformers.ViTForImageClassification)
+    attention = next(m for n, m in model.named_modules() if n.endswith("layers.0.attention") or n.endswith("layer.0.attention.attention"))
+    assert attention.num_attention_heads == 2 and attention.q_proj.out_features == 16
+    assert main(["evaluate", str(out), "--data", "digits"]) == 0
+    assert "accuracy" in capsys.readouterr().out

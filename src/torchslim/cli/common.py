@@ -122,11 +122,14 @@ def example_input(data: Any) -> Any:
 
 
 def load_model_arg(model: str, data: Any, trust_factory: bool, weights: Path | None = None, trust_weights: bool = False) -> Any:
-    """A registered model name (sized for the data), a saved model file, or package.module:callable (+ weights)."""
+    """A registered model name (sized for the data), a saved model file, a Hugging Face model folder, or
+    package.module:callable (+ weights)."""
     import torchslim as ts
-    from torchslim.io.modelfile import build_from_spec, load_state, load_weights
+    from torchslim.io.modelfile import build_from_spec, load_huggingface, load_state, load_weights
 
-    if model.endswith((".safetensors", ".tslim")) and Path(model).is_file():
+    if Path(model).is_dir():
+        loaded = load_huggingface(model)
+    elif model.endswith((".safetensors", ".tslim")) and Path(model).is_file():
         loaded = ts.load(model, trust_factory=trust_factory)
     elif ":" in model:
         loaded = build_from_spec({"factory": model, "kwargs": {}}, trust_factory=True, where="--model")

@@ -46,7 +46,7 @@ def compress(
 
     plan = load_recipe(recipe)
     exports = any(stage.writes_onnx for stage in plan.stages)
-    stem = Path(model).stem if model.endswith((".safetensors", ".tslim")) else model.replace(":", "-").replace(".", "-")
+    stem = Path(model).stem if model.endswith((".safetensors", ".tslim")) or Path(model).is_dir() else model.replace(":", "-").replace(".", "-")
     out = out or Path(f"{stem}-{plan.name}{'.onnx' if exports else '.tslim'}")
     if exports and out.suffix != ".onnx":
         raise TorchslimError(f"--out: recipe {plan.name!r} ends in an ONNX Runtime engine, so the output must end in .onnx, got {out}")
@@ -71,7 +71,7 @@ def compress(
         raise TorchslimError(f"--model {model}: an import-path model needs --weights (its trained state)")
     else:
         network = load_model_arg(model, dataset, trust_factory, weights, trust_weights)
-        if weights is None and not model.endswith((".safetensors", ".tslim")):
+        if weights is None and model in ts.models.MODELS:  # a registered architecture comes untrained
             console.print(f"no --weights given: training {model} on {source.name} for {train_epochs} epochs first")
             network = ts.train(
                 network, dataset, {"epochs": train_epochs, "lr": 0.05, "batch_size": 64, "weight_decay": 1e-4, "eval_every_epoch": False}, task=source.task

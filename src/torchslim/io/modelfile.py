@@ -152,6 +152,26 @@ def _huggingface_model(spec: dict[str, Any], where: str) -> nn.Module:
     return klass(klass.config_class.from_dict(config))
 
 
+def load_huggingface(folder: str | os.PathLike[str]) -> nn.Module:
+    """A Hugging Face transformers model saved with ``save_pretrained`` in a local folder (never fetched from a hub):
+    the class its ``config.json`` names under ``architectures``, weights read without pickle where the folder has
+    safetensors."""
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise TorchslimError(f"{folder}: not a Hugging Face model folder (no config.json)")
+    try:
+        import transformers
+    except ImportError:
+        raise TorchslimError(f"{folder}: loading a Hugging Face model needs transformers (pip install 'torchslim[hf]')") from None
+    names = json.loads(config_path.read_text()).get("architectures") or []
+    klass = getattr(transformers, str(names[0]), None) if names else None
+    if not (isinstance(klass, type) and issubclass(klass, transformers.PreTrainedModel)):
+        raise TorchslimError(f"{config_path}: 'architectures' names no transformers model class ({names})")
+    model = klass.from_pretrained(str(folder), local_files_only=True)
+    return model.eval()
+
+
 def read_model_file(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The spec and tensors of a torchslim .safetensors file, its checksum verified."""
     path = Path(path)

@@ -450,3 +450,37 @@ def _hf_self_attention(graph: ChannelGraph, name: str, module: Any, inputs: list
 
 
 PREDICATE_RULES.append((_is_hf_self_attention, _hf_self_attention))
+
+
+def _is_projection_attention(module: nn.Module) -> bool:
+    return (
+        all(isinstance(getattr(module, n, None), nn.Linear) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        and isinstance(getattr(module, "num_attention_heads", getattr(module, "num_heads", None)), int)
+        and isinstance(getattr(module, "head_dim", None), int)
+    )
+
+
+def _projection_attention(graph: ChannelGraph, name: str, module: Any, inputs: list[Any], output: Any) -> None:
+    """Attention with q/k/v/o projections and a head size (Hugging Face's current ViT, Llama, Mistral, Qwen, ...):
+    q/k/v read the input channels, o_proj produces the output channels, and each head's q/k/v rows and o_proj columns
+    may go whole. Grouped key/value heads (fewer k/v heads than query heads) keep their heads."""
+    info = graph.get_info(inputs[0]) if inputs else None
+    for projection in ("q_proj", "k_proj", "v_proj"):
+        graph.consume(f"{name}.{projection}", info, 1)
+    result = output[0] if isinstance(output, (tuple, list)) else output
+    graph.produce(f"{name}.o_proj", module.o_proj, result, module.o_proj.out_features, -1)
+    count_name = "num_attention_heads" if isinstance(getattr(module, "num_attention_heads", None), int) else "num_heads"
+    heads, width = getattr(module, count_name), module.head_dim
+    if not module.q_proj.out_features == module.k_proj.out_features == module.v_proj.out_features == heads * width:
+        graph.unsupported.append(f"{name}: grouped key/value heads are kept whole")
+        return
+    for head in range(heads):
+        rows = list(range(head * width, (head + 1) * width))
+        projections = ("q_proj", "k_proj", "v_proj")
+        slices = [graph.slice(f"{name}.{p}", "weight", 0, rows) for p in projections]
+        slices += [graph.slice(f"{name}.{p}", "bias", 0, rows) for p in projections if getattr(module, p).bias is not None]
+        slices.append(graph.slice(f"{name}.o_proj", "weight", 1, rows))
+        graph.add_head(name, head, slices, attributes={"count": count_name})
+
+
+PREDICATE_RULES.append((_is_projection_attention, _projection_attention))
