@@ -49,17 +49,7 @@ class CausalSelfAttention(nn.Module):
     def channel_rule(self, graph, name: str, inputs: list, output: torch.Tensor) -> None:  # a ChannelGraph
         """Structured pruning: q/k/v read the input channels; out_proj produces the output channels; each head (its
         q/k/v rows and out_proj columns) may be removed whole."""
-        info = graph.get_info(inputs[0])
-        for projection in ("q_proj", "k_proj", "v_proj"):
-            graph.consume(f"{name}.{projection}", info, 1)
-        graph.produce(f"{name}.out_proj", self.out_proj, output, self.out_proj.out_features, -1)
-        for head in range(self.num_heads):
-            rows = list(range(head * self.head_dim, (head + 1) * self.head_dim))
-            projections = ("q_proj", "k_proj", "v_proj")
-            slices = [graph.slice(f"{name}.{p}", "weight", 0, rows) for p in projections]
-            slices += [graph.slice(f"{name}.{p}", "bias", 0, rows) for p in projections if getattr(self, p).bias is not None]
-            slices.append(graph.slice(f"{name}.out_proj", "weight", 1, rows))
-            graph.add_head(name, head, slices)
+        graph.attention(name, self, inputs, ("q_proj", "k_proj", "v_proj"), self.num_heads, self.head_dim, output_projection="out_proj", output=output)
 
 
 class Block(nn.Module):

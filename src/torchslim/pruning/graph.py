@@ -161,6 +161,38 @@ class ChannelGraph:
         if info is not None:
             self.consumer_records.append((name, parameter, dim, list(info.slots)))
 
+    def attention(
+        self,
+        name: str,
+        module: nn.Module,
+        inputs: list[Any],
+        projections: tuple[str, str, str],
+        heads: int,
+        width: int,
+        output_projection: str | None = None,
+        output: Any = None,
+        head_slots: list[int] | None = None,
+        attributes: dict[str, str] | None = None,
+    ) -> None:
+        """Record an attention module: its q/k/v ``projections`` (submodule names) read the input channels; each of
+        ``heads`` heads of ``width`` is their rows (and bias entries) plus, with ``output_projection``, that layer's
+        columns, which also produces the module's ``output`` channels. ``head_slots`` are the heads' output features
+        where another module reads them."""
+        info = self.get_info(inputs[0]) if inputs else None
+        for projection in projections:
+            self.consume(f"{name}.{projection}", info, 1)
+        if output_projection is not None:
+            layer = getattr(module, output_projection)
+            self.produce(f"{name}.{output_projection}", layer, output, layer.out_features, -1)
+        for head in range(heads):
+            rows = list(range(head * width, (head + 1) * width))
+            slices = [ParamSlice(f"{name}.{p}", "weight", 0, rows) for p in projections]
+            slices += [ParamSlice(f"{name}.{p}", "bias", 0, rows) for p in projections if getattr(module, p).bias is not None]
+            if output_projection is not None:
+                slices.append(ParamSlice(f"{name}.{output_projection}", "weight", 1, rows))
+            slots = head_slots[head * width : (head + 1) * width] if head_slots is not None else None
+            self.add_head(name, head, slices, slots=slots, attributes=attributes)
+
     @staticmethod
     def slice(module: str, name: str, dim: int, indices: list[int]) -> ParamSlice:
         """Entries ``indices`` of ``module.name`` along ``dim`` (for head groups)."""

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from torchslim.pruning.graph import ChannelGraph, ParamSlice
+from torchslim.pruning.graph import ChannelGraph
 
 # leaf-module rules: (graph, module name, module, input tensors, output) -> None; registered by type
 LEAF_RULES: dict[type, Callable[..., None]] = {}
@@ -102,14 +102,19 @@ def _conv_transpose(graph: ChannelGraph, name: str, module: Any, inputs: list[An
     graph.produce(name, module, output, module.out_channels, 1, weight_dim=1)
 
 
-@leaf_rule(nn.Linear)
-def _linear(graph: ChannelGraph, name: str, module: Any, inputs: list[Any], output: Any) -> None:
+def dense_layer(graph: ChannelGraph, name: str, module: Any, inputs: list[Any], output: Any, outputs: int, weight_out_dim: int) -> None:
+    """A layer that maps the last axis to ``outputs`` features (a Linear; GPT-2's Conv1D stores its weight transposed)."""
     info = graph.get_info(inputs[0])
     if info is not None and info.axis != inputs[0].dim() - 1:
-        graph.unsupported_op(name, "Linear over a tensor whose channels are not on the last axis", inputs[:1])
+        graph.unsupported_op(name, f"{type(module).__name__} over a tensor whose channels are not on the last axis", inputs[:1])
         info = None
-    graph.consume(name, info, 1)
-    graph.produce(name, module, output, module.out_features, -1)
+    graph.consume(name, info, 1 - weight_out_dim)
+    graph.produce(name, module, output, outputs, -1, weight_dim=weight_out_dim)
+
+
+@leaf_rule(nn.Linear)
+def _linear(graph: ChannelGraph, name: str, module: Any, inputs: list[Any], output: Any) -> None:
+    dense_layer(graph, name, module, inputs, output, module.out_features, 0)
 
 
 @leaf_rule(nn.Embedding)
@@ -398,89 +403,3 @@ def rule_for(module: nn.Module) -> Callable[..., None] | None:
 
 def is_leaf(module: nn.Module) -> bool:
     return rule_for(module) is not None
-
-
-def _is_gpt_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D" and isinstance(getattr(module, "nf", None), int) and isinstance(getattr(module, "nx", None), int)
-
-
-def _gpt_conv1d(graph: ChannelGraph, name: str, module: Any, inputs: list[Any], output: Any) -> None:
-    """GPT-2's Conv1D: a Linear with its weight stored (in, out)."""
-    info = graph.get_info(inputs[0])
-    if info is not None and info.axis != inputs[0].dim() - 1:
-        graph.unsupported_op(name, "Conv1D over a tensor whose channels are not on the last axis", inputs[:1])
-        info = None
-    graph.consume(name, info, 0)
-    graph.produce(name, module, output, module.nf, -1, weight_dim=1)
-
-
-PREDICATE_RULES.append((_is_gpt_conv1d, _gpt_conv1d))
-
-
-def _is_hf_self_attention(module: nn.Module) -> bool:
-    return (
-        all(isinstance(getattr(module, n, None), nn.Linear) for n in ("query", "key", "value"))
-        and isinstance(getattr(module, "num_attention_heads", None), int)
-        and isinstance(getattr(module, "attention_head_size", None), int)
-    )
-
-
-def _hf_self_attention(graph: ChannelGraph, name: str, module: Any, inputs: list[Any], output: Any) -> None:
-    """Hugging Face style self-attention (query/key/value, num_attention_heads): heads are pruned whole; the
-    projection that reads the heads' output is found through the traced slots."""
-    info = graph.get_info(inputs[0]) if inputs else None
-    for projection in ("query", "key", "value"):
-        graph.consume(f"{name}.{projection}", info, 1)
-    result = output[0] if isinstance(output, (tuple, list)) else output
-    width, heads = module.attention_head_size, module.num_attention_heads
-    slots = graph.new_slots(width * heads)
-    graph.block(slots, f"{name}: attention head dimensions (whole heads go with head_ratio)")
-    graph.set_info(result, slots, -1)
-    for head in range(heads):
-        rows = list(range(head * width, (head + 1) * width))
-        slices = [ParamSlice(f"{name}.{p}", "weight", 0, rows) for p in ("query", "key", "value")]
-        slices += [ParamSlice(f"{name}.{p}", "bias", 0, rows) for p in ("query", "key", "value") if getattr(module, p).bias is not None]
-        graph.add_head(
-            name,
-            head,
-            slices,
-            slots=slots[head * width : (head + 1) * width],
-            attributes={"count": "num_attention_heads", "size": "all_head_size", "head": "attention_head_size"},
-        )
-
-
-PREDICATE_RULES.append((_is_hf_self_attention, _hf_self_attention))
-
-
-def _is_projection_attention(module: nn.Module) -> bool:
-    return (
-        all(isinstance(getattr(module, n, None), nn.Linear) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
-        and isinstance(getattr(module, "num_attention_heads", getattr(module, "num_heads", None)), int)
-        and isinstance(getattr(module, "head_dim", None), int)
-    )
-
-
-def _projection_attention(graph: ChannelGraph, name: str, module: Any, inputs: list[Any], output: Any) -> None:
-    """Attention with q/k/v/o projections and a head size (Hugging Face's current ViT, Llama, Mistral, Qwen, ...):
-    q/k/v read the input channels, o_proj produces the output channels, and each head's q/k/v rows and o_proj columns
-    may go whole. Grouped key/value heads (fewer k/v heads than query heads) keep their heads."""
-    info = graph.get_info(inputs[0]) if inputs else None
-    for projection in ("q_proj", "k_proj", "v_proj"):
-        graph.consume(f"{name}.{projection}", info, 1)
-    result = output[0] if isinstance(output, (tuple, list)) else output
-    graph.produce(f"{name}.o_proj", module.o_proj, result, module.o_proj.out_features, -1)
-    count_name = "num_attention_heads" if isinstance(getattr(module, "num_attention_heads", None), int) else "num_heads"
-    heads, width = getattr(module, count_name), module.head_dim
-    if not module.q_proj.out_features == module.k_proj.out_features == module.v_proj.out_features == heads * width:
-        graph.unsupported.append(f"{name}: grouped key/value heads are kept whole")
-        return
-    for head in range(heads):
-        rows = list(range(head * width, (head + 1) * width))
-        projections = ("q_proj", "k_proj", "v_proj")
-        slices = [graph.slice(f"{name}.{p}", "weight", 0, rows) for p in projections]
-        slices += [graph.slice(f"{name}.{p}", "bias", 0, rows) for p in projections if getattr(module, p).bias is not None]
-        slices.append(graph.slice(f"{name}.o_proj", "weight", 1, rows))
-        graph.add_head(name, head, slices, attributes={"count": count_name})
-
-
-PREDICATE_RULES.append((_is_projection_attention, _projection_attention))

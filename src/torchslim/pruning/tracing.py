@@ -15,7 +15,7 @@ from torch.overrides import TorchFunctionMode
 
 from torchslim.core.errors import TorchslimError
 from torchslim.core.modes import eval_mode
-from torchslim.pruning import rules
+from torchslim.pruning import rules, transformer_rules  # noqa: F401 - transformer_rules registers its rules
 from torchslim.pruning.graph import ChannelGraph
 from torchslim.tasks.batches import call_model
 
