@@ -157,6 +157,14 @@ def recorded_transform(model: nn.Module, kind: str) -> dict[str, Any] | None:
     return next((t for t in reversed((model_spec(model) or {}).get("transforms", [])) if t.get("kind") == kind), None)
 
 
+def recorded_module(model: nn.Module, name: str, action: str) -> nn.Module:
+    """The submodule a recorded transform names, or an error saying the file ``action`` a layer the architecture lacks."""
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise TorchslimError(f"the file {action} layer {name!r}, which the architecture does not have") from None
+
+
 def apply_transforms(model: nn.Module, transforms: list[dict[str, Any]], where: str) -> nn.Module:
     """Re-apply recorded transforms in order (each by the function registered for its kind)."""
     for transform in transforms:

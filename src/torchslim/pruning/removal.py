@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from torchslim.core.errors import TorchslimError
-from torchslim.core.spec import register_transform
+from torchslim.core.spec import recorded_module, register_transform
 from torchslim.pruning.graph import ChannelGraph, Group, HeadGroup, ParamSlice
 
 TRANSFORM_KIND = "channel-pruning"
@@ -132,10 +132,7 @@ def remove_channels(model: nn.Module, graph: ChannelGraph, groups: list[Group], 
 def apply_structure(model: nn.Module, transform: dict[str, Any]) -> nn.Module:
     """Rebuild the shapes a saved file records (for loading): slice each tensor to its recorded shape."""
     for module_name, shapes in transform["shapes"].items():
-        try:
-            module = model.get_submodule(module_name)
-        except AttributeError:
-            raise TorchslimError(f"the file prunes layer {module_name!r}, which the architecture does not have") from None
+        module = recorded_module(model, module_name, "prunes")
         keeps = {}
         for name, shape in shapes.items():
             tensor = getattr(module, name, None)

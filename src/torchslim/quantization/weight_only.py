@@ -20,7 +20,7 @@ from torchslim.core.config import Config, ConfigError
 from torchslim.core.errors import TorchslimError
 from torchslim.core.report import Report, Result, Stage
 from torchslim.core.selector import LayerSelector, resolve_overrides, select_modules
-from torchslim.core.spec import append_transform, recorded_transform, register_transform
+from torchslim.core.spec import append_transform, recorded_module, recorded_transform, register_transform
 from torchslim.measure.counts import count_parameters
 from torchslim.quantization.modules import QuantizedConv2d, QuantizedLinear, WeightScheme, empty_like, is_transposed_linear, quantize_module
 from torchslim.quantization.primitives import sqnr_db
@@ -68,10 +68,7 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 def apply_structure(model: nn.Module, transform: dict[str, Any]) -> nn.Module:
     """Replace the layers a saved file lists with empty quantized modules of the same structure (for loading)."""
     for name, scheme in transform["layers"].items():
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            raise TorchslimError(f"the file quantizes layer {name!r}, which the architecture does not have") from None
+        module = recorded_module(model, name, "quantizes")
         set_module(model, name, empty_like(module, WeightScheme.from_dict(scheme)))
     return model
 

@@ -104,20 +104,14 @@ class Task(abc.ABC):
         return self
 
     @staticmethod
-    def custom(
-        loss: Callable[[nn.Module, Any], torch.Tensor],
-        evaluate: Callable[[nn.Module, Iterable], dict[str, float]],
-        metric: str,
-        higher_is_better: bool,
-        name: str = "custom",
-    ) -> Task:
-        """A task from a user's own callables: ``loss(model, batch) -> scalar tensor`` and ``evaluate(model, batches)
-        -> {metric: value, ...}`` (must hold ``metric``)."""
-        return CustomTask(loss, evaluate, metric, higher_is_better, name)
+    def custom(*args: Any, **kwargs: Any) -> Task:
+        """A task from a user's own callables (see ``CustomTask``)."""
+        return CustomTask(*args, **kwargs)
 
 
 class CustomTask(Task):
-    """A user's loss and evaluation callables as a task."""
+    """A user's own task: ``loss(model, batch) -> scalar tensor`` and ``evaluate(model, batches) -> {metric: value,
+    ...}`` (which must hold ``metric``), and whether higher is better."""
 
     def __init__(
         self,

@@ -48,6 +48,15 @@ def flat_logits_and_targets(outputs: Any, batch: Any, task: str) -> tuple[torch.
     return logits, targets
 
 
+def add_scores(totals: dict[str, float], logits: torch.Tensor, targets: torch.Tensor) -> None:
+    """Add summed cross-entropy, correct predictions and the count of scored positions (targets of -100 skipped)."""
+    keep = targets != IGNORE
+    logits, targets = logits[keep], targets[keep]
+    totals["loss_sum"] += F.cross_entropy(logits.float(), targets, reduction="sum").item()
+    totals["correct"] += (logits.argmax(dim=-1) == targets).sum().item()
+    totals["count"] += targets.numel()
+
+
 class ClassificationTask(Task):
     """Cross-entropy on labels; accuracy (primary), error, mean loss, example and error counts."""
 
@@ -70,12 +79,7 @@ class ClassificationTask(Task):
         return {"correct": 0.0, "count": 0.0, "loss_sum": 0.0}
 
     def update(self, totals: dict[str, float], outputs: Any, batch: Any) -> None:
-        logits, targets = flat_logits_and_targets(outputs, batch, self.name)
-        keep = targets != IGNORE
-        logits, targets = logits[keep], targets[keep]
-        totals["loss_sum"] += F.cross_entropy(logits.float(), targets, reduction="sum").item()
-        totals["correct"] += (logits.argmax(dim=-1) == targets).sum().item()
-        totals["count"] += targets.numel()
+        add_scores(totals, *flat_logits_and_targets(outputs, batch, self.name))
 
     def finish(self, totals: dict[str, float]) -> dict[str, float]:
         count = int(totals["count"])

@@ -26,8 +26,7 @@ from torch.nn import functional as F
 from torchslim.core.errors import TorchslimError
 from torchslim.tasks.base import TASKS, Task
 from torchslim.tasks.batches import output_tensor
-
-IGNORE = -100
+from torchslim.tasks.classification import IGNORE, add_scores
 
 
 def next_token_targets(outputs: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,18 +66,13 @@ class LanguageModelingTask(Task):
         return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE)
 
     def start(self) -> dict[str, float]:
-        return {"loss_sum": 0.0, "tokens": 0.0, "correct": 0.0}
+        return {"loss_sum": 0.0, "count": 0.0, "correct": 0.0}
 
     def update(self, totals: dict[str, float], outputs: Any, batch: Any) -> None:
-        logits, targets = next_token_targets(outputs, batch)
-        keep = targets != IGNORE
-        logits, targets = logits[keep], targets[keep]
-        totals["loss_sum"] += F.cross_entropy(logits.float(), targets, reduction="sum").item()
-        totals["tokens"] += targets.numel()
-        totals["correct"] += (logits.argmax(dim=-1) == targets).sum().item()
+        add_scores(totals, *next_token_targets(outputs, batch))
 
     def finish(self, totals: dict[str, float]) -> dict[str, float]:
-        tokens = int(totals["tokens"])
+        tokens = int(totals["count"])
         if tokens == 0:
             raise TorchslimError("language-modeling evaluation scored no tokens")
         loss = totals["loss_sum"] / tokens
