@@ -12,7 +12,8 @@ import torch
 
 import torchslim as ts
 from benchmarks.common import BASELINE_TRAINING
-from benchmarks.harness import RESULTS, arguments, markdown_table, write
+from benchmarks.harness import RESULTS, arguments, write
+from torchslim.report import markdown
 
 # model: (target error, training config)
 RECIPES = {"lenet-300-100": (0.018, BASELINE_TRAINING["lenet-300-100"]), "lenet-5": (0.009, BASELINE_TRAINING["lenet-5"])}
@@ -64,7 +65,7 @@ def main() -> None:
                 f"{seconds:.0f}",
             ]
         )
-    table = markdown_table(["model", "test error", "target", "met", "params", "MACs", "file bytes", "latency b1 (ms)", "latency b64 (ms)", "train s"], rows)
+    table = markdown.table(["model", "test error", "target", "met", "params", "MACs", "file bytes", "latency b1 (ms)", "latency b64 (ms)", "train s"], rows)
     write(
         "baseline",
         "Baseline training on full MNIST",

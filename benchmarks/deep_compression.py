@@ -14,19 +14,20 @@ import torch
 
 import torchslim as ts
 from benchmarks.common import load_mnist, trained_baseline
-from benchmarks.harness import RESULTS, arguments, markdown_table, write
+from benchmarks.harness import RESULTS, arguments, write
 from torchslim.codec import inspect_tslim
 from torchslim.pipeline import Recipe, RecipeStage, load_recipe
+from torchslim.report import markdown
 from torchslim.train.fit import TrainConfig
 
 PAPER = {"lenet-300-100": {"kb": 27, "ratio": 40, "error": 0.0164}, "lenet-5": {"kb": 44, "ratio": 39, "error": 0.0080}}
 PRUNING = {  # the schedules and fine-tuning of benchmarks/pruning.py
     "lenet-300-100": {
-        "sparsities": [0.5, 0.7, 0.8, 0.87, 0.9, 0.92],
+        "sparsity": [0.5, 0.7, 0.8, 0.87, 0.9, 0.92],
         "finetune": {"epochs": 4, "lr": 0.02, "batch_size": 64, "weight_decay": 1e-4, "eval_every_epoch": False},
     },
     "lenet-5": {
-        "sparsities": [0.5, 0.75, 0.875, 0.925],
+        "sparsity": [0.5, 0.75, 0.875, 0.925],
         "finetune": {"epochs": 2, "lr": 0.005, "batch_size": 64, "weight_decay": 5e-4, "eval_every_epoch": False},
     },
 }
@@ -40,7 +41,7 @@ FINAL_FINETUNE = {"lenet-300-100": {"epochs": 10, "lr": 0.005, "batch_size": 64,
 def recipe_for(name: str, quick: bool):
     recipe = load_recipe("deep-compression")
     prune = dict(PRUNING[name])
-    quantize_finetune = dict(recipe.stages[1].config.finetune.to_dict())
+    quantize_finetune = recipe.stages[1].finetune.to_dict()
     if quick:
         prune["finetune"] = dict(prune["finetune"], epochs=1, max_batches_per_epoch=30)
         quantize_finetune["max_batches_per_epoch"] = 30
@@ -53,12 +54,13 @@ def recipe_for(name: str, quick: bool):
     return recipe
 
 
-def run(name: str, data, quick: bool) -> dict:
+def run(name: str, data, quick: bool, folder: Path) -> dict:
+    """Compress ``name`` by its recipe and write the .tslim file (and its report) into ``folder``."""
     baseline = trained_baseline(name, data, quick)
     recipe = recipe_for(name, quick)
-    with tempfile.TemporaryDirectory() as folder:
-        result = ts.compress(baseline, recipe, data, checkpoint=Path(folder) / "checkpoint", progress=False)
-    path = RESULTS / f"{name}-deep-compression{'-quick' if quick else ''}.tslim"
+    with tempfile.TemporaryDirectory() as scratch:
+        result = ts.compress(baseline, recipe, data, checkpoint=Path(scratch) / "checkpoint", progress=False)
+    path = folder / f"{name}-deep-compression{'-quick' if quick else ''}.tslim"
     result.save(path)
     loaded = ts.load(path)
     reference = result.model.state_dict()
@@ -90,8 +92,11 @@ def main() -> None:
     data = load_mnist(options.data_root, options.quick)
     results, tables, notes = {}, [], []
     summary_rows = []
-    for name in ("lenet-300-100", "lenet-5"):
-        outcome = run(name, data, options.quick)
+    with tempfile.TemporaryDirectory() as scratch:
+        # --no-write leaves results/ alone: the .tslim files then go to this temporary folder
+        folder = Path(scratch) if options.no_write else RESULTS
+        outcomes = {name: run(name, data, options.quick, folder) for name in ("lenet-300-100", "lenet-5")}
+    for name, outcome in outcomes.items():
         results[name] = outcome
         stages = outcome["stages"]
         rows = [
@@ -106,7 +111,7 @@ def main() -> None:
             ]
             for s in stages
         ]
-        tables.append(f"**{name}**\n\n" + markdown_table(["stage", "test error", "non-zeros", "bytes", "stored as", "vs dense fp32", "stage time"], rows))
+        tables.append(f"**{name}**\n\n" + markdown.table(["stage", "test error", "non-zeros", "bytes", "stored as", "vs dense fp32", "stage time"], rows))
         stream_rows = []
         for tensor in outcome["tensors"]:
             for stream in tensor["streams"]:
@@ -127,7 +132,7 @@ def main() -> None:
         stream_rows.append(["header (spec, encodings, checksums)", "zlib JSON", "-", "-", "-", "-", "-", f"{outcome['header_bytes']:,}", "-"])
         tables.append(
             f"**{name}: streams of the .tslim file** ({outcome['file_bytes']:,} bytes)\n\n"
-            + markdown_table(["tensor", "encoding", "index bits", "code bits", "stream", "coder", "symbols", "bytes", "entropy bound (bytes)"], stream_rows)
+            + markdown.table(["tensor", "encoding", "index bits", "code bits", "stream", "coder", "symbols", "bytes", "entropy bound (bytes)"], stream_rows)
         )
         dense = stages[0]["stored_bytes"]
         paper = PAPER[name]
@@ -143,7 +148,7 @@ def main() -> None:
             ]
         )
     tables.insert(
-        0, markdown_table(["model", "dense fp32", ".tslim file", "ratio", "test error (file reloaded)", "Deep Compression paper", "reload exact"], summary_rows)
+        0, markdown.table(["model", "dense fp32", ".tslim file", "ratio", "test error (file reloaded)", "Deep Compression paper", "reload exact"], summary_rows)
     )
     notes += [
         "One `ts.compress(model, recipe, data)` run per model, from the trained baselines of benchmarks/baseline.py; the recipe is the built-in "

@@ -12,7 +12,8 @@ import torch
 
 import torchslim as ts
 from benchmarks.common import load_mnist, trained_baseline
-from benchmarks.harness import arguments, markdown_table, write
+from benchmarks.harness import arguments, write
+from torchslim.report import markdown
 from torchslim.train import fit
 
 TEACHER = {"hidden": (1200, 1200), "dropout": 0.5, "input_dropout": 0.2}
@@ -74,7 +75,7 @@ def main() -> None:
     best = min(results["distilled"], key=lambda r: r["errors"])
     results["best"] = best
     results["error_reduction"] = 1 - best["errors"] / max(1, results["student_alone"]["errors"])
-    table = markdown_table(["model", "teacher", "T", "alpha", "test errors", "test error", "params"], rows)
+    table = markdown.table(["model", "teacher", "T", "alpha", "test errors", "test error", "params"], rows)
     write(
         "distillation",
         "Distillation: Hinton et al.'s MNIST experiment",

@@ -8,18 +8,16 @@ Each benchmark has a quick mode (minutes, smaller data or fewer epochs; for chec
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import re
-import statistics
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from torchslim.core.environment import environment
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -39,48 +37,21 @@ def arguments(description: str) -> argparse.Namespace:
 
 
 def machine() -> dict[str, Any]:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    versions = {"python": platform.python_version(), "torch": torch.__version__}
-    for package in ("onnxruntime", "onnx", "torchao", "torch_pruning", "constriction"):
-        try:
-            module = __import__(package)
-            versions[package] = getattr(module, "__version__", "?")
-        except ImportError:
-            continue
+    """The library's environment (CPU model, core and thread counts, package versions, date) and the git commit, in
+    the layout every result file has used (``cpu``, ``cores``, ``threads``, ``versions``, ``commit``, ``date``)."""
+    facts = environment()
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     except OSError:
         commit = ""
     return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "versions": versions,
+        "cpu": facts["cpu"],
+        "cores": facts["cpus"],
+        "threads": facts["threads"],
+        "versions": facts["versions"],
         "commit": commit,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": facts["date"],
     }
-
-
-def median(values: Sequence[float]) -> float:
-    return statistics.median(values)
-
-
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    def cell(value: Any) -> str:
-        if isinstance(value, float):
-            return f"{value:.4g}"
-        return str(value)
-
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def write(name: str, title: str, results: dict[str, Any], tables: Sequence[str], options: argparse.Namespace, notes: Sequence[str] = ()) -> None:

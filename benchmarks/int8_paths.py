@@ -12,12 +12,11 @@ import torch
 
 import torchslim as ts
 from benchmarks.common import load_mnist, trained_baseline
-from benchmarks.harness import arguments, markdown_table, median, write
-from torchslim.export.onnx import OnnxModule
-from torchslim.measure import measure_latency
-from torchslim.quantization.onnx_static import fp32_onnx_module, onnx_int8_module
+from benchmarks.harness import arguments, write
+from torchslim.measure import compare_latency
+from torchslim.quantization.onnx_static import fp32_onnx_module
 from torchslim.quantization.primitives import sqnr_db
-from torchslim.quantization.qat import calibrate_observers, export_qat_onnx, fold_batchnorm, prepare_qat
+from torchslim.report import markdown
 
 
 def main() -> None:
@@ -26,17 +25,21 @@ def main() -> None:
     results, rows = {}, []
     generator = torch.Generator().manual_seed(0)
     random_batches = [(torch.randn(16, 3, 32, 32, generator=generator), None) for _ in range(16)]
+    # calibration: LeNet-5 on 16 shuffled training batches of 64 (the quantize verb's calibration batches), the
+    # ResNet-18-style net on 16 batches of random images (no CIFAR-10 here)
     cases = [
-        ("lenet-5", trained_baseline("lenet-5", data, options.quick), data.example_input(1), list(data.loader("train", batch_size=64))[:16]),
+        ("lenet-5", trained_baseline("lenet-5", data, options.quick), data.example_input(1), data),
         ("resnet18-style", ts.models.create("resnet18-style").eval(), torch.randn(1, 3, 32, 32), random_batches),
     ]
     with tempfile.TemporaryDirectory() as folder:
         for name, model, example, calibration in cases:
             engines = {"fp32": fp32_onnx_module(model, example, Path(folder) / f"{name}-fp32.onnx")}
-            native = prepare_qat(fold_batchnorm(model), {"weight_scale": "observer"})
-            calibrate_observers(native, calibration, "mse", 16)
-            engines["torchslim PTQ (mse observer)"] = OnnxModule(export_qat_onnx(native, example, Path(folder) / f"{name}-native.onnx"))
-            engines["ORT quantize_static (min-max)"] = onnx_int8_module(model, example, (x for x, _ in calibration), Path(folder) / f"{name}-ort.onnx")
+            for label, config, suffix in (
+                ("torchslim PTQ (mse observer)", {"method": "native-int8", "observer": "mse", "calibration_batches": 16}, "native"),
+                ("ORT quantize_static (min-max)", {"method": "onnxruntime", "mode": "static", "calibration": "minmax", "calibration_batches": 16}, "ort"),
+            ):
+                path = Path(folder) / f"{name}-{suffix}.onnx"
+                engines[label] = ts.quantize(model, config, data=calibration, example_input=example, path=path).model
             entry = {}
             for label, engine in engines.items():
                 row = {"bytes": Path(engine.path).stat().st_size}
@@ -47,13 +50,11 @@ def main() -> None:
                     row["output_sqnr_db"] = sqnr_db(engines["fp32"](probe), engine(probe)) if label != "fp32" else float("inf")
                 entry[label] = row
             runs = 10 if options.quick else (100 if name == "lenet-5" else 12)
-            for batch in (1, 64):
-                samples = {label: [] for label in engines}
-                for _ in range(3):  # alternate engines so drift hits all alike
-                    for label, engine in engines.items():
-                        samples[label].append(measure_latency(engine, example, batch_sizes=(batch,), runs=runs, warmup=5)[0].median_ms)
-                for label in engines:
-                    entry[label][f"batch_{batch}_ms"] = median(samples[label])
+            # interleaved rounds: every engine timed in each round, so drift hits all alike
+            latency = compare_latency(engines, example, batch_sizes=(1, 64), rounds=3, runs=runs, warmup=5)
+            for label in engines:
+                for batch in (1, 64):
+                    entry[label][f"batch_{batch}_ms"] = latency[label][batch]
             for label in engines:
                 entry[label]["speedup_b1"] = entry["fp32"]["batch_1_ms"] / entry[label]["batch_1_ms"]
                 entry[label]["speedup_b64"] = entry["fp32"]["batch_64_ms"] / entry[label]["batch_64_ms"]
@@ -75,7 +76,7 @@ def main() -> None:
                     ]
                 )
             results[name] = entry
-    table = markdown_table(["model", "engine", "quality", "b1 (ms)", "b1 vs fp32", "b64 (ms)", "b64 vs fp32", "file bytes"], rows)
+    table = markdown.table(["model", "engine", "quality", "b1 (ms)", "b1 vs fp32", "b64 (ms)", "b64 vs fp32", "file bytes"], rows)
     write(
         "int8_paths",
         "Static int8: torchslim's own PTQ vs ONNX Runtime's quantize_static",

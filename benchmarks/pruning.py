@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import time
+from statistics import median
 
 import torch
 import torch.nn.utils.prune as torch_prune
@@ -14,10 +15,11 @@ from torch import nn
 
 import torchslim as ts
 from benchmarks.common import load_mnist, trained_baseline
-from benchmarks.harness import arguments, markdown_table, median, write
-from torchslim.measure import measure_latency
+from benchmarks.harness import arguments, write
+from torchslim.measure import compare_latency
 from torchslim.pruning import SparseLinear, make_permanent, prune_in_place, to_csr
 from torchslim.pruning.unstructured import PruneConfig
+from torchslim.report import markdown
 from torchslim.train import fit
 
 TARGETS = {"lenet-300-100": 0.017, "lenet-5": 0.009}
@@ -33,7 +35,7 @@ def weight_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def torchslim_step(model: nn.Module, sparsity: float) -> None:
-    prune_in_place(model, PruneConfig(method="l1", scope="global", sparsity=sparsity))
+    prune_in_place(model, PruneConfig(importance="l1", scope="global", sparsity=sparsity))
 
 
 def torch_step(model: nn.Module, sparsity: float, previous: float) -> None:
@@ -104,17 +106,15 @@ def csr_latency(quick: bool) -> list[dict]:
     for batch in (1, 64):
         x = torch.randn(batch, 4096)
         torch.testing.assert_close(sparse(x), dense(x), rtol=1e-4, atol=1e-4)
-        # alternate the two several times so drift on a shared machine hits both alike
-        dense_ms, sparse_ms = [], []
-        for _ in range(3):
-            dense_ms.append(measure_latency(dense, x, batch_sizes=(batch,), runs=runs, warmup=5)[0].median_ms)
-            sparse_ms.append(measure_latency(sparse, x, batch_sizes=(batch,), runs=runs, warmup=5)[0].median_ms)
+        # interleaved rounds so drift on a shared machine hits both alike
+        latency = compare_latency({"dense": dense, "csr": sparse}, x, batch_sizes=(batch,), rounds=3, runs=runs, warmup=5)
+        dense_ms, csr_ms = latency["dense"][batch], latency["csr"][batch]
         rows.append(
             {
                 "batch": batch,
-                "dense_ms": median(dense_ms),
-                "csr_ms": median(sparse_ms),
-                "csr_speedup": median(dense_ms) / median(sparse_ms),
+                "dense_ms": dense_ms,
+                "csr_ms": csr_ms,
+                "csr_speedup": dense_ms / csr_ms,
                 "dense_bytes": dense.weight.numel() * 4,
                 "csr_bytes": csr.stored_bytes,
             }
@@ -149,14 +149,14 @@ def main() -> None:
         results[name] = entry
     csr = csr_latency(options.quick)
     results["csr_4096"] = csr
-    accuracy_table = markdown_table(
+    accuracy_table = markdown.table(
         ["model", "library", "dense error", "pruned error", "non-zeros", "compression", "target met", "prune step (ms, median)"], table_rows
     )
-    step_table = markdown_table(
+    step_table = markdown.table(
         ["model", "torchslim 90% step (ms)", "torch.nn.utils.prune 90% step (ms)"],
         [[n, f"{1000 * results[n]['step_time_90']['torchslim_s']:.1f}", f"{1000 * results[n]['step_time_90']['torch_s']:.1f}"] for n in TARGETS],
     )
-    csr_table = markdown_table(
+    csr_table = markdown.table(
         ["batch", "dense (ms)", "CSR (ms)", "CSR speedup", "dense bytes", "CSR bytes"],
         [[r["batch"], f"{r['dense_ms']:.3f}", f"{r['csr_ms']:.3f}", f"{r['csr_speedup']:.2f}x", f"{r['dense_bytes']:,}", f"{r['csr_bytes']:,}"] for r in csr],
     )

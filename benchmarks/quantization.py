@@ -14,12 +14,13 @@ import torch
 
 import torchslim as ts
 from benchmarks.common import load_mnist, trained_baseline
-from benchmarks.harness import arguments, markdown_table, median, write
-from torchslim.measure import measure_latency
+from benchmarks.harness import arguments, write
+from torchslim.measure import compare_latency
 from torchslim.quantization import QuantizedConv2d, QuantizedLinear, WeightScheme
-from torchslim.quantization.onnx_static import fp32_onnx_module, onnx_int8_module
+from torchslim.quantization.onnx_static import fp32_onnx_module
 from torchslim.quantization.primitives import sqnr_db
-from torchslim.quantization.pt2e import compiled_fp32, pt2e_int8
+from torchslim.quantization.pt2e import compiled_fp32
+from torchslim.report import markdown
 from torchslim.train import fit
 
 BITS = (8, 6, 4, 3, 2)
@@ -84,32 +85,31 @@ def sqnr_table(models: dict) -> list[dict]:
     return rows
 
 
-def int8_latency(model, example: torch.Tensor, calibration, folder: Path, runs: int) -> tuple:
+def int8_latency(model, example: torch.Tensor, calibration_data, folder: Path, runs: int) -> tuple:
+    """ONNX Runtime static int8 (``ts.quantize``, method onnxruntime: QDQ, U8S8, per-channel, min-max on 16 batches of
+    ``calibration_data``) against the fp32 export, timed side by side (3 interleaved rounds)."""
     fp32 = fp32_onnx_module(model, example, folder / "fp32.onnx")
-    int8 = onnx_int8_module(model, example, calibration, folder / "int8.onnx")
+    int8 = ts.quantize(model, {"method": "onnxruntime", "mode": "static"}, data=calibration_data, example_input=example, path=folder / "int8.onnx").model
     result = {"fp32_bytes": (folder / "fp32.onnx").stat().st_size, "int8_bytes": (folder / "int8.onnx").stat().st_size}
+    latency = compare_latency({"fp32": fp32, "int8": int8}, example, batch_sizes=(1, 64), rounds=3, runs=runs, warmup=10)
     for batch in (1, 64):
-        fp32_ms, int8_ms = [], []
-        for _ in range(3):  # alternate so that drift hits both alike
-            fp32_ms.append(measure_latency(fp32, example, batch_sizes=(batch,), runs=runs, warmup=10)[0].median_ms)
-            int8_ms.append(measure_latency(int8, example, batch_sizes=(batch,), runs=runs, warmup=10)[0].median_ms)
-        result[f"batch_{batch}"] = {"fp32_ms": median(fp32_ms), "int8_ms": median(int8_ms), "speedup": median(fp32_ms) / median(int8_ms)}
+        fp32_ms, int8_ms = latency["fp32"][batch], latency["int8"][batch]
+        result[f"batch_{batch}"] = {"fp32_ms": fp32_ms, "int8_ms": int8_ms, "speedup": fp32_ms / int8_ms}
     return result, fp32, int8
 
 
-def pt2e_latency(model, example: torch.Tensor, calibration, runs: int) -> tuple:
-    """torchao PT2E int8 (X86InductorQuantizer, inductor with freezing) vs the same model compiled in fp32."""
+def pt2e_latency(model, example: torch.Tensor, calibration_data, runs: int) -> tuple:
+    """torchao PT2E int8 (``ts.quantize``, method pt2e: X86InductorQuantizer, inductor with freezing, 16 calibration
+    batches) vs the same model compiled in fp32."""
     fp32 = compiled_fp32(model, example)
-    int8 = pt2e_int8(model, example, calibration, batches=16)
+    int8 = ts.quantize(model, {"method": "pt2e", "calibration_batches": 16}, data=calibration_data, example_input=example).model
     result = {}
     for batch in (1, 64):
         batch_input = example[:1].expand(batch, *example.shape[1:]).contiguous()
         fp32.prepare(batch_input), int8.prepare(batch_input)  # compile this batch size (frozen) outside the timed runs
-        fp32_ms, int8_ms = [], []
-        for _ in range(3):
-            fp32_ms.append(measure_latency(fp32, example, batch_sizes=(batch,), runs=runs, warmup=5)[0].median_ms)
-            int8_ms.append(measure_latency(int8, example, batch_sizes=(batch,), runs=runs, warmup=5)[0].median_ms)
-        result[f"batch_{batch}"] = {"fp32_ms": median(fp32_ms), "int8_ms": median(int8_ms), "speedup": median(fp32_ms) / median(int8_ms)}
+        latency = compare_latency({"fp32": fp32, "int8": int8}, example, batch_sizes=(batch,), rounds=3, runs=runs, warmup=5)
+        fp32_ms, int8_ms = latency["fp32"][batch], latency["int8"][batch]
+        result[f"batch_{batch}"] = {"fp32_ms": fp32_ms, "int8_ms": int8_ms, "speedup": fp32_ms / int8_ms}
     return result, fp32, int8
 
 
@@ -126,7 +126,7 @@ def main() -> None:
         results["accuracy"][name] = {"dense_error": dense, "rows": rows}
         tables.append(
             f"**{name}** (dense test error {100 * dense:.2f}%)\n\n"
-            + markdown_table(
+            + markdown.table(
                 ["bits", "uniform per-channel", "k-means", "k-means + centroid fine-tuning"],
                 [[r["bits"], f"{100 * r['uniform_error']:.2f}%", f"{100 * r['kmeans_error']:.2f}%", f"{100 * r['kmeans_finetuned_error']:.2f}%"] for r in rows],
             )
@@ -135,7 +135,7 @@ def main() -> None:
     results["sqnr_db"] = sqnr
     tables.append(
         "SQNR of the trained weights (dB, weighted by layer size)\n\n"
-        + markdown_table(["scheme", *models], [[r["scheme"], *[f"{r[m]:.2f}" if r[m] is not None else "-" for m in models]] for r in sqnr])
+        + markdown.table(["scheme", *models], [[r["scheme"], *[f"{r[m]:.2f}" if r[m] is not None else "-" for m in models]] for r in sqnr])
     )
     int8_rows = []
     with tempfile.TemporaryDirectory() as folder:
@@ -144,10 +144,10 @@ def main() -> None:
             ("resnet18-style", ts.models.create("resnet18-style").eval(), torch.randn(1, 3, 32, 32), None),
         ):
             if calibration_data is not None:
-                batches = (x for x, _ in calibration_data.loader("train", batch_size=64, shuffle=True))
+                batches = calibration_data  # shuffled training batches of 64
             else:  # no CIFAR-10 here: calibrate on random images, report latency and output SQNR only
                 generator = torch.Generator().manual_seed(0)
-                batches = (torch.randn(16, 3, 32, 32, generator=generator) for _ in range(16))
+                batches = [torch.randn(16, 3, 32, 32, generator=generator) for _ in range(16)]
             # the ResNet-18-style net runs about a second per batch of 64: fewer runs keep the benchmark in minutes
             timing, fp32, int8 = int8_latency(model, example, batches, Path(folder) / name, runs if name == "lenet-5" else max(5, runs // 8))
             entry = dict(timing)
@@ -180,10 +180,10 @@ def main() -> None:
         ("resnet18-style", ts.models.create("resnet18-style").eval(), torch.randn(1, 3, 32, 32)),
     ):
         if name == "lenet-5":
-            batches = (x for x, _ in data.loader("train", batch_size=64, shuffle=True))
+            batches = data  # shuffled training batches of 64
         else:
             generator = torch.Generator().manual_seed(0)
-            batches = (torch.randn(16, 3, 32, 32, generator=generator) for _ in range(16))
+            batches = [torch.randn(16, 3, 32, 32, generator=generator) for _ in range(16)]
         timing, fp32, int8 = pt2e_latency(model, example, batches, runs if name == "lenet-5" else max(5, runs // 8))
         entry = dict(timing)
         if name == "lenet-5":
@@ -207,11 +207,11 @@ def main() -> None:
         )
     tables.append(
         "torchao PT2E int8 (X86InductorQuantizer, torch.compile with freezing) vs torch.compile fp32 with freezing\n\n"
-        + markdown_table(["model", "accuracy change", "fp32 b1 (ms)", "int8 b1 (ms)", "b1 speedup", "fp32 b64 (ms)", "int8 b64 (ms)", "b64 speedup"], pt2e_rows)
+        + markdown.table(["model", "accuracy change", "fp32 b1 (ms)", "int8 b1 (ms)", "b1 speedup", "fp32 b64 (ms)", "int8 b64 (ms)", "b64 speedup"], pt2e_rows)
     )
     tables.append(
         "Static int8 in ONNX Runtime vs ONNX Runtime fp32 (2 threads, spinning off, medians of 3 alternating rounds)\n\n"
-        + markdown_table(
+        + markdown.table(
             [
                 "model",
                 "accuracy change",

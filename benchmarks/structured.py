@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import copy
 import time
+from statistics import median
 
 import torch
 from torch import nn
 
 import torchslim as ts
 from benchmarks.common import load_mnist, trained_baseline
-from benchmarks.harness import arguments, markdown_table, median, write
-from torchslim.measure import measure_latency
+from benchmarks.harness import arguments, write
+from torchslim.measure import compare_latency
 from torchslim.measure.counts import count_macs
 from torchslim.pruning.structured import prune_channels
+from torchslim.report import markdown
 
 
 def ratio_for_macs(model: nn.Module, example: torch.Tensor, target: float, **config) -> tuple[float, nn.Module, float]:
@@ -51,22 +53,6 @@ def torch_pruning_internal(model: nn.Module, example: torch.Tensor, ratio: float
     return model, time.perf_counter() - started
 
 
-def latency_side_by_side(
-    models: dict[str, nn.Module], example: torch.Tensor, batch_sizes: tuple[int, ...], rounds: int, runs: int, backend: str = "eager"
-) -> dict:
-    """Median over interleaved rounds of each model's median latency (one runner per model, built once)."""
-    from torchslim.measure.latency import BACKENDS
-
-    torch.set_num_threads(2)
-    runners = {name: BACKENDS.get(backend)(model.eval(), example) for name, model in models.items()}
-    samples = {name: {b: [] for b in batch_sizes} for name in models}
-    for _ in range(rounds):
-        for name, runner in runners.items():
-            for result in measure_latency(runner, example, batch_sizes=batch_sizes, runs=runs, warmup=5, threads=2):
-                samples[name][result.batch_size].append(result.median_ms)
-    return {name: {b: median(values) for b, values in per.items()} for name, per in samples.items()}
-
-
 def resnet56_part(quick: bool) -> tuple[dict, list[str]]:
     torch.manual_seed(0)
     dense = ts.models.create("resnet56").eval()
@@ -75,12 +61,13 @@ def resnet56_part(quick: bool) -> tuple[dict, list[str]]:
     ts_seconds, tp_seconds = [], []
     for _ in range(1 if quick else 3):
         started = time.perf_counter()
-        internal = prune_channels(dense, {"ratio": 0.5, "prune_residual": False}, example_input=example).model
+        internal = prune_channels(dense, {"ratio": 0.5, "prune_residual": False, "overrides": {"conv1": 0.0}}, example_input=example).model
         ts_seconds.append(time.perf_counter() - started)
         tp_model, seconds = torch_pruning_internal(dense, example, 0.5)
         tp_seconds.append(seconds)
-    full_ratio, full, _ = ratio_for_macs(dense, example, 2.0)
-    rounded_ratio, rounded, _ = ratio_for_macs(dense, example, 2.0, round_to=8)
+    # the stem conv keeps its channels (ratio 0) in every ResNet-56 row; the classifier's outputs are the model's output
+    full_ratio, full, _ = ratio_for_macs(dense, example, 2.0, overrides={"conv1": 0.0})
+    rounded_ratio, rounded, _ = ratio_for_macs(dense, example, 2.0, round_to=8, overrides={"conv1": 0.0})
     same_widths = [m.out_channels for m in internal.modules() if isinstance(m, nn.Conv2d)] == [
         m.out_channels for m in tp_model.modules() if isinstance(m, nn.Conv2d)
     ]
@@ -101,7 +88,7 @@ def resnet56_part(quick: bool) -> tuple[dict, list[str]]:
         },
     )
     for backend in ("eager", "onnxruntime"):
-        latency = latency_side_by_side(models, example, (1, 64), rounds=2 if quick else 7, runs=10 if quick else 30, backend=backend)
+        latency = compare_latency(models, example, batch_sizes=(1, 64), rounds=2 if quick else 7, runs=10 if quick else 30, warmup=5, backend=backend)
         for name, model in models.items():
             macs = count_macs(model, example)["total"]
             entry = {
@@ -129,11 +116,11 @@ def resnet56_part(quick: bool) -> tuple[dict, list[str]]:
                     f"{entry['speedup_over_macs_b1']:.2f} / {entry['speedup_over_macs_b64']:.2f}",
                 ]
             )
-    table = markdown_table(
+    table = markdown.table(
         ["ResNet-56 (32x32 input)", "engine", "MACs", "MACs ratio", "params", "batch 1", "speedup", "batch 64", "speedup", "speedup / MACs ratio (b1 / b64)"],
         rows,
     )
-    timing = markdown_table(
+    timing = markdown.table(
         ["library", "time to prune (median)"],
         [["torchslim (trace + score + remove)", f"{median(ts_seconds):.2f} s"], ["Torch-Pruning MetaPruner", f"{median(tp_seconds):.2f} s"]],
     )
@@ -160,7 +147,7 @@ def lenet5_part(data, quick: bool) -> tuple[dict, list[str]]:
     if quick:
         finetune["max_batches_per_epoch"] = 30
     for target in (2.0, 4.0):
-        ratio, model, achieved = ratio_for_macs(baseline, example, target, protect=["fc2"])
+        ratio, model, achieved = ratio_for_macs(baseline, example, target, overrides={"fc2": 0.0})
         after_prune = ts.evaluate(model, data)["error"]
         ts.train(model, data, finetune, inplace=True, progress=False)
         after = ts.evaluate(model, data)
@@ -188,7 +175,7 @@ def lenet5_part(data, quick: bool) -> tuple[dict, list[str]]:
                 f"{100 * after['error']:.2f}%",
             ]
         )
-    table = markdown_table(
+    table = markdown.table(
         ["LeNet-5 on MNIST", "channel ratio", "MACs", "MACs ratio", "params", "test error after pruning", f"after {finetune['epochs']} epochs fine-tuning"],
         rows,
     )

@@ -236,10 +236,14 @@ def compare_latency(
         (['a', 'b'], [1])
     """
     make = BACKENDS.get(backend) if isinstance(backend, str) else backend
-    runners = {name: make(model.eval(), example_input) if isinstance(model, nn.Module) else model for name, model in models.items()}
     samples: dict[str, dict[int, list[float]]] = {name: {size: [] for size in batch_sizes} for name in models}
-    for _ in range(rounds):
-        for name, runner in runners.items():
-            for result in measure_latency(runner, example_input, batch_sizes=batch_sizes, runs=runs, warmup=warmup, threads=threads):
-                samples[name][result.batch_size].append(result.median_ms)
+    with contextlib.ExitStack() as stack:  # every model in eval mode while timed; each submodule's own mode restored
+        for model in models.values():
+            if isinstance(model, nn.Module):
+                stack.enter_context(eval_mode(model))
+        runners = {name: make(model, example_input) if isinstance(model, nn.Module) else model for name, model in models.items()}
+        for _ in range(rounds):
+            for name, runner in runners.items():
+                for result in measure_latency(runner, example_input, batch_sizes=batch_sizes, runs=runs, warmup=warmup, threads=threads):
+                    samples[name][result.batch_size].append(result.median_ms)
     return {name: {size: statistics.median(values) for size, values in per_size.items()} for name, per_size in samples.items()}
