@@ -182,3 +182,10 @@ def test_distilling_a_hugging_face_model_into_a_shallower_one(name):
     metric = "perplexity" if task == "language-modeling" else "cosine"
     assert ts.tasks.get_task(task).better(after[metric], before[metric])
     assert isinstance(result.model, transformers.PreTrainedModel) and result.model.config.to_dict() == student.config.to_dict()
+
+
+def test_a_checkpointed_run_names_a_model_it_cannot_rebuild_before_any_work(tmp_path):
+    model = zoo.resnet20()
+    with pytest.raises(ts.TorchslimError, match="checkpoint .*save with factory="):
+        ts.compress(model, {"name": "r", "stages": [{"prune": {"sparsity": 0.5}}]}, _image_data(), checkpoint=tmp_path / "c", progress=False)
+    assert not (tmp_path / "c").exists()

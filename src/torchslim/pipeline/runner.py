@@ -33,6 +33,7 @@ from torchslim.core.files import refuse_overwrite
 from torchslim.core.report import Report, Result, Stage
 from torchslim.core.spec import sizing_spec
 from torchslim.data.sources import DataSource, as_source
+from torchslim.io.modelfile import file_spec
 from torchslim.measure.counts import fp32_weight_bytes
 from torchslim.measure.profile import measure_model
 from torchslim.pipeline.checkpoints import Checkpoint
@@ -142,13 +143,15 @@ def compress(
         raise TorchslimError(f"recipe {recipe.name!r} writes an ONNX file: give export_path (CLI: --out model.onnx)")
     original = copy.deepcopy(model).eval()
     completed, step = 0, 0
-    if resume and store is not None and store.status() is not None:
+    resumed = resume and store is not None and store.status() is not None
+    if resumed and store is not None:
         current, report, completed, step = store.load(recipe, trust_factory)
         original = store.original(trust_factory).eval()
-        resolved = resolve_task(task, source, original)
-    else:
+    elif store is not None:
+        file_spec(original, f"checkpoint {store.folder}")  # a model checkpoints cannot rebuild is named now, not after a stage
+    resolved = resolve_task(task, source, original)
+    if not resumed:
         current = copy.deepcopy(model)
-        resolved = resolve_task(task, source, original)
         report = Report.for_model(model)
         baseline = Stage(name="baseline", kind="baseline", metrics=measure_stage(current, source, resolved, None, None, latency, threads))
         report.stages.append(baseline)
