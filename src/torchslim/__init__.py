@@ -11,6 +11,7 @@ Example:
 
 from torchslim import codec, data, export, io, measure, models, report, tasks
 from torchslim.core import Config, ConfigError, Report, Result, TorchslimError
+from torchslim.core.checks import allow_nonfinite
 from torchslim.data.sources import Data
 from torchslim.distillation import distill
 from torchslim.measure.profile import profile
@@ -31,6 +32,7 @@ __all__ = [
     "Task",
     "TorchslimError",
     "__version__",
+    "allow_nonfinite",
     "codec",
     "compress",
     "data",

@@ -12,6 +12,7 @@ from typing import Any
 
 from torch import nn
 
+from torchslim.core.checks import check_model
 from torchslim.core.environment import environment
 from torchslim.core.files import load_model_file, save_model_file
 from torchslim.core.report import Report, Result, Stage
@@ -40,6 +41,7 @@ def train(
         'train'
     """
     config = TrainConfig.coerce(config)
+    check_model(model, "train", float32=True)
     trained = model if inplace else copy.deepcopy(model)
     history = fit(trained, data, config, task=task, progress=progress)
     metrics = dict(history.final)

@@ -136,5 +136,5 @@ def load_model_arg(model: str, data: Any, trust_factory: bool, weights: Path | N
     else:
         loaded = ts.models.create_for(model, data)
     if weights is not None:
-        load_state(loaded, load_weights(weights, trusted=trust_weights), str(weights))
+        load_state(loaded, load_weights(weights, trusted=trust_weights), str(weights), cast=True)
     return loaded

@@ -24,6 +24,7 @@ from torchslim.core.errors import ChecksumError, TorchslimError
 CODERS = ("packed", "huffman", "ans")
 MAX_HUFFMAN_LENGTH = 15  # code lengths fit a nibble; longer codes are avoided by flattening the counts
 MAX_ENTROPY_ALPHABET = 4096  # larger alphabets (e.g. 16-bit codes) are only bit-packed
+MAX_PACKED_BITS = 16
 
 
 # -- varints -----------------------------------------------------------------------------------------------------
@@ -110,11 +111,24 @@ def _encode_packed(symbols: np.ndarray, alphabet: int) -> bytes:
     return write_varint(symbols.size) + bytes([bits]) + _pack_fixed(symbols, bits)
 
 
-def _decode_packed(data: bytes | memoryview) -> np.ndarray:
+def _symbol_count(data: bytes | memoryview, limit: int) -> tuple[int, int]:
+    """The symbol count a stream declares, refused above ``limit`` (what its tensor can hold) before anything is
+    allocated for it."""
     count, offset = read_varint(data, 0)
+    if count > limit:
+        raise ChecksumError(f"coded stream declares {count} symbols, more than the {limit} its tensor can hold (corrupt)")
+    return count, offset
+
+
+def _decode_packed(data: bytes | memoryview, limit: int) -> np.ndarray:
+    count, offset = _symbol_count(data, limit)
     if offset >= len(data):
         raise ChecksumError("bit-packed stream truncated")
     bits = data[offset]
+    if bits > MAX_PACKED_BITS:
+        raise ChecksumError(f"bit-packed stream declares {bits} bits per code, more than {MAX_PACKED_BITS} (corrupt)")
+    if count * bits > 8 * (len(data) - offset - 1):
+        raise ChecksumError(f"bit-packed stream holds {8 * (len(data) - offset - 1)} bits, {count} codes of {bits} bits need {count * bits} (truncated)")
     return _unpack_fixed(data[offset + 1 :], bits, count)
 
 
@@ -185,9 +199,16 @@ def _encode_huffman(symbols: np.ndarray, alphabet: int) -> bytes:
     return header + np.packbits(bits).tobytes()
 
 
-def _decode_huffman(data: bytes | memoryview) -> np.ndarray:
-    count, offset = read_varint(data, 0)
+def _alphabet(data: bytes | memoryview, offset: int) -> tuple[int, int]:
     alphabet, offset = read_varint(data, offset)
+    if not 1 <= alphabet <= MAX_ENTROPY_ALPHABET:
+        raise ChecksumError(f"coded stream declares an alphabet of {alphabet} symbols; entropy-coded alphabets hold 1 to {MAX_ENTROPY_ALPHABET}")
+    return alphabet, offset
+
+
+def _decode_huffman(data: bytes | memoryview, limit: int) -> np.ndarray:
+    count, offset = _symbol_count(data, limit)
+    alphabet, offset = _alphabet(data, offset)
     table_bytes = (alphabet + 1) // 2
     if offset + table_bytes > len(data):
         raise ChecksumError("Huffman stream truncated inside its code table")
@@ -198,6 +219,10 @@ def _decode_huffman(data: bytes | memoryview) -> np.ndarray:
         return np.zeros(0, dtype=np.int64)
     if not lengths.any():
         raise ChecksumError("Huffman stream has symbols but an empty code table")
+    if count > 8 * (len(data) - offset):  # every code takes at least one bit
+        raise ChecksumError(f"Huffman stream of {len(data) - offset} bytes cannot hold {count} symbols (corrupt)")
+    if float(np.sum(2.0 ** -lengths[lengths > 0])) > 1.0:
+        raise ChecksumError("Huffman code table is not a prefix code (corrupt)")
     codes = canonical_codes(lengths)
     width = int(lengths.max())
     # lookup table: every width-bit window -> (symbol, length)
@@ -254,14 +279,16 @@ def _encode_ans(symbols: np.ndarray, alphabet: int) -> bytes:
     return header + coder.get_compressed().astype("<u4").tobytes()
 
 
-def _decode_ans(data: bytes | memoryview) -> np.ndarray:
+def _decode_ans(data: bytes | memoryview, limit: int) -> np.ndarray:
     import constriction
 
-    count, offset = read_varint(data, 0)
-    alphabet, offset = read_varint(data, offset)
+    count, offset = _symbol_count(data, limit)
+    alphabet, offset = _alphabet(data, offset)
     counts = np.zeros(alphabet, dtype=np.int64)
     for index in range(alphabet):
         counts[index], offset = read_varint(data, offset)
+        if counts[index] > count:
+            raise ChecksumError("ANS stream's symbol counts do not add up (corrupt)")
     if count == 0:
         return np.zeros(0, dtype=np.int64)
     if int(counts.sum()) != count:
@@ -295,10 +322,12 @@ def encode(coder: str, symbols: np.ndarray, alphabet: int) -> bytes:
     return _ENCODERS[coder](symbols, alphabet)
 
 
-def decode(coder: str, data: bytes | memoryview) -> np.ndarray:
+def decode(coder: str, data: bytes | memoryview, limit: int = 2**31) -> np.ndarray:
+    """The symbols of a coded stream; a stream that declares more than ``limit`` symbols (what its tensor can hold)
+    or more than its bytes can carry is refused before anything is allocated for it."""
     if coder not in _DECODERS:
         raise ChecksumError(f"unknown coder {coder!r} in a coded stream; valid: {', '.join(CODERS)}")
-    return _DECODERS[coder](data)
+    return _DECODERS[coder](data, limit)
 
 
 def encode_best(symbols: np.ndarray, alphabet: int, coders: tuple[str, ...] = CODERS) -> tuple[str, bytes]:

@@ -26,6 +26,7 @@ Example:
     >>> model = ts.models.create("lenet-300-100")
     >>> path = os.path.join(tempfile.mkdtemp(), "m.tslim")
     >>> summary = save_tslim(model, path)
+    >>> from torchslim.codec import load_tslim
     >>> loaded = load_tslim(path)
     >>> all(bool((a == b).all()) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
     True
@@ -36,7 +37,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import struct
 import zlib
@@ -48,10 +48,11 @@ import torch
 from torch import nn
 
 from torchslim.codec import entropy
-from torchslim.codec.sparse import relative_decode, relative_encode
-from torchslim.core.errors import ChecksumError, TorchslimError
-from torchslim.core.files import ModelFormat, refuse_overwrite, register_format, write_atomic
-from torchslim.io.modelfile import build_from_spec, file_spec, load_state, state_for_saving
+from torchslim.codec.sparse import relative_encode
+from torchslim.core.checks import check_model
+from torchslim.core.errors import TorchslimError
+from torchslim.core.files import refuse_overwrite, write_atomic
+from torchslim.io.modelfile import file_spec, state_for_saving
 
 MAGIC = b"TSLIM\x00"
 VERSION = 1
@@ -81,15 +82,6 @@ class Encoded:
 def _raw_bytes(tensor: torch.Tensor) -> bytes:
     flat = tensor.detach().cpu().contiguous().reshape(-1)
     return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
-
-
-def _from_raw(data: bytes, dtype: torch.dtype, count: int, where: str) -> torch.Tensor:
-    itemsize = torch.empty(0, dtype=dtype).element_size()
-    if len(data) != count * itemsize:
-        raise ChecksumError(f"{where}: raw stream holds {len(data)} bytes, {count} x {dtype} need {count * itemsize} (truncated)")
-    if count == 0:
-        return torch.empty(0, dtype=dtype)
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype).clone()
 
 
 def _stream(role: str, coder: str, data: bytes) -> dict[str, Any]:
@@ -236,150 +228,7 @@ def save_tslim(
     """Write the model as a .tslim file (temporary file, then rename)."""
     path = Path(path)
     refuse_overwrite(path, overwrite)
+    check_model(model, str(path))
     data, header = _encode(model, coders, INDEX_BITS, spec, metadata)
     write_atomic(path, data)
     return TslimSummary(path=path, bytes=len(data), tensors=header["tensors"])
-
-
-def _parse(data: bytes, where: str) -> tuple[dict[str, Any], memoryview]:
-    if data[: len(MAGIC)] != MAGIC:
-        raise ChecksumError(f"{where}: not a .tslim file (bad magic bytes)")
-    if len(data) < PREAMBLE.size:
-        raise ChecksumError(f"{where}: truncated .tslim file ({len(data)} bytes, shorter than its fixed header)")
-    _, version, header_length, header_crc = PREAMBLE.unpack_from(data)
-    if version > VERSION:
-        raise TorchslimError(f"{where}: .tslim format version {version} is newer than this torchslim reads ({VERSION})")
-    header_bytes = data[PREAMBLE.size : PREAMBLE.size + header_length]
-    if len(header_bytes) != header_length or zlib.crc32(header_bytes) != header_crc:
-        raise ChecksumError(f"{where}: header checksum mismatch (corrupt or truncated file)")
-    header = json.loads(zlib.decompress(header_bytes))
-    payload = memoryview(data)[PREAMBLE.size + header_length :]
-    expected = sum(s["length"] for t in header["tensors"] for s in t["streams"])
-    if len(payload) != expected:
-        raise ChecksumError(f"{where}: payload holds {len(payload)} bytes, the header lists {expected} (truncated or corrupt)")
-    if hashlib.sha256(payload).hexdigest() != header["payload_sha256"]:
-        raise ChecksumError(f"{where}: payload does not match its SHA-256 checksum (corrupt file)")
-    return header, payload
-
-
-def _read_streams(record: dict[str, Any], payload: memoryview, offset: int, where: str) -> tuple[dict[str, bytes], int]:
-    out = {}
-    for stream in record["streams"]:
-        data = bytes(payload[offset : offset + stream["length"]])
-        offset += stream["length"]
-        if zlib.crc32(data) != stream["crc32"]:
-            raise ChecksumError(f"{where}: stream {stream['role']!r} of tensor {record['name']!r} fails its CRC-32 (corrupt)")
-        out[stream["role"]] = data
-    return out, offset
-
-
-def _decode_record(record: dict[str, Any], data: dict[str, bytes], where: str) -> torch.Tensor:
-    coders = {s["role"]: s["coder"] for s in record["streams"]}
-    name, dtype = record["name"], _DTYPES.get(record["dtype"])
-    if dtype is None:
-        raise ChecksumError(f"{where}: tensor {name!r} has unknown dtype {record['dtype']!r}")
-    shape = tuple(record["shape"])
-    count = math.prod(shape)
-    encoding = record["encoding"]
-    if encoding == "raw":
-        return _from_raw(data["data"], dtype, count, f"{where}: {name}").reshape(shape)
-    if encoding == "sparse-float":
-        itemsize = torch.empty(0, dtype=dtype).element_size()
-        gaps = entropy.decode(coders["index"], data["index"])
-        words = np.frombuffer(data["values"], dtype={2: np.int16, 4: np.int32, 8: np.int64}[itemsize])
-        flat = relative_decode(gaps, words.copy(), count, 0)
-        return torch.from_numpy(flat).view(dtype).reshape(shape).clone()
-    if encoding in ("symbols", "sparse-symbols"):
-        if encoding == "symbols":
-            codes = entropy.decode(coders["codes"], data["codes"])
-        else:
-            gaps = entropy.decode(coders["index"], data["index"])
-            codes = relative_decode(gaps, entropy.decode(coders["codes"], data["codes"]), record["count"], record["background"])
-        if codes.size != record["count"]:
-            raise ChecksumError(f"{where}: tensor {name!r} decodes to {codes.size} codes, expected {record['count']}")
-        from torchslim.quantization.packing import pack_codes
-
-        packed = pack_codes(torch.from_numpy(codes), record["packed_bits"])
-        if tuple(packed.shape) != shape:
-            raise ChecksumError(f"{where}: tensor {name!r} repacks to {tuple(packed.shape)}, expected {shape}")
-        return packed
-    raise ChecksumError(f"{where}: tensor {name!r} has unknown encoding {encoding!r}")
-
-
-def read_tslim(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """The header and decoded state of a .tslim file, every checksum verified."""
-    path = Path(path)
-    if not path.is_file():
-        raise TorchslimError(f"{path}: no such .tslim file")
-    header, payload = _parse(path.read_bytes(), str(path))
-    tensors, offset = {}, 0
-    for record in header["tensors"]:
-        data, offset = _read_streams(record, payload, offset, str(path))
-        tensors[record["name"]] = _decode_record(record, data, str(path))
-    return header, tensors
-
-
-def load_tslim(path: str | os.PathLike[str], trust_factory: bool = False, device: str | torch.device | None = None) -> nn.Module:
-    """A runnable model from a .tslim file: the architecture from its spec, the exact stored state."""
-    header, tensors = read_tslim(path)
-    model = build_from_spec(header["spec"], trust_factory=trust_factory, where=str(path))
-    load_state(model, tensors, str(path))
-    model.eval()
-    return model.to(device) if device is not None else model
-
-
-def inspect_tslim(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Each tensor's encoding and bytes, with each symbol stream's order-0 entropy bound next to its coded size."""
-    path = Path(path)
-    if not path.is_file():
-        raise TorchslimError(f"{path}: no such .tslim file")
-    data = path.read_bytes()
-    header, payload = _parse(data, str(path))
-    rows, offset = [], 0
-    for record in header["tensors"]:
-        streams, offset = _read_streams(record, payload, offset, str(path))
-        count = math.prod(record["shape"]) if "count" not in record else record["count"]
-        row = {
-            "name": record["name"],
-            "shape": record["shape"],
-            "elements": count,
-            "encoding": record["encoding"],
-            "index_bits": record.get("index_bits"),
-            "bits": record.get("packed_bits"),
-            "bytes": sum(s["length"] for s in record["streams"]),
-            "streams": [],
-        }
-        for stream in record["streams"]:
-            entry = {"role": stream["role"], "coder": stream["coder"], "bytes": stream["length"]}
-            if stream["coder"] != "raw":
-                symbols = entropy.decode(stream["coder"], streams[stream["role"]])
-                entry.update(symbols=int(symbols.size), entropy_bytes=round(entropy.entropy_bytes(symbols), 1))
-            row["streams"].append(entry)
-        rows.append(row)
-    header_bytes = PREAMBLE.size + PREAMBLE.unpack_from(data)[2]
-    return {
-        "path": str(path),
-        "bytes": len(data),
-        "header_bytes": header_bytes,
-        "spec": header["spec"],
-        "metadata": header.get("metadata", {}),
-        "tensors": rows,
-    }
-
-
-def is_tslim(path: str | os.PathLike[str]) -> bool:
-    path = Path(path)
-    if path.suffix == ".tslim":
-        return True
-    try:
-        with open(path, "rb") as handle:
-            return handle.read(len(MAGIC)) == MAGIC
-    except OSError:
-        return False
-
-
-def _save_format(model: nn.Module, path: Path, overwrite: bool = True) -> Path:
-    return save_tslim(model, path, overwrite=overwrite).path
-
-
-register_format(ModelFormat(".tslim", save=_save_format, load=load_tslim, sniff=lambda head: head.startswith(MAGIC)))

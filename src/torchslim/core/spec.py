@@ -106,10 +106,10 @@ def sizing_spec(model: nn.Module) -> dict[str, Any]:
 def check_spec(spec: Any, where: str) -> dict[str, Any]:
     """``spec`` validated: exactly one of ``name`` / ``factory`` / ``huggingface``, JSON-serializable ``kwargs``, a
     list of transforms; an inferred spec that cannot rebuild the model says what to give instead."""
-    if not isinstance(spec, dict) or sum(key in spec for key in SOURCES) != 1:
+    if not isinstance(spec, dict) or sum(key in spec for key in SOURCES) != 1 or not all(isinstance(spec[k], str) for k in SOURCES if k in spec):
         raise TorchslimError(
             f"{where}: an architecture spec needs exactly one of 'name' (a registered model), 'factory' "
-            f"(package.module:callable) or 'huggingface' (a transformers class and its config), got {spec!r}"
+            f"(package.module:callable) or 'huggingface' (a transformers class and its config), as a string; got {str(spec)[:300]}"
         )
     if spec.get("unimportable"):
         raise TorchslimError(
@@ -123,7 +123,7 @@ def check_spec(spec: Any, where: str) -> dict[str, Any]:
             f"factory='{spec['factory']}' and kwargs={{...}}"
         )
     kwargs = spec.get("kwargs", {})
-    if not isinstance(kwargs, dict):
+    if not isinstance(kwargs, dict) or not all(isinstance(key, str) for key in kwargs):
         raise TorchslimError(f"{where}: the spec's 'kwargs' must be a mapping, got {kwargs!r}")
     try:
         json.dumps(kwargs)

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchslim.core.checks import check_model
 from torchslim.core.config import Config, ConfigError, check
 from torchslim.core.errors import TorchslimError
 from torchslim.core.modes import eval_mode, model_device
@@ -215,6 +216,8 @@ def distill(
     metric (fidelity to the teacher for unlabeled data).
     """
     config = DistillConfig.coerce(config, where="distill")
+    check_model(student, "distill (student)", float32=True)
+    check_model(teacher, "distill (teacher)", float32=True)
     trained = student if inplace else copy.deepcopy(student)
     source = as_source(data, trained)
     resolved = resolve_task(task, source, teacher)

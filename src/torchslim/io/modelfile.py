@@ -28,6 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_save
 from torch import nn
 
+from torchslim.core.checks import check_model
 from torchslim.core.errors import ChecksumError, TorchslimError
 from torchslim.core.files import ModelFormat, refuse_overwrite, register_format, write_atomic
 from torchslim.core.spec import apply_transforms, check_spec, set_spec, spec_of
@@ -84,6 +85,7 @@ def save_model(model: nn.Module, path: str | os.PathLike[str], spec: dict[str, A
     """
     path = Path(path)
     refuse_overwrite(path, overwrite)
+    check_model(model, str(path))
     spec = file_spec(model, str(path), spec)
     tensors = state_for_saving(model)
     metadata = {
@@ -114,27 +116,56 @@ def _resolve_factory(reference: str, where: str):
     return target
 
 
-def build_from_spec(spec: dict[str, Any], trust_factory: bool = False, where: str = "spec") -> nn.Module:
-    """Build an (untrained) model from a spec; import-path factories need ``trust_factory=True``."""
+def _trusted(factory: str, trust_factory: bool | str) -> bool:
+    """Whether an import path may be imported: ``trust_factory=True`` trusts any, a string exactly that one."""
+    return trust_factory is True or (isinstance(trust_factory, str) and trust_factory == factory)
+
+
+def build_from_spec(spec: dict[str, Any], trust_factory: bool | str = False, where: str = "spec") -> nn.Module:
+    """Build an (untrained) model from a spec. An import-path factory runs code, so it needs ``trust_factory``:
+    True, or the exact ``package.module:callable`` the caller means (never a path taken from a file on trust)."""
     from torchslim.models import create
 
     spec = check_spec(spec, where)
-    if "name" in spec:
-        model = create(spec["name"], **spec["kwargs"])
-    elif "huggingface" in spec:
-        model = _huggingface_model(spec, where)
-    else:
-        if not trust_factory:
-            raise TorchslimError(
-                f"{where}: the architecture is the import path {spec['factory']!r}; importing it runs its code, so "
-                f"pass trust_factory=True (CLI: --trust-factory) if you trust this file"
-            )
-        model = _resolve_factory(spec["factory"], where)(**spec["kwargs"])
-        if not isinstance(model, nn.Module):
-            raise TorchslimError(f"{where}: factory {spec['factory']!r} returned {type(model).__name__}, not an nn.Module")
-    model = apply_transforms(model, spec.get("transforms", []), where)
+    try:
+        if "name" in spec:
+            model = create(spec["name"], **spec["kwargs"])
+        elif "huggingface" in spec:
+            model = _huggingface_model(spec, where)
+        else:
+            if not _trusted(spec["factory"], trust_factory):
+                raise TorchslimError(
+                    f"{where}: the architecture is the import path {spec['factory']!r}; importing it runs its code, so "
+                    f"pass trust_factory=True (CLI: --trust-factory, or name it with --model) if you trust this file"
+                )
+            model = _resolve_factory(spec["factory"], where)(**spec["kwargs"])
+            if not isinstance(model, nn.Module):
+                raise TorchslimError(f"{where}: factory {spec['factory']!r} returned {type(model).__name__}, not an nn.Module")
+        model = apply_transforms(model, spec.get("transforms", []), where)
+    except TorchslimError:
+        raise
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, RuntimeError) as error:
+        raise TorchslimError(f"{where}: the architecture spec does not build a model ({type(error).__name__}: {error})") from None
     set_spec(model, spec)
     return model
+
+
+def build_checked(
+    spec: dict[str, Any], stored: dict[str, tuple[tuple[int, ...], torch.dtype]], trust_factory: bool | str = False, where: str = "spec"
+) -> nn.Module:
+    """Build the model a file's spec describes, after building it on the meta device (no memory) and checking that it
+    holds exactly the stored tensors' names, shapes and dtypes: a spec that would build something else (a hidden
+    width of 40,000, a float64 weight in a float32 layer) is refused before any allocation."""
+    with torch.device("meta"):
+        skeleton = build_from_spec(spec, trust_factory, where)
+    expected = {name: (tuple(t.shape), t.dtype) for name, t in skeleton.state_dict().items()}
+    missing, unexpected = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
+    if missing or unexpected:
+        raise TorchslimError(f"{where}: the stored tensors do not fit the architecture (missing: {missing[:5]}, unexpected: {unexpected[:5]})")
+    for name, (shape, dtype) in expected.items():
+        if stored[name] != (shape, dtype):
+            raise TorchslimError(f"{where}: {name} is stored as {stored[name][1]} {stored[name][0]}, the architecture holds {dtype} {shape}")
+    return build_from_spec(spec, trust_factory, where)
 
 
 def _huggingface_model(spec: dict[str, Any], where: str) -> nn.Module:
@@ -190,22 +221,25 @@ def read_model_file(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[
         raise ChecksumError(f"{path}: tensor data does not match its SHA-256 checksum (corrupt file)")
     try:
         spec = json.loads(metadata[SPEC_KEY])
-    except json.JSONDecodeError as error:
-        raise TorchslimError(f"{path}: the architecture spec is not valid JSON ({error})") from None
+    except (ValueError, RecursionError) as error:
+        raise TorchslimError(f"{path}: the architecture spec is not valid JSON ({type(error).__name__})") from None
     return spec, tensors
 
 
-def load_model(path: str | os.PathLike[str], trust_factory: bool = False, device: str | torch.device | None = None) -> nn.Module:
-    """Rebuild a model saved by ``save_model``: architecture from the spec, weights from safetensors (no pickle)."""
+def load_model(path: str | os.PathLike[str], trust_factory: bool | str = False, device: str | torch.device | None = None) -> nn.Module:
+    """Rebuild a model saved by ``save_model``: architecture from the spec (checked on the meta device against the
+    stored tensors before it is built), weights from safetensors (no pickle)."""
     spec, tensors = read_model_file(path)
-    model = build_from_spec(spec, trust_factory=trust_factory, where=str(path))
+    stored = {name: (tuple(tensor.shape), tensor.dtype) for name, tensor in tensors.items()}
+    model = build_checked(spec, stored, trust_factory, str(path))
     load_state(model, tensors, str(path))
     model.eval()
     return model.to(device) if device is not None else model
 
 
-def load_state(model: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
-    """Load ``tensors`` into ``model``, with an error naming ``where`` when names or shapes do not fit."""
+def load_state(model: nn.Module, tensors: dict[str, torch.Tensor], where: str, cast: bool = False) -> None:
+    """Load ``tensors`` into ``model``, with an error naming ``where`` when names, shapes or dtypes do not fit
+    (``cast``: floating-point tensors of a user's weights file take the architecture's float dtype instead)."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
@@ -214,6 +248,11 @@ def load_state(model: nn.Module, tensors: dict[str, torch.Tensor], where: str) -
     for name, tensor in tensors.items():
         if tuple(expected[name].shape) != tuple(tensor.shape):
             raise TorchslimError(f"{where}: {name} has shape {tuple(tensor.shape)}, the architecture needs {tuple(expected[name].shape)}")
+        if expected[name].dtype != tensor.dtype:
+            if cast and tensor.is_floating_point() and expected[name].is_floating_point():
+                tensors = {**tensors, name: tensor.to(expected[name].dtype)}
+                continue
+            raise TorchslimError(f"{where}: {name} is {tensor.dtype}, the architecture holds {expected[name].dtype}")
     model.load_state_dict(tensors, assign=True)
 
 

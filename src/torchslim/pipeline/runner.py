@@ -28,6 +28,7 @@ from typing import Any
 from torch import nn
 
 from torchslim.codec.tslim import encode_model, save_tslim
+from torchslim.core.checks import check_model
 from torchslim.core.errors import TorchslimError
 from torchslim.core.files import refuse_overwrite
 from torchslim.core.report import Report, Result, Stage
@@ -129,6 +130,7 @@ def compress(
         True
     """
     recipe = load_recipe(recipe)
+    check_model(model, "compress", float32=True)
     source = as_source(data, model)
     store = Checkpoint(checkpoint) if checkpoint is not None else None
     if store is not None and not resume and store.status() is not None:

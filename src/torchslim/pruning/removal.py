@@ -128,25 +128,57 @@ def remove_channels(model: nn.Module, graph: ChannelGraph, groups: list[Group], 
     return transform
 
 
+# size attributes a channel-pruning record may set (on modules that already hold them): nothing else, so a file cannot
+# replace a method or any other attribute
+SIZE_ATTRIBUTES = ("in_channels", "out_channels", "index", "num_heads", "num_attention_heads", "all_head_size", "attention_head_size")
+
+
+def _size_value(value: Any) -> bool:
+    integer = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return integer or (isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value))
+
+
 @register_transform(TRANSFORM_KIND)
 def apply_structure(model: nn.Module, transform: dict[str, Any]) -> nn.Module:
-    """Rebuild the shapes a saved file records (for loading): slice each tensor to its recorded shape."""
-    for module_name, shapes in transform["shapes"].items():
+    """Rebuild the shapes a saved file records (for loading): slice each tensor to its recorded shape, and set the
+    recorded size attributes (only those in ``SIZE_ATTRIBUTES``, on modules that already have them)."""
+    shapes, attributes = transform.get("shapes"), transform.get("attributes", {})
+    if not isinstance(shapes, dict) or not isinstance(attributes, dict):
+        raise TorchslimError("the file's channel-pruning record needs 'shapes' and 'attributes' mappings")
+    for module_name, named in shapes.items():
         module = recorded_module(model, module_name, "prunes")
-        keeps = {}
-        for name, shape in shapes.items():
-            tensor = getattr(module, name, None)
-            if tensor is None or tensor.dim() != len(shape):
+        keeps: dict[tuple[str, int], torch.Tensor] = {}
+        if not isinstance(named, dict):
+            raise TorchslimError(f"the file's shapes for {module_name} must be a mapping of tensor names to shapes")
+        for name, shape in named.items():
+            tensor = module._parameters.get(name) if name in module._parameters else module._buffers.get(str(name))
+            if (
+                tensor is None
+                or not isinstance(shape, list)
+                or tensor.dim() != len(shape)
+                or not _size_value(shape)
+                or any(size > full for size, full in zip(shape, tensor.shape))
+            ):
                 raise TorchslimError(f"the file's shape {shape} for {module_name}.{name} does not fit the architecture")
             for dim, size in enumerate(shape):
                 if size != tensor.shape[dim]:
                     keeps[(name, dim)] = torch.arange(size)
         for key, keep in keeps.items():
             slice_module(module, {key: keep})
-    for module_name, attributes in transform.get("attributes", {}).items():
-        module = model.get_submodule(module_name)
-        for key, value in sorted(attributes.items(), key=lambda item: item[0] == "index"):  # sizes before the index
-            setattr(module, key, value)
+    for module_name, values in attributes.items():
+        module = recorded_module(model, module_name, "prunes")
+        if not isinstance(values, dict):
+            raise TorchslimError(f"the file's attributes for {module_name} must be a mapping")
+        for attribute, value in sorted(values.items(), key=lambda item: item[0] == "index"):
+            if attribute not in SIZE_ATTRIBUTES or not hasattr(module, attribute) or not _size_value(value):
+                raise TorchslimError(
+                    f"the file sets {module_name}.{attribute} = {value!r}; a channel-pruning record sets only the sizes "
+                    f"{', '.join(SIZE_ATTRIBUTES)} that the module has"
+                )
+            try:
+                setattr(module, attribute, value)
+            except (ValueError, TypeError) as error:
+                raise TorchslimError(f"the file's {module_name}.{attribute} = {value!r} does not fit the module ({error})") from None
     return model
 
 

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchslim.core.checks import check_model
 from torchslim.core.config import Config, ConfigError, check
 from torchslim.core.errors import TorchslimError
 from torchslim.core.modes import eval_mode
@@ -330,6 +331,7 @@ def prune_channels(
     ...}``) or ``data`` drives the trace. On any failure the input model is left as it was.
     """
     config = StructuredConfig.coerce(config, where="prune_channels")
+    check_model(model, "prune_channels", float32=True)
     tuning = TrainConfig.coerce(finetune, where="prune_channels.finetune") if finetune is not None else None
     if masks_of(model):
         raise TorchslimError("the model still carries unstructured pruning masks: call torchslim.make_permanent(model) first")

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchslim.core.checks import check_model
 from torchslim.core.config import Config, ConfigError, check
 from torchslim.core.report import Report, Result, Stage
 from torchslim.core.selector import LayerSelector, module_type_name, resolve_overrides, select_modules
@@ -183,6 +184,7 @@ def prune(
     (CSR, .tslim) or structurally removed.
     """
     config = PruneConfig.coerce(config, where="prune")
+    check_model(model, "prune", float32=True)
     tuning = TrainConfig.coerce(finetune, where="prune.finetune") if finetune is not None else None
     if tuning is not None and data is None:
         raise ConfigError("prune: fine-tuning needs data")

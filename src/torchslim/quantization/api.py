@@ -29,6 +29,7 @@ from typing import Any
 
 from torch import nn
 
+from torchslim.core.checks import check_model
 from torchslim.core.config import Config, ConfigError, check
 from torchslim.core.errors import TorchslimError
 from torchslim.core.registry import Registry
@@ -225,6 +226,7 @@ def quantize(
     ONNX file an engine method writes.
     """
     typed = quantize_config(config)
+    check_model(model, "quantize", float32=True)
     method = next(name for name in METHODS.names() if isinstance(typed, METHODS.get(name).config))
     entry = METHODS.get(method)
     if entry.needs_data and data is None:

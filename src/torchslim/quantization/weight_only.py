@@ -67,9 +67,14 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 @register_transform(TRANSFORM_KIND)
 def apply_structure(model: nn.Module, transform: dict[str, Any]) -> nn.Module:
     """Replace the layers a saved file lists with empty quantized modules of the same structure (for loading)."""
-    for name, scheme in transform["layers"].items():
+    layers = transform.get("layers")
+    if not isinstance(layers, dict):
+        raise TorchslimError("the file's weight-quantization record needs a 'layers' mapping")
+    for name, scheme in layers.items():
         module = recorded_module(model, name, "quantizes")
-        set_module(model, name, empty_like(module, WeightScheme.from_dict(scheme)))
+        if not isinstance(module, (nn.Linear, nn.Conv2d)) and not is_transposed_linear(module):
+            raise TorchslimError(f"the file quantizes {name!r}, a {type(module).__name__}: only Linear, Conv2d and Conv1D layers are quantized")
+        set_module(model, name, empty_like(module, WeightScheme.from_dict(scheme, where=f"the file's scheme for {name}")))
     return model
 
 

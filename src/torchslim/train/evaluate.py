@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchslim.core.checks import check_model
 from torchslim.data.sources import DataSource, as_source
 from torchslim.tasks.base import Task, resolve_task
 from torchslim.tasks.batches import batch_size_of
@@ -50,6 +51,7 @@ def evaluate(
         >>> 0.0 <= metrics["accuracy"] <= 1.0
         True
     """
+    check_model(model, "evaluate")
     source = as_source(data, model)
     resolved = resolve_task(task, source, reference)
     name = "eval" if split in ("eval", "test") else split

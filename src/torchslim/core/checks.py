@@ -1,0 +1,77 @@
+"""Checks every verb makes on the model it is given, before any work: weights are finite, and floating-point
+weights are float32 (the precision torchslim computes in).
+
+``allow_nonfinite()`` turns the non-finite check into a warning with the count, for a user who knows (say, to
+measure a model that went wrong).
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> layer = nn.Linear(2, 2)
+    >>> with torch.no_grad():
+    ...     layer.weight[0, 0] = float("nan")
+    >>> check_model(layer, "prune")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    torchslim.core.errors.TorchslimError: prune: the model holds 1 non-finite value (NaN or Inf): weight (1); fix the model first, ...
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from torchslim.core.errors import TorchslimError
+
+_STATE = {"allow_nonfinite": False}
+
+
+@contextlib.contextmanager
+def allow_nonfinite() -> Iterator[None]:
+    """Within the block, non-finite weights give a warning with their count instead of an error."""
+    previous = _STATE["allow_nonfinite"]
+    _STATE["allow_nonfinite"] = True
+    try:
+        yield
+    finally:
+        _STATE["allow_nonfinite"] = previous
+
+
+def nonfinite_counts(model: nn.Module) -> dict[str, int]:
+    """{tensor name: count of NaN / Inf values} over the model's floating-point parameters and buffers."""
+    counts = {}
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if tensor.is_floating_point() and tensor.device.type != "meta":
+            bad = int((~torch.isfinite(tensor.detach())).sum())
+            if bad:
+                counts[name] = bad
+    return counts
+
+
+def check_model(model: nn.Module, where: str, float32: bool = False) -> None:
+    """Refuse non-finite weights (a warning inside ``allow_nonfinite()``) and, with ``float32``, floating-point weights
+    of another precision, naming the tensors."""
+    if not isinstance(model, nn.Module):
+        raise TorchslimError(f"{where}: expected a torch.nn.Module, got {type(model).__name__}")
+    counts = nonfinite_counts(model)
+    if counts:
+        total = sum(counts.values())
+        listed = ", ".join(f"{name} ({count})" for name, count in list(counts.items())[:5])
+        message = f"{where}: the model holds {total} non-finite value{'s' if total != 1 else ''} (NaN or Inf): {listed}"
+        if not _STATE["allow_nonfinite"]:
+            raise TorchslimError(f"{message}; fix the model first, or wrap the call in torchslim.allow_nonfinite()")
+        warnings.warn(message, stacklevel=3)
+    if float32:
+        other = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.is_floating_point() and p.dtype != torch.float32})
+        if other:
+            raise TorchslimError(
+                f"{where}: the model holds {', '.join(other)} weights; torchslim trains and compresses in float32: "
+                f"pass model.float() (and cast the result back if you need {other[0]})"
+            )
+
+
+__all__ = ["allow_nonfinite", "check_model", "nonfinite_counts"]
