@@ -71,6 +71,7 @@ def save(model: nn.Module, path: str | os.PathLike[str], overwrite: bool = True,
     return save_model_file(model, path, overwrite=overwrite)
 
 
-def load(path: str | os.PathLike[str], trust_factory: bool = False) -> nn.Module:
-    """Load a model saved by ``save`` (no unpickling; architectures given as an import path need ``trust_factory``)."""
+def load(path: str | os.PathLike[str], trust_factory: bool | str = False) -> nn.Module:
+    """Load a model saved by ``save`` (no unpickling). An architecture given as an import path runs code, so it needs
+    ``trust_factory``: True, or the exact ``package.module:callable`` you expect the file to name."""
     return load_model_file(path, trust_factory=trust_factory)

@@ -17,7 +17,7 @@ HOSTILE_VALUES = (None, True, "", "x", "raw", "huffman", "ans", "packed", "float
 
 
 def split_tslim(data: bytes) -> tuple[bytes, dict[str, Any], bytes]:
-    magic, version, length, _ = PREAMBLE.unpack_from(data)
+    magic, _, length, _ = PREAMBLE.unpack_from(data)
     header = json.loads(zlib.decompress(data[PREAMBLE.size : PREAMBLE.size + length]))
     return data[: len(magic) + 1], header, data[PREAMBLE.size + length :]
 

@@ -12,6 +12,7 @@ from typing import Any, get_type_hints
 import typer
 
 from torchslim.core.errors import TorchslimError
+from torchslim.core.files import check_writable
 
 DATA_HELP = "A dataset name (see `torchslim list datasets`; mnist-sample is embedded and offline) or a folder of images in class subfolders."
 DATA_ROOT = typer.Option(None, help="Folder holding the dataset files (default: $TORCHSLIM_DATA or the cache).")
@@ -87,10 +88,14 @@ def names(text: str | None) -> list[str]:
 
 
 def refuse_overwrite(*paths: Path | None, force: bool) -> None:
-    """Stop before any work when an output exists and --force was not given: nothing the user had is overwritten."""
+    """Stop before any work when an output exists and --force was not given (nothing the user had is overwritten), or
+    when it could not be written at all (the error comes now, not after the work)."""
     for path in paths:
-        if path is not None and path.exists() and not force:
+        if path is None:
+            continue
+        if path.exists() and not force:
             raise TorchslimError(f"{path} exists; refusing to overwrite it (pass --force)")
+        check_writable(path)
 
 
 def _normalization(text: str) -> Any:

@@ -37,10 +37,8 @@ def compress(
 ) -> None:
     """Run a compression recipe (default: Deep Compression on LeNet-300-100 and the embedded MNIST sample) and
     print the per-stage table; writes the compressed file."""
-    import shutil
-
     import torchslim as ts
-    from torchslim.pipeline import CompressInterrupted, checkpoint_original, checkpoint_status, load_recipe
+    from torchslim.pipeline import Checkpoint, CompressInterrupted, checkpoint_original, checkpoint_status, load_recipe
     from torchslim.report.console import print_report
     from torchslim.report.markdown import format_bytes
 
@@ -52,10 +50,14 @@ def compress(
         raise TorchslimError(f"--out: recipe {plan.name!r} ends in an ONNX Runtime engine, so the output must end in .onnx, got {out}")
     if not exports and out.suffix != ".tslim":
         raise TorchslimError(f"--out: recipe {plan.name!r} writes a .tslim file, got {out}")
-    report = report or out.with_suffix(out.suffix + ".report.json")
+    beside = out.with_suffix(out.suffix + ".report.json")  # the compressed file's own report, written beside it
+    report = report or beside
     checkpoint = out.with_suffix(out.suffix + ".ckpt")
+    # an import path the user names here is the only one trusted: never one taken from a file or a checkpoint
+    trusted: bool | str = True if trust_factory else (model if ":" in model else False)
     if not resume:
-        refuse_overwrite(out, report, force=force)
+        refuse_overwrite(out, report, beside, force=force)
+        Checkpoint(checkpoint).check()  # a folder torchslim did not make is refused now, before any work
         status = checkpoint_status(checkpoint)
         if status is not None:
             raise TorchslimError(
@@ -66,7 +68,7 @@ def compress(
         raise TorchslimError(f"--resume: no checkpoint in {checkpoint} to continue")
     dataset = source.load()
     if resume:  # the run continues from its checkpoint, which holds the model it started from
-        network = checkpoint_original(checkpoint, trust_factory=trust_factory or ":" in model)
+        network = checkpoint_original(checkpoint, trust_factory=trusted)
     elif weights is None and ":" in model:
         raise TorchslimError(f"--model {model}: an import-path model needs --weights (its trained state)")
     else:
@@ -96,7 +98,7 @@ def compress(
             export_path=out if exports else None,
             latency=latency,
             threads=threads,
-            trust_factory=trust_factory,
+            trust_factory=trusted,
             on_stage=show,
         )
     except CompressInterrupted as error:
@@ -107,15 +109,17 @@ def compress(
         result.report.save(report)
         console.print(f"ONNX model written to {out} ({format_bytes(out.stat().st_size)})")
     else:
-        result.save(out)
-        if report != out.with_suffix(out.suffix + ".report.json"):
+        result.save(out, overwrite=force)
+        if report != beside:
             result.report.save(report)
-        loaded = ts.load(out, trust_factory=trust_factory or ":" in model)  # an import path given here is trusted
+        loaded = ts.load(out, trust_factory=trusted)
         check = ts.evaluate(loaded, dataset, task=source.task)
         console.print(f"compressed model written to {out} ({format_bytes(out.stat().st_size)}); reloaded from the file: {headline(check).replace('  ', ' ')}")
     console.print(f"report written to {report}")
     if not keep_checkpoint:
-        shutil.rmtree(checkpoint, ignore_errors=True)
+        left = Checkpoint(checkpoint).remove()
+        if left:
+            console.print(f"[yellow]{checkpoint} kept: it holds files torchslim did not write ({', '.join(left[:5])})[/yellow]")
 
 
 @app.command()

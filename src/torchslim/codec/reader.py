@@ -28,7 +28,7 @@ from torchslim.codec.sparse import relative_decode
 from torchslim.codec.tslim import _DTYPES, FORMAT, MAGIC, PREAMBLE, VERSION, save_tslim
 from torchslim.core.errors import ChecksumError, TorchslimError
 from torchslim.core.files import ModelFormat, register_format
-from torchslim.io.modelfile import build_checked, load_state
+from torchslim.io.modelfile import build_checked, load_state, with_ties
 from torchslim.quantization.packing import pack_codes
 
 MAX_HEADER_BYTES = 64 * 2**20  # the decompressed JSON header
@@ -131,6 +131,7 @@ def check_header(header: Any, where: str, max_elements: int = MAX_ELEMENTS) -> N
                 raise ChecksumError(f"{at}: {codes} codes of {bits} bits do not pack into a uint8 tensor of shape {shape}")
             if encoding == "sparse-symbols" and not _integer(record.get("background"), 0, 2**bits - 1):
                 raise ChecksumError(f"{at}: 'background' must be a code of {bits} bits")
+    with_ties(dict.fromkeys(names), header.get("ties", []), where)  # each tie led by a stored tensor
 
 
 def _parse(path: Path, max_elements: int) -> tuple[dict[str, Any], memoryview, int]:
@@ -212,7 +213,7 @@ def read_tslim(path: str | os.PathLike[str], max_elements: int = MAX_ELEMENTS) -
     """The header and decoded state of a .tslim file, every checksum and declared size verified."""
     path = _check_file(path)
     header, payload, _ = _parse(path, max_elements)
-    return header, _decode_all(header, payload, str(path))
+    return header, with_ties(_decode_all(header, payload, str(path)), header.get("ties", []), str(path))
 
 
 def _decode_all(header: dict[str, Any], payload: memoryview, where: str) -> dict[str, torch.Tensor]:
@@ -230,9 +231,10 @@ def load_tslim(
     meta device before anything is decoded or built), then the exact stored state."""
     path = _check_file(path)
     header, payload, _ = _parse(path, max_elements)
-    stored = {r["name"]: (tuple(r["shape"]), _DTYPES[r["dtype"]]) for r in header["tensors"]}
+    ties = header.get("ties", [])
+    stored = with_ties({r["name"]: (tuple(r["shape"]), _DTYPES[r["dtype"]]) for r in header["tensors"]}, ties, str(path))
     model = build_checked(header["spec"], stored, trust_factory, str(path))
-    load_state(model, _decode_all(header, payload, str(path)), str(path))
+    load_state(model, with_ties(_decode_all(header, payload, str(path)), ties, str(path)), str(path))
     model.eval()
     return model.to(device) if device is not None else model
 

@@ -52,6 +52,7 @@ from torchslim.codec.sparse import relative_encode
 from torchslim.core.checks import check_model
 from torchslim.core.errors import TorchslimError
 from torchslim.core.files import refuse_overwrite, write_atomic
+from torchslim.core.ties import tied_groups
 from torchslim.io.modelfile import file_spec, state_for_saving
 
 MAGIC = b"TSLIM\x00"
@@ -200,6 +201,7 @@ def _encode(
         "metadata": metadata or {},
         "payload_sha256": hashlib.sha256(payload).hexdigest(),
         "tensors": records,
+        "ties": tied_groups(model),  # tied followers are not stored: the reader fills them from their leader
     }
     header_bytes = zlib.compress(json.dumps(header, separators=(",", ":")).encode(), 9)
     return PREAMBLE.pack(MAGIC, VERSION, len(header_bytes), zlib.crc32(header_bytes)) + header_bytes + payload, header

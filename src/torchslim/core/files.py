@@ -48,6 +48,19 @@ def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
         raise
 
 
+def check_writable(path: str | os.PathLike[str], folder: bool = False) -> None:
+    """An error now, before any work, when the file (or, with ``folder``, the folder) ``path`` could not be written:
+    its nearest existing folder is not a writable folder, or a file is asked for where a folder stands."""
+    path = Path(path)
+    if not folder and path.is_dir():
+        raise TorchslimError(f"{path} is a folder; cannot write a file there")
+    ancestor = path.parent if not path.is_dir() else path
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise TorchslimError(f"cannot write {path}: {ancestor} is not a writable folder")
+
+
 def refuse_overwrite(path: str | os.PathLike[str], overwrite: bool) -> None:
     """An error naming ``path`` when it exists and ``overwrite`` is off: nothing a user had is overwritten."""
     if not overwrite and Path(path).exists():
@@ -98,7 +111,7 @@ def save_model_file(model: Any, path: str | os.PathLike[str], overwrite: bool = 
     return format_for(path).save(model, Path(path), overwrite=overwrite)
 
 
-def load_model_file(path: str | os.PathLike[str], trust_factory: bool = False) -> Any:
+def load_model_file(path: str | os.PathLike[str], trust_factory: bool | str = False) -> Any:
     """Read a model file of any registered format."""
     path = Path(path)
     if not path.is_file():
@@ -109,4 +122,14 @@ def load_model_file(path: str | os.PathLike[str], trust_factory: bool = False) -
     return entry.load(path, trust_factory=trust_factory)
 
 
-__all__ = ["FORMATS", "ModelFormat", "format_for", "load_model_file", "refuse_overwrite", "register_format", "save_model_file", "write_atomic"]
+__all__ = [
+    "FORMATS",
+    "ModelFormat",
+    "check_writable",
+    "format_for",
+    "load_model_file",
+    "refuse_overwrite",
+    "register_format",
+    "save_model_file",
+    "write_atomic",
+]

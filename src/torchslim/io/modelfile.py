@@ -21,7 +21,7 @@ import json
 import os
 import pickle
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors import safe_open
@@ -32,19 +32,49 @@ from torchslim.core.checks import check_model
 from torchslim.core.errors import ChecksumError, TorchslimError
 from torchslim.core.files import ModelFormat, refuse_overwrite, register_format, write_atomic
 from torchslim.core.spec import apply_transforms, check_spec, set_spec, spec_of
+from torchslim.core.ties import plain_name, retie, tied_groups
 from torchslim.measure.weights import effective_weights
 
 FORMAT = "torchslim-model"
 VERSION = 1
 SPEC_KEY = "torchslim.spec"
+TIES_KEY = "torchslim.ties"
 DIGEST_KEY = "torchslim.sha256"
+Stored = TypeVar("Stored")
 
 
 def state_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Plain state dict (CPU, contiguous copies) with pruning parametrizations resolved to the weights they compute."""
+    """Plain state dict (CPU, contiguous copies) with pruning parametrizations resolved to the weights they compute;
+    a tied weight is kept once, under its leading name (``core.ties``)."""
     state = {k: v for k, v in model.state_dict().items() if ".parametrizations." not in k and not k.startswith("parametrizations.")}
     state.update(effective_weights(model))
-    return {name: tensor.detach().cpu().contiguous().clone() for name, tensor in state.items()}
+    followers = {name for group in tied_groups(model) for name in group[1:]}
+    return {name: tensor.detach().cpu().contiguous().clone() for name, tensor in state.items() if name not in followers}
+
+
+def stored_layout(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """{name: shape} of what ``state_for_saving`` would store, without copying any tensor."""
+    followers = {name for group in tied_groups(model) for name in group[1:]}
+    layout = {}
+    for name, tensor in model.state_dict().items():
+        if ".parametrizations." in f".{name}" and not name.endswith(".original"):
+            continue  # a mask: applied into the weight, not stored
+        if plain_name(name) not in followers:
+            layout[plain_name(name)] = tuple(tensor.shape)
+    return layout
+
+
+def with_ties(stored: dict[str, Stored], ties: Any, where: str) -> dict[str, Stored]:
+    """What a file stores by name (tensors, or their shapes) with each tied follower filled in from its leader; the
+    record is checked: a list of lists of names, each led by a name the file holds."""
+    if not isinstance(ties, list) or not all(isinstance(group, list) and len(group) > 1 and all(isinstance(n, str) for n in group) for group in ties):
+        raise TorchslimError(f"{where}: the recorded ties must be a list of lists of tensor names")
+    filled = dict(stored)
+    for group in ties:
+        if group[0] not in stored:
+            raise TorchslimError(f"{where}: the tie of {group[1:]} names {group[0]!r}, which the file does not hold")
+        filled.update({name: stored[group[0]] for name in group[1:]})
+    return filled
 
 
 def _digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -66,8 +96,7 @@ def file_spec(model: nn.Module, where: str, spec: dict[str, Any] | None = None) 
     spec = check_spec(spec if spec is not None else spec_of(model), where)
     if spec.pop("inferred", False):
         rebuilt = build_from_spec(spec, trust_factory=True, where=where)  # the class is this process's own: nothing new runs
-        expected = {name: tuple(t.shape) for name, t in rebuilt.state_dict().items()}
-        actual = {name: tuple(t.shape) for name, t in state_for_saving(model).items()}
+        expected, actual = stored_layout(rebuilt), stored_layout(model)
         if expected != actual:
             differing = sorted(set(expected) ^ set(actual)) or sorted(n for n in expected if expected[n] != actual[n])
             raise TorchslimError(
@@ -93,6 +122,7 @@ def save_model(model: nn.Module, path: str | os.PathLike[str], spec: dict[str, A
         "version": str(VERSION),
         SPEC_KEY: json.dumps(spec),
         DIGEST_KEY: _digest(tensors),
+        TIES_KEY: json.dumps(tied_groups(model)),
     }
     write_atomic(path, safetensors_save(tensors, metadata=metadata))
     return path
@@ -221,9 +251,10 @@ def read_model_file(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[
         raise ChecksumError(f"{path}: tensor data does not match its SHA-256 checksum (corrupt file)")
     try:
         spec = json.loads(metadata[SPEC_KEY])
+        ties = json.loads(metadata.get(TIES_KEY, "[]"))
     except (ValueError, RecursionError) as error:
         raise TorchslimError(f"{path}: the architecture spec is not valid JSON ({type(error).__name__})") from None
-    return spec, tensors
+    return spec, with_ties(tensors, ties, str(path))
 
 
 def load_model(path: str | os.PathLike[str], trust_factory: bool | str = False, device: str | torch.device | None = None) -> nn.Module:
@@ -253,7 +284,9 @@ def load_state(model: nn.Module, tensors: dict[str, torch.Tensor], where: str, c
                 tensors = {**tensors, name: tensor.to(expected[name].dtype)}
                 continue
             raise TorchslimError(f"{where}: {name} is {tensor.dtype}, the architecture holds {expected[name].dtype}")
+    ties = tied_groups(model)  # what the architecture ties (an assigned state would untie it)
     model.load_state_dict(tensors, assign=True)
+    retie(model, ties, where)
 
 
 def load_weights(path: str | os.PathLike[str], trusted: bool = False) -> dict[str, torch.Tensor]:

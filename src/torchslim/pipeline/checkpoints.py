@@ -3,7 +3,9 @@ the model, the report so far and where the run stands are written to a folder; `
 
 The folder holds ``original.safetensors`` (the model the run started from, so a resumed run distills from the same
 teacher), the latest model, and ``progress.json`` (the recipe, stages completed, steps completed inside the next
-stage, masked layers, the report). Only the latest model file is kept.
+stage, masked layers, the report). Only the latest model file is kept. A marker file says torchslim made the folder:
+an existing folder without it (a user's own) is never written into or deleted, nor is a symbolic link followed;
+``remove`` deletes only the files torchslim wrote.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 from torch import nn
 
 from torchslim.core.errors import TorchslimError
-from torchslim.core.files import write_atomic
+from torchslim.core.files import check_writable, write_atomic
 from torchslim.core.report import Report
 from torchslim.io.modelfile import load_model, save_model
 from torchslim.pipeline.recipe import Recipe
@@ -24,6 +26,7 @@ from torchslim.pruning.apply import masks_of, set_mask
 
 PROGRESS = "progress.json"
 ORIGINAL = "original.safetensors"
+MARKER = ".torchslim-checkpoint"
 
 
 class Checkpoint:
@@ -31,6 +34,40 @@ class Checkpoint:
 
     def __init__(self, folder: str | os.PathLike[str]) -> None:
         self.folder = Path(folder)
+
+    def check(self) -> None:
+        """Refuse a place torchslim does not own (a symbolic link, a file, a folder with content but no marker),
+        before any work, without creating anything."""
+        if self.folder.is_symlink():
+            raise TorchslimError(f"{self.folder} is a symbolic link; torchslim keeps checkpoints only in a folder of its own")
+        if self.folder.exists():
+            if not self.folder.is_dir():
+                raise TorchslimError(f"{self.folder} exists and is not a folder; refusing to put a checkpoint there")
+            if any(self.folder.iterdir()) and not (self.folder / MARKER).is_file():
+                raise TorchslimError(f"{self.folder} exists and was not made by torchslim; refusing to write into it (choose another --out or move the folder)")
+        check_writable(self.folder, folder=True)
+
+    def claim(self) -> None:
+        """Make the folder torchslim's (see ``check``)."""
+        self.check()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / MARKER).write_text("checkpoint folder of a torchslim compress run\n")
+
+    def remove(self) -> list[str]:
+        """Delete the files torchslim wrote, and the folder if nothing else is left; returns what was left in it."""
+        if self.folder.is_symlink() or not (self.folder / MARKER).is_file():
+            return []
+        for path in self.folder.iterdir():
+            if (
+                not path.is_symlink()
+                and path.is_file()
+                and (path.name in (PROGRESS, ORIGINAL, MARKER) or (path.name.startswith("stage-") and path.suffix == ".safetensors"))
+            ):
+                path.unlink()
+        left = sorted(path.name for path in self.folder.iterdir())
+        if not left:
+            self.folder.rmdir()
+        return left
 
     def status(self) -> dict[str, Any] | None:
         """What the folder holds (recipe name, stages completed, steps into the next), or None when it holds none."""
@@ -47,7 +84,7 @@ class Checkpoint:
 
     def save(self, recipe: Recipe, report: Report, model: nn.Module, original: nn.Module, completed: int, step: int = 0) -> None:
         """Record that ``completed`` stages (and ``step`` steps of the next one) are done, with the model as it stands."""
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self.claim()
         if not (self.folder / ORIGINAL).exists():
             save_model(original, self.folder / ORIGINAL)
         name = f"stage-{completed:02d}-step-{step:03d}.safetensors"
@@ -65,11 +102,11 @@ class Checkpoint:
             if old.name != name:
                 old.unlink()
 
-    def original(self, trust_factory: bool = False) -> nn.Module:
+    def original(self, trust_factory: bool | str = False) -> nn.Module:
         """The model the checkpointed run started from."""
         return load_model(self.folder / ORIGINAL, trust_factory=trust_factory)
 
-    def load(self, recipe: Recipe, trust_factory: bool = False) -> tuple[nn.Module, Report, int, int]:
+    def load(self, recipe: Recipe, trust_factory: bool | str = False) -> tuple[nn.Module, Report, int, int]:
         """(model, report, stages completed, steps completed of the next stage); the recipe must be the run's."""
         progress = json.loads((self.folder / PROGRESS).read_text())
         if progress.get("recipe") != recipe.to_dict():
@@ -89,7 +126,7 @@ def checkpoint_status(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
     return Checkpoint(folder).status()
 
 
-def checkpoint_original(folder: str | os.PathLike[str], trust_factory: bool = False) -> nn.Module:
+def checkpoint_original(folder: str | os.PathLike[str], trust_factory: bool | str = False) -> nn.Module:
     """The model a checkpointed run started from."""
     return Checkpoint(folder).original(trust_factory)
 

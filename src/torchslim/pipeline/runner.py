@@ -108,7 +108,7 @@ def compress(
     latency: bool = True,
     threads: int = 2,
     progress: bool | str | None = None,
-    trust_factory: bool = False,
+    trust_factory: bool | str = False,
     on_stage: Callable[[Stage], None] | None = None,
 ) -> CompressResult:
     """Run ``recipe`` (a built-in name, a YAML path, a mapping or a Recipe) on a copy of ``model``, with ``data``
@@ -116,7 +116,8 @@ def compress(
 
     With ``checkpoint=folder`` the run saves after each stage and each pruning step; ``resume=True`` continues
     after the last of them (the recipe must be the same); Ctrl-C raises ``CompressInterrupted`` naming the
-    checkpoint. ``export_path`` is the ONNX file of a stage that writes one.
+    checkpoint. ``export_path`` is the ONNX file of a stage that writes one. ``trust_factory``: True, or the one
+    import path a checkpoint's model may be built from.
 
     Example:
         >>> import torchslim as ts
@@ -151,6 +152,7 @@ def compress(
         original = store.original(trust_factory).eval()
     elif store is not None:
         file_spec(original, f"checkpoint {store.folder}")  # a model checkpoints cannot rebuild is named now, not after a stage
+        store.check()
     resolved = resolve_task(task, source, original)
     if not resumed:
         current = copy.deepcopy(model)
@@ -209,17 +211,21 @@ def _run(
             done["step"] = step + 1
 
         context.on_step = on_step
+
+    def kept() -> str:
+        if store is not None and (index > 1 or done["step"] > 0):
+            parts = ([f"stage {index - 1}"] if index > 1 else []) + ([f"step {done['step']} of stage {index}"] if done["step"] else [])
+            return f"the checkpoint after {' and '.join(parts)} is in {store.folder}; run again with --resume to continue"
+        return "no stage had completed, so no checkpoint was written"
+
     began = time.perf_counter()
     try:
         outcome = STAGES.get(stage.kind).run(context, stage)
     except KeyboardInterrupt:
-        if store is not None and (index > 1 or done["step"] > 0):
-            parts = ([f"stage {index - 1}"] if index > 1 else []) + ([f"step {done['step']} of stage {index}"] if done["step"] else [])
-            where = " and ".join(parts)
-            message = f"the checkpoint after {where} is in {store.folder}; run again with --resume to continue"
-        else:
-            message = "no stage had completed, so no checkpoint was written"
-        raise CompressInterrupted(f"interrupted during stage {index} ({stage.kind}); {message}") from None
+        raise CompressInterrupted(f"interrupted during stage {index} ({stage.kind}); {kept()}") from None
+    except TorchslimError as error:  # e.g. the loss became NaN: the last good checkpoint stays
+        error.args = (f"stage {index} ({stage.kind}) stopped: {error}; {kept()}",)
+        raise
     outcome.seconds = time.perf_counter() - began
     return outcome.model, outcome
 

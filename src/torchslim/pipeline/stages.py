@@ -46,7 +46,7 @@ class StageContext:
     original: nn.Module
     threads: int = 2
     progress: bool | str | None = None
-    trust_factory: bool = False
+    trust_factory: bool | str = False
     export_path: Path | None = None
     resume_step: int = 0
     on_step: Callable[[int, nn.Module], None] | None = None

@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from torchslim.core.selector import weight_of
+from torchslim.core.ties import retie, tied_groups
 
 
 class WeightMask(nn.Module):
@@ -53,10 +54,13 @@ def set_mask(module: nn.Module, mask: torch.Tensor) -> None:
 
 
 def make_permanent(model: nn.Module) -> nn.Module:
-    """Remove every mask parametrization, leaving plain weights with exact zeros where pruned (in place)."""
+    """Remove every mask parametrization, leaving plain weights with exact zeros where pruned (in place); tied weights
+    stay tied."""
+    ties = tied_groups(model)
     for module in model.modules():
         if get_mask(module) is not None:
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+    retie(model, ties, "make_permanent")
     return model
 
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from torchslim.core.errors import TorchslimError
 from torchslim.core.spec import recorded_module, register_transform
+from torchslim.core.ties import retie, tied_groups
 from torchslim.pruning.graph import ChannelGraph, Group, HeadGroup, ParamSlice
 
 TRANSFORM_KIND = "channel-pruning"
@@ -84,7 +85,9 @@ def zero_readers(model: nn.Module, graph: ChannelGraph, groups: list[Group], hea
 
 
 def remove_channels(model: nn.Module, graph: ChannelGraph, groups: list[Group], heads: list[HeadGroup]) -> dict[str, Any]:
-    """Slice the pruned groups and heads out of ``model`` (in place); returns the spec transform."""
+    """Slice the pruned groups and heads out of ``model`` (in place); returns the spec transform. Tied weights must
+    come out of it the same shape (they are tied again), or the removal is refused."""
+    ties = tied_groups(model)
     per_module: dict[str, dict[tuple[str, int], torch.Tensor]] = {}
     for (module_name, name, dim), indices in _drops(_pieces(graph, groups, heads)).items():
         tensor = getattr(model.get_submodule(module_name), name)
@@ -125,6 +128,7 @@ def remove_channels(model: nn.Module, graph: ChannelGraph, groups: list[Group], 
             setattr(module, names["size"], getattr(module, names["count"]) * getattr(module, names["head"]))
             attributes[names["size"]] = getattr(module, names["size"])
         transform["attributes"][name] = attributes
+    retie(model, ties, "unties a shared weight")
     return transform
 
 
@@ -143,6 +147,7 @@ def apply_structure(model: nn.Module, transform: dict[str, Any]) -> nn.Module:
     """Rebuild the shapes a saved file records (for loading): slice each tensor to its recorded shape, and set the
     recorded size attributes (only those in ``SIZE_ATTRIBUTES``, on modules that already have them)."""
     shapes, attributes = transform.get("shapes"), transform.get("attributes", {})
+    ties = tied_groups(model)
     if not isinstance(shapes, dict) or not isinstance(attributes, dict):
         raise TorchslimError("the file's channel-pruning record needs 'shapes' and 'attributes' mappings")
     for module_name, named in shapes.items():
@@ -179,6 +184,7 @@ def apply_structure(model: nn.Module, transform: dict[str, Any]) -> nn.Module:
                 setattr(module, attribute, value)
             except (ValueError, TypeError) as error:
                 raise TorchslimError(f"the file's {module_name}.{attribute} = {value!r} does not fit the module ({error})") from None
+    retie(model, ties, "the file's channel-pruning record")
     return model
 
 

@@ -23,6 +23,7 @@ from torchslim.core.checks import check_model
 from torchslim.core.config import Config, ConfigError, check
 from torchslim.core.report import Report, Result, Stage
 from torchslim.core.selector import LayerSelector, module_type_name, resolve_overrides, select_modules
+from torchslim.core.ties import tied_weights
 from torchslim.data.sources import as_source
 from torchslim.measure.counts import count_nonzeros, count_parameters
 from torchslim.pruning.apply import get_mask, set_mask
@@ -149,17 +150,26 @@ def sparsity_rows(model: nn.Module, names: list[str]) -> list[dict[str, Any]]:
 
 def prune_in_place(model: nn.Module, config: PruneConfig, data: Any = None, task: str | Task | None = None) -> list[str]:
     """One pruning step (the config's single target): score, mask and attach masks to the selected layers of
-    ``model``; earlier masks stay in force. Returns the selected layer names."""
+    ``model``; earlier masks stay in force. A weight tied to others (a shared embedding and output layer) is scored
+    once, under the first selected layer that holds it, and its mask goes on every module that shares it. Returns
+    the selected layer names."""
     if isinstance(config.sparsity, tuple):
         raise ConfigError("prune_in_place takes one sparsity; prune() runs a list of steps")
-    modules = select_modules(model, config.layers)
+    tied = tied_weights(model)
+    sharing = {name: [other.removesuffix(".weight") for other in others if other.endswith(".weight")] for name, others in tied.items()}
+    modules: list[tuple[str, nn.Module]] = []
+    for name, module in select_modules(model, config.layers):
+        if not any(other in sharing.get(name, []) for other, _ in modules):
+            modules.append((name, module))
     scores = compute_scores(model, modules, config, data, task)
     masks = compute_masks(scores, modules, config)
-    for name, module in modules:
+    for name, _ in modules:
         if name not in masks:
             continue
-        previous = get_mask(module)
-        set_mask(module, masks[name] if previous is None else (masks[name] & previous))
+        for holder in [name, *sharing.get(name, [])]:
+            module = model.get_submodule(holder)
+            previous = get_mask(module)
+            set_mask(module, masks[name] if previous is None else (masks[name] & previous))
     return [name for name, _ in modules]
 
 

@@ -21,6 +21,7 @@ from torchslim.core.errors import TorchslimError
 from torchslim.core.report import Report, Result, Stage
 from torchslim.core.selector import LayerSelector, resolve_overrides, select_modules
 from torchslim.core.spec import append_transform, recorded_module, recorded_transform, register_transform
+from torchslim.core.ties import tied_weights
 from torchslim.measure.counts import count_parameters
 from torchslim.quantization.modules import QuantizedConv2d, QuantizedLinear, WeightScheme, empty_like, is_transposed_linear, quantize_module
 from torchslim.quantization.primitives import sqnr_db
@@ -84,6 +85,9 @@ def quantize_weights(model: nn.Module, config: WeightOnlyConfig | dict, inplace:
     target = model if inplace else copy.deepcopy(model)
     modules = select_modules(target, config.layers, default_types=QUANTIZABLE)
     schemes_by_layer = resolve_overrides(modules, config.overrides, "quantize.overrides")
+    tied = tied_weights(target)
+    skipped = [f"{name}: left in float, its weight is tied to {', '.join(tied[name])} (quantizing would untie it)" for name, _ in modules if name in tied]
+    modules = [(name, module) for name, module in modules if name not in tied]
     rows, schemes = [], {}
     for name, module in modules:
         if isinstance(module, (QuantizedLinear, QuantizedConv2d)):
@@ -114,7 +118,7 @@ def quantize_weights(model: nn.Module, config: WeightOnlyConfig | dict, inplace:
         "parameters": count_parameters(model),
         "weight_bytes": weight_bytes,
         "dense_weight_bytes": sum(r["dense_bytes"] for r in rows),
-        "compression": sum(r["dense_bytes"] for r in rows) / weight_bytes,
+        "compression": sum(r["dense_bytes"] for r in rows) / weight_bytes if weight_bytes else 1.0,
     }
     stage = Stage(
         name="quantize",
@@ -122,7 +126,7 @@ def quantize_weights(model: nn.Module, config: WeightOnlyConfig | dict, inplace:
         metrics=metrics,
         layers=rows,
         config=config.to_dict(),
-        notes=[f"{row['name']}: {row['scheme']} {row['bits']} bits, SQNR {row['sqnr_db']:.1f} dB" for row in rows],
+        notes=[f"{row['name']}: {row['scheme']} {row['bits']} bits, SQNR {row['sqnr_db']:.1f} dB" for row in rows] + skipped,
         execution="weights stored quantized, dequantized in eager forward",
     )
     return Result(model=target, report=Report.for_model(model, [stage]))
