@@ -209,3 +209,35 @@ def test_an_interrupt_inside_the_prune_stage_loses_one_step_at_most(trained, dig
     resumed = ts.compress(trained, recipe, digits, checkpoint=folder, resume=True, latency=False, progress=False)
     assert _states_equal(resumed.model, uninterrupted.model)
     assert [s.name for s in resumed.report.stages] == ["baseline", "1 prune", "2 encode"]
+
+
+@pytest.mark.parametrize("kind", ["finetune", "distill"])
+def test_an_interrupt_inside_a_training_stage_loses_one_epoch_at_most(trained, digits, tmp_path, monkeypatch, kind):
+    """Ctrl-C in the third epoch of a fine-tuning or distillation stage: the checkpoint holds two epochs with the
+    optimizer's momentum; resuming trains the rest and ends exactly where an uninterrupted run ends."""
+    import importlib
+
+    fit_module = importlib.import_module("torchslim.train.fit")
+
+    train = {"epochs": 3, "lr": 0.02, "batch_size": 64, "eval_every_epoch": False, "max_batches_per_epoch": 6}
+    stage = {"finetune": train} if kind == "finetune" else {"distill": {"temperature": 4.0, "train": {**train, "optimizer": "adam", "lr": 0.001}}}
+    recipe = {"name": "epochs", "stages": [{"prune": {"sparsity": 0.8}}, stage, {"encode": {}}]}
+    uninterrupted = ts.compress(trained, recipe, digits, latency=False, progress=False)
+    calls = {"count": 0}
+    original = fit_module.learning_rate_factor
+
+    def interrupted(*args, **kwargs):
+        calls["count"] += 1
+        if calls["count"] == 2 * 6 + 3:  # the fourth batch of the third epoch
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(fit_module, "learning_rate_factor", interrupted)
+    folder = tmp_path / "c"
+    with pytest.raises(CompressInterrupted, match=rf"during stage 2 \({kind}\); the checkpoint after stage 1 and step 2 of stage 2 is in"):
+        ts.compress(trained, recipe, digits, checkpoint=folder, latency=False, progress=False)
+    assert (folder / "training.safetensors").is_file()
+    monkeypatch.setattr(fit_module, "learning_rate_factor", original)
+    resumed = ts.compress(trained, recipe, digits, checkpoint=folder, resume=True, latency=False, progress=False)
+    assert _states_equal(resumed.model, uninterrupted.model)
+    assert not folder.exists() or not (folder / "training.safetensors").exists()

@@ -37,7 +37,7 @@ from torchslim.measure.counts import count_nonzeros, count_parameters
 from torchslim.tasks.base import Task, resolve_task
 from torchslim.tasks.batches import batch_targets, call_model, model_inputs, move_to, output_tensor
 from torchslim.train.evaluate import evaluate_source
-from torchslim.train.fit import TrainConfig, fit, make_optimizer
+from torchslim.train.fit import EpochHook, TrainConfig, fit, make_optimizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,9 +207,14 @@ def distill(
     task: str | Task | None = None,
     inplace: bool = False,
     progress: bool | str | None = None,
+    start_epoch: int = 0,
+    on_epoch: EpochHook | None = None,
+    resume_state: dict[str, Any] | None = None,
 ) -> Result:
     """Train ``student`` (a copy, unless ``inplace``) to match ``teacher`` on ``data`` (anything
     ``torchslim.data.as_source`` takes; labels are used where the batches have them); the teacher is not changed.
+    ``on_epoch``, ``start_epoch`` and ``resume_state`` checkpoint and resume between epochs as in ``fit`` (the
+    state includes the feature adapters).
 
     Works as a recovery step too: pass a pruned or quantized model as the student and its uncompressed original as
     the teacher (masks stay in force while training). The report compares student and teacher by the ``task``'s
@@ -231,6 +236,16 @@ def distill(
         cache = _TeacherCache(teacher, source.dataset)
     loss = _DistillLoss(teacher, config, adapters, cache, resolved, trained)
     optimizer = make_optimizer(list(trained.parameters()) + list(adapters.parameters()), config.train)
+    if resume_state is not None and "adapters" in resume_state:
+        try:
+            adapters.load_state_dict(resume_state["adapters"])
+        except (RuntimeError, TypeError, KeyError) as error:
+            raise TorchslimError(f"distill: the saved feature adapters do not fit this run ({error})") from None
+
+    def epoch_done(epoch: int, model: nn.Module, state: dict[str, Any]) -> None:
+        if on_epoch is not None:
+            on_epoch(epoch, model, {**state, "adapters": dict(adapters.state_dict())})
+
     try:
         with eval_mode(teacher):
             history = fit(
@@ -243,6 +258,9 @@ def distill(
                 progress=progress,
                 label="distill",
                 evaluate_at_end=False,
+                start_epoch=start_epoch,
+                on_epoch=epoch_done,
+                resume_state=resume_state,
             )
     finally:
         loss.remove()

@@ -2,8 +2,9 @@
 the model, the report so far and where the run stands are written to a folder; ``resume`` continues from there.
 
 The folder holds ``original.safetensors`` (the model the run started from, so a resumed run distills from the same
-teacher), the latest model, and ``progress.json`` (the recipe, stages completed, steps completed inside the next
-stage, masked layers, the report). Only the latest model file is kept. A marker file says torchslim made the folder:
+teacher), the latest model, ``progress.json`` (the recipe, stages completed, steps or epochs completed inside the next
+stage, masked layers, the report) and, inside a training stage, ``training.safetensors`` (optimizer and random
+generator state). Only the latest model file is kept. A marker file says torchslim made the folder:
 an existing folder without it (a user's own) is never written into or deleted, nor is a symbolic link followed;
 ``remove`` deletes only the files torchslim wrote.
 """
@@ -21,12 +22,14 @@ from torchslim.core.errors import TorchslimError
 from torchslim.core.files import check_writable, write_atomic
 from torchslim.core.report import Report
 from torchslim.io.modelfile import load_model, save_model
+from torchslim.io.statefile import load_state_file, save_state
 from torchslim.pipeline.recipe import Recipe
 from torchslim.pruning.apply import masks_of, set_mask
 
 PROGRESS = "progress.json"
 ORIGINAL = "original.safetensors"
 MARKER = ".torchslim-checkpoint"
+TRAINING = "training.safetensors"
 
 
 class Checkpoint:
@@ -61,7 +64,7 @@ class Checkpoint:
             if (
                 not path.is_symlink()
                 and path.is_file()
-                and (path.name in (PROGRESS, ORIGINAL, MARKER) or (path.name.startswith("stage-") and path.suffix == ".safetensors"))
+                and (path.name in (PROGRESS, ORIGINAL, MARKER, TRAINING) or (path.name.startswith("stage-") and path.suffix == ".safetensors"))
             ):
                 path.unlink()
         left = sorted(path.name for path in self.folder.iterdir())
@@ -82,18 +85,26 @@ class Checkpoint:
             "step": progress.get("step", 0),
         }
 
-    def save(self, recipe: Recipe, report: Report, model: nn.Module, original: nn.Module, completed: int, step: int = 0) -> None:
-        """Record that ``completed`` stages (and ``step`` steps of the next one) are done, with the model as it stands."""
+    def save(
+        self, recipe: Recipe, report: Report, model: nn.Module, original: nn.Module, completed: int, step: int = 0, training: dict[str, Any] | None = None
+    ) -> None:
+        """Record that ``completed`` stages (and ``step`` steps or epochs of the next one) are done, with the model as
+        it stands and, inside a training stage, the state that resumes its training exactly (``training``)."""
         self.claim()
         if not (self.folder / ORIGINAL).exists():
             save_model(original, self.folder / ORIGINAL)
         name = f"stage-{completed:02d}-step-{step:03d}.safetensors"
         save_model(model, self.folder / name)
+        if training is not None:
+            save_state(training, self.folder / TRAINING)
+        elif (self.folder / TRAINING).is_file():
+            (self.folder / TRAINING).unlink()
         progress = {
             "recipe": recipe.to_dict(),
             "completed": completed,
             "step": step,
             "model_file": name,
+            "training": training is not None,
             "masked": sorted(masks_of(model)),
             "report": report.to_dict(),
         }
@@ -106,8 +117,9 @@ class Checkpoint:
         """The model the checkpointed run started from."""
         return load_model(self.folder / ORIGINAL, trust_factory=trust_factory)
 
-    def load(self, recipe: Recipe, trust_factory: bool | str = False) -> tuple[nn.Module, Report, int, int]:
-        """(model, report, stages completed, steps completed of the next stage); the recipe must be the run's."""
+    def load(self, recipe: Recipe, trust_factory: bool | str = False) -> tuple[nn.Module, Report, int, int, dict[str, Any] | None]:
+        """(model, report, stages completed, steps completed of the next stage, training state inside it); the recipe
+        must be the run's."""
         progress = json.loads((self.folder / PROGRESS).read_text())
         if progress.get("recipe") != recipe.to_dict():
             raise TorchslimError(
@@ -118,7 +130,8 @@ class Checkpoint:
         for name in progress["masked"]:
             module = model.get_submodule(name)
             set_mask(module, module.weight.detach() != 0)  # pruned weights are exactly zero in the saved file
-        return model, Report.from_dict(progress["report"]), int(progress["completed"]), int(progress.get("step", 0))
+        training = load_state_file(self.folder / TRAINING) if progress.get("training") else None
+        return model, Report.from_dict(progress["report"]), int(progress["completed"]), int(progress.get("step", 0)), training
 
 
 def checkpoint_status(folder: str | os.PathLike[str]) -> dict[str, Any] | None:

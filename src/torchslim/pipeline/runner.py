@@ -114,7 +114,8 @@ def compress(
     """Run ``recipe`` (a built-in name, a YAML path, a mapping or a Recipe) on a copy of ``model``, with ``data``
     (anything ``torchslim.data.as_source`` takes) and its ``task`` (chosen from the data when not named).
 
-    With ``checkpoint=folder`` the run saves after each stage and each pruning step; ``resume=True`` continues
+    With ``checkpoint=folder`` the run saves after each stage, each pruning step and each training epoch (with the
+    optimizer's state, so a resumed run trains as the uninterrupted one would); ``resume=True`` continues
     after the last of them (the recipe must be the same); Ctrl-C raises ``CompressInterrupted`` naming the
     checkpoint. ``export_path`` is the ONNX file of a stage that writes one. ``trust_factory``: True, or the one
     import path a checkpoint's model may be built from.
@@ -146,9 +147,10 @@ def compress(
         raise TorchslimError(f"recipe {recipe.name!r} writes an ONNX file: give export_path (CLI: --out model.onnx)")
     original = copy.deepcopy(model).eval()
     completed, step = 0, 0
+    training: dict[str, Any] | None = None
     resumed = resume and store is not None and store.status() is not None
     if resumed and store is not None:
-        current, report, completed, step = store.load(recipe, trust_factory)
+        current, report, completed, step, training = store.load(recipe, trust_factory)
         original = store.original(trust_factory).eval()
     elif store is not None:
         file_spec(original, f"checkpoint {store.folder}")  # a model checkpoints cannot rebuild is named now, not after a stage
@@ -183,6 +185,7 @@ def compress(
                 trust_factory=trust_factory,
                 export_path=Path(export_path) if export_path is not None else None,
                 resume_step=step if index == completed + 1 else 0,
+                resume_training=training if index == completed + 1 else None,
             ),
         )
         files.update(outcome.files)
@@ -206,8 +209,8 @@ def _run(
     done = {"step": context.resume_step}
     if store is not None:
 
-        def on_step(step: int, model: nn.Module) -> None:
-            store.save(recipe, report, model, original, completed=index - 1, step=step + 1)
+        def on_step(step: int, model: nn.Module, training: dict[str, Any] | None = None) -> None:
+            store.save(recipe, report, model, original, completed=index - 1, step=step + 1, training=training)
             done["step"] = step + 1
 
         context.on_step = on_step

@@ -49,7 +49,8 @@ class StageContext:
     trust_factory: bool | str = False
     export_path: Path | None = None
     resume_step: int = 0
-    on_step: Callable[[int, nn.Module], None] | None = None
+    resume_training: dict[str, Any] | None = None
+    on_step: Callable[..., None] | None = None
 
     def verb_options(self, stage: RecipeStage) -> dict[str, Any]:
         """The keyword arguments every verb a stage calls takes: data, task, the stage's fine-tuning, progress."""
@@ -105,6 +106,9 @@ def run_finetune(context: StageContext, stage: RecipeStage) -> StageOutcome:
         label="finetune",
         evaluate_at_end=False,
         reference=context.original,
+        start_epoch=context.resume_step,
+        on_epoch=context.on_step,
+        resume_state=context.resume_training,
     )
     return StageOutcome(context.model, [f"{len(history.epochs)} epochs, {history.seconds:.1f} s"], "eager")
 
@@ -148,7 +152,18 @@ def run_distill(context: StageContext, stage: RecipeStage) -> StageOutcome:
     teacher_name = getattr(stage.options, "teacher", "original")
     teacher = context.original if teacher_name == "original" else load_model(teacher_name, trust_factory=context.trust_factory)
     assert isinstance(stage.config, DistillConfig)
-    result = distill(context.model, teacher, context.source, stage.config, task=context.task, inplace=True, progress=context.progress)
+    result = distill(
+        context.model,
+        teacher,
+        context.source,
+        stage.config,
+        task=context.task,
+        inplace=True,
+        progress=context.progress,
+        start_epoch=context.resume_step,
+        on_epoch=context.on_step,
+        resume_state=context.resume_training,
+    )
     metrics = result.report.stages[0].metrics
     metric = context.task.metric
     return StageOutcome(

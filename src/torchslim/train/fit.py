@@ -25,6 +25,8 @@ from torchslim.train.progress import Progress, progress_mode
 
 # A loss of the model and a batch (what a task gives; distillation supplies its own)
 LossFunction = Callable[[nn.Module, Any], torch.Tensor]
+# After each epoch: (epoch index, model, training state to resume from)
+EpochHook = Callable[[int, nn.Module, dict[str, Any]], None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,6 +165,9 @@ def fit(
     label: str = "train",
     evaluate_at_end: bool = True,
     reference: nn.Module | None = None,
+    start_epoch: int = 0,
+    on_epoch: EpochHook | None = None,
+    resume_state: dict[str, Any] | None = None,
 ) -> FitHistory:
     """Train ``model`` in place on ``data`` (anything ``torchslim.data.as_source`` takes).
 
@@ -170,6 +175,10 @@ def fit(
     compares against), or ``loss(model, batch)`` when given. Progress shows as a bar on a terminal and one line per
     epoch elsewhere (``progress=False`` silences it). Returns the per-epoch history and the final evaluation.
     Runs are reproducible for a fixed ``config.seed``. Every submodule's train/eval mode is restored afterwards.
+
+    ``on_epoch(epoch, model, training_state)`` runs after each epoch (for checkpoints); ``training_state`` holds the
+    optimizer's state, the random generator's and the history. Passing it back as ``resume_state`` with
+    ``start_epoch`` continues exactly where that epoch ended (the model must hold that epoch's weights).
 
     Example:
         >>> import torchslim as ts
@@ -189,12 +198,14 @@ def fit(
     mode = progress_mode(progress)
     steps_per_epoch = _steps_per_epoch(source, config)
     state = TrainState(model, optimizer, config, total_steps=config.epochs * steps_per_epoch, steps_per_epoch=steps_per_epoch)
+    if resume_state is not None:
+        _resume(state, resume_state, start_epoch, label)
     started = time.perf_counter()
     lines = Progress(label, config.epochs, "lines" if mode == "lines" else "off")
     for callback in callbacks:
         callback.on_train_start(state)
     with train_mode(model):
-        for epoch in range(config.epochs):
+        for epoch in range(start_epoch, config.epochs):
             state.epoch = epoch
             model.train()
             for callback in callbacks:
@@ -244,10 +255,23 @@ def fit(
             lines.step(loss=metrics["train_loss"], **({resolved.metric: metrics[f"test_{resolved.metric}"]} if f"test_{resolved.metric}" in metrics else {}))
             for callback in callbacks:
                 callback.on_epoch_end(state, metrics)
+            if on_epoch is not None:
+                on_epoch(epoch, model, {"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(), "history": state.history})
     for callback in callbacks:
         callback.on_train_end(state)
     final = evaluate_source(model, source, resolved, limit=config.eval_limit) if evaluate_at_end else {}
     return FitHistory(epochs=state.history, final=final, seconds=time.perf_counter() - started)
+
+
+def _resume(state: TrainState, saved: dict[str, Any], start_epoch: int, label: str) -> None:
+    """Put the optimizer, the random generator and the history back as they were after epoch ``start_epoch``."""
+    try:
+        state.optimizer.load_state_dict(saved["optimizer"])
+        torch.set_rng_state(saved["rng"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        raise TorchslimError(f"{label}: the saved training state does not fit this run ({type(error).__name__}: {error})") from None
+    state.history = list(saved.get("history", []))
+    state.step = start_epoch * state.steps_per_epoch
 
 
 def _steps_per_epoch(source: DataSource, config: TrainConfig) -> int:
