@@ -197,7 +197,9 @@ def test_compress_inspect_evaluate(tmp_path, capsys):
     before = out.read_bytes()
     assert main(arguments) == 1
     assert "refusing to overwrite" in capsys.readouterr().err and out.read_bytes() == before
-    assert main(arguments + ["--resume"]) == 1
+    assert main(arguments + ["--resume"]) == 1  # the output is checked first, resumed or not
+    assert "refusing to overwrite" in capsys.readouterr().err
+    assert main(arguments + ["--resume", "--force"]) == 1
     assert "no checkpoint" in capsys.readouterr().err
 
 

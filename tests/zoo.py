@@ -288,6 +288,27 @@ class ViTBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+class TiedCharLM(nn.Module):
+    """A character language model written the usual way: token and position embeddings, two pre-norm blocks, and an
+    output layer that shares the token embedding's weight (weight tying)."""
+
+    def __init__(self, vocab=65, dim=32, depth=2, heads=4, block=32):
+        super().__init__()
+        self.vocab, self.dim, self.depth, self.heads, self.block = vocab, dim, depth, heads, block
+        self.tokens = nn.Embedding(vocab, dim)
+        self.positions = nn.Embedding(block, dim)
+        self.blocks = nn.ModuleList(ViTBlock(dim, heads) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.tokens.weight
+
+    def forward(self, ids):
+        x = self.tokens(ids) + self.positions(torch.arange(ids.shape[1], device=ids.device))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))
+
+
 def bert(vocab=65):
     import transformers
 

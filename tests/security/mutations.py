@@ -98,3 +98,58 @@ def mutate_tslim(data: bytes, generator: random.Random) -> bytes:
     if isinstance(header, dict):
         fix_stream_checksums(header, payload)
     return join_tslim(prefix, header, payload)
+
+
+def split_safetensors(data: bytes) -> tuple[dict[str, Any], bytes]:
+    """(header JSON, tensor bytes) of a safetensors file."""
+    (length,) = struct.unpack_from("<Q", data)
+    return json.loads(data[8 : 8 + length]), data[8 + length :]
+
+
+def join_safetensors(header: dict[str, Any], body: bytes) -> bytes:
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + body
+
+
+def _forge(value: Any, generator: random.Random) -> Any:
+    """``value`` (JSON) with one forged field, or wholly replaced where it has no fields."""
+    if isinstance(value, (dict, list)) and len(_leaves(value)) > 1:
+        return mutate_header(value, generator) if isinstance(value, dict) else mutate_header({"v": value}, generator).get("v")
+    return generator.choice(HOSTILE_NUMBERS + HOSTILE_VALUES)
+
+
+def mutate_model_file(data: bytes, generator: random.Random, digest: Any = None) -> bytes:
+    """A mutated torchslim model file: raw flips (35%); a forged architecture spec or tie record (35%); a forged
+    tensor entry (dtype, shape, offsets) or forged tensor bytes with the file's SHA-256 recomputed by ``digest``
+    (a function of the tensors) (30%)."""
+    choice = generator.random()
+    if choice < 0.35:
+        buffer = bytearray(data)
+        for _ in range(generator.randint(1, 4)):
+            buffer[generator.randrange(len(buffer))] = generator.randrange(256)
+        if generator.random() < 0.2:
+            buffer = buffer[: generator.randrange(len(buffer))]
+        return bytes(buffer)
+    header, body = split_safetensors(data)
+    metadata = header["__metadata__"]
+    if choice < 0.7:
+        key = generator.choice(["torchslim.spec", "torchslim.spec", "torchslim.ties"])
+        forged = _forge(json.loads(metadata.get(key, "[]")), generator)
+        metadata[key] = json.dumps(forged) if generator.random() < 0.95 else "[" * 100_000
+        return join_safetensors(header, body)
+    if generator.random() < 0.5:
+        names = [name for name in header if name != "__metadata__"]
+        name = generator.choice(names)
+        header[name] = _forge(header[name], generator)
+        return join_safetensors(header, body)
+    buffer = bytearray(body)
+    for _ in range(generator.randint(1, 8)):
+        buffer[generator.randrange(len(buffer))] = generator.randrange(256)
+    forged = join_safetensors(header, bytes(buffer))
+    if digest is not None:
+        from safetensors.torch import load
+
+        metadata["torchslim.sha256"] = digest(load(forged))
+        forged = join_safetensors(header, bytes(buffer))
+    return forged

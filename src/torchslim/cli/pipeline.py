@@ -55,8 +55,8 @@ def compress(
     checkpoint = out.with_suffix(out.suffix + ".ckpt")
     # an import path the user names here is the only one trusted: never one taken from a file or a checkpoint
     trusted: bool | str = True if trust_factory else (model if ":" in model else False)
+    refuse_overwrite(out, report, beside, force=force)  # before any work, resumed or not
     if not resume:
-        refuse_overwrite(out, report, beside, force=force)
         Checkpoint(checkpoint).check()  # a folder torchslim did not make is refused now, before any work
         status = checkpoint_status(checkpoint)
         if status is not None:

@@ -16,6 +16,11 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def model_precision(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's first floating-point parameter (float32 for a model with none)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
 @contextlib.contextmanager
 def _mode(model: nn.Module, training: bool) -> Iterator[nn.Module]:
     modes = {module: module.training for module in model.modules()}

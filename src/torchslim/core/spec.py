@@ -171,7 +171,12 @@ def apply_transforms(model: nn.Module, transforms: list[dict[str, Any]], where: 
         kind = str(transform.get("kind"))
         if kind not in TRANSFORMS:
             raise TorchslimError(f"{where}: unknown transform {kind!r} in the architecture spec; known: {', '.join(TRANSFORMS.names())}")
-        model = TRANSFORMS.get(kind)(model, transform)
+        try:
+            model = TRANSFORMS.get(kind)(model, transform)
+        except TorchslimError as error:
+            if not str(error).startswith(where):
+                error.args = (f"{where}: {error}",)
+            raise
     return model
 
 

@@ -20,6 +20,7 @@ import importlib
 import json
 import os
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -31,7 +32,7 @@ from torch import nn
 from torchslim.core.checks import check_model
 from torchslim.core.errors import ChecksumError, TorchslimError
 from torchslim.core.files import ModelFormat, refuse_overwrite, register_format, write_atomic
-from torchslim.core.spec import apply_transforms, check_spec, set_spec, spec_of
+from torchslim.core.spec import apply_transforms, check_spec, register_transform, set_spec, spec_of
 from torchslim.core.ties import plain_name, retie, tied_groups
 from torchslim.measure.weights import effective_weights
 
@@ -103,7 +104,34 @@ def file_spec(model: nn.Module, where: str, spec: dict[str, Any] | None = None) 
                 f"{where}: rebuilding {spec.get('factory') or spec.get('huggingface')} from {spec['kwargs']} does not give this "
                 f"model ({differing[0]} differs); save with factory='package.module:callable' and the kwargs that build it"
             )
+    transforms = [t for t in spec.get("transforms", []) if t.get("kind") != PRECISION]
+    precision = _precision(model, where)
+    if precision is not None or len(transforms) != len(spec.get("transforms", [])):
+        spec = {**spec, "transforms": transforms + ([{"kind": PRECISION, "dtype": precision}] if precision is not None else [])}
     return spec
+
+
+PRECISION = "precision"
+HALF_PRECISIONS = ("float16", "bfloat16")
+
+
+def _precision(model: nn.Module, where: str) -> str | None:
+    """The half precision the model's floating-point weights are in (None for float32); mixed precisions are refused."""
+    dtypes = {str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.is_floating_point()}
+    if dtypes <= {"float32"}:
+        return None
+    if len(dtypes) == 1 and next(iter(dtypes)) in HALF_PRECISIONS:
+        return next(iter(dtypes))
+    raise TorchslimError(f"{where}: the model mixes {', '.join(sorted(dtypes))} weights; cast it to one precision (model.float() or model.half()) to save it")
+
+
+@register_transform(PRECISION)
+def _apply_precision(model: nn.Module, transform: dict[str, Any]) -> nn.Module:
+    """A model saved in half precision is rebuilt in it (its files hold float16 or bfloat16 tensors)."""
+    dtype = transform.get("dtype")
+    if dtype not in HALF_PRECISIONS:
+        raise TorchslimError(f"the file's precision {dtype!r} is not one of {', '.join(HALF_PRECISIONS)}")
+    return model.to(getattr(torch, str(dtype)))
 
 
 def save_model(model: nn.Module, path: str | os.PathLike[str], spec: dict[str, Any] | None = None, overwrite: bool = True) -> Path:
@@ -186,7 +214,8 @@ def build_checked(
     """Build the model a file's spec describes, after building it on the meta device (no memory) and checking that it
     holds exactly the stored tensors' names, shapes and dtypes: a spec that would build something else (a hidden
     width of 40,000, a float64 weight in a float32 layer) is refused before any allocation."""
-    with torch.device("meta"):
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")  # a forged zero size: refused below
         skeleton = build_from_spec(spec, trust_factory, where)
     expected = {name: (tuple(t.shape), t.dtype) for name, t in skeleton.state_dict().items()}
     missing, unexpected = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -74,10 +75,9 @@ class Checkpoint:
 
     def status(self) -> dict[str, Any] | None:
         """What the folder holds (recipe name, stages completed, steps into the next), or None when it holds none."""
-        path = self.folder / PROGRESS
-        if not path.is_file():
+        if not (self.folder / PROGRESS).is_file():
             return None
-        progress = json.loads(path.read_text())
+        progress = self._progress()
         return {
             "recipe": progress["recipe"]["name"],
             "completed": progress["completed"],
@@ -113,6 +113,29 @@ class Checkpoint:
             if old.name != name:
                 old.unlink()
 
+    def _progress(self) -> dict[str, Any]:
+        """progress.json, every field checked (a damaged or hand-edited file is named, not half-used)."""
+        path = self.folder / PROGRESS
+        try:
+            progress = json.loads(path.read_text())
+        except (OSError, ValueError, RecursionError) as error:
+            raise TorchslimError(f"{path}: not a readable checkpoint record ({type(error).__name__}); remove the folder to start over") from None
+        recipe = progress.get("recipe") if isinstance(progress, dict) else None
+        valid = (
+            isinstance(recipe, dict)
+            and isinstance(recipe.get("name"), str)
+            and isinstance(recipe.get("stages"), list)
+            and all(isinstance(progress.get(key), int) and not isinstance(progress.get(key), bool) and progress[key] >= 0 for key in ("completed", "step"))
+            and isinstance(progress.get("model_file"), str)
+            and re.fullmatch(r"stage-\d{2}-step-\d{3}\.safetensors", progress["model_file"]) is not None
+            and isinstance(progress.get("masked"), list)
+            and all(isinstance(name, str) for name in progress["masked"])
+            and isinstance(progress.get("report"), dict)
+        )
+        if not valid:
+            raise TorchslimError(f"{path}: a damaged checkpoint record (a field is missing or of the wrong kind); remove the folder to start over")
+        return progress
+
     def original(self, trust_factory: bool | str = False) -> nn.Module:
         """The model the checkpointed run started from."""
         return load_model(self.folder / ORIGINAL, trust_factory=trust_factory)
@@ -120,7 +143,7 @@ class Checkpoint:
     def load(self, recipe: Recipe, trust_factory: bool | str = False) -> tuple[nn.Module, Report, int, int, dict[str, Any] | None]:
         """(model, report, stages completed, steps completed of the next stage, training state inside it); the recipe
         must be the run's."""
-        progress = json.loads((self.folder / PROGRESS).read_text())
+        progress = self._progress()
         if progress.get("recipe") != recipe.to_dict():
             raise TorchslimError(
                 f"{self.folder}: the checkpoint was made by a different recipe ({progress.get('recipe', {}).get('name')!r} "

@@ -28,9 +28,9 @@ import torch
 from torch import nn
 
 from torchslim.core.errors import TorchslimError
-from torchslim.core.modes import eval_mode, model_device
+from torchslim.core.modes import eval_mode, model_device, model_precision
 from torchslim.core.registry import Registry
-from torchslim.tasks.batches import model_inputs, move_to
+from torchslim.tasks.batches import as_precision, model_inputs, move_to
 
 
 class Task(abc.ABC):
@@ -46,9 +46,13 @@ class Task(abc.ABC):
     needs_targets = False
 
     def outputs(self, model: nn.Module, batch: Any) -> Any:
-        """The model's output on a batch (moved to the model's device)."""
+        """The model's output on a batch (moved to the model's device). A half-precision model gets its floating-point
+        inputs in its own precision and gives its output in float32, where metrics and losses are computed."""
         args, kwargs = model_inputs(move_to(batch, model_device(model)))
-        return model(*args, **kwargs)
+        precision = model_precision(model)
+        if precision == torch.float32:
+            return model(*args, **kwargs)
+        return as_precision(model(*as_precision(args, precision), **as_precision(kwargs, precision)), torch.float32)
 
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         """The scalar training loss of ``model`` on ``batch``."""

@@ -39,6 +39,24 @@ def move_to(value: Any, device: torch.device | str) -> Any:
     return value
 
 
+def as_precision(value: Any, dtype: torch.dtype) -> Any:
+    """``value`` with every floating-point tensor in it cast to ``dtype`` (containers kept; a model-output mapping
+    keeps its class where it can be rebuilt from its items)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, Mapping):
+        items = {key: as_precision(item, dtype) for key, item in value.items()}
+        try:
+            return type(value)(**items)
+        except TypeError:
+            return items
+    if isinstance(value, tuple):
+        return tuple(as_precision(item, dtype) for item in value)
+    if isinstance(value, list):
+        return [as_precision(item, dtype) for item in value]
+    return value
+
+
 def model_inputs(batch: Any) -> tuple[tuple, dict[str, Any]]:
     """(positional, keyword) arguments the model is called with: a tensor is the input; a tuple's first entry is
     the input (the rest are targets); a mapping's entries other than targets are keyword arguments."""

@@ -40,12 +40,16 @@ def flat_logits_and_targets(outputs: Any, batch: Any, task: str) -> tuple[torch.
     targets = targets.reshape(-1).long()
     if logits.shape[0] != targets.shape[0]:
         raise TorchslimError(f"{task}: {logits.shape[0]} predictions but {targets.shape[0]} labels in the batch")
-    valid = targets[targets != IGNORE]
-    if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= logits.shape[-1]):
-        raise TorchslimError(
-            f"{task}: label {int(valid.max()) if int(valid.max()) >= logits.shape[-1] else int(valid.min())} is outside the model's {logits.shape[-1]} classes"
-        )
+    check_range(targets, logits.shape[-1], f"{task}: label", "classes")
     return logits, targets
+
+
+def check_range(values: torch.Tensor, size: int, what: str, of: str) -> None:
+    """Refuse integer ``values`` (other than the ignored -100) outside [0, size), naming the first bad one."""
+    valid = values[values != IGNORE]
+    if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= size):
+        bad = int(valid.max()) if int(valid.max()) >= size else int(valid.min())
+        raise TorchslimError(f"{what} {bad} is outside the model's {size} {of} (valid: 0 to {size - 1})")
 
 
 def add_scores(totals: dict[str, float], logits: torch.Tensor, targets: torch.Tensor) -> None:

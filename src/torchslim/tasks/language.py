@@ -21,12 +21,13 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from torch import nn
 from torch.nn import functional as F
 
 from torchslim.core.errors import TorchslimError
 from torchslim.tasks.base import TASKS, Task
-from torchslim.tasks.batches import output_tensor
-from torchslim.tasks.classification import IGNORE, add_scores
+from torchslim.tasks.batches import model_inputs, output_tensor
+from torchslim.tasks.classification import IGNORE, add_scores, check_range
 
 
 def next_token_targets(outputs: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,6 +52,7 @@ def next_token_targets(outputs: Any, batch: Any) -> tuple[torch.Tensor, torch.Te
             targets[:, :-1] = targets[:, :-1].masked_fill(mask[:, 1:].to(logits.device) == 0, IGNORE)
     if targets.shape != logits.shape[:2]:
         raise TorchslimError(f"language modeling: targets of shape {tuple(targets.shape)} do not fit logits {tuple(logits.shape)}")
+    check_range(targets, logits.shape[-1], "language modeling: target token", "vocabulary entries")
     return logits.reshape(-1, logits.shape[-1]), targets.reshape(-1).long()
 
 
@@ -60,6 +62,15 @@ class LanguageModelingTask(Task):
     name = "language-modeling"
     metric = "perplexity"
     higher_is_better = False
+
+    def outputs(self, model: nn.Module, batch: Any) -> Any:
+        """The model's logits; token ids beyond every embedding table of the model are refused by name first."""
+        sizes = [m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)]
+        args, kwargs = model_inputs(batch)
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if sizes and isinstance(ids, torch.Tensor) and not ids.is_floating_point():
+            check_range(ids, max(sizes), "language modeling: token id", "embeddings")
+        return super().outputs(model, batch)
 
     def loss_from(self, outputs: Any, batch: Any) -> torch.Tensor:
         logits, targets = next_token_targets(outputs, batch)
