@@ -30,6 +30,19 @@ def trained(digits):
     return ts.train(ts.models.create_for("lenet-300-100", digits), digits, {"epochs": 8, "lr": 0.05}, progress=False).model
 
 
+def _interrupt_at_call(number: int, function):
+    """``function``, except that its ``number``-th call raises KeyboardInterrupt (Ctrl-C at that point)."""
+    calls = {"count": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["count"] += 1
+        if calls["count"] == number:
+            raise KeyboardInterrupt
+        return function(*args, **kwargs)
+
+    return interrupted
+
+
 def _states_equal(a, b) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -191,16 +204,8 @@ def test_an_interrupt_inside_the_prune_stage_loses_one_step_at_most(trained, dig
         ],
     }
     uninterrupted = ts.compress(trained, recipe, digits, latency=False, progress=False)
-    calls = {"count": 0}
     original = unstructured.fit
-
-    def interrupted(*args, **kwargs):
-        calls["count"] += 1
-        if calls["count"] == 2:
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(unstructured, "fit", interrupted)
+    monkeypatch.setattr(unstructured, "fit", _interrupt_at_call(2, original))
     folder = tmp_path / "c"
     with pytest.raises(CompressInterrupted, match=r"the checkpoint after step 1 of stage 1 is in"):
         ts.compress(trained, recipe, digits, checkpoint=folder, latency=False, progress=False)
@@ -223,16 +228,8 @@ def test_an_interrupt_inside_a_training_stage_loses_one_epoch_at_most(trained, d
     stage = {"finetune": train} if kind == "finetune" else {"distill": {"temperature": 4.0, "train": {**train, "optimizer": "adam", "lr": 0.001}}}
     recipe = {"name": "epochs", "stages": [{"prune": {"sparsity": 0.8}}, stage, {"encode": {}}]}
     uninterrupted = ts.compress(trained, recipe, digits, latency=False, progress=False)
-    calls = {"count": 0}
     original = fit_module.learning_rate_factor
-
-    def interrupted(*args, **kwargs):
-        calls["count"] += 1
-        if calls["count"] == 2 * 6 + 3:  # the fourth batch of the third epoch
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(fit_module, "learning_rate_factor", interrupted)
+    monkeypatch.setattr(fit_module, "learning_rate_factor", _interrupt_at_call(2 * 6 + 3, original))  # 4th batch of epoch 3
     folder = tmp_path / "c"
     with pytest.raises(CompressInterrupted, match=rf"during stage 2 \({kind}\); the checkpoint after stage 1 and step 2 of stage 2 is in"):
         ts.compress(trained, recipe, digits, checkpoint=folder, latency=False, progress=False)

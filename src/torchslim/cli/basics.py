@@ -8,7 +8,7 @@ from typing import Any
 import typer
 
 from torchslim.cli.app import app, console
-from torchslim.cli.common import DataArguments, example_input, int_list, load_model_arg, refuse_overwrite, with_data
+from torchslim.cli.common import DataArguments, example_input, int_list, load_model_arg, refuse_overwrite, with_data, write_outputs
 from torchslim.core.errors import TorchslimError
 
 
@@ -92,12 +92,7 @@ def train(
     stage.metrics.update({k: v for k, v in result.report.stages[0].metrics.items() if k in ("accuracy", "error", "loss", "examples", "perplexity")})
     result.report.stages.append(stage)
     print_report(type(result.report)(model=result.report.model, stages=[stage], environment=result.report.environment))
-    if out is not None:
-        saved = ts.save(result.model, out)
-        console.print(f"model written to {saved} ({saved.stat().st_size:,} bytes)")
-    if report is not None:
-        result.report.save(report)
-        console.print(f"report written to {report}")
+    write_outputs(result, out, report, lambda saved: f"model written to {saved} ({saved.stat().st_size:,} bytes)")
 
 
 @app.command()

@@ -11,6 +11,7 @@ from typing import Any, get_type_hints
 
 import typer
 
+from torchslim.cli.app import console
 from torchslim.core.errors import TorchslimError
 from torchslim.core.files import check_writable
 
@@ -85,6 +86,18 @@ def int_list(text: str, option: str) -> list[int]:
 def names(text: str | None) -> list[str]:
     """Comma-separated names, empty entries dropped."""
     return [part.strip() for part in (text or "").split(",") if part.strip()]
+
+
+def write_outputs(result: Any, out: Path | None, report: Path | None, describe: Callable[[Path], str]) -> None:
+    """Write a verb's model to ``out`` and its report to ``report`` (either may be None), saying what was written;
+    ``describe(path)`` is the line for the model file."""
+    import torchslim as ts
+
+    if out is not None:
+        console.print(describe(ts.save(result.model, out)))
+    if report is not None:
+        result.report.save(report)
+        console.print(f"report written to {report}")
 
 
 def refuse_overwrite(*paths: Path | None, force: bool) -> None:

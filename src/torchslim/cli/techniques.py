@@ -8,7 +8,7 @@ import typer
 
 from torchslim.cli.app import app, console
 from torchslim.cli.basics import change_line
-from torchslim.cli.common import DataArguments, load_model_arg, names, refuse_overwrite, with_data
+from torchslim.cli.common import DataArguments, load_model_arg, names, refuse_overwrite, with_data, write_outputs
 from torchslim.core.errors import TorchslimError
 
 WEIGHT_SCHEMES = ("uniform", "kmeans", "pow2", "binary", "ternary", "fp16", "bf16")
@@ -97,11 +97,8 @@ def prune(
         for row in stage.layers:
             console.print(f"  {row['name']:<32} {row['type']:<12} {row['before']:>14} -> {row['after']}")
         console.print(f"MACs {stage.metrics['macs_before']:,} -> {stage.metrics['macs']:,} ({stage.metrics['macs_ratio']:.2f}x fewer)")
-    saved = ts.save(result.model, out)
-    how = "channels removed" if structured else "zeros stored densely" if saved.suffix == ".safetensors" else "sparse"
-    console.print(f"pruned model written to {saved} ({saved.stat().st_size:,} bytes; {how})")
-    if report is not None:
-        result.report.save(report)
+    how = "channels removed" if structured else "zeros stored densely" if out.suffix == ".safetensors" else "sparse"
+    write_outputs(result, out, report, lambda saved: f"pruned model written to {saved} ({saved.stat().st_size:,} bytes; {how})")
 
 
 @app.command()
@@ -155,10 +152,7 @@ def distill(
             f"teacher error {100 * metrics['teacher_error']:.2f}% ({metrics['teacher_parameters']:,} params); "
             f"student error {100 * metrics['error']:.2f}% ({metrics['parameters']:,} params)"
         )
-    saved = ts.save(result.model, out)
-    console.print(f"student written to {saved}")
-    if report is not None:
-        result.report.save(report)
+    write_outputs(result, out, report, lambda saved: f"student written to {saved}")
 
 
 @app.command()
