@@ -99,9 +99,21 @@ def test_bits_outside_range(bits):
         UniformSpec(bits=bits)
 
 
-def test_group_size_must_divide_and_values_must_be_finite():
-    with pytest.raises(TorchslimError, match="fc1.weight: group_size 5 does not divide the input dimension 8"):
-        compute_qparams(torch.randn(4, 8), UniformSpec(granularity="group", group_size=5), "fc1.weight")
+def test_a_group_size_that_does_not_divide_leaves_a_ragged_last_group():
+    """Width 576 in groups of 128: four full groups and one of 64, whose scale is its own range."""
+    x = torch.randn(6, 576)
+    x[:, 512:] *= 0.01  # a last group of small values: a shared or padded-with-zeros range would waste its grid
+    spec = UniformSpec(bits=4, symmetric=False, granularity="group", group_size=128)
+    scale, zero_point = compute_qparams(x, spec, "w")
+    assert scale.shape == (6, 5, 1)
+    expected = (x[:, 512:].amax(1) - x[:, 512:].amin(1)) / 15
+    assert torch.allclose(scale[:, 4, 0], expected, rtol=1e-5)
+    restored = dequantize(quantize(x, scale, zero_point, spec), scale, zero_point, spec)
+    assert restored.shape == x.shape
+    assert ((restored - x).abs() <= scale.repeat_interleave(128, dim=1)[:, :576, 0] / 2 + 1e-6).all()
+
+
+def test_values_must_be_finite():
     bad = torch.randn(3, 3)
     bad[1, 1] = float("nan")
     with pytest.raises(TorchslimError, match="conv1.weight: 1 value\\(s\\) are NaN or Inf"):

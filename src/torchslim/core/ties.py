@@ -26,9 +26,13 @@ def plain_name(name: str) -> str:
 
 
 def tied_groups(model: nn.Module) -> list[list[str]]:
-    """Groups of parameter names that share one parameter object, in model order (the first name leads)."""
+    """Groups of parameter (or buffer) names that share one tensor object, in model order (the first name leads): a
+    tied weight, or the tensors of a module two layers share (a quantized table read by an embedding and an output
+    layer)."""
     by_identity: dict[int, list[str]] = {}
-    for name, parameter in model.named_parameters(remove_duplicate=False):
+    buffers = [(name, b) for name, b in model.named_buffers(remove_duplicate=False) if ".parametrizations." not in f".{name}"]  # masks
+    named = list(model.named_parameters(remove_duplicate=False)) + buffers
+    for name, parameter in named:
         names = by_identity.setdefault(id(parameter), [])
         if plain_name(name) not in names:
             names.append(plain_name(name))

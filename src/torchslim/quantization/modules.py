@@ -19,14 +19,17 @@ from torch.nn import functional as F
 
 from torchslim.core.config import Config, check
 from torchslim.measure.counts import register_mac_counter
+from torchslim.quantization import kernels
 from torchslim.quantization.nonuniform import binarize, kmeans_quantize, power_of_two_quantize, ternarize
-from torchslim.quantization.packing import pack_codes, unpack_codes
-from torchslim.quantization.primitives import UniformSpec, check_finite, compute_qparams, dequantize, quantize
+from torchslim.quantization.packing import pack_codes, unpack_codes, unpack_small
+from torchslim.quantization.primitives import UniformSpec, check_finite, compute_qparams, dequantize, group_count, quantize
 
 
 @dataclasses.dataclass(frozen=True)
 class WeightScheme(Config):
-    """How one layer's weight is stored: scheme, bits and (for uniform) the grid."""
+    """How one layer's weight is stored: scheme, bits and (for uniform) the grid. ``kernel``: run on an integer CPU
+    kernel where one exists for the format (``quantization.kernels``: int8 per channel, up to 4 bits per group;
+    activations in bfloat16, no decoded weight kept in memory); otherwise the weight is decoded to float32."""
 
     scheme: str = "uniform"
     bits: int = 8
@@ -36,6 +39,7 @@ class WeightScheme(Config):
     kmeans_init: str = "linear"
     kmeans_iterations: int = 50
     trainable_codebook: bool = True
+    kernel: bool = True
 
     def validate(self) -> None:
         check(self.scheme in FORMATS, f"scheme must be one of {', '.join(FORMATS)}, got {self.scheme!r}")
@@ -69,9 +73,19 @@ class StorageFormat:
     def encode(self, holder: QuantizedWeight, weight: torch.Tensor, where: str) -> None:
         """Quantize ``weight`` into ``holder``'s tensors."""
 
-    def decode(self, holder: QuantizedWeight, codes: torch.Tensor) -> torch.Tensor:
-        """The float weight from ``holder``'s tensors and its integer ``codes`` (shaped like the weight)."""
+    def decode(self, holder: QuantizedWeight, codes: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The float weight from ``holder``'s tensors and its integer ``codes`` (shaped like the weight), or only the
+        given ``rows`` of it (``codes`` then holds those rows)."""
         return codes.float()
+
+    def kernel(self, holder: QuantizedWeight) -> Any:
+        """An integer kernel running this weight (``quantization.kernels``), or None where there is none."""
+        return None
+
+
+def _rows(tensor: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """A per-row (per output channel) tensor restricted to ``rows``; a tensor shared by all rows as it is."""
+    return tensor if rows is None or tensor.shape[0] == 1 else tensor.index_select(0, rows)
 
 
 class HalfFormat(StorageFormat):
@@ -89,8 +103,8 @@ class HalfFormat(StorageFormat):
     def encode(self, holder: QuantizedWeight, weight: torch.Tensor, where: str) -> None:
         holder.value16.copy_(weight.to(self.dtype))
 
-    def decode(self, holder: QuantizedWeight, codes: torch.Tensor) -> torch.Tensor:
-        return holder.value16.float()
+    def decode(self, holder: QuantizedWeight, codes: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        return _rows(holder.value16, rows).float()
 
 
 class UniformFormat(StorageFormat):
@@ -110,12 +124,38 @@ class UniformFormat(StorageFormat):
         holder.scale, holder.zero_point = scale.reshape(holder.scale_shape(spec)).float(), zero_point.reshape(holder.scale_shape(spec))
         holder.pack(codes - spec.code_range[0])
 
-    def decode(self, holder: QuantizedWeight, codes: torch.Tensor) -> torch.Tensor:
+    def decode(self, holder: QuantizedWeight, codes: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         spec = holder.scheme.uniform_spec()
+        scale, zero_point = _rows(holder.scale, rows), _rows(holder.zero_point, rows)
+        signed = codes.to(torch.int32) + spec.code_range[0]
         if spec.granularity == "group":
-            flat = codes.reshape(holder.shape[0], -1) + spec.code_range[0]
-            return dequantize(flat, holder.scale, holder.zero_point, spec).reshape(holder.shape)
-        return dequantize(codes + spec.code_range[0], holder.scale, holder.zero_point, spec)
+            return dequantize(signed.reshape(codes.shape[0], -1), scale, zero_point, spec).reshape(codes.shape)
+        return dequantize(signed, scale, zero_point, spec)
+
+    def kernel(self, holder: QuantizedWeight) -> Any:
+        scheme, spec = holder.scheme, holder.scheme.uniform_spec()
+        if len(holder.shape) != 2 or not scheme.kernel or holder.packed.device.type != "cpu" or not kernels.available():
+            return None
+        out_features, width = holder.shape
+        qmin = spec.code_range[0]
+        if scheme.bits == 8 and spec.symmetric and spec.granularity == "channel" and width % 16 == 0:
+            codes = holder.codes().reshape(holder.shape).to(torch.int16) + qmin
+            return kernels.Int8Kernel(codes, holder.scale.reshape(-1))
+        if scheme.bits > 4 or out_features % 16:
+            return None
+        group = kernels.int4_group(width, spec.group_size if spec.granularity == "group" else None)
+        if group is None:
+            return None
+        groups = width // group
+        scale = holder.scale.reshape(holder.scale.shape[0], -1).expand(out_features, groups if spec.granularity == "group" else 1)
+        zero_point = holder.zero_point.reshape(holder.zero_point.shape[0], -1).expand_as(scale)
+        if spec.granularity != "group":
+            scale, zero_point = scale[:, :1].expand(out_features, groups), zero_point[:, :1].expand(out_features, groups)
+        # codes narrower than 4 bits are centred on the kernel's 8 (fewer cancelled digits in bfloat16)
+        shift = 8 - 2 ** (scheme.bits - 1)
+        offset = (qmin - shift - zero_point.float()) * scale
+        codes = holder.codes().reshape(holder.shape).to(torch.int32) + shift
+        return kernels.Int4Kernel(codes, scale.float(), offset, group)
 
 
 class CodebookFormat(StorageFormat):
@@ -135,11 +175,11 @@ class CodebookFormat(StorageFormat):
         holder.codebook.data.copy_(padded)
         holder.pack(index)
 
-    def decode(self, holder: QuantizedWeight, codes: torch.Tensor) -> torch.Tensor:
+    def decode(self, holder: QuantizedWeight, codes: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         # gather: its backward sums each cluster's gradients into its centroid. A centroid at exactly zero is the
         # pruned weights' code: it gets no gradient, so pruned weights stay zero through centroid fine-tuning.
         codebook = torch.where(holder.codebook.detach() == 0, torch.zeros_like(holder.codebook), holder.codebook)
-        return codebook[codes]
+        return codebook.index_select(0, codes.reshape(-1).to(torch.int32)).reshape(codes.shape)
 
 
 class SignFormat(StorageFormat):
@@ -161,8 +201,9 @@ class SignFormat(StorageFormat):
             holder.scale = scale.float()
             holder.pack((signs > 0).to(torch.int64))
 
-    def decode(self, holder: QuantizedWeight, codes: torch.Tensor) -> torch.Tensor:
-        return (codes - 1.0) * holder.scale if self.ternary else (2.0 * codes - 1.0) * holder.scale
+    def decode(self, holder: QuantizedWeight, codes: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        scale, codes = _rows(holder.scale, rows), codes.float()
+        return (codes - 1.0) * scale if self.ternary else (2.0 * codes - 1.0) * scale
 
 
 FORMATS: dict[str, StorageFormat] = {
@@ -176,13 +217,18 @@ FORMATS: dict[str, StorageFormat] = {
 }
 
 
+# decoded weights (and unpacked codes) of layers up to this many weights are kept between calls, so small networks
+# run at full speed in eager mode; larger layers run on an integer kernel or decode on each call (bounded memory)
+CACHE_LIMIT = 2**18
+
+
 class QuantizedWeight(nn.Module):
-    """Holds one weight in a compressed form (its scheme's ``StorageFormat``) and gives it back dequantized
-    (``weight()``)."""
+    """Holds one weight in a compressed form (its scheme's ``StorageFormat``): codes bit-packed in ``packed`` (two
+    bytes each above 8 bits) with the format's scales or codebook. ``weight()`` gives it back decoded, ``rows(index)``
+    decodes only some rows (an embedding lookup), ``kernel()`` the integer kernel that runs it, where there is one."""
 
     # what the formats store (each registers the ones it uses)
     packed: torch.Tensor
-    codes: torch.Tensor
     value16: torch.Tensor
     scale: torch.Tensor
     zero_point: torch.Tensor
@@ -192,39 +238,47 @@ class QuantizedWeight(nn.Module):
         super().__init__()
         self.shape, self.scheme = tuple(shape), scheme
         self.format = FORMATS[scheme.scheme]
-        bits = self.format.code_bits(scheme)
-        if bits is not None:  # up to 8 bits: bit-packed; 9 to 16 bits: two bytes per code
+        self.bits = self.format.code_bits(scheme)
+        if self.bits is not None:
             count = math.prod(shape)
-            self.register_buffer("packed", torch.zeros((count * bits + 7) // 8 if bits <= 8 else 2 * count, dtype=torch.uint8))
-            self.register_buffer("codes", torch.zeros(count, dtype=torch.int64), persistent=False)
-            self.register_load_state_dict_post_hook(lambda module, keys: module.unpack())
+            self.register_buffer("packed", torch.zeros((count * self.bits + 7) // 8 if self.bits <= 8 else 2 * count, dtype=torch.uint8))
         self.format.register(self)
+        self._codes: tuple[Any, torch.Tensor] | None = None
+        self._cache: tuple[Any, torch.Tensor] | None = None
+        self._kernel: tuple[Any, Any] | None = None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
 
     def scale_shape(self, spec: UniformSpec) -> tuple[int, ...]:
         if spec.granularity == "tensor":
             return (1,)
         if spec.granularity == "channel":
             return (self.shape[0],) + (1,) * (len(self.shape) - 1)
-        return (self.shape[0], math.prod(self.shape[1:]) // spec.group_size, 1)
+        return (self.shape[0], group_count(math.prod(self.shape[1:]), spec.group_size), 1)
 
     def pack(self, codes: torch.Tensor) -> None:
-        """Store integer codes (bit-packed) and keep them unpacked for decoding."""
-        flat = codes.reshape(-1)
-        self.packed = pack_codes(flat, self.scheme.stored_bits)
-        self.codes = flat.to(torch.int64).clone()
+        """Store integer codes (non-negative, below 2^bits), bit-packed."""
+        assert self.bits is not None
+        self.packed = pack_codes(codes.reshape(-1), self.bits)
 
-    def unpack(self) -> None:
-        """Rebuild the unpacked codes from the packed bytes (after loading a state)."""
-        if self.format.code_bits(self.scheme) is not None:
-            self.codes = unpack_codes(self.packed, self.scheme.stored_bits, math.prod(self.shape))
+    def codes(self) -> torch.Tensor:
+        """The integer codes (flat; uint8 up to 8 bits), unpacked from what is stored."""
+        assert self.bits is not None
+        key = (id(self.packed), self.packed._version)
+        if self._codes is not None and self._codes[0] == key:
+            return self._codes[1]
+        codes = unpack_small(self.packed, self.bits, self.numel) if self.bits <= 8 else unpack_codes(self.packed, self.bits, self.numel)
+        if self.numel <= CACHE_LIMIT:
+            self._codes = (key, codes)
+        return codes
 
     def code_tensor(self) -> tuple[torch.Tensor, int] | None:
         """(integer codes from what is stored, bits per code), or None for a float cast: what the codec entropy-codes."""
-        bits = self.format.code_bits(self.scheme)
-        if bits is None:
+        if self.bits is None:
             return None
-        self.unpack()
-        return self.codes.reshape(-1).clone(), bits
+        return self.codes().to(torch.int64), self.bits
 
     @torch.no_grad()
     def encode(self, weight: torch.Tensor, where: str) -> None:
@@ -232,29 +286,62 @@ class QuantizedWeight(nn.Module):
         check_finite(weight, where)
         self.format.encode(self, weight, where)
 
+    def _key(self) -> tuple:
+        names = ("packed", "value16", "codebook", "scale", "zero_point")
+        return tuple((id(t), t._version, t.device) for t in (getattr(self, n, None) for n in names) if isinstance(t, torch.Tensor))
+
+    def _training(self) -> bool:
+        return torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters(recurse=False))
+
     def weight(self) -> torch.Tensor:
-        """The dequantized weight. Outside autograd (inference) it is cached until a stored tensor changes (in place
-        or replaced), so eager inference does not decode on every call."""
-        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters(recurse=False)):
+        """The decoded weight. Outside autograd a small layer's is kept until a stored tensor changes (in place or
+        replaced), so eager inference does not decode on every call; a large layer's is decoded on each call."""
+        if self._training() or self.numel > CACHE_LIMIT:
             return self._decode()
-        key = tuple((id(t), t._version) for t in self._stored_tensors())
-        cached = getattr(self, "_cache", None)
-        if cached is None or cached[0] != key:
+        key = self._key()
+        if self._cache is None or self._cache[0] != key:
             with torch.no_grad():
                 self._cache = (key, self._decode())
         return self._cache[1]
 
-    def _stored_tensors(self) -> list[torch.Tensor]:
-        names = ("value16", "codes", "codebook", "scale", "zero_point")
-        return [t for t in (getattr(self, n, None) for n in names) if isinstance(t, torch.Tensor)]
-
     def _decode(self) -> torch.Tensor:
-        codes = getattr(self, "codes", None)
-        return self.format.decode(self, codes.reshape(self.shape) if codes is not None else torch.empty(0))
+        codes = self.codes().reshape(self.shape) if self.bits is not None else torch.empty(0)
+        return self.format.decode(self, codes)
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        """Rows ``index`` of the decoded weight, decoding only those rows where the rows are whole bytes apart."""
+        width = math.prod(self.shape[1:])
+        if self.bits is None or self.numel <= CACHE_LIMIT or (width * self.bits) % 8 or self.bits > 8:
+            return self.weight().index_select(0, index)
+        packed_rows = self.packed.reshape(self.shape[0], -1).index_select(0, index)
+        codes = unpack_small(packed_rows, self.bits, index.numel() * width).reshape(index.numel(), *self.shape[1:])
+        return self.format.decode(self, codes, index)
+
+    def kernel(self) -> Any:
+        """The integer kernel running this weight (built once per stored state), or None: none for the format, or
+        training (gradients need the decoded weight)."""
+        if self._training():
+            return None
+        key = self._key()
+        if self._kernel is None or self._kernel[0] != key:
+            with torch.no_grad():
+                self._kernel = (key, self.format.kernel(self))
+        return self._kernel[1]
 
     def stored_bytes(self) -> int:
         """Bytes of what is stored: codes (packed), scales / zero points / codebook."""
         return sum(t.numel() * t.element_size() for name, t in self.state_dict().items())
+
+    def runtime_bytes(self) -> int:
+        """Bytes this weight holds in memory to run: what is stored, plus its kernel's tensors or its kept decoded
+        weight and codes."""
+        extra = 0
+        if self._kernel is not None and self._kernel[1] is not None:
+            extra += self._kernel[1].nbytes()
+        for kept in (self._cache, self._codes):
+            if kept is not None:
+                extra += kept[1].numel() * kept[1].element_size()
+        return self.stored_bytes() + extra
 
     def extra_repr(self) -> str:
         return f"shape={self.shape}, scheme={self.scheme.scheme}, bits={self.scheme.stored_bits}"
@@ -300,6 +387,9 @@ class QuantizedLinear(_QuantizedLayer):
         return module.to(linear.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel = self.quantized.kernel() if x.device.type == "cpu" else None
+        if kernel is not None:
+            return kernel(x, self.bias)
         return F.linear(x, self.quantized.weight().to(x.dtype), self.bias)
 
 
@@ -340,6 +430,44 @@ class QuantizedConv2d(_QuantizedLayer):
         return F.conv2d(x, self.quantized.weight().to(x.dtype), self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
+class QuantizedEmbedding(nn.Module):
+    """Embedding with a weight-only quantized table: a lookup decodes only the rows it reads (where rows are whole
+    bytes apart), so the table stays packed in memory. ``.weight`` reads the decoded table."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None, scheme: WeightScheme) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        self.quantized = QuantizedWeight((num_embeddings, embedding_dim), scheme)
+
+    @classmethod
+    def from_float(cls, embedding: nn.Embedding, scheme: WeightScheme, where: str) -> QuantizedEmbedding:
+        if embedding.max_norm is not None or embedding.sparse:
+            raise ValueError(f"{where}: embeddings with max_norm or sparse gradients are not quantized")
+        module = cls(embedding.num_embeddings, embedding.embedding_dim, embedding.padding_idx, scheme)
+        module.quantized.encode(embedding.weight.detach().float(), where)
+        return module.to(embedding.weight.device)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The decoded table (read-only: assign through ``quantized.encode``)."""
+        return self.quantized.weight()
+
+    def logical_parameters(self) -> dict[str, torch.Tensor]:
+        return {"weight": self.quantized.weight()}
+
+    def stored_bytes(self) -> int:
+        return self.quantized.stored_bytes()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.num_embeddings):
+            raise IndexError(f"index out of range: ids must lie in [0, {self.num_embeddings - 1}]")
+        return self.quantized.rows(flat).reshape(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, scheme={self.quantized.scheme.scheme}, bits={self.quantized.scheme.stored_bits}"
+
+
 @register_mac_counter(QuantizedLinear)
 def _quantized_linear_macs(module: QuantizedLinear, inputs: tuple, output: torch.Tensor) -> int:
     return output.numel() * module.in_features
@@ -361,6 +489,8 @@ def empty_like(module: Any, scheme: WeightScheme) -> nn.Module:
         return QuantizedLinear(module.nx, module.nf, module.bias is not None, scheme)
     if isinstance(module, nn.Linear):
         return QuantizedLinear(module.in_features, module.out_features, module.bias is not None, scheme)
+    if isinstance(module, nn.Embedding):
+        return QuantizedEmbedding(module.num_embeddings, module.embedding_dim, module.padding_idx, scheme)
     if isinstance(module, nn.Conv2d):
         return QuantizedConv2d(
             module.in_channels,
@@ -373,11 +503,11 @@ def empty_like(module: Any, scheme: WeightScheme) -> nn.Module:
             module.bias is not None,
             scheme,
         )
-    raise TypeError(f"weight-only quantization supports Linear and Conv2d, not {type(module).__name__}")
+    raise TypeError(f"weight-only quantization supports Linear, Conv2d and Embedding, not {type(module).__name__}")
 
 
 def quantize_module(module: Any, scheme: WeightScheme, where: str) -> nn.Module:
-    """The quantized module replacing ``module`` (Linear, Conv2d, or GPT-2's transposed Conv1D)."""
+    """The quantized module replacing ``module`` (Linear, Conv2d, Embedding, or GPT-2's transposed Conv1D)."""
     if is_transposed_linear(module):
         quantized = QuantizedLinear(module.nx, module.nf, module.bias is not None, scheme)
         quantized.quantized.encode(module.weight.detach().float().t(), where)
@@ -388,4 +518,6 @@ def quantize_module(module: Any, scheme: WeightScheme, where: str) -> nn.Module:
         return QuantizedLinear.from_float(module, scheme, where)
     if isinstance(module, nn.Conv2d):
         return QuantizedConv2d.from_float(module, scheme, where)
-    raise TypeError(f"{where}: weight-only quantization supports Linear and Conv2d, not {type(module).__name__}")
+    if isinstance(module, nn.Embedding):
+        return QuantizedEmbedding.from_float(module, scheme, where)
+    raise TypeError(f"{where}: weight-only quantization supports Linear, Conv2d and Embedding, not {type(module).__name__}")

@@ -35,13 +35,24 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     """Inverse of ``pack_bits``: the first ``count`` codes as int64."""
     if not 1 <= bits <= 8:
         raise TorchslimError(f"bit packing takes 1 to 8 bits, got {bits}")
-    if bits == 8:
-        return packed.reshape(-1)[:count].to(torch.int64)
-    stream = ((packed.reshape(-1).to(torch.int64).unsqueeze(1) >> torch.arange(8)) & 1).reshape(-1)
+    return unpack_small(packed, bits, count).to(torch.int64)
+
+
+def unpack_small(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """``unpack_bits`` as uint8 codes (a quarter of the memory of int64 for 8 bits, an eighth below): widths that
+    divide 8 are shifted out of each byte directly, the others read through a bit stream."""
+    flat = packed.reshape(-1)
     needed = count * bits
-    if stream.numel() < needed:
-        raise TorchslimError(f"packed data holds {stream.numel()} bits, {count} codes of {bits} bits need {needed}")
-    return (stream[:needed].reshape(count, bits) * (2 ** torch.arange(bits))).sum(dim=1)
+    if flat.numel() * 8 < needed:
+        raise TorchslimError(f"packed data holds {flat.numel() * 8} bits, {count} codes of {bits} bits need {needed}")
+    if bits == 8:
+        return flat[:count].clone()
+    if 8 % bits == 0:
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=flat.device)
+        return ((flat.unsqueeze(1) >> shifts) & (2**bits - 1)).reshape(-1)[:count]
+    stream = ((flat.unsqueeze(1) >> torch.arange(8, dtype=torch.uint8, device=flat.device)) & 1).reshape(-1)[:needed]
+    weights = (2 ** torch.arange(bits, dtype=torch.int32, device=flat.device)).reshape(1, bits)
+    return (stream.reshape(count, bits).to(torch.int32) * weights).sum(dim=1).to(torch.uint8)
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:

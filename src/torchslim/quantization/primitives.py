@@ -1,8 +1,8 @@
 """Uniform quantization primitives: pure tensor functions.
 
 Affine (asymmetric, min-max) and symmetric schemes; per tensor, per channel (any axis) or per group (groups of
-``group_size`` along the input dimension); 1 to 16 bits; signed or unsigned codes; round to nearest; and a
-straight-through estimator for training.
+``group_size`` along the input dimension, the last one shorter where the size does not divide it); 1 to 16 bits;
+signed or unsigned codes; round to nearest; and a straight-through estimator for training.
 
 Example:
     >>> spec = UniformSpec(bits=8, symmetric=True)
@@ -66,11 +66,24 @@ def check_finite(x: torch.Tensor, where: str) -> None:
         raise TorchslimError(f"{where}: {bad} value(s) are NaN or Inf; quantization needs finite values")
 
 
-def _grouped(x: torch.Tensor, spec: UniformSpec, where: str) -> torch.Tensor:
-    """View x as (..., groups, group_size) along its last dimension."""
-    if x.shape[-1] % spec.group_size:
-        raise TorchslimError(f"{where}: group_size {spec.group_size} does not divide the input dimension {x.shape[-1]}")
-    return x.reshape(*x.shape[:-1], x.shape[-1] // spec.group_size, spec.group_size)
+def group_count(width: int, group_size: int) -> int:
+    """Groups along a dimension of ``width``: the last one is shorter (ragged) where ``group_size`` does not divide it."""
+    return -(-width // group_size)
+
+
+def _grouped(x: torch.Tensor, spec: UniformSpec, where: str = "tensor") -> torch.Tensor:
+    """x as (..., groups, group_size) along its last dimension; a ragged last group is filled up with copies of the
+    row's last value, which lies in that group, so its range (and so its scale) is the ragged group's own."""
+    width = x.shape[-1]
+    missing = group_count(width, spec.group_size) * spec.group_size - width
+    if missing:
+        x = torch.cat([x, x[..., -1:].expand(*x.shape[:-1], missing)], dim=-1)
+    return x.reshape(*x.shape[:-1], -1, spec.group_size)
+
+
+def _ungrouped(view: torch.Tensor, width: int) -> torch.Tensor:
+    """Inverse of ``_grouped``: (..., groups, group_size) back to (..., width)."""
+    return view.reshape(*view.shape[:-2], -1)[..., :width]
 
 
 def reduce_range(x: torch.Tensor, spec: UniformSpec, where: str = "tensor") -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,15 +131,17 @@ def compute_qparams(x: torch.Tensor, spec: UniformSpec, where: str = "tensor") -
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: UniformSpec, where: str = "tensor") -> torch.Tensor:
     """Integer codes: clamp(round(x / scale) + zero_point, qmin, qmax), as int32 (grouped view when per group)."""
     qmin, qmax = spec.code_range
-    view = _grouped(x, spec, where) if spec.granularity == "group" else x
-    codes = torch.clamp(torch.round(view / scale) + zero_point, qmin, qmax)
-    return codes.reshape(x.shape).to(torch.int32)
+    if spec.granularity == "group":
+        codes = torch.clamp(torch.round(_grouped(x, spec, where) / scale) + zero_point, qmin, qmax)
+        return _ungrouped(codes, x.shape[-1]).to(torch.int32)
+    return torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax).to(torch.int32)
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: UniformSpec) -> torch.Tensor:
     """(codes - zero_point) * scale, back in the input's shape."""
-    view = _grouped(codes, spec, "codes") if spec.granularity == "group" else codes
-    return ((view.float() - zero_point) * scale).reshape(codes.shape)
+    if spec.granularity == "group":
+        return _ungrouped((_grouped(codes, spec, "codes").float() - zero_point) * scale, codes.shape[-1])
+    return (codes.float() - zero_point) * scale
 
 
 def quantize_dequantize(x: torch.Tensor, spec: UniformSpec, where: str = "tensor") -> torch.Tensor:
@@ -152,7 +167,8 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     view = _grouped(x, spec, "tensor") if spec.granularity == "group" else x
     codes = _RoundSTE.apply(view / scale) + zero_point
     codes = torch.clamp(codes, qmin, qmax)
-    return ((codes - zero_point) * scale).reshape(x.shape)
+    values = (codes - zero_point) * scale
+    return _ungrouped(values, x.shape[-1]) if spec.granularity == "group" else values
 
 
 def sqnr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:

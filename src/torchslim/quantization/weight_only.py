@@ -14,6 +14,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import nn
 
 from torchslim.core.config import Config, ConfigError
@@ -21,9 +22,17 @@ from torchslim.core.errors import TorchslimError
 from torchslim.core.report import Report, Result, Stage
 from torchslim.core.selector import LayerSelector, resolve_overrides, select_modules
 from torchslim.core.spec import append_transform, recorded_module, recorded_transform, register_transform
-from torchslim.core.ties import tied_weights
+from torchslim.core.ties import tied_groups
 from torchslim.measure.counts import count_parameters
-from torchslim.quantization.modules import QuantizedConv2d, QuantizedLinear, WeightScheme, empty_like, is_transposed_linear, quantize_module
+from torchslim.quantization.modules import (
+    QuantizedConv2d,
+    QuantizedEmbedding,
+    QuantizedLinear,
+    WeightScheme,
+    empty_like,
+    is_transposed_linear,
+    quantize_module,
+)
 from torchslim.quantization.primitives import sqnr_db
 
 TRANSFORM_KIND = "weight-quantization"
@@ -68,15 +77,59 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 @register_transform(TRANSFORM_KIND)
 def apply_structure(model: nn.Module, transform: dict[str, Any]) -> nn.Module:
     """Replace the layers a saved file lists with empty quantized modules of the same structure (for loading)."""
-    layers = transform.get("layers")
-    if not isinstance(layers, dict):
-        raise TorchslimError("the file's weight-quantization record needs a 'layers' mapping")
+    layers, shared = transform.get("layers"), transform.get("shared", {})
+    if not isinstance(layers, dict) or not isinstance(shared, dict):
+        raise TorchslimError("the file's weight-quantization record needs a 'layers' mapping (and 'shared' a mapping)")
     for name, scheme in layers.items():
         module = recorded_module(model, name, "quantizes")
-        if not isinstance(module, (nn.Linear, nn.Conv2d)) and not is_transposed_linear(module):
-            raise TorchslimError(f"the file quantizes {name!r}, a {type(module).__name__}: only Linear, Conv2d and Conv1D layers are quantized")
+        if not _quantizable(module):
+            raise TorchslimError(f"the file quantizes {name!r}, a {type(module).__name__}: only Linear, Conv2d, Conv1D and Embedding layers are quantized")
         set_module(model, name, empty_like(module, WeightScheme.from_dict(scheme, where=f"the file's scheme for {name}")))
+    for follower, leader in shared.items():
+        if follower not in layers or leader not in layers:
+            raise TorchslimError(f"the file shares {leader!r}'s quantized weight with {follower!r}, but does not quantize both")
+        share(model, follower, recorded_module(model, str(leader), "shares"))
     return model
+
+
+def _quantizable(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)) or is_transposed_linear(module)
+
+
+def share(model: nn.Module, name: str, leader: nn.Module) -> None:
+    """Make layer ``name`` (quantized) use ``leader``'s quantized weight, as a tied weight did before quantization."""
+    follower: Any = model.get_submodule(name)
+    holder: Any = leader.quantized
+    if tuple(follower.quantized.shape) != tuple(holder.shape):
+        raise TorchslimError(f"{name}: its weight {follower.quantized.shape} cannot share one of shape {holder.shape}")
+    follower.quantized = holder
+
+
+def _tie_plan(model: nn.Module, modules: list[tuple[str, nn.Module]]) -> tuple[list[tuple[str, nn.Module]], dict[str, str], list[str]]:
+    """(layers to quantize, {follower: leader} for tied layers that share the leader's quantized weight, notes on
+    tied layers left in float). A tied weight is quantized once when every layer holding it is selected (an output
+    layer and the embedding it shares), else left in float, so it stays tied."""
+    selected = dict(modules)
+    groups = tied_groups(model)
+    plan: list[tuple[str, nn.Module]] = []
+    shared: dict[str, str] = {}
+    notes: list[str] = []
+    for name, module in modules:
+        group = next((g for g in groups if f"{name}.weight" in g), None)
+        if group is None:
+            plan.append((name, module))
+            continue
+        holders = [n.removesuffix(".weight") for n in group if n.endswith(".weight")]
+        if len(holders) != len(group) or any(h not in selected for h in holders):
+            others = [n for n in group if n != f"{name}.weight"]
+            notes.append(
+                f"{name}: left in float, its weight is tied to {', '.join(others)}; select every layer holding it "
+                f"(layers.types: [Linear, Embedding]) to quantize them as one"
+            )
+        elif name == holders[0]:
+            plan.append((name, module))
+            shared.update({holder: name for holder in holders[1:]})
+    return plan, shared, notes
 
 
 def quantize_weights(model: nn.Module, config: WeightOnlyConfig | dict, inplace: bool = False) -> Result:
@@ -85,21 +138,23 @@ def quantize_weights(model: nn.Module, config: WeightOnlyConfig | dict, inplace:
     target = model if inplace else copy.deepcopy(model)
     modules = select_modules(target, config.layers, default_types=QUANTIZABLE)
     schemes_by_layer = resolve_overrides(modules, config.overrides, "quantize.overrides")
-    tied = tied_weights(target)
-    skipped = [f"{name}: left in float, its weight is tied to {', '.join(tied[name])} (quantizing would untie it)" for name, _ in modules if name in tied]
-    modules = [(name, module) for name, module in modules if name not in tied]
+    modules, shared, skipped = _tie_plan(target, modules)
     rows, schemes = [], {}
     for name, module in modules:
-        if isinstance(module, (QuantizedLinear, QuantizedConv2d)):
+        if isinstance(module, (QuantizedLinear, QuantizedConv2d, QuantizedEmbedding)):
             raise TorchslimError(f"layer {name!r} is already quantized")
-        if not isinstance(module, (nn.Linear, nn.Conv2d)) and not is_transposed_linear(module):
-            raise TorchslimError(f"layer {name!r} ({type(module).__name__}): weight-only quantization supports Linear, Conv2d and Conv1D")
+        if not _quantizable(module):
+            raise TorchslimError(f"layer {name!r} ({type(module).__name__}): weight-only quantization supports Linear, Conv2d, Conv1D and Embedding")
         scheme = schemes_by_layer.get(name, config.weights)
         weight = module.weight.detach().float().clone()
         weight = weight.t() if is_transposed_linear(module) else weight
         quantized = quantize_module(module, scheme, name)
         set_module(target, name, quantized)
         schemes[name] = scheme.to_dict()
+        for follower in [f for f, leader in shared.items() if leader == name]:
+            set_module(target, follower, empty_like(target.get_submodule(follower), scheme))
+            share(target, follower, quantized)
+            schemes[follower] = scheme.to_dict()
         rows.append(
             {
                 "name": name,
@@ -109,10 +164,14 @@ def quantize_weights(model: nn.Module, config: WeightOnlyConfig | dict, inplace:
                 "sqnr_db": round(sqnr_db(weight, quantized.quantized.weight()), 2),
                 "dense_bytes": weight.numel() * 4,
                 "stored_bytes": quantized.stored_bytes(),
+                "runs_on": _runs_on(quantized),
             }
         )
     previous = recorded_transform(target, TRANSFORM_KIND) or {"layers": {}}
-    append_transform(target, {"kind": TRANSFORM_KIND, "layers": {**previous["layers"], **schemes}}, replace_kind=True)
+    record = {"kind": TRANSFORM_KIND, "layers": {**previous["layers"], **schemes}}
+    if shared or previous.get("shared"):
+        record["shared"] = {**previous.get("shared", {}), **shared}
+    append_transform(target, record, replace_kind=True)
     weight_bytes = sum(r["stored_bytes"] for r in rows)
     metrics = {
         "parameters": count_parameters(model),
@@ -126,10 +185,28 @@ def quantize_weights(model: nn.Module, config: WeightOnlyConfig | dict, inplace:
         metrics=metrics,
         layers=rows,
         config=config.to_dict(),
-        notes=[f"{row['name']}: {row['scheme']} {row['bits']} bits, SQNR {row['sqnr_db']:.1f} dB" for row in rows] + skipped,
-        execution="weights stored quantized, dequantized in eager forward",
+        notes=[f"{row['name']}: {row['scheme']} {row['bits']} bits, SQNR {row['sqnr_db']:.1f} dB, runs on {row['runs_on']}" for row in rows]
+        + [f"{follower}: shares {leader}'s quantized weight (tied)" for follower, leader in shared.items()]
+        + skipped,
+        execution=_execution(rows),
     )
     return Result(model=target, report=Report.for_model(model, [stage]))
+
+
+def _runs_on(module: nn.Module) -> str:
+    """What runs a quantized layer: its integer kernel, or decoding."""
+    if isinstance(module, QuantizedEmbedding):
+        return "row decoding"
+    with torch.no_grad():
+        kernel = module.quantized.kernel() if isinstance(module, QuantizedLinear) else None
+    return kernel.name if kernel is not None else "decoding to float32"
+
+
+def _execution(rows: list[dict[str, Any]]) -> str:
+    kernels = sum(1 for row in rows if "aten" in row["runs_on"])
+    if kernels == 0:
+        return "weights stored quantized, dequantized in eager forward"
+    return f"{kernels} of {len(rows)} layers on integer CPU kernels (bfloat16 activations), the rest dequantized in eager forward"
 
 
 __all__ = ["QUANTIZABLE", "TRANSFORM_KIND", "WeightOnlyConfig", "apply_structure", "quantize_weights", "set_module"]

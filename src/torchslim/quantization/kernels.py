@@ -1,0 +1,83 @@
+"""Integer CPU kernels for weight-only quantized Linear layers: the layer keeps int8 or packed int4 weights in memory
+(no decoded copy) and multiplies with PyTorch's own kernels, activations in bfloat16.
+
+- int8, symmetric, one scale per output channel, input width a multiple of 16 (the kernel reads out of bounds
+  otherwise): ``aten._weight_int8pack_mm`` for a few rows (token-by-token
+  decoding); above ``INT8_KERNEL_ROWS`` rows the int8 weight is widened to bfloat16 for one bfloat16 matmul, which
+  is faster there on this kind of CPU.
+- up to 4 bits, per group of 32 to 256 (or per channel / tensor, expressed as such groups): ``aten.
+  _weight_int4pack_mm_for_cpu`` (two codes per byte); it needs the output width to be a multiple of 16.
+
+The shape rules were found by checking every result against a float matmul over a grid of shapes (tests/quantization/
+test_kernels.py keeps that check).
+
+Other formats (k-means codebooks, 5-7 bits, ragged groups) have no such kernel here and decode instead; the report
+says which layers run on a kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+
+INT8_KERNEL_ROWS = 8
+INT4_GROUPS = (256, 128, 64, 32)
+
+
+def available() -> bool:
+    """Whether this PyTorch build has the CPU kernels."""
+    aten = torch.ops.aten
+    return all(hasattr(aten, name) for name in ("_weight_int8pack_mm", "_weight_int4pack_mm_for_cpu", "_convert_weight_to_int4pack_for_cpu"))
+
+
+class Int8Kernel:
+    """y = x W^T with W = int8 codes x per-output-channel scale."""
+
+    name = "int8 (aten._weight_int8pack_mm)"
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor) -> None:
+        self.weight = codes.to(torch.int8).contiguous()
+        self.scale = scale.reshape(-1).to(torch.bfloat16).contiguous()
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+        if rows.shape[0] <= INT8_KERNEL_ROWS:
+            y = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.scale)
+        else:
+            y = rows @ (self.weight.to(torch.bfloat16) * self.scale[:, None]).T
+        y = y.to(x.dtype).reshape(*x.shape[:-1], self.weight.shape[0])
+        return y + bias if bias is not None else y
+
+    def nbytes(self) -> int:
+        return self.weight.numel() + self.scale.numel() * 2
+
+
+class Int4Kernel:
+    """y = x W^T with W[n, k] = code[n, k] x scale[n, g] + offset[n, g] (codes < 16, g = k // group)."""
+
+    name = "int4 (aten._weight_int4pack_mm_for_cpu)"
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group: int) -> None:
+        self.out_features, self.group = codes.shape[0], group
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
+        # the kernel computes (code - 8) x scale + term
+        self.scales_and_zeros = torch.stack([scale.T, (offset + 8 * scale).T], dim=-1).to(torch.bfloat16).contiguous()
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, self.group, self.scales_and_zeros)
+        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return y + bias if bias is not None else y
+
+    def nbytes(self) -> int:
+        return self.packed.numel() * self.packed.element_size() + self.scales_and_zeros.numel() * 2
+
+
+def int4_group(width: int, group_size: int | None) -> int | None:
+    """The kernel group for a layer of input ``width``: ``group_size`` itself if the kernel takes it, or (for one
+    scale per channel, ``group_size`` None) the largest kernel group dividing the width; None when there is none."""
+    if group_size is not None:
+        return group_size if group_size in INT4_GROUPS and width % group_size == 0 else None
+    return next((g for g in INT4_GROUPS if width % g == 0), None)
+
+
+__all__ = ["INT4_GROUPS", "INT8_KERNEL_ROWS", "Int4Kernel", "Int8Kernel", "available", "int4_group"]
