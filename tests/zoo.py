@@ -325,6 +325,23 @@ def gpt2(vocab=65):
     return transformers.GPT2LMHeadModel(config)
 
 
+def llama(vocab=128, tie=True):
+    """A tiny Llama-architecture causal LM (grouped KV heads, SwiGLU MLP, RMSNorm, rotary positions)."""
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie,
+    )
+    return transformers.LlamaForCausalLM(config)
+
+
 def hf_vit(classes=10):
     import transformers
 

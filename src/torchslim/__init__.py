@@ -9,7 +9,7 @@ Example:
     True
 """
 
-from torchslim import codec, data, export, io, measure, models, report, tasks
+from torchslim import codec, data, export, io, llm, measure, models, report, tasks
 from torchslim.core import Config, ConfigError, Report, Result, TorchslimError
 from torchslim.core.checks import allow_nonfinite
 from torchslim.data.sources import Data
@@ -40,6 +40,7 @@ __all__ = [
     "evaluate",
     "export",
     "io",
+    "llm",
     "load",
     "make_permanent",
     "measure",

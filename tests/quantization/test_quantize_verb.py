@@ -17,6 +17,7 @@ CONFIGS = {
     "native-int8": {"method": "native-int8", "observer": "percentile", "calibration_batches": 4},
     "pt2e": {"method": "pt2e", "calibration_batches": 4},
     "qat": {"method": "qat", "calibration_batches": 2},
+    "gptq": {"method": "gptq", "weights": {"bits": 4}, "calibration_batches": 4, "batch_size": 64},
 }
 
 

@@ -28,10 +28,8 @@ from torchslim.pipeline.recipe import RecipeStage, register_stage
 from torchslim.pruning.apply import make_permanent
 from torchslim.pruning.structured import StructuredConfig, prune_channels
 from torchslim.pruning.unstructured import PruneConfig, prune
-from torchslim.quantization.api import NativeInt8Config, Pt2eConfig, quantize, quantize_config
+from torchslim.quantization.api import NativeInt8Config, method_of, quantize, quantize_config
 from torchslim.quantization.onnx_static import OnnxInt8Config
-from torchslim.quantization.qat import QATConfig
-from torchslim.quantization.weight_only import WeightOnlyConfig
 from torchslim.tasks.base import Task
 from torchslim.train.fit import TrainConfig, fit
 
@@ -115,11 +113,11 @@ def run_finetune(context: StageContext, stage: RecipeStage) -> StageOutcome:
 
 def _engine_method(config: Config) -> bool:
     """Whether a quantization method hands back an engine (ONNX Runtime, compiled PT2E) instead of a model."""
-    return not isinstance(config, WeightOnlyConfig) and not (isinstance(config, QATConfig) and not config.export)
+    return method_of(config).engine(config)
 
 
 def _onnx_method(config: Config) -> bool:
-    return _engine_method(config) and not isinstance(config, Pt2eConfig)
+    return method_of(config).onnx(config)
 
 
 @register_stage("quantize", quantize_config, finetune=True, terminal=_engine_method, writes_onnx=_onnx_method)

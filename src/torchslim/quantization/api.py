@@ -76,24 +76,44 @@ class Pt2eConfig(Config):
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-    """A quantization method: its config type and the function that applies it."""
+    """A quantization method: its config type, the function that applies it, whether it calibrates on data, and
+    whether (for a given config) it hands back an engine instead of a model (``engine``), one that runs an ONNX
+    file it writes (``onnx``)."""
 
     config: type[Config]
     apply: Callable[..., tuple[nn.Module, Stage]]
     needs_data: bool
+    engine: Callable[[Config], bool] = lambda config: False
+    onnx: Callable[[Config], bool] = lambda config: False
 
 
 METHODS: Registry[Method] = Registry("quantization method")
 
 
-def quantization_method(name: str, config: type[Config], needs_data: bool) -> Callable:
+def quantization_method(
+    name: str,
+    config: type[Config],
+    needs_data: bool,
+    engine: Callable[[Config], bool] = lambda config: False,
+    onnx: Callable[[Config], bool] | None = None,
+) -> Callable:
     """Register ``apply(model, config, context) -> (model, report stage)`` as quantization method ``name``."""
 
     def add(function: Callable[..., tuple[nn.Module, Stage]]) -> Callable[..., tuple[nn.Module, Stage]]:
-        METHODS.register(name, (config.__doc__ or "").strip())(Method(config, function, needs_data))
+        METHODS.register(name, (config.__doc__ or "").strip())(Method(config, function, needs_data, engine, onnx or engine))
         return function
 
     return add
+
+
+def method_of(config: Config) -> Method:
+    """The registered method a typed config belongs to."""
+    return next(METHODS.get(name) for name in METHODS.names() if isinstance(config, METHODS.get(name).config))
+
+
+def calibration(context: _Context, batch_size: int, count: int) -> Any:
+    """Up to ``count`` batches of ``batch_size`` from the training data, for a method that calibrates."""
+    return _take(_calibration(context, batch_size), count)
 
 
 def quantize_config(config: Any, where: str = "quantize") -> Config:
@@ -146,7 +166,7 @@ def _weight_only(model: nn.Module, config: WeightOnlyConfig, context: _Context) 
     return model, stage
 
 
-@quantization_method("onnxruntime", OnnxInt8Config, needs_data=True)
+@quantization_method("onnxruntime", OnnxInt8Config, needs_data=True, engine=lambda config: True)
 def _onnxruntime(model: nn.Module, config: OnnxInt8Config, context: _Context) -> tuple[nn.Module, Stage]:
     batches = _calibration(context, config.batch_size) if config.mode == "static" else None
     with tempfile.TemporaryDirectory() as folder:
@@ -156,7 +176,7 @@ def _onnxruntime(model: nn.Module, config: OnnxInt8Config, context: _Context) ->
     return engine, _stage([f"ONNX Runtime quantizer: {how}"], f"ONNX Runtime, {how}", engine)
 
 
-@quantization_method("native-int8", NativeInt8Config, needs_data=True)
+@quantization_method("native-int8", NativeInt8Config, needs_data=True, engine=lambda config: True)
 def _native_int8(model: nn.Module, config: NativeInt8Config, context: _Context) -> tuple[nn.Module, Stage]:
     native = prepare_qat(fold_batchnorm(model), {"weight_scale": "observer"}, inplace=True)
     batches = list(_take(_calibration(context, config.batch_size), config.calibration_batches))
@@ -170,7 +190,7 @@ def _native_int8(model: nn.Module, config: NativeInt8Config, context: _Context) 
     )
 
 
-@quantization_method("pt2e", Pt2eConfig, needs_data=True)
+@quantization_method("pt2e", Pt2eConfig, needs_data=True, engine=lambda config: True, onnx=lambda config: False)
 def _pt2e(model: nn.Module, config: Pt2eConfig, context: _Context) -> tuple[nn.Module, Stage]:
     from torchslim.quantization.pt2e import pt2e_int8
 
@@ -178,7 +198,7 @@ def _pt2e(model: nn.Module, config: Pt2eConfig, context: _Context) -> tuple[nn.M
     return compiled, _stage(["X86InductorQuantizer defaults"], "torch.compile (inductor, freezing), PT2E int8")
 
 
-@quantization_method("qat", QATConfig, needs_data=True)
+@quantization_method("qat", QATConfig, needs_data=True, engine=lambda config: bool(getattr(config, "export", False)))
 def _qat(model: nn.Module, config: QATConfig, context: _Context) -> tuple[nn.Module, Stage]:
     trained = prepare_qat(model, config, inplace=True)
     calibrate_qat(trained, _calibration(context, 64), config.calibration_batches)
@@ -236,7 +256,7 @@ def quantize(
     tuning = TrainConfig.coerce(finetune, where="quantize.finetune") if finetune is not None else None
     resolved = resolve_task(task, source, model) if source is not None and tuning is not None else None
     example = example_input if example_input is not None else (source.example(1) if source is not None else None)
-    if method != "weight-only" and example is None:
+    if entry.onnx(typed) and example is None:
         raise ConfigError(f"quantize: method {method!r} exports the model: pass example_input=... or data=...")
     context = _Context(source, resolved, tuning, example, progress, threads, Path(path) if path is not None else None)
     started = time.perf_counter()
@@ -249,4 +269,4 @@ def quantize(
     return Result(model=quantized, report=Report.for_model(model, [stage]))
 
 
-__all__ = ["METHODS", "NativeInt8Config", "Pt2eConfig", "quantization_method", "quantize", "quantize_config"]
+__all__ = ["METHODS", "NativeInt8Config", "Pt2eConfig", "calibration", "method_of", "quantization_method", "quantize", "quantize_config"]

@@ -506,6 +506,22 @@ def empty_like(module: Any, scheme: WeightScheme) -> nn.Module:
     raise TypeError(f"weight-only quantization supports Linear, Conv2d and Embedding, not {type(module).__name__}")
 
 
+@torch.no_grad()
+def from_codes(module: Any, scheme: WeightScheme, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> nn.Module:
+    """The quantized module replacing Linear (or Conv1D) ``module`` with codes and per-channel / per-group scales a
+    method chose itself (GPTQ), laid out as ``quantization.primitives`` does for the scheme's uniform grid."""
+    if scheme.scheme != "uniform":
+        raise ValueError(f"codes chosen by a method need a uniform scheme, got {scheme.scheme!r}")
+    quantized: Any = empty_like(module, scheme)
+    holder, spec = quantized.quantized, scheme.uniform_spec()
+    holder.scale = scale.reshape(holder.scale_shape(spec)).float().clone()
+    holder.zero_point = zero_point.reshape(holder.scale_shape(spec)).to(torch.int32).clone()
+    holder.pack(codes.reshape(holder.shape).to(torch.int64) - spec.code_range[0])
+    if getattr(module, "bias", None) is not None:
+        quantized.bias.data.copy_(module.bias.detach())
+    return quantized.to(module.weight.device)
+
+
 def quantize_module(module: Any, scheme: WeightScheme, where: str) -> nn.Module:
     """The quantized module replacing ``module`` (Linear, Conv2d, Embedding, or GPT-2's transposed Conv1D)."""
     if is_transposed_linear(module):

@@ -132,46 +132,74 @@ def _tie_plan(model: nn.Module, modules: list[tuple[str, nn.Module]]) -> tuple[l
     return plan, shared, notes
 
 
-def quantize_weights(model: nn.Module, config: WeightOnlyConfig | dict, inplace: bool = False) -> Result:
-    """Replace the selected layers by weight-only quantized modules; report SQNR and stored bytes per layer."""
-    config = WeightOnlyConfig.coerce(config, where="quantize")
-    target = model if inplace else copy.deepcopy(model)
-    modules = select_modules(target, config.layers, default_types=QUANTIZABLE)
-    schemes_by_layer = resolve_overrides(modules, config.overrides, "quantize.overrides")
-    modules, shared, skipped = _tie_plan(target, modules)
-    rows, schemes = [], {}
+@dataclasses.dataclass
+class LayerPlan:
+    """Which layers a weight-only method quantizes and how: (name, module) pairs, each layer's scheme, the tied
+    layers that share a leader's quantized weight, and notes on layers left in float."""
+
+    modules: list[tuple[str, nn.Module]]
+    schemes: dict[str, WeightScheme]
+    shared: dict[str, str]
+    notes: list[str]
+    rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    recorded: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+
+    def scheme(self, name: str) -> WeightScheme:
+        return self.schemes[name]
+
+
+def plan_layers(target: nn.Module, config: Any, types: tuple[str, ...] = QUANTIZABLE) -> LayerPlan:
+    """The layers ``config`` (``weights``, ``layers``, ``overrides``) selects in ``target``, checked quantizable."""
+    modules = select_modules(target, config.layers, default_types=types)
+    by_layer = resolve_overrides(modules, config.overrides, "quantize.overrides")
+    modules, shared, notes = _tie_plan(target, modules)
     for name, module in modules:
         if isinstance(module, (QuantizedLinear, QuantizedConv2d, QuantizedEmbedding)):
             raise TorchslimError(f"layer {name!r} is already quantized")
         if not _quantizable(module):
             raise TorchslimError(f"layer {name!r} ({type(module).__name__}): weight-only quantization supports Linear, Conv2d, Conv1D and Embedding")
-        scheme = schemes_by_layer.get(name, config.weights)
-        weight = module.weight.detach().float().clone()
-        weight = weight.t() if is_transposed_linear(module) else weight
-        quantized = quantize_module(module, scheme, name)
-        set_module(target, name, quantized)
-        schemes[name] = scheme.to_dict()
-        for follower in [f for f, leader in shared.items() if leader == name]:
-            set_module(target, follower, empty_like(target.get_submodule(follower), scheme))
-            share(target, follower, quantized)
-            schemes[follower] = scheme.to_dict()
-        rows.append(
-            {
-                "name": name,
-                "scheme": scheme.scheme,
-                "bits": scheme.stored_bits,
-                "weights": weight.numel(),
-                "sqnr_db": round(sqnr_db(weight, quantized.quantized.weight()), 2),
-                "dense_bytes": weight.numel() * 4,
-                "stored_bytes": quantized.stored_bytes(),
-                "runs_on": _runs_on(quantized),
-            }
-        )
+    return LayerPlan(modules, {name: by_layer.get(name, config.weights) for name, _ in modules}, shared, notes)
+
+
+def float_weight(module: nn.Module) -> torch.Tensor:
+    """A layer's float weight as (out, in, ...) (GPT-2's Conv1D stores it transposed)."""
+    weight = module.weight.detach().float()
+    return weight.t() if is_transposed_linear(module) else weight
+
+
+def replace_layer(target: nn.Module, plan: LayerPlan, name: str, original: torch.Tensor, quantized: nn.Module, **extra: Any) -> None:
+    """Put ``quantized`` in place of layer ``name`` (and of the tied layers sharing it), with its report row; the
+    SQNR is measured against the ``original`` float weight."""
+    scheme = plan.scheme(name)
+    set_module(target, name, quantized)
+    plan.recorded[name] = scheme.to_dict()
+    for follower in [f for f, leader in plan.shared.items() if leader == name]:
+        set_module(target, follower, empty_like(target.get_submodule(follower), scheme))
+        share(target, follower, quantized)
+        plan.recorded[follower] = scheme.to_dict()
+    plan.rows.append(
+        {
+            "name": name,
+            "scheme": scheme.scheme,
+            "bits": scheme.stored_bits,
+            "weights": original.numel(),
+            "sqnr_db": round(sqnr_db(original, quantized.quantized.weight()), 2),
+            "dense_bytes": original.numel() * 4,
+            "stored_bytes": quantized.stored_bytes(),
+            "runs_on": _runs_on(quantized),
+            **extra,
+        }
+    )
+
+
+def finish(model: nn.Module, target: nn.Module, config: Any, plan: LayerPlan, notes: list[str] | None = None) -> Stage:
+    """Record the quantized layers in ``target``'s spec (so a saved file rebuilds them) and the report stage."""
     previous = recorded_transform(target, TRANSFORM_KIND) or {"layers": {}}
-    record = {"kind": TRANSFORM_KIND, "layers": {**previous["layers"], **schemes}}
-    if shared or previous.get("shared"):
-        record["shared"] = {**previous.get("shared", {}), **shared}
+    record = {"kind": TRANSFORM_KIND, "layers": {**previous["layers"], **plan.recorded}}
+    if plan.shared or previous.get("shared"):
+        record["shared"] = {**previous.get("shared", {}), **plan.shared}
     append_transform(target, record, replace_kind=True)
+    rows = plan.rows
     weight_bytes = sum(r["stored_bytes"] for r in rows)
     metrics = {
         "parameters": count_parameters(model),
@@ -179,18 +207,29 @@ def quantize_weights(model: nn.Module, config: WeightOnlyConfig | dict, inplace:
         "dense_weight_bytes": sum(r["dense_bytes"] for r in rows),
         "compression": sum(r["dense_bytes"] for r in rows) / weight_bytes if weight_bytes else 1.0,
     }
-    stage = Stage(
+    return Stage(
         name="quantize",
         kind="quantize",
         metrics=metrics,
         layers=rows,
         config=config.to_dict(),
-        notes=[f"{row['name']}: {row['scheme']} {row['bits']} bits, SQNR {row['sqnr_db']:.1f} dB, runs on {row['runs_on']}" for row in rows]
-        + [f"{follower}: shares {leader}'s quantized weight (tied)" for follower, leader in shared.items()]
-        + skipped,
+        notes=(notes or [])
+        + [f"{row['name']}: {row['scheme']} {row['bits']} bits, SQNR {row['sqnr_db']:.1f} dB, runs on {row['runs_on']}" for row in rows]
+        + [f"{follower}: shares {leader}'s quantized weight (tied)" for follower, leader in plan.shared.items()]
+        + plan.notes,
         execution=_execution(rows),
     )
-    return Result(model=target, report=Report.for_model(model, [stage]))
+
+
+def quantize_weights(model: nn.Module, config: WeightOnlyConfig | dict, inplace: bool = False) -> Result:
+    """Replace the selected layers by weight-only quantized modules (round to nearest); report SQNR and stored bytes
+    per layer."""
+    config = WeightOnlyConfig.coerce(config, where="quantize")
+    target = model if inplace else copy.deepcopy(model)
+    plan = plan_layers(target, config)
+    for name, module in plan.modules:
+        replace_layer(target, plan, name, float_weight(module), quantize_module(module, plan.scheme(name), name))
+    return Result(model=target, report=Report.for_model(model, [finish(model, target, config, plan)]))
 
 
 def _runs_on(module: nn.Module) -> str:
@@ -209,4 +248,16 @@ def _execution(rows: list[dict[str, Any]]) -> str:
     return f"{kernels} of {len(rows)} layers on integer CPU kernels (bfloat16 activations), the rest dequantized in eager forward"
 
 
-__all__ = ["QUANTIZABLE", "TRANSFORM_KIND", "WeightOnlyConfig", "apply_structure", "quantize_weights", "set_module"]
+__all__ = [
+    "QUANTIZABLE",
+    "TRANSFORM_KIND",
+    "LayerPlan",
+    "WeightOnlyConfig",
+    "apply_structure",
+    "finish",
+    "float_weight",
+    "plan_layers",
+    "quantize_weights",
+    "replace_layer",
+    "set_module",
+]

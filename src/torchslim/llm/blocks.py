@@ -1,0 +1,206 @@
+"""Block-by-block (layer-wise) calibration of transformers: the model's repeated blocks (decoder layers) are found,
+the inputs of the first block are captured for every calibration batch, and then each block in turn is handed to a
+method (GPTQ, AWQ, SparseGPT, Wanda, ...) with its inputs, changed, and run to give the next block's inputs. Only
+one block's weights are worked on and one set of block inputs is held at a time, so calibration of a model that
+barely fits in memory still fits.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> class Net(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.embed = nn.Embedding(10, 8)
+    ...         self.layers = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.ReLU()) for _ in range(3))
+    ...     def forward(self, ids):
+    ...         x = self.embed(ids)
+    ...         for layer in self.layers:
+    ...             x = layer(x)
+    ...         return x
+    >>> seen = []
+    >>> _ = sequential(Net(), [torch.randint(0, 10, (2, 5))], lambda name, block, inputs: seen.append(name))
+    >>> seen
+    ['layers.0', 'layers.1', 'layers.2']
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import resource
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from torchslim.core.errors import TorchslimError
+from torchslim.core.modes import eval_mode, model_device
+from torchslim.tasks.batches import model_inputs, move_to
+
+# what one calibration batch gives a block: its positional and keyword arguments
+BlockInput = tuple[tuple[Any, ...], dict[str, Any]]
+BlockMethod = Callable[[str, nn.Module, list[BlockInput]], Any]
+
+
+class _Captured(Exception):
+    pass
+
+
+class NoBlocks(TorchslimError):
+    """The model has no repeated blocks."""
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The model's repeated blocks: the longest ``ModuleList`` of modules of one class that hold Linear layers (a
+    decoder's layers, a ViT's blocks)."""
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if len({type(child) for child in module}) != 1:
+            continue
+        if not any(isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D" for m in module[0].modules()):
+            continue
+        if best is None or len(module) > len(best[1]):
+            best = (name, module)
+    if best is None:
+        raise NoBlocks(
+            "block-by-block calibration needs the model's repeated blocks (an nn.ModuleList of layers holding Linear "
+            "layers, such as a decoder's layers); this model has none"
+        )
+    return best
+
+
+def _detach(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, tuple):
+        return tuple(_detach(v) for v in value)
+    if isinstance(value, list):
+        return [_detach(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _detach(v) for k, v in value.items()}
+    return value
+
+
+def capture_inputs(model: nn.Module, block: nn.Module, batches: Iterable[Any]) -> list[BlockInput]:
+    """The arguments ``block`` is called with, for each batch, stopping the forward pass there (nothing after it
+    runs). A Hugging Face model is called without its key/value cache."""
+    captured: list[BlockInput] = []
+
+    def grab(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        captured.append((_detach(args), {k: _detach(v) for k, v in kwargs.items() if k not in ("past_key_value", "past_key_values")}))
+        raise _Captured
+
+    handle = block.register_forward_pre_hook(grab, with_kwargs=True)
+    device = model_device(model)
+    extra = {"use_cache": False} if getattr(getattr(model, "config", None), "use_cache", None) is not None else {}
+    try:
+        with eval_mode(model), torch.no_grad():
+            for batch in batches:
+                args, kwargs = model_inputs(move_to(batch, device))
+                try:
+                    model(*args, **kwargs, **extra)
+                except _Captured:
+                    continue
+                raise TorchslimError("block-by-block calibration: the model's forward pass never reached its first block")
+    finally:
+        handle.remove()
+    if not captured:
+        raise TorchslimError("block-by-block calibration got no calibration batches")
+    return captured
+
+
+def block_output(output: Any) -> torch.Tensor:
+    """The hidden states a block returns (a tensor, or the first entry of a tuple)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TorchslimError(f"a block returned {type(output).__name__}; expected hidden states (a tensor or a tuple starting with one)")
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, inputs: list[BlockInput]) -> list[BlockInput]:
+    """The next block's inputs: each input's hidden states replaced by what ``block`` makes of them."""
+    outputs = []
+    with eval_mode(block):
+        for args, kwargs in inputs:
+            hidden = block_output(block(*args, **kwargs))
+            outputs.append(((hidden, *args[1:]) if args else (), kwargs if args else {**kwargs, "hidden_states": hidden}))
+    return outputs
+
+
+def forward_inputs(block: nn.Module, inputs: list[BlockInput], layers: dict[str, nn.Module], observe: Callable[[str, torch.Tensor], None]) -> None:
+    """Run ``block`` over its inputs, calling ``observe(name, x)`` with the input of each of ``layers`` (flattened to
+    (tokens, features)) as it is computed."""
+    handles = [
+        layer.register_forward_hook(lambda module, args, output, name=name: observe(name, args[0].detach().reshape(-1, args[0].shape[-1])))
+        for name, layer in layers.items()
+    ]
+    try:
+        run_block(block, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@dataclasses.dataclass
+class SequentialRun:
+    """What a block-by-block pass measured."""
+
+    blocks: int
+    calibration_batches: int
+    tokens: int
+    seconds: float
+    peak_rss_mib: float
+    results: dict[str, Any]
+
+
+def sequential(model: nn.Module, batches: Iterable[Any], method: BlockMethod, progress: Callable[[str], None] | None = None) -> SequentialRun:
+    """Hand each of the model's blocks in turn to ``method(name, block, inputs)`` (which may change the block in
+    place), then run the changed block to give the next one its inputs. Returns what each call returned, by block.
+    A model without repeated blocks is one block: the whole model, calibrated in one pass."""
+    started = time.perf_counter()
+    try:
+        prefix, blocks = find_blocks(model)
+        inputs = capture_inputs(model, blocks[0], batches)
+    except NoBlocks:
+        prefix, blocks = "", nn.ModuleList([model])
+        device = model_device(model)
+        inputs = [model_inputs(move_to(batch, device)) for batch in batches]
+    tokens = sum(int(args[0].shape[0] * args[0].shape[1]) if args and args[0].dim() >= 2 else 0 for args, _ in inputs)
+    results = {}
+    for index, block in enumerate(blocks):
+        name = f"{prefix}.{index}" if prefix else (str(index) if block is not model else "")
+        results[name] = method(name, block, inputs)
+        if index + 1 < len(blocks):
+            inputs = run_block(block, inputs)
+        if progress is not None:
+            progress(f"{name} done ({index + 1}/{len(blocks)}, {time.perf_counter() - started:.0f} s)")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return SequentialRun(len(blocks), len(inputs), tokens, time.perf_counter() - started, peak, results)
+
+
+def block_layers(block: nn.Module, selected: set[nn.Module] | None = None) -> dict[str, nn.Module]:
+    """The Linear layers (and GPT-2 Conv1D) inside a block, by name within it, in execution-independent model order;
+    only those in ``selected`` when given."""
+    return {
+        name: module
+        for name, module in block.named_modules()
+        if (isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D") and (selected is None or module in selected)
+    }
+
+
+__all__ = [
+    "BlockInput",
+    "SequentialRun",
+    "block_layers",
+    "block_output",
+    "capture_inputs",
+    "find_blocks",
+    "forward_inputs",
+    "run_block",
+    "sequential",
+]
