@@ -41,7 +41,7 @@ def test_gptq_ignores_inputs_that_are_always_zero():
     inputs = _correlated_inputs(features=32)
     inputs[:, 5] = 0.0
     weight = torch.randn(8, 32)
-    codes, scale, zero = gptq(weight, hessian_of(inputs), UniformSpec(bits=4, symmetric=False, granularity="channel"))
+    codes, scale, _ = gptq(weight, hessian_of(inputs), UniformSpec(bits=4, symmetric=False, granularity="channel"))
     assert torch.isfinite(scale).all() and codes.shape == (8, 32)
 
 
