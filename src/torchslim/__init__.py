@@ -14,6 +14,7 @@ from torchslim.core import Config, ConfigError, Report, Result, TorchslimError
 from torchslim.core.checks import allow_nonfinite
 from torchslim.data.sources import Data
 from torchslim.distillation import distill
+from torchslim.llm import quantize as _llm_quantize  # noqa: F401 - registers the gptq method
 from torchslim.measure.profile import profile
 from torchslim.pipeline import compress
 from torchslim.pruning import make_permanent, prune, prune_channels

@@ -55,7 +55,7 @@ def round_to_nearest(weight: torch.Tensor, spec: UniformSpec) -> torch.Tensor:
     return quantize_dequantize(weight, spec)
 
 
-def _inverse_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
+def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of H^-1 (H damped by ``damp`` x mean diagonal, raised until it factors)."""
     diagonal_mean = float(hessian.diagonal().mean())
     eye = torch.eye(hessian.shape[0], dtype=hessian.dtype)
@@ -100,7 +100,7 @@ def gptq(
             scale, zero = s.reshape(rows, groups), z.reshape(rows, groups)
     order = torch.argsort(hessian.diagonal(), descending=True) if act_order else torch.arange(columns)
     weight, hessian = weight[:, order], hessian[order][:, order]
-    inverse = _inverse_cholesky(hessian, damp)
+    inverse = inverse_hessian_factor(hessian, damp)
     channel_spec = UniformSpec(bits=spec.bits, symmetric=spec.symmetric, signed=spec.signed, granularity="channel")
     codes = torch.zeros(rows, columns, dtype=torch.int32)
     qmin, qmax = spec.code_range
@@ -144,4 +144,4 @@ def dequantized(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, sp
     return dequantize(codes, scale, zero, spec)
 
 
-__all__ = ["HessianAccumulator", "dequantized", "gptq", "hessian_of", "layer_error", "round_to_nearest"]
+__all__ = ["HessianAccumulator", "dequantized", "gptq", "hessian_of", "inverse_hessian_factor", "layer_error", "round_to_nearest"]

@@ -102,9 +102,19 @@ def random(weight: torch.Tensor, statistics: dict[str, Any]) -> torch.Tensor:
     return torch.rand(weight.shape, generator=generator if isinstance(generator, torch.Generator) else None).to(weight.device)
 
 
+@weight_criterion("wanda", needs=ACTIVATIONS)
+def wanda(weight: torch.Tensor, statistics: dict[str, Any]) -> torch.Tensor:
+    """Wanda (Sun et al. 2023): |w_ij| x ||x_j||_2, each weight's magnitude times the norm of the input it reads over
+    the calibration tokens (compare within rows: scope "row")."""
+    norms = _statistic(statistics, "input_norm").to(weight.device)
+    if statistics.get("transposed"):  # GPT-2's Conv1D stores (in, out)
+        return weight.abs() * norms.reshape(-1, 1)
+    return weight.abs() * norms.reshape(1, -1, *([1] * (weight.dim() - 2)))
+
+
 def _statistic(statistics: dict[str, Any], key: str) -> torch.Tensor:
     if key not in statistics:
-        raise TorchslimError(f"this criterion needs gradient statistics ('{key}'): pass data and calibration_batches > 0")
+        raise TorchslimError(f"this criterion needs calibration statistics ('{key}'): pass data and calibration_batches > 0")
     return statistics[key]
 
 
@@ -149,6 +159,50 @@ def collect_gradient_statistics(
     if seen == 0:
         raise TorchslimError("gradient statistics need at least one calibration batch; the data gave none")
     return sums
+
+
+def collect_input_norms(model: nn.Module, modules: list[tuple[str, nn.Module]], batches: Iterable, count: int) -> dict[str, dict[str, Any]]:
+    """||x_j||_2 over every calibration token of each selected layer's input features (eval mode, no gradients): the
+    activation statistic of Wanda. Convolution inputs count every spatial position as a token."""
+    sums = {name: torch.zeros(_input_features(name, module), dtype=torch.float64) for name, module in modules}
+
+    def hook(name: str) -> Callable[..., None]:
+        def record(module: nn.Module, inputs: tuple, output: Any) -> None:
+            x = inputs[0].detach()
+            x = x.movedim(1, -1) if isinstance(module, nn.Conv2d) else x
+            sums[name] += x.reshape(-1, x.shape[-1]).double().pow(2).sum(0).cpu()
+
+        return record
+
+    handles = [module.register_forward_hook(hook(name)) for name, module in modules]
+    seen = 0
+    try:
+        with eval_mode(model), torch.no_grad():
+            device = model_device(model)
+            for batch in batches:
+                if seen >= count:
+                    break
+                args, kwargs = model_inputs(move_to(batch, device))
+                model(*args, **kwargs)
+                seen += 1
+    finally:
+        for handle in handles:
+            handle.remove()
+    if seen == 0:
+        raise TorchslimError("activation statistics need at least one calibration batch; the data gave none")
+    transposed = {name: type(module).__name__ == "Conv1D" for name, module in modules}
+    return {name: {"input_norm": total.sqrt().float(), "transposed": transposed[name]} for name, total in sums.items()}
+
+
+def _input_features(name: str, module: nn.Module) -> int:
+    """The input features an activation criterion scores a layer's weight columns by."""
+    if isinstance(module, nn.Linear):
+        return module.in_features
+    if type(module).__name__ == "Conv1D":
+        return int(module.weight.shape[0])
+    if isinstance(module, nn.Conv2d) and module.groups == 1:
+        return module.in_channels
+    raise TorchslimError(f"{name}: activation-weighted importance takes Linear, Conv1D and ungrouped Conv2d layers, not {type(module).__name__}")
 
 
 # -- per group -------------------------------------------------------------------------------------------------------

@@ -55,6 +55,56 @@ def global_masks(scores: dict[str, torch.Tensor], sparsity: float) -> dict[str, 
     return masks
 
 
+def row_masks(scores: dict[str, torch.Tensor], sparsity: float | dict[str, float]) -> dict[str, torch.Tensor]:
+    """Each output row (neuron, filter) pruned to the sparsity on its own: Wanda's comparison group, which keeps
+    every neuron working.
+
+    Example:
+        >>> row_masks({"a": torch.tensor([[3.0, 1.0], [0.5, 0.1]])}, 0.5)["a"].tolist()
+        [[True, False], [True, False]]
+    """
+    masks = {}
+    for name, score in scores.items():
+        target = sparsity[name] if isinstance(sparsity, dict) else sparsity
+        check_sparsity(target, name)
+        rows = score.reshape(score.shape[0], -1)
+        count = int(round(target * rows.shape[1]))
+        mask = torch.ones_like(rows, dtype=torch.bool)
+        if count:
+            mask.scatter_(1, torch.argsort(rows, dim=1, stable=True)[:, :count], False)
+        masks[name] = mask.view_as(score)
+    return masks
+
+
+def parse_pattern(pattern: str) -> tuple[int, int]:
+    """(kept, group) of an N:M pattern such as "2:4" (at most N weights kept in every M consecutive inputs)."""
+    parts = pattern.split(":")
+    if len(parts) != 2 or not all(p.isdigit() for p in parts) or not 0 < int(parts[0]) < int(parts[1]):
+        raise TorchslimError(f"pattern must look like N:M with 0 < N < M (e.g. 2:4), got {pattern!r}")
+    return int(parts[0]), int(parts[1])
+
+
+def n_m_masks(scores: dict[str, torch.Tensor], pattern: str) -> dict[str, torch.Tensor]:
+    """N:M semi-structured sparsity: in every group of M consecutive weights along a row's inputs, the N with the
+    highest scores are kept (2:4 is what sparse tensor cores run).
+
+    Example:
+        >>> n_m_masks({"a": torch.tensor([[4.0, 1.0, 3.0, 2.0]])}, "2:4")["a"].tolist()
+        [[True, False, True, False]]
+    """
+    kept, group = parse_pattern(pattern)
+    masks = {}
+    for name, score in scores.items():
+        rows = score.reshape(score.shape[0], -1)
+        if rows.shape[1] % group:
+            raise TorchslimError(f"{name}: pattern {pattern} needs the input width ({rows.shape[1]}) to be a multiple of {group}")
+        groups = rows.reshape(rows.shape[0], -1, group)
+        mask = torch.zeros_like(groups, dtype=torch.bool)
+        mask.scatter_(2, torch.topk(groups, kept, dim=2).indices, True)
+        masks[name] = mask.reshape(score.shape)
+    return masks
+
+
 def threshold_masks(scores: dict[str, torch.Tensor], threshold: float | dict[str, float]) -> dict[str, torch.Tensor]:
     """Keep entries whose score is above the threshold (one for all layers, or per layer)."""
     return {name: score > (threshold[name] if isinstance(threshold, dict) else threshold) for name, score in scores.items()}

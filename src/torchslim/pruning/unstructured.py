@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import time
 from collections.abc import Callable
 from typing import Any
@@ -21,14 +22,24 @@ from torch import nn
 
 from torchslim.core.checks import check_model
 from torchslim.core.config import Config, ConfigError, check
+from torchslim.core.errors import TorchslimError
 from torchslim.core.report import Report, Result, Stage
 from torchslim.core.selector import LayerSelector, module_type_name, resolve_overrides, select_modules
 from torchslim.core.ties import tied_weights
 from torchslim.data.sources import as_source
 from torchslim.measure.counts import count_nonzeros, count_parameters
 from torchslim.pruning.apply import get_mask, set_mask
-from torchslim.pruning.importance import GRADIENTS, WEIGHT_IMPORTANCE, collect_gradient_statistics
-from torchslim.pruning.masks import check_sparsity, global_masks, layer_masks, std_threshold_masks, threshold_masks
+from torchslim.pruning.importance import ACTIVATIONS, GRADIENTS, WEIGHT_IMPORTANCE, collect_gradient_statistics, collect_input_norms
+from torchslim.pruning.masks import (
+    check_sparsity,
+    global_masks,
+    layer_masks,
+    n_m_masks,
+    parse_pattern,
+    row_masks,
+    std_threshold_masks,
+    threshold_masks,
+)
 from torchslim.tasks.base import Task, resolve_task
 from torchslim.train.evaluate import evaluate_source
 from torchslim.train.fit import TrainConfig, fit
@@ -40,12 +51,16 @@ class PruneConfig(Config):
     """What to prune and how far.
 
     Give one target: ``sparsity`` (the fraction of selected weights to zero; with ``scope`` "layer" each layer gets
-    it, with "global" one threshold spans all layers; a list such as [0.5, 0.75, 0.9] prunes in that many steps,
-    each followed by fine-tuning when the verb is given ``finetune``), ``threshold`` (prune scores at or below it)
-    or ``quality`` (Han et al. 2015: prune |w| below quality x the layer's weight standard deviation).
-    ``overrides`` gives layers their own final sparsity (``{"fc3": 0.5, "type:Conv2d": 0.7}``; alone, only those
-    layers are pruned). ``importance`` is a registered criterion (l1, l2, gradient, taylor, random); gradient
-    criteria read ``calibration_batches`` batches of the training data through the task's loss.
+    it, "row" each output row (neuron) gets it, "global" one threshold spans all layers; a list such as [0.5, 0.75,
+    0.9] prunes in that many steps, each followed by fine-tuning when the verb is given ``finetune``), ``pattern``
+    (N:M semi-structured, "2:4": N weights kept in every M consecutive inputs of a row), ``threshold`` (prune scores
+    at or below it) or ``quality`` (Han et al. 2015: prune |w| below quality x the layer's weight standard
+    deviation). ``overrides`` gives layers their own final sparsity (``{"fc3": 0.5, "type:Conv2d": 0.7}``; alone,
+    only those layers are pruned). ``importance`` is a registered criterion (l1, l2, gradient, taylor, wanda,
+    random); gradient criteria read ``calibration_batches`` batches of the training data through the task's loss,
+    activation criteria (wanda) the inputs of each layer over them. ``solver`` "sparsegpt" (Frantar & Alistarh 2023)
+    instead chooses the mask and updates the remaining weights block by block against each layer's input Hessian
+    (``importance`` is then not used; ``damp`` and ``block_size`` as in GPTQ).
     """
 
     importance: str = "l1"
@@ -56,12 +71,27 @@ class PruneConfig(Config):
     quality: float | None = None
     layers: LayerSelector = LayerSelector()
     calibration_batches: int = 16
+    batch_size: int = 64
+    pattern: str | None = None
+    solver: str = "mask"
+    damp: float = 0.01
+    block_size: int = 128
     seed: int = 0
 
     def validate(self) -> None:
-        targets = [self.sparsity is not None or bool(self.overrides), self.threshold is not None, self.quality is not None]
-        check(sum(targets) == 1, "give exactly one of sparsity (and/or overrides), threshold or quality")
-        check(self.scope in ("layer", "global"), f"scope must be 'layer' or 'global', got {self.scope!r}")
+        targets = [self.sparsity is not None or bool(self.overrides), self.threshold is not None, self.quality is not None, self.pattern is not None]
+        check(sum(targets) == 1, "give exactly one of sparsity (and/or overrides), pattern, threshold or quality")
+        check(self.scope in ("layer", "row", "global"), f"scope must be 'layer', 'row' or 'global', got {self.scope!r}")
+        check(self.solver in ("mask", "sparsegpt"), f"solver must be 'mask' or 'sparsegpt', got {self.solver!r}")
+        if self.pattern is not None:
+            try:
+                parse_pattern(self.pattern)
+            except TorchslimError as error:
+                raise ConfigError(str(error)) from None
+        if self.solver == "sparsegpt":
+            check(self.threshold is None and self.quality is None, "solver 'sparsegpt' takes a sparsity or a pattern")
+            check(self.scope != "global", "solver 'sparsegpt' prunes layer by layer: scope 'layer' (per block of columns) or 'row'")
+            check(0 < self.damp < 1 and self.block_size >= 1, "damp must be in (0, 1) and block_size >= 1")
         if self.importance not in WEIGHT_IMPORTANCE:
             raise ConfigError(f"importance: unknown weight importance {self.importance!r}; valid: {', '.join(WEIGHT_IMPORTANCE.names())}")
         steps = self.steps
@@ -71,7 +101,7 @@ class PruneConfig(Config):
         for name, value in self.overrides.items():
             check(0.0 <= value < 1.0, f"overrides[{name!r}] must be in [0, 1), got {value}")
         check(self.quality is None or self.importance == "l1", "quality (Han's std rule) works on magnitudes: use importance 'l1'")
-        check(self.scope == "layer" or self.sparsity is not None, "scope 'global' takes a sparsity")
+        check(self.scope == "layer" or self.sparsity is not None, f"scope {self.scope!r} takes a sparsity")
 
     @property
     def steps(self) -> tuple[float | None, ...]:
@@ -95,13 +125,16 @@ def compute_scores(
     """Importance of every selected weight, computed on the weights the model currently uses (masked = zero)."""
     statistics: dict[str, dict[str, Any]] = {name: {} for name, _ in modules}
     criterion = WEIGHT_IMPORTANCE.get(config.importance)
-    if criterion.needs == GRADIENTS:
+    if criterion.needs in (GRADIENTS, ACTIVATIONS):
         if data is None:
-            raise ConfigError(f"importance {config.importance!r} needs data (gradients over calibration batches)")
+            raise ConfigError(f"importance {config.importance!r} needs data ({criterion.needs} over calibration batches)")
         source = as_source(data, model)
-        resolved = resolve_task(task, source, model)
-        batches = source.batches("train", batch_size=64, seed=config.seed)
-        statistics = collect_gradient_statistics(model, modules, batches, config.calibration_batches, resolved.loss)
+        batches = source.batches("train", batch_size=config.batch_size, seed=config.seed)
+        if criterion.needs == GRADIENTS:
+            resolved = resolve_task(task, source, model)
+            statistics = collect_gradient_statistics(model, modules, batches, config.calibration_batches, resolved.loss)
+        else:
+            statistics = collect_input_norms(model, modules, batches, config.calibration_batches)
     generator = torch.Generator().manual_seed(config.seed)
     scores = {}
     for name, module in modules:
@@ -119,15 +152,36 @@ def compute_masks(scores: dict[str, torch.Tensor], modules: list[tuple[str, nn.M
         return std_threshold_masks({n: m.weight.detach() for n, m in modules}, config.quality)
     if config.threshold is not None:
         return threshold_masks(scores, config.threshold)
+    if config.pattern is not None:
+        return n_m_masks(scores, config.pattern)
     own = resolve_overrides(modules, config.overrides, "prune.overrides")
-    masks = layer_masks({name: scores[name] for name in own}, own)
+    per_layer = row_masks if config.scope == "row" else layer_masks
+    masks = per_layer({name: scores[name] for name in own}, own)
     rest = {name: score for name, score in scores.items() if name not in own}
     if config.sparsity is None or not rest:
         return masks
     assert isinstance(config.sparsity, float)
     check_sparsity(config.sparsity, "sparsity")
-    masks.update(global_masks(rest, config.sparsity) if config.scope == "global" else layer_masks(rest, config.sparsity))
+    masks.update(global_masks(rest, config.sparsity) if config.scope == "global" else per_layer(rest, config.sparsity))
     return masks
+
+
+def _sparsegpt_step(model: nn.Module, modules: list[tuple[str, nn.Module]], config: PruneConfig, data: Any, notes: list[str] | None) -> list[str]:
+    """One SparseGPT step over the selected layers (``llm.sparsegpt``)."""
+    from torchslim.llm.sparsegpt import prune_sparsegpt
+
+    if data is None:
+        raise ConfigError("solver 'sparsegpt' calibrates on data: pass data=...")
+    own = resolve_overrides(modules, config.overrides, "prune.overrides")
+    sparsity = {name: own.get(name, config.sparsity) for name, _ in modules}
+    source = as_source(data, model)
+    batches = itertools.islice(source.batches("train", batch_size=config.batch_size, seed=config.seed), config.calibration_batches)
+    run = prune_sparsegpt(model, modules, batches, sparsity, config)  # type: ignore[arg-type]
+    if notes is not None:
+        notes.append(f"SparseGPT over {run['blocks']} blocks on {run['calibration_tokens']:,} tokens in {run['calibration_seconds']} s")
+        if run["left_dense"]:
+            notes.append(f"left dense (SparseGPT prunes the Linear layers of the repeated blocks): {', '.join(run['left_dense'])}")
+    return [name for name, _ in modules if name not in run["left_dense"]]
 
 
 def sparsity_rows(model: nn.Module, names: list[str]) -> list[dict[str, Any]]:
@@ -148,7 +202,7 @@ def sparsity_rows(model: nn.Module, names: list[str]) -> list[dict[str, Any]]:
     return rows
 
 
-def prune_in_place(model: nn.Module, config: PruneConfig, data: Any = None, task: str | Task | None = None) -> list[str]:
+def prune_in_place(model: nn.Module, config: PruneConfig, data: Any = None, task: str | Task | None = None, notes: list[str] | None = None) -> list[str]:
     """One pruning step (the config's single target): score, mask and attach masks to the selected layers of
     ``model``; earlier masks stay in force. A weight tied to others (a shared embedding and output layer) is scored
     once, under the first selected layer that holds it, and its mask goes on every module that shares it. Returns
@@ -161,6 +215,8 @@ def prune_in_place(model: nn.Module, config: PruneConfig, data: Any = None, task
     for name, module in select_modules(model, config.layers):
         if not any(other in sharing.get(name, []) for other, _ in modules):
             modules.append((name, module))
+    if config.solver == "sparsegpt":
+        return _sparsegpt_step(model, modules, config, data, notes)
     scores = compute_scores(model, modules, config, data, task)
     masks = compute_masks(scores, modules, config)
     for name, _ in modules:
@@ -208,7 +264,7 @@ def prune(
     lines = Progress("prune", len(steps), "lines" if progress_mode(progress) == "lines" and len(steps) > 1 else "off")
     for index in range(start_step, len(steps)):
         step = config.at_step(index)
-        names = prune_in_place(target, step, source, resolved)
+        names = prune_in_place(target, step, source, resolved, notes)
         note = f"step {index + 1}/{len(steps)}" + (f": sparsity {step.sparsity:.3f}" if step.sparsity is not None else "")
         metric = None
         if source is not None and resolved is not None:
