@@ -52,7 +52,7 @@ def test_sparsegpt_beats_magnitude_on_the_layer_objective(sparsity, pattern, per
 def test_sparsegpt_keeps_an_earlier_mask():
     inputs, weight = _inputs(), torch.randn(16, 64)
     first, mask = sparsegpt(weight, hessian_of(inputs), 0.3)
-    second, second_mask = sparsegpt(first, hessian_of(inputs), 0.6, keep=mask)
+    _, second_mask = sparsegpt(first, hessian_of(inputs), 0.6, keep=mask)
     assert bool((second_mask <= mask).all()) and abs(1 - second_mask.float().mean().item() - 0.6) < 0.01
 
 
