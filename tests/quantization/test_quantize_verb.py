@@ -18,6 +18,8 @@ CONFIGS = {
     "pt2e": {"method": "pt2e", "calibration_batches": 4},
     "qat": {"method": "qat", "calibration_batches": 2},
     "gptq": {"method": "gptq", "weights": {"bits": 4}, "calibration_batches": 4, "batch_size": 64},
+    "awq": {"method": "awq", "weights": {"bits": 4}, "calibration_batches": 4, "batch_size": 64},
+    "smoothquant": {"method": "smoothquant", "calibration_batches": 4, "batch_size": 64},
 }
 
 

@@ -1,4 +1,4 @@
-"""Quantization methods for large models, registered with ``ts.quantize``: ``gptq`` (and ``awq``, see ``awq.py``).
+"""Quantization methods for large models, registered with ``ts.quantize``: ``gptq`` and ``awq`` (``llm.awq``).
 
 Both calibrate block by block (``llm.blocks``) on batches of the user's data, write the same packed weight-only layers
 as round-to-nearest (so files, kernels and the .tslim codec work unchanged), and report each layer's output error on
@@ -30,7 +30,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -38,8 +38,10 @@ from torch import nn
 from torchslim.core.config import Config, check
 from torchslim.core.report import Stage
 from torchslim.core.selector import LayerSelector
+from torchslim.llm.awq import awq_block, round_codes
 from torchslim.llm.blocks import block_layers, forward_inputs, sequential
 from torchslim.llm.gptq import HessianAccumulator, gptq, layer_error, round_to_nearest
+from torchslim.llm.scaling import fold_scale, input_groups, oriented_weight
 from torchslim.quantization.api import calibration, quantization_method
 from torchslim.quantization.modules import WeightScheme, from_codes, quantize_module
 from torchslim.quantization.primitives import dequantize
@@ -136,6 +138,156 @@ def run_gptq(model: nn.Module, config: GPTQConfig, batches: Any) -> Stage:
     return stage
 
 
+@dataclasses.dataclass(frozen=True)
+class AWQConfig(Config):
+    """AWQ: per-input-channel scales from activation magnitudes, the exponent searched over ``grid`` steps for the
+    smallest output error, then uniform ``weights`` rounded to nearest (per channel or group). Scales are folded
+    into the normalization before a group of layers where that leaves the block's outputs unchanged, otherwise kept
+    as the layers' input scales. Calibration as in GPTQ; layers outside the repeated blocks are rounded plainly."""
+
+    method: str = "awq"
+    weights: WeightScheme = GPTQ_DEFAULT
+    layers: LayerSelector = LayerSelector()
+    overrides: dict[str, WeightScheme] = dataclasses.field(default_factory=dict)
+    calibration_batches: int = 32
+    batch_size: int = 8
+    grid: int = 20
+
+    def validate(self) -> None:
+        check(self.method == "awq", f"method must be 'awq' for AWQConfig, got {self.method!r}")
+        for where, scheme in [("weights", self.weights), *((f"overrides[{k!r}]", v) for k, v in self.overrides.items())]:
+            check(scheme.scheme == "uniform", f"{where}: AWQ scales a uniform grid, got scheme {scheme.scheme!r}")
+        check(self.calibration_batches >= 1 and self.batch_size >= 1, "calibration_batches and batch_size must be >= 1")
+        check(self.grid >= 2, f"grid must be >= 2, got {self.grid}")
+
+    @classmethod
+    def from_dict(cls, mapping: Any, where: str | None = None) -> AWQConfig:
+        """As ``Config.from_dict``, the weights merged onto the default (4 bits, groups of 128, asymmetric)."""
+        if isinstance(mapping, dict) and isinstance(mapping.get("weights"), dict):
+            mapping = {**mapping, "weights": {**GPTQ_DEFAULT.to_dict(), **mapping["weights"]}}
+        return super().from_dict(mapping, where=where)
+
+
+def run_awq(model: nn.Module, config: AWQConfig, batches: Any) -> Stage:
+    """AWQ on ``model`` in place (see ``AWQConfig``)."""
+    plan = plan_layers(model, config, types=("Linear", "Conv1D"))
+    planned = {module: name for name, module in plan.modules}
+    inside: set[str] = set()
+    groups: list[dict[str, Any]] = []
+
+    def quantize_block(block_name: str, block: nn.Module, inputs: list) -> None:
+        replacements, results = awq_block(block, inputs, planned, plan.schemes, config.grid)
+        for name, quantized, reference in replacements:
+            replace_layer(model, plan, name, reference, quantized, method="AWQ")
+            inside.add(name)
+        groups.extend(results)
+
+    run = sequential(model, batches, quantize_block)
+    notes = _outside_blocks(model, plan, inside)
+    stage = finish(model, model, config, plan, notes)
+    awq_total, rtn_total = sum(g["error"] for g in groups), sum(g["rtn_error"] for g in groups)
+    folded = sum(1 for g in groups if g["folded"])
+    stage.metrics.update(
+        {
+            "calibration_tokens": run.tokens,
+            "calibration_seconds": round(run.seconds, 2),
+            "peak_rss_mib": round(run.peak_rss_mib, 1),
+            "output_error_vs_rtn": awq_total / rtn_total if rtn_total else 1.0,
+            "groups_folded": folded,
+            "groups": len(groups),
+        }
+    )
+    stage.notes.insert(
+        0,
+        f"AWQ over {run.blocks} blocks, {run.tokens:,} calibration tokens in {run.seconds:.1f} s; {folded} of {len(groups)} layer "
+        f"groups' scales folded into the normalization before them, the rest kept as input scales; sampled output "
+        f"error {awq_total / rtn_total if rtn_total else 1.0:.3f}x round-to-nearest's",
+    )
+    return stage
+
+
+@quantization_method("awq", AWQConfig, needs_data=True)
+def _awq(model: nn.Module, config: AWQConfig, context: Any) -> tuple[nn.Module, Stage]:
+    with torch.no_grad():
+        stage = run_awq(model, config, calibration(context, config.batch_size, config.calibration_batches))
+    return model, stage
+
+
+W8A8 = WeightScheme(bits=8, symmetric=True, granularity="channel", activation_bits=8)
+
+
+@dataclasses.dataclass(frozen=True)
+class SmoothQuantConfig(Config):
+    """SmoothQuant W8A8: activation outliers moved into the weights by per-input-channel scales s = max|x|^alpha /
+    max|w|^(1-alpha) (folded into the normalization before where possible), then int8 weights per channel and int8
+    activations per token, computed with integer matmuls (``torch._int_mm``)."""
+
+    method: str = "smoothquant"
+    alpha: float = 0.5
+    layers: LayerSelector = LayerSelector()
+    calibration_batches: int = 32
+    batch_size: int = 8
+
+    # not fields: W8A8 is what SmoothQuant runs, on every selected layer
+    weights: ClassVar[WeightScheme] = W8A8
+    overrides: ClassVar[dict[str, WeightScheme]] = {}
+
+    def validate(self) -> None:
+        check(self.method == "smoothquant", f"method must be 'smoothquant' for SmoothQuantConfig, got {self.method!r}")
+        check(0.0 <= self.alpha <= 1.0, f"alpha must be in [0, 1], got {self.alpha}")
+        check(self.calibration_batches >= 1 and self.batch_size >= 1, "calibration_batches and batch_size must be >= 1")
+
+
+def run_smoothquant(model: nn.Module, config: SmoothQuantConfig, batches: Any) -> Stage:
+    """SmoothQuant on ``model`` in place (see ``SmoothQuantConfig``)."""
+    plan = plan_layers(model, config, types=("Linear", "Conv1D"))
+    planned = {module: name for name, module in plan.modules}
+    inside: set[str] = set()
+    folded_groups, all_groups = [0], [0]
+
+    def smooth_block(block_name: str, block: nn.Module, inputs: list) -> None:
+        layers = block_layers(block, set(planned))
+        maxima = {local: torch.zeros(oriented_weight(layer).shape[1]) for local, layer in layers.items()}
+        forward_inputs(block, inputs, layers, lambda local, x: maxima.__setitem__(local, torch.maximum(maxima[local], x.abs().amax(0).float())))
+        for group in input_groups(block, inputs[0], layers):
+            names = list(group.layers)
+            weights = {name: oriented_weight(layer) for name, layer in group.layers.items()}
+            w_max = torch.cat(list(weights.values())).abs().amax(0).clamp(min=1e-5)
+            scale = (maxima[names[0]].clamp(min=1e-5).pow(config.alpha) / w_max.pow(1 - config.alpha)).clamp(min=1e-5)
+            folded = fold_scale(block, group, scale, inputs[:2])
+            folded_groups[0] += int(folded)
+            all_groups[0] += 1
+            for name, layer in group.layers.items():
+                full = planned[layer]
+                scheme = W8A8 if folded else WeightScheme.from_dict({**W8A8.to_dict(), "input_scale": True})
+                plan.schemes[full] = scheme
+                scaled = oriented_weight(layer) if folded else weights[name] * scale
+                codes, s, z = round_codes(scaled, scheme)
+                quantized: Any = from_codes(layer, scheme, codes, s, z)
+                if not folded:
+                    quantized.input_scale.copy_(1.0 / scale)
+                replace_layer(model, plan, full, oriented_weight(layer), quantized, method="SmoothQuant")
+                inside.add(full)
+
+    run = sequential(model, batches, smooth_block)
+    notes = _outside_blocks(model, plan, inside)
+    stage = finish(model, model, config, plan, notes)
+    stage.metrics.update({"calibration_tokens": run.tokens, "calibration_seconds": round(run.seconds, 2), "peak_rss_mib": round(run.peak_rss_mib, 1)})
+    stage.notes.insert(
+        0,
+        f"SmoothQuant (alpha {config.alpha}) over {run.blocks} blocks, {run.tokens:,} calibration tokens; {folded_groups[0]} of "
+        f"{all_groups[0]} layer groups' scales folded into the normalization before them, the rest kept as input scales",
+    )
+    return stage
+
+
+@quantization_method("smoothquant", SmoothQuantConfig, needs_data=True)
+def _smoothquant(model: nn.Module, config: SmoothQuantConfig, context: Any) -> tuple[nn.Module, Stage]:
+    with torch.no_grad():
+        stage = run_smoothquant(model, config, calibration(context, config.batch_size, config.calibration_batches))
+    return model, stage
+
+
 @quantization_method("gptq", GPTQConfig, needs_data=True)
 def _gptq(model: nn.Module, config: GPTQConfig, context: Any) -> tuple[nn.Module, Stage]:
     with torch.no_grad():
@@ -143,4 +295,4 @@ def _gptq(model: nn.Module, config: GPTQConfig, context: Any) -> tuple[nn.Module
     return model, stage
 
 
-__all__ = ["GPTQConfig", "run_gptq"]
+__all__ = ["AWQConfig", "GPTQConfig", "SmoothQuantConfig", "run_awq", "run_gptq", "run_smoothquant"]

@@ -11,6 +11,10 @@
 The shape rules were found by checking every result against a float matmul over a grid of shapes (tests/quantization/
 test_kernels.py keeps that check).
 
+- W8A8 (int8 weights per channel, activations quantized to int8 per token on the fly): ``torch._int_mm`` with the
+  weight kept transposed, the layout it is fast with (2-3x float32 from 8 tokens up on this CPU; a little slower
+  for one token).
+
 Other formats (k-means codebooks, 5-7 bits, ragged groups) have no such kernel here and decode instead; the report
 says which layers run on a kernel.
 """
@@ -72,6 +76,35 @@ class Int4Kernel:
         return self.packed.numel() * self.packed.element_size() + self.scales_and_zeros.numel() * 2
 
 
+class W8A8Kernel:
+    """y = (x quantized per token to int8) (int8 W)^T through ``torch._int_mm``, rescaled by the token's and the
+    output channel's scales: integer activations and weights (SmoothQuant's W8A8)."""
+
+    name = "W8A8 (torch._int_mm)"
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor) -> None:
+        self.weight_t = codes.to(torch.int8).T.contiguous()  # (in, out): the layout _int_mm is fast with
+        self.scale = scale.reshape(1, -1).float()
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1]).float()
+        token_scale = (rows.abs().amax(dim=1, keepdim=True) / 127).clamp(min=1e-12)
+        codes = torch.clamp(torch.round(rows / token_scale), -127, 127).to(torch.int8)
+        y = torch._int_mm(codes, self.weight_t).float() * token_scale * self.scale
+        y = y.to(x.dtype).reshape(*x.shape[:-1], self.weight_t.shape[1])
+        return y + bias if bias is not None else y
+
+    def nbytes(self) -> int:
+        return self.weight_t.numel() + self.scale.numel() * 4
+
+
+def per_token_fake_quant(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """x rounded per token (last dimension) to a symmetric grid of ``bits`` bits: what W8A8 does to activations."""
+    levels = 2 ** (bits - 1) - 1
+    scale = (x.abs().amax(dim=-1, keepdim=True) / levels).clamp(min=1e-12)
+    return torch.clamp(torch.round(x / scale), -levels, levels) * scale
+
+
 def int4_group(width: int, group_size: int | None) -> int | None:
     """The kernel group for a layer of input ``width``: ``group_size`` itself if the kernel takes it, or (for one
     scale per channel, ``group_size`` None) the largest kernel group dividing the width; None when there is none."""
@@ -80,4 +113,4 @@ def int4_group(width: int, group_size: int | None) -> int | None:
     return next((g for g in INT4_GROUPS if width % g == 0), None)
 
 
-__all__ = ["INT4_GROUPS", "INT8_KERNEL_ROWS", "Int4Kernel", "Int8Kernel", "available", "int4_group"]
+__all__ = ["INT4_GROUPS", "INT8_KERNEL_ROWS", "Int4Kernel", "Int8Kernel", "W8A8Kernel", "available", "int4_group", "per_token_fake_quant"]

@@ -29,7 +29,10 @@ from torchslim.quantization.primitives import UniformSpec, check_finite, compute
 class WeightScheme(Config):
     """How one layer's weight is stored: scheme, bits and (for uniform) the grid. ``kernel``: run on an integer CPU
     kernel where one exists for the format (``quantization.kernels``: int8 per channel, up to 4 bits per group;
-    activations in bfloat16, no decoded weight kept in memory); otherwise the weight is decoded to float32."""
+    activations in bfloat16, no decoded weight kept in memory); otherwise the weight is decoded to float32.
+    ``input_scale``: the layer multiplies its input by a stored per-input-channel scale first (AWQ / SmoothQuant
+    scales that could not be folded into the layer before). ``activation_bits`` 8: the input is also quantized, per
+    token, to int8 on the fly (W8A8; with an int8 per-channel symmetric weight it runs on ``torch._int_mm``)."""
 
     scheme: str = "uniform"
     bits: int = 8
@@ -40,6 +43,8 @@ class WeightScheme(Config):
     kmeans_iterations: int = 50
     trainable_codebook: bool = True
     kernel: bool = True
+    input_scale: bool = False
+    activation_bits: int | None = None
 
     def validate(self) -> None:
         check(self.scheme in FORMATS, f"scheme must be one of {', '.join(FORMATS)}, got {self.scheme!r}")
@@ -50,6 +55,7 @@ class WeightScheme(Config):
                 1 <= self.bits <= 8 if self.scheme == "kmeans" else 2 <= self.bits <= 8,
                 f"{self.scheme} takes {'1' if self.scheme == 'kmeans' else '2'} to 8 bits, got {self.bits}",
             )
+        check(self.activation_bits in (None, 8), f"activation_bits must be null or 8, got {self.activation_bits}")
 
     @property
     def stored_bits(self) -> int:
@@ -138,6 +144,10 @@ class UniformFormat(StorageFormat):
             return None
         out_features, width = holder.shape
         qmin = spec.code_range[0]
+        if scheme.activation_bits == 8:
+            if scheme.bits == 8 and spec.symmetric and spec.granularity == "channel":
+                return kernels.W8A8Kernel(holder.codes().reshape(holder.shape).to(torch.int16) + qmin, holder.scale.reshape(-1))
+            return None
         if scheme.bits == 8 and spec.symmetric and spec.granularity == "channel" and width % 16 == 0:
             codes = holder.codes().reshape(holder.shape).to(torch.int16) + qmin
             return kernels.Int8Kernel(codes, holder.scale.reshape(-1))
@@ -356,11 +366,14 @@ class _QuantizedLayer(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The decoded weight (read-only: assign through ``quantized.encode``)."""
-        return self.quantized.weight()
+        """The weight the layer applies: decoded (and, with an input scale, scaled by it); read-only (assign through
+        ``quantized.encode``)."""
+        weight = self.quantized.weight()
+        input_scale = getattr(self, "input_scale", None)
+        return weight * input_scale if input_scale is not None else weight
 
     def logical_parameters(self) -> dict[str, torch.Tensor]:
-        out = {"weight": self.quantized.weight()}
+        out = {"weight": self.weight}
         if self.bias is not None:
             out["bias"] = self.bias
         return out
@@ -377,6 +390,8 @@ class QuantizedLinear(_QuantizedLayer):
         self.in_features, self.out_features = in_features, out_features
         self.quantized = QuantizedWeight((out_features, in_features), scheme)
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        if scheme.input_scale:
+            self.register_buffer("input_scale", torch.ones(in_features))
 
     @classmethod
     def from_float(cls, linear: nn.Linear, scheme: WeightScheme, where: str) -> QuantizedLinear:
@@ -387,9 +402,15 @@ class QuantizedLinear(_QuantizedLayer):
         return module.to(linear.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernel = self.quantized.kernel() if x.device.type == "cpu" else None
+        if self.quantized.scheme.input_scale:
+            x = x * self.input_scale.to(x.dtype)
+        # integer kernels have no backward: training through the layer (to the layers before it) decodes instead
+        inference = x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad)
+        kernel = self.quantized.kernel() if inference else None
         if kernel is not None:
             return kernel(x, self.bias)
+        if self.quantized.scheme.activation_bits is not None:
+            x = kernels.per_token_fake_quant(x, self.quantized.scheme.activation_bits)
         return F.linear(x, self.quantized.weight().to(x.dtype), self.bias)
 
 

@@ -242,10 +242,12 @@ def _runs_on(module: nn.Module) -> str:
 
 
 def _execution(rows: list[dict[str, Any]]) -> str:
-    kernels = sum(1 for row in rows if "aten" in row["runs_on"])
-    if kernels == 0:
+    kernels = sorted({row["runs_on"] for row in rows if not row["runs_on"].startswith(("decoding", "row decoding"))})
+    count = sum(1 for row in rows if row["runs_on"] in kernels)
+    if count == 0:
         return "weights stored quantized, dequantized in eager forward"
-    return f"{kernels} of {len(rows)} layers on integer CPU kernels (bfloat16 activations), the rest dequantized in eager forward"
+    rest = ", the rest dequantized in eager forward" if count < len(rows) else ""
+    return f"{count} of {len(rows)} layers on integer CPU kernels ({'; '.join(kernels)}){rest}"
 
 
 __all__ = [

@@ -1,0 +1,109 @@
+"""Per-input-channel scaling for AWQ and SmoothQuant: y = x W^T = (x / s) (W diag(s))^T. The layers of a block are
+grouped by the tensor they read (q, k and v read one normalized hidden state); a group's scale is folded into the
+normalization that produced that tensor where nothing else reads it (checked: the block's output must not move),
+and otherwise kept on each layer as an input scale it multiplies its input by.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import nn
+
+from torchslim.llm.blocks import BlockInput, block_output
+
+
+@dataclasses.dataclass
+class InputGroup:
+    """Layers of a block that read the same tensor, the module that made it (if one did), and whether a layer
+    outside the group reads it too."""
+
+    layers: dict[str, nn.Module]
+    producer: nn.Module | None
+    shared_with_others: bool
+
+
+def _is_norm(module: nn.Module, width: int) -> bool:
+    weight = getattr(module, "weight", None)
+    return "Norm" in type(module).__name__ and isinstance(weight, torch.Tensor) and weight.dim() == 1 and weight.shape[0] == width
+
+
+def input_groups(block: nn.Module, sample: BlockInput, selected: dict[str, nn.Module]) -> list[InputGroup]:
+    """Group the ``selected`` layers of ``block`` (name within the block -> layer) by the tensor they read, from one
+    run of the block on ``sample``."""
+    readers: dict[int, list[str]] = {}
+    producers: dict[int, nn.Module] = {}
+    keep: list[torch.Tensor] = []  # holds the tensors alive, so their ids stay unique during the run
+    linear_names = {module: name for name, module in block.named_modules() if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"}
+
+    def read(module: nn.Module, args: tuple) -> None:
+        if args and isinstance(args[0], torch.Tensor):
+            keep.append(args[0])
+            readers.setdefault(id(args[0]), []).append(linear_names[module])
+
+    def made(module: nn.Module, args: tuple, output: Any) -> None:
+        if isinstance(output, torch.Tensor):
+            keep.append(output)
+            producers.setdefault(id(output), module)
+
+    handles = [m.register_forward_pre_hook(read) for m in linear_names]
+    handles += [m.register_forward_hook(made) for m in block.modules() if m not in linear_names and m is not block]
+    try:
+        with torch.no_grad():
+            args, kwargs = sample
+            block(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    groups = []
+    for tensor_id, names in readers.items():
+        chosen = {name: selected[name] for name in dict.fromkeys(names) if name in selected}
+        if chosen:
+            groups.append(InputGroup(chosen, producers.get(tensor_id), any(name not in selected for name in names)))
+    return groups
+
+
+def oriented_weight(layer: nn.Module) -> torch.Tensor:
+    """(out, in) float weight (GPT-2's Conv1D stores it transposed)."""
+    weight = layer.weight.detach().float()
+    return weight.t() if type(layer).__name__ == "Conv1D" else weight
+
+
+def _set_weight(layer: nn.Module, weight: torch.Tensor) -> None:
+    target: Any = layer.weight
+    target.data.copy_((weight.t() if type(layer).__name__ == "Conv1D" else weight).to(target.dtype))
+
+
+@torch.no_grad()
+def fold_scale(block: nn.Module, group: InputGroup, scale: torch.Tensor, check: list[BlockInput]) -> bool:
+    """Fold ``scale`` into the group's producing normalization (its weight and bias divided by it, the layers'
+    weights multiplied by it), when nothing else reads the normalized tensor and the block's outputs on ``check``
+    stay the same; True when folded, else everything is left as it was."""
+    width = scale.shape[0]
+    producer = group.producer
+    if producer is None or group.shared_with_others or not _is_norm(producer, width):
+        return False
+    before = [block_output(block(*args, **kwargs)).clone() for args, kwargs in check]
+    norm_weight: Any = producer.weight
+    norm_bias: Any = getattr(producer, "bias", None)
+    saved = (norm_weight.detach().clone(), norm_bias.detach().clone() if isinstance(norm_bias, torch.Tensor) else None)
+    weights = {name: oriented_weight(layer) for name, layer in group.layers.items()}
+    norm_weight.data.div_(scale.to(norm_weight.dtype))
+    if isinstance(norm_bias, torch.Tensor):
+        norm_bias.data.div_(scale.to(norm_bias.dtype))
+    for name, layer in group.layers.items():
+        _set_weight(layer, weights[name] * scale)
+    after = [block_output(block(*args, **kwargs)) for args, kwargs in check]
+    if all(torch.allclose(a, b, rtol=1e-3, atol=1e-4 * float(b.abs().max()) + 1e-6) for a, b in zip(after, before)):
+        return True
+    norm_weight.data.copy_(saved[0])
+    if saved[1] is not None:
+        norm_bias.data.copy_(saved[1])
+    for name, layer in group.layers.items():
+        _set_weight(layer, weights[name])
+    return False
+
+
+__all__ = ["InputGroup", "fold_scale", "input_groups", "oriented_weight"]
