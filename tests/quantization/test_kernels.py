@@ -28,8 +28,9 @@ CASES = [
     # (scheme, out, in, kernel expected)
     (INT8, 64, 576, "int8"),
     (INT8, 10, 784, "int8"),
-    (INT8, 64, 100, None),  # input width not a multiple of 16: the kernel would read out of bounds
-    (_int4(128), 64, 576, None),  # 576 is not a multiple of 128: ragged groups decode
+    (INT8, 64, 100, "int8"),  # input width padded to a multiple of 16 (the kernel reads out of bounds otherwise)
+    (_int4(128), 64, 576, "int4"),  # 576 is not a multiple of 128: the ragged last group runs padded
+    (_int4(None), 32, 100, "int4"),  # per channel on a width no kernel group divides: groups of 32, padded
     (_int4(64), 64, 576, "int4"),
     (_int4(32, symmetric=True), 48, 256, "int4"),
     (_int4(None), 32, 576, "int4"),  # one scale per channel, expressed as groups of 64

@@ -28,6 +28,7 @@ from torchslim.codec.sparse import relative_decode
 from torchslim.codec.tslim import _DTYPES, FORMAT, MAGIC, PREAMBLE, VERSION, save_tslim
 from torchslim.core.errors import ChecksumError, TorchslimError
 from torchslim.core.files import ModelFormat, register_format
+from torchslim.core.memory import release_freed_memory
 from torchslim.io.modelfile import build_checked, load_state, with_ties
 from torchslim.quantization.packing import pack_codes
 
@@ -235,6 +236,7 @@ def load_tslim(
     stored = with_ties({r["name"]: (tuple(r["shape"]), _DTYPES[r["dtype"]]) for r in header["tensors"]}, ties, str(path))
     model = build_checked(header["spec"], stored, trust_factory, str(path))
     load_state(model, with_ties(_decode_all(header, payload, str(path)), ties, str(path)), str(path))
+    release_freed_memory()  # the float layers the architecture was built with, and the decoded streams, are gone
     model.eval()
     return model.to(device) if device is not None else model
 

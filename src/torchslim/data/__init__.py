@@ -20,6 +20,7 @@ from torchslim.data.datasets import Dataset, Split, TensorLoader, TextDataset, n
 from torchslim.data.download import RemoteFile, default_root, locate
 from torchslim.data.folder import image_folder
 from torchslim.data.sources import Data, DataSource, as_source
+from torchslim.data.windows import token_windows
 
 DATASETS: Registry[Callable[..., Dataset | TextDataset]] = Registry("dataset")
 
@@ -171,4 +172,17 @@ def names() -> list[str]:
     return DATASETS.names()
 
 
-__all__ = ["DATASETS", "Data", "DataSource", "Dataset", "Split", "TensorLoader", "TextDataset", "as_source", "image_folder", "load", "names"]
+__all__ = [
+    "DATASETS",
+    "Data",
+    "DataSource",
+    "Dataset",
+    "Split",
+    "TensorLoader",
+    "TextDataset",
+    "as_source",
+    "image_folder",
+    "load",
+    "names",
+    "token_windows",
+]

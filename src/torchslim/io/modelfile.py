@@ -32,6 +32,7 @@ from torch import nn
 from torchslim.core.checks import check_model
 from torchslim.core.errors import ChecksumError, TorchslimError
 from torchslim.core.files import ModelFormat, refuse_overwrite, register_format, write_atomic
+from torchslim.core.memory import release_freed_memory
 from torchslim.core.spec import apply_transforms, check_spec, register_transform, set_spec, spec_of
 from torchslim.core.ties import plain_name, retie, tied_groups
 from torchslim.measure.weights import effective_weights
@@ -293,6 +294,8 @@ def load_model(path: str | os.PathLike[str], trust_factory: bool | str = False, 
     stored = {name: (tuple(tensor.shape), tensor.dtype) for name, tensor in tensors.items()}
     model = build_checked(spec, stored, trust_factory, str(path))
     load_state(model, tensors, str(path))
+    del tensors
+    release_freed_memory()  # the float layers the architecture was built with are gone
     model.eval()
     return model.to(device) if device is not None else model
 

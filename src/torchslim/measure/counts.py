@@ -12,7 +12,7 @@ from torch import nn
 
 from torchslim.core.modes import eval_mode
 from torchslim.core.selector import module_type_name
-from torchslim.measure.weights import effective_weights, logical_weights
+from torchslim.measure.weights import effective_weights, iter_logical_weights
 from torchslim.tasks.batches import batch_size_of, call_model
 
 MacCounter = Callable[..., int]  # (module, inputs, output) -> MACs of the call
@@ -77,12 +77,12 @@ def _attention_method(module: nn.Module, inputs: tuple, output: Any) -> int:
 def count_parameters(model: nn.Module) -> int:
     """Number of parameters as the forward pass uses them (shared parameters counted once; a quantized layer counts
     the weights it encodes, not its codebook)."""
-    return sum(t.numel() for t in logical_weights(model).values())
+    return sum(t.numel() for _, t in iter_logical_weights(model))
 
 
 def count_nonzeros(model: nn.Module) -> int:
     """Number of non-zero parameter values (after pruning masks; quantized weights as decoded)."""
-    return int(sum(int(torch.count_nonzero(t)) for t in logical_weights(model).values()))
+    return int(sum(int(torch.count_nonzero(t)) for _, t in iter_logical_weights(model)))
 
 
 def dense_bytes(model: nn.Module) -> int:
@@ -93,7 +93,7 @@ def dense_bytes(model: nn.Module) -> int:
 
 def fp32_weight_bytes(model: nn.Module) -> int:
     """Bytes of the model's floating-point weights stored densely in fp32 (the baseline size of compression papers)."""
-    return sum(t.numel() * 4 for t in logical_weights(model).values() if t.is_floating_point())
+    return sum(t.numel() * 4 for _, t in iter_logical_weights(model) if t.is_floating_point())
 
 
 def stored_bytes(path: str | os.PathLike[str]) -> int:

@@ -8,6 +8,8 @@ parameters and non-zeros goes through these, so a quantized layer counts as the 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -45,14 +47,39 @@ def logical_weights(model: nn.Module) -> dict[str, torch.Tensor]:
         >>> sorted(logical_weights(nn.Linear(3, 2)))
         ['bias', 'weight']
     """
-    out = effective_weights(model)
-    for name, module in model.named_modules():
+    return dict(iter_logical_weights(model))
+
+
+@torch.no_grad()
+def iter_logical_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """``logical_weights`` one tensor at a time (a decoded or masked weight lives only while it is looked at, so
+    counting a large model never holds a float copy of all of it); shared tensors and shared quantized tables
+    once."""
+    seen: set[int] = set()
+    declaring: list[str] = []
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        if any(prefix.startswith(outer) for outer in declaring):
+            continue  # inside a module that declares its own logical parameters
         declared = getattr(module, "logical_parameters", None)
-        if not callable(declared):
+        if callable(declared):
+            declaring.append(prefix)
+            holder = getattr(module, "quantized", module)
+            if id(holder) in seen:
+                continue
+            seen.add(id(holder))
+            for key, tensor in declared().items():
+                yield prefix + key, tensor.detach()
             continue
-        prefix = f"{name}." if name else ""
-        for key in [k for k in out if k.startswith(prefix)]:
-            del out[key]
-        for key, tensor in declared().items():
-            out[prefix + key] = tensor.detach()
-    return out
+        for name, parameter in module.named_parameters(recurse=False):
+            if id(parameter) not in seen:
+                seen.add(id(parameter))
+                yield prefix + name, parameter.detach()
+        parametrizations = getattr(module, "parametrizations", None)
+        if parametrizations is not None:
+            for name in parametrizations:
+                originals = [id(p) for p in parametrizations[name].parameters(recurse=False)]
+                if any(o in seen for o in originals):
+                    continue
+                seen.update(originals)
+                yield prefix + name, getattr(module, name).detach()

