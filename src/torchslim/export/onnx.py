@@ -1,5 +1,9 @@
 """ONNX export (eval mode, BatchNorm folded into the preceding conv by the exporter) and ONNX Runtime sessions.
 
+A model of one tensor input exports with input ``input`` and a dynamic batch. A model called with keyword inputs (a
+Hugging Face transformer: ``{"input_ids": ..., "attention_mask": ...}``) exports with those names as inputs, dynamic
+batch and sequence length, and the tensor a task reads from its output (logits, last hidden state) as ``output``.
+
 Example:
     >>> import torchslim as ts, tempfile, os
     >>> path = export_onnx(ts.models.create("lenet-5"), torch.zeros(1, 1, 28, 28), os.path.join(tempfile.mkdtemp(), "m.onnx"))
@@ -11,6 +15,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +29,55 @@ from torchslim.core.modes import eval_mode
 INPUT_NAME, OUTPUT_NAME = "input", "output"
 
 
+class KeywordInputs(nn.Module):
+    """``model(**dict(zip(names, tensors)))`` as a module of positional tensors returning one tensor (for export)."""
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        super().__init__()
+        self.model, self.names = model, list(names)
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        from torchslim.tasks.batches import output_tensor
+
+        return output_tensor(self.model(**dict(zip(self.names, tensors))))
+
+
+def _export_plan(
+    model: nn.Module, example_input: Any, dynamic_batch: bool, dynamic_sequence: bool
+) -> tuple[nn.Module, tuple, list[str], dict[str, dict[int, str]]]:
+    """What to export: the module, its positional inputs, their names and the dynamic axes."""
+    if not isinstance(example_input, Mapping):
+        return model, (example_input,), [INPUT_NAME], {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else {}
+    names = [k for k, v in example_input.items() if isinstance(v, torch.Tensor)]
+    if not names:
+        raise TorchslimError("ONNX export: the example input mapping holds no tensors")
+    wrapper = KeywordInputs(model, names).eval()
+    tensors = tuple(example_input[k] for k in names)
+    axes: dict[str, dict[int, str]] = {}
+    length = tensors[0].shape[1] if tensors[0].dim() >= 2 else None
+    for name, tensor in zip(names, tensors):
+        axes[name] = {0: "batch"} if dynamic_batch else {}
+        if dynamic_sequence and tensor.dim() >= 2 and tensor.shape[1] == length:
+            axes[name][1] = "sequence"
+    with torch.no_grad():
+        output = wrapper(*tensors)
+    axes[OUTPUT_NAME] = {0: "batch"} if dynamic_batch else {}
+    if dynamic_sequence and output.dim() >= 3 and output.shape[1] == length:
+        axes[OUTPUT_NAME][1] = "sequence"
+    return wrapper, tensors, names, {k: v for k, v in axes.items() if v}
+
+
 def export_onnx(
-    model: nn.Module, example_input: torch.Tensor, path: str | os.PathLike[str], opset: int = 17, dynamic_batch: bool = True, exporter: str = "torchscript"
+    model: nn.Module,
+    example_input: Any,
+    path: str | os.PathLike[str],
+    opset: int = 17,
+    dynamic_batch: bool = True,
+    exporter: str = "torchscript",
+    dynamic_sequence: bool = True,
 ) -> Path:
-    """Write ``model`` (in eval mode; its mode is restored) to an ONNX file with a dynamic batch dimension.
+    """Write ``model`` (in eval mode; every submodule's mode is restored) to an ONNX file with a dynamic batch
+    dimension (and, for keyword inputs, a dynamic sequence length).
 
     ``exporter`` "torchscript" is fast and folds BatchNorm into convolutions; "dynamo" uses torch.export.
     """
@@ -37,26 +87,28 @@ def export_onnx(
     try:
         with eval_mode(model), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            module, inputs, names, axes = _export_plan(model, example_input, dynamic_batch, dynamic_sequence)
             if exporter == "torchscript":
                 torch.onnx.export(
-                    model,
-                    (example_input,),
+                    module,
+                    inputs,
                     str(temporary),
                     dynamo=False,
                     opset_version=opset,
-                    input_names=[INPUT_NAME],
+                    input_names=names,
                     output_names=[OUTPUT_NAME],
                     do_constant_folding=True,
-                    dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None,
+                    dynamic_axes=axes or None,
                 )
             elif exporter == "dynamo":
+                dims = {label: torch.export.Dim(label) for label in ("batch", "sequence")}
                 program = torch.onnx.export(
-                    model,
-                    (example_input,),
+                    module,
+                    inputs,
                     dynamo=True,
-                    input_names=[INPUT_NAME],
+                    input_names=names,
                     output_names=[OUTPUT_NAME],
-                    dynamic_shapes=({0: torch.export.Dim("batch")},) if dynamic_batch else None,
+                    dynamic_shapes=tuple({axis: dims[label] for axis, label in axes.get(name, {}).items()} for name in names) if axes else None,
                 )
                 program.save(str(temporary))
             else:
@@ -88,9 +140,18 @@ def onnx_session(path: str | os.PathLike[str] | bytes, threads: int = 2, spinnin
     return ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
 
 
-def run_onnx(session: Any, inputs: torch.Tensor) -> torch.Tensor:
-    name = session.get_inputs()[0].name
-    return torch.from_numpy(session.run(None, {name: inputs.detach().cpu().numpy()})[0])
+def run_onnx(session: Any, inputs: Any) -> torch.Tensor:
+    """Run a session on one tensor (its first input) or a mapping of named inputs (those the model has; a missing
+    one is an error that names what the model takes)."""
+    wanted = [i.name for i in session.get_inputs()]
+    if isinstance(inputs, Mapping):
+        missing = [name for name in wanted if name not in inputs]
+        if missing:
+            raise TorchslimError(f"the ONNX model takes inputs {', '.join(wanted)}; missing {', '.join(missing)}")
+        feed = {name: inputs[name].detach().cpu().numpy() for name in wanted}
+    else:
+        feed = {wanted[0]: inputs.detach().cpu().numpy()}
+    return torch.from_numpy(session.run(None, feed)[0])
 
 
 class OnnxModule(nn.Module):
@@ -104,8 +165,8 @@ class OnnxModule(nn.Module):
         self.description = description
         self.session = onnx_session(self.onnx_bytes, threads)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return run_onnx(self.session, x)
+    def forward(self, x: Any = None, **inputs: Any) -> torch.Tensor:
+        return run_onnx(self.session, inputs if x is None else x)
 
     def save(self, path: str | os.PathLike[str], overwrite: bool = True) -> Path:
         refuse_overwrite(path, overwrite)

@@ -41,7 +41,7 @@ from torchslim.core.selector import LayerSelector
 from torchslim.llm.awq import awq_block, round_codes
 from torchslim.llm.blocks import block_layers, forward_inputs, sequential
 from torchslim.llm.gptq import HessianAccumulator, gptq, layer_error, round_to_nearest
-from torchslim.llm.scaling import fold_scale, input_groups, oriented_weight
+from torchslim.llm.scaling import fold_scale, oriented_weight, smoothing_scales
 from torchslim.quantization.api import calibration, quantization_method
 from torchslim.quantization.modules import WeightScheme, from_codes, quantize_module
 from torchslim.quantization.primitives import dequantize
@@ -246,14 +246,7 @@ def run_smoothquant(model: nn.Module, config: SmoothQuantConfig, batches: Any) -
     folded_groups, all_groups = [0], [0]
 
     def smooth_block(block_name: str, block: nn.Module, inputs: list) -> None:
-        layers = block_layers(block, set(planned))
-        maxima = {local: torch.zeros(oriented_weight(layer).shape[1]) for local, layer in layers.items()}
-        forward_inputs(block, inputs, layers, lambda local, x: maxima.__setitem__(local, torch.maximum(maxima[local], x.abs().amax(0).float())))
-        for group in input_groups(block, inputs[0], layers):
-            names = list(group.layers)
-            weights = {name: oriented_weight(layer) for name, layer in group.layers.items()}
-            w_max = torch.cat(list(weights.values())).abs().amax(0).clamp(min=1e-5)
-            scale = (maxima[names[0]].clamp(min=1e-5).pow(config.alpha) / w_max.pow(1 - config.alpha)).clamp(min=1e-5)
+        for group, scale, weights in smoothing_scales(block, inputs, block_layers(block, set(planned)), config.alpha):
             folded = fold_scale(block, group, scale, inputs[:2])
             folded_groups[0] += int(folded)
             all_groups[0] += 1

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchslim.llm.blocks import BlockInput, block_output
+from torchslim.llm.blocks import BlockInput, block_layers, block_output, forward_inputs, sequential
 
 
 @dataclasses.dataclass
@@ -106,4 +106,33 @@ def fold_scale(block: nn.Module, group: InputGroup, scale: torch.Tensor, check: 
     return False
 
 
-__all__ = ["InputGroup", "fold_scale", "input_groups", "oriented_weight"]
+def smoothing_scales(block: nn.Module, inputs: list, layers: dict[str, nn.Module], alpha: float) -> list[tuple[Any, torch.Tensor, dict[str, torch.Tensor]]]:
+    """SmoothQuant's per-input-channel scales s = max|x|^alpha / max|w|^(1-alpha) for each group of ``layers`` that
+    reads one input in ``block`` (activation maxima over ``inputs``): (group, scale, the layers' weights)."""
+    maxima = {local: torch.zeros(oriented_weight(layer).shape[1]) for local, layer in layers.items()}
+    forward_inputs(block, inputs, layers, lambda local, x: maxima.__setitem__(local, torch.maximum(maxima[local], x.abs().amax(0).float())))
+    found = []
+    for group in input_groups(block, inputs[0], layers):
+        weights = {name: oriented_weight(layer) for name, layer in group.layers.items()}
+        w_max = torch.cat(list(weights.values())).abs().amax(0).clamp(min=1e-5)
+        scale = (maxima[next(iter(group.layers))].clamp(min=1e-5).pow(alpha) / w_max.pow(1 - alpha)).clamp(min=1e-5)
+        found.append((group, scale, weights))
+    return found
+
+
+def smooth_float(model: nn.Module, batches: Any, alpha: float) -> nn.Module:
+    """SmoothQuant's migration alone, in float (in place): each group's scales folded into the normalization before
+    it where the block's outputs stay the same (groups that cannot fold are left as they are). The model computes the
+    same function; its activations have smaller outliers, for engines that quantize activations per tensor."""
+    planned = {module for module in model.modules() if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"}
+
+    def smooth_block(block_name: str, block: nn.Module, inputs: list) -> None:
+        for group, scale, _ in smoothing_scales(block, inputs, block_layers(block, planned), alpha):
+            fold_scale(block, group, scale, inputs[:2])
+
+    with torch.no_grad():
+        sequential(model, batches, smooth_block)
+    return model
+
+
+__all__ = ["InputGroup", "fold_scale", "input_groups", "oriented_weight", "smooth_float", "smoothing_scales"]

@@ -49,6 +49,7 @@ class Group:
     members: list[ParamSlice] = dataclasses.field(default_factory=list)
     consumers: list[ParamSlice] = dataclasses.field(default_factory=list)
     blocked: list[str] = dataclasses.field(default_factory=list)
+    joined: bool = False  # the channels of several layers added together (a residual stream), not multiplied
 
     @property
     def prunable(self) -> bool:
@@ -116,6 +117,7 @@ class ChannelGraph:
         self.blocked: dict[int, str] = {}
         self.unsupported: list[str] = []
         self.heads: list[HeadGroup] = []
+        self.joined: set[int] = set()  # slots where layers' outputs are added (residual streams)
         self.leaf_records: dict[str, list[tuple[list[int] | None, list[int]]]] = {}  # pad-shortcut slot maps
 
     # -- slot bookkeeping ------------------------------------------------------------------------------------------
@@ -179,6 +181,9 @@ class ChannelGraph:
         columns, which also produces the module's ``output`` channels. ``head_slots`` are the heads' output features
         where another module reads them."""
         info = self.get_info(inputs[0]) if inputs else None
+        if attributes is None:  # the module's head count follows the removal
+            count = next((a for a in ("num_heads", "num_attention_heads") if isinstance(getattr(module, a, None), int)), None)
+            attributes = {"count": count} if count else {}
         for projection in projections:
             self.consume(f"{name}.{projection}", info, 1)
         if output_projection is not None:
@@ -232,6 +237,8 @@ class ChannelGraph:
                     per_root.setdefault(self.uf.find(slot), []).append(index)
             for root, indices in per_root.items():
                 group(root).consumers.append(ParamSlice(module, name, dim, indices))
+        for slot in self.joined:
+            group(slot).joined = True
         for slot, reason in self.blocked.items():
             if reason not in group(slot).blocked:
                 group(slot).blocked.append(reason)

@@ -1,6 +1,7 @@
 """Importance criteria: how much each weight (unstructured pruning) or each group of coupled channels (structured
 pruning) matters. Higher means keep. Both kinds live in registries whose entries say what a criterion needs:
-nothing but the weights, activations over calibration batches, or gradients of the task's loss.
+nothing but the weights, activations over calibration batches (outputs, or for ``INPUT_NORMS`` the norms of the inputs
+that the layers reading a group see), or gradients of the task's loss.
 
 Weight criteria map (weight, statistics) to a score of the weight's shape; ``statistics`` holds, for gradient
 criteria, ``squared_gradient`` (sum over batches of g^2) and ``taylor`` (sum of |w * g|). Group criteria map
@@ -12,7 +13,7 @@ Example:
     >>> WEIGHT_IMPORTANCE.get("l1").score(torch.tensor([-2.0, 1.0]), {}).tolist()
     [2.0, 1.0]
     >>> sorted(name for name in GROUP_IMPORTANCE if GROUP_IMPORTANCE.get(name).needs)
-    ['apoz', 'mean_activation', 'taylor']
+    ['apoz', 'mean_activation', 'taylor', 'wanda']
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from torchslim.pruning.graph import Group, ParamSlice
 from torchslim.tasks.batches import model_inputs, move_to
 
 # what a criterion needs besides the weights
-GRADIENTS, ACTIVATIONS = "gradients", "activations"
+GRADIENTS, ACTIVATIONS, INPUT_NORMS = "gradients", "activations", "input norms"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,6 +278,35 @@ def group_taylor(model: nn.Module, group: Group, statistics: dict[str, Any]) -> 
     return _activation_score(statistics, model, group, "taylor")
 
 
+def reads_inputs(module: nn.Module) -> bool:
+    """Whether ``collect_input_norms`` can measure this layer's input features."""
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D" or (isinstance(module, nn.Conv2d) and module.groups == 1)
+
+
+def reader_contribution(model: nn.Module, pieces: list[ParamSlice], statistics: dict[str, Any]) -> float | None:
+    """sum over the reading columns W[:, j] of ||W[:, j]||_2 x ||x_j||_2 (x_j: input feature j over the calibration
+    tokens): for a Linear reader, exactly the norm of what feature j adds to its output over those tokens. None when
+    no reader was measured."""
+    total, found = 0.0, False
+    for piece in pieces:
+        entry = statistics.get(piece.module)
+        if piece.name != "weight" or not isinstance(entry, dict) or "input_norm" not in entry:
+            continue
+        columns = slice_values(model, piece).movedim(piece.dim, 0).reshape(len(piece.indices), -1).float()
+        total += float((columns.norm(dim=1) * entry["input_norm"][piece.indices].to(columns.device)).sum())
+        found = True
+    return total if found else None
+
+
+@group_criterion("wanda", needs=INPUT_NORMS)
+def group_wanda(model: nn.Module, group: Group, statistics: dict[str, Any]) -> float | None:
+    """What removing the channels takes out of the layers that read them: ||W[:, j]|| x ||x_j|| summed over the
+    readers' columns (Wanda's |w| x ||x|| for whole input channels). For a gated MLP (SwiGLU) neuron this is its
+    down-projection column times the gated activation that feeds it, which weight norms of gate/up rows miss.
+    Groups no measured layer reads are left alone."""
+    return reader_contribution(model, group.consumers, statistics)
+
+
 @group_criterion("random")
 def group_random(model: nn.Module, group: Group, statistics: dict[str, Any]) -> float:
     """Uniform random scores (seeded): the baseline."""
@@ -347,14 +377,18 @@ __all__ = [
     "ACTIVATIONS",
     "GRADIENTS",
     "GROUP_IMPORTANCE",
+    "INPUT_NORMS",
     "WEIGHT_IMPORTANCE",
     "Criterion",
     "activation_sites",
     "activation_statistics",
     "collect_gradient_statistics",
+    "collect_input_norms",
     "group_criterion",
     "group_norm",
     "parametrized_weight",
+    "reader_contribution",
+    "reads_inputs",
     "slice_values",
     "weight_criterion",
 ]

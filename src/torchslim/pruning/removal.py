@@ -48,7 +48,7 @@ def update_attributes(module: Any) -> None:
         module.out_features, module.in_features = module.weight.shape
     elif isinstance(module, nn.modules.batchnorm._BatchNorm):
         module.num_features = (module.weight if module.weight is not None else module.running_mean).shape[0]
-    elif isinstance(module, nn.LayerNorm):
+    elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)) and module.weight is not None:
         module.normalized_shape = (module.weight.shape[0],)
     elif isinstance(module, nn.Embedding):
         module.embedding_dim = module.weight.shape[1]
@@ -121,20 +121,35 @@ def remove_channels(model: nn.Module, graph: ChannelGraph, groups: list[Group], 
         removed_heads.setdefault(head.module, []).append(head)
     for name, gone in removed_heads.items():
         module = model.get_submodule(name)
-        names = gone[0].attributes or {"count": "num_heads"}
-        setattr(module, names["count"], getattr(module, names["count"]) - len(gone))
-        attributes = {names["count"]: getattr(module, names["count"])}
+        names = gone[0].attributes
+        per_unit = int(names.get("per_unit", 1))  # query heads per removed unit (grouped key/value heads)
+        attributes = {}
+        for key, removed in (("count", per_unit * len(gone)), ("kv_count", len(gone))):
+            if key in names:
+                setattr(module, names[key], getattr(module, names[key]) - removed)
+                attributes[names[key]] = getattr(module, names[key])
         if "size" in names:  # e.g. all_head_size = heads x head size
             setattr(module, names["size"], getattr(module, names["count"]) * getattr(module, names["head"]))
             attributes[names["size"]] = getattr(module, names["size"])
-        transform["attributes"][name] = attributes
+        if attributes:
+            transform["attributes"][name] = attributes
     retie(model, ties, "unties a shared weight")
     return transform
 
 
 # size attributes a channel-pruning record may set (on modules that already hold them): nothing else, so a file cannot
 # replace a method or any other attribute
-SIZE_ATTRIBUTES = ("in_channels", "out_channels", "index", "num_heads", "num_attention_heads", "all_head_size", "attention_head_size")
+SIZE_ATTRIBUTES = (
+    "in_channels",
+    "out_channels",
+    "index",
+    "num_heads",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "num_kv_heads",
+    "all_head_size",
+    "attention_head_size",
+)
 
 
 def _size_value(value: Any) -> bool:
@@ -199,6 +214,10 @@ def module_width(module: nn.Module) -> str | None:
     for attribute in ("num_heads", "num_attention_heads"):
         if isinstance(getattr(module, attribute, None), int):
             return f"{getattr(module, attribute)} heads"
+    projections = [getattr(module, n, None) for n in ("q_proj", "k_proj")]
+    width = getattr(module, "head_dim", None)
+    if all(isinstance(p, nn.Linear) for p in projections) and isinstance(width, int) and width > 0:
+        return f"{projections[0].out_features // width} heads ({projections[1].out_features // width} key/value)"
     return None
 
 

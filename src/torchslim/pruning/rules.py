@@ -298,6 +298,8 @@ def _elementwise(graph: ChannelGraph, where: str, name: str, args: tuple, output
             return
         for a, b in zip(result, info.slots):
             graph.uf.union(a, b)
+    if len(carried) > 1 and not any(word in name for word in ("mul", "div")):  # a residual add, not a gate (SwiGLU)
+        graph.joined.update(result)
     for tensor, known in infos:  # a plain tensor (not a traced activation) of full channel size would need slicing too
         if known is None and tensor.dim() >= out_axis_from_end and tensor.shape[tensor.dim() - out_axis_from_end] > 1:
             graph.unsupported_op(where, f"{name} with a constant tensor over the channels", [t for t, _ in carried])
@@ -365,6 +367,7 @@ def apply_function(graph: ChannelGraph, where: str, func: Any, args: tuple, kwar
             for other in infos[1:]:
                 for a, b in zip(infos[0].slots, other.slots):
                     graph.uf.union(a, b)
+            graph.joined.update(infos[0].slots)
             graph.set_info(output, infos[0].slots, axis)
             return
     if func is F.pad and info is not None:

@@ -42,7 +42,19 @@ from torchslim.data.sources import as_source
 from torchslim.measure.counts import count_macs, count_parameters
 from torchslim.pruning.apply import masks_of
 from torchslim.pruning.graph import ChannelGraph, Group, HeadGroup
-from torchslim.pruning.importance import ACTIVATIONS, GRADIENTS, GROUP_IMPORTANCE, activation_sites, activation_statistics, group_norm
+from torchslim.pruning.importance import (
+    ACTIVATIONS,
+    GRADIENTS,
+    GROUP_IMPORTANCE,
+    INPUT_NORMS,
+    activation_sites,
+    activation_statistics,
+    collect_input_norms,
+    group_norm,
+    reader_contribution,
+    reads_inputs,
+)
+from torchslim.pruning.model_config import update_model_config
 from torchslim.pruning.removal import module_width, remove_channels, zero_readers
 from torchslim.pruning.tracing import trace
 from torchslim.tasks.base import Task, resolve_task
@@ -60,10 +72,13 @@ class StructuredConfig(Config):
     separately, e.g. one layer's filters or one residual stream; "global": one ranking over the whole model, scores
     normalized by their set's mean). ``layers`` picks the layers whose output channels may go; ``overrides`` gives
     layers their own ratio (``{"fc2": 0.1}``; 0 keeps a layer's channels whole). ``importance``: a registered group
-    criterion (l1, l2, bn_scale, mean_activation, apoz, taylor, random) or a callable ``(model, group) -> float``.
-    ``round_to``: kept channel counts are multiples of this. ``head_ratio``: fraction of attention heads to remove
-    per attention module. ``prune_residual``: whether channels joined across a residual add may be removed. The
-    model's inputs and outputs are never pruned.
+    criterion (l1, l2, bn_scale, mean_activation, apoz, taylor, wanda, random) or a callable ``(model, group) ->
+    float``; "wanda" (what the channels add to the layers that read them, over calibration data) is the one for
+    gated MLPs and transformers. ``round_to``: kept channel counts are multiples of this. ``head_ratio``: fraction of
+    attention heads to remove per attention module (ranked by l1, l2, wanda or random; with grouped key/value heads a
+    unit is one key/value head with the query heads that share it). ``prune_residual``: whether channels joined
+    across a residual add may be removed (for a transformer, its hidden width). The model's inputs and outputs are
+    never pruned. A Hugging Face model's config is updated to the new widths where it can describe them.
     """
 
     ratio: float = 0.0
@@ -107,7 +122,9 @@ def group_scores(model: nn.Module, groups: list[Group], config: StructuredConfig
         return {g.id: float(config.importance(model, g)) for g in groups}
     criterion = GROUP_IMPORTANCE.get(config.importance)
     statistics: dict[str, Any] = {}
-    if criterion.needs in (ACTIVATIONS, GRADIENTS):
+    if criterion.needs == INPUT_NORMS:
+        statistics = _input_norms(model, [p for g in groups for p in g.consumers], config, data)
+    elif criterion.needs in (ACTIVATIONS, GRADIENTS):
         if data is None:
             raise ConfigError(f"importance {config.importance!r} needs calibration data (data=...)")
         source = as_source(data, model)
@@ -126,8 +143,32 @@ def group_scores(model: nn.Module, groups: list[Group], config: StructuredConfig
     return scores
 
 
-def _head_score(model: nn.Module, graph: ChannelGraph, head: HeadGroup, importance: Any) -> float:
-    return group_norm(model, [s for s in graph.head_slices(head) if s.name == "weight"], 2 if importance == "l2" else 1)
+def _input_norms(model: nn.Module, readers: list[Any], config: StructuredConfig, data: Any) -> dict[str, Any]:
+    """Input-feature norms over calibration batches of the layers in ``readers`` that can be measured."""
+    if data is None:
+        raise ConfigError(f"importance {config.importance!r} needs calibration data (data=...)")
+    names = sorted({p.module for p in readers if p.name == "weight" and reads_inputs(model.get_submodule(p.module))})
+    batches = as_source(data, model).batches("train", batch_size=64, shuffle=True, seed=config.seed)
+    return collect_input_norms(model, [(n, model.get_submodule(n)) for n in names], batches, config.calibration_batches)
+
+
+HEAD_IMPORTANCE = ("l1", "l2", "wanda", "random")
+
+
+def head_scores(model: nn.Module, graph: ChannelGraph, heads: list[HeadGroup], config: StructuredConfig, data: Any = None) -> dict[tuple[str, int], float]:
+    """One score per attention head (unit): the L1 / L2 norm of its weights, what its output columns add to the
+    output projection ("wanda", as for channels), or random; other criteria rank heads by L1."""
+    importance = config.importance if config.importance in HEAD_IMPORTANCE else "l1"
+    pieces = {(h.module, h.head): graph.head_slices(h) for h in heads}
+    if importance == "random":
+        generator = torch.Generator().manual_seed(config.seed)
+        return {key: float(torch.rand(1, generator=generator)) for key in pieces}
+    if importance == "wanda":
+        readers = [s for slices in pieces.values() for s in slices if s.name == "weight" and s.dim == 1]
+        statistics = _input_norms(model, readers, config, data)
+        scores = {key: reader_contribution(model, [s for s in slices if s.dim == 1], statistics) for key, slices in pieces.items()}
+        return {key: value for key, value in scores.items() if value is not None}
+    return {key: group_norm(model, [s for s in slices if s.name == "weight"], 2 if importance == "l2" else 1) for key, slices in pieces.items()}
 
 
 # -- selection -------------------------------------------------------------------------------------------------------
@@ -168,7 +209,7 @@ def select_groups(
     kept_whole = sorted(name for name, ratio in ratios.items() if ratio == 0.0)
     if kept_whole:
         notes.append(f"protected by overrides: {', '.join(kept_whole)}")
-    candidates = [g for g in groups if g.prunable and g.layers and set(g.layers) <= names and (config.prune_residual or len(g.layers) == 1)]
+    candidates = [g for g in groups if g.prunable and g.layers and set(g.layers) <= names and (config.prune_residual or not g.joined)]
     if not candidates:
         return [], notes
     scores = group_scores(model, candidates, config, data, task)
@@ -203,18 +244,22 @@ def select_groups(
     return chosen, notes
 
 
-def select_heads(model: nn.Module, graph: ChannelGraph, config: StructuredConfig) -> list[HeadGroup]:
-    """The attention heads to remove: the lowest-norm ``head_ratio`` of each attention module (one always stays)."""
+def select_heads(model: nn.Module, graph: ChannelGraph, config: StructuredConfig, data: Any = None) -> list[HeadGroup]:
+    """The attention heads to remove: the lowest-scoring ``head_ratio`` of each attention module (one always stays;
+    with grouped key/value heads a unit is a key/value head with its query heads)."""
     if config.head_ratio <= 0:
         return []
     by_module: dict[str, list[HeadGroup]] = {}
     for head in graph.heads:
         by_module.setdefault(head.module, []).append(head)
+    selected = {name for name, _ in select_modules(model, config.layers)}
+    candidates = [h for h in graph.heads if h.module in selected or any(s.module in selected for s in h.slices)]
+    scores = head_scores(model, graph, candidates, config, data) if candidates else {}
     heads: list[HeadGroup] = []
     for module_heads in by_module.values():
-        count = min(len(module_heads) - 1, round(config.head_ratio * len(module_heads)))
-        ordered = sorted(module_heads, key=lambda h: (_head_score(model, graph, h, config.importance), h.head))
-        heads += ordered[:count]
+        scored = [h for h in module_heads if (h.module, h.head) in scores]
+        count = min(len(module_heads) - 1, round(config.head_ratio * len(module_heads)), len(scored))
+        heads += sorted(scored, key=lambda h: (scores[(h.module, h.head)], h.head))[:count]
     return heads
 
 
@@ -231,8 +276,10 @@ def _outputs(model: nn.Module, example: Any) -> list[torch.Tensor]:
 
 
 def _cross_channel(model: nn.Module, groups: list[Group]) -> bool:
-    """Whether any removed channel feeds a normalization over channels (LayerNorm), whose statistics then change."""
-    return any(isinstance(model.get_submodule(p.module), (nn.LayerNorm, nn.GroupNorm)) for g in groups for p in g.members)
+    """Whether any removed channel feeds a normalization over channels (LayerNorm, RMSNorm), whose statistics then
+    change."""
+    modules = [model.get_submodule(p.module) for g in groups for p in g.members]
+    return any(isinstance(m, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)) or type(m).__name__.endswith("RMSNorm") for m in modules)
 
 
 def check_removal(
@@ -342,7 +389,7 @@ def prune_channels(
     working = copy.deepcopy(model)
     graph = trace(working, example)
     chosen, notes = select_groups(working, graph, config, data, task)
-    heads = select_heads(working, graph, config)
+    heads = select_heads(working, graph, config, data)
     chosen, heads = _safe_removal(working, graph, chosen, heads, example, notes)
     before = {n: module_width(m) for n, m in working.named_modules() if module_width(m) is not None}
     macs_before = count_macs(working, example)["total"]
@@ -353,6 +400,7 @@ def prune_channels(
         heads = [h for h in graph.heads if (h.module, h.head) in {(x.module, x.head) for x in heads}]
     transform = remove_channels(target, graph, chosen, heads)
     append_transform(target, transform)
+    notes += update_model_config(target)
     seconds = time.perf_counter() - started
     after = {n: module_width(m) for n, m in target.named_modules() if module_width(m) is not None}
     rows = [

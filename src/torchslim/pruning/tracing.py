@@ -59,25 +59,27 @@ def trace(model: nn.Module, example_input: Any) -> ChannelGraph:
         else:
             tracer.where.append(graph.names.get(id(module), ""))
 
-    def post_hook(module: nn.Module, args: tuple, output: Any) -> None:
+    def post_hook(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
         if is_leaf(module):
             if tracer.depth == 1:  # the rule runs with recording still off
                 name = graph.names.get(id(module), "")
                 rule = rule_for(module)
                 assert rule is not None
+                # inputs given by keyword (``self_attn(hidden_states=...)``) follow the positional ones
+                inputs = list(args) + [value for value in kwargs.values() if isinstance(value, torch.Tensor)]
                 try:
-                    rule(graph, name, module, list(args), output)
+                    rule(graph, name, module, inputs, output)
                 except TorchslimError:
                     raise
                 except Exception as error:
-                    graph.unsupported_op(name, f"{type(module).__name__} ({error})", _tensors(args))
+                    graph.unsupported_op(name, f"{type(module).__name__} ({error})", _tensors(inputs))
             tracer.depth -= 1
         else:
             tracer.where.pop()
 
     for module in model.modules():
         handles.append(module.register_forward_pre_hook(pre_hook))
-        handles.append(module.register_forward_hook(post_hook))
+        handles.append(module.register_forward_hook(post_hook, with_kwargs=True))
     try:
         for tensor in rules.tensors_in(example_input):
             if tensor.is_floating_point() and tensor.dim() >= 2:

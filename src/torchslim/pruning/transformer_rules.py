@@ -1,11 +1,14 @@
 """Channel rules for the attention and layer modules of Hugging Face transformers, found by their shape (no import of
-transformers): GPT-2's Conv1D, BERT-style self-attention (query/key/value), and attention with q/k/v/o projections
-and a head size (the current ViT, Llama, Mistral, Qwen). Registered in ``pruning.rules``' predicate rules."""
+transformers): GPT-2's Conv1D, BERT-style self-attention (query/key/value), attention with q/k/v/o projections and a
+head size (the current ViT, Llama, Mistral, Qwen; grouped key/value heads go with the query heads that share them),
+and RMSNorm (a per-channel scale after a normalization over the channels). Registered in ``pruning.rules``' predicate
+rules."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from torchslim.pruning.graph import ChannelGraph
@@ -50,27 +53,83 @@ def _hf_self_attention(graph: ChannelGraph, name: str, module: Any, inputs: list
 
 
 def _is_projection_attention(module: nn.Module) -> bool:
-    return (
-        all(isinstance(getattr(module, n, None), nn.Linear) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
-        and isinstance(getattr(module, "num_attention_heads", getattr(module, "num_heads", None)), int)
-        and isinstance(getattr(module, "head_dim", None), int)
+    return all(isinstance(getattr(module, n, None), nn.Linear) for n in ("q_proj", "k_proj", "v_proj", "o_proj")) and isinstance(
+        getattr(module, "head_dim", None), int
     )
+
+
+def _head_counts(module: Any) -> tuple[int, int] | None:
+    """(query heads, key/value heads) of a q/k/v/o attention module, from its projections' widths (which every
+    version of the module agrees with), or None when they are not whole heads."""
+    width = module.head_dim
+    queries, keys = module.q_proj.out_features, module.k_proj.out_features
+    if width <= 0 or queries % width or keys % width or module.v_proj.out_features != keys or module.o_proj.in_features != queries:
+        return None
+    heads, kv_heads = queries // width, keys // width
+    return (heads, kv_heads) if kv_heads and heads % kv_heads == 0 else None
 
 
 def _projection_attention(graph: ChannelGraph, name: str, module: Any, inputs: list[Any], output: Any) -> None:
     """Attention with q/k/v/o projections and a head size: q/k/v read the input channels, o_proj produces the output
-    channels, and each head's q/k/v rows and o_proj columns may go whole. Grouped key/value heads (fewer k/v heads
-    than query heads) keep their heads."""
+    channels. A unit that may go whole is one key/value head with the query heads that share it (grouped-query
+    attention; one query head per unit when every head has its own keys): their q/k/v rows and o_proj columns. The
+    module's own head-count attributes (where its version keeps any) follow; the model's config is updated by
+    ``pruning.model_config`` after removal."""
     result = output[0] if isinstance(output, (tuple, list)) else output
-    count_name = "num_attention_heads" if isinstance(getattr(module, "num_attention_heads", None), int) else "num_heads"
-    heads, width = getattr(module, count_name), module.head_dim
-    if not module.q_proj.out_features == module.k_proj.out_features == module.v_proj.out_features == heads * width:
+    counts = _head_counts(module)
+    width = module.head_dim
+    if counts is None:
         graph.attention(name, module, inputs, ("q_proj", "k_proj", "v_proj"), 0, width, output_projection="o_proj", output=result)
-        graph.unsupported.append(f"{name}: grouped key/value heads are kept whole")
+        graph.unsupported.append(f"{name}: projection widths are not whole heads of {width}; heads kept whole")
         return
-    graph.attention(
-        name, module, inputs, ("q_proj", "k_proj", "v_proj"), heads, width, output_projection="o_proj", output=result, attributes={"count": count_name}
+    heads, kv_heads = counts
+    share = heads // kv_heads
+    attributes = {"per_unit": str(share)}
+    for key, candidates in (("count", ("num_heads", "num_attention_heads")), ("kv_count", ("num_key_value_heads", "num_kv_heads"))):
+        found = next((c for c in candidates if isinstance(getattr(module, c, None), int)), None)
+        if found is not None:
+            attributes[key] = found
+    graph.attention(name, module, inputs, ("q_proj", "k_proj", "v_proj"), 0, width, output_projection="o_proj", output=result)
+    for unit in range(kv_heads):
+        query_rows = list(range(unit * share * width, (unit + 1) * share * width))
+        kv_rows = list(range(unit * width, (unit + 1) * width))
+        slices = [graph.slice(f"{name}.q_proj", "weight", 0, query_rows), graph.slice(f"{name}.o_proj", "weight", 1, query_rows)]
+        slices += [graph.slice(f"{name}.{p}", "weight", 0, kv_rows) for p in ("k_proj", "v_proj")]
+        slices += [graph.slice(f"{name}.q_proj", "bias", 0, query_rows)] if module.q_proj.bias is not None else []
+        slices += [graph.slice(f"{name}.{p}", "bias", 0, kv_rows) for p in ("k_proj", "v_proj") if getattr(module, p).bias is not None]
+        graph.add_head(name, unit, slices, attributes=attributes)
+
+
+def _is_rms_norm(module: nn.Module) -> bool:
+    weight = getattr(module, "weight", None)
+    return (
+        type(module).__name__.endswith("RMSNorm")
+        and isinstance(weight, nn.Parameter)
+        and weight.dim() == 1
+        and not any(True for _ in module.children())
+        and (hasattr(module, "variance_epsilon") or hasattr(module, "eps"))
     )
 
 
-PREDICATE_RULES.extend([(_is_gpt_conv1d, _gpt_conv1d), (_is_hf_self_attention, _hf_self_attention), (_is_projection_attention, _projection_attention)])
+def _rms_norm(graph: ChannelGraph, name: str, module: Any, inputs: list[Any], output: Any) -> None:
+    """RMSNorm over the last axis (Llama, Mistral, Qwen, T5): its scale is a per-channel member of the group; the
+    normalization mixes channels, so removal is checked by running the model rather than output equality."""
+    info = graph.get_info(inputs[0]) if inputs else None
+    if info is None or not isinstance(output, torch.Tensor):
+        return
+    if info.axis != inputs[0].dim() - 1 or module.weight.numel() != inputs[0].shape[-1] or output.shape != inputs[0].shape:
+        graph.unsupported_op(name, f"{type(module).__name__} over an axis other than the channels", inputs[:1])
+        return
+    for index, slot in enumerate(info.slots):
+        graph.param(slot, "member", name, "weight", 0, index)
+    graph.set_info(output, info.slots, info.axis)
+
+
+PREDICATE_RULES.extend(
+    [
+        (_is_gpt_conv1d, _gpt_conv1d),
+        (_is_hf_self_attention, _hf_self_attention),
+        (_is_projection_attention, _projection_attention),
+        (_is_rms_norm, _rms_norm),
+    ]
+)

@@ -3,11 +3,21 @@
 Static quantization writes a QDQ model with uint8 activations and int8 weights (U8S8: the fast form on x86 CPUs;
 S8S8 runs no faster than fp32 there), per-channel weights, BatchNorm folded by the export. Calibration runs
 ONNX Runtime's calibrators (min-max, entropy, percentile) over batches of the user's data.
+
+Transformers (models called with keyword inputs such as ``input_ids`` / ``attention_mask``) export with dynamic batch
+and sequence length; only the matrix products with weights are quantized (per output channel), while LayerNorm,
+softmax, GELU, the attention products of two activations and residual adds stay float: per-tensor activation ranges
+cannot hold what those see. ``smooth`` (SmoothQuant's alpha) first moves per-channel activation outliers into the
+weights, folded into the normalization before each group of layers (only where the outputs stay the same), so the
+per-tensor activation scales that the engine calibrates lose less. Calibration batches are re-cut to one shape
+(rows padded to the longest with their attention mask zero), which ONNX Runtime's histogram calibrators need.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import itertools
 import os
 import shutil
 import tempfile
@@ -38,6 +48,8 @@ class OnnxInt8Config(Config):
     per_channel: bool = True
     activations: str = "uint8"
     percentile: float = 99.999
+    smooth: float | None = None
+    weight_matmuls_only: bool | None = None  # None: for models with keyword inputs (transformers)
 
     def validate(self) -> None:
         check(self.method == "onnxruntime", f"method must be 'onnxruntime' for OnnxInt8Config, got {self.method!r}")
@@ -45,33 +57,76 @@ class OnnxInt8Config(Config):
         check(self.calibration in ("minmax", "entropy", "percentile"), f"calibration must be minmax, entropy or percentile, got {self.calibration!r}")
         check(self.calibration_batches >= 1, f"calibration_batches must be >= 1, got {self.calibration_batches}")
         check(self.activations in ("uint8", "int8"), f"activations must be uint8 or int8, got {self.activations!r}")
+        check(self.smooth is None or 0.0 <= self.smooth <= 1.0, f"smooth (SmoothQuant's alpha) must be in [0, 1] or None, got {self.smooth}")
+        check(0.0 < self.percentile <= 100.0, f"percentile must be in (0, 100], got {self.percentile}")
+
+
+def _uniform(batches: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+    """The same rows re-cut into batches of one shape: sequences padded to the longest (attention mask 0 there), rows
+    regrouped in batches of the first batch's size (a short remainder is dropped when full batches exist)."""
+    if len({tuple(tuple(v.shape) for v in b.values()) for b in batches}) <= 1:
+        return batches
+    length = max(v.shape[1] for b in batches for v in b.values() if v.dim() >= 2)
+    rows: dict[str, list[torch.Tensor]] = {}
+    for batch in batches:
+        for name, value in batch.items():
+            if value.dim() >= 2 and value.shape[1] < length:
+                value = torch.nn.functional.pad(value, (0, 0) * (value.dim() - 2) + (0, length - value.shape[1]))
+            rows.setdefault(name, []).extend(value)
+    size = next(iter(batches[0].values())).shape[0]
+    total = len(next(iter(rows.values())))
+    stop = total - total % size if total >= size else total
+    return [{name: torch.stack(values[i : i + size]) for name, values in rows.items()} for i in range(0, stop, size or 1)]
 
 
 class _Reader:
-    """CalibrationDataReader over torch batches."""
+    """CalibrationDataReader over torch batches (one tensor input, or named inputs)."""
 
-    def __init__(self, batches: Iterable, limit: int) -> None:
-        self.iterator = iter(batches)
-        self.limit, self.count = limit, 0
+    def __init__(self, batches: Iterable, limit: int, names: list[str]) -> None:
+        self.names = names
+        taken: list[dict[str, torch.Tensor]] = []
+        for batch in batches:
+            if len(taken) >= limit:
+                break
+            inputs = example_of(batch)
+            if isinstance(inputs, torch.Tensor):
+                taken.append({names[0]: inputs.detach().cpu()})
+            elif isinstance(inputs, dict):
+                missing = [n for n in names if n not in inputs]
+                if missing:
+                    raise TorchslimError(f"the calibration batches lack the model's inputs {', '.join(missing)}")
+                taken.append({n: inputs[n].detach().cpu() for n in names})
+            else:
+                raise TorchslimError("ONNX Runtime calibration takes batches of one tensor or of named inputs; this data gives a tuple")
+        self.batches = _uniform(taken)
+        self.count = 0
 
     def get_next(self) -> dict[str, Any] | None:
-        if self.count >= self.limit:
+        if self.count >= len(self.batches):
             return None
-        try:
-            inputs = example_of(next(self.iterator))
-        except StopIteration:
-            return None
-        if not isinstance(inputs, torch.Tensor):
-            raise TorchslimError("ONNX Runtime calibration feeds models of one tensor input; this data gives several")
         self.count += 1
-        return {INPUT_NAME: inputs.detach().cpu().numpy()}
+        return {name: value.numpy() for name, value in self.batches[self.count - 1].items()}
 
     def rewind(self) -> None:  # ONNX Runtime may call it; one pass is all we give
         return None
 
 
+def _weight_matmuls(path: Path) -> tuple[list[str], list[str]]:
+    """(names of MatMul/Gemm nodes that multiply by a weight, names of those that multiply two activations)."""
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    weights = {i.name for i in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    with_weight: list[str] = []
+    between: list[str] = []
+    for node in graph.node:
+        if node.op_type in ("MatMul", "Gemm"):
+            (with_weight if any(i in weights for i in node.input) else between).append(node.name)
+    return with_weight, between
+
+
 def quantize_onnx(
-    model: nn.Module, example_input: torch.Tensor, calibration: Iterable | None, path: str | os.PathLike[str], config: OnnxInt8Config | dict | None = None
+    model: nn.Module, example_input: Any, calibration: Iterable | None, path: str | os.PathLike[str], config: OnnxInt8Config | dict | None = None
 ) -> Path:
     """Export ``model`` and write an int8 ONNX model to ``path``; returns the path."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
@@ -79,19 +134,37 @@ def quantize_onnx(
 
     config = OnnxInt8Config.coerce(config, where="quantize")
     path = Path(path)
+    keyword = isinstance(example_input, dict)
+    names = [k for k, v in example_input.items() if isinstance(v, torch.Tensor)] if keyword else [INPUT_NAME]
+    if config.smooth is not None:
+        if calibration is None:
+            raise TorchslimError("smooth (SmoothQuant) needs calibration data")
+        from torchslim.llm.scaling import smooth_float
+
+        calibration = list(itertools.islice(calibration, config.calibration_batches))
+        model = smooth_float(copy.deepcopy(model), calibration, config.smooth)
     with tempfile.TemporaryDirectory() as folder:
         fp32 = export_onnx(model, example_input, Path(folder) / "fp32.onnx")
         prepared = Path(folder) / "prepared.onnx"
         quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
         temporary = Path(folder) / "int8.onnx"
+        only_weights = keyword if config.weight_matmuls_only is None else config.weight_matmuls_only
+        selection: dict[str, Any] = {}
+        if only_weights:
+            _, between = _weight_matmuls(prepared)
+            selection = {"op_types_to_quantize": ["MatMul", "Gemm"], "nodes_to_exclude": between}
         if config.mode == "dynamic":
-            quantize_dynamic(str(prepared), str(temporary), weight_type=QuantType.QInt8, per_channel=config.per_channel)
+            quantize_dynamic(str(prepared), str(temporary), weight_type=QuantType.QInt8, per_channel=config.per_channel, **selection)
         else:
             if calibration is None:
                 raise TorchslimError("static int8 needs calibration data (a loader of batches)")
-            reader = _Reader(calibration, config.calibration_batches)
+            reader = _Reader(calibration, config.calibration_batches, names)
+            if not reader.batches:
+                raise TorchslimError("static int8 calibration got no batches: the calibration data is empty")
             method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}[config.calibration]
-            extra = {"CalibPercentile": config.percentile} if config.calibration == "percentile" else {}
+            extra: dict[str, Any] = {"CalibPercentile": config.percentile} if config.calibration == "percentile" else {}
+            if only_weights:  # the products' outputs go on in float (to norms, activations, residual adds)
+                extra["OpTypesToExcludeOutputQuantization"] = ["MatMul", "Gemm"]
             try:
                 quantize_static(
                     str(prepared),
@@ -103,11 +176,10 @@ def quantize_onnx(
                     weight_type=QuantType.QInt8,
                     calibrate_method=method,
                     extra_options=extra,
+                    **selection,
                 )
             except ValueError as error:
-                if reader.count == 0:
-                    raise TorchslimError("static int8 calibration got no batches: the calibration data is empty") from None
-                raise TorchslimError(f"ONNX Runtime static quantization failed: {error}") from None
+                raise TorchslimError(f"ONNX Runtime static quantization ({config.calibration} calibration) failed: {error}") from None
         path.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(temporary, path)
     return path

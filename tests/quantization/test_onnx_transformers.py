@@ -1,0 +1,98 @@
+"""Transformers through ONNX Runtime: export with named inputs and dynamic batch and sequence length; static int8 that
+quantizes only the products with weights (LayerNorm, softmax and activation-by-activation products stay float),
+calibrated by min-max, percentile or entropy over batches of different shapes; the result evaluated and saved."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+import torchslim as ts
+from tests import zoo
+from tests.test_zoo import _text_batches
+from torchslim.export.onnx import OnnxModule, export_onnx
+
+pytest.importorskip("transformers")
+onnx = pytest.importorskip("onnx")
+
+
+def _reference(model, batches):
+    with torch.no_grad():
+        return torch.cat([ts.tasks.batches.output_tensor(model(**batch)) for batch in batches])
+
+
+def _cosine(a, b):
+    return float(F.cosine_similarity(a.flatten(0, -2), b.flatten(0, -2), dim=-1).mean())
+
+
+@pytest.mark.parametrize("build", [zoo.llama, zoo.bert], ids=["llama", "bert"])
+def test_export_has_named_inputs_and_dynamic_batch_and_sequence(build, tmp_path):
+    torch.manual_seed(0)
+    model = build(128).eval()
+    model.train()  # the export runs in eval mode and gives every submodule its own mode back
+    example = {"input_ids": torch.randint(0, 128, (2, 12)), "attention_mask": torch.ones(2, 12, dtype=torch.long)}
+    path = export_onnx(model, example, tmp_path / "model.onnx")
+    assert model.training and all(m.training for m in model.modules())
+    model.eval()
+    graph = onnx.load(str(path)).graph
+    assert [i.name for i in graph.input] == ["input_ids", "attention_mask"]
+    assert [d.dim_param for d in graph.input[0].type.tensor_type.shape.dim] == ["batch", "sequence"]
+    engine = OnnxModule(path)
+    other = {"input_ids": torch.randint(0, 128, (3, 20)), "attention_mask": torch.ones(3, 20, dtype=torch.long)}
+    other["attention_mask"][0, 14:] = 0
+    torch.testing.assert_close(engine(**other), _reference(model, [other]), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ts.TorchslimError, match="takes inputs input_ids, attention_mask; missing attention_mask"):
+        engine(input_ids=other["input_ids"])
+
+
+@pytest.mark.parametrize("calibration", ["minmax", "percentile", "entropy"])
+def test_static_int8_of_a_llama_keeps_its_outputs_over_batches_of_different_shapes(calibration, tmp_path):
+    torch.manual_seed(0)
+    model = zoo.llama(128).eval()
+    data = _text_batches()
+    short = {"input_ids": data[0]["input_ids"][:3, :20], "attention_mask": data[0]["attention_mask"][:3, :20]}
+    result = ts.quantize(model, {"method": "onnxruntime", "calibration": calibration}, data=data + [short], task="fidelity", path=tmp_path / "int8.onnx")
+    engine = result.model
+    assert isinstance(engine, OnnxModule)
+    assert _cosine(torch.cat([engine(**b) for b in data]), _reference(model, data)) > 0.999
+    graph = onnx.load(str(tmp_path / "int8.onnx")).graph
+    dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    for node in graph.node:
+        if node.op_type in ("LayerNormalization", "Softmax", "SimplifiedLayerNormalization", "Pow", "Sigmoid"):
+            assert not dequantized & set(node.input), f"{node.op_type} {node.name} reads an int8 tensor"
+    matmuls = [n for n in graph.node if n.op_type == "MatMul"]
+    assert any(dequantized & set(n.input) for n in matmuls)
+    reloaded = ts.load(tmp_path / "int8.onnx")
+    torch.testing.assert_close(reloaded(**data[0]), engine(**data[0]))
+    metrics = ts.evaluate(engine, data, task="language-modeling")
+    assert metrics["perplexity"] == pytest.approx(ts.evaluate(model, data, task="language-modeling")["perplexity"], rel=0.05)
+
+
+def test_quantizing_every_operator_of_a_transformer_loses_what_keeping_them_float_keeps():
+    torch.manual_seed(0)
+    model = zoo.llama(128).eval()
+    data = _text_batches()
+    reference = _reference(model, data)
+    cosine = {}
+    for only in (True, False):
+        engine = ts.quantize(model, {"method": "onnxruntime", "weight_matmuls_only": only}, data=data, task="fidelity").model
+        cosine[only] = _cosine(torch.cat([engine(**b) for b in data]), reference)
+    assert cosine[True] > 0.999 and cosine[False] < cosine[True] - 0.01
+
+
+def test_smoothing_keeps_the_float_function_and_feeds_the_engine(tmp_path):
+    torch.manual_seed(0)
+    model = zoo.llama(128).eval()
+    data = _text_batches()
+    with torch.no_grad():  # an activation outlier channel, as trained transformers have
+        model.model.layers[0].input_layernorm.weight[5] = 30.0
+    import copy
+
+    from torchslim.llm.scaling import smooth_float
+
+    smoothed = smooth_float(copy.deepcopy(model), data, 0.5)
+    torch.testing.assert_close(_reference(smoothed, data), _reference(model, data), rtol=1e-4, atol=1e-4)
+    assert float(smoothed.model.layers[0].input_layernorm.weight[5].detach()) < 30.0  # folded into the norm before the layers
+    engine = ts.quantize(model, {"method": "onnxruntime", "smooth": 0.5}, data=data, task="fidelity").model
+    assert _cosine(torch.cat([engine(**b) for b in data]), _reference(model, data)) > 0.99
