@@ -47,7 +47,7 @@ INT3_G128 = {**INT4_G128, "bits": 3}
 BLOCK_LAYERS = {"include": [r"re:model\.layers\..*"]}
 MLP_ONLY = {"prune_residual": False, "layers": {"include": [r"re:.*\.mlp\..*"]}}
 ATTENTION = {"include": [r"re:.*\.self_attn\..*"]}
-DISTILL_TRAIN = {"epochs": 1, "optimizer": "adam", "lr": 5e-5, "max_batches_per_epoch": 100, "batch_size": 4, "eval_every_epoch": False}
+DISTILL_TRAIN = {"epochs": 1, "optimizer": "adam", "lr": 5e-5, "max_batches_per_epoch": 60, "batch_size": 4, "eval_every_epoch": False}
 EMBEDDING = {"include": ["model.embed_tokens", "lm_head"], "types": ["Linear", "Embedding"]}
 
 CONFIGS: dict[str, list[tuple[str, dict[str, Any]]]] = {
@@ -61,7 +61,6 @@ CONFIGS: dict[str, list[tuple[str, dict[str, Any]]]] = {
     "GPTQ int3 g128": [("quantize", {"method": "gptq", "weights": INT3_G128})],
     "GPTQ int4 g128 act-order": [("quantize", {"method": "gptq", "weights": INT4_G128, "act_order": True})],
     "AWQ int4 g128": [("quantize", {"method": "awq", "weights": INT4_G128})],
-    "AWQ int3 g128": [("quantize", {"method": "awq", "weights": INT3_G128})],
     "SmoothQuant W8A8": [("quantize", {"method": "smoothquant"})],
     "GPTQ int4 g128 + embedding int4": [
         ("quantize", {"method": "gptq", "weights": INT4_G128}),
@@ -141,7 +140,7 @@ def one(name: str, data_root: Path, quick: bool, out: Path) -> None:
     model = transformers.AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32).eval()
     ids = _tokens(data_root / "text" / "tinyshakespeare.txt", tokenizer, MODEL_DIR / "shakespeare-ids.pt")
     split = int(0.9 * ids.numel())
-    budget = 2048 if quick else 16384
+    budget = 2048 if quick else 8192
     evaluation = ts.data.token_windows(ids, WINDOW, max_tokens=budget, batch_size=4, start=split)
     generator = torch.Generator().manual_seed(0)
     starts = torch.randint(0, split - WINDOW, (16 if quick else 128,), generator=generator).tolist()
@@ -153,9 +152,9 @@ def one(name: str, data_root: Path, quick: bool, out: Path) -> None:
     for verb, config in CONFIGS[name]:
         if verb in ("prune", "prune_channels") or config.get("method") in ("gptq", "awq", "smoothquant"):
             config = {**config, "calibration_batches": len(calibration)}
-        if verb == "distill":  # from the original, on windows of the first 90% (100 steps of 4 x 256 tokens)
-            windows = torch.randint(0, split - WINDOW, (400,), generator=generator).tolist()
-            train = [{"input_ids": torch.stack([ids[s : s + WINDOW] for s in windows[i : i + 4]])} for i in range(0, 400, 4)]
+        if verb == "distill":  # from the original, on windows of the first 90% (60 steps of 4 x 256 tokens)
+            windows = torch.randint(0, split - WINDOW, (240,), generator=generator).tolist()
+            train = [{"input_ids": torch.stack([ids[s : s + WINDOW] for s in windows[i : i + 4]])} for i in range(0, 240, 4)]
             result = ts.distill(model, teacher, ts.Data(train=train, eval=evaluation), config, task="language-modeling", inplace=True, progress=False)
             model = result.model
             continue
@@ -193,10 +192,10 @@ def speed(path: Path, data_root: Path, quick: bool, out: Path) -> None:
     short = ids[split : split + 64].unsqueeze(0)
     new = 32
     with torch.no_grad():
-        prefill = _median_seconds(lambda: model(input_ids=prompt, use_cache=False), 3 if quick else 7)
+        prefill = _median_seconds(lambda: model(input_ids=prompt, use_cache=False), 3 if quick else 5)
         decode = _median_seconds(
             lambda: model.generate(short, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=tokenizer.eos_token_id),
-            1 if quick else 5,
+            1 if quick else 3,
         )
         first = _median_seconds(lambda: model(input_ids=short, use_cache=True), 5)
     out.write_text(json.dumps({"prefill_tokens_per_s": WINDOW / prefill, "decode_tokens_per_s": new / max(decode - first, 1e-9)}))

@@ -13,9 +13,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,21 @@ def _export_plan(
     return wrapper, tensors, names, {k: v for k, v in axes.items() if v}
 
 
+@contextlib.contextmanager
+def _eager_attention(model: nn.Module) -> Iterator[None]:
+    """A Hugging Face model's attention as plain matmul + softmax while exporting (its fused attention with grouped
+    key/value heads has no ONNX conversion); the setting is put back after."""
+    configs = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None and isinstance(getattr(c, "_attn_implementation", None), str)}
+    saved = {key: config._attn_implementation for key, config in configs.items()}
+    try:
+        for config in configs.values():
+            config._attn_implementation = "eager"
+        yield
+    finally:
+        for key, config in configs.items():
+            config._attn_implementation = saved[key]
+
+
 def export_onnx(
     model: nn.Module,
     example_input: Any,
@@ -85,7 +101,7 @@ def export_onnx(
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp")
     try:
-        with eval_mode(model), torch.no_grad(), warnings.catch_warnings():
+        with eval_mode(model), torch.no_grad(), warnings.catch_warnings(), _eager_attention(model):
             warnings.simplefilter("ignore")
             module, inputs, names, axes = _export_plan(model, example_input, dynamic_batch, dynamic_sequence)
             if exporter == "torchscript":
