@@ -64,6 +64,9 @@ class Int8Kernel:
         return self.weight.numel() + self.scale.numel() * 2
 
 
+PACK_ROWS = 4096  # a multiple of the int4 packing's 64-row blocks
+
+
 class Int4Kernel:
     """y = x W^T with W[n, k] = code[n, k] x scale[n, g] + offset[n, g] (codes < 16, g = k // group); an input
     width that groups do not divide is padded (a ragged last group runs as a full one whose padding meets zeros)."""
@@ -73,8 +76,13 @@ class Int4Kernel:
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group: int) -> None:
         self.out_features, self.group = codes.shape[0], group
         self.pad = -codes.shape[1] % group
-        codes = F.pad(codes.to(torch.int32), (0, self.pad), value=8)
-        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
+        # packed 4,096 rows at a time (the layout is blocked by 64 rows, so the pieces join exactly): the int32 codes
+        # the packing op takes would otherwise be a transient 4 bytes per weight (113 MiB for a 49k x 576 head)
+        pieces = []
+        for start in range(0, codes.shape[0], PACK_ROWS):
+            chunk = F.pad(codes[start : start + PACK_ROWS].to(torch.int32), (0, self.pad), value=8)
+            pieces.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(chunk.contiguous(), 1))
+        self.packed = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
         # the kernel computes (code - 8) x scale + term
         self.scales_and_zeros = torch.stack([scale.T, (offset + 8 * scale).T], dim=-1).to(torch.bfloat16).contiguous()
 

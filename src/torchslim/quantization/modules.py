@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from torchslim.core.config import Config, check
+from torchslim.core.memory import release_freed_memory
 from torchslim.measure.counts import register_mac_counter
 from torchslim.quantization import kernels
 from torchslim.quantization.nonuniform import binarize, kmeans_quantize, power_of_two_quantize, ternarize
@@ -178,8 +179,8 @@ class UniformFormat(StorageFormat):
         # codes narrower than 4 bits are centred on the kernel's 8 (fewer cancelled digits in bfloat16)
         shift = 8 - 2 ** (scheme.bits - 1)
         offset = (qmin - shift - zero_point.float()) * scale
-        codes = holder.codes().reshape(holder.shape).to(torch.int32) + shift
-        return kernels.Int4Kernel(codes, scale.float(), offset, group)
+        codes = holder.codes().reshape(holder.shape)  # uint8: the kernel widens a slice of rows at a time
+        return kernels.Int4Kernel(codes + shift if shift else codes, scale.float(), offset, group)
 
 
 class CodebookFormat(StorageFormat):
@@ -247,6 +248,9 @@ ENCODE_CHUNK = 2**22
 # decoded weights (and unpacked codes) of layers up to this many weights are kept between calls, so small networks
 # run at full speed in eager mode; larger layers run on an integer kernel or decode on each call (bounded memory)
 CACHE_LIMIT = 2**18
+
+
+RELEASE_AFTER = 1 << 24  # weights this large return the transients of building their kernel to the system
 
 
 class QuantizedWeight(nn.Module):
@@ -363,6 +367,8 @@ class QuantizedWeight(nn.Module):
         if self._kernel is None or self._kernel[0] != key:
             with torch.no_grad():
                 self._kernel = (key, self.format.kernel(self))
+            if math.prod(self.shape) >= RELEASE_AFTER:  # the unpacked codes it took were tens of MB, now freed
+                release_freed_memory()
         return self._kernel[1]
 
     def stored_bytes(self) -> int:
