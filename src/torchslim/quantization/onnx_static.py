@@ -7,7 +7,8 @@ ONNX Runtime's calibrators (min-max, entropy, percentile) over batches of the us
 Transformers (models called with keyword inputs such as ``input_ids`` / ``attention_mask``) export with dynamic batch
 and sequence length; only the matrix products with weights are quantized (per output channel), while LayerNorm,
 softmax, GELU, the attention products of two activations and residual adds stay float: per-tensor activation ranges
-cannot hold what those see. ``smooth`` (SmoothQuant's alpha) first moves per-channel activation outliers into the
+cannot hold what those see. The last product with a weight (the LM head or classifier) stays float too
+(``float_head``). ``smooth`` (SmoothQuant's alpha) first moves per-channel activation outliers into the
 weights, folded into the normalization before each group of layers (only where the outputs stay the same), so the
 per-tensor activation scales that the engine calibrates lose less. Calibration batches are re-cut to one shape
 (rows padded to the longest with their attention mask zero), which ONNX Runtime's histogram calibrators need.
@@ -50,6 +51,7 @@ class OnnxInt8Config(Config):
     percentile: float = 99.999
     smooth: float | None = None
     weight_matmuls_only: bool | None = None  # None: for models with keyword inputs (transformers)
+    float_head: bool = True  # with weight_matmuls_only: the last product with a weight (LM head, classifier) stays float
 
     def validate(self) -> None:
         check(self.method == "onnxruntime", f"method must be 'onnxruntime' for OnnxInt8Config, got {self.method!r}")
@@ -151,8 +153,9 @@ def quantize_onnx(
         only_weights = keyword if config.weight_matmuls_only is None else config.weight_matmuls_only
         selection: dict[str, Any] = {}
         if only_weights:
-            _, between = _weight_matmuls(prepared)
-            selection = {"op_types_to_quantize": ["MatMul", "Gemm"], "nodes_to_exclude": between}
+            with_weight, between = _weight_matmuls(prepared)
+            head = with_weight[-1:] if config.float_head else []
+            selection = {"op_types_to_quantize": ["MatMul", "Gemm"], "nodes_to_exclude": between + head}
         if config.mode == "dynamic":
             quantize_dynamic(str(prepared), str(temporary), weight_type=QuantType.QInt8, per_channel=config.per_channel, **selection)
         else:
