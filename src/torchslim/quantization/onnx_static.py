@@ -8,8 +8,9 @@ Transformers (models called with keyword inputs such as ``input_ids`` / ``attent
 and sequence length; only the matrix products with weights are quantized (per output channel), while LayerNorm,
 softmax, GELU, the attention products of two activations and residual adds stay float: per-tensor activation ranges
 cannot hold what those see. ``float_head`` keeps the last product with a weight (the LM head or classifier)
-float as well (on SmolLM2-135M: perplexity 41.2 instead of 42.1 under dynamic int8, for 80 MiB more file). ``smooth`` (SmoothQuant's alpha) first moves per-channel activation outliers into the
-weights, folded into the normalization before each group of layers (only where the outputs stay the same), so the
+float as well (on SmolLM2-135M: perplexity 41.2 instead of 42.1 under dynamic int8, for 80 MiB more file).
+``smooth`` (SmoothQuant's alpha) first moves per-channel activation outliers into the weights, folded into the
+normalization before each group of layers (only where the outputs stay the same), so the
 per-tensor activation scales that the engine calibrates lose less. Calibration batches are re-cut to one shape
 (rows padded to the longest with their attention mask zero), which ONNX Runtime's histogram calibrators need.
 """
