@@ -13,7 +13,7 @@ from tests.test_zoo import _text_batches
 from torchslim.llm.awq import search_scale
 from torchslim.llm.blocks import capture_inputs, find_blocks
 from torchslim.llm.scaling import fold_scale, input_groups
-from torchslim.quantization.modules import WeightScheme
+from torchslim.quantization.formats import WeightScheme
 
 
 def _outliers(model):

@@ -12,7 +12,8 @@ from torch.nn import functional as F
 import torchslim as ts
 from tests import zoo
 from torchslim.quantization import kernels
-from torchslim.quantization.modules import CACHE_LIMIT, QuantizedEmbedding, QuantizedLinear, WeightScheme
+from torchslim.quantization.formats import WeightScheme
+from torchslim.quantization.modules import CACHE_LIMIT, QuantizedEmbedding, QuantizedLinear
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="this PyTorch build has no int8/int4 CPU kernels")
 

@@ -14,7 +14,8 @@ from torch import nn
 
 from torchslim.llm.blocks import block_layers, forward_inputs
 from torchslim.llm.scaling import fold_scale, input_groups, oriented_weight
-from torchslim.quantization.modules import WeightScheme, from_codes
+from torchslim.quantization.formats import WeightScheme
+from torchslim.quantization.modules import from_codes
 from torchslim.quantization.primitives import compute_qparams, dequantize, quantize
 
 SAMPLE_TOKENS = 4096

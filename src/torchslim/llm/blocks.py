@@ -44,7 +44,7 @@ BlockMethod = Callable[[str, nn.Module, list[BlockInput]], Any]
 
 
 class _Captured(Exception):
-    pass
+    """Raised by the hook on the first block once it has its inputs: nothing after it needs to run."""
 
 
 class NoBlocks(TorchslimError):

@@ -30,6 +30,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -43,7 +44,8 @@ from torchslim.llm.blocks import block_layers, forward_inputs, sequential
 from torchslim.llm.gptq import HessianAccumulator, gptq, layer_error, round_to_nearest
 from torchslim.llm.scaling import fold_scale, oriented_weight, smoothing_scales
 from torchslim.quantization.api import calibration, quantization_method
-from torchslim.quantization.modules import WeightScheme, from_codes, quantize_module
+from torchslim.quantization.formats import WeightScheme
+from torchslim.quantization.modules import from_codes, quantize_module
 from torchslim.quantization.primitives import dequantize
 from torchslim.quantization.weight_only import LayerPlan, finish, float_weight, plan_layers, replace_layer
 
@@ -206,13 +208,6 @@ def run_awq(model: nn.Module, config: AWQConfig, batches: Any) -> Stage:
     return stage
 
 
-@quantization_method("awq", AWQConfig, needs_data=True)
-def _awq(model: nn.Module, config: AWQConfig, context: Any) -> tuple[nn.Module, Stage]:
-    with torch.no_grad():
-        stage = run_awq(model, config, calibration(context, config.batch_size, config.calibration_batches))
-    return model, stage
-
-
 W8A8 = WeightScheme(bits=8, symmetric=True, granularity="channel", activation_bits=8)
 
 
@@ -274,18 +269,20 @@ def run_smoothquant(model: nn.Module, config: SmoothQuantConfig, batches: Any) -
     return stage
 
 
-@quantization_method("smoothquant", SmoothQuantConfig, needs_data=True)
-def _smoothquant(model: nn.Module, config: SmoothQuantConfig, context: Any) -> tuple[nn.Module, Stage]:
-    with torch.no_grad():
-        stage = run_smoothquant(model, config, calibration(context, config.batch_size, config.calibration_batches))
-    return model, stage
+def _calibrated(run: Callable[[nn.Module, Any, Any], Stage]) -> Callable[[nn.Module, Any, Any], tuple[nn.Module, Stage]]:
+    """A block-by-block method as ``ts.quantize`` calls it: the model changed in place on the config's calibration
+    batches, without gradients."""
+
+    def apply(model: nn.Module, config: Any, context: Any) -> tuple[nn.Module, Stage]:
+        with torch.no_grad():
+            stage = run(model, config, calibration(context, config.batch_size, config.calibration_batches))
+        return model, stage
+
+    return apply
 
 
-@quantization_method("gptq", GPTQConfig, needs_data=True)
-def _gptq(model: nn.Module, config: GPTQConfig, context: Any) -> tuple[nn.Module, Stage]:
-    with torch.no_grad():
-        stage = run_gptq(model, config, calibration(context, config.batch_size, config.calibration_batches))
-    return model, stage
+for _name, _config, _run in (("gptq", GPTQConfig, run_gptq), ("awq", AWQConfig, run_awq), ("smoothquant", SmoothQuantConfig, run_smoothquant)):
+    quantization_method(_name, _config, needs_data=True)(_calibrated(_run))
 
 
 __all__ = ["AWQConfig", "GPTQConfig", "SmoothQuantConfig", "run_awq", "run_gptq", "run_smoothquant"]

@@ -31,7 +31,7 @@ from torchslim.core.modes import eval_mode, model_device, train_mode
 from torchslim.core.registry import Registry
 from torchslim.pruning.apply import get_mask
 from torchslim.pruning.graph import Group, ParamSlice
-from torchslim.tasks.batches import model_inputs, move_to
+from torchslim.tasks.batches import forward_batches, model_inputs, move_to
 
 # what a criterion needs besides the weights
 GRADIENTS, ACTIVATIONS, INPUT_NORMS = "gradients", "activations", "input norms"
@@ -176,16 +176,8 @@ def collect_input_norms(model: nn.Module, modules: list[tuple[str, nn.Module]], 
         return record
 
     handles = [module.register_forward_hook(hook(name)) for name, module in modules]
-    seen = 0
     try:
-        with eval_mode(model), torch.no_grad():
-            device = model_device(model)
-            for batch in batches:
-                if seen >= count:
-                    break
-                args, kwargs = model_inputs(move_to(batch, device))
-                model(*args, **kwargs)
-                seen += 1
+        seen = forward_batches(model, batches, count)
     finally:
         for handle in handles:
             handle.remove()

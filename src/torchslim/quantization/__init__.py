@@ -2,7 +2,8 @@
 the ``quantize`` verb over every method (weight-only, ONNX Runtime int8, torchslim's native int8, PT2E, QAT)."""
 
 from torchslim.quantization.api import METHODS, NativeInt8Config, Pt2eConfig, quantization_method, quantize, quantize_config
-from torchslim.quantization.modules import FORMATS, QuantizedConv2d, QuantizedLinear, QuantizedWeight, StorageFormat, WeightScheme
+from torchslim.quantization.formats import FORMATS, StorageFormat, WeightScheme
+from torchslim.quantization.modules import QuantizedConv2d, QuantizedLinear, QuantizedWeight
 from torchslim.quantization.nonuniform import binarize, kmeans_quantize, power_of_two_quantize, ternarize
 from torchslim.quantization.observers import OBSERVERS, calibrate, make_observer
 from torchslim.quantization.onnx_static import OnnxInt8Config

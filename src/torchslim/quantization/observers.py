@@ -13,10 +13,9 @@ import torch
 from torch import nn
 
 from torchslim.core.errors import TorchslimError
-from torchslim.core.modes import eval_mode, model_device
 from torchslim.core.registry import Registry
 from torchslim.quantization.primitives import UniformSpec, check_finite, dequantize, qparams_from_range, quantize
-from torchslim.tasks.batches import model_inputs, move_to
+from torchslim.tasks.batches import forward_batches
 
 OBSERVERS: Registry[Callable[..., Observer]] = Registry("observer")
 
@@ -216,21 +215,13 @@ def calibrate(
         handles = [module.register_forward_hook(lambda m, args, out, _n=name: observers[_n].observe(out)) for name, module in modules]
     else:
         handles = [module.register_forward_pre_hook(lambda m, args, _n=name: observers[_n].observe(args[0])) for name, module in modules]
-    device = model_device(model)
-    count = 0
-    try:
-        with eval_mode(model):
-            iterator = batches
-            if progress:
-                from tqdm.auto import tqdm
+    iterator = batches
+    if progress:
+        from tqdm.auto import tqdm
 
-                iterator = tqdm(batches, total=limit, desc="calibrating", leave=False)
-            for batch in iterator:
-                if limit is not None and count >= limit:
-                    break
-                args, kwargs = model_inputs(move_to(batch, device))
-                model(*args, **kwargs)
-                count += 1
+        iterator = tqdm(batches, total=limit, desc="calibrating", leave=False)
+    try:
+        count = forward_batches(model, iterator, limit)
     finally:
         for handle in handles:
             handle.remove()

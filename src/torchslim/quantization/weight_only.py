@@ -25,11 +25,11 @@ from torchslim.core.selector import LayerSelector, resolve_overrides, select_mod
 from torchslim.core.spec import append_transform, recorded_module, recorded_transform, register_transform
 from torchslim.core.ties import tied_groups
 from torchslim.measure.counts import count_parameters
+from torchslim.quantization.formats import WeightScheme
 from torchslim.quantization.modules import (
     QuantizedConv2d,
     QuantizedEmbedding,
     QuantizedLinear,
-    WeightScheme,
     empty_like,
     is_transposed_linear,
     quantize_module,

@@ -13,12 +13,13 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 
 from torchslim.core.errors import TorchslimError
+from torchslim.core.modes import eval_mode, model_device
 
 # keys of a mapping batch that hold targets, not model inputs
 TARGET_KEYS = ("labels", "label", "targets", "target")
@@ -155,6 +156,21 @@ def output_tensor(output: Any, where: str = "model output") -> torch.Tensor:
     raise TorchslimError(f"{where}: expected a tensor, a tuple or a ModelOutput with tensors, got {type(output).__name__}")
 
 
+def forward_batches(model: Any, batches: Iterable, limit: int | None = None) -> int:
+    """Run ``model`` over up to ``limit`` of ``batches`` (eval mode with every submodule's mode restored, no gradients,
+    on the model's device) for the hooks that observe it; returns how many batches ran."""
+    device = model_device(model)
+    count = 0
+    with eval_mode(model), torch.no_grad():
+        for batch in batches:
+            if limit is not None and count >= limit:
+                break
+            args, kwargs = model_inputs(move_to(batch, device))
+            model(*args, **kwargs)
+            count += 1
+    return count
+
+
 __all__ = [
     "OUTPUT_KEYS",
     "TARGET_KEYS",
@@ -163,6 +179,7 @@ __all__ = [
     "call_model",
     "example_of",
     "first_examples",
+    "forward_batches",
     "model_inputs",
     "move_to",
     "output_tensor",
