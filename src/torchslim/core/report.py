@@ -54,6 +54,8 @@ class Stage:
     """One step of a run: its name, the kind of step, metrics, per-layer rows and notes.
 
     ``execution`` says whether the step's numbers come from a simulation (masks, fake-quant) or real execution.
+    ``layers`` holds one row per layer (``measure.layers.layer_rows``), ``histograms`` the weight histograms of the
+    largest layers (``measure.layers.weight_histograms``).
     """
 
     name: str
@@ -63,6 +65,7 @@ class Stage:
     notes: list[str] = dataclasses.field(default_factory=list)
     execution: str = "eager"
     config: dict[str, Any] | None = None
+    histograms: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return _jsonable(dataclasses.asdict(self))
@@ -75,6 +78,8 @@ class Report:
     model: dict[str, Any] = dataclasses.field(default_factory=dict)
     stages: list[Stage] = dataclasses.field(default_factory=list)
     environment: dict[str, Any] = dataclasses.field(default_factory=dict)
+    recipe: dict[str, Any] | None = None  # the recipe as run, for a report of ``compress``
+    artifacts: dict[str, Any] = dataclasses.field(default_factory=dict)  # files written, e.g. the .tslim's streams
 
     @classmethod
     def for_model(cls, model: Any, stages: list[Stage] | None = None) -> Report:
@@ -106,6 +111,8 @@ class Report:
             "model": _jsonable(self.model),
             "environment": _jsonable(self.environment),
             "stages": [stage.to_dict() for stage in self.stages],
+            "recipe": _jsonable(self.recipe),
+            "artifacts": _jsonable(self.artifacts),
         }
 
     def to_json(self, indent: int = 2) -> str:
@@ -117,6 +124,8 @@ class Report:
             model=dict(data.get("model", {})),
             environment=dict(data.get("environment", {})),
             stages=[Stage(**stage) for stage in data.get("stages", [])],
+            recipe=data.get("recipe"),
+            artifacts=dict(data.get("artifacts") or {}),
         )
 
     def save(self, path: str | os.PathLike[str]) -> Path:

@@ -8,7 +8,7 @@ import contextlib
 import dataclasses
 import statistics
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -215,8 +215,8 @@ def measure_latency(
     return results
 
 
-def compare_latency(
-    models: dict[str, nn.Module | Runner],
+def interleaved_latency(
+    models: Mapping[str, nn.Module | Runner],
     example_input: Any,
     batch_sizes: Sequence[int] = (1,),
     rounds: int = 5,
@@ -224,19 +224,13 @@ def compare_latency(
     warmup: int = 5,
     backend: str | Callable[[nn.Module, Any], Runner] = "eager",
     threads: int | None = 2,
-) -> dict[str, dict[int, float]]:
-    """Median latency (ms) of several models measured side by side: ``rounds`` interleaved rounds in which every
-    model is timed at every batch size, each model's per-round medians then reduced to their median. Drift on a
-    shared machine hits every model alike, so their ratios hold. Each model's runner (an exported ONNX session, a
-    compiled graph) is built once.
-
-    Example:
-        >>> medians = compare_latency({"a": nn.Linear(8, 8), "b": nn.Linear(8, 4)}, torch.zeros(1, 8), rounds=2, runs=5)
-        >>> sorted(medians), sorted(medians["a"])
-        (['a', 'b'], [1])
-    """
+) -> dict[str, dict[int, list[list[float]]]]:
+    """Timings of several models measured side by side: ``rounds`` interleaved rounds in which every model is timed
+    at every batch size (``runs`` calls each). Returns {name: {batch size: one list of milliseconds per round}}.
+    Drift on a shared machine hits every model alike, so their ratios hold. Each model's runner (an exported ONNX
+    session, a compiled graph) is built once."""
     make = BACKENDS.get(backend) if isinstance(backend, str) else backend
-    samples: dict[str, dict[int, list[float]]] = {name: {size: [] for size in batch_sizes} for name in models}
+    samples: dict[str, dict[int, list[list[float]]]] = {name: {size: [] for size in batch_sizes} for name in models}
     with contextlib.ExitStack() as stack:  # every model in eval mode while timed; each submodule's own mode restored
         for model in models.values():
             if isinstance(model, nn.Module):
@@ -245,5 +239,30 @@ def compare_latency(
         for _ in range(rounds):
             for name, runner in runners.items():
                 for result in measure_latency(runner, example_input, batch_sizes=batch_sizes, runs=runs, warmup=warmup, threads=threads):
-                    samples[name][result.batch_size].append(result.median_ms)
-    return {name: {size: statistics.median(values) for size, values in per_size.items()} for name, per_size in samples.items()}
+                    samples[name][result.batch_size].append(result.samples_ms)
+    return samples
+
+
+def compare_latency(
+    models: Mapping[str, nn.Module | Runner],
+    example_input: Any,
+    batch_sizes: Sequence[int] = (1,),
+    rounds: int = 5,
+    runs: int = 30,
+    warmup: int = 5,
+    backend: str | Callable[[nn.Module, Any], Runner] = "eager",
+    threads: int | None = 2,
+) -> dict[str, dict[int, float]]:
+    """Median latency (ms) of several models measured side by side (``interleaved_latency``): each model's
+    per-round medians reduced to their median.
+
+    Example:
+        >>> medians = compare_latency({"a": nn.Linear(8, 8), "b": nn.Linear(8, 4)}, torch.zeros(1, 8), rounds=2, runs=5)
+        >>> sorted(medians), sorted(medians["a"])
+        (['a', 'b'], [1])
+    """
+    samples = interleaved_latency(models, example_input, batch_sizes, rounds, runs, warmup, backend, threads)
+    return {
+        name: {size: statistics.median(statistics.median(values) for values in per_round) for size, per_round in per_size.items()}
+        for name, per_size in samples.items()
+    }

@@ -5,7 +5,11 @@ step inside a multi-step stage).
 metrics on the evaluation data (accuracy and error for classification, perplexity for language models, cosine
 similarity to the original for unlabeled data), parameters and non-zeros (quantized weights counted as the weights
 they stand for), MACs, bytes and the compression ratio against dense fp32, measured latency (eager, batch 1; the
-engine's, where a stage produced one) and the stage's wall time.
+engine's, where a stage produced one) and the stage's wall time, plus per-layer rows (weights and channels kept,
+bits, MACs) and histograms of the largest layers' weights.
+
+Latencies in one report are comparable: every stage's model is kept and all are timed together at the end of the
+run, in interleaved rounds (same threads, same load), not each as its stage finishes.
 
 Bytes are what the model would take on disk at that point: dense fp32 for the original; for later stages the
 .tslim file with fixed-width codes (sparse relative indices and packed codebook indices, no entropy coding), or
@@ -27,8 +31,10 @@ from typing import Any
 
 from torch import nn
 
+from torchslim.codec.reader import inspect_tslim
 from torchslim.codec.tslim import encode_model, save_tslim
 from torchslim.core.checks import check_model
+from torchslim.core.environment import environment
 from torchslim.core.errors import TorchslimError
 from torchslim.core.files import refuse_overwrite
 from torchslim.core.report import Report, Result, Stage
@@ -36,6 +42,8 @@ from torchslim.core.spec import sizing_spec
 from torchslim.data.sources import DataSource, as_source
 from torchslim.io.modelfile import file_spec
 from torchslim.measure.counts import fp32_weight_bytes
+from torchslim.measure.latency import interleaved_latency, percentile
+from torchslim.measure.layers import histogram_ranges, largest_layers, layer_rows, weight_histograms
 from torchslim.measure.profile import measure_model
 from torchslim.pipeline.checkpoints import Checkpoint
 from torchslim.pipeline.recipe import STAGES, Recipe, RecipeStage, load_recipe
@@ -43,6 +51,7 @@ from torchslim.pipeline.stages import EncodeConfig, StageContext, StageOutcome
 from torchslim.pruning.apply import make_permanent
 from torchslim.tasks.base import Task, resolve_task
 from torchslim.train.evaluate import evaluate_source
+from torchslim.train.progress import stage as progress_stage
 
 
 class CompressInterrupted(TorchslimError):
@@ -73,6 +82,8 @@ class CompressResult(Result):
             overwrite=overwrite,
             metadata={"recipe": self.recipe.name if self.recipe else None, "stages": [s.name for s in self.report.stages]},
         )
+        info = inspect_tslim(path)
+        self.report.artifacts["tslim"] = {key: info[key] for key in ("bytes", "header_bytes", "tensors")} | {"file": path.name}
         self.report.save(report_path)
         return path
 
@@ -95,6 +106,38 @@ def measure_stage(
     metrics["stored_bytes"], metrics["bytes_as"] = size, how
     metrics["compression"] = (baseline_bytes or size) / size
     return metrics
+
+
+# Models above this many fp32 weight bytes are timed as each stage finishes instead of kept for the final rounds.
+KEEP_FOR_TIMING = 1 << 30
+
+
+def describe_layers(stage: Stage, model: nn.Module, example: Any, ranges: dict[str, float]) -> None:
+    """Per-layer rows and weight histograms of the model after ``stage``; ``sparse_macs`` (the MACs the non-zeros
+    alone would need) joins the stage's metrics when it differs from the MACs that execute."""
+    stage.layers = layer_rows(model, example)
+    stage.histograms = weight_histograms(model, ranges)
+    sparse = sum(row.get("sparse_macs", 0) for row in stage.layers)
+    if stage.layers and sparse < stage.metrics.get("macs", 0):
+        stage.metrics["sparse_macs"] = sparse
+
+
+def time_stages(report: Report, models: dict[str, nn.Module], example: Any, threads: int, rounds: int = 7, runs: int = 15) -> None:
+    """Time every kept stage model together (``interleaved_latency``): median, p10 and p90 of all its runs, batch 1.
+    A stage whose model was not kept (finished before a resumed run began) is named in a note."""
+    samples = interleaved_latency(models, example, batch_sizes=(1,), rounds=rounds, runs=runs, warmup=3, threads=threads)
+    for stage in report.stages:
+        stage.metrics.pop("latency_median_ms", None)
+        if stage.name not in samples:
+            stage.notes.append("latency not measured: this stage finished before the run was resumed")
+            continue
+        values = sorted(v for per_round in samples[stage.name][1] for v in per_round)
+        stage.metrics.update(
+            latency_median_ms=percentile(values, 0.5),
+            latency_p10_ms=percentile(values, 0.1),
+            latency_p90_ms=percentile(values, 0.9),
+            latency_runs=len(values),
+        )
 
 
 def compress(
@@ -156,14 +199,20 @@ def compress(
         file_spec(original, f"checkpoint {store.folder}")  # a model checkpoints cannot rebuild is named now, not after a stage
         store.check()
     resolved = resolve_task(task, source, original)
+    example = source.example(1)
+    ranges = histogram_ranges(original, largest_layers(layer_rows(original)))
+    keep = latency and fp32_weight_bytes(original) <= KEEP_FOR_TIMING  # every stage's model kept for the final timing
     if not resumed:
         current = copy.deepcopy(model)
         report = Report.for_model(model)
-        baseline = Stage(name="baseline", kind="baseline", metrics=measure_stage(current, source, resolved, None, None, latency, threads))
+        baseline = Stage(name="baseline", kind="baseline", metrics=measure_stage(current, source, resolved, None, None, latency and not keep, threads))
+        describe_layers(baseline, current, example, ranges)
         report.stages.append(baseline)
         if on_stage:
             on_stage(baseline)
+    report.recipe, report.environment = recipe.to_dict(), environment()
     baseline_bytes = report.stages[0].metrics["stored_bytes"]
+    timed: dict[str, nn.Module] = {"baseline": original} if keep else {}
     files: dict[str, Path] = {}
     for index, stage in enumerate(recipe.stages, start=1):
         if index <= completed:
@@ -190,13 +239,22 @@ def compress(
         )
         files.update(outcome.files)
         record = Stage(name=f"{index} {stage.kind}", kind=stage.kind, notes=outcome.notes, execution=outcome.execution, config=stage.to_dict()[stage.kind])
-        record.metrics = measure_stage(current, source, resolved, outcome, baseline_bytes, latency, threads)
+        record.metrics = measure_stage(current, source, resolved, outcome, baseline_bytes, latency and not keep, threads)
         record.metrics["seconds"] = round(outcome.seconds, 2)
+        describe_layers(record, current, example, ranges)
+        if keep:
+            timed[record.name] = outcome.engine if outcome.engine is not None else copy.deepcopy(current)
         report.stages.append(record)
         if on_stage:
             on_stage(record)
         if store is not None:
             store.save(recipe, report, current, original, completed=index)
+    if keep:
+        time_stages(report, timed, example, threads)
+    elif latency:
+        report.stages[0].notes.append(
+            f"latencies measured as each stage finished: the model is above {KEEP_FOR_TIMING >> 30} GiB, so stage copies were not kept"
+        )
     make_permanent(current)
     current.eval()
     return CompressResult(model=current, report=report, recipe=recipe, files=files)
@@ -223,7 +281,8 @@ def _run(
 
     began = time.perf_counter()
     try:
-        outcome = STAGES.get(stage.kind).run(context, stage)
+        with progress_stage(f"{index} {stage.kind}"):
+            outcome = STAGES.get(stage.kind).run(context, stage)
     except KeyboardInterrupt:
         raise CompressInterrupted(f"interrupted during stage {index} ({stage.kind}); {kept()}") from None
     except TorchslimError as error:  # e.g. the loss became NaN: the last good checkpoint stays

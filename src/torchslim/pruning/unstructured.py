@@ -261,7 +261,7 @@ def prune(
     notes: list[str] = []
     names: list[str] = []
     steps = config.steps
-    lines = Progress("prune", len(steps), "lines" if progress_mode(progress) == "lines" and len(steps) > 1 else "off")
+    lines = Progress("prune", len(steps), progress_mode(progress) if len(steps) > 1 else "off")
     for index in range(start_step, len(steps)):
         step = config.at_step(index)
         names = prune_in_place(target, step, source, resolved, notes)

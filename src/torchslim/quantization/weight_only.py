@@ -192,6 +192,7 @@ def replace_layer(target: nn.Module, plan: LayerPlan, name: str, original: torch
     )
 
 
+@torch.no_grad()
 def layer_sqnr(original: torch.Tensor, quantized: nn.Module) -> float:
     """SQNR of a quantized layer's weight (with its input scale) against the float weight, a slice of rows at a time."""
     signal, noise = 0.0, 0.0

@@ -22,6 +22,18 @@ STAGE_COLUMNS = [
 ]
 
 
+# The one number a person looks at first, in order of preference: test error for classification, else the task's metric.
+HEADLINES = [("error", "test error"), ("perplexity", "perplexity"), ("cosine", "cosine"), ("loss", "loss"), ("accuracy", "accuracy")]
+
+
+def headline_key(metrics: Sequence[dict[str, Any]]) -> tuple[str, str]:
+    """(metric key, column title) of the headline metric the given stages' metrics share."""
+    for key, title in HEADLINES:
+        if any(key in m for m in metrics):
+            return key, title
+    return "loss", "loss"
+
+
 def format_bytes(count: float) -> str:
     """Human-readable bytes: 1070000 -> '1.02 MiB'."""
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -65,21 +77,39 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
-def report_to_markdown(report: Report) -> str:
-    """The per-stage table, then each stage's notes and per-layer rows."""
-    name = report.model.get("name", "model")
-    parts = [f"# torchslim report: {name}", ""]
-    columns = [(key, title) for key, title in STAGE_COLUMNS if any(key in s.metrics for s in report.stages)]
-    rows = [[stage.name, stage.execution] + [format_value(key, stage.metrics.get(key)) for key, _ in columns] for stage in report.stages]
-    parts.append(table(["stage", "execution"] + [title for _, title in columns], rows))
-    for stage in report.stages:
-        if stage.notes:
-            parts += ["", f"## {stage.name}: notes", ""] + [f"- {note}" for note in stage.notes]
-        if stage.layers:
-            keys = list(dict.fromkeys(key for row in stage.layers for key in row))
-            parts += ["", f"## {stage.name}: layers", ""]
-            parts.append(table(keys, [[format_value(k, row.get(k)) for k in keys] for row in stage.layers]))
+def _escape(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def render_markdown(title: str, sections: list[Any], images: dict[str, str] | None = None, captions: dict[str, str] | None = None) -> str:
+    """A document (``report.document``) as Markdown; ``images`` maps a plot's name to the relative path of its PNG."""
+    images, captions = images or {}, captions or {}
+    parts = [f"# {title}"]
+    for section in sections:
+        parts += ["", f"## {section.title}"]
+        for block in section.blocks:
+            parts.append("")
+            if block.kind == "text":
+                parts.append(block.text)
+            elif block.kind == "list":
+                parts += [f"{block.text}:", ""] + [f"- {item}" for item in block.items]
+            elif block.kind == "pre":
+                parts.append("```\n" + block.text.rstrip("\n") + "\n```")
+            elif block.kind == "table":
+                if block.text:
+                    parts += [f"**{block.text}**", ""]
+                parts.append(table([_escape(h) for h in block.headers], [[_escape(str(c)) for c in row] for row in block.rows]))
+            elif block.kind == "image" and block.text in images:
+                parts.append(f"![{captions.get(block.text, block.text)}]({images[block.text]})")
     return "\n".join(parts) + "\n"
+
+
+def report_to_markdown(report: Report) -> str:
+    """The whole report as Markdown (stage table, per-layer tables, notes, the file's streams, the recipe, the
+    machine), without pictures; ``report.html.write_report`` writes it with its plots."""
+    from torchslim.report.document import build_document
+
+    return render_markdown(*build_document(report))
 
 
 RENDERERS["markdown"] = report_to_markdown

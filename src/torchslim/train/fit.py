@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
-import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
@@ -201,7 +200,7 @@ def fit(
     if resume_state is not None:
         _resume(state, resume_state, start_epoch, label)
     started = time.perf_counter()
-    lines = Progress(label, config.epochs, "lines" if mode == "lines" else "off")
+    lines = Progress(label, config.epochs, mode, unit_total=config.epochs * steps_per_epoch if mode == "bar" else None)
     for callback in callbacks:
         callback.on_train_start(state)
     with train_mode(model):
@@ -211,9 +210,9 @@ def fit(
             for callback in callbacks:
                 callback.on_epoch_start(state)
             batches = source.batches("train", batch_size=config.batch_size, seed=config.seed + epoch, limit=steps_per_epoch)
-            bar = _bar(batches, steps_per_epoch, f"{label} epoch {epoch + 1}/{config.epochs}", mode == "bar")
+            lines.update(description=f"{label} epoch {epoch + 1}/{config.epochs}")
             loss_sum, seen = 0.0, 0
-            for batch in bar:
+            for batch in batches:
                 factor = learning_rate_factor(config, state.step, steps_per_epoch)
                 for group, rate in zip(optimizer.param_groups, base_rates):
                     group["lr"] = rate * factor
@@ -243,8 +242,8 @@ def fit(
                 loss_sum += state.loss
                 seen += 1
                 state.step += 1
-                if hasattr(bar, "set_postfix"):
-                    bar.set_postfix(loss=f"{state.loss:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+                if lines.mode == "bar":
+                    lines.update(completed=state.step, loss=state.loss, lr=f"{optimizer.param_groups[0]['lr']:.2e}")
             if seen == 0:
                 raise TorchslimError(f"{label}: the training data gave no batches")
             metrics: dict[str, Any] = {"epoch": epoch + 1, "train_loss": loss_sum / seen}
@@ -257,6 +256,7 @@ def fit(
                 callback.on_epoch_end(state, metrics)
             if on_epoch is not None:
                 on_epoch(epoch, model, {"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(), "history": state.history})
+    lines.close()
     for callback in callbacks:
         callback.on_train_end(state)
     final = evaluate_source(model, source, resolved, limit=config.eval_limit) if evaluate_at_end else {}
@@ -281,11 +281,3 @@ def _steps_per_epoch(source: DataSource, config: TrainConfig) -> int:
     if config.max_batches_per_epoch is not None:
         known = min(known, config.max_batches_per_epoch)
     return known
-
-
-def _bar(iterable, total: int, description: str, show: bool):
-    if not show:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, total=total, desc=description, leave=False, file=sys.stderr)
