@@ -5,22 +5,32 @@ traceback."""
 from __future__ import annotations
 
 import sys
+import warnings
 
 import typer
 from rich.console import Console
 
 app = typer.Typer(
-    add_completion=False,
+    add_completion=True,
     no_args_is_help=True,
     help="torchslim: make trained PyTorch models smaller and faster while keeping their accuracy.",
 )
-console = Console(width=None if sys.stdout.isatty() else 160)
+console = Console(width=None if sys.stdout.isatty() else 100)
 STATE = {"debug": False}
 
 
 @app.callback()
 def main_options(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
     STATE["debug"] = debug
+    _reset_output()
+
+
+def _reset_output() -> None:
+    """A command's --quiet / --json lasts for that command only."""
+    from torchslim.train.progress import quiet
+
+    console.quiet = False
+    quiet(False)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     arguments = sys.argv[1:] if argv is None else argv
     debug = "--debug" in arguments
     try:
-        code = app(args=arguments, standalone_mode=False)
+        with warnings.catch_warnings():  # --quiet silences warnings for this command only
+            code = app(args=arguments, standalone_mode=False)
         if isinstance(code, int):  # typer.Exit(n) inside a command comes back as its exit code
             return code
     except SystemExit as exit_:
@@ -49,4 +60,6 @@ def main(argv: list[str] | None = None) -> int:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         print(f"error: {message}", file=sys.stderr)
         return 1
+    finally:
+        _reset_output()
     return 0

@@ -8,7 +8,17 @@ from typing import Any
 import typer
 
 from torchslim.cli.app import app, console
-from torchslim.cli.common import DataArguments, example_input, int_list, load_model_arg, refuse_overwrite, with_data, write_outputs
+from torchslim.cli.common import (
+    DataArguments,
+    RunOptions,
+    example_input,
+    int_list,
+    load_model_arg,
+    refuse_overwrite,
+    with_data,
+    with_run_options,
+    write_outputs,
+)
 from torchslim.core.errors import TorchslimError
 
 
@@ -59,19 +69,19 @@ def list_command(what: str = typer.Argument("all", help="models, datasets, backe
 
 @app.command()
 @with_data()
+@with_run_options()
 def train(
     source: DataArguments,
+    run: RunOptions,
     model: str = typer.Option("lenet-300-100", help="Registered model name (see `torchslim list models`)."),
     epochs: int = typer.Option(5, help="Training epochs."),
     lr: float = typer.Option(0.05, help="Base learning rate."),
     optimizer: str = typer.Option("sgd", help="sgd, adam or adamw."),
     batch_size: int = typer.Option(64, help="Training batch size."),
     weight_decay: float = typer.Option(1e-4, help="Weight decay."),
-    seed: int = typer.Option(0, help="Random seed (runs are reproducible)."),
     out: Path | None = typer.Option(None, help="Write the trained model here (.safetensors with its architecture spec)."),
     report: Path | None = typer.Option(None, help="Write the JSON report here."),
     force: bool = typer.Option(False, help="Overwrite --out / --report if they exist."),
-    threads: int = typer.Option(2, help="Threads for the latency measurement."),
 ) -> None:
     """Train a reference model on a dataset, then evaluate and profile it."""
     import torchslim as ts
@@ -81,24 +91,27 @@ def train(
     ts.models.MODELS.get(model)
     dataset = source.load()
     console.print(f"{source.name}: {len(getattr(dataset, 'train', getattr(dataset, 'train_ids', [])))} training examples")
-    network = ts.models.create_for(model, dataset)
-    config = {"epochs": epochs, "lr": lr, "optimizer": optimizer, "batch_size": batch_size, "weight_decay": weight_decay, "seed": seed}
+    network = run.place(ts.models.create_for(model, dataset))
+    config = {"epochs": epochs, "lr": lr, "optimizer": optimizer, "batch_size": batch_size, "weight_decay": weight_decay, "seed": run.seed}
     result = ts.train(network, dataset, config)
     for note in result.report.stages[0].notes:
         console.print(f"  {note}")
-    profiled = ts.profile(result.model, example_input(dataset), batch_sizes=(1, 64), threads=threads)
+    profiled = ts.profile(result.model, example_input(dataset), batch_sizes=(1, 64), threads=run.threads)
     stage = profiled.report.stages[0]
     stage.name, stage.kind = "trained", "train"
     stage.metrics.update({k: v for k, v in result.report.stages[0].metrics.items() if k in ("accuracy", "error", "loss", "examples", "perplexity")})
     result.report.stages.append(stage)
-    print_report(type(result.report)(model=result.report.model, stages=[stage], environment=result.report.environment))
+    print_report(type(result.report)(model=result.report.model, stages=[stage], environment=result.report.environment), console)
     write_outputs(result, out, report, lambda saved: f"model written to {saved} ({saved.stat().st_size:,} bytes)")
+    run.finish(f"trained {model}: {headline(stage.metrics)}" + (f"; written to {out}" if out else ""), result.report, {"model": out, "report": report})
 
 
 @app.command()
 @with_data()
+@with_run_options()
 def evaluate(
     source: DataArguments,
+    run: RunOptions,
     model: str = typer.Argument(..., help="A saved model file (.safetensors / .tslim / .onnx) or a registered model name."),
     weights: Path | None = typer.Option(None, help="Weights to load into the model (.safetensors or .pt state_dict)."),
     trust_weights: bool = typer.Option(False, help="Allow unpickling a .pt that holds more than tensors (only files you made)."),
@@ -109,20 +122,21 @@ def evaluate(
     import torchslim as ts
 
     dataset = source.load()
-    network = ts.load(model) if model.endswith(".onnx") else load_model_arg(model, dataset, trust_factory, weights, trust_weights)
+    network = ts.load(model) if model.endswith(".onnx") else run.place(load_model_arg(model, dataset, trust_factory, weights, trust_weights))
     metrics = ts.evaluate(network, dataset, task=source.task, split=split)
-    console.print(f"{source.name} {split}: {describe_metrics(metrics)}")
+    run.finish(f"{source.name} {split}: {describe_metrics(metrics)}", metrics=metrics)
 
 
 @app.command()
 @with_data()
+@with_run_options(threads=2)
 def profile(
     source: DataArguments,
+    run: RunOptions,
     model: str = typer.Argument(..., help="A saved model file (.safetensors) or a registered model name."),
     batch_sizes: str = typer.Option("1,64", help="Comma-separated batch sizes to time."),
     backends: str = typer.Option("eager", help="Comma-separated latency backends (see `torchslim list backends`)."),
     runs: int = typer.Option(50, help="Timed runs per batch size (after warm-up)."),
-    threads: int = typer.Option(2, help="Thread count fixed while timing."),
     trust_factory: bool = typer.Option(False, help="Allow a model file whose architecture is an import path."),
     report: Path | None = typer.Option(None, help="Write the JSON report here."),
     layers: bool = typer.Option(False, help="Print the per-layer table too."),
@@ -132,10 +146,10 @@ def profile(
     from torchslim.report.console import print_report
 
     dataset = source.load()
-    network = load_model_arg(model, dataset, trust_factory)
+    network = run.place(load_model_arg(model, dataset, trust_factory))
     sizes = int_list(batch_sizes, "--batch-sizes")
-    result = ts.profile(network, example_input(dataset), batch_sizes=sizes, backends=[b.strip() for b in backends.split(",")], runs=runs, threads=threads)
-    print_report(result.report)
+    result = ts.profile(network, example_input(dataset), batch_sizes=sizes, backends=[b.strip() for b in backends.split(",")], runs=runs, threads=run.threads)
+    print_report(result.report, console)
     for row in result.report.stages[0].metrics["latency"]:
         flag = "  BIMODAL" if row["bimodal"] else ""
         console.print(
@@ -146,3 +160,5 @@ def profile(
         console.print(result.report.to_markdown())
     if report is not None:
         result.report.save(report)
+    first = result.report.stages[0].metrics["latency"][0]
+    run.finish(f"{model}: {first['backend']} batch {first['batch_size']} median {first['median_ms']:.3f} ms", result.report, {"report": report})

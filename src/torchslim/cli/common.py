@@ -5,10 +5,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import json
+import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, get_type_hints
 
+import torch
 import typer
 
 from torchslim.cli.app import console
@@ -39,6 +43,32 @@ class DataArguments:
         return load_data(self.name, self.root, self.no_verify, self.normalize, self.scale)
 
 
+def _with_options(name: str, options: list[tuple[str, Any, Any]], make: Callable[..., Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Give a command a group of options; it receives them as one object, ``name=make(*values)``."""
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        hints = get_type_hints(command)
+        own = [
+            parameter.replace(annotation=hints.get(parameter.name, parameter.annotation))
+            for parameter in inspect.signature(command).parameters.values()
+            if parameter.name != name
+        ]
+        added = [inspect.Parameter(option, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation) for option, annotation, default in options]
+
+        @functools.wraps(command)
+        def run(**values: Any) -> Any:
+            group = make(*(values.pop(option) for option, _, _ in options))
+            return command(**{name: group}, **values)
+
+        parameters = own + added
+        run.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+        run.__annotations__ = {p.name: p.annotation for p in parameters}
+        del run.__wrapped__  # typer must see the new signature, not the command's
+        return run
+
+    return decorate
+
+
 def with_data(default: str = "mnist-sample") -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Give a command the data options; it receives them as ``source: DataArguments``."""
     options = [
@@ -49,28 +79,94 @@ def with_data(default: str = "mnist-sample") -> Callable[[Callable[..., Any]], C
         ("scale", float, SCALE),
         ("task", str | None, TASK),
     ]
+    return _with_options("source", options, DataArguments)
 
-    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
-        hints = get_type_hints(command)
-        own = [
-            parameter.replace(annotation=hints.get(parameter.name, parameter.annotation))
-            for parameter in inspect.signature(command).parameters.values()
-            if parameter.name != "source"
-        ]
-        added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation) for name, annotation, option in options]
 
-        @functools.wraps(command)
-        def run(**values: Any) -> Any:
-            data = DataArguments(*(values.pop(name) for name, _, _ in options))
-            return command(source=data, **values)
+def check_device(text: str) -> torch.device:
+    """``--device``: cpu, cuda or cuda:N, refused when this machine does not have it."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise TorchslimError(f"--device: {text!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise TorchslimError(f"--device: {text!r}: torchslim runs on cpu or cuda")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise TorchslimError(f"--device {text}: this machine has no CUDA device (torch.cuda.is_available() is False); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise TorchslimError(f"--device {text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
-        parameters = own + added
-        run.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
-        run.__annotations__ = {p.name: p.annotation for p in parameters}
-        del run.__wrapped__  # typer must see the new signature, not the command's
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """The options every long command has: ``--seed``, ``--threads``, ``--device``, ``--json`` (print the
+    machine-readable result instead of tables) and ``--quiet`` (print only errors and the final line)."""
+
+    seed: int = 0
+    threads: int | None = None
+    device: str = "cpu"
+    json: bool = False
+    quiet: bool = False
+
+    def start(self) -> None:
+        """Apply the options before any work: seeds, thread count, the device check, what prints."""
+        import random
+
+        import numpy
+
+        from torchslim.train.progress import quiet
+
+        if self.threads is not None:
+            if self.threads < 1:
+                raise TorchslimError(f"--threads must be >= 1, got {self.threads}")
+            torch.set_num_threads(self.threads)
+        check_device(self.device)
+        random.seed(self.seed)
+        numpy.random.seed(self.seed)
+        torch.manual_seed(self.seed)
+        console.quiet = self.quiet or self.json
+        quiet(self.quiet)
+        if self.quiet or self.json:
+            warnings.filterwarnings("ignore")
+
+    def place(self, model: Any) -> Any:
+        """The model on the chosen device (tensors of each batch follow the model)."""
+        return model.to(self.device) if self.device != "cpu" and isinstance(model, torch.nn.Module) else model
+
+    def finish(self, line: str, report: Any = None, outputs: dict[str, Any] | None = None, **extra: Any) -> None:
+        """The command's final line; with --json instead one JSON object: the line, files written, extra values and
+        the report."""
+        if self.json:
+            from torchslim.core.report import _jsonable
+
+            result = {"result": line, "outputs": {key: str(value) for key, value in (outputs or {}).items()}, **_jsonable(extra)}
+            if report is not None:
+                result["report"] = report.to_dict()
+            sys.stdout.write(json.dumps(result, indent=2) + "\n")
+        elif self.quiet:
+            sys.stdout.write(line + "\n")
+        else:
+            console.print(line, soft_wrap=True)
+
+
+def with_run_options(threads: int | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Give a long command ``--seed``, ``--threads``, ``--device``, ``--json`` and ``--quiet``; it receives them,
+    already applied, as ``run: RunOptions``."""
+    options = [
+        ("seed", int, typer.Option(0, help="Random seed of everything the command draws (runs are reproducible).")),
+        ("threads", int | None, typer.Option(threads, help="Threads for computing and timing (default: torch's default for this machine).")),
+        ("device", str, typer.Option("cpu", help="cpu, cuda or cuda:N: where the model runs.")),
+        ("json", bool, typer.Option(False, "--json", help="Print the machine-readable result (JSON) instead of tables.")),
+        ("quiet", bool, typer.Option(False, "--quiet", "-q", help="Print only errors and the final line.")),
+    ]
+
+    def make(*values: Any) -> RunOptions:
+        run = RunOptions(*values)
+        run.start()
         return run
 
-    return decorate
+    return _with_options("run", options, make)
 
 
 def int_list(text: str, option: str) -> list[int]:

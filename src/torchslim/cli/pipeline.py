@@ -1,5 +1,5 @@
-"""Commands for recipes and compressed files: ``compress`` (run a recipe), ``recipes`` (list the built-ins) and
-``inspect`` (a .tslim file's encodings)."""
+"""Commands for recipes and compressed files: ``compress`` (run a recipe), ``report`` (a run's report as HTML and
+Markdown), ``recipes`` (list the built-ins) and ``inspect`` (a .tslim file's encodings)."""
 
 from __future__ import annotations
 
@@ -9,14 +9,23 @@ import typer
 
 from torchslim.cli.app import app, console
 from torchslim.cli.basics import headline
-from torchslim.cli.common import DataArguments, load_model_arg, refuse_overwrite, with_data
+from torchslim.cli.common import DataArguments, RunOptions, load_model_arg, refuse_overwrite, with_data, with_run_options
 from torchslim.core.errors import TorchslimError
+
+
+def report_paths(json_path: Path, html: Path | None = None) -> tuple[Path, Path]:
+    """The HTML report of a run's JSON report (``a.tslim.report.json`` -> ``a.tslim.report.html``) and its Markdown twin."""
+    name = json_path.name
+    html = html or json_path.with_name((name[: -len(".json")] if name.endswith(".json") else name) + ".html")
+    return html, html.with_suffix(".md")
 
 
 @app.command()
 @with_data()
+@with_run_options(threads=2)
 def compress(
     source: DataArguments,
+    run: RunOptions,
     model: str = typer.Option("lenet-300-100", help="Registered model name, a saved model file (.safetensors / .tslim), or package.module:callable."),
     weights: Path | None = typer.Option(
         None, help="Trained weights for --model (.safetensors or a .pt state_dict). Without them a registered model is trained first."
@@ -29,8 +38,8 @@ def compress(
     train_epochs: int = typer.Option(10, help="Epochs of training when a registered model comes without --weights."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its checkpoint (<out>.ckpt/)."),
     keep_checkpoint: bool = typer.Option(False, help="Keep the <out>.ckpt/ folder after a successful run."),
-    latency: bool = typer.Option(True, help="Measure eager batch-1 latency after every stage."),
-    threads: int = typer.Option(2, help="Thread count fixed while timing."),
+    latency: bool = typer.Option(True, help="Measure eager batch-1 latency of every stage (all timed together at the end)."),
+    no_report: bool = typer.Option(False, "--no-report", help="Do not write the HTML and Markdown report beside the output."),
     trust_factory: bool = typer.Option(False, help="Allow a model file whose architecture is an import path."),
     trust_weights: bool = typer.Option(False, help="Allow unpickling a .pt that holds more than tensors (only files you made)."),
     force: bool = typer.Option(False, help="Overwrite --out / --report if they exist."),
@@ -55,7 +64,8 @@ def compress(
     checkpoint = out.with_suffix(out.suffix + ".ckpt")
     # an import path the user names here is the only one trusted: never one taken from a file or a checkpoint
     trusted: bool | str = True if trust_factory else (model if ":" in model else False)
-    refuse_overwrite(out, report, beside, force=force)  # before any work, resumed or not
+    pages = () if no_report else report_paths(beside)
+    refuse_overwrite(out, report, beside, *pages, force=force)  # before any work, resumed or not
     if not resume:
         Checkpoint(checkpoint).check()  # a folder torchslim did not make is refused now, before any work
         status = checkpoint_status(checkpoint)
@@ -72,7 +82,7 @@ def compress(
     elif weights is None and ":" in model:
         raise TorchslimError(f"--model {model}: an import-path model needs --weights (its trained state)")
     else:
-        network = load_model_arg(model, dataset, trust_factory, weights, trust_weights)
+        network = run.place(load_model_arg(model, dataset, trust_factory, weights, trust_weights))
         if weights is None and model in ts.models.MODELS:  # a registered architecture comes untrained
             console.print(f"no --weights given: training {model} on {source.name} for {train_epochs} epochs first")
             network = ts.train(
@@ -97,29 +107,68 @@ def compress(
             resume=resume,
             export_path=out if exports else None,
             latency=latency,
-            threads=threads,
+            threads=run.threads,
             trust_factory=trusted,
             on_stage=show,
         )
     except CompressInterrupted as error:
         console.print(f"[yellow]{error}[/yellow]", soft_wrap=True)
         raise typer.Exit(130) from None
-    print_report(result.report)
+    print_report(result.report, console)
     if exports:
         result.report.save(report)
-        console.print(f"ONNX model written to {out} ({format_bytes(out.stat().st_size)})")
+        final = f"ONNX model written to {out} ({format_bytes(out.stat().st_size)})"
     else:
         result.save(out, overwrite=force)
         if report != beside:
             result.report.save(report)
         loaded = ts.load(out, trust_factory=trusted)
         check = ts.evaluate(loaded, dataset, task=source.task)
-        console.print(f"compressed model written to {out} ({format_bytes(out.stat().st_size)}); reloaded from the file: {headline(check).replace('  ', ' ')}")
-    console.print(f"report written to {report}")
+        final = f"compressed model written to {out} ({format_bytes(out.stat().st_size)}); reloaded from the file: {headline(check).replace('  ', ' ')}"
+    outputs = {"model": out, "report": report}
+    if pages:
+        from torchslim.report.html import write_report
+
+        written = write_report(result.report, pages[0])
+        outputs.update(html=written["html"], markdown=written["markdown"])
+        console.print(f"report written to {report}, {written['html']} and {written['markdown']}")
+    else:
+        console.print(f"report written to {report}")
     if not keep_checkpoint:
         left = Checkpoint(checkpoint).remove()
         if left:
             console.print(f"[yellow]{checkpoint} kept: it holds files torchslim did not write ({', '.join(left[:5])})[/yellow]")
+    run.finish(final, result.report, outputs)
+
+
+@app.command("report")
+def report_command(
+    path: Path = typer.Argument(..., help="A run's JSON report (e.g. model.tslim.report.json, written by compress)."),
+    out: Path | None = typer.Option(None, help="The HTML file (default: the JSON's name with .html); the Markdown goes beside it as .md."),
+    markdown: bool = typer.Option(True, help="Also write the Markdown version (plots as PNG files in <name>_files/)."),
+    force: bool = typer.Option(False, help="Overwrite the HTML / Markdown if they exist."),
+) -> None:
+    """Render a run's JSON report as one self-contained HTML page (plots embedded; no network, no JavaScript) and
+    the same content as Markdown."""
+    import json
+
+    from torchslim.core.report import Report
+    from torchslim.report.html import write_report
+
+    if not path.is_file():
+        raise TorchslimError(f"{path}: no such report file")
+    html, md = report_paths(path, out)
+    if html.suffix != ".html":
+        raise TorchslimError(f"--out: the HTML report must end in .html, got {html}")
+    refuse_overwrite(html, md if markdown else None, force=force)
+    try:
+        loaded = Report.from_dict(json.loads(path.read_text()))
+    except (ValueError, TypeError, AttributeError) as error:
+        raise TorchslimError(f"{path}: not a torchslim report ({type(error).__name__}: {error})") from None
+    if not loaded.stages:
+        raise TorchslimError(f"{path}: the report has no stages to show")
+    written = write_report(loaded, html, markdown=markdown)
+    console.print(f"report written to {written['html']}" + (f" and {written['markdown']}" if "markdown" in written else ""))
 
 
 @app.command()

@@ -7,8 +7,8 @@ from pathlib import Path
 import typer
 
 from torchslim.cli.app import app, console
-from torchslim.cli.basics import change_line
-from torchslim.cli.common import DataArguments, load_model_arg, names, refuse_overwrite, with_data, write_outputs
+from torchslim.cli.basics import change_line, headline
+from torchslim.cli.common import DataArguments, RunOptions, load_model_arg, names, refuse_overwrite, with_data, with_run_options, write_outputs
 from torchslim.core.errors import TorchslimError
 
 WEIGHT_SCHEMES = ("uniform", "kmeans", "pow2", "binary", "ternary", "fp16", "bf16")
@@ -21,8 +21,10 @@ ENGINE_SCHEMES = {
 
 @app.command()
 @with_data()
+@with_run_options()
 def prune(
     source: DataArguments,
+    run: RunOptions,
     model: str = typer.Argument(..., help="A saved model file (.safetensors) or a registered model name."),
     out: Path = typer.Option(..., help="Where to write the pruned model (.safetensors or .tslim)."),
     sparsity: float | None = typer.Option(None, help="Fraction of the selected weights (with --structured: channels) to remove, in [0, 1)."),
@@ -55,7 +57,7 @@ def prune(
     if steps < 1:
         raise TorchslimError(f"--steps must be >= 1, got {steps}")
     dataset = source.load()
-    network = load_model_arg(model, dataset, trust_factory)
+    network = run.place(load_model_arg(model, dataset, trust_factory))
     baseline = ts.evaluate(network, dataset, task=source.task)
     layers = {"include": names(include) or ["*"], "exclude": names(exclude)}
     finetune = {"epochs": finetune_epochs, "lr": lr, "eval_every_epoch": False} if finetune_epochs > 0 else None
@@ -90,7 +92,7 @@ def prune(
             metrics={**baseline, "parameters": ts.measure.count_parameters(network), "nonzeros": ts.measure.count_nonzeros(network)},
         ),
     )
-    print_report(result.report)
+    print_report(result.report, console)
     for note in stage.notes:
         console.print(f"  {note}")
     if structured:
@@ -99,12 +101,15 @@ def prune(
         console.print(f"MACs {stage.metrics['macs_before']:,} -> {stage.metrics['macs']:,} ({stage.metrics['macs_ratio']:.2f}x fewer)")
     how = "channels removed" if structured else "zeros stored densely" if out.suffix == ".safetensors" else "sparse"
     write_outputs(result, out, report, lambda saved: f"pruned model written to {saved} ({saved.stat().st_size:,} bytes; {how})")
+    run.finish(f"pruned model written to {out}: {change_line(baseline, stage.metrics)}", result.report, {"model": out, "report": report})
 
 
 @app.command()
 @with_data()
+@with_run_options()
 def distill(
     source: DataArguments,
+    run: RunOptions,
     teacher: str = typer.Option(..., help="The teacher: a saved model file (.safetensors) or a registered model name."),
     student: str = typer.Option(..., help="The student: a saved model file or a registered model name."),
     student_args: str = typer.Option("{}", help="JSON arguments for a registered student, e.g. '{\"hidden\": [300]}'."),
@@ -144,8 +149,8 @@ def distill(
         "cache_teacher": cache_teacher,
         "train": {"epochs": epochs, "lr": lr, "batch_size": batch_size},
     }
-    result = ts.distill(student_model, teacher_model, dataset, config, task=source.task)
-    print_report(result.report)
+    result = ts.distill(run.place(student_model), run.place(teacher_model), dataset, config, task=source.task)
+    print_report(result.report, console)
     metrics = result.report.stages[0].metrics
     if "teacher_error" in metrics:
         console.print(
@@ -153,12 +158,15 @@ def distill(
             f"student error {100 * metrics['error']:.2f}% ({metrics['parameters']:,} params)"
         )
     write_outputs(result, out, report, lambda saved: f"student written to {saved}")
+    run.finish(f"student written to {out}: {headline(metrics)}", result.report, {"model": out, "report": report})
 
 
 @app.command()
 @with_data()
+@with_run_options()
 def quantize(
     source: DataArguments,
+    run: RunOptions,
     model: str = typer.Argument(..., help="A saved model file (.safetensors) or a registered model name."),
     out: Path = typer.Option(..., help="Output: .safetensors or .tslim for weight-only schemes, .onnx for int8 in ONNX Runtime."),
     scheme: str = typer.Option(
@@ -200,7 +208,7 @@ def quantize(
     else:
         raise TorchslimError(f"--scheme: unknown scheme {scheme!r}; valid: {', '.join(WEIGHT_SCHEMES + tuple(ENGINE_SCHEMES))}")
     dataset = source.load()
-    network = load_model_arg(model, dataset, trust_factory)
+    network = run.place(load_model_arg(model, dataset, trust_factory))
     before = ts.evaluate(network, dataset, task=source.task)
     result = ts.quantize(network, config, data=dataset)
     after = ts.evaluate(result.model, dataset, task=source.task)
@@ -212,4 +220,4 @@ def quantize(
             f"{format_bytes(row['dense_bytes'])} -> {format_bytes(row['stored_bytes'])}"
         )
     console.print(f"quantized model written to {saved} ({format_bytes(saved.stat().st_size)}); runs in {stage.execution}")
-    console.print(change_line(before, after))
+    run.finish(f"quantized model written to {saved}: {change_line(before, after)}", result.report, {"model": saved}, before=before, after=after)

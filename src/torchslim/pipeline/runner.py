@@ -29,6 +29,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from torchslim.codec.reader import inspect_tslim
@@ -89,7 +90,7 @@ class CompressResult(Result):
 
 
 def measure_stage(
-    model: nn.Module, source: DataSource, task: Task, outcome: StageOutcome | None, baseline_bytes: int | None, latency: bool = True, threads: int = 2
+    model: nn.Module, source: DataSource, task: Task, outcome: StageOutcome | None, baseline_bytes: int | None, latency: bool = True, threads: int | None = 2
 ) -> dict[str, Any]:
     """The numbers recorded after a stage: the task's metrics of what runs (the engine a stage produced, or the
     model), counts of the model (``measure.measure_model``), the bytes it would take (or that the stage wrote), and
@@ -122,7 +123,7 @@ def describe_layers(stage: Stage, model: nn.Module, example: Any, ranges: dict[s
         stage.metrics["sparse_macs"] = sparse
 
 
-def time_stages(report: Report, models: dict[str, nn.Module], example: Any, threads: int, rounds: int = 7, runs: int = 15) -> None:
+def time_stages(report: Report, models: dict[str, nn.Module], example: Any, threads: int | None, rounds: int = 7, runs: int = 15) -> None:
     """Time every kept stage model together (``interleaved_latency``): median, p10 and p90 of all its runs, batch 1.
     A stage whose model was not kept (finished before a resumed run began) is named in a note."""
     samples = interleaved_latency(models, example, batch_sizes=(1,), rounds=rounds, runs=runs, warmup=3, threads=threads)
@@ -149,7 +150,7 @@ def compress(
     resume: bool = False,
     export_path: str | os.PathLike[str] | None = None,
     latency: bool = True,
-    threads: int = 2,
+    threads: int | None = 2,
     progress: bool | str | None = None,
     trust_factory: bool | str = False,
     on_stage: Callable[[Stage], None] | None = None,
@@ -175,6 +176,7 @@ def compress(
         True
     """
     recipe = load_recipe(recipe)
+    threads = threads if threads is not None else torch.get_num_threads()
     check_model(model, "compress", float32=True)
     source = as_source(data, model)
     store = Checkpoint(checkpoint) if checkpoint is not None else None
