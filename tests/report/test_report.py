@@ -146,7 +146,9 @@ def test_the_console_table_fits_100_columns():
 def test_compress_json_quiet_and_the_report_command(tmp_path, capsys):
     recipe = tmp_path / "small.yaml"
     recipe.write_text(
-        "name: small\nstages:\n  - prune: {sparsity: [0.8], finetune: {epochs: 1, eval_every_epoch: false}}\n  - quantize: {weights: {scheme: kmeans, bits: 4}}\n"
+        "name: small\nstages:\n"
+        "  - prune: {sparsity: [0.8], finetune: {epochs: 1, eval_every_epoch: false}}\n"
+        "  - quantize: {weights: {scheme: kmeans, bits: 4}}\n"
     )
     arguments = ["compress", "--data", "digits", "--recipe", str(recipe), "--train-epochs", "2", "--threads", "1", "--seed", "3"]
     assert main(arguments + ["--out", str(tmp_path / "a.tslim"), "--json"]) == 0
