@@ -105,3 +105,13 @@ def test_relative_decode_rejects_indices_past_the_end():
     with pytest.raises(ChecksumError, match="past the tensor"):
         relative_decode(np.array([5]), np.array([1]), 3, 0)
     assert math.isclose(relative_decode(np.zeros(0, dtype=np.int64), np.zeros(0), 4, 0.0).sum(), 0)
+
+
+def test_a_huffman_bit_pattern_that_is_no_code_is_refused():
+    from torchslim.codec import entropy
+    from torchslim.core.errors import ChecksumError
+
+    # 3 symbols, alphabet 4, one code of length 1 for symbol 3 ('0'); the payload's bits are all '1': no code
+    with pytest.raises(ChecksumError, match="no code"):
+        entropy._decode_huffman(bytes([3, 4, 0, 1, 0xFF]), 100)
+    assert entropy._decode_huffman(bytes([3, 4, 0, 1, 0x00]), 100).tolist() == [3, 3, 3]

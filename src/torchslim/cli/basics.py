@@ -64,7 +64,7 @@ def list_command(what: str = typer.Argument("all", help="models, datasets, backe
         if what in ("all", title):
             console.print(f"[bold]{title}[/bold]")
             for name in registry.names():
-                console.print(f"  {name:<18} {registry.summary(name)}")
+                console.print(f"  {name:<18} {registry.summary(name)}", soft_wrap=True)
 
 
 @app.command()

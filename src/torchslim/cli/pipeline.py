@@ -124,7 +124,7 @@ def compress(
             result.report.save(report)
         loaded = ts.load(out, trust_factory=trusted)
         check = ts.evaluate(loaded, dataset, task=source.task)
-        final = f"compressed model written to {out} ({format_bytes(out.stat().st_size)}); reloaded from the file: {headline(check).replace('  ', ' ')}"
+        final = f"compressed model written to {out} ({format_bytes(out.stat().st_size)}); reloaded from the file: {' '.join(headline(check).split())}"
     outputs = {"model": out, "report": report}
     if pages:
         from torchslim.report.html import write_report
@@ -178,7 +178,7 @@ def recipes() -> None:
 
     for name in builtin_recipes():
         plan = load_recipe(name)
-        console.print(f"  {name:<18} {' -> '.join(stage.kind for stage in plan.stages):<32} {plan.description}")
+        console.print(f"  {name:<18} {' -> '.join(stage.kind for stage in plan.stages):<32} {plan.description}", soft_wrap=True)
 
 
 @app.command()

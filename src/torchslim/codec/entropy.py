@@ -244,6 +244,8 @@ def _decode_huffman(data: bytes | memoryview, limit: int) -> np.ndarray:
     for index in range(count):
         if position >= limit:
             raise ChecksumError(f"Huffman stream ends after {index} of {count} symbols (truncated)")
+        if length_at[position] == 0:  # an incomplete code table leaves bit patterns that are no code
+            raise ChecksumError(f"Huffman stream holds a bit pattern that is no code at symbol {index} (corrupt)")
         out[index] = symbol_at[position]
         position += length_at[position]
     if position > limit:
