@@ -138,12 +138,10 @@ class RunOptions:
         """The command's final line; with --json instead one JSON object: the line, files written, extra values and
         the report."""
         if self.json:
-            from torchslim.core.report import _jsonable
-
-            result = {"result": line, "outputs": {key: str(value) for key, value in (outputs or {}).items()}, **_jsonable(extra)}
+            result = {"result": line, "outputs": {key: str(value) for key, value in (outputs or {}).items()}, **extra}
             if report is not None:
                 result["report"] = report.to_dict()
-            sys.stdout.write(json.dumps(result, indent=2) + "\n")
+            sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
         elif self.quiet:
             sys.stdout.write(line + "\n")
         else:

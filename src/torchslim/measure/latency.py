@@ -244,24 +244,18 @@ def interleaved_latency(
 
 
 def compare_latency(
-    models: Mapping[str, nn.Module | Runner],
-    example_input: Any,
-    batch_sizes: Sequence[int] = (1,),
-    rounds: int = 5,
-    runs: int = 30,
-    warmup: int = 5,
-    backend: str | Callable[[nn.Module, Any], Runner] = "eager",
-    threads: int | None = 2,
+    models: Mapping[str, nn.Module | Runner], example_input: Any, batch_sizes: Sequence[int] = (1,), **timing: Any
 ) -> dict[str, dict[int, float]]:
-    """Median latency (ms) of several models measured side by side (``interleaved_latency``): each model's
-    per-round medians reduced to their median.
+    """Median latency (ms) of several models measured side by side (``interleaved_latency``, whose ``rounds``,
+    ``runs``, ``warmup``, ``backend`` and ``threads`` it takes): each model's per-round medians reduced to their
+    median.
 
     Example:
         >>> medians = compare_latency({"a": nn.Linear(8, 8), "b": nn.Linear(8, 4)}, torch.zeros(1, 8), rounds=2, runs=5)
         >>> sorted(medians), sorted(medians["a"])
         (['a', 'b'], [1])
     """
-    samples = interleaved_latency(models, example_input, batch_sizes, rounds, runs, warmup, backend, threads)
+    samples = interleaved_latency(models, example_input, batch_sizes, **timing)
     return {
         name: {size: statistics.median(statistics.median(values) for values in per_round) for size, per_round in per_size.items()}
         for name, per_size in samples.items()

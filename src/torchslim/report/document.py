@@ -8,7 +8,8 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
-from torchslim.report.markdown import STAGE_COLUMNS, format_bytes, format_value, headline_key
+from torchslim.core.report import RENDERERS
+from torchslim.report.markdown import STAGE_COLUMNS, format_bytes, format_value, headline_key, render_markdown
 
 if TYPE_CHECKING:
     from torchslim.core.report import Report, Stage
@@ -180,4 +181,12 @@ def build_document(report: Report, plots: dict[str, tuple[str, bytes]] | None = 
     return title, sections
 
 
-__all__ = ["Block", "Section", "build_document"]
+def report_to_markdown(report: Report) -> str:
+    """The whole report as Markdown (stage table, per-layer tables, notes, the file's streams, the recipe, the
+    machine), without pictures; ``report.html.write_report`` writes it with its plots."""
+    return render_markdown(*build_document(report))
+
+
+RENDERERS["markdown"] = report_to_markdown
+
+__all__ = ["Block", "Section", "build_document", "report_to_markdown"]

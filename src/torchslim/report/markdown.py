@@ -1,11 +1,9 @@
-"""Render a Report as Markdown: one row per stage, then per-layer tables."""
+"""Markdown: formatting of numbers and bytes, tables, and a report document rendered as Markdown."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
-
-from torchslim.core.report import RENDERERS, Report
 
 # Columns of the per-stage table, in order; a column shows only when some stage has it.
 STAGE_COLUMNS = [
@@ -102,14 +100,3 @@ def render_markdown(title: str, sections: list[Any], images: dict[str, str] | No
             elif block.kind == "image" and block.text in images:
                 parts.append(f"![{captions.get(block.text, block.text)}]({images[block.text]})")
     return "\n".join(parts) + "\n"
-
-
-def report_to_markdown(report: Report) -> str:
-    """The whole report as Markdown (stage table, per-layer tables, notes, the file's streams, the recipe, the
-    machine), without pictures; ``report.html.write_report`` writes it with its plots."""
-    from torchslim.report.document import build_document
-
-    return render_markdown(*build_document(report))
-
-
-RENDERERS["markdown"] = report_to_markdown
