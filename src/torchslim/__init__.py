@@ -9,7 +9,8 @@ Example:
     True
 """
 
-from torchslim import codec, data, export, io, llm, measure, models, report, tasks
+from torchslim import codec, compression, data, export, io, llm, measure, models, report, tasks
+from torchslim.compression import factorize, narrow, remove_blocks, substitute_activations
 from torchslim.core import Config, ConfigError, Report, Result, TorchslimError
 from torchslim.core.checks import allow_nonfinite
 from torchslim.data.sources import Data
@@ -36,22 +37,27 @@ __all__ = [
     "allow_nonfinite",
     "codec",
     "compress",
+    "compression",
     "data",
     "distill",
     "evaluate",
     "export",
+    "factorize",
     "io",
     "llm",
     "load",
     "make_permanent",
     "measure",
     "models",
+    "narrow",
     "profile",
     "prune",
     "prune_channels",
     "quantize",
+    "remove_blocks",
     "report",
     "save",
+    "substitute_activations",
     "tasks",
     "train",
 ]

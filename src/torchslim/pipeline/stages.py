@@ -18,6 +18,10 @@ from torch import nn
 
 from torchslim.codec.entropy import CODERS
 from torchslim.codec.tslim import encode_model
+from torchslim.compression.activations import ActivationConfig, substitute_activations
+from torchslim.compression.depth import DepthConfig, remove_blocks
+from torchslim.compression.factorize import FactorizeConfig, factorize
+from torchslim.compression.width import NarrowConfig, narrow
 from torchslim.core.config import Config, check
 from torchslim.core.spec import sizing_spec
 from torchslim.data.sources import DataSource
@@ -88,6 +92,52 @@ def run_prune_channels(context: StageContext, stage: RecipeStage) -> StageOutcom
         f"MACs {metrics['macs_before']:,} -> {metrics['macs']:,} ({metrics['macs_ratio']:.2f}x fewer), "
         f"{metrics['groups_removed']} channel groups and {metrics['heads_removed']} heads removed"
     ] + result.report.stages[0].notes
+    return StageOutcome(result.model, notes, "eager, smaller dense layers")
+
+
+@register_stage("factorize", FactorizeConfig, finetune=True)
+def run_factorize(context: StageContext, stage: RecipeStage) -> StageOutcome:
+    """Low-rank factorization: Linear layers by SVD, convolutions by SVD or Tucker-2, then fine-tuned (torchslim.factorize)."""
+    assert isinstance(stage.config, FactorizeConfig)
+    make_permanent(context.model)
+    result = factorize(context.model, stage.config, **context.verb_options(stage))
+    metrics = result.report.stages[0].metrics
+    summary = f"{metrics['layers_factorized']} layers factorized: parameters {metrics['parameters_before']:,} -> {metrics['parameters']:,}"
+    if "macs" in metrics:
+        summary += f", MACs {metrics['macs_before']:,} -> {metrics['macs']:,}"
+    return StageOutcome(result.model, [summary] + result.report.stages[0].notes, "eager, factorized dense layers")
+
+
+@register_stage("activations", ActivationConfig, finetune=True)
+def run_activations(context: StageContext, stage: RecipeStage) -> StageOutcome:
+    """Activation substitution: smooth activations by ReLU or their hard variants, then fine-tuned (torchslim.substitute_activations)."""
+    assert isinstance(stage.config, ActivationConfig)
+    result = substitute_activations(context.model, stage.config, threads=context.threads, **context.verb_options(stage))
+    replaced = [f"{row['name']}: {row['before']} -> {row['after']}" for row in result.report.stages[0].layers]
+    return StageOutcome(result.model, replaced + result.report.stages[0].notes, "eager")
+
+
+@register_stage("depth", DepthConfig, finetune=True)
+def run_depth(context: StageContext, stage: RecipeStage) -> StageOutcome:
+    """Depth reduction: the residual blocks whose bypass raises the loss least removed, then fine-tuned (torchslim.remove_blocks)."""
+    assert isinstance(stage.config, DepthConfig)
+    make_permanent(context.model)
+    result = remove_blocks(context.model, stage.config, **context.verb_options(stage))
+    metrics = result.report.stages[0].metrics
+    return StageOutcome(
+        result.model, [f"removed {', '.join(metrics['removed'])} of {metrics['candidates']} blocks"] + result.report.stages[0].notes, "eager, blocks removed"
+    )
+
+
+@register_stage("narrow", NarrowConfig)
+def run_narrow(context: StageContext, stage: RecipeStage) -> StageOutcome:
+    """Width scaling: every coupled set of channels scaled by a multiplier, largest-norm channels kept (torchslim.narrow); follow with distill."""
+    assert isinstance(stage.config, NarrowConfig)
+    make_permanent(context.model)
+    config = stage.config
+    result = narrow(context.model, config.width, data=context.source, per_set=config.per_set, round_to=config.round_to, heads=config.heads)
+    metrics = result.report.stages[0].metrics
+    notes = [f"MACs {metrics['macs_before']:,} -> {metrics['macs']:,} ({metrics['macs_ratio']:.2f}x fewer)"] + result.report.stages[0].notes
     return StageOutcome(result.model, notes, "eager, smaller dense layers")
 
 

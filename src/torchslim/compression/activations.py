@@ -1,0 +1,217 @@
+"""Activation substitution: smooth activations (GELU, SiLU, Mish, ELU, Tanh, Sigmoid, ...) replaced by ReLU or by
+their piecewise-linear "hard" variants, which engines run faster and quantize better.
+
+``to: relu`` replaces the unbounded ones (GELU, SiLU / Swish, Mish, ELU, LeakyReLU, ReLU6, Hardswish) by ReLU and
+leaves bounded gates (Sigmoid, Tanh) alone, since a gate needs its range; ``to: hard`` replaces SiLU / Swish, GELU
+and Mish by Hardswish, Sigmoid by Hardsigmoid and Tanh by Hardtanh. Only activation *modules* can be replaced;
+activations called as functions in a model's ``forward`` (``F.gelu(x)``) are counted on an example forward and
+named in the report, since no module swap reaches them. Hugging Face activation classes (``GELUActivation``, ...)
+count as their kind. The model's spec records each replacement, so saved files load back.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Linear(4, 4), nn.GELU(), nn.Linear(4, 2), nn.Sigmoid())
+    >>> result = substitute_activations(model, {"to": "relu"}, example_input=torch.zeros(1, 4))
+    >>> [type(m).__name__ for m in result.model]
+    ['Linear', 'ReLU', 'Linear', 'Sigmoid']
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from torchslim.core.checks import check_model
+from torchslim.core.config import Config, ConfigError, check
+from torchslim.core.errors import TorchslimError
+from torchslim.core.report import Report, Result, Stage
+from torchslim.core.selector import LayerSelector, matches
+from torchslim.core.spec import append_transform, recorded_module, register_transform
+from torchslim.data.sources import as_source
+from torchslim.measure.latency import compare_latency
+from torchslim.tasks.base import Task, resolve_task
+from torchslim.tasks.batches import model_inputs
+from torchslim.train.evaluate import evaluate_source
+from torchslim.train.fit import TrainConfig, fit
+
+TRANSFORM_KIND = "activations"
+
+# activation class names (torch and Hugging Face) -> their kind
+KINDS = {
+    "GELU": "gelu",
+    "GELUActivation": "gelu",
+    "NewGELUActivation": "gelu",
+    "FastGELUActivation": "gelu",
+    "QuickGELUActivation": "gelu",
+    "GELUTanh": "gelu",
+    "PytorchGELUTanh": "gelu",
+    "SiLU": "silu",
+    "SiLUActivation": "silu",
+    "Mish": "mish",
+    "MishActivation": "mish",
+    "ELU": "elu",
+    "LeakyReLU": "leaky_relu",
+    "ReLU6": "relu6",
+    "Hardswish": "hardswish",
+    "Sigmoid": "sigmoid",
+    "Tanh": "tanh",
+}
+# what each target puts in place of each kind (kinds not listed are left)
+TARGETS: dict[str, dict[str, type[nn.Module]]] = {
+    "relu": {kind: nn.ReLU for kind in ("gelu", "silu", "mish", "elu", "leaky_relu", "relu6", "hardswish")},
+    "hard": {"gelu": nn.Hardswish, "silu": nn.Hardswish, "mish": nn.Hardswish, "sigmoid": nn.Hardsigmoid, "tanh": nn.Hardtanh},
+}
+FUNCTIONS = {F.gelu: "gelu", F.silu: "silu", F.mish: "mish", F.elu: "elu", torch.sigmoid: "sigmoid", torch.tanh: "tanh", F.hardswish: "hardswish"}
+REPLACEMENTS = {cls.__name__: cls for targets in TARGETS.values() for cls in targets.values()} | {"ReLU": nn.ReLU}
+
+
+@dataclasses.dataclass(frozen=True)
+class ActivationConfig(Config):
+    """``to``: "relu" or "hard" (see the module's documentation); ``kinds``: which kinds to replace (default: every
+    kind the target has a replacement for); ``layers``: which activation modules (by name pattern)."""
+
+    to: str = "relu"
+    kinds: tuple[str, ...] = ()
+    layers: LayerSelector = LayerSelector()
+
+    def validate(self) -> None:
+        check(self.to in TARGETS, f"to must be one of {', '.join(TARGETS)}, got {self.to!r}")
+        known = sorted(set(KINDS.values()))
+        for kind in self.kinds:
+            check(kind in known, f"kinds: unknown activation kind {kind!r}; known: {', '.join(known)}")
+
+
+class _CountCalls(TorchFunctionMode):
+    """Counts activation functions called outside activation modules during a forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inside = 0
+        self.calls: dict[str, int] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kind = FUNCTIONS.get(func)
+        if kind is not None and self.inside == 0:
+            self.calls[kind] = self.calls.get(kind, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def functional_activations(model: nn.Module, example_input: Any) -> dict[str, int]:
+    """{kind: calls} of activation functions a forward of ``model`` calls outside activation modules."""
+    counter = _CountCalls()
+    handles = []
+    for module in model.modules():
+        if type(module).__name__ in KINDS or type(module).__name__ in REPLACEMENTS:
+            handles.append(module.register_forward_pre_hook(lambda *_: setattr(counter, "inside", counter.inside + 1)))
+            handles.append(module.register_forward_hook(lambda *_: setattr(counter, "inside", counter.inside - 1)))
+    args, kwargs = model_inputs(example_input)
+    try:
+        with torch.no_grad(), counter:
+            model(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return counter.calls
+
+
+def _replacement(module: nn.Module, config: ActivationConfig) -> nn.Module | None:
+    kind = KINDS.get(type(module).__name__)
+    if kind is None or (config.kinds and kind not in config.kinds):
+        return None
+    target = TARGETS[config.to].get(kind)
+    if target is None or isinstance(module, target):
+        return None
+    return target(inplace=getattr(module, "inplace", False)) if target in (nn.ReLU, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh) else target()
+
+
+def _set(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def substitute_activations(
+    model: nn.Module,
+    config: ActivationConfig | dict,
+    data: Any = None,
+    example_input: Any = None,
+    task: str | Task | None = None,
+    finetune: TrainConfig | dict | None = None,
+    inplace: bool = False,
+    progress: bool | str | None = None,
+    threads: int | None = 2,
+) -> Result:
+    """Replace the selected activation modules of a copy of ``model``, then fine-tune when ``finetune`` is given. The
+    report lists each replacement, the activations left (bounded gates under ``to: relu``, functional calls), the
+    task's metrics before, after replacing and after fine-tuning (with ``data``), and eager batch-1 latency before and
+    after, measured side by side."""
+    config = ActivationConfig.coerce(config, where="substitute_activations")
+    check_model(model, "substitute_activations", float32=True)
+    tuning = TrainConfig.coerce(finetune, where="substitute_activations.finetune") if finetune is not None else None
+    if tuning is not None and data is None:
+        raise ConfigError("substitute_activations: fine-tuning needs data")
+    source = as_source(data, model) if data is not None else None
+    example = example_input if example_input is not None else source.example(1) if source is not None else None
+    target = model if inplace else copy.deepcopy(model)
+    original = copy.deepcopy(model) if inplace else model
+    resolved = resolve_task(task, source, model) if source is not None else None
+    metrics: dict[str, Any] = {}
+    if source is not None and resolved is not None:
+        metrics.update({f"{key}_before": value for key, value in evaluate_source(target, source, resolved).items() if isinstance(value, float)})
+    selector = LayerSelector.coerce(config.layers)
+    rows, record, notes = [], {}, []
+    for name, module in list(target.named_modules()):
+        if not name or not any(matches(p, name, module) for p in selector.include) or any(matches(p, name, module) for p in selector.exclude):
+            continue
+        new = _replacement(module, config)
+        if new is None:
+            kind = KINDS.get(type(module).__name__)
+            if kind is not None and kind not in TARGETS[config.to] and (not config.kinds or kind in config.kinds):
+                notes.append(f"{name}: {type(module).__name__} left (a bounded gate; to: hard replaces it by its hard variant)")
+            continue
+        rows.append({"name": name, "before": type(module).__name__, "after": type(new).__name__})
+        record[name] = type(new).__name__
+        _set(target, name, new)
+    if not rows and not notes:
+        raise TorchslimError(f"substitute_activations: the model has no activation module to replace with to={config.to!r} (kinds: {', '.join(sorted(KINDS))})")
+    if record:
+        append_transform(target, {"kind": TRANSFORM_KIND, "layers": record})
+    if example is not None:
+        for kind, calls in sorted(functional_activations(target, example).items()):
+            notes.append(f"{calls} call(s) of {kind} as a function in forward code: not replaced (only activation modules can be)")
+    metrics["replaced"] = len(rows)
+    if source is not None and resolved is not None:
+        metrics.update({f"{key}_substituted": value for key, value in evaluate_source(target, source, resolved).items() if isinstance(value, float)})
+    if tuning is not None:
+        history = fit(target, data, tuning, task=task, progress=progress, label="activations fine-tune", evaluate_at_end=False, reference=model)
+        notes.append(f"fine-tuned {len(history.epochs)} epochs ({history.seconds:.1f} s)")
+    if source is not None and resolved is not None:
+        metrics.update(evaluate_source(target, source, resolved))
+    if example is not None and rows:
+        latency = compare_latency({"before": original, "after": target}, example, batch_sizes=(1,), rounds=5, runs=20, threads=threads)
+        metrics.update(latency_before_ms=latency["before"][1], latency_ms=latency["after"][1], speedup=latency["before"][1] / latency["after"][1])
+    stage = Stage(name="activations", kind="activations", metrics=metrics, layers=rows, notes=notes, config=config.to_dict(), execution="eager")
+    return Result(model=target, report=Report.for_model(model, [stage]))
+
+
+@register_transform(TRANSFORM_KIND)
+def apply_activations(model: nn.Module, transform: dict[str, Any]) -> nn.Module:
+    """Put back the activation replacements a saved file lists."""
+    layers = transform.get("layers")
+    if not isinstance(layers, dict):
+        raise TorchslimError("the file's activation record needs a 'layers' mapping")
+    for name, class_name in layers.items():
+        recorded_module(model, name, "replaces the activation of")
+        if class_name not in REPLACEMENTS:
+            raise TorchslimError(f"the file replaces {name!r} by {class_name!r}, which is not one of {', '.join(sorted(REPLACEMENTS))}")
+        _set(model, name, REPLACEMENTS[class_name]())
+    return model
+
+
+__all__ = ["ActivationConfig", "apply_activations", "functional_activations", "substitute_activations"]

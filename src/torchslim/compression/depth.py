@@ -1,0 +1,220 @@
+"""Depth reduction: the least important residual blocks removed.
+
+Candidates are the blocks of a model's repeated stacks: children of an ``nn.Sequential`` or ``nn.ModuleList`` whose
+output has the shape of their input (so the block can be bypassed; a downsampling block cannot), or the modules a
+``layers`` selector names. A block's importance is how much the task's loss on calibration batches rises when it is
+bypassed (replaced by the identity); the least important go, one at a time with the rest re-scored after each
+removal (``iterative``), then the model is fine-tuned. The model's spec records the removed blocks, so saved files
+load back.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> class Residual(nn.Module):
+    ...     def __init__(self, width, scale):
+    ...         super().__init__()
+    ...         self.linear, self.scale = nn.Linear(width, width), scale
+    ...     def forward(self, x):
+    ...         return x + self.scale * self.linear(x)
+    >>> model = nn.Sequential(nn.Linear(4, 8), Residual(8, 1.0), Residual(8, 0.001), nn.Linear(8, 2))
+    >>> batches = [(torch.randn(16, 4), torch.randint(0, 2, (16,))) for _ in range(2)]
+    >>> result = remove_blocks(model, {"count": 1}, data=batches)
+    >>> result.report.stages[0].metrics["removed"]
+    ['2']
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from torchslim.core.checks import check_model
+from torchslim.core.config import Config, ConfigError, check
+from torchslim.core.errors import TorchslimError
+from torchslim.core.report import Report, Result, Stage
+from torchslim.core.selector import LayerSelector, matches
+from torchslim.core.spec import append_transform, recorded_module, register_transform
+from torchslim.data.sources import as_source
+from torchslim.tasks.base import Task, resolve_task
+from torchslim.tasks.batches import model_inputs
+from torchslim.train.evaluate import evaluate_source
+from torchslim.train.fit import TrainConfig, fit
+
+TRANSFORM_KIND = "depth"
+
+
+@dataclasses.dataclass(frozen=True)
+class DepthConfig(Config):
+    """``count`` blocks to remove, or ``ratio`` of the candidates; ``layers``: which modules are candidates (default:
+    every bypassable block of a Sequential / ModuleList); ``calibration_batches`` of training data score each block;
+    ``iterative``: re-score the remaining blocks after each removal."""
+
+    count: int | None = None
+    ratio: float | None = None
+    layers: LayerSelector | None = None
+    calibration_batches: int = 8
+    batch_size: int = 64
+    iterative: bool = True
+
+    def validate(self) -> None:
+        check((self.count is None) != (self.ratio is None), "give exactly one of count or ratio")
+        check(self.count is None or self.count >= 1, f"count must be >= 1, got {self.count}")
+        check(self.ratio is None or 0.0 < self.ratio < 1.0, f"ratio must be in (0, 1), got {self.ratio}")
+        check(self.calibration_batches >= 1, f"calibration_batches must be >= 1, got {self.calibration_batches}")
+
+
+def _shapes(model: nn.Module, example: Any, names: list[str]) -> dict[str, bool]:
+    """{name: whether the module's first input and its output are tensors of one shape} from one forward."""
+    modules = dict(model.named_modules())
+    same: dict[str, bool] = {}
+    handles = []
+
+    def hook(name: str):
+        def record(module, inputs, output):
+            first = inputs[0] if inputs else None
+            same[name] = isinstance(first, torch.Tensor) and isinstance(output, torch.Tensor) and first.shape == output.shape
+
+        return record
+
+    for name in names:
+        handles.append(modules[name].register_forward_hook(hook(name)))
+    args, kwargs = model_inputs(example)
+    try:
+        with torch.no_grad():
+            model.eval()(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return same
+
+
+def candidate_blocks(model: nn.Module, example: Any, selector: LayerSelector | None = None) -> list[str]:
+    """Names of the blocks that can be bypassed: children of a Sequential / ModuleList (or the modules ``selector``
+    names) that hold parameters and whose output has their input's shape."""
+    if selector is not None:
+        chosen = LayerSelector.coerce(selector)
+        names = [
+            n for n, m in model.named_modules() if n and any(matches(p, n, m) for p in chosen.include) and not any(matches(p, n, m) for p in chosen.exclude)
+        ]
+        if not names:
+            raise TorchslimError(f"remove_blocks: the selection {chosen.include} names no module")
+    else:
+        names = [
+            f"{parent}.{child}" if parent else child
+            for parent, container in model.named_modules()
+            if isinstance(container, (nn.Sequential, nn.ModuleList))
+            for child, module in container.named_children()
+            if any(True for _ in module.parameters()) and len(list(module.children())) > 0
+        ]
+    same = _shapes(model, example, names)
+    return [name for name in names if same.get(name)]
+
+
+def _bypassed(model: nn.Module, name: str) -> Any:
+    """Context: ``name`` replaced by the identity while inside."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def swap():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        block = getattr(parent, child) if not isinstance(parent, nn.ModuleList) else parent[int(child)]
+        _put(parent, child, nn.Identity())
+        try:
+            yield
+        finally:
+            _put(parent, child, block)
+
+    return swap()
+
+
+def _put(parent: nn.Module, child: str, module: nn.Module) -> None:
+    if isinstance(parent, nn.ModuleList):
+        parent[int(child)] = module
+    else:
+        setattr(parent, child, module)
+
+
+def _loss(model: nn.Module, batches: list[Any], task: Task) -> float:
+    with torch.no_grad():
+        model.eval()
+        return sum(float(task.loss(model, batch)) for batch in batches) / len(batches)
+
+
+def remove_blocks(
+    model: nn.Module,
+    config: DepthConfig | dict,
+    data: Any,
+    task: str | Task | None = None,
+    finetune: TrainConfig | dict | None = None,
+    inplace: bool = False,
+    progress: bool | str | None = None,
+) -> Result:
+    """Remove the least important bypassable blocks of a copy of ``model`` (importance: the rise of the task's loss on
+    calibration batches when the block is bypassed), then fine-tune when ``finetune`` is given. The report lists every
+    candidate's score, what was removed, and the task's metrics before, after removal and after fine-tuning."""
+    config = DepthConfig.coerce(config, where="remove_blocks")
+    check_model(model, "remove_blocks", float32=True)
+    if data is None:
+        raise ConfigError("remove_blocks: scoring blocks needs data")
+    tuning = TrainConfig.coerce(finetune, where="remove_blocks.finetune") if finetune is not None else None
+    source = as_source(data, model)
+    resolved = resolve_task(task, source, model)
+    target = model if inplace else copy.deepcopy(model)
+    candidates = candidate_blocks(target, source.example(1), config.layers)
+    count = config.count if config.count is not None else math.floor((config.ratio or 0.0) * len(candidates))
+    if not candidates:
+        raise TorchslimError(
+            "remove_blocks: the model has no block that can be bypassed (a child of a Sequential / ModuleList whose output has its input's shape)"
+        )
+    if count < 1 or count >= len(candidates) + (config.layers is not None):
+        raise ConfigError(f"remove_blocks: {count} block(s) to remove out of {len(candidates)} candidates ({', '.join(candidates)})")
+    batches = list(source.batches("train", batch_size=config.batch_size, seed=0, limit=config.calibration_batches))
+    metrics: dict[str, Any] = {f"{k}_before": v for k, v in evaluate_source(target, source, resolved).items() if isinstance(v, float)}
+    base = _loss(target, batches, resolved)
+    scores: dict[str, float] = {}
+    removed: list[str] = []
+    remaining = list(candidates)
+    for step in range(count):
+        if step == 0 or config.iterative:
+            current = _loss(target, batches, resolved)
+            for name in remaining:
+                with _bypassed(target, name):
+                    scores[name] = _loss(target, batches, resolved) - current
+        name = min(remaining, key=lambda n: scores[n])
+        remaining.remove(name)
+        parent_name, _, child = name.rpartition(".")
+        _put(target.get_submodule(parent_name) if parent_name else target, child, nn.Identity())
+        removed.append(name)
+    append_transform(target, {"kind": TRANSFORM_KIND, "removed": removed})
+    rows = [{"name": n, "loss_rise_when_bypassed": round(scores[n], 5), "removed": n in removed} for n in candidates]
+    metrics.update(removed=removed, candidates=len(candidates), calibration_loss_before=base, calibration_loss=_loss(target, batches, resolved))
+    metrics.update({f"{k}_removed": v for k, v in evaluate_source(target, source, resolved).items() if isinstance(v, float)})
+    notes = []
+    if tuning is not None:
+        history = fit(target, data, tuning, task=task, progress=progress, label="depth fine-tune", evaluate_at_end=False, reference=model)
+        notes.append(f"fine-tuned {len(history.epochs)} epochs ({history.seconds:.1f} s)")
+    metrics.update(evaluate_source(target, source, resolved))
+    stage = Stage(name="remove blocks", kind="depth", metrics=metrics, layers=rows, notes=notes, config=config.to_dict(), execution="eager, blocks removed")
+    return Result(model=target, report=Report.for_model(model, [stage]))
+
+
+@register_transform(TRANSFORM_KIND)
+def apply_depth(model: nn.Module, transform: dict[str, Any]) -> nn.Module:
+    """Remove again the blocks a saved file lists."""
+    removed = transform.get("removed")
+    if not isinstance(removed, list) or not all(isinstance(n, str) for n in removed):
+        raise TorchslimError("the file's depth record needs a 'removed' list of block names")
+    for name in removed:
+        recorded_module(model, name, "removes")
+        parent_name, _, child = name.rpartition(".")
+        _put(model.get_submodule(parent_name) if parent_name else model, child, nn.Identity())
+    return model
+
+
+__all__ = ["DepthConfig", "apply_depth", "candidate_blocks", "remove_blocks"]
