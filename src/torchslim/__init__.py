@@ -10,7 +10,7 @@ Example:
 """
 
 from torchslim import codec, compression, data, export, io, llm, measure, models, report, tasks
-from torchslim.compression import factorize, narrow, remove_blocks, substitute_activations
+from torchslim.compression import factorize, narrow, remove_blocks, sensitivity, substitute_activations
 from torchslim.core import Config, ConfigError, Report, Result, TorchslimError
 from torchslim.core.checks import allow_nonfinite
 from torchslim.data.sources import Data
@@ -57,6 +57,7 @@ __all__ = [
     "remove_blocks",
     "report",
     "save",
+    "sensitivity",
     "substitute_activations",
     "tasks",
     "train",

@@ -40,6 +40,10 @@ def compress(
     keep_checkpoint: bool = typer.Option(False, help="Keep the <out>.ckpt/ folder after a successful run."),
     latency: bool = typer.Option(True, help="Measure eager batch-1 latency of every stage (all timed together at the end)."),
     no_report: bool = typer.Option(False, "--no-report", help="Do not write the HTML and Markdown report beside the output."),
+    target_size: str | None = typer.Option(
+        None, help="Instead of --recipe: fit the .tslim file into this size (e.g. 20KB, 20KiB), per-layer sparsity and bits chosen from sensitivity."
+    ),
+    uniform: bool = typer.Option(False, "--uniform", help="With --target-size: one sparsity and one bit width for every layer (the baseline)."),
     trust_factory: bool = typer.Option(False, help="Allow a model file whose architecture is an import path."),
     trust_weights: bool = typer.Option(False, help="Allow unpickling a .pt that holds more than tensors (only files you made)."),
     force: bool = typer.Option(False, help="Overwrite --out / --report if they exist."),
@@ -51,7 +55,14 @@ def compress(
     from torchslim.report.console import print_report
     from torchslim.report.markdown import format_bytes
 
-    plan = load_recipe(recipe)
+    budget = None
+    if target_size is not None:
+        from torchslim.compression.budget import parse_size
+
+        budget = parse_size(target_size)
+        if resume:
+            raise TorchslimError("--resume: a --target-size run has no checkpoints; run it again")
+    plan = load_recipe(recipe) if budget is None else load_recipe({"name": f"budget-{target_size}{'-uniform' if uniform else ''}", "stages": [{"encode": {}}]})
     exports = any(stage.writes_onnx for stage in plan.stages)
     stem = Path(model).stem if model.endswith((".safetensors", ".tslim")) or Path(model).is_dir() else model.replace(":", "-").replace(".", "-")
     out = out or Path(f"{stem}-{plan.name}{'.onnx' if exports else '.tslim'}")
@@ -96,24 +107,35 @@ def compress(
             f"{format_bytes(metrics['stored_bytes']):>11} ({metrics['bytes_as']}, {metrics['compression']:.1f}x)"
         )
 
-    console.print(f"recipe {plan.name}: {' -> '.join(stage.kind for stage in plan.stages)}  (checkpoints in {checkpoint})")
-    try:
-        result = ts.compress(
-            network,
-            plan,
-            dataset,
-            task=source.task,
-            checkpoint=checkpoint,
-            resume=resume,
-            export_path=out if exports else None,
-            latency=latency,
-            threads=run.threads,
-            trust_factory=trusted,
-            on_stage=show,
-        )
-    except CompressInterrupted as error:
-        console.print(f"[yellow]{error}[/yellow]", soft_wrap=True)
-        raise typer.Exit(130) from None
+    if budget is not None:
+        from torchslim.compression.budget import auto_compress
+
+        console.print(f"fitting {network.__class__.__name__} into {budget:,} bytes: sensitivity of every layer, then allocation")
+        result = auto_compress(network, dataset, {"target_size": budget, "uniform": uniform}, task=source.task)
+        for stage in result.report.stages:
+            show(stage)
+        allocation = result.report.artifacts["allocation"]
+        for row in allocation["layers"]:
+            console.print(f"  {row['layer']:<24} sparsity {row['sparsity']:.2f}  {row['bits']:>2} bits  ~{row['predicted_bytes']:,} bytes")
+    else:
+        console.print(f"recipe {plan.name}: {' -> '.join(stage.kind for stage in plan.stages)}  (checkpoints in {checkpoint})")
+        try:
+            result = ts.compress(
+                network,
+                plan,
+                dataset,
+                task=source.task,
+                checkpoint=checkpoint,
+                resume=resume,
+                export_path=out if exports else None,
+                latency=latency,
+                threads=run.threads,
+                trust_factory=trusted,
+                on_stage=show,
+            )
+        except CompressInterrupted as error:
+            console.print(f"[yellow]{error}[/yellow]", soft_wrap=True)
+            raise typer.Exit(130) from None
     print_report(result.report, console)
     if exports:
         result.report.save(report)

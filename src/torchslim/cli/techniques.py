@@ -221,3 +221,60 @@ def quantize(
         )
     console.print(f"quantized model written to {saved} ({format_bytes(saved.stat().st_size)}); runs in {stage.execution}")
     run.finish(f"quantized model written to {saved}: {change_line(before, after)}", result.report, {"model": saved}, before=before, after=after)
+
+
+def _levels(text: str, option: str, cast: type) -> list:
+    try:
+        return [cast(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise TorchslimError(f"{option}: expected comma-separated numbers, got {text!r}") from None
+
+
+@app.command()
+@with_data()
+@with_run_options()
+def sensitivity(
+    source: DataArguments,
+    run: RunOptions,
+    model: str = typer.Argument(..., help="A saved model file (.safetensors) or a registered model name."),
+    sparsities: str = typer.Option("0.5,0.8,0.9,0.95", help="Comma-separated sparsities to try on each layer alone ('' for none)."),
+    bits: str = typer.Option("8,4,3,2", help="Comma-separated bit widths to try on each layer alone ('' for none)."),
+    ranks: str = typer.Option("", help="Comma-separated ranks (integers) or shares of the full rank (fractions) to try."),
+    eval_limit: int | None = typer.Option(None, help="Evaluation batches per measurement (default: the whole test split)."),
+    trust_factory: bool = typer.Option(False, help="Allow a model file whose architecture is an import path."),
+    report: Path | None = typer.Option(None, help="Write the JSON report here."),
+    plots: Path | None = typer.Option(None, help="Write one plot per technique here (PNG and SVG)."),
+    force: bool = typer.Option(False, help="Overwrite --report if it exists."),
+) -> None:
+    """The task's metric with one layer compressed at a time, for every layer and every level: where compression is
+    cheap and where it hurts."""
+    import torchslim as ts
+    from torchslim.compression.sensitivity import write_sensitivity_plots
+
+    refuse_overwrite(report, force=force)
+    config = {
+        "sparsities": _levels(sparsities, "--sparsities", float),
+        "bits": _levels(bits, "--bits", int),
+        "ranks": _levels(ranks, "--ranks", float),
+        "eval_limit": eval_limit,
+    }
+    dataset = source.load()
+    network = run.place(load_model_arg(model, dataset, trust_factory))
+    result = ts.sensitivity(network, dataset, config, task=source.task)
+    stage = result.report.stages[0]
+    metric = stage.metrics["metric"]
+    for row in stage.layers:
+        console.print(f"  {row['layer']:<24} {row['technique']:<9} {row['level']:>6}  {metric} {row[metric]:.4f} ({row['change']:+.4f})")
+    outputs: dict[str, object] = {}
+    if report is not None:
+        result.report.save(report)
+        outputs["report"] = report
+    if plots is not None:
+        outputs["plots"] = ", ".join(str(p) for p in write_sensitivity_plots(result.report, plots))
+    worst = max(stage.layers, key=lambda row: abs(row["change"]))
+    run.finish(
+        f"{len(stage.layers)} measurements; baseline {metric} {stage.metrics[metric]:.4f}; largest change {worst['change']:+.4f} "
+        f"({worst['layer']}, {worst['technique']} {worst['level']})",
+        result.report,
+        outputs,
+    )

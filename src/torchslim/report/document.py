@@ -118,6 +118,8 @@ def _summary(report: Report) -> list[Block]:
 
 def _layer_tables(stage: Stage) -> Block:
     keys = [(k, t) for k, t in LAYER_COLUMNS if any(k in row for row in stage.layers)]
+    if not any(k == "name" for k, _ in keys):  # rows of another shape (e.g. sensitivity): their own columns
+        keys = [(k, k.replace("_", " ")) for k in dict.fromkeys(k for row in stage.layers for k in row)]
     rows = [[_layer_cell(k, row.get(k)) for k, _ in keys] for row in stage.layers]
     return Block("table", text=f"{stage.name}: {len(stage.layers)} layers", headers=[t for _, t in keys], rows=rows, folded=True)
 
@@ -145,6 +147,27 @@ def _tslim_table(info: dict[str, Any]) -> list[Block]:
     ]
 
 
+def _allocation(plan: dict[str, Any]) -> list[Block]:
+    kind = "one (sparsity, bits) pair for every layer" if plan.get("uniform") else "per-layer sparsity and bits from sensitivity curves"
+    rounds = [[str(r["round"]), f"{r['predicted_bytes']:,}", f"{r['measured_bytes']:,}", "yes" if r["met"] else "no"] for r in plan.get("rounds", [])]
+    layers = [
+        [
+            row["layer"],
+            f"{row['weights']:,}",
+            f"{row['sparsity']:.2f}",
+            "float" if row["bits"] >= 32 else str(row["bits"]),
+            f"{row['predicted_bytes']:,}",
+            f"{row['predicted_loss_rise']:.4f}",
+        ]
+        for row in plan.get("layers", [])
+    ]
+    return [
+        Block("text", text=f"Budget: {plan.get('target_size', 0):,} bytes on disk; {kind}."),
+        Block("table", headers=["round", "predicted bytes", "measured bytes", "met"], rows=rounds),
+        Block("table", headers=["layer", "weights", "sparsity", "bits", "predicted bytes", "predicted loss rise"], rows=layers),
+    ]
+
+
 def _environment(report: Report) -> Block:
     env = report.environment
     rows = [[key, str(env[key])] for key in ("cpu", "machine", "cpus", "threads", "python", "torch", "date") if key in env]
@@ -167,9 +190,13 @@ def build_document(report: Report, plots: dict[str, tuple[str, bytes]] | None = 
         sections.append(Section("Layers", image("layers") + [_layer_tables(stage) for stage in report.stages if stage.layers]))
     if "histograms" in plots:
         sections.append(Section("Weights", image("histograms")))
+    if "sensitivity" in plots:
+        sections.append(Section("Sensitivity", image("sensitivity")))
     notes = [Block("list", text=stage.name, items=list(stage.notes)) for stage in report.stages if stage.notes]
     if notes:
         sections.append(Section("Notes", notes))
+    if "allocation" in report.artifacts:
+        sections.append(Section("Allocation to the budget", _allocation(report.artifacts["allocation"])))
     if "tslim" in report.artifacts:
         sections.append(Section("The compressed file", _tslim_table(report.artifacts["tslim"])))
     if report.recipe:

@@ -77,6 +77,8 @@ def tradeoff_plot(report: Report) -> bytes | None:
 
 def _bar_layers(report: Report) -> list[str]:
     rows = report.stages[0].layers if report.stages else []
+    if not all("name" in row and "weights" in row and "kept" in row for row in rows):
+        return []  # not per-layer weight rows (e.g. a sensitivity table)
     largest = {row["name"] for row in sorted(rows, key=lambda row: -row["weights"])[:MAX_BAR_LAYERS]}
     return [row["name"] for row in rows if row["name"] in largest]
 
@@ -86,7 +88,7 @@ def layers_plot(report: Report) -> bytes | None:
     import matplotlib.pyplot as plt
 
     names = _bar_layers(report)
-    stages = [s for s in report.stages if s.layers]
+    stages = [s for s in report.stages if s.layers and all("kept" in row for row in s.layers)]
     if not names or len(stages) < 1:
         return None
     baseline = {row["name"]: row for row in stages[0].layers}
@@ -146,7 +148,14 @@ def histogram_plot(report: Report) -> bytes | None:
     return _png(figure)
 
 
+def _sensitivity(report: Report) -> bytes | None:
+    from torchslim.compression.sensitivity import sensitivity_plot
+
+    return sensitivity_plot(report)
+
+
 PLOTS = [
+    ("sensitivity", "The task's metric with one layer compressed at a time, per technique and level", _sensitivity),
     ("tradeoff", "The headline metric against bytes on disk and against measured latency, stage by stage", tradeoff_plot),
     ("layers", "Per layer: weights kept, output channels kept and bits per weight, stage by stage", layers_plot),
     ("histograms", "Weight histograms before and after (non-zero weights; k-means centroids as red lines)", histogram_plot),

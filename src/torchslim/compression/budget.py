@@ -1,0 +1,235 @@
+"""Automatic compression to a size budget: per-layer sparsity and bit width chosen from sensitivity curves, so that
+the compressed file fits the budget with the least predicted loss of quality.
+
+1. ``sensitivity`` measures, per layer, the task's loss with only that layer pruned to each sparsity and only that
+   layer quantized to each bit width.
+2. Each layer's options are (sparsity, bits) pairs, bits 32 meaning "left in float"; an option's predicted cost is
+   the rise of the loss its sparsity and its bit width each cause alone (summed), its predicted size the bytes of
+   its non-zero codes, their relative indices and its codebook. A Lagrangian search (one price per byte, bisected)
+   picks every layer's option so the sum fits the budget: the multiple-choice knapsack's convex-hull solution.
+   ``uniform`` instead gives every layer the same pair (the baseline an automatic allocation must beat).
+3. The plan runs as a recipe (iterative pruning with fine-tuning, k-means weight sharing with centroid fine-tuning,
+   entropy coding); the file's real size is measured, and while it misses the budget the size model is corrected
+   by the measured ratio and the allocation repeated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from torch import nn
+
+from torchslim.compression.sensitivity import sensitivity
+from torchslim.core.config import Config, ConfigError, check
+from torchslim.core.errors import TorchslimError
+from torchslim.core.selector import LayerSelector, select_modules
+from torchslim.tasks.base import Task
+
+FLOAT = 32
+HEADER_BYTES = 1024  # the .tslim header (architecture spec, tensor records), compressed
+
+
+@dataclasses.dataclass(frozen=True)
+class BudgetConfig(Config):
+    """``target_size``: bytes of the compressed .tslim file. ``sparsities`` and ``bits``: the levels each layer may
+    take (0 and 32 = unpruned / float are always allowed). ``uniform``: one pair for all layers. ``prune_steps`` and
+    ``finetune``: the pruning schedule's steps and the training after each; ``quantize_finetune``: centroid training;
+    ``rounds``: allocations tried while the file misses the budget; ``eval_limit``: evaluation batches per
+    sensitivity measurement."""
+
+    target_size: int = 0
+    sparsities: tuple[float, ...] = (0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98)
+    bits: tuple[int, ...] = (8, 6, 5, 4, 3, 2)
+    uniform: bool = False
+    layers: LayerSelector = LayerSelector()
+    prune_steps: int = 3
+    finetune: dict[str, Any] = dataclasses.field(default_factory=lambda: {"epochs": 2, "lr": 0.02, "eval_every_epoch": False})
+    quantize_finetune: dict[str, Any] = dataclasses.field(default_factory=lambda: {"epochs": 1, "optimizer": "adam", "lr": 3e-5, "eval_every_epoch": False})
+    rounds: int = 3
+    eval_limit: int | None = 8
+
+    def validate(self) -> None:
+        check(self.target_size > 0, f"target_size must be a positive number of bytes, got {self.target_size}")
+        check(all(0.0 < s < 1.0 for s in self.sparsities), f"sparsities must be in (0, 1), got {self.sparsities}")
+        check(all(1 <= b <= 8 for b in self.bits), f"bits must be between 1 and 8 (k-means codes), got {self.bits}")
+        check(self.prune_steps >= 1 and self.rounds >= 1, "prune_steps and rounds must be >= 1")
+
+
+def index_bits(sparsity: float) -> float:
+    """Bits of a relative index per kept weight (with filler entries) at ``sparsity``: about log2 of the mean gap, one
+    more for the spread, at most 8 (Deep Compression's relative indexing, entropy coding left out)."""
+    if sparsity <= 0:
+        return 0.0
+    return min(8.0, math.log2(1.0 / (1.0 - sparsity)) + 1.0)
+
+
+def layer_bytes(weights: int, sparsity: float, bits: int) -> float:
+    """Predicted bytes of one layer's weight: kept codes and their indices, plus the codebook (fp32 centroids)."""
+    kept = weights * (1.0 - sparsity)
+    if bits >= FLOAT:
+        return kept * (32 + index_bits(sparsity)) / 8
+    return kept * (bits + index_bits(sparsity)) / 8 + 4 * 2**bits
+
+
+@dataclasses.dataclass
+class Option:
+    sparsity: float
+    bits: int
+    cost: float  # predicted rise of the loss
+    size: float  # predicted bytes
+
+
+def layer_options(curves: dict[str, dict[float, float]], weights: int, config: BudgetConfig) -> list[Option]:
+    """Every (sparsity, bits) pair of one layer with its predicted loss rise (sum of the two curves) and bytes."""
+    options = []
+    for sparsity in (0.0, *config.sparsities):
+        for bits in (FLOAT, *config.bits):
+            cost = curves["sparsity"].get(sparsity, 0.0) + curves["bits"].get(bits, 0.0)
+            options.append(Option(sparsity, bits, max(0.0, cost), layer_bytes(weights, sparsity, bits)))
+    return options
+
+
+def allocate(options: dict[str, list[Option]], budget: float, uniform: bool = False) -> dict[str, Option]:
+    """Each layer's option with the least summed predicted cost whose sizes fit ``budget`` (Lagrangian bisection on
+    a price per byte; ``uniform``: the one shared (sparsity, bits) pair that fits with the least cost)."""
+    if uniform:
+        pairs = {(o.sparsity, o.bits) for layer in options.values() for o in layer}
+        best = None
+        for pair in pairs:
+            chosen = {name: next(o for o in layer if (o.sparsity, o.bits) == pair) for name, layer in options.items()}
+            size, cost = sum(o.size for o in chosen.values()), sum(o.cost for o in chosen.values())
+            if size <= budget and (best is None or cost < best[0]):
+                best = (cost, chosen)
+        if best is None:
+            raise TorchslimError(f"no single (sparsity, bits) pair fits {budget:,.0f} bytes of weights")
+        return best[1]
+
+    def pick(price: float) -> dict[str, Option]:
+        return {name: min(layer, key=lambda o: (o.cost + price * o.size, o.size)) for name, layer in options.items()}
+
+    smallest = sum(min(o.size for o in layer) for layer in options.values())
+    if smallest > budget:
+        raise TorchslimError(f"the smallest allowed setting of every layer takes {smallest:,.0f} bytes, more than the {budget:,.0f} available")
+    low, high = 0.0, 1.0
+    while sum(o.size for o in pick(high).values()) > budget:
+        high *= 4
+    for _ in range(60):
+        middle = (low + high) / 2
+        if sum(o.size for o in pick(middle).values()) > budget:
+            low = middle
+        else:
+            high = middle
+    return pick(high)
+
+
+def _curves(result: Any, names: list[str]) -> dict[str, dict[str, dict[float, float]]]:
+    """{layer: {"sparsity": {level: loss rise}, "bits": {level: loss rise}}} from a sensitivity report (the loss, not
+    the error: it moves smoothly where the error does not)."""
+    stage = result.report.stages[0]
+    base = stage.metrics["loss"]
+    curves: dict[str, dict[str, dict[float, float]]] = {name: {"sparsity": {}, "bits": {}} for name in names}
+    for row in stage.layers:
+        curves[row["layer"]][row["technique"]][row["level"]] = row["loss"] - base
+    return curves
+
+
+def auto_compress(model: nn.Module, data: Any, config: BudgetConfig | dict, task: str | Task | None = None, progress: bool | str | None = None) -> Any:
+    """Compress ``model`` into a .tslim of at most ``target_size`` bytes (see the module's documentation). Returns the
+    ``CompressResult`` of the round that met the budget (or the last one, with a note that it missed), its report
+    holding the allocation (``artifacts["allocation"]``: each layer's sparsity, bits, predicted bytes and loss rise,
+    and each round's predicted and measured size)."""
+    from torchslim.pipeline.runner import compress
+
+    config = BudgetConfig.coerce(config, where="auto_compress")
+    chosen = select_modules(model, config.layers, default_types=("Linear", "Conv2d"))
+    names = [name for name, _ in chosen]
+    weights = {name: module.weight.numel() for name, module in chosen}
+    selected = {f"{name}.weight" for name in names}
+    fixed = HEADER_BYTES + sum(4 * t.numel() for key, t in model.state_dict().items() if key not in selected and t.is_floating_point())
+    measured = sensitivity(
+        model, data, {"sparsities": config.sparsities, "bits": config.bits, "layers": config.layers, "eval_limit": config.eval_limit}, task=task
+    )
+    if "loss" not in measured.report.stages[0].metrics:
+        raise ConfigError("auto_compress reads the task's loss from the sensitivity report; this task reports none")
+    curves = _curves(measured, names)
+    options = {name: layer_options(curves[name], weights[name], config) for name in names}
+    correction, rounds, result = 1.0, [], None
+    for round_index in range(config.rounds):
+        available = (config.target_size - fixed) / correction
+        if available <= 0:
+            raise TorchslimError(f"target_size {config.target_size:,} bytes: the tensors left whole (biases, norms) and the header already take {fixed:,}")
+        plan = allocate(options, available, config.uniform)
+        result = compress(model, _recipe(plan, config), data, task=task, latency=False, progress=progress)
+        actual = result.report.stages[-1].metrics["stored_bytes"]
+        predicted = fixed + sum(o.size for o in plan.values())
+        rounds.append({"round": round_index + 1, "predicted_bytes": round(predicted), "measured_bytes": actual, "met": actual <= config.target_size})
+        if actual <= config.target_size:
+            break
+        correction *= actual / predicted * 1.02
+    assert result is not None
+    result.report.artifacts["allocation"] = {
+        "target_size": config.target_size,
+        "uniform": config.uniform,
+        "layers": [
+            {
+                "layer": name,
+                "weights": weights[name],
+                "sparsity": plan[name].sparsity,
+                "bits": plan[name].bits,
+                "predicted_bytes": round(plan[name].size),
+                "predicted_loss_rise": round(plan[name].cost, 5),
+            }
+            for name in names
+        ],
+        "rounds": rounds,
+    }
+    met = rounds[-1]["met"]
+    result.report.stages[-1].notes.append(
+        f"budget {config.target_size:,} bytes {'met' if met else 'missed'}: {rounds[-1]['measured_bytes']:,} bytes after {len(rounds)} allocation round(s)"
+    )
+    return result
+
+
+def _recipe(plan: dict[str, Option], config: BudgetConfig) -> dict[str, Any]:
+    """The recipe that carries out an allocation."""
+    final = max(o.sparsity for o in plan.values())
+    stages: list[dict[str, Any]] = []
+    if final > 0:
+        steps = [round(final * (k + 1) / config.prune_steps, 4) for k in range(config.prune_steps)]
+        overrides = {name: o.sparsity for name, o in plan.items()}
+        stages.append({"prune": {"scope": "layer", "sparsity": steps, "overrides": overrides, "finetune": dict(config.finetune)}})
+    quantized = {name: o for name, o in plan.items() if o.bits < FLOAT}
+    if quantized:
+        base = min(o.bits for o in quantized.values())
+        stages.append(
+            {
+                "quantize": {
+                    "weights": {"scheme": "kmeans", "bits": base},
+                    "overrides": {name: {"bits": o.bits} for name, o in quantized.items()},
+                    "layers": {"include": list(quantized)},
+                    "finetune": dict(config.quantize_finetune),
+                }
+            }
+        )
+    stages.append({"encode": {}})
+    return {"name": f"budget-{config.target_size}{'-uniform' if config.uniform else ''}", "stages": stages}
+
+
+def parse_size(text: str) -> int:
+    """``20KB`` / ``20KiB`` / ``1.5MB`` / ``20000`` -> bytes (KB = 1000, KiB = 1024)."""
+    units = {"": 1, "B": 1, "KB": 1000, "KIB": 1024, "MB": 1000**2, "MIB": 1024**2, "GB": 1000**3, "GIB": 1024**3}
+    stripped = text.strip().upper().replace(" ", "")
+    number = stripped.rstrip("KMGIB")
+    unit = stripped[len(number) :]
+    try:
+        value = float(number)
+    except ValueError:
+        value = -1.0
+    if unit not in units or value <= 0:
+        raise ConfigError(f"--target-size: expected a size such as 20KB, 20KiB or 20000 (bytes), got {text!r}")
+    return int(value * units[unit])
+
+
+__all__ = ["BudgetConfig", "allocate", "auto_compress", "layer_bytes", "parse_size"]

@@ -1,0 +1,91 @@
+"""Per-layer sensitivity (the model comes back unchanged; the curves move the right way; plots written) and
+automatic allocation to a size budget (the knapsack picks what the curves favour; a real run fits its budget)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import torchslim as ts
+from torchslim.cli import main
+from torchslim.compression.budget import Option, allocate, layer_bytes, parse_size
+
+
+@pytest.fixture(scope="module")
+def trained():
+    torch.manual_seed(0)
+    data = ts.data.load("digits")
+    model = ts.train(ts.models.create_for("lenet-300-100", data), data, {"epochs": 6}, progress=False).model
+    return model, data
+
+
+def test_sensitivity_leaves_the_model_as_it_was_and_harsher_levels_hurt_more(trained, tmp_path):
+    model, data = trained
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = ts.sensitivity(model, data, {"sparsities": [0.3, 0.99], "bits": [8, 1], "ranks": [0.05]})
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    stage = result.report.stages[0]
+    metric = stage.metrics["metric"]
+    rows = {(r["layer"], r["technique"], r["level"]): r for r in stage.layers}
+    for layer in ("fc1", "fc2", "fc3"):
+        assert abs(rows[(layer, "bits", 8)]["change"]) <= 0.01  # 8 bits per channel: no visible change
+        assert rows[(layer, "sparsity", 0.99)]["loss"] > rows[(layer, "sparsity", 0.3)]["loss"]
+    assert metric in ("error", "accuracy", "loss") and stage.metrics["measurements"] == 15
+    assert any(r["technique"] == "rank" and r["level"] >= 1 for r in stage.layers)  # fractions become ranks
+    written = ts.compression.write_sensitivity_plots(result.report, tmp_path)
+    assert sorted(p.name for p in written) == sorted(f"sensitivity-{t}.{f}" for t in ("sparsity", "bits", "rank") for f in ("png", "svg"))
+    from torchslim.report.html import write_report
+
+    page = write_report(result.report, tmp_path / "s.html")["html"].read_text()
+    assert "<h2>Sensitivity</h2>" in page
+
+
+def test_the_allocation_spends_bytes_where_they_buy_the_most():
+    # layer a: pruning costs a lot; layer b: pruning is free. Same size.
+    def options(cost_of_pruning: float) -> list[Option]:
+        return [
+            Option(0.0, 32, 0.0, layer_bytes(1000, 0.0, 32)),
+            Option(0.9, 32, cost_of_pruning, layer_bytes(1000, 0.9, 32)),
+            Option(0.0, 4, 0.01, layer_bytes(1000, 0.0, 4)),
+            Option(0.9, 4, cost_of_pruning + 0.01, layer_bytes(1000, 0.9, 4)),
+        ]
+
+    plan = allocate({"a": options(1.0), "b": options(0.0)}, budget=layer_bytes(1000, 0.0, 4) + layer_bytes(1000, 0.9, 4) + 1)
+    assert (plan["a"].sparsity, plan["a"].bits) == (0.0, 4) and (plan["b"].sparsity, plan["b"].bits) == (0.9, 4)
+    uniform = allocate({"a": options(1.0), "b": options(0.0)}, budget=2 * layer_bytes(1000, 0.9, 4) + 1, uniform=True)
+    assert {(o.sparsity, o.bits) for o in uniform.values()} == {(0.9, 4)}
+    with pytest.raises(ts.TorchslimError, match="smallest allowed setting"):
+        allocate({"a": options(1.0)}, budget=10)
+
+
+@pytest.mark.parametrize("text, size", [("20KB", 20_000), ("20KiB", 20_480), ("1.5MB", 1_500_000), ("3000", 3000)])
+def test_sizes_parse(text, size):
+    assert parse_size(text) == size
+
+
+def test_a_bad_size_is_named():
+    with pytest.raises(ts.ConfigError, match="expected a size"):
+        parse_size("twenty")
+
+
+@pytest.mark.slow
+def test_compress_to_a_size_budget_fits_the_file_into_it(trained, tmp_path, capsys):
+    model, data = trained
+    dense = ts.evaluate(model, data)["error"]
+    budget = 14_000
+    result = ts.compression.auto_compress(model, data, {"target_size": budget, "finetune": {"epochs": 1, "lr": 0.02}}, progress=False)
+    result.save(tmp_path / "m.tslim")
+    assert (tmp_path / "m.tslim").stat().st_size <= budget
+    allocation = result.report.artifacts["allocation"]
+    assert allocation["rounds"][-1]["met"] and len({(r["sparsity"], r["bits"]) for r in allocation["layers"]}) > 1
+    assert ts.evaluate(ts.load(tmp_path / "m.tslim"), data)["error"] < dense + 0.08
+    # the command line: --target-size, and the report shows the allocation
+    ts.save(model, tmp_path / "dense.safetensors")
+    out = tmp_path / "cli.tslim"
+    arguments = ["compress", "--data", "digits", "--model", str(tmp_path / "dense.safetensors"), "--target-size", "16KB", "--out", str(out), "--json"]
+    assert main(arguments) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert out.stat().st_size <= 16_000 and "allocation" in printed["report"]["artifacts"]
+    assert "Allocation to the budget" in (tmp_path / "cli.tslim.report.html").read_text()
