@@ -39,7 +39,7 @@ def run(name: str, data, quick: bool) -> tuple[dict, list[list[str]]]:
                 "bytes": final["stored_bytes"],
                 "error": final["error"],
                 "nonzeros": final["nonzeros"],
-                "met": allocation["rounds"][-1]["met"],
+                "met": final["stored_bytes"] <= budget,
                 "rounds": len(allocation["rounds"]),
                 "layers": [(row["layer"], row["sparsity"], row["bits"]) for row in allocation["layers"]],
             }

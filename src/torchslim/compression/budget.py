@@ -9,8 +9,9 @@ the compressed file fits the budget with the least predicted loss of quality.
    picks every layer's option so the sum fits the budget: the multiple-choice knapsack's convex-hull solution.
    ``uniform`` instead gives every layer the same pair (the baseline an automatic allocation must beat).
 3. The plan runs as a recipe (iterative pruning with fine-tuning, k-means weight sharing with centroid fine-tuning,
-   entropy coding); the file's real size is measured, and while it misses the budget the size model is corrected
-   by the measured ratio and the allocation repeated.
+   entropy coding); the file's real size is measured, and while it misses the budget, or leaves more than a tenth of
+   it unused, the size model is corrected by the measured ratio and the allocation repeated (the last file that fits
+   is kept).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from torchslim.tasks.base import Task
 
 FLOAT = 32
 HEADER_BYTES = 1024  # the .tslim header (architecture spec, tensor records), compressed
+SLACK = 0.9  # a file within this fraction of the budget ends the rounds; a smaller one is re-allocated to use the rest
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,7 +157,9 @@ def auto_compress(model: nn.Module, data: Any, config: BudgetConfig | dict, task
         raise ConfigError("auto_compress reads the task's loss from the sensitivity report; this task reports none")
     curves = _curves(measured, names)
     options = {name: layer_options(curves[name], weights[name], config) for name in names}
-    correction, rounds, result = 1.0, [], None
+    correction, rounds = 1.0, []
+    best: tuple[Any, dict[str, Option]] | None = None
+    last: tuple[Any, dict[str, Option]] | None = None
     for round_index in range(config.rounds):
         available = (config.target_size - fixed) / correction
         if available <= 0:
@@ -164,11 +168,16 @@ def auto_compress(model: nn.Module, data: Any, config: BudgetConfig | dict, task
         result = compress(model, _recipe(plan, config), data, task=task, latency=False, progress=progress)
         actual = result.report.stages[-1].metrics["stored_bytes"]
         predicted = fixed + sum(o.size for o in plan.values())
-        rounds.append({"round": round_index + 1, "predicted_bytes": round(predicted), "measured_bytes": actual, "met": actual <= config.target_size})
-        if actual <= config.target_size:
-            break
-        correction *= actual / predicted * 1.02
-    assert result is not None
+        met = actual <= config.target_size
+        rounds.append({"round": round_index + 1, "predicted_bytes": round(predicted), "measured_bytes": actual, "met": met})
+        last = (result, plan)
+        if met:
+            best = (result, plan)
+            if actual >= SLACK * config.target_size:
+                break  # close enough to the budget: little left to spend
+        correction *= actual / predicted * (1.02 if not met else 1.0)  # the size model corrected by what was measured, both ways
+    result, plan = best if best is not None else last  # type: ignore[misc]
+    chosen_round = next(r for r in reversed(rounds) if r["met"]) if best is not None else rounds[-1]
     result.report.artifacts["allocation"] = {
         "target_size": config.target_size,
         "uniform": config.uniform,
@@ -184,10 +193,11 @@ def auto_compress(model: nn.Module, data: Any, config: BudgetConfig | dict, task
             for name in names
         ],
         "rounds": rounds,
+        "chosen_round": chosen_round["round"],
     }
-    met = rounds[-1]["met"]
     result.report.stages[-1].notes.append(
-        f"budget {config.target_size:,} bytes {'met' if met else 'missed'}: {rounds[-1]['measured_bytes']:,} bytes after {len(rounds)} allocation round(s)"
+        f"budget {config.target_size:,} bytes {'met' if chosen_round['met'] else 'missed'}: {chosen_round['measured_bytes']:,} bytes "
+        f"(round {chosen_round['round']} of {len(rounds)})"
     )
     return result
 
