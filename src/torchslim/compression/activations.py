@@ -27,19 +27,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
+from typing_extensions import Unpack
 
-from torchslim.core.checks import check_model
-from torchslim.core.config import Config, ConfigError, check
+from torchslim.compression.common import Transforming, TransformOptions
+from torchslim.core.config import Config, check
 from torchslim.core.errors import TorchslimError
 from torchslim.core.report import Report, Result, Stage
 from torchslim.core.selector import LayerSelector, matches
 from torchslim.core.spec import append_transform, recorded_module, register_transform
-from torchslim.data.sources import as_source
 from torchslim.measure.latency import compare_latency
-from torchslim.tasks.base import Task, resolve_task
 from torchslim.tasks.batches import model_inputs
-from torchslim.train.evaluate import evaluate_source
-from torchslim.train.fit import TrainConfig, fit
 
 TRANSFORM_KIND = "activations"
 
@@ -136,34 +133,17 @@ def _set(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-def substitute_activations(
-    model: nn.Module,
-    config: ActivationConfig | dict,
-    data: Any = None,
-    example_input: Any = None,
-    task: str | Task | None = None,
-    finetune: TrainConfig | dict | None = None,
-    inplace: bool = False,
-    progress: bool | str | None = None,
-    threads: int | None = 2,
-) -> Result:
-    """Replace the selected activation modules of a copy of ``model``, then fine-tune when ``finetune`` is given. The
-    report lists each replacement, the activations left (bounded gates under ``to: relu``, functional calls), the
-    task's metrics before, after replacing and after fine-tuning (with ``data``), and eager batch-1 latency before and
-    after, measured side by side."""
+def substitute_activations(model: nn.Module, config: ActivationConfig | dict, threads: int | None = 2, **options: Unpack[TransformOptions]) -> Result:
+    """Replace the selected activation modules of a copy of ``model``, then fine-tune when ``finetune`` is given;
+    ``options`` are ``TransformOptions`` (data, example_input, task, finetune, inplace, progress). The report lists
+    each replacement, the activations left (bounded gates under ``to: relu``, functional calls), the task's metrics
+    before, after replacing and after fine-tuning (with ``data``), and eager batch-1 latency before and after,
+    measured side by side with ``threads``."""
     config = ActivationConfig.coerce(config, where="substitute_activations")
-    check_model(model, "substitute_activations", float32=True)
-    tuning = TrainConfig.coerce(finetune, where="substitute_activations.finetune") if finetune is not None else None
-    if tuning is not None and data is None:
-        raise ConfigError("substitute_activations: fine-tuning needs data")
-    source = as_source(data, model) if data is not None else None
-    example = example_input if example_input is not None else source.example(1) if source is not None else None
-    target = model if inplace else copy.deepcopy(model)
-    original = copy.deepcopy(model) if inplace else model
-    resolved = resolve_task(task, source, model) if source is not None else None
-    metrics: dict[str, Any] = {}
-    if source is not None and resolved is not None:
-        metrics.update({f"{key}_before": value for key, value in evaluate_source(target, source, resolved).items() if isinstance(value, float)})
+    run = Transforming.start("substitute_activations", model, options)
+    target, example = run.target, run.example
+    original = copy.deepcopy(model) if target is model else model
+    metrics: dict[str, Any] = run.evaluate("_before")
     selector = LayerSelector.coerce(config.layers)
     rows, record, notes = [], {}, []
     for name, module in list(target.named_modules()):
@@ -186,13 +166,10 @@ def substitute_activations(
         for kind, calls in sorted(functional_activations(target, example).items()):
             notes.append(f"{calls} call(s) of {kind} as a function in forward code: not replaced (only activation modules can be)")
     metrics["replaced"] = len(rows)
-    if source is not None and resolved is not None:
-        metrics.update({f"{key}_substituted": value for key, value in evaluate_source(target, source, resolved).items() if isinstance(value, float)})
-    if tuning is not None:
-        history = fit(target, data, tuning, task=task, progress=progress, label="activations fine-tune", evaluate_at_end=False, reference=model)
-        notes.append(f"fine-tuned {len(history.epochs)} epochs ({history.seconds:.1f} s)")
-    if source is not None and resolved is not None:
-        metrics.update(evaluate_source(target, source, resolved))
+    if metrics:
+        metrics.update(run.evaluate("_substituted"))
+    notes += run.finetune()
+    metrics.update(run.evaluate())
     if example is not None and rows:
         latency = compare_latency({"before": original, "after": target}, example, batch_sizes=(1,), rounds=5, runs=20, threads=threads)
         metrics.update(latency_before_ms=latency["before"][1], latency_ms=latency["after"][1], speedup=latency["before"][1] / latency["after"][1])

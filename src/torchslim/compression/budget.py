@@ -166,7 +166,7 @@ def auto_compress(model: nn.Module, data: Any, config: BudgetConfig | dict, task
             raise TorchslimError(f"target_size {config.target_size:,} bytes: the tensors left whole (biases, norms) and the header already take {fixed:,}")
         plan = allocate(options, available, config.uniform)
         result = compress(model, _recipe(plan, config), data, task=task, latency=False, progress=progress)
-        actual = result.report.stages[-1].metrics["stored_bytes"]
+        actual = _file_bytes(result)
         predicted = fixed + sum(o.size for o in plan.values())
         met = actual <= config.target_size
         rounds.append({"round": round_index + 1, "predicted_bytes": round(predicted), "measured_bytes": actual, "met": met})
@@ -200,6 +200,17 @@ def auto_compress(model: nn.Module, data: Any, config: BudgetConfig | dict, task
         f"(round {chosen_round['round']} of {len(rounds)})"
     )
     return result
+
+
+def _file_bytes(result: Any) -> int:
+    """Bytes of the .tslim file the result saves to (its header holds the recipe and stage names too)."""
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "model.tslim"
+        result.save(path)
+        return path.stat().st_size
 
 
 def _recipe(plan: dict[str, Option], config: BudgetConfig) -> dict[str, Any]:

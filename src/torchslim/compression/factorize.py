@@ -25,7 +25,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import time
@@ -33,18 +32,15 @@ from typing import Any
 
 import torch
 from torch import nn
+from typing_extensions import Unpack
 
-from torchslim.core.checks import check_model
+from torchslim.compression.common import Transforming, TransformOptions
 from torchslim.core.config import Config, ConfigError, check
 from torchslim.core.errors import TorchslimError
 from torchslim.core.report import Report, Result, Stage
 from torchslim.core.selector import LayerSelector, matches, select_modules
 from torchslim.core.spec import append_transform, recorded_module, register_transform
-from torchslim.data.sources import as_source
 from torchslim.measure.counts import count_macs, count_parameters
-from torchslim.tasks.base import Task, resolve_task
-from torchslim.train.evaluate import evaluate_source
-from torchslim.train.fit import TrainConfig, fit
 
 TRANSFORM_KIND = "factorize"
 FORMS = ("auto", "svd", "tucker2")
@@ -310,29 +306,16 @@ def _positions(model: nn.Module, example: Any, names: list[str]) -> dict[str, in
     return {name: max(1, round(macs.get(name, 0) / max(1, modules[name].weight.numel()))) for name in names}
 
 
-def factorize(
-    model: nn.Module,
-    config: FactorizeConfig | dict,
-    data: Any = None,
-    example_input: Any = None,
-    task: str | Task | None = None,
-    finetune: TrainConfig | dict | None = None,
-    inplace: bool = False,
-    progress: bool | str | None = None,
-) -> Result:
+def factorize(model: nn.Module, config: FactorizeConfig | dict, **options: Unpack[TransformOptions]) -> Result:
     """Factorize the selected Linear and Conv2d layers of a copy of ``model`` (the original stays as it was unless
-    ``inplace``), then fine-tune when ``finetune`` is given (needs ``data``). The report gives each layer's form, ranks,
-    energy kept, weight error and parameters before and after, the layers left whole and why, and parameters and
-    MACs of the model before and after; with ``data``, the task's metrics before and after."""
+    ``inplace``), then fine-tune when ``finetune`` is given (needs ``data``); ``options`` are ``TransformOptions``
+    (data, example_input, task, finetune, inplace, progress). The report gives each layer's form, ranks, energy kept,
+    weight error and parameters before and after, the layers left whole and why, and parameters and MACs of the model
+    before and after; with ``data``, the task's metrics before, right after factorizing and after fine-tuning."""
     config = FactorizeConfig.coerce(config, where="factorize")
-    check_model(model, "factorize", float32=True)
-    tuning = TrainConfig.coerce(finetune, where="factorize.finetune") if finetune is not None else None
-    if tuning is not None and data is None:
-        raise ConfigError("factorize: fine-tuning needs data")
-    source = as_source(data, model) if data is not None else None
-    example = example_input if example_input is not None else source.example(1) if source is not None else None
+    run = Transforming.start("factorize", model, options)
+    target, example = run.target, run.example
     started = time.perf_counter()
-    target = model if inplace else copy.deepcopy(model)
     chosen = select_modules(target, config.layers, default_types=("Linear", "Conv2d"))
     notes: list[str] = []
     candidates = []
@@ -350,8 +333,7 @@ def factorize(
     plans = [_plan(name, module, form, positions.get(name, 1)) for name, module, form in candidates]
     ranks = _choose(plans, config)
     before = {"parameters": count_parameters(target), "macs": int(count_macs(target, example)["total"]) if example is not None else None}
-    resolved = resolve_task(task, source, model) if source is not None else None
-    baseline = evaluate_source(target, source, resolved) if source is not None and resolved is not None else None
+    baseline = run.evaluate("_before")
     rows, record = [], {}
     for plan in plans:
         if plan.name not in ranks:
@@ -388,14 +370,11 @@ def factorize(
     if example is not None:
         metrics["macs_before"], metrics["macs"] = before["macs"], int(count_macs(target, example)["total"])
         metrics["macs_ratio"] = metrics["macs_before"] / max(1, metrics["macs"])
-    if source is not None and resolved is not None and baseline is not None:
-        metrics.update({f"{key}_before": value for key, value in baseline.items() if isinstance(value, float)})
-        metrics.update({f"{key}_factorized": value for key, value in evaluate_source(target, source, resolved).items() if isinstance(value, float)})
-    if tuning is not None:
-        history = fit(target, data, tuning, task=task, progress=progress, label="factorize fine-tune", evaluate_at_end=False, reference=model)
-        notes.append(f"fine-tuned {len(history.epochs)} epochs ({history.seconds:.1f} s)")
-    if source is not None and resolved is not None:
-        metrics.update(evaluate_source(target, source, resolved))
+    metrics.update(baseline)
+    if baseline:
+        metrics.update(run.evaluate("_factorized"))
+    notes += run.finetune()
+    metrics.update(run.evaluate())
     metrics["factorize_seconds"] = time.perf_counter() - started
     stage = Stage(
         name="factorize", kind="factorize", metrics=metrics, layers=rows, notes=notes, config=config.to_dict(), execution="eager, factorized dense layers"
