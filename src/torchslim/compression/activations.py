@@ -34,7 +34,7 @@ from torchslim.core.config import Config, check
 from torchslim.core.errors import TorchslimError
 from torchslim.core.report import Report, Result, Stage
 from torchslim.core.selector import LayerSelector, matches
-from torchslim.core.spec import append_transform, recorded_module, register_transform
+from torchslim.core.spec import append_transform, recorded_layers, register_transform
 from torchslim.measure.latency import compare_latency
 from torchslim.tasks.batches import model_inputs
 
@@ -180,11 +180,7 @@ def substitute_activations(model: nn.Module, config: ActivationConfig | dict, th
 @register_transform(TRANSFORM_KIND)
 def apply_activations(model: nn.Module, transform: dict[str, Any]) -> nn.Module:
     """Put back the activation replacements a saved file lists."""
-    layers = transform.get("layers")
-    if not isinstance(layers, dict):
-        raise TorchslimError("the file's activation record needs a 'layers' mapping")
-    for name, class_name in layers.items():
-        recorded_module(model, name, "replaces the activation of")
+    for name, _, class_name in recorded_layers(model, transform, "replaces the activation of"):
         if class_name not in REPLACEMENTS:
             raise TorchslimError(f"the file replaces {name!r} by {class_name!r}, which is not one of {', '.join(sorted(REPLACEMENTS))}")
         _set(model, name, REPLACEMENTS[class_name]())

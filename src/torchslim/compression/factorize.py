@@ -39,7 +39,7 @@ from torchslim.core.config import Config, ConfigError, check
 from torchslim.core.errors import TorchslimError
 from torchslim.core.report import Report, Result, Stage
 from torchslim.core.selector import LayerSelector, matches, select_modules
-from torchslim.core.spec import append_transform, recorded_module, register_transform
+from torchslim.core.spec import append_transform, recorded_layers, register_transform
 from torchslim.measure.counts import count_macs, count_parameters
 
 TRANSFORM_KIND = "factorize"
@@ -385,11 +385,7 @@ def factorize(model: nn.Module, config: FactorizeConfig | dict, **options: Unpac
 @register_transform(TRANSFORM_KIND)
 def apply_factorization(model: nn.Module, transform: dict[str, Any]) -> nn.Module:
     """Rebuild the factorized layers a saved file lists (their weights come from the file)."""
-    layers = transform.get("layers")
-    if not isinstance(layers, dict):
-        raise TorchslimError("the file's factorization record needs a 'layers' mapping")
-    for name, entry in layers.items():
-        module = recorded_module(model, name, "factorizes")
+    for name, module, entry in recorded_layers(model, transform, "factorizes"):
         form, ranks = entry.get("form") if isinstance(entry, dict) else None, entry.get("ranks") if isinstance(entry, dict) else None
         if form not in ("svd", "tucker2") or not isinstance(ranks, list) or not all(isinstance(r, int) and r >= 1 for r in ranks):
             raise TorchslimError(f"the file's factorization of {name!r} needs a form (svd or tucker2) and positive integer ranks, got {entry!r}")

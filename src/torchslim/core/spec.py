@@ -165,6 +165,14 @@ def recorded_module(model: nn.Module, name: str, action: str) -> nn.Module:
         raise TorchslimError(f"the file {action} layer {name!r}, which the architecture does not have") from None
 
 
+def recorded_layers(model: nn.Module, transform: dict[str, Any], action: str) -> list[tuple[str, nn.Module, Any]]:
+    """(name, module, entry) of every layer a transform's ``layers`` mapping names, each checked to exist."""
+    layers = transform.get("layers")
+    if not isinstance(layers, dict):
+        raise TorchslimError(f"the file's {transform.get('kind')} record needs a 'layers' mapping")
+    return [(str(name), recorded_module(model, str(name), action), entry) for name, entry in layers.items()]
+
+
 def apply_transforms(model: nn.Module, transforms: list[dict[str, Any]], where: str) -> nn.Module:
     """Re-apply recorded transforms in order (each by the function registered for its kind)."""
     for transform in transforms:
@@ -190,6 +198,7 @@ __all__ = [
     "class_path",
     "inferred_spec",
     "model_spec",
+    "recorded_layers",
     "recorded_transform",
     "register_transform",
     "set_spec",
