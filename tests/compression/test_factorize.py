@@ -81,7 +81,7 @@ def test_a_ratio_is_met_and_layers_that_would_not_shrink_are_left_and_named():
 @pytest.mark.parametrize(
     "config, message",
     [
-        ({"rank": 4, "energy": 0.9}, "exactly one of rank, energy or ratio"),
+        ({"rank": 4, "energy": 0.9}, "at most one of rank, energy or ratio"),
         ({"energy": 1.5}, "energy must be in"),
         ({"rank": 2, "method": "cp"}, "method must be one of"),
     ],

@@ -28,6 +28,7 @@ def _all_configs() -> list[type[Config]]:
 EXAMPLES = {
     "PruneConfig": {"sparsity": [0.5, 0.8], "overrides": {"fc1": 0.9}, "layers": {"exclude": ["fc3"]}},
     "FeaturePair": {"student": "layer1", "teacher": "layer2"},
+    "BudgetConfig": {"target_size": 20_000, "bits": [4, 2]},
 }
 
 

@@ -60,7 +60,7 @@ def test_every_stage_kind_parses_its_defaults_and_round_trips():
         ([{"prune": {"sparsity": "lots"}}], r"stage 1 \(prune\)\.sparsity: expected float \| list of float \| null"),
         ([{"prune": {"sparsity": [0.9, 0.5]}}], r"stage 1 \(prune\).*must not decrease"),
         ([{"prune": {"sparsity": 0.5, "method": "l1"}}], r"stage 1 \(prune\): unknown key 'method'"),
-        ([{"squeeze": {}}], r"stage 1 \(squeeze\): unknown stage kind 'squeeze'; valid: distill, encode, export"),
+        ([{"squeeze": {}}], r"stage 1 \(squeeze\): unknown stage kind 'squeeze'; valid: activations, depth, distill"),
         ([{"encode": {"finetune": {"epochs": 1}}}], r"stage 1 \(encode\): unknown key 'finetune'"),
         ([{"quantize": {"method": "onnxruntime"}}, {"finetune": {}}], r"only be followed by one another at the end"),
         ([{"quantize": {"method": "lossless"}}], r"unknown quantization method 'lossless'"),

@@ -50,7 +50,7 @@ TRANSFORM_KIND = "depth"
 
 @dataclasses.dataclass(frozen=True)
 class DepthConfig(Config):
-    """``count`` blocks to remove, or ``ratio`` of the candidates; ``layers``: which modules are candidates (default:
+    """``count`` blocks to remove (1 when neither is given), or ``ratio`` of the candidates; ``layers``: which modules are candidates (default:
     every bypassable block of a Sequential / ModuleList); ``calibration_batches`` of training data score each block;
     ``iterative``: re-score the remaining blocks after each removal."""
 
@@ -62,7 +62,7 @@ class DepthConfig(Config):
     iterative: bool = True
 
     def validate(self) -> None:
-        check((self.count is None) != (self.ratio is None), "give exactly one of count or ratio")
+        check(self.count is None or self.ratio is None, "give count or ratio, not both")
         check(self.count is None or self.count >= 1, f"count must be >= 1, got {self.count}")
         check(self.ratio is None or 0.0 < self.ratio < 1.0, f"ratio must be in (0, 1), got {self.ratio}")
         check(self.calibration_batches >= 1, f"calibration_batches must be >= 1, got {self.calibration_batches}")
@@ -167,7 +167,7 @@ def remove_blocks(
     resolved = resolve_task(task, source, model)
     target = model if inplace else copy.deepcopy(model)
     candidates = candidate_blocks(target, source.example(1), config.layers)
-    count = config.count if config.count is not None else math.floor((config.ratio or 0.0) * len(candidates))
+    count = config.count if config.count is not None else math.floor(config.ratio * len(candidates)) if config.ratio is not None else 1
     if not candidates:
         raise TorchslimError(
             "remove_blocks: the model has no block that can be bypassed (a child of a Sequential / ModuleList whose output has its input's shape)"

@@ -43,13 +43,14 @@ from torchslim.core.spec import append_transform, recorded_layers, register_tran
 from torchslim.measure.counts import count_macs, count_parameters
 
 TRANSFORM_KIND = "factorize"
+DEFAULT_ENERGY = 0.9  # the energy kept when no rank, energy or ratio is given
 FORMS = ("auto", "svd", "tucker2")
 
 
 @dataclasses.dataclass(frozen=True)
 class FactorizeConfig(Config):
-    """How to factorize. Exactly one of ``rank`` (every selected layer; Tucker-2 uses it for both inner widths),
-    ``energy`` (keep this fraction of each layer's squared singular values) or ``ratio`` (the factorized layers
+    """How to factorize. At most one of ``rank`` (every selected layer; Tucker-2 uses it for both inner widths),
+    ``energy`` (keep this fraction of each layer's squared singular values; 0.9 when none is given) or ``ratio`` (the factorized layers
     together keep this fraction of the selected layers' ``by``: "parameters" or "macs"). ``overrides`` gives a layer
     its own rank (an integer) or energy (a fraction). ``method``: "svd", "tucker2" (convolutions; Linear layers use
     SVD) or "auto" (SVD for Linear and 1x1 convolutions, Tucker-2 for larger kernels). ``min_saving``: a layer is left
@@ -67,7 +68,7 @@ class FactorizeConfig(Config):
 
     def validate(self) -> None:
         given = [name for name in ("rank", "energy", "ratio") if getattr(self, name) is not None]
-        check(len(given) == 1 or (not given and bool(self.overrides)), f"give exactly one of rank, energy or ratio (got {', '.join(given) or 'none'})")
+        check(len(given) <= 1, f"give at most one of rank, energy or ratio (got {', '.join(given)}); with none, {DEFAULT_ENERGY} of the energy is kept")
         check(self.rank is None or self.rank >= 1, f"rank must be >= 1, got {self.rank}")
         check(self.energy is None or 0.0 < self.energy <= 1.0, f"energy must be in (0, 1], got {self.energy}")
         check(self.ratio is None or 0.0 < self.ratio < 1.0, f"ratio must be in (0, 1), got {self.ratio}")
@@ -255,8 +256,8 @@ def _choose(plans: list[_Plan], config: FactorizeConfig) -> dict[str, list[int]]
     factorized form breaks even, then one singular value at a time), until the selected layers fit the budget."""
     fixed = {p.name: p.ranks_for(v) for p in plans if (v := _override(config, p.name, p.module)) is not None}
     if config.ratio is None:
-        value = float(config.rank) if config.rank is not None else config.energy
-        return fixed | {p.name: p.ranks_for(value) for p in plans if p.name not in fixed and value is not None}
+        value = float(config.rank) if config.rank is not None else config.energy if config.energy is not None else DEFAULT_ENERGY
+        return fixed | {p.name: p.ranks_for(value) for p in plans if p.name not in fixed}
     by = config.by
     state: dict[str, list[int] | None] = {p.name: fixed.get(p.name) for p in plans}  # None: whole
     plan_of = {p.name: p for p in plans}

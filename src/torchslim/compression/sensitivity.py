@@ -43,12 +43,12 @@ from torchslim.train.evaluate import evaluate_source
 @dataclasses.dataclass(frozen=True)
 class SensitivityConfig(Config):
     """Levels per technique: ``sparsities`` (fractions of the layer's weights zeroed by |w|), ``bits`` (uniform,
-    symmetric, per output channel), ``ranks`` (an integer rank, or a fraction: that share of the layer's full rank);
-    ``layers`` to measure (default every Linear / Conv2d); ``eval_limit``: evaluation batches per measurement (None:
-    the whole test split)."""
+    symmetric, per output channel; both default to the levels shown, [] skips one), ``ranks`` (an integer rank, or
+    a fraction: that share of the layer's full rank); ``layers`` to measure (default every Linear / Conv2d);
+    ``eval_limit``: evaluation batches per measurement (None: the whole test split)."""
 
-    sparsities: tuple[float, ...] = ()
-    bits: tuple[int, ...] = ()
+    sparsities: tuple[float, ...] = (0.5, 0.8, 0.9, 0.95)
+    bits: tuple[int, ...] = (8, 4, 3, 2)
     ranks: tuple[float, ...] = ()
     layers: LayerSelector = LayerSelector()
     eval_limit: int | None = None
