@@ -27,7 +27,7 @@ class DevTools:
     def __init__(self, url: str) -> None:
         import websocket
 
-        self.socket = websocket.create_connection(url, timeout=30)
+        self.socket = websocket.create_connection(url, timeout=60)
         self.next_id = 0
         self.events: list[dict[str, Any]] = []
 
@@ -42,7 +42,7 @@ class DevTools:
                 return message.get("result", {})
             self.events.append(message)
 
-    def wait_for(self, method: str, timeout: float = 30.0) -> dict[str, Any]:
+    def wait_for(self, method: str, timeout: float = 60.0) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for event in self.events:
@@ -86,9 +86,14 @@ def open_page(path: Path, screenshot: Path, width: int = 1280, height: int = 900
                     raise RuntimeError("Chromium did not start its DevTools endpoint")
                 time.sleep(0.1)
             port = int(port_file.read_text().split()[0])
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list") as response:
-                targets = json.loads(response.read())
-            page = next(t for t in targets if t.get("type") == "page")
+            page = None
+            while page is None:  # the first tab may be listed a moment after the endpoint opens
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list") as response:
+                    page = next((t for t in json.loads(response.read()) if t.get("type") == "page"), None)
+                if page is None:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("Chromium listed no page to drive")
+                    time.sleep(0.1)
             tools = DevTools(page["webSocketDebuggerUrl"])
             try:
                 for domain in ("Page", "Runtime", "Log"):
