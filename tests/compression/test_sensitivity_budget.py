@@ -91,3 +91,30 @@ def test_compress_to_a_size_budget_fits_the_file_into_it(trained, tmp_path, caps
     printed = json.loads(capsys.readouterr().out)
     assert out.stat().st_size <= 16_000 and "allocation" in printed["report"]["artifacts"]
     assert "Allocation to the budget" in (tmp_path / "cli.tslim.report.html").read_text()
+
+
+class UsersNet(torch.nn.Module):
+    """A user's own model: a lambda and a functional activation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flatten = lambda x: x.flatten(1)
+        self.hidden = torch.nn.Linear(64, 96)
+        self.out = torch.nn.Linear(96, 10)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.hidden(self.flatten(x))))
+
+
+def test_a_users_model_and_dataloader_fit_a_budget():
+    torch.manual_seed(0)
+    digits = ts.data.load("digits")
+    dataset = torch.utils.data.TensorDataset(digits.train.inputs, digits.train.targets)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=64, shuffle=True)
+    model = ts.train(UsersNet(), loader, {"epochs": 4, "lr": 0.05}, progress=False).model
+    curves = ts.sensitivity(model, loader, {"sparsities": [0.9], "bits": [2], "eval_limit": 4})
+    assert {row["layer"] for row in curves.report.stages[0].layers} == {"hidden", "out"}
+    result = ts.compression.auto_compress(model, loader, {"target_size": 4_000, "finetune": {"epochs": 1, "lr": 0.02}, "rounds": 2}, progress=False)
+    chosen = next(r for r in result.report.artifacts["allocation"]["rounds"] if r["round"] == result.report.artifacts["allocation"]["chosen_round"])
+    assert chosen["met"] and chosen["measured_bytes"] <= 4_000
+    assert result.report.stages[-1].metrics["accuracy"] > 0.8

@@ -167,11 +167,17 @@ def with_run_options(threads: int | None = None) -> Callable[[Callable[..., Any]
     return _with_options("run", options, make)
 
 
-def int_list(text: str, option: str) -> list[int]:
+def number_list(text: str, option: str, cast: type = float) -> list[Any]:
+    """Comma-separated numbers (``cast`` each); empty entries dropped, so '' is an empty list."""
     try:
-        values = [int(part) for part in text.split(",") if part.strip()]
+        return [cast(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise TorchslimError(f"{option}: expected comma-separated integers like 1,64, got {text!r}") from None
+        kind = "integers like 1,64" if cast is int else "numbers like 0.5,0.9"
+        raise TorchslimError(f"{option}: expected comma-separated {kind}, got {text!r}") from None
+
+
+def int_list(text: str, option: str) -> list[int]:
+    values = number_list(text, option, int)
     if not values or any(v < 1 for v in values):
         raise TorchslimError(f"{option}: expected positive integers, got {text!r}")
     return values

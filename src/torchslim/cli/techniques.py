@@ -8,7 +8,7 @@ import typer
 
 from torchslim.cli.app import app, console
 from torchslim.cli.basics import change_line, headline
-from torchslim.cli.common import DataArguments, RunOptions, load_model_arg, names, refuse_overwrite, with_data, with_run_options, write_outputs
+from torchslim.cli.common import DataArguments, RunOptions, load_model_arg, names, number_list, refuse_overwrite, with_data, with_run_options, write_outputs
 from torchslim.core.errors import TorchslimError
 
 WEIGHT_SCHEMES = ("uniform", "kmeans", "pow2", "binary", "ternary", "fp16", "bf16")
@@ -223,13 +223,6 @@ def quantize(
     run.finish(f"quantized model written to {saved}: {change_line(before, after)}", result.report, {"model": saved}, before=before, after=after)
 
 
-def _levels(text: str, option: str, cast: type) -> list:
-    try:
-        return [cast(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise TorchslimError(f"{option}: expected comma-separated numbers, got {text!r}") from None
-
-
 @app.command()
 @with_data()
 @with_run_options()
@@ -253,9 +246,9 @@ def sensitivity(
 
     refuse_overwrite(report, force=force)
     config = {
-        "sparsities": _levels(sparsities, "--sparsities", float),
-        "bits": _levels(bits, "--bits", int),
-        "ranks": _levels(ranks, "--ranks", float),
+        "sparsities": number_list(sparsities, "--sparsities"),
+        "bits": number_list(bits, "--bits", int),
+        "ranks": number_list(ranks, "--ranks"),
         "eval_limit": eval_limit,
     }
     dataset = source.load()

@@ -33,7 +33,7 @@ from torchslim.compression.common import Transforming, TransformOptions
 from torchslim.core.config import Config, check
 from torchslim.core.errors import TorchslimError
 from torchslim.core.report import Report, Result, Stage
-from torchslim.core.selector import LayerSelector, matches
+from torchslim.core.selector import LayerSelector, matches, set_module
 from torchslim.core.spec import append_transform, recorded_layers, register_transform
 from torchslim.measure.latency import compare_latency
 from torchslim.tasks.batches import model_inputs
@@ -128,11 +128,6 @@ def _replacement(module: nn.Module, config: ActivationConfig) -> nn.Module | Non
     return target(inplace=getattr(module, "inplace", False)) if target in (nn.ReLU, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh) else target()
 
 
-def _set(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
 def substitute_activations(model: nn.Module, config: ActivationConfig | dict, threads: int | None = 2, **options: Unpack[TransformOptions]) -> Result:
     """Replace the selected activation modules of a copy of ``model``, then fine-tune when ``finetune`` is given;
     ``options`` are ``TransformOptions`` (data, example_input, task, finetune, inplace, progress). The report lists
@@ -157,7 +152,7 @@ def substitute_activations(model: nn.Module, config: ActivationConfig | dict, th
             continue
         rows.append({"name": name, "before": type(module).__name__, "after": type(new).__name__})
         record[name] = type(new).__name__
-        _set(target, name, new)
+        set_module(target, name, new)
     if not rows and not notes:
         raise TorchslimError(f"substitute_activations: the model has no activation module to replace with to={config.to!r} (kinds: {', '.join(sorted(KINDS))})")
     if record:
@@ -166,8 +161,7 @@ def substitute_activations(model: nn.Module, config: ActivationConfig | dict, th
         for kind, calls in sorted(functional_activations(target, example).items()):
             notes.append(f"{calls} call(s) of {kind} as a function in forward code: not replaced (only activation modules can be)")
     metrics["replaced"] = len(rows)
-    if metrics:
-        metrics.update(run.evaluate("_substituted"))
+    metrics.update(run.evaluate("_substituted"))
     notes += run.finetune()
     metrics.update(run.evaluate())
     if example is not None and rows:
@@ -183,7 +177,7 @@ def apply_activations(model: nn.Module, transform: dict[str, Any]) -> nn.Module:
     for name, _, class_name in recorded_layers(model, transform, "replaces the activation of"):
         if class_name not in REPLACEMENTS:
             raise TorchslimError(f"the file replaces {name!r} by {class_name!r}, which is not one of {', '.join(sorted(REPLACEMENTS))}")
-        _set(model, name, REPLACEMENTS[class_name]())
+        set_module(model, name, REPLACEMENTS[class_name]())
     return model
 
 

@@ -25,9 +25,11 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -37,7 +39,7 @@ from torchslim.core.checks import check_model
 from torchslim.core.config import Config, ConfigError, check
 from torchslim.core.errors import TorchslimError
 from torchslim.core.report import Report, Result, Stage
-from torchslim.core.selector import LayerSelector, matches
+from torchslim.core.selector import LayerSelector, matches, set_module
 from torchslim.core.spec import append_transform, recorded_module, register_transform
 from torchslim.data.sources import as_source
 from torchslim.tasks.base import Task, resolve_task
@@ -115,29 +117,14 @@ def candidate_blocks(model: nn.Module, example: Any, selector: LayerSelector | N
     return [name for name in names if same.get(name)]
 
 
-def _bypassed(model: nn.Module, name: str) -> Any:
-    """Context: ``name`` replaced by the identity while inside."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def swap():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        block = getattr(parent, child) if not isinstance(parent, nn.ModuleList) else parent[int(child)]
-        _put(parent, child, nn.Identity())
-        try:
-            yield
-        finally:
-            _put(parent, child, block)
-
-    return swap()
-
-
-def _put(parent: nn.Module, child: str, module: nn.Module) -> None:
-    if isinstance(parent, nn.ModuleList):
-        parent[int(child)] = module
-    else:
-        setattr(parent, child, module)
+@contextlib.contextmanager
+def _bypassed(model: nn.Module, name: str) -> Iterator[None]:
+    """``name`` replaced by the identity while inside."""
+    block = set_module(model, name, nn.Identity())
+    try:
+        yield
+    finally:
+        set_module(model, name, block)
 
 
 def _loss(model: nn.Module, batches: list[Any], task: Task) -> float:
@@ -188,8 +175,7 @@ def remove_blocks(
                     scores[name] = _loss(target, batches, resolved) - current
         name = min(remaining, key=lambda n: scores[n])
         remaining.remove(name)
-        parent_name, _, child = name.rpartition(".")
-        _put(target.get_submodule(parent_name) if parent_name else target, child, nn.Identity())
+        set_module(target, name, nn.Identity())
         removed.append(name)
     append_transform(target, {"kind": TRANSFORM_KIND, "removed": removed})
     rows = [{"name": n, "loss_rise_when_bypassed": round(scores[n], 5), "removed": n in removed} for n in candidates]
@@ -212,8 +198,7 @@ def apply_depth(model: nn.Module, transform: dict[str, Any]) -> nn.Module:
         raise TorchslimError("the file's depth record needs a 'removed' list of block names")
     for name in removed:
         recorded_module(model, name, "removes")
-        parent_name, _, child = name.rpartition(".")
-        _put(model.get_submodule(parent_name) if parent_name else model, child, nn.Identity())
+        set_module(model, name, nn.Identity())
     return model
 
 

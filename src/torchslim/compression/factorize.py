@@ -38,7 +38,7 @@ from torchslim.compression.common import Transforming, TransformOptions
 from torchslim.core.config import Config, ConfigError, check
 from torchslim.core.errors import TorchslimError
 from torchslim.core.report import Report, Result, Stage
-from torchslim.core.selector import LayerSelector, matches, select_modules
+from torchslim.core.selector import LayerSelector, matches, select_modules, set_module
 from torchslim.core.spec import append_transform, recorded_layers, register_transform
 from torchslim.measure.counts import count_macs, count_parameters
 
@@ -238,11 +238,6 @@ def _conv_like(conv: nn.Conv2d, inputs: int, outputs: int, spatial: bool = False
     return nn.Conv2d(inputs, outputs, 1, bias=bias)
 
 
-def _set(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
 def _override(config: FactorizeConfig, name: str, module: nn.Module) -> float | None:
     for pattern, value in config.overrides.items():
         if matches(pattern, name, module):
@@ -346,7 +341,7 @@ def factorize(model: nn.Module, config: FactorizeConfig | dict, **options: Unpac
             notes.append(f"{plan.name}: left whole; rank {'/'.join(map(str, layer_ranks))} would cost {factored:,} {config.by} against {dense:,}")
             continue
         built, error = _build(plan, layer_ranks, config.tucker_iterations)
-        _set(target, plan.name, built)
+        set_module(target, plan.name, built)
         record[plan.name] = {"form": plan.form, "ranks": layer_ranks}
         rows.append(
             {
@@ -372,8 +367,7 @@ def factorize(model: nn.Module, config: FactorizeConfig | dict, **options: Unpac
         metrics["macs_before"], metrics["macs"] = before["macs"], int(count_macs(target, example)["total"])
         metrics["macs_ratio"] = metrics["macs_before"] / max(1, metrics["macs"])
     metrics.update(baseline)
-    if baseline:
-        metrics.update(run.evaluate("_factorized"))
+    metrics.update(run.evaluate("_factorized"))
     notes += run.finetune()
     metrics.update(run.evaluate())
     metrics["factorize_seconds"] = time.perf_counter() - started
@@ -392,7 +386,7 @@ def apply_factorization(model: nn.Module, transform: dict[str, Any]) -> nn.Modul
             raise TorchslimError(f"the file's factorization of {name!r} needs a form (svd or tucker2) and positive integer ranks, got {entry!r}")
         if _form(module, "svd" if form == "svd" else "tucker2") is None or len(ranks) != (1 if form == "svd" else 2):
             raise TorchslimError(f"the file factorizes {name!r} ({type(module).__name__}) as {form} with ranks {ranks}, which does not fit that layer")
-        _set(model, name, _structure(module, form, ranks).to(next(module.parameters()).device))
+        set_module(model, name, _structure(module, form, ranks).to(next(module.parameters()).device))
     return model
 
 

@@ -22,9 +22,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,6 +34,7 @@ from torchslim.core.report import Report, Result, Stage
 from torchslim.core.selector import LayerSelector, select_modules
 from torchslim.data.sources import as_source
 from torchslim.quantization.primitives import UniformSpec, quantize_dequantize
+from torchslim.report.plots import sensitivity_plot, write_sensitivity_plots
 from torchslim.tasks.base import Task, resolve_task
 from torchslim.train.evaluate import evaluate_source
 
@@ -140,80 +139,6 @@ def sensitivity(model: nn.Module, data: Any, config: SensitivityConfig | dict, t
         notes=[f"{metric} with only one layer compressed at a time; baseline {baseline[metric]:.4g}"],
     )
     return Result(model=model, report=Report.for_model(model, [stage]))
-
-
-LABELS = {"sparsity": "sparsity of the layer", "bits": "bits per weight", "rank": "rank kept"}
-
-
-def _draw(axis: Any, stage: Stage, technique: str, legend: bool = True) -> None:
-    """The metric against the level for each layer, with the baseline dashed."""
-    metric = stage.metrics.get("metric", "loss")
-    rows = [row for row in stage.layers if row["technique"] == technique]
-    layers = list(dict.fromkeys(row["layer"] for row in rows))
-    for layer in layers:
-        points = sorted((row["level"], row[metric]) for row in rows if row["layer"] == layer)
-        axis.plot([p[0] for p in points], [p[1] for p in points], "-o", markersize=3, label=layer)
-    axis.axhline(stage.metrics.get(metric, 0.0), color="#888", linestyle="--", linewidth=0.8, label="baseline")
-    axis.set_xlabel(LABELS[technique])
-    axis.set_ylabel(metric)
-    axis.set_title(f"{technique}: one layer at a time", fontsize=10)
-    axis.grid(True, alpha=0.3)
-    if technique == "bits":
-        axis.invert_xaxis()
-    if legend and len(layers) <= 12:
-        axis.legend(fontsize=7)
-
-
-def _stage(report: Report) -> Stage | None:
-    return next((s for s in report.stages if s.kind == "sensitivity" and s.layers), None)
-
-
-def sensitivity_plot(report: Report) -> bytes | None:
-    """One panel per technique (PNG bytes) for a report with a sensitivity stage, else None."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    stage = _stage(report)
-    if stage is None:
-        return None
-    techniques = [t for t in TECHNIQUES if any(row["technique"] == t for row in stage.layers)]
-    figure, axes = plt.subplots(1, len(techniques), figsize=(5.5 * len(techniques), 4), squeeze=False)
-    for axis, technique in zip(axes[0], techniques):
-        _draw(axis, stage, technique)
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    plt.close(figure)
-    return buffer.getvalue()
-
-
-def write_sensitivity_plots(report: Report, folder: str | os.PathLike[str], formats: tuple[str, ...] = ("png", "svg")) -> list[Path]:
-    """One figure per technique in ``folder`` as ``sensitivity-<technique>.<format>``; returns the paths written."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    stage = _stage(report)
-    if stage is None:
-        return []
-    out = Path(folder)
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for technique in TECHNIQUES:
-        if not any(row["technique"] == technique for row in stage.layers):
-            continue
-        figure, axis = plt.subplots(figsize=(6, 4))
-        _draw(axis, stage, technique)
-        for form in formats:
-            path = out / f"sensitivity-{technique}.{form}"
-            figure.savefig(path, format=form, bbox_inches="tight")
-            written.append(path)
-        plt.close(figure)
-    return written
 
 
 __all__ = ["SensitivityConfig", "sensitivity", "sensitivity_plot", "write_sensitivity_plots"]

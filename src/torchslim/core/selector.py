@@ -149,6 +149,19 @@ def _parametrized(module: nn.Module) -> bool:
     return parametrizations is not None and "weight" in parametrizations
 
 
+def set_module(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
+    """Replace the submodule called ``name`` (``a.b.c``; an index inside a ModuleList) by ``module``; returns the one
+    it replaced."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    previous = parent.get_submodule(child)
+    if isinstance(parent, nn.ModuleList):
+        parent[int(child)] = module
+    else:
+        setattr(parent, child, module)
+    return previous
+
+
 def weight_of(module: nn.Module) -> torch.Tensor:
     """A module's ``weight`` as a tensor (as the forward pass computes it)."""
     weight = module.weight

@@ -21,7 +21,7 @@ from torch import nn
 from torchslim.core.config import Config, ConfigError
 from torchslim.core.errors import TorchslimError
 from torchslim.core.report import Report, Result, Stage
-from torchslim.core.selector import LayerSelector, resolve_overrides, select_modules
+from torchslim.core.selector import LayerSelector, resolve_overrides, select_modules, set_module
 from torchslim.core.spec import append_transform, recorded_module, recorded_transform, register_transform
 from torchslim.core.ties import tied_groups
 from torchslim.measure.counts import count_parameters
@@ -65,13 +65,6 @@ class WeightOnlyConfig(Config):
                 merged = {key: ({**base, **value} if isinstance(value, Mapping) else value) for key, value in mapping["overrides"].items()}
                 mapping = {**mapping, "overrides": merged}
         return super().from_dict(mapping, where=where)
-
-
-def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Replace the submodule called ``name`` (``a.b.c``) by ``module``."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
 
 
 @register_transform(TRANSFORM_KIND)

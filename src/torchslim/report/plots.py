@@ -6,8 +6,11 @@ k-means centroids marked. Each is PNG bytes; a report without the data for a plo
 from __future__ import annotations
 
 import io
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from torchslim.measure.layers import largest_layers
 from torchslim.report.markdown import headline_key
 
 if TYPE_CHECKING:
@@ -79,8 +82,7 @@ def _bar_layers(report: Report) -> list[str]:
     rows = report.stages[0].layers if report.stages else []
     if not all("name" in row and "weights" in row and "kept" in row for row in rows):
         return []  # not per-layer weight rows (e.g. a sensitivity table)
-    largest = {row["name"] for row in sorted(rows, key=lambda row: -row["weights"])[:MAX_BAR_LAYERS]}
-    return [row["name"] for row in rows if row["name"] in largest]
+    return largest_layers(rows, MAX_BAR_LAYERS)
 
 
 def layers_plot(report: Report) -> bytes | None:
@@ -148,14 +150,75 @@ def histogram_plot(report: Report) -> bytes | None:
     return _png(figure)
 
 
-def _sensitivity(report: Report) -> bytes | None:
-    from torchslim.compression.sensitivity import sensitivity_plot
+# the sensitivity techniques, in the order they are drawn, with their axis labels
+LABELS = {"sparsity": "sparsity of the layer", "bits": "bits per weight", "rank": "rank kept"}
 
-    return sensitivity_plot(report)
+
+def _draw(axis: Any, stage: Any, technique: str, legend: bool = True) -> None:
+    """The metric against the level for each layer, with the baseline dashed."""
+    metric = stage.metrics.get("metric", "loss")
+    rows = [row for row in stage.layers if row["technique"] == technique]
+    layers = list(dict.fromkeys(row["layer"] for row in rows))
+    for layer in layers:
+        points = sorted((row["level"], row[metric]) for row in rows if row["layer"] == layer)
+        axis.plot([p[0] for p in points], [p[1] for p in points], "-o", markersize=3, label=layer)
+    axis.axhline(stage.metrics.get(metric, 0.0), color="#888", linestyle="--", linewidth=0.8, label="baseline")
+    axis.set_xlabel(LABELS[technique])
+    axis.set_ylabel(metric)
+    axis.set_title(f"{technique}: one layer at a time", fontsize=10)
+    axis.grid(True, alpha=0.3)
+    if technique == "bits":
+        axis.invert_xaxis()
+    if legend and len(layers) <= 12:
+        axis.legend(fontsize=7)
+
+
+def _stage(report: Report) -> Any:
+    return next((s for s in report.stages if s.kind == "sensitivity" and s.layers), None)
+
+
+def sensitivity_plot(report: Report) -> bytes | None:
+    """One panel per technique (PNG bytes) for a report with a sensitivity stage, else None."""
+    import matplotlib.pyplot as plt
+
+    stage = _stage(report)
+    if stage is None:
+        return None
+    techniques = [t for t in LABELS if any(row["technique"] == t for row in stage.layers)]
+    figure, axes = plt.subplots(1, len(techniques), figsize=(5.5 * len(techniques), 4), squeeze=False)
+    for axis, technique in zip(axes[0], techniques):
+        _draw(axis, stage, technique)
+    return _png(figure)
+
+
+def write_sensitivity_plots(report: Report, folder: str | os.PathLike[str], formats: tuple[str, ...] = ("png", "svg")) -> list[Path]:
+    """One figure per technique in ``folder`` as ``sensitivity-<technique>.<format>``; returns the paths written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stage = _stage(report)
+    if stage is None:
+        return []
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for technique in LABELS:
+        if not any(row["technique"] == technique for row in stage.layers):
+            continue
+        figure, axis = plt.subplots(figsize=(6, 4))
+        _draw(axis, stage, technique)
+        for form in formats:
+            path = out / f"sensitivity-{technique}.{form}"
+            figure.savefig(path, format=form, bbox_inches="tight")
+            written.append(path)
+        plt.close(figure)
+    return written
 
 
 PLOTS = [
-    ("sensitivity", "The task's metric with one layer compressed at a time, per technique and level", _sensitivity),
+    ("sensitivity", "The task's metric with one layer compressed at a time, per technique and level", sensitivity_plot),
     ("tradeoff", "The headline metric against bytes on disk and against measured latency, stage by stage", tradeoff_plot),
     ("layers", "Per layer: weights kept, output channels kept and bits per weight, stage by stage", layers_plot),
     ("histograms", "Weight histograms before and after (non-zero weights; k-means centroids as red lines)", histogram_plot),
@@ -179,4 +242,4 @@ def render_plots(report: Report) -> tuple[dict[str, tuple[str, bytes]], str | No
     return out, None
 
 
-__all__ = ["PLOTS", "histogram_plot", "layers_plot", "render_plots", "tradeoff_plot"]
+__all__ = ["PLOTS", "histogram_plot", "layers_plot", "render_plots", "sensitivity_plot", "tradeoff_plot", "write_sensitivity_plots"]

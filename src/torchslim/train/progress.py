@@ -70,9 +70,8 @@ def _display(stream: IO[str] | None) -> Any:
 
 def _release() -> None:
     _DISPLAY["tasks"] -= 1
-    if _DISPLAY["tasks"] <= 0 and _DISPLAY["progress"] is not None:
-        _DISPLAY["progress"].stop()
-        _DISPLAY["progress"], _DISPLAY["tasks"] = None, 0
+    if _DISPLAY["tasks"] <= 0:
+        _stop_display()
 
 
 def _stop_display() -> None:
