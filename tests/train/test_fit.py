@@ -92,3 +92,27 @@ def test_text_model_trains(tmp_path):
     fit(model, text, {"epochs": 1, "optimizer": "adam", "lr": 3e-3, "batch_size": 16, "max_batches_per_epoch": 60, "eval_every_epoch": False}, progress=False)
     after = ts.evaluate(model, text, limit=64, batch_size=16)
     assert after["bits_per_token"] < before["bits_per_token"] - 1.0 and after["perplexity"] < before["perplexity"] / 2
+
+
+def test_bf16_autocast_trains_with_fp32_weights(digits):
+    torch.manual_seed(0)
+    model = ts.models.create_for("lenet-300-100", digits)
+    seen = []
+
+    class Dtypes(Callback):
+        def on_batch_start(self, state):
+            if not seen:
+                state.model.fc1.register_forward_hook(lambda module, args, output: seen.append(output.dtype))
+
+    history = fit(model, digits, {"epochs": 2, "lr": 0.05, "precision": "bf16"}, callbacks=[Dtypes()], progress=False)
+    assert seen[0] == torch.bfloat16  # the forward pass ran in bf16
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # weights and updates stay fp32
+    torch.manual_seed(0)
+    full = fit(ts.models.create_for("lenet-300-100", digits), digits, {"epochs": 2, "lr": 0.05}, progress=False)
+    assert history.epochs[-1]["train_loss"] < history.epochs[0]["train_loss"]
+    assert history.final["accuracy"] > full.final["accuracy"] - 0.05  # learns about as well as fp32
+
+
+def test_fp16_on_cpu_is_refused_with_the_alternative(digits):
+    with pytest.raises(ts.TorchslimError, match="fp16 needs a CUDA device; on CPU use bf16"):
+        fit(ts.models.create_for("lenet-300-100", digits), digits, {"epochs": 1, "precision": "fp16"}, progress=False)

@@ -79,11 +79,13 @@ def train(
     optimizer: str = typer.Option("sgd", help="sgd, adam or adamw."),
     batch_size: int = typer.Option(64, help="Training batch size."),
     weight_decay: float = typer.Option(1e-4, help="Weight decay."),
+    precision: str = typer.Option("fp32", help="fp32, bf16 or fp16 (CUDA): the forward pass under autocast; weights stay fp32."),
     out: Path | None = typer.Option(None, help="Write the trained model here (.safetensors with its architecture spec)."),
     report: Path | None = typer.Option(None, help="Write the JSON report here."),
     force: bool = typer.Option(False, help="Overwrite --out / --report if they exist."),
 ) -> None:
-    """Train a reference model on a dataset, then evaluate and profile it."""
+    """Train a reference model on a dataset, then evaluate and profile it. Under ``torchrun`` the processes train
+    together (DistributedDataParallel; --batch-size is the global batch) and rank 0 prints and writes."""
     import torchslim as ts
     from torchslim.report.console import print_report
 
@@ -92,7 +94,15 @@ def train(
     dataset = source.load()
     console.print(f"{source.name}: {len(getattr(dataset, 'train', getattr(dataset, 'train_ids', [])))} training examples")
     network = run.place(ts.models.create_for(model, dataset))
-    config = {"epochs": epochs, "lr": lr, "optimizer": optimizer, "batch_size": batch_size, "weight_decay": weight_decay, "seed": run.seed}
+    config = {
+        "epochs": epochs,
+        "lr": lr,
+        "optimizer": optimizer,
+        "batch_size": batch_size,
+        "weight_decay": weight_decay,
+        "seed": run.seed,
+        "precision": precision,
+    }
     result = ts.train(network, dataset, config)
     for note in result.report.stages[0].notes:
         console.print(f"  {note}")

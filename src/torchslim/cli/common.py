@@ -122,13 +122,23 @@ class RunOptions:
                 raise TorchslimError(f"--threads must be >= 1, got {self.threads}")
             torch.set_num_threads(self.threads)
         check_device(self.device)
+        from torchslim.train import distributed
+
+        world = distributed.init(self.device)  # under torchrun: join the group; rank r runs on cuda:r for --device cuda
         random.seed(self.seed)
         numpy.random.seed(self.seed)
         torch.manual_seed(self.seed)
-        console.quiet = self.quiet or self.json
-        quiet(self.quiet)
-        if self.quiet or self.json:
+        console.quiet = self.quiet or self.json or not world.main
+        quiet(self.quiet or not world.main)
+        if self.quiet or self.json or not world.main:
             warnings.filterwarnings("ignore")
+
+    @property
+    def main(self) -> bool:
+        """True in a single process and on rank 0 under torchrun: the process that prints and writes files."""
+        from torchslim.train import distributed
+
+        return distributed.is_main()
 
     def place(self, model: Any) -> Any:
         """The model on the chosen device (tensors of each batch follow the model)."""
@@ -136,7 +146,9 @@ class RunOptions:
 
     def finish(self, line: str, report: Any = None, outputs: dict[str, Any] | None = None, **extra: Any) -> None:
         """The command's final line; with --json instead one JSON object: the line, files written, extra values and
-        the report."""
+        the report. Prints nothing on ranks other than 0."""
+        if not self.main:
+            return
         if self.json:
             result = {"result": line, "outputs": {key: str(value) for key, value in (outputs or {}).items()}, **extra}
             if report is not None:
@@ -190,9 +202,12 @@ def names(text: str | None) -> list[str]:
 
 def write_outputs(result: Any, out: Path | None, report: Path | None, describe: Callable[[Path], str]) -> None:
     """Write a verb's model to ``out`` and its report to ``report`` (either may be None), saying what was written;
-    ``describe(path)`` is the line for the model file."""
+    ``describe(path)`` is the line for the model file. Under torchrun only rank 0 writes."""
     import torchslim as ts
+    from torchslim.train import distributed
 
+    if not distributed.is_main():
+        return
     if out is not None:
         console.print(describe(ts.save(result.model, out)))
     if report is not None:

@@ -136,6 +136,8 @@ def compress(
         except CompressInterrupted as error:
             console.print(f"[yellow]{error}[/yellow]", soft_wrap=True)
             raise typer.Exit(130) from None
+    if not run.main:  # under torchrun every rank ran the recipe; rank 0 writes
+        return
     print_report(result.report, console)
     if exports:
         result.report.save(report)

@@ -211,6 +211,8 @@ def quantize(
     network = run.place(load_model_arg(model, dataset, trust_factory))
     before = ts.evaluate(network, dataset, task=source.task)
     result = ts.quantize(network, config, data=dataset)
+    if not run.main:  # under torchrun, rank 0 writes
+        return
     after = ts.evaluate(result.model, dataset, task=source.task)
     saved = ts.save(result.model, out)
     stage = result.report.stages[0]
@@ -254,6 +256,8 @@ def sensitivity(
     dataset = source.load()
     network = run.place(load_model_arg(model, dataset, trust_factory))
     result = ts.sensitivity(network, dataset, config, task=source.task)
+    if not run.main:
+        return
     stage = result.report.stages[0]
     metric = stage.metrics["metric"]
     for row in stage.layers:

@@ -146,7 +146,7 @@ def quantized_code_tensors(model: nn.Module) -> dict[str, tuple[torch.Tensor, in
         declared = getattr(module, "code_tensor", None)
         codes = declared() if callable(declared) else None
         if codes is not None:
-            out[f"{name}.packed" if name else "packed"] = codes
+            out[f"{name}.packed" if name else "packed"] = (codes[0].detach().cpu(), codes[1])
     return out
 
 

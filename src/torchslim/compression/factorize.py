@@ -135,7 +135,7 @@ class _Plan:
         for spectrum in self.spectra:
             energy = spectrum.double().pow(2)
             kept = torch.cumsum(energy, 0) / energy.sum().clamp_min(1e-30)
-            ranks.append(min(int(torch.searchsorted(kept, torch.tensor(value, dtype=torch.float64) - 1e-12).item()) + 1, spectrum.numel()))
+            ranks.append(min(int(torch.searchsorted(kept, torch.tensor(value, dtype=torch.float64, device=kept.device) - 1e-12).item()) + 1, spectrum.numel()))
         return ranks
 
     def energy_kept(self, ranks: list[int]) -> float:

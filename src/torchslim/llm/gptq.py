@@ -34,6 +34,8 @@ class HessianAccumulator:
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).double()
+        if self.sum.device != x.device:  # the sums live where the layer's inputs are
+            self.sum = self.sum.to(x.device)
         self.sum += x.T @ x
         self.count += x.shape[0]
 
@@ -58,7 +60,7 @@ def round_to_nearest(weight: torch.Tensor, spec: UniformSpec) -> torch.Tensor:
 def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of H^-1 (H damped by ``damp`` x mean diagonal, raised until it factors)."""
     diagonal_mean = float(hessian.diagonal().mean())
-    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype)
+    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
     for attempt in range(6):
         damped = hessian + damp * (10**attempt) * max(diagonal_mean, 1e-8) * eye
         factor, info = torch.linalg.cholesky_ex(damped)
@@ -93,16 +95,17 @@ def gptq(
         scale, zero = scale.reshape(rows, 1), zero.reshape(rows, 1)
     else:
         groups = -(-columns // group)
-        scale = torch.empty(rows, groups)
-        zero = torch.empty(rows, groups, dtype=torch.int32)
+        scale = torch.empty(rows, groups, device=weight.device)
+        zero = torch.empty(rows, groups, dtype=torch.int32, device=weight.device)
         if act_order:
             s, z = compute_qparams(weight, spec, "GPTQ")
             scale, zero = s.reshape(rows, groups), z.reshape(rows, groups)
-    order = torch.argsort(hessian.diagonal(), descending=True) if act_order else torch.arange(columns)
+    hessian = hessian.to(weight.device)
+    order = torch.argsort(hessian.diagonal(), descending=True) if act_order else torch.arange(columns, device=weight.device)
     weight, hessian = weight[:, order], hessian[order][:, order]
     inverse = inverse_hessian_factor(hessian, damp)
     channel_spec = UniformSpec(bits=spec.bits, symmetric=spec.symmetric, signed=spec.signed, granularity="channel")
-    codes = torch.zeros(rows, columns, dtype=torch.int32)
+    codes = torch.zeros(rows, columns, dtype=torch.int32, device=weight.device)
     qmin, qmax = spec.code_range
     for start in range(0, columns, block_size):
         end = min(start + block_size, columns)

@@ -109,7 +109,7 @@ def fold_scale(block: nn.Module, group: InputGroup, scale: torch.Tensor, check: 
 def smoothing_scales(block: nn.Module, inputs: list, layers: dict[str, nn.Module], alpha: float) -> list[tuple[Any, torch.Tensor, dict[str, torch.Tensor]]]:
     """SmoothQuant's per-input-channel scales s = max|x|^alpha / max|w|^(1-alpha) for each group of ``layers`` that
     reads one input in ``block`` (activation maxima over ``inputs``): (group, scale, the layers' weights)."""
-    maxima = {local: torch.zeros(oriented_weight(layer).shape[1]) for local, layer in layers.items()}
+    maxima = {local: torch.zeros(oriented_weight(layer).shape[1], device=oriented_weight(layer).device) for local, layer in layers.items()}
     forward_inputs(block, inputs, layers, lambda local, x: maxima.__setitem__(local, torch.maximum(maxima[local], x.abs().amax(0).float())))
     found = []
     for group in input_groups(block, inputs[0], layers):

@@ -14,36 +14,48 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchslim.core.modes import eval_mode
+from torchslim.core.modes import eval_mode, model_device
 from torchslim.core.registry import Registry
-from torchslim.tasks.batches import call_model, repeat_example
+from torchslim.tasks.batches import call_model, move_to, repeat_example
 
 Runner = Callable[[torch.Tensor], Any]
 # A backend turns (model, example input) into a callable that runs one batch.
 BACKENDS: Registry[Callable[[nn.Module, torch.Tensor], Runner]] = Registry("latency backend")
 
 
-@BACKENDS.register("eager")
-def eager_backend(model: nn.Module, example: torch.Tensor) -> Runner:
-    """Plain PyTorch, eval mode, under inference_mode."""
+def _device_runner(model: nn.Module, callable_model: Any) -> Runner:
+    """A runner of ``callable_model`` on ``model``'s device: each input is copied there once (the copy is not part
+    of what is timed after the first call), and a CUDA call is waited for before it counts as done."""
+    device = model_device(model)
+    placed: dict[int, tuple[Any, Any]] = {}
 
     def run(x: Any) -> Any:
+        if device.type == "cpu":
+            inputs = x
+        else:
+            if id(x) not in placed:
+                placed.clear()
+                placed[id(x)] = (x, move_to(x, device))
+            inputs = placed[id(x)][1]
         with torch.inference_mode():
-            return call_model(model, x)
+            output = call_model(callable_model, inputs)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return output
 
     return run
+
+
+@BACKENDS.register("eager")
+def eager_backend(model: nn.Module, example: torch.Tensor) -> Runner:
+    """Plain PyTorch, eval mode, under inference_mode, on the model's device."""
+    return _device_runner(model, model)
 
 
 @BACKENDS.register("compile")
 def compile_backend(model: nn.Module, example: torch.Tensor) -> Runner:
-    """torch.compile (inductor) of the model in eval mode."""
-    compiled = torch.compile(model)
-
-    def run(x: Any) -> Any:
-        with torch.inference_mode():
-            return call_model(compiled, x)
-
-    return run
+    """torch.compile (inductor) of the model in eval mode, on the model's device."""
+    return _device_runner(model, torch.compile(model))
 
 
 @BACKENDS.register("onnxruntime")
@@ -60,7 +72,7 @@ def onnxruntime_backend(model: nn.Module, example: torch.Tensor) -> Runner:
     name = session.get_inputs()[0].name
 
     def run(x: torch.Tensor) -> Any:
-        return session.run(None, {name: x.numpy()})
+        return session.run(None, {name: x.detach().cpu().numpy()})
 
     return run
 

@@ -26,6 +26,7 @@ from torchslim.io.modelfile import load_model, save_model
 from torchslim.io.statefile import load_state_file, save_state
 from torchslim.pipeline.recipe import Recipe
 from torchslim.pruning.apply import masks_of, set_mask
+from torchslim.train import distributed
 
 PROGRESS = "progress.json"
 ORIGINAL = "original.safetensors"
@@ -59,7 +60,7 @@ class Checkpoint:
 
     def remove(self) -> list[str]:
         """Delete the files torchslim wrote, and the folder if nothing else is left; returns what was left in it."""
-        if self.folder.is_symlink() or not (self.folder / MARKER).is_file():
+        if not distributed.is_main() or self.folder.is_symlink() or not (self.folder / MARKER).is_file():
             return []
         for path in self.folder.iterdir():
             if (
@@ -89,7 +90,10 @@ class Checkpoint:
         self, recipe: Recipe, report: Report, model: nn.Module, original: nn.Module, completed: int, step: int = 0, training: dict[str, Any] | None = None
     ) -> None:
         """Record that ``completed`` stages (and ``step`` steps or epochs of the next one) are done, with the model as
-        it stands and, inside a training stage, the state that resumes its training exactly (``training``)."""
+        it stands and, inside a training stage, the state that resumes its training exactly (``training``). Under
+        ``torchrun`` only rank 0 writes (every rank holds the same state)."""
+        if not distributed.is_main():
+            return
         self.claim()
         if not (self.folder / ORIGINAL).exists():
             save_model(original, self.folder / ORIGINAL)

@@ -91,7 +91,7 @@ def remove_channels(model: nn.Module, graph: ChannelGraph, groups: list[Group], 
     per_module: dict[str, dict[tuple[str, int], torch.Tensor]] = {}
     for (module_name, name, dim), indices in _drops(_pieces(graph, groups, heads)).items():
         tensor = getattr(model.get_submodule(module_name), name)
-        keep = torch.tensor([i for i in range(tensor.shape[dim]) if i not in indices], dtype=torch.long)
+        keep = torch.tensor([i for i in range(tensor.shape[dim]) if i not in indices], dtype=torch.long, device=tensor.device)
         if keep.numel() == 0:
             raise TorchslimError(f"pruning would remove every channel of {module_name}.{name} (dim {dim})")
         per_module.setdefault(module_name, {})[(name, dim)] = keep
@@ -182,7 +182,7 @@ def apply_structure(model: nn.Module, transform: dict[str, Any]) -> nn.Module:
                 raise TorchslimError(f"the file's shape {shape} for {module_name}.{name} does not fit the architecture")
             for dim, size in enumerate(shape):
                 if size != tensor.shape[dim]:
-                    keeps[(name, dim)] = torch.arange(size)
+                    keeps[(name, dim)] = torch.arange(size, device=tensor.device)
         for key, keep in keeps.items():
             slice_module(module, {key: keep})
     for module_name, values in attributes.items():

@@ -14,10 +14,10 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from torchslim.core.errors import TorchslimError
-from torchslim.core.modes import eval_mode
+from torchslim.core.modes import eval_mode, model_device
 from torchslim.pruning import rules, transformer_rules  # noqa: F401 - transformer_rules registers its rules
 from torchslim.pruning.graph import ChannelGraph
-from torchslim.tasks.batches import call_model
+from torchslim.tasks.batches import call_model, move_to
 
 
 class _Tracer(TorchFunctionMode):
@@ -48,6 +48,7 @@ def trace(model: nn.Module, example_input: Any) -> ChannelGraph:
         >>> sorted(len(g.producers[0].indices) for g in graph.groups() if g.prunable)[:1]
         [1]
     """
+    example_input = move_to(example_input, model_device(model))  # moved once: the traced inputs are these tensors
     graph = ChannelGraph(model)
     tracer = _Tracer(graph, rules)
     is_leaf, rule_for, _tensors = rules.is_leaf, rules.rule_for, rules.tensors_in

@@ -135,7 +135,7 @@ class QuantizedWeight(nn.Module):
             yield 0, self.weight()
             return
         for start in range(0, self.shape[0], step):
-            yield start, self.rows(torch.arange(start, min(start + step, self.shape[0])))
+            yield start, self.rows(torch.arange(start, min(start + step, self.shape[0]), device=self.packed.device))
 
     def kernel(self) -> Any:
         """The integer kernel running this weight (built once per stored state), or None: none for the format, or

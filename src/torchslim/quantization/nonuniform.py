@@ -23,13 +23,13 @@ def initial_centroids(values: torch.Tensor, count: int, init: str, generator: to
     spaces them evenly over the CDF (quantiles); ``random`` picks existing values."""
     values = values.float()
     if init == "linear":
-        return torch.linspace(values.min().item(), values.max().item(), count)
+        return torch.linspace(values.min().item(), values.max().item(), count, device=values.device)
     if init == "density":
         sorted_values = values.sort().values
-        positions = torch.linspace(0, len(sorted_values) - 1, count).round().long()
+        positions = torch.linspace(0, len(sorted_values) - 1, count, device=values.device).round().long()
         return sorted_values[positions].clone()
     if init == "random":
-        index = torch.randperm(len(values), generator=generator)[:count]
+        index = torch.randperm(len(values), generator=generator)[:count].to(values.device)
         return values[index].sort().values.clone()
     raise TorchslimError(f"k-means init must be one of {', '.join(KMEANS_INITS)}, got {init!r}")
 
@@ -55,8 +55,8 @@ def kmeans_1d(values: torch.Tensor, count: int, init: str = "linear", iterations
     centroids = initial_centroids(values, count, init, torch.Generator().manual_seed(seed))
     for _ in range(iterations):
         index = assign(values, centroids)
-        sums = torch.zeros(count).index_add_(0, index, values)
-        counts = torch.zeros(count).index_add_(0, index, torch.ones_like(values))
+        sums = torch.zeros(count, device=values.device).index_add_(0, index, values)
+        counts = torch.zeros(count, device=values.device).index_add_(0, index, torch.ones_like(values))
         updated = torch.where(counts > 0, sums / counts.clamp(min=1), centroids)
         updated = updated.sort().values
         if torch.allclose(updated, centroids):
@@ -82,9 +82,9 @@ def kmeans_quantize(
     nonzero = flat != 0
     if keep_zeros and not nonzero.all() and count >= 2:
         if nonzero.sum() == 0:
-            return torch.zeros(1), torch.zeros_like(flat, dtype=torch.long).reshape(weight.shape)
+            return torch.zeros(1, device=flat.device), torch.zeros_like(flat, dtype=torch.long).reshape(weight.shape)
         centroids, _ = kmeans_1d(flat[nonzero], count - 1, init, iterations, seed)
-        codebook = torch.cat([torch.zeros(1), centroids]).sort().values
+        codebook = torch.cat([torch.zeros(1, device=centroids.device), centroids]).sort().values
         index = assign(flat, codebook)
         index[~nonzero] = int((codebook == 0).nonzero()[0])
         return codebook, index.reshape(weight.shape)

@@ -23,14 +23,14 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
         return flat.to(torch.uint8)
     if 8 % bits == 0:  # whole codes per byte: shift each into place
         per = 8 // bits
-        grid = torch.cat([flat.to(torch.uint8), torch.zeros(-flat.numel() % per, dtype=torch.uint8)]).reshape(-1, per)
-        out = torch.zeros(grid.shape[0], dtype=torch.uint8)
+        grid = torch.cat([flat.to(torch.uint8), torch.zeros(-flat.numel() % per, dtype=torch.uint8, device=flat.device)]).reshape(-1, per)
+        out = torch.zeros(grid.shape[0], dtype=torch.uint8, device=flat.device)
         for slot in range(per):
             out |= grid[:, slot] << (slot * bits)
         return out
     # codes that straddle bytes: through a bit stream, a chunk of codes at a time (bounded memory)
     chunks = [_pack_stream(flat[start : start + PACK_CHUNK].to(torch.int64), bits) for start in range(0, flat.numel(), PACK_CHUNK)]
-    return torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.uint8)
+    return torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.uint8, device=flat.device)
 
 
 PACK_CHUNK = 2**18  # codes per chunk: a multiple of 8, so every chunk starts on a byte
@@ -38,9 +38,9 @@ PACK_CHUNK = 2**18  # codes per chunk: a multiple of 8, so every chunk starts on
 
 def _pack_stream(codes: torch.Tensor, bits: int) -> torch.Tensor:
     count = codes.numel()
-    bit_values = ((codes.unsqueeze(1) >> torch.arange(bits)) & 1).to(torch.uint8).reshape(-1)  # code i's bits, lowest first
-    stream = torch.cat([bit_values, torch.zeros(-(count * bits) % 8, dtype=torch.uint8)]).reshape(-1, 8)
-    out = torch.zeros(stream.shape[0], dtype=torch.uint8)
+    bit_values = ((codes.unsqueeze(1) >> torch.arange(bits, device=codes.device)) & 1).to(torch.uint8).reshape(-1)  # code i's bits, lowest first
+    stream = torch.cat([bit_values, torch.zeros(-(count * bits) % 8, dtype=torch.uint8, device=codes.device)]).reshape(-1, 8)
+    out = torch.zeros(stream.shape[0], dtype=torch.uint8, device=codes.device)
     for bit in range(8):
         out |= stream[:, bit] << bit
     return out

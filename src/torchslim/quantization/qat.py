@@ -27,6 +27,7 @@ from torchslim.export.onnx import export_onnx
 from torchslim.quantization.observers import calibrate
 from torchslim.quantization.primitives import UniformSpec, fake_quantize
 from torchslim.tasks.batches import model_inputs, move_to
+from torchslim.train import distributed
 
 WEIGHT_SPEC = UniformSpec(bits=8, symmetric=True, granularity="channel", axis=0)
 ACTIVATION_SPEC = UniformSpec(bits=8, symmetric=False)
@@ -105,7 +106,7 @@ class FakeQuant(nn.Module):
             self.weight_scale = scale.reshape(self.weight_scale.shape)
         if self.frozen is not None and torch.onnx.is_in_onnx_export():
             scale = self.frozen["weight_scale"]
-            return torch.fake_quantize_per_channel_affine(weight, scale, torch.zeros(scale.shape, dtype=torch.int32), 0, -128, 127)
+            return torch.fake_quantize_per_channel_affine(weight, scale, torch.zeros(scale.shape, dtype=torch.int32, device=scale.device), 0, -128, 127)
         scale = self.weight_scale.abs().clamp(min=1e-8)
         zero = torch.zeros(scale.shape, dtype=torch.int32, device=weight.device)
         if not self.training:
@@ -128,6 +129,8 @@ class FakeQuant(nn.Module):
             return torch.fake_quantize_per_tensor_affine(x, self.frozen[f"{prefix}_scale"], self.frozen[f"{prefix}_zero"], 0, 255)
         if self.training or self.calibrating:
             low, high = x.detach().min(), x.detach().max()
+            if self.training:  # under torchrun each rank sees a slice of the global batch: observe the whole batch
+                low, high = distributed.global_range(low, high)
             if not bool(observed):
                 low_buffer.copy_(low)
                 high_buffer.copy_(high)

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
+from torch import nn
 
 from torchslim.core.errors import TorchslimError
 from torchslim.core.modes import eval_mode, model_device
@@ -121,7 +122,10 @@ def repeat_example(example: Any, batch_size: int) -> Any:
 
 
 def call_model(model: Any, example: Any) -> Any:
-    """Run ``model`` on an example as ``example_of`` gives it (a tensor, a tuple of positional inputs, a mapping)."""
+    """Run ``model`` on an example as ``example_of`` gives it (a tensor, a tuple of positional inputs, a mapping),
+    moved to the model's device."""
+    if isinstance(model, nn.Module):
+        example = move_to(example, model_device(model))
     if isinstance(example, Mapping):
         return model(**example)
     if isinstance(example, tuple):

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import random
@@ -19,6 +20,7 @@ from torchslim.core.errors import TorchslimError
 from torchslim.core.modes import train_mode
 from torchslim.data.sources import DataSource, as_source
 from torchslim.tasks.base import Task, resolve_task
+from torchslim.train import distributed
 from torchslim.train.evaluate import evaluate_source
 from torchslim.train.progress import Progress, progress_mode
 
@@ -34,6 +36,8 @@ class TrainConfig(Config):
 
     ``batch_size`` and shuffling apply to data torchslim batches itself; a user's DataLoader keeps its own.
     ``max_batches_per_epoch`` shortens epochs; ``eval_limit`` caps the evaluation examples (all by default).
+    ``precision`` runs the forward pass under autocast: ``bf16`` or ``fp16`` (with loss scaling); weights and the
+    optimizer stay fp32. Under ``torchrun`` the batch is the global batch, split across the processes.
 
     Example:
         >>> TrainConfig.from_dict({"epochs": 2, "optimizer": "adam", "lr": 1e-3}).schedule
@@ -57,6 +61,7 @@ class TrainConfig(Config):
     eval_every_epoch: bool = True
     eval_limit: int | None = None
     seed: int = 0
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
 
     def validate(self) -> None:
         check(self.epochs >= 0, f"epochs must be >= 0, got {self.epochs}")
@@ -194,7 +199,10 @@ def fit(
     loss_function = loss or (lambda m, batch: resolved.training_loss(m, batch, config.label_smoothing))
     optimizer = optimizer or make_optimizer(model.parameters(), config)
     base_rates = [group["lr"] for group in optimizer.param_groups]
-    mode = progress_mode(progress)
+    parallel = distributed.DataParallel(model, optimizer, data) if distributed.world().distributed else None
+    forward_model = parallel.wrapped if parallel is not None else model
+    mode = progress_mode(progress if distributed.is_main() else False)
+    precision = Precision(config.precision, model)
     steps_per_epoch = _steps_per_epoch(source, config)
     state = TrainState(model, optimizer, config, total_steps=config.epochs * steps_per_epoch, steps_per_epoch=steps_per_epoch)
     if resume_state is not None:
@@ -209,6 +217,7 @@ def fit(
             model.train()
             for callback in callbacks:
                 callback.on_epoch_start(state)
+            distributed.set_epoch(data, epoch)
             batches = source.batches("train", batch_size=config.batch_size, seed=config.seed + epoch, limit=steps_per_epoch)
             lines.update(description=f"{label} epoch {epoch + 1}/{config.epochs}")
             loss_sum, seen = 0.0, 0
@@ -216,10 +225,11 @@ def fit(
                 factor = learning_rate_factor(config, state.step, steps_per_epoch)
                 for group, rate in zip(optimizer.param_groups, base_rates):
                     group["lr"] = rate * factor
-                state.batch = batch
+                state.batch = batch = parallel.batch(batch) if parallel is not None else batch
                 for callback in callbacks:
                     callback.on_batch_start(state)
-                value = loss_function(model, batch)
+                with precision.autocast():
+                    value = loss_function(forward_model, batch)
                 for callback in callbacks:
                     extra = callback.extra_loss(state)
                     if extra is not None:
@@ -230,12 +240,14 @@ def fit(
                         f"the learning rate (lr={config.lr}) or check the data for NaN/Inf"
                     )
                 optimizer.zero_grad(set_to_none=True)
-                value.backward()
+                precision.backward(value * parallel.weight if parallel is not None else value, optimizer)
+                if parallel is not None:
+                    parallel.average_other_gradients()
                 for callback in callbacks:
                     callback.after_backward(state)
                 if config.grad_clip is not None:
                     nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-                optimizer.step()
+                precision.step(optimizer)
                 for callback in callbacks:
                     callback.after_step(state)
                 state.loss = value.item()
@@ -246,7 +258,7 @@ def fit(
                     lines.update(completed=state.step, loss=state.loss, lr=f"{optimizer.param_groups[0]['lr']:.2e}")
             if seen == 0:
                 raise TorchslimError(f"{label}: the training data gave no batches")
-            metrics: dict[str, Any] = {"epoch": epoch + 1, "train_loss": loss_sum / seen}
+            metrics: dict[str, Any] = {"epoch": epoch + 1, "train_loss": parallel.mean(loss_sum / seen) if parallel is not None else loss_sum / seen}
             if config.eval_every_epoch:
                 test = evaluate_source(model, source, resolved, limit=config.eval_limit)
                 metrics.update({f"test_{k}": v for k, v in test.items()})
@@ -257,10 +269,45 @@ def fit(
             if on_epoch is not None:
                 on_epoch(epoch, model, {"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(), "history": state.history})
     lines.close()
+    del parallel, forward_model  # release the DDP wrapper's hooks before the model is used alone
     for callback in callbacks:
         callback.on_train_end(state)
     final = evaluate_source(model, source, resolved, limit=config.eval_limit) if evaluate_at_end else {}
     return FitHistory(epochs=state.history, final=final, seconds=time.perf_counter() - started)
+
+
+class Precision:
+    """Autocast for the forward pass and, for fp16, a gradient scaler (gradients are unscaled before callbacks and
+    clipping see them)."""
+
+    def __init__(self, name: str, model: nn.Module) -> None:
+        from torchslim.core.modes import model_device
+
+        self.name = name
+        self.device_type = model_device(model).type
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(name)
+        if self.dtype is torch.float16 and self.device_type == "cpu":
+            raise TorchslimError("precision fp16 needs a CUDA device; on CPU use bf16 (or fp32)")
+        self.scaler = torch.amp.GradScaler(self.device_type) if self.dtype is torch.float16 else None
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device_type, dtype=self.dtype)
+
+    def backward(self, value: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        if self.scaler is None:
+            value.backward()
+            return
+        self.scaler.scale(value).backward()
+        self.scaler.unscale_(optimizer)
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.scaler is None:
+            optimizer.step()
+            return
+        self.scaler.step(optimizer)  # skipped when a gradient overflowed; the scale then shrinks
+        self.scaler.update()
 
 
 def _resume(state: TrainState, saved: dict[str, Any], start_epoch: int, label: str) -> None:

@@ -1,0 +1,250 @@
+"""Data-parallel training under ``torchrun``: one process per device, gradients averaged with
+DistributedDataParallel (gloo on CPU, NCCL on CUDA).
+
+Launch any script or command that trains (``fit``, and through it every fine-tuning stage: prune, quantize / QAT,
+distill, factorize, compress) with ``torchrun``; torchslim sees ``WORLD_SIZE`` and:
+
+- joins the process group once (``init``), on ``cuda:LOCAL_RANK`` when the model is on CUDA, else on CPU with gloo;
+- wraps the model in ``DistributedDataParallel`` for the training steps only (state is broadcast from rank 0 when
+  the wrap is made, so weights, masks and observers start identical on every rank);
+- splits every training batch across the ranks (rank ``r`` keeps its ``r``-th slice along the first dimension), so
+  the global batch is the batch one process would see and a run on N processes follows the one-process run;
+  a user's ``DataLoader`` with a ``DistributedSampler`` is already sharded and is used as it is (``set_epoch`` is
+  called for each epoch);
+- averages the gradients of trained parameters outside the model (distillation adapters) as well;
+- shows progress and writes files on rank 0 only (``is_main``).
+
+Example (two processes on one machine; the multi-node form is in README.md)::
+
+    torchrun --standalone --nproc-per-node 2 -m torchslim train --model lenet-5 --data mnist --epochs 2 --out lenet5.safetensors
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from torchslim.core.errors import TorchslimError
+
+
+@dataclasses.dataclass(frozen=True)
+class World:
+    """This process's place: ``rank`` of ``size`` processes, ``local_rank`` on its machine."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def launched() -> World:
+    """The world ``torchrun`` (or any launcher setting RANK / WORLD_SIZE / LOCAL_RANK) started this process in."""
+    try:
+        size = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    except ValueError as error:
+        raise TorchslimError(f"the launcher's environment is not understood (RANK / WORLD_SIZE / LOCAL_RANK): {error}") from None
+    if size < 1 or not 0 <= rank < size:
+        raise TorchslimError(f"the launcher's environment says rank {rank} of {size} processes")
+    return World(rank, size, local)
+
+
+def world() -> World:
+    """The current world: the launched one once the process group is up, else a single process."""
+    if dist.is_available() and dist.is_initialized():
+        return World(dist.get_rank(), dist.get_world_size(), launched().local_rank)
+    return World()
+
+
+def is_main() -> bool:
+    """True on rank 0 (and in a single process): the one that logs and writes files."""
+    return world().main
+
+
+def local_device(kind: str = "cpu") -> torch.device:
+    """This process's device: ``cuda:LOCAL_RANK`` for CUDA, else CPU."""
+    if kind == "cuda":
+        return torch.device("cuda", launched().local_rank)
+    return torch.device("cpu")
+
+
+def init(device: str | torch.device = "cpu") -> World:
+    """Join the process group when launched with more than one process (gloo on CPU, NCCL on CUDA); a no-op in a
+    single process or when already joined. Returns the world."""
+    launch = launched()
+    if not launch.distributed or (dist.is_available() and dist.is_initialized()):
+        return world()
+    if not dist.is_available():
+        raise TorchslimError("this PyTorch build has no torch.distributed; run with one process")
+    kind = torch.device(device).type
+    if kind == "cuda":
+        torch.cuda.set_device(launch.local_rank)
+    dist.init_process_group(backend="nccl" if kind == "cuda" else "gloo")
+    atexit.register(_leave)
+    return world()
+
+
+def _leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing in a single process)."""
+    if world().distributed:
+        dist.barrier()
+
+
+def shard_batch(batch: Any, current: World) -> Any:
+    """Rank ``current.rank``'s slice of a global batch: every tensor (and list) split along its first dimension into
+    ``current.size`` near-equal parts; other values are kept whole."""
+    if isinstance(batch, torch.Tensor):
+        if batch.dim() == 0:
+            return batch
+        if batch.shape[0] < current.size:
+            raise TorchslimError(
+                f"a training batch of {batch.shape[0]} examples cannot be split across {current.size} processes; use a batch size of at least {current.size}"
+            )
+        return torch.tensor_split(batch, current.size)[current.rank]
+    if isinstance(batch, dict):
+        return {key: shard_batch(value, current) for key, value in batch.items()}
+    if isinstance(batch, tuple):
+        return tuple(shard_batch(value, current) for value in batch)
+    if isinstance(batch, list):
+        if batch and all(isinstance(value, torch.Tensor) for value in batch):
+            return [shard_batch(value, current) for value in batch]
+        bounds = torch.tensor_split(torch.arange(len(batch)), current.size)[current.rank]
+        return batch[int(bounds[0]) : int(bounds[-1]) + 1] if len(bounds) else []
+    return batch
+
+
+def _examples(batch: Any) -> int | None:
+    """The first dimension of the first tensor in a batch."""
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0] if batch.dim() else None
+    values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (tuple, list)) else ()
+    for value in values:
+        found = _examples(value)
+        if found is not None:
+            return found
+    return None
+
+
+def presharded(data: Any) -> bool:
+    """Whether the user's data is a loader that already gives each rank its own examples (a DistributedSampler)."""
+    from torch.utils.data.distributed import DistributedSampler
+
+    loader = getattr(data, "train", data)
+    return isinstance(getattr(loader, "sampler", None), DistributedSampler)
+
+
+def set_epoch(data: Any, epoch: int) -> None:
+    """Tell a user's DistributedSampler which epoch starts (its shuffling depends on it)."""
+    loader = getattr(data, "train", data)
+    sampler = getattr(loader, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+
+
+class DataParallel:
+    """What ``fit`` uses while training on several processes: the DDP-wrapped model for the forward pass, the batch
+    slicer, and the averaging of gradients the wrapper does not own."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, data: Any) -> None:
+        self.world = world()
+        self.sharded = presharded(data)
+        from torch.nn.parallel import DistributedDataParallel
+
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        if not any(p.requires_grad for p in model.parameters()):
+            raise TorchslimError("distributed training: the model has no trainable parameters")
+        self.device = device
+        self.wrapped = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        owned = {id(p) for p in model.parameters()}
+        self.weight = 1.0
+        self.others = [p for group in optimizer.param_groups for p in group["params"] if id(p) not in owned]
+        for parameter in self.others:  # start identical
+            dist.broadcast(parameter.data, 0)
+
+    def batch(self, batch: Any) -> Any:
+        """This rank's part of the batch. ``weight`` becomes the factor that makes the gradients DDP averages equal
+        those of the whole batch when the parts are unequal (a last batch of 29 split 15 + 14)."""
+        if self.sharded:
+            self.weight = 1.0
+            return batch
+        part = shard_batch(batch, self.world)
+        whole, mine = _examples(batch), _examples(part)
+        self.weight = mine * self.world.size / whole if whole and mine is not None else 1.0
+        return part
+
+    def average_other_gradients(self) -> None:
+        for parameter in self.others:
+            if parameter.grad is None:
+                parameter.grad = torch.zeros_like(parameter)
+            dist.all_reduce(parameter.grad)
+            parameter.grad /= self.world.size
+
+    def mean(self, value: float) -> float:
+        """A scalar averaged over the ranks (the logged loss)."""
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor)
+        return float(tensor.item()) / self.world.size
+
+
+def global_range(low: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The minimum of ``low`` and maximum of ``high`` over all ranks (an observer's range of the global batch); the
+    values themselves in a single process."""
+    if not world().distributed:
+        return low, high
+    low, high = low.clone(), high.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    return low, high
+
+
+def same_on_every_rank(tensors: Iterable[torch.Tensor]) -> bool:
+    """True when every rank holds the same values (checks weights and masks after distributed training)."""
+    current = world()
+    if not current.distributed:
+        return True
+    for tensor in tensors:
+        local = tensor.detach().to(torch.float64).reshape(-1)
+        reference = local.clone()
+        dist.broadcast(reference, 0)
+        differs = torch.tensor([0.0 if torch.equal(local, reference) else 1.0], dtype=torch.float64, device=local.device)
+        dist.all_reduce(differs)
+        if differs.item() > 0:
+            return False
+    return True
+
+
+__all__ = [
+    "DataParallel",
+    "World",
+    "barrier",
+    "global_range",
+    "init",
+    "is_main",
+    "launched",
+    "local_device",
+    "presharded",
+    "same_on_every_rank",
+    "set_epoch",
+    "shard_batch",
+    "world",
+]

@@ -1,0 +1,66 @@
+"""Run by tests/train/test_distributed.py, once alone and once under ``torchrun`` with 2 processes: fine-tuning,
+pruning with fine-tuning, distillation with a feature adapter, QAT and an interrupted-then-resumed recipe, all on the
+embedded digits. Each rank writes its final weights and what it saw to ``<out>/rank<r>-of-<n>.*``."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+
+
+def main(out: str) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    import torchslim as ts
+    from torchslim.pipeline import CompressInterrupted
+    from torchslim.pipeline import stages as stages_module
+    from torchslim.train import distributed, fit
+
+    torch.set_num_threads(1)
+    current = distributed.init("cpu")
+    data = ts.data.load("digits")
+    tune = {"epochs": 1, "batch_size": 61, "lr": 0.02, "eval_every_epoch": False}
+    torch.manual_seed(0)
+    model = ts.models.create("lenet-300-100", in_features=64)
+    history = fit(model, data, {"epochs": 2, "batch_size": 64, "lr": 0.05, "eval_every_epoch": False}, progress=False, evaluate_at_end=False)
+    pruned = ts.prune(model, {"sparsity": [0.5, 0.8]}, data=data, finetune=tune, progress=False).model
+    torch.manual_seed(1)
+    student = ts.models.create("mlp", in_features=64, hidden=(32,))
+    distilled = ts.distill(student, model, data, {"features": [{"student": "layers.0", "teacher": "fc1", "weight": 0.5}], "train": tune}, progress=False).model
+    # QAT's rounding turns float summation-order differences into flipped codes over many steps: a few steps only
+    qat = ts.quantize(
+        model, {"method": "qat", "calibration_batches": 2, "export": False}, data=data, finetune={**tune, "max_batches_per_epoch": 4}, progress=False
+    ).model
+    recipe = {
+        "name": "small",
+        "stages": [{"prune": {"sparsity": 0.6, "finetune": tune}}, {"finetune": tune}, {"quantize": {"weights": {"scheme": "kmeans", "bits": 4}}}],
+    }
+    checkpoint = f"{out}/ckpt-{current.size}"
+    original = stages_module.quantize
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    stages_module.quantize = interrupted
+    with contextlib.suppress(CompressInterrupted):
+        ts.compress(model, recipe, data, checkpoint=checkpoint, latency=False, progress=False)
+    stages_module.quantize = original
+    distributed.barrier()  # in real use the resumed run is a new launch; here rank 0 must have written first
+    resumed = ts.compress(model, recipe, data, checkpoint=checkpoint, resume=True, latency=False, progress=False).model
+    distributed.barrier()
+    state = {}
+    for prefix, network in (("fit", model), ("prune", pruned), ("distill", distilled), ("qat", qat), ("resumed", resumed)):
+        for key, value in network.state_dict().items():
+            if value.is_floating_point() or value.dtype == torch.bool:
+                state[f"{prefix}/{key}"] = value.detach().float().contiguous()
+    name = f"{out}/rank{current.rank}-of-{current.size}"
+    save_file(state, f"{name}.safetensors")
+    summary = {"same_on_every_rank": distributed.same_on_every_rank(state.values()), "train_loss": history.epochs[-1]["train_loss"]}
+    with open(f"{name}.json", "w") as handle:
+        json.dump(summary, handle)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
