@@ -30,6 +30,12 @@ def test_train_evaluate_profile_round_trip(tmp_path, capsys):
     assert f"accuracy {100 * accuracy:.2f}%" in capsys.readouterr().out
     assert main(["profile", str(out), "--data", "digits", "--batch-sizes", "1,8", "--runs", "5"]) == 0
     assert "batch    8" in capsys.readouterr().out
+    for form, suffix in (("onnx", ".onnx"), ("pt2", ".pt2"), ("torchscript", ".pt")):
+        exported = tmp_path / f"digits{suffix}"
+        assert main(["export", str(out), "--data", "digits", "--format", form, "--out", str(exported)]) == 0
+        assert f"{form} written to {exported}" in capsys.readouterr().out and exported.is_file()
+    assert main(["evaluate", str(tmp_path / "digits.onnx"), "--data", "digits"]) == 0  # the ONNX file runs in ONNX Runtime
+    assert f"accuracy {100 * accuracy:.2f}%" in capsys.readouterr().out
     # the model written earlier is not overwritten without --force
     before = out.read_bytes()
     assert main(["train", "--data", "digits", "--epochs", "1", "--out", str(out)]) == 1

@@ -14,7 +14,7 @@ from torchslim.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
-EXAMPLES = ["pruning.md", "structured-pruning.md", "quantization.md", "distillation.md", "recipes.md", "network-compression.md", "cli.md"]
+EXAMPLES = ["pruning.md", "structured-pruning.md", "quantization.md", "distillation.md", "recipes.md", "network-compression.md", "acceleration.md", "cli.md"]
 
 
 def test_every_page_is_linked_and_every_link_resolves():

@@ -9,12 +9,13 @@ Example:
     True
 """
 
-from torchslim import codec, compression, data, export, io, llm, measure, models, report, tasks
+from torchslim import codec, compression, data, io, llm, measure, models, report, tasks
 from torchslim.compression import factorize, narrow, remove_blocks, sensitivity, substitute_activations
 from torchslim.core import Config, ConfigError, Report, Result, TorchslimError
 from torchslim.core.checks import allow_nonfinite
 from torchslim.data.sources import Data
 from torchslim.distillation import distill
+from torchslim.export.verb import export  # the verb; the package stays importable as torchslim.export
 from torchslim.llm import quantize as _llm_quantize  # noqa: F401 - registers the gptq method
 from torchslim.measure.profile import profile
 from torchslim.pipeline import compress

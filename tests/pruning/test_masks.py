@@ -37,3 +37,17 @@ def test_thresholds_and_han_rule():
 def test_sparsity_out_of_range_names_layer(bad):
     with pytest.raises(TorchslimError, match=r"fc2: sparsity must be in \[0, 1\)"):
         layer_masks({"fc2": torch.rand(3)}, bad)
+
+
+def test_making_a_copy_permanent_leaves_the_original_masked_and_working():
+    import copy
+
+    import torchslim as ts
+
+    torch.manual_seed(0)
+    model = ts.prune(torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.Linear(144, 2)), {"sparsity": 0.5}).model
+    x = torch.randn(2, 1, 8, 8)
+    before = model(x)
+    permanent = ts.make_permanent(copy.deepcopy(model))
+    assert torch.equal(permanent(x), before) and not hasattr(permanent[0], "parametrizations")
+    assert torch.equal(model(x), before) and hasattr(model[0], "parametrizations")  # the original still runs, masked

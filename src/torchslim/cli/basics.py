@@ -172,3 +172,35 @@ def profile(
         result.report.save(report)
     first = result.report.stages[0].metrics["latency"][0]
     run.finish(f"{model}: {first['backend']} batch {first['batch_size']} median {first['median_ms']:.3f} ms", result.report, {"report": report})
+
+
+@app.command("export")
+@with_data()
+@with_run_options()
+def export_command(
+    source: DataArguments,
+    run: RunOptions,
+    model: str = typer.Argument(..., help="A saved model file (.safetensors / .tslim / .onnx) or a registered model name."),
+    format: str = typer.Option("onnx", "--format", help="onnx, pt2 (torch.export) or torchscript."),
+    out: Path | None = typer.Option(None, help="The exported file (default: <model>.<onnx|pt2|pt>)."),
+    static_batch: bool = typer.Option(False, "--static-batch", help="Fix the batch size to the example's instead of a dynamic batch."),
+    trust_factory: bool = typer.Option(False, help="Allow a model file whose architecture is an import path."),
+    force: bool = typer.Option(False, help="Overwrite --out if it exists."),
+) -> None:
+    """Export a model (dense, pruned, factorized or quantized) as ONNX, a torch.export program or TorchScript; the
+    file is loaded back and checked against PyTorch on the data's first example at batch 1 and 3."""
+    import torchslim as ts
+    from torchslim.export.verb import FORMATS
+
+    if format not in FORMATS:
+        raise TorchslimError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
+    stem = Path(model).stem if Path(model).suffix else model.replace(":", "-")
+    out = out or Path(f"{stem}{FORMATS[format]}")
+    refuse_overwrite(out, force=force)
+    dataset = source.load()
+    network = ts.load(model) if model.endswith(".onnx") else run.place(load_model_arg(model, dataset, trust_factory))
+    result = ts.export(network, format, example_input(dataset), out, dynamic_batch=not static_batch, overwrite=force)
+    metrics = result.report.stages[0].metrics
+    worst = max(metrics["max_abs_difference"].values())
+    line = f"{format} written to {out} ({metrics['file_bytes']:,} bytes); loaded back: largest difference from PyTorch {worst:.2e}"
+    run.finish(line, result.report, {"model": out})

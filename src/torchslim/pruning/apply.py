@@ -59,6 +59,10 @@ def make_permanent(model: nn.Module) -> nn.Module:
     ties = tied_groups(model)
     for module in model.modules():
         if get_mask(module) is not None:
+            # a deep copy shares the parametrized class with its original, and removal edits that class: give this
+            # module a class of its own first, so removing here cannot break the original
+            shared = type(module)
+            module.__class__ = type(shared.__name__, shared.__bases__, dict(shared.__dict__))
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
     retie(model, ties, "make_permanent")
     return model

@@ -9,6 +9,7 @@ section 3.3), ``pow2`` (log / power-of-two levels held as a codebook), ``binary`
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -23,6 +24,26 @@ from torchslim.quantization import kernels
 from torchslim.quantization.formats import ENCODE_CHUNK, FORMATS, WeightScheme
 from torchslim.quantization.packing import pack_codes, unpack_codes, unpack_small
 from torchslim.quantization.primitives import UniformSpec, check_finite, group_count
+
+_DECODING = [False]
+
+
+@contextlib.contextmanager
+def decoded_weights() -> Iterator[None]:
+    """Inside the block, weight-only layers multiply by their decoded float weight instead of an integer kernel (whose
+    activations are bfloat16): the exact math of the quantized weights, which an ONNX export reproduces."""
+    previous = _DECODING[0]
+    _DECODING[0] = True
+    try:
+        yield
+    finally:
+        _DECODING[0] = previous
+
+
+def kernels_off() -> bool:
+    """Whether integer kernels are off: inside ``decoded_weights`` or while exporting to ONNX (which has none)."""
+    return _DECODING[0] or torch.onnx.is_in_onnx_export()
+
 
 # decoded weights (and unpacked codes) of layers up to this many weights are kept between calls, so small networks
 # run at full speed in eager mode; larger layers run on an integer kernel or decode on each call (bounded memory)
@@ -217,7 +238,7 @@ class QuantizedLinear(_QuantizedLayer):
         if self.quantized.scheme.input_scale:
             x = x * self.input_scale.to(x.dtype)
         # integer kernels have no backward: training through the layer (to the layers before it) decodes instead
-        inference = x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad)
+        inference = x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad) and not kernels_off()
         kernel = self.quantized.kernel() if inference else None
         if kernel is not None:
             return kernel(x, self.bias)
@@ -299,6 +320,36 @@ class QuantizedEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, scheme={self.quantized.scheme.scheme}, bits={self.quantized.scheme.stored_bits}"
+
+
+@torch.no_grad()
+def float_equivalent(module: nn.Module) -> nn.Module | None:
+    """The plain float layer that computes what a weight-only quantized layer computes (decoded weight; an input
+    scale folded into it), or None for a module that is not one or has no such layer (per-token activation
+    quantization). What an exporter without bit operations or integer kernels can follow."""
+    if isinstance(module, QuantizedLinear) and module.quantized.scheme.activation_bits is None:
+        plain: nn.Module = nn.Linear(module.in_features, module.out_features, module.bias is not None)
+    elif isinstance(module, QuantizedConv2d):
+        plain = nn.Conv2d(
+            module.in_channels,
+            module.out_channels,
+            (module.kernel_size[0], module.kernel_size[1]),
+            module.stride,
+            module.padding,
+            module.dilation,
+            module.groups,
+            module.bias is not None,
+        )
+    elif isinstance(module, QuantizedEmbedding):
+        plain = nn.Embedding(module.num_embeddings, module.embedding_dim, module.padding_idx)
+    else:
+        return None
+    plain = plain.to(module.quantized.packed.device if hasattr(module.quantized, "packed") else module.weight.device)
+    plain.weight.copy_(module.weight)
+    bias = getattr(module, "bias", None)
+    if bias is not None:
+        plain.bias.copy_(bias)
+    return plain
 
 
 @register_mac_counter(QuantizedLinear)

@@ -1,0 +1,138 @@
+"""``ts.export``: dense, pruned, factorized and quantized models as ONNX, torch.export programs and TorchScript,
+each loaded back from the file and checked against PyTorch at two batch sizes; failures leave nothing behind."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from torch import nn
+
+import torchslim as ts
+from tests import zoo
+from tests.test_zoo import _text_batches
+from torchslim.quantization.modules import decoded_weights
+
+FORMATS = ["onnx", "pt2", "torchscript"]
+SUFFIX = {"onnx": ".onnx", "pt2": ".pt2", "torchscript": ".pt"}
+
+
+@pytest.fixture(scope="module")
+def trained(digits):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(1024, 10)
+    )
+    return ts.train(model, digits, {"epochs": 2, "lr": 0.05}, progress=False).model.eval()
+
+
+def _variants(model, digits):
+    example = digits.test.inputs[:4]
+    return {
+        "dense": model,
+        "channels-removed": ts.prune_channels(model, {"ratio": 0.5}, example_input=example).model,
+        "masked": ts.prune(model, {"sparsity": 0.8}).model,
+        "factorized": ts.factorize(model, {"energy": 0.9}, example_input=example).model,
+        "int8-weights": ts.quantize(model, {"weights": {"bits": 8}}).model,
+        "kmeans-4bit": ts.quantize(model, {"weights": {"scheme": "kmeans", "bits": 4}}).model,
+    }
+
+
+@pytest.mark.parametrize("form", FORMATS)
+def test_every_kind_of_compressed_model_exports_and_matches_pytorch(trained, digits, form, tmp_path):
+    example = digits.test.inputs[:4]
+    for name, model in _variants(trained, digits).items():
+        path = tmp_path / f"{name}{SUFFIX[form]}"
+        result = ts.export(model, form, example, path)
+        metrics = result.report.stages[0].metrics
+        assert path.is_file() and metrics["file_bytes"] == path.stat().st_size, name
+        assert set(metrics["max_abs_difference"]) == {"1", "3"} and max(metrics["max_abs_difference"].values()) <= metrics["tolerance"], name
+        # the loaded model takes any batch size and agrees with the original on real digits (an ONNX file has no int8
+        # kernel with bfloat16 activations: it matches the exact decoded math)
+        with torch.no_grad(), decoded_weights() if form == "onnx" else contextlib.nullcontext():
+            expected = model.eval()(digits.test.inputs[:7])
+            produced = result.model(digits.test.inputs[:7])
+        torch.testing.assert_close(torch.as_tensor(produced), expected, atol=1e-4, rtol=1e-4, msg=name)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{name}{SUFFIX[form]}" for name in _variants(trained, digits))
+
+
+def test_the_callers_model_keeps_its_masks(trained, tmp_path):
+    from torchslim.pruning.apply import masks_of
+
+    masked = ts.prune(trained, {"sparsity": 0.5}).model
+    ts.export(masked, "torchscript", torch.randn(2, 1, 8, 8), tmp_path / "m.pt")
+    assert set(masks_of(masked)) == {"0", "3", "6"}  # masks folded in the exported copy only
+
+
+def test_an_int8_engine_exports_as_onnx_only(trained, digits, tmp_path):
+    engine = ts.quantize(trained, {"method": "onnxruntime", "calibration_batches": 2}, data=digits).model
+    result = ts.export(engine, "onnx", digits.test.inputs[:4], tmp_path / "int8.onnx")
+    assert max(result.report.stages[0].metrics["max_abs_difference"].values()) == 0.0  # the same engine, byte for byte
+    with pytest.raises(ts.TorchslimError, match="exports as onnx only, not pt2"):
+        ts.export(engine, "pt2", digits.test.inputs[:4], tmp_path / "int8.pt2")
+    assert not (tmp_path / "int8.pt2").exists()
+
+
+@pytest.mark.parametrize("form", ["onnx", "pt2"])
+def test_a_hugging_face_model_with_keyword_inputs(form, tmp_path):
+    torch.manual_seed(0)
+    model = zoo.llama().eval()
+    batch = _text_batches()[0]
+    result = ts.export(model, form, {"input_ids": batch["input_ids"][:2], "attention_mask": batch["attention_mask"][:2]}, tmp_path / f"llama{SUFFIX[form]}")
+    assert max(result.report.stages[0].metrics["max_abs_difference"].values()) < 1e-3
+
+
+class _ValueDependent(nn.Module):
+    """Control flow on the input's values: tracing records one branch only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:
+            return self.linear(x)
+        return -self.linear(x)
+
+
+def test_a_wrong_export_is_refused_and_what_was_there_stays(tmp_path):
+    target = tmp_path / "model.pt"
+    target.write_bytes(b"the user's file")
+    with pytest.raises(ts.TorchslimError, match="exists; refusing to overwrite"):
+        ts.export(_ValueDependent(), "torchscript", torch.ones(2, 4), target)
+    # traced on a positive example, checked on inputs whose first example is positive too: passes...
+    torch.manual_seed(0)
+    model = _ValueDependent()
+    positive = torch.ones(2, 4)
+    ts.export(model, "torchscript", positive, tmp_path / "ok.pt")
+    # ...but a tolerance check on a negative example catches the recorded branch; the existing file is untouched
+    negative = -torch.ones(1, 4)
+    with pytest.raises(ts.TorchslimError, match="differs from the PyTorch model"):
+        _traced_on(model, positive, negative, target)
+    assert target.read_bytes() == b"the user's file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", "ok.pt"]
+
+
+def _traced_on(model, traced, checked, target):
+    """Export traced on one example and checked on another (by swapping the first example the check repeats)."""
+    from torchslim.export import verb
+
+    original = verb._first_examples
+
+    def first(example, count):
+        return original(traced if count == 2 else checked, count)
+
+    verb._first_examples = first
+    try:
+        ts.export(model, "torchscript", checked, target, overwrite=True)
+    finally:
+        verb._first_examples = original
+
+
+def test_bad_arguments_are_named(tmp_path):
+    with pytest.raises(ts.TorchslimError, match="format must be one of onnx, pt2, torchscript, got 'tflite'"):
+        ts.export(nn.Linear(2, 2), "tflite", torch.zeros(1, 2), tmp_path / "m")
+    with pytest.raises(ts.TorchslimError, match="export of Linear as pt2 failed"):
+        ts.export(nn.Linear(2, 2), "pt2", torch.zeros(1, 3), tmp_path / "m.pt2")
+    assert not any(tmp_path.iterdir())
