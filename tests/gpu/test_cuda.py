@@ -176,3 +176,11 @@ def test_llm_methods_on_cuda(method):
     batch = {key: value.to(CUDA) for key, value in data[0].items()}
     with torch.no_grad():
         assert torch.isfinite(result.model(**batch).logits).all()
+
+
+@pytest.mark.parametrize("form", ["onnx", "pt2", "torchscript"])
+def test_export_of_a_cuda_model_in_every_format(convnet, form, tmp_path):
+    pytest.importorskip("onnxruntime")
+    result = ts.export(convnet, form, torch.randn(2, 1, 8, 8, device=CUDA), tmp_path / f"convnet.{form}")
+    metrics = result.report.stages[0].metrics
+    assert max(metrics["max_abs_difference"].values()) <= metrics["tolerance"]

@@ -86,7 +86,7 @@ def _prepared(model: nn.Module, form: str) -> nn.Module:
 
 def _batch_shapes(args: tuple) -> tuple:
     """torch.export's dynamic_shapes: dimension 0 of every tensor input is the batch."""
-    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    batch = torch.export.Dim.DYNAMIC  # whatever range the model allows (a CUDA convolution caps it at 65535)
     return tuple({0: batch} if isinstance(a, torch.Tensor) and a.dim() > 0 else None for a in args)
 
 
