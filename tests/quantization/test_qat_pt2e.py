@@ -88,3 +88,39 @@ def test_native_ptq_with_observers_folds_bn_and_stores_int8(tmp_path):
     from torchslim.quantization.primitives import sqnr_db
 
     assert sqnr_db(model(x), OnnxModule(path)(x)) > 15
+
+
+def test_native_int8_quantizes_residual_adds_pooling_and_the_classifier_with_torchslims_ranges(tmp_path):
+    """Every activation range comes from torchslim's observer (minmax reproduces ONNX Runtime's own calibration
+    exactly), and ONNX Runtime's optimized graph runs the residual adds, the pooling and the classifier in int8."""
+    import collections
+
+    import onnx
+    import onnxruntime as ort
+
+    from torchslim.quantization.primitives import sqnr_db
+
+    torch.manual_seed(0)
+    model = ts.models.create("resnet20").eval()
+    batches = [(torch.randn(8, 3, 32, 32), None) for _ in range(4)]
+    example, probe = torch.randn(1, 3, 32, 32), torch.randn(16, 3, 32, 32)
+    common = {"calibration_batches": 4, "batch_size": 8}
+    engines = {
+        name: ts.quantize(model, config, data=batches, example_input=example, path=tmp_path / f"{name}.onnx").model
+        for name, config in {
+            "native-minmax": {"method": "native-int8", "observer": "minmax", **common},
+            "native-mse": {"method": "native-int8", "observer": "mse", **common},
+            "onnxruntime": {"method": "onnxruntime", "calibration": "minmax", **common},
+        }.items()
+    }
+    with torch.no_grad():
+        reference = model(probe)
+    outputs = {name: engine(probe) for name, engine in engines.items()}
+    torch.testing.assert_close(outputs["native-minmax"], outputs["onnxruntime"], rtol=0, atol=0)  # the same ranges
+    assert sqnr_db(reference, outputs["native-mse"]) > 20
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(tmp_path / "native-mse.onnx"), options, providers=["CPUExecutionProvider"])
+    ops = collections.Counter(node.op_type for node in onnx.load(str(tmp_path / "optimized.onnx")).graph.node)
+    assert ops["QLinearConv"] == 19 and ops["QLinearAdd"] == 9 and ops["QLinearGlobalAveragePool"] == 1 and ops["QGemm"] == 1
+    assert "Conv" not in ops and "Add" not in ops and "Gemm" not in ops

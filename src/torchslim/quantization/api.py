@@ -39,7 +39,7 @@ from torchslim.data.sources import DataSource, as_source
 from torchslim.export.onnx import OnnxModule
 from torchslim.quantization.observers import OBSERVERS
 from torchslim.quantization.onnx_static import OnnxInt8Config, quantize_onnx
-from torchslim.quantization.qat import QATConfig, calibrate_observers, calibrate_qat, export_qat_onnx, fold_batchnorm, prepare_qat
+from torchslim.quantization.qat import QATConfig, calibrate_qat, export_qat_onnx, prepare_qat
 from torchslim.quantization.weight_only import WeightOnlyConfig, quantize_weights
 from torchslim.tasks.base import Task, resolve_task
 from torchslim.train.fit import TrainConfig, fit
@@ -179,13 +179,15 @@ def _onnxruntime(model: nn.Module, config: OnnxInt8Config, context: _Context) ->
 
 @quantization_method("native-int8", NativeInt8Config, needs_data=True, engine=lambda config: True)
 def _native_int8(model: nn.Module, config: NativeInt8Config, context: _Context) -> tuple[nn.Module, Stage]:
-    native = prepare_qat(fold_batchnorm(model), {"weight_scale": "observer"}, inplace=True)
     batches = list(_take(_calibration(context, config.batch_size), config.calibration_batches))
-    calibrate_observers(native, batches, config.observer, config.calibration_batches)
+    settings = OnnxInt8Config(calibration_batches=config.calibration_batches, batch_size=config.batch_size, observer=config.observer)
     with tempfile.TemporaryDirectory() as folder:
-        engine = OnnxModule(export_qat_onnx(native, context.example, _output_path(context, folder)), threads=context.threads)
+        engine = OnnxModule(quantize_onnx(model, context.example, batches, _output_path(context, folder), settings), threads=context.threads)
     return engine, _stage(
-        [f"BatchNorm folded; {config.observer} observers over {len(batches)} batches"],
+        [
+            f"BatchNorm folded; every activation range from torchslim's {config.observer} observer over {len(batches)} batches; "
+            "Q/DQ pairs placed by ONNX Runtime's quantizer (convolutions, matrix products, residual adds, concatenations, pooling)"
+        ],
         f"ONNX Runtime, static int8 QDQ ({config.observer} calibration by torchslim)",
         engine,
     )

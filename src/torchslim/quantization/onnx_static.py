@@ -53,6 +53,7 @@ class OnnxInt8Config(Config):
     smooth: float | None = None
     weight_matmuls_only: bool | None = None  # None: for models with keyword inputs (transformers)
     float_head: bool = False  # with weight_matmuls_only: the last product with a weight (LM head, classifier) stays float
+    observer: str | None = None  # a torchslim observer sets every activation range (ONNX Runtime's calibrator is not used)
 
     def validate(self) -> None:
         check(self.method == "onnxruntime", f"method must be 'onnxruntime' for OnnxInt8Config, got {self.method!r}")
@@ -62,6 +63,10 @@ class OnnxInt8Config(Config):
         check(self.activations in ("uint8", "int8"), f"activations must be uint8 or int8, got {self.activations!r}")
         check(self.smooth is None or 0.0 <= self.smooth <= 1.0, f"smooth (SmoothQuant's alpha) must be in [0, 1] or None, got {self.smooth}")
         check(0.0 < self.percentile <= 100.0, f"percentile must be in (0, 100], got {self.percentile}")
+        if self.observer is not None:
+            from torchslim.quantization.observers import OBSERVERS
+
+            check(self.observer in OBSERVERS, f"observer must be one of {', '.join(OBSERVERS.names())} or None, got {self.observer!r}")
 
 
 def _uniform(batches: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
@@ -128,6 +133,42 @@ def _weight_matmuls(path: Path) -> tuple[list[str], list[str]]:
     return with_weight, between
 
 
+def observed_ranges(path: Path, batches: list[dict[str, torch.Tensor]], observer: str) -> dict[str, dict[str, Any]]:
+    """Every float activation of the ONNX model at ``path`` (its inputs and each node's outputs) watched by a
+    torchslim observer over ``batches``; returns ONNX Runtime's TensorQuantOverrides ({tensor: [{rmin, rmax}]})."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from torchslim.quantization.observers import make_observer
+
+    model = onnx.load(str(path))
+    typed = onnx.shape_inference.infer_shapes(model).graph
+    floats = {v.name for v in [*typed.value_info, *typed.input, *typed.output] if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
+    weights = {i.name for i in model.graph.initializer}
+    inputs = [i.name for i in model.graph.input if i.name in floats and i.name not in weights]
+    produced = [name for node in model.graph.node if node.op_type != "Constant" for name in node.output if name in floats]
+    listed = {o.name for o in model.graph.output}
+    model.graph.output.extend(onnx.ValueInfoProto(name=name) for name in produced if name not in listed)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the tensors as named in the file
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    observers = {name: make_observer(observer, where=f"ONNX tensor {name}") for name in inputs + produced}
+    for batch in batches:
+        feed = {name: value.numpy() for name, value in batch.items()}
+        for name in inputs:
+            observers[name].observe(torch.from_numpy(feed[name]))
+        for name, value in zip(names, session.run(names, feed)):
+            if name in observers:
+                observers[name].observe(torch.from_numpy(np.asarray(value)))
+    overrides = {}
+    for name, seen in observers.items():
+        low, high = seen.range()
+        overrides[name] = [{"rmin": np.float32(min(float(low), 0.0)), "rmax": np.float32(max(float(high), 0.0))}]
+    return overrides
+
+
 def quantize_onnx(
     model: nn.Module, example_input: Any, calibration: Iterable | None, path: str | os.PathLike[str], config: OnnxInt8Config | dict | None = None
 ) -> Path:
@@ -167,6 +208,9 @@ def quantize_onnx(
                 raise TorchslimError("static int8 calibration got no batches: the calibration data is empty")
             method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}[config.calibration]
             extra: dict[str, Any] = {"CalibPercentile": config.percentile} if config.calibration == "percentile" else {}
+            if config.observer is not None:  # torchslim's observer sets every range; ONNX Runtime places the Q/DQ pairs
+                extra["TensorQuantOverrides"] = observed_ranges(prepared, reader.batches, config.observer)
+                method = CalibrationMethod.MinMax
             if only_weights:  # the products' outputs go on in float (to norms, activations, residual adds)
                 extra["OpTypesToExcludeOutputQuantization"] = ["MatMul", "Gemm"]
             try:
