@@ -22,15 +22,17 @@ class CompiledModule(nn.Module):
         self.reference = reference
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
+        """Every call in the same settings as the first: inference mode, freezing on, static shapes. A call in other
+        settings would compile again without freezing, and since the newest graph is tried first, later calls of a
+        shape compiled earlier could run that slow graph."""
+        import torch._dynamo.config as dynamo_config
+
+        with _freezing(), dynamo_config.patch(automatic_dynamic_shapes=False), torch.inference_mode():
             return self._compiled[0](x)
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
-        """Run once with freezing on, so that a new input shape compiles (frozen, static shapes) before any timed run."""
-        import torch._dynamo.config as dynamo_config
-
-        with _freezing(), dynamo_config.patch(automatic_dynamic_shapes=False), torch.no_grad():
-            return self._compiled[0](x)
+        """Compile (frozen, for this shape) before any timed run."""
+        return self(x)
 
 
 def _freezing():
@@ -62,16 +64,15 @@ def pt2e_int8(model: nn.Module, example_input: torch.Tensor, calibration: Iterab
         if seen == 0:
             raise TorchslimError("PT2E calibration got no batches: the calibration data is empty")
         converted = convert_pt2e(prepared)
-        with _freezing():
-            compiled = torch.compile(converted)
-            compiled(example_input)  # compile now, not inside a timed run
-    return CompiledModule(compiled, "pt2e-int8")
+        compiled = torch.compile(converted)
+    module = CompiledModule(compiled, "pt2e-int8")
+    module.prepare(example_input)  # compile now, frozen, not inside a timed run
+    return module
 
 
 def compiled_fp32(model: nn.Module, example_input: torch.Tensor) -> CompiledModule:
     """The same model compiled in fp32 with freezing, for side-by-side timing in the same engine."""
-    with eval_mode(model), torch.no_grad(), _freezing():
-        module = model.eval()
-        compiled = torch.compile(module)
-        compiled(example_input)
-    return CompiledModule(compiled, "compiled-fp32")
+    with eval_mode(model):
+        compiled = CompiledModule(torch.compile(model.eval()), "compiled-fp32")
+        compiled.prepare(example_input)
+    return compiled
