@@ -17,11 +17,10 @@ from benchmarks.common import load_mnist, trained_baseline
 from benchmarks.harness import arguments, write
 from torchslim.measure import compare_latency
 from torchslim.quantization.onnx_static import fp32_onnx_module
-from torchslim.quantization.pt2e import CompiledModule, compiled_fp32, pt2e_int8
-from torchslim.tasks.batches import repeat_example
 from torchslim.quantization.primitives import sqnr_db
+from torchslim.quantization.pt2e import CompiledModule, compiled_fp32, pt2e_int8
 from torchslim.report import markdown
-
+from torchslim.tasks.batches import repeat_example
 
 REFERENCE = "fp32 (ONNX Runtime)"
 
