@@ -251,3 +251,17 @@ def test_any_callable_is_a_group_criterion():
     result = prune_channels(model, {"ratio": 0.3, "importance": bias_size}, example_input=torch.zeros(1, 1, 28, 28))
     assert torch.equal(result.model.fc2.bias, torch.arange(30, 100, dtype=torch.float32))
     assert result.report.stages[0].config["importance"].endswith("bias_size")
+
+
+def test_round_to_an_engine_keeps_its_channel_multiple():
+    from torchslim.pruning.structured import channel_multiple
+
+    torch.manual_seed(0)
+    model = ts.models.create("resnet20").eval()
+    result = ts.prune_channels(model, {"ratio": 0.4, "round_to": "onnxruntime"}, example_input=torch.randn(1, 3, 32, 32))
+    multiple = channel_multiple("onnxruntime")
+    assert multiple in (8, 16) and channel_multiple("cuda") == 8 and channel_multiple(4) == 4
+    widths = {m.out_channels for m in result.model.modules() if isinstance(m, torch.nn.Conv2d)}
+    assert all(width % multiple == 0 for width in widths - {10}) and result.report.stages[0].metrics["macs_ratio"] > 1.2
+    with pytest.raises(ts.ConfigError, match="round_to must be an integer >= 1 or one of onnxruntime, eager, cuda, got 'tpu'"):
+        ts.prune_channels(model, {"ratio": 0.4, "round_to": "tpu"}, example_input=torch.randn(1, 3, 32, 32))

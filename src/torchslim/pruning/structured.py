@@ -74,7 +74,9 @@ class StructuredConfig(Config):
     layers their own ratio (``{"fc2": 0.1}``; 0 keeps a layer's channels whole). ``importance``: a registered group
     criterion (l1, l2, bn_scale, mean_activation, apoz, taylor, wanda, random) or a callable ``(model, group) ->
     float``; "wanda" (what the channels add to the layers that read them, over calibration data) is the one for
-    gated MLPs and transformers. ``round_to``: kept channel counts are multiples of this. ``head_ratio``: fraction of
+    gated MLPs and transformers. ``round_to``: kept channel counts are multiples of this, or the name of the engine
+    that will run the model ("onnxruntime", "eager", "cuda") for the multiple that engine was measured fastest with
+    (``channel_multiple``). ``head_ratio``: fraction of
     attention heads to remove per attention module (ranked by l1, l2, wanda or random; with grouped key/value heads a
     unit is one key/value head with the query heads that share it). ``prune_residual``: whether channels joined
     across a residual add may be removed (for a transformer, its hidden width). The model's inputs and outputs are
@@ -86,7 +88,7 @@ class StructuredConfig(Config):
     importance: Any = "l1"
     layers: LayerSelector = LayerSelector()
     overrides: dict[str, float] = dataclasses.field(default_factory=dict)
-    round_to: int = 1
+    round_to: int | str = 1
     min_channels: int = 1
     prune_residual: bool = True
     head_ratio: float = 0.0
@@ -103,7 +105,10 @@ class StructuredConfig(Config):
             callable(self.importance) or self.importance in GROUP_IMPORTANCE,
             f"importance must be one of {', '.join(GROUP_IMPORTANCE.names())} or a callable (model, group) -> float, got {self.importance!r}",
         )
-        check(self.round_to >= 1, f"round_to must be >= 1, got {self.round_to}")
+        if isinstance(self.round_to, str):
+            check(self.round_to in CHANNEL_MULTIPLES, f"round_to must be an integer >= 1 or one of {', '.join(CHANNEL_MULTIPLES)}, got {self.round_to!r}")
+        else:
+            check(self.round_to >= 1, f"round_to must be >= 1, got {self.round_to}")
         check(self.min_channels >= 1, f"min_channels must be >= 1, got {self.min_channels}")
 
     def to_dict(self) -> dict[str, Any]:
@@ -111,6 +116,25 @@ class StructuredConfig(Config):
         if callable(self.importance):
             plain["importance"] = getattr(self.importance, "__qualname__", repr(self.importance))
         return plain
+
+
+def _cpu_block() -> int:
+    """The channel block of CPU convolutions: ONNX Runtime (NCHWc) and oneDNN lay channels out in blocks as wide as the
+    vector unit, 16 floats with AVX-512 and 8 with AVX2."""
+    return 16 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 8
+
+
+# The channel multiple each engine ran fastest with (benchmarks/channel_multiples.py: ResNet-56 and MobileNetV2-style
+# at 2x fewer MACs, kept counts rounded to 1, 4, 8 and 16, on an AVX-512 CPU). ONNX Runtime: 16 gave 1.46x / 1.40x
+# (ResNet-56, batch 1 / 64) and 1.57x / 1.87x (MobileNetV2) where unrounded counts ran slower than the dense models
+# (0.94x / 0.97x, 0.74x / 0.68x); eager PyTorch: 16 best on MobileNetV2 (1.28x / 1.82x against 1.07x / 1.69x
+# unrounded), ResNet-56 about the same at every multiple. CUDA tensor cores take multiples of 8.
+CHANNEL_MULTIPLES: dict[str, Callable[[], int]] = {"onnxruntime": _cpu_block, "eager": _cpu_block, "cuda": lambda: 8}
+
+
+def channel_multiple(round_to: int | str) -> int:
+    """The channel multiple ``round_to`` stands for: itself, or the one measured best for the named engine here."""
+    return CHANNEL_MULTIPLES[round_to]() if isinstance(round_to, str) else round_to
 
 
 # -- importance ------------------------------------------------------------------------------------------------------
@@ -176,8 +200,9 @@ def head_scores(model: nn.Module, graph: ChannelGraph, heads: list[HeadGroup], c
 
 def _kept_count(total: int, ratio: float, config: StructuredConfig) -> int:
     kept = total - round(ratio * total)
-    if config.round_to > 1:
-        kept = max(config.round_to, int(round(kept / config.round_to)) * config.round_to)
+    multiple = channel_multiple(config.round_to)
+    if multiple > 1:
+        kept = max(multiple, int(round(kept / multiple)) * multiple)
     return min(total, max(kept, config.min_channels))
 
 

@@ -133,7 +133,7 @@ def _weight_matmuls(path: Path) -> tuple[list[str], list[str]]:
     return with_weight, between
 
 
-def observed_ranges(path: Path, batches: list[dict[str, torch.Tensor]], observer: str) -> dict[str, dict[str, Any]]:
+def observed_ranges(path: Path, batches: list[dict[str, torch.Tensor]], observer: str) -> dict[str, list[dict[str, Any]]]:
     """Every float activation of the ONNX model at ``path`` (its inputs and each node's outputs) watched by a
     torchslim observer over ``batches``; returns ONNX Runtime's TensorQuantOverrides ({tensor: [{rmin, rmax}]})."""
     import numpy as np
