@@ -265,3 +265,23 @@ def test_round_to_an_engine_keeps_its_channel_multiple():
     assert all(width % multiple == 0 for width in widths - {10}) and result.report.stages[0].metrics["macs_ratio"] > 1.2
     with pytest.raises(ts.ConfigError, match="round_to must be an integer >= 1 or one of onnxruntime, eager, cuda, got 'tpu'"):
         ts.prune_channels(model, {"ratio": 0.4, "round_to": "tpu"}, example_input=torch.randn(1, 3, 32, 32))
+
+
+def test_pruned_option_a_shortcuts_pad_a_contiguous_block_instead_of_gathering(tmp_path):
+    from torchslim.export.onnx import export_onnx
+    from torchslim.models.resnet_cifar import PadShortcut
+    from torchslim.quantization.onnx_static import count_ops
+
+    torch.manual_seed(0)
+    model = ts.models.create("resnet20").eval()
+    pruned = ts.prune_channels(model, {"ratio": 0.4, "round_to": 4}, example_input=torch.randn(1, 3, 32, 32)).model.eval()
+    shortcuts = [m for m in pruned.modules() if isinstance(m, PadShortcut) and m.index is not None]
+    assert shortcuts and all(s.index == list(range(s.index[0], s.index[0] + s.in_channels)) for s in shortcuts)
+    for shortcut in shortcuts:  # the pad gives exactly what gathering into the recorded positions gives
+        inputs = torch.randn(2, shortcut.in_channels, 8, 8)
+        strided = inputs[:, :, :: shortcut.stride, :: shortcut.stride]
+        gathered = torch.cat([strided, torch.zeros_like(strided[:, :1])], dim=1).index_select(1, shortcut.order)
+        assert torch.equal(shortcut(inputs), gathered)
+    x = torch.randn(3, 3, 32, 32)
+    ops = count_ops(export_onnx(pruned, x[:1], tmp_path / "pruned.onnx"))
+    assert "Gather" not in ops and ops.get("Pad", 0) >= len(shortcuts)

@@ -45,6 +45,9 @@ class PadShortcut(nn.Module):
         if self.stride > 1:
             x = x[:, :, :: self.stride, :: self.stride]
         if self.index is not None:  # after channel pruning the zero channels need not sit symmetrically
+            first = self.index[0] if self.index else 0
+            if self.index == list(range(first, first + self.in_channels)):  # one block: a pad, no gather
+                return F.pad(x, (0, 0, 0, 0, first, self.out_channels - first - self.in_channels))
             return torch.cat([x, torch.zeros_like(x[:, :1])], dim=1).index_select(1, self.order)
         extra = self.out_channels - self.in_channels
         if extra > 0:
