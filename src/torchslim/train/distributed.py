@@ -199,6 +199,12 @@ class DataParallel:
             dist.all_reduce(parameter.grad)
             parameter.grad /= self.world.size
 
+    def all_finite(self, value: torch.Tensor) -> bool:
+        """Whether the loss is finite on every rank (one small all-reduce)."""
+        flag = torch.isfinite(value.detach()).to(torch.float32).reshape(1).to(self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item() > 0)
+
     def mean(self, value: float) -> float:
         """A scalar averaged over the ranks (the logged loss)."""
         tensor = torch.tensor([value], dtype=torch.float64, device=self.device)

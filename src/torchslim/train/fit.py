@@ -234,7 +234,8 @@ def fit(
                     extra = callback.extra_loss(state)
                     if extra is not None:
                         value = value + extra
-                if not torch.isfinite(value):
+                # under torchrun every rank stops together (one rank alone would leave the others waiting)
+                if not (parallel.all_finite(value) if parallel is not None else bool(torch.isfinite(value))):
                     raise TorchslimError(
                         f"{label}: the loss became {value.item()} at epoch {epoch + 1}, step {state.step}; lower "
                         f"the learning rate (lr={config.lr}) or check the data for NaN/Inf"
