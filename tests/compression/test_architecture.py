@@ -139,3 +139,18 @@ def test_every_architecture_stage_in_one_recipe(tmp_path):
     assert run.report.stages[-1].metrics["error"] < 0.12
     run.save(tmp_path / "m.tslim")
     assert ts.evaluate(ts.load(tmp_path / "m.tslim", trust_factory=True), data) == ts.evaluate(run.model, data)
+
+
+def test_narrow_takes_its_config_like_every_verb():
+    from torchslim.pruning.structured import channel_multiple
+
+    torch.manual_seed(0)
+    model = ts.models.create("resnet20").eval()
+    example = torch.randn(1, 3, 32, 32)
+    by_config = ts.narrow(model, {"width": 0.5, "round_to": "onnxruntime"}, example_input=example).model
+    by_arguments = ts.narrow(model, 0.5, example_input=example, round_to=channel_multiple("onnxruntime")).model
+    widths = [m.out_channels for m in by_config.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert widths == [m.out_channels for m in by_arguments.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(width % channel_multiple("onnxruntime") == 0 for width in widths)
+    with pytest.raises(ts.ConfigError, match="narrow: unknown key 'depth'"):
+        ts.narrow(model, {"width": 0.5, "depth": 2}, example_input=example)

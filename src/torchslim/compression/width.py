@@ -21,47 +21,57 @@ from torch import nn
 
 from torchslim.core.config import Config, ConfigError, check
 from torchslim.core.report import Result
-from torchslim.pruning.structured import prune_channels
+from torchslim.pruning.structured import CHANNEL_MULTIPLES, prune_channels
 
 
 @dataclasses.dataclass(frozen=True)
 class NarrowConfig(Config):
-    """The options of ``narrow`` as a recipe stage."""
+    """The options of ``narrow`` (and of its recipe stage): ``width`` in (0, 1], ``per_set`` widths by layer pattern,
+    ``round_to`` (a channel multiple, or an engine's name as in ``prune_channels``), ``heads``."""
 
     width: float = 0.5
     per_set: dict[str, float] = dataclasses.field(default_factory=dict)
-    round_to: int = 1
+    round_to: int | str = 1
     heads: bool = False
 
     def validate(self) -> None:
         check(0.0 < self.width <= 1.0, f"width must be in (0, 1], got {self.width}")
-        check(self.round_to >= 1, f"round_to must be >= 1, got {self.round_to}")
+        for pattern, value in self.per_set.items():
+            check(0.0 < value <= 1.0, f"per_set[{pattern!r}] must be in (0, 1], got {value}")
+        if isinstance(self.round_to, str):
+            check(self.round_to in CHANNEL_MULTIPLES, f"round_to must be an integer >= 1 or one of {', '.join(CHANNEL_MULTIPLES)}, got {self.round_to!r}")
+        else:
+            check(self.round_to >= 1, f"round_to must be >= 1, got {self.round_to}")
 
 
 def narrow(
     model: nn.Module,
-    width: float,
+    width: float | NarrowConfig | dict,
     data: Any = None,
     example_input: Any = None,
     per_set: dict[str, float] | None = None,
-    round_to: int = 1,
+    round_to: int | str = 1,
     heads: bool = False,
 ) -> Result:
     """A copy of ``model`` with every coupled set of channels scaled to ``width`` (in (0, 1]) of its channels, the
     largest-norm (L2) ones kept; ``per_set`` ({layer pattern: width}) scales the sets a layer's outputs belong to by
-    their own width; ``heads`` scales attention heads too. The model's inputs and outputs keep their size."""
-    if not 0.0 < width <= 1.0:
-        raise ConfigError(f"narrow: width must be in (0, 1], got {width}")
-    overrides = {}
-    for pattern, value in (per_set or {}).items():
-        if not 0.0 < value <= 1.0:
-            raise ConfigError(f"narrow: per_set[{pattern!r}] must be in (0, 1], got {value}")
-        overrides[pattern] = 1.0 - value if value < 1.0 else 0.0
-    config = {"ratio": 1.0 - width, "importance": "l2", "round_to": round_to, "overrides": overrides, "head_ratio": (1.0 - width) if heads else 0.0}
-    result = prune_channels(model, config, data=data, example_input=example_input)
+    their own width; ``heads`` scales attention heads too. The model's inputs and outputs keep their size.
+
+    ``width`` may also be the whole config, as every verb takes it: ``narrow(model, {"width": 0.5, "round_to":
+    "onnxruntime"}, example_input=x)`` (then ``per_set``, ``round_to`` and ``heads`` come from it)."""
+    if isinstance(width, (NarrowConfig, dict)):
+        config = NarrowConfig.coerce(width, where="narrow")
+    else:
+        if not 0.0 < width <= 1.0:
+            raise ConfigError(f"narrow: width must be in (0, 1], got {width}")
+        config = NarrowConfig.coerce({"width": width, "per_set": dict(per_set or {}), "round_to": round_to, "heads": heads}, where="narrow")
+    overrides = {pattern: 1.0 - value if value < 1.0 else 0.0 for pattern, value in config.per_set.items()}
+    ratio = 1.0 - config.width
+    settings = {"ratio": ratio, "importance": "l2", "round_to": config.round_to, "overrides": overrides, "head_ratio": ratio if config.heads else 0.0}
+    result = prune_channels(model, settings, data=data, example_input=example_input)
     stage = result.report.stages[0]
     stage.name, stage.kind = "narrow", "narrow"
-    stage.notes.insert(0, f"width x{width}: every coupled set keeps its largest-norm channels")
+    stage.notes.insert(0, f"width x{config.width}: every coupled set keeps its largest-norm channels")
     return result
 
 

@@ -135,7 +135,7 @@ def run_narrow(context: StageContext, stage: RecipeStage) -> StageOutcome:
     assert isinstance(stage.config, NarrowConfig)
     make_permanent(context.model)
     config = stage.config
-    result = narrow(context.model, config.width, data=context.source, per_set=config.per_set, round_to=config.round_to, heads=config.heads)
+    result = narrow(context.model, config, data=context.source)
     metrics = result.report.stages[0].metrics
     notes = [f"MACs {metrics['macs_before']:,} -> {metrics['macs']:,} ({metrics['macs_ratio']:.2f}x fewer)"] + result.report.stages[0].notes
     return StageOutcome(result.model, notes, "eager, smaller dense layers")
