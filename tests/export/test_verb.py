@@ -136,3 +136,22 @@ def test_bad_arguments_are_named(tmp_path):
     with pytest.raises(ts.TorchslimError, match="export of Linear as pt2 failed"):
         ts.export(nn.Linear(2, 2), "pt2", torch.zeros(1, 3), tmp_path / "m.pt2")
     assert not any(tmp_path.iterdir())
+
+
+def test_int8_weights_stay_int8_in_the_onnx_file(trained, digits, tmp_path):
+    import onnx
+
+    from torchslim.quantization.onnx_static import count_ops
+
+    example = digits.test.inputs[:4]
+    dense = ts.export(trained, "onnx", example, tmp_path / "dense.onnx")
+    quantized = ts.quantize(trained, {"weights": {"bits": 8}}).model
+    result = ts.export(quantized, "onnx", example, tmp_path / "int8.onnx")
+    graph = onnx.load(str(tmp_path / "int8.onnx")).graph
+    int8 = [i for i in graph.initializer if i.data_type == onnx.TensorProto.INT8]
+    # the second convolution and the linear layer keep int8 codes behind a DequantizeLinear; the first convolution's
+    # weight changed when the export folded its BatchNorm into it, so it stays float
+    assert sorted(i.name for i in int8) == ["3.weight_int8", "6.weight_int8"], [i.name for i in int8]
+    assert count_ops(tmp_path / "int8.onnx")["DequantizeLinear"] == 2
+    assert result.report.stages[0].metrics["file_bytes"] < 0.5 * dense.report.stages[0].metrics["file_bytes"]
+    assert max(result.report.stages[0].metrics["max_abs_difference"].values()) <= result.report.stages[0].metrics["tolerance"]

@@ -102,6 +102,7 @@ def _write(model: nn.Module, form: str, example: Any, path: Path, dynamic_batch:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             export_onnx(prepared, example, path, dynamic_batch=dynamic_batch)
+        _int8_weights(path, _int8_layers(model))
         return OnnxModule(path)
     # a batch of two: exporters specialize a batch dimension of 1
     traced = _first_examples(example, 2) if dynamic_batch else example
@@ -136,6 +137,58 @@ class _ByName(nn.Module):
 
     def forward(self, *args: torch.Tensor, **inputs: torch.Tensor) -> torch.Tensor:
         return self.program(*args, *(inputs[name] for name in self.names if name in inputs))
+
+
+def _int8_layers(model: nn.Module) -> list[tuple[Any, Any]]:
+    """(int8 codes, per-output-channel scales) as NumPy arrays of every weight-only layer stored as symmetric int8 per
+    channel: the weights an ONNX file can keep as int8 behind a DequantizeLinear."""
+    from torchslim.quantization.modules import QuantizedWeight
+
+    found = []
+    for module in model.modules():
+        if not isinstance(module, QuantizedWeight) or module.scheme.scheme != "uniform" or module.bits != 8:
+            continue
+        spec = module.scheme.uniform_spec()
+        if not spec.symmetric or spec.granularity != "channel" or getattr(module, "input_scale", None) is not None:
+            continue
+        codes = (module.codes().to(torch.int64).reshape(module.shape) + spec.code_range[0]).to(torch.int8)
+        found.append((codes.cpu().numpy(), module.scale.detach().float().reshape(-1).cpu().numpy()))
+    return found
+
+
+def _int8_weights(path: Path, layers: list[tuple[Any, Any]]) -> None:
+    """Replace each float weight of the ONNX file at ``path`` that is exactly an int8 layer's decoded weight (codes x
+    scale, as the exporter wrote it, or transposed for a MatMul) by the int8 codes behind a DequantizeLinear: the same
+    values, a quarter of the bytes. Weights changed by the export (BatchNorm folded into them) stay float."""
+    if not layers:
+        return
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    replaced = []
+    for initializer in list(graph.initializer):
+        if initializer.data_type != onnx.TensorProto.FLOAT or len(initializer.dims) < 2:
+            continue
+        value = numpy_helper.to_array(initializer)
+        for codes, scale in layers:
+            decoded = codes.astype(np.float32) * scale.reshape((-1,) + (1,) * (codes.ndim - 1))
+            axis = 0 if value.shape == decoded.shape and np.array_equal(value, decoded) else None
+            if axis is None and codes.ndim == 2 and value.shape == decoded.T.shape and np.array_equal(value, decoded.T):
+                axis, codes = 1, codes.T
+            if axis is None:
+                continue
+            name = initializer.name
+            graph.initializer.remove(initializer)
+            graph.initializer.extend([numpy_helper.from_array(np.ascontiguousarray(codes), f"{name}_int8"), numpy_helper.from_array(scale, f"{name}_scale")])
+            replaced.append(helper.make_node("DequantizeLinear", [f"{name}_int8", f"{name}_scale"], [name], name=f"{name}_dequantize", axis=axis))
+            break
+    if replaced:
+        for node in reversed(replaced):
+            graph.node.insert(0, node)
+        onnx.save(model, str(path))
 
 
 def _device_of(model: nn.Module) -> torch.device:
