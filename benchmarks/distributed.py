@@ -51,6 +51,7 @@ def worker(options: argparse.Namespace) -> None:
             "weights_identical_on_every_rank": same,
         }
         Path(options.out).write_text(json.dumps(result))
+    distributed.leave()
 
 
 def main() -> None:

@@ -118,16 +118,16 @@ def _traced_on(model, traced, checked, target):
     """Export traced on one example and checked on another (by swapping the first example the check repeats)."""
     from torchslim.export import verb
 
-    original = verb._first_examples
+    original = verb.repeat_example
 
     def first(example, count):
         return original(traced if count == 2 else checked, count)
 
-    verb._first_examples = first
+    verb.repeat_example = first
     try:
         ts.export(model, "torchscript", checked, target, overwrite=True)
     finally:
-        verb._first_examples = original
+        verb.repeat_example = original
 
 
 def test_bad_arguments_are_named(tmp_path):

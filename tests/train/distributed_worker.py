@@ -1,6 +1,7 @@
 """Run by tests/train/test_distributed.py, once alone and once under ``torchrun`` with 2 processes: fine-tuning,
-pruning with fine-tuning, distillation with a feature adapter, QAT and an interrupted-then-resumed recipe, all on the
-embedded digits. Each rank writes its final weights and what it saw to ``<out>/rank<r>-of-<n>.*``."""
+pruning with fine-tuning, distillation with a feature adapter, QAT, an interrupted-then-resumed recipe, and a user's
+own model on the user's own DataLoaders (one with a DistributedSampler), all on the embedded digits. Each rank writes
+its final weights and what it saw to ``<out>/rank<r>-of-<n>.*``."""
 
 from __future__ import annotations
 
@@ -50,8 +51,32 @@ def main(out: str) -> None:
     distributed.barrier()  # in real use the resumed run is a new launch; here rank 0 must have written first
     resumed = ts.compress(model, recipe, data, checkpoint=checkpoint, resume=True, latency=False, progress=False).model
     distributed.barrier()
+    # a user's own model (an activation held as a lambda) on the user's own DataLoaders: one in a fixed order (each
+    # global batch split across the ranks), one sharded by a DistributedSampler (each rank reads its own examples)
+    from torch.utils.data import DataLoader, TensorDataset
+    from torch.utils.data.distributed import DistributedSampler
+
+    class UserNet(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = torch.nn.Linear(64, 32)
+            self.act = lambda x: torch.nn.functional.leaky_relu(x, 0.1)
+            self.head = torch.nn.Linear(32, 10)
+
+        def forward(self, x):
+            return self.head(self.act(self.body(x.flatten(1))))
+
+    examples = TensorDataset(data.train.inputs, data.train.targets)
+    torch.manual_seed(2)
+    users = UserNet()
+    fit(users, DataLoader(examples, batch_size=61), {**tune, "epochs": 2}, progress=False, evaluate_at_end=False)
+    torch.manual_seed(3)
+    sampled = UserNet()
+    sampler = DistributedSampler(examples, num_replicas=current.size, rank=current.rank, seed=0)
+    fit(sampled, DataLoader(examples, batch_size=32, sampler=sampler), {**tune, "epochs": 2}, progress=False, evaluate_at_end=False)
     state = {}
-    for prefix, network in (("fit", model), ("prune", pruned), ("distill", distilled), ("qat", qat), ("resumed", resumed)):
+    networks = (("fit", model), ("prune", pruned), ("distill", distilled), ("qat", qat), ("resumed", resumed), ("user", users), ("sampled", sampled))
+    for prefix, network in networks:
         for key, value in network.state_dict().items():
             if value.is_floating_point() or value.dtype == torch.bool:
                 state[f"{prefix}/{key}"] = value.detach().float().contiguous()
@@ -60,6 +85,7 @@ def main(out: str) -> None:
     summary = {"same_on_every_rank": distributed.same_on_every_rank(state.values()), "train_loss": history.epochs[-1]["train_loss"]}
     with open(f"{name}.json", "w") as handle:
         json.dump(summary, handle)
+    distributed.leave()
 
 
 if __name__ == "__main__":

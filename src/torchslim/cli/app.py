@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
             code = app(args=arguments, standalone_mode=False)
         if isinstance(code, int):  # typer.Exit(n) inside a command comes back as its exit code
             return code
+        from torchslim.train import distributed
+
+        distributed.leave()  # under torchrun: every rank finished; leave together
     except SystemExit as exit_:
         return int(exit_.code or 0)
     except KeyboardInterrupt:

@@ -21,7 +21,7 @@ from torch import nn
 
 from torchslim.core.config import Config, ConfigError, check
 from torchslim.core.report import Result
-from torchslim.pruning.structured import CHANNEL_MULTIPLES, prune_channels
+from torchslim.pruning.structured import check_round_to, prune_channels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,10 +38,7 @@ class NarrowConfig(Config):
         check(0.0 < self.width <= 1.0, f"width must be in (0, 1], got {self.width}")
         for pattern, value in self.per_set.items():
             check(0.0 < value <= 1.0, f"per_set[{pattern!r}] must be in (0, 1], got {value}")
-        if isinstance(self.round_to, str):
-            check(self.round_to in CHANNEL_MULTIPLES, f"round_to must be an integer >= 1 or one of {', '.join(CHANNEL_MULTIPLES)}, got {self.round_to!r}")
-        else:
-            check(self.round_to >= 1, f"round_to must be >= 1, got {self.round_to}")
+        check_round_to(self.round_to)
 
 
 def narrow(

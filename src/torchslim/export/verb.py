@@ -38,23 +38,12 @@ from torch import nn
 
 from torchslim.core.errors import TorchslimError
 from torchslim.core.files import refuse_overwrite
-from torchslim.core.modes import eval_mode
+from torchslim.core.modes import eval_mode, model_device
 from torchslim.core.report import Report, Result, Stage
 from torchslim.export.onnx import KeywordInputs, OnnxModule, export_onnx
 from torchslim.tasks.batches import call_model, output_tensor, repeat_example
 
 FORMATS = {"onnx": ".onnx", "pt2": ".pt2", "torchscript": ".pt"}
-
-
-def _first_examples(example: Any, count: int) -> Any:
-    """The first example of ``example`` repeated to ``count`` examples (every tensor's batch dimension)."""
-    if isinstance(example, Mapping):
-        return {key: _first_examples(value, count) for key, value in example.items()}
-    if isinstance(example, tuple):
-        return tuple(_first_examples(value, count) for value in example)
-    if isinstance(example, torch.Tensor) and example.dim() > 0:
-        return repeat_example(example[:1], count)
-    return example
 
 
 def _reference(model: nn.Module, example: Any, set_eval: bool = True, decoded: bool = False) -> torch.Tensor:
@@ -105,7 +94,7 @@ def _write(model: nn.Module, form: str, example: Any, path: Path, dynamic_batch:
         _int8_weights(path, _int8_layers(model))
         return OnnxModule(path)
     # a batch of two: exporters specialize a batch dimension of 1
-    traced = _first_examples(example, 2) if dynamic_batch else example
+    traced = repeat_example(example, 2) if dynamic_batch else example
     names: list[str] = []
     if isinstance(traced, Mapping):  # keyword inputs (a Hugging Face model): positional tensors, one output tensor
         names = [key for key, value in traced.items() if isinstance(value, torch.Tensor)]
@@ -124,7 +113,7 @@ def _write(model: nn.Module, form: str, example: Any, path: Path, dynamic_batch:
             loaded = torch.export.load(str(path)).module()
         else:
             torch.jit.save(torch.jit.trace(prepared, args, strict=False, check_trace=False), str(path))
-            loaded = torch.jit.load(str(path), map_location=_device_of(prepared))
+            loaded = torch.jit.load(str(path), map_location=model_device(prepared))
     return _ByName(loaded, names) if names else loaded
 
 
@@ -166,6 +155,7 @@ def _int8_weights(path: Path, layers: list[tuple[Any, Any]]) -> None:
     import onnx
     from onnx import helper, numpy_helper
 
+    candidates = [(codes, scale, codes.astype(np.float32) * scale.reshape((-1,) + (1,) * (codes.ndim - 1))) for codes, scale in layers]
     model = onnx.load(str(path))
     graph = model.graph
     replaced = []
@@ -173,8 +163,7 @@ def _int8_weights(path: Path, layers: list[tuple[Any, Any]]) -> None:
         if initializer.data_type != onnx.TensorProto.FLOAT or len(initializer.dims) < 2:
             continue
         value = numpy_helper.to_array(initializer)
-        for codes, scale in layers:
-            decoded = codes.astype(np.float32) * scale.reshape((-1,) + (1,) * (codes.ndim - 1))
+        for codes, scale, decoded in candidates:
             axis = 0 if value.shape == decoded.shape and np.array_equal(value, decoded) else None
             if axis is None and codes.ndim == 2 and value.shape == decoded.T.shape and np.array_equal(value, decoded.T):
                 axis, codes = 1, codes.T
@@ -189,12 +178,6 @@ def _int8_weights(path: Path, layers: list[tuple[Any, Any]]) -> None:
         for node in reversed(replaced):
             graph.node.insert(0, node)
         onnx.save(model, str(path))
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    from torchslim.core.modes import model_device
-
-    return model_device(model)
 
 
 def export(
@@ -260,7 +243,7 @@ def _export_and_check(
     differences: dict[str, float] = {}
     allowed = tolerance
     for size in (1, 3) if dynamic_batch else (None,):
-        example = example_input if size is None else _first_examples(example_input, size)
+        example = example_input if size is None else repeat_example(example_input, size)
         expected = _reference(model, example, decoded=form == "onnx")
         try:
             produced = _reference(loaded, example, set_eval=False)

@@ -32,6 +32,7 @@ import torch.distributed as dist
 from torch import nn
 
 from torchslim.core.errors import TorchslimError
+from torchslim.tasks.batches import batch_size_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,13 +77,6 @@ def is_main() -> bool:
     return world().main
 
 
-def local_device(kind: str = "cpu") -> torch.device:
-    """This process's device: ``cuda:LOCAL_RANK`` for CUDA, else CPU."""
-    if kind == "cuda":
-        return torch.device("cuda", launched().local_rank)
-    return torch.device("cpu")
-
-
 def init(device: str | torch.device = "cpu") -> World:
     """Join the process group when launched with more than one process (gloo on CPU, NCCL on CUDA); a no-op in a
     single process or when already joined. Returns the world."""
@@ -101,6 +95,15 @@ def init(device: str | torch.device = "cpu") -> World:
 
 def _leave() -> None:
     if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def leave() -> None:
+    """At the end of a successful run: wait for every rank, then leave the group. Rank 0 hosts the group's store, so
+    a rank still tearing down when rank 0 has exited can abort. (A failing run only leaves, at exit: a barrier there
+    would wait for ranks that may never come.)"""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
@@ -131,18 +134,6 @@ def shard_batch(batch: Any, current: World) -> Any:
         bounds = torch.tensor_split(torch.arange(len(batch)), current.size)[current.rank]
         return batch[int(bounds[0]) : int(bounds[-1]) + 1] if len(bounds) else []
     return batch
-
-
-def _examples(batch: Any) -> int | None:
-    """The first dimension of the first tensor in a batch."""
-    if isinstance(batch, torch.Tensor):
-        return batch.shape[0] if batch.dim() else None
-    values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (tuple, list)) else ()
-    for value in values:
-        found = _examples(value)
-        if found is not None:
-            return found
-    return None
 
 
 def presharded(data: Any) -> bool:
@@ -188,8 +179,8 @@ class DataParallel:
             self.weight = 1.0
             return batch
         part = shard_batch(batch, self.world)
-        whole, mine = _examples(batch), _examples(part)
-        self.weight = mine * self.world.size / whole if whole and mine is not None else 1.0
+        whole, mine = batch_size_of(batch), batch_size_of(part)
+        self.weight = mine * self.world.size / whole if mine != whole else 1.0  # equal when nothing was split
         return part
 
     def average_other_gradients(self) -> None:
@@ -247,7 +238,7 @@ __all__ = [
     "init",
     "is_main",
     "launched",
-    "local_device",
+    "leave",
     "presharded",
     "same_on_every_rank",
     "set_epoch",

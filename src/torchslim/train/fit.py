@@ -17,7 +17,7 @@ from torch import nn
 
 from torchslim.core.config import Config, check
 from torchslim.core.errors import TorchslimError
-from torchslim.core.modes import train_mode
+from torchslim.core.modes import model_device, train_mode
 from torchslim.data.sources import DataSource, as_source
 from torchslim.tasks.base import Task, resolve_task
 from torchslim.train import distributed
@@ -282,8 +282,6 @@ class Precision:
     clipping see them)."""
 
     def __init__(self, name: str, model: nn.Module) -> None:
-        from torchslim.core.modes import model_device
-
         self.name = name
         self.device_type = model_device(model).type
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(name)
