@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
+import torchslim as ts
 from torchslim.core.errors import TorchslimError
 from torchslim.train.distributed import World, presharded, shard_batch
 
@@ -49,19 +50,27 @@ def test_a_loader_with_a_distributed_sampler_counts_as_already_sharded():
     assert not presharded(DataLoader(dataset, batch_size=4))
 
 
+@pytest.fixture(scope="module")
+def alone(tmp_path_factory):
+    """The worker's results in one process: what every distributed run must reproduce."""
+    out = tmp_path_factory.mktemp("alone")
+    subprocess.run([sys.executable, str(WORKER), str(out)], check=True, capture_output=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return load_file(out / "rank0-of-1-ddp.safetensors")
+
+
 @needs_gloo
 @pytest.mark.slow
-def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_train_like_one_with_the_same_global_batch(alone, strategy, tmp_path):
     """Fine-tuning, pruning with fine-tuning, distillation with a feature adapter, QAT, a recipe interrupted and
-    resumed from its checkpoint, and a user's own model (with a lambda) on their own DataLoader: identical on both
-    ranks, and equal to one process within float summation order. A user's loader with a DistributedSampler trains
-    identically on both ranks."""
-    subprocess.run([sys.executable, str(WORKER), str(tmp_path)], check=True, capture_output=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    _launch([str(WORKER), str(tmp_path)], 2, tmp_path)
-    alone = load_file(tmp_path / "rank0-of-1.safetensors")
-    ranks = [load_file(tmp_path / f"rank{rank}-of-2.safetensors") for rank in (0, 1)]
+    resumed from its checkpoint, a user's own model (with a lambda) on their own DataLoader, and a pruned Hugging Face
+    Llama with tied weights: identical on both ranks, and equal to one process within float summation order, whether
+    the model is replicated (ddp) or sharded (fsdp: each rank holds half the weights while it trains, and the whole
+    model again afterwards). A user's loader with a DistributedSampler trains identically on both ranks."""
+    _launch([str(WORKER), str(tmp_path), strategy], 2, tmp_path)
+    ranks = [load_file(tmp_path / f"rank{rank}-of-2-{strategy}.safetensors") for rank in (0, 1)]
     assert alone.keys() == ranks[0].keys() == ranks[1].keys()
-    assert {key.split("/")[0] for key in alone} == {"fit", "prune", "distill", "qat", "resumed", "user", "sampled"}
+    assert {key.split("/")[0] for key in alone} == {"fit", "prune", "distill", "qat", "resumed", "user", "sampled", "llama"}
     assert any(".mask" in key for key in alone)  # masks are compared too
     for key, value in alone.items():
         assert torch.equal(ranks[0][key], ranks[1][key]), f"{key} differs between the ranks"
@@ -70,19 +79,44 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
         # QAT's rounding turns summation-order differences into flipped codes: a looser bound for it
         tolerance = 1e-3 if key.startswith("qat/") else 1e-5
         assert torch.allclose(value, ranks[0][key], atol=tolerance, rtol=0), f"{key}: {(value - ranks[0][key]).abs().max():.2e} from one process"
-    summaries = [json.loads((tmp_path / f"rank{rank}-of-2.json").read_text()) for rank in (0, 1)]
+    summaries = [json.loads((tmp_path / f"rank{rank}-of-2-{strategy}.json").read_text()) for rank in (0, 1)]
     assert all(summary["same_on_every_rank"] for summary in summaries)
     assert summaries[0]["train_loss"] == summaries[1]["train_loss"]  # the logged loss is the mean over the ranks
+    # lenet-300-100's 266,610 weights split in two halves (each tensor's rows halved; 10-row ones evenly)
+    assert all(summary["held_while_training"] == (0.5 if strategy == "fsdp" else 1.0) for summary in summaries)
+    assert all(summary["held_after"] == 1.0 for summary in summaries)
 
 
 @needs_gloo
 @pytest.mark.slow
-def test_torchrun_cli_prints_and_writes_once(tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_torchrun_cli_prints_and_writes_once(strategy, tmp_path):
     done = _launch(
-        ["-m", "torchslim", "train", "--model", "lenet-300-100", "--data", "digits", "--epochs", "1", "--out", "model.safetensors", "--threads", "1"],
+        ["-m", "torchslim", "train", "--model", "lenet-300-100", "--data", "digits", "--epochs", "1", "--out", "model.safetensors", "--threads", "1"]
+        + ["--parallel", strategy],
         2,
         tmp_path,
     )
     assert done.stdout.count("trained lenet-300-100") == 1, done.stdout
     assert (tmp_path / "model.safetensors").is_file()
     assert sorted(path.name for path in tmp_path.iterdir()) == ["model.safetensors"]
+
+
+def test_fsdp_units_are_a_models_blocks_never_nested():
+    from tests import zoo
+    from torchslim.train.sharded import shard_units
+
+    llama = zoo.llama()
+    assert shard_units(llama) == list(llama.model.layers)  # the decoder layers Hugging Face names as not to be split
+    resnet = zoo.resnet20()
+    units = shard_units(resnet)
+    assert len(units) == 9 and all(type(unit).__name__ == "CifarBlock" for unit in units)  # the members of each stage's Sequential
+    assert shard_units(ts.models.create("lenet-300-100")) == []  # no blocks: the whole model is the root unit
+
+
+def test_an_unknown_parallel_strategy_is_refused():
+    from torchslim.train import distributed
+
+    with pytest.raises(TorchslimError, match="unknown parallel strategy 'zero3'; valid: ddp, fsdp"):
+        distributed.set_strategy("zero3")
+    assert distributed.strategy("fsdp") == "fsdp" and distributed.strategy() == "ddp"

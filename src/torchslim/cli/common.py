@@ -101,13 +101,15 @@ def check_device(text: str) -> torch.device:
 @dataclasses.dataclass(frozen=True)
 class RunOptions:
     """The options every long command has: ``--seed``, ``--threads``, ``--device``, ``--json`` (print the
-    machine-readable result instead of tables) and ``--quiet`` (print only errors and the final line)."""
+    machine-readable result instead of tables), ``--quiet`` (print only errors and the final line) and ``--parallel``
+    (under torchrun: ddp or fsdp for every training run)."""
 
     seed: int = 0
     threads: int | None = None
     device: str = "cpu"
     json: bool = False
     quiet: bool = False
+    parallel: str = "ddp"
 
     def start(self) -> None:
         """Apply the options before any work: seeds, thread count, the device check, what prints."""
@@ -124,6 +126,7 @@ class RunOptions:
         check_device(self.device)
         from torchslim.train import distributed
 
+        distributed.set_strategy(self.parallel)
         world = distributed.init(self.device)  # under torchrun: join the group; rank r runs on cuda:r for --device cuda
         random.seed(self.seed)
         numpy.random.seed(self.seed)
@@ -169,6 +172,7 @@ def with_run_options(threads: int | None = None) -> Callable[[Callable[..., Any]
         ("device", str, typer.Option("cpu", help="cpu, cuda or cuda:N: where the model runs.")),
         ("json", bool, typer.Option(False, "--json", help="Print the machine-readable result (JSON) instead of tables.")),
         ("quiet", bool, typer.Option(False, "--quiet", "-q", help="Print only errors and the final line.")),
+        ("parallel", str, typer.Option("ddp", help="Under torchrun: ddp replicates the model per process; fsdp shards weights, gradients, optimizer state.")),
     ]
 
     def make(*values: Any) -> RunOptions:

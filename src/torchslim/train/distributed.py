@@ -12,6 +12,8 @@ distill, factorize, compress) with ``torchrun``; torchslim sees ``WORLD_SIZE`` a
   a user's ``DataLoader`` with a ``DistributedSampler`` is already sharded and is used as it is (``set_epoch`` is
   called for each epoch);
 - averages the gradients of trained parameters outside the model (distillation adapters) as well;
+- with ``parallel: fsdp`` in the training config (or ``--parallel fsdp`` for a command) shards the model's weights,
+  gradients and optimizer state across the ranks instead of replicating them (``torchslim.train.sharded``);
 - shows progress and writes files on rank 0 only (``is_main``).
 
 Example (two processes on one machine; the multi-node form is in README.md)::
@@ -22,9 +24,10 @@ Example (two processes on one machine; the multi-node form is in README.md)::
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -33,6 +36,25 @@ from torch import nn
 
 from torchslim.core.errors import TorchslimError
 from torchslim.tasks.batches import batch_size_of
+from torchslim.train.sharded import Sharded
+
+# how the model is spread over the processes: replicated (DistributedDataParallel) or sharded (FSDP2)
+STRATEGIES = ("ddp", "fsdp")
+_strategy = "ddp"
+
+
+def set_strategy(name: str) -> None:
+    """The strategy of every training run in this process whose config says ``parallel: auto`` (what
+    ``--parallel`` sets for a command)."""
+    global _strategy
+    if name not in STRATEGIES:
+        raise TorchslimError(f"unknown parallel strategy {name!r}; valid: {', '.join(STRATEGIES)}")
+    _strategy = name
+
+
+def strategy(chosen: str = "auto") -> str:
+    """The strategy a training run uses: its config's choice, or the process's (``set_strategy``) for ``auto``."""
+    return _strategy if chosen == "auto" else chosen
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,26 +178,52 @@ class DataParallel:
     """What ``fit`` uses while training on several processes: the DDP-wrapped model for the forward pass, the batch
     slicer, and the averaging of gradients the wrapper does not own."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, data: Any) -> None:
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, data: Any, strategy: str = "ddp") -> None:
+        if strategy not in STRATEGIES:
+            raise TorchslimError(f"unknown parallel strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
         self.world = world()
-        self.sharded = presharded(data)
-        from torch.nn.parallel import DistributedDataParallel
-
+        self.presharded = presharded(data)
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         if not any(p.requires_grad for p in model.parameters()):
             raise TorchslimError("distributed training: the model has no trainable parameters")
         self.device = device
-        self.wrapped = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
         owned = {id(p) for p in model.parameters()}
         self.weight = 1.0
         self.others = [p for group in optimizer.param_groups for p in group["params"] if id(p) not in owned]
         for parameter in self.others:  # start identical
             dist.broadcast(parameter.data, 0)
+        self.sharding: Sharded | None = None
+        if strategy == "fsdp":
+            self.sharding = Sharded(model, optimizer)
+            self.wrapped: nn.Module = model
+        else:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.wrapped = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+    @contextlib.contextmanager
+    def whole(self) -> Iterator[None]:
+        """The model as a plain module for a while (a checkpoint between epochs): released and sharded again after."""
+        if self.sharding is None:
+            yield
+            return
+        self.sharding.release()
+        yield
+        self.sharding.shard()
+
+    def finish(self, keep_optimizer_state: bool = True) -> None:
+        """After the last step: a sharded model becomes the plain module it was, with its full weights on every rank
+        (and the optimizer's full state, unless it is not wanted: gathering it costs what sharding saved)."""
+        if self.sharding is not None:
+            if not keep_optimizer_state:
+                self.sharding.optimizer.state.clear()
+            self.sharding.release()
+            self.sharding = None
 
     def batch(self, batch: Any) -> Any:
         """This rank's part of the batch. ``weight`` becomes the factor that makes the gradients DDP averages equal
         those of the whole batch when the parts are unequal (a last batch of 29 split 15 + 14)."""
-        if self.sharded:
+        if self.presharded:
             self.weight = 1.0
             return batch
         part = shard_batch(batch, self.world)
@@ -231,6 +279,7 @@ def same_on_every_rank(tensors: Iterable[torch.Tensor]) -> bool:
 
 
 __all__ = [
+    "STRATEGIES",
     "DataParallel",
     "World",
     "barrier",
@@ -242,6 +291,8 @@ __all__ = [
     "presharded",
     "same_on_every_rank",
     "set_epoch",
+    "set_strategy",
     "shard_batch",
+    "strategy",
     "world",
 ]

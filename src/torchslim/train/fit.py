@@ -37,7 +37,10 @@ class TrainConfig(Config):
     ``batch_size`` and shuffling apply to data torchslim batches itself; a user's DataLoader keeps its own.
     ``max_batches_per_epoch`` shortens epochs; ``eval_limit`` caps the evaluation examples (all by default).
     ``precision`` runs the forward pass under autocast: ``bf16`` or ``fp16`` (with loss scaling); weights and the
-    optimizer stay fp32. Under ``torchrun`` the batch is the global batch, split across the processes.
+    optimizer stay fp32. Under ``torchrun`` the batch is the global batch, split across the processes, and
+    ``parallel`` says how the model is spread over them: ``ddp`` replicates it, ``fsdp`` shards its weights,
+    gradients and optimizer state (for models whose training state does not fit one device); ``auto`` takes the
+    process's choice (``--parallel`` of a command), ``ddp`` unless set.
 
     Example:
         >>> TrainConfig.from_dict({"epochs": 2, "optimizer": "adam", "lr": 1e-3}).schedule
@@ -62,6 +65,7 @@ class TrainConfig(Config):
     eval_limit: int | None = None
     seed: int = 0
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    parallel: Literal["auto", "ddp", "fsdp"] = "auto"
 
     def validate(self) -> None:
         check(self.epochs >= 0, f"epochs must be >= 0, got {self.epochs}")
@@ -197,16 +201,18 @@ def fit(
     source = as_source(data, model)
     resolved = resolve_task(task, source, reference)
     loss_function = loss or (lambda m, batch: resolved.training_loss(m, batch, config.label_smoothing))
+    own_optimizer = optimizer is None  # its state ends with this run
     optimizer = optimizer or make_optimizer(model.parameters(), config)
     base_rates = [group["lr"] for group in optimizer.param_groups]
-    parallel = distributed.DataParallel(model, optimizer, data) if distributed.world().distributed else None
-    forward_model = parallel.wrapped if parallel is not None else model
     mode = progress_mode(progress if distributed.is_main() else False)
     precision = Precision(config.precision, model)
     steps_per_epoch = _steps_per_epoch(source, config)
     state = TrainState(model, optimizer, config, total_steps=config.epochs * steps_per_epoch, steps_per_epoch=steps_per_epoch)
     if resume_state is not None:
         _resume(state, resume_state, start_epoch, label)
+    # after resuming: a sharded model's optimizer state is sharded along with it
+    parallel = distributed.DataParallel(model, optimizer, data, distributed.strategy(config.parallel)) if distributed.world().distributed else None
+    forward_model = parallel.wrapped if parallel is not None else model
     started = time.perf_counter()
     lines = Progress(label, config.epochs, mode, unit_total=config.epochs * steps_per_epoch if mode == "bar" else None)
     for callback in callbacks:
@@ -236,6 +242,8 @@ def fit(
                         value = value + extra
                 # under torchrun every rank stops together (one rank alone would leave the others waiting)
                 if not (parallel.all_finite(value) if parallel is not None else bool(torch.isfinite(value))):
+                    if parallel is not None:  # every rank is here: hand back a whole model
+                        parallel.finish()
                     raise TorchslimError(
                         f"{label}: the loss became {value.item()} at epoch {epoch + 1}, step {state.step}; lower "
                         f"the learning rate (lr={config.lr}) or check the data for NaN/Inf"
@@ -268,8 +276,11 @@ def fit(
             for callback in callbacks:
                 callback.on_epoch_end(state, metrics)
             if on_epoch is not None:
-                on_epoch(epoch, model, {"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(), "history": state.history})
+                with parallel.whole() if parallel is not None else contextlib.nullcontext():
+                    on_epoch(epoch, model, {"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(), "history": state.history})
     lines.close()
+    if parallel is not None:
+        parallel.finish(keep_optimizer_state=not own_optimizer)
     del parallel, forward_model  # release the DDP wrapper's hooks before the model is used alone
     for callback in callbacks:
         callback.on_train_end(state)
