@@ -60,6 +60,8 @@ CONFIGS: dict[str, list[tuple[str, dict[str, Any]]]] = {
     "GPTQ int4 g32": [("quantize", {"method": "gptq", "weights": INT4_G32})],
     "GPTQ int3 g128": [("quantize", {"method": "gptq", "weights": INT3_G128})],
     "GPTQ int4 g128 act-order": [("quantize", {"method": "gptq", "weights": INT4_G128, "act_order": True})],
+    "GPTQ int4 g128 act-order + clip search": [("quantize", {"method": "gptq", "weights": INT4_G128, "act_order": True, "clip_search": True})],
+    "GPTQ int4 g128 + clip search": [("quantize", {"method": "gptq", "weights": INT4_G128, "clip_search": True})],
     "AWQ int4 g128": [("quantize", {"method": "awq", "weights": INT4_G128})],
     "SmoothQuant W8A8": [("quantize", {"method": "smoothquant"})],
     "GPTQ int4 g128 + embedding int4": [

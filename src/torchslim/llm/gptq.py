@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from torchslim.core.errors import TorchslimError
-from torchslim.quantization.primitives import UniformSpec, compute_qparams, dequantize, quantize_dequantize
+from torchslim.quantization.primitives import UniformSpec, compute_qparams, dequantize, quantize_dequantize, search_qparams
 
 
 class HessianAccumulator:
@@ -74,11 +74,18 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
 
 @torch.no_grad()
 def gptq(
-    weight: torch.Tensor, hessian: torch.Tensor, spec: UniformSpec, block_size: int = 128, damp: float = 0.01, act_order: bool = False
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    spec: UniformSpec,
+    block_size: int = 128,
+    damp: float = 0.01,
+    act_order: bool = False,
+    clip_search: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(codes, scale, zero point) of ``weight`` (out, in) as ``quantization.primitives`` lays them out for ``spec``
     (per channel or per group along the input; per tensor is refused), chosen by GPTQ for inputs with Hessian
-    ``hessian`` (in, in)."""
+    ``hessian`` (in, in). ``clip_search``: each channel's / group's range clipped where that rounds its weights
+    better (``search_qparams``) instead of min-max."""
     if spec.granularity == "tensor":
         raise TorchslimError("GPTQ quantizes per channel or per group, not per tensor")
     weight = weight.detach().float().clone()
@@ -90,15 +97,16 @@ def gptq(
     # scales: per channel from the whole row; per group from each group as GPTQ reaches it, or (act_order) from the
     # original weight up front
     group = spec.group_size if spec.granularity == "group" else columns
+    qparams = search_qparams if clip_search else compute_qparams
     if spec.granularity == "channel":
-        scale, zero = compute_qparams(weight, spec, "GPTQ")
+        scale, zero = qparams(weight, spec, "GPTQ")
         scale, zero = scale.reshape(rows, 1), zero.reshape(rows, 1)
     else:
         groups = -(-columns // group)
         scale = torch.empty(rows, groups, device=weight.device)
         zero = torch.empty(rows, groups, dtype=torch.int32, device=weight.device)
         if act_order:
-            s, z = compute_qparams(weight, spec, "GPTQ")
+            s, z = qparams(weight, spec, "GPTQ")
             scale, zero = s.reshape(rows, groups), z.reshape(rows, groups)
     hessian = hessian.to(weight.device)
     order = torch.argsort(hessian.diagonal(), descending=True) if act_order else torch.arange(columns, device=weight.device)
@@ -119,7 +127,7 @@ def gptq(
                 # the group's scale from its current (error-updated) weights: these columns come next, in order
                 span = weight[:, start + i : start + i + group].clone()
                 span[:, : end - start - i] = block[:, i : i + group][:, : span.shape[1]]
-                s, z = compute_qparams(span, channel_spec, "GPTQ")
+                s, z = qparams(span, channel_spec, "GPTQ")
                 scale[:, g], zero[:, g] = s.reshape(rows), z.reshape(rows)
             s, z = scale[:, g], zero[:, g]
             w = block[:, i]

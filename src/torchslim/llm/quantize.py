@@ -57,8 +57,9 @@ class GPTQConfig(Config):
     """GPTQ: uniform ``weights`` (per channel or group; 2-8 bits) chosen column by column against the Hessian of each
     layer's inputs over ``calibration_batches`` batches of ``batch_size`` sequences of the training data, block by
     block. ``block_size`` columns per lazy update, ``damp`` x mean diagonal added to the Hessian, ``act_order``
-    (most sensitive columns first). Selected layers outside the repeated blocks (an output layer, embeddings) are
-    rounded to nearest, with a note."""
+    (most sensitive columns first), ``clip_search`` (each group's range clipped where that rounds its weights
+    better, as GPTQ's reference quantizer's ``mse`` option). Selected layers outside the repeated blocks (an output
+    layer, embeddings) are rounded to nearest, with a note."""
 
     method: str = "gptq"
     weights: WeightScheme = GPTQ_DEFAULT
@@ -69,6 +70,7 @@ class GPTQConfig(Config):
     block_size: int = 128
     damp: float = 0.01
     act_order: bool = False
+    clip_search: bool = False
 
     def validate(self) -> None:
         check(self.method == "gptq", f"method must be 'gptq' for GPTQConfig, got {self.method!r}")
@@ -112,7 +114,7 @@ def run_gptq(model: nn.Module, config: GPTQConfig, batches: Any) -> Stage:
             spec = scheme.uniform_spec()
             weight = float_weight(layer)
             hessian = hessians[local].hessian()
-            codes, scale, zero = gptq(weight, hessian, spec, config.block_size, config.damp, config.act_order)
+            codes, scale, zero = gptq(weight, hessian, spec, config.block_size, config.damp, config.act_order, config.clip_search)
             error = layer_error(weight, dequantize(codes, scale, zero, spec), hessian)
             rtn_error = layer_error(weight, round_to_nearest(weight, spec), hessian)
             quantized = from_codes(layer, scheme, codes, scale, zero)

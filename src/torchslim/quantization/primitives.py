@@ -128,6 +128,43 @@ def compute_qparams(x: torch.Tensor, spec: UniformSpec, where: str = "tensor") -
     return qparams_from_range(low, high, spec)
 
 
+def search_qparams(
+    x: torch.Tensor, spec: UniformSpec, where: str = "tensor", grid: int = 100, max_shrink: float = 0.8, norm: float = 2.4
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point of x at the spec's granularity with the range clipped where that rounds better: each
+    channel's / group's [min, max] shrunk by factors 1, 1 - 1/grid, ... down to 1 - max_shrink, keeping the factor with
+    the least sum |error|^norm (the clipping search of GPTQ's reference quantizer). Never worse than min-max."""
+    check_finite(x, where)
+    x = x.detach()
+    low, high = reduce_range(x, spec, where)
+    best_scale, best_zero = qparams_from_range(low, high, spec)
+    best_error = None
+    for step in range(int(max_shrink * grid) + 1):
+        factor = 1.0 - step / grid
+        scale, zero_point = qparams_from_range(low * factor, high * factor, spec)
+        error = _per_parameter_sum((dequantize(quantize(x, scale, zero_point, spec, where), scale, zero_point, spec) - x).abs().pow(norm), spec, where)
+        if best_error is None:
+            best_error = error
+            continue
+        better = error < best_error
+        best_error = torch.where(better, error, best_error)
+        best_scale = torch.where(better, scale, best_scale)
+        best_zero = torch.where(better, zero_point, best_zero)
+    return best_scale, best_zero
+
+
+def _per_parameter_sum(values: torch.Tensor, spec: UniformSpec, where: str) -> torch.Tensor:
+    """Sum of ``values`` (shaped like the quantized tensor) over each scale's elements, shaped like the scale."""
+    if spec.granularity == "tensor":
+        return values.sum().reshape(1)
+    if spec.granularity == "channel":
+        axis = spec.axis % values.dim()
+        shape = [1] * values.dim()
+        shape[axis] = values.shape[axis]
+        return values.movedim(axis, 0).reshape(values.shape[axis], -1).sum(dim=1).reshape(shape)
+    return _grouped(values, spec, where).sum(dim=-1, keepdim=True)
+
+
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: UniformSpec, where: str = "tensor") -> torch.Tensor:
     """Integer codes: clamp(round(x / scale) + zero_point, qmin, qmax), as int32 (grouped view when per group)."""
     qmin, qmax = spec.code_range
