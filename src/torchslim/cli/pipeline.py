@@ -4,6 +4,7 @@ Markdown), ``recipes`` (list the built-ins) and ``inspect`` (a .tslim file's enc
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -43,7 +44,16 @@ def compress(
     target_size: str | None = typer.Option(
         None, help="Instead of --recipe: fit the .tslim file into this size (e.g. 20KB, 20KiB), per-layer sparsity and bits chosen from sensitivity."
     ),
-    uniform: bool = typer.Option(False, "--uniform", help="With --target-size: one sparsity and one bit width for every layer (the baseline)."),
+    target_macs: float | None = typer.Option(
+        None, help="Instead of --recipe: remove channels until MACs are at most this fraction of the model's (0.25: 4x fewer), per set from sensitivity."
+    ),
+    target_latency: str | None = typer.Option(
+        None, help="Instead of --recipe: remove channels until latency on --backend is at most this fraction of the model's (0.5 or 0.5x), measured."
+    ),
+    backend: str = typer.Option("eager", help="With --target-latency: eager or onnxruntime, where latency is measured (batch 1)."),
+    uniform: bool = typer.Option(
+        False, "--uniform", help="With a --target-*: one setting for every layer or channel set (the baseline an automatic allocation must beat)."
+    ),
     trust_factory: bool = typer.Option(False, help="Allow a model file whose architecture is an import path."),
     trust_weights: bool = typer.Option(False, help="Allow unpickling a .pt that holds more than tensors (only files you made)."),
     force: bool = typer.Option(False, help="Overwrite --out / --report if they exist."),
@@ -56,13 +66,32 @@ def compress(
     from torchslim.report.markdown import format_bytes
 
     budget = None
+    given = (("--target-size", target_size), ("--target-macs", target_macs), ("--target-latency", target_latency))
+    targets = [name for name, value in given if value is not None]
+    if len(targets) > 1:
+        raise TorchslimError(f"give one budget at a time, got {' and '.join(targets)}")
+    if targets and resume:
+        raise TorchslimError(f"--resume: a {targets[0]} run has no checkpoints; run it again")
+    speed: dict[str, Any] | None = None
     if target_size is not None:
         from torchslim.compression.budget import parse_size
 
         budget = parse_size(target_size)
-        if resume:
-            raise TorchslimError("--resume: a --target-size run has no checkpoints; run it again")
-    plan = load_recipe(recipe) if budget is None else load_recipe({"name": f"budget-{target_size}{'-uniform' if uniform else ''}", "stages": [{"encode": {}}]})
+        name = f"budget-{target_size}"
+    elif target_macs is not None:
+        speed, name = {"target_macs": target_macs}, f"macs-{target_macs:g}"
+    elif target_latency is not None:
+        text = target_latency.strip().lower().removesuffix("x")
+        try:
+            fraction = float(text)
+        except ValueError:
+            raise TorchslimError(f"--target-latency: expected a fraction of the model's latency like 0.5 or 0.5x, got {target_latency!r}") from None
+        speed, name = {"target_latency": fraction, "backend": backend}, f"latency-{fraction:g}-{backend}"
+    if speed is not None:
+        from torchslim.compression.speed_budget import SpeedBudgetConfig
+
+        speed = SpeedBudgetConfig.coerce({**speed, "uniform": uniform, "threads": run.threads or 2}, where="compress").to_dict()
+    plan = load_recipe(recipe) if not targets else load_recipe({"name": f"{name}{'-uniform' if uniform else ''}", "stages": [{"encode": {}}]})
     exports = any(stage.writes_onnx for stage in plan.stages)
     stem = Path(model).stem if model.endswith((".safetensors", ".tslim")) or Path(model).is_dir() else model.replace(":", "-").replace(".", "-")
     out = out or Path(f"{stem}-{plan.name}{'.onnx' if exports else '.tslim'}")
@@ -117,6 +146,17 @@ def compress(
         allocation = result.report.artifacts["allocation"]
         for row in allocation["layers"]:
             console.print(f"  {row['layer']:<24} sparsity {row['sparsity']:.2f}  {row['bits']:>2} bits  ~{row['predicted_bytes']:,} bytes")
+    elif speed is not None:
+        from torchslim.compression.speed_budget import auto_narrow
+
+        what = f"{speed['target_macs']:g} of its MACs" if speed["target_macs"] else f"{speed['target_latency']:g} of its latency on {speed['backend']}"
+        console.print(f"narrowing {network.__class__.__name__} to {what}: sensitivity and cost of every channel set, then allocation")
+        result = auto_narrow(network, dataset, speed, task=source.task)
+        allocation = result.report.artifacts["allocation"]
+        for row in allocation["sets"]:
+            console.print(f"  {row['set'][:48]:<48} {row['channels']:>5} channels  {100 * row['ratio']:5.1f}% removed")
+        for line in result.report.stages[-1].notes[-1:]:
+            console.print(f"  {line}")
     else:
         console.print(f"recipe {plan.name}: {' -> '.join(stage.kind for stage in plan.stages)}  (checkpoints in {checkpoint})")
         try:

@@ -126,6 +126,34 @@ def allocate(options: dict[str, list[Option]], budget: float, uniform: bool = Fa
     return pick(high)
 
 
+def allocate_exact(options: dict[str, list[Option]], budget: float, bins: int = 2000) -> dict[str, Option]:
+    """Each layer's option with the least summed predicted cost whose sizes fit ``budget``, by dynamic programming
+    over the sizes in ``bins`` steps (each rounded up, so the plan fits): the multiple-choice knapsack solved outright,
+    where the Lagrangian search of ``allocate`` finds only the plans on its convex hull. Of equal costs the larger
+    plan (less compressed) wins."""
+    floors = {name: min(o.size for o in layer) for name, layer in options.items()}
+    room = budget - sum(floors.values())
+    if room < 0:
+        raise TorchslimError(f"the smallest allowed setting of every layer takes {sum(floors.values()):,.4g}, more than the {budget:,.4g} available")
+    step = room / bins if room > 0 else 1.0
+    states: dict[int, tuple[float, tuple[int, ...]]] = {0: (0.0, ())}
+    names = list(options)
+    for name in names:
+        grown: dict[int, tuple[float, tuple[int, ...]]] = {}
+        for used, (cost, picks) in states.items():
+            for index, option in enumerate(options[name]):
+                extra = option.size - floors[name]
+                total = used + (math.ceil(extra / step - 1e-9) if extra > 0 else 0)
+                if total > bins or (room == 0 and extra > 0):
+                    continue
+                value = cost + option.cost
+                if total not in grown or value < grown[total][0]:
+                    grown[total] = (value, (*picks, index))
+        states = grown
+    _, (_, picks) = min(states.items(), key=lambda item: (round(item[1][0], 12), -item[0]))
+    return {name: options[name][index] for name, index in zip(names, picks)}
+
+
 def _curves(result: Any, names: list[str]) -> dict[str, dict[str, dict[float, float]]]:
     """{layer: {"sparsity": {level: loss rise}, "bits": {level: loss rise}}} from a sensitivity report (the loss, not
     the error: it moves smoothly where the error does not)."""

@@ -71,7 +71,8 @@ class StructuredConfig(Config):
     ``ratio``: fraction of the channels of every prunable set (with ``scope`` "layer": each coupled set of channels
     separately, e.g. one layer's filters or one residual stream; "global": one ranking over the whole model, scores
     normalized by their set's mean). ``layers`` picks the layers whose output channels may go; ``overrides`` gives
-    layers their own ratio (``{"fc2": 0.1}``; 0 keeps a layer's channels whole). ``importance``: a registered group
+    layers their own ratio (``{"fc2": 0.1}``; 0 keeps a layer's channels whole); ``sets`` gives one coupled set its
+    own ratio, named as ``channel_sets`` names it (a residual stream's layers joined by "+"), over ``overrides``. ``importance``: a registered group
     criterion (l1, l2, bn_scale, mean_activation, apoz, taylor, wanda, random) or a callable ``(model, group) ->
     float``; "wanda" (what the channels add to the layers that read them, over calibration data) is the one for
     gated MLPs and transformers. ``round_to``: kept channel counts are multiples of this, or the name of the engine
@@ -88,6 +89,7 @@ class StructuredConfig(Config):
     importance: Any = "l1"
     layers: LayerSelector = LayerSelector()
     overrides: dict[str, float] = dataclasses.field(default_factory=dict)
+    sets: dict[str, float] = dataclasses.field(default_factory=dict)
     round_to: int | str = 1
     min_channels: int = 1
     prune_residual: bool = True
@@ -98,8 +100,10 @@ class StructuredConfig(Config):
     def validate(self) -> None:
         check(0.0 <= self.ratio < 1.0, f"ratio must be in [0, 1), got {self.ratio}")
         check(0.0 <= self.head_ratio < 1.0, f"head_ratio must be in [0, 1), got {self.head_ratio}")
-        for name, value in self.overrides.items():
-            check(0.0 <= value < 1.0, f"overrides[{name!r}] must be in [0, 1), got {value}")
+        for field, values in (("overrides", self.overrides), ("sets", self.sets)):
+            for name, value in values.items():
+                check(0.0 <= value < 1.0, f"{field}[{name!r}] must be in [0, 1), got {value}")
+        check(not self.sets or self.scope == "layer", "sets gives each set its own ratio, which needs scope 'layer'")
         check(self.scope in ("layer", "global"), f"scope must be 'layer' or 'global', got {self.scope!r}")
         check(
             callable(self.importance) or self.importance in GROUP_IMPORTANCE,
@@ -229,6 +233,25 @@ def _protection_notes(groups: list[Group], head_ratio: float) -> list[str]:
     return notes + [f"left intact: {reason}" for reason in blocked]
 
 
+def _candidates(groups: list[Group], names: set[str], config: StructuredConfig) -> list[Group]:
+    return [g for g in groups if g.prunable and g.layers and set(g.layers) <= names and (config.prune_residual or not g.joined)]
+
+
+def channel_sets(model: nn.Module, config: StructuredConfig | dict | None = None, data: Any = None, example_input: Any = None) -> dict[str, int]:
+    """The coupled sets of channels ``prune_channels`` may shrink under ``config`` (its ``layers`` and
+    ``prune_residual``): {name: channel count}, a set named by the layers whose outputs its channels are, joined by
+    "+" (``"conv1+layer1.0.conv2"``), the name ``StructuredConfig.sets`` takes."""
+    config = StructuredConfig.coerce(config or {}, where="channel_sets")
+    working = copy.deepcopy(model)
+    graph = trace(working, _example(data, example_input, working))
+    names = {name for name, _ in select_modules(working, config.layers)}
+    sets: dict[str, int] = {}
+    for group in _candidates(graph.groups(), names, config):
+        key = "+".join(group.layers)
+        sets[key] = sets.get(key, 0) + 1
+    return sets
+
+
 def select_groups(
     model: nn.Module, graph: ChannelGraph, config: StructuredConfig, data: Any = None, task: str | Task | None = None
 ) -> tuple[list[Group], list[str]]:
@@ -241,7 +264,7 @@ def select_groups(
     kept_whole = sorted(name for name, ratio in ratios.items() if ratio == 0.0)
     if kept_whole:
         notes.append(f"protected by overrides: {', '.join(kept_whole)}")
-    candidates = [g for g in groups if g.prunable and g.layers and set(g.layers) <= names and (config.prune_residual or not g.joined)]
+    candidates = _candidates(groups, names, config)
     if not candidates:
         return [], notes
     scores = group_scores(model, candidates, config, data, task)
@@ -253,7 +276,7 @@ def select_groups(
     if config.scope == "layer":
         for key, members in sets.items():
             own = [ratios[layer] for layer in key if layer in ratios]
-            ratio = max(own) if own else config.ratio
+            ratio = config.sets.get("+".join(key), max(own) if own else config.ratio)
             kept = _kept_count(len(members), ratio, config)
             chosen += sorted(members, key=lambda g: (scores[g.id], g.id))[: len(members) - kept]
     else:
@@ -466,4 +489,4 @@ def prune_channels(
     return Result(model=target, report=Report.for_model(model, [stage]))
 
 
-__all__ = ["StructuredConfig", "check_removal", "group_scores", "prune_channels", "select_groups", "select_heads"]
+__all__ = ["StructuredConfig", "channel_sets", "check_removal", "group_scores", "prune_channels", "select_groups", "select_heads"]

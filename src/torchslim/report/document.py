@@ -148,6 +148,8 @@ def _tslim_table(info: dict[str, Any]) -> list[Block]:
 
 
 def _allocation(plan: dict[str, Any]) -> list[Block]:
+    if "measure" in plan:
+        return _speed_allocation(plan)
     kind = "one (sparsity, bits) pair for every layer" if plan.get("uniform") else "per-layer sparsity and bits from sensitivity curves"
     rounds = [[str(r["round"]), f"{r['predicted_bytes']:,}", f"{r['measured_bytes']:,}", "yes" if r["met"] else "no"] for r in plan.get("rounds", [])]
     layers = [
@@ -165,6 +167,25 @@ def _allocation(plan: dict[str, Any]) -> list[Block]:
         Block("text", text=f"Budget: {plan.get('target_size', 0):,} bytes on disk; {kind}."),
         Block("table", headers=["round", "predicted bytes", "measured bytes", "met"], rows=rounds),
         Block("table", headers=["layer", "weights", "sparsity", "bits", "predicted bytes", "predicted loss rise"], rows=layers),
+    ]
+
+
+def _speed_allocation(plan: dict[str, Any]) -> list[Block]:
+    """A MACs or latency budget's allocation (``compression.speed_budget``): each channel set's ratio."""
+    kind = "one ratio for every set of channels" if plan.get("uniform") else "per-set ratios from measured sensitivity and cost"
+    unit = plan.get("unit", plan["measure"])
+    rounds = [
+        [str(r["round"]), f"{r['predicted']:.3f}", f"{r['ratio']:.3f}", f"{r['measured']:,.4g} {unit}", "yes" if r["met"] else "no"]
+        for r in plan.get("rounds", [])
+    ]
+    sets = [
+        [row["set"], str(row["channels"]), f"{row['ratio']:.3f}", f"{row['predicted_factor']:.3f}", f"{row['predicted_loss_rise']:.4f}"]
+        for row in plan.get("sets", [])
+    ]
+    return [
+        Block("text", text=f"Budget: {plan['target']:g} of the dense model's {plan['measure']} ({plan['dense']:,.4g} {unit}); {kind}."),
+        Block("table", headers=["round", "predicted fraction", "measured fraction", "measured", "met"], rows=rounds),
+        Block("table", headers=["channel set", "channels", "ratio removed", "predicted factor (alone)", "predicted loss rise"], rows=sets),
     ]
 
 

@@ -1,0 +1,246 @@
+"""Automatic structured compression to a MACs or a measured-latency budget: how much of each coupled set of channels
+to remove, chosen from measured sensitivity and measured cost, so that the model meets the budget with the least
+predicted loss of quality.
+
+1. ``channel_sets`` lists the coupled sets (a layer's filters, a residual stream) structured pruning may shrink.
+2. For every set and every ratio, that set alone is pruned (its lowest-importance channels removed) and measured: the
+   task's loss on a few evaluation batches (its rise over the dense model's is the predicted cost) and the model's
+   MACs (counted) or its latency on the named backend. The latency table times all these models side by side with
+   the dense one in interleaved rounds, once; MACs never stand in for latency.
+3. The cost of a plan is modelled as the dense cost times each set's own factor (its cost pruned alone over the
+   dense cost; a sum of savings would count a layer between two pruned sets twice). Each set's ratio is picked so the
+   predicted loss rises sum to the least while the predicted cost fits the budget (``budget.allocate_exact``, a
+   knapsack over the logs of the factors); ``uniform`` instead gives every set the same ratio (the baseline an
+   allocation must beat).
+4. The plan runs as a recipe (channels removed, then fine-tuning) and the result is measured the same way (latency
+   timed side by side with the dense model). While it misses the budget, the budget given to the allocation is
+   tightened by how far the prediction was off and the allocation repeated (a plan far under the budget loosens it
+   the same way); the last plan that met it is kept.
+
+Example:
+    >>> import torchslim as ts
+    >>> data = ts.data.load("digits")
+    >>> model = ts.models.create("lenet-300-100", in_features=64)
+    >>> result = auto_narrow(model, data, {"target_macs": 0.5, "finetune": None, "ratios": [0.5, 0.75]})
+    >>> result.report.artifacts["allocation"]["rounds"][-1]["measured"] <= 0.5 * result.report.artifacts["allocation"]["dense"]
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Literal
+
+from torch import nn
+
+from torchslim.compression.budget import FLOAT, SLACK, Option, allocate, allocate_exact
+from torchslim.core.config import Config, ConfigError, check
+from torchslim.core.errors import TorchslimError
+from torchslim.core.selector import LayerSelector
+from torchslim.data.sources import as_source
+from torchslim.measure.counts import count_macs
+from torchslim.measure.latency import compare_latency
+from torchslim.pruning.structured import channel_sets, check_round_to, prune_channels
+from torchslim.tasks.base import Task, resolve_task
+from torchslim.train.evaluate import evaluate_source
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeedBudgetConfig(Config):
+    """``target_macs``: the pruned model's MACs as a fraction of the dense model's (0.25: 4x fewer); or
+    ``target_latency``: its latency on ``backend`` (eager or onnxruntime) at ``batch_size`` as a fraction of the
+    dense model's there. ``ratios``: the shares of a set's channels it may lose (0 is always allowed); ``importance``,
+    ``round_to``, ``layers`` and ``prune_residual`` as in ``prune_channels``; ``uniform``: one ratio for every set;
+    ``finetune``: training after the channels go (``None``: none); ``rounds``: allocations tried while the budget is
+    missed; ``eval_limit``: evaluation examples per sensitivity measurement; ``timing_rounds`` x ``timing_runs``: the
+    interleaved timing of each latency measurement."""
+
+    target_macs: float = 0.0
+    target_latency: float = 0.0
+    backend: Literal["eager", "onnxruntime"] = "eager"
+    batch_size: int = 1
+    ratios: tuple[float, ...] = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)
+    importance: str = "l1"
+    round_to: int | str = 1
+    layers: LayerSelector = LayerSelector()
+    prune_residual: bool = True
+    uniform: bool = False
+    finetune: dict[str, Any] | None = dataclasses.field(default_factory=lambda: {"epochs": 2, "lr": 0.01, "eval_every_epoch": False})
+    rounds: int = 3
+    eval_limit: int | None = 512
+    timing_rounds: int = 5
+    timing_runs: int = 20
+    threads: int | None = 2
+
+    def validate(self) -> None:
+        check(
+            (self.target_macs > 0) != (self.target_latency > 0),
+            f"give exactly one of target_macs and target_latency (a fraction of the dense model's), got {self.target_macs} and {self.target_latency}",
+        )
+        for name, value in (("target_macs", self.target_macs), ("target_latency", self.target_latency)):
+            check(0.0 <= value < 1.0, f"{name} is a fraction of the dense model's in (0, 1), got {value}")
+        check(bool(self.ratios) and all(0.0 < r < 1.0 for r in self.ratios), f"ratios must be in (0, 1), got {self.ratios}")
+        check(self.batch_size >= 1 and self.rounds >= 1, "batch_size and rounds must be >= 1")
+        check(self.timing_rounds >= 1 and self.timing_runs >= 1, "timing_rounds and timing_runs must be >= 1")
+        check_round_to(self.round_to)
+
+    @property
+    def measure(self) -> str:
+        return "macs" if self.target_macs > 0 else "latency"
+
+    @property
+    def target(self) -> float:
+        return self.target_macs if self.target_macs > 0 else self.target_latency
+
+    def structured(self) -> dict[str, Any]:
+        """The ``prune_channels`` settings every candidate and the final plan share."""
+        return {
+            "ratio": 0.0,
+            "importance": self.importance,
+            "round_to": self.round_to,
+            "layers": self.layers.to_dict(),
+            "prune_residual": self.prune_residual,
+        }
+
+
+class _Cost:
+    """The cost a budget counts: MACs, or milliseconds on the backend measured side by side with the dense model."""
+
+    def __init__(self, model: nn.Module, config: SpeedBudgetConfig, example: Any, timing_example: Any) -> None:
+        self.model, self.config, self.example, self.timing_example = model, config, example, timing_example
+
+    def of(self, models: dict[str, nn.Module]) -> dict[str, float]:
+        """Each model's cost ("dense" included): MACs counted, or the median latency of interleaved rounds."""
+        if self.config.measure == "macs":
+            counted = {"dense": self.model, **models}
+            return {name: float(count_macs(model, self.example)["total"]) for name, model in counted.items()}
+        medians = compare_latency(
+            {"dense": self.model, **models},
+            self.timing_example,
+            batch_sizes=(self.config.batch_size,),
+            rounds=self.config.timing_rounds,
+            runs=self.config.timing_runs,
+            warmup=5,
+            backend=self.config.backend,
+            threads=self.config.threads,
+        )
+        return {name: per_size[self.config.batch_size] for name, per_size in medians.items()}
+
+
+def auto_narrow(
+    model: nn.Module,
+    data: Any,
+    config: SpeedBudgetConfig | dict,
+    task: str | Task | None = None,
+    example_input: Any = None,
+    progress: bool | str | None = None,
+) -> Any:
+    """Remove channels from ``model`` until it meets a MACs or latency budget (see the module's documentation).
+    Returns the ``CompressResult`` of the round that met the budget (or the last one, with a note that it missed);
+    ``report.artifacts["allocation"]`` holds each set's ratio with its predicted loss rise and cost change, and each
+    round's predicted and measured cost."""
+    from torchslim.pipeline.runner import compress
+
+    config = SpeedBudgetConfig.coerce(config, where="auto_narrow")
+    source = as_source(data, model)
+    resolved = resolve_task(task, source, model)
+    example = example_input if example_input is not None else source.example(2)
+    timing_example = example_input if example_input is not None else source.example(1)
+    structured = config.structured()
+    sets = channel_sets(model, structured, data, example)
+    if not sets:
+        raise TorchslimError("auto_narrow: structured pruning finds no set of channels it may remove in this model (see prune_channels' notes)")
+    base = evaluate_source(model, source, resolved, limit=config.eval_limit)
+    if "loss" not in base:
+        raise ConfigError("auto_narrow reads the task's loss to rank sets; this task reports none")
+    candidates: dict[str, nn.Module] = {}
+    rises: dict[str, float] = {}
+    for name in sets:
+        for ratio in config.ratios:
+            key = f"{name}@{ratio:g}"
+            pruned = prune_channels(model, {**structured, "sets": {name: ratio}}, data=data, example_input=example, task=task).model
+            candidates[key] = pruned
+            rises[key] = max(0.0, evaluate_source(pruned, source, resolved, limit=config.eval_limit)["loss"] - base["loss"])
+    cost = _Cost(model, config, example, timing_example)
+    table = cost.of(candidates)  # the per-set cost table, measured once
+    del candidates
+    dense = table["dense"]
+    # cost is modelled as the dense cost times each set's own factor (the cost with that set alone pruned, over the
+    # dense cost): a layer between two pruned sets loses work to both, which a sum of savings would count twice
+    options = {
+        name: [Option(0.0, FLOAT, 0.0, 0.0)]
+        + [Option(r, FLOAT, rises[f"{name}@{r:g}"], min(0.0, math.log(table[f"{name}@{r:g}"] / dense))) for r in config.ratios]
+        for name in sets
+    }
+    reach = math.exp(sum(min(option.size for option in choices) for choices in options.values()))
+    if reach > config.target:
+        raise TorchslimError(
+            f"auto_narrow: a {config.measure} budget of {config.target:g} of the dense model's is out of reach: with every set at its largest "
+            f"ratio ({max(config.ratios):g}) the model is predicted at {reach:.3f} of it"
+            + (f" (each set measured alone on {config.backend}: this model's time there is mostly not in its channels)" if config.measure == "latency" else "")
+            + "; allow larger ratios or a looser target"
+        )
+    offset, rounds = 0.0, []  # offset: how far the model's log cost was off, corrected round by round
+    best = last = None
+    tried: list[dict[str, float]] = []
+    for index in range(config.rounds):
+        available = math.log(config.target) - offset
+        plan = allocate(options, available, uniform=True) if config.uniform else allocate_exact(options, available)
+        ratios = {name: option.sparsity for name, option in plan.items() if option.sparsity > 0}
+        if ratios in tried:
+            break  # the corrected budget picks a plan already measured: nothing new to try
+        tried.append(ratios)
+        recipe = {
+            "name": f"{config.measure}-budget-{config.target:g}{'-uniform' if config.uniform else ''}",
+            "stages": [{"prune-channels": {**structured, "sets": ratios, **({"finetune": dict(config.finetune)} if config.finetune else {})}}],
+        }
+        result = compress(model, recipe, data, task=task, latency=False, progress=progress)
+        measured = cost.of({"pruned": result.model})
+        ratio = measured["pruned"] / measured["dense"]  # side by side with the dense model, as the budget is stated
+        predicted = math.exp(sum(option.size for option in plan.values()))
+        met = ratio <= config.target
+        rounds.append({"round": index + 1, "predicted": predicted, "ratio": ratio, "measured": ratio * dense, "met": met})
+        last = (result, plan, ratio)
+        if met:
+            best = last
+            if ratio >= SLACK * config.target:
+                break  # close enough to the budget: little left to spend
+        # the model corrected by what was measured, both ways (a plan far under the budget loosens it)
+        offset += math.log(ratio / predicted) + (math.log(1.02) if not met else 0.0)
+    result, plan, achieved = best if best is not None else last  # type: ignore[misc]
+    chosen = next(r for r in reversed(rounds) if r["met"]) if best is not None else rounds[-1]
+    unit = "MACs" if config.measure == "macs" else f"ms on {config.backend} at batch {config.batch_size}"
+    result.report.artifacts["allocation"] = {
+        "measure": config.measure,
+        "target": config.target,
+        "backend": config.backend if config.measure == "latency" else None,
+        "unit": unit,
+        "dense": dense,
+        "uniform": config.uniform,
+        "sets": [
+            {
+                "set": name,
+                "channels": sets[name],
+                "ratio": plan[name].sparsity,
+                "predicted_loss_rise": round(plan[name].cost, 5),
+                "predicted_factor": round(math.exp(plan[name].size), 4),
+            }
+            for name in sets
+        ],
+        "rounds": rounds,
+        "chosen_round": chosen["round"],
+    }
+    result.report.stages[-1].metrics[f"{config.measure}_fraction"] = achieved
+    result.report.stages[-1].notes.append(
+        f"budget {config.target:g} of the dense model's {config.measure} {'met' if chosen['met'] else 'missed'}: {achieved:.3f} "
+        f"({_amount(chosen['measured'], config)} against {_amount(dense, config)} {unit}; round {chosen['round']} of {len(rounds)})"
+    )
+    return result
+
+
+def _amount(value: float, config: SpeedBudgetConfig) -> str:
+    return f"{value:,.0f}" if config.measure == "macs" else f"{value:.3f}"
+
+
+__all__ = ["SpeedBudgetConfig", "auto_narrow"]

@@ -1,0 +1,114 @@
+"""Automatic structured compression to a MACs or a measured-latency budget (``auto_narrow``, ``compress
+--target-macs / --target-latency``): the budget met as measured, per-set ratios that beat one ratio for all, a user's
+own model and DataLoader, and clear refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import torchslim as ts
+from torchslim.cli import main
+from torchslim.compression.budget import Option, allocate, allocate_exact
+from torchslim.compression.speed_budget import auto_narrow
+from torchslim.core.config import ConfigError
+from torchslim.core.errors import TorchslimError
+from torchslim.measure.counts import count_macs
+
+TUNE = {"epochs": 2, "lr": 0.02, "eval_every_epoch": False}
+
+
+@pytest.fixture(scope="module")
+def trained():
+    torch.manual_seed(0)
+    data = ts.data.load("digits")
+    model = ts.train(ts.models.create_for("lenet-300-100", data), data, {"epochs": 5}, progress=False).model
+    return model, data
+
+
+def test_the_exact_allocation_finds_plans_the_lagrangian_misses():
+    # two layers, sizes in log units: the convex hull skips the middle option of each
+    options = {
+        "a": [Option(0.0, 32, 0.0, 0.0), Option(0.5, 32, 0.30, -0.5), Option(0.9, 32, 0.35, -1.0)],
+        "b": [Option(0.0, 32, 0.0, 0.0), Option(0.5, 32, 0.30, -0.5), Option(0.9, 32, 0.35, -1.0)],
+    }
+    exact = allocate_exact(options, -1.0)
+    assert sum(o.size for o in exact.values()) <= -1.0
+    assert sum(o.cost for o in exact.values()) == pytest.approx(0.35)  # one layer at 0.9, the other whole
+    assert sum(o.cost for o in exact.values()) <= sum(o.cost for o in allocate(options, -1.0).values())
+    with pytest.raises(TorchslimError, match="smallest allowed setting"):
+        allocate_exact(options, -2.5)
+
+
+def test_a_macs_budget_is_met_with_per_set_ratios_at_least_as_good_as_one_ratio(trained):
+    model, data = trained
+    target = 0.3
+    outcomes = {}
+    for uniform in (False, True):
+        result = auto_narrow(model, data, {"target_macs": target, "finetune": TUNE, "uniform": uniform}, progress=False)
+        allocation = result.report.artifacts["allocation"]
+        chosen = next(r for r in allocation["rounds"] if r["round"] == allocation["chosen_round"])
+        macs = count_macs(result.model, data.test.inputs[:1])["total"]
+        assert chosen["met"] and macs <= target * allocation["dense"] and macs == pytest.approx(chosen["measured"])
+        assert abs(chosen["predicted"] - chosen["ratio"]) < 0.05  # the product model of the cost predicts the count
+        outcomes[uniform] = (ts.evaluate(result.model, data)["accuracy"], {row["set"]: row["ratio"] for row in allocation["sets"]})
+    assert len(set(outcomes[True][1].values())) == 1 and len(set(outcomes[False][1].values())) > 1
+    assert outcomes[False][0] >= outcomes[True][0] - 0.01
+    assert model.fc1.out_features == 300  # the caller's model is left as it was
+
+
+class UsersNet(torch.nn.Module):
+    """A user's own convnet on 8x8 digits: a lambda and functional calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 24, 3, padding=1)
+        self.squeeze = lambda x: torch.nn.functional.max_pool2d(x, 2).flatten(1)
+        self.hidden = torch.nn.Linear(24 * 16, 64)
+        self.out = torch.nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.hidden(self.squeeze(torch.relu(self.conv(x.reshape(-1, 1, 8, 8)))))))
+
+
+def test_a_latency_budget_on_a_users_model_and_dataloader_is_measured_side_by_side():
+    torch.manual_seed(0)
+    digits = ts.data.load("digits")
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(digits.train.inputs, digits.train.targets), batch_size=64, shuffle=True)
+    model = ts.train(UsersNet(), loader, {"epochs": 3, "lr": 0.05}, progress=False).model
+    config = {"target_latency": 0.9, "batch_size": 64, "ratios": [0.5, 0.75], "finetune": None, "rounds": 2, "timing_rounds": 2, "timing_runs": 5}
+    result = auto_narrow(model, loader, config, progress=False)
+    allocation = result.report.artifacts["allocation"]
+    assert allocation["measure"] == "latency" and allocation["unit"] == "ms on eager at batch 64" and allocation["dense"] > 0
+    assert {row["set"] for row in allocation["sets"]} == {"conv", "hidden"}
+    for entry in allocation["rounds"]:  # a verdict follows the measured ratio (no claim on timing itself here)
+        assert entry["met"] == (entry["ratio"] <= 0.9) and entry["measured"] == pytest.approx(entry["ratio"] * allocation["dense"])
+    with torch.no_grad():
+        assert result.model(digits.test.inputs[:4]).shape == (4, 10)
+
+
+def test_a_budget_out_of_reach_and_a_bad_config_are_named(trained):
+    model, data = trained
+    with pytest.raises(TorchslimError, match="macs budget of 0.01 of the dense model's is out of reach: with every set at its largest ratio"):
+        auto_narrow(model, data, {"target_macs": 0.01, "finetune": None}, progress=False)
+    with pytest.raises(ConfigError, match="give exactly one of target_macs and target_latency"):
+        auto_narrow(model, data, {"target_macs": 0.5, "target_latency": 0.5}, progress=False)
+
+
+def test_compress_target_macs_from_the_command_line(trained, tmp_path, capsys):
+    model, _ = trained
+    ts.save(model, tmp_path / "dense.safetensors")
+    out = tmp_path / "narrow.tslim"
+    arguments = ["compress", "--data", "digits", "--model", str(tmp_path / "dense.safetensors"), "--target-macs", "0.4", "--out", str(out), "--json"]
+    assert main(arguments) == 0
+    printed = json.loads(capsys.readouterr().out)
+    allocation = printed["report"]["artifacts"]["allocation"]
+    assert allocation["measure"] == "macs" and any(r["met"] for r in allocation["rounds"])
+    assert "Allocation to the budget" in (tmp_path / "narrow.tslim.report.html").read_text()
+    reloaded = ts.load(out)
+    assert reloaded.fc1.out_features < 300
+    both = ["compress", "--data", "digits", "--target-macs", "0.4", "--target-size", "20KB", "--out", str(tmp_path / "x.tslim")]
+    assert main(both) == 1  # a TorchslimError: the command's own refusal
+    assert "give one budget at a time, got --target-size and --target-macs" in capsys.readouterr().err
