@@ -32,6 +32,7 @@ from torchslim.pipeline.recipe import RecipeStage, register_stage
 from torchslim.pruning.apply import make_permanent
 from torchslim.pruning.structured import StructuredConfig, prune_channels
 from torchslim.pruning.unstructured import PruneConfig, prune
+from torchslim.pruning.variational import VariationalConfig, sparsify_variational
 from torchslim.quantization.api import NativeInt8Config, method_of, quantize, quantize_config
 from torchslim.quantization.onnx_static import OnnxInt8Config
 from torchslim.tasks.base import Task
@@ -78,6 +79,18 @@ def run_prune(context: StageContext, stage: RecipeStage) -> StageOutcome:
     """Unstructured pruning, in the config's steps, fine-tuned after each step (torchslim.prune)."""
     assert isinstance(stage.config, PruneConfig)
     result = prune(context.model, stage.config, inplace=True, start_step=context.resume_step, on_step=context.on_step, **context.verb_options(stage))
+    return StageOutcome(result.model, result.report.stages[0].notes, "eager, pruned weights masked to zero")
+
+
+@register_stage("variational-dropout", VariationalConfig, finetune=True)
+def run_variational(context: StageContext, stage: RecipeStage) -> StageOutcome:
+    """Sparse variational dropout: the stage's finetune trains per-weight noise, the weights it made pure noise are
+    masked (torchslim.pruning.sparsify_variational); each layer's sparsity is learned."""
+    assert isinstance(stage.config, VariationalConfig)
+    options = context.verb_options(stage)
+    result = sparsify_variational(
+        context.model, options["data"], stage.config, options["finetune"], options["task"], inplace=True, progress=options["progress"]
+    )
     return StageOutcome(result.model, result.report.stages[0].notes, "eager, pruned weights masked to zero")
 
 

@@ -1,5 +1,5 @@
 """Pruning: importance criteria, masks (per layer or global, in one step or several), schedules, sparsity
-regularization, CSR storage, and structured pruning that removes channels, neurons and heads.
+regularization, sparse variational dropout (per-layer sparsity learned), CSR storage, and structured pruning that removes channels, neurons and heads.
 
 The structure API is public: ``trace(model, example)`` gives the ``ChannelGraph`` of coupled channel ``Group``s
 and attention ``HeadGroup``s; ``select_groups`` / ``select_heads`` choose what to remove; ``remove_channels``
@@ -16,6 +16,7 @@ from torchslim.pruning.schedule import GradualPruning, polynomial_sparsity, sche
 from torchslim.pruning.structured import StructuredConfig, check_removal, prune_channels, select_groups, select_heads
 from torchslim.pruning.tracing import trace
 from torchslim.pruning.unstructured import PruneConfig, prune, prune_in_place
+from torchslim.pruning.variational import SparseVariationalDropout, VariationalConfig, sparsify_variational
 
 __all__ = [
     "GROUP_IMPORTANCE",
@@ -31,8 +32,10 @@ __all__ = [
     "ParamSlice",
     "PruneConfig",
     "SparseLinear",
+    "SparseVariationalDropout",
     "SparsityRegularizer",
     "StructuredConfig",
+    "VariationalConfig",
     "apply_structure",
     "check_removal",
     "get_mask",
@@ -48,6 +51,7 @@ __all__ = [
     "select_groups",
     "select_heads",
     "set_mask",
+    "sparsify_variational",
     "to_csr",
     "trace",
     "weight_criterion",

@@ -1,0 +1,227 @@
+"""Sparse variational dropout (Molchanov, Ashukha & Vetrov 2017): every weight gets its own Gaussian multiplicative
+noise, w ~ N(theta, alpha * theta^2), whose variance is learned along with the weight under a log-uniform prior. The
+approximate KL term pushes alpha up wherever the data does not need the weight, and a weight with log alpha above a
+threshold (3: its noise is 20 times its magnitude) carries no information and is pruned. Each layer's sparsity is set
+by training, not by a number a person picked.
+
+Training samples the layer's pre-activations directly (the local reparametrization trick): for a Linear,
+y ~ N(x theta^T + b, x^2 sigma2^T); for a Conv2d the same with convolutions. The noise is added by a forward hook
+in training mode only, so the model's own forward (lambdas, functional calls, any architecture) is untouched and
+evaluation sees the mean weights with the pruned ones zeroed.
+
+As a verb (and the recipe stage ``variational-dropout``), training included:
+
+    result = sparsify_variational(model, data, {"threshold": 3.0}, finetune={"epochs": 20, "optimizer": "adam", "lr": 1e-3})
+
+or as a ``fit`` callback, then ``to_masks``:
+
+    svd = SparseVariationalDropout(model, train_size=len(data.train))
+    fit(model, data, {"epochs": 20, "optimizer": "adam", "lr": 1e-3}, callbacks=[svd])
+    masks = svd.to_masks()   # masks attached; log sigma^2 and the hooks removed
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from torchslim.core.checks import check_model
+from torchslim.core.config import Config, ConfigError, check
+from torchslim.core.errors import TorchslimError
+from torchslim.core.report import Report, Result, Stage
+from torchslim.core.selector import LayerSelector, select_modules, weight_of
+from torchslim.data.sources import as_source
+from torchslim.measure.counts import count_nonzeros, count_parameters
+from torchslim.pruning.apply import set_mask
+from torchslim.tasks.base import Task
+from torchslim.train.fit import Callback, TrainConfig, TrainState, fit
+
+# Molchanov et al. 2017, eq. 14: -KL(q || p) ~ k1 sigmoid(k2 + k3 log alpha) - 0.5 log(1 + 1/alpha) - k1
+K1, K2, K3 = 0.63576, 1.87320, 1.48695
+LOG_ALPHA_CLAMP = 8.0
+
+
+def log_alpha(weight: torch.Tensor, log_sigma2: torch.Tensor) -> torch.Tensor:
+    """log alpha = log sigma^2 - log theta^2, clamped to [-8, 8] (as the authors' code does)."""
+    return torch.clamp(log_sigma2 - torch.log(weight * weight + 1e-8), -LOG_ALPHA_CLAMP, LOG_ALPHA_CLAMP)
+
+
+def kl_approximation(weight: torch.Tensor, log_sigma2: torch.Tensor) -> torch.Tensor:
+    """The approximate KL divergence of the weights' posterior from the log-uniform prior, summed."""
+    alpha = log_alpha(weight, log_sigma2)
+    return -(K1 * torch.sigmoid(K2 + K3 * alpha) - 0.5 * F.softplus(-alpha) - K1).sum()
+
+
+class SparseVariationalDropout(Callback):
+    """Sparse variational dropout on the selected Linear / Conv2d layers.
+
+    ``train_size``: examples in one epoch of the training data (the KL term is the whole dataset's, the loss a
+    batch's mean: it is divided by this). ``kl_weight``: the KL term's final weight (1 is the variational bound);
+    ``warmup_steps``: steps over which it rises linearly from 0 (training from a trained model first adapts the
+    variances). ``threshold``: log alpha above which a weight is pruned. ``initial_log_sigma2``: where the learned
+    variances start (-10: almost no noise).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train_size: int,
+        layers: LayerSelector | dict | None = None,
+        kl_weight: float = 1.0,
+        warmup_steps: int = 0,
+        threshold: float = 3.0,
+        initial_log_sigma2: float = -10.0,
+    ) -> None:
+        if train_size < 1:
+            raise TorchslimError(f"train_size must be the number of training examples (>= 1), got {train_size}")
+        if kl_weight < 0 or warmup_steps < 0:
+            raise TorchslimError(f"kl_weight and warmup_steps must be >= 0, got {kl_weight} and {warmup_steps}")
+        self.modules = [(name, module) for name, module in select_modules(model, layers, default_types=("Linear", "Conv2d"))]
+        unsupported = [name for name, module in self.modules if not isinstance(module, (nn.Linear, nn.Conv2d))]
+        if unsupported:
+            raise TorchslimError(f"sparse variational dropout covers Linear and Conv2d layers; not: {', '.join(unsupported)}")
+        if not self.modules:
+            raise TorchslimError("sparse variational dropout: no Linear or Conv2d layer selected")
+        self.train_size, self.kl_weight, self.warmup_steps, self.threshold = train_size, kl_weight, warmup_steps, threshold
+        self.step = 0
+        self.handles = []
+        for _, module in self.modules:
+            weight = weight_of(module)
+            module.register_parameter("log_sigma2", nn.Parameter(torch.full_like(weight, initial_log_sigma2)))
+            self.handles.append(module.register_forward_hook(_noisy_output))
+
+    def kl(self) -> torch.Tensor:
+        """The summed approximate KL over every selected weight."""
+        return sum(kl_approximation(weight_of(module), _log_sigma2(module)) for _, module in self.modules)  # type: ignore[return-value]
+
+    def extra_loss(self, state: TrainState) -> torch.Tensor:
+        ramp = min(1.0, (self.step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
+        return self.kl_weight * ramp * self.kl() / self.train_size
+
+    def after_step(self, state: TrainState) -> None:
+        self.step += 1
+
+    @torch.no_grad()
+    def sparsity(self) -> dict[str, float]:
+        """The fraction of each layer's weights whose log alpha is above the threshold now."""
+        return {name: float((log_alpha(weight_of(m), _log_sigma2(m)) > self.threshold).float().mean()) for name, m in self.modules}
+
+    @torch.no_grad()
+    def to_masks(self) -> dict[str, torch.Tensor]:
+        """Masks where log alpha <= threshold, attached to the layers; the variances and the noise hooks removed, so
+        the model is a plain (masked) model again."""
+        masks = {}
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+        for name, module in self.modules:
+            keep = log_alpha(weight_of(module), _log_sigma2(module)) <= self.threshold
+            del module.log_sigma2
+            set_mask(module, keep)
+            masks[name] = keep
+        return masks
+
+
+def _log_sigma2(module: nn.Module) -> torch.Tensor:
+    value = module.log_sigma2
+    assert isinstance(value, torch.Tensor)
+    return value
+
+
+def _noisy_output(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
+    """Training mode: the pre-activation sampled from its Gaussian given the input (local reparametrization)."""
+    if not module.training:
+        return None
+    x = inputs[0]
+    variance_weight = torch.exp(_log_sigma2(module))
+    if isinstance(module, nn.Linear):
+        variance = F.linear(x * x, variance_weight)
+    else:
+        assert isinstance(module, nn.Conv2d)
+        if module.padding_mode != "zeros":
+            raise TorchslimError("sparse variational dropout: Conv2d with padding_mode other than zeros is not covered")
+        variance = F.conv2d(x * x, variance_weight, None, module.stride, module.padding, module.dilation, module.groups)
+    return output + torch.sqrt(variance + 1e-8) * torch.randn_like(output)
+
+
+@dataclasses.dataclass(frozen=True)
+class VariationalConfig(Config):
+    """``layers`` (Linear and Conv2d by default), ``kl_weight`` (1: the variational bound), ``warmup_epochs`` over
+    which the KL term's weight rises from 0, ``threshold`` on log alpha, ``initial_log_sigma2``."""
+
+    layers: LayerSelector = LayerSelector()
+    kl_weight: float = 1.0
+    warmup_epochs: float = 1.0
+    threshold: float = 3.0
+    initial_log_sigma2: float = -10.0
+
+    def validate(self) -> None:
+        check(self.kl_weight >= 0 and self.warmup_epochs >= 0, "kl_weight and warmup_epochs must be >= 0")
+
+
+DEFAULT_TRAINING = {"epochs": 10, "optimizer": "adam", "lr": 1e-3, "schedule": "constant", "eval_every_epoch": False}
+
+
+def sparsify_variational(
+    model: nn.Module,
+    data: Any,
+    config: VariationalConfig | dict | None = None,
+    finetune: TrainConfig | dict | None = None,
+    task: str | Task | None = None,
+    inplace: bool = False,
+    progress: bool | str | None = None,
+) -> Result:
+    """Train ``model`` (a copy unless ``inplace``) with sparse variational dropout for ``finetune`` (default: 10
+    epochs of Adam at 1e-3), then mask every weight whose log alpha passed the threshold. Each layer's sparsity is what
+    training found; the report lists it per layer."""
+    config = VariationalConfig.coerce(config or {}, where="variational-dropout")
+    check_model(model, "variational-dropout", float32=True)
+    if data is None:
+        raise ConfigError("variational-dropout trains the model: it needs data")
+    training = TrainConfig.coerce(finetune if finetune is not None else DEFAULT_TRAINING, where="variational-dropout.finetune")
+    target = model if inplace else copy.deepcopy(model)
+    source = as_source(data, target)
+    steps = source.batches_per_epoch(training.batch_size) or 1
+    if training.max_batches_per_epoch is not None:
+        steps = min(steps, training.max_batches_per_epoch)
+    train_size = steps * training.batch_size  # examples per epoch (the last batch may be short)
+    started = time.perf_counter()
+    dropout = SparseVariationalDropout(
+        target, train_size, config.layers, config.kl_weight, round(config.warmup_epochs * steps), config.threshold, config.initial_log_sigma2
+    )
+    try:
+        history = fit(target, data, training, task=task, callbacks=[dropout], progress=progress, label="variational dropout", evaluate_at_end=False)
+    finally:
+        masks = dropout.to_masks()  # the model is left plain (masked), whatever happened
+    rows = [{"name": name, "weights": int(mask.numel()), "sparsity": float((~mask).float().mean())} for name, mask in masks.items()]
+    pruned = sum(int((~mask).sum()) for mask in masks.values())
+    total = sum(int(mask.numel()) for mask in masks.values())
+    metrics = {
+        "sparsity": pruned / max(1, total),
+        "parameters": count_parameters(target),
+        "nonzeros": count_nonzeros(target),
+        "seconds": time.perf_counter() - started,
+    }
+    notes = [
+        f"{len(history.epochs)} epochs of variational dropout; {pruned:,} of {total:,} weights with log alpha above {config.threshold:g} masked "
+        f"({100 * metrics['sparsity']:.1f}%): " + ", ".join(f"{row['name']} {100 * row['sparsity']:.1f}%" for row in rows)
+    ]
+    stage = Stage(
+        name="variational dropout",
+        kind="variational-dropout",
+        metrics=metrics,
+        layers=rows,
+        notes=notes,
+        config=config.to_dict(),
+        execution="eager, pruned weights masked to zero",
+    )
+    return Result(model=target, report=Report.for_model(model, [stage]))
+
+
+__all__ = ["SparseVariationalDropout", "VariationalConfig", "kl_approximation", "log_alpha", "sparsify_variational"]

@@ -1,0 +1,94 @@
+"""Sparse variational dropout: per-layer sparsity learned by training (no sparsity given), on the registry's MLP, a
+user's own convnet on their own DataLoader, and as a recipe stage that k-means and entropy coding follow."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import torchslim as ts
+from torchslim.core.errors import TorchslimError
+from torchslim.pruning import SparseVariationalDropout, masks_of, sparsify_variational
+from torchslim.pruning.variational import kl_approximation, log_alpha
+from torchslim.train import fit
+
+TRAIN = {"epochs": 15, "optimizer": "adam", "lr": 1e-3, "schedule": "constant", "eval_every_epoch": False}
+
+
+@pytest.fixture(scope="module")
+def trained():
+    torch.manual_seed(0)
+    data = ts.data.load("digits")
+    model = ts.train(ts.models.create_for("lenet-300-100", data), data, {"epochs": 10}, progress=False).model
+    return model, data
+
+
+def test_the_kl_term_falls_as_the_noise_grows_and_pruned_weights_have_large_alpha():
+    weight = torch.ones(4)
+    quiet, noisy = kl_approximation(weight, torch.full((4,), -10.0)), kl_approximation(weight, torch.full((4,), 2.0))
+    assert noisy < quiet  # the log-uniform prior favours noise: the KL drops as alpha grows
+    assert float(log_alpha(torch.tensor([1e-3]), torch.tensor([0.0]))) == pytest.approx(8.0)  # clamped
+
+
+def test_training_learns_each_layers_sparsity_and_leaves_a_plain_masked_model(trained, tmp_path):
+    model, data = trained
+    dense = ts.evaluate(model, data)["accuracy"]
+    result = sparsify_variational(model, data, {}, finetune=TRAIN, progress=False)
+    stage = result.report.stages[0]
+    sparsity = {row["name"]: row["sparsity"] for row in stage.layers}
+    assert stage.metrics["sparsity"] > 0.8 and len(set(round(s, 2) for s in sparsity.values())) == 3  # learned, different per layer
+    assert ts.evaluate(result.model, data)["accuracy"] > dense - 0.06
+    assert not any("log_sigma2" in key for key in result.model.state_dict()) and set(masks_of(result.model)) == {"fc1", "fc2", "fc3"}
+    assert not result.model.fc1._forward_hooks  # the noise hooks are gone
+    assert not hasattr(model.fc1, "log_sigma2") and not masks_of(model)  # the caller's model untouched
+    ts.save(result.model, tmp_path / "svd.safetensors")
+    assert ts.evaluate(ts.load(tmp_path / "svd.safetensors"), data) == ts.evaluate(result.model, data)
+
+
+class UsersNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 16, 3, padding=1)
+        self.pool = lambda x: torch.nn.functional.max_pool2d(x, 2).flatten(1)
+        self.head = torch.nn.Linear(16 * 16, 10)
+
+    def forward(self, x):
+        return self.head(self.pool(torch.relu(self.conv(x.reshape(-1, 1, 8, 8)))))
+
+
+def test_a_users_convnet_on_a_dataloader_trains_with_noise_only_in_training():
+    torch.manual_seed(0)
+    digits = ts.data.load("digits")
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(digits.train.inputs, digits.train.targets), batch_size=64, shuffle=True)
+    model = ts.train(UsersNet(), loader, {"epochs": 4, "lr": 0.05}, progress=False).model
+    dropout = SparseVariationalDropout(model, train_size=len(digits.train.inputs), initial_log_sigma2=-2.0)
+    x = digits.test.inputs[:8]
+    with torch.no_grad():
+        model.eval()
+        assert torch.equal(model(x), model(x))  # evaluation: mean weights, no noise
+        model.train()
+        assert not torch.equal(model(x), model(x))  # training: sampled pre-activations
+    fit(model, loader, TRAIN | {"epochs": 3}, callbacks=[dropout], progress=False)
+    masks = dropout.to_masks()
+    assert set(masks) == {"conv", "head"} and all(0.0 < float((~m).float().mean()) < 1.0 for m in masks.values())
+
+
+def test_a_recipe_stage_then_kmeans_and_coding_write_a_small_file(trained, tmp_path):
+    model, data = trained
+    recipe = {
+        "name": "variational",
+        "stages": [{"variational-dropout": {"finetune": TRAIN}}, {"quantize": {"weights": {"scheme": "kmeans", "bits": 4}}}, {"encode": {}}],
+    }
+    result = ts.compress(model, recipe, data, latency=False, progress=False)
+    result.save(tmp_path / "v.tslim")
+    assert (tmp_path / "v.tslim").stat().st_size < 8_000  # the dense float file is 202 KB
+    assert ts.evaluate(ts.load(tmp_path / "v.tslim"), data) == ts.evaluate(result.model, data)
+    assert "weights with log alpha above 3 masked" in result.report.stages[1].notes[0]
+
+
+def test_bad_input_is_named(trained):
+    model, data = trained
+    with pytest.raises(TorchslimError, match="train_size must be the number of training examples"):
+        SparseVariationalDropout(model, train_size=0)
+    with pytest.raises(TorchslimError, match="covers Linear and Conv2d layers; not: 0"):
+        SparseVariationalDropout(torch.nn.Sequential(torch.nn.Embedding(4, 4)), 10, layers={"types": ["Embedding"]})
