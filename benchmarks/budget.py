@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 import torchslim as ts
-from benchmarks.common import load_mnist, trained_baseline
+from benchmarks.common import each_model, load_mnist, pareto_axis, trained_baseline
 from benchmarks.harness import RESULTS, arguments, write
 from torchslim.compression.budget import auto_compress
 from torchslim.report import markdown
@@ -68,15 +68,8 @@ def plot(results: dict) -> None:
 
     figure, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4), squeeze=False)
     for axis, (name, entry) in zip(axes[0], results.items()):
-        for allocation, style in (("automatic", "-o"), ("uniform", "--s")):
-            points = sorted((r["bytes"] / 1000, 100 * r["error"]) for r in entry["runs"] if r["allocation"] == allocation)
-            axis.plot([p[0] for p in points], [p[1] for p in points], style, label=allocation)
-        axis.axhline(100 * entry["dense_error"], color="#888", linestyle=":", label="dense")
-        axis.set_xlabel("bytes on disk (KB)")
-        axis.set_ylabel("test error (%)")
-        axis.set_title(f"{name}: error against size")
-        axis.grid(True, alpha=0.3)
-        axis.legend()
+        series = {a: [(r["bytes"] / 1000, 100 * r["error"]) for r in entry["runs"] if r["allocation"] == a] for a in ("automatic", "uniform")}
+        pareto_axis(axis, series, entry["dense_error"], "bytes on disk (KB)", f"{name}: error against size")
     RESULTS.mkdir(parents=True, exist_ok=True)
     figure.savefig(RESULTS / "budget.png", dpi=110, bbox_inches="tight")
     plt.close(figure)
@@ -85,10 +78,7 @@ def plot(results: dict) -> None:
 def main() -> None:
     options = arguments(__doc__)
     data = load_mnist(options.data_root, options.quick)
-    results, rows = {}, []
-    for name in ("lenet-300-100", "lenet-5"):
-        results[name], part = run(name, data, options.quick)
-        rows += part
+    results, rows = each_model(run, data, options.quick)
     if not options.no_write:
         plot(results)
     table = markdown.table(

@@ -35,3 +35,25 @@ def trained_baseline(name: str, data, quick: bool) -> nn.Module:
         RESULTS.mkdir(parents=True, exist_ok=True)
         ts.save(model, path)
     return model
+
+
+def pareto_axis(axis, series: dict[str, list[tuple[float, float]]], dense_error: float, xlabel: str, title: str) -> None:
+    """One panel of a Pareto plot: test error (%) against a cost, one line per allocation, the dense error dotted."""
+    for (allocation, points), style in zip(series.items(), ("-o", "--s", "-.^")):
+        points = sorted(points)
+        axis.plot([p[0] for p in points], [p[1] for p in points], style, label=allocation)
+    axis.axhline(100 * dense_error, color="#888", linestyle=":", label="dense")
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel("test error (%)")
+    axis.set_title(title)
+    axis.grid(True, alpha=0.3)
+    axis.legend()
+
+
+def each_model(run, data, quick: bool, names: tuple[str, ...] = ("lenet-300-100", "lenet-5")) -> tuple[dict, list[list[str]]]:
+    """``run(name, data, quick) -> (results, rows)`` for each model: the results by model and all rows."""
+    results, rows = {}, []
+    for name in names:
+        results[name], part = run(name, data, quick)
+        rows += part
+    return results, rows

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 import torchslim as ts
-from benchmarks.common import load_mnist, trained_baseline
+from benchmarks.common import each_model, load_mnist, pareto_axis, trained_baseline
 from benchmarks.harness import RESULTS, arguments, write
 from torchslim.compression.speed_budget import auto_narrow
 from torchslim.core.errors import TorchslimError
@@ -82,15 +82,9 @@ def plot(results: dict) -> None:
     figure, axes = plt.subplots(len(results), 2, figsize=(11, 4 * len(results)), squeeze=False)
     for row, (name, entry) in zip(axes, results.items()):
         for axis, measure in zip(row, BUDGETS):
-            for allocation, style in (("automatic", "-o"), ("uniform", "--s")):
-                points = sorted((r["fraction"], 100 * r["error"]) for r in _reached(entry, measure, allocation))
-                axis.plot([p[0] for p in points], [p[1] for p in points], style, label=allocation)
-            axis.axhline(100 * entry["dense_error"], color="#888", linestyle=":", label="dense")
-            axis.set_xlabel("MACs, fraction of dense" if measure == "macs" else "latency in ONNX Runtime (batch 64), fraction of dense")
-            axis.set_ylabel("test error (%)")
-            axis.set_title(f"{name}: error against {measure}")
-            axis.grid(True, alpha=0.3)
-            axis.legend()
+            series = {a: [(r["fraction"], 100 * r["error"]) for r in _reached(entry, measure, a)] for a in ("automatic", "uniform")}
+            label = "MACs, fraction of dense" if measure == "macs" else "latency in ONNX Runtime (batch 64), fraction of dense"
+            pareto_axis(axis, series, entry["dense_error"], label, f"{name}: error against {measure}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     figure.savefig(RESULTS / "speed_budget.png", dpi=110, bbox_inches="tight")
     plt.close(figure)
@@ -99,10 +93,7 @@ def plot(results: dict) -> None:
 def main() -> None:
     options = arguments(__doc__)
     data = load_mnist(options.data_root, options.quick)
-    results, rows = {}, []
-    for name in ("lenet-300-100", "lenet-5"):
-        results[name], part = run(name, data, options.quick)
-        rows += part
+    results, rows = each_model(run, data, options.quick)
     if not options.no_write:
         plot(results)
     table = markdown.table(["model", "budget on", "budget", "allocation", "measured fraction", "met", "test error", "channels removed per set"], rows)
