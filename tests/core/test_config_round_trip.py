@@ -29,6 +29,7 @@ EXAMPLES = {
     "PruneConfig": {"sparsity": [0.5, 0.8], "overrides": {"fc1": 0.9}, "layers": {"exclude": ["fc3"]}},
     "FeaturePair": {"student": "layer1", "teacher": "layer2"},
     "BudgetConfig": {"target_size": 20_000, "bits": [4, 2]},
+    "SpeedBudgetConfig": {"target_latency": 0.5, "backend": "onnxruntime", "ratios": [0.5, 0.75], "finetune": None},
 }
 
 
