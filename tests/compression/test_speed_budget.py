@@ -112,3 +112,24 @@ def test_compress_target_macs_from_the_command_line(trained, tmp_path, capsys):
     both = ["compress", "--data", "digits", "--target-macs", "0.4", "--target-size", "20KB", "--out", str(tmp_path / "x.tslim")]
     assert main(both) == 1  # a TorchslimError: the command's own refusal
     assert "give one budget at a time, got --target-size and --target-macs" in capsys.readouterr().err
+
+
+def test_a_budget_the_model_keeps_missing_ends_with_the_closest_plan_and_says_so(trained, monkeypatch):
+    """Measured costs that never meet the prediction: the corrected budget passes the floor of what the sets allow;
+    the rounds stop at the most the sets allow and the result says the budget was missed."""
+    from torchslim.compression import speed_budget
+
+    model, data = trained
+    real = speed_budget._Cost.of
+
+    def stubborn(self, models):
+        costs = real(self, models)
+        if "pruned" in models:
+            costs["pruned"] = 0.95 * costs["dense"]  # as if the engine gained nothing from the removed channels
+        return costs
+
+    monkeypatch.setattr(speed_budget._Cost, "of", stubborn)
+    result = auto_narrow(model, data, {"target_macs": 0.3, "finetune": None, "ratios": [0.5, 0.875], "rounds": 4}, progress=False)
+    allocation = result.report.artifacts["allocation"]
+    assert not any(r["met"] for r in allocation["rounds"]) and len(allocation["rounds"]) >= 2
+    assert "missed" in result.report.stages[-1].notes[-1]

@@ -173,7 +173,8 @@ def auto_narrow(
         + [Option(r, FLOAT, rises[f"{name}@{r:g}"], min(0.0, math.log(table[f"{name}@{r:g}"] / dense))) for r in config.ratios]
         for name in sets
     }
-    reach = math.exp(sum(min(option.size for option in choices) for choices in options.values()))
+    floor = sum(min(option.size for option in choices) for choices in options.values())
+    reach = math.exp(floor)
     if reach > config.target:
         raise TorchslimError(
             f"auto_narrow: a {config.measure} budget of {config.target:g} of the dense model's is out of reach: with every set at its largest "
@@ -185,7 +186,7 @@ def auto_narrow(
     best = last = None
     tried: list[dict[str, float]] = []
     for index in range(config.rounds):
-        available = math.log(config.target) - offset
+        available = max(math.log(config.target) - offset, floor)  # corrected past the floor: the most the sets allow
         plan = allocate(options, available, uniform=True) if config.uniform else allocate_exact(options, available)
         ratios = {name: option.sparsity for name, option in plan.items() if option.sparsity > 0}
         if ratios in tried:
