@@ -133,3 +133,9 @@ def test_a_budget_the_model_keeps_missing_ends_with_the_closest_plan_and_says_so
     allocation = result.report.artifacts["allocation"]
     assert not any(r["met"] for r in allocation["rounds"]) and len(allocation["rounds"]) >= 2
     assert "missed" in result.report.stages[-1].notes[-1]
+
+
+def test_a_set_named_wrongly_is_refused_with_the_sets_there_are(trained):
+    model, data = trained
+    with pytest.raises(ConfigError, match="no set of channels named 'fc9'; the sets: fc1, fc2"):
+        ts.prune_channels(model, {"sets": {"fc9": 0.5}}, data=data)

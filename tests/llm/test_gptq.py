@@ -83,6 +83,21 @@ def test_gptq_on_a_llama_is_closer_to_the_float_model_than_round_to_nearest(tmp_
         assert torch.equal(_logits(ts.load(saved), data), _logits(gptq_result.model, data))
 
 
+def test_clip_search_on_a_hugging_face_llama_lowers_the_layer_error_and_the_file_reloads(tmp_path):
+    torch.manual_seed(0)
+    model = zoo.llama()
+    data = _text_batches()
+    weights = {"bits": 3, "granularity": "group", "group_size": 32}
+    errors = {}
+    for clip in (False, True):
+        config = {"method": "gptq", "weights": weights, "calibration_batches": 3, "act_order": True, "clip_search": clip}
+        result = ts.quantize(model, config, data=data, task="language-modeling")
+        errors[clip] = result.report.stages[0].metrics["output_error_vs_rtn"]
+    assert errors[True] < errors[False]
+    saved = ts.save(result.model, tmp_path / "clipped.tslim")
+    assert torch.equal(_logits(ts.load(saved), data), _logits(result.model, data))
+
+
 def test_gptq_is_a_recipe_stage_that_an_encode_stage_follows():
     torch.manual_seed(0)
     model = zoo.TiedCharLM(vocab=128)

@@ -25,6 +25,7 @@ class PadShortcut(nn.Module):
     @index.setter
     def index(self, positions: list[int] | None) -> None:
         self._index = None if positions is None else [int(p) for p in positions]
+        self._block_start: int | None = None
         if self._index is None:
             return
         if len(self._index) != self.in_channels or max(self._index, default=-1) >= self.out_channels:
@@ -33,6 +34,9 @@ class PadShortcut(nn.Module):
         for channel, position in enumerate(self._index):
             order[position] = channel
         self.register_buffer("order", torch.tensor(order, dtype=torch.long), persistent=False)
+        first = self._index[0] if self._index else 0
+        if self._index == list(range(first, first + self.in_channels)):  # one contiguous block: a pad, no gather
+            self._block_start = first
 
     def positions(self) -> list[int]:
         """Where each input channel lands among the output channels (the rest are zeros)."""
@@ -45,8 +49,8 @@ class PadShortcut(nn.Module):
         if self.stride > 1:
             x = x[:, :, :: self.stride, :: self.stride]
         if self.index is not None:  # after channel pruning the zero channels need not sit symmetrically
-            first = self.index[0] if self.index else 0
-            if self.index == list(range(first, first + self.in_channels)):  # one block: a pad, no gather
+            first = self._block_start
+            if first is not None:
                 return F.pad(x, (0, 0, 0, 0, first, self.out_channels - first - self.in_channels))
             return torch.cat([x, torch.zeros_like(x[:, :1])], dim=1).index_select(1, self.order)
         extra = self.out_channels - self.in_channels

@@ -233,6 +233,11 @@ def _protection_notes(groups: list[Group], head_ratio: float) -> list[str]:
     return notes + [f"left intact: {reason}" for reason in blocked]
 
 
+def set_name(layers: tuple[str, ...]) -> str:
+    """A coupled set's name: the layers whose outputs its channels are, joined by "+"."""
+    return "+".join(layers)
+
+
 def _candidates(groups: list[Group], names: set[str], config: StructuredConfig) -> list[Group]:
     return [g for g in groups if g.prunable and g.layers and set(g.layers) <= names and (config.prune_residual or not g.joined)]
 
@@ -247,7 +252,7 @@ def channel_sets(model: nn.Module, config: StructuredConfig | dict | None = None
     names = {name for name, _ in select_modules(working, config.layers)}
     sets: dict[str, int] = {}
     for group in _candidates(graph.groups(), names, config):
-        key = "+".join(group.layers)
+        key = set_name(group.layers)
         sets[key] = sets.get(key, 0) + 1
     return sets
 
@@ -272,11 +277,14 @@ def select_groups(
     for g in candidates:
         if g.id in scores:
             sets.setdefault(g.layers, []).append(g)
+    unknown = sorted(set(config.sets) - {set_name(key) for key in sets})
+    if unknown:
+        raise ConfigError(f"prune_channels.sets: no set of channels named {unknown[0]!r}; the sets: {', '.join(set_name(key) for key in sets)}")
     chosen: list[Group] = []
     if config.scope == "layer":
         for key, members in sets.items():
             own = [ratios[layer] for layer in key if layer in ratios]
-            ratio = config.sets.get("+".join(key), max(own) if own else config.ratio)
+            ratio = config.sets.get(set_name(key), max(own) if own else config.ratio)
             kept = _kept_count(len(members), ratio, config)
             chosen += sorted(members, key=lambda g: (scores[g.id], g.id))[: len(members) - kept]
     else:
@@ -489,4 +497,4 @@ def prune_channels(
     return Result(model=target, report=Report.for_model(model, [stage]))
 
 
-__all__ = ["StructuredConfig", "channel_sets", "check_removal", "group_scores", "prune_channels", "select_groups", "select_heads"]
+__all__ = ["StructuredConfig", "channel_sets", "check_removal", "group_scores", "prune_channels", "select_groups", "select_heads", "set_name"]

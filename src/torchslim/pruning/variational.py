@@ -40,7 +40,7 @@ from torchslim.data.sources import as_source
 from torchslim.measure.counts import count_nonzeros, count_parameters
 from torchslim.pruning.apply import set_mask
 from torchslim.tasks.base import Task
-from torchslim.train.fit import Callback, TrainConfig, TrainState, fit
+from torchslim.train.fit import Callback, TrainConfig, TrainState, epoch_steps, fit
 
 # Molchanov et al. 2017, eq. 14: -KL(q || p) ~ k1 sigmoid(k2 + k3 log alpha) - 0.5 log(1 + 1/alpha) - k1
 K1, K2, K3 = 0.63576, 1.87320, 1.48695
@@ -186,10 +186,7 @@ def sparsify_variational(
         raise ConfigError("variational-dropout trains the model: it needs data")
     training = TrainConfig.coerce(finetune if finetune is not None else DEFAULT_TRAINING, where="variational-dropout.finetune")
     target = model if inplace else copy.deepcopy(model)
-    source = as_source(data, target)
-    steps = source.batches_per_epoch(training.batch_size) or 1
-    if training.max_batches_per_epoch is not None:
-        steps = min(steps, training.max_batches_per_epoch)
+    steps = epoch_steps(as_source(data, target), training)
     train_size = steps * training.batch_size  # examples per epoch (the last batch may be short)
     started = time.perf_counter()
     dropout = SparseVariationalDropout(

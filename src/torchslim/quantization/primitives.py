@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 
@@ -86,18 +87,22 @@ def _ungrouped(view: torch.Tensor, width: int) -> torch.Tensor:
     return view.reshape(*view.shape[:-2], -1)[..., :width]
 
 
-def reduce_range(x: torch.Tensor, spec: UniformSpec, where: str = "tensor") -> tuple[torch.Tensor, torch.Tensor]:
-    """(min, max) at the spec's granularity, shaped to broadcast against x (or its grouped view)."""
+def _per_scale(x: torch.Tensor, spec: UniformSpec, where: str, reduce: Callable[..., torch.Tensor]) -> torch.Tensor:
+    """``reduce(values, dim)`` over the elements each scale covers at the spec's granularity, shaped to broadcast
+    against x (or its grouped view) as the scale does."""
     if spec.granularity == "tensor":
-        return x.min().reshape(1), x.max().reshape(1)
+        return reduce(x.reshape(1, -1), 1).reshape(1)
     if spec.granularity == "channel":
         axis = spec.axis % x.dim()
-        moved = x.movedim(axis, 0).reshape(x.shape[axis], -1)
         shape = [1] * x.dim()
         shape[axis] = x.shape[axis]
-        return moved.min(dim=1).values.reshape(shape), moved.max(dim=1).values.reshape(shape)
-    grouped = _grouped(x, spec, where)
-    return grouped.amin(dim=-1, keepdim=True), grouped.amax(dim=-1, keepdim=True)
+        return reduce(x.movedim(axis, 0).reshape(x.shape[axis], -1), 1).reshape(shape)
+    return reduce(_grouped(x, spec, where), -1).unsqueeze(-1)
+
+
+def reduce_range(x: torch.Tensor, spec: UniformSpec, where: str = "tensor") -> tuple[torch.Tensor, torch.Tensor]:
+    """(min, max) at the spec's granularity, shaped to broadcast against x (or its grouped view)."""
+    return _per_scale(x, spec, where, torch.amin), _per_scale(x, spec, where, torch.amax)
 
 
 def qparams_from_range(low: torch.Tensor, high: torch.Tensor, spec: UniformSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,7 +147,7 @@ def search_qparams(
     for step in range(int(max_shrink * grid) + 1):
         factor = 1.0 - step / grid
         scale, zero_point = qparams_from_range(low * factor, high * factor, spec)
-        error = _per_parameter_sum((dequantize(quantize(x, scale, zero_point, spec, where), scale, zero_point, spec) - x).abs().pow(norm), spec, where)
+        error = _per_scale((dequantize(quantize(x, scale, zero_point, spec, where), scale, zero_point, spec) - x).abs().pow(norm), spec, where, torch.sum)
         if best_error is None:
             best_error = error
             continue
@@ -151,18 +156,6 @@ def search_qparams(
         best_scale = torch.where(better, scale, best_scale)
         best_zero = torch.where(better, zero_point, best_zero)
     return best_scale, best_zero
-
-
-def _per_parameter_sum(values: torch.Tensor, spec: UniformSpec, where: str) -> torch.Tensor:
-    """Sum of ``values`` (shaped like the quantized tensor) over each scale's elements, shaped like the scale."""
-    if spec.granularity == "tensor":
-        return values.sum().reshape(1)
-    if spec.granularity == "channel":
-        axis = spec.axis % values.dim()
-        shape = [1] * values.dim()
-        shape[axis] = values.shape[axis]
-        return values.movedim(axis, 0).reshape(values.shape[axis], -1).sum(dim=1).reshape(shape)
-    return _grouped(values, spec, where).sum(dim=-1, keepdim=True)
 
 
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: UniformSpec, where: str = "tensor") -> torch.Tensor:

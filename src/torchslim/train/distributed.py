@@ -47,9 +47,13 @@ def set_strategy(name: str) -> None:
     """The strategy of every training run in this process whose config says ``parallel: auto`` (what
     ``--parallel`` sets for a command)."""
     global _strategy
+    _strategy = _known(name)
+
+
+def _known(name: str) -> str:
     if name not in STRATEGIES:
         raise TorchslimError(f"unknown parallel strategy {name!r}; valid: {', '.join(STRATEGIES)}")
-    _strategy = name
+    return name
 
 
 def strategy(chosen: str = "auto") -> str:
@@ -179,8 +183,7 @@ class DataParallel:
     slicer, and the averaging of gradients the wrapper does not own."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, data: Any, strategy: str = "ddp") -> None:
-        if strategy not in STRATEGIES:
-            raise TorchslimError(f"unknown parallel strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
+        strategy = _known(strategy)
         self.world = world()
         self.presharded = presharded(data)
         device = next((p.device for p in model.parameters()), torch.device("cpu"))

@@ -206,7 +206,7 @@ def fit(
     base_rates = [group["lr"] for group in optimizer.param_groups]
     mode = progress_mode(progress if distributed.is_main() else False)
     precision = Precision(config.precision, model)
-    steps_per_epoch = _steps_per_epoch(source, config)
+    steps_per_epoch = epoch_steps(source, config)
     state = TrainState(model, optimizer, config, total_steps=config.epochs * steps_per_epoch, steps_per_epoch=steps_per_epoch)
     if resume_state is not None:
         _resume(state, resume_state, start_epoch, label)
@@ -331,7 +331,8 @@ def _resume(state: TrainState, saved: dict[str, Any], start_epoch: int, label: s
     state.step = start_epoch * state.steps_per_epoch
 
 
-def _steps_per_epoch(source: DataSource, config: TrainConfig) -> int:
+def epoch_steps(source: DataSource, config: TrainConfig) -> int:
+    """Optimizer steps in one epoch of ``source`` under ``config`` (a loader without a length is counted by one pass)."""
     known = source.batches_per_epoch(config.batch_size)
     if known is None:  # a loader without a length: count one pass
         known = sum(1 for _ in source.batches("train", batch_size=config.batch_size, seed=config.seed))

@@ -71,8 +71,6 @@ class Sharded:
     """A model sharded in place with FSDP2 for training, and released back to a plain module afterwards."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        if not any(p.requires_grad for p in model.parameters()):
-            raise TorchslimError("distributed training: the model has no trainable parameters")
         self.model, self.optimizer = model, optimizer
         with torch.no_grad():  # start identical on every rank, as DistributedDataParallel does
             for tensor in model.state_dict().values():
