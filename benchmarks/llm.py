@@ -84,6 +84,13 @@ CONFIGS: dict[str, list[tuple[str, dict[str, Any]]]] = {
         f"1 of 3 KV head groups removed ({importance})": [("prune_channels", {"head_ratio": 0.34, "importance": importance, "layers": ATTENTION})]
         for importance in ("wanda", "l1", "random")
     },
+    **{
+        f"Wanda {target} + distillation": [
+            ("prune", {"importance": "wanda", **sparsity, "layers": BLOCK_LAYERS}),
+            ("distill", {"temperature": 1.0, "alpha": 0.5, "train": DISTILL_TRAIN}),
+        ]
+        for target, sparsity in (("50%", {"sparsity": 0.5, "scope": "row"}), ("2:4", {"pattern": "2:4"}))
+    },
     "MLP neurons 25% removed (wanda) + distillation": [
         ("prune_channels", {"ratio": 0.25, "importance": "wanda", **MLP_ONLY}),
         ("distill", {"temperature": 1.0, "alpha": 0.5, "train": DISTILL_TRAIN}),
@@ -162,9 +169,14 @@ def one(name: str, data_root: Path, quick: bool, out: Path) -> None:
             model = result.model
             continue
         result = getattr(ts, verb)(model, config, data=data, task="language-modeling", inplace=True)
-        model = ts.make_permanent(result.model) if verb == "prune" else result.model
+        model = result.model
         stage_notes = result.report.stages[0].notes
         notes += [n for n in stage_notes if n.startswith("config")] if verb == "prune_channels" else stage_notes[:1]
+    model = ts.make_permanent(model)  # pruning masks (kept through any distillation) folded into the weights
+    if any(verb == "prune" for verb, _ in CONFIGS[name]):
+        weights = [m.weight for n, m in model.named_modules() if n.startswith("model.layers.") and isinstance(m, torch.nn.Linear)]
+        zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+        notes.append(f"block layers {zeros:.1%} zero at the end")
     compress_seconds = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     metrics = ts.evaluate(model, evaluation, task="language-modeling")

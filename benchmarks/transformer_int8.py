@@ -1,8 +1,10 @@
-"""Int8 for a transformer in ONNX Runtime on a real pretrained causal LM (SmolLM2-135M-Instruct, see
-``benchmarks.llm``): the float ONNX export against dynamic int8 and static int8 (min-max, percentile, entropy
-calibration; with and without SmoothQuant's migration), quantizing every operator against only the products with
-weights. For each: cosine of the logits to PyTorch float32, perplexity, file size, and prefill latency of one
-256-token window in ONNX Runtime (2 threads, every session timed in one process, alternating, medians).
+"""Int8 and int4 for a transformer in ONNX Runtime on a real pretrained causal LM (SmolLM2-135M-Instruct, see
+``benchmarks.llm``): the float ONNX export against dynamic int8 (per tensor, per token) and static int8 (min-max,
+percentile, entropy calibration; with and without SmoothQuant's migration), quantizing every operator against only
+the products with weights, and weight-only int4 exported as ONNX Runtime's MatMulNBits (float activations, and its
+accuracy level 4: activations rounded to int8 per block inside the kernel). For each: cosine of the logits to PyTorch
+float32, perplexity, file size, prefill latency of one 256-token window and of a one-token forward (no cache: the
+weight-bound step of decoding) in ONNX Runtime (2 threads, every session timed in one process, alternating, medians).
 
     python3 -m benchmarks.transformer_int8 [--quick]
 """
@@ -22,10 +24,13 @@ import torchslim as ts
 from benchmarks.harness import arguments, write
 from benchmarks.llm import MODEL_DIR, WINDOW, _tokens
 from torchslim.export.onnx import OnnxModule, export_onnx
+from torchslim.export.verb import export
 from torchslim.report.markdown import format_bytes, table
 
 CONFIGS: dict[str, dict[str, Any]] = {
-    "dynamic int8": {"mode": "dynamic"},
+    "dynamic int8, per tensor": {"mode": "dynamic", "per_token": False},
+    "dynamic int8, per token": {"mode": "dynamic", "per_token": True},
+    "dynamic int8, per token, float head": {"mode": "dynamic", "per_token": True, "float_head": True},
     "static int8, min-max": {},
     "static int8, percentile 99.999": {"calibration": "percentile"},
     "static int8, entropy": {"calibration": "entropy"},
@@ -33,6 +38,24 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "static int8, percentile, SmoothQuant 0.5": {"calibration": "percentile", "smooth": 0.5},
     "static int8, every operator quantized (min-max)": {"weight_matmuls_only": False},
 }
+
+
+INT4_G128 = {"bits": 4, "granularity": "group", "group_size": 128, "symmetric": False}
+INT4_NAME = "weight-only int4 g128 (MatMulNBits)"
+
+
+def _accuracy_level(path: Path, level: int) -> Path:
+    """A copy of the ONNX file at ``path`` with every MatMulNBits at ``accuracy_level`` (4: int8 activations)."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(path))
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            node.attribute.append(helper.make_attribute("accuracy_level", level))
+    target = path.with_name(f"{path.stem}-level{level}.onnx")
+    onnx.save(model, str(target))
+    return target
 
 
 def main() -> None:
@@ -54,7 +77,7 @@ def main() -> None:
     with torch.no_grad():
         reference = torch.cat([model(**b).logits for b in inputs])
     base = ts.evaluate(model, evaluation, task="language-modeling")["perplexity"]
-    names = list(CONFIGS) if not options.quick else ["dynamic int8", "static int8, min-max", "static int8, percentile, SmoothQuant 0.5"]
+    names = list(CONFIGS) if not options.quick else ["dynamic int8, per tensor", "dynamic int8, per token", "static int8, min-max"]
     engines: dict[str, OnnxModule] = {}
     results: dict[str, dict[str, Any]] = {}
     example = {"input_ids": ids[:WINDOW].reshape(1, -1), "attention_mask": torch.ones(1, WINDOW, dtype=torch.long)}
@@ -67,6 +90,15 @@ def main() -> None:
             engines[name] = ts.quantize(model, config, data=calibration_data, example_input=example, path=Path(folder) / f"{len(engines)}.onnx").model
             results[name] = {"quantize_seconds": time.perf_counter() - started}
             print(name, f"{results[name]['quantize_seconds']:.0f} s", flush=True)
+        started = time.perf_counter()
+        int4 = ts.quantize(model, {"weights": INT4_G128}).model
+        path = Path(folder) / "int4.onnx"
+        export(int4, "onnx", example, path)
+        del int4
+        engines[INT4_NAME] = OnnxModule(path)
+        results[INT4_NAME] = {"quantize_seconds": time.perf_counter() - started}
+        engines[INT4_NAME + ", accuracy level 4"] = OnnxModule(_accuracy_level(path, 4))
+        results[INT4_NAME + ", accuracy level 4"] = dict(results[INT4_NAME])
     for name, engine in engines.items():
         logits = torch.cat([engine(**b) for b in inputs])
         cosine = float(F.cosine_similarity(logits.flatten(0, 1), reference.flatten(0, 1), dim=-1).mean())
@@ -74,32 +106,54 @@ def main() -> None:
         results.setdefault(name, {}).update({"cosine": cosine, "perplexity": metrics["perplexity"], "bytes": len(engine.onnx_bytes)})
         print(name, results[name], flush=True)
     prompt = {"input_ids": ids[split : split + WINDOW].reshape(1, -1), "attention_mask": torch.ones(1, WINDOW, dtype=torch.long)}
+    token = {"input_ids": prompt["input_ids"][:, :1], "attention_mask": prompt["attention_mask"][:, :1]}
     times: dict[str, list[float]] = {name: [] for name in engines}
+    token_times: dict[str, list[float]] = {name: [] for name in engines}
     for engine in engines.values():
         engine(**prompt)  # warm up
+        engine(**token)
     for _ in range(3 if options.quick else 9):
         for name, engine in engines.items():
             started = time.perf_counter()
             engine(**prompt)
             times[name].append(time.perf_counter() - started)
+            for _ in range(5):
+                started = time.perf_counter()
+                engine(**token)
+                token_times[name].append(time.perf_counter() - started)
     fp32_ms = statistics.median(times["ONNX float32"]) * 1000
+    fp32_token_ms = statistics.median(token_times["ONNX float32"]) * 1000
     rows = []
     for name in engines:
         r = results[name]
         ms = statistics.median(times[name]) * 1000
-        r.update({"prefill_ms": ms, "speedup": fp32_ms / ms})
-        rows.append([name, f"{r['cosine']:.4f}", f"{r['perplexity']:.2f}", format_bytes(r["bytes"]), f"{ms:.0f} ms", f"{fp32_ms / ms:.2f}x"])
+        token_ms = statistics.median(token_times[name]) * 1000
+        r.update({"prefill_ms": ms, "speedup": fp32_ms / ms, "token_ms": token_ms, "token_speedup": fp32_token_ms / token_ms})
+        rows.append(
+            [
+                name,
+                f"{r['cosine']:.4f}",
+                f"{r['perplexity']:.2f}",
+                format_bytes(r["bytes"]),
+                f"{ms:.0f} ms ({fp32_ms / ms:.2f}x)",
+                f"{token_ms:.1f} ms ({fp32_token_ms / token_ms:.2f}x)",
+            ]
+        )
     notes = [
         f"PyTorch float32 perplexity {base:.2f} on {sum(b['input_ids'].numel() for b in evaluation):,} tokens of Tiny Shakespeare's last 10%; "
         f"calibration on {len(starts)} windows of {WINDOW} tokens from the first 90%",
         "static int8 quantizes the products with weights (per output channel, uint8 activations per tensor); LayerNorm/RMSNorm, "
         "softmax, SiLU, the attention products and residual adds stay float, except in the 'every operator' row",
+        "dynamic int8 per tensor is ONNX Runtime's quantize_dynamic (one activation scale per tensor, computed at run time); per token "
+        "is torchslim's rewrite: each token's own scale (max |x| / 127, uint8 around 128) into MatMulInteger, weights per output channel",
+        "int4: round-to-nearest g128 asymmetric weights (the weight-only quantize verb; GPTQ's codes export the same way), ts.export to "
+        "ONNX with each product as MatMulNBits on the packed codes, checked against PyTorch; the embedding and the tied LM head stay float",
     ]
     write(
         "transformer_int8",
-        "Int8 for a transformer in ONNX Runtime (SmolLM2-135M)",
+        "Int8 and int4 for a transformer in ONNX Runtime (SmolLM2-135M)",
         {"results": results, "pytorch_perplexity": base},
-        [table(["engine", "cosine to float", "perplexity", "file", f"prefill {WINDOW} tokens", "speedup"], rows)],
+        [table(["engine", "cosine to float", "perplexity", "file", f"prefill {WINDOW} tokens (speedup)", "one-token forward (speedup)"], rows)],
         options,
         notes,
     )

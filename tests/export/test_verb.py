@@ -155,3 +155,50 @@ def test_int8_weights_stay_int8_in_the_onnx_file(trained, digits, tmp_path):
     assert count_ops(tmp_path / "int8.onnx")["DequantizeLinear"] == 2
     assert result.report.stages[0].metrics["file_bytes"] < 0.5 * dense.report.stages[0].metrics["file_bytes"]
     assert max(result.report.stages[0].metrics["max_abs_difference"].values()) <= result.report.stages[0].metrics["tolerance"]
+
+
+@pytest.mark.parametrize(
+    "weights",
+    [
+        {"bits": 4, "granularity": "group", "group_size": 32, "symmetric": False},
+        {"bits": 4, "granularity": "channel", "symmetric": True},
+        {"bits": 3, "granularity": "group", "group_size": 16, "symmetric": False},
+    ],
+    ids=["int4-g32", "int4-channel", "int3-g16"],
+)
+def test_int4_layers_run_as_matmulnbits_on_their_packed_codes(trained, digits, weights, tmp_path):
+    from torchslim.quantization.onnx_static import count_ops
+
+    example = digits.test.inputs[:4]
+    quantized = ts.quantize(trained, {"weights": weights, "layers": {"types": ["Linear"]}}).model
+    dense = ts.export(trained, "onnx", example, tmp_path / "dense.onnx").report.stages[0].metrics["file_bytes"]
+    result = ts.export(quantized, "onnx", example, tmp_path / "int4.onnx")
+    ops = count_ops(tmp_path / "int4.onnx")
+    assert ops["MatMulNBits"] == 1 and "Gemm" not in ops  # the classifier, on 1,024 inputs
+    metrics = result.report.stages[0].metrics
+    assert max(metrics["max_abs_difference"].values()) <= metrics["tolerance"]
+    assert dense - metrics["file_bytes"] > 0.75 * 10 * 1024 * 4  # the classifier's float weight gone, codes and scales in its place
+    with torch.no_grad(), decoded_weights():
+        torch.testing.assert_close(result.model(digits.test.inputs[:50]), quantized.eval()(digits.test.inputs[:50]), atol=1e-4, rtol=1e-4)
+
+
+def test_a_group_matmulnbits_cannot_hold_stays_float_and_a_llama_goes_int4_in_every_block(tmp_path):
+    import onnx
+
+    from torchslim.quantization.onnx_static import count_ops
+
+    torch.manual_seed(0)
+    odd = ts.quantize(nn.Sequential(nn.Linear(96, 8)), {"weights": {"bits": 4, "granularity": "group", "group_size": 48}}).model
+    ts.export(odd, "onnx", torch.randn(2, 96), tmp_path / "odd.onnx")
+    assert "MatMulNBits" not in count_ops(tmp_path / "odd.onnx")  # 48 is no power of two: the float product stays
+    model = zoo.llama().eval()
+    batch = _text_batches()[0]
+    example = {"input_ids": batch["input_ids"][:2], "attention_mask": batch["attention_mask"][:2]}
+    blocks = {"include": [r"re:model\.layers\..*"]}
+    weights = {"bits": 4, "granularity": "group", "group_size": 16, "symmetric": False}
+    quantized = ts.quantize(model, {"method": "gptq", "weights": weights, "layers": blocks, "calibration_batches": 2}, data=_text_batches()).model
+    result = ts.export(quantized, "onnx", example, tmp_path / "llama.onnx")
+    graph = onnx.load(str(tmp_path / "llama.onnx")).graph
+    nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 7 * len(model.model.layers)
+    assert max(result.report.stages[0].metrics["max_abs_difference"].values()) <= result.report.stages[0].metrics["tolerance"]

@@ -102,3 +102,38 @@ def test_smoothing_keeps_the_float_function_and_feeds_the_engine(tmp_path):
     assert float(smoothed.model.layers[0].input_layernorm.weight[5].detach()) < 30.0  # folded into the norm before the layers
     engine = ts.quantize(model, {"method": "onnxruntime", "smooth": 0.5}, data=data, task="fidelity").model
     assert _cosine(torch.cat([engine(**b) for b in data]), _reference(model, data)) > 0.99
+
+
+def test_per_token_dynamic_int8_keeps_small_tokens_that_one_tensor_scale_loses(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.GELU(), torch.nn.Linear(48, 10)).eval()
+    x = torch.randn(3, 16, 64) * torch.logspace(-2, 2, 16).reshape(1, 16, 1)  # tokens of very different sizes
+    with torch.no_grad():
+        reference = model(x)
+    worst = {}
+    for per_token in (False, True):
+        path = tmp_path / f"{per_token}.onnx"
+        config = {"method": "onnxruntime", "mode": "dynamic", "per_token": per_token}
+        engine = ts.quantize(model, config, example_input=x, path=path).model
+        out = engine(x)
+        worst[per_token] = float(F.cosine_similarity(out, reference, dim=-1).min())
+        ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+        assert ("DynamicQuantizeLinear" in ops) != per_token and "MatMulInteger" in ops
+    assert worst[True] > 0.999, worst
+    assert worst[False] < 0.99, worst  # the smallest tokens round to nothing under one scale
+
+
+def test_transformers_get_per_token_int8_by_default_and_it_reloads(tmp_path):
+    torch.manual_seed(0)
+    model = zoo.llama(128).eval()
+    data = _text_batches()
+    path = tmp_path / "dyn.onnx"
+    engine = ts.quantize(model, {"method": "onnxruntime", "mode": "dynamic"}, data=data, task="fidelity", path=path).model
+    graph = onnx.load(str(path)).graph
+    integer = [n for n in graph.node if n.op_type == "MatMulInteger"]
+    assert len(integer) == 15 and not any(n.op_type == "DynamicQuantizeLinear" for n in graph.node)  # 7 per layer + head
+    assert {i.data_type for i in graph.initializer if i.name.endswith("_w")} == {onnx.TensorProto.INT8}
+    assert _cosine(torch.cat([engine(**b) for b in data]), _reference(model, data)) > 0.999
+    torch.testing.assert_close(ts.load(path)(**data[0]), engine(**data[0]))
+    with pytest.raises(ts.ConfigError, match="per_token activation scales are computed at run time"):
+        ts.quantize(model, {"method": "onnxruntime", "per_token": True}, data=data, path=tmp_path / "static.onnx")

@@ -3,7 +3,8 @@ ONNX, a torch.export program (``.pt2``) or TorchScript, then loaded back from th
 PyTorch model at two batch sizes (the batch dimension is dynamic unless ``dynamic_batch=False``).
 
 - ``onnx``: the file ONNX Runtime runs (``export_onnx``); an int8 ONNX Runtime engine (what ``quantize`` returns for
-  the static int8 methods) is written as it is.
+  the static int8 methods) is written as it is. Weight-only layers keep their codes where ONNX Runtime can run them:
+  int8 per channel behind a DequantizeLinear, uniform codes of at most 4 bits as MatMulNBits (its int4 kernels).
 - ``pt2``: ``torch.export.export`` with a dynamic batch, saved with ``torch.export.save``; reload with
   ``torch.export.load(path).module()``.
 - ``torchscript``: ``torch.jit.trace``, saved with ``torch.jit.save``; reload with ``torch.jit.load``. Tracing
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import os
 import time
 import warnings
@@ -92,6 +94,7 @@ def _write(model: nn.Module, form: str, example: Any, path: Path, dynamic_batch:
             warnings.simplefilter("ignore")
             export_onnx(prepared, example, path, dynamic_batch=dynamic_batch)
         _int8_weights(path, _int8_layers(model))
+        _int4_matmuls(path, _int4_layers(model))
         return OnnxModule(path)
     # a batch of two: exporters specialize a batch dimension of 1
     traced = repeat_example(example, 2) if dynamic_batch else example
@@ -178,6 +181,130 @@ def _int8_weights(path: Path, layers: list[tuple[Any, Any]]) -> None:
         for node in reversed(replaced):
             graph.node.insert(0, node)
         onnx.save(model, str(path))
+
+
+@dataclasses.dataclass
+class _Int4Layer:
+    """A weight-only layer of at most 4 bits in MatMulNBits' form: codes (out, in) in 0..15, a scale and an integer
+    zero point per block of ``block`` inputs (out, blocks), and the weight they decode to (for matching the file)."""
+
+    codes: Any
+    scale: Any
+    zero_point: Any
+    block: int
+    decoded: Any
+
+
+def _int4_layers(model: nn.Module) -> list[_Int4Layer]:
+    """Every 2-D uniform weight-only layer of at most 4 bits whose codes ONNX Runtime's MatMulNBits can hold: per
+    group (a power of two >= 16, a ragged last group padded), per channel or per tensor (one scale repeated over
+    blocks of 32)."""
+    from torchslim.quantization.modules import QuantizedWeight
+
+    found = []
+    for module in model.modules():
+        if not isinstance(module, QuantizedWeight) or module.scheme.scheme != "uniform" or module.bits is None or module.bits > 4 or len(module.shape) != 2:
+            continue
+        spec = module.scheme.uniform_spec()
+        out_features, width = module.shape
+        block = spec.group_size if spec.granularity == "group" else 32
+        if block < 16 or block & (block - 1):
+            continue
+        blocks = -(-width // block)
+        scale = module.scale.detach().float().reshape(out_features, -1).expand(out_features, blocks)
+        zero_point = (module.zero_point.reshape(out_features, -1) - spec.code_range[0]).expand(out_features, blocks)
+        if int(zero_point.min()) < 0 or int(zero_point.max()) > 15:
+            continue
+        codes = module.codes().reshape(module.shape)
+        decoded = module.weight().detach().float().cpu().numpy()
+        found.append(_Int4Layer(codes.cpu().numpy(), scale.cpu().numpy(), zero_point.to(torch.uint8).cpu().numpy(), block, decoded))
+    return found
+
+
+def _nibbles(values: Any) -> Any:
+    """Pairs of 4-bit values along the last axis in one byte each, the first in the low half (padded with 0)."""
+    import numpy as np
+
+    if values.shape[-1] % 2:
+        values = np.concatenate([values, np.zeros(values.shape[:-1] + (1,), dtype=values.dtype)], axis=-1)
+    return (values[..., 0::2] | (values[..., 1::2] << 4)).astype(np.uint8)
+
+
+def _int4_matmuls(path: Path, layers: list[_Int4Layer]) -> int:
+    """Replace each MatMul (or Gemm with a transposed weight) of the ONNX file at ``path`` whose weight is exactly a
+    4-bit layer's decoded weight by ONNX Runtime's MatMulNBits on the packed codes (two per byte), the block scales
+    and zero points: the same products (the engine decodes the codes exactly as PyTorch does), an eighth of the
+    float bytes, run by ONNX Runtime's int4 kernels. Returns how many were replaced."""
+    if not layers:
+        return 0
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    initializers = {i.name: i for i in graph.initializer}
+    by_start: dict[tuple, list[_Int4Layer]] = {}  # a few leading values pick the candidates compared in full
+    for layer in layers:
+        by_start.setdefault((layer.decoded.shape, layer.decoded[0, :16].tobytes()), []).append(layer)
+    values: dict[str, Any] = {}
+    rebuilt, replaced = [], 0
+    for node in graph.node:
+        attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        weight_name = node.input[1] if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1 else None
+        if weight_name not in initializers or attributes.get("transA", 0) or attributes.get("alpha", 1.0) != 1.0 or attributes.get("beta", 1.0) != 1.0:
+            rebuilt.append(node)
+            continue
+        if weight_name not in values:
+            values[weight_name] = numpy_helper.to_array(initializers[weight_name])
+        value = values[weight_name]
+        oriented = value if node.op_type == "Gemm" and attributes.get("transB", 0) else value.T  # (out, in)
+        candidates = by_start.get((oriented.shape, np.ascontiguousarray(oriented[0, :16]).tobytes()), [])
+        layer = next((layer for layer in candidates if np.array_equal(layer.decoded, oriented)), None)
+        if layer is None:
+            rebuilt.append(node)
+            continue
+        out_features, width = layer.codes.shape
+        blocks = layer.scale.shape[1]
+        padded = np.zeros((out_features, blocks * layer.block), dtype=np.uint8)
+        padded[:, :width] = layer.codes
+        prefix = f"{node.name or weight_name}_int4"
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(_nibbles(padded).reshape(out_features, blocks, layer.block // 2), f"{prefix}_codes"),
+                numpy_helper.from_array(np.ascontiguousarray(layer.scale, dtype=np.float32).reshape(-1), f"{prefix}_scales"),
+                numpy_helper.from_array(_nibbles(layer.zero_point).reshape(-1), f"{prefix}_zero_points"),
+            ]
+        )
+        bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] else None
+        output = f"{prefix}_product" if bias else node.output[0]
+        rebuilt.append(
+            helper.make_node(
+                "MatMulNBits",
+                [node.input[0], f"{prefix}_codes", f"{prefix}_scales", f"{prefix}_zero_points"],
+                [output],
+                name=prefix,
+                domain="com.microsoft",
+                K=width,
+                N=out_features,
+                bits=4,
+                block_size=layer.block,
+            )
+        )
+        if bias:
+            rebuilt.append(helper.make_node("Add", [output, bias], [node.output[0]], name=f"{prefix}_bias"))
+        replaced += 1
+    if replaced:
+        del graph.node[:]
+        graph.node.extend(rebuilt)
+        used = {i for n in graph.node for i in n.input}
+        kept = [i for i in graph.initializer if i.name in used]
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+        if not any(o.domain == "com.microsoft" for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+        onnx.save(model, str(path))
+    return replaced
 
 
 def export(

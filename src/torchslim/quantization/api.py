@@ -83,7 +83,7 @@ class Method:
 
     config: type[Config]
     apply: Callable[..., tuple[nn.Module, Stage]]
-    needs_data: bool
+    needs_data: bool | Callable[[Config], bool]
     engine: Callable[[Config], bool] = lambda config: False
     onnx: Callable[[Config], bool] = lambda config: False
 
@@ -94,7 +94,7 @@ METHODS: Registry[Method] = Registry("quantization method")
 def quantization_method(
     name: str,
     config: type[Config],
-    needs_data: bool,
+    needs_data: bool | Callable[[Config], bool],
     engine: Callable[[Config], bool] = lambda config: False,
     onnx: Callable[[Config], bool] | None = None,
 ) -> Callable:
@@ -167,13 +167,17 @@ def _weight_only(model: nn.Module, config: WeightOnlyConfig, context: _Context) 
     return model, stage
 
 
-@quantization_method("onnxruntime", OnnxInt8Config, needs_data=True, engine=lambda config: True)
+@quantization_method("onnxruntime", OnnxInt8Config, needs_data=lambda config: config.mode == "static" or config.smooth is not None, engine=lambda config: True)
 def _onnxruntime(model: nn.Module, config: OnnxInt8Config, context: _Context) -> tuple[nn.Module, Stage]:
     batches = _calibration(context, config.batch_size) if config.mode == "static" else None
     with tempfile.TemporaryDirectory() as folder:
         path = quantize_onnx(model, context.example, batches, _output_path(context, folder), config)
         engine = OnnxModule(path, threads=context.threads)
-    how = f"{config.mode} int8 ({config.calibration} calibration, {config.activations} activations)" if config.mode == "static" else "dynamic int8"
+    if config.mode == "static":
+        how = f"static int8 ({config.calibration} calibration, {config.activations} activations)"
+    else:
+        per_token = isinstance(context.example, dict) if config.per_token is None else config.per_token
+        how = f"dynamic int8 ({'per-token' if per_token else 'per-tensor'} activation scales)"
     return engine, _stage([f"ONNX Runtime quantizer: {how}"], f"ONNX Runtime, {how}", engine)
 
 
@@ -252,7 +256,8 @@ def quantize(
     check_model(model, "quantize", float32=True)
     method = next(name for name in METHODS.names() if isinstance(typed, METHODS.get(name).config))
     entry = METHODS.get(method)
-    if entry.needs_data and data is None:
+    needs_data = entry.needs_data(typed) if callable(entry.needs_data) else entry.needs_data
+    if needs_data and data is None:
         raise ConfigError(f"quantize: method {method!r} calibrates on data: pass data=...")
     target = model if inplace else copy.deepcopy(model)
     source = as_source(data, target) if data is not None else None

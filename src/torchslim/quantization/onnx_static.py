@@ -13,6 +13,11 @@ float as well (on SmolLM2-135M: perplexity 41.2 instead of 42.1 under dynamic in
 normalization before each group of layers (only where the outputs stay the same), so the
 per-tensor activation scales that the engine calibrates lose less. Calibration batches are re-cut to one shape
 (rows padded to the longest with their attention mask zero), which ONNX Runtime's histogram calibrators need.
+
+Dynamic int8 (no calibration data) of a transformer gives every token its own activation scale, computed at run time
+(``per_token``; ONNX Runtime's quantize_dynamic has one scale per tensor, which a few tokens with very large
+activations set for all the others): the products with weights become MatMulInteger on uint8 tokens and int8
+per-channel weights, in standard ONNX operators.
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ class OnnxInt8Config(Config):
     weight_matmuls_only: bool | None = None  # None: for models with keyword inputs (transformers)
     float_head: bool = False  # with weight_matmuls_only: the last product with a weight (LM head, classifier) stays float
     observer: str | None = None  # a torchslim observer sets every activation range (ONNX Runtime's calibrator is not used)
+    per_token: bool | None = None  # dynamic mode: each token's own activation scale (None: for transformers)
 
     def validate(self) -> None:
         check(self.method == "onnxruntime", f"method must be 'onnxruntime' for OnnxInt8Config, got {self.method!r}")
@@ -63,6 +69,7 @@ class OnnxInt8Config(Config):
         check(self.activations in ("uint8", "int8"), f"activations must be uint8 or int8, got {self.activations!r}")
         check(self.smooth is None or 0.0 <= self.smooth <= 1.0, f"smooth (SmoothQuant's alpha) must be in [0, 1] or None, got {self.smooth}")
         check(0.0 < self.percentile <= 100.0, f"percentile must be in (0, 100], got {self.percentile}")
+        check(not self.per_token or self.mode == "dynamic", "per_token activation scales are computed at run time: use mode 'dynamic'")
         if self.observer is not None:
             from torchslim.quantization.observers import OBSERVERS
 
@@ -133,6 +140,94 @@ def _weight_matmuls(path: Path) -> tuple[list[str], list[str]]:
     return with_weight, between
 
 
+def _constant_values(graph: Any) -> dict[str, Any]:
+    """The arrays of the graph's initializers and Constant nodes, by tensor name."""
+    from onnx import numpy_helper
+
+    values = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            value = next((a for a in node.attribute if a.name == "value"), None)
+            if value is not None:
+                values[node.output[0]] = numpy_helper.to_array(value.t)
+    return values
+
+
+def per_token_int8(source: Path, target: Path, nodes: list[str]) -> int:
+    """Rewrite each named MatMul/Gemm with a 2-D weight of the ONNX model at ``source`` as int8 with per-token
+    activation scales, computed at run time: every row x of the input (one token) is scaled by max|x| / 127 and
+    stored as uint8 with zero point 128 (the U8S8 form x86 kernels run fastest), multiplied by the weight rounded
+    symmetrically per output channel in ``MatMulInteger``, and the int32 result scaled back to float. Standard ONNX
+    operators only. Writes ``target``; returns how many products were rewritten."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(source))
+    graph = model.graph
+    values = _constant_values(graph)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
+    wanted = set(nodes)
+    shared = {
+        "tslim_pt_127": np.array(127.0, dtype=np.float32),
+        "tslim_pt_eps": np.array(1e-12, dtype=np.float32),
+        "tslim_pt_128": np.array(128.0, dtype=np.float32),
+        "tslim_pt_zero": np.array(128, dtype=np.uint8),
+        "tslim_pt_last": np.array([-1], dtype=np.int64),
+    }
+    graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in shared.items())
+    rebuilt = []
+    rewritten = 0
+    for node in graph.node:
+        if node.name not in wanted:
+            rebuilt.append(node)
+            continue
+        attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        x, w = node.input[0], node.input[1]
+        weight = values.get(w)
+        if weight is None or weight.ndim != 2 or attributes.get("transA", 0) or attributes.get("alpha", 1.0) != 1.0 or attributes.get("beta", 1.0) != 1.0:
+            rebuilt.append(node)
+            continue
+        weight = weight.T if attributes.get("transB", 0) else weight  # (in, out)
+        bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] else None
+        scale = np.abs(weight).max(axis=0) / 127.0
+        scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+        codes = np.clip(np.round(weight / scale), -127, 127).astype(np.int8)
+        prefix = f"tslim_pt_{rewritten}"
+        graph.initializer.extend([numpy_helper.from_array(codes, f"{prefix}_w"), numpy_helper.from_array(scale, f"{prefix}_wscale")])
+        t = {k: f"{prefix}_{k}" for k in ("abs", "amax", "floor", "scale", "div", "round", "shift", "q", "acc", "accf", "y1", "y2")}
+        if opset >= 18:
+            reduce = helper.make_node("ReduceMax", [t["abs"], "tslim_pt_last"], [t["amax"]], keepdims=1)
+        else:
+            reduce = helper.make_node("ReduceMax", [t["abs"]], [t["amax"]], axes=[-1], keepdims=1)
+        output = node.output[0]
+        rebuilt += [
+            helper.make_node("Abs", [x], [t["abs"]]),
+            reduce,
+            helper.make_node("Max", [t["amax"], "tslim_pt_eps"], [t["floor"]]),
+            helper.make_node("Div", [t["floor"], "tslim_pt_127"], [t["scale"]]),
+            helper.make_node("Div", [x, t["scale"]], [t["div"]]),
+            helper.make_node("Round", [t["div"]], [t["round"]]),
+            helper.make_node("Add", [t["round"], "tslim_pt_128"], [t["shift"]]),
+            helper.make_node("Cast", [t["shift"]], [t["q"]], to=TensorProto.UINT8),
+            helper.make_node("MatMulInteger", [t["q"], f"{prefix}_w", "tslim_pt_zero"], [t["acc"]], name=f"{node.name}_int8"),
+            helper.make_node("Cast", [t["acc"]], [t["accf"]], to=TensorProto.FLOAT),
+            helper.make_node("Mul", [t["accf"], t["scale"]], [t["y1"]]),
+            helper.make_node("Mul", [t["y1"], f"{prefix}_wscale"], [t["y2"] if bias else output]),
+        ]
+        if bias:
+            rebuilt.append(helper.make_node("Add", [t["y2"], bias], [output]))
+        rewritten += 1
+    del graph.node[:]
+    graph.node.extend(rebuilt)
+    used = {i for n in graph.node for i in n.input}
+    kept = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    onnx.save(model, str(target))
+    return rewritten
+
+
 def observed_ranges(path: Path, batches: list[dict[str, torch.Tensor]], observer: str) -> dict[str, list[dict[str, Any]]]:
     """Every float activation of the ONNX model at ``path`` (its inputs and each node's outputs) watched by a
     torchslim observer over ``batches``; returns ONNX Runtime's TensorQuantOverrides ({tensor: [{rmin, rmax}]})."""
@@ -198,7 +293,13 @@ def quantize_onnx(
             with_weight, between = _weight_matmuls(prepared)
             head = with_weight[-1:] if config.float_head else []
             selection = {"op_types_to_quantize": ["MatMul", "Gemm"], "nodes_to_exclude": between + head}
-        if config.mode == "dynamic":
+        per_token = keyword if config.per_token is None else config.per_token
+        if config.mode == "dynamic" and per_token:
+            with_weight, _ = _weight_matmuls(prepared)
+            chosen = with_weight[:-1] if config.float_head else with_weight
+            if not per_token_int8(prepared, temporary, chosen):
+                raise TorchslimError("per-token int8: the model has no matrix product with a 2-D weight to quantize")
+        elif config.mode == "dynamic":
             quantize_dynamic(str(prepared), str(temporary), weight_type=QuantType.QInt8, per_channel=config.per_channel, **selection)
         else:
             if calibration is None:
