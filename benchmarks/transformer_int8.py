@@ -40,6 +40,10 @@ CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
+# ONNX Runtime's histogram calibrators: on this model their calibration ran for over 15 minutes without finishing
+# (they capture every intermediate tensor), so a full run leaves them out; the quick run of commit c016970 measured
+# percentile + SmoothQuant 0.5 at cosine 0.78 and perplexity 67.9 (float 26.3)
+HISTOGRAM = {"static int8, percentile 99.999", "static int8, entropy", "static int8, percentile, SmoothQuant 0.5"}
 INT4_G128 = {"bits": 4, "granularity": "group", "group_size": 128, "symmetric": False}
 INT4_NAME = "weight-only int4 g128 (MatMulNBits)"
 
@@ -77,7 +81,7 @@ def main() -> None:
     with torch.no_grad():
         reference = torch.cat([model(**b).logits for b in inputs])
     base = ts.evaluate(model, evaluation, task="language-modeling")["perplexity"]
-    names = list(CONFIGS) if not options.quick else ["dynamic int8, per tensor", "dynamic int8, per token", "static int8, min-max"]
+    names = [n for n in CONFIGS if n not in HISTOGRAM] if not options.quick else ["dynamic int8, per tensor", "dynamic int8, per token", "static int8, min-max"]
     engines: dict[str, OnnxModule] = {}
     results: dict[str, dict[str, Any]] = {}
     example = {"input_ids": ids[:WINDOW].reshape(1, -1), "attention_mask": torch.ones(1, WINDOW, dtype=torch.long)}
@@ -144,6 +148,8 @@ def main() -> None:
         f"calibration on {len(starts)} windows of {WINDOW} tokens from the first 90%",
         "static int8 quantizes the products with weights (per output channel, uint8 activations per tensor); LayerNorm/RMSNorm, "
         "softmax, SiLU, the attention products and residual adds stay float, except in the 'every operator' row",
+        "ONNX Runtime's histogram calibrators (percentile, entropy) are left out of the full run: their calibration of this model ran "
+        "for over 15 minutes without finishing",
         "dynamic int8 per tensor is ONNX Runtime's quantize_dynamic (one activation scale per tensor, computed at run time); per token "
         "is torchslim's rewrite: each token's own scale (max |x| / 127, uint8 around 128) into MatMulInteger, weights per output channel",
         "int4: round-to-nearest g128 asymmetric weights (the weight-only quantize verb; GPTQ's codes export the same way), ts.export to "
