@@ -11,6 +11,7 @@ import argparse
 import json
 import re
 import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,21 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
 SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def only_rows(known: Sequence[str]) -> list[str]:
+    """The rows named by ``--only "A,B"`` (or one row whose name holds commas; taken out of the command line before ``arguments`` reads it): a benchmark
+    runs those again and keeps every other row from its last saved results. Unknown names stop the run."""
+    if "--only" not in sys.argv:
+        return []
+    index = sys.argv.index("--only")
+    given = sys.argv[index + 1].strip()
+    only = [given] if given in known else [name.strip() for name in given.split(",") if name.strip()]  # one row, or several
+    del sys.argv[index : index + 2]
+    unknown = [name for name in only if name not in known]
+    if unknown:
+        raise SystemExit(f"--only: unknown rows {unknown}; rows: {list(known)}")
+    return only
 
 
 def arguments(description: str) -> argparse.Namespace:

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 import torchslim as ts
-from benchmarks.harness import arguments, write
+from benchmarks.harness import arguments, only_rows, write
 from torchslim.report.markdown import format_bytes, table
 
 MODEL_DIR = Path(os.environ.get("TORCHSLIM_LLM_DIR", Path.home() / ".cache" / "torchslim" / "smollm2-135m-instruct"))
@@ -249,14 +249,7 @@ def main() -> None:
     resume = "--resume" in sys.argv
     if resume:
         sys.argv.remove("--resume")
-    only: list[str] = []
-    if "--only" in sys.argv:  # these rows run (and are timed) again; the others keep the numbers of the last full run
-        index = sys.argv.index("--only")
-        only = [name.strip() for name in sys.argv[index + 1].split(",") if name.strip()]
-        del sys.argv[index : index + 2]
-        unknown = [name for name in only if name not in CONFIGS]
-        if unknown:
-            raise SystemExit(f"--only: unknown rows {unknown}; rows: {list(CONFIGS)}")
+    only = only_rows(list(CONFIGS))  # these rows run (and are timed) again; the others keep the numbers of the last full run
     options = arguments(__doc__.splitlines()[0])
     if not (MODEL_DIR / "config.json").is_file():
         raise SystemExit(f"no model in {MODEL_DIR}: run python3 -m benchmarks.llm --prepare (or set TORCHSLIM_LLM_DIR)")

@@ -7,6 +7,7 @@ against the dense fp32 model next to the targets (LeNet-300-100 >= 80x at <= 1.6
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -15,21 +16,32 @@ import torch
 
 import torchslim as ts
 from benchmarks.common import load_mnist, trained_baseline
-from benchmarks.harness import arguments, write
+from benchmarks.harness import arguments, only_rows, write
 from torchslim.report import markdown
 
 TARGETS = {"lenet-300-100": {"error": 0.0164, "bytes_ratio": 80, "nonzero_ratio": 60}, "lenet-5": {"error": 0.0080, "bytes_ratio": 200, "nonzero_ratio": 150}}
-# (model, KL weight, epochs of variational dropout, epochs of plain fine-tuning after, k-means bits)
-RUNS = [("lenet-300-100", 1.0, 20, 0, 4), ("lenet-300-100", 0.4, 30, 5, 4), ("lenet-5", 1.0, 20, 3, 4)]
+# (model, KL weight, epochs of variational dropout, epochs of fine-tuning after, "finetune" or "distill" for that
+# fine-tuning, k-means bits)
+RUNS = [
+    ("lenet-300-100", 1.0, 20, 0, "finetune", 4),
+    ("lenet-300-100", 0.4, 30, 5, "finetune", 4),
+    ("lenet-300-100", 0.6, 40, 15, "distill", 5),
+    ("lenet-5", 1.0, 20, 3, "finetune", 4),
+]
 PUBLISHED = {  # non-zero ratios (weights kept over all weights), test error
     "lenet-300-100": "Dynamic Network Surgery 56x at 1.99%; Sparse VD 68x at 1.92%; Deep Compression 12x at 1.58%",
     "lenet-5": "Dynamic Network Surgery 111x at 0.91%; Sparse VD 280x at 0.75%; Deep Compression 12x at 0.74%",
 }
 
 
-def recipe(kl_weight: float, epochs: int, tune_epochs: int, bits: int, quick: bool) -> dict:
+def recipe(kl_weight: float, epochs: int, tune_epochs: int, tuning: str, bits: int, quick: bool) -> dict:
     train = {"epochs": 1 if quick else epochs, "optimizer": "adam", "lr": 1e-3, "schedule": "cosine", "batch_size": 100, "eval_every_epoch": False}
     tune = {"epochs": 1 if quick else tune_epochs, "optimizer": "adam", "lr": 1e-4, "schedule": "cosine", "eval_every_epoch": False}
+    if tuning == "distill":  # soft targets of the dense model the recipe started from (T 4, alpha 0.9)
+        tune.update(lr=3e-4, batch_size=100)
+        tuned = {"distill": {"temperature": 4.0, "alpha": 0.9, "train": tune}}
+    else:
+        tuned = {"finetune": tune}
     centroids = {"epochs": 1 if quick else 3, "optimizer": "adam", "lr": 1e-4, "eval_every_epoch": False}
     if quick:
         train["max_batches_per_epoch"] = tune["max_batches_per_epoch"] = centroids["max_batches_per_epoch"] = 40
@@ -37,26 +49,57 @@ def recipe(kl_weight: float, epochs: int, tune_epochs: int, bits: int, quick: bo
         "name": "variational-deep-compression",
         "stages": [
             {"variational-dropout": {"kl_weight": kl_weight, "finetune": train}},
-            *([{"finetune": tune}] if tune_epochs else []),
+            *([tuned] if tune_epochs else []),
             {"quantize": {"weights": {"scheme": "kmeans", "bits": bits}, "finetune": centroids}},
             {"encode": {}},
         ],
     }
 
 
+def _label(name: str, kl_weight: float, epochs: int, tune_epochs: int, tuning: str, bits: int) -> str:
+    after = f" + {tune_epochs} of {'distillation from the dense model' if tuning == 'distill' else 'fine-tuning'}" if tune_epochs else ""
+    return f"KL weight {kl_weight:g}, {epochs} epochs{after}, {bits}-bit k-means"
+
+
+def _row(entry: dict) -> list[str]:
+    settings = TARGETS[entry["model"]]
+    error, kept, weights = entry["error"], entry["weights_kept"], entry["weights"]
+    bytes_met = error <= settings["error"] and entry["bytes_ratio"] >= settings["bytes_ratio"]
+    nonzero_met = error <= settings["error"] and entry["nonzero_ratio"] >= settings["nonzero_ratio"]
+    return [
+        entry["model"],
+        entry["run"],
+        f"{100 * entry['dense_error']:.2f}%",
+        f"{100 * error:.2f}%",
+        f"{entry['nonzero_ratio']:.0f}x ({kept:,} of {weights:,})",
+        f"{entry['file_bytes'] / 1000:.1f} KB",
+        f"{entry['bytes_ratio']:.0f}x",
+        f"bytes >= {settings['bytes_ratio']}x at <= {100 * settings['error']:.2f}%: {'met' if bytes_met else 'not met'}"
+        f"; non-zero >= {settings['nonzero_ratio']}x at the same error: {'met' if nonzero_met else 'not met'}",
+        PUBLISHED[entry["model"]],
+    ]
+
+
 def main() -> None:
+    only = only_rows([_label(*run) for run in RUNS])
     options = arguments(__doc__)
     data = load_mnist(options.data_root, options.quick)
     results: dict = {}
+    previous = json.loads((Path(__file__).parent / "results" / "variational.json").read_text())["results"] if only else {}
     rows, stage_rows = [], []
-    for name, kl_weight, epochs, tune_epochs, bits in RUNS[:1] + RUNS[2:] if options.quick else RUNS:
-        label = f"KL weight {kl_weight:g}, {epochs} epochs" + (f" + {tune_epochs} of fine-tuning" if tune_epochs else "") + f", {bits}-bit k-means"
+    for name, kl_weight, epochs, tune_epochs, tuning, bits in RUNS[:1] + RUNS[-1:] if options.quick else RUNS:
+        label = _label(name, kl_weight, epochs, tune_epochs, tuning, bits)
+        if only and label not in only and f"{name}: {label}" in previous:
+            entry = results[f"{name}: {label}"] = previous[f"{name}: {label}"]
+            rows.append(_row(entry))
+            stage_rows += [[name, label, row["name"], f"{row['weights']:,}", f"{100 * row['sparsity']:.2f}%"] for row in entry["per_layer"]]
+            continue
         dense = trained_baseline(name, data, options.quick)
         dense_error = ts.evaluate(dense, data)["error"]
         parameters = sum(p.numel() for p in dense.parameters())
         torch.manual_seed(0)
         started = time.perf_counter()
-        result = ts.compress(dense, recipe(kl_weight, epochs, tune_epochs, bits, options.quick), data, latency=False, progress=False)
+        result = ts.compress(dense, recipe(kl_weight, epochs, tune_epochs, tuning, bits, options.quick), data, latency=False, progress=False)
         seconds = time.perf_counter() - started
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / f"{name}.tslim"
@@ -68,7 +111,6 @@ def main() -> None:
         final_layers = result.report.stages[-1].layers
         weights = sum(int(row["weights"]) for row in final_layers)
         kept = sum(int(row["nonzeros"]) for row in final_layers)
-        settings = TARGETS[name]
         entry = {
             "model": name,
             "run": label,
@@ -85,22 +127,7 @@ def main() -> None:
             "seconds": seconds,
         }
         results[f"{name}: {label}"] = entry
-        rows.append(
-            [
-                name,
-                label,
-                f"{100 * dense_error:.2f}%",
-                f"{100 * error:.2f}%",
-                f"{entry['nonzero_ratio']:.0f}x ({kept:,} of {weights:,})",
-                f"{file_bytes / 1000:.1f} KB",
-                f"{entry['bytes_ratio']:.0f}x",
-                f"bytes >= {settings['bytes_ratio']}x at <= {100 * settings['error']:.2f}%: "
-                + ("met" if error <= settings["error"] and entry["bytes_ratio"] >= settings["bytes_ratio"] else "not met")
-                + f"; non-zero >= {settings['nonzero_ratio']}x at the same error: "
-                + ("met" if error <= settings["error"] and entry["nonzero_ratio"] >= settings["nonzero_ratio"] else "not met"),
-                PUBLISHED[name],
-            ]
-        )
+        rows.append(_row(entry))
         stage_rows += [[name, label, row["name"], f"{row['weights']:,}", f"{100 * row['sparsity']:.2f}%"] for row in entry["per_layer"]]
         print(rows[-1], flush=True)
     table = markdown.table(
@@ -109,7 +136,7 @@ def main() -> None:
     layers = markdown.table(["model", "run", "layer", "weights", "sparsity learned"], stage_rows)
     notes = [
         "Recipe: variational-dropout (Adam 1e-3, cosine, batch 100; the KL weight rising over the first epoch; log alpha > 3 masked), "
-        "optionally plain fine-tuning of the kept weights (Adam 1e-4, cosine), k-means per layer with three epochs of centroid fine-tuning "
+        "optionally plain fine-tuning of the kept weights (Adam 1e-4, cosine) or distillation from the dense model (T 4, alpha 0.9, Adam 3e-4, cosine; masks held), k-means per layer with three epochs of centroid fine-tuning "
         "(Adam 1e-4), entropy coding. A KL weight below 1 keeps more weights for accuracy. From the trained baselines of "
         "benchmarks/baseline.py; test error on the 10,000 MNIST test images, the .tslim file written and loaded back.",
         "Non-zero ratio: weights of the Linear / Conv2d layers over those kept (biases left out, as the papers count); the file holds the "

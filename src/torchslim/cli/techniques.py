@@ -171,7 +171,8 @@ def quantize(
     out: Path = typer.Option(..., help="Output: .safetensors or .tslim for weight-only schemes, .onnx for int8 in ONNX Runtime."),
     scheme: str = typer.Option(
         "uniform",
-        help="uniform, kmeans, pow2, binary, ternary, fp16, bf16; int8-static / int8-dynamic (ONNX Runtime's quantizer); "
+        help="uniform, kmeans, pow2, binary, ternary, fp16, bf16; int8-static / int8-dynamic (ONNX Runtime; dynamic needs no data "
+        "and gives a transformer's tokens each their own scale); "
         "int8-native (torchslim's own static int8: BN folded, torchslim observers, QDQ for ONNX Runtime).",
     ),
     bits: int = typer.Option(8, help="Bits per weight (uniform 1-16, kmeans 1-8, pow2 2-8)."),
