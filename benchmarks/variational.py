@@ -136,7 +136,8 @@ def main() -> None:
     layers = markdown.table(["model", "run", "layer", "weights", "sparsity learned"], stage_rows)
     notes = [
         "Recipe: variational-dropout (Adam 1e-3, cosine, batch 100; the KL weight rising over the first epoch; log alpha > 3 masked), "
-        "optionally plain fine-tuning of the kept weights (Adam 1e-4, cosine) or distillation from the dense model (T 4, alpha 0.9, Adam 3e-4, cosine; masks held), k-means per layer with three epochs of centroid fine-tuning "
+        "optionally plain fine-tuning of the kept weights (Adam 1e-4, cosine) or distillation from the dense model (T 4, alpha 0.9, "
+        "Adam 3e-4, cosine; masks held), k-means per layer with three epochs of centroid fine-tuning "
         "(Adam 1e-4), entropy coding. A KL weight below 1 keeps more weights for accuracy. From the trained baselines of "
         "benchmarks/baseline.py; test error on the 10,000 MNIST test images, the .tslim file written and loaded back.",
         "Non-zero ratio: weights of the Linear / Conv2d layers over those kept (biases left out, as the papers count); the file holds the "
