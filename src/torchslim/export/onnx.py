@@ -140,6 +140,16 @@ def export_onnx(
     return path
 
 
+def replace_graph_nodes(graph: Any, nodes: list[Any]) -> None:
+    """Make ``nodes`` the ONNX graph's nodes (in that order) and drop the initializers no node reads any more."""
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {name for node in graph.node for name in node.input}
+    kept = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+
+
 def onnx_session(path: str | os.PathLike[str] | bytes, threads: int = 2, spinning: bool = False) -> Any:
     """An ONNX Runtime CPU session (from a file or the model's bytes) with a fixed intra-op thread count (spinning off
     by default, for fair timing)."""

@@ -42,7 +42,7 @@ from torchslim.core.errors import TorchslimError
 from torchslim.core.files import refuse_overwrite
 from torchslim.core.modes import eval_mode, model_device
 from torchslim.core.report import Report, Result, Stage
-from torchslim.export.onnx import KeywordInputs, OnnxModule, export_onnx
+from torchslim.export.onnx import KeywordInputs, OnnxModule, export_onnx, replace_graph_nodes
 from torchslim.tasks.batches import call_model, output_tensor, repeat_example
 
 FORMATS = {"onnx": ".onnx", "pt2": ".pt2", "torchscript": ".pt"}
@@ -260,10 +260,11 @@ def _int4_matmuls(path: Path, layers: list[_Int4Layer]) -> int:
         value = values[weight_name]
         oriented = value if node.op_type == "Gemm" and attributes.get("transB", 0) else value.T  # (out, in)
         candidates = by_start.get((oriented.shape, np.ascontiguousarray(oriented[0, :16]).tobytes()), [])
-        layer = next((layer for layer in candidates if np.array_equal(layer.decoded, oriented)), None)
-        if layer is None:
+        match = next((layer for layer in candidates if np.array_equal(layer.decoded, oriented)), None)
+        if match is None:
             rebuilt.append(node)
             continue
+        layer = match
         out_features, width = layer.codes.shape
         blocks = layer.scale.shape[1]
         padded = np.zeros((out_features, blocks * layer.block), dtype=np.uint8)
@@ -295,12 +296,7 @@ def _int4_matmuls(path: Path, layers: list[_Int4Layer]) -> int:
             rebuilt.append(helper.make_node("Add", [output, bias], [node.output[0]], name=f"{prefix}_bias"))
         replaced += 1
     if replaced:
-        del graph.node[:]
-        graph.node.extend(rebuilt)
-        used = {i for n in graph.node for i in n.input}
-        kept = [i for i in graph.initializer if i.name in used]
-        del graph.initializer[:]
-        graph.initializer.extend(kept)
+        replace_graph_nodes(graph, rebuilt)
         if not any(o.domain == "com.microsoft" for o in model.opset_import):
             model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
         onnx.save(model, str(path))

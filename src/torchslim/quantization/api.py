@@ -167,7 +167,12 @@ def _weight_only(model: nn.Module, config: WeightOnlyConfig, context: _Context) 
     return model, stage
 
 
-@quantization_method("onnxruntime", OnnxInt8Config, needs_data=lambda config: config.mode == "static" or config.smooth is not None, engine=lambda config: True)
+def _onnxruntime_calibrates(config: Config) -> bool:
+    """Static int8 and SmoothQuant's migration read data; dynamic int8 alone does not."""
+    return isinstance(config, OnnxInt8Config) and (config.mode == "static" or config.smooth is not None)
+
+
+@quantization_method("onnxruntime", OnnxInt8Config, needs_data=_onnxruntime_calibrates, engine=lambda config: True)
 def _onnxruntime(model: nn.Module, config: OnnxInt8Config, context: _Context) -> tuple[nn.Module, Stage]:
     batches = _calibration(context, config.batch_size) if config.mode == "static" else None
     with tempfile.TemporaryDirectory() as folder:

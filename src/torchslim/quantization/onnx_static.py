@@ -37,7 +37,7 @@ from torch import nn
 
 from torchslim.core.config import Config, check
 from torchslim.core.errors import TorchslimError
-from torchslim.export.onnx import INPUT_NAME, OnnxModule, export_onnx
+from torchslim.export.onnx import INPUT_NAME, OnnxModule, export_onnx, replace_graph_nodes
 from torchslim.tasks.batches import example_of
 
 
@@ -168,7 +168,7 @@ def per_token_int8(source: Path, target: Path, nodes: list[str]) -> int:
     values = _constant_values(graph)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
     wanted = set(nodes)
-    shared = {
+    shared: dict[str, Any] = {
         "tslim_pt_127": np.array(127.0, dtype=np.float32),
         "tslim_pt_eps": np.array(1e-12, dtype=np.float32),
         "tslim_pt_128": np.array(128.0, dtype=np.float32),
@@ -218,12 +218,7 @@ def per_token_int8(source: Path, target: Path, nodes: list[str]) -> int:
         if bias:
             rebuilt.append(helper.make_node("Add", [t["y2"], bias], [output]))
         rewritten += 1
-    del graph.node[:]
-    graph.node.extend(rebuilt)
-    used = {i for n in graph.node for i in n.input}
-    kept = [i for i in graph.initializer if i.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
+    replace_graph_nodes(graph, rebuilt)
     onnx.save(model, str(target))
     return rewritten
 
