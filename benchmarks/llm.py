@@ -49,6 +49,7 @@ BLOCK_LAYERS = {"include": [r"re:model\.layers\..*"]}
 MLP_ONLY = {"prune_residual": False, "layers": {"include": [r"re:.*\.mlp\..*"]}}
 ATTENTION = {"include": [r"re:.*\.self_attn\..*"]}
 DISTILL_TRAIN = {"epochs": 1, "optimizer": "adam", "lr": 5e-5, "max_batches_per_epoch": 60, "batch_size": 4, "eval_every_epoch": False}
+DEPTH = {"count": 3, "iterative": False, "calibration_batches": 2}  # each layer scored by the loss rise when skipped (2 x 8 windows)
 EMBEDDING = {"include": ["model.embed_tokens", "lm_head"], "types": ["Linear", "Embedding"]}
 
 CONFIGS: dict[str, list[tuple[str, dict[str, Any]]]] = {
@@ -91,6 +92,8 @@ CONFIGS: dict[str, list[tuple[str, dict[str, Any]]]] = {
         ]
         for target, sparsity in (("50%", {"sparsity": 0.5, "scope": "row"}), ("2:4", {"pattern": "2:4"}))
     },
+    "3 of 30 decoder layers removed": [("remove_blocks", DEPTH)],
+    "3 of 30 decoder layers removed + distillation": [("remove_blocks", DEPTH), ("distill", {"temperature": 1.0, "alpha": 0.5, "train": DISTILL_TRAIN})],
     "MLP neurons 25% removed (wanda) + distillation": [
         ("prune_channels", {"ratio": 0.25, "importance": "wanda", **MLP_ONLY}),
         ("distill", {"temperature": 1.0, "alpha": 0.5, "train": DISTILL_TRAIN}),
@@ -172,6 +175,8 @@ def one(name: str, data_root: Path, quick: bool, out: Path) -> None:
         model = result.model
         stage_notes = result.report.stages[0].notes
         notes += [n for n in stage_notes if n.startswith("config")] if verb == "prune_channels" else stage_notes[:1]
+        if verb == "remove_blocks":
+            notes.append(f"removed {', '.join(result.report.stages[0].metrics['removed'])}")
     model = ts.make_permanent(model)  # pruning masks (kept through any distillation) folded into the weights
     if any(verb == "prune" for verb, _ in CONFIGS[name]):
         weights = [m.weight for n, m in model.named_modules() if n.startswith("model.layers.") and isinstance(m, torch.nn.Linear)]

@@ -3,6 +3,8 @@ activations, lambdas, Hugging Face classes), saved and reloaded, and as recipe s
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,7 +12,7 @@ from torch import nn
 
 import torchslim as ts
 from tests import zoo
-from torchslim.compression.depth import candidate_blocks
+from torchslim.compression.depth import Skip, candidate_blocks
 
 
 class Residual(nn.Module):
@@ -154,3 +156,39 @@ def test_narrow_takes_its_config_like_every_verb():
     assert all(width % channel_multiple("onnxruntime") == 0 for width in widths)
     with pytest.raises(ts.ConfigError, match="narrow: unknown key 'depth'"):
         ts.narrow(model, {"width": 0.5, "depth": 2}, example_input=example)
+
+
+def test_decoder_layers_of_a_hugging_face_llama_are_deleted_and_the_model_round_trips(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from tests.test_zoo import _text_batches
+
+    torch.manual_seed(0)
+    config = zoo.llama().config
+    config.num_hidden_layers, config.layer_types = 4, ["full_attention"] * 4
+    model = transformers.LlamaForCausalLM(config).eval()
+    data = _text_batches()
+    result = ts.remove_blocks(model, {"count": 1}, data=data, task="language-modeling")
+    pruned = result.model.eval()
+    scores = {row["name"]: row["loss_rise_when_bypassed"] for row in result.report.stages[0].layers}
+    assert sorted(scores) == [f"model.layers.{i}" for i in range(4)]
+    (removed,) = result.report.stages[0].metrics["removed"]
+    assert scores[removed] == min(scores.values())
+    assert len(pruned.model.layers) == 3 and pruned.config.num_hidden_layers == 3 and len(pruned.config.layer_types) == 3
+    assert [layer.self_attn.layer_idx for layer in pruned.model.layers] == [0, 1, 2]
+    assert len(model.model.layers) == 4  # the caller's model is untouched
+    bypassed = copy.deepcopy(model)  # the original with that layer skipped: what the shortened stack must compute
+    bypassed.model.layers[int(removed.rpartition(".")[2])] = Skip()
+    batch = {"input_ids": data[0]["input_ids"][:2, :12]}
+    with torch.no_grad():
+        expected = bypassed(**batch, use_cache=False).logits
+        torch.testing.assert_close(pruned(**batch).logits, expected, atol=1e-5, rtol=1e-5)
+        tokens = pruned.generate(batch["input_ids"], max_new_tokens=4, do_sample=False, use_cache=True)  # cache slots renumbered
+        assert torch.equal(tokens, pruned.generate(batch["input_ids"], max_new_tokens=4, do_sample=False, use_cache=False))
+    pruned.save_pretrained(tmp_path / "hf")
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ts.save(pruned, tmp_path / "m.safetensors")
+    loaded = ts.load(tmp_path / "m.safetensors").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(**batch).logits, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(loaded(**batch).logits, expected, atol=1e-5, rtol=1e-5)
+    assert len(loaded.model.layers) == 3

@@ -5,7 +5,8 @@ output has the shape of their input (so the block can be bypassed; a downsamplin
 ``layers`` selector names. A block's importance is how much the task's loss on calibration batches rises when it is
 bypassed (replaced by the identity); the least important go, one at a time with the rest re-scored after each
 removal (``iterative``), then the model is fine-tuned. The model's spec records the removed blocks, so saved files
-load back.
+load back. Layers of a Hugging Face decoder stack are deleted from it, and the model's config shortened to match
+(``num_hidden_layers``, per-layer lists, each layer's cache index), so ``save_pretrained`` round-trips.
 
 Example:
     >>> import torch
@@ -117,10 +118,65 @@ def candidate_blocks(model: nn.Module, example: Any, selector: LayerSelector | N
     return [name for name in names if same.get(name)]
 
 
+class Skip(nn.Identity):
+    """A removed block: hands back the hidden states it is given (its first positional argument, or the keyword
+    ``hidden_states``), whatever else the caller passes (a decoder layer gets masks, positions and a cache)."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if args:
+            return args[0]
+        if "hidden_states" in kwargs:
+            return kwargs["hidden_states"]
+        return next(iter(kwargs.values()))
+
+
+def _decoder_stack(model: nn.Module, names: list[str]) -> tuple[str, nn.ModuleList, Any] | None:
+    """(name, layers, config) when ``names`` are layers of a Hugging Face model's decoder stack (a ModuleList as long
+    as its config's ``num_hidden_layers``), whose removal must shorten the list and the config; else None."""
+    config = getattr(model, "config", None)
+    parents = {name.rpartition(".")[0] for name in names}
+    if len(parents) != 1 or not isinstance(getattr(config, "num_hidden_layers", None), int):
+        return None
+    parent = parents.pop()
+    container = model.get_submodule(parent) if parent else model
+    if not isinstance(container, nn.ModuleList) or len(container) != config.num_hidden_layers:
+        return None
+    if not all(name.rpartition(".")[2].isdigit() for name in names):
+        return None
+    return parent, container, config
+
+
+def _delete_decoder_layers(model: nn.Module, names: list[str]) -> list[str]:
+    """Delete the named layers of a Hugging Face decoder stack: the list shortened, each remaining layer's
+    ``layer_idx`` (its key/value cache slot) renumbered, and ``num_hidden_layers`` and every per-layer list of the
+    config (``layer_types`` ...) cut to match, so ``save_pretrained`` / ``from_pretrained`` and generation with a
+    cache work. Returns notes (none when the names are no such stack)."""
+    stack = _decoder_stack(model, names)
+    if stack is None:
+        return []
+    parent, container, config = stack
+    gone = {int(name.rpartition(".")[2]) for name in names}
+    before = len(container)
+    kept = nn.ModuleList(layer for index, layer in enumerate(container) if index not in gone)
+    for index, layer in enumerate(kept):
+        for module in layer.modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                setattr(module, "layer_idx", index)  # noqa: B010 (an attribute torch does not type)
+    if parent:
+        set_module(model, parent, kept)
+    cut = []
+    for key, value in list(vars(config).items()):
+        if isinstance(value, list) and len(value) == before:
+            setattr(config, key, [v for index, v in enumerate(value) if index not in gone])
+            cut.append(key)
+    config.num_hidden_layers = len(kept)
+    return [f"decoder layers deleted: {parent} has {len(kept)} of {before}; config num_hidden_layers={len(kept)}" + (f", {', '.join(cut)} cut" if cut else "")]
+
+
 @contextlib.contextmanager
 def _bypassed(model: nn.Module, name: str) -> Iterator[None]:
     """``name`` replaced by the identity while inside."""
-    block = set_module(model, name, nn.Identity())
+    block = set_module(model, name, Skip())
     try:
         yield
     finally:
@@ -175,13 +231,14 @@ def remove_blocks(
                     scores[name] = _loss(target, batches, resolved) - current
         name = min(remaining, key=lambda n: scores[n])
         remaining.remove(name)
-        set_module(target, name, nn.Identity())
+        set_module(target, name, Skip())
         removed.append(name)
-    append_transform(target, {"kind": TRANSFORM_KIND, "removed": removed})
+    append_transform(target, {"kind": TRANSFORM_KIND, "removed": removed})  # the spec keeps the config from before
+    deleted = _delete_decoder_layers(target, removed)
     rows = [{"name": n, "loss_rise_when_bypassed": round(scores[n], 5), "removed": n in removed} for n in candidates]
     metrics.update(removed=removed, candidates=len(candidates), calibration_loss_before=base, calibration_loss=_loss(target, batches, resolved))
     metrics.update({f"{k}_removed": v for k, v in evaluate_source(target, source, resolved).items() if isinstance(v, float)})
-    notes = []
+    notes = list(deleted)
     if tuning is not None:
         history = fit(target, data, tuning, task=task, progress=progress, label="depth fine-tune", evaluate_at_end=False, reference=model)
         notes.append(f"fine-tuned {len(history.epochs)} epochs ({history.seconds:.1f} s)")
@@ -198,8 +255,9 @@ def apply_depth(model: nn.Module, transform: dict[str, Any]) -> nn.Module:
         raise TorchslimError("the file's depth record needs a 'removed' list of block names")
     for name in removed:
         recorded_module(model, name, "removes")
-        set_module(model, name, nn.Identity())
+        set_module(model, name, Skip())
+    _delete_decoder_layers(model, removed)
     return model
 
 
-__all__ = ["DepthConfig", "apply_depth", "candidate_blocks", "remove_blocks"]
+__all__ = ["DepthConfig", "Skip", "apply_depth", "candidate_blocks", "remove_blocks"]
