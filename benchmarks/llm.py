@@ -92,6 +92,8 @@ CONFIGS: dict[str, list[tuple[str, dict[str, Any]]]] = {
         ]
         for target, sparsity in (("50%", {"sparsity": 0.5, "scope": "row"}), ("2:4", {"pattern": "2:4"}))
     },
+    # the control for the '+ distillation' rows: the unpruned model put through the same distillation from its copy
+    "fp32 + distillation (control)": [("distill", {"temperature": 1.0, "alpha": 0.5, "train": DISTILL_TRAIN})],
     "3 of 30 decoder layers removed": [("remove_blocks", DEPTH)],
     "3 of 30 decoder layers removed + distillation": [("remove_blocks", DEPTH), ("distill", {"temperature": 1.0, "alpha": 0.5, "train": DISTILL_TRAIN})],
     "MLP neurons 25% removed (wanda) + distillation": [
@@ -320,7 +322,8 @@ def main() -> None:
         "'+ distillation' rows: the pruned model distilled from the original (T 1, alpha 0.5, Adam 5e-5) for 60 steps of 4 x 256 tokens "
         "of the first 90%, pruning masks held, so the sparsity stays what pruning set (each such row notes it). The distillation text "
         "is the same domain the perplexity is measured on (the first 90% of Tiny Shakespeare against its last 10%), which the float32 "
-        "row never trained on, so part of these rows' gain is adaptation to that text.",
+        "row never trained on, so part of these rows' gain is adaptation to that text: the control row (the unpruned model through the "
+        "same distillation) measures that part.",
         "the weights were Q4_1 (groups of 32 with a float minimum and step) before dequantization: the float32 row is that "
         "model, and every method rounds a second time (an integer zero point does not land on Q4_1's grid)",
         "speeds: each saved file reloaded in a fresh process, all timed one after another with nothing else running; the "
