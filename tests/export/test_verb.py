@@ -202,3 +202,22 @@ def test_a_group_matmulnbits_cannot_hold_stays_float_and_a_llama_goes_int4_in_ev
     nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
     assert len(nbits) == 7 * len(model.model.layers)
     assert max(result.report.stages[0].metrics["max_abs_difference"].values()) <= result.report.stages[0].metrics["tolerance"]
+
+
+def test_a_tied_embedding_and_head_are_stored_once_in_the_onnx_file(tmp_path):
+    import onnx
+
+    torch.manual_seed(0)
+    batch = _text_batches()[0]
+    example = {"input_ids": batch["input_ids"][:2], "attention_mask": batch["attention_mask"][:2]}
+    sizes = {}
+    for tie in (True, False):
+        model = zoo.llama(vocab=200, tie=tie).eval()
+        result = ts.export(model, "onnx", example, tmp_path / f"{tie}.onnx")
+        graph = onnx.load(str(tmp_path / f"{tie}.onnx")).graph
+        tables = [i for i in graph.initializer if sorted(i.dims) == [64, 200]]
+        assert len(tables) == (1 if tie else 2)  # one 200 x 64 table for both uses when tied
+        assert any(n.op_type == "Transpose" and n.input[0] == tables[0].name for n in graph.node) == tie
+        assert max(result.report.stages[0].metrics["max_abs_difference"].values()) <= result.report.stages[0].metrics["tolerance"]
+        sizes[tie] = result.report.stages[0].metrics["file_bytes"]
+    assert sizes[False] - sizes[True] > 0.9 * 200 * 64 * 4

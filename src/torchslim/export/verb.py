@@ -4,7 +4,8 @@ PyTorch model at two batch sizes (the batch dimension is dynamic unless ``dynami
 
 - ``onnx``: the file ONNX Runtime runs (``export_onnx``); an int8 ONNX Runtime engine (what ``quantize`` returns for
   the static int8 methods) is written as it is. Weight-only layers keep their codes where ONNX Runtime can run them:
-  int8 per channel behind a DequantizeLinear, uniform codes of at most 4 bits as MatMulNBits (its int4 kernels).
+  int8 per channel behind a DequantizeLinear, uniform codes of at most 4 bits as MatMulNBits (its int4 kernels). A
+  weight the exporter writes twice, as itself and transposed (an embedding tied to the LM head), is stored once.
 - ``pt2``: ``torch.export.export`` with a dynamic batch, saved with ``torch.export.save``; reload with
   ``torch.export.load(path).module()``.
 - ``torchscript``: ``torch.jit.trace``, saved with ``torch.jit.save``; reload with ``torch.jit.load``. Tracing
@@ -95,6 +96,7 @@ def _write(model: nn.Module, form: str, example: Any, path: Path, dynamic_batch:
             export_onnx(prepared, example, path, dynamic_batch=dynamic_batch)
         _int8_weights(path, _int8_layers(model))
         _int4_matmuls(path, _int4_layers(model))
+        _tied_transposes(path)
         return OnnxModule(path)
     # a batch of two: exporters specialize a batch dimension of 1
     traced = repeat_example(example, 2) if dynamic_batch else example
@@ -301,6 +303,37 @@ def _int4_matmuls(path: Path, layers: list[_Int4Layer]) -> int:
             model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
         onnx.save(model, str(path))
     return replaced
+
+
+def _tied_transposes(path: Path, smallest: int = 4096) -> int:
+    """Store once a float weight the exporter wrote twice, as itself and transposed (a Hugging Face model's embedding
+    tied to its LM head: gathered rows in one place, a MatMul's weight in the other): the transposed copy becomes a
+    Transpose node of the original, which ONNX Runtime folds when it loads the file. Returns how many were folded."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    big = [i for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2 and i.dims[0] * i.dims[1] >= smallest]
+    if len(big) < 2:
+        return 0
+    arrays = {i.name: numpy_helper.to_array(i) for i in big}
+    by_start = {(value.shape, value[0, :16].tobytes()): name for name, value in arrays.items()}
+    folded: list[tuple[str, str]] = []
+    for initializer in big:
+        value = arrays[initializer.name]
+        original = by_start.get((value.shape[::-1], np.ascontiguousarray(value[:16, 0]).tobytes()))
+        if original is None or original == initializer.name or original in {name for name, _ in folded}:
+            continue
+        if np.array_equal(arrays[original].T, value):
+            folded.append((initializer.name, original))
+    for name, original in folded:
+        graph.initializer.remove(next(i for i in graph.initializer if i.name == name))
+        graph.node.insert(0, helper.make_node("Transpose", [original], [name], name=f"{name}_tied", perm=[1, 0]))
+    if folded:
+        onnx.save(model, str(path))
+    return len(folded)
 
 
 def export(
