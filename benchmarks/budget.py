@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 
 import torchslim as ts
-from benchmarks.common import each_model, load_mnist, pareto_axis, trained_baseline
-from benchmarks.harness import RESULTS, arguments, write
+from benchmarks.common import each_model, load_mnist, pareto_axis, save_figure, trained_baseline
+from benchmarks.harness import arguments, write
 from torchslim.compression.budget import auto_compress
 from torchslim.report import markdown
 
@@ -70,9 +70,7 @@ def plot(results: dict) -> None:
     for axis, (name, entry) in zip(axes[0], results.items()):
         series = {a: [(r["bytes"] / 1000, 100 * r["error"]) for r in entry["runs"] if r["allocation"] == a] for a in ("automatic", "uniform")}
         pareto_axis(axis, series, entry["dense_error"], "bytes on disk (KB)", f"{name}: error against size")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    figure.savefig(RESULTS / "budget.png", dpi=110, bbox_inches="tight")
-    plt.close(figure)
+    save_figure(figure, "budget.png")
 
 
 def main() -> None:

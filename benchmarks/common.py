@@ -57,3 +57,12 @@ def each_model(run, data, quick: bool, names: tuple[str, ...] = ("lenet-300-100"
         results[name], part = run(name, data, quick)
         rows += part
     return results, rows
+
+
+def save_figure(figure, name: str) -> None:
+    """Write a matplotlib figure to benchmarks/results/<name> and close it."""
+    import matplotlib.pyplot as plt
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    figure.savefig(RESULTS / name, dpi=110, bbox_inches="tight")
+    plt.close(figure)

@@ -27,8 +27,9 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
 def only_rows(known: Sequence[str]) -> list[str]:
-    """The rows named by ``--only "A,B"`` (or one row whose name holds commas; taken out of the command line before ``arguments`` reads it): a benchmark
-    runs those again and keeps every other row from its last saved results. Unknown names stop the run."""
+    """The rows named by ``--only "A,B"`` (or one row whose name holds commas), taken out of the command line before
+    ``arguments`` reads it: a benchmark runs those again and keeps every other row from its last saved results.
+    Unknown names stop the run."""
     if "--only" not in sys.argv:
         return []
     index = sys.argv.index("--only")

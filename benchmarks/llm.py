@@ -49,6 +49,7 @@ BLOCK_LAYERS = {"include": [r"re:model\.layers\..*"]}
 MLP_ONLY = {"prune_residual": False, "layers": {"include": [r"re:.*\.mlp\..*"]}}
 ATTENTION = {"include": [r"re:.*\.self_attn\..*"]}
 DISTILL_TRAIN = {"epochs": 1, "optimizer": "adam", "lr": 5e-5, "max_batches_per_epoch": 60, "batch_size": 4, "eval_every_epoch": False}
+DISTILL = ("distill", {"temperature": 1.0, "alpha": 0.5, "train": DISTILL_TRAIN})  # from the original model
 DEPTH = {"count": 3, "iterative": False, "calibration_batches": 2}  # each layer scored by the loss rise when skipped (2 x 8 windows)
 EMBEDDING = {"include": ["model.embed_tokens", "lm_head"], "types": ["Linear", "Embedding"]}
 
@@ -88,17 +89,17 @@ CONFIGS: dict[str, list[tuple[str, dict[str, Any]]]] = {
     **{
         f"Wanda {target} + distillation": [
             ("prune", {"importance": "wanda", **sparsity, "layers": BLOCK_LAYERS}),
-            ("distill", {"temperature": 1.0, "alpha": 0.5, "train": DISTILL_TRAIN}),
+            DISTILL,
         ]
         for target, sparsity in (("50%", {"sparsity": 0.5, "scope": "row"}), ("2:4", {"pattern": "2:4"}))
     },
     # the control for the '+ distillation' rows: the unpruned model put through the same distillation from its copy
-    "fp32 + distillation (control)": [("distill", {"temperature": 1.0, "alpha": 0.5, "train": DISTILL_TRAIN})],
+    "fp32 + distillation (control)": [DISTILL],
     "3 of 30 decoder layers removed": [("remove_blocks", DEPTH)],
-    "3 of 30 decoder layers removed + distillation": [("remove_blocks", DEPTH), ("distill", {"temperature": 1.0, "alpha": 0.5, "train": DISTILL_TRAIN})],
+    "3 of 30 decoder layers removed + distillation": [("remove_blocks", DEPTH), DISTILL],
     "MLP neurons 25% removed (wanda) + distillation": [
         ("prune_channels", {"ratio": 0.25, "importance": "wanda", **MLP_ONLY}),
-        ("distill", {"temperature": 1.0, "alpha": 0.5, "train": DISTILL_TRAIN}),
+        DISTILL,
     ],
 }
 

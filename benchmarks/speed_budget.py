@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 
 import torchslim as ts
-from benchmarks.common import each_model, load_mnist, pareto_axis, trained_baseline
-from benchmarks.harness import RESULTS, arguments, write
+from benchmarks.common import each_model, load_mnist, pareto_axis, save_figure, trained_baseline
+from benchmarks.harness import arguments, write
 from torchslim.compression.speed_budget import auto_narrow
 from torchslim.core.errors import TorchslimError
 from torchslim.report import markdown
@@ -85,9 +85,7 @@ def plot(results: dict) -> None:
             series = {a: [(r["fraction"], 100 * r["error"]) for r in _reached(entry, measure, a)] for a in ("automatic", "uniform")}
             label = "MACs, fraction of dense" if measure == "macs" else "latency in ONNX Runtime (batch 64), fraction of dense"
             pareto_axis(axis, series, entry["dense_error"], label, f"{name}: error against {measure}")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    figure.savefig(RESULTS / "speed_budget.png", dpi=110, bbox_inches="tight")
-    plt.close(figure)
+    save_figure(figure, "speed_budget.png")
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +138,44 @@ def export_onnx(
         if temporary.exists():
             temporary.unlink()
     return path
+
+
+def constant_lookup(graph: Any) -> Callable[[str], Any]:
+    """``value_of(name)``: the array of an initializer or a Constant node's output of the ONNX graph (None for any
+    other tensor), each converted once, when first asked for."""
+    from onnx import numpy_helper
+
+    tensors = {i.name: i for i in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            value = next((a for a in node.attribute if a.name == "value"), None)
+            if value is not None:
+                tensors[node.output[0]] = value.t
+    arrays: dict[str, Any] = {}
+
+    def value_of(name: str) -> Any:
+        if name not in arrays and name in tensors:
+            arrays[name] = numpy_helper.to_array(tensors[name])
+        return arrays.get(name)
+
+    return value_of
+
+
+def weight_product(node: Any, value_of: Callable[[str], Any]) -> tuple[Any, str | None] | None:
+    """For a MatMul, or a Gemm without transA and with alpha = beta = 1, whose second input is a 2-D constant: (that
+    weight as (in, out), the Gemm's bias input or None). None for any other node."""
+    from onnx import helper
+
+    if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
+        return None
+    attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if attributes.get("transA", 0) or attributes.get("alpha", 1.0) != 1.0 or attributes.get("beta", 1.0) != 1.0:
+        return None
+    weight = value_of(node.input[1])
+    if weight is None or weight.ndim != 2:
+        return None
+    bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] else None
+    return (weight.T if attributes.get("transB", 0) else weight), bias
 
 
 def replace_graph_nodes(graph: Any, nodes: list[Any]) -> None:

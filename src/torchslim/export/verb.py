@@ -43,7 +43,7 @@ from torchslim.core.errors import TorchslimError
 from torchslim.core.files import refuse_overwrite
 from torchslim.core.modes import eval_mode, model_device
 from torchslim.core.report import Report, Result, Stage
-from torchslim.export.onnx import KeywordInputs, OnnxModule, export_onnx, replace_graph_nodes
+from torchslim.export.onnx import KeywordInputs, OnnxModule, constant_lookup, export_onnx, replace_graph_nodes, weight_product
 from torchslim.tasks.batches import call_model, output_tensor, repeat_example
 
 FORMATS = {"onnx": ".onnx", "pt2": ".pt2", "torchscript": ".pt"}
@@ -94,9 +94,11 @@ def _write(model: nn.Module, form: str, example: Any, path: Path, dynamic_batch:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             export_onnx(prepared, example, path, dynamic_batch=dynamic_batch)
-        _int8_weights(path, _int8_layers(model))
-        _int4_matmuls(path, _int4_layers(model))
-        _tied_transposes(path)
+        import onnx
+
+        proto = onnx.load(str(path))  # the weight passes edit one loaded copy; the file is written once, if changed
+        if _int8_weights(proto, _int8_layers(model)) + _int4_matmuls(proto, _int4_layers(model)) + _tied_transposes(proto):
+            onnx.save(proto, str(path))
         return OnnxModule(path)
     # a batch of two: exporters specialize a batch dimension of 1
     traced = repeat_example(example, 2) if dynamic_batch else example
@@ -150,18 +152,17 @@ def _int8_layers(model: nn.Module) -> list[tuple[Any, Any]]:
     return found
 
 
-def _int8_weights(path: Path, layers: list[tuple[Any, Any]]) -> None:
-    """Replace each float weight of the ONNX file at ``path`` that is exactly an int8 layer's decoded weight (codes x
-    scale, as the exporter wrote it, or transposed for a MatMul) by the int8 codes behind a DequantizeLinear: the same
-    values, a quarter of the bytes. Weights changed by the export (BatchNorm folded into them) stay float."""
+def _int8_weights(model: Any, layers: list[tuple[Any, Any]]) -> int:
+    """Replace each float weight of the ONNX ``model`` that is exactly an int8 layer's decoded weight (codes x scale,
+    as the exporter wrote it, or transposed for a MatMul) by the int8 codes behind a DequantizeLinear: the same values,
+    a quarter of the bytes. Weights changed by the export (BatchNorm folded into them) stay float. Returns how many."""
     if not layers:
-        return
+        return 0
     import numpy as np
     import onnx
     from onnx import helper, numpy_helper
 
     candidates = [(codes, scale, codes.astype(np.float32) * scale.reshape((-1,) + (1,) * (codes.ndim - 1))) for codes, scale in layers]
-    model = onnx.load(str(path))
     graph = model.graph
     replaced = []
     for initializer in list(graph.initializer):
@@ -179,10 +180,9 @@ def _int8_weights(path: Path, layers: list[tuple[Any, Any]]) -> None:
             graph.initializer.extend([numpy_helper.from_array(np.ascontiguousarray(codes), f"{name}_int8"), numpy_helper.from_array(scale, f"{name}_scale")])
             replaced.append(helper.make_node("DequantizeLinear", [f"{name}_int8", f"{name}_scale"], [name], name=f"{name}_dequantize", axis=axis))
             break
-    if replaced:
-        for node in reversed(replaced):
-            graph.node.insert(0, node)
-        onnx.save(model, str(path))
+    for node in reversed(replaced):
+        graph.node.insert(0, node)
+    return len(replaced)
 
 
 @dataclasses.dataclass
@@ -232,46 +232,38 @@ def _nibbles(values: Any) -> Any:
     return (values[..., 0::2] | (values[..., 1::2] << 4)).astype(np.uint8)
 
 
-def _int4_matmuls(path: Path, layers: list[_Int4Layer]) -> int:
-    """Replace each MatMul (or Gemm with a transposed weight) of the ONNX file at ``path`` whose weight is exactly a
+def _int4_matmuls(model: Any, layers: list[_Int4Layer]) -> int:
+    """Replace each MatMul (or Gemm with a transposed weight) of the ONNX ``model`` whose weight is exactly a
     4-bit layer's decoded weight by ONNX Runtime's MatMulNBits on the packed codes (two per byte), the block scales
     and zero points: the same products (the engine decodes the codes exactly as PyTorch does), an eighth of the
     float bytes, run by ONNX Runtime's int4 kernels. Returns how many were replaced."""
     if not layers:
         return 0
     import numpy as np
-    import onnx
     from onnx import helper, numpy_helper
 
-    model = onnx.load(str(path))
     graph = model.graph
-    initializers = {i.name: i for i in graph.initializer}
+    value_of = constant_lookup(graph)
     by_start: dict[tuple, list[_Int4Layer]] = {}  # a few leading values pick the candidates compared in full
     for layer in layers:
         by_start.setdefault((layer.decoded.shape, layer.decoded[0, :16].tobytes()), []).append(layer)
-    values: dict[str, Any] = {}
     rebuilt, replaced = [], 0
     for node in graph.node:
-        attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        weight_name = node.input[1] if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1 else None
-        if weight_name not in initializers or attributes.get("transA", 0) or attributes.get("alpha", 1.0) != 1.0 or attributes.get("beta", 1.0) != 1.0:
+        product = weight_product(node, value_of)
+        match = None
+        if product is not None:
+            oriented = product[0].T  # (out, in), as the layer holds it
+            candidates = by_start.get((oriented.shape, np.ascontiguousarray(oriented[0, :16]).tobytes()), [])
+            match = next((candidate for candidate in candidates if np.array_equal(candidate.decoded, oriented)), None)
+        if product is None or match is None:
             rebuilt.append(node)
             continue
-        if weight_name not in values:
-            values[weight_name] = numpy_helper.to_array(initializers[weight_name])
-        value = values[weight_name]
-        oriented = value if node.op_type == "Gemm" and attributes.get("transB", 0) else value.T  # (out, in)
-        candidates = by_start.get((oriented.shape, np.ascontiguousarray(oriented[0, :16]).tobytes()), [])
-        match = next((layer for layer in candidates if np.array_equal(layer.decoded, oriented)), None)
-        if match is None:
-            rebuilt.append(node)
-            continue
-        layer = match
+        layer, bias = match, product[1]
         out_features, width = layer.codes.shape
         blocks = layer.scale.shape[1]
         padded = np.zeros((out_features, blocks * layer.block), dtype=np.uint8)
         padded[:, :width] = layer.codes
-        prefix = f"{node.name or weight_name}_int4"
+        prefix = f"{node.name or node.input[1]}_int4"
         graph.initializer.extend(
             [
                 numpy_helper.from_array(_nibbles(padded).reshape(out_features, blocks, layer.block // 2), f"{prefix}_codes"),
@@ -279,7 +271,6 @@ def _int4_matmuls(path: Path, layers: list[_Int4Layer]) -> int:
                 numpy_helper.from_array(_nibbles(layer.zero_point).reshape(-1), f"{prefix}_zero_points"),
             ]
         )
-        bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] else None
         output = f"{prefix}_product" if bias else node.output[0]
         rebuilt.append(
             helper.make_node(
@@ -301,11 +292,10 @@ def _int4_matmuls(path: Path, layers: list[_Int4Layer]) -> int:
         replace_graph_nodes(graph, rebuilt)
         if not any(o.domain == "com.microsoft" for o in model.opset_import):
             model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-        onnx.save(model, str(path))
     return replaced
 
 
-def _tied_transposes(path: Path, smallest: int = 4096) -> int:
+def _tied_transposes(model: Any, smallest: int = 4096) -> int:
     """Store once a float weight the exporter wrote twice, as itself and transposed (a Hugging Face model's embedding
     tied to its LM head: gathered rows in one place, a MatMul's weight in the other): the transposed copy becomes a
     Transpose node of the original, which ONNX Runtime folds when it loads the file. Returns how many were folded."""
@@ -313,7 +303,6 @@ def _tied_transposes(path: Path, smallest: int = 4096) -> int:
     import onnx
     from onnx import helper, numpy_helper
 
-    model = onnx.load(str(path))
     graph = model.graph
     big = [i for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2 and i.dims[0] * i.dims[1] >= smallest]
     if len(big) < 2:
@@ -331,8 +320,6 @@ def _tied_transposes(path: Path, smallest: int = 4096) -> int:
     for name, original in folded:
         graph.initializer.remove(next(i for i in graph.initializer if i.name == name))
         graph.node.insert(0, helper.make_node("Transpose", [original], [name], name=f"{name}_tied", perm=[1, 0]))
-    if folded:
-        onnx.save(model, str(path))
     return len(folded)
 
 

@@ -83,7 +83,7 @@ class Method:
 
     config: type[Config]
     apply: Callable[..., tuple[nn.Module, Stage]]
-    needs_data: bool | Callable[[Config], bool]
+    needs_data: Callable[[Config], bool]
     engine: Callable[[Config], bool] = lambda config: False
     onnx: Callable[[Config], bool] = lambda config: False
 
@@ -101,7 +101,8 @@ def quantization_method(
     """Register ``apply(model, config, context) -> (model, report stage)`` as quantization method ``name``."""
 
     def add(function: Callable[..., tuple[nn.Module, Stage]]) -> Callable[..., tuple[nn.Module, Stage]]:
-        METHODS.register(name, (config.__doc__ or "").strip())(Method(config, function, needs_data, engine, onnx or engine))
+        calibrates = needs_data if callable(needs_data) else (lambda typed: needs_data)
+        METHODS.register(name, (config.__doc__ or "").strip())(Method(config, function, calibrates, engine, onnx or engine))
         return function
 
     return add
@@ -181,8 +182,7 @@ def _onnxruntime(model: nn.Module, config: OnnxInt8Config, context: _Context) ->
     if config.mode == "static":
         how = f"static int8 ({config.calibration} calibration, {config.activations} activations)"
     else:
-        per_token = isinstance(context.example, dict) if config.per_token is None else config.per_token
-        how = f"dynamic int8 ({'per-token' if per_token else 'per-tensor'} activation scales)"
+        how = f"dynamic int8 ({'per-token' if config.uses_per_token(isinstance(context.example, dict)) else 'per-tensor'} activation scales)"
     return engine, _stage([f"ONNX Runtime quantizer: {how}"], f"ONNX Runtime, {how}", engine)
 
 
@@ -261,8 +261,7 @@ def quantize(
     check_model(model, "quantize", float32=True)
     method = next(name for name in METHODS.names() if isinstance(typed, METHODS.get(name).config))
     entry = METHODS.get(method)
-    needs_data = entry.needs_data(typed) if callable(entry.needs_data) else entry.needs_data
-    if needs_data and data is None:
+    if entry.needs_data(typed) and data is None:
         raise ConfigError(f"quantize: method {method!r} calibrates on data: pass data=...")
     target = model if inplace else copy.deepcopy(model)
     source = as_source(data, target) if data is not None else None

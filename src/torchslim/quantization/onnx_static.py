@@ -37,7 +37,7 @@ from torch import nn
 
 from torchslim.core.config import Config, check
 from torchslim.core.errors import TorchslimError
-from torchslim.export.onnx import INPUT_NAME, OnnxModule, export_onnx, replace_graph_nodes
+from torchslim.export.onnx import INPUT_NAME, OnnxModule, constant_lookup, export_onnx, replace_graph_nodes, weight_product
 from torchslim.tasks.batches import example_of
 
 
@@ -60,6 +60,10 @@ class OnnxInt8Config(Config):
     float_head: bool = False  # with weight_matmuls_only: the last product with a weight (LM head, classifier) stays float
     observer: str | None = None  # a torchslim observer sets every activation range (ONNX Runtime's calibrator is not used)
     per_token: bool | None = None  # dynamic mode: each token's own activation scale (None: for transformers)
+
+    def uses_per_token(self, keyword_inputs: bool) -> bool:
+        """Whether dynamic int8 scales each token on its own (by default for models called with keyword inputs)."""
+        return self.mode == "dynamic" and (keyword_inputs if self.per_token is None else self.per_token)
 
     def validate(self) -> None:
         check(self.method == "onnxruntime", f"method must be 'onnxruntime' for OnnxInt8Config, got {self.method!r}")
@@ -140,19 +144,6 @@ def _weight_matmuls(path: Path) -> tuple[list[str], list[str]]:
     return with_weight, between
 
 
-def _constant_values(graph: Any) -> dict[str, Any]:
-    """The arrays of the graph's initializers and Constant nodes, by tensor name."""
-    from onnx import numpy_helper
-
-    values = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant":
-            value = next((a for a in node.attribute if a.name == "value"), None)
-            if value is not None:
-                values[node.output[0]] = numpy_helper.to_array(value.t)
-    return values
-
-
 def per_token_int8(source: Path, target: Path, nodes: list[str]) -> int:
     """Rewrite each named MatMul/Gemm with a 2-D weight of the ONNX model at ``source`` as int8 with per-token
     activation scales, computed at run time: every row x of the input (one token) is scaled by max|x| / 127 and
@@ -165,7 +156,7 @@ def per_token_int8(source: Path, target: Path, nodes: list[str]) -> int:
 
     model = onnx.load(str(source))
     graph = model.graph
-    values = _constant_values(graph)
+    value_of = constant_lookup(graph)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
     wanted = set(nodes)
     shared: dict[str, Any] = {
@@ -182,14 +173,12 @@ def per_token_int8(source: Path, target: Path, nodes: list[str]) -> int:
         if node.name not in wanted:
             rebuilt.append(node)
             continue
-        attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        x, w = node.input[0], node.input[1]
-        weight = values.get(w)
-        if weight is None or weight.ndim != 2 or attributes.get("transA", 0) or attributes.get("alpha", 1.0) != 1.0 or attributes.get("beta", 1.0) != 1.0:
+        product = weight_product(node, value_of)
+        if product is None:
             rebuilt.append(node)
             continue
-        weight = weight.T if attributes.get("transB", 0) else weight  # (in, out)
-        bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] else None
+        weight, bias = product  # weight (in, out)
+        x = node.input[0]
         scale = np.abs(weight).max(axis=0) / 127.0
         scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
         codes = np.clip(np.round(weight / scale), -127, 127).astype(np.int8)
@@ -283,16 +272,14 @@ def quantize_onnx(
         quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
         temporary = Path(folder) / "int8.onnx"
         only_weights = keyword if config.weight_matmuls_only is None else config.weight_matmuls_only
+        per_token = config.uses_per_token(keyword)
+        with_weight, between = _weight_matmuls(prepared) if only_weights or per_token else ([], [])
+        head = with_weight[-1:] if config.float_head else []
         selection: dict[str, Any] = {}
         if only_weights:
-            with_weight, between = _weight_matmuls(prepared)
-            head = with_weight[-1:] if config.float_head else []
             selection = {"op_types_to_quantize": ["MatMul", "Gemm"], "nodes_to_exclude": between + head}
-        per_token = keyword if config.per_token is None else config.per_token
-        if config.mode == "dynamic" and per_token:
-            with_weight, _ = _weight_matmuls(prepared)
-            chosen = with_weight[:-1] if config.float_head else with_weight
-            if not per_token_int8(prepared, temporary, chosen):
+        if per_token:
+            if not per_token_int8(prepared, temporary, [name for name in with_weight if name not in head]):
                 raise TorchslimError("per-token int8: the model has no matrix product with a 2-D weight to quantize")
         elif config.mode == "dynamic":
             quantize_dynamic(str(prepared), str(temporary), weight_type=QuantType.QInt8, per_channel=config.per_channel, **selection)
