@@ -221,3 +221,43 @@ def test_a_tied_embedding_and_head_are_stored_once_in_the_onnx_file(tmp_path):
         assert max(result.report.stages[0].metrics["max_abs_difference"].values()) <= result.report.stages[0].metrics["tolerance"]
         sizes[tie] = result.report.stages[0].metrics["file_bytes"]
     assert sizes[False] - sizes[True] > 0.9 * 200 * 64 * 4
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_an_int4_embedding_is_gathered_from_its_packed_codes(tie, tmp_path):
+    import onnx
+
+    from torchslim.quantization.onnx_static import count_ops
+
+    torch.manual_seed(0)
+    batch = _text_batches()[0]
+    example = {"input_ids": batch["input_ids"][:2], "attention_mask": batch["attention_mask"][:2]}
+    model = zoo.llama(vocab=200, tie=tie).eval()
+    weights = {"bits": 4, "granularity": "group", "group_size": 32, "symmetric": False}
+    products = ts.quantize(model, {"weights": weights, "layers": {"types": ["Linear"], "exclude": ["lm_head"]}}).model
+    whole = ts.quantize(model, {"weights": weights, "layers": {"types": ["Linear", "Embedding"]}}).model
+    sizes = {}
+    for name, quantized in (("products", products), ("whole", whole)):
+        result = ts.export(quantized, "onnx", example, tmp_path / f"{name}.onnx")
+        metrics = result.report.stages[0].metrics
+        assert max(metrics["max_abs_difference"].values()) <= metrics["tolerance"]
+        sizes[name] = metrics["file_bytes"]
+    ops = count_ops(tmp_path / "whole.onnx")
+    assert ops["GatherBlockQuantized"] == 1 and ops["MatMulNBits"] == 7 * len(model.model.layers) + 1  # the blocks and the head
+    graph = onnx.load(str(tmp_path / "whole.onnx")).graph
+    assert not [i for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT and 200 in i.dims]  # no float table left
+    assert len([i for i in graph.initializer if i.name.endswith("_codes") and i.dims[0] == 200]) == (1 if tie else 2)  # tied: one copy of the codes
+    assert sizes["products"] - sizes["whole"] > 0.8 * (1 if tie else 2) * 200 * 64 * 4  # each float table gone, packed codes in its place
+
+
+def test_an_int4_lookup_with_a_ragged_last_group_matches_pytorch(tmp_path):
+    from torchslim.quantization.onnx_static import count_ops
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(50, 40), nn.Flatten(), nn.Linear(280, 5))
+    quantized = ts.quantize(model, {"weights": {"bits": 4, "granularity": "group", "group_size": 32}, "layers": {"types": ["Embedding"]}}).model
+    ids = torch.randint(0, 50, (4, 7))
+    result = ts.export(quantized, "onnx", ids, tmp_path / "lookup.onnx")
+    assert count_ops(tmp_path / "lookup.onnx")["GatherBlockQuantized"] == 1  # 40 = 32 + a last group of 8, sliced off the padded rows
+    with torch.no_grad(), decoded_weights():
+        torch.testing.assert_close(result.model(ids), quantized.eval()(ids), atol=1e-5, rtol=1e-5)

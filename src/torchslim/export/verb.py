@@ -4,8 +4,9 @@ PyTorch model at two batch sizes (the batch dimension is dynamic unless ``dynami
 
 - ``onnx``: the file ONNX Runtime runs (``export_onnx``); an int8 ONNX Runtime engine (what ``quantize`` returns for
   the static int8 methods) is written as it is. Weight-only layers keep their codes where ONNX Runtime can run them:
-  int8 per channel behind a DequantizeLinear, uniform codes of at most 4 bits as MatMulNBits (its int4 kernels). A
-  weight the exporter writes twice, as itself and transposed (an embedding tied to the LM head), is stored once.
+  int8 per channel behind a DequantizeLinear, uniform codes of at most 4 bits as MatMulNBits (its int4 kernels) and, for
+  an embedding, as GatherBlockQuantized (a tied LM head and its embedding read one copy of the codes). A weight the
+  exporter writes twice, as itself and transposed (an embedding tied to the LM head), is stored once.
 - ``pt2``: ``torch.export.export`` with a dynamic batch, saved with ``torch.export.save``; reload with
   ``torch.export.load(path).module()``.
 - ``torchscript``: ``torch.jit.trace``, saved with ``torch.jit.save``; reload with ``torch.jit.load``. Tracing
@@ -97,7 +98,7 @@ def _write(model: nn.Module, form: str, example: Any, path: Path, dynamic_batch:
         import onnx
 
         proto = onnx.load(str(path))  # the weight passes edit one loaded copy; the file is written once, if changed
-        if _int8_weights(proto, _int8_layers(model)) + _int4_matmuls(proto, _int4_layers(model)) + _tied_transposes(proto):
+        if _int8_weights(proto, _int8_layers(model)) + _int4_nodes(proto, _int4_layers(model)) + _tied_transposes(proto):
             onnx.save(proto, str(path))
         return OnnxModule(path)
     # a batch of two: exporters specialize a batch dimension of 1
@@ -232,11 +233,41 @@ def _nibbles(values: Any) -> Any:
     return (values[..., 0::2] | (values[..., 1::2] << 4)).astype(np.uint8)
 
 
-def _int4_matmuls(model: Any, layers: list[_Int4Layer]) -> int:
-    """Replace each MatMul (or Gemm with a transposed weight) of the ONNX ``model`` whose weight is exactly a
-    4-bit layer's decoded weight by ONNX Runtime's MatMulNBits on the packed codes (two per byte), the block scales
-    and zero points: the same products (the engine decodes the codes exactly as PyTorch does), an eighth of the
-    float bytes, run by ONNX Runtime's int4 kernels. Returns how many were replaced."""
+class _Int4Store:
+    """The packed codes, block scales and zero points of each 4-bit layer, written into the ONNX graph once (in
+    MatMulNBits' layout) however many nodes read them: a tied embedding and LM head share one copy."""
+
+    def __init__(self, graph: Any) -> None:
+        self.graph = graph
+        self.names: dict[int, tuple[str, str, str]] = {}
+
+    def tensors(self, layer: _Int4Layer, prefix: str) -> tuple[str, str, str]:
+        """(codes (out, blocks, block / 2), scales (out x blocks), zero points (out x ceil(blocks / 2))) names."""
+        import numpy as np
+        from onnx import numpy_helper
+
+        if id(layer) not in self.names:
+            out_features, width = layer.codes.shape
+            blocks = layer.scale.shape[1]
+            padded = np.zeros((out_features, blocks * layer.block), dtype=np.uint8)
+            padded[:, :width] = layer.codes
+            names = (f"{prefix}_codes", f"{prefix}_scales", f"{prefix}_zero_points")
+            values = (
+                _nibbles(padded).reshape(out_features, blocks, layer.block // 2),
+                np.ascontiguousarray(layer.scale, dtype=np.float32).reshape(-1),
+                _nibbles(layer.zero_point).reshape(-1),
+            )
+            self.graph.initializer.extend(numpy_helper.from_array(value, name) for value, name in zip(values, names))
+            self.names[id(layer)] = names
+        return self.names[id(layer)]
+
+
+def _int4_nodes(model: Any, layers: list[_Int4Layer]) -> int:
+    """Replace each node of the ONNX ``model`` that reads exactly a 4-bit layer's decoded weight by ONNX Runtime's
+    int4 operator on the packed codes (two per byte), the block scales and zero points: a MatMul (or Gemm with a
+    transposed weight) by MatMulNBits, an embedding's Gather by GatherBlockQuantized. The same values (the engine
+    decodes the codes exactly as PyTorch does), an eighth of the float bytes, run by ONNX Runtime's int4 kernels.
+    Returns how many nodes were replaced."""
     if not layers:
         return 0
     import numpy as np
@@ -244,55 +275,87 @@ def _int4_matmuls(model: Any, layers: list[_Int4Layer]) -> int:
 
     graph = model.graph
     value_of = constant_lookup(graph)
+    store = _Int4Store(graph)
     by_start: dict[tuple, list[_Int4Layer]] = {}  # a few leading values pick the candidates compared in full
     for layer in layers:
         by_start.setdefault((layer.decoded.shape, layer.decoded[0, :16].tobytes()), []).append(layer)
+
+    def layer_of(weight: Any) -> _Int4Layer | None:
+        candidates = by_start.get((weight.shape, np.ascontiguousarray(weight[0, :16]).tobytes()), [])
+        return next((candidate for candidate in candidates if np.array_equal(candidate.decoded, weight)), None)
+
     rebuilt, replaced = [], 0
     for node in graph.node:
         product = weight_product(node, value_of)
-        match = None
-        if product is not None:
-            oriented = product[0].T  # (out, in), as the layer holds it
-            candidates = by_start.get((oriented.shape, np.ascontiguousarray(oriented[0, :16]).tobytes()), [])
-            match = next((candidate for candidate in candidates if np.array_equal(candidate.decoded, oriented)), None)
-        if product is None or match is None:
+        table = _gathered_table(node, value_of)
+        layer = layer_of(product[0].T) if product is not None else layer_of(table) if table is not None else None
+        if layer is None:
             rebuilt.append(node)
             continue
-        layer, bias = match, product[1]
+        prefix = f"{node.name or node.input[0 if product is None else 1]}_int4"
+        codes, scales, zero_points = store.tensors(layer, prefix)
         out_features, width = layer.codes.shape
-        blocks = layer.scale.shape[1]
-        padded = np.zeros((out_features, blocks * layer.block), dtype=np.uint8)
-        padded[:, :width] = layer.codes
-        prefix = f"{node.name or node.input[1]}_int4"
-        graph.initializer.extend(
-            [
-                numpy_helper.from_array(_nibbles(padded).reshape(out_features, blocks, layer.block // 2), f"{prefix}_codes"),
-                numpy_helper.from_array(np.ascontiguousarray(layer.scale, dtype=np.float32).reshape(-1), f"{prefix}_scales"),
-                numpy_helper.from_array(_nibbles(layer.zero_point).reshape(-1), f"{prefix}_zero_points"),
-            ]
-        )
-        output = f"{prefix}_product" if bias else node.output[0]
-        rebuilt.append(
-            helper.make_node(
-                "MatMulNBits",
-                [node.input[0], f"{prefix}_codes", f"{prefix}_scales", f"{prefix}_zero_points"],
-                [output],
-                name=prefix,
-                domain="com.microsoft",
-                K=width,
-                N=out_features,
-                bits=4,
-                block_size=layer.block,
+        if product is not None:
+            bias = product[1]
+            output = f"{prefix}_product" if bias else node.output[0]
+            rebuilt.append(
+                helper.make_node(
+                    "MatMulNBits",
+                    [node.input[0], codes, scales, zero_points],
+                    [output],
+                    name=prefix,
+                    domain="com.microsoft",
+                    K=width,
+                    N=out_features,
+                    bits=4,
+                    block_size=layer.block,
+                )
             )
-        )
-        if bias:
-            rebuilt.append(helper.make_node("Add", [output, bias], [node.output[0]], name=f"{prefix}_bias"))
+            if bias:
+                rebuilt.append(helper.make_node("Add", [output, bias], [node.output[0]], name=f"{prefix}_bias"))
+        else:  # the rows (out_features, blocks, ...) as GatherBlockQuantized reads them, a ragged end sliced off
+            blocks = layer.scale.shape[1]
+            shapes = {"codes": (codes, blocks * layer.block // 2), "scales": (scales, blocks), "zero_points": (zero_points, -(-blocks // 2))}
+            inputs = []
+            for key, (name, columns) in shapes.items():
+                graph.initializer.append(numpy_helper.from_array(np.array([out_features, columns], dtype=np.int64), f"{prefix}_{key}_shape"))
+                rebuilt.append(helper.make_node("Reshape", [name, f"{prefix}_{key}_shape"], [f"{prefix}_{key}_rows"], name=f"{prefix}_{key}_rows"))
+                inputs.append(f"{prefix}_{key}_rows")
+            ragged = blocks * layer.block != width
+            output = f"{prefix}_padded" if ragged else node.output[0]
+            rebuilt.append(
+                helper.make_node(
+                    "GatherBlockQuantized",
+                    [inputs[0], node.input[1], inputs[1], inputs[2]],
+                    [output],
+                    name=prefix,
+                    domain="com.microsoft",
+                    gather_axis=0,
+                    quantize_axis=1,
+                    block_size=layer.block,
+                    bits=4,
+                )
+            )
+            if ragged:
+                ends = {"starts": 0, "ends": width, "axes": -1}
+                graph.initializer.extend(numpy_helper.from_array(np.array([v], dtype=np.int64), f"{prefix}_{k}") for k, v in ends.items())
+                rebuilt.append(helper.make_node("Slice", [output] + [f"{prefix}_{k}" for k in ends], [node.output[0]], name=f"{prefix}_slice"))
         replaced += 1
     if replaced:
         replace_graph_nodes(graph, rebuilt)
         if not any(o.domain == "com.microsoft" for o in model.opset_import):
             model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return replaced
+
+
+def _gathered_table(node: Any, value_of: Any) -> Any:
+    """For a Gather of rows (axis 0) from a 2-D constant table (an embedding lookup): that table; else None."""
+    from onnx import helper
+
+    if node.op_type != "Gather" or any(a.name == "axis" and helper.get_attribute_value(a) != 0 for a in node.attribute):
+        return None
+    table = value_of(node.input[0])
+    return table if table is not None and table.ndim == 2 else None
 
 
 def _tied_transposes(model: Any, smallest: int = 4096) -> int:
