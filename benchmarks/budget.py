@@ -84,7 +84,7 @@ def main() -> None:
     )
     notes = [
         "Each run: per-layer sensitivity (sparsities 0.5-0.98 and k-means bits 8-2, one layer at a time, loss on 10 test batches), "
-        "allocation (automatic: Lagrangian on the summed loss rises; uniform: the one pair with the least summed rise that fits), "
+        "allocation (automatic: the exact multiple-choice knapsack on the summed loss rises; uniform: the one pair with the least summed rise that fits), "
         "3-step pruning with one epoch of fine-tuning per step, k-means with one epoch of centroid training, entropy coding; "
         "the allocation repeats with a corrected size model while the measured file misses the budget.",
         "Pareto plot: benchmarks/results/budget.png.",

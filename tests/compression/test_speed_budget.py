@@ -28,7 +28,7 @@ def trained():
     return model, data
 
 
-def test_the_exact_allocation_finds_plans_the_lagrangian_misses():
+def test_the_exact_allocation_finds_plans_off_the_convex_hull():
     # two layers, sizes in log units: the convex hull skips the middle option of each
     options = {
         "a": [Option(0.0, 32, 0.0, 0.0), Option(0.5, 32, 0.30, -0.5), Option(0.9, 32, 0.35, -1.0)],
@@ -37,7 +37,7 @@ def test_the_exact_allocation_finds_plans_the_lagrangian_misses():
     exact = allocate_exact(options, -1.0)
     assert sum(o.size for o in exact.values()) <= -1.0
     assert sum(o.cost for o in exact.values()) == pytest.approx(0.35)  # one layer at 0.9, the other whole
-    assert sum(o.cost for o in exact.values()) <= sum(o.cost for o in allocate(options, -1.0).values())
+    assert allocate(options, -1.0) == exact  # the size budget's allocation is the same exact search
     with pytest.raises(TorchslimError, match="smallest allowed setting"):
         allocate_exact(options, -2.5)
 

@@ -5,8 +5,9 @@ the compressed file fits the budget with the least predicted loss of quality.
    layer quantized to each bit width.
 2. Each layer's options are (sparsity, bits) pairs, bits 32 meaning "left in float"; an option's predicted cost is
    the rise of the loss its sparsity and its bit width each cause alone (summed), its predicted size the bytes of
-   its non-zero codes, their relative indices and its codebook. A Lagrangian search (one price per byte, bisected)
-   picks every layer's option so the sum fits the budget: the multiple-choice knapsack's convex-hull solution.
+   its non-zero codes, their relative indices and its codebook. Every layer's option is picked so the sum fits the
+   budget with the least summed cost: the multiple-choice knapsack, solved exactly by dynamic programming over the
+   bytes (a Lagrangian search would find only its convex-hull plans, which can leave a third of a budget unspent).
    ``uniform`` instead gives every layer the same pair (the baseline an automatic allocation must beat).
 3. The plan runs as a recipe (iterative pruning with fine-tuning, k-means weight sharing with centroid fine-tuning,
    entropy coding); the file's real size is measured, and while it misses the budget, or leaves more than a tenth of
@@ -94,8 +95,8 @@ def layer_options(curves: dict[str, dict[float, float]], weights: int, config: B
 
 
 def allocate(options: dict[str, list[Option]], budget: float, uniform: bool = False) -> dict[str, Option]:
-    """Each layer's option with the least summed predicted cost whose sizes fit ``budget`` (Lagrangian bisection on
-    a price per byte; ``uniform``: the one shared (sparsity, bits) pair that fits with the least cost)."""
+    """Each layer's option with the least summed predicted cost whose sizes fit ``budget`` (``allocate_exact``;
+    ``uniform``: the one shared (sparsity, bits) pair that fits with the least cost)."""
     if uniform:
         pairs = {(o.sparsity, o.bits) for layer in options.values() for o in layer}
         best = None
@@ -108,29 +109,14 @@ def allocate(options: dict[str, list[Option]], budget: float, uniform: bool = Fa
             raise TorchslimError(f"no single (sparsity, bits) pair fits {budget:,.0f} bytes of weights")
         return best[1]
 
-    def pick(price: float) -> dict[str, Option]:
-        return {name: min(layer, key=lambda o: (o.cost + price * o.size, o.size)) for name, layer in options.items()}
-
-    smallest = sum(min(o.size for o in layer) for layer in options.values())
-    if smallest > budget:
-        raise TorchslimError(f"the smallest allowed setting of every layer takes {smallest:,.0f} bytes, more than the {budget:,.0f} available")
-    low, high = 0.0, 1.0
-    while sum(o.size for o in pick(high).values()) > budget:
-        high *= 4
-    for _ in range(60):
-        middle = (low + high) / 2
-        if sum(o.size for o in pick(middle).values()) > budget:
-            low = middle
-        else:
-            high = middle
-    return pick(high)
+    return allocate_exact(options, budget)
 
 
 def allocate_exact(options: dict[str, list[Option]], budget: float, bins: int = 2000) -> dict[str, Option]:
     """Each layer's option with the least summed predicted cost whose sizes fit ``budget``, by dynamic programming
     over the sizes in ``bins`` steps (each rounded up, so the plan fits): the multiple-choice knapsack solved outright,
-    where the Lagrangian search of ``allocate`` finds only the plans on its convex hull. Of equal costs the larger
-    plan (less compressed) wins."""
+    where a Lagrangian search (one price per unit of size) finds only the plans on the convex hull and so leaves
+    budget unspent. Of equal costs the larger plan (less compressed) wins."""
     floors = {name: min(o.size for o in layer) for name, layer in options.items()}
     room = budget - sum(floors.values())
     if room < 0:
