@@ -1,18 +1,26 @@
 """Automatic compression to a size budget on full MNIST: LeNet-300-100 and LeNet-5 fitted into four file sizes each,
 once with per-layer sparsity and bits allocated from sensitivity curves and once with one (sparsity, bits) pair for
 every layer (uniform), with the same pruning schedule and fine-tuning; test error against bytes on disk, and a Pareto
-plot (benchmarks/results/budget.png)."""
+plot (benchmarks/results/budget.png).
+
+    python3 -m benchmarks.budget [--quick] [--only automatic|uniform]
+"""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import torch
 
 import torchslim as ts
 from benchmarks.common import each_model, load_mnist, pareto_axis, save_figure, trained_baseline
-from benchmarks.harness import arguments, write
+from benchmarks.harness import arguments, only_rows, write
 from torchslim.compression.budget import auto_compress
 from torchslim.report import markdown
 
+# (model, budget, allocation) -> the last full run's entry, for the allocations --only leaves out
+PREVIOUS: dict[tuple[str, int, str], dict] = {}
 BUDGETS = {"lenet-300-100": (40_000, 24_000, 16_000, 11_000), "lenet-5": (60_000, 36_000, 24_000, 16_000)}
 
 
@@ -26,6 +34,11 @@ def run(name: str, data, quick: bool) -> tuple[dict, list[list[str]]]:
     results, rows = {"dense_error": dense_error, "runs": []}, []
     for budget in budgets:
         for uniform in (False, True):
+            kept = PREVIOUS.get((name, budget, "uniform" if uniform else "automatic"))
+            if kept is not None:  # not run again (--only): the last full run's entry
+                results["runs"].append(kept)
+                rows.append(_row(name, dense, kept))
+                continue
             torch.manual_seed(0)
             config = {"target_size": budget, "uniform": uniform, "finetune": finetune, "eval_limit": 10}
             if quick:
@@ -44,20 +57,22 @@ def run(name: str, data, quick: bool) -> tuple[dict, list[list[str]]]:
                 "layers": [(row["layer"], row["sparsity"], row["bits"]) for row in allocation["layers"]],
             }
             results["runs"].append(entry)
-            plan = ", ".join(f"{layer} {sparsity:.2f}/{bits}b" for layer, sparsity, bits in entry["layers"])
-            rows.append(
-                [
-                    name,
-                    f"{budget:,}",
-                    entry["allocation"],
-                    f"{entry['bytes']:,}",
-                    "yes" if entry["met"] else "no",
-                    f"{100 * entry['error']:.2f}%",
-                    f"{ts.measure.count_parameters(dense) / max(1, entry['nonzeros']):.1f}x",
-                    plan,
-                ]
-            )
+            rows.append(_row(name, dense, entry))
     return results, rows
+
+
+def _row(name: str, dense: torch.nn.Module, entry: dict) -> list[str]:
+    plan = ", ".join(f"{layer} {sparsity:.2f}/{bits}b" for layer, sparsity, bits in entry["layers"])
+    return [
+        name,
+        f"{entry['budget']:,}",
+        entry["allocation"],
+        f"{entry['bytes']:,}",
+        "yes" if entry["met"] else "no",
+        f"{100 * entry['error']:.2f}%",
+        f"{ts.measure.count_parameters(dense) / max(1, entry['nonzeros']):.1f}x",
+        plan,
+    ]
 
 
 def plot(results: dict) -> None:
@@ -74,7 +89,11 @@ def plot(results: dict) -> None:
 
 
 def main() -> None:
+    only = only_rows(["automatic", "uniform"])  # run one allocation again; the other keeps its last full run
     options = arguments(__doc__)
+    if only:
+        saved = json.loads((Path(__file__).parent / "results" / "budget.json").read_text())["results"]
+        PREVIOUS.update({(n, r["budget"], r["allocation"]): r for n, e in saved.items() for r in e["runs"] if r["allocation"] not in only})
     data = load_mnist(options.data_root, options.quick)
     results, rows = each_model(run, data, options.quick)
     if not options.no_write:
@@ -86,7 +105,7 @@ def main() -> None:
         "Each run: per-layer sensitivity (sparsities 0.5-0.98 and k-means bits 8-2, one layer at a time, loss on 10 test batches), "
         "allocation (automatic: the exact multiple-choice knapsack on the summed loss rises; uniform: the one pair with the least summed rise that fits), "
         "3-step pruning with one epoch of fine-tuning per step, k-means with one epoch of centroid training, entropy coding; "
-        "the allocation repeats with a corrected size model while the measured file misses the budget.",
+        "the allocation repeats with a corrected size model while the measured file misses the budget or leaves more than a tenth of it unused.",
         "Pareto plot: benchmarks/results/budget.png.",
     ]
     for name, entry in results.items():

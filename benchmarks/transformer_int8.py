@@ -6,11 +6,12 @@ accuracy level 4: activations rounded to int8 per block inside the kernel). For 
 float32, perplexity, file size, prefill latency of one 256-token window and of a one-token forward (no cache: the
 weight-bound step of decoding) in ONNX Runtime (2 threads, every session timed in one process, alternating, medians).
 
-    python3 -m benchmarks.transformer_int8 [--quick]
+    python3 -m benchmarks.transformer_int8 [--quick] [--only "ROW,ROW"]
 """
 
 from __future__ import annotations
 
+import json
 import statistics
 import tempfile
 import time
@@ -21,7 +22,7 @@ import torch
 from torch.nn import functional as F
 
 import torchslim as ts
-from benchmarks.harness import arguments, write
+from benchmarks.harness import arguments, only_rows, write
 from benchmarks.llm import MODEL_DIR, WINDOW, _tokens
 from torchslim.export.onnx import OnnxModule, export_onnx
 from torchslim.export.verb import export
@@ -46,6 +47,16 @@ CONFIGS: dict[str, dict[str, Any]] = {
 HISTOGRAM = {"static int8, percentile 99.999", "static int8, entropy", "static int8, percentile, SmoothQuant 0.5"}
 INT4_G128 = {"bits": 4, "granularity": "group", "group_size": 128, "symmetric": False}
 INT4_NAME = "weight-only int4 g128 (MatMulNBits)"
+INT4_WHOLE = "weight-only int4 g128 with the embedding and tied head (+ GatherBlockQuantized)"
+# the weight-only rows: which layers each quantizes (the embedding shares its codes with the tied LM head)
+INT4_MIXED = "weight-only int4 g128 with the embedding and tied head int8 g128 (+ GatherBlockQuantized)"
+TABLE = ("model.embed_tokens", "lm_head")
+INT4_LAYERS: dict[str, dict[str, Any]] = {
+    INT4_NAME: {"layers": {"types": ["Linear"]}},
+    INT4_WHOLE: {"layers": {"types": ["Linear", "Embedding"]}},
+    INT4_MIXED: {"layers": {"types": ["Linear", "Embedding"]}, "overrides": {name: {"bits": 8} for name in TABLE}},
+}
+ROWS = list(CONFIGS) + [f"{name}{level}" for name in INT4_LAYERS for level in ("", ", accuracy level 4")]
 
 
 def _accuracy_level(path: Path, level: int) -> Path:
@@ -63,6 +74,7 @@ def _accuracy_level(path: Path, level: int) -> Path:
 
 
 def main() -> None:
+    only = only_rows(ROWS)  # these rows run (and are timed against float32) again; the others keep their last full run
     options = arguments(__doc__.splitlines()[0])
     import transformers
 
@@ -82,6 +94,10 @@ def main() -> None:
         reference = torch.cat([model(**b).logits for b in inputs])
     base = ts.evaluate(model, evaluation, task="language-modeling")["perplexity"]
     names = [n for n in CONFIGS if n not in HISTOGRAM] if not options.quick else ["dynamic int8, per tensor", "dynamic int8, per token", "static int8, min-max"]
+    previous: dict[str, Any] = {}
+    if only:
+        previous = json.loads((Path(__file__).parent / "results" / "transformer_int8.json").read_text())["results"]["results"]
+        names = [n for n in names if n in only]
     engines: dict[str, OnnxModule] = {}
     results: dict[str, dict[str, Any]] = {}
     example = {"input_ids": ids[:WINDOW].reshape(1, -1), "attention_mask": torch.ones(1, WINDOW, dtype=torch.long)}
@@ -94,15 +110,18 @@ def main() -> None:
             engines[name] = ts.quantize(model, config, data=calibration_data, example_input=example, path=Path(folder) / f"{len(engines)}.onnx").model
             results[name] = {"quantize_seconds": time.perf_counter() - started}
             print(name, f"{results[name]['quantize_seconds']:.0f} s", flush=True)
-        started = time.perf_counter()
-        int4 = ts.quantize(model, {"weights": INT4_G128}).model
-        path = Path(folder) / "int4.onnx"
-        export(int4, "onnx", example, path)
-        del int4
-        engines[INT4_NAME] = OnnxModule(path)
-        results[INT4_NAME] = {"quantize_seconds": time.perf_counter() - started}
-        engines[INT4_NAME + ", accuracy level 4"] = OnnxModule(_accuracy_level(path, 4))
-        results[INT4_NAME + ", accuracy level 4"] = dict(results[INT4_NAME])
+        for index, (name, selection) in enumerate(INT4_LAYERS.items()):
+            if only and not {name, name + ", accuracy level 4"} & set(only):
+                continue
+            started = time.perf_counter()
+            int4 = ts.quantize(model, {"weights": INT4_G128, **selection}).model
+            path = Path(folder) / f"int4-{index}.onnx"
+            export(int4, "onnx", example, path)
+            del int4
+            engines[name] = OnnxModule(path)
+            results[name] = {"quantize_seconds": time.perf_counter() - started}
+            engines[name + ", accuracy level 4"] = OnnxModule(_accuracy_level(path, 4))
+            results[name + ", accuracy level 4"] = dict(results[name])
     for name, engine in engines.items():
         logits = torch.cat([engine(**b) for b in inputs])
         cosine = float(F.cosine_similarity(logits.flatten(0, 1), reference.flatten(0, 1), dim=-1).mean())
@@ -127,20 +146,23 @@ def main() -> None:
                 token_times[name].append(time.perf_counter() - started)
     fp32_ms = statistics.median(times["ONNX float32"]) * 1000
     fp32_token_ms = statistics.median(token_times["ONNX float32"]) * 1000
-    rows = []
     for name in engines:
-        r = results[name]
         ms = statistics.median(times[name]) * 1000
         token_ms = statistics.median(token_times[name]) * 1000
-        r.update({"prefill_ms": ms, "speedup": fp32_ms / ms, "token_ms": token_ms, "token_speedup": fp32_token_ms / token_ms})
+        results[name].update({"prefill_ms": ms, "speedup": fp32_ms / ms, "token_ms": token_ms, "token_speedup": fp32_token_ms / token_ms})
+    kept = [name for name in previous if name not in results]  # rows not run again: their numbers and timings are the last full run's
+    results.update({name: previous[name] for name in kept})
+    rows = []
+    for name in ["ONNX float32"] + [n for n in ROWS if n in results]:
+        r = results[name]
         rows.append(
             [
                 name,
                 f"{r['cosine']:.4f}",
                 f"{r['perplexity']:.2f}",
                 format_bytes(r["bytes"]),
-                f"{ms:.0f} ms ({fp32_ms / ms:.2f}x)",
-                f"{token_ms:.1f} ms ({fp32_token_ms / token_ms:.2f}x)",
+                f"{r['prefill_ms']:.0f} ms ({r['speedup']:.2f}x)",
+                f"{r['token_ms']:.1f} ms ({r['token_speedup']:.2f}x)",
             ]
         )
     notes = [
@@ -153,8 +175,11 @@ def main() -> None:
         "dynamic int8 per tensor is ONNX Runtime's quantize_dynamic (one activation scale per tensor, computed at run time); per token "
         "is torchslim's rewrite: each token's own scale (max |x| / 127, uint8 around 128) into MatMulInteger, weights per output channel",
         "int4: round-to-nearest g128 asymmetric weights (the weight-only quantize verb; GPTQ's codes export the same way), ts.export to "
-        "ONNX with each product as MatMulNBits on the packed codes, checked against PyTorch; the embedding and the tied LM head stay float",
+        "ONNX with each product as MatMulNBits on the packed codes, checked against PyTorch; the embedding and the tied LM head stay float, "
+        "except in the rows that name them: the head a MatMulNBits and the lookup a GatherBlockQuantized, reading one copy of the codes (4 or 8 bits)",
     ]
+    if kept:
+        notes.append(f"rows measured in an earlier full run and not run again (their speedups are against that run's float32): {', '.join(kept)}")
     write(
         "transformer_int8",
         "Int8 and int4 for a transformer in ONNX Runtime (SmolLM2-135M)",

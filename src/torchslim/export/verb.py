@@ -4,8 +4,8 @@ PyTorch model at two batch sizes (the batch dimension is dynamic unless ``dynami
 
 - ``onnx``: the file ONNX Runtime runs (``export_onnx``); an int8 ONNX Runtime engine (what ``quantize`` returns for
   the static int8 methods) is written as it is. Weight-only layers keep their codes where ONNX Runtime can run them:
-  int8 per channel behind a DequantizeLinear, uniform codes of at most 4 bits as MatMulNBits (its int4 kernels) and, for
-  an embedding, as GatherBlockQuantized (a tied LM head and its embedding read one copy of the codes). A weight the
+  int8 per channel behind a DequantizeLinear, other uniform codes of at most 8 bits as MatMulNBits (its int4 / int8 kernels)
+  and, for an embedding, as GatherBlockQuantized (a tied LM head and its embedding read one copy of the codes). A weight the
   exporter writes twice, as itself and transposed (an embedding tied to the LM head), is stored once.
 - ``pt2``: ``torch.export.export`` with a dynamic batch, saved with ``torch.export.save``; reload with
   ``torch.export.load(path).module()``.
@@ -98,7 +98,7 @@ def _write(model: nn.Module, form: str, example: Any, path: Path, dynamic_batch:
         import onnx
 
         proto = onnx.load(str(path))  # the weight passes edit one loaded copy; the file is written once, if changed
-        if _int8_weights(proto, _int8_layers(model)) + _int4_nodes(proto, _int4_layers(model)) + _tied_transposes(proto):
+        if _int8_weights(proto, _int8_layers(model)) + _block_nodes(proto, _block_layers(model)) + _tied_transposes(proto):
             onnx.save(proto, str(path))
         return OnnxModule(path)
     # a batch of two: exporters specialize a batch dimension of 1
@@ -187,28 +187,33 @@ def _int8_weights(model: Any, layers: list[tuple[Any, Any]]) -> int:
 
 
 @dataclasses.dataclass
-class _Int4Layer:
-    """A weight-only layer of at most 4 bits in MatMulNBits' form: codes (out, in) in 0..15, a scale and an integer
-    zero point per block of ``block`` inputs (out, blocks), and the weight they decode to (for matching the file)."""
+class _BlockLayer:
+    """A weight-only layer in MatMulNBits' form: codes (out, in) in 0..2^bits - 1 (``bits`` 4, holding codes of at
+    most 4 bits, or 8, holding 5 to 8), a scale and an integer zero point per block of ``block`` inputs (out, blocks),
+    and the weight they decode to (for matching the file)."""
 
     codes: Any
     scale: Any
     zero_point: Any
     block: int
     decoded: Any
+    bits: int
 
 
-def _int4_layers(model: nn.Module) -> list[_Int4Layer]:
-    """Every 2-D uniform weight-only layer of at most 4 bits whose codes ONNX Runtime's MatMulNBits can hold: per
+def _block_layers(model: nn.Module) -> list[_BlockLayer]:
+    """Every 2-D uniform weight-only layer of at most 8 bits whose codes ONNX Runtime's MatMulNBits can hold: per
     group (a power of two >= 16, a ragged last group padded), per channel or per tensor (one scale repeated over
-    blocks of 32)."""
+    blocks of 32). Symmetric int8 per channel is left to ``_int8_weights`` (standard operators)."""
     from torchslim.quantization.modules import QuantizedWeight
 
     found = []
     for module in model.modules():
-        if not isinstance(module, QuantizedWeight) or module.scheme.scheme != "uniform" or module.bits is None or module.bits > 4 or len(module.shape) != 2:
+        if not isinstance(module, QuantizedWeight) or module.scheme.scheme != "uniform" or module.bits is None or module.bits > 8 or len(module.shape) != 2:
             continue
         spec = module.scheme.uniform_spec()
+        if module.bits == 8 and spec.symmetric and spec.granularity == "channel" and getattr(module, "input_scale", None) is None:
+            continue  # int8 behind a DequantizeLinear
+        bits = 4 if module.bits <= 4 else 8
         out_features, width = module.shape
         block = spec.group_size if spec.granularity == "group" else 32
         if block < 16 or block & (block - 1):
@@ -216,33 +221,37 @@ def _int4_layers(model: nn.Module) -> list[_Int4Layer]:
         blocks = -(-width // block)
         scale = module.scale.detach().float().reshape(out_features, -1).expand(out_features, blocks)
         zero_point = (module.zero_point.reshape(out_features, -1) - spec.code_range[0]).expand(out_features, blocks)
-        if int(zero_point.min()) < 0 or int(zero_point.max()) > 15:
+        if int(zero_point.min()) < 0 or int(zero_point.max()) >= 2**bits:
             continue
         codes = module.codes().reshape(module.shape)
         decoded = module.weight().detach().float().cpu().numpy()
-        found.append(_Int4Layer(codes.cpu().numpy(), scale.cpu().numpy(), zero_point.to(torch.uint8).cpu().numpy(), block, decoded))
+        found.append(_BlockLayer(codes.cpu().numpy(), scale.cpu().numpy(), zero_point.to(torch.uint8).cpu().numpy(), block, decoded, bits))
     return found
 
 
-def _nibbles(values: Any) -> Any:
-    """Pairs of 4-bit values along the last axis in one byte each, the first in the low half (padded with 0)."""
+def _packed(values: Any, bits: int) -> Any:
+    """Values of ``bits`` (4 or 8) along the last axis, as bytes: 4-bit values in pairs, the first in the low half
+    (padded with 0)."""
     import numpy as np
 
+    if bits == 8:
+        return values.astype(np.uint8)
     if values.shape[-1] % 2:
         values = np.concatenate([values, np.zeros(values.shape[:-1] + (1,), dtype=values.dtype)], axis=-1)
     return (values[..., 0::2] | (values[..., 1::2] << 4)).astype(np.uint8)
 
 
-class _Int4Store:
-    """The packed codes, block scales and zero points of each 4-bit layer, written into the ONNX graph once (in
+class _BlockStore:
+    """The packed codes, block scales and zero points of each layer, written into the ONNX graph once (in
     MatMulNBits' layout) however many nodes read them: a tied embedding and LM head share one copy."""
 
     def __init__(self, graph: Any) -> None:
         self.graph = graph
         self.names: dict[int, tuple[str, str, str]] = {}
 
-    def tensors(self, layer: _Int4Layer, prefix: str) -> tuple[str, str, str]:
-        """(codes (out, blocks, block / 2), scales (out x blocks), zero points (out x ceil(blocks / 2))) names."""
+    def tensors(self, layer: _BlockLayer, prefix: str) -> tuple[str, str, str]:
+        """(codes (out, blocks, bytes per block), scales (out x blocks), zero points (out x bytes of a row's blocks))
+        names."""
         import numpy as np
         from onnx import numpy_helper
 
@@ -253,21 +262,21 @@ class _Int4Store:
             padded[:, :width] = layer.codes
             names = (f"{prefix}_codes", f"{prefix}_scales", f"{prefix}_zero_points")
             values = (
-                _nibbles(padded).reshape(out_features, blocks, layer.block // 2),
+                _packed(padded, layer.bits).reshape(out_features, blocks, layer.block * layer.bits // 8),
                 np.ascontiguousarray(layer.scale, dtype=np.float32).reshape(-1),
-                _nibbles(layer.zero_point).reshape(-1),
+                _packed(layer.zero_point, layer.bits).reshape(-1),
             )
             self.graph.initializer.extend(numpy_helper.from_array(value, name) for value, name in zip(values, names))
             self.names[id(layer)] = names
         return self.names[id(layer)]
 
 
-def _int4_nodes(model: Any, layers: list[_Int4Layer]) -> int:
-    """Replace each node of the ONNX ``model`` that reads exactly a 4-bit layer's decoded weight by ONNX Runtime's
-    int4 operator on the packed codes (two per byte), the block scales and zero points: a MatMul (or Gemm with a
-    transposed weight) by MatMulNBits, an embedding's Gather by GatherBlockQuantized. The same values (the engine
-    decodes the codes exactly as PyTorch does), an eighth of the float bytes, run by ONNX Runtime's int4 kernels.
-    Returns how many nodes were replaced."""
+def _block_nodes(model: Any, layers: list[_BlockLayer]) -> int:
+    """Replace each node of the ONNX ``model`` that reads exactly a block layer's decoded weight by ONNX Runtime's
+    block-quantized operator on the packed codes (two 4-bit codes or one 8-bit code per byte), the block scales and
+    zero points: a MatMul (or Gemm with a transposed weight) by MatMulNBits, an embedding's Gather by
+    GatherBlockQuantized. The same values (the engine decodes the codes exactly as PyTorch does), an eighth (a quarter)
+    of the float bytes, run by ONNX Runtime's n-bit kernels. Returns how many nodes were replaced."""
     if not layers:
         return 0
     import numpy as np
@@ -275,12 +284,12 @@ def _int4_nodes(model: Any, layers: list[_Int4Layer]) -> int:
 
     graph = model.graph
     value_of = constant_lookup(graph)
-    store = _Int4Store(graph)
-    by_start: dict[tuple, list[_Int4Layer]] = {}  # a few leading values pick the candidates compared in full
+    store = _BlockStore(graph)
+    by_start: dict[tuple, list[_BlockLayer]] = {}  # a few leading values pick the candidates compared in full
     for layer in layers:
         by_start.setdefault((layer.decoded.shape, layer.decoded[0, :16].tobytes()), []).append(layer)
 
-    def layer_of(weight: Any) -> _Int4Layer | None:
+    def layer_of(weight: Any) -> _BlockLayer | None:
         candidates = by_start.get((weight.shape, np.ascontiguousarray(weight[0, :16]).tobytes()), [])
         return next((candidate for candidate in candidates if np.array_equal(candidate.decoded, weight)), None)
 
@@ -292,7 +301,7 @@ def _int4_nodes(model: Any, layers: list[_Int4Layer]) -> int:
         if layer is None:
             rebuilt.append(node)
             continue
-        prefix = f"{node.name or node.input[0 if product is None else 1]}_int4"
+        prefix = f"{node.name or node.input[0 if product is None else 1]}_int{layer.bits}"
         codes, scales, zero_points = store.tensors(layer, prefix)
         out_features, width = layer.codes.shape
         if product is not None:
@@ -307,15 +316,16 @@ def _int4_nodes(model: Any, layers: list[_Int4Layer]) -> int:
                     domain="com.microsoft",
                     K=width,
                     N=out_features,
-                    bits=4,
+                    bits=layer.bits,
                     block_size=layer.block,
                 )
             )
             if bias:
                 rebuilt.append(helper.make_node("Add", [output, bias], [node.output[0]], name=f"{prefix}_bias"))
-        else:  # the rows (out_features, blocks, ...) as GatherBlockQuantized reads them, a ragged end sliced off
+        else:  # the rows (out_features, ...) as GatherBlockQuantized reads them, a ragged end sliced off
             blocks = layer.scale.shape[1]
-            shapes = {"codes": (codes, blocks * layer.block // 2), "scales": (scales, blocks), "zero_points": (zero_points, -(-blocks // 2))}
+            per_byte = 8 // layer.bits
+            shapes = {"codes": (codes, blocks * layer.block // per_byte), "scales": (scales, blocks), "zero_points": (zero_points, -(-blocks // per_byte))}
             inputs = []
             for key, (name, columns) in shapes.items():
                 graph.initializer.append(numpy_helper.from_array(np.array([out_features, columns], dtype=np.int64), f"{prefix}_{key}_shape"))
@@ -333,7 +343,7 @@ def _int4_nodes(model: Any, layers: list[_Int4Layer]) -> int:
                     gather_axis=0,
                     quantize_axis=1,
                     block_size=layer.block,
-                    bits=4,
+                    bits=layer.bits,
                 )
             )
             if ragged:
