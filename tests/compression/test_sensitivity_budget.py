@@ -42,6 +42,32 @@ def test_sensitivity_leaves_the_model_as_it_was_and_harsher_levels_hurt_more(tra
     assert "<h2>Sensitivity</h2>" in page
 
 
+def test_bits_measured_as_kmeans_weight_sharing_and_on_the_training_split(trained):
+    model, data = trained
+    only = {"sparsities": [], "bits": [2], "layers": {"include": ["fc1"]}}
+    import copy
+
+    from torchslim.quantization.nonuniform import kmeans_quantize
+
+    losses = {scheme: ts.sensitivity(model, data, {**only, "bits_scheme": scheme}).report.stages[0].layers[0]["loss"] for scheme in ("uniform", "kmeans")}
+    shared = copy.deepcopy(model)
+    with torch.no_grad():
+        codebook, index = kmeans_quantize(shared.fc1.weight, 2)
+        shared.fc1.weight.copy_(codebook[index])  # four centroids for the whole layer, as the budget's k-means stage stores it
+    assert losses["kmeans"] == pytest.approx(ts.evaluate(shared, data)["loss"], rel=1e-5)
+    assert losses["kmeans"] != pytest.approx(losses["uniform"], rel=1e-3)  # not the per-channel uniform levels
+    stage = ts.sensitivity(model, data, {**only, "split": "train", "eval_limit": 256}).report.stages[0]
+    assert stage.metrics["loss"] == pytest.approx(ts.evaluate(model, data, split="train", limit=256)["loss"])
+    assert stage.metrics["loss"] != pytest.approx(ts.sensitivity(model, data, {**only, "eval_limit": 256}).report.stages[0].metrics["loss"])
+    for bad, message in (
+        ({"bits_scheme": "log"}, "bits_scheme must be uniform or kmeans"),
+        ({"bits": [9], "bits_scheme": "kmeans"}, "between 1 and 8"),
+        ({"split": "test2"}, "split must be"),
+    ):
+        with pytest.raises(ts.ConfigError, match=message):
+            ts.sensitivity(model, data, {**only, **bad})
+
+
 def test_the_allocation_spends_bytes_where_they_buy_the_most():
     # layer a: pruning costs a lot; layer b: pruning is free. Same size.
     def options(cost_of_pruning: float) -> list[Option]:

@@ -236,7 +236,7 @@ def sensitivity(
     sparsities: str = typer.Option("0.5,0.8,0.9,0.95", help="Comma-separated sparsities to try on each layer alone ('' for none)."),
     bits: str = typer.Option("8,4,3,2", help="Comma-separated bit widths to try on each layer alone ('' for none)."),
     ranks: str = typer.Option("", help="Comma-separated ranks (integers) or shares of the full rank (fractions) to try."),
-    eval_limit: int | None = typer.Option(None, help="Evaluation batches per measurement (default: the whole test split)."),
+    eval_limit: int | None = typer.Option(None, help="Examples evaluated per measurement (default: the whole test split)."),
     trust_factory: bool = typer.Option(False, help="Allow a model file whose architecture is an import path."),
     report: Path | None = typer.Option(None, help="Write the JSON report here."),
     plots: Path | None = typer.Option(None, help="Write one plot per technique here (PNG and SVG)."),

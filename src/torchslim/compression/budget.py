@@ -39,8 +39,10 @@ class BudgetConfig(Config):
     """``target_size``: bytes of the compressed .tslim file. ``sparsities`` and ``bits``: the levels each layer may
     take (0 and 32 = unpruned / float are always allowed). ``uniform``: one pair for all layers. ``prune_steps`` and
     ``finetune``: the pruning schedule's steps and the training after each; ``quantize_finetune``: centroid training;
-    ``rounds``: allocations tried while the file misses the budget; ``eval_limit``: evaluation batches per
-    sensitivity measurement."""
+    ``rounds``: allocations tried while the file misses the budget; ``eval_limit``: examples evaluated per
+    sensitivity measurement, on ``sensitivity_split`` ("eval", or "train" so that the allocation never sees the
+    data the result is tested on). The bit widths' sensitivity is measured with k-means weight sharing, as the plan
+    quantizes."""
 
     target_size: int = 0
     sparsities: tuple[float, ...] = (0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98)
@@ -51,13 +53,15 @@ class BudgetConfig(Config):
     finetune: dict[str, Any] = dataclasses.field(default_factory=lambda: {"epochs": 2, "lr": 0.02, "eval_every_epoch": False})
     quantize_finetune: dict[str, Any] = dataclasses.field(default_factory=lambda: {"epochs": 1, "optimizer": "adam", "lr": 3e-5, "eval_every_epoch": False})
     rounds: int = 3
-    eval_limit: int | None = 8
+    eval_limit: int | None = 1024
+    sensitivity_split: str = "eval"
 
     def validate(self) -> None:
         check(self.target_size > 0, f"target_size must be a positive number of bytes, got {self.target_size}")
         check(all(0.0 < s < 1.0 for s in self.sparsities), f"sparsities must be in (0, 1), got {self.sparsities}")
         check(all(1 <= b <= 8 for b in self.bits), f"bits must be between 1 and 8 (k-means codes), got {self.bits}")
         check(self.prune_steps >= 1 and self.rounds >= 1, "prune_steps and rounds must be >= 1")
+        check(self.sensitivity_split in ("eval", "train"), f"sensitivity_split must be eval or train, got {self.sensitivity_split!r}")
 
 
 def index_bits(sparsity: float) -> float:
@@ -165,7 +169,17 @@ def auto_compress(model: nn.Module, data: Any, config: BudgetConfig | dict, task
     selected = {f"{name}.weight" for name in names}
     fixed = HEADER_BYTES + sum(4 * t.numel() for key, t in model.state_dict().items() if key not in selected and t.is_floating_point())
     measured = sensitivity(
-        model, data, {"sparsities": config.sparsities, "bits": config.bits, "layers": config.layers, "eval_limit": config.eval_limit}, task=task
+        model,
+        data,
+        {
+            "sparsities": config.sparsities,
+            "bits": config.bits,
+            "bits_scheme": "kmeans",
+            "layers": config.layers,
+            "eval_limit": config.eval_limit,
+            "split": config.sensitivity_split,
+        },
+        task=task,
     )
     if "loss" not in measured.report.stages[0].metrics:
         raise ConfigError("auto_compress reads the task's loss from the sensitivity report; this task reports none")

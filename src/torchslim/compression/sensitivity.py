@@ -33,6 +33,7 @@ from torchslim.core.config import Config, check
 from torchslim.core.report import Report, Result, Stage
 from torchslim.core.selector import LayerSelector, select_modules
 from torchslim.data.sources import as_source
+from torchslim.quantization.nonuniform import kmeans_quantize
 from torchslim.quantization.primitives import UniformSpec, quantize_dequantize
 from torchslim.report.plots import sensitivity_plot, write_sensitivity_plots
 from torchslim.tasks.base import Task, resolve_task
@@ -41,23 +42,30 @@ from torchslim.train.evaluate import evaluate_source
 
 @dataclasses.dataclass(frozen=True)
 class SensitivityConfig(Config):
-    """Levels per technique: ``sparsities`` (fractions of the layer's weights zeroed by |w|), ``bits`` (uniform,
-    symmetric, per output channel; both default to the levels shown, [] skips one), ``ranks`` (an integer rank, or
-    a fraction: that share of the layer's full rank); ``layers`` to measure (default every Linear / Conv2d);
-    ``eval_limit``: evaluation batches per measurement (None: the whole test split)."""
+    """Levels per technique: ``sparsities`` (fractions of the layer's weights zeroed by |w|), ``bits`` (both default
+    to the levels shown, [] skips one) in ``bits_scheme`` "uniform" (symmetric, per output channel) or "kmeans" (a
+    shared codebook of 2^bits centroids, at most 8 bits: what Deep Compression's weight sharing does), ``ranks`` (an
+    integer rank, or a fraction: that share of the layer's full rank); ``layers`` to measure (default every Linear /
+    Conv2d); ``eval_limit``: examples evaluated per measurement (None: the whole split); ``split``: the data measured
+    on, "eval" or "train" (an allocation that must not see the data it is tested on)."""
 
     sparsities: tuple[float, ...] = (0.5, 0.8, 0.9, 0.95)
     bits: tuple[int, ...] = (8, 4, 3, 2)
+    bits_scheme: str = "uniform"
     ranks: tuple[float, ...] = ()
     layers: LayerSelector = LayerSelector()
     eval_limit: int | None = None
+    split: str = "eval"
 
     def validate(self) -> None:
         check(bool(self.sparsities or self.bits or self.ranks), "give at least one of sparsities, bits or ranks")
         for value in self.sparsities:
             check(0.0 <= value < 1.0, f"sparsities: each must be in [0, 1), got {value}")
+        check(self.bits_scheme in ("uniform", "kmeans"), f"bits_scheme must be uniform or kmeans, got {self.bits_scheme!r}")
+        highest = 8 if self.bits_scheme == "kmeans" else 16
         for value in self.bits:
-            check(1 <= value <= 16, f"bits: each must be between 1 and 16, got {value}")
+            check(1 <= value <= highest, f"bits: each must be between 1 and {highest} ({self.bits_scheme}), got {value}")
+        check(self.split in ("eval", "train"), f"split must be eval or train, got {self.split!r}")
         for value in self.ranks:
             check(value > 0 and (value < 1 or float(value).is_integer()), f"ranks: each must be an integer rank or a fraction in (0, 1), got {value}")
         check(self.eval_limit is None or self.eval_limit >= 1, f"eval_limit must be >= 1, got {self.eval_limit}")
@@ -71,7 +79,10 @@ def _sparse(weight: torch.Tensor, fraction: float) -> torch.Tensor:
     return torch.where(weight.abs() > threshold, weight, torch.zeros_like(weight))
 
 
-def _quantized(weight: torch.Tensor, bits: int) -> torch.Tensor:
+def _quantized(weight: torch.Tensor, bits: int, scheme: str) -> torch.Tensor:
+    if scheme == "kmeans":
+        codebook, index = kmeans_quantize(weight, bits)
+        return codebook[index].to(weight.dtype)
     spec = UniformSpec(bits=bits, symmetric=True, granularity="channel", axis=0) if bits > 1 else UniformSpec(bits=2, granularity="channel", axis=0)
     return quantize_dequantize(weight, spec)
 
@@ -97,7 +108,7 @@ def sensitivity(model: nn.Module, data: Any, config: SensitivityConfig | dict, t
     resolved = resolve_task(task, source, model)
     started = time.perf_counter()
     chosen = select_modules(model, config.layers, default_types=("Linear", "Conv2d"))
-    baseline = evaluate_source(model, source, resolved, limit=config.eval_limit)
+    baseline = evaluate_source(model, source, resolved, limit=config.eval_limit, split=config.split)
     metric = resolved.metric
     rows = []
     for name, module in chosen:
@@ -109,13 +120,13 @@ def sensitivity(model: nn.Module, data: Any, config: SensitivityConfig | dict, t
                 if technique == "sparsity":
                     changed, shown = _sparse(original, level), level
                 elif technique == "bits":
-                    changed, shown = _quantized(original, int(level)), int(level)
+                    changed, shown = _quantized(original, int(level), config.bits_scheme), int(level)
                 else:
                     changed, shown = _low_rank(original, level)
                 with torch.no_grad():
                     weight.copy_(changed)
                 try:
-                    metrics = evaluate_source(model, source, resolved, limit=config.eval_limit)
+                    metrics = evaluate_source(model, source, resolved, limit=config.eval_limit, split=config.split)
                 finally:
                     with torch.no_grad():
                         weight.copy_(original)

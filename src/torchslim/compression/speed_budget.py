@@ -53,7 +53,8 @@ class SpeedBudgetConfig(Config):
     dense model's there. ``ratios``: the shares of a set's channels it may lose (0 is always allowed); ``importance``,
     ``round_to``, ``layers`` and ``prune_residual`` as in ``prune_channels``; ``uniform``: one ratio for every set;
     ``finetune``: training after the channels go (``None``: none); ``rounds``: allocations tried while the budget is
-    missed; ``eval_limit``: evaluation examples per sensitivity measurement; ``timing_rounds`` x ``timing_runs``: the
+    missed; ``eval_limit``: evaluation examples per sensitivity measurement, on ``sensitivity_split`` ("eval", or
+    "train" so that the allocation never sees the data the result is tested on); ``timing_rounds`` x ``timing_runs``: the
     interleaved timing of each latency measurement."""
 
     target_macs: float = 0.0
@@ -69,11 +70,13 @@ class SpeedBudgetConfig(Config):
     finetune: dict[str, Any] | None = dataclasses.field(default_factory=lambda: {"epochs": 2, "lr": 0.01, "eval_every_epoch": False})
     rounds: int = 3
     eval_limit: int | None = 512
+    sensitivity_split: str = "eval"
     timing_rounds: int = 5
     timing_runs: int = 20
     threads: int | None = 2
 
     def validate(self) -> None:
+        check(self.sensitivity_split in ("eval", "train"), f"sensitivity_split must be eval or train, got {self.sensitivity_split!r}")
         check(
             (self.target_macs > 0) != (self.target_latency > 0),
             f"give exactly one of target_macs and target_latency (a fraction of the dense model's), got {self.target_macs} and {self.target_latency}",
@@ -151,7 +154,7 @@ def auto_narrow(
     sets = channel_sets(model, structured, data, example)
     if not sets:
         raise TorchslimError("auto_narrow: structured pruning finds no set of channels it may remove in this model (see prune_channels' notes)")
-    base = evaluate_source(model, source, resolved, limit=config.eval_limit)
+    base = evaluate_source(model, source, resolved, limit=config.eval_limit, split=config.sensitivity_split)
     if "loss" not in base:
         raise ConfigError("auto_narrow reads the task's loss to rank sets; this task reports none")
     candidates: dict[str, nn.Module] = {}
@@ -161,7 +164,7 @@ def auto_narrow(
             key = f"{name}@{ratio:g}"
             pruned = prune_channels(model, {**structured, "sets": {name: ratio}}, data=data, example_input=example, task=task).model
             candidates[key] = pruned
-            rises[key] = max(0.0, evaluate_source(pruned, source, resolved, limit=config.eval_limit)["loss"] - base["loss"])
+            rises[key] = max(0.0, evaluate_source(pruned, source, resolved, limit=config.eval_limit, split=config.sensitivity_split)["loss"] - base["loss"])
     cost = _Cost(model, config, example, timing_example)
     table = cost.of(candidates)  # the per-set cost table, measured once
     del candidates

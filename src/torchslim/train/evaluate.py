@@ -25,9 +25,12 @@ def _examples(batches: Iterator[Any], limit: int | None) -> Iterator[Any]:
         seen += batch_size_of(batch)
 
 
-def evaluate_source(model: nn.Module, source: DataSource, task: Task, limit: int | None = None, batch_size: int | None = None) -> dict[str, float]:
-    """``task``'s metrics of ``model`` over the evaluation split of ``source`` (at most about ``limit`` examples)."""
-    return task.evaluate(model, _examples(source.batches("eval", batch_size=batch_size, shuffle=False), limit))
+def evaluate_source(
+    model: nn.Module, source: DataSource, task: Task, limit: int | None = None, batch_size: int | None = None, split: str = "eval"
+) -> dict[str, float]:
+    """``task``'s metrics of ``model`` over the ``split`` of ``source`` (the evaluation split by default; at most
+    about ``limit`` examples, in order)."""
+    return task.evaluate(model, _examples(source.batches(split, batch_size=batch_size, shuffle=False), limit))
 
 
 @torch.no_grad()
