@@ -1,16 +1,14 @@
 """Automatic compression to a size budget: per-layer sparsity and bit width chosen from sensitivity curves, so that
 the compressed file fits the budget with the least predicted loss of quality.
 
-1. Each layer's options are (sparsity, bits) pairs, bits 32 meaning "left in float". An option's predicted cost is
-   the rise of the task's loss measured with only that layer pruned to the sparsity by magnitude and its survivors
-   then shared among 2^bits k-means centroids, as the plan does it (the pair measured together: a sparsity and a
-   bit width do not cost the sum of what each costs alone); its predicted size is the bytes of its non-zero codes,
-   their relative indices and its codebook.
-2. Every layer's option is picked so the sum fits the
+1. ``sensitivity`` measures, per layer, the task's loss with only that layer pruned to each sparsity and only that
+   layer quantized to each bit width.
+2. Each layer's options are (sparsity, bits) pairs, bits 32 meaning "left in float"; an option's predicted cost is
+   the rise of the loss its sparsity and its bit width each cause alone (summed), its predicted size the bytes of
+   its non-zero codes, their relative indices and its codebook. Every layer's option is picked so the sum fits the
    budget with the least summed cost: the multiple-choice knapsack, solved exactly by dynamic programming over the
    bytes (a Lagrangian search would find only its convex-hull plans, which can leave a third of a budget unspent).
-   ``uniform`` instead gives every layer the same pair (the baseline an automatic allocation must beat), the one
-   with the least summed cost that fits.
+   ``uniform`` instead gives every layer the same pair (the baseline an automatic allocation must beat).
 3. The plan runs as a recipe (iterative pruning with fine-tuning, k-means weight sharing with centroid fine-tuning,
    entropy coding); the file's real size is measured, and while it misses the budget, or leaves more than a tenth of
    it unused, the size model is corrected by the measured ratio and the allocation repeated (the last file that fits
@@ -23,16 +21,13 @@ import dataclasses
 import math
 from typing import Any
 
-import torch
 from torch import nn
 
-from torchslim.compression.sensitivity import bits_applied, magnitude_pruned
+from torchslim.compression.sensitivity import sensitivity
 from torchslim.core.config import Config, ConfigError, check
 from torchslim.core.errors import TorchslimError
 from torchslim.core.selector import LayerSelector, select_modules
-from torchslim.data.sources import as_source
-from torchslim.tasks.base import Task, resolve_task
-from torchslim.train.evaluate import evaluate_source
+from torchslim.tasks.base import Task
 
 FLOAT = 32
 HEADER_BYTES = 1024  # the .tslim header (architecture spec, tensor records), compressed
@@ -45,8 +40,9 @@ class BudgetConfig(Config):
     take (0 and 32 = unpruned / float are always allowed). ``uniform``: one pair for all layers. ``prune_steps`` and
     ``finetune``: the pruning schedule's steps and the training after each; ``quantize_finetune``: centroid training;
     ``rounds``: allocations tried while the file misses the budget; ``eval_limit``: examples evaluated per
-    measurement of an option's loss rise, on ``sensitivity_split`` ("eval", or "train" so that the allocation never
-    sees the data the result is tested on)."""
+    sensitivity measurement, on ``sensitivity_split`` ("eval", or "train" so that the allocation never sees the
+    data the result is tested on). The bit widths' sensitivity is measured with k-means weight sharing, as the plan
+    quantizes."""
 
     target_size: int = 0
     sparsities: tuple[float, ...] = (0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98)
@@ -92,13 +88,14 @@ class Option:
     size: float  # predicted bytes
 
 
-def layer_options(rises: dict[tuple[float, int], float], weights: int, config: BudgetConfig) -> list[Option]:
-    """Every (sparsity, bits) pair of one layer with its measured loss rise and its predicted bytes."""
-    return [
-        Option(sparsity, bits, max(0.0, rises.get((sparsity, bits), 0.0)), layer_bytes(weights, sparsity, bits))
-        for sparsity in (0.0, *config.sparsities)
-        for bits in (FLOAT, *config.bits)
-    ]
+def layer_options(curves: dict[str, dict[float, float]], weights: int, config: BudgetConfig) -> list[Option]:
+    """Every (sparsity, bits) pair of one layer with its predicted loss rise (sum of the two curves) and bytes."""
+    options = []
+    for sparsity in (0.0, *config.sparsities):
+        for bits in (FLOAT, *config.bits):
+            cost = curves["sparsity"].get(sparsity, 0.0) + curves["bits"].get(bits, 0.0)
+            options.append(Option(sparsity, bits, max(0.0, cost), layer_bytes(weights, sparsity, bits)))
+    return options
 
 
 def allocate(options: dict[str, list[Option]], budget: float, uniform: bool = False) -> dict[str, Option]:
@@ -147,34 +144,15 @@ def allocate_exact(options: dict[str, list[Option]], budget: float, bins: int = 
     return {name: options[name][index] for name, index in zip(names, picks)}
 
 
-@torch.no_grad()
-def pair_rises(model: nn.Module, data: Any, config: BudgetConfig, task: str | Task | None = None) -> dict[str, dict[tuple[float, int], float]]:
-    """{layer: {(sparsity, bits): loss rise}}: the task's loss on ``eval_limit`` examples of ``sensitivity_split``
-    with only that layer pruned by magnitude and its survivors k-means shared (bits 32: left in float), less the
-    model's own loss. The model is put back as it was."""
-    source = as_source(data, model)
-    resolved = resolve_task(task, source, model)
-    base = evaluate_source(model, source, resolved, limit=config.eval_limit, split=config.sensitivity_split)
-    if "loss" not in base:
-        raise ConfigError("auto_compress ranks the options by the task's loss; this task reports none")
-    rises: dict[str, dict[tuple[float, int], float]] = {}
-    for name, module in select_modules(model, config.layers, default_types=("Linear", "Conv2d")):
-        weight = module.weight
-        assert isinstance(weight, torch.Tensor)
-        original = weight.detach().clone()
-        rises[name] = {(0.0, FLOAT): 0.0}
-        try:
-            for sparsity in (0.0, *config.sparsities):
-                pruned = magnitude_pruned(original, sparsity) if sparsity else original
-                for bits in (FLOAT, *config.bits):
-                    if sparsity == 0.0 and bits == FLOAT:
-                        continue
-                    weight.copy_(pruned if bits == FLOAT else bits_applied(pruned, bits, "kmeans"))
-                    loss = evaluate_source(model, source, resolved, limit=config.eval_limit, split=config.sensitivity_split)["loss"]
-                    rises[name][(sparsity, bits)] = loss - base["loss"]
-        finally:
-            weight.copy_(original)
-    return rises
+def _curves(result: Any, names: list[str]) -> dict[str, dict[str, dict[float, float]]]:
+    """{layer: {"sparsity": {level: loss rise}, "bits": {level: loss rise}}} from a sensitivity report (the loss, not
+    the error: it moves smoothly where the error does not)."""
+    stage = result.report.stages[0]
+    base = stage.metrics["loss"]
+    curves: dict[str, dict[str, dict[float, float]]] = {name: {"sparsity": {}, "bits": {}} for name in names}
+    for row in stage.layers:
+        curves[row["layer"]][row["technique"]][row["level"]] = row["loss"] - base
+    return curves
 
 
 def auto_compress(model: nn.Module, data: Any, config: BudgetConfig | dict, task: str | Task | None = None, progress: bool | str | None = None) -> Any:
@@ -190,8 +168,23 @@ def auto_compress(model: nn.Module, data: Any, config: BudgetConfig | dict, task
     weights = {name: module.weight.numel() for name, module in chosen}
     selected = {f"{name}.weight" for name in names}
     fixed = HEADER_BYTES + sum(4 * t.numel() for key, t in model.state_dict().items() if key not in selected and t.is_floating_point())
-    rises = pair_rises(model, data, config, task)
-    options = {name: layer_options(rises[name], weights[name], config) for name in names}
+    measured = sensitivity(
+        model,
+        data,
+        {
+            "sparsities": config.sparsities,
+            "bits": config.bits,
+            "bits_scheme": "kmeans",
+            "layers": config.layers,
+            "eval_limit": config.eval_limit,
+            "split": config.sensitivity_split,
+        },
+        task=task,
+    )
+    if "loss" not in measured.report.stages[0].metrics:
+        raise ConfigError("auto_compress reads the task's loss from the sensitivity report; this task reports none")
+    curves = _curves(measured, names)
+    options = {name: layer_options(curves[name], weights[name], config) for name in names}
     correction, rounds = 1.0, []
     best: tuple[Any, dict[str, Option]] | None = None
     last: tuple[Any, dict[str, Option]] | None = None

@@ -71,8 +71,7 @@ class SensitivityConfig(Config):
         check(self.eval_limit is None or self.eval_limit >= 1, f"eval_limit must be >= 1, got {self.eval_limit}")
 
 
-def magnitude_pruned(weight: torch.Tensor, fraction: float) -> torch.Tensor:
-    """``weight`` with its smallest-magnitude ``fraction`` zeroed."""
+def _sparse(weight: torch.Tensor, fraction: float) -> torch.Tensor:
     count = int(round(fraction * weight.numel()))
     if count == 0:
         return weight.clone()
@@ -80,9 +79,7 @@ def magnitude_pruned(weight: torch.Tensor, fraction: float) -> torch.Tensor:
     return torch.where(weight.abs() > threshold, weight, torch.zeros_like(weight))
 
 
-def bits_applied(weight: torch.Tensor, bits: int, scheme: str) -> torch.Tensor:
-    """``weight`` quantized to ``bits`` and decoded: "kmeans" (one shared codebook; zeros stay zero) or "uniform"
-    (symmetric per output channel)."""
+def _quantized(weight: torch.Tensor, bits: int, scheme: str) -> torch.Tensor:
     if scheme == "kmeans":
         codebook, index = kmeans_quantize(weight, bits)
         return codebook[index].to(weight.dtype)
@@ -121,9 +118,9 @@ def sensitivity(model: nn.Module, data: Any, config: SensitivityConfig | dict, t
         for technique, field in TECHNIQUES.items():
             for level in getattr(config, field):
                 if technique == "sparsity":
-                    changed, shown = magnitude_pruned(original, level), level
+                    changed, shown = _sparse(original, level), level
                 elif technique == "bits":
-                    changed, shown = bits_applied(original, int(level), config.bits_scheme), int(level)
+                    changed, shown = _quantized(original, int(level), config.bits_scheme), int(level)
                 else:
                     changed, shown = _low_rank(original, level)
                 with torch.no_grad():
