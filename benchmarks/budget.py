@@ -102,7 +102,7 @@ def main() -> None:
         ["model", "budget (bytes)", "allocation", ".tslim bytes", "met", "test error", "weights / non-zeros", "per layer: sparsity / bits"], rows
     )
     notes = [
-        "Each run: per-layer sensitivity (sparsities 0.5-0.98 and k-means bits 8-2, one layer at a time, loss on 1,024 training examples: "
+        "Each run: per-layer sensitivity (sparsities 0.5-0.98, bits 8-2 as uniform levels per channel, one layer at a time, loss on 1,024 training examples: "
         "the allocation never sees the test set), "
         "allocation (automatic: the exact multiple-choice knapsack on the summed loss rises; uniform: the one pair with the least summed rise that fits), "
         "3-step pruning with one epoch of fine-tuning per step, k-means with one epoch of centroid training, entropy coding; "
