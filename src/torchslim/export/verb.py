@@ -286,8 +286,8 @@ def _block_nodes(model: Any, layers: list[_BlockLayer]) -> int:
     value_of = constant_lookup(graph)
     store = _BlockStore(graph)
     by_start: dict[tuple, list[_BlockLayer]] = {}  # a few leading values pick the candidates compared in full
-    for layer in layers:
-        by_start.setdefault((layer.decoded.shape, layer.decoded[0, :16].tobytes()), []).append(layer)
+    for candidate in layers:
+        by_start.setdefault((candidate.decoded.shape, candidate.decoded[0, :16].tobytes()), []).append(candidate)
 
     def layer_of(weight: Any) -> _BlockLayer | None:
         candidates = by_start.get((weight.shape, np.ascontiguousarray(weight[0, :16]).tobytes()), [])
