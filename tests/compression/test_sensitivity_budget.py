@@ -137,10 +137,19 @@ def test_a_users_model_and_dataloader_fit_a_budget():
     digits = ts.data.load("digits")
     dataset = torch.utils.data.TensorDataset(digits.train.inputs, digits.train.targets)
     loader = torch.utils.data.DataLoader(dataset, batch_size=64, shuffle=True)
+    loader_in_order = torch.utils.data.DataLoader(dataset, batch_size=64)  # the training examples, unshuffled
+    evaluation = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(digits.test.inputs, digits.test.targets), batch_size=64)
     model = ts.train(UsersNet(), loader, {"epochs": 4, "lr": 0.05}, progress=False).model
     curves = ts.sensitivity(model, loader, {"sparsities": [0.9], "bits": [2], "eval_limit": 4})
     assert {row["layer"] for row in curves.report.stages[0].layers} == {"hidden", "out"}
-    result = ts.compression.auto_compress(model, loader, {"target_size": 4_000, "finetune": {"epochs": 1, "lr": 0.02}, "rounds": 2}, progress=False)
+    shared = ts.sensitivity(
+        model,
+        ts.data.Data(train=loader_in_order, eval=evaluation),
+        {"sparsities": [], "bits": [2], "bits_scheme": "kmeans", "split": "train", "eval_limit": 256},
+    )
+    assert shared.report.stages[0].metrics["loss"] == pytest.approx(ts.evaluate(model, loader_in_order, split="eval", limit=256)["loss"], rel=1e-5)
+    config = {"target_size": 4_000, "finetune": {"epochs": 1, "lr": 0.02}, "rounds": 2, "sensitivity_split": "train"}
+    result = ts.compression.auto_compress(model, ts.data.Data(train=loader, eval=evaluation), config, progress=False)
     chosen = next(r for r in result.report.artifacts["allocation"]["rounds"] if r["round"] == result.report.artifacts["allocation"]["chosen_round"])
     assert chosen["met"] and chosen["measured_bytes"] <= 4_000
     assert result.report.stages[-1].metrics["accuracy"] > 0.8

@@ -136,6 +136,13 @@ class _ByName(nn.Module):
         return self.program(*args, *(inputs[name] for name in self.names if name in inputs))
 
 
+def _int8_channel(module: Any) -> bool:
+    """Whether a uniform weight-only layer is symmetric int8 per output channel: the form an ONNX file keeps as int8
+    codes behind a standard DequantizeLinear (every other uniform form goes to MatMulNBits / GatherBlockQuantized)."""
+    spec = module.scheme.uniform_spec()
+    return module.bits == 8 and spec.symmetric and spec.granularity == "channel" and getattr(module, "input_scale", None) is None
+
+
 def _int8_layers(model: nn.Module) -> list[tuple[Any, Any]]:
     """(int8 codes, per-output-channel scales) as NumPy arrays of every weight-only layer stored as symmetric int8 per
     channel: the weights an ONNX file can keep as int8 behind a DequantizeLinear."""
@@ -143,12 +150,9 @@ def _int8_layers(model: nn.Module) -> list[tuple[Any, Any]]:
 
     found = []
     for module in model.modules():
-        if not isinstance(module, QuantizedWeight) or module.scheme.scheme != "uniform" or module.bits != 8:
+        if not isinstance(module, QuantizedWeight) or module.scheme.scheme != "uniform" or not _int8_channel(module):
             continue
-        spec = module.scheme.uniform_spec()
-        if not spec.symmetric or spec.granularity != "channel" or getattr(module, "input_scale", None) is not None:
-            continue
-        codes = (module.codes().to(torch.int64).reshape(module.shape) + spec.code_range[0]).to(torch.int8)
+        codes = (module.codes().to(torch.int64).reshape(module.shape) + module.scheme.uniform_spec().code_range[0]).to(torch.int8)
         found.append((codes.cpu().numpy(), module.scale.detach().float().reshape(-1).cpu().numpy()))
     return found
 
@@ -210,9 +214,9 @@ def _block_layers(model: nn.Module) -> list[_BlockLayer]:
     for module in model.modules():
         if not isinstance(module, QuantizedWeight) or module.scheme.scheme != "uniform" or module.bits is None or module.bits > 8 or len(module.shape) != 2:
             continue
+        if _int8_channel(module):
+            continue
         spec = module.scheme.uniform_spec()
-        if module.bits == 8 and spec.symmetric and spec.granularity == "channel" and getattr(module, "input_scale", None) is None:
-            continue  # int8 behind a DequantizeLinear
         bits = 4 if module.bits <= 4 else 8
         out_features, width = module.shape
         block = spec.group_size if spec.granularity == "group" else 32
@@ -280,7 +284,7 @@ def _block_nodes(model: Any, layers: list[_BlockLayer]) -> int:
     if not layers:
         return 0
     import numpy as np
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
     graph = model.graph
     value_of = constant_lookup(graph)
@@ -296,66 +300,84 @@ def _block_nodes(model: Any, layers: list[_BlockLayer]) -> int:
     rebuilt, replaced = [], 0
     for node in graph.node:
         product = weight_product(node, value_of)
-        table = _gathered_table(node, value_of)
+        table = _gathered_table(node, value_of) if product is None else None
         layer = layer_of(product[0].T) if product is not None else layer_of(table) if table is not None else None
         if layer is None:
             rebuilt.append(node)
             continue
         prefix = f"{node.name or node.input[0 if product is None else 1]}_int{layer.bits}"
-        codes, scales, zero_points = store.tensors(layer, prefix)
-        out_features, width = layer.codes.shape
+        tensors = store.tensors(layer, prefix)
         if product is not None:
-            bias = product[1]
-            output = f"{prefix}_product" if bias else node.output[0]
-            rebuilt.append(
-                helper.make_node(
-                    "MatMulNBits",
-                    [node.input[0], codes, scales, zero_points],
-                    [output],
-                    name=prefix,
-                    domain="com.microsoft",
-                    K=width,
-                    N=out_features,
-                    bits=layer.bits,
-                    block_size=layer.block,
-                )
-            )
-            if bias:
-                rebuilt.append(helper.make_node("Add", [output, bias], [node.output[0]], name=f"{prefix}_bias"))
-        else:  # the rows (out_features, ...) as GatherBlockQuantized reads them, a ragged end sliced off
-            blocks = layer.scale.shape[1]
-            per_byte = 8 // layer.bits
-            shapes = {"codes": (codes, blocks * layer.block // per_byte), "scales": (scales, blocks), "zero_points": (zero_points, -(-blocks // per_byte))}
-            inputs = []
-            for key, (name, columns) in shapes.items():
-                graph.initializer.append(numpy_helper.from_array(np.array([out_features, columns], dtype=np.int64), f"{prefix}_{key}_shape"))
-                rebuilt.append(helper.make_node("Reshape", [name, f"{prefix}_{key}_shape"], [f"{prefix}_{key}_rows"], name=f"{prefix}_{key}_rows"))
-                inputs.append(f"{prefix}_{key}_rows")
-            ragged = blocks * layer.block != width
-            output = f"{prefix}_padded" if ragged else node.output[0]
-            rebuilt.append(
-                helper.make_node(
-                    "GatherBlockQuantized",
-                    [inputs[0], node.input[1], inputs[1], inputs[2]],
-                    [output],
-                    name=prefix,
-                    domain="com.microsoft",
-                    gather_axis=0,
-                    quantize_axis=1,
-                    block_size=layer.block,
-                    bits=layer.bits,
-                )
-            )
-            if ragged:
-                ends = {"starts": 0, "ends": width, "axes": -1}
-                graph.initializer.extend(numpy_helper.from_array(np.array([v], dtype=np.int64), f"{prefix}_{k}") for k, v in ends.items())
-                rebuilt.append(helper.make_node("Slice", [output] + [f"{prefix}_{k}" for k in ends], [node.output[0]], name=f"{prefix}_slice"))
+            rebuilt.extend(_matmul_nbits(node, product[1], layer, tensors, prefix))
+        else:
+            rebuilt.extend(_gather_block_quantized(graph, node, layer, tensors, prefix))
         replaced += 1
     if replaced:
         replace_graph_nodes(graph, rebuilt)
         if not any(o.domain == "com.microsoft" for o in model.opset_import):
             model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return replaced
+
+
+def _matmul_nbits(node: Any, bias: str | None, layer: _BlockLayer, tensors: tuple[str, str, str], prefix: str) -> list[Any]:
+    """The MatMulNBits (and the bias Add of a Gemm) that compute ``node``'s product from the stored codes."""
+    from onnx import helper
+
+    out_features, width = layer.codes.shape
+    output = f"{prefix}_product" if bias else node.output[0]
+    nodes = [
+        helper.make_node(
+            "MatMulNBits",
+            [node.input[0], *tensors],
+            [output],
+            name=prefix,
+            domain="com.microsoft",
+            K=width,
+            N=out_features,
+            bits=layer.bits,
+            block_size=layer.block,
+        )
+    ]
+    if bias:
+        nodes.append(helper.make_node("Add", [output, bias], [node.output[0]], name=f"{prefix}_bias"))
+    return nodes
+
+
+def _gather_block_quantized(graph: Any, node: Any, layer: _BlockLayer, tensors: tuple[str, str, str], prefix: str) -> list[Any]:
+    """The GatherBlockQuantized that does ``node``'s lookup from the stored codes: the tensors reshaped to one row per
+    table row, as the operator reads them (ONNX Runtime folds the Reshapes at load), and a ragged end sliced off."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    out_features, width = layer.codes.shape
+    blocks = layer.scale.shape[1]
+    per_byte = 8 // layer.bits
+    columns = (blocks * layer.block // per_byte, blocks, -(-blocks // per_byte))  # codes, scales, zero points
+    nodes, rows = [], []
+    for name, count in zip(tensors, columns):
+        graph.initializer.append(numpy_helper.from_array(np.array([out_features, count], dtype=np.int64), f"{name}_{prefix}_shape"))
+        nodes.append(helper.make_node("Reshape", [name, f"{name}_{prefix}_shape"], [f"{name}_{prefix}_rows"], name=f"{name}_{prefix}_rows"))
+        rows.append(f"{name}_{prefix}_rows")
+    ragged = blocks * layer.block != width
+    output = f"{prefix}_padded" if ragged else node.output[0]
+    nodes.append(
+        helper.make_node(
+            "GatherBlockQuantized",
+            [rows[0], node.input[1], rows[1], rows[2]],
+            [output],
+            name=prefix,
+            domain="com.microsoft",
+            gather_axis=0,
+            quantize_axis=1,
+            block_size=layer.block,
+            bits=layer.bits,
+        )
+    )
+    if ragged:
+        ends = {"starts": 0, "ends": width, "axes": -1}
+        graph.initializer.extend(numpy_helper.from_array(np.array([v], dtype=np.int64), f"{prefix}_{k}") for k, v in ends.items())
+        nodes.append(helper.make_node("Slice", [output] + [f"{prefix}_{k}" for k in ends], [node.output[0]], name=f"{prefix}_slice"))
+    return nodes
 
 
 def _gathered_table(node: Any, value_of: Any) -> Any:
