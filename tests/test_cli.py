@@ -167,6 +167,21 @@ def test_quantize_command(tmp_path, capsys):
     assert "bits must be between 1 and 16" in capsys.readouterr().err
 
 
+def test_export_at_an_accuracy_level(tmp_path, capsys):
+    trained = tmp_path / "m.safetensors"
+    assert main(["train", "--data", "digits", "--epochs", "1", "--out", str(trained)]) == 0
+    packed = tmp_path / "int4.safetensors"
+    quantize = ["quantize", str(trained), "--data", "digits", "--bits", "4", "--granularity", "group", "--group-size", "16", "--asymmetric"]
+    assert main([*quantize, "--out", str(packed)]) == 0
+    capsys.readouterr()
+    exported = tmp_path / "int4.onnx"
+    assert main(["export", str(packed), "--data", "digits", "--accuracy-level", "4", "--out", str(exported)]) == 0
+    printed = capsys.readouterr().out
+    assert f"onnx written to {exported}" in printed and "3 MatMulNBits at accuracy level 4" in printed and "relative error" in printed
+    assert main(["export", str(packed), "--data", "digits", "--format", "pt2", "--accuracy-level", "4", "--out", str(tmp_path / "x.pt2")]) == 1
+    assert "applies to onnx only" in capsys.readouterr().err and not (tmp_path / "x.pt2").exists()
+
+
 def test_recipes_command_lists_the_builtins(capsys):
     assert main(["recipes"]) == 0
     out = capsys.readouterr().out

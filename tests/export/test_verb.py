@@ -266,3 +266,39 @@ def test_a_lookup_with_a_ragged_last_group_matches_pytorch(bits, tmp_path):
     assert count_ops(tmp_path / "lookup.onnx")["GatherBlockQuantized"] == 1  # 40 = 32 + a last group of 8, sliced off the padded rows
     with torch.no_grad(), decoded_weights():
         torch.testing.assert_close(result.model(ids), quantized.eval()(ids), atol=1e-5, rtol=1e-5)
+
+
+def test_accuracy_level_4_runs_the_products_on_int8_activations_within_the_relative_bound(tmp_path):
+    import onnx
+    from onnx import helper
+
+    torch.manual_seed(0)
+    batch = _text_batches()[0]
+    example = {"input_ids": batch["input_ids"][:2], "attention_mask": batch["attention_mask"][:2]}
+    model = zoo.llama(vocab=200, tie=True).eval()
+    weights = {"bits": 8, "granularity": "group", "group_size": 32, "symmetric": False}
+    quantized = ts.quantize(model, {"weights": weights, "layers": {"types": ["Linear", "Embedding"]}}).model
+    exact = ts.export(quantized, "onnx", example, tmp_path / "level0.onnx").report.stages[0]
+    fast = ts.export(quantized, "onnx", example, tmp_path / "level4.onnx", accuracy_level=4).report.stages[0]
+    products = [n for n in onnx.load(str(tmp_path / "level4.onnx")).graph.node if n.op_type == "MatMulNBits"]
+    assert len(products) == 7 * len(model.model.layers) + 1
+    assert all(helper.get_attribute_value(next(a for a in n.attribute if a.name == "accuracy_level")) == 4 for n in products)
+    assert fast.metrics["tolerance_bounds"] == "relative error" and fast.metrics["accuracy_level"] == 4
+    assert f"{len(products)} MatMulNBits at accuracy level 4" in fast.notes
+    # level 0 is PyTorch's arithmetic; level 4 really rounds the activations (ONNX Runtime honours the attribute), within the bound
+    assert max(exact.metrics["relative_error"].values()) < 1e-5
+    assert 1e-4 < max(fast.metrics["relative_error"].values()) <= fast.metrics["tolerance"] == 0.1
+    with pytest.raises(ts.TorchslimError, match="relative error of .* at accuracy level 4"):
+        ts.export(quantized, "onnx", example, tmp_path / "tight.onnx", accuracy_level=4, tolerance=1e-6)
+    assert not (tmp_path / "tight.onnx").exists()
+
+
+def test_accuracy_level_is_checked_and_said_when_it_has_no_effect(tmp_path):
+    model = nn.Sequential(nn.Linear(8, 4))
+    with pytest.raises(ts.TorchslimError, match="accuracy_level must be one of 0, 1, 2, 3, 4"):
+        ts.export(model, "onnx", torch.zeros(1, 8), tmp_path / "m.onnx", accuracy_level=5)
+    with pytest.raises(ts.TorchslimError, match="applies to onnx only, not pt2"):
+        ts.export(model, "pt2", torch.zeros(1, 8), tmp_path / "m.pt2", accuracy_level=4)
+    assert not any(tmp_path.iterdir())
+    stage = ts.export(model, "onnx", torch.zeros(1, 8), tmp_path / "m.onnx", accuracy_level=4).report.stages[0]
+    assert any("has no effect: the file has no MatMulNBits" in note for note in stage.notes)

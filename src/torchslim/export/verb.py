@@ -48,6 +48,8 @@ from torchslim.export.onnx import KeywordInputs, OnnxModule, constant_lookup, ex
 from torchslim.tasks.batches import call_model, output_tensor, repeat_example
 
 FORMATS = {"onnx": ".onnx", "pt2": ".pt2", "torchscript": ".pt"}
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # ONNX Runtime's MatMulNBits: as written, float32, float16, bfloat16, int8 activations
+APPROXIMATE_LEVELS = (2, 3, 4)  # the arithmetic differs from PyTorch's: the check bounds the relative error
 
 
 def _reference(model: nn.Module, example: Any, set_eval: bool = True, decoded: bool = False) -> torch.Tensor:
@@ -83,24 +85,31 @@ def _batch_shapes(args: tuple) -> tuple:
     return tuple({0: batch} if isinstance(a, torch.Tensor) and a.dim() > 0 else None for a in args)
 
 
-def _write(model: nn.Module, form: str, example: Any, path: Path, dynamic_batch: bool) -> nn.Module:
-    """Write ``model`` to ``path`` in ``form`` and return the module loaded back from the file."""
+def _write(model: nn.Module, form: str, example: Any, path: Path, dynamic_batch: bool, accuracy_level: int = 0) -> tuple[nn.Module, int]:
+    """Write ``model`` to ``path`` in ``form``: (the module loaded back from the file, how many MatMulNBits it has)."""
+    import onnx
+
     if isinstance(model, OnnxModule):
         if form != "onnx":
             raise TorchslimError(f"export: {type(model).__name__} runs in ONNX Runtime (an int8 engine); it exports as onnx only, not {form}")
-        model.save(path)
-        return OnnxModule(path)
+        proto = onnx.load_from_string(model.onnx_bytes)
+        products = _accuracy_level(proto, accuracy_level)
+        if products and accuracy_level:
+            onnx.save(proto, str(path))
+        else:
+            model.save(path)
+        return OnnxModule(path), products
     prepared = _prepared(model, form)
     if form == "onnx":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             export_onnx(prepared, example, path, dynamic_batch=dynamic_batch)
-        import onnx
-
         proto = onnx.load(str(path))  # the weight passes edit one loaded copy; the file is written once, if changed
-        if _int8_weights(proto, _int8_layers(model)) + _block_nodes(proto, _block_layers(model)) + _tied_transposes(proto):
+        edits = _int8_weights(proto, _int8_layers(model)) + _block_nodes(proto, _block_layers(model)) + _tied_transposes(proto)
+        products = _accuracy_level(proto, accuracy_level)
+        if edits or (products and accuracy_level):
             onnx.save(proto, str(path))
-        return OnnxModule(path)
+        return OnnxModule(path), products
     # a batch of two: exporters specialize a batch dimension of 1
     traced = repeat_example(example, 2) if dynamic_batch else example
     names: list[str] = []
@@ -122,7 +131,20 @@ def _write(model: nn.Module, form: str, example: Any, path: Path, dynamic_batch:
         else:
             torch.jit.save(torch.jit.trace(prepared, args, strict=False, check_trace=False), str(path))
             loaded = torch.jit.load(str(path), map_location=model_device(prepared))
-    return _ByName(loaded, names) if names else loaded
+    return (_ByName(loaded, names) if names else loaded), 0
+
+
+def _accuracy_level(model: Any, level: int) -> int:
+    """Set ONNX Runtime's ``accuracy_level`` on every MatMulNBits of ``model`` (0 leaves them as written); returns how
+    many the file has."""
+    from onnx import helper
+
+    products = [node for node in model.graph.node if node.op_type == "MatMulNBits"]
+    for node in products if level else ():
+        kept = [a for a in node.attribute if a.name != "accuracy_level"]
+        del node.attribute[:]
+        node.attribute.extend([*kept, helper.make_attribute("accuracy_level", level)])
+    return len(products)
 
 
 class _ByName(nn.Module):
@@ -426,6 +448,7 @@ def export(
     dynamic_batch: bool = True,
     tolerance: float | None = None,
     overwrite: bool = False,
+    accuracy_level: int = 0,
 ) -> Result:
     """Export ``model`` as ``format`` ("onnx", "pt2" or "torchscript") to ``path`` (default: ``<class name>`` with
     the format's suffix), load the file back and check it against ``model`` on ``example_input``'s first example
@@ -433,45 +456,80 @@ def export(
 
     ``tolerance`` bounds the largest absolute output difference; by default 1e-4 x the largest output magnitude
     (at least 1e-4). Returns the loaded model and a report with the file's size, the differences and the time taken.
+
+    ``accuracy_level`` (onnx only) is ONNX Runtime's setting for its MatMulNBits kernels: 0 (as written: float
+    arithmetic, matches PyTorch), 1 (float32), 2 (float16), 3 (bfloat16) or 4 (activations quantized to int8 per
+    block inside the kernel: the fastest form on x86 CPUs, an 8-bit weight's product several times faster). Levels 2 to
+    4 change the arithmetic, so the check bounds the relative error ||file - PyTorch|| / ||PyTorch|| over the output
+    instead (``tolerance``, default 0.1; a broken file is off by about 1).
     """
     if format not in FORMATS:
         raise TorchslimError(f"export: format must be one of {', '.join(FORMATS)}, got {format!r}")
     if not isinstance(model, nn.Module):
         raise TorchslimError(f"export: expected an nn.Module, got {type(model).__name__}")
+    if accuracy_level not in ACCURACY_LEVELS:
+        raise TorchslimError(
+            f"export: accuracy_level must be one of {', '.join(map(str, ACCURACY_LEVELS))} (ONNX Runtime's MatMulNBits levels), got {accuracy_level!r}"
+        )
+    if accuracy_level and format != "onnx":
+        raise TorchslimError(f"export: accuracy_level sets ONNX Runtime's MatMulNBits kernels; it applies to onnx only, not {format}")
     path = Path(path) if path is not None else Path(f"{type(model).__name__.lower()}{FORMATS[format]}")
     refuse_overwrite(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     # written beside the target and moved there only once checked: a failed export leaves what was there alone
     partial = path.with_name(f".{path.stem}.partial{path.suffix}")
     try:
-        loaded, differences, allowed, seconds = _export_and_check(model, format, example_input, partial, dynamic_batch, tolerance)
+        check = _export_and_check(model, format, example_input, partial, dynamic_batch, tolerance, accuracy_level)
         os.replace(partial, path)
     finally:
         _remove(partial)
+    loaded = check.loaded
     if isinstance(loaded, OnnxModule):
         loaded.path = str(path)
-    worst = max(differences.values())
     metrics = {
         "format": format,
         "path": str(path),
         "file_bytes": path.stat().st_size,
-        "max_abs_difference": differences,
-        "tolerance": allowed,
+        "max_abs_difference": check.differences,
+        "relative_error": check.relative,
+        "tolerance": check.allowed,
+        "tolerance_bounds": "relative error" if accuracy_level in APPROXIMATE_LEVELS else "largest absolute difference",
         "dynamic_batch": dynamic_batch,
-        "seconds": seconds,
+        "seconds": check.seconds,
     }
-    notes = [f"checked against PyTorch at batch sizes {', '.join(differences)}: largest difference {worst:.2e} (allowed {allowed:.2e})"]
+    measured = check.relative if accuracy_level in APPROXIMATE_LEVELS else check.differences
+    notes = [
+        f"checked against PyTorch at batch sizes {', '.join(check.differences)}: {metrics['tolerance_bounds']} {max(measured.values()):.2e} "
+        f"(allowed {check.allowed:.2e})"
+    ]
+    if format == "onnx" and accuracy_level:
+        metrics["accuracy_level"] = accuracy_level
+        notes.append(
+            f"{check.products} MatMulNBits at accuracy level {accuracy_level}"
+            if check.products
+            else f"accuracy_level {accuracy_level} has no effect: the file has no MatMulNBits (no weight-only layer of at most 8 bits it could hold)"
+        )
     stage = Stage(name="export", kind="export", metrics=metrics, notes=notes, execution=_execution(format))
     return Result(model=loaded, report=Report.for_model(model, [stage]))
 
 
+@dataclasses.dataclass
+class _Check:
+    loaded: nn.Module
+    differences: dict[str, float]  # largest absolute difference per batch size
+    relative: dict[str, float]  # ||file - PyTorch|| / ||PyTorch|| per batch size
+    allowed: float
+    seconds: float
+    products: int  # MatMulNBits in an ONNX file
+
+
 def _export_and_check(
-    model: nn.Module, form: str, example_input: Any, path: Path, dynamic_batch: bool, tolerance: float | None
-) -> tuple[nn.Module, dict[str, float], float, float]:
-    """Write, reload and compare: (loaded model, largest difference per batch size, the tolerance, seconds)."""
+    model: nn.Module, form: str, example_input: Any, path: Path, dynamic_batch: bool, tolerance: float | None, accuracy_level: int = 0
+) -> _Check:
+    """Write, reload and compare with the PyTorch model at each batch size."""
     started = time.perf_counter()
     try:
-        loaded = _write(model, form, example_input, path, dynamic_batch)
+        loaded, products = _write(model, form, example_input, path, dynamic_batch, accuracy_level)
     except TorchslimError:
         raise
     except Exception as error:  # exporters raise many types; name the format, the model and the cause
@@ -479,7 +537,9 @@ def _export_and_check(
         raise TorchslimError(f"export of {type(model).__name__} as {form} failed: {cause}") from error
     seconds = time.perf_counter() - started
     differences: dict[str, float] = {}
-    allowed = tolerance
+    relative: dict[str, float] = {}
+    approximate = accuracy_level in APPROXIMATE_LEVELS
+    allowed = 0.1 if tolerance is None and approximate else tolerance
     for size in (1, 3) if dynamic_batch else (None,):
         example = example_input if size is None else repeat_example(example_input, size)
         expected = _reference(model, example, decoded=form == "onnx")
@@ -492,14 +552,18 @@ def _export_and_check(
         if allowed is None:
             allowed = 1e-4 * max(1.0, float(expected.abs().max()))
         differences[str(size or "example")] = float((produced - expected).abs().max())
+        relative[str(size or "example")] = float((produced - expected).norm() / expected.norm().clamp_min(1e-12))
     assert allowed is not None
-    worst = max(differences.values())
+    measured = relative if approximate else differences
+    worst = max(measured.values())
     if worst > allowed:
+        what = f"by a relative error of {worst:.3g} at accuracy level {accuracy_level}" if approximate else f"by {worst:.3g}"
+        hint = "a lower accuracy_level or a larger tolerance" if approximate else "onnx or pt2 for a traced model whose control flow depends on its inputs"
         raise TorchslimError(
-            f"export: the {form} file differs from the PyTorch model by {worst:.3g} (allowed {allowed:.3g}; per batch size {differences}), "
-            f"so nothing was written; a traced model whose control flow depends on its inputs needs onnx or pt2"
+            f"export: the {form} file differs from the PyTorch model {what} (allowed {allowed:.3g}; per batch size {measured}), "
+            f"so nothing was written; try {hint}"
         )
-    return loaded, differences, allowed, seconds
+    return _Check(loaded, differences, relative, allowed, seconds, products)
 
 
 def _execution(form: str) -> str:
@@ -511,4 +575,4 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-__all__ = ["FORMATS", "export"]
+__all__ = ["ACCURACY_LEVELS", "FORMATS", "export"]
