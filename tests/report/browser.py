@@ -71,6 +71,7 @@ def open_page(path: Path, screenshot: Path, width: int = 1280, height: int = 900
                 "--no-first-run",
                 "--disable-extensions",
                 "--remote-debugging-port=0",
+                "--remote-allow-origins=*",  # newer Chromium refuses DevTools websockets from other origins without it
                 f"--user-data-dir={profile}",
                 f"--window-size={width},{height}",
                 "about:blank",
