@@ -10,7 +10,7 @@ import torch
 
 import torchslim as ts
 from torchslim.cli import main
-from torchslim.compression.budget import Option, allocate, layer_bytes, parse_size
+from torchslim.compression.budget import BudgetConfig, Option, allocate, factorized_bytes, layer_bytes, layer_options, parse_size
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +86,23 @@ def test_the_allocation_spends_bytes_where_they_buy_the_most():
         allocate({"a": options(1.0)}, budget=10)
 
 
+def test_ranks_are_options_where_the_factors_are_smaller_and_win_where_they_cost_less():
+    config = BudgetConfig(target_size=1, sparsities=(0.9,), bits=(4,), ranks=(8, 0.75))
+    curves = {"sparsity": {0.9: 0.5}, "bits": {4: 0.01}, "rank": {8: 0.02, 48: 0.0}}
+    options = layer_options(curves, (64, 100), config)
+    factored = [o for o in options if o.rank]
+    # rank 8 (8 x 164 weights < 6,400); three quarters of the full rank, 48, would hold 48 x 164 > 6,400: not an option
+    assert {(o.rank, o.bits) for o in factored} == {(8, 32), (8, 4)}
+    assert next(o for o in factored if o.bits == 4).size == factorized_bytes(64, 100, 8, 4) == 8 * 164 * 4 / 8 + 2 * 4 * 16
+    assert next(o for o in factored if o.bits == 4).cost == pytest.approx(0.03)
+    # a budget that pruning at 4 bits and the rank-8 factors at 4 bits both fit: the cheaper loss (the rank) wins
+    budget = max(layer_bytes(6400, 0.9, 4), factorized_bytes(64, 100, 8, 4)) + 1
+    plan = allocate({"a": options}, budget)
+    assert (plan["a"].rank, plan["a"].bits, plan["a"].sparsity) == (8, 4, 0.0)
+    with pytest.raises(ts.ConfigError, match="ranks: each must be an integer rank or a fraction"):
+        BudgetConfig(target_size=1, ranks=(1.5,))
+
+
 @pytest.mark.parametrize("text, size", [("20KB", 20_000), ("20KiB", 20_480), ("1.5MB", 1_500_000), ("3000", 3000)])
 def test_sizes_parse(text, size):
     assert parse_size(text) == size
@@ -153,3 +170,39 @@ def test_a_users_model_and_dataloader_fit_a_budget():
     chosen = next(r for r in result.report.artifacts["allocation"]["rounds"] if r["round"] == result.report.artifacts["allocation"]["chosen_round"])
     assert chosen["met"] and chosen["measured_bytes"] <= 4_000
     assert result.report.stages[-1].metrics["accuracy"] > 0.8
+
+
+class UsersConvNet(torch.nn.Module):
+    """A user's own convolutional model, written with functional calls and a lambda."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.image = lambda x: x.reshape(-1, 1, 8, 8)
+        self.conv = torch.nn.Conv2d(1, 24, 3, padding=1)
+        self.hidden = torch.nn.Linear(24 * 16, 128)
+        self.out = torch.nn.Linear(128, 10)
+
+    def forward(self, x):
+        x = torch.nn.functional.max_pool2d(torch.relu(self.conv(self.image(x))), 2)
+        return self.out(torch.relu(self.hidden(x.flatten(1))))
+
+
+def test_a_budget_met_by_factorizing_layers_saves_and_loads_back(tmp_path):
+    torch.manual_seed(0)
+    data = ts.data.load("digits")
+    model = ts.train(UsersConvNet(), data, {"epochs": 5, "lr": 0.05}, progress=False).model
+    dense = ts.evaluate(model, data)["error"]
+    # no sparsity offered: the budget (a fifth of the int4 dense weights) can only be met by factorizing
+    config = {"target_size": 9_000, "sparsities": [], "bits": [8, 4], "ranks": [4, 8, 16, 0.25], "finetune": {"epochs": 2, "lr": 0.02}, "rounds": 2}
+    result = ts.compression.auto_compress(model, data, config, progress=False)
+    allocation = result.report.artifacts["allocation"]
+    ranks = {row["layer"]: row["rank"] for row in allocation["layers"]}
+    assert ranks["hidden"] and all(row["sparsity"] == 0 for row in allocation["layers"])
+    factorized = dict(result.model.named_modules())["hidden"]
+    assert isinstance(factorized, torch.nn.Sequential) and factorized[0].out_features == ranks["hidden"]
+    result.save(tmp_path / "m.tslim")
+    assert (tmp_path / "m.tslim").stat().st_size <= 9_000
+    loaded = ts.load(tmp_path / "m.tslim", trust_factory=True)  # the user's class, imported from its module
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(data.test.inputs[:32]), result.model(data.test.inputs[:32]))
+    assert ts.evaluate(loaded, data)["error"] < dense + 0.05

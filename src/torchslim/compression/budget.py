@@ -3,16 +3,17 @@ the compressed file fits the budget with the least predicted loss of quality.
 
 1. ``sensitivity`` measures, per layer, the task's loss with only that layer pruned to each sparsity and only that
    layer quantized to each bit width.
-2. Each layer's options are (sparsity, bits) pairs, bits 32 meaning "left in float"; an option's predicted cost is
-   the rise of the loss its sparsity and its bit width each cause alone (summed), its predicted size the bytes of
-   its non-zero codes, their relative indices and its codebook. Every layer's option is picked so the sum fits the
+2. Each layer's options are (sparsity, bits) pairs, bits 32 meaning "left in float", and, with ``ranks``, (rank,
+   bits) pairs: the layer factorized by SVD into two thinner layers (no sparsity) whose weights are then shared; an
+   option's predicted cost is the rise of the loss its sparsity or rank and its bit width each cause alone (summed),
+   its predicted size the bytes of its non-zero codes, their relative indices and its codebooks. Every layer's option is picked so the sum fits the
    budget with the least summed cost: the multiple-choice knapsack, solved exactly by dynamic programming over the
    bytes (a Lagrangian search would find only its convex-hull plans, which can leave a third of a budget unspent).
    ``uniform`` instead gives every layer the same pair (the baseline an automatic allocation must beat).
-3. The plan runs as a recipe (iterative pruning with fine-tuning, k-means weight sharing with centroid fine-tuning,
-   entropy coding); the file's real size is measured, and while it misses the budget, or leaves more than a tenth of
-   it unused, the size model is corrected by the measured ratio and the allocation repeated (the last file that fits
-   is kept).
+3. The plan runs as a recipe (the chosen layers factorized and fine-tuned, iterative pruning with fine-tuning,
+   k-means weight sharing with centroid fine-tuning, entropy coding); the file's real size is measured, and while it
+   misses the budget, or leaves more than a tenth of it unused, the size model is corrected by the measured ratio and
+   the allocation repeated (the last file that fits is kept; a plan already run ends the rounds).
 """
 
 from __future__ import annotations
@@ -44,12 +45,17 @@ class BudgetConfig(Config):
     data the result is tested on). The bit widths' sensitivity is measured with uniform levels per output channel,
     although the plan shares k-means centroids: one-shot k-means on a layer costs almost no loss (at high sparsity it
     can lower it), so allocations measured that way chose 2 bits that cost 2 to 4 points of error once fine-tuned
-    (LeNet-300-100, benchmarks.budget); the uniform levels' harsher curve steers away from them."""
+    (LeNet-300-100, benchmarks.budget); the uniform levels' harsher curve steers away from them. ``ranks``: the
+    ranks a layer may be factorized to instead of pruned (integers, or fractions of the layer's full rank; by default 3,
+    5, 10 and 20% of it; empty: no factorization), each measured by its own sensitivity curve; a rank that would not
+    shrink the layer is left out, and ``uniform`` takes none. With them the allocation beat its own sparsity-and-bits
+    plans at 5 of 8 budgets on LeNet-300-100 and LeNet-5 (benchmarks.budget)."""
 
     target_size: int = 0
     sparsities: tuple[float, ...] = (0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98)
     bits: tuple[int, ...] = (8, 6, 5, 4, 3, 2)
     uniform: bool = False
+    ranks: tuple[float, ...] = (0.03, 0.05, 0.1, 0.2)
     layers: LayerSelector = LayerSelector()
     prune_steps: int = 3
     finetune: dict[str, Any] = dataclasses.field(default_factory=lambda: {"epochs": 2, "lr": 0.02, "eval_every_epoch": False})
@@ -64,6 +70,8 @@ class BudgetConfig(Config):
         check(all(1 <= b <= 8 for b in self.bits), f"bits must be between 1 and 8 (k-means codes), got {self.bits}")
         check(self.prune_steps >= 1 and self.rounds >= 1, "prune_steps and rounds must be >= 1")
         check(self.sensitivity_split in ("eval", "train"), f"sensitivity_split must be eval or train, got {self.sensitivity_split!r}")
+        for value in self.ranks:
+            check(value > 0 and (value < 1 or float(value).is_integer()), f"ranks: each must be an integer rank or a fraction in (0, 1), got {value}")
 
 
 def index_bits(sparsity: float) -> float:
@@ -82,21 +90,44 @@ def layer_bytes(weights: int, sparsity: float, bits: int) -> float:
     return kept * (bits + index_bits(sparsity)) / 8 + 4 * 2**bits
 
 
+def factorized_bytes(rows: int, columns: int, rank: int, bits: int) -> float:
+    """Predicted bytes of a weight (``rows`` x ``columns``, a convolution's kernel flattened) factorized at ``rank``:
+    the two factors' codes and a codebook each."""
+    weights = rank * (rows + columns)
+    return weights * 4 if bits >= FLOAT else weights * bits / 8 + 2 * 4 * 2**bits
+
+
+def full_rank_share(rank: float, rows: int, columns: int) -> int:
+    """The integer rank that ``rank`` (an integer, or a fraction of the full rank) means for a ``rows`` x ``columns``
+    weight, as ``sensitivity`` measures it."""
+    full = min(rows, columns)
+    return max(1, min(full, int(rank) if rank >= 1 else round(rank * full)))
+
+
 @dataclasses.dataclass
 class Option:
     sparsity: float
     bits: int
     cost: float  # predicted rise of the loss
     size: float  # predicted bytes
+    rank: int = 0  # factorized to this rank (0: not factorized)
 
 
-def layer_options(curves: dict[str, dict[float, float]], weights: int, config: BudgetConfig) -> list[Option]:
-    """Every (sparsity, bits) pair of one layer with its predicted loss rise (sum of the two curves) and bytes."""
+def layer_options(curves: dict[str, dict[float, float]], shape: tuple[int, int], config: BudgetConfig) -> list[Option]:
+    """Every (sparsity, bits) pair of one layer of ``shape`` (rows, columns) with its predicted loss rise (sum of the
+    two curves) and bytes; with ``config.ranks``, every (rank, bits) pair whose factors are smaller than the weight."""
+    rows, columns = shape
     options = []
     for sparsity in (0.0, *config.sparsities):
         for bits in (FLOAT, *config.bits):
             cost = curves["sparsity"].get(sparsity, 0.0) + curves["bits"].get(bits, 0.0)
-            options.append(Option(sparsity, bits, max(0.0, cost), layer_bytes(weights, sparsity, bits)))
+            options.append(Option(sparsity, bits, max(0.0, cost), layer_bytes(rows * columns, sparsity, bits)))
+    for rank in sorted({full_rank_share(r, rows, columns) for r in config.ranks}):
+        if rank * (rows + columns) >= rows * columns or rank not in curves.get("rank", {}):
+            continue
+        for bits in (FLOAT, *config.bits):
+            cost = curves["rank"][rank] + curves["bits"].get(bits, 0.0)
+            options.append(Option(0.0, bits, max(0.0, cost), factorized_bytes(rows, columns, rank, bits), rank))
     return options
 
 
@@ -151,7 +182,7 @@ def _curves(result: Any, names: list[str]) -> dict[str, dict[str, dict[float, fl
     the error: it moves smoothly where the error does not)."""
     stage = result.report.stages[0]
     base = stage.metrics["loss"]
-    curves: dict[str, dict[str, dict[float, float]]] = {name: {"sparsity": {}, "bits": {}} for name in names}
+    curves: dict[str, dict[str, dict[float, float]]] = {name: {"sparsity": {}, "bits": {}, "rank": {}} for name in names}
     for row in stage.layers:
         curves[row["layer"]][row["technique"]][row["level"]] = row["loss"] - base
     return curves
@@ -167,7 +198,8 @@ def auto_compress(model: nn.Module, data: Any, config: BudgetConfig | dict, task
     config = BudgetConfig.coerce(config, where="auto_compress")
     chosen = select_modules(model, config.layers, default_types=("Linear", "Conv2d"))
     names = [name for name, _ in chosen]
-    weights = {name: module.weight.numel() for name, module in chosen}
+    shapes = {name: (int(module.weight.shape[0]), int(module.weight[0].numel())) for name, module in chosen}
+    weights = {name: rows * columns for name, (rows, columns) in shapes.items()}
     selected = {f"{name}.weight" for name in names}
     fixed = HEADER_BYTES + sum(4 * t.numel() for key, t in model.state_dict().items() if key not in selected and t.is_floating_point())
     measured = sensitivity(
@@ -177,6 +209,7 @@ def auto_compress(model: nn.Module, data: Any, config: BudgetConfig | dict, task
             "sparsities": config.sparsities,
             "bits": config.bits,
             "bits_scheme": "uniform",  # the better predictor of the fine-tuned k-means plan (see BudgetConfig)
+            "ranks": () if config.uniform else config.ranks,
             "layers": config.layers,
             "eval_limit": config.eval_limit,
             "split": config.sensitivity_split,
@@ -186,8 +219,12 @@ def auto_compress(model: nn.Module, data: Any, config: BudgetConfig | dict, task
     if "loss" not in measured.report.stages[0].metrics:
         raise ConfigError("auto_compress reads the task's loss from the sensitivity report; this task reports none")
     curves = _curves(measured, names)
-    options = {name: layer_options(curves[name], weights[name], config) for name in names}
+    for name, module in chosen:  # factorize's SVD forms: a Linear, an ungrouped convolution
+        if not (isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1)):
+            curves[name]["rank"] = {}
+    options = {name: layer_options(curves[name], shapes[name], config) for name in names}
     correction, rounds = 1.0, []
+    tried: list[tuple[int, dict[str, Option]]] = []
     best: tuple[Any, dict[str, Option]] | None = None
     last: tuple[Any, dict[str, Option]] | None = None
     for round_index in range(config.rounds):
@@ -195,6 +232,9 @@ def auto_compress(model: nn.Module, data: Any, config: BudgetConfig | dict, task
         if available <= 0:
             raise TorchslimError(f"target_size {config.target_size:,} bytes: the tensors left whole (biases, norms) and the header already take {fixed:,}")
         plan = allocate(options, available, config.uniform)
+        if any(plan == earlier for _, earlier in tried):
+            break  # the corrected size model chose a plan already run: running it again would give the same file
+        tried.append((round_index, plan))
         result = compress(model, _recipe(plan, config), data, task=task, latency=False, progress=progress)
         actual = _file_bytes(result)
         predicted = fixed + sum(o.size for o in plan.values())
@@ -216,6 +256,7 @@ def auto_compress(model: nn.Module, data: Any, config: BudgetConfig | dict, task
                 "layer": name,
                 "weights": weights[name],
                 "sparsity": plan[name].sparsity,
+                "rank": plan[name].rank or None,
                 "bits": plan[name].bits,
                 "predicted_bytes": round(plan[name].size),
                 "predicted_loss_rise": round(plan[name].cost, 5),
@@ -244,21 +285,27 @@ def _file_bytes(result: Any) -> int:
 
 
 def _recipe(plan: dict[str, Option], config: BudgetConfig) -> dict[str, Any]:
-    """The recipe that carries out an allocation."""
-    final = max(o.sparsity for o in plan.values())
+    """The recipe that carries out an allocation: the factorized layers first (SVD, as their sensitivity was
+    measured; fine-tuned), then the pruned ones, then weight sharing of every quantized layer (both factors of a
+    factorized one)."""
     stages: list[dict[str, Any]] = []
-    if final > 0:
+    factorized = {name: o.rank for name, o in plan.items() if o.rank}
+    if factorized:
+        stages.append({"factorize": {"method": "svd", "overrides": factorized, "layers": {"include": list(factorized)}, "finetune": dict(config.finetune)}})
+    pruned = {name: o.sparsity for name, o in plan.items() if o.sparsity > 0}
+    if pruned:
+        final = max(pruned.values())
         steps = [round(final * (k + 1) / config.prune_steps, 4) for k in range(config.prune_steps)]
-        overrides = {name: o.sparsity for name, o in plan.items()}
-        stages.append({"prune": {"scope": "layer", "sparsity": steps, "overrides": overrides, "finetune": dict(config.finetune)}})
-    quantized = {name: o for name, o in plan.items() if o.bits < FLOAT}
+        stages.append(
+            {"prune": {"scope": "layer", "sparsity": steps, "overrides": pruned, "layers": {"include": list(pruned)}, "finetune": dict(config.finetune)}}
+        )
+    quantized = {part: o.bits for name, o in plan.items() if o.bits < FLOAT for part in ((f"{name}.0", f"{name}.1") if o.rank else (name,))}
     if quantized:
-        base = min(o.bits for o in quantized.values())
         stages.append(
             {
                 "quantize": {
-                    "weights": {"scheme": "kmeans", "bits": base},
-                    "overrides": {name: {"bits": o.bits} for name, o in quantized.items()},
+                    "weights": {"scheme": "kmeans", "bits": min(quantized.values())},
+                    "overrides": {name: {"bits": bits} for name, bits in quantized.items()},
                     "layers": {"include": list(quantized)},
                     "finetune": dict(config.quantize_finetune),
                 }

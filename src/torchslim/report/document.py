@@ -150,13 +150,14 @@ def _tslim_table(info: dict[str, Any]) -> list[Block]:
 def _allocation(plan: dict[str, Any]) -> list[Block]:
     if "measure" in plan:
         return _speed_allocation(plan)
-    kind = "one (sparsity, bits) pair for every layer" if plan.get("uniform") else "per-layer sparsity and bits from sensitivity curves"
+    kind = "one (sparsity, bits) pair for every layer" if plan.get("uniform") else "per-layer sparsity or rank, and bits, from sensitivity curves"
     rounds = [[str(r["round"]), f"{r['predicted_bytes']:,}", f"{r['measured_bytes']:,}", "yes" if r["met"] else "no"] for r in plan.get("rounds", [])]
     layers = [
         [
             row["layer"],
             f"{row['weights']:,}",
             f"{row['sparsity']:.2f}",
+            str(row["rank"]) if row.get("rank") else "full",
             "float" if row["bits"] >= 32 else str(row["bits"]),
             f"{row['predicted_bytes']:,}",
             f"{row['predicted_loss_rise']:.4f}",
@@ -166,7 +167,7 @@ def _allocation(plan: dict[str, Any]) -> list[Block]:
     return [
         Block("text", text=f"Budget: {plan.get('target_size', 0):,} bytes on disk; {kind}."),
         Block("table", headers=["round", "predicted bytes", "measured bytes", "met"], rows=rounds),
-        Block("table", headers=["layer", "weights", "sparsity", "bits", "predicted bytes", "predicted loss rise"], rows=layers),
+        Block("table", headers=["layer", "weights", "sparsity", "rank", "bits", "predicted bytes", "predicted loss rise"], rows=layers),
     ]
 
 
