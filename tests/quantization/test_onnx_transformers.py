@@ -63,6 +63,7 @@ def test_static_int8_of_a_llama_keeps_its_outputs_over_batches_of_different_shap
             assert not dequantized & set(node.input), f"{node.op_type} {node.name} reads an int8 tensor"
     matmuls = [n for n in graph.node if n.op_type == "MatMul"]
     assert any(dequantized & set(n.input) for n in matmuls)
+    assert any("kept float: inputs whose tokens" in note and "below 20 dB" in note for note in result.report.stages[0].notes)  # checked by default
     reloaded = ts.load(tmp_path / "int8.onnx")
     torch.testing.assert_close(reloaded(**data[0]), engine(**data[0]))
     metrics = ts.evaluate(engine, data, task="language-modeling")
@@ -137,3 +138,28 @@ def test_transformers_get_per_token_int8_by_default_and_it_reloads(tmp_path):
     torch.testing.assert_close(ts.load(path)(**data[0]), engine(**data[0]))
     with pytest.raises(ts.ConfigError, match="per_token activation scales are computed at run time"):
         ts.quantize(model, {"method": "onnxruntime", "per_token": True}, data=data, path=tmp_path / "static.onnx")
+
+
+def test_static_int8_keeps_float_the_product_whose_tokens_one_grid_would_erase(tmp_path):
+    torch.manual_seed(0)
+    # a user's model: the first product reads tokens of very different sizes, the second reads them normalized
+    model = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.LayerNorm(48), torch.nn.GELU(), torch.nn.Linear(48, 10)).eval()
+    x = torch.randn(8, 16, 64) * torch.logspace(-2, 2, 16).reshape(1, 16, 1)
+    with torch.no_grad():
+        reference = model(x)
+    worst, notes = {}, {}
+    for threshold in (0, 20):
+        path = tmp_path / f"{threshold}.onnx"
+        config = {"method": "onnxruntime", "float_below_db": threshold, "calibration_batches": 4, "weight_matmuls_only": True}
+        result = ts.quantize(model, config, data=[x[i : i + 2] for i in range(0, 8, 2)], example_input=x[:1], path=path)
+        worst[threshold] = float(F.cosine_similarity(result.model(x), reference, dim=-1).min())
+        notes[threshold] = result.report.stages[0].notes
+        graph = onnx.load(str(path)).graph
+        dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+        products = [n for n in graph.node if n.op_type in ("MatMul", "Gemm")]
+        assert len(products) == 2
+        assert [bool(dequantized & {n.input[0]}) for n in products] == ([True, True] if threshold == 0 else [False, True])
+    assert any(note.startswith("1 product kept float") for note in notes[20]) and not any("kept float" in note for note in notes[0])
+    assert worst[20] > 0.999 and worst[0] < 0.99, worst  # one grid for all tokens rounds the smallest to nothing
+    with pytest.raises(ts.ConfigError, match="float_below_db chooses products a static calibration would round badly"):
+        ts.quantize(model, {"method": "onnxruntime", "mode": "dynamic", "float_below_db": 20}, example_input=x[:1], path=tmp_path / "d.onnx")

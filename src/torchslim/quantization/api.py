@@ -38,7 +38,7 @@ from torchslim.core.report import Report, Result, Stage
 from torchslim.data.sources import DataSource, as_source
 from torchslim.export.onnx import OnnxModule
 from torchslim.quantization.observers import OBSERVERS
-from torchslim.quantization.onnx_static import OnnxInt8Config, quantize_onnx
+from torchslim.quantization.onnx_static import OnnxInt8Config, float_products, quantize_onnx
 from torchslim.quantization.qat import QATConfig, calibrate_qat, export_qat_onnx, prepare_qat
 from torchslim.quantization.weight_only import WeightOnlyConfig, quantize_weights
 from torchslim.tasks.base import Task, resolve_task
@@ -179,11 +179,20 @@ def _onnxruntime(model: nn.Module, config: OnnxInt8Config, context: _Context) ->
     with tempfile.TemporaryDirectory() as folder:
         path = quantize_onnx(model, context.example, batches, _output_path(context, folder), config)
         engine = OnnxModule(path, threads=context.threads)
+    notes = []
     if config.mode == "static":
         how = f"static int8 ({config.calibration} calibration, {config.activations} activations)"
+        kept = float_products(engine.onnx_bytes)
+        if kept is not None:
+            products = kept["products"]
+            named = ", ".join(f"{name} ({db:.1f} dB)" for name, db in sorted(products.items(), key=lambda item: item[1])[:6])
+            notes.append(
+                f"{len(products)} product{'' if len(products) == 1 else 's'} kept float: inputs whose tokens, rounded to one grid per tensor, "
+                f"keep a median SQNR below {kept['threshold_db']:g} dB" + (f" (lowest: {named}{', ...' if len(products) > 6 else ''})" if products else "")
+            )
     else:
         how = f"dynamic int8 ({'per-token' if config.uses_per_token(isinstance(context.example, dict)) else 'per-tensor'} activation scales)"
-    return engine, _stage([f"ONNX Runtime quantizer: {how}"], f"ONNX Runtime, {how}", engine)
+    return engine, _stage([f"ONNX Runtime quantizer: {how}", *notes], f"ONNX Runtime, {how}", engine)
 
 
 @quantization_method("native-int8", NativeInt8Config, needs_data=True, engine=lambda config: True)
