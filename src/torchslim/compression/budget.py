@@ -41,8 +41,8 @@ class BudgetConfig(Config):
     take (0 and 32 = unpruned / float are always allowed). ``uniform``: one pair for all layers. ``prune_steps`` and
     ``finetune``: the pruning schedule's steps and the training after each; ``quantize_finetune``: centroid training;
     ``rounds``: allocations tried while the file misses the budget; ``eval_limit``: examples evaluated per
-    sensitivity measurement, on ``sensitivity_split`` ("eval", or "train" so that the allocation never sees the
-    data the result is tested on). The bit widths' sensitivity is measured with uniform levels per output channel,
+    sensitivity measurement, on ``sensitivity_split`` ("train", the default, so that the allocation never sees the
+    data the result is tested on; or "eval"). The bit widths' sensitivity is measured with uniform levels per output channel,
     although the plan shares k-means centroids: one-shot k-means on a layer costs almost no loss (at high sparsity it
     can lower it), so allocations measured that way chose 2 bits that cost 2 to 4 points of error once fine-tuned
     (LeNet-300-100, benchmarks.budget); the uniform levels' harsher curve steers away from them. ``ranks``: the
@@ -62,7 +62,7 @@ class BudgetConfig(Config):
     quantize_finetune: dict[str, Any] = dataclasses.field(default_factory=lambda: {"epochs": 1, "optimizer": "adam", "lr": 3e-5, "eval_every_epoch": False})
     rounds: int = 3
     eval_limit: int | None = 1024
-    sensitivity_split: str = "eval"
+    sensitivity_split: str = "train"
 
     def validate(self) -> None:
         check(self.target_size > 0, f"target_size must be a positive number of bytes, got {self.target_size}")

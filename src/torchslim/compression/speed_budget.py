@@ -53,8 +53,8 @@ class SpeedBudgetConfig(Config):
     dense model's there. ``ratios``: the shares of a set's channels it may lose (0 is always allowed); ``importance``,
     ``round_to``, ``layers`` and ``prune_residual`` as in ``prune_channels``; ``uniform``: one ratio for every set;
     ``finetune``: training after the channels go (``None``: none); ``rounds``: allocations tried while the budget is
-    missed; ``eval_limit``: evaluation examples per sensitivity measurement, on ``sensitivity_split`` ("eval", or
-    "train" so that the allocation never sees the data the result is tested on); ``timing_rounds`` x ``timing_runs``: the
+    missed; ``eval_limit``: evaluation examples per sensitivity measurement, on ``sensitivity_split`` ("train", the
+    default, so that the allocation never sees the data the result is tested on; or "eval"); ``timing_rounds`` x ``timing_runs``: the
     interleaved timing of each latency measurement."""
 
     target_macs: float = 0.0
@@ -70,7 +70,7 @@ class SpeedBudgetConfig(Config):
     finetune: dict[str, Any] | None = dataclasses.field(default_factory=lambda: {"epochs": 2, "lr": 0.01, "eval_every_epoch": False})
     rounds: int = 3
     eval_limit: int | None = 512
-    sensitivity_split: str = "eval"
+    sensitivity_split: str = "train"
     timing_rounds: int = 5
     timing_runs: int = 20
     threads: int | None = 2
