@@ -135,6 +135,28 @@ def test_a_budget_the_model_keeps_missing_ends_with_the_closest_plan_and_says_so
     assert "missed" in result.report.stages[-1].notes[-1]
 
 
+def test_a_budget_every_round_misses_is_tried_with_the_most_pruned_plan_before_it_is_called_missed(trained, monkeypatch):
+    """Finished models that cost 30% more than the table predicts (as a small model's latency can): the one round
+    allowed misses, and the most-pruned plan, which fits even so, is measured and kept."""
+    from torchslim.compression import speed_budget
+
+    model, data = trained
+    real = speed_budget._Cost.of
+
+    def dearer(self, models):
+        costs = real(self, models)
+        if "pruned" in models:
+            costs["pruned"] *= 1.3
+        return costs
+
+    monkeypatch.setattr(speed_budget._Cost, "of", dearer)
+    result = auto_narrow(model, data, {"target_macs": 0.3, "finetune": None, "ratios": [0.5, 0.75], "rounds": 1}, progress=False)
+    allocation = result.report.artifacts["allocation"]
+    assert [r["met"] for r in allocation["rounds"]] == [False, True]
+    assert allocation["chosen_round"] == 2 and {row["set"]: row["ratio"] for row in allocation["sets"]} == {"fc1": 0.75, "fc2": 0.75}
+    assert "met" in result.report.stages[-1].notes[-1] and "missed" not in result.report.stages[-1].notes[-1]
+
+
 def test_a_set_named_wrongly_is_refused_with_the_sets_there_are(trained):
     model, data = trained
     with pytest.raises(ConfigError, match="no set of channels named 'fc9'; the sets: fc1, fc2"):

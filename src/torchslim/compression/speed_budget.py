@@ -15,7 +15,8 @@ predicted loss of quality.
 4. The plan runs as a recipe (channels removed, then fine-tuning) and the result is measured the same way (latency
    timed side by side with the dense model). While it misses the budget, the budget given to the allocation is
    tightened by how far the prediction was off and the allocation repeated (a plan far under the budget loosens it
-   the same way); the last plan that met it is kept.
+   the same way); the last plan that met it is kept. When every round misses, the most-pruned plan (every set at its
+   largest ratio) is measured too before the budget is called missed.
 
 Example:
     >>> import torchslim as ts
@@ -185,15 +186,16 @@ def auto_narrow(
             + (f" (each set measured alone on {config.backend}: this model's time there is mostly not in its channels)" if config.measure == "latency" else "")
             + "; allow larger ratios or a looser target"
         )
-    offset, rounds = 0.0, []  # offset: how far the model's log cost was off, corrected round by round
+    offset = 0.0  # how far the model's log cost was off, corrected round by round
+    rounds: list[dict[str, Any]] = []
     best = last = None
     tried: list[dict[str, float]] = []
-    for index in range(config.rounds):
-        available = max(math.log(config.target) - offset, floor)  # corrected past the floor: the most the sets allow
-        plan = allocate(options, available, uniform=True) if config.uniform else allocate_exact(options, available)
+
+    def attempt(plan: dict[str, Option]) -> tuple[Any, dict[str, Option], float] | None:
+        """Carry out ``plan`` and measure it (None: the same ratios were measured already)."""
         ratios = {name: option.sparsity for name, option in plan.items() if option.sparsity > 0}
         if ratios in tried:
-            break  # the corrected budget picks a plan already measured: nothing new to try
+            return None
         tried.append(ratios)
         recipe = {
             "name": f"{config.measure}-budget-{config.target:g}{'-uniform' if config.uniform else ''}",
@@ -203,15 +205,28 @@ def auto_narrow(
         measured = cost.of({"pruned": result.model})
         ratio = measured["pruned"] / measured["dense"]  # side by side with the dense model, as the budget is stated
         predicted = math.exp(sum(option.size for option in plan.values()))
-        met = ratio <= config.target
-        rounds.append({"round": index + 1, "predicted": predicted, "ratio": ratio, "measured": ratio * dense, "met": met})
-        last = (result, plan, ratio)
-        if met:
+        rounds.append({"round": len(rounds) + 1, "predicted": predicted, "ratio": ratio, "measured": ratio * dense, "met": ratio <= config.target})
+        return result, plan, ratio
+
+    for _ in range(config.rounds):
+        available = max(math.log(config.target) - offset, floor)  # corrected past the floor: the most the sets allow
+        outcome = attempt(allocate(options, available, uniform=True) if config.uniform else allocate_exact(options, available))
+        if outcome is None:
+            break  # the corrected budget picks a plan already measured: nothing new to try
+        last = outcome
+        if rounds[-1]["met"]:
             best = last
-            if ratio >= SLACK * config.target:
+            if outcome[2] >= SLACK * config.target:
                 break  # close enough to the budget: little left to spend
         # the model corrected by what was measured, both ways (a plan far under the budget loosens it)
-        offset += math.log(ratio / predicted) + (math.log(1.02) if not met else 0.0)
+        offset += math.log(outcome[2] / rounds[-1]["predicted"]) + (math.log(1.02) if not rounds[-1]["met"] else 0.0)
+    if best is None and not config.uniform:
+        # every round missed: the most-pruned plan (every set at its largest ratio, what uniform would end on) is
+        # measured before the budget is called missed
+        outcome = attempt(allocate_exact(options, floor))
+        if outcome is not None:
+            last = outcome
+            best = outcome if rounds[-1]["met"] else None
     result, plan, achieved = best if best is not None else last  # type: ignore[misc]
     chosen = next(r for r in reversed(rounds) if r["met"]) if best is not None else rounds[-1]
     unit = "MACs" if config.measure == "macs" else f"ms on {config.backend} at batch {config.batch_size}"
