@@ -84,11 +84,27 @@ def test_a_ratio_is_met_and_layers_that_would_not_shrink_are_left_and_named():
         ({"rank": 4, "energy": 0.9}, "at most one of rank, energy or ratio"),
         ({"energy": 1.5}, "energy must be in"),
         ({"rank": 2, "method": "cp"}, "method must be one of"),
+        ({"rank_shares": {"0": 1.5}}, r"rank_shares\['0'\] must be a fraction of the layer's full rank"),
+        ({"rank_shares": {"0": 0.5}, "overrides": {"0": 2}}, "'0' is in both overrides and rank_shares"),
     ],
 )
 def test_bad_configs_are_named(config, message):
     with pytest.raises(ts.ConfigError, match=message):
         ts.factorize(nn.Sequential(nn.Linear(4, 4)), config, example_input=torch.zeros(1, 4))
+
+
+def test_a_rank_share_follows_the_width_the_layer_has_when_the_stage_runs():
+    """A share of the full rank: 1/4 of a 64 x 32 layer is rank 8, and of the same layer after pruning left it 64 x 16,
+    rank 4; a conv's share counts its filters against its flattened kernel."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
+    x = torch.randn(2, 32)
+    assert ts.factorize(model, {"rank_shares": {"0": 0.25}, "layers": {"include": ["0"]}}, example_input=x).model[0][0].out_features == 8
+    narrower = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 10))
+    assert ts.factorize(narrower, {"rank_shares": {"0": 0.25}, "layers": {"include": ["0"]}}, example_input=x[:, :16]).model[0][0].out_features == 4
+    conv = nn.Sequential(nn.Conv2d(8, 16, 3))
+    result = ts.factorize(conv, {"rank_shares": {"0": 0.5}, "method": "svd"}, example_input=torch.randn(1, 8, 6, 6))
+    assert result.model[0][0].out_channels == 8  # min(16, 8 * 3 * 3) = 16, half of it
 
 
 def test_a_pruned_model_must_be_made_permanent_first():

@@ -47,7 +47,7 @@ def test_a_macs_budget_is_met_with_per_set_ratios_at_least_as_good_as_one_ratio(
     target = 0.3
     outcomes = {}
     for uniform in (False, True):
-        result = auto_narrow(model, data, {"target_macs": target, "finetune": TUNE, "uniform": uniform}, progress=False)
+        result = auto_narrow(model, data, {"target_macs": target, "finetune": TUNE, "uniform": uniform, "ranks": []}, progress=False)
         allocation = result.report.artifacts["allocation"]
         chosen = next(r for r in allocation["rounds"] if r["round"] == allocation["chosen_round"])
         macs = count_macs(result.model, data.test.inputs[:1])["total"]
@@ -106,9 +106,12 @@ def test_compress_target_macs_from_the_command_line(trained, tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out)
     allocation = printed["report"]["artifacts"]["allocation"]
     assert allocation["measure"] == "macs" and any(r["met"] for r in allocation["rounds"])
-    assert "Allocation to the budget" in (tmp_path / "narrow.tslim.report.html").read_text()
+    page = (tmp_path / "narrow.tslim.report.html").read_text()
+    assert "Allocation to the budget" in page
+    assert allocation["factorized"] and "layer factorized (SVD)" in page  # a rank chosen as well as channels, shown
     reloaded = ts.load(out)
-    assert reloaded.fc1.out_features < 300
+    digits = ts.data.load("digits")
+    assert count_macs(reloaded, digits.test.inputs[:1])["total"] <= 0.4 * count_macs(model, digits.test.inputs[:1])["total"]
     both = ["compress", "--data", "digits", "--target-macs", "0.4", "--target-size", "20KB", "--out", str(tmp_path / "x.tslim")]
     assert main(both) == 1  # a TorchslimError: the command's own refusal
     assert "give one budget at a time, got --target-size and --target-macs" in capsys.readouterr().err
@@ -150,11 +153,37 @@ def test_a_budget_every_round_misses_is_tried_with_the_most_pruned_plan_before_i
         return costs
 
     monkeypatch.setattr(speed_budget._Cost, "of", dearer)
-    result = auto_narrow(model, data, {"target_macs": 0.3, "finetune": None, "ratios": [0.5, 0.75], "rounds": 1}, progress=False)
+    result = auto_narrow(model, data, {"target_macs": 0.3, "finetune": None, "ratios": [0.5, 0.75], "ranks": [], "rounds": 1}, progress=False)
     allocation = result.report.artifacts["allocation"]
     assert [r["met"] for r in allocation["rounds"]] == [False, True]
     assert allocation["chosen_round"] == 2 and {row["set"]: row["ratio"] for row in allocation["sets"]} == {"fc1": 0.75, "fc2": 0.75}
     assert "met" in result.report.stages[-1].notes[-1] and "missed" not in result.report.stages[-1].notes[-1]
+
+
+def test_a_macs_budget_out_of_reach_of_the_channels_is_met_by_factorizing_layers_and_the_file_loads_back(trained, tmp_path):
+    """Half of each set's channels at most leaves 35% of the MACs: 30% is out of reach by pruning alone; with ranks,
+    layers are factorized as well (after the channels go), the count meets the budget, and the saved file loads back
+    with the same outputs."""
+    model, data = trained
+    config = {"target_macs": 0.3, "ratios": [0.25, 0.5], "finetune": TUNE}
+    with pytest.raises(TorchslimError, match="out of reach: with every set at its largest ratio"):
+        auto_narrow(model, data, {**config, "ranks": []}, progress=False)
+    result = auto_narrow(model, data, config, progress=False)
+    allocation = result.report.artifacts["allocation"]
+    chosen = next(r for r in allocation["rounds"] if r["round"] == allocation["chosen_round"])
+    macs = count_macs(result.model, data.test.inputs[:1])["total"]
+    assert chosen["met"] and macs <= 0.3 * allocation["dense"] and macs == pytest.approx(chosen["measured"])
+    factorized = {row["layer"]: row["rank"] for row in allocation["factorized"]}
+    assert factorized and all(type(result.model.get_submodule(name)).__name__ == "FactorizedLinear" for name in factorized)
+    for name, rank in factorized.items():
+        assert result.model.get_submodule(name)[0].out_features == rank
+        assert f"{name} factorized to rank {rank}" in result.report.stages[-1].notes[-1]
+    assert ts.evaluate(result.model, data)["accuracy"] > 0.8
+    ts.save(result.model, tmp_path / "narrow.tslim")
+    reloaded = ts.load(tmp_path / "narrow.tslim")
+    with torch.no_grad():
+        assert torch.allclose(reloaded(data.test.inputs[:8]), result.model(data.test.inputs[:8]), atol=1e-5)
+    assert model.fc1.out_features == 300 and isinstance(model.fc1, torch.nn.Linear)  # the caller's model is left as it was
 
 
 def test_a_set_named_wrongly_is_refused_with_the_sets_there_are(trained):

@@ -145,7 +145,8 @@ def compress(
             show(stage)
         allocation = result.report.artifacts["allocation"]
         for row in allocation["layers"]:
-            console.print(f"  {row['layer']:<24} sparsity {row['sparsity']:.2f}  {row['bits']:>2} bits  ~{row['predicted_bytes']:,} bytes")
+            shape = f"rank {row['rank']}" if row.get("rank") else f"sparsity {row['sparsity']:.2f}"
+            console.print(f"  {row['layer']:<24} {shape:<15} {row['bits']:>2} bits  ~{row['predicted_bytes']:,} bytes")
     elif speed is not None:
         from torchslim.compression.speed_budget import auto_narrow
 
@@ -155,6 +156,8 @@ def compress(
         allocation = result.report.artifacts["allocation"]
         for row in allocation["sets"]:
             console.print(f"  {row['set'][:48]:<48} {row['channels']:>5} channels  {100 * row['ratio']:5.1f}% removed")
+        for row in allocation["factorized"]:
+            console.print(f"  {row['layer'][:48]:<48} factorized by SVD to rank {row['rank']}" if row["rank"] else f"  {row['layer'][:48]:<48} left whole")
         for line in result.report.stages[-1].notes[-1:]:
             console.print(f"  {line}")
     else:

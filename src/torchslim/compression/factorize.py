@@ -52,7 +52,8 @@ class FactorizeConfig(Config):
     """How to factorize. At most one of ``rank`` (every selected layer; Tucker-2 uses it for both inner widths),
     ``energy`` (keep this fraction of each layer's squared singular values; 0.9 when none is given) or ``ratio`` (the factorized layers
     together keep this fraction of the selected layers' ``by``: "parameters" or "macs"). ``overrides`` gives a layer
-    its own rank (an integer) or energy (a fraction). ``method``: "svd", "tucker2" (convolutions; Linear layers use
+    its own rank (an integer) or energy (a fraction); ``rank_shares`` gives a layer its rank as a fraction of its full
+    rank as the layer is when the stage runs (after channel pruning, of the narrower layer). ``method``: "svd", "tucker2" (convolutions; Linear layers use
     SVD) or "auto" (SVD for Linear and 1x1 convolutions, Tucker-2 for larger kernels). ``min_saving``: a layer is left
     unless its factorized form saves at least this fraction of its cost. ``layers``: which Linear / Conv2d layers."""
 
@@ -62,6 +63,7 @@ class FactorizeConfig(Config):
     by: str = "parameters"
     method: str = "auto"
     overrides: dict[str, float] = dataclasses.field(default_factory=dict)
+    rank_shares: dict[str, float] = dataclasses.field(default_factory=dict)
     layers: LayerSelector = LayerSelector()
     min_saving: float = 0.0
     tucker_iterations: int = 2
@@ -79,6 +81,9 @@ class FactorizeConfig(Config):
         for name, value in self.overrides.items():
             ok = (float(value).is_integer() and value >= 1) or 0.0 < value < 1.0
             check(ok, f"overrides[{name!r}] must be a rank (an integer >= 1) or an energy in (0, 1), got {value}")
+        for name, value in self.rank_shares.items():
+            check(0.0 < value <= 1.0, f"rank_shares[{name!r}] must be a fraction of the layer's full rank in (0, 1], got {value}")
+            check(name not in self.overrides, f"{name!r} is in both overrides and rank_shares; give it one rank")
 
 
 class FactorizedLinear(nn.Sequential):
@@ -238,10 +243,14 @@ def _conv_like(conv: nn.Conv2d, inputs: int, outputs: int, spatial: bool = False
     return nn.Conv2d(inputs, outputs, 1, bias=bias)
 
 
-def _override(config: FactorizeConfig, name: str, module: nn.Module) -> float | None:
+def _override(config: FactorizeConfig, plan: _Plan) -> list[int] | None:
+    """The layer's ranks from ``overrides`` (a rank or an energy) or ``rank_shares`` (a fraction of its full rank)."""
     for pattern, value in config.overrides.items():
-        if matches(pattern, name, module):
-            return float(value)
+        if matches(pattern, plan.name, plan.module):
+            return plan.ranks_for(float(value))
+    for pattern, share in config.rank_shares.items():
+        if matches(pattern, plan.name, plan.module):
+            return [max(1, round(share * spectrum.numel())) for spectrum in plan.spectra]
     return None
 
 
@@ -249,7 +258,7 @@ def _choose(plans: list[_Plan], config: FactorizeConfig) -> dict[str, list[int]]
     """Ranks per layer from the config. A ``ratio`` is met greedily: starting from every layer whole, each move takes
     the layer whose next cut loses the least relative energy per unit of cost saved (first to the rank where its
     factorized form breaks even, then one singular value at a time), until the selected layers fit the budget."""
-    fixed = {p.name: p.ranks_for(v) for p in plans if (v := _override(config, p.name, p.module)) is not None}
+    fixed = {p.name: ranks for p in plans if (ranks := _override(config, p)) is not None}
     if config.ratio is None:
         value = float(config.rank) if config.rank is not None else config.energy if config.energy is not None else DEFAULT_ENERGY
         return fixed | {p.name: p.ranks_for(value) for p in plans if p.name not in fixed}

@@ -18,6 +18,13 @@ predicted loss of quality.
    the same way); the last plan that met it is kept. When every round misses, the most-pruned plan (every set at its
    largest ratio) is measured too before the budget is called missed.
 
+With ``ranks``, each Linear / ungrouped Conv2d layer may also be factorized by SVD (two thinner layers, see
+``factorize``) at each rank: that layer factorized alone is measured the same way (loss rise, MACs or latency), and
+its ranks are further choices of the set of its own outputs (channels or a rank: both cut the same layer, and the
+product of their factors would count that saving twice), or one more group of the knapsack where no set is its own.
+A plan that factorizes runs the channel pruning first, then the factorization (each rank as the same share of the
+layer's full rank as measured: a layer that lost input channels gets thinner factors), then the fine-tuning.
+
 Example:
     >>> import torchslim as ts
     >>> data = ts.data.load("digits")
@@ -35,10 +42,11 @@ from typing import Any, Literal
 
 from torch import nn
 
-from torchslim.compression.budget import FLOAT, SLACK, Option, allocate, allocate_exact
+from torchslim.compression.budget import FLOAT, SLACK, Option, allocate, allocate_exact, full_rank_share
+from torchslim.compression.factorize import FactorizedConv2d, FactorizedLinear, factorize
 from torchslim.core.config import Config, ConfigError, check
 from torchslim.core.errors import TorchslimError
-from torchslim.core.selector import LayerSelector
+from torchslim.core.selector import LayerSelector, select_modules
 from torchslim.data.sources import as_source
 from torchslim.measure.counts import count_macs
 from torchslim.measure.latency import compare_latency
@@ -53,6 +61,10 @@ class SpeedBudgetConfig(Config):
     ``target_latency``: its latency on ``backend`` (eager or onnxruntime) at ``batch_size`` as a fraction of the
     dense model's there. ``ratios``: the shares of a set's channels it may lose (0 is always allowed); ``importance``,
     ``round_to``, ``layers`` and ``prune_residual`` as in ``prune_channels``; ``uniform``: one ratio for every set;
+    ``ranks``: the ranks (integers, or fractions of a layer's full rank; empty: none) each Linear / ungrouped Conv2d
+    layer among ``layers`` may be factorized to by SVD instead of, or as well as, losing channels (a rank whose
+    factors cost as much as the layer, or whose loss rise passes the harshest channel ratio's, is not offered; ignored
+    by ``uniform``);
     ``finetune``: training after the channels go (``None``: none); ``rounds``: allocations tried while the budget is
     missed; ``eval_limit``: evaluation examples per sensitivity measurement, on ``sensitivity_split`` ("train", the
     default, so that the allocation never sees the data the result is tested on; or "eval"); ``timing_rounds`` x ``timing_runs``: the
@@ -63,6 +75,7 @@ class SpeedBudgetConfig(Config):
     backend: Literal["eager", "onnxruntime"] = "eager"
     batch_size: int = 1
     ratios: tuple[float, ...] = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)
+    ranks: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3)
     importance: str = "l1"
     round_to: int | str = 1
     layers: LayerSelector = LayerSelector()
@@ -85,6 +98,8 @@ class SpeedBudgetConfig(Config):
         for name, value in (("target_macs", self.target_macs), ("target_latency", self.target_latency)):
             check(0.0 <= value < 1.0, f"{name} is a fraction of the dense model's in (0, 1), got {value}")
         check(bool(self.ratios) and all(0.0 < r < 1.0 for r in self.ratios), f"ratios must be in (0, 1), got {self.ratios}")
+        for value in self.ranks:
+            check(value > 0 and (value < 1 or float(value).is_integer()), f"ranks: each must be an integer rank or a fraction in (0, 1), got {value}")
         check(self.batch_size >= 1 and self.rounds >= 1, "batch_size and rounds must be >= 1")
         check(self.timing_rounds >= 1 and self.timing_runs >= 1, "timing_rounds and timing_runs must be >= 1")
         check_round_to(self.round_to)
@@ -106,6 +121,9 @@ class SpeedBudgetConfig(Config):
             "layers": self.layers.to_dict(),
             "prune_residual": self.prune_residual,
         }
+
+
+RANK = "rank:"  # the knapsack group of a layer's rank, next to the sets' names
 
 
 class _Cost:
@@ -166,6 +184,14 @@ def auto_narrow(
             pruned = prune_channels(model, {**structured, "sets": {name: ratio}}, data=data, example_input=example, task=task).model
             candidates[key] = pruned
             rises[key] = max(0.0, evaluate_source(pruned, source, resolved, limit=config.eval_limit, split=config.sensitivity_split)["loss"] - base["loss"])
+    layer_ranks = {} if config.uniform else _layer_ranks(model, config)
+    for name, (_, ranks) in layer_ranks.items():
+        for rank in ranks:
+            thinner = factorize(model, {"method": "svd", "overrides": {name: rank}, "layers": {"include": [name]}}, example_input=example).model
+            candidates[f"{name}#{rank}"] = thinner
+            rises[f"{name}#{rank}"] = max(
+                0.0, evaluate_source(thinner, source, resolved, limit=config.eval_limit, split=config.sensitivity_split)["loss"] - base["loss"]
+            )
     cost = _Cost(model, config, example, timing_example)
     table = cost.of(candidates)  # the per-set cost table, measured once
     del candidates
@@ -177,45 +203,77 @@ def auto_narrow(
         + [Option(r, FLOAT, rises[f"{name}@{r:g}"], min(0.0, math.log(table[f"{name}@{r:g}"] / dense))) for r in config.ratios]
         for name in sets
     }
+    # a layer's ranks, offered only where they cost less than the layer and do no more harm than the harshest channel
+    # ratio offered (a classifier at rank 1 would be a knapsack's last resort, not a compression)
+    harshest = max(rises[f"{name}@{r:g}"] for name in sets for r in config.ratios)
+    for name, (_, ranks) in layer_ranks.items():
+        factored = [
+            Option(0.0, FLOAT, rises[f"{name}#{r}"], math.log(table[f"{name}#{r}"] / dense), r)
+            for r in ranks
+            if table[f"{name}#{r}"] < dense and rises[f"{name}#{r}"] <= harshest
+        ]
+        if factored and name in options:
+            # the set of this layer's own outputs: its ranks are further choices of that set (channels or a rank, not
+            # both: both cut the same layer, and the product of their factors would count that saving twice)
+            options[name] += factored
+        elif factored:
+            options[f"{RANK}{name}"] = [Option(0.0, FLOAT, 0.0, 0.0), *factored]  # one more group of the knapsack
     floor = sum(min(option.size for option in choices) for choices in options.values())
     reach = math.exp(floor)
     if reach > config.target:
         raise TorchslimError(
             f"auto_narrow: a {config.measure} budget of {config.target:g} of the dense model's is out of reach: with every set at its largest "
-            f"ratio ({max(config.ratios):g}) the model is predicted at {reach:.3f} of it"
+            f"ratio ({max(config.ratios):g}){' and every layer at its lowest rank' if layer_ranks else ''} the model is predicted at {reach:.3f} of it"
             + (f" (each set measured alone on {config.backend}: this model's time there is mostly not in its channels)" if config.measure == "latency" else "")
-            + "; allow larger ratios or a looser target"
+            + f"; allow larger ratios{' or lower ranks' if layer_ranks else ''} or a looser target"
         )
     offset = 0.0  # how far the model's log cost was off, corrected round by round
     rounds: list[dict[str, Any]] = []
     best = last = None
-    tried: list[dict[str, float]] = []
+    tried: list[tuple[dict[str, float], dict[str, int]]] = []
 
     def attempt(plan: dict[str, Option]) -> tuple[Any, dict[str, Option], float] | None:
-        """Carry out ``plan`` and measure it (None: the same ratios were measured already)."""
-        ratios = {name: option.sparsity for name, option in plan.items() if option.sparsity > 0}
-        if ratios in tried:
-            return None
-        tried.append(ratios)
-        recipe = {
-            "name": f"{config.measure}-budget-{config.target:g}{'-uniform' if config.uniform else ''}",
-            "stages": [{"prune-channels": {**structured, "sets": ratios, **({"finetune": dict(config.finetune)} if config.finetune else {})}}],
-        }
+        """Carry out ``plan`` and measure it (None: the same ratios and ranks were measured already, or none)."""
+        ratios = {name: option.sparsity for name, option in plan.items() if name in sets and option.sparsity > 0}
+        factored = {name.removeprefix(RANK): option.rank for name, option in plan.items() if option.rank}
+        if (ratios, factored) in tried or not (ratios or factored):
+            return None  # measured already, or nothing removed (a budget below the dense cost is not met by timing noise)
+        tried.append((ratios, factored))
+        # each rank as a share of the layer's full rank: on a layer that also loses channels, the factors narrow with it
+        shares = {name: rank / layer_ranks[name][0] for name, rank in factored.items()}
+        finetune = {"finetune": dict(config.finetune)} if config.finetune else {}
+        stages: list[dict[str, Any]] = []
+        if ratios or not factored:
+            stages.append({"prune-channels": {**structured, "sets": ratios, **({} if factored else finetune)}})
+        if factored:  # after the channels go: ranks as measured on the whole layers, then the fine-tuning
+            stages.append({"factorize": {"method": "svd", "rank_shares": shares, "layers": {"include": list(factored)}, **finetune}})
+        recipe = {"name": f"{config.measure}-budget-{config.target:g}{'-uniform' if config.uniform else ''}", "stages": stages}
         result = compress(model, recipe, data, task=task, latency=False, progress=progress)
         measured = cost.of({"pruned": result.model})
         ratio = measured["pruned"] / measured["dense"]  # side by side with the dense model, as the budget is stated
         predicted = math.exp(sum(option.size for option in plan.values()))
-        rounds.append({"round": len(rounds) + 1, "predicted": predicted, "ratio": ratio, "measured": ratio * dense, "met": ratio <= config.target})
+        rounds.append(
+            {
+                "round": len(rounds) + 1,
+                "predicted": predicted,
+                "ratio": ratio,
+                "measured": ratio * dense,
+                "met": ratio <= config.target,
+                "sets": ratios,
+                "ranks": {name: _rank(result.model, name) for name in factored},
+            }
+        )
         return result, plan, ratio
 
     for _ in range(config.rounds):
         available = max(math.log(config.target) - offset, floor)  # corrected past the floor: the most the sets allow
         outcome = attempt(allocate(options, available, uniform=True) if config.uniform else allocate_exact(options, available))
         if outcome is None:
-            break  # the corrected budget picks a plan already measured: nothing new to try
+            break  # the corrected budget picks a plan already measured, or one that removes nothing: nothing new to try
         last = outcome
         if rounds[-1]["met"]:
-            best = last
+            if best is None or outcome[2] > best[2]:
+                best = last  # of the plans that met the budget, the one that spends most of it
             if outcome[2] >= SLACK * config.target:
                 break  # close enough to the budget: little left to spend
         # the model corrected by what was measured, both ways (a plan far under the budget loosens it)
@@ -223,12 +281,13 @@ def auto_narrow(
     if best is None and not config.uniform:
         # every round missed: the most-pruned plan (every set at its largest ratio, what uniform would end on) is
         # measured before the budget is called missed
-        outcome = attempt(allocate_exact(options, floor))
+        channels = {name: [option for option in choices if not option.rank] for name, choices in options.items()}
+        outcome = attempt(allocate_exact(channels, sum(min(option.size for option in choices) for choices in channels.values())))
         if outcome is not None:
             last = outcome
             best = outcome if rounds[-1]["met"] else None
     result, plan, achieved = best if best is not None else last  # type: ignore[misc]
-    chosen = next(r for r in reversed(rounds) if r["met"]) if best is not None else rounds[-1]
+    chosen = max((r for r in rounds if r["met"]), key=lambda r: r["ratio"]) if best is not None else rounds[-1]
     unit = "MACs" if config.measure == "macs" else f"ms on {config.backend} at batch {config.batch_size}"
     result.report.artifacts["allocation"] = {
         "measure": config.measure,
@@ -242,10 +301,21 @@ def auto_narrow(
                 "set": name,
                 "channels": sets[name],
                 "ratio": plan[name].sparsity,
-                "predicted_loss_rise": round(plan[name].cost, 5),
-                "predicted_factor": round(math.exp(plan[name].size), 4),
+                "predicted_loss_rise": round(0.0 if plan[name].rank else plan[name].cost, 5),
+                "predicted_factor": round(1.0 if plan[name].rank else math.exp(plan[name].size), 4),
             }
             for name in sets
+        ],
+        "factorized": [
+            {
+                "layer": name,
+                "rank": chosen["ranks"][name],  # in the model (None: the layer, narrowed by pruning, was left whole)
+                "rank_measured": option.rank,  # on the whole layer, as its loss rise and factor were measured
+                "predicted_loss_rise": round(option.cost, 5),
+                "predicted_factor": round(math.exp(option.size), 4),
+            }
+            for name in layer_ranks
+            if (option := plan.get(f"{RANK}{name}") or plan.get(name)) is not None and option.rank
         ],
         "rounds": rounds,
         "chosen_round": chosen["round"],
@@ -254,8 +324,42 @@ def auto_narrow(
     result.report.stages[-1].notes.append(
         f"budget {config.target:g} of the dense model's {config.measure} {'met' if chosen['met'] else 'missed'}: {achieved:.3f} "
         f"({_amount(chosen['measured'], config)} against {_amount(dense, config)} {unit}; round {chosen['round']} of {len(rounds)})"
+        + "".join(
+            f"; {row['layer']} factorized to rank {row['rank']}" if row["rank"] else f"; {row['layer']} left whole (too narrow after pruning to gain)"
+            for row in result.report.artifacts["allocation"]["factorized"]
+        )
     )
     return result
+
+
+def _layer_ranks(model: nn.Module, config: SpeedBudgetConfig) -> dict[str, tuple[int, list[int]]]:
+    """Each selected Linear / ungrouped Conv2d layer's full rank and the integer ranks it may be factorized to (those
+    whose two factors hold fewer weights than the layer)."""
+    if not config.ranks:
+        return {}
+    found = {}
+    for name, module in select_modules(model, config.layers, default_types=("Linear", "Conv2d")):
+        if not (isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1)):
+            continue
+        weight = module.weight
+        rows, columns = weight.shape[0], weight[0].numel()
+        ranks = sorted({full_rank_share(r, rows, columns) for r in config.ranks} - {0})
+        kept = [rank for rank in ranks if rank * (rows + columns) < rows * columns]
+        if kept:
+            found[name] = (min(rows, columns), kept)
+    return found
+
+
+def _rank(model: nn.Module, name: str) -> int | None:
+    """The rank of layer ``name`` in ``model`` as factorized (None: left whole)."""
+    module = model.get_submodule(name)
+    if not isinstance(module, (FactorizedLinear, FactorizedConv2d)):
+        return None
+    first = module[0]
+    if isinstance(first, nn.Linear):
+        return first.out_features
+    assert isinstance(first, nn.Conv2d)
+    return first.out_channels
 
 
 def _amount(value: float, config: SpeedBudgetConfig) -> str:

@@ -183,11 +183,25 @@ def _speed_allocation(plan: dict[str, Any]) -> list[Block]:
         [row["set"], str(row["channels"]), f"{row['ratio']:.3f}", f"{row['predicted_factor']:.3f}", f"{row['predicted_loss_rise']:.4f}"]
         for row in plan.get("sets", [])
     ]
-    return [
+    factorized = [
+        [
+            row["layer"],
+            str(row["rank"]) if row["rank"] else "left whole",
+            str(row["rank_measured"]),
+            f"{row['predicted_factor']:.3f}",
+            f"{row['predicted_loss_rise']:.4f}",
+        ]
+        for row in plan.get("factorized", [])
+    ]
+    blocks = [
         Block("text", text=f"Budget: {plan['target']:g} of the dense model's {plan['measure']} ({plan['dense']:,.4g} {unit}); {kind}."),
         Block("table", headers=["round", "predicted fraction", "measured fraction", "measured", "met"], rows=rounds),
         Block("table", headers=["channel set", "channels", "ratio removed", "predicted factor (alone)", "predicted loss rise"], rows=sets),
     ]
+    if factorized:
+        headers = ["layer factorized (SVD)", "rank", "rank as measured (whole layer)", "predicted factor (alone)", "predicted loss rise"]
+        blocks.append(Block("table", headers=headers, rows=factorized))
+    return blocks
 
 
 def _environment(report: Report) -> Block:
