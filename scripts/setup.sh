@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
-python3 -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev]"
+python3 -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev,bench]"
 python3 - <<'PY'
 import torch
 assert torch.__version__.startswith("2.13.0"), f"expected torch 2.13.0, found {torch.__version__}"
