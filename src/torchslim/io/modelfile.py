@@ -300,6 +300,9 @@ def load_model(path: str | os.PathLike[str], trust_factory: bool | str = False, 
     return model.to(device) if device is not None else model
 
 
+ALIGNMENT = 64  # bytes: a cache line, and the widest vector load
+
+
 def load_state(model: nn.Module, tensors: dict[str, torch.Tensor], where: str, cast: bool = False) -> None:
     """Load ``tensors`` into ``model``, with an error naming ``where`` when names, shapes or dtypes do not fit
     (``cast``: floating-point tensors of a user's weights file take the architecture's float dtype instead)."""
@@ -316,6 +319,10 @@ def load_state(model: nn.Module, tensors: dict[str, torch.Tensor], where: str, c
                 tensors = {**tensors, name: tensor.to(expected[name].dtype)}
                 continue
             raise TorchslimError(f"{where}: {name} is {tensor.dtype}, the architecture holds {expected[name].dtype}")
+    # a tensor read from a file can start anywhere in its buffer; CPU kernels choose their code path (and so the order
+    # of their sums) by alignment, so an unaligned weight gives results that differ in the last bits from the model
+    # that was saved: each such tensor gets its own (aligned) copy
+    tensors = {name: tensor.clone() if tensor.data_ptr() % ALIGNMENT else tensor for name, tensor in tensors.items()}
     ties = tied_groups(model)  # what the architecture ties (an assigned state would untie it)
     model.load_state_dict(tensors, assign=True)
     retie(model, ties, where)
