@@ -30,7 +30,9 @@ Example:
     >>> data = ts.data.load("digits")
     >>> model = ts.models.create("lenet-300-100", in_features=64)
     >>> result = auto_narrow(model, data, {"target_macs": 0.5, "finetune": None, "ratios": [0.5, 0.75]})
-    >>> result.report.artifacts["allocation"]["rounds"][-1]["measured"] <= 0.5 * result.report.artifacts["allocation"]["dense"]
+    >>> allocation = result.report.artifacts["allocation"]
+    >>> chosen = allocation["rounds"][allocation["chosen_round"] - 1]
+    >>> chosen["met"] and chosen["measured"] <= 0.5 * allocation["dense"]
     True
 """
 
