@@ -28,7 +28,6 @@ LATENCY = {"backend": "onnxruntime", "batch_size": 64}
 ALLOCATIONS: dict[str, dict] = {"automatic": {"ranks": ()}, "uniform": {"uniform": True}, "automatic + ranks": {"ranks": (0.05, 0.1, 0.2, 0.3)}}
 # (model, measure, budget, allocation) -> the last full run's entry, for the allocations --only leaves out
 PREVIOUS: dict[tuple[str, str, float, str], dict] = {}
-KEPT_FROM: list[dict] = []  # the machine facts of the run those entries come from
 
 
 def run(name: str, data, quick: bool) -> tuple[dict, list[list[str]]]:
@@ -108,8 +107,12 @@ def main() -> None:
     options = arguments(__doc__)
     if only:
         previous = json.loads((Path(__file__).parent / "results" / "speed_budget.json").read_text())
-        saved, KEPT_FROM[:] = previous["results"], [previous["machine"]]
-        PREVIOUS.update({(n, r["measure"], r["budget"], r["allocation"]): r for n, e in saved.items() for r in e["runs"] if r["allocation"] not in only})
+        facts = {key: previous["machine"][key] for key in ("date", "cpu", "commit")}
+        for name, entry in previous["results"].items():
+            for kept in entry["runs"]:
+                if kept["allocation"] not in only:
+                    # a row kept through several --only runs keeps the machine and commit that measured it
+                    PREVIOUS[(name, kept["measure"], kept["budget"], kept["allocation"])] = {"measured_on": facts, **kept}
     data = load_mnist(options.data_root, options.quick)
     results, rows = each_model(run, data, options.quick)
     if not options.no_write:
@@ -135,10 +138,11 @@ def main() -> None:
                 notes.append(f"{name}, {measure}: {better} at least as good as {worse} at {wins} of {len(common)} budgets both reached.")
     if only:
         kept = [a for a in ALLOCATIONS if a not in only]
+        facts = {(f["date"][:10], f["cpu"], f["commit"]) for f in (r["measured_on"] for r in PREVIOUS.values())}
+        origins = "; ".join(f"{date}, {cpu}, commit {commit}" for date, cpu, commit in sorted(facts))
         notes.append(
             f"this run measured {', '.join(only)}; the rows of {', '.join(kept)} are kept from the last full run, "
-            f"which measured them with the same configuration ({KEPT_FROM[0]['date'][:10]}, {KEPT_FROM[0]['cpu']}, commit {KEPT_FROM[0]['commit']}; "
-            "each fraction measured side by side with the dense model in its own run)."
+            f"which measured them with the same configuration ({origins}; each fraction measured side by side with the dense model in its own run)."
         )
     write("speed_budget", "Automatic compression to a MACs or latency budget", results, [table], options, notes)
 

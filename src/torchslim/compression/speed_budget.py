@@ -22,8 +22,10 @@ With ``ranks``, each Linear / ungrouped Conv2d layer may also be factorized by S
 ``factorize``) at each rank: that layer factorized alone is measured the same way (loss rise, MACs or latency), and
 its ranks are further choices of the set of its own outputs (channels or a rank: both cut the same layer, and the
 product of their factors would count that saving twice), or one more group of the knapsack where no set is its own.
-A plan that factorizes runs the channel pruning first, then the factorization (each rank as the same share of the
-layer's full rank as measured: a layer that lost input channels gets thinner factors), then the fine-tuning.
+A plan that factorizes runs the channel pruning first, then the factorization (each layer at the rank it was measured
+at, so that its quality is what was measured; a layer whose inputs pruning left too few to gain from that rank stays
+whole and is named), then the fine-tuning. A rank kept on a layer whose inputs shrank costs more than the product
+model predicts; the rounds correct for it as for any miss.
 
 Example:
     >>> import torchslim as ts
@@ -241,14 +243,12 @@ def auto_narrow(
         if (ratios, factored) in tried or not (ratios or factored):
             return None  # measured already, or nothing removed (a budget below the dense cost is not met by timing noise)
         tried.append((ratios, factored))
-        # each rank as a share of the layer's full rank: on a layer that also loses channels, the factors narrow with it
-        shares = {name: rank / layer_ranks[name][0] for name, rank in factored.items()}
         finetune = {"finetune": dict(config.finetune)} if config.finetune else {}
         stages: list[dict[str, Any]] = []
         if ratios or not factored:
             stages.append({"prune-channels": {**structured, "sets": ratios, **({} if factored else finetune)}})
-        if factored:  # after the channels go: ranks as measured on the whole layers, then the fine-tuning
-            stages.append({"factorize": {"method": "svd", "rank_shares": shares, "layers": {"include": list(factored)}, **finetune}})
+        if factored:  # after the channels go: the ranks as measured on the whole layers, then the fine-tuning
+            stages.append({"factorize": {"method": "svd", "overrides": factored, "layers": {"include": list(factored)}, **finetune}})
         recipe = {"name": f"{config.measure}-budget-{config.target:g}{'-uniform' if config.uniform else ''}", "stages": stages}
         result = compress(model, recipe, data, task=task, latency=False, progress=progress)
         measured = cost.of({"pruned": result.model})
