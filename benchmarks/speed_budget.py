@@ -78,7 +78,7 @@ def _row(name: str, entry: dict) -> list[str]:
     if entry["error"] is None:
         return [name, measure, f"{entry['budget']:g}", entry["allocation"], "-", "out of reach", "-", "-"]
     plan = ", ".join(f"{key.split('+')[0]} {ratio:.3f}" for key, ratio in entry["sets"].items())
-    plan += "".join(f"; {layer} rank {rank}" for layer, rank in entry.get("factorized", {}).items())
+    plan += "".join(f"; {layer} {f'rank {rank}' if rank else 'left whole'}" for layer, rank in entry.get("factorized", {}).items())
     met = "yes" if entry["met"] else "no"
     return [name, measure + engine, f"{entry['budget']:g}", entry["allocation"], f"{entry['fraction']:.3f}", met, f"{100 * entry['error']:.2f}%", plan]
 

@@ -189,7 +189,7 @@ def auto_narrow(
             candidates[key] = pruned
             rises[key] = max(0.0, evaluate_source(pruned, source, resolved, limit=config.eval_limit, split=config.sensitivity_split)["loss"] - base["loss"])
     layer_ranks = {} if config.uniform else _layer_ranks(model, config)
-    for name, (_, ranks) in layer_ranks.items():
+    for name, ranks in layer_ranks.items():
         for rank in ranks:
             thinner = factorize(model, {"method": "svd", "overrides": {name: rank}, "layers": {"include": [name]}}, example_input=example).model
             candidates[f"{name}#{rank}"] = thinner
@@ -210,7 +210,7 @@ def auto_narrow(
     # a layer's ranks, offered only where they cost less than the layer and do no more harm than the harshest channel
     # ratio offered (a classifier at rank 1 would be a knapsack's last resort, not a compression)
     harshest = max(rises[f"{name}@{r:g}"] for name in sets for r in config.ratios)
-    for name, (_, ranks) in layer_ranks.items():
+    for name, ranks in layer_ranks.items():
         factored = [
             Option(0.0, FLOAT, rises[f"{name}#{r}"], math.log(table[f"{name}#{r}"] / dense), r)
             for r in ranks
@@ -222,7 +222,7 @@ def auto_narrow(
             options[name] += factored
         elif factored:
             options[f"{RANK}{name}"] = [Option(0.0, FLOAT, 0.0, 0.0), *factored]  # one more group of the knapsack
-    floor = sum(min(option.size for option in choices) for choices in options.values())
+    floor = _floor(options)
     reach = math.exp(floor)
     if reach > config.target:
         raise TorchslimError(
@@ -284,7 +284,7 @@ def auto_narrow(
         # every round missed: the most-pruned plan (every set at its largest ratio, what uniform would end on) is
         # measured before the budget is called missed
         channels = {name: [option for option in choices if not option.rank] for name, choices in options.items()}
-        outcome = attempt(allocate_exact(channels, sum(min(option.size for option in choices) for choices in channels.values())))
+        outcome = attempt(allocate_exact(channels, _floor(channels)))
         if outcome is not None:
             last = outcome
             best = outcome if rounds[-1]["met"] else None
@@ -334,9 +334,14 @@ def auto_narrow(
     return result
 
 
-def _layer_ranks(model: nn.Module, config: SpeedBudgetConfig) -> dict[str, tuple[int, list[int]]]:
-    """Each selected Linear / ungrouped Conv2d layer's full rank and the integer ranks it may be factorized to (those
-    whose two factors hold fewer weights than the layer)."""
+def _floor(options: dict[str, list[Option]]) -> float:
+    """The least log cost the options allow: every group at its cheapest."""
+    return sum(min(option.size for option in choices) for choices in options.values())
+
+
+def _layer_ranks(model: nn.Module, config: SpeedBudgetConfig) -> dict[str, list[int]]:
+    """The integer ranks each selected Linear / ungrouped Conv2d layer may be factorized to (those whose two factors
+    hold fewer weights than the layer)."""
     if not config.ranks:
         return {}
     found = {}
@@ -348,7 +353,7 @@ def _layer_ranks(model: nn.Module, config: SpeedBudgetConfig) -> dict[str, tuple
         ranks = sorted({full_rank_share(r, rows, columns) for r in config.ranks} - {0})
         kept = [rank for rank in ranks if rank * (rows + columns) < rows * columns]
         if kept:
-            found[name] = (min(rows, columns), kept)
+            found[name] = kept
     return found
 
 
