@@ -13,6 +13,7 @@ from benchmarks.harness import RESULTS
 BASELINE_TRAINING = {
     "lenet-300-100": {"epochs": 20, "optimizer": "sgd", "lr": 0.05, "batch_size": 64, "weight_decay": 1e-4},
     "lenet-5": {"epochs": 12, "optimizer": "sgd", "lr": 0.02, "batch_size": 64, "weight_decay": 5e-4, "warmup_epochs": 0.5, "grad_clip": 5.0},
+    "resnet20": {"epochs": 3, "optimizer": "sgd", "lr": 0.05, "batch_size": 128, "weight_decay": 1e-4, "warmup_epochs": 0.2},
 }
 
 
@@ -30,7 +31,7 @@ def trained_baseline(name: str, data, quick: bool) -> nn.Module:
     config = dict(BASELINE_TRAINING[name], eval_every_epoch=False)
     if quick:
         config["epochs"] = 1
-    model = ts.train(ts.models.create(name), data, config, progress=False).model
+    model = ts.train(ts.models.create_for(name, data), data, config, progress=False).model
     if not quick:
         RESULTS.mkdir(parents=True, exist_ok=True)
         ts.save(model, path)

@@ -190,3 +190,88 @@ def test_a_set_named_wrongly_is_refused_with_the_sets_there_are(trained):
     model, data = trained
     with pytest.raises(ConfigError, match="no set of channels named 'fc9'; the sets: fc1, fc2"):
         ts.prune_channels(model, {"sets": {"fc9": 0.5}}, data=data)
+
+
+class UsersBlock(torch.nn.Module):
+    """A user's residual block; ``scale`` 0 makes its branch add nothing (a block a budget should remove first)."""
+
+    def __init__(self, width: int, scale: float) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(width, width, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(width, width, 3, padding=1)
+        self.scale = scale
+
+    def forward(self, x):
+        return torch.relu(x + self.scale * self.conv2(torch.relu(self.conv1(x))))
+
+
+class UsersResidualNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(1, 16, 3, padding=1)
+        self.blocks = torch.nn.Sequential(UsersBlock(16, 1.0), UsersBlock(16, 0.0), UsersBlock(16, 1.0), UsersBlock(16, 0.0))
+        self.pool = lambda x: x.mean((2, 3))
+        self.head = torch.nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.head(self.pool(self.blocks(torch.relu(self.stem(x.reshape(-1, 1, 8, 8))))))
+
+
+def test_a_budget_removes_blocks_that_cost_nothing_and_the_file_loads_back(tmp_path):
+    """A user's residual net whose blocks 1 and 3 add nothing: removing one takes a quarter of the MACs for free, so
+    a 0.6 budget is met with free choices only (a block removed; channels or ranks inside the other idle block), the
+    stream set is traced without the removed block's layers, and the saved file reloads with the same outputs. The
+    classifier is never offered a rank."""
+    torch.manual_seed(0)
+    data = ts.data.load("digits")
+    model = ts.train(UsersResidualNet(), data, {"epochs": 3, "lr": 0.05}, progress=False).model
+    result = auto_narrow(model, data, {"target_macs": 0.6, "finetune": TUNE, "ratios": [0.25, 0.5]}, progress=False)
+    allocation = result.report.artifacts["allocation"]
+    chosen = next(r for r in allocation["rounds"] if r["round"] == allocation["chosen_round"])
+    macs = count_macs(result.model, data.test.inputs[:1])["total"]
+    assert chosen["met"] and macs <= 0.6 * allocation["dense"] and macs == pytest.approx(chosen["measured"])
+    blocks = {row["block"]: row for row in allocation["blocks"]}
+    assert set(blocks) == {"blocks.0", "blocks.1", "blocks.2", "blocks.3"}
+    assert blocks["blocks.1"]["predicted_loss_rise"] == 0.0 and blocks["blocks.0"]["predicted_loss_rise"] > 0.0
+    removed = chosen["blocks_removed"]
+    assert removed and set(removed) <= {"blocks.1", "blocks.3"}  # only the idle blocks, whose removal is free
+    sets = {row["set"]: row for row in allocation["sets"]}
+    assert all(row["predicted_loss_rise"] == 0.0 for row in sets.values()) and all(row["predicted_loss_rise"] == 0.0 for row in allocation["factorized"])
+    for name in removed:
+        assert sets[f"{name}.conv1"].get("removed_with") == name
+        assert type(result.model.get_submodule(name)).__name__ == "Skip"
+    assert any(f"blocks removed: {', '.join(removed)}" in note for note in result.report.stages[-1].notes)
+    from torchslim.report.html import report_to_html
+
+    page = report_to_html(result.report)
+    assert "predicted factor (removed alone)" in page and f"gone with {removed[0]}" in page
+    assert "head" not in {row["layer"] for row in allocation["factorized"]}
+    assert ts.evaluate(result.model, data)["accuracy"] >= ts.evaluate(model, data)["accuracy"] - 0.05
+    ts.save(result.model, tmp_path / "shallow.tslim", factory="tests.compression.test_speed_budget:UsersResidualNet")
+    reloaded = ts.load(tmp_path / "shallow.tslim", trust_factory=True)
+    with torch.no_grad():
+        assert torch.allclose(reloaded(data.test.inputs[:8]), result.model(data.test.inputs[:8]), atol=1e-5)
+    assert type(model.blocks[1]).__name__ == "UsersBlock"  # the caller's model is left as it was
+
+
+def test_the_output_layer_is_never_offered_a_rank(trained):
+    from torchslim.compression.speed_budget import SpeedBudgetConfig, _layer_ranks
+    from torchslim.pruning.structured import output_layers
+
+    model, data = trained
+    outputs = output_layers(model, data)
+    assert outputs == {"fc3"}
+    assert set(_layer_ranks(model, SpeedBudgetConfig(target_macs=0.5), outputs)) == {"fc1", "fc2"}
+
+
+def test_a_residual_stream_set_is_renamed_without_the_removed_blocks_layers():
+    from torchslim.compression.speed_budget import _bypassed, _sets_without
+    from torchslim.pruning.structured import channel_sets
+
+    model = ts.models.create("resnet20")
+    example = torch.randn(1, 3, 32, 32)
+    stream = next(name for name in channel_sets(model, {}, example_input=example) if name.startswith("conv1+"))
+    remaining = channel_sets(_bypassed(model, ["layer1.1"]), {}, example_input=example)
+    renamed = _sets_without({stream: 0.5, "layer1.2.conv1": 0.25}, ["layer1.1"], remaining)
+    assert renamed == {stream.replace("+layer1.1.conv2", ""): 0.5, "layer1.2.conv1": 0.25}
+    assert "layer1.1.conv1" not in remaining

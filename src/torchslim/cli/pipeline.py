@@ -46,13 +46,13 @@ def compress(
     ),
     target_macs: float | None = typer.Option(
         None,
-        help="Instead of --recipe: remove channels (and factorize layers by SVD) until MACs are at most this fraction of the model's (0.25: 4x fewer), "
-        "per set from sensitivity.",
+        help="Instead of --recipe: remove channels (and factorize layers by SVD, remove residual blocks) until MACs are at most this fraction "
+        "of the model's (0.25: 4x fewer), per set from sensitivity.",
     ),
     target_latency: str | None = typer.Option(
         None,
-        help="Instead of --recipe: remove channels (and factorize layers by SVD) until latency on --backend is at most this fraction of the model's "
-        "(0.5 or 0.5x), measured.",
+        help="Instead of --recipe: remove channels (and factorize layers by SVD, remove residual blocks) until latency on --backend is at "
+        "most this fraction of the model's (0.5 or 0.5x), measured.",
     ),
     backend: str = typer.Option("eager", help="With --target-latency: eager or onnxruntime, where latency is measured (batch 1)."),
     uniform: bool = typer.Option(

@@ -25,7 +25,16 @@ product of their factors would count that saving twice), or one more group of th
 A plan that factorizes runs the channel pruning first, then the factorization (each layer at the rank it was measured
 at, so that its quality is what was measured; a layer whose inputs pruning left too few to gain from that rank stays
 whole and is named), then the fine-tuning. A rank kept on a layer whose inputs shrank costs more than the product
-model predicts; the rounds correct for it as for any miss.
+model predicts; the rounds correct for it as for any miss. The layers whose outputs are the model's own (a
+classifier, a language model's head) are not factorized, as structured pruning keeps their channels: a classifier
+below the rank of its classes cannot tell them apart, and fine-tuning does not bring that back.
+
+With ``depth``, each bypassable block (see ``remove_blocks``: a residual block, a same-shape child of a Sequential)
+may be removed as well: the model with that block bypassed alone is measured the same way, and its removal becomes
+one more choice of a knapsack group that holds every choice of the sets (and ranks) inside that block (a removed
+block's channels are gone with it; counting both savings would count them twice). A plan that removes blocks removes
+them first, then prunes the remaining sets (each residual stream set without the removed blocks' layers), factorizes,
+and fine-tunes.
 
 Example:
     >>> import torchslim as ts
@@ -40,21 +49,24 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import itertools
 import math
 from typing import Any, Literal
 
 from torch import nn
 
 from torchslim.compression.budget import FLOAT, SLACK, Option, allocate, allocate_exact, full_rank_share
+from torchslim.compression.depth import Skip, candidate_blocks
 from torchslim.compression.factorize import FactorizedConv2d, FactorizedLinear, factorize
 from torchslim.core.config import Config, ConfigError, check
 from torchslim.core.errors import TorchslimError
-from torchslim.core.selector import LayerSelector, select_modules
+from torchslim.core.selector import LayerSelector, select_modules, set_module
 from torchslim.data.sources import as_source
 from torchslim.measure.counts import count_macs
 from torchslim.measure.latency import compare_latency
-from torchslim.pruning.structured import channel_sets, check_round_to, prune_channels
+from torchslim.pruning.structured import channel_sets, check_round_to, output_layers, prune_channels
 from torchslim.tasks.base import Task, resolve_task
 from torchslim.train.evaluate import evaluate_source
 
@@ -68,7 +80,8 @@ class SpeedBudgetConfig(Config):
     ``ranks``: the ranks (integers, or fractions of a layer's full rank; empty: none) each Linear / ungrouped Conv2d
     layer among ``layers`` may be factorized to by SVD instead of, or as well as, losing channels (a rank whose
     factors cost as much as the layer, or whose loss rise passes the harshest channel ratio's, is not offered; ignored
-    by ``uniform``);
+    by ``uniform``; the model's output layers are never factorized); ``depth``: whether each bypassable block (a
+    residual block; see ``remove_blocks``) may be removed as well (ignored by ``uniform``);
     ``finetune``: training after the channels go (``None``: none); ``rounds``: allocations tried while the budget is
     missed; ``eval_limit``: evaluation examples per sensitivity measurement, on ``sensitivity_split`` ("train", the
     default, so that the allocation never sees the data the result is tested on; or "eval"); ``timing_rounds`` x ``timing_runs``: the
@@ -80,6 +93,7 @@ class SpeedBudgetConfig(Config):
     batch_size: int = 1
     ratios: tuple[float, ...] = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)
     ranks: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3)
+    depth: bool = True
     importance: str = "l1"
     round_to: int | str = 1
     layers: LayerSelector = LayerSelector()
@@ -128,6 +142,16 @@ class SpeedBudgetConfig(Config):
 
 
 RANK = "rank:"  # the knapsack group of a layer's rank, next to the sets' names
+BLOCK = "block:"  # the knapsack group of a block: its removal, or each choice of the groups inside it
+MERGED_LIMIT = 4096  # the most choices a block's group may hold (the product of its inner groups' choices)
+
+
+@dataclasses.dataclass
+class _Merged(Option):
+    """One choice of a block's group: the block removed (``removes``), or one option of each group inside it."""
+
+    parts: dict[str, Option] = dataclasses.field(default_factory=dict)
+    removes: str | None = None
 
 
 class _Cost:
@@ -188,7 +212,7 @@ def auto_narrow(
             pruned = prune_channels(model, {**structured, "sets": {name: ratio}}, data=data, example_input=example, task=task).model
             candidates[key] = pruned
             rises[key] = max(0.0, evaluate_source(pruned, source, resolved, limit=config.eval_limit, split=config.sensitivity_split)["loss"] - base["loss"])
-    layer_ranks = {} if config.uniform else _layer_ranks(model, config)
+    layer_ranks = {} if config.uniform else _layer_ranks(model, config, output_layers(model, data, example))
     for name, ranks in layer_ranks.items():
         for rank in ranks:
             thinner = factorize(model, {"method": "svd", "overrides": {name: rank}, "layers": {"include": [name]}}, example_input=example).model
@@ -196,6 +220,14 @@ def auto_narrow(
             rises[f"{name}#{rank}"] = max(
                 0.0, evaluate_source(thinner, source, resolved, limit=config.eval_limit, split=config.sensitivity_split)["loss"] - base["loss"]
             )
+    blocks = _outermost(candidate_blocks(model, example)) if config.depth and not config.uniform else []
+    for block in blocks:
+        bypassed = copy.deepcopy(model)
+        set_module(bypassed, block, Skip())
+        candidates[f"{BLOCK}{block}"] = bypassed
+        rises[f"{BLOCK}{block}"] = max(
+            0.0, evaluate_source(bypassed, source, resolved, limit=config.eval_limit, split=config.sensitivity_split)["loss"] - base["loss"]
+        )
     cost = _Cost(model, config, example, timing_example)
     table = cost.of(candidates)  # the per-set cost table, measured once
     del candidates
@@ -222,33 +254,53 @@ def auto_narrow(
             options[name] += factored
         elif factored:
             options[f"{RANK}{name}"] = [Option(0.0, FLOAT, 0.0, 0.0), *factored]  # one more group of the knapsack
+    notes: list[str] = []
+    for block in blocks:
+        key = f"{BLOCK}{block}"
+        if table[key] >= dense or rises[key] > harshest:
+            continue  # removing it saves nothing, or does more harm than any channel ratio
+        inner = [group for group in options if _inside(group, block)]
+        if math.prod(len(options[group]) for group in inner) > MERGED_LIMIT:
+            notes.append(f"{block}: not offered for removal (its {len(inner)} inner sets have too many joint choices)")
+            continue
+        merged = [
+            _Merged(0.0, FLOAT, sum(o.cost for o in picks), sum(o.size for o in picks), parts=dict(zip(inner, picks)))
+            for picks in itertools.product(*(options.pop(group) for group in inner))
+        ]
+        options[key] = [*merged, _Merged(0.0, FLOAT, rises[key], math.log(table[key] / dense), removes=block)]
     floor = _floor(options)
     reach = math.exp(floor)
     if reach > config.target:
         raise TorchslimError(
             f"auto_narrow: a {config.measure} budget of {config.target:g} of the dense model's is out of reach: with every set at its largest "
-            f"ratio ({max(config.ratios):g}){' and every layer at its lowest rank' if layer_ranks else ''} the model is predicted at {reach:.3f} of it"
+            f"ratio ({max(config.ratios):g}){' and every layer at its lowest rank' if layer_ranks else ''}"
+            f"{' and every block that may go removed' if any(key.startswith(BLOCK) for key in options) else ''} the model is predicted at {reach:.3f} of it"
             + (f" (each set measured alone on {config.backend}: this model's time there is mostly not in its channels)" if config.measure == "latency" else "")
             + f"; allow larger ratios{' or lower ranks' if layer_ranks else ''} or a looser target"
         )
     offset = 0.0  # how far the model's log cost was off, corrected round by round
     rounds: list[dict[str, Any]] = []
     best = last = None
-    tried: list[tuple[dict[str, float], dict[str, int]]] = []
+    tried: list[tuple[dict[str, float], dict[str, int], list[str]]] = []
 
     def attempt(plan: dict[str, Option]) -> tuple[Any, dict[str, Option], float] | None:
-        """Carry out ``plan`` and measure it (None: the same ratios and ranks were measured already, or none)."""
-        ratios = {name: option.sparsity for name, option in plan.items() if name in sets and option.sparsity > 0}
-        factored = {name.removeprefix(RANK): option.rank for name, option in plan.items() if option.rank}
-        if (ratios, factored) in tried or not (ratios or factored):
+        """Carry out ``plan`` and measure it (None: the same ratios, ranks and blocks were measured already, or none)."""
+        flat, removed = _flatten(plan)
+        ratios = {name: option.sparsity for name, option in flat.items() if name in sets and option.sparsity > 0}
+        factored = {name.removeprefix(RANK): option.rank for name, option in flat.items() if option.rank}
+        if (ratios, factored, removed) in tried or not (ratios or factored or removed):
             return None  # measured already, or nothing removed (a budget below the dense cost is not met by timing noise)
-        tried.append((ratios, factored))
+        tried.append((ratios, factored, removed))
         finetune = {"finetune": dict(config.finetune)} if config.finetune else {}
         stages: list[dict[str, Any]] = []
-        if ratios or not factored:
-            stages.append({"prune-channels": {**structured, "sets": ratios, **({} if factored else finetune)}})
-        if factored:  # after the channels go: the ranks as measured on the whole layers, then the fine-tuning
-            stages.append({"factorize": {"method": "svd", "overrides": factored, "layers": {"include": list(factored)}, **finetune}})
+        if removed:  # first the blocks, so that the sets left are traced without them
+            stages.append({"depth": {"layers": {"include": removed}, "count": len(removed), "calibration_batches": 1, "iterative": False}})
+            ratios = _sets_without(ratios, removed, channel_sets(_bypassed(model, removed), structured, data, example))
+        if ratios:
+            stages.append({"prune-channels": {**structured, "sets": ratios}})
+        if factored:  # after the channels go: the ranks as measured on the whole layers
+            stages.append({"factorize": {"method": "svd", "overrides": factored, "layers": {"include": list(factored)}}})
+        stages[-1] = {kind: {**settings, **finetune} for kind, settings in stages[-1].items()}  # then the fine-tuning
         recipe = {"name": f"{config.measure}-budget-{config.target:g}{'-uniform' if config.uniform else ''}", "stages": stages}
         result = compress(model, recipe, data, task=task, latency=False, progress=progress)
         measured = cost.of({"pruned": result.model})
@@ -263,6 +315,7 @@ def auto_narrow(
                 "met": ratio <= config.target,
                 "sets": ratios,
                 "ranks": {name: _rank(result.model, name) for name in factored},
+                "blocks_removed": removed,
             }
         )
         return result, plan, ratio
@@ -283,12 +336,14 @@ def auto_narrow(
     if best is None and not config.uniform:
         # every round missed: the most-pruned plan (every set at its largest ratio, what uniform would end on) is
         # measured before the budget is called missed
-        channels = {name: [option for option in choices if not option.rank] for name, choices in options.items()}
+        channels = {name: [option for option in choices if _channels_only(option)] for name, choices in options.items()}
         outcome = attempt(allocate_exact(channels, _floor(channels)))
         if outcome is not None:
             last = outcome
             best = outcome if rounds[-1]["met"] else None
     result, plan, achieved = best if best is not None else last  # type: ignore[misc]
+    flat, removed = _flatten(plan)
+    inside = {name: next(block for block in removed if _inside(name, block)) for name in sets if any(_inside(name, block) for block in removed)}
     chosen = max((r for r in rounds if r["met"]), key=lambda r: r["ratio"]) if best is not None else rounds[-1]
     unit = "MACs" if config.measure == "macs" else f"ms on {config.backend} at batch {config.batch_size}"
     result.report.artifacts["allocation"] = {
@@ -302,9 +357,10 @@ def auto_narrow(
             {
                 "set": name,
                 "channels": sets[name],
-                "ratio": plan[name].sparsity,
-                "predicted_loss_rise": round(0.0 if plan[name].rank else plan[name].cost, 5),
-                "predicted_factor": round(1.0 if plan[name].rank else math.exp(plan[name].size), 4),
+                "ratio": flat[name].sparsity if name in flat else 0.0,
+                "predicted_loss_rise": round(flat[name].cost if name in flat and not flat[name].rank else 0.0, 5),
+                "predicted_factor": round(math.exp(flat[name].size) if name in flat and not flat[name].rank else 1.0, 4),
+                **({"removed_with": inside[name]} if name in inside else {}),
             }
             for name in sets
         ],
@@ -317,7 +373,17 @@ def auto_narrow(
                 "predicted_factor": round(math.exp(option.size), 4),
             }
             for name in layer_ranks
-            if (option := plan.get(f"{RANK}{name}") or plan.get(name)) is not None and option.rank
+            if (option := flat.get(f"{RANK}{name}") or flat.get(name)) is not None and option.rank
+        ],
+        "blocks": [
+            {
+                "block": block,
+                "removed": block in removed,
+                "predicted_loss_rise": round(rises[f"{BLOCK}{block}"], 5),
+                "predicted_factor": round(table[f"{BLOCK}{block}"] / dense, 4),
+                "offered": f"{BLOCK}{block}" in options,
+            }
+            for block in blocks
         ],
         "rounds": rounds,
         "chosen_round": chosen["round"],
@@ -330,8 +396,64 @@ def auto_narrow(
             f"; {row['layer']} factorized to rank {row['rank']}" if row["rank"] else f"; {row['layer']} left whole (too narrow after pruning to gain)"
             for row in result.report.artifacts["allocation"]["factorized"]
         )
+        + (f"; blocks removed: {', '.join(removed)}" if removed else "")
     )
+    result.report.stages[-1].notes.extend(notes)
     return result
+
+
+def _outermost(blocks: list[str]) -> list[str]:
+    """The blocks not inside another one (a block's removal takes what is inside it)."""
+    return [block for block in blocks if not any(block.startswith(f"{other}.") for other in blocks)]
+
+
+def _inside(group: str, block: str) -> bool:
+    """Whether every layer of a knapsack group (a set "a+b", or a layer's rank group) is inside ``block``."""
+    layers = group.removeprefix(RANK).split("+")
+    return not group.startswith(BLOCK) and all(layer.startswith(f"{block}.") for layer in layers)
+
+
+def _flatten(plan: dict[str, Option]) -> tuple[dict[str, Option], list[str]]:
+    """A plan as {set or rank group: option} and the blocks it removes (a block's group resolved into its parts)."""
+    flat: dict[str, Option] = {}
+    removed = []
+    for name, option in plan.items():
+        if isinstance(option, _Merged):
+            if option.removes:
+                removed.append(option.removes)
+            flat.update(option.parts)
+        else:
+            flat[name] = option
+    return flat, sorted(removed)
+
+
+def _channels_only(option: Option) -> bool:
+    """Whether an option only removes channels (no rank, no block)."""
+    if isinstance(option, _Merged):
+        return option.removes is None and all(_channels_only(part) for part in option.parts.values())
+    return not option.rank
+
+
+def _bypassed(model: nn.Module, blocks: list[str]) -> nn.Module:
+    """A copy of ``model`` with ``blocks`` bypassed."""
+    copied = copy.deepcopy(model)
+    for block in blocks:
+        set_module(copied, block, Skip())
+    return copied
+
+
+def _sets_without(ratios: dict[str, float], removed: list[str], remaining: dict[str, int]) -> dict[str, float]:
+    """The sets of ``ratios`` as named in the model without ``removed`` blocks: a residual stream's set loses the
+    layers of the removed blocks (the sets wholly inside a removed block are gone with it)."""
+    by_layers = {frozenset(name.split("+")): name for name in remaining}
+    renamed = {}
+    for name, ratio in ratios.items():
+        layers = frozenset(layer for layer in name.split("+") if not any(layer.startswith(f"{block}.") for block in removed))
+        if layers in by_layers:
+            renamed[by_layers[layers]] = ratio
+        elif layers:
+            raise TorchslimError(f"auto_narrow: with {', '.join(removed)} removed, no set of channels is left of {name!r}")
+    return renamed
 
 
 def _floor(options: dict[str, list[Option]]) -> float:
@@ -339,14 +461,14 @@ def _floor(options: dict[str, list[Option]]) -> float:
     return sum(min(option.size for option in choices) for choices in options.values())
 
 
-def _layer_ranks(model: nn.Module, config: SpeedBudgetConfig) -> dict[str, list[int]]:
+def _layer_ranks(model: nn.Module, config: SpeedBudgetConfig, outputs: set[str]) -> dict[str, list[int]]:
     """The integer ranks each selected Linear / ungrouped Conv2d layer may be factorized to (those whose two factors
-    hold fewer weights than the layer)."""
+    hold fewer weights than the layer), ``outputs`` (the model's output layers) left out."""
     if not config.ranks:
         return {}
     found = {}
     for name, module in select_modules(model, config.layers, default_types=("Linear", "Conv2d")):
-        if not (isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1)):
+        if name in outputs or not (isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1)):
             continue
         weight = module.weight
         rows, columns = weight.shape[0], weight[0].numel()

@@ -257,6 +257,14 @@ def channel_sets(model: nn.Module, config: StructuredConfig | dict | None = None
     return sets
 
 
+def output_layers(model: nn.Module, data: Any = None, example_input: Any = None) -> set[str]:
+    """The layers whose outputs are the model's own outputs (a classifier, a language model's head): structured
+    pruning keeps their channels, and a budget does not factorize them either."""
+    working = copy.deepcopy(model)
+    graph = trace(working, _example(data, example_input, working))
+    return {layer for g in graph.groups() if "model output" in g.blocked for layer in g.layers}
+
+
 def select_groups(
     model: nn.Module, graph: ChannelGraph, config: StructuredConfig, data: Any = None, task: str | Task | None = None
 ) -> tuple[list[Group], list[str]]:
@@ -497,4 +505,4 @@ def prune_channels(
     return Result(model=target, report=Report.for_model(model, [stage]))
 
 
-__all__ = ["StructuredConfig", "channel_sets", "check_removal", "group_scores", "prune_channels", "select_groups", "select_heads", "set_name"]
+__all__ = ["StructuredConfig", "channel_sets", "check_removal", "group_scores", "output_layers", "prune_channels", "select_groups", "select_heads", "set_name"]

@@ -180,7 +180,13 @@ def _speed_allocation(plan: dict[str, Any]) -> list[Block]:
         for r in plan.get("rounds", [])
     ]
     sets = [
-        [row["set"], str(row["channels"]), f"{row['ratio']:.3f}", f"{row['predicted_factor']:.3f}", f"{row['predicted_loss_rise']:.4f}"]
+        [
+            row["set"],
+            str(row["channels"]),
+            f"gone with {row['removed_with']}" if row.get("removed_with") else f"{row['ratio']:.3f}",
+            f"{row['predicted_factor']:.3f}",
+            f"{row['predicted_loss_rise']:.4f}",
+        ]
         for row in plan.get("sets", [])
     ]
     factorized = [
@@ -201,6 +207,17 @@ def _speed_allocation(plan: dict[str, Any]) -> list[Block]:
     if factorized:
         headers = ["layer factorized (SVD)", "rank", "rank as measured (whole layer)", "predicted factor (alone)", "predicted loss rise"]
         blocks.append(Block("table", headers=headers, rows=factorized))
+    removable = [
+        [
+            row["block"],
+            "removed" if row["removed"] else "kept" if row["offered"] else "kept (not offered)",
+            f"{row['predicted_factor']:.3f}",
+            f"{row['predicted_loss_rise']:.4f}",
+        ]
+        for row in plan.get("blocks", [])
+    ]
+    if removable:
+        blocks.append(Block("table", headers=["block", "", "predicted factor (removed alone)", "predicted loss rise"], rows=removable))
     return blocks
 
 
