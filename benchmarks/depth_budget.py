@@ -134,7 +134,7 @@ def main() -> None:
         "Each allocation: every coupled channel set pruned alone at 1/4, 1/2 and 3/4 of its channels (l1), every bypassable residual block "
         "removed alone (channels + blocks), every conv factorized alone by SVD at 5-30% of its rank (+ ranks): loss rise on 512 training "
         "examples, cost counted (MACs) or timed side by side with the dense model (eager, batch 1, 3 rounds x 20 runs); an exact knapsack; "
-        "then blocks removed, channels pruned, layers factorized, 200 batches of fine-tuning, and the result measured again (up to 3 rounds).",
+        "then channels pruned, layers factorized, blocks removed, 200 batches of fine-tuning, and the result measured again (up to 3 rounds).",
         "The speedup columns: every result and the dense model timed together after all runs, per engine, 5 rounds x 20 runs, medians.",
     ]
     for measure in BUDGETS:

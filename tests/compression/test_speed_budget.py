@@ -219,9 +219,9 @@ class UsersResidualNet(torch.nn.Module):
 
 def test_a_budget_removes_blocks_that_cost_nothing_and_the_file_loads_back(tmp_path):
     """A user's residual net whose blocks 1 and 3 add nothing: removing one takes a quarter of the MACs for free, so
-    a 0.6 budget is met with free choices only (a block removed; channels or ranks inside the other idle block), the
-    stream set is traced without the removed block's layers, and the saved file reloads with the same outputs. The
-    classifier is never offered a rank."""
+    a 0.6 budget is met with free choices only (a block removed; channels or ranks inside the other idle block), and
+    the saved file (channels pruned, layers factorized, blocks removed) reloads with the same outputs. The classifier is
+    never offered a rank."""
     torch.manual_seed(0)
     data = ts.data.load("digits")
     model = ts.train(UsersResidualNet(), data, {"epochs": 3, "lr": 0.05}, progress=False).model
@@ -264,14 +264,31 @@ def test_the_output_layer_is_never_offered_a_rank(trained):
     assert set(_layer_ranks(model, SpeedBudgetConfig(target_macs=0.5), outputs)) == {"fc1", "fc2"}
 
 
-def test_a_residual_stream_set_is_renamed_without_the_removed_blocks_layers():
-    from torchslim.compression.speed_budget import _bypassed, _sets_without
-    from torchslim.pruning.structured import channel_sets
+def test_a_hugging_face_decoder_meets_a_budget_with_layers_deleted_after_its_sets_are_pruned(tmp_path):
+    """Blocks go last: the sets pruned are named as measured, then the decoder layers chosen are deleted from the stack
+    (config shortened, cache slots renumbered), and the file loads back with the same logits."""
+    transformers = pytest.importorskip("transformers")
+    from tests import zoo
+    from tests.test_zoo import _text_batches
 
-    model = ts.models.create("resnet20")
-    example = torch.randn(1, 3, 32, 32)
-    stream = next(name for name in channel_sets(model, {}, example_input=example) if name.startswith("conv1+"))
-    remaining = channel_sets(_bypassed(model, ["layer1.1"]), {}, example_input=example)
-    renamed = _sets_without({stream: 0.5, "layer1.2.conv1": 0.25}, ["layer1.1"], remaining)
-    assert renamed == {stream.replace("+layer1.1.conv2", ""): 0.5, "layer1.2.conv1": 0.25}
-    assert "layer1.1.conv1" not in remaining
+    torch.manual_seed(0)
+    config = zoo.llama().config
+    config.num_hidden_layers, config.layer_types = 4, ["full_attention"] * 4
+    model = transformers.LlamaForCausalLM(config).eval()
+    data = _text_batches()
+    budget = {"target_macs": 0.5, "finetune": None, "ratios": [0.5], "ranks": [], "rounds": 1}
+    result = auto_narrow(model, data, budget, task="language-modeling", progress=False)
+    allocation = result.report.artifacts["allocation"]
+    chosen = allocation["rounds"][0]
+    assert chosen["met"] and chosen["blocks_removed"] and chosen["sets"]
+    kept = 4 - len(chosen["blocks_removed"])
+    shortened = result.model.eval()
+    assert len(shortened.model.layers) == kept and shortened.config.num_hidden_layers == kept
+    batch = {"input_ids": data[0]["input_ids"][:2, :12]}
+    ts.save(shortened, tmp_path / "m.safetensors")
+    loaded = ts.load(tmp_path / "m.safetensors").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, shortened(**batch).logits, atol=1e-5, rtol=1e-5)
+        tokens = shortened.generate(batch["input_ids"], max_new_tokens=4, do_sample=False, use_cache=True)
+        assert torch.equal(tokens, shortened.generate(batch["input_ids"], max_new_tokens=4, do_sample=False, use_cache=False))
+    assert len(model.model.layers) == 4  # the caller's model is left as it was

@@ -32,9 +32,9 @@ below the rank of its classes cannot tell them apart, and fine-tuning does not b
 With ``depth``, each bypassable block (see ``remove_blocks``: a residual block, a same-shape child of a Sequential)
 may be removed as well: the model with that block bypassed alone is measured the same way, and its removal becomes
 one more choice of a knapsack group that holds every choice of the sets (and ranks) inside that block (a removed
-block's channels are gone with it; counting both savings would count them twice). A plan that removes blocks removes
-them first, then prunes the remaining sets (each residual stream set without the removed blocks' layers), factorizes,
-and fine-tunes.
+block's channels are gone with it; counting both savings would count them twice). A plan that removes blocks prunes
+channels first, factorizes, then removes the blocks (last, so that every set, layer and block is named as it was
+measured: a Hugging Face decoder stack is renumbered when its layers go), and fine-tunes.
 
 Example:
     >>> import torchslim as ts
@@ -293,13 +293,12 @@ def auto_narrow(
         tried.append((ratios, factored, removed))
         finetune = {"finetune": dict(config.finetune)} if config.finetune else {}
         stages: list[dict[str, Any]] = []
-        if removed:  # first the blocks, so that the sets left are traced without them
-            stages.append({"depth": {"layers": {"include": removed}, "count": len(removed), "calibration_batches": 1, "iterative": False}})
-            ratios = _sets_without(ratios, removed, channel_sets(_bypassed(model, removed), structured, data, example))
         if ratios:
             stages.append({"prune-channels": {**structured, "sets": ratios}})
         if factored:  # after the channels go: the ranks as measured on the whole layers
             stages.append({"factorize": {"method": "svd", "overrides": factored, "layers": {"include": list(factored)}}})
+        if removed:  # last, so that every set and layer is still named as measured (a decoder stack is renumbered)
+            stages.append({"depth": {"layers": {"include": removed}, "count": len(removed), "calibration_batches": 1, "iterative": False}})
         stages[-1] = {kind: {**settings, **finetune} for kind, settings in stages[-1].items()}  # then the fine-tuning
         recipe = {"name": f"{config.measure}-budget-{config.target:g}{'-uniform' if config.uniform else ''}", "stages": stages}
         result = compress(model, recipe, data, task=task, latency=False, progress=progress)
@@ -432,28 +431,6 @@ def _channels_only(option: Option) -> bool:
     if isinstance(option, _Merged):
         return option.removes is None and all(_channels_only(part) for part in option.parts.values())
     return not option.rank
-
-
-def _bypassed(model: nn.Module, blocks: list[str]) -> nn.Module:
-    """A copy of ``model`` with ``blocks`` bypassed."""
-    copied = copy.deepcopy(model)
-    for block in blocks:
-        set_module(copied, block, Skip())
-    return copied
-
-
-def _sets_without(ratios: dict[str, float], removed: list[str], remaining: dict[str, int]) -> dict[str, float]:
-    """The sets of ``ratios`` as named in the model without ``removed`` blocks: a residual stream's set loses the
-    layers of the removed blocks (the sets wholly inside a removed block are gone with it)."""
-    by_layers = {frozenset(name.split("+")): name for name in remaining}
-    renamed = {}
-    for name, ratio in ratios.items():
-        layers = frozenset(layer for layer in name.split("+") if not any(layer.startswith(f"{block}.") for block in removed))
-        if layers in by_layers:
-            renamed[by_layers[layers]] = ratio
-        elif layers:
-            raise TorchslimError(f"auto_narrow: with {', '.join(removed)} removed, no set of channels is left of {name!r}")
-    return renamed
 
 
 def _floor(options: dict[str, list[Option]]) -> float:
