@@ -86,6 +86,25 @@ def test_a_recipe_stage_then_kmeans_and_coding_write_a_small_file(trained, tmp_p
     assert "weights with log alpha above 3 masked" in result.report.stages[1].notes[0]
 
 
+def test_the_data_term_may_be_the_given_models_soft_targets(trained):
+    """With distill_alpha 1 the labels are not read: on training labels scrambled, the sparse model still follows the
+    model as given (the teacher, copied before the noise); on the labels alone it learns the scramble."""
+    model, data = trained
+    dense = ts.evaluate(model, data)["accuracy"]
+    scrambled = data.train.targets[torch.randperm(len(data.train.targets), generator=torch.Generator().manual_seed(0))]
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data.train.inputs, scrambled), batch_size=64, shuffle=True)
+    torch.manual_seed(0)
+    taught = sparsify_variational(model, loader, {"distill_alpha": 1.0}, finetune=TRAIN, progress=False)
+    torch.manual_seed(0)
+    labels = sparsify_variational(model, loader, {}, finetune=TRAIN, progress=False)
+    assert ts.evaluate(taught.model, data)["accuracy"] > dense - 0.06 > ts.evaluate(labels.model, data)["accuracy"]
+    assert taught.report.stages[0].metrics["sparsity"] > 0.8
+    assert "data term: 1 soft targets of the model as given, T 4" in taught.report.stages[0].notes[0]
+    assert not hasattr(model.fc1, "log_sigma2") and not masks_of(model)  # the caller's model untouched
+    with pytest.raises(ts.ConfigError, match="distill_alpha must be in"):
+        sparsify_variational(model, loader, {"distill_alpha": 1.5}, finetune=TRAIN, progress=False)
+
+
 def test_bad_input_is_named(trained):
     model, _ = trained
     with pytest.raises(TorchslimError, match="train_size must be the number of training examples"):

@@ -22,6 +22,7 @@ or as a ``fit`` callback, then ``to_masks``:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import time
@@ -34,12 +35,13 @@ from torch.nn import functional as F
 from torchslim.core.checks import check_model
 from torchslim.core.config import Config, ConfigError, check
 from torchslim.core.errors import TorchslimError
+from torchslim.core.modes import eval_mode
 from torchslim.core.report import Report, Result, Stage
 from torchslim.core.selector import LayerSelector, select_modules, weight_of
 from torchslim.data.sources import as_source
 from torchslim.measure.counts import count_nonzeros, count_parameters
 from torchslim.pruning.apply import set_mask
-from torchslim.tasks.base import Task
+from torchslim.tasks.base import Task, resolve_task
 from torchslim.train.fit import Callback, TrainConfig, TrainState, epoch_steps, fit
 
 # Molchanov et al. 2017, eq. 14: -KL(q || p) ~ k1 sigmoid(k2 + k3 log alpha) - 0.5 log(1 + 1/alpha) - k1
@@ -153,16 +155,22 @@ def _noisy_output(module: nn.Module, inputs: tuple, output: torch.Tensor) -> tor
 @dataclasses.dataclass(frozen=True)
 class VariationalConfig(Config):
     """``layers`` (Linear and Conv2d by default), ``kl_weight`` (1: the variational bound), ``warmup_epochs`` over
-    which the KL term's weight rises from 0, ``threshold`` on log alpha, ``initial_log_sigma2``."""
+    which the KL term's weight rises from 0, ``threshold`` on log alpha, ``initial_log_sigma2``. ``distill_alpha``:
+    the data term's share taken from the model as it was given (soft targets at ``distill_temperature``, as in
+    ``distill``; the rest is the task's loss on labels): 0, the default, trains on the labels alone."""
 
     layers: LayerSelector = LayerSelector()
     kl_weight: float = 1.0
     warmup_epochs: float = 1.0
     threshold: float = 3.0
     initial_log_sigma2: float = -10.0
+    distill_alpha: float = 0.0
+    distill_temperature: float = 4.0
 
     def validate(self) -> None:
         check(self.kl_weight >= 0 and self.warmup_epochs >= 0, "kl_weight and warmup_epochs must be >= 0")
+        check(0.0 <= self.distill_alpha <= 1.0, f"distill_alpha must be in [0, 1], got {self.distill_alpha}")
+        check(self.distill_temperature > 0, f"distill_temperature must be > 0, got {self.distill_temperature}")
 
 
 DEFAULT_TRAINING = {"epochs": 10, "optimizer": "adam", "lr": 1e-3, "schedule": "constant", "eval_every_epoch": False}
@@ -186,14 +194,19 @@ def sparsify_variational(
         raise ConfigError("variational-dropout trains the model: it needs data")
     training = TrainConfig.coerce(finetune if finetune is not None else DEFAULT_TRAINING, where="variational-dropout.finetune")
     target = model if inplace else copy.deepcopy(model)
-    steps = epoch_steps(as_source(data, target), training)
+    source = as_source(data, target)
+    steps = epoch_steps(source, training)
     train_size = steps * training.batch_size  # examples per epoch (the last batch may be short)
     started = time.perf_counter()
+    loss = _soft_targets(target, source, config, task) if config.distill_alpha > 0 else None  # the teacher copied before the noise
     dropout = SparseVariationalDropout(
         target, train_size, config.layers, config.kl_weight, round(config.warmup_epochs * steps), config.threshold, config.initial_log_sigma2
     )
     try:
-        history = fit(target, data, training, task=task, callbacks=[dropout], progress=progress, label="variational dropout", evaluate_at_end=False)
+        with eval_mode(loss.teacher) if loss is not None else contextlib.nullcontext():
+            history = fit(
+                target, data, training, task=task, loss=loss, callbacks=[dropout], progress=progress, label="variational dropout", evaluate_at_end=False
+            )
     finally:
         masks = dropout.to_masks()  # the model is left plain (masked), whatever happened
     rows = [{"name": name, "weights": int(mask.numel()), "sparsity": float((~mask).float().mean())} for name, mask in masks.items()]
@@ -205,8 +218,9 @@ def sparsify_variational(
         "nonzeros": count_nonzeros(target),
         "seconds": time.perf_counter() - started,
     }
+    teacher = f" (data term: {config.distill_alpha:g} soft targets of the model as given, T {config.distill_temperature:g})" if loss is not None else ""
     notes = [
-        f"{len(history.epochs)} epochs of variational dropout; {pruned:,} of {total:,} weights with log alpha above {config.threshold:g} masked "
+        f"{len(history.epochs)} epochs of variational dropout{teacher}; {pruned:,} of {total:,} weights with log alpha above {config.threshold:g} masked "
         f"({100 * metrics['sparsity']:.1f}%): " + ", ".join(f"{row['name']} {100 * row['sparsity']:.1f}%" for row in rows)
     ]
     stage = Stage(
@@ -219,6 +233,17 @@ def sparsify_variational(
         execution="eager, pruned weights masked to zero",
     )
     return Result(model=target, report=Report.for_model(model, [stage]))
+
+
+def _soft_targets(model: nn.Module, source: Any, config: VariationalConfig, task: str | Task | None) -> Any:
+    """The distillation loss against a frozen copy of ``model`` as it is now (``distill``'s own loss)."""
+    from torchslim.distillation.trainer import DistillConfig, _DistillLoss
+
+    teacher = copy.deepcopy(model).eval()
+    for parameter in teacher.parameters():
+        parameter.requires_grad_(False)
+    settings = DistillConfig(temperature=config.distill_temperature, alpha=config.distill_alpha)
+    return _DistillLoss(teacher, settings, nn.ModuleDict(), None, resolve_task(task, source, teacher), model)
 
 
 __all__ = ["SparseVariationalDropout", "VariationalConfig", "kl_approximation", "log_alpha", "sparsify_variational"]
