@@ -1,8 +1,8 @@
 """Depth in the speed budgets: ResNet-20 trained on full MNIST, narrowed by ``auto_narrow`` to two MACs budgets and two
 latency budgets (eager, batch 1, where a residual net's time is mostly in running its operators, not in their
-channels), with the same fine-tuning each time, by three allocations: per-set ratios (channels only), per-set ratios or
-a block's removal (channels + blocks), and that with SVD ranks as well (auto_narrow's default). One ratio for every
-set (uniform) is compared with these allocations in benchmarks/speed_budget.py. Reported: test error, the fraction
+channels), with the same fine-tuning each time, by two allocations: per-set ratios (channels only), and per-set ratios
+or a block's removal (channels + blocks). One ratio for every set (uniform) and SVD ranks are compared with per-set
+ratios in benchmarks/speed_budget.py. Reported: test error, the fraction
 reached, the blocks removed, and every result's latency in eager and ONNX Runtime at batch 1 and 64, all timed side by
 side with the dense model in one run.
 
@@ -25,10 +25,9 @@ from torchslim.report import markdown
 MODEL = "resnet20"
 BUDGETS = {"macs": (0.5, 0.3), "latency": (0.6, 0.45)}
 LATENCY = {"backend": "eager", "batch_size": 1}
-ALLOCATIONS: dict[str, dict] = {
+ALLOCATIONS: dict[str, dict] = {  # both without SVD ranks (compared in benchmarks/speed_budget.py)
     "channels": {"ranks": (), "depth": False},
     "channels + blocks": {"ranks": (), "depth": True},
-    "channels + blocks + ranks": {},
 }
 BACKENDS = ("eager", "onnxruntime")
 
@@ -132,13 +131,13 @@ def main() -> None:
         f"ResNet-20 (option-A shortcuts, 0.27M parameters) trained on full MNIST for 3 epochs: {100 * dense_error:.2f}% test error; "
         f"{dense_macs / 1e6:.1f}M MACs per 28x28 image.",
         "Each allocation: every coupled channel set pruned alone at 1/4, 1/2 and 3/4 of its channels (l1), every bypassable residual block "
-        "removed alone (channels + blocks), every conv factorized alone by SVD at 5-30% of its rank (+ ranks): loss rise on 512 training "
+        "removed alone (channels + blocks): loss rise on 512 training "
         "examples, cost counted (MACs) or timed side by side with the dense model (eager, batch 1, 3 rounds x 20 runs); an exact knapsack; "
-        "then channels pruned, layers factorized, blocks removed, 200 batches of fine-tuning, and the result measured again (up to 3 rounds).",
+        "then channels pruned, blocks removed, 200 batches of fine-tuning, and the result measured again (up to 3 rounds).",
         "The speedup columns: every result and the dense model timed together after all runs, per engine, 5 rounds x 20 runs, medians.",
     ]
     for measure in BUDGETS:
-        for better, worse in (("channels + blocks", "channels"), ("channels + blocks + ranks", "channels")):
+        for better, worse in (("channels + blocks", "channels"),):
             reached = [r for r in runs if r["measure"] == measure and r["error"] is not None]
             errors = {a: {r["budget"]: r["error"] for r in reached if r["allocation"] == a} for a in (better, worse)}
             common = [b for b in errors[better] if b in errors[worse]]

@@ -292,3 +292,22 @@ def test_a_hugging_face_decoder_meets_a_budget_with_layers_deleted_after_its_set
         tokens = shortened.generate(batch["input_ids"], max_new_tokens=4, do_sample=False, use_cache=True)
         assert torch.equal(tokens, shortened.generate(batch["input_ids"], max_new_tokens=4, do_sample=False, use_cache=False))
     assert len(model.model.layers) == 4  # the caller's model is left as it was
+
+
+def test_the_next_budget_is_interpolated_between_a_met_and_a_missed_round_and_an_overshoot_is_damped():
+    import math
+
+    from torchslim.compression.speed_budget import _next_budget
+
+    target = math.log(0.3)
+    # a far overshoot (0.064 measured for 0.3 predicted): loosened by half its log gap, not all of it
+    loosened = _next_budget([(target, 0.3, 0.064)], 0.3)
+    assert target < loosened < target + math.log(0.3 / 0.064) and loosened == pytest.approx(target + math.log(0.3 / 0.064) / 2)
+    # a small shortfall is corrected in full; a miss tightens by the error and 2% more
+    assert _next_budget([(target, 0.3, 0.27)], 0.3) == pytest.approx(target + math.log(0.3 / 0.27))
+    assert _next_budget([(target, 0.3, 0.33)], 0.3) == pytest.approx(target - math.log(0.33 / 0.3) - math.log(1.02))
+    # one met (0.2 at budget a) and one missed (0.4 at budget b): between them, where the log cost crosses the target
+    a, b = math.log(0.3), math.log(0.5)
+    between = _next_budget([(a, 0.3, 0.2), (b, 0.5, 0.4)], 0.3)
+    share = (math.log(0.3) - math.log(0.2)) / (math.log(0.4) - math.log(0.2))
+    assert between == pytest.approx(a + share * (b - a))

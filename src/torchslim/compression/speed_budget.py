@@ -14,9 +14,10 @@ predicted loss of quality.
    allocation must beat).
 4. The plan runs as a recipe (channels removed, then fine-tuning) and the result is measured the same way (latency
    timed side by side with the dense model). While it misses the budget, the budget given to the allocation is
-   tightened by how far the prediction was off and the allocation repeated (a plan far under the budget loosens it
-   the same way); the last plan that met it is kept. When every round misses, the most-pruned plan (every set at its
-   largest ratio) is measured too before the budget is called missed.
+   tightened by how far the prediction was off and the allocation repeated (a plan far under the budget loosens it,
+   by at most half its log gap; once one round met and another missed, the next budget is interpolated between
+   them); of the plans that met it, the one that spends most of it is kept. When every round misses, the most-pruned
+   plan (every set at its largest ratio) is measured too before the budget is called missed.
 
 With ``ranks``, each Linear / ungrouped Conv2d layer may also be factorized by SVD (two thinner layers, see
 ``factorize``) at each rank: that layer factorized alone is measured the same way (loss rise, MACs or latency), and
@@ -278,7 +279,6 @@ def auto_narrow(
             + (f" (each set measured alone on {config.backend}: this model's time there is mostly not in its channels)" if config.measure == "latency" else "")
             + f"; allow larger ratios{' or lower ranks' if layer_ranks else ''} or a looser target"
         )
-    offset = 0.0  # how far the model's log cost was off, corrected round by round
     rounds: list[dict[str, Any]] = []
     best = last = None
     tried: list[tuple[dict[str, float], dict[str, int], list[str]]] = []
@@ -319,19 +319,27 @@ def auto_narrow(
         )
         return result, plan, ratio
 
-    for _ in range(config.rounds):
-        available = max(math.log(config.target) - offset, floor)  # corrected past the floor: the most the sets allow
-        outcome = attempt(allocate(options, available, uniform=True) if config.uniform else allocate_exact(options, available))
+    points: list[tuple[float, float, float]] = []  # per measured round: (log budget given, predicted, measured)
+    available = math.log(config.target)
+    for _ in range(2 * config.rounds):
+        if len(rounds) >= config.rounds:
+            break
+        given = max(available, floor)  # corrected past the floor: the most the sets allow
+        outcome = attempt(allocate(options, given, uniform=True) if config.uniform else allocate_exact(options, given))
         if outcome is None:
-            break  # the corrected budget picks a plan already measured, or one that removes nothing: nothing new to try
+            # the corrected budget picks a plan measured already, or one that removes nothing: halfway back, once more
+            if not points or abs(given - points[-1][0]) < 1e-3:
+                break
+            available = (given + points[-1][0]) / 2
+            continue
         last = outcome
+        points.append((given, rounds[-1]["predicted"], outcome[2]))
         if rounds[-1]["met"]:
             if best is None or outcome[2] > best[2]:
                 best = last  # of the plans that met the budget, the one that spends most of it
             if outcome[2] >= SLACK * config.target:
                 break  # close enough to the budget: little left to spend
-        # the model corrected by what was measured, both ways (a plan far under the budget loosens it)
-        offset += math.log(outcome[2] / rounds[-1]["predicted"]) + (math.log(1.02) if not rounds[-1]["met"] else 0.0)
+        available = _next_budget(points, config.target)
     if best is None and not config.uniform:
         # every round missed: the most-pruned plan (every set at its largest ratio, what uniform would end on) is
         # measured before the budget is called missed
@@ -399,6 +407,26 @@ def auto_narrow(
     )
     result.report.stages[-1].notes.extend(notes)
     return result
+
+
+def _next_budget(points: list[tuple[float, float, float]], target: float) -> float:
+    """The knapsack's next (log) budget from the rounds measured so far, each (budget given, predicted, measured):
+    between the loosest budget that met the target and the tightest that missed it, interpolated in log cost; else
+    the last budget corrected by how far the product model was off (a miss tightens it by that and 2% more; a plan
+    far under the target loosens it by at most half the log gap past a 1.25x step, since a product of many factors
+    can be far off and the loosened plan might spend the whole budget and more)."""
+    met = [(given, measured) for given, _, measured in points if measured <= target]
+    missed = [(given, measured) for given, _, measured in points if measured > target]
+    if met and missed:
+        low, high = max(met), min(missed)
+        if high[0] > low[0] and high[1] > low[1]:
+            share = (math.log(target) - math.log(low[1])) / (math.log(high[1]) - math.log(low[1]))
+            return low[0] + min(0.9, max(0.1, share)) * (high[0] - low[0])
+    given, predicted, measured = points[-1]
+    if measured > target:
+        return given - math.log(measured / predicted) - math.log(1.02)
+    step = math.log(predicted / measured)
+    return given + min(step, max(math.log(1.25), step / 2))
 
 
 def _outermost(blocks: list[str]) -> list[str]:
