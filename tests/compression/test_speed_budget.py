@@ -225,7 +225,7 @@ def test_a_budget_removes_blocks_that_cost_nothing_and_the_file_loads_back(tmp_p
     torch.manual_seed(0)
     data = ts.data.load("digits")
     model = ts.train(UsersResidualNet(), data, {"epochs": 3, "lr": 0.05}, progress=False).model
-    result = auto_narrow(model, data, {"target_macs": 0.6, "finetune": TUNE, "ratios": [0.25, 0.5]}, progress=False)
+    result = auto_narrow(model, data, {"target_macs": 0.6, "finetune": TUNE, "ratios": [0.25, 0.5], "depth": True}, progress=False)
     allocation = result.report.artifacts["allocation"]
     chosen = next(r for r in allocation["rounds"] if r["round"] == allocation["chosen_round"])
     macs = count_macs(result.model, data.test.inputs[:1])["total"]
@@ -276,7 +276,7 @@ def test_a_hugging_face_decoder_meets_a_budget_with_layers_deleted_after_its_set
     config.num_hidden_layers, config.layer_types = 4, ["full_attention"] * 4
     model = transformers.LlamaForCausalLM(config).eval()
     data = _text_batches()
-    budget = {"target_macs": 0.5, "finetune": None, "ratios": [0.5], "ranks": [], "rounds": 1}
+    budget = {"target_macs": 0.5, "finetune": None, "ratios": [0.5], "ranks": [], "rounds": 1, "depth": True}
     result = auto_narrow(model, data, budget, task="language-modeling", progress=False)
     allocation = result.report.artifacts["allocation"]
     chosen = allocation["rounds"][0]

@@ -46,15 +46,20 @@ def compress(
     ),
     target_macs: float | None = typer.Option(
         None,
-        help="Instead of --recipe: remove channels (and factorize layers by SVD, remove residual blocks) until MACs are at most this fraction "
+        help="Instead of --recipe: remove channels (and factorize layers by SVD) until MACs are at most this fraction "
         "of the model's (0.25: 4x fewer), per set from sensitivity.",
     ),
     target_latency: str | None = typer.Option(
         None,
-        help="Instead of --recipe: remove channels (and factorize layers by SVD, remove residual blocks) until latency on --backend is at "
+        help="Instead of --recipe: remove channels (and factorize layers by SVD) until latency on --backend is at "
         "most this fraction of the model's (0.5 or 0.5x), measured.",
     ),
     backend: str = typer.Option("eager", help="With --target-latency: eager or onnxruntime, where latency is measured (batch 1)."),
+    remove_blocks: bool | None = typer.Option(
+        None,
+        "--remove-blocks/--keep-blocks",
+        help="With --target-macs / --target-latency: whether residual blocks may be removed as well as channels (default: for latency budgets).",
+    ),
     uniform: bool = typer.Option(
         False, "--uniform", help="With a --target-*: one setting for every layer or channel set (the baseline an automatic allocation must beat)."
     ),
@@ -94,7 +99,7 @@ def compress(
     if speed is not None:
         from torchslim.compression.speed_budget import SpeedBudgetConfig
 
-        speed = SpeedBudgetConfig.coerce({**speed, "uniform": uniform, "threads": run.threads or 2}, where="compress").to_dict()
+        speed = SpeedBudgetConfig.coerce({**speed, "uniform": uniform, "depth": remove_blocks, "threads": run.threads or 2}, where="compress").to_dict()
     plan = load_recipe(recipe) if not targets else load_recipe({"name": f"{name}{'-uniform' if uniform else ''}", "stages": [{"encode": {}}]})
     exports = any(stage.writes_onnx for stage in plan.stages)
     stem = Path(model).stem if model.endswith((".safetensors", ".tslim")) or Path(model).is_dir() else model.replace(":", "-").replace(".", "-")
