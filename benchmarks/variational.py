@@ -21,14 +21,16 @@ from torchslim.report import markdown
 
 TARGETS = {"lenet-300-100": {"error": 0.0164, "bytes_ratio": 80, "nonzero_ratio": 60}, "lenet-5": {"error": 0.0080, "bytes_ratio": 200, "nonzero_ratio": 150}}
 # (model, KL weight, epochs of variational dropout, epochs of fine-tuning after, "finetune" or "distill" for that
-# fine-tuning, k-means bits)
+# fine-tuning, k-means bits, the share of variational dropout's data term taken from the dense model's soft targets)
 RUNS = [
-    ("lenet-300-100", 1.0, 20, 0, "finetune", 4),
-    ("lenet-300-100", 0.4, 30, 5, "finetune", 4),
-    ("lenet-300-100", 0.6, 40, 15, "distill", 5),
-    ("lenet-5", 1.0, 20, 3, "finetune", 4),
-    ("lenet-5", 0.8, 30, 10, "distill", 4),
-    ("lenet-5", 0.8, 30, 25, "distill", 4),
+    ("lenet-300-100", 1.0, 20, 0, "finetune", 4, 0.0),
+    ("lenet-300-100", 0.4, 30, 5, "finetune", 4, 0.0),
+    ("lenet-300-100", 0.6, 40, 15, "distill", 5, 0.0),
+    ("lenet-300-100", 1.0, 40, 15, "distill", 5, 0.9),
+    ("lenet-300-100", 3.0, 40, 15, "distill", 5, 0.9),
+    ("lenet-5", 1.0, 20, 3, "finetune", 4, 0.0),
+    ("lenet-5", 0.8, 30, 10, "distill", 4, 0.0),
+    ("lenet-5", 0.8, 30, 25, "distill", 4, 0.0),
 ]
 PUBLISHED = {  # non-zero ratios (weights kept over all weights), test error
     "lenet-300-100": "Dynamic Network Surgery 56x at 1.99%; Sparse VD 68x at 1.92%; Deep Compression 12x at 1.58%",
@@ -36,7 +38,7 @@ PUBLISHED = {  # non-zero ratios (weights kept over all weights), test error
 }
 
 
-def recipe(kl_weight: float, epochs: int, tune_epochs: int, tuning: str, bits: int, quick: bool) -> dict:
+def recipe(kl_weight: float, epochs: int, tune_epochs: int, tuning: str, bits: int, teacher: float, quick: bool) -> dict:
     train = {"epochs": 1 if quick else epochs, "optimizer": "adam", "lr": 1e-3, "schedule": "cosine", "batch_size": 100, "eval_every_epoch": False}
     tune = {"epochs": 1 if quick else tune_epochs, "optimizer": "adam", "lr": 1e-4, "schedule": "cosine", "eval_every_epoch": False}
     if tuning == "distill":  # soft targets of the dense model the recipe started from (T 4, alpha 0.9)
@@ -50,7 +52,7 @@ def recipe(kl_weight: float, epochs: int, tune_epochs: int, tuning: str, bits: i
     return {
         "name": "variational-deep-compression",
         "stages": [
-            {"variational-dropout": {"kl_weight": kl_weight, "finetune": train}},
+            {"variational-dropout": {"kl_weight": kl_weight, "distill_alpha": teacher, "finetune": train}},
             *([tuned] if tune_epochs else []),
             {"quantize": {"weights": {"scheme": "kmeans", "bits": bits}, "finetune": centroids}},
             {"encode": {}},
@@ -58,9 +60,10 @@ def recipe(kl_weight: float, epochs: int, tune_epochs: int, tuning: str, bits: i
     }
 
 
-def _label(name: str, kl_weight: float, epochs: int, tune_epochs: int, tuning: str, bits: int) -> str:
+def _label(name: str, kl_weight: float, epochs: int, tune_epochs: int, tuning: str, bits: int, teacher: float) -> str:
     after = f" + {tune_epochs} of {'distillation from the dense model' if tuning == 'distill' else 'fine-tuning'}" if tune_epochs else ""
-    return f"KL weight {kl_weight:g}, {epochs} epochs{after}, {bits}-bit k-means"
+    data_term = f" (data term {teacher:g} soft targets of the dense model)" if teacher else ""
+    return f"KL weight {kl_weight:g}, {epochs} epochs{data_term}{after}, {bits}-bit k-means"
 
 
 def _row(entry: dict) -> list[str]:
@@ -89,8 +92,8 @@ def main() -> None:
     results: dict = {}
     previous = json.loads((Path(__file__).parent / "results" / "variational.json").read_text())["results"] if only else {}
     rows, stage_rows = [], []
-    for name, kl_weight, epochs, tune_epochs, tuning, bits in RUNS[:1] + RUNS[-1:] if options.quick else RUNS:
-        label = _label(name, kl_weight, epochs, tune_epochs, tuning, bits)
+    for name, kl_weight, epochs, tune_epochs, tuning, bits, teacher in RUNS[:1] + RUNS[-1:] if options.quick else RUNS:
+        label = _label(name, kl_weight, epochs, tune_epochs, tuning, bits, teacher)
         if only and label not in only and f"{name}: {label}" in previous:
             entry = results[f"{name}: {label}"] = previous[f"{name}: {label}"]
             rows.append(_row(entry))
@@ -101,7 +104,7 @@ def main() -> None:
         parameters = sum(p.numel() for p in dense.parameters())
         torch.manual_seed(0)
         started = time.perf_counter()
-        result = ts.compress(dense, recipe(kl_weight, epochs, tune_epochs, tuning, bits, options.quick), data, latency=False, progress=False)
+        result = ts.compress(dense, recipe(kl_weight, epochs, tune_epochs, tuning, bits, teacher, options.quick), data, latency=False, progress=False)
         seconds = time.perf_counter() - started
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / f"{name}.tslim"
@@ -137,7 +140,8 @@ def main() -> None:
     )
     layers = markdown.table(["model", "run", "layer", "weights", "sparsity learned"], stage_rows)
     notes = [
-        "Recipe: variational-dropout (Adam 1e-3, cosine, batch 100; the KL weight rising over the first epoch; log alpha > 3 masked), "
+        "Recipe: variational-dropout (Adam 1e-3, cosine, batch 100; the KL weight rising over the first epoch; log alpha > 3 masked; "
+        "where said, its data term 0.9 soft targets of the dense model at T 4 and 0.1 labels), "
         "optionally plain fine-tuning of the kept weights (Adam 1e-4, cosine) or distillation from the dense model (T 4, alpha 0.9, "
         "Adam 3e-4, cosine; masks held), k-means per layer with three epochs of centroid fine-tuning "
         "(Adam 1e-4), entropy coding. A KL weight below 1 keeps more weights for accuracy. From the trained baselines of "
