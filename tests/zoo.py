@@ -342,6 +342,15 @@ def llama(vocab=128, tie=True, intermediate=128):
     return transformers.LlamaForCausalLM(config)
 
 
+def llama_layers(count=4):
+    """``llama()``'s configuration with ``count`` decoder layers (built after one default model, as the tests seed it)."""
+    import transformers
+
+    config = llama().config
+    config.num_hidden_layers, config.layer_types = count, ["full_attention"] * count
+    return transformers.LlamaForCausalLM(config)
+
+
 def hf_vit(classes=10):
     import transformers
 

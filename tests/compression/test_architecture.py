@@ -163,9 +163,7 @@ def test_decoder_layers_of_a_hugging_face_llama_are_deleted_and_the_model_round_
     from tests.test_zoo import _text_batches
 
     torch.manual_seed(0)
-    config = zoo.llama().config
-    config.num_hidden_layers, config.layer_types = 4, ["full_attention"] * 4
-    model = transformers.LlamaForCausalLM(config).eval()
+    model = zoo.llama_layers(4).eval()
     data = _text_batches()
     result = ts.remove_blocks(model, {"count": 1}, data=data, task="language-modeling")
     pruned = result.model.eval()

@@ -267,14 +267,12 @@ def test_the_output_layer_is_never_offered_a_rank(trained):
 def test_a_hugging_face_decoder_meets_a_budget_with_layers_deleted_after_its_sets_are_pruned(tmp_path):
     """Blocks go last: the sets pruned are named as measured, then the decoder layers chosen are deleted from the stack
     (config shortened, cache slots renumbered), and the file loads back with the same logits."""
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from tests import zoo
     from tests.test_zoo import _text_batches
 
     torch.manual_seed(0)
-    config = zoo.llama().config
-    config.num_hidden_layers, config.layer_types = 4, ["full_attention"] * 4
-    model = transformers.LlamaForCausalLM(config).eval()
+    model = zoo.llama_layers(4).eval()
     data = _text_batches()
     budget = {"target_macs": 0.5, "finetune": None, "ratios": [0.5], "ranks": [], "rounds": 1, "depth": True}
     result = auto_narrow(model, data, budget, task="language-modeling", progress=False)

@@ -61,6 +61,7 @@ from torch import nn
 from torchslim.compression.budget import FLOAT, SLACK, Option, allocate, allocate_exact, full_rank_share
 from torchslim.compression.depth import Skip, candidate_blocks
 from torchslim.compression.factorize import FactorizedConv2d, FactorizedLinear, factorize
+from torchslim.compression.speed_choices import BLOCK, MERGED_LIMIT, RANK, MergedChoice, channels_only, flatten_plan, inside_block, outermost_blocks
 from torchslim.core.config import Config, ConfigError, check
 from torchslim.core.errors import TorchslimError
 from torchslim.core.selector import LayerSelector, select_modules, set_module
@@ -149,19 +150,6 @@ class SpeedBudgetConfig(Config):
         }
 
 
-RANK = "rank:"  # the knapsack group of a layer's rank, next to the sets' names
-BLOCK = "block:"  # the knapsack group of a block: its removal, or each choice of the groups inside it
-MERGED_LIMIT = 4096  # the most choices a block's group may hold (the product of its inner groups' choices)
-
-
-@dataclasses.dataclass
-class _Merged(Option):
-    """One choice of a block's group: the block removed (``removes``), or one option of each group inside it."""
-
-    parts: dict[str, Option] = dataclasses.field(default_factory=dict)
-    removes: str | None = None
-
-
 class _Cost:
     """The cost a budget counts: MACs, or milliseconds on the backend measured side by side with the dense model."""
 
@@ -228,7 +216,7 @@ def auto_narrow(
             rises[f"{name}#{rank}"] = max(
                 0.0, evaluate_source(thinner, source, resolved, limit=config.eval_limit, split=config.sensitivity_split)["loss"] - base["loss"]
             )
-    blocks = _outermost(candidate_blocks(model, example)) if config.removes_blocks and not config.uniform else []
+    blocks = outermost_blocks(candidate_blocks(model, example)) if config.removes_blocks and not config.uniform else []
     for block in blocks:
         bypassed = copy.deepcopy(model)
         set_module(bypassed, block, Skip())
@@ -267,15 +255,15 @@ def auto_narrow(
         key = f"{BLOCK}{block}"
         if table[key] >= dense or rises[key] > harshest:
             continue  # removing it saves nothing, or does more harm than any channel ratio
-        inner = [group for group in options if _inside(group, block)]
+        inner = [group for group in options if inside_block(group, block)]
         if math.prod(len(options[group]) for group in inner) > MERGED_LIMIT:
             notes.append(f"{block}: not offered for removal (its {len(inner)} inner sets have too many joint choices)")
             continue
         merged = [
-            _Merged(0.0, FLOAT, sum(o.cost for o in picks), sum(o.size for o in picks), parts=dict(zip(inner, picks)))
+            MergedChoice(0.0, FLOAT, sum(o.cost for o in picks), sum(o.size for o in picks), parts=dict(zip(inner, picks)))
             for picks in itertools.product(*(options.pop(group) for group in inner))
         ]
-        options[key] = [*merged, _Merged(0.0, FLOAT, rises[key], math.log(table[key] / dense), removes=block)]
+        options[key] = [*merged, MergedChoice(0.0, FLOAT, rises[key], math.log(table[key] / dense), removes=block)]
     floor = _floor(options)
     reach = math.exp(floor)
     if reach > config.target:
@@ -292,7 +280,7 @@ def auto_narrow(
 
     def attempt(plan: dict[str, Option]) -> tuple[Any, dict[str, Option], float] | None:
         """Carry out ``plan`` and measure it (None: the same ratios, ranks and blocks were measured already, or none)."""
-        flat, removed = _flatten(plan)
+        flat, removed = flatten_plan(plan)
         ratios = {name: option.sparsity for name, option in flat.items() if name in sets and option.sparsity > 0}
         factored = {name.removeprefix(RANK): option.rank for name, option in flat.items() if option.rank}
         if (ratios, factored, removed) in tried or not (ratios or factored or removed):
@@ -350,14 +338,14 @@ def auto_narrow(
     if best is None and not config.uniform:
         # every round missed: the most-pruned plan (every set at its largest ratio, what uniform would end on) is
         # measured before the budget is called missed
-        channels = {name: [option for option in choices if _channels_only(option)] for name, choices in options.items()}
+        channels = {name: [option for option in choices if channels_only(option)] for name, choices in options.items()}
         outcome = attempt(allocate_exact(channels, _floor(channels)))
         if outcome is not None:
             last = outcome
             best = outcome if rounds[-1]["met"] else None
     result, plan, achieved = best if best is not None else last  # type: ignore[misc]
-    flat, removed = _flatten(plan)
-    inside = {name: next(block for block in removed if _inside(name, block)) for name in sets if any(_inside(name, block) for block in removed)}
+    flat, removed = flatten_plan(plan)
+    inside = {name: next(block for block in removed if inside_block(name, block)) for name in sets if any(inside_block(name, block) for block in removed)}
     chosen = max((r for r in rounds if r["met"]), key=lambda r: r["ratio"]) if best is not None else rounds[-1]
     unit = "MACs" if config.measure == "macs" else f"ms on {config.backend} at batch {config.batch_size}"
     result.report.artifacts["allocation"] = {
@@ -434,38 +422,6 @@ def _next_budget(points: list[tuple[float, float, float]], target: float) -> flo
         return given - math.log(measured / predicted) - math.log(1.02)
     step = math.log(predicted / measured)
     return given + min(step, max(math.log(1.25), step / 2))
-
-
-def _outermost(blocks: list[str]) -> list[str]:
-    """The blocks not inside another one (a block's removal takes what is inside it)."""
-    return [block for block in blocks if not any(block.startswith(f"{other}.") for other in blocks)]
-
-
-def _inside(group: str, block: str) -> bool:
-    """Whether every layer of a knapsack group (a set "a+b", or a layer's rank group) is inside ``block``."""
-    layers = group.removeprefix(RANK).split("+")
-    return not group.startswith(BLOCK) and all(layer.startswith(f"{block}.") for layer in layers)
-
-
-def _flatten(plan: dict[str, Option]) -> tuple[dict[str, Option], list[str]]:
-    """A plan as {set or rank group: option} and the blocks it removes (a block's group resolved into its parts)."""
-    flat: dict[str, Option] = {}
-    removed = []
-    for name, option in plan.items():
-        if isinstance(option, _Merged):
-            if option.removes:
-                removed.append(option.removes)
-            flat.update(option.parts)
-        else:
-            flat[name] = option
-    return flat, sorted(removed)
-
-
-def _channels_only(option: Option) -> bool:
-    """Whether an option only removes channels (no rank, no block)."""
-    if isinstance(option, _Merged):
-        return option.removes is None and all(_channels_only(part) for part in option.parts.values())
-    return not option.rank
 
 
 def _floor(options: dict[str, list[Option]]) -> float:
