@@ -130,9 +130,9 @@ def main() -> None:
     notes = [
         f"ResNet-20 (option-A shortcuts, 0.27M parameters) trained on full MNIST for 3 epochs: {100 * dense_error:.2f}% test error; "
         f"{dense_macs / 1e6:.1f}M MACs per 28x28 image.",
-        "Each allocation: every coupled channel set pruned alone at 1/4, 1/2 and 3/4 of its channels (l1), every bypassable residual block "
-        "removed alone (channels + blocks): loss rise on 512 training "
-        "examples, cost counted (MACs) or timed side by side with the dense model (eager, batch 1, 3 rounds x 20 runs); an exact knapsack; "
+        "Each allocation: every coupled channel set pruned alone at 1/4, 1/2 and 3/4 of its channels (l1), and (channels + blocks) the "
+        "bypassable residual blocks in the order they would go, each depth (the first k removed together) measured: loss rise on 512 training "
+        "examples, cost counted (MACs) or timed side by side with the dense model (eager, batch 1, 3 rounds x 20 runs); an exact knapsack per depth; "
         "then channels pruned, blocks removed, 200 batches of fine-tuning, and the result measured again (up to 3 rounds).",
         "The speedup columns: every result and the dense model timed together after all runs, per engine, 5 rounds x 20 runs, medians.",
     ]

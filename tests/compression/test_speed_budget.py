@@ -232,7 +232,10 @@ def test_a_budget_removes_blocks_that_cost_nothing_and_the_file_loads_back(tmp_p
     assert chosen["met"] and macs <= 0.6 * allocation["dense"] and macs == pytest.approx(chosen["measured"])
     blocks = {row["block"]: row for row in allocation["blocks"]}
     assert set(blocks) == {"blocks.0", "blocks.1", "blocks.2", "blocks.3"}
-    assert blocks["blocks.1"]["predicted_loss_rise"] == 0.0 and blocks["blocks.0"]["predicted_loss_rise"] > 0.0
+    assert blocks["blocks.1"]["loss_rise_alone"] == 0.0 and blocks["blocks.0"]["loss_rise_alone"] > 0.0
+    # the idle blocks go first in the removal order, and removing both together is measured free
+    assert {name for name, row in blocks.items() if row["order"] in (1, 2)} == {"blocks.1", "blocks.3"}
+    assert next(row for row in blocks.values() if row["order"] == 2)["predicted_loss_rise"] == 0.0
     removed = chosen["blocks_removed"]
     assert removed and set(removed) <= {"blocks.1", "blocks.3"}  # only the idle blocks, whose removal is free
     sets = {row["set"]: row for row in allocation["sets"]}
@@ -244,7 +247,7 @@ def test_a_budget_removes_blocks_that_cost_nothing_and_the_file_loads_back(tmp_p
     from torchslim.report.html import report_to_html
 
     page = report_to_html(result.report)
-    assert "predicted factor (removed alone)" in page and f"gone with {removed[0]}" in page
+    assert "loss rise (with those before it)" in page and f"gone with {removed[0]}" in page
     assert "head" not in {row["layer"] for row in allocation["factorized"]}
     assert ts.evaluate(result.model, data)["accuracy"] >= ts.evaluate(model, data)["accuracy"] - 0.05
     ts.save(result.model, tmp_path / "shallow.tslim", factory="tests.compression.test_speed_budget:UsersResidualNet")
@@ -309,3 +312,33 @@ def test_the_next_budget_is_interpolated_between_a_met_and_a_missed_round_and_an
     between = _next_budget([(a, 0.3, 0.2), (b, 0.5, 0.4)], 0.3)
     share = (math.log(0.3) - math.log(0.2)) / (math.log(0.4) - math.log(0.2))
     assert between == pytest.approx(a + share * (b - a))
+
+
+def test_each_depth_gets_its_own_knapsack_with_the_sets_left_rescaled_to_what_the_blocks_leave():
+    """Two blocks removed together cost what was measured together (not a product of one-block factors), the sets
+    inside them go with them, a set outside saves the same MACs (a larger share of what is left), and the depth
+    with the least summed loss rise that fits is chosen."""
+    import math
+
+    from torchslim.compression.budget import FLOAT, Option
+    from torchslim.compression.speed_choices import DEPTH, RemovalStep, allocate_depth, depth_choices, depth_floor, flatten_plan
+
+    options = {
+        "b.0.conv": [Option(0.0, FLOAT, 0.0, 0.0), Option(0.5, FLOAT, 0.2, math.log(0.9))],
+        "b.1.conv": [Option(0.0, FLOAT, 0.0, 0.0), Option(0.5, FLOAT, 0.3, math.log(0.9))],
+        "stem": [Option(0.0, FLOAT, 0.0, 0.0), Option(0.5, FLOAT, 0.5, math.log(0.8))],
+    }
+    steps = [RemovalStep("b.1", 0.05, None), RemovalStep("b.0", 0.4, None)]
+    choices = depth_choices(options, steps, [0.7, 0.4])
+    assert [removal.blocks for removal, _ in choices] == [(), ("b.1",), ("b.1", "b.0")]
+    _, left = choices[1]
+    assert set(left) == {"b.0.conv", "stem"}  # b.1's set goes with b.1
+    assert math.exp(left["stem"][1].size) == pytest.approx(1 - 0.2 / 0.7)  # saves 0.2 of the dense cost, of 0.7 left
+    assert depth_floor(choices) == pytest.approx(math.log(0.4 * (1 - 0.2 / 0.4)))
+    # 0.65: one block (0.05) and b.0's set (0.7 * (1 - 0.1 / 0.7) = 0.6) beat channels alone (0.9 * 0.9 * 0.8: 1.0)
+    flat, removed = flatten_plan(allocate_depth(choices, math.log(0.65)))
+    assert removed == ["b.1"] and flat["b.0.conv"].sparsity == 0.5 and flat["stem"].sparsity == 0.0
+    # 0.25: only both blocks and the stem's set fit (0.4 - 0.2 = 0.2)
+    plan = allocate_depth(choices, math.log(0.25))
+    assert plan[DEPTH].blocks == ("b.1", "b.0") and plan["stem"].sparsity == 0.5
+    assert math.exp(sum(option.size for option in plan.values())) == pytest.approx(0.2)

@@ -30,12 +30,16 @@ model predicts; the rounds correct for it as for any miss. The layers whose outp
 classifier, a language model's head) are not factorized, as structured pruning keeps their channels: a classifier
 below the rank of its classes cannot tell them apart, and fine-tuning does not bring that back.
 
-With ``depth``, each bypassable block (see ``remove_blocks``: a residual block, a same-shape child of a Sequential)
-may be removed as well: the model with that block bypassed alone is measured the same way, and its removal becomes
-one more choice of a knapsack group that holds every choice of the sets (and ranks) inside that block (a removed
-block's channels are gone with it; counting both savings would count them twice). A plan that removes blocks prunes
-channels first, factorizes, then removes the blocks (last, so that every set, layer and block is named as it was
-measured: a Hugging Face decoder stack is renumbered when its layers go), and fine-tunes.
+With ``depth``, bypassable blocks (see ``remove_blocks``: a residual block, a same-shape child of a Sequential) may
+be removed as well. The order they would go in is found as ``remove_blocks`` finds it (at each step the block whose
+removal, with those before it, raises the loss least), and each depth (the first k blocks of that order removed
+together) is measured like a set: its loss rise and its cost, both measured with all k gone (removing several
+compounds, so one-block rises summed would under-predict the harm, and their savings add where a product of factors
+would not). For each depth the knapsack allocates the sets and ranks left (those inside a removed block go with it)
+in what the blocks leave of the budget, each set's factor rescaled to the model that is left (it saves what it saved
+in the dense model, a larger share of less); the depth with the least predicted loss rise wins. A plan that removes
+blocks prunes channels first, factorizes, then removes the blocks (last, so that every set, layer and block is named
+as it was measured: a Hugging Face decoder stack is renumbered when its layers go), and fine-tunes.
 
 Example:
     >>> import torchslim as ts
@@ -50,21 +54,31 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import itertools
 import math
 from typing import Any, Literal
 
 from torch import nn
 
 from torchslim.compression.budget import FLOAT, SLACK, Option, allocate, allocate_exact, full_rank_share
-from torchslim.compression.depth import Skip, candidate_blocks
+from torchslim.compression.depth import candidate_blocks
 from torchslim.compression.factorize import FactorizedConv2d, FactorizedLinear, factorize
-from torchslim.compression.speed_choices import BLOCK, MERGED_LIMIT, RANK, MergedChoice, channels_only, flatten_plan, inside_block, outermost_blocks
+from torchslim.compression.speed_choices import (
+    BLOCK,
+    RANK,
+    RemovalStep,
+    allocate_depth,
+    channels_only,
+    depth_choices,
+    depth_floor,
+    flatten_plan,
+    inside_block,
+    outermost_blocks,
+    removal_order,
+)
 from torchslim.core.config import Config, ConfigError, check
 from torchslim.core.errors import TorchslimError
-from torchslim.core.selector import LayerSelector, select_modules, set_module
+from torchslim.core.selector import LayerSelector, select_modules
 from torchslim.data.sources import as_source
 from torchslim.measure.counts import count_macs
 from torchslim.measure.latency import compare_latency
@@ -217,16 +231,22 @@ def auto_narrow(
                 0.0, evaluate_source(thinner, source, resolved, limit=config.eval_limit, split=config.sensitivity_split)["loss"] - base["loss"]
             )
     blocks = outermost_blocks(candidate_blocks(model, example)) if config.removes_blocks and not config.uniform else []
-    for block in blocks:
-        bypassed = copy.deepcopy(model)
-        set_module(bypassed, block, Skip())
-        candidates[f"{BLOCK}{block}"] = bypassed
-        rises[f"{BLOCK}{block}"] = max(
-            0.0, evaluate_source(bypassed, source, resolved, limit=config.eval_limit, split=config.sensitivity_split)["loss"] - base["loss"]
-        )
+    alone: dict[str, float] = {}
+    steps: list[RemovalStep] = []
+    if blocks:
+        # the order blocks would go in, each step measured with those before it gone (summed rises under-predict)
+        limit = sum(max(rises[f"{name}@{r:g}"] for r in config.ratios) for name in sets)  # every set at its harshest
+
+        def loss(bypassed: nn.Module) -> float:
+            return evaluate_source(bypassed, source, resolved, limit=config.eval_limit, split=config.sensitivity_split)["loss"]
+
+        alone, steps = removal_order(model, blocks, loss, base["loss"], limit)
+        candidates.update({f"{BLOCK}{k}": step.model for k, step in enumerate(steps, 1) if step.model is not None})
     cost = _Cost(model, config, example, timing_example)
     table = cost.of(candidates)  # the per-set cost table, measured once
     del candidates
+    for step in steps:
+        step.model = None  # measured: no longer held
     dense = table["dense"]
     # cost is modelled as the dense cost times each set's own factor (the cost with that set alone pruned, over the
     # dense cost): a layer between two pruned sets loses work to both, which a sum of savings would count twice
@@ -250,27 +270,14 @@ def auto_narrow(
             options[name] += factored
         elif factored:
             options[f"{RANK}{name}"] = [Option(0.0, FLOAT, 0.0, 0.0), *factored]  # one more group of the knapsack
-    notes: list[str] = []
-    for block in blocks:
-        key = f"{BLOCK}{block}"
-        if table[key] >= dense or rises[key] > harshest:
-            continue  # removing it saves nothing, or does more harm than any channel ratio
-        inner = [group for group in options if inside_block(group, block)]
-        if math.prod(len(options[group]) for group in inner) > MERGED_LIMIT:
-            notes.append(f"{block}: not offered for removal (its {len(inner)} inner sets have too many joint choices)")
-            continue
-        merged = [
-            MergedChoice(0.0, FLOAT, sum(o.cost for o in picks), sum(o.size for o in picks), parts=dict(zip(inner, picks)))
-            for picks in itertools.product(*(options.pop(group) for group in inner))
-        ]
-        options[key] = [*merged, MergedChoice(0.0, FLOAT, rises[key], math.log(table[key] / dense), removes=block)]
-    floor = _floor(options)
+    choices = depth_choices(options, steps, [table[f"{BLOCK}{k}"] / dense for k in range(1, len(steps) + 1)])
+    floor = depth_floor(choices)
     reach = math.exp(floor)
     if reach > config.target:
         raise TorchslimError(
             f"auto_narrow: a {config.measure} budget of {config.target:g} of the dense model's is out of reach: with every set at its largest "
             f"ratio ({max(config.ratios):g}){' and every layer at its lowest rank' if layer_ranks else ''}"
-            f"{' and every block that may go removed' if any(key.startswith(BLOCK) for key in options) else ''} the model is predicted at {reach:.3f} of it"
+            f"{' and every block that may go removed' if len(choices) > 1 else ''} the model is predicted at {reach:.3f} of it"
             + (f" (each set measured alone on {config.backend}: this model's time there is mostly not in its channels)" if config.measure == "latency" else "")
             + f"; allow larger ratios{' or lower ranks' if layer_ranks else ''} or a looser target"
         )
@@ -320,7 +327,7 @@ def auto_narrow(
         if len(rounds) >= config.rounds:
             break
         given = max(available, floor)  # corrected past the floor: the most the sets allow
-        outcome = attempt(allocate(options, given, uniform=True) if config.uniform else allocate_exact(options, given))
+        outcome = attempt(allocate(options, given, uniform=True) if config.uniform else allocate_depth(choices, given))
         if outcome is None:
             # the corrected budget picks a plan measured already, or one that removes nothing: halfway back, once more
             if not points or abs(given - points[-1][0]) < 1e-3:
@@ -345,6 +352,7 @@ def auto_narrow(
             best = outcome if rounds[-1]["met"] else None
     result, plan, achieved = best if best is not None else last  # type: ignore[misc]
     flat, removed = flatten_plan(plan)
+    order = {step.block: k for k, step in enumerate(steps, 1)}
     inside = {name: next(block for block in removed if inside_block(name, block)) for name in sets if any(inside_block(name, block) for block in removed)}
     chosen = max((r for r in rounds if r["met"]), key=lambda r: r["ratio"]) if best is not None else rounds[-1]
     unit = "MACs" if config.measure == "macs" else f"ms on {config.backend} at batch {config.batch_size}"
@@ -381,9 +389,12 @@ def auto_narrow(
             {
                 "block": block,
                 "removed": block in removed,
-                "predicted_loss_rise": round(rises[f"{BLOCK}{block}"], 5),
-                "predicted_factor": round(table[f"{BLOCK}{block}"] / dense, 4),
-                "offered": f"{BLOCK}{block}" in options,
+                "loss_rise_alone": round(alone[block], 5),
+                # where it stands in the removal order, and the rise and cost factor with it and those before it gone
+                "order": order.get(block),
+                "predicted_loss_rise": round(steps[order[block] - 1].rise, 5) if block in order else None,
+                "predicted_factor": round(table[f"{BLOCK}{order[block]}"] / dense, 4) if block in order else None,
+                "offered": block in order,
             }
             for block in blocks
         ],
@@ -400,7 +411,6 @@ def auto_narrow(
         )
         + (f"; blocks removed: {', '.join(removed)}" if removed else "")
     )
-    result.report.stages[-1].notes.extend(notes)
     return result
 
 

@@ -1,23 +1,40 @@
-"""The knapsack groups of a speed budget beyond the channel sets: a layer's ranks (``rank:<layer>``) and a block's
-removal together with every choice of the groups inside it (``block:<block>``), and how a chosen plan reads back."""
+"""The knapsack groups of a speed budget beyond the channel sets: a layer's ranks (``rank:<layer>``), and depth: the
+blocks a plan removes, measured together in the order they would go, with each set's factor rescaled to what is left."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import math
+from collections.abc import Callable
 
-from torchslim.compression.budget import Option
+from torch import nn
+
+from torchslim.compression.budget import FLOAT, Option, allocate_exact
+from torchslim.compression.depth import Skip
+from torchslim.core.selector import set_module
 
 RANK = "rank:"  # the knapsack group of a layer's rank, next to the sets' names
-BLOCK = "block:"  # the knapsack group of a block: its removal, or each choice of the groups inside it
-MERGED_LIMIT = 4096  # the most choices a block's group may hold (the product of its inner groups' choices)
+BLOCK = "block:"  # the cost table's key of the model with the first k blocks of the removal order removed
+DEPTH = "depth"  # a plan's key for the blocks it removes
+LEAST_FACTOR = 0.05  # a set's rescaled factor never predicts less than this share of what the blocks leave
 
 
 @dataclasses.dataclass
-class MergedChoice(Option):
-    """One choice of a block's group: the block removed (``removes``), or one option of each group inside it."""
+class Removal(Option):
+    """The depth of a plan: the first ``len(blocks)`` blocks of the removal order, removed together (``cost``: their
+    loss rise measured together; ``size``: the log of the cost left, measured)."""
 
-    parts: dict[str, Option] = dataclasses.field(default_factory=dict)
-    removes: str | None = None
+    blocks: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass
+class RemovalStep:
+    """One step of the removal order: ``block`` removed after those before it; the loss rise with all of them gone."""
+
+    block: str
+    rise: float
+    model: nn.Module | None  # with this block and those before it removed (None once measured)
 
 
 def outermost_blocks(blocks: list[str]) -> list[str]:
@@ -28,28 +45,106 @@ def outermost_blocks(blocks: list[str]) -> list[str]:
 def inside_block(group: str, block: str) -> bool:
     """Whether every layer of a knapsack group (a set "a+b", or a layer's rank group) is inside ``block``."""
     layers = group.removeprefix(RANK).split("+")
-    return not group.startswith(BLOCK) and all(layer.startswith(f"{block}.") for layer in layers)
+    return all(layer.startswith(f"{block}.") for layer in layers)
+
+
+def removal_order(
+    model: nn.Module, blocks: list[str], loss: Callable[[nn.Module], float], base: float, limit: float
+) -> tuple[dict[str, float], list[RemovalStep]]:
+    """Each block's loss rise when bypassed alone, and the order blocks go in: at each step the block whose removal,
+    with those before it, raises the loss least (the rest re-scored after each step, as ``remove_blocks(iterative)``),
+    until none is left or the rise passes ``limit`` (removing several compounds: measured together, not summed)."""
+    current = copy.deepcopy(model)
+    remaining, steps = list(blocks), list[RemovalStep]()
+    alone: dict[str, float] = {}
+    while remaining:
+        scores = {}
+        for block in remaining:
+            original = set_module(current, block, Skip())
+            scores[block] = max(0.0, loss(current) - base)
+            set_module(current, block, original)
+        if not steps:
+            alone = dict(scores)
+        block = min(remaining, key=lambda name: scores[name])
+        if scores[block] > limit:
+            break
+        remaining.remove(block)
+        set_module(current, block, Skip())
+        steps.append(RemovalStep(block, scores[block], copy.deepcopy(current)))
+    return alone, steps
+
+
+def depth_choices(options: dict[str, list[Option]], steps: list[RemovalStep], shares: list[float]) -> list[tuple[Removal, dict[str, list[Option]]]]:
+    """Per depth (the first k blocks of the order removed, their cost ``shares[k-1]`` of the dense model's), the
+    groups left (those inside a removed block go with it) with each option's factor rescaled to the model that is
+    left: a set saves what it saved in the dense model, a larger share of less (a product with the blocks' factor
+    would count that saving twice, or miss it)."""
+    choices = [(Removal(0.0, FLOAT, 0.0, 0.0), options)]
+    for k, share in enumerate(shares, 1):
+        removed = tuple(step.block for step in steps[:k])
+        if share >= min(math.exp(choice[0].size) for choice in choices):
+            continue  # removing this block as well saves nothing measured
+        left = {
+            group: [dataclasses.replace(option, size=_rescaled(option.size, share)) for option in group_options]
+            for group, group_options in options.items()
+            if not any(inside_block(group, block) for block in removed)
+        }
+        choices.append((Removal(0.0, FLOAT, steps[k - 1].rise, math.log(share), blocks=removed), left))
+    return choices
+
+
+def _rescaled(size: float, share: float) -> float:
+    """A set's log factor on the dense model as a log factor on a model ``share`` of the dense cost."""
+    return math.log(max(LEAST_FACTOR, 1.0 - (1.0 - math.exp(size)) / share))
+
+
+def depth_floor(choices: list[tuple[Removal, dict[str, list[Option]]]]) -> float:
+    """The least log cost any depth allows, every group left at its cheapest."""
+    return min(removal.size + sum(min(option.size for option in group) for group in left.values()) for removal, left in choices)
+
+
+def allocate_depth(choices: list[tuple[Removal, dict[str, list[Option]]]], budget: float) -> dict[str, Option]:
+    """The plan of least predicted loss rise over every depth: per depth, the knapsack of the groups left in what
+    the removed blocks leave of the budget. Of equal rises the plan that spends more of the budget wins."""
+    best: tuple[float, float, dict[str, Option]] | None = None
+    for removal, left in choices:
+        room = budget - removal.size
+        if room < sum(min(option.size for option in group) for group in left.values()) - 1e-12:
+            continue
+        plan: dict[str, Option] = {**allocate_exact(left, room), DEPTH: removal} if left else {DEPTH: removal}
+        rise, size = sum(option.cost for option in plan.values()), sum(option.size for option in plan.values())
+        if best is None or round(rise, 12) < round(best[0], 12) or (round(rise, 12) == round(best[0], 12) and size > best[1]):
+            best = (rise, size, plan)
+    assert best is not None, "the budget was checked against the floor"
+    return best[2]
 
 
 def flatten_plan(plan: dict[str, Option]) -> tuple[dict[str, Option], list[str]]:
-    """A plan as {set or rank group: option} and the blocks it removes (a block's group resolved into its parts)."""
-    flat: dict[str, Option] = {}
-    removed = []
-    for name, option in plan.items():
-        if isinstance(option, MergedChoice):
-            if option.removes:
-                removed.append(option.removes)
-            flat.update(option.parts)
-        else:
-            flat[name] = option
+    """A plan as {set or rank group: option} and the blocks it removes."""
+    flat = {name: option for name, option in plan.items() if not isinstance(option, Removal)}
+    removed = [block for option in plan.values() if isinstance(option, Removal) for block in option.blocks]
     return flat, sorted(removed)
 
 
 def channels_only(option: Option) -> bool:
     """Whether an option only removes channels (no rank, no block)."""
-    if isinstance(option, MergedChoice):
-        return option.removes is None and all(channels_only(part) for part in option.parts.values())
+    if isinstance(option, Removal):
+        return not option.blocks
     return not option.rank
 
 
-__all__ = ["BLOCK", "MERGED_LIMIT", "RANK", "MergedChoice", "channels_only", "flatten_plan", "inside_block", "outermost_blocks"]
+__all__ = [
+    "BLOCK",
+    "DEPTH",
+    "RANK",
+    "Removal",
+    "RemovalStep",
+    "allocate_depth",
+    "channels_only",
+    "depth_choices",
+    "depth_floor",
+    "flatten_plan",
+    "inside_block",
+    "outermost_blocks",
+    "removal_order",
+]

@@ -211,13 +211,16 @@ def _speed_allocation(plan: dict[str, Any]) -> list[Block]:
         [
             row["block"],
             "removed" if row["removed"] else "kept" if row["offered"] else "kept (not offered)",
-            f"{row['predicted_factor']:.3f}",
-            f"{row['predicted_loss_rise']:.4f}",
+            f"{row['loss_rise_alone']:.4f}",
+            str(row["order"]) if row["offered"] else "-",
+            f"{row['predicted_factor']:.3f}" if row["offered"] else "-",
+            f"{row['predicted_loss_rise']:.4f}" if row["offered"] else "-",
         ]
         for row in plan.get("blocks", [])
     ]
     if removable:
-        blocks.append(Block("table", headers=["block", "", "predicted factor (removed alone)", "predicted loss rise"], rows=removable))
+        headers = ["block", "", "loss rise (removed alone)", "removal order", "measured factor (with those before it)", "loss rise (with those before it)"]
+        blocks.append(Block("table", headers=headers, rows=removable))
     return blocks
 
 
