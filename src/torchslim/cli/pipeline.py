@@ -58,7 +58,7 @@ def compress(
     remove_blocks: bool | None = typer.Option(
         None,
         "--remove-blocks/--keep-blocks",
-        help="With --target-macs / --target-latency: whether residual blocks may be removed as well as channels (default: for latency budgets).",
+        help="With --target-macs / --target-latency: whether residual blocks may be removed as well as channels (default: they may).",
     ),
     uniform: bool = typer.Option(
         False, "--uniform", help="With a --target-*: one setting for every layer or channel set (the baseline an automatic allocation must beat)."
@@ -99,7 +99,8 @@ def compress(
     if speed is not None:
         from torchslim.compression.speed_budget import SpeedBudgetConfig
 
-        speed = SpeedBudgetConfig.coerce({**speed, "uniform": uniform, "depth": remove_blocks, "threads": run.threads or 2}, where="compress").to_dict()
+        depth = {} if remove_blocks is None else {"depth": remove_blocks}
+        speed = SpeedBudgetConfig.coerce({**speed, "uniform": uniform, "threads": run.threads or 2, **depth}, where="compress").to_dict()
     plan = load_recipe(recipe) if not targets else load_recipe({"name": f"{name}{'-uniform' if uniform else ''}", "stages": [{"encode": {}}]})
     exports = any(stage.writes_onnx for stage in plan.stages)
     stem = Path(model).stem if model.endswith((".safetensors", ".tslim")) or Path(model).is_dir() else model.replace(":", "-").replace(".", "-")
