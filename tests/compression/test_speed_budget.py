@@ -4,6 +4,7 @@ own model and DataLoader, and clear refusals."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -329,7 +330,7 @@ def test_each_depth_gets_its_own_knapsack_with_the_sets_left_rescaled_to_what_th
         "stem": [Option(0.0, FLOAT, 0.0, 0.0), Option(0.5, FLOAT, 0.5, math.log(0.8))],
     }
     steps = [RemovalStep("b.1", 0.05, None), RemovalStep("b.0", 0.4, None)]
-    choices = depth_choices(options, steps, [0.7, 0.4])
+    choices = depth_choices(options, steps, [0.7, 0.4], lambda group, option, removed: 1.0)
     assert [removal.blocks for removal, _ in choices] == [(), ("b.1",), ("b.1", "b.0")]
     _, left = choices[1]
     assert set(left) == {"b.0.conv", "stem"}  # b.1's set goes with b.1
@@ -362,3 +363,75 @@ def test_blocks_may_go_by_default_and_keep_blocks_keeps_them_from_the_command_li
         assert count_macs(reloaded, data.test.inputs[:1])["total"] <= 0.6 * count_macs(model, data.test.inputs[:1])["total"]
     assert removed[False][0] >= 2  # at least the two idle blocks (free to remove) were measured and offered
     assert removed[True] == (0, [])
+
+
+def test_blocks_go_in_the_order_measured_together_and_stop_past_the_limit():
+    """The second block is the one that harms least with the first gone (c), not the second-best alone (b), and the
+    rises recorded are those measured together; a block past the limit ends the order."""
+    from torchslim.compression.speed_choices import removal_order
+
+    model = torch.nn.Sequential(torch.nn.Identity(), torch.nn.Identity(), torch.nn.Identity(), torch.nn.Identity())
+    rises = {"": 0.0, "0": 0.1, "1": 0.2, "2": 0.3, "3": 5.0, "01": 1.0, "02": 0.35, "03": 5.0, "012": 1.5, "023": 5.0, "0123": 6.5}
+
+    def loss(current):
+        gone = "".join(sorted(name for name, module in current.named_children() if type(module).__name__ == "Skip"))
+        return 2.0 + rises[gone]
+
+    alone, steps = removal_order(model, ["0", "1", "2", "3"], loss, 2.0, limit=2.0)
+    assert alone == pytest.approx({"0": 0.1, "1": 0.2, "2": 0.3, "3": 5.0})
+    assert [step.block for step in steps] == ["0", "2", "1"]
+    assert [step.rise for step in steps] == pytest.approx([0.1, 0.35, 1.5])
+    assert all(type(module).__name__ == "Identity" for module in model)  # the model given is left as it was
+
+
+def test_depth_at_its_floor_always_allocates():
+    """The floor of the depth choices is a budget the allocation meets, whatever rounding the logs bring."""
+    import math
+    import random
+
+    from torchslim.compression.budget import FLOAT, Option
+    from torchslim.compression.speed_choices import RemovalStep, allocate_depth, depth_choices, depth_floor
+
+    rng = random.Random(0)
+    for _ in range(200):
+        options = {
+            f"b.{i}.conv": [Option(0.0, FLOAT, 0.0, 0.0)] + [Option(r, FLOAT, rng.random(), math.log(rng.uniform(0.5, 0.99))) for r in (0.25, 0.5)]
+            for i in range(4)
+        }
+        steps = [RemovalStep(f"b.{i}", rng.random(), None) for i in range(3)]
+        choices = depth_choices(options, steps, sorted((rng.uniform(0.3, 0.95) for _ in range(3)), reverse=True), lambda *_: 1.0)
+        plan = allocate_depth(choices, depth_floor(choices))
+        assert math.exp(sum(option.size for option in plan.values())) == pytest.approx(math.exp(depth_floor(choices)))
+
+
+def test_a_residual_stream_set_saves_only_outside_the_blocks_removed():
+    """A set that runs through every block (the stem and each block's second conv, tied by the residual adds) loses
+    part of its saving with the blocks it crosses: the rescaled prediction matches the counted MACs of that set
+    pruned with blocks 1 and 3 gone (a prediction as if its whole saving stayed was 10x under)."""
+    import math
+
+    from torchslim.compression.budget import FLOAT, Option
+    from torchslim.compression.depth import Skip
+    from torchslim.compression.speed_choices import RemovalStep, depth_choices, layer_macs, saving_outside
+    from torchslim.core.selector import set_module
+    from torchslim.pruning.structured import channel_sets
+
+    torch.manual_seed(0)
+    model = UsersResidualNet().eval()
+    example = torch.randn(1, 64)
+    stream = next(name for name in channel_sets(model, {"ratio": 0.0}, None, example) if "blocks.1.conv2" in name)
+    pruned = ts.prune_channels(model, {"ratio": 0.0, "sets": {stream: 0.5}}, example_input=example).model
+    dense = count_macs(model, example)["total"]
+    option = Option(0.5, FLOAT, 0.1, math.log(count_macs(pruned, example)["total"] / dense))
+    shallow = copy.deepcopy(model)
+    for block in ("blocks.1", "blocks.3"):
+        set_module(shallow, block, Skip())
+    share = count_macs(shallow, example)["total"] / dense
+    steps = [RemovalStep("blocks.1", 0.0, None), RemovalStep("blocks.3", 0.0, None)]
+    dense_layers, pruned_layers = layer_macs(model, example), layer_macs(pruned, example)
+    choices = depth_choices({stream: [option]}, steps, [0.75, share], lambda group, o, gone: saving_outside(dense_layers, pruned_layers, gone))
+    removal, left = choices[-1]
+    predicted = math.exp(removal.size + left[stream][0].size)
+    for block in ("blocks.1", "blocks.3"):
+        set_module(pruned, block, Skip())
+    assert predicted == pytest.approx(count_macs(pruned, example)["total"] / dense, rel=1e-6)

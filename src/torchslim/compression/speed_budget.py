@@ -32,14 +32,18 @@ below the rank of its classes cannot tell them apart, and fine-tuning does not b
 
 With ``depth``, bypassable blocks (see ``remove_blocks``: a residual block, a same-shape child of a Sequential) may
 be removed as well. The order they would go in is found as ``remove_blocks`` finds it (at each step the block whose
-removal, with those before it, raises the loss least), and each depth (the first k blocks of that order removed
-together) is measured like a set: its loss rise and its cost, both measured with all k gone (removing several
-compounds, so one-block rises summed would under-predict the harm, and their savings add where a product of factors
-would not). For each depth the knapsack allocates the sets and ranks left (those inside a removed block go with it)
-in what the blocks leave of the budget, each set's factor rescaled to the model that is left (it saves what it saved
-in the dense model, a larger share of less); the depth with the least predicted loss rise wins. A plan that removes
-blocks prunes channels first, factorizes, then removes the blocks (last, so that every set, layer and block is named
-as it was measured: a Hugging Face decoder stack is renumbered when its layers go), and fine-tunes.
+removal, with those before it, raises the loss least; after each step the few lowest-scoring blocks are scored again,
+a bound on the evaluations), until the rise passes what every set at its harshest ratio is predicted to cost. Each
+depth (the first k blocks of that order removed together) is measured like a set: its loss rise and its cost, both
+with all k gone (removing several compounds, so one-block rises summed would under-predict the harm, and their
+savings add where a product of factors would not). For each depth the knapsack allocates the sets and ranks left
+(those inside a removed block go with it) in what the blocks leave of the budget, each option's factor rescaled to
+the model that is left: it keeps the part of its saving outside the removed blocks (by counted MACs, per layer; a
+residual stream's set loses channels in the removed blocks too), a larger share of less. The depth with the least
+predicted loss rise wins. A plan that removes blocks prunes channels first, factorizes, then removes the blocks
+(last, so that every set, layer and block is named as it was measured: a Hugging Face decoder stack is renumbered
+when its layers go), and fine-tunes. When every round misses, the most-pruned plan measured last includes the depth
+that leaves the least.
 
 Example:
     >>> import torchslim as ts
@@ -60,7 +64,7 @@ from typing import Any, Literal
 
 from torch import nn
 
-from torchslim.compression.budget import FLOAT, SLACK, Option, allocate, allocate_exact, full_rank_share
+from torchslim.compression.budget import FLOAT, SLACK, Option, allocate, full_rank_share
 from torchslim.compression.depth import candidate_blocks
 from torchslim.compression.factorize import FactorizedConv2d, FactorizedLinear, factorize
 from torchslim.compression.speed_choices import (
@@ -68,13 +72,16 @@ from torchslim.compression.speed_choices import (
     RANK,
     RemovalStep,
     allocate_depth,
+    candidate_key,
     channels_only,
     depth_choices,
     depth_floor,
     flatten_plan,
     inside_block,
+    layer_macs,
     outermost_blocks,
     removal_order,
+    saving_outside,
 )
 from torchslim.core.config import Config, ConfigError, check
 from torchslim.core.errors import TorchslimError
@@ -98,9 +105,9 @@ class SpeedBudgetConfig(Config):
     factors cost as much as the layer, or whose loss rise passes the harshest channel ratio's, is not offered; ignored
     by ``uniform``; the model's output layers are never factorized); ``depth``: whether bypassable blocks (residual
     blocks; see ``remove_blocks``) may be removed as well (ignored by ``uniform``; on by default: with each depth
-    measured as its blocks removed together, a residual net lost no more accuracy on a MACs budget with blocks than
-    with channels alone, and at batch 1, where its time is in running the operators, blocks met latency budgets
-    channels could not);
+    measured as its blocks removed together, a residual net on a MACs budget lost about as much accuracy with blocks
+    as with channels alone at 0.5 and less at 0.3, and at batch 1, where its time is in running the operators,
+    blocks met latency budgets channels could not);
     ``finetune``: training after the channels go (``None``: none); ``rounds``: allocations tried while the budget is
     missed; ``eval_limit``: evaluation examples per sensitivity measurement, on ``sensitivity_split`` ("train", the
     default, so that the allocation never sees the data the result is tested on; or "eval"); ``timing_rounds`` x ``timing_runs``: the
@@ -112,7 +119,7 @@ class SpeedBudgetConfig(Config):
     batch_size: int = 1
     ratios: tuple[float, ...] = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)
     ranks: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3)
-    depth: bool = True
+    depth: bool | None = True  # None: the default (on); configs written when the default depended on the budget
     importance: str = "l1"
     round_to: int | str = 1
     layers: LayerSelector = LayerSelector()
@@ -226,7 +233,7 @@ def auto_narrow(
             rises[f"{name}#{rank}"] = max(
                 0.0, evaluate_source(thinner, source, resolved, limit=config.eval_limit, split=config.sensitivity_split)["loss"] - base["loss"]
             )
-    blocks = outermost_blocks(candidate_blocks(model, example)) if config.depth and not config.uniform else []
+    blocks = outermost_blocks(candidate_blocks(model, example)) if config.depth is not False and not config.uniform else []
     alone: dict[str, float] = {}
     steps: list[RemovalStep] = []
     if blocks:
@@ -240,6 +247,10 @@ def auto_narrow(
         candidates.update({f"{BLOCK}{k}": step.model for k, step in enumerate(steps, 1) if step.model is not None})
     cost = _Cost(model, config, example, timing_example)
     table = cost.of(candidates)  # the per-set cost table, measured once
+    # where each option's saving lies, by layer (MACs counted; a stand-in for a latency budget): what it still saves
+    # once blocks are gone
+    macs = {key: layer_macs(candidate, example) for key, candidate in candidates.items() if not key.startswith(BLOCK)} if steps else {}
+    dense_macs = layer_macs(model, example) if steps else {}
     del candidates
     for step in steps:
         step.model = None  # measured: no longer held
@@ -266,14 +277,15 @@ def auto_narrow(
             options[name] += factored
         elif factored:
             options[f"{RANK}{name}"] = [Option(0.0, FLOAT, 0.0, 0.0), *factored]  # one more group of the knapsack
-    choices = depth_choices(options, steps, [table[f"{BLOCK}{k}"] / dense for k in range(1, len(steps) + 1)])
+    shares = [table[f"{BLOCK}{k}"] / dense for k in range(1, len(steps) + 1)]
+    choices = depth_choices(options, steps, shares, lambda group, option, gone: saving_outside(dense_macs, macs[candidate_key(group, option)], gone))
     floor = depth_floor(choices)
     reach = math.exp(floor)
     if reach > config.target:
         raise TorchslimError(
             f"auto_narrow: a {config.measure} budget of {config.target:g} of the dense model's is out of reach: with every set at its largest "
             f"ratio ({max(config.ratios):g}){' and every layer at its lowest rank' if layer_ranks else ''}"
-            f"{' and every block that may go removed' if len(choices) > 1 else ''} the model is predicted at {reach:.3f} of it"
+            f"{' and the blocks that may go removed' if len(choices) > 1 else ''} the model is predicted at {reach:.3f} of it"
             + (f" (each set measured alone on {config.backend}: this model's time there is mostly not in its channels)" if config.measure == "latency" else "")
             + f"; allow larger ratios{' or lower ranks' if layer_ranks else ''} or a looser target"
         )
@@ -339,16 +351,17 @@ def auto_narrow(
                 break  # close enough to the budget: little left to spend
         available = _next_budget(points, config.target)
     if best is None and not config.uniform:
-        # every round missed: the most-pruned plan (every set at its largest ratio, what uniform would end on) is
-        # measured before the budget is called missed
-        channels = {name: [option for option in choices if channels_only(option)] for name, choices in options.items()}
-        outcome = attempt(allocate_exact(channels, _floor(channels)))
+        # every round missed: the most-pruned plan (every set at its largest ratio, what uniform would end on, and
+        # where blocks may go, the depth that leaves the least) is measured before the budget is called missed
+        harshest_plans = [(removal, {name: [o for o in group if channels_only(o)] for name, group in left.items()}) for removal, left in choices]
+        outcome = attempt(allocate_depth(harshest_plans, depth_floor(harshest_plans)))
         if outcome is not None:
             last = outcome
             best = outcome if rounds[-1]["met"] else None
     result, plan, achieved = best if best is not None else last  # type: ignore[misc]
     flat, removed = flatten_plan(plan)
     order = {step.block: k for k, step in enumerate(steps, 1)}
+    offered = {block for removal, _ in choices for block in removal.blocks}
     inside = {name: next(block for block in removed if inside_block(name, block)) for name in sets if any(inside_block(name, block) for block in removed)}
     chosen = max((r for r in rounds if r["met"]), key=lambda r: r["ratio"]) if best is not None else rounds[-1]
     unit = "MACs" if config.measure == "macs" else f"ms on {config.backend} at batch {config.batch_size}"
@@ -365,7 +378,8 @@ def auto_narrow(
                 "channels": sets[name],
                 "ratio": flat[name].sparsity if name in flat else 0.0,
                 "predicted_loss_rise": round(flat[name].cost if name in flat and not flat[name].rank else 0.0, 5),
-                "predicted_factor": round(math.exp(flat[name].size) if name in flat and not flat[name].rank else 1.0, 4),
+                # the set pruned alone in the dense model (the plan's prediction rescales it to what removed blocks leave)
+                "predicted_factor": round(table[f"{name}@{flat[name].sparsity:g}"] / dense if name in flat and flat[name].sparsity else 1.0, 4),
                 **({"removed_with": inside[name]} if name in inside else {}),
             }
             for name in sets
@@ -376,7 +390,7 @@ def auto_narrow(
                 "rank": chosen["ranks"][name],  # in the model (None: the layer, narrowed by pruning, was left whole)
                 "rank_measured": option.rank,  # on the whole layer, as its loss rise and factor were measured
                 "predicted_loss_rise": round(option.cost, 5),
-                "predicted_factor": round(math.exp(option.size), 4),
+                "predicted_factor": round(table[f"{name}#{option.rank}"] / dense, 4),  # factorized alone in the dense model
             }
             for name in layer_ranks
             if (option := flat.get(f"{RANK}{name}") or flat.get(name)) is not None and option.rank
@@ -390,7 +404,7 @@ def auto_narrow(
                 "order": order.get(block),
                 "predicted_loss_rise": round(steps[order[block] - 1].rise, 5) if block in order else None,
                 "predicted_factor": round(table[f"{BLOCK}{order[block]}"] / dense, 4) if block in order else None,
-                "offered": block in order,
+                "offered": block in offered,  # in a depth the knapsack was offered (one that saves over a shallower one)
             }
             for block in blocks
         ],
@@ -428,11 +442,6 @@ def _next_budget(points: list[tuple[float, float, float]], target: float) -> flo
         return given - math.log(measured / predicted) - math.log(1.02)
     step = math.log(predicted / measured)
     return given + min(step, max(math.log(1.25), step / 2))
-
-
-def _floor(options: dict[str, list[Option]]) -> float:
-    """The least log cost the options allow: every group at its cheapest."""
-    return sum(min(option.size for option in choices) for choices in options.values())
 
 
 def _layer_ranks(model: nn.Module, config: SpeedBudgetConfig, outputs: set[str]) -> dict[str, list[int]]:

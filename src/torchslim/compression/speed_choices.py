@@ -7,17 +7,21 @@ import copy
 import dataclasses
 import math
 from collections.abc import Callable
+from typing import Any
 
 from torch import nn
 
 from torchslim.compression.budget import FLOAT, Option, allocate_exact
 from torchslim.compression.depth import Skip
+from torchslim.core.errors import TorchslimError
 from torchslim.core.selector import set_module
+from torchslim.measure.counts import count_macs
 
 RANK = "rank:"  # the knapsack group of a layer's rank, next to the sets' names
 BLOCK = "block:"  # the cost table's key of the model with the first k blocks of the removal order removed
 DEPTH = "depth"  # a plan's key for the blocks it removes
 LEAST_FACTOR = 0.05  # a set's rescaled factor never predicts less than this share of what the blocks leave
+RESCORE = 4  # the blocks scored again after each step of the removal order
 
 
 @dataclasses.dataclass
@@ -52,40 +56,76 @@ def removal_order(
     model: nn.Module, blocks: list[str], loss: Callable[[nn.Module], float], base: float, limit: float
 ) -> tuple[dict[str, float], list[RemovalStep]]:
     """Each block's loss rise when bypassed alone, and the order blocks go in: at each step the block whose removal,
-    with those before it, raises the loss least (the rest re-scored after each step, as ``remove_blocks(iterative)``),
-    until none is left or the rise passes ``limit`` (removing several compounds: measured together, not summed)."""
+    with those before it, raises the loss least, until none is left or the rise passes ``limit`` (removing several
+    compounds: each step is measured together, not summed). After each step the ``RESCORE`` blocks that scored
+    lowest so far are scored again with the ones removed gone (as ``remove_blocks(iterative)`` re-scores them all; a
+    bound on the evaluations, which would otherwise grow with the square of the blocks)."""
     current = copy.deepcopy(model)
     remaining, steps = list(blocks), list[RemovalStep]()
+    scores: dict[str, float] = {}
     alone: dict[str, float] = {}
-    while remaining:
-        scores = {}
-        for block in remaining:
-            original = set_module(current, block, Skip())
-            scores[block] = max(0.0, loss(current) - base)
+
+    def score(block: str) -> float:
+        original = set_module(current, block, Skip())
+        try:
+            return loss(current) - base
+        finally:
             set_module(current, block, original)
+
+    while remaining:
+        scored = remaining if not steps else sorted(remaining, key=lambda name: scores[name])[:RESCORE]
+        scores.update({block: score(block) for block in scored})
         if not steps:
-            alone = dict(scores)
-        block = min(remaining, key=lambda name: scores[name])
+            alone = {block: max(0.0, value) for block, value in scores.items()}
+        block = min(scored, key=lambda name: scores[name])
         if scores[block] > limit:
             break
         remaining.remove(block)
         set_module(current, block, Skip())
-        steps.append(RemovalStep(block, scores[block], copy.deepcopy(current)))
+        steps.append(RemovalStep(block, max(0.0, scores[block]), copy.deepcopy(current)))
     return alone, steps
 
 
-def depth_choices(options: dict[str, list[Option]], steps: list[RemovalStep], shares: list[float]) -> list[tuple[Removal, dict[str, list[Option]]]]:
+def layer_macs(model: nn.Module, example: Any) -> dict[str, int]:
+    """{layer name: MACs} of one forward pass (see ``count_macs``)."""
+    return {row["name"]: int(row["macs"]) for row in count_macs(model, example)["layers"]}
+
+
+def saving_outside(dense: dict[str, int], pruned: dict[str, int], removed: tuple[str, ...]) -> float:
+    """The share of a candidate's MACs saving (``dense`` against ``pruned``, per layer) in layers outside the
+    ``removed`` blocks: what it still saves once they are gone (a residual stream's set loses channels in every block,
+    the removed ones included)."""
+
+    def outside(layers: dict[str, int]) -> int:
+        return sum(macs for name, macs in layers.items() if not any(name.startswith(f"{block}.") for block in removed))
+
+    total = sum(dense.values()) - sum(pruned.values())
+    return 1.0 if total <= 0 else min(1.0, max(0.0, (outside(dense) - outside(pruned)) / total))
+
+
+def candidate_key(group: str, option: Option) -> str:
+    """The cost table's key of an option: ``<set>@<ratio>`` or ``<layer>#<rank>``."""
+    return f"{group.removeprefix(RANK)}#{option.rank}" if option.rank else f"{group}@{option.sparsity:g}"
+
+
+def depth_choices(
+    options: dict[str, list[Option]], steps: list[RemovalStep], shares: list[float], outside: Callable[[str, Option, tuple[str, ...]], float]
+) -> list[tuple[Removal, dict[str, list[Option]]]]:
     """Per depth (the first k blocks of the order removed, their cost ``shares[k-1]`` of the dense model's), the
     groups left (those inside a removed block go with it) with each option's factor rescaled to the model that is
-    left: a set saves what it saved in the dense model, a larger share of less (a product with the blocks' factor
-    would count that saving twice, or miss it)."""
+    left: an option saves the part of its dense saving outside the removed blocks (``outside(group, option,
+    removed)``, a share of it; asked only of options that save), a larger share of less (a product with the blocks' factor would count that saving
+    twice, or miss it). A depth that saves nothing over a shallower one is left out."""
     choices = [(Removal(0.0, FLOAT, 0.0, 0.0), options)]
     for k, share in enumerate(shares, 1):
         removed = tuple(step.block for step in steps[:k])
-        if share >= min(math.exp(choice[0].size) for choice in choices):
-            continue  # removing this block as well saves nothing measured
+        if share <= 0.0 or share >= min(math.exp(choice[0].size) for choice in choices):
+            continue  # removing this block as well saves nothing measured (or leaves nothing to measure)
         left = {
-            group: [dataclasses.replace(option, size=_rescaled(option.size, share)) for option in group_options]
+            group: [
+                dataclasses.replace(option, size=_rescaled(option.size, share, outside(group, option, removed) if option.size < 0 else 1.0))
+                for option in group_options
+            ]
             for group, group_options in options.items()
             if not any(inside_block(group, block) for block in removed)
         }
@@ -93,9 +133,10 @@ def depth_choices(options: dict[str, list[Option]], steps: list[RemovalStep], sh
     return choices
 
 
-def _rescaled(size: float, share: float) -> float:
-    """A set's log factor on the dense model as a log factor on a model ``share`` of the dense cost."""
-    return math.log(max(LEAST_FACTOR, 1.0 - (1.0 - math.exp(size)) / share))
+def _rescaled(size: float, share: float, kept: float) -> float:
+    """A log factor on the dense model as a log factor on a model ``share`` of the dense cost, ``kept`` of its saving
+    left there."""
+    return math.log(max(LEAST_FACTOR, 1.0 - kept * (1.0 - math.exp(size)) / share))
 
 
 def depth_floor(choices: list[tuple[Removal, dict[str, list[Option]]]]) -> float:
@@ -109,13 +150,15 @@ def allocate_depth(choices: list[tuple[Removal, dict[str, list[Option]]]], budge
     best: tuple[float, float, dict[str, Option]] | None = None
     for removal, left in choices:
         room = budget - removal.size
-        if room < sum(min(option.size for option in group) for group in left.values()) - 1e-12:
+        least = sum(min(option.size for option in group) for group in left.values())
+        if room < least - 1e-9:
             continue
-        plan: dict[str, Option] = {**allocate_exact(left, room), DEPTH: removal} if left else {DEPTH: removal}
+        plan: dict[str, Option] = {**allocate_exact(left, max(room, least)), DEPTH: removal} if left else {DEPTH: removal}
         rise, size = sum(option.cost for option in plan.values()), sum(option.size for option in plan.values())
         if best is None or round(rise, 12) < round(best[0], 12) or (round(rise, 12) == round(best[0], 12) and size > best[1]):
             best = (rise, size, plan)
-    assert best is not None, "the budget was checked against the floor"
+    if best is None:
+        raise TorchslimError(f"no depth and no setting of the channel sets fits a log cost of {budget:.4g} (the floor is {depth_floor(choices):.4g})")
     return best[2]
 
 
@@ -140,11 +183,14 @@ __all__ = [
     "Removal",
     "RemovalStep",
     "allocate_depth",
+    "candidate_key",
     "channels_only",
     "depth_choices",
     "depth_floor",
     "flatten_plan",
     "inside_block",
+    "layer_macs",
     "outermost_blocks",
     "removal_order",
+    "saving_outside",
 ]

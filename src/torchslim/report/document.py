@@ -211,10 +211,11 @@ def _speed_allocation(plan: dict[str, Any]) -> list[Block]:
         [
             row["block"],
             "removed" if row["removed"] else "kept" if row["offered"] else "kept (not offered)",
-            f"{row['loss_rise_alone']:.4f}",
-            str(row["order"]) if row["offered"] else "-",
-            f"{row['predicted_factor']:.3f}" if row["offered"] else "-",
-            f"{row['predicted_loss_rise']:.4f}" if row["offered"] else "-",
+            # a report from before the removal order measured each block alone only
+            f"{row['loss_rise_alone'] if 'loss_rise_alone' in row else row['predicted_loss_rise']:.4f}",
+            str(row["order"]) if row.get("order") else "-",
+            f"{row['predicted_factor']:.3f}" if row.get("order") else "-",
+            f"{row['predicted_loss_rise']:.4f}" if row.get("order") else "-",
         ]
         for row in plan.get("blocks", [])
     ]
