@@ -58,7 +58,7 @@ def compress(
     remove_blocks: bool | None = typer.Option(
         None,
         "--remove-blocks/--keep-blocks",
-        help="With --target-macs / --target-latency: whether residual blocks may be removed as well as channels (default: they may).",
+        help="With --target-macs / --target-latency: whether residual blocks may be removed as well as channels (default: for latency budgets).",
     ),
     uniform: bool = typer.Option(
         False, "--uniform", help="With a --target-*: one setting for every layer or channel set (the baseline an automatic allocation must beat)."
