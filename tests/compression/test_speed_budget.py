@@ -345,25 +345,26 @@ def test_each_depth_gets_its_own_knapsack_with_the_sets_left_rescaled_to_what_th
     assert math.exp(sum(option.size for option in plan.values())) == pytest.approx(0.2)
 
 
-def test_remove_blocks_and_keep_blocks_from_the_command_line(tmp_path, capsys):
-    """On a MACs budget blocks stay by default and ``--remove-blocks`` offers them; ``--keep-blocks`` keeps them."""
-    torch.manual_seed(0)
-    data = ts.data.load("digits")
-    model = ts.train(UsersResidualNet(), data, {"epochs": 3, "lr": 0.05}, progress=False).model
-    ts.save(model, tmp_path / "residual.tslim", factory="tests.compression.test_speed_budget:UsersResidualNet")
-    removed = {}
-    for flags in ([], ["--remove-blocks"], ["--keep-blocks"]):
-        out = tmp_path / f"narrow{'-'.join(flags)}.tslim"
-        arguments = ["compress", "--data", "digits", "--model", str(tmp_path / "residual.tslim"), "--trust-factory", "--target-macs", "0.6"]
-        assert main([*arguments, *flags, "--out", str(out), "--json"]) == 0
-        allocation = json.loads(capsys.readouterr().out)["report"]["artifacts"]["allocation"]
-        chosen = next(r for r in allocation["rounds"] if r["round"] == allocation["chosen_round"])
-        assert chosen["met"]
-        removed[" ".join(flags)] = (sum(row["offered"] for row in allocation["blocks"]), chosen["blocks_removed"])
-        reloaded = ts.load(out, trust_factory=True)
-        assert count_macs(reloaded, data.test.inputs[:1])["total"] <= 0.6 * count_macs(model, data.test.inputs[:1])["total"]
-    assert removed["--remove-blocks"][0] >= 2  # at least the two idle blocks (free to remove) were measured and offered
-    assert removed[""] == removed["--keep-blocks"] == (0, [])
+def test_remove_blocks_and_keep_blocks_from_the_command_line(monkeypatch, capsys):
+    """Blocks may go by default on a latency budget and not on a MACs budget; ``--remove-blocks`` / ``--keep-blocks``
+    decide where given (the settings the command hands the budget, read before any measuring starts)."""
+    from torchslim.compression.speed_budget import SpeedBudgetConfig
+
+    assert SpeedBudgetConfig(target_latency=0.5).removes_blocks and not SpeedBudgetConfig(target_macs=0.5).removes_blocks
+    seen = []
+    coerce = SpeedBudgetConfig.coerce.__func__
+
+    def recording(cls, value, where=""):
+        config = coerce(cls, value, where=where)
+        seen.append(config.removes_blocks)
+        raise TorchslimError("read")
+
+    monkeypatch.setattr(SpeedBudgetConfig, "coerce", classmethod(recording))
+    for budget in (["--target-macs", "0.5"], ["--target-latency", "0.5"]):
+        for flags in ([], ["--remove-blocks"], ["--keep-blocks"]):
+            assert main(["compress", "--data", "digits", *budget, *flags, "--out", "never.tslim"]) == 1
+    assert "read" in capsys.readouterr().err
+    assert seen == [False, True, False, True, True, False]
 
 
 def test_blocks_go_in_the_order_measured_together_and_stop_past_the_limit():
