@@ -174,7 +174,7 @@ def _delete_decoder_layers(model: nn.Module, names: list[str]) -> list[str]:
 
 
 @contextlib.contextmanager
-def _bypassed(model: nn.Module, name: str) -> Iterator[None]:
+def bypassed(model: nn.Module, name: str) -> Iterator[None]:
     """``name`` replaced by the identity while inside."""
     block = set_module(model, name, Skip())
     try:
@@ -227,7 +227,7 @@ def remove_blocks(
         if step == 0 or config.iterative:
             current = _loss(target, batches, resolved)
             for name in remaining:
-                with _bypassed(target, name):
+                with bypassed(target, name):
                     scores[name] = _loss(target, batches, resolved) - current
         name = min(remaining, key=lambda n: scores[n])
         remaining.remove(name)
@@ -260,4 +260,4 @@ def apply_depth(model: nn.Module, transform: dict[str, Any]) -> nn.Module:
     return model
 
 
-__all__ = ["DepthConfig", "Skip", "apply_depth", "candidate_blocks", "remove_blocks"]
+__all__ = ["DepthConfig", "Skip", "apply_depth", "bypassed", "candidate_blocks", "remove_blocks"]

@@ -12,7 +12,7 @@ from typing import Any
 from torch import nn
 
 from torchslim.compression.budget import FLOAT, Option, allocate_exact
-from torchslim.compression.depth import Skip
+from torchslim.compression.depth import Skip, bypassed
 from torchslim.core.errors import TorchslimError
 from torchslim.core.selector import set_module
 from torchslim.measure.counts import count_macs
@@ -66,11 +66,8 @@ def removal_order(
     alone: dict[str, float] = {}
 
     def score(block: str) -> float:
-        original = set_module(current, block, Skip())
-        try:
+        with bypassed(current, block):
             return loss(current) - base
-        finally:
-            set_module(current, block, original)
 
     while remaining:
         scored = remaining if not steps else sorted(remaining, key=lambda name: scores[name])[:RESCORE]
@@ -139,9 +136,14 @@ def _rescaled(size: float, share: float, kept: float) -> float:
     return math.log(max(LEAST_FACTOR, 1.0 - kept * (1.0 - math.exp(size)) / share))
 
 
+def _least(groups: dict[str, list[Option]]) -> float:
+    """The least log cost of ``groups``: each at its cheapest option."""
+    return sum(min(option.size for option in group) for group in groups.values())
+
+
 def depth_floor(choices: list[tuple[Removal, dict[str, list[Option]]]]) -> float:
     """The least log cost any depth allows, every group left at its cheapest."""
-    return min(removal.size + sum(min(option.size for option in group) for group in left.values()) for removal, left in choices)
+    return min(removal.size + _least(left) for removal, left in choices)
 
 
 def allocate_depth(choices: list[tuple[Removal, dict[str, list[Option]]]], budget: float) -> dict[str, Option]:
@@ -150,7 +152,7 @@ def allocate_depth(choices: list[tuple[Removal, dict[str, list[Option]]]], budge
     best: tuple[float, float, dict[str, Option]] | None = None
     for removal, left in choices:
         room = budget - removal.size
-        least = sum(min(option.size for option in group) for group in left.values())
+        least = _least(left)
         if room < least - 1e-9:
             continue
         plan: dict[str, Option] = {**allocate_exact(left, max(room, least)), DEPTH: removal} if left else {DEPTH: removal}
