@@ -32,6 +32,24 @@ def test_a_dataloader_trains_as_the_in_memory_set_does(digits):
     assert a["accuracy"] > 0.85 and abs(a["accuracy"] - b["accuracy"]) < 0.05
 
 
+def test_a_shuffling_dataloader_gives_one_order_per_seed_and_leaves_the_callers_generator_alone(digits):
+    """Every evaluation of a sensitivity sweep reads the same examples from a user's shuffling DataLoader (one seed,
+    one order); another seed, another order; the caller's global generator is where it was."""
+    loader = DataLoader(TensorDataset(digits.train.inputs[:512], digits.train.targets[:512]), batch_size=64, shuffle=True)
+    source = as_source(loader)
+
+    def first_targets(seed):
+        return torch.cat([targets for _, targets in source.batches("train", seed=seed, limit=2)])
+
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    once, again, other = first_targets(5), first_targets(5), first_targets(6)
+    assert torch.equal(once, again) and not torch.equal(once, other)
+    assert torch.equal(torch.rand(3), expected_next)
+    assert sum(len(targets) for _, targets in source.batches("train", seed=5)) == 512  # the whole pass, nothing lost
+
+
 def test_forms_of_data_become_sources(digits):
     x, y = digits.train.inputs[:100], digits.train.targets[:100]
     assert isinstance(as_source(digits), DatasetSource)

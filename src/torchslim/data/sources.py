@@ -182,13 +182,30 @@ class LoaderSource(DataSource):
 
     def _batches(self, split: str, batch_size: int | None, shuffle: bool | None, seed: int) -> Iterable[Any]:
         source = self.train if split == "train" or self.evaluation is None else self.evaluation
-        return source()
+        return _seeded(source(), seed)
 
     def batches_per_epoch(self, batch_size: int | None) -> int | None:
         try:
             return len(self.train())  # type: ignore[arg-type]
         except TypeError:
             return None
+
+
+def _seeded(batches: Iterable[Any], seed: int) -> Iterator[Any]:
+    """One pass over a user's batches with torch's global generator at ``seed`` while the pass starts: a shuffling
+    DataLoader draws its order from it then, so two passes with one seed (every evaluation; a training epoch run
+    again) see the same examples in the same order. The caller's generator is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        iterator = iter(batches)
+        first = next(iterator, _END)
+    if first is _END:
+        return
+    yield first
+    yield from iterator
+
+
+_END = object()
 
 
 def _describe(data: Any) -> str:
