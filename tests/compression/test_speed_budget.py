@@ -437,3 +437,51 @@ def test_a_residual_stream_set_saves_only_outside_the_blocks_removed():
     for block in ("blocks.1", "blocks.3"):
         set_module(pruned, block, Skip())
     assert predicted == pytest.approx(count_macs(pruned, example)["total"] / dense, rel=1e-6)
+
+
+def test_depths_are_tried_on_a_users_dataloader_and_the_plan_of_least_loss_after_its_trial_is_carried_out(tmp_path):
+    """A user's residual net trained and narrowed through its own shuffling DataLoader with blocks allowed: a round
+    carries out the plan that removes no block and the deeper ones of least predicted rise, and chooses the one of least
+    loss after its trial. Without fine-tuning the trial is the plan itself, so the chosen trial's rise is the result's
+    own loss rise measured on the same examples (a shuffling loader's passes see the same examples), and the saved file
+    loads back."""
+    from torchslim.data.sources import as_source
+    from torchslim.tasks.base import resolve_task
+    from torchslim.train.evaluate import evaluate_source
+
+    torch.manual_seed(0)
+    digits = ts.data.load("digits")
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(digits.train.inputs, digits.train.targets), batch_size=64, shuffle=True)
+    model = ts.train(UsersResidualNet(), loader, {"epochs": 3, "lr": 0.05}, progress=False).model
+    config = {"target_macs": 0.4, "finetune": None, "ratios": [0.25, 0.5, 0.75], "ranks": [], "depth": True, "rounds": 1, "depth_trials": 3}
+    result = auto_narrow(model, loader, config, progress=False)
+    allocation = result.report.artifacts["allocation"]
+    chosen = allocation["rounds"][0]
+    trials = chosen["depth_trials"]
+    assert 2 <= len(trials) <= 3 and trials[0]["blocks_removed"] == [] and all(t["blocks_removed"] for t in trials[1:])
+    assert sum(t["chosen"] for t in trials) == 1 and sum(t["least_predicted"] for t in trials) == 1
+    picked = next(t for t in trials if t["chosen"])
+    assert picked["trial_loss_rise"] == min(t["trial_loss_rise"] for t in trials)
+    assert picked["blocks_removed"] == chosen["blocks_removed"]
+    source = as_source(loader, model)
+    task = resolve_task(None, source, model)
+    base = evaluate_source(model, source, task, limit=512, split="train")["loss"]
+    after = evaluate_source(result.model, source, task, limit=512, split="train")["loss"]
+    assert after - base == pytest.approx(picked["trial_loss_rise"], abs=1e-4)
+    ts.save(result.model, tmp_path / "tried.tslim", factory="tests.compression.test_speed_budget:UsersResidualNet")
+    reloaded = ts.load(tmp_path / "tried.tslim", trust_factory=True)
+    with torch.no_grad():
+        assert torch.allclose(reloaded(digits.test.inputs[:8]), result.model(digits.test.inputs[:8]), atol=1e-5)
+
+
+def test_the_depths_tried_are_the_plan_without_blocks_and_the_deeper_ones_of_least_predicted_rise():
+    from torchslim.compression.budget import FLOAT
+    from torchslim.compression.speed_choices import DEPTH, Removal, trial_plans
+
+    def plan(blocks: tuple[str, ...], rise: float, size: float) -> tuple[float, float, dict]:
+        return rise, size, {DEPTH: Removal(0.0, FLOAT, rise, size, blocks=blocks)}
+
+    plans = [plan((), 0.5, -1.0), plan(("a",), 0.2, -1.0), plan(("a", "b"), 0.1, -1.1), plan(("a", "b", "c"), 0.3, -1.2)]
+    assert [entry[2][DEPTH].blocks for entry in trial_plans(plans, 3)] == [(), ("a",), ("a", "b")]  # no blocks, then the two least
+    assert [entry[2][DEPTH].blocks for entry in trial_plans(plans, 1)] == [()]
+    assert [entry[2][DEPTH].blocks for entry in trial_plans(plans[1:], 2)] == [("a",), ("a", "b")]  # where no-blocks does not fit

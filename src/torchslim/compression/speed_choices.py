@@ -146,22 +146,47 @@ def depth_floor(choices: list[tuple[Removal, dict[str, list[Option]]]]) -> float
     return min(removal.size + _least(left) for removal, left in choices)
 
 
-def allocate_depth(choices: list[tuple[Removal, dict[str, list[Option]]]], budget: float) -> dict[str, Option]:
-    """The plan of least predicted loss rise over every depth: per depth, the knapsack of the groups left in what
-    the removed blocks leave of the budget. Of equal rises the plan that spends more of the budget wins."""
-    best: tuple[float, float, dict[str, Option]] | None = None
+def depth_plans(choices: list[tuple[Removal, dict[str, list[Option]]]], budget: float) -> list[tuple[float, float, dict[str, Option]]]:
+    """Per depth that fits ``budget`` (a log cost), the knapsack of the groups left in what its removed blocks leave
+    of it: (predicted loss rise, predicted log cost, plan), shallowest first."""
+    plans = []
     for removal, left in choices:
         room = budget - removal.size
         least = _least(left)
         if room < least - 1e-9:
             continue
         plan: dict[str, Option] = {**allocate_exact(left, max(room, least)), DEPTH: removal} if left else {DEPTH: removal}
-        rise, size = sum(option.cost for option in plan.values()), sum(option.size for option in plan.values())
-        if best is None or round(rise, 12) < round(best[0], 12) or (round(rise, 12) == round(best[0], 12) and size > best[1]):
-            best = (rise, size, plan)
-    if best is None:
+        plans.append((sum(option.cost for option in plan.values()), sum(option.size for option in plan.values()), plan))
+    return plans
+
+
+def least_rise(plans: list[tuple[float, float, dict[str, Option]]]) -> tuple[float, float, dict[str, Option]]:
+    """The plan of least loss rise; of equal rises the one that spends more of the budget."""
+    return min(plans, key=lambda entry: (round(entry[0], 12), -entry[1]))
+
+
+def allocate_depth(choices: list[tuple[Removal, dict[str, list[Option]]]], budget: float) -> dict[str, Option]:
+    """The plan of least predicted loss rise over every depth: per depth, the knapsack of the groups left in what
+    the removed blocks leave of the budget. Of equal rises the plan that spends more of the budget wins."""
+    plans = depth_plans(choices, budget)
+    if not plans:
         raise TorchslimError(f"no depth and no setting of the channel sets fits a log cost of {budget:.4g} (the floor is {depth_floor(choices):.4g})")
-    return best[2]
+    return least_rise(plans)[2]
+
+
+def trial_plans(plans: list[tuple[float, float, dict[str, Option]]], count: int) -> list[tuple[float, float, dict[str, Option]]]:
+    """The depths worth a trial: the plan that removes no block (where it fits) and the others of least predicted
+    loss rise, ``count`` in all, shallowest first."""
+    shallow = [entry for entry in plans if not removed_blocks(entry[2])]
+    deeper = sorted((entry for entry in plans if removed_blocks(entry[2])), key=lambda entry: (round(entry[0], 12), -entry[1]))
+    chosen = shallow[:1] + deeper[: max(0, count - len(shallow[:1]))]
+    return sorted(chosen, key=lambda entry: len(removed_blocks(entry[2])))
+
+
+def removed_blocks(plan: dict[str, Option]) -> tuple[str, ...]:
+    """The blocks a plan removes."""
+    removal = plan.get(DEPTH)
+    return removal.blocks if isinstance(removal, Removal) else ()
 
 
 def flatten_plan(plan: dict[str, Option]) -> tuple[dict[str, Option], list[str]]:
@@ -189,10 +214,14 @@ __all__ = [
     "channels_only",
     "depth_choices",
     "depth_floor",
+    "depth_plans",
     "flatten_plan",
     "inside_block",
     "layer_macs",
+    "least_rise",
     "outermost_blocks",
     "removal_order",
+    "removed_blocks",
     "saving_outside",
+    "trial_plans",
 ]
