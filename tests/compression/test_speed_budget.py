@@ -474,14 +474,35 @@ def test_depths_are_tried_on_a_users_dataloader_and_the_plan_of_least_loss_after
         assert torch.allclose(reloaded(digits.test.inputs[:8]), result.model(digits.test.inputs[:8]), atol=1e-5)
 
 
+def test_a_depth_trial_is_trained_before_it_is_measured():
+    """With fine-tuning, each depth's plan (channels pruned, layers factorized, blocks bypassed) is trained for
+    ``trial_batches`` batches before its loss is measured: every plan tried recovers part of its loss rise against
+    the same plans measured untrained (``trial_batches`` 0), and the model handed back runs."""
+    torch.manual_seed(0)
+    digits = ts.data.load("digits")
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(digits.train.inputs, digits.train.targets), batch_size=64, shuffle=True)
+    model = ts.train(UsersResidualNet(), loader, {"epochs": 3, "lr": 0.05}, progress=False).model
+    config = {"target_macs": 0.4, "ratios": [0.5, 0.75], "ranks": [0.5], "depth": True, "rounds": 1, "depth_trials": 3, "finetune": {"epochs": 1, "lr": 0.05}}
+    tried = {}
+    for batches in (0, 20):
+        result = auto_narrow(model, loader, {**config, "trial_batches": batches}, progress=False)
+        trials = result.report.artifacts["allocation"]["rounds"][0]["depth_trials"]
+        tried[batches] = {tuple(t["blocks_removed"]): t["trial_loss_rise"] for t in trials}
+        assert torch.isfinite(result.model(digits.test.inputs[:8])).all()
+    assert tried[0].keys() == tried[20].keys() and len(tried[0]) >= 2
+    assert all(tried[20][blocks] < tried[0][blocks] for blocks in tried[0]), tried
+
+
 def test_the_depths_tried_are_the_plan_without_blocks_and_the_deeper_ones_of_least_predicted_rise():
-    from torchslim.compression.budget import FLOAT
+    from torchslim.compression.budget import FLOAT, Option
     from torchslim.compression.speed_choices import DEPTH, Removal, trial_plans
 
-    def plan(blocks: tuple[str, ...], rise: float, size: float) -> tuple[float, float, dict]:
-        return rise, size, {DEPTH: Removal(0.0, FLOAT, rise, size, blocks=blocks)}
+    def plan(blocks: tuple[str, ...], rise: float, size: float, pruned: float = 0.5) -> tuple[float, float, dict]:
+        return rise, size, {DEPTH: Removal(0.0, FLOAT, 0.0, 0.0, blocks=blocks), "conv": Option(pruned, FLOAT, rise, size)}
 
     plans = [plan((), 0.5, -1.0), plan(("a",), 0.2, -1.0), plan(("a", "b"), 0.1, -1.1), plan(("a", "b", "c"), 0.3, -1.2)]
     assert [entry[2][DEPTH].blocks for entry in trial_plans(plans, 3)] == [(), ("a",), ("a", "b")]  # no blocks, then the two least
     assert [entry[2][DEPTH].blocks for entry in trial_plans(plans, 1)] == [()]
     assert [entry[2][DEPTH].blocks for entry in trial_plans(plans[1:], 2)] == [("a",), ("a", "b")]  # where no-blocks does not fit
+    unchanged = [plan((), 0.0, 0.0, pruned=0.0), *plans[1:]]  # a plan that would change nothing is not worth a trial
+    assert [entry[2][DEPTH].blocks for entry in trial_plans(unchanged, 2)] == [("a",), ("a", "b")]

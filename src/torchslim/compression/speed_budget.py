@@ -332,7 +332,10 @@ def auto_narrow(
             for block in removed:
                 set_module(trial, block, Skip())
             if config.finetune and config.trial_batches:
-                tuning = {**config.finetune, "epochs": 1, "max_batches_per_epoch": config.trial_batches, "eval_every_epoch": False}
+                # no warm-up (it would fill the trial); another seed than the evaluation's, so that the examples the
+                # trial is measured on are not the batches it was trained on last
+                tuning = {**config.finetune, "epochs": 1, "max_batches_per_epoch": config.trial_batches, "warmup_epochs": 0, "eval_every_epoch": False}
+                tuning["seed"] = int(config.finetune.get("seed", 0)) + 1
                 fit(trial, data, tuning, task=task, progress=False, label="depth trial", evaluate_at_end=False, reference=model)
             measured = evaluate_source(trial, source, resolved, limit=config.eval_limit, split=config.sensitivity_split)["loss"]
             trial_rises[key] = measured - base["loss"]

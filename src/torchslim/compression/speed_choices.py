@@ -175,9 +175,9 @@ def allocate_depth(choices: list[tuple[Removal, dict[str, list[Option]]]], budge
 
 
 def trial_plans(plans: list[tuple[float, float, dict[str, Option]]], count: int) -> list[tuple[float, float, dict[str, Option]]]:
-    """The depths worth a trial: the plan that removes no block (where it fits) and the others of least predicted
-    loss rise, ``count`` in all, shallowest first."""
-    shallow = [entry for entry in plans if not removed_blocks(entry[2])]
+    """The depths worth a trial: the plan that removes no block (where it fits and prunes or factorizes something)
+    and the others of least predicted loss rise, ``count`` in all, shallowest first."""
+    shallow = [entry for entry in plans if not removed_blocks(entry[2]) and any(option.sparsity > 0 or option.rank for option in entry[2].values())]
     deeper = sorted((entry for entry in plans if removed_blocks(entry[2])), key=lambda entry: (round(entry[0], 12), -entry[1]))
     chosen = shallow[:1] + deeper[: max(0, count - len(shallow[:1]))]
     return sorted(chosen, key=lambda entry: len(removed_blocks(entry[2])))

@@ -182,7 +182,7 @@ class LoaderSource(DataSource):
 
     def _batches(self, split: str, batch_size: int | None, shuffle: bool | None, seed: int) -> Iterable[Any]:
         source = self.train if split == "train" or self.evaluation is None else self.evaluation
-        return _seeded(source(), seed)
+        return _seeded(source, seed)
 
     def batches_per_epoch(self, batch_size: int | None) -> int | None:
         try:
@@ -191,13 +191,14 @@ class LoaderSource(DataSource):
             return None
 
 
-def _seeded(batches: Iterable[Any], seed: int) -> Iterator[Any]:
-    """One pass over a user's batches with torch's global generator at ``seed`` while the pass starts: a shuffling
-    DataLoader draws its order from it then, so two passes with one seed (every evaluation; a training epoch run
-    again) see the same examples in the same order. The caller's generator is left as it was."""
+def _seeded(source: Callable[[], Iterable[Any]], seed: int) -> Iterator[Any]:
+    """One pass over a user's batches with torch's CPU generator at ``seed`` while the pass starts (the factory
+    called and the first batch drawn): a shuffling DataLoader (one without its own ``generator``) draws its order
+    from it then, so two passes with one seed (every evaluation; a training epoch run again) see the same examples in
+    the same order. The caller's generator is left as it was, and no device generator is touched."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        iterator = iter(batches)
+        torch.default_generator.manual_seed(seed)
+        iterator = iter(source())
         first = next(iterator, _END)
     if first is _END:
         return

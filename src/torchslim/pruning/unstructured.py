@@ -274,7 +274,7 @@ def prune(
                 fit(
                     target,
                     source,
-                    tuning.replace(seed=tuning.seed + index),
+                    tuning.replace(seed=tuning.seed + index * tuning.epochs),  # a new order for every epoch of every step
                     task=resolved,
                     progress=progress,
                     label=f"prune step {index + 1} fine-tune",
