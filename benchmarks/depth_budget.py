@@ -74,6 +74,7 @@ def main() -> None:
                         blocks_removed=chosen.get("blocks_removed", []),
                         sets={row["set"]: row["ratio"] for row in plan["sets"] if row["ratio"]},
                         factorized={row["layer"]: row["rank"] for row in plan["factorized"]},
+                        depth_trials=[r.get("depth_trials", []) for r in plan["rounds"]],
                     )
                 runs.append(entry)
                 print(entry, flush=True)
@@ -133,7 +134,8 @@ def main() -> None:
         "Each allocation: every coupled channel set pruned alone at 1/4, 1/2 and 3/4 of its channels (l1), and (channels + blocks) the "
         "bypassable residual blocks in the order they would go, each depth (the first k removed together) measured: loss rise on 512 training "
         "examples, cost counted (MACs) or timed side by side with the dense model (eager, batch 1, 3 rounds x 20 runs); an exact knapsack per depth; "
-        "then channels pruned, blocks removed, 200 batches of fine-tuning, and the result measured again (up to 3 rounds).",
+        "in each round the plan without blocks and the 3 deeper ones of least predicted rise carried out and trained for 50 batches, the one "
+        "of least loss then chosen; then channels pruned, blocks removed, 200 batches of fine-tuning, and the result measured again (up to 3 rounds).",
         "The speedup columns: every result and the dense model timed together after all runs, per engine, 5 rounds x 20 runs, medians.",
     ]
     for measure in BUDGETS:
@@ -143,6 +145,15 @@ def main() -> None:
             common = [b for b in errors[better] if b in errors[worse]]
             wins = sum(errors[better][b] <= errors[worse][b] for b in common)
             notes.append(f"{measure}: {better} at least as good as {worse} at {wins} of {len(common)} budgets both met.")
+    for entry in runs:
+        for number, tried in enumerate(entry.get("depth_trials", []), 1):
+            if tried:
+                said = ", ".join(
+                    f"{len(t['blocks_removed'])} blocks: predicted rise {t['predicted_loss_rise']:.3f}, after the trial {t['trial_loss_rise']:.3f}"
+                    + (" (chosen)" if t["chosen"] else "")
+                    for t in tried
+                )
+                notes.append(f"{entry['measure']} {entry['budget']:g} {entry['allocation']}, round {number}, depths tried: {said}.")
     for allocation in ALLOCATIONS:
         shares = [f"{r['speedup']['eager'][1] * r['macs_fraction']:.2f}" for r in runs if r["allocation"] == allocation and "speedup" in r]
         notes.append(f"{allocation}: eager batch-1 speedup over the MACs ratio, row by row: {', '.join(shares)}.")
