@@ -40,11 +40,12 @@ savings add where a product of factors would not). For each depth the knapsack a
 (those inside a removed block go with it) in what the blocks leave of the budget, each option's factor rescaled to
 the model that is left: it keeps the part of its saving outside the removed blocks (by counted MACs, per layer; a
 residual stream's set loses channels in the removed blocks too), a larger share of less. The depth with the least
-predicted loss rise is chosen, unless several depths fit: the loss rise measured before fine-tuning ranks depths apart
-from how fine-tuning recovers them (a pure-depth plan for ResNet-20 at 0.3 of the MACs looked cheapest and ended at
-5.8% error against 2.4% with channels), so each round carries out the plan that removes no block and the
-``depth_trials - 1`` others of least predicted rise, trains each for ``trial_batches`` batches and chooses the one of
-least loss then (a short fine-tuning per candidate, as NetAdapt chooses among its proposals). A plan that removes
+predicted loss rise is chosen, unless several depths fit: the loss rise measured before fine-tuning ranks depths
+apart from how fine-tuning recovers them (a pure-depth plan for ResNet-20 at 0.3 of the MACs looked cheapest and
+ended at 5.8% error against 2.4% with channels; tried, a plan of four blocks and six sets was chosen: 2.3%), so each
+round carries out the plan that removes no block and the ``depth_trials - 1`` others of least predicted rise, trains
+each for ``trial_batches`` batches and chooses the one of least loss then (a short fine-tuning per candidate, as
+NetAdapt chooses among its proposals). A plan that removes
 blocks prunes channels first, factorizes, then removes the blocks (last, so that every set, layer and block is named
 as it was measured: a Hugging Face decoder stack is renumbered when its layers go), and fine-tunes. When every round
 misses, the most-pruned plan measured last includes the depth that leaves the least.
@@ -116,9 +117,9 @@ class SpeedBudgetConfig(Config):
     by ``uniform``; the model's output layers are never factorized); ``depth``: whether bypassable blocks (residual
     blocks; see ``remove_blocks``) may be removed as well (ignored by ``uniform``; by default (None) on for a latency
     budget and off for MACs: at batch 1, where a residual net's time is in running its operators, blocks met eager
-    latency budgets channels could not reach; on MACs budgets the loss rise measured before fine-tuning favoured
-    removing many blocks, which fine-tuning recovered from less than from pruned channels: 5.8% against 2.4% error
-    on ResNet-20 at 0.3, though 1.2% against 1.3% at 0.5);
+    latency budgets channels could not reach, or at less error (ResNet-20 at 0.6 of eager batch-1 latency: 1.5%
+    against 2.2%); on MACs budgets, even with depth trials, fine-tuning recovered from removed blocks no better than
+    from pruned channels: 2.3% against 1.8% error on ResNet-20 at 0.3 of the MACs, 1.3% against 1.5% at 0.5);
     ``depth_trials``: how many depths' plans a round carries out before choosing (the plan that removes no block and
     those of least predicted loss rise; 1: the least predicted rise is chosen untried), each trained for
     ``trial_batches`` batches of ``finetune`` (0, or no ``finetune``: none) and measured by its loss, as the loss rise
