@@ -74,7 +74,7 @@ def main() -> None:
                         blocks_removed=chosen.get("blocks_removed", []),
                         sets={row["set"]: row["ratio"] for row in plan["sets"] if row["ratio"]},
                         factorized={row["layer"]: row["rank"] for row in plan["factorized"]},
-                        depth_trials=[r.get("depth_trials", []) for r in plan["rounds"]],
+                        trials=[r.get("trials", []) for r in plan["rounds"]],
                     )
                 runs.append(entry)
                 print(entry, flush=True)
@@ -146,14 +146,15 @@ def main() -> None:
             wins = sum(errors[better][b] <= errors[worse][b] for b in common)
             notes.append(f"{measure}: {better} at least as good as {worse} at {wins} of {len(common)} budgets both met.")
     for entry in runs:
-        for number, tried in enumerate(entry.get("depth_trials", []), 1):
+        for number, tried in enumerate(entry.get("trials", entry.get("depth_trials", [])), 1):
             if tried:
                 said = ", ".join(
-                    f"{len(t['blocks_removed'])} blocks: predicted rise {t['predicted_loss_rise']:.3f}, after the trial {t['trial_loss_rise']:.3f}"
+                    ("one ratio" if t.get("uniform") else f"{len(t['blocks_removed'])} blocks")
+                    + f": predicted rise {t['predicted_loss_rise']:.3f}, after the trial {t['trial_loss_rise']:.3f}"
                     + (" (chosen)" if t["chosen"] else "")
                     for t in tried
                 )
-                notes.append(f"{entry['measure']} {entry['budget']:g} {entry['allocation']}, round {number}, depths tried: {said}.")
+                notes.append(f"{entry['measure']} {entry['budget']:g} {entry['allocation']}, round {number}, plans tried: {said}.")
     for allocation in ALLOCATIONS:
         shares = [f"{r['speedup']['eager'][1] * r['macs_fraction']:.2f}" for r in runs if r["allocation"] == allocation and "speedup" in r]
         notes.append(f"{allocation}: eager batch-1 speedup over the MACs ratio, row by row: {', '.join(shares)}.")

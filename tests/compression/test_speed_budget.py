@@ -457,8 +457,10 @@ def test_depths_are_tried_on_a_users_dataloader_and_the_plan_of_least_loss_after
     result = auto_narrow(model, loader, config, progress=False)
     allocation = result.report.artifacts["allocation"]
     chosen = allocation["rounds"][0]
-    trials = chosen["depth_trials"]
-    assert 2 <= len(trials) <= 3 and trials[0]["blocks_removed"] == [] and all(t["blocks_removed"] for t in trials[1:])
+    trials = chosen["trials"]
+    depths = [t for t in trials if not t["uniform"]]  # and the plan of one ratio for every set, tried as well
+    assert 2 <= len(depths) <= 3 and depths[0]["blocks_removed"] == [] and all(t["blocks_removed"] for t in depths[1:])
+    assert len(trials) - len(depths) <= 1 and all(t["blocks_removed"] == [] for t in trials if t["uniform"])
     assert sum(t["chosen"] for t in trials) == 1 and sum(t["least_predicted"] for t in trials) == 1
     picked = next(t for t in trials if t["chosen"])
     assert picked["trial_loss_rise"] == min(t["trial_loss_rise"] for t in trials)
@@ -486,11 +488,37 @@ def test_a_depth_trial_is_trained_before_it_is_measured():
     tried = {}
     for batches in (0, 20):
         result = auto_narrow(model, loader, {**config, "trial_batches": batches}, progress=False)
-        trials = result.report.artifacts["allocation"]["rounds"][0]["depth_trials"]
-        tried[batches] = {tuple(t["blocks_removed"]): t["trial_loss_rise"] for t in trials}
+        trials = result.report.artifacts["allocation"]["rounds"][0]["trials"]
+        tried[batches] = {(tuple(t["blocks_removed"]), t["uniform"]): t["trial_loss_rise"] for t in trials}
         assert torch.isfinite(result.model(digits.test.inputs[:8])).all()
     assert tried[0].keys() == tried[20].keys() and len(tried[0]) >= 2
     assert all(tried[20][blocks] < tried[0][blocks] for blocks in tried[0]), tried
+
+
+def test_the_plan_of_one_ratio_is_tried_beside_the_knapsacks_and_the_better_one_is_carried_out():
+    """Blocks kept: a round tries the knapsack's plan and the plan of one ratio for every set that fits, and carries
+    out the one of least loss (without fine-tuning, the loss of the plan itself: the result's loss rise is the chosen
+    trial's). With ``uniform_trial`` off only the knapsack's plan is carried out, untried."""
+    from torchslim.data.sources import as_source
+    from torchslim.tasks.base import resolve_task
+    from torchslim.train.evaluate import evaluate_source
+
+    torch.manual_seed(0)
+    digits = ts.data.load("digits")
+    model = ts.train(UsersResidualNet(), digits, {"epochs": 3, "lr": 0.05}, progress=False).model
+    config = {"target_macs": 0.5, "finetune": None, "ratios": [0.25, 0.5, 0.75], "ranks": [], "depth": False, "rounds": 1}
+    result = auto_narrow(model, digits, config, progress=False)
+    trials = result.report.artifacts["allocation"]["rounds"][0]["trials"]
+    assert [t["uniform"] for t in trials] == [False, True] and trials[0]["least_predicted"]
+    picked = min(trials, key=lambda t: t["trial_loss_rise"])
+    assert picked["chosen"] and sum(t["chosen"] for t in trials) == 1
+    source = as_source(digits, model)
+    task = resolve_task(None, source, model)
+    base = evaluate_source(model, source, task, limit=512, split="train")["loss"]
+    after = evaluate_source(result.model, source, task, limit=512, split="train")["loss"]
+    assert after - base == pytest.approx(picked["trial_loss_rise"], abs=1e-4)
+    untried = auto_narrow(model, digits, {**config, "uniform_trial": False}, progress=False).report.artifacts["allocation"]
+    assert "trials" not in untried["rounds"][0]
 
 
 def test_the_depths_tried_are_the_plan_without_blocks_and_the_deeper_ones_of_least_predicted_rise():

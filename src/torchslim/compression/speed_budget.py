@@ -123,7 +123,9 @@ class SpeedBudgetConfig(Config):
     ``depth_trials``: how many depths' plans a round carries out before choosing (the plan that removes no block and
     those of least predicted loss rise; 1: the least predicted rise is chosen untried), each trained for
     ``trial_batches`` batches of ``finetune`` (0, or no ``finetune``: none) and measured by its loss, as the loss rise
-    measured before fine-tuning ranks depths apart from how fine-tuning recovers them;
+    measured before fine-tuning ranks depths apart from how fine-tuning recovers them; ``uniform_trial``: the plan of
+    one ratio for every set that fits is tried the same way beside the knapsack's and carried out where it does better
+    (summed loss rises judge a plan of many pruned sets far worse than it does after a few batches of training);
     ``finetune``: training after the channels go (``None``: none); ``rounds``: allocations tried while the budget is
     missed; ``eval_limit``: evaluation examples per sensitivity measurement, on ``sensitivity_split`` ("train", the
     default, so that the allocation never sees the data the result is tested on; or "eval"); ``timing_rounds`` x ``timing_runs``: the
@@ -146,6 +148,7 @@ class SpeedBudgetConfig(Config):
     eval_limit: int | None = 512
     sensitivity_split: str = "train"
     depth_trials: int = 4
+    uniform_trial: bool = True
     trial_batches: int = 50
     timing_rounds: int = 5
     timing_runs: int = 20
@@ -301,6 +304,7 @@ def auto_narrow(
             options[name] += factored
         elif factored:
             options[f"{RANK}{name}"] = [Option(0.0, FLOAT, 0.0, 0.0), *factored]  # one more group of the knapsack
+    channel_options = {name: options[name][: 1 + len(config.ratios)] for name in sets}  # the channel ratios alone
     shares = [table[f"{BLOCK}{k}"] / dense for k in range(1, len(steps) + 1)]
     choices = depth_choices(options, steps, shares, lambda group, option, gone: saving_outside(dense_macs, macs[candidate_key(group, option)], gone))
     floor = depth_floor(choices)
@@ -319,13 +323,19 @@ def auto_narrow(
     trial_rises: dict[str, float] = {}
     trials: list[dict[str, Any]] = []  # the depths the plan being carried out was chosen from
 
+    def plan_key(plan: dict[str, Option]) -> str:
+        flat, removed = flatten_plan(plan)
+        ratios = {name: option.sparsity for name, option in flat.items() if name in sets and option.sparsity > 0}
+        factored = {name.removeprefix(RANK): option.rank for name, option in flat.items() if option.rank}
+        return repr((sorted(ratios.items()), sorted(factored.items()), removed))
+
     def tried_rise(plan: dict[str, Option]) -> float:
         """The loss rise of ``plan`` carried out (channels pruned, layers factorized, blocks bypassed) and trained for
         ``trial_batches`` batches: measured once per plan."""
         flat, removed = flatten_plan(plan)
         ratios = {name: option.sparsity for name, option in flat.items() if name in sets and option.sparsity > 0}
         factored = {name.removeprefix(RANK): option.rank for name, option in flat.items() if option.rank}
-        key = repr((sorted(ratios.items()), sorted(factored.items()), removed))
+        key = plan_key(plan)
         if key not in trial_rises:
             trial = prune_channels(model, {**structured, "sets": ratios}, data=data, example_input=example, task=task).model if ratios else copy.deepcopy(model)
             if factored:
@@ -342,15 +352,31 @@ def auto_narrow(
             trial_rises[key] = measured - base["loss"]
         return trial_rises[key]
 
+    def even_plan(given: float) -> tuple[float, float, dict[str, Option]] | None:
+        """The plan of one ratio for every set that fits ``given`` (None: none does)."""
+        try:
+            plan = allocate(channel_options, given, uniform=True)
+        except TorchslimError:
+            return None
+        return sum(option.cost for option in plan.values()), sum(option.size for option in plan.values()), plan
+
     def choose(given: float) -> dict[str, Option]:
-        """The plan for a log budget: uniform, or per depth the knapsack's, the depths tried when several fit."""
+        """The plan for a log budget: uniform, or per depth the knapsack's; where several depths fit, or the plan of
+        one ratio differs from the knapsack's, the plans worth it are tried and the one of least loss after its trial
+        is carried out."""
         trials.clear()
         if config.uniform:
             return allocate(options, given, uniform=True)
         plans = depth_plans(choices, given)
-        if len(plans) <= 1 or config.depth_trials <= 1:
+        if len(plans) > 1 and config.depth_trials > 1:
+            tried_plans = trial_plans(plans, config.depth_trials)
+        else:
+            tried_plans = [least_rise(plans)] if plans else []
+        even = even_plan(given) if config.uniform_trial else None
+        if even is not None and plan_key(even[2]) not in {plan_key(plan) for _, _, plan in tried_plans} and any(o.sparsity > 0 for o in even[2].values()):
+            tried_plans.append(even)
+        if len(tried_plans) <= 1:
             return allocate_depth(choices, given)
-        tried_plans = trial_plans(plans, config.depth_trials)
         rises = [tried_rise(plan) for _, _, plan in tried_plans]
         picked = min(range(len(tried_plans)), key=lambda i: (round(rises[i], 9), -tried_plans[i][1]))
         trials.extend(
@@ -363,6 +389,7 @@ def auto_narrow(
                 "trial_loss_rise": round(rises[i], 5),
                 "chosen": i == picked,
                 "least_predicted": plan is least_rise(plans)[2],
+                "uniform": even is not None and plan is even[2],
             }
             for i, (rise, size, plan) in enumerate(tried_plans)
         )
@@ -400,7 +427,7 @@ def auto_narrow(
                 "sets": ratios,
                 "ranks": {name: _rank(result.model, name) for name in factored},
                 "blocks_removed": removed,
-                **({"depth_trials": list(trials)} if trials else {}),
+                **({"trials": list(trials)} if trials else {}),
             }
         )
         return result, plan, ratio
