@@ -463,8 +463,9 @@ def test_depths_are_tried_on_a_users_dataloader_and_the_plan_of_least_loss_after
     assert len(trials) - len(depths) <= 1 and all(t["blocks_removed"] == [] for t in trials if t["uniform"])
     assert sum(t["chosen"] for t in trials) == 1 and sum(t["least_predicted"] for t in trials) == 1
     picked = next(t for t in trials if t["chosen"])
-    assert picked["trial_loss_rise"] == min(t["trial_loss_rise"] for t in trials)
+    assert picked["trial_loss_rise"] == min(t["trial_loss_rise"] for t in trials if t["trial_fraction"] <= 0.4)  # of those in the budget
     assert picked["blocks_removed"] == chosen["blocks_removed"]
+    assert picked["trial_fraction"] == pytest.approx(chosen["ratio"], abs=1e-4)  # MACs counted on the trial are the result's
     source = as_source(loader, model)
     task = resolve_task(None, source, model)
     base = evaluate_source(model, source, task, limit=512, split="train")["loss"]
@@ -510,15 +511,48 @@ def test_the_plan_of_one_ratio_is_tried_beside_the_knapsacks_and_the_better_one_
     result = auto_narrow(model, digits, config, progress=False)
     trials = result.report.artifacts["allocation"]["rounds"][0]["trials"]
     assert [t["uniform"] for t in trials] == [False, True] and trials[0]["least_predicted"]
-    picked = min(trials, key=lambda t: t["trial_loss_rise"])
+    picked = min((t for t in trials if t["trial_fraction"] <= 0.5), key=lambda t: t["trial_loss_rise"])
     assert picked["chosen"] and sum(t["chosen"] for t in trials) == 1
     source = as_source(digits, model)
     task = resolve_task(None, source, model)
     base = evaluate_source(model, source, task, limit=512, split="train")["loss"]
     after = evaluate_source(result.model, source, task, limit=512, split="train")["loss"]
     assert after - base == pytest.approx(picked["trial_loss_rise"], abs=1e-4)
-    untried = auto_narrow(model, digits, {**config, "uniform_trial": False}, progress=False).report.artifacts["allocation"]
+    untried = auto_narrow(model, digits, {**config, "trials": False}, progress=False).report.artifacts["allocation"]
     assert "trials" not in untried["rounds"][0]
+
+
+def test_a_plan_whose_measured_cost_misses_the_budget_is_not_chosen_for_its_loss(monkeypatch):
+    """The trials are measured for cost as well as loss: where the model of costs is wrong (here every factorized
+    model is made to cost three times what it counts once the table of costs is measured, as a layer both narrowed and
+    factorized can run slower than its factors predict), the plan of least loss that really meets the budget is carried
+    out, the knapsack's plan with channels alone among those tried."""
+    from torchslim.compression import speed_budget
+    from torchslim.compression.factorize import FactorizedConv2d, FactorizedLinear
+
+    counted = speed_budget._Cost.of
+    calls = []
+
+    def costly(self, models):
+        calls.append(len(models))
+        costs = counted(self, models)
+        if len(calls) == 1:
+            return costs  # the table of each set's and rank's cost, as counted
+        factorized = {name for name, m in models.items() if any(isinstance(x, (FactorizedConv2d, FactorizedLinear)) for x in m.modules())}
+        return {name: value * (3.0 if name in factorized else 1.0) for name, value in costs.items()}
+
+    monkeypatch.setattr(speed_budget._Cost, "of", costly)
+    torch.manual_seed(0)
+    digits = ts.data.load("digits")
+    model = ts.train(UsersResidualNet(), digits, {"epochs": 3, "lr": 0.05}, progress=False).model
+    config = {"target_macs": 0.5, "finetune": None, "ratios": [0.25, 0.5, 0.75], "ranks": [0.25, 0.5], "depth": False, "rounds": 1}
+    result = auto_narrow(model, digits, config, progress=False)
+    chosen = result.report.artifacts["allocation"]["rounds"][0]
+    trials = chosen["trials"]
+    assert any(t["ranks"] for t in trials) and all(t["trial_fraction"] > 0.5 for t in trials if t["ranks"])  # the knapsack's plan factorizes
+    picked = next(t for t in trials if t["chosen"])
+    assert picked["ranks"] == 0 and picked["trial_fraction"] <= 0.5 and chosen["met"] and not chosen["ranks"]
+    assert picked["trial_loss_rise"] == min(t["trial_loss_rise"] for t in trials if t["trial_fraction"] <= 0.5)
 
 
 def test_the_depths_tried_are_the_plan_without_blocks_and_the_deeper_ones_of_least_predicted_rise():

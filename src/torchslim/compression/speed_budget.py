@@ -120,12 +120,13 @@ class SpeedBudgetConfig(Config):
     latency budgets channels could not reach, or at less error (ResNet-20 at 0.6 of eager batch-1 latency: 1.5%
     against 2.2%); on MACs budgets, even with depth trials, fine-tuning recovered from removed blocks no better than
     from pruned channels: 2.3% against 1.8% error on ResNet-20 at 0.3 of the MACs, 1.3% against 1.5% at 0.5);
-    ``depth_trials``: how many depths' plans a round carries out before choosing (the plan that removes no block and
-    those of least predicted loss rise; 1: the least predicted rise is chosen untried), each trained for
-    ``trial_batches`` batches of ``finetune`` (0, or no ``finetune``: none) and measured by its loss, as the loss rise
-    measured before fine-tuning ranks depths apart from how fine-tuning recovers them; ``uniform_trial``: the plan of
-    one ratio for every set that fits is tried the same way beside the knapsack's and carried out where it does better
-    (summed loss rises judge a plan of many pruned sets far worse than it does after a few batches of training);
+    ``trials``: whether a round carries out several plans before choosing one: the depths of least predicted loss
+    rise (``depth_trials`` of them, the plan that removes no block first), the knapsack's with channels alone where
+    ranks are offered, and the plan of one ratio for every set; each trained for ``trial_batches`` batches of
+    ``finetune`` (0, or no ``finetune``: none), its loss and its cost measured (latency timed side by side with the
+    dense model), and of those that meet the budget the one of least loss is chosen (summed loss rises judge a plan
+    of many pruned sets far worse than it does after a few batches of training and rank depths apart from how
+    fine-tuning recovers them; a product of factors misjudges the latency of a layer both narrowed and factorized);
     ``finetune``: training after the channels go (``None``: none); ``rounds``: allocations tried while the budget is
     missed; ``eval_limit``: evaluation examples per sensitivity measurement, on ``sensitivity_split`` ("train", the
     default, so that the allocation never sees the data the result is tested on; or "eval"); ``timing_rounds`` x ``timing_runs``: the
@@ -147,8 +148,8 @@ class SpeedBudgetConfig(Config):
     rounds: int = 3
     eval_limit: int | None = 512
     sensitivity_split: str = "train"
+    trials: bool = True
     depth_trials: int = 4
-    uniform_trial: bool = True
     trial_batches: int = 50
     timing_rounds: int = 5
     timing_runs: int = 20
@@ -307,6 +308,7 @@ def auto_narrow(
     channel_options = {name: options[name][: 1 + len(config.ratios)] for name in sets}  # the channel ratios alone
     shares = [table[f"{BLOCK}{k}"] / dense for k in range(1, len(steps) + 1)]
     choices = depth_choices(options, steps, shares, lambda group, option, gone: saving_outside(dense_macs, macs[candidate_key(group, option)], gone))
+    channel_choices = [(removal, {name: [o for o in group if channels_only(o)] for name, group in left.items()}) for removal, left in choices]
     floor = depth_floor(choices)
     reach = math.exp(floor)
     if reach > config.target:
@@ -320,8 +322,8 @@ def auto_narrow(
     rounds: list[dict[str, Any]] = []
     best = last = None
     tried: list[tuple[dict[str, float], dict[str, int], list[str]]] = []
-    trial_rises: dict[str, float] = {}
-    trials: list[dict[str, Any]] = []  # the depths the plan being carried out was chosen from
+    trial_results: dict[str, tuple[float, float]] = {}
+    trials: list[dict[str, Any]] = []  # the plans the one being carried out was chosen from
 
     def plan_key(plan: dict[str, Option]) -> str:
         flat, removed = flatten_plan(plan)
@@ -329,14 +331,18 @@ def auto_narrow(
         factored = {name.removeprefix(RANK): option.rank for name, option in flat.items() if option.rank}
         return repr((sorted(ratios.items()), sorted(factored.items()), removed))
 
-    def tried_rise(plan: dict[str, Option]) -> float:
-        """The loss rise of ``plan`` carried out (channels pruned, layers factorized, blocks bypassed) and trained for
-        ``trial_batches`` batches: measured once per plan."""
-        flat, removed = flatten_plan(plan)
-        ratios = {name: option.sparsity for name, option in flat.items() if name in sets and option.sparsity > 0}
-        factored = {name.removeprefix(RANK): option.rank for name, option in flat.items() if option.rank}
-        key = plan_key(plan)
-        if key not in trial_rises:
+    def trial_of(plans: list[dict[str, Option]]) -> list[tuple[float, float]]:
+        """Each plan carried out (channels pruned, layers factorized, blocks bypassed), trained for ``trial_batches``
+        batches and measured: (loss rise, cost as a fraction of the dense model's, the plans timed side by side with
+        it). Measured once per plan."""
+        built: dict[str, nn.Module] = {}
+        for plan in plans:
+            key = plan_key(plan)
+            if key in trial_results or key in built:
+                continue
+            flat, removed = flatten_plan(plan)
+            ratios = {name: option.sparsity for name, option in flat.items() if name in sets and option.sparsity > 0}
+            factored = {name.removeprefix(RANK): option.rank for name, option in flat.items() if option.rank}
             trial = prune_channels(model, {**structured, "sets": ratios}, data=data, example_input=example, task=task).model if ratios else copy.deepcopy(model)
             if factored:
                 trial = factorize(trial, {"method": "svd", "overrides": factored, "layers": {"include": list(factored)}}, example_input=example).model
@@ -347,10 +353,14 @@ def auto_narrow(
                 # trial is measured on are not the batches it was trained on last
                 tuning = {**config.finetune, "epochs": 1, "max_batches_per_epoch": config.trial_batches, "warmup_epochs": 0, "eval_every_epoch": False}
                 tuning["seed"] = int(config.finetune.get("seed", 0)) + 1
-                fit(trial, data, tuning, task=task, progress=False, label="depth trial", evaluate_at_end=False, reference=model)
-            measured = evaluate_source(trial, source, resolved, limit=config.eval_limit, split=config.sensitivity_split)["loss"]
-            trial_rises[key] = measured - base["loss"]
-        return trial_rises[key]
+                fit(trial, data, tuning, task=task, progress=False, label="trial", evaluate_at_end=False, reference=model)
+            built[key] = trial
+        if built:
+            costs = cost.of(built)
+            for key, trial in built.items():
+                loss = evaluate_source(trial, source, resolved, limit=config.eval_limit, split=config.sensitivity_split)["loss"]
+                trial_results[key] = (loss - base["loss"], costs[key] / costs["dense"])
+        return [trial_results[plan_key(plan)] for plan in plans]
 
     def even_plan(given: float) -> tuple[float, float, dict[str, Option]] | None:
         """The plan of one ratio for every set that fits ``given`` (None: none does)."""
@@ -361,24 +371,30 @@ def auto_narrow(
         return sum(option.cost for option in plan.values()), sum(option.size for option in plan.values()), plan
 
     def choose(given: float) -> dict[str, Option]:
-        """The plan for a log budget: uniform, or per depth the knapsack's; where several depths fit, or the plan of
-        one ratio differs from the knapsack's, the plans worth it are tried and the one of least loss after its trial
-        is carried out."""
+        """The plan for a log budget: uniform, or per depth the knapsack's. With ``trials``, the plans worth it (the
+        depths of least predicted rise, the knapsack's with channels alone, the plan of one ratio) are carried out,
+        trained briefly and measured, and of those that meet the budget the one of least loss is chosen (none: the
+        one nearest the budget)."""
         trials.clear()
         if config.uniform:
             return allocate(options, given, uniform=True)
         plans = depth_plans(choices, given)
-        if len(plans) > 1 and config.depth_trials > 1:
-            tried_plans = trial_plans(plans, config.depth_trials)
-        else:
-            tried_plans = [least_rise(plans)] if plans else []
-        even = even_plan(given) if config.uniform_trial else None
-        if even is not None and plan_key(even[2]) not in {plan_key(plan) for _, _, plan in tried_plans} and any(o.sparsity > 0 for o in even[2].values()):
-            tried_plans.append(even)
+        if not config.trials or not plans:
+            return allocate_depth(choices, given)
+        tried_plans = trial_plans(plans, config.depth_trials) if len(plans) > 1 and config.depth_trials > 1 else [least_rise(plans)]
+        others = [least_rise(found)] if layer_ranks and (found := depth_plans(channel_choices, given)) else []
+        even = even_plan(given)
+        for entry in [*others, *([even] if even is not None else [])]:
+            if plan_key(entry[2]) not in {plan_key(plan) for _, _, plan in tried_plans} and any(o.sparsity > 0 for o in entry[2].values()):
+                tried_plans.append(entry)
         if len(tried_plans) <= 1:
             return allocate_depth(choices, given)
-        rises = [tried_rise(plan) for _, _, plan in tried_plans]
-        picked = min(range(len(tried_plans)), key=lambda i: (round(rises[i], 9), -tried_plans[i][1]))
+        measured = trial_of([plan for _, _, plan in tried_plans])
+        meets = [i for i, (_, fraction) in enumerate(measured) if fraction <= config.target]
+        if meets:  # the least loss; of equal losses the plan that spends more of the budget
+            picked = min(meets, key=lambda i: (round(measured[i][0], 9), -measured[i][1]))
+        else:  # none meets the budget: the one nearest it (the next round corrects the budget by what it measures)
+            picked = min(range(len(measured)), key=lambda i: measured[i][1])
         trials.extend(
             {
                 "blocks_removed": sorted(removed_blocks(plan)),
@@ -386,7 +402,8 @@ def auto_narrow(
                 "ranks": sum(1 for option in plan.values() if option.rank),
                 "predicted": round(math.exp(size), 4),
                 "predicted_loss_rise": round(rise, 5),
-                "trial_loss_rise": round(rises[i], 5),
+                "trial_fraction": round(measured[i][1], 4),
+                "trial_loss_rise": round(measured[i][0], 5),
                 "chosen": i == picked,
                 "least_predicted": plan is least_rise(plans)[2],
                 "uniform": even is not None and plan is even[2],
@@ -456,9 +473,8 @@ def auto_narrow(
     if best is None and not config.uniform:
         # every round missed: the most-pruned plan (every set at its largest ratio, what uniform would end on, and
         # where blocks may go, the depth that leaves the least) is measured before the budget is called missed
-        harshest_plans = [(removal, {name: [o for o in group if channels_only(o)] for name, group in left.items()}) for removal, left in choices]
         trials.clear()
-        outcome = attempt(allocate_depth(harshest_plans, depth_floor(harshest_plans)))
+        outcome = attempt(allocate_depth(channel_choices, depth_floor(channel_choices)))
         if outcome is not None:
             last = outcome
             best = outcome if rounds[-1]["met"] else None
