@@ -126,7 +126,9 @@ def main() -> None:
         "least summed rise that fits; then channels removed, one epoch of fine-tuning, and the result measured side by side with the dense "
         "model (the allocation repeats with a corrected cost model while it misses). automatic + ranks (auto_narrow's default): each Linear / "
         "Conv2d layer factorized alone by SVD to 5, 10, 20 and 30% of its full rank is measured the same way, and its rank is one more "
-        "choice of the knapsack; a plan that factorizes removes the channels first, then factorizes, then fine-tunes.",
+        "choice of the knapsack; a plan that factorizes removes the channels first, then factorizes, then fine-tunes. Automatic (both): each "
+        "round tries the knapsack's plan, its plan with channels alone (+ ranks) and the plan of one ratio, each trained for 50 batches, its "
+        "loss and cost measured, and carries out the one of least loss among those that meet the budget.",
         "Pareto plot: benchmarks/results/speed_budget.png.",
     ]
     for name, entry in results.items():
