@@ -118,9 +118,9 @@ class SpeedBudgetConfig(Config):
     by ``uniform``; the model's output layers are never factorized); ``depth``: whether bypassable blocks (residual
     blocks; see ``remove_blocks``) may be removed as well (ignored by ``uniform``; by default (None) on for a latency
     budget and off for MACs: at batch 1, where a residual net's time is in running its operators, blocks met eager
-    latency budgets channels could not reach, or at less error (ResNet-20 at 0.6 of eager batch-1 latency: 1.5%
-    against 2.2%); on MACs budgets, even with depth trials, fine-tuning recovered from removed blocks no better than
-    from pruned channels: 2.3% against 1.8% error on ResNet-20 at 0.3 of the MACs, 1.3% against 1.5% at 0.5);
+    latency budgets channels could not reach, or at less error (ResNet-20 at 0.6 of eager batch-1 latency: 1.2%
+    against 2.7%); on MACs budgets blocks bought little for the time their ordering and trials take (ResNet-20 at
+    0.3 of the MACs: the trials chose no block, 1.8% either way; at 0.5: 1.3% against 1.5%));
     ``trials``: whether a round carries out several plans before choosing one: the depths of least predicted loss
     rise (``depth_trials`` of them, the plan that removes no block first), the knapsack's with channels alone where
     ranks are offered, and the plan of one ratio for every set; each trained for ``trial_batches`` batches of
