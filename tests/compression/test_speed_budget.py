@@ -299,7 +299,7 @@ def test_a_hugging_face_decoder_meets_a_budget_with_layers_deleted_after_its_set
 def test_the_next_budget_is_interpolated_between_a_met_and_a_missed_round_and_an_overshoot_is_damped():
     import math
 
-    from torchslim.compression.speed_budget import _next_budget
+    from torchslim.compression.speed_choices import next_budget as _next_budget
 
     target = math.log(0.3)
     # a far overshoot (0.064 measured for 0.3 predicted): loosened by half its log gap, not all of it

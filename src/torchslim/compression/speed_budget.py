@@ -65,9 +65,8 @@ Example:
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
-from typing import Any, Literal
+from typing import Any
 
 from torch import nn
 
@@ -88,113 +87,25 @@ from torchslim.compression.speed_choices import (
     inside_block,
     layer_macs,
     least_rise,
+    next_budget,
     outermost_blocks,
+    plan_parts,
     removal_order,
     removed_blocks,
     saving_outside,
     trial_plans,
 )
-from torchslim.core.config import Config, ConfigError, check
+from torchslim.compression.speed_config import SpeedBudgetConfig
+from torchslim.core.config import ConfigError
 from torchslim.core.errors import TorchslimError
-from torchslim.core.selector import LayerSelector, select_modules, set_module
+from torchslim.core.selector import select_modules, set_module
 from torchslim.data.sources import as_source
 from torchslim.measure.counts import count_macs
 from torchslim.measure.latency import compare_latency
-from torchslim.pruning.structured import channel_sets, check_round_to, output_layers, prune_channels
+from torchslim.pruning.structured import channel_sets, output_layers, prune_channels
 from torchslim.tasks.base import Task, resolve_task
 from torchslim.train.evaluate import evaluate_source
 from torchslim.train.fit import fit
-
-
-@dataclasses.dataclass(frozen=True)
-class SpeedBudgetConfig(Config):
-    """``target_macs``: the pruned model's MACs as a fraction of the dense model's (0.25: 4x fewer); or
-    ``target_latency``: its latency on ``backend`` (eager or onnxruntime) at ``batch_size`` as a fraction of the
-    dense model's there. ``ratios``: the shares of a set's channels it may lose (0 is always allowed); ``importance``,
-    ``round_to``, ``layers`` and ``prune_residual`` as in ``prune_channels``; ``uniform``: one ratio for every set;
-    ``ranks``: the ranks (integers, or fractions of a layer's full rank; empty: none) each Linear / ungrouped Conv2d
-    layer among ``layers`` may be factorized to by SVD instead of, or as well as, losing channels (a rank whose
-    factors cost as much as the layer, or whose loss rise passes the harshest channel ratio's, is not offered; ignored
-    by ``uniform``; the model's output layers are never factorized); ``depth``: whether bypassable blocks (residual
-    blocks; see ``remove_blocks``) may be removed as well (ignored by ``uniform``; by default (None) on for a latency
-    budget and off for MACs: at batch 1, where a residual net's time is in running its operators, blocks met eager
-    latency budgets channels could not reach, or at less error (ResNet-20 at 0.6 of eager batch-1 latency: 1.2%
-    against 2.7%); on MACs budgets blocks bought little for the time their ordering and trials take (ResNet-20 at
-    0.3 of the MACs: the trials chose no block, 1.8% either way; at 0.5: 1.3% against 1.5%));
-    ``trials``: whether a round carries out several plans before choosing one: the depths of least predicted loss
-    rise (``depth_trials`` of them, the plan that removes no block first), the knapsack's with channels alone where
-    ranks are offered, and the plan of one ratio for every set; each trained for ``trial_batches`` batches of
-    ``finetune`` (0, or no ``finetune``: none), its loss and its cost measured (latency timed side by side with the
-    dense model), and of those that meet the budget the one of least loss is chosen (the plan of one ratio only where
-    no other has less loss; summed loss rises judge a plan
-    of many pruned sets far worse than it does after a few batches of training and rank depths apart from how
-    fine-tuning recovers them; a product of factors misjudges the latency of a layer both narrowed and factorized);
-    ``finetune``: training after the channels go (``None``: none); ``rounds``: allocations tried while the budget is
-    missed; ``eval_limit``: evaluation examples per sensitivity measurement, on ``sensitivity_split`` ("train", the
-    default, so that the allocation never sees the data the result is tested on; or "eval"); ``timing_rounds`` x ``timing_runs``: the
-    interleaved timing of each latency measurement."""
-
-    target_macs: float = 0.0
-    target_latency: float = 0.0
-    backend: Literal["eager", "onnxruntime"] = "eager"
-    batch_size: int = 1
-    ratios: tuple[float, ...] = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)
-    ranks: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3)
-    depth: bool | None = None
-    importance: str = "l1"
-    round_to: int | str = 1
-    layers: LayerSelector = LayerSelector()
-    prune_residual: bool = True
-    uniform: bool = False
-    finetune: dict[str, Any] | None = dataclasses.field(default_factory=lambda: {"epochs": 2, "lr": 0.01, "eval_every_epoch": False})
-    rounds: int = 3
-    eval_limit: int | None = 512
-    sensitivity_split: str = "train"
-    trials: bool = True
-    depth_trials: int = 4
-    trial_batches: int = 50
-    timing_rounds: int = 5
-    timing_runs: int = 20
-    threads: int | None = 2
-
-    def validate(self) -> None:
-        check(self.sensitivity_split in ("eval", "train"), f"sensitivity_split must be eval or train, got {self.sensitivity_split!r}")
-        check(
-            (self.target_macs > 0) != (self.target_latency > 0),
-            f"give exactly one of target_macs and target_latency (a fraction of the dense model's), got {self.target_macs} and {self.target_latency}",
-        )
-        for name, value in (("target_macs", self.target_macs), ("target_latency", self.target_latency)):
-            check(0.0 <= value < 1.0, f"{name} is a fraction of the dense model's in (0, 1), got {value}")
-        check(bool(self.ratios) and all(0.0 < r < 1.0 for r in self.ratios), f"ratios must be in (0, 1), got {self.ratios}")
-        for value in self.ranks:
-            check(value > 0 and (value < 1 or float(value).is_integer()), f"ranks: each must be an integer rank or a fraction in (0, 1), got {value}")
-        check(self.batch_size >= 1 and self.rounds >= 1, "batch_size and rounds must be >= 1")
-        check(self.timing_rounds >= 1 and self.timing_runs >= 1, "timing_rounds and timing_runs must be >= 1")
-        check(self.depth_trials >= 1, f"depth_trials must be >= 1, got {self.depth_trials}")
-        check(self.trial_batches >= 0, f"trial_batches must be >= 0, got {self.trial_batches}")
-        check_round_to(self.round_to)
-
-    @property
-    def removes_blocks(self) -> bool:
-        return (self.measure == "latency") if self.depth is None else self.depth
-
-    @property
-    def measure(self) -> str:
-        return "macs" if self.target_macs > 0 else "latency"
-
-    @property
-    def target(self) -> float:
-        return self.target_macs if self.target_macs > 0 else self.target_latency
-
-    def structured(self) -> dict[str, Any]:
-        """The ``prune_channels`` settings every candidate and the final plan share."""
-        return {
-            "ratio": 0.0,
-            "importance": self.importance,
-            "round_to": self.round_to,
-            "layers": self.layers.to_dict(),
-            "prune_residual": self.prune_residual,
-        }
 
 
 class _Cost:
@@ -328,9 +239,7 @@ def auto_narrow(
     trials: list[dict[str, Any]] = []  # the plans the one being carried out was chosen from
 
     def plan_key(plan: dict[str, Option]) -> str:
-        flat, removed = flatten_plan(plan)
-        ratios = {name: option.sparsity for name, option in flat.items() if name in sets and option.sparsity > 0}
-        factored = {name.removeprefix(RANK): option.rank for name, option in flat.items() if option.rank}
+        ratios, factored, removed = plan_parts(plan, sets)
         return repr((sorted(ratios.items()), sorted(factored.items()), removed))
 
     def trial_of(plans: list[dict[str, Option]]) -> list[tuple[float, float]]:
@@ -342,9 +251,7 @@ def auto_narrow(
             key = plan_key(plan)
             if key in trial_results or key in built:
                 continue
-            flat, removed = flatten_plan(plan)
-            ratios = {name: option.sparsity for name, option in flat.items() if name in sets and option.sparsity > 0}
-            factored = {name.removeprefix(RANK): option.rank for name, option in flat.items() if option.rank}
+            ratios, factored, removed = plan_parts(plan, sets)
             trial = prune_channels(model, {**structured, "sets": ratios}, data=data, example_input=example, task=task).model if ratios else copy.deepcopy(model)
             if factored:
                 trial = factorize(trial, {"method": "svd", "overrides": factored, "layers": {"include": list(factored)}}, example_input=example).model
@@ -423,9 +330,7 @@ def auto_narrow(
 
     def attempt(plan: dict[str, Option]) -> tuple[Any, dict[str, Option], float] | None:
         """Carry out ``plan`` and measure it (None: the same ratios, ranks and blocks were measured already, or none)."""
-        flat, removed = flatten_plan(plan)
-        ratios = {name: option.sparsity for name, option in flat.items() if name in sets and option.sparsity > 0}
-        factored = {name.removeprefix(RANK): option.rank for name, option in flat.items() if option.rank}
+        ratios, factored, removed = plan_parts(plan, sets)
         if (ratios, factored, removed) in tried or not (ratios or factored or removed):
             return None  # measured already, or nothing removed (a budget below the dense cost is not met by timing noise)
         tried.append((ratios, factored, removed))
@@ -478,7 +383,7 @@ def auto_narrow(
                 best = last  # of the plans that met the budget, the one that spends most of it
             if outcome[2] >= SLACK * config.target:
                 break  # close enough to the budget: little left to spend
-        available = _next_budget(points, config.target)
+        available = next_budget(points, config.target)
     if best is None and not config.uniform:
         # every round missed: the most-pruned plan (every set at its largest ratio, what uniform would end on, and
         # where blocks may go, the depth that leaves the least) is measured before the budget is called missed
@@ -551,26 +456,6 @@ def auto_narrow(
         + (f"; blocks removed: {', '.join(removed)}" if removed else "")
     )
     return result
-
-
-def _next_budget(points: list[tuple[float, float, float]], target: float) -> float:
-    """The knapsack's next (log) budget from the rounds measured so far, each (budget given, predicted, measured):
-    between the loosest budget that met the target and the tightest that missed it, interpolated in log cost; else
-    the last budget corrected by how far the product model was off (a miss tightens it by that and 2% more; a plan
-    far under the target loosens it by at most half the log gap past a 1.25x step, since a product of many factors
-    can be far off and the loosened plan might spend the whole budget and more)."""
-    met = [(given, measured) for given, _, measured in points if measured <= target]
-    missed = [(given, measured) for given, _, measured in points if measured > target]
-    if met and missed:
-        low, high = max(met), min(missed)
-        if high[0] > low[0] and high[1] > low[1]:
-            share = (math.log(target) - math.log(low[1])) / (math.log(high[1]) - math.log(low[1]))
-            return low[0] + min(0.9, max(0.1, share)) * (high[0] - low[0])
-    given, predicted, measured = points[-1]
-    if measured > target:
-        return given - math.log(measured / predicted) - math.log(1.02)
-    step = math.log(predicted / measured)
-    return given + min(step, max(math.log(1.25), step / 2))
 
 
 def _layer_ranks(model: nn.Module, config: SpeedBudgetConfig, outputs: set[str]) -> dict[str, list[int]]:

@@ -196,11 +196,39 @@ def flatten_plan(plan: dict[str, Option]) -> tuple[dict[str, Option], list[str]]
     return flat, sorted(removed)
 
 
+def plan_parts(plan: dict[str, Option], sets: Any) -> tuple[dict[str, float], dict[str, int], list[str]]:
+    """What a plan does: each of ``sets`` pruned to its ratio, each layer factorized to its rank, the blocks removed."""
+    flat, removed = flatten_plan(plan)
+    ratios = {name: option.sparsity for name, option in flat.items() if name in sets and option.sparsity > 0}
+    factored = {name.removeprefix(RANK): option.rank for name, option in flat.items() if option.rank}
+    return ratios, factored, removed
+
+
 def channels_only(option: Option) -> bool:
     """Whether an option only removes channels (no rank, no block)."""
     if isinstance(option, Removal):
         return not option.blocks
     return not option.rank
+
+
+def next_budget(points: list[tuple[float, float, float]], target: float) -> float:
+    """The knapsack's next (log) budget from the rounds measured so far, each (budget given, predicted, measured):
+    between the loosest budget that met the target and the tightest that missed it, interpolated in log cost; else
+    the last budget corrected by how far the product model was off (a miss tightens it by that and 2% more; a plan
+    far under the target loosens it by at most half the log gap past a 1.25x step, since a product of many factors
+    can be far off and the loosened plan might spend the whole budget and more)."""
+    met = [(given, measured) for given, _, measured in points if measured <= target]
+    missed = [(given, measured) for given, _, measured in points if measured > target]
+    if met and missed:
+        low, high = max(met), min(missed)
+        if high[0] > low[0] and high[1] > low[1]:
+            share = (math.log(target) - math.log(low[1])) / (math.log(high[1]) - math.log(low[1]))
+            return low[0] + min(0.9, max(0.1, share)) * (high[0] - low[0])
+    given, predicted, measured = points[-1]
+    if measured > target:
+        return given - math.log(measured / predicted) - math.log(1.02)
+    step = math.log(predicted / measured)
+    return given + min(step, max(math.log(1.25), step / 2))
 
 
 __all__ = [
@@ -219,7 +247,9 @@ __all__ = [
     "inside_block",
     "layer_macs",
     "least_rise",
+    "next_budget",
     "outermost_blocks",
+    "plan_parts",
     "removal_order",
     "removed_blocks",
     "saving_outside",
