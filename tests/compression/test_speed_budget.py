@@ -118,42 +118,78 @@ def test_compress_target_macs_from_the_command_line(trained, tmp_path, capsys):
     assert "give one budget at a time, got --target-size and --target-macs" in capsys.readouterr().err
 
 
-def test_a_budget_the_model_keeps_missing_ends_with_the_closest_plan_and_says_so(trained, monkeypatch):
+@pytest.mark.parametrize("trials", [True, False])
+def test_a_budget_the_model_keeps_missing_ends_with_the_closest_plan_and_says_so(trained, monkeypatch, trials):
     """Measured costs that never meet the prediction: the corrected budget passes the floor of what the sets allow;
-    the rounds stop at the most the sets allow and the result says the budget was missed."""
-    from torchslim.compression import speed_budget
+    the rounds (of trials, or each carried out) stop at the most the sets allow and the result says the budget was
+    missed."""
+    from torchslim.compression import speed_measure
 
     model, data = trained
-    real = speed_budget._Cost.of
+    real = speed_measure.Cost.of
 
     def stubborn(self, models):
         costs = real(self, models)
-        if "pruned" in models:
-            costs["pruned"] = 0.95 * costs["dense"]  # as if the engine gained nothing from the removed channels
-        return costs
+        if len(models) > 1:
+            return costs  # the table of each set pruned alone, as measured
+        # a plan tried or carried out: as if the engine gained nothing from the removed channels
+        return {name: value if name == "dense" else 0.95 * costs["dense"] for name, value in costs.items()}
 
-    monkeypatch.setattr(speed_budget._Cost, "of", stubborn)
-    result = auto_narrow(model, data, {"target_macs": 0.3, "finetune": None, "ratios": [0.5, 0.875], "rounds": 4}, progress=False)
+    monkeypatch.setattr(speed_measure.Cost, "of", stubborn)
+    config = {"target_macs": 0.3, "finetune": None, "ratios": [0.5, 0.875], "rounds": 4, "trials": trials}
+    result = auto_narrow(model, data, config, progress=False)
     allocation = result.report.artifacts["allocation"]
     assert not any(r["met"] for r in allocation["rounds"]) and len(allocation["rounds"]) >= 2
+    assert all(r["carried_out"] for r in allocation["rounds"]) != trials and allocation["rounds"][-1]["carried_out"]
     assert "missed" in result.report.stages[-1].notes[-1]
+
+
+def test_a_plan_whose_trial_met_but_whose_result_misses_gives_way_to_one_with_the_margin_it_showed(trained, monkeypatch):
+    """Rounds of trials carry out nothing in full; the plan of least loss that met the budget in its trial is carried
+    out, and where the finished model misses (here every finished model costs 15% more than its trial, as a latency
+    met by a hair can), the next plan carried out is one that meets with that margin (tried already, or in a round of
+    trials more), not the most-pruned plan."""
+    from torchslim.compression import speed_measure
+
+    model, data = trained
+    real = speed_measure.Cost.of
+
+    def finished_dearer(self, models):
+        costs = real(self, models)
+        if "pruned" in models:  # the finished model, not the trials
+            costs["pruned"] *= 1.15
+        return costs
+
+    monkeypatch.setattr(speed_measure.Cost, "of", finished_dearer)
+    config = {"target_macs": 0.3, "finetune": None, "ratios": [0.25, 0.5, 0.625, 0.75, 0.875], "ranks": [], "rounds": 3}
+    result = auto_narrow(model, data, config, progress=False)
+    allocation = result.report.artifacts["allocation"]
+    rounds = allocation["rounds"]
+    carried = [r for r in rounds if r["carried_out"]]
+    first = rounds.index(carried[0])
+    tried = [t for r in rounds[:first] for t in r["trials"]]
+    best = min((t for t in tried if t["trial_fraction"] <= 0.3), key=lambda t: (t["trial_loss_rise"], -t["trial_fraction"]))
+    assert carried[0]["ratio"] == pytest.approx(1.15 * best["trial_fraction"], abs=1e-4) and not carried[0]["met"]
+    assert len(carried) >= 2 and carried[-1]["met"] and allocation["chosen_round"] == carried[-1]["round"]
+    assert carried[-1]["sets"] != {"fc1": 0.875, "fc2": 0.875}  # not the most-pruned plan
+    assert "met" in result.report.stages[-1].notes[-1] and "missed" not in result.report.stages[-1].notes[-1]
 
 
 def test_a_budget_every_round_misses_is_tried_with_the_most_pruned_plan_before_it_is_called_missed(trained, monkeypatch):
     """Finished models that cost 30% more than the table predicts (as a small model's latency can): the one round
     allowed misses, and the most-pruned plan, which fits even so, is measured and kept."""
-    from torchslim.compression import speed_budget
+    from torchslim.compression import speed_measure
 
     model, data = trained
-    real = speed_budget._Cost.of
+    real = speed_measure.Cost.of
 
     def dearer(self, models):
         costs = real(self, models)
-        if "pruned" in models:
-            costs["pruned"] *= 1.3
-        return costs
+        if len(models) > 1:
+            return costs  # the table of each set pruned alone, as measured
+        return {name: value if name == "dense" else 1.3 * value for name, value in costs.items()}
 
-    monkeypatch.setattr(speed_budget._Cost, "of", dearer)
+    monkeypatch.setattr(speed_measure.Cost, "of", dearer)
     result = auto_narrow(model, data, {"target_macs": 0.3, "finetune": None, "ratios": [0.5, 0.75], "ranks": [], "rounds": 1}, progress=False)
     allocation = result.report.artifacts["allocation"]
     assert [r["met"] for r in allocation["rounds"]] == [False, True]
@@ -259,13 +295,14 @@ def test_a_budget_removes_blocks_that_cost_nothing_and_the_file_loads_back(tmp_p
 
 
 def test_the_output_layer_is_never_offered_a_rank(trained):
-    from torchslim.compression.speed_budget import SpeedBudgetConfig, _layer_ranks
+    from torchslim.compression.speed_budget import SpeedBudgetConfig
+    from torchslim.compression.speed_measure import offered_ranks
     from torchslim.pruning.structured import output_layers
 
     model, data = trained
     outputs = output_layers(model, data)
     assert outputs == {"fc3"}
-    assert set(_layer_ranks(model, SpeedBudgetConfig(target_macs=0.5), outputs)) == {"fc1", "fc2"}
+    assert set(offered_ranks(model, SpeedBudgetConfig(target_macs=0.5), outputs)) == {"fc1", "fc2"}
 
 
 def test_a_hugging_face_decoder_meets_a_budget_with_layers_deleted_after_its_sets_are_pruned(tmp_path):
@@ -496,10 +533,41 @@ def test_a_depth_trial_is_trained_before_it_is_measured():
     assert all(tried[20][blocks] < tried[0][blocks] for blocks in tried[0]), tried
 
 
+def test_the_rounds_try_plans_and_only_the_best_plan_tried_in_any_round_is_fine_tuned(trained, monkeypatch):
+    """Rounds of trials fine-tune nothing in full: the rounds go on (every plan counts as far under the budget here)
+    with budgets corrected by what each round's plan measured, and when they end the one plan carried out is the one
+    of least loss among every plan of every round that met the budget (without fine-tuning, the result's loss rise is
+    that trial's)."""
+    from torchslim.compression import speed_budget
+    from torchslim.data.sources import as_source
+    from torchslim.tasks.base import resolve_task
+    from torchslim.train.evaluate import evaluate_source
+
+    model, data = trained
+    monkeypatch.setattr(speed_budget, "SLACK", 1.0)  # no plan is close enough to end the rounds early
+    config = {"target_macs": 0.35, "finetune": None, "rounds": 3}  # the default ratios and ranks
+    result = auto_narrow(model, data, config, progress=False)
+    allocation = result.report.artifacts["allocation"]
+    rounds = allocation["rounds"]
+    searched, carried = rounds[:-1], rounds[-1]
+    assert len(searched) >= 2 and not any(r["carried_out"] for r in searched) and carried["carried_out"] and carried["met"]
+    assert allocation["chosen_round"] == carried["round"] and "trials" not in carried
+    assert len({r["ratio"] for r in searched}) == len(searched)  # each round a plan of its own
+    met = [t for r in searched for t in r["trials"] if t["trial_fraction"] <= 0.35]
+    best = min(met, key=lambda t: (t["trial_loss_rise"], -t["trial_fraction"]))
+    assert carried["ratio"] == pytest.approx(best["trial_fraction"], abs=1e-4)
+    assert carried["trial_round"] == next(r["round"] for r in searched if best in r["trials"])
+    source = as_source(data, model)
+    task = resolve_task(None, source, model)
+    base = evaluate_source(model, source, task, limit=512, split="train")["loss"]
+    after = evaluate_source(result.model, source, task, limit=512, split="train")["loss"]
+    assert after - base == pytest.approx(best["trial_loss_rise"], abs=1e-4)
+
+
 def test_the_plan_of_one_ratio_is_tried_beside_the_knapsacks_and_the_better_one_is_carried_out():
     """Blocks kept: a round tries the knapsack's plan and the plan of one ratio for every set that fits, and carries
     out the one of least loss (without fine-tuning, the loss of the plan itself: the result's loss rise is the chosen
-    trial's). With ``uniform_trial`` off only the knapsack's plan is carried out, untried."""
+    trial's). With ``trials`` off only the knapsack's plan is carried out, untried."""
     from torchslim.data.sources import as_source
     from torchslim.tasks.base import resolve_task
     from torchslim.train.evaluate import evaluate_source
@@ -527,10 +595,10 @@ def test_a_plan_whose_measured_cost_misses_the_budget_is_not_chosen_for_its_loss
     model is made to cost three times what it counts once the table of costs is measured, as a layer both narrowed and
     factorized can run slower than its factors predict), the plan of least loss that really meets the budget is carried
     out, the knapsack's plan with channels alone among those tried."""
-    from torchslim.compression import speed_budget
+    from torchslim.compression import speed_measure
     from torchslim.compression.factorize import FactorizedConv2d, FactorizedLinear
 
-    counted = speed_budget._Cost.of
+    counted = speed_measure.Cost.of
     calls = []
 
     def costly(self, models):
@@ -541,7 +609,7 @@ def test_a_plan_whose_measured_cost_misses_the_budget_is_not_chosen_for_its_loss
         factorized = {name for name, m in models.items() if any(isinstance(x, (FactorizedConv2d, FactorizedLinear)) for x in m.modules())}
         return {name: value * (3.0 if name in factorized else 1.0) for name, value in costs.items()}
 
-    monkeypatch.setattr(speed_budget._Cost, "of", costly)
+    monkeypatch.setattr(speed_measure.Cost, "of", costly)
     torch.manual_seed(0)
     digits = ts.data.load("digits")
     model = ts.train(UsersResidualNet(), digits, {"epochs": 3, "lr": 0.05}, progress=False).model

@@ -17,7 +17,9 @@ predicted loss of quality.
    tightened by how far the prediction was off and the allocation repeated (a plan far under the budget loosens it,
    by at most half its log gap; once one round met and another missed, the next budget is interpolated between
    them); of the plans that met it, the one that spends most of it is kept. When every round misses, the most-pruned
-   plan (every set at its largest ratio) is measured too before the budget is called missed.
+   plan (every set at its largest ratio) is measured too before the budget is called missed. With ``trials`` (the
+   default; see below) the rounds are rounds of trials, each corrected by what its plan measured in its trial, and
+   only the best plan tried is carried out with the whole fine-tuning.
 
 With ``ranks``, each Linear / ungrouped Conv2d layer may also be factorized by SVD (two thinner layers, see
 ``factorize``) at each rank: that layer factorized alone is measured the same way (loss rise, MACs or latency), and
@@ -30,26 +32,22 @@ model predicts; the rounds correct for it as for any miss. The layers whose outp
 classifier, a language model's head) are not factorized, as structured pruning keeps their channels: a classifier
 below the rank of its classes cannot tell them apart, and fine-tuning does not bring that back.
 
-With ``depth``, bypassable blocks (see ``remove_blocks``: a residual block, a same-shape child of a Sequential) may
-be removed as well. The order they would go in is found as ``remove_blocks`` finds it (at each step the block whose
-removal, with those before it, raises the loss least; after each step the few lowest-scoring blocks are scored again,
-a bound on the evaluations), until the rise passes what every set at its harshest ratio is predicted to cost. Each
-depth (the first k blocks of that order removed together) is measured like a set: its loss rise and its cost, both
-with all k gone (removing several compounds, so one-block rises summed would under-predict the harm, and their
-savings add where a product of factors would not). For each depth the knapsack allocates the sets and ranks left
-(those inside a removed block go with it) in what the blocks leave of the budget, each option's factor rescaled to
-the model that is left: it keeps the part of its saving outside the removed blocks (by counted MACs, per layer; a
-residual stream's set loses channels in the removed blocks too), a larger share of less. Both models can be wrong:
-summed loss rises judge a plan of many pruned sets far worse than it does after a few batches of training and rank
-depths apart from how fine-tuning recovers them (a pure-depth plan for ResNet-20 at 0.3 of the MACs looked cheapest
-and ended at 5.8% error against 2.4% with channels), and a product of factors misjudges the latency of a layer both
-narrowed and factorized. So each round carries out several plans for its budget (``trials``: the depths of least
-predicted rise, the knapsack's with channels alone where ranks are offered, the plan of one ratio for every set),
-trains each for ``trial_batches`` batches, measures its loss and its cost, and of those that meet the budget keeps the
-one of least loss (a short fine-tuning per proposal, as NetAdapt chooses among its proposals). A plan that removes
-blocks prunes channels first, factorizes, then removes the blocks (last, so that every set, layer and block is named
-as it was measured: a Hugging Face decoder stack is renumbered when its layers go), and fine-tunes. When every round
-misses, the most-pruned plan measured last includes the depth that leaves the least.
+With ``depth``, bypassable blocks (see ``remove_blocks``) may be removed as well: the order they would go in is found
+as ``remove_blocks`` finds it, and each depth (the first k blocks of that order removed together) is measured like a
+set, its loss rise and cost with all k gone. For each depth the knapsack allocates the sets and ranks left in what the
+blocks leave of the budget, each factor rescaled to the part of its saving outside the removed blocks (counted MACs,
+per layer). A plan prunes channels, factorizes, then removes its blocks (so every name is as measured), and fine-tunes.
+
+Both models can be wrong: summed loss rises judge a plan of many pruned sets far worse than it does after a few
+batches of training and rank depths apart from how fine-tuning recovers them, and a product of factors misjudges the
+latency of a layer both narrowed and factorized. So with ``trials`` each round carries out several plans (the depths
+of least predicted rise, the knapsack's with channels alone, the plan of one ratio), trains each for ``trial_batches``
+batches and measures its loss and cost (a short fine-tuning per proposal, as NetAdapt chooses among its proposals);
+the round picks the least loss among those that meet the budget, and the next budget is corrected by it. Nothing is
+fine-tuned in full while the rounds search: at the end the plan of least loss that met the budget in its trial, in
+any round, is carried out; where the finished model misses (a latency met by a hair), the next must meet with the
+margin that miss showed, and a round of trials more is aimed at it where none does. Details and measured cases:
+docs/network-compression.md.
 
 Example:
     >>> import torchslim as ts
@@ -70,9 +68,9 @@ from typing import Any
 
 from torch import nn
 
-from torchslim.compression.budget import FLOAT, SLACK, Option, allocate, full_rank_share
+from torchslim.compression.budget import FLOAT, SLACK, Option, allocate
 from torchslim.compression.depth import Skip, candidate_blocks
-from torchslim.compression.factorize import FactorizedConv2d, FactorizedLinear, factorize
+from torchslim.compression.factorize import factorize
 from torchslim.compression.speed_choices import (
     BLOCK,
     RANK,
@@ -96,40 +94,15 @@ from torchslim.compression.speed_choices import (
     trial_plans,
 )
 from torchslim.compression.speed_config import SpeedBudgetConfig
+from torchslim.compression.speed_measure import Cost, factorized_rank, factorized_rows, offered_ranks, set_rows
 from torchslim.core.config import ConfigError
 from torchslim.core.errors import TorchslimError
-from torchslim.core.selector import select_modules, set_module
+from torchslim.core.selector import set_module
 from torchslim.data.sources import as_source
-from torchslim.measure.counts import count_macs
-from torchslim.measure.latency import compare_latency
 from torchslim.pruning.structured import channel_sets, output_layers, prune_channels
 from torchslim.tasks.base import Task, resolve_task
 from torchslim.train.evaluate import evaluate_source
 from torchslim.train.fit import fit
-
-
-class _Cost:
-    """The cost a budget counts: MACs, or milliseconds on the backend measured side by side with the dense model."""
-
-    def __init__(self, model: nn.Module, config: SpeedBudgetConfig, example: Any, timing_example: Any) -> None:
-        self.model, self.config, self.example, self.timing_example = model, config, example, timing_example
-
-    def of(self, models: dict[str, nn.Module]) -> dict[str, float]:
-        """Each model's cost ("dense" included): MACs counted, or the median latency of interleaved rounds."""
-        if self.config.measure == "macs":
-            counted = {"dense": self.model, **models}
-            return {name: float(count_macs(model, self.example)["total"]) for name, model in counted.items()}
-        medians = compare_latency(
-            {"dense": self.model, **models},
-            self.timing_example,
-            batch_sizes=(self.config.batch_size,),
-            rounds=self.config.timing_rounds,
-            runs=self.config.timing_runs,
-            warmup=5,
-            backend=self.config.backend,
-            threads=self.config.threads,
-        )
-        return {name: per_size[self.config.batch_size] for name, per_size in medians.items()}
 
 
 def auto_narrow(
@@ -166,7 +139,7 @@ def auto_narrow(
             pruned = prune_channels(model, {**structured, "sets": {name: ratio}}, data=data, example_input=example, task=task).model
             candidates[key] = pruned
             rises[key] = max(0.0, evaluate_source(pruned, source, resolved, limit=config.eval_limit, split=config.sensitivity_split)["loss"] - base["loss"])
-    layer_ranks = {} if config.uniform else _layer_ranks(model, config, output_layers(model, data, example))
+    layer_ranks = {} if config.uniform else offered_ranks(model, config, output_layers(model, data, example))
     for name, ranks in layer_ranks.items():
         for rank in ranks:
             thinner = factorize(model, {"method": "svd", "overrides": {name: rank}, "layers": {"include": [name]}}, example_input=example).model
@@ -186,7 +159,7 @@ def auto_narrow(
 
         alone, steps = removal_order(model, blocks, loss, base["loss"], limit)
         candidates.update({f"{BLOCK}{k}": step.model for k, step in enumerate(steps, 1) if step.model is not None})
-    cost = _Cost(model, config, example, timing_example)
+    cost = Cost(model, config, example, timing_example)
     table = cost.of(candidates)  # the per-set cost table, measured once
     # where each option's saving lies, by layer (MACs counted; a stand-in for a latency budget): what it still saves
     # once blocks are gone
@@ -236,6 +209,10 @@ def auto_narrow(
     best = last = None
     tried: list[tuple[dict[str, float], dict[str, int], list[str]]] = []
     trial_results: dict[str, tuple[float, float]] = {}
+    trial_plan: dict[str, dict[str, Option]] = {}  # each plan tried, by its key
+    tried_in: dict[str, int] = {}  # the round that first tried each plan, by its key
+    picks: set[str] = set()  # the plans the rounds of trials picked
+    searching = config.trials and not config.uniform  # rounds of trials, then the best plan tried carried out
     trials: list[dict[str, Any]] = []  # the plans the one being carried out was chosen from
 
     def plan_key(plan: dict[str, Option]) -> str:
@@ -264,6 +241,7 @@ def auto_narrow(
                 tuning["seed"] = int(config.finetune.get("seed", 0)) + 1
                 fit(trial, data, tuning, task=task, progress=False, label="trial", evaluate_at_end=False, reference=model)
             built[key] = trial
+            trial_plan[key], tried_in[key] = plan, len(rounds) + 1
         for key, trial in built.items():
             # each timed with the dense model alone, as the round's result is: timed beside other models, the dense
             # model ran slower (LeNet-5 in ONNX Runtime at batch 64: 0.31 of it in a group, 0.37 alone)
@@ -289,7 +267,7 @@ def auto_narrow(
         if config.uniform:
             return allocate(options, given, uniform=True)
         plans = depth_plans(choices, given)
-        if not config.trials or not plans:
+        if not searching or not plans:
             return allocate_depth(choices, given)
         tried_plans = trial_plans(plans, config.depth_trials) if len(plans) > 1 and config.depth_trials > 1 else [least_rise(plans)]
         others = [least_rise(found)] if layer_ranks and (found := depth_plans(channel_choices, given)) else []
@@ -297,8 +275,8 @@ def auto_narrow(
         for entry in [*others, *([even] if even is not None else [])]:
             if plan_key(entry[2]) not in {plan_key(plan) for _, _, plan in tried_plans} and any(o.sparsity > 0 for o in entry[2].values()):
                 tried_plans.append(entry)
-        if len(tried_plans) <= 1:
-            return allocate_depth(choices, given)
+        if not tried_plans:
+            return allocate_depth(choices, given)  # nothing to try: the plan removes nothing
         measured = trial_of([plan for _, _, plan in tried_plans])
         even_at = next((i for i, entry in enumerate(tried_plans) if even is not None and entry[2] is even[2]), None)
         allocated = [i for i in range(len(tried_plans)) if i != even_at]
@@ -328,8 +306,9 @@ def auto_narrow(
         )
         return tried_plans[picked][2]
 
-    def attempt(plan: dict[str, Option]) -> tuple[Any, dict[str, Option], float] | None:
-        """Carry out ``plan`` and measure it (None: the same ratios, ranks and blocks were measured already, or none)."""
+    def attempt(plan: dict[str, Option]) -> tuple[Any, dict[str, Option], float, int] | None:
+        """Carry out ``plan`` (channels removed, layers factorized, blocks removed, then the whole fine-tuning) and
+        measure it (None: the same ratios, ranks and blocks were carried out already, or none)."""
         ratios, factored, removed = plan_parts(plan, sets)
         if (ratios, factored, removed) in tried or not (ratios or factored or removed):
             return None  # measured already, or nothing removed (a budget below the dense cost is not met by timing noise)
@@ -356,12 +335,43 @@ def auto_narrow(
                 "measured": ratio * dense,
                 "met": ratio <= config.target,
                 "sets": ratios,
-                "ranks": {name: _rank(result.model, name) for name in factored},
+                "ranks": {name: factorized_rank(result.model, name) for name in factored},
                 "blocks_removed": removed,
+                "carried_out": True,
                 **({"trials": list(trials)} if trials else {}),
+                **({"trial_round": tried_in[plan_key(plan)]} if plan_key(plan) in tried_in else {}),
             }
         )
-        return result, plan, ratio
+        return result, plan, ratio, len(rounds)
+
+    def search(given: float) -> bool | None:
+        """A round of trials only: the plans for ``given`` tried and measured (see ``choose``), the round recorded by
+        the plan it picks, nothing fine-tuned in full. True: that plan meets the budget close enough to end the rounds;
+        None: it was picked before, or removes nothing."""
+        plan = choose(given)
+        key = plan_key(plan)
+        ratios, factored, removed = plan_parts(plan, sets)
+        if key in picks or not (ratios or factored or removed):
+            return None
+        if key not in trial_results:
+            trial_of([plan])
+        picks.add(key)
+        fraction = trial_results[key][1]
+        rounds.append(
+            {
+                "round": len(rounds) + 1,
+                "predicted": math.exp(sum(option.size for option in plan.values())),
+                "ratio": fraction,
+                "measured": fraction * dense,
+                "met": fraction <= config.target,
+                "sets": ratios,
+                "ranks": factored,
+                "blocks_removed": removed,
+                "carried_out": False,
+                "trials": list(trials),
+            }
+        )
+        return config.target >= fraction >= SLACK * config.target
 
     points: list[tuple[float, float, float]] = []  # per measured round: (log budget given, predicted, measured)
     available = math.log(config.target)
@@ -369,7 +379,17 @@ def auto_narrow(
         if len(rounds) >= config.rounds:
             break
         given = max(available, floor)  # corrected past the floor: the most the sets allow
-        outcome = attempt(choose(given))
+        if searching:
+            close = search(given)
+            if close is not None:
+                points.append((given, rounds[-1]["predicted"], rounds[-1]["ratio"]))
+                if close:
+                    break  # close enough to the budget: little left to spend
+                available = next_budget(points, config.target)
+                continue
+            outcome = None
+        else:
+            outcome = attempt(choose(given))
         if outcome is None:
             # the corrected budget picks a plan measured already, or one that removes nothing: halfway back, once more
             if not points or abs(given - points[-1][0]) < 1e-3:
@@ -384,6 +404,32 @@ def auto_narrow(
             if outcome[2] >= SLACK * config.target:
                 break  # close enough to the budget: little left to spend
         available = next_budget(points, config.target)
+    excess, carried = 1.0, set()  # how much dearer a finished model measured than its trial, at most; plans carried out
+    for _ in range(2 * config.rounds if searching else 0):
+        # of every plan tried in every round, those that meet the budget by their trial with the margin finished models
+        # needed so far, least loss first (of equal losses the one that spends more): the first is carried out
+        ranked = sorted(
+            (round(rise, 9), -fraction, key) for key, (rise, fraction) in trial_results.items() if fraction * excess <= config.target and key not in carried
+        )
+        if not ranked:
+            # none has that margin: a round of trials more, its budget aimed at the target less the margin
+            given = max(next_budget(points, config.target / excess), floor) if points else floor
+            if excess == 1.0 or search(given) is None:
+                break
+            points.append((given, rounds[-1]["predicted"], rounds[-1]["ratio"]))
+            continue
+        key = ranked[0][2]
+        carried.add(key)
+        trials.clear()
+        outcome = attempt(trial_plan[key])
+        if outcome is None:
+            continue
+        last = outcome
+        if rounds[-1]["met"]:
+            best = outcome
+            break
+        # a latency met by a hair in its trial and missed by the finished model: the next plan needs that margin
+        excess = max(excess, outcome[2] / trial_results[key][1])
     if best is None and not config.uniform:
         # every round missed: the most-pruned plan (every set at its largest ratio, what uniform would end on, and
         # where blocks may go, the depth that leaves the least) is measured before the budget is called missed
@@ -392,12 +438,12 @@ def auto_narrow(
         if outcome is not None:
             last = outcome
             best = outcome if rounds[-1]["met"] else None
-    result, plan, achieved = best if best is not None else last  # type: ignore[misc]
+    result, plan, achieved, number = best if best is not None else last  # type: ignore[misc]
     flat, removed = flatten_plan(plan)
     order = {step.block: k for k, step in enumerate(steps, 1)}
     offered = {block for removal, _ in choices for block in removal.blocks}
     inside = {name: next(block for block in removed if inside_block(name, block)) for name in sets if any(inside_block(name, block) for block in removed)}
-    chosen = max((r for r in rounds if r["met"]), key=lambda r: r["ratio"]) if best is not None else rounds[-1]
+    chosen = rounds[number - 1]
     unit = "MACs" if config.measure == "macs" else f"ms on {config.backend} at batch {config.batch_size}"
     result.report.artifacts["allocation"] = {
         "measure": config.measure,
@@ -406,29 +452,8 @@ def auto_narrow(
         "unit": unit,
         "dense": dense,
         "uniform": config.uniform,
-        "sets": [
-            {
-                "set": name,
-                "channels": sets[name],
-                "ratio": flat[name].sparsity if name in flat else 0.0,
-                "predicted_loss_rise": round(flat[name].cost if name in flat and not flat[name].rank else 0.0, 5),
-                # the set pruned alone in the dense model (the plan's prediction rescales it to what removed blocks leave)
-                "predicted_factor": round(table[f"{name}@{flat[name].sparsity:g}"] / dense if name in flat and flat[name].sparsity else 1.0, 4),
-                **({"removed_with": inside[name]} if name in inside else {}),
-            }
-            for name in sets
-        ],
-        "factorized": [
-            {
-                "layer": name,
-                "rank": chosen["ranks"][name],  # in the model (None: the layer, narrowed by pruning, was left whole)
-                "rank_measured": option.rank,  # on the whole layer, as its loss rise and factor were measured
-                "predicted_loss_rise": round(option.cost, 5),
-                "predicted_factor": round(table[f"{name}#{option.rank}"] / dense, 4),  # factorized alone in the dense model
-            }
-            for name in layer_ranks
-            if (option := flat.get(f"{RANK}{name}") or flat.get(name)) is not None and option.rank
-        ],
+        "sets": set_rows(sets, flat, table, dense, inside),
+        "factorized": factorized_rows(layer_ranks, flat, table, dense, chosen["ranks"]),
         "blocks": [
             {
                 "block": block,
@@ -456,36 +481,6 @@ def auto_narrow(
         + (f"; blocks removed: {', '.join(removed)}" if removed else "")
     )
     return result
-
-
-def _layer_ranks(model: nn.Module, config: SpeedBudgetConfig, outputs: set[str]) -> dict[str, list[int]]:
-    """The integer ranks each selected Linear / ungrouped Conv2d layer may be factorized to (those whose two factors
-    hold fewer weights than the layer), ``outputs`` (the model's output layers) left out."""
-    if not config.ranks:
-        return {}
-    found = {}
-    for name, module in select_modules(model, config.layers, default_types=("Linear", "Conv2d")):
-        if name in outputs or not (isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1)):
-            continue
-        weight = module.weight
-        rows, columns = weight.shape[0], weight[0].numel()
-        ranks = sorted({full_rank_share(r, rows, columns) for r in config.ranks} - {0})
-        kept = [rank for rank in ranks if rank * (rows + columns) < rows * columns]
-        if kept:
-            found[name] = kept
-    return found
-
-
-def _rank(model: nn.Module, name: str) -> int | None:
-    """The rank of layer ``name`` in ``model`` as factorized (None: left whole)."""
-    module = model.get_submodule(name)
-    if not isinstance(module, (FactorizedLinear, FactorizedConv2d)):
-        return None
-    first = module[0]
-    if isinstance(first, nn.Linear):
-        return first.out_features
-    assert isinstance(first, nn.Conv2d)
-    return first.out_channels
 
 
 def _amount(value: float, config: SpeedBudgetConfig) -> str:

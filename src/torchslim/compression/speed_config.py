@@ -29,14 +29,15 @@ class SpeedBudgetConfig(Config):
     rise (``depth_trials`` of them, the plan that removes no block first), the knapsack's with channels alone where
     ranks are offered, and the plan of one ratio for every set; each trained for ``trial_batches`` batches of
     ``finetune`` (0, or no ``finetune``: none), its loss and its cost measured (latency timed side by side with the
-    dense model), and of those that meet the budget the one of least loss is chosen (the plan of one ratio only where
-    no other has less loss; summed loss rises judge a plan
+    dense model), and of those that meet the budget the round picks the one of least loss (the plan of one ratio only
+    where no other has less loss) and corrects the next round's budget by it; no round fine-tunes in full: at the end
+    the plan of least loss that met the budget in any round's trials is carried out (summed loss rises judge a plan
     of many pruned sets far worse than it does after a few batches of training and rank depths apart from how
     fine-tuning recovers them; a product of factors misjudges the latency of a layer both narrowed and factorized);
     ``finetune``: training after the channels go (``None``: none); ``rounds``: allocations tried while the budget is
-    missed; ``eval_limit``: evaluation examples per sensitivity measurement, on ``sensitivity_split`` ("train", the
-    default, so that the allocation never sees the data the result is tested on; or "eval"); ``timing_rounds`` x ``timing_runs``: the
-    interleaved timing of each latency measurement."""
+    missed or far under (with ``trials``, rounds of trials); ``eval_limit``: evaluation examples per sensitivity
+    measurement, on ``sensitivity_split`` ("train", the default, so that the allocation never sees the data the result
+    is tested on; or "eval"); ``timing_rounds`` x ``timing_runs``: the interleaved timing of each latency measurement."""
 
     target_macs: float = 0.0
     target_latency: float = 0.0
