@@ -39,6 +39,7 @@ from torch import nn
 from torchslim.core.checks import check_model
 from torchslim.core.config import Config, ConfigError, check
 from torchslim.core.errors import TorchslimError
+from torchslim.core.modes import eval_mode
 from torchslim.core.report import Report, Result, Stage
 from torchslim.core.selector import LayerSelector, matches, set_module
 from torchslim.core.spec import append_transform, recorded_module, register_transform
@@ -88,8 +89,8 @@ def _shapes(model: nn.Module, example: Any, names: list[str]) -> dict[str, bool]
         handles.append(modules[name].register_forward_hook(hook(name)))
     args, kwargs = model_inputs(example)
     try:
-        with torch.no_grad():
-            model.eval()(*args, **kwargs)
+        with torch.no_grad(), eval_mode(model):  # the caller's model keeps its mode
+            model(*args, **kwargs)
     finally:
         for handle in handles:
             handle.remove()
@@ -184,8 +185,7 @@ def bypassed(model: nn.Module, name: str) -> Iterator[None]:
 
 
 def _loss(model: nn.Module, batches: list[Any], task: Task) -> float:
-    with torch.no_grad():
-        model.eval()
+    with torch.no_grad(), eval_mode(model):
         return sum(float(task.loss(model, batch)) for batch in batches) / len(batches)
 
 

@@ -37,10 +37,12 @@ from typing_extensions import Unpack
 from torchslim.compression.common import Transforming, TransformOptions
 from torchslim.core.config import Config, ConfigError, check
 from torchslim.core.errors import TorchslimError
+from torchslim.core.modes import eval_mode
 from torchslim.core.report import Report, Result, Stage
 from torchslim.core.selector import LayerSelector, matches, select_modules, set_module
 from torchslim.core.spec import append_transform, recorded_layers, register_transform
 from torchslim.measure.counts import count_macs, count_parameters
+from torchslim.tasks.batches import call_model
 
 TRANSFORM_KIND = "factorize"
 DEFAULT_ENERGY = 0.9  # the energy kept when no rank, energy or ratio is given
@@ -132,9 +134,10 @@ class _Plan:
     def dense_cost(self, by: str) -> int:
         return self.weight.numel() * (self.positions if by == "macs" else 1)
 
-    def ranks_for(self, value: float) -> list[int]:
-        """Ranks for an override or setting: an integer rank, or the smallest ranks keeping ``value`` of the energy."""
-        if value >= 1:
+    def ranks_for(self, value: float, as_energy: bool = False) -> list[int]:
+        """Ranks for an override or setting: an integer rank, or (below 1, or any value with ``as_energy``) the
+        smallest ranks keeping ``value`` of the energy."""
+        if value >= 1 and not as_energy:
             return [min(int(value), spectrum.numel()) for spectrum in self.spectra]
         ranks = []
         for spectrum in self.spectra:
@@ -148,6 +151,17 @@ class _Plan:
         if not hasattr(self, "_kept"):
             self._kept = [(torch.cumsum(s.double().pow(2), 0) / s.double().pow(2).sum().clamp_min(1e-30)).tolist() for s in self.spectra]
         return min(kept[min(r, len(kept)) - 1] for kept, r in zip(self._kept, ranks))
+
+
+# torch's own modules that read a child layer's weight instead of calling it (multi-head attention's output
+# projection; the encoder / decoder layers' fused fast path in eval mode): a factorized child would break them
+READS_WEIGHTS = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
+
+def weight_reader(model: nn.Module, name: str) -> str | None:
+    """The class of the torch module that reads layer ``name``'s weight directly (None: it is called as a layer)."""
+    parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else None
+    return type(parent).__name__ if isinstance(parent, READS_WEIGHTS) else None
 
 
 def _form(module: nn.Module, method: str) -> str | None:
@@ -260,8 +274,10 @@ def _choose(plans: list[_Plan], config: FactorizeConfig) -> dict[str, list[int]]
     factorized form breaks even, then one singular value at a time), until the selected layers fit the budget."""
     fixed = {p.name: ranks for p in plans if (ranks := _override(config, p)) is not None}
     if config.ratio is None:
-        value = float(config.rank) if config.rank is not None else config.energy if config.energy is not None else DEFAULT_ENERGY
-        return fixed | {p.name: p.ranks_for(value) for p in plans if p.name not in fixed}
+        if config.rank is not None:
+            return fixed | {p.name: p.ranks_for(float(config.rank)) for p in plans if p.name not in fixed}
+        energy = config.energy if config.energy is not None else DEFAULT_ENERGY  # 1.0: all of it, not rank 1
+        return fixed | {p.name: p.ranks_for(energy, as_energy=True) for p in plans if p.name not in fixed}
     by = config.by
     state: dict[str, list[int] | None] = {p.name: fixed.get(p.name) for p in plans}  # None: whole
     plan_of = {p.name: p for p in plans}
@@ -328,6 +344,8 @@ def factorize(model: nn.Module, config: FactorizeConfig | dict, **options: Unpac
         form = _form(module, config.method)
         if form is None:
             notes.append(f"{name}: {type(module).__name__} with groups={getattr(module, 'groups', 1)} is not factorized (grouped / depthwise)")
+        elif (reader := weight_reader(target, name)) is not None:
+            notes.append(f"{name}: left whole (torch's {reader} reads its weight directly rather than calling it)")
         elif getattr(module, "parametrizations", None) is not None:
             raise TorchslimError(f"factorize: {name} carries a pruning mask; call torchslim.make_permanent(model) first")
         else:
@@ -364,6 +382,8 @@ def factorize(model: nn.Module, config: FactorizeConfig | dict, **options: Unpac
                 "parameters_after": sum(p.numel() for n, p in built.named_parameters() if n.endswith("weight")),
             }
         )
+    if record and example is not None:
+        _check_runs(target, example, list(record))
     if record:
         append_transform(target, {"kind": TRANSFORM_KIND, "layers": record})
     metrics: dict[str, Any] = {
@@ -386,6 +406,18 @@ def factorize(model: nn.Module, config: FactorizeConfig | dict, **options: Unpac
     return Result(model=target, report=Report.for_model(model, [stage]))
 
 
+def _check_runs(model: nn.Module, example: Any, layers: list[str]) -> None:
+    """Refuse a factorized model that no longer runs (a module of the user's that reads a replaced layer's weight)."""
+    try:
+        with eval_mode(model), torch.no_grad():
+            call_model(model, example)
+    except Exception as error:  # any failure of the user's code: named, with the way out
+        raise TorchslimError(
+            f"factorize: the model no longer runs with {', '.join(layers)} factorized ({type(error).__name__}: {error}); some module reads a "
+            "factorized layer's weight directly instead of calling it: leave that layer out with layers={'exclude': [...]}"
+        ) from error
+
+
 @register_transform(TRANSFORM_KIND)
 def apply_factorization(model: nn.Module, transform: dict[str, Any]) -> nn.Module:
     """Rebuild the factorized layers a saved file lists (their weights come from the file)."""
@@ -399,4 +431,4 @@ def apply_factorization(model: nn.Module, transform: dict[str, Any]) -> nn.Modul
     return model
 
 
-__all__ = ["FactorizeConfig", "FactorizedConv2d", "FactorizedLinear", "apply_factorization", "factorize"]
+__all__ = ["READS_WEIGHTS", "FactorizeConfig", "FactorizedConv2d", "FactorizedLinear", "apply_factorization", "factorize", "weight_reader"]

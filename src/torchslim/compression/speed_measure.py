@@ -8,7 +8,7 @@ from typing import Any
 from torch import nn
 
 from torchslim.compression.budget import Option, full_rank_share
-from torchslim.compression.factorize import FactorizedConv2d, FactorizedLinear
+from torchslim.compression.factorize import FactorizedConv2d, FactorizedLinear, weight_reader
 from torchslim.compression.speed_choices import RANK
 from torchslim.compression.speed_config import SpeedBudgetConfig
 from torchslim.core.selector import select_modules
@@ -42,12 +42,13 @@ class Cost:
 
 def offered_ranks(model: nn.Module, config: SpeedBudgetConfig, outputs: set[str]) -> dict[str, list[int]]:
     """The integer ranks each selected Linear / ungrouped Conv2d layer may be factorized to (those whose two factors
-    hold fewer weights than the layer), ``outputs`` (the model's output layers) left out."""
+    hold fewer weights than the layer), ``outputs`` (the model's output layers) and the layers torch's attention and
+    transformer modules read the weight of (see ``factorize``) left out."""
     if not config.ranks:
         return {}
     found = {}
     for name, module in select_modules(model, config.layers, default_types=("Linear", "Conv2d")):
-        if name in outputs or not (isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1)):
+        if name in outputs or weight_reader(model, name) or not (isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1)):
             continue
         weight = module.weight
         rows, columns = weight.shape[0], weight[0].numel()

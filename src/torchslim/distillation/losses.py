@@ -10,7 +10,14 @@ import torch
 from torch.nn import functional as F
 
 
+def class_axis(logits: torch.Tensor) -> torch.Tensor:
+    """Logits with the class axis last: dense predictions of 4 or more dimensions (B, classes, H, W) carry it on dim 1,
+    as torch's convolutions do; (B, classes) and sequence outputs (B, T, classes) carry it last already."""
+    return logits.movedim(1, -1) if logits.dim() >= 4 else logits
+
+
 def _flat(logits: torch.Tensor) -> torch.Tensor:
+    logits = class_axis(logits)
     return logits.reshape(-1, logits.shape[-1])
 
 

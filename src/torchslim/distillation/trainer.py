@@ -32,9 +32,9 @@ from torchslim.core.modes import eval_mode, model_device
 from torchslim.core.report import Report, Result, Stage
 from torchslim.data.datasets import Dataset, Split
 from torchslim.data.sources import DatasetSource, as_source
-from torchslim.distillation.losses import attention_transfer_loss, hint_loss, kl_soft_targets
+from torchslim.distillation.losses import attention_transfer_loss, class_axis, hint_loss, kl_soft_targets
 from torchslim.measure.counts import count_nonzeros, count_parameters
-from torchslim.tasks.base import Task, resolve_task
+from torchslim.tasks.base import CustomTask, Task, resolve_task
 from torchslim.tasks.batches import batch_targets, call_model, model_inputs, move_to, output_tensor
 from torchslim.train.evaluate import evaluate_source
 from torchslim.train.fit import EpochHook, TrainConfig, fit, make_optimizer
@@ -156,7 +156,10 @@ class _DistillLoss:
         else:
             soft = torch.nn.functional.mse_loss(outputs.float(), teacher_outputs.float())
         loss = soft
-        if self.config.alpha < 1.0 and self.task.needs_targets and batch_targets(batch) is not None:
+        if self.config.alpha < 1.0 and isinstance(self.task, CustomTask):
+            # a user's own task computes its loss from the model and the batch (a second forward pass)
+            loss = (1.0 - self.config.alpha) * self.task.loss(student, batch) + self.config.alpha * soft
+        elif self.config.alpha < 1.0 and self.task.needs_targets and batch_targets(batch) is not None:
             loss = (1.0 - self.config.alpha) * self.task.loss_from(raw, batch) + self.config.alpha * soft
         for index, pair in enumerate(self.config.features):
             assert self.student_features is not None and self.teacher_features is not None
@@ -187,6 +190,11 @@ def _check_compatible(student: nn.Module, teacher: nn.Module, example: Any, conf
             raise TorchslimError(
                 f"teacher output {tuple(teacher_out.shape)} and student output {tuple(student_out.shape)} differ: "
                 f"distillation needs outputs of the same shape (the same classes or embedding width)"
+            )
+        if config.loss == "kl" and class_axis(student_out).shape[-1] < 2:
+            raise TorchslimError(
+                f"distill: the outputs have shape {tuple(student_out.shape)}, one value per example: soft targets (loss 'kl') over a single "
+                "output are always equal; use loss 'mse' (a regression output matched to the teacher's)"
             )
         adapters = nn.ModuleDict()
         for index, pair in enumerate(config.features):

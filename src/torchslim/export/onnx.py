@@ -47,6 +47,10 @@ def _export_plan(
     model: nn.Module, example_input: Any, dynamic_batch: bool, dynamic_sequence: bool
 ) -> tuple[nn.Module, tuple, list[str], dict[str, dict[int, str]]]:
     """What to export: the module, its positional inputs, their names and the dynamic axes."""
+    if isinstance(example_input, (tuple, list)) and len(example_input) > 1 and all(isinstance(t, torch.Tensor) for t in example_input):
+        # a model of several positional inputs, model(a, b): each its own ONNX input
+        names = [INPUT_NAME] + [f"{INPUT_NAME}_{index}" for index in range(1, len(example_input))]
+        return model, tuple(example_input), names, {name: {0: "batch"} for name in [*names, OUTPUT_NAME]} if dynamic_batch else {}
     if not isinstance(example_input, Mapping):
         return model, (example_input,), [INPUT_NAME], {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else {}
     names = [k for k, v in example_input.items() if isinstance(v, torch.Tensor)]
@@ -71,14 +75,19 @@ def _export_plan(
 @contextlib.contextmanager
 def _eager_attention(model: nn.Module) -> Iterator[None]:
     """A Hugging Face model's attention as plain matmul + softmax while exporting (its fused attention with grouped
-    key/value heads has no ONNX conversion); the setting is put back after."""
+    key/value heads has no ONNX conversion), and torch's own ``nn.TransformerEncoderLayer`` / ``nn.MultiheadAttention``
+    off their fused fast path (which eval mode under no_grad turns on, and which has no ONNX conversion); the settings
+    are put back after."""
     configs = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None and isinstance(getattr(c, "_attn_implementation", None), str)}
     saved = {key: config._attn_implementation for key, config in configs.items()}
+    fastpath = torch.backends.mha.get_fastpath_enabled()
     try:
         for config in configs.values():
             config._attn_implementation = "eager"
+        torch.backends.mha.set_fastpath_enabled(False)
         yield
     finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
         for key, config in configs.items():
             config._attn_implementation = saved[key]
 
@@ -205,14 +214,18 @@ def onnx_session(path: str | os.PathLike[str] | bytes, threads: int = 2, spinnin
 
 
 def run_onnx(session: Any, inputs: Any) -> torch.Tensor:
-    """Run a session on one tensor (its first input) or a mapping of named inputs (those the model has; a missing
-    one is an error that names what the model takes)."""
+    """Run a session on one tensor (its first input), a tuple of tensors (its inputs in order), or a mapping of named
+    inputs (those the model has; a missing one is an error that names what the model takes)."""
     wanted = [i.name for i in session.get_inputs()]
     if isinstance(inputs, Mapping):
         missing = [name for name in wanted if name not in inputs]
         if missing:
             raise TorchslimError(f"the ONNX model takes inputs {', '.join(wanted)}; missing {', '.join(missing)}")
         feed = {name: inputs[name].detach().cpu().numpy() for name in wanted}
+    elif isinstance(inputs, (tuple, list)):
+        if len(inputs) != len(wanted):
+            raise TorchslimError(f"the ONNX model takes {len(wanted)} inputs ({', '.join(wanted)}), got {len(inputs)}")
+        feed = {name: tensor.detach().cpu().numpy() for name, tensor in zip(wanted, inputs)}
     else:
         feed = {wanted[0]: inputs.detach().cpu().numpy()}
     return torch.from_numpy(session.run(None, feed)[0])
@@ -229,8 +242,8 @@ class OnnxModule(nn.Module):
         self.description = description
         self.session = onnx_session(self.onnx_bytes, threads)
 
-    def forward(self, x: Any = None, **inputs: Any) -> torch.Tensor:
-        return run_onnx(self.session, inputs if x is None else x)
+    def forward(self, x: Any = None, *more: Any, **inputs: Any) -> torch.Tensor:
+        return run_onnx(self.session, inputs if x is None else (x, *more) if more else x)
 
     def save(self, path: str | os.PathLike[str], overwrite: bool = True) -> Path:
         refuse_overwrite(path, overwrite)

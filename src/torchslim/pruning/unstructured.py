@@ -269,7 +269,7 @@ def prune(
         metric = None
         if source is not None and resolved is not None:
             metric = evaluate_source(target, source, resolved)[resolved.metric]
-            note += f", {resolved.metric} {_format(metric)} after pruning"
+            note += f", {resolved.metric} {_format(metric, resolved.metric)} after pruning"
             if tuning is not None:
                 fit(
                     target,
@@ -281,7 +281,7 @@ def prune(
                     evaluate_at_end=False,
                 )
                 metric = evaluate_source(target, source, resolved)[resolved.metric]
-                note += f", {_format(metric)} after fine-tuning"
+                note += f", {_format(metric, resolved.metric)} after fine-tuning"
         notes.append(note)
         lines.step(**({resolved.metric: metric} if resolved is not None and metric is not None else {}))
         if on_step is not None:
@@ -301,8 +301,9 @@ def prune(
     return Result(model=target, report=Report.for_model(model, [stage]))
 
 
-def _format(value: float) -> str:
-    return f"{100 * value:.2f}%" if 0.0 <= value <= 1.0 else f"{value:.4g}"
+def _format(value: float, metric: str) -> str:
+    """A share (accuracy, error) as a percentage; any other metric (a user's mse, a perplexity) as it is."""
+    return f"{100 * value:.2f}%" if metric in ("accuracy", "error", "top5_accuracy") and 0.0 <= value <= 1.0 else f"{value:.4g}"
 
 
 __all__ = ["PruneConfig", "compute_masks", "compute_scores", "prune", "prune_in_place", "sparsity_rows"]

@@ -119,7 +119,7 @@ def _uniform(batches: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Ten
 
 
 class _Reader:
-    """CalibrationDataReader over torch batches (one tensor input, or named inputs)."""
+    """CalibrationDataReader over torch batches (one tensor input, several positional ones, or named inputs)."""
 
     def __init__(self, batches: Iterable, limit: int, names: list[str]) -> None:
         self.names = names
@@ -135,8 +135,13 @@ class _Reader:
                 if missing:
                     raise TorchslimError(f"the calibration batches lack the model's inputs {', '.join(missing)}")
                 taken.append({n: inputs[n].detach().cpu() for n in names})
+            elif isinstance(inputs, (tuple, list)) and len(inputs) == len(names) and all(isinstance(t, torch.Tensor) for t in inputs):
+                taken.append({n: t.detach().cpu() for n, t in zip(names, inputs)})  # positional inputs, in order
             else:
-                raise TorchslimError("ONNX Runtime calibration takes batches of one tensor or of named inputs; this data gives a tuple")
+                raise TorchslimError(
+                    f"ONNX Runtime calibration takes batches of the model's {len(names)} input(s) ({', '.join(names)}): one tensor, a tuple of "
+                    f"that many tensors, or a mapping of named inputs; this data gives {type(inputs).__name__}"
+                )
         self.batches = _uniform(taken)
         self.count = 0
 
@@ -348,6 +353,8 @@ def quantize_onnx(
     path = Path(path)
     keyword = isinstance(example_input, dict)
     names = [k for k, v in example_input.items() if isinstance(v, torch.Tensor)] if keyword else [INPUT_NAME]
+    if isinstance(example_input, (tuple, list)) and len(example_input) > 1:  # several positional inputs, as exported
+        names += [f"{INPUT_NAME}_{index}" for index in range(1, len(example_input))]
     if config.smooth is not None:
         if calibration is None:
             raise TorchslimError("smooth (SmoothQuant) needs calibration data")

@@ -115,7 +115,9 @@ class Task(abc.ABC):
 
 class CustomTask(Task):
     """A user's own task: ``loss(model, batch) -> scalar tensor`` and ``evaluate(model, batches) -> {metric: value,
-    ...}`` (which must hold ``metric``), and whether higher is better."""
+    ...}`` (which must hold ``metric``; a ``loss`` entry as well lets the budgets and sensitivity rank layers by it),
+    and whether higher is better. ``batches`` is read once: an iterator over the evaluation batches (those of the
+    split asked for, up to its limit), not the list or loader the data came in; keep what a second pass needs."""
 
     def __init__(
         self,
@@ -177,7 +179,8 @@ def resolve_task(task: str | Task | None, source: Any, reference: nn.Module | No
             task = "fidelity"
         else:
             raise TorchslimError(
-                "the data has no labels and no task was named: pass task='fidelity' (with the original model), 'language-modeling', or a Task of your own"
+                "the data has no labels and no task was named (a mapping's labels go under one of labels, label, targets, target; a tuple's "
+                "second entry): pass task='fidelity' (with the original model), 'language-modeling', or a Task of your own"
             )
     resolved = get_task(task)
     if reference is not None:

@@ -61,7 +61,8 @@ def as_precision(value: Any, dtype: torch.dtype) -> Any:
 
 def model_inputs(batch: Any) -> tuple[tuple, dict[str, Any]]:
     """(positional, keyword) arguments the model is called with: a tensor is the input; a tuple's first entry is
-    the input (the rest are targets); a mapping's entries other than targets are keyword arguments."""
+    the input (the rest are targets), or the inputs where it is itself a tuple of tensors (``((a, b), y)`` calls
+    ``model(a, b)``); a mapping's entries other than targets are keyword arguments."""
     if isinstance(batch, torch.Tensor):
         return (batch,), {}
     if isinstance(batch, Mapping):
@@ -70,6 +71,8 @@ def model_inputs(batch: Any) -> tuple[tuple, dict[str, Any]]:
         first = batch[0]
         if isinstance(first, Mapping):
             return (), dict(first)
+        if isinstance(first, (tuple, list)) and len(first) > 1 and all(isinstance(item, torch.Tensor) for item in first):
+            return tuple(first), {}  # several positional inputs
         return (first,), {}
     raise TorchslimError(f"cannot read a batch of type {type(batch).__name__}: give tensors, (inputs, targets) tuples or mappings")
 

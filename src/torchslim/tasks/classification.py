@@ -18,7 +18,7 @@ from torch.nn import functional as F
 
 from torchslim.core.errors import TorchslimError
 from torchslim.tasks.base import TASKS, Task
-from torchslim.tasks.batches import batch_targets, output_tensor
+from torchslim.tasks.batches import TARGET_KEYS, batch_targets, output_tensor
 
 IGNORE = -100
 
@@ -28,7 +28,10 @@ def flat_logits_and_targets(outputs: Any, batch: Any, task: str) -> tuple[torch.
     logits = output_tensor(outputs)
     targets = batch_targets(batch)
     if targets is None:
-        raise TorchslimError(f"{task}: the batches carry no labels; give (inputs, labels) batches, or use the 'fidelity' task for unlabeled data")
+        raise TorchslimError(
+            f"{task}: the batches carry no labels; give (inputs, labels) batches or mappings with the labels under one of "
+            f"{', '.join(TARGET_KEYS)}, or use the 'fidelity' task for unlabeled data"
+        )
     if not isinstance(targets, torch.Tensor):
         targets = torch.as_tensor(targets)
     targets = targets.to(logits.device)
@@ -37,6 +40,15 @@ def flat_logits_and_targets(outputs: Any, batch: Any, task: str) -> tuple[torch.
     if logits.dim() > 2 and targets.dim() == logits.dim() - 1 and targets.shape == logits.shape[:1] + logits.shape[2:]:
         logits = logits.movedim(1, -1)  # (B, classes, H, W) dense predictions (segmentation): classes on dim 1
     logits = logits.reshape(-1, logits.shape[-1])
+    if targets.is_floating_point() and not bool(torch.equal(targets, targets.round())):
+        # regression values read as labels would all but vanish into class 0 (0.7 -> 0): a loss of 0 that trains nothing
+        raise TorchslimError(
+            f"{task}: the batches' targets are fractional numbers (e.g. {float(targets.reshape(-1)[(targets != targets.round()).reshape(-1)][0]):g}),"
+            " not class labels; for regression or any other loss, pass task=Task.custom(loss, evaluate, metric, higher_is_better)"
+            " (torchslim.Task.custom), or task='fidelity' to match the original model's outputs"
+        )
+    if logits.shape[-1] < 2:
+        raise TorchslimError(f"{task}: the model has {logits.shape[-1]} output per example; classification needs one logit per class (2 or more)")
     targets = targets.reshape(-1).long()
     if logits.shape[0] != targets.shape[0]:
         raise TorchslimError(f"{task}: {logits.shape[0]} predictions but {targets.shape[0]} labels in the batch")

@@ -1,0 +1,327 @@
+"""A user's own tasks and torch's own building blocks through the verbs: regression targets, a custom task's loss in
+distillation, dense predictions distilled per pixel, ``nn.TransformerEncoder`` factorized and exported, a training-only
+auxiliary head through channel pruning. Real data: scikit-learn's digits (its pixels as tokens, its labels as
+regression values)."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+import torchslim as ts
+from torchslim.core.errors import TorchslimError
+from torchslim.data.embedded import load_digits
+from torchslim.distillation.losses import kl_soft_targets
+
+
+def _digits() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    return load_digits()
+
+
+def regression_loaders() -> tuple[DataLoader, DataLoader]:
+    """Digits as a regression: the 64 pixels (scaled to [0, 1]) to the digit's value / 9, a float target."""
+    split = _digits()
+    loaders = []
+    for part, shuffle in (("train", True), ("test", False)):
+        images, labels = split[part]
+        x = images.reshape(len(images), -1).float() / 255.0
+        y = labels.float().unsqueeze(1) / 9.0
+        loaders.append(DataLoader(TensorDataset(x, y), batch_size=64, shuffle=shuffle, generator=torch.Generator().manual_seed(0)))
+    return loaders[0], loaders[1]
+
+
+def token_loaders() -> tuple[DataLoader, DataLoader]:
+    """Digits as sequences of 64 tokens (each pixel's level, 0..16) with their class."""
+    split = _digits()
+    loaders = []
+    for part in ("train", "test"):
+        images, labels = split[part]
+        ids = (images.reshape(len(images), -1).float() * 16.0 / 255.0).round().long()
+        loaders.append(DataLoader(TensorDataset(ids, labels), batch_size=64, shuffle=part == "train", generator=torch.Generator().manual_seed(0)))
+    return loaders[0], loaders[1]
+
+
+class Regressor(nn.Module):
+    def __init__(self, features: int = 64, hidden: int = 64):
+        super().__init__()
+        self.features, self.hidden = features, hidden
+        self.fc1 = nn.Linear(features, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.out = nn.Linear(hidden, 1)
+
+    def forward(self, x):
+        return self.out(F.relu(self.fc2(F.relu(self.fc1(x)))))
+
+
+def mse_task() -> ts.Task:
+    def loss(model, batch):
+        x, y = batch
+        return F.mse_loss(model(x), y)
+
+    def evaluate(model, batches):
+        total, count = 0.0, 0
+        for x, y in batches:
+            total += float(F.mse_loss(model(x), y, reduction="sum"))
+            count += y.numel()
+        return {"mse": total / count, "loss": total / count}
+
+    return ts.Task.custom(loss=loss, evaluate=evaluate, metric="mse", higher_is_better=False)
+
+
+class TokenEncoder(nn.Module):
+    """A classifier over token ids built from torch's own nn.TransformerEncoder (nn.MultiheadAttention inside)."""
+
+    def __init__(self, vocab: int = 17, dim: int = 32, heads: int = 4, depth: int = 2, classes: int = 10):
+        super().__init__()
+        self.vocab, self.dim, self.heads, self.depth, self.classes = vocab, dim, heads, depth, classes
+        self.embed = nn.Embedding(vocab, dim)
+        self.pos = nn.Parameter(torch.randn(1, 64, dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=64, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, ids):
+        return self.head(self.encoder(self.embed(ids) + self.pos).mean(dim=1))
+
+
+class AuxHeadNet(nn.Module):
+    """An auxiliary classifier used only in training, as torchvision's GoogLeNet and Inception v3 have."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.classes = classes
+        self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
+        self.head = nn.Linear(32, classes)
+        self.aux = nn.Linear(16, classes)
+
+    def forward(self, x):
+        a = F.relu(self.conv1(x))
+        out = self.head(F.adaptive_avg_pool2d(F.relu(self.conv2(a)), 1).flatten(1))
+        if self.training:
+            return out, self.aux(F.adaptive_avg_pool2d(a, 1).flatten(1))
+        return out
+
+
+def test_fractional_targets_are_refused_as_class_labels_and_the_error_names_the_way_out():
+    """Regression values read as labels would all fall into class 0 (a loss of 0 that trains nothing); the error says
+    so and names Task.custom, and the same data trains with the user's own task."""
+    train, _ = regression_loaders()
+    model = Regressor()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(TorchslimError, match=r"fractional numbers .* not class labels; .*Task\.custom"):
+        ts.train(model, train, {"epochs": 1}, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the user's model untouched
+    result = ts.train(model, train, {"epochs": 2, "lr": 0.05}, task=mse_task(), progress=False)
+    assert result.report.stages[0].metrics["mse"] < 0.1
+
+
+def test_a_one_output_model_is_refused_by_classification():
+    train, _ = token_loaders()
+    with pytest.raises(TorchslimError, match="1 output per example; classification needs one logit per class"):
+        ts.evaluate(nn.Sequential(nn.Embedding(17, 4), nn.Flatten(), nn.Linear(256, 1)), train)
+
+
+def test_distilling_with_a_custom_task_uses_its_loss_and_alpha():
+    """alpha weighs the user's own loss against the teacher's outputs: alpha 0 trains on the task alone, alpha 1 on
+    the teacher alone, and the two students differ; KL over a single output (always 0) is refused with the way out."""
+    train, test = regression_loaders()
+    task = mse_task()
+    torch.manual_seed(0)
+    teacher = ts.train(Regressor(hidden=128), train, {"epochs": 4, "lr": 0.05}, task=task, progress=False).model
+    students = {}
+    for alpha in (0.0, 1.0):
+        torch.manual_seed(1)
+        student = Regressor(hidden=16)
+        config = {"alpha": alpha, "loss": "mse", "train": {"epochs": 2, "lr": 0.05, "eval_every_epoch": False}}
+        students[alpha] = ts.distill(student, teacher, train, config, task=task, progress=False).model
+    scores = {alpha: task.evaluate(model, test)["mse"] for alpha, model in students.items()}
+    untrained = task.evaluate(Regressor(hidden=16), test)["mse"]
+    assert scores[0.0] < 0.5 * untrained and scores[1.0] < 0.5 * untrained
+    assert not torch.allclose(students[0.0].out.weight, students[1.0].out.weight)
+    with pytest.raises(TorchslimError, match="soft targets .* over a single output are always equal; use loss 'mse'"):
+        ts.distill(Regressor(hidden=16), teacher, train, {"loss": "kl", "train": {"epochs": 1}}, task=task, progress=False)
+
+
+def test_soft_targets_of_dense_predictions_are_taken_over_the_classes():
+    """(B, classes, H, W) outputs: the softmax runs over the classes, per pixel, not over the image's width."""
+    torch.manual_seed(0)
+    teacher = torch.randn(2, 3, 5, 7)
+    assert float(kl_soft_targets(teacher.clone(), teacher, 2.0)) == pytest.approx(0.0, abs=1e-6)
+    # a student that shifts every pixel's logits by a per-pixel constant predicts the same distribution per pixel
+    shifted = teacher + torch.randn(2, 1, 5, 7) * 3.0
+    assert float(kl_soft_targets(shifted, teacher, 2.0)) == pytest.approx(0.0, abs=1e-5)
+    per_pixel = F.kl_div(
+        F.log_softmax(shifted.flip(1).movedim(1, -1).reshape(-1, 3) / 2.0, -1),
+        F.log_softmax(teacher.movedim(1, -1).reshape(-1, 3) / 2.0, -1),
+        reduction="batchmean",
+        log_target=True,
+    )
+    assert float(kl_soft_targets(shifted.flip(1), teacher, 2.0)) == pytest.approx(4.0 * float(per_pixel), rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    train, test = token_loaders()
+    torch.manual_seed(0)
+    model = ts.train(TokenEncoder(), train, {"epochs": 3, "lr": 0.003, "optimizer": "adam"}, progress=False).model
+    return model, train, test
+
+
+def test_torchs_transformer_encoder_is_factorized_where_it_can_be_and_runs(encoder):
+    """Torch's MultiheadAttention reads its output projection's weight, and its encoder layers' fused path reads
+    their feed-forward weights, rather than calling them: those layers are left whole and named, the rest (the head)
+    is factorized, and the model runs in eval and train mode."""
+    model, train, test = encoder
+    result = ts.factorize(model, {"rank": 4}, data=train)
+    notes = " ".join(result.report.stages[0].notes)
+    assert "encoder.layers.0.self_attn.out_proj: left whole (torch's MultiheadAttention reads its weight directly" in notes
+    assert "encoder.layers.1.linear1: left whole (torch's TransformerEncoderLayer reads its weight directly" in notes
+    assert isinstance(result.model.head, ts.compression.FactorizedLinear)
+    ids = next(iter(test))[0][:4]
+    with torch.no_grad():
+        assert result.model.eval()(ids).shape == (4, 10)
+        assert result.model.train()(ids).shape == (4, 10)
+    budget = ts.compression.auto_narrow(model, train, {"target_macs": 0.9, "finetune": None, "ratios": [0.25, 0.5]}, progress=False)
+    assert budget.report.artifacts["allocation"]["rounds"][-1]["met"]
+
+
+def test_a_module_that_reads_a_factorized_layers_weight_is_named_and_the_model_kept(encoder):
+    """A user's module that reads a layer's weight instead of calling it: factorizing that layer would break the
+    model, so the verb refuses with the way out and the user's model stays as it was."""
+
+    class TiedHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(32, 32)
+            self.out = nn.Linear(32, 10)
+
+        def forward(self, x):
+            return F.linear(self.proj(x), self.out.weight)  # the weight, not the layer
+
+    model = TiedHead()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(TorchslimError, match=r"no longer runs with .*out.* factorized .*reads a factorized layer's weight directly"):
+        ts.factorize(model, {"rank": 2}, example_input=torch.randn(2, 32))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_torchs_transformer_encoder_exports_to_onnx_and_runs_in_onnx_runtime(encoder, tmp_path):
+    """Eval mode under no_grad switches torch's encoder to a fused kernel with no ONNX conversion: the export turns
+    that path off (and back on after), and ONNX Runtime gives PyTorch's outputs."""
+    import onnxruntime
+
+    model, _, test = encoder
+    ids = next(iter(test))[0][:8]
+    path = ts.export(model, "onnx", ids, tmp_path / "encoder.onnx").report.stages[0].metrics["path"]
+    assert torch.backends.mha.get_fastpath_enabled()
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    got = session.run(None, {name: ids.numpy()})[0]
+    with torch.no_grad():
+        want = model.eval()(ids).numpy()
+    assert np.abs(got - want).max() < 1e-4
+
+
+def test_full_energy_keeps_every_layer_whole():
+    model = Regressor()
+    result = ts.factorize(model, {"energy": 1.0}, example_input=torch.randn(2, 64))
+    assert result.report.stages[0].metrics["layers_factorized"] == 0
+    assert not any(isinstance(m, ts.compression.FactorizedLinear) for m in result.model.modules())
+
+
+def test_channel_pruning_keeps_a_training_only_head_working():
+    """The eval-mode trace never sees the auxiliary head: the set feeding it is found breaking the model in train
+    mode and kept (named), the rest is pruned, and the pruned model fine-tunes."""
+    data = ts.data.load("digits")
+    torch.manual_seed(0)
+    model = AuxHeadNet()
+    result = ts.prune_channels(model, {"ratio": 0.5}, data=data, finetune={"epochs": 1, "lr": 0.01}, progress=False)
+    pruned = result.model
+    assert pruned.conv1.out_channels == 16 and pruned.conv2.out_channels == 16
+    assert any("train mode" in note and "aux" in note for note in result.report.stages[0].notes)
+    x = data.test.inputs[:4]
+    with torch.no_grad():
+        out, aux = pruned.train()(x)
+        assert out.shape == aux.shape == (4, 10) and pruned.eval()(x).shape == (4, 10)
+
+
+def test_a_budget_that_may_remove_blocks_leaves_the_callers_model_in_its_mode():
+    data = ts.data.load("digits")
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Sequential(nn.Linear(64, 64), nn.ReLU()), nn.Linear(64, 10))
+    model.train()
+    ts.compression.auto_narrow(model, data, {"target_macs": 0.7, "finetune": None, "depth": True, "ratios": [0.25, 0.5]}, progress=False)
+    assert all(module.training for module in model.modules())
+
+
+class TwoViews(nn.Module):
+    """A model of two positional inputs, model(image, extra): the digit's pixels and their row sums."""
+
+    def __init__(self):
+        super().__init__()
+        self.image = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU())
+        self.rows = nn.Linear(8, 8)
+        self.head = nn.Linear(40, 10)
+
+    def forward(self, image, rows):
+        return self.head(torch.cat([self.image(image), F.relu(self.rows(rows))], dim=1))
+
+
+class TwoViewDigits(torch.utils.data.Dataset):
+    """((pixels, row sums), label) examples, as a user's dataset of two inputs gives them."""
+
+    def __init__(self):
+        images, self.labels = _digits()["train"]
+        self.x = images.float() / 255.0
+        self.rows = self.x.sum(dim=-1).reshape(len(self.x), 8)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        return (self.x[index], self.rows[index]), self.labels[index]
+
+
+def two_view_loader() -> DataLoader:
+    return DataLoader(TwoViewDigits(), batch_size=64)
+
+
+def test_a_model_of_two_positional_inputs_exports_and_quantizes_in_onnx_runtime(tmp_path):
+    """((image, extra), label) batches: the model trains on them, the ONNX file takes both inputs, in order, checked
+    against PyTorch, and static int8 calibrates on both."""
+    loader = two_view_loader()
+    torch.manual_seed(0)
+    model = ts.train(TwoViews(), loader, {"epochs": 4, "lr": 0.05}, progress=False).model
+    assert ts.evaluate(model, loader)["accuracy"] > 0.7  # chance: 0.1
+    (image, rows), _ = next(iter(loader))
+    exported = ts.export(model, "onnx", (image[:4], rows[:4]), tmp_path / "two.onnx")
+    engine = exported.model
+    with torch.no_grad():
+        assert torch.allclose(engine(image[:5], rows[:5]), model.eval()(image[:5], rows[:5]), atol=1e-5)
+    result = ts.quantize(model, {"method": "onnxruntime"}, data=loader, example_input=(image[:4], rows[:4]))
+    with torch.no_grad():
+        int8, reference = result.model(image, rows), model(image, rows)
+    assert (int8.argmax(1) == reference.argmax(1)).float().mean() > 0.9
+
+
+def test_weight_only_quantization_names_the_layers_it_leaves_in_float():
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1, padding_mode="reflect"), nn.ReLU(), nn.Flatten(2), nn.Conv1d(8, 8, 3, padding=1), nn.Flatten(), nn.Linear(512, 10)
+    )
+    result = ts.quantize(model, {"weights": {"bits": 4}})
+    notes = " ".join(result.report.stages[0].notes)
+    assert "0: left in float (padding_mode 'reflect'" in notes and "left in float: 1 Conv1d" in notes
+    assert [row["name"] for row in result.report.stages[0].layers] == ["5"]
+
+
+def test_a_custom_metrics_value_is_printed_as_it_is_in_the_prune_notes():
+    train, _ = regression_loaders()
+    result = ts.prune(Regressor(), {"sparsity": 0.5}, data=train, task=mse_task())
+    note = " ".join(result.report.stages[0].notes)
+    assert "mse " in note and "%" not in note.split("mse ", 1)[1].split(" ")[0]
