@@ -128,7 +128,7 @@ def main() -> None:
     notes = [
         "Each run: every coupled channel set pruned alone at 1/8 ... 7/8 of its channels (l1), its loss rise on 512 training examples "
         "(the allocation never sees the test set) and its cost measured (MACs counted; latency of all these models timed side by side "
-        "with the dense one in ONNX Runtime, 5 rounds x 20 runs, "
+        "with the dense one in ONNX Runtime, 5 rounds x 20 runs (at least 50 ms a model a round), "
         "batch 64); automatic: an exact knapsack over the sets' loss rises under the product cost model; uniform: the one ratio with the "
         "least summed rise that fits; then channels removed, one epoch of fine-tuning, and the result measured side by side with the dense "
         "model (the allocation repeats with a corrected cost model while it misses). automatic + ranks (auto_narrow's default): each Linear / "

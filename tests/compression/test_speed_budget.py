@@ -146,9 +146,9 @@ def test_a_budget_the_model_keeps_missing_ends_with_the_closest_plan_and_says_so
 
 def test_a_plan_whose_trial_met_but_whose_result_misses_gives_way_to_one_with_the_margin_it_showed(trained, monkeypatch):
     """Rounds of trials carry out nothing in full; the plan of least loss that met the budget in its trial is carried
-    out, and where the finished model misses (here every finished model costs 15% more than its trial, as a latency
-    met by a hair can), the next plan carried out is one that meets with that margin (tried already, or in a round of
-    trials more), not the most-pruned plan."""
+    out, and where the finished model misses (here every finished model costs 40% more than its trial, so the mean of
+    the two timings is 20% more, as a latency met by a hair can), the next plan carried out is one that meets with that
+    margin (tried already, or in a round of trials more), not the most-pruned plan."""
     from torchslim.compression import speed_measure
 
     model, data = trained
@@ -157,7 +157,7 @@ def test_a_plan_whose_trial_met_but_whose_result_misses_gives_way_to_one_with_th
     def finished_dearer(self, models):
         costs = real(self, models)
         if "pruned" in models:  # the finished model, not the trials
-            costs["pruned"] *= 1.15
+            costs["pruned"] *= 1.4
         return costs
 
     monkeypatch.setattr(speed_measure.Cost, "of", finished_dearer)
@@ -169,7 +169,8 @@ def test_a_plan_whose_trial_met_but_whose_result_misses_gives_way_to_one_with_th
     first = rounds.index(carried[0])
     tried = [t for r in rounds[:first] for t in r["trials"]]
     best = min((t for t in tried if t["trial_fraction"] <= 0.3), key=lambda t: (t["trial_loss_rise"], -t["trial_fraction"]))
-    assert carried[0]["ratio"] == pytest.approx(1.15 * best["trial_fraction"], abs=1e-4) and not carried[0]["met"]
+    assert carried[0]["finished_ratio"] == pytest.approx(1.4 * best["trial_fraction"], abs=1e-4)
+    assert carried[0]["ratio"] == pytest.approx(1.2 * best["trial_fraction"], abs=1e-4) and not carried[0]["met"]  # the mean of both timings
     assert len(carried) >= 2 and carried[-1]["met"] and allocation["chosen_round"] == carried[-1]["round"]
     assert carried[-1]["sets"] != {"fc1": 0.875, "fc2": 0.875}  # not the most-pruned plan
     assert "met" in result.report.stages[-1].notes[-1] and "missed" not in result.report.stages[-1].notes[-1]

@@ -36,6 +36,7 @@ class Cost:
             warmup=5,
             backend=self.config.backend,
             threads=self.config.threads,
+            min_seconds=self.config.timing_min_seconds,
         )
         return {name: per_size[self.config.batch_size] for name, per_size in medians.items()}
 

@@ -236,9 +236,12 @@ def interleaved_latency(
     warmup: int = 5,
     backend: str | Callable[[nn.Module, Any], Runner] = "eager",
     threads: int | None = 2,
+    min_seconds: float = 0.0,
 ) -> dict[str, dict[int, list[list[float]]]]:
     """Timings of several models measured side by side: ``rounds`` interleaved rounds in which every model is timed
-    at every batch size (``runs`` calls each). Returns {name: {batch size: one list of milliseconds per round}}.
+    at every batch size (``runs`` calls each, more until ``min_seconds``: a model of a fraction of a millisecond
+    timed for a few milliseconds is at the mercy of each thread wake-up). Returns {name: {batch size: one list of
+    milliseconds per round}}.
     Drift on a shared machine hits every model alike, so their ratios hold. Each model's runner (an exported ONNX
     session, a compiled graph) is built once."""
     make = BACKENDS.get(backend) if isinstance(backend, str) else backend
@@ -250,7 +253,8 @@ def interleaved_latency(
         runners = {name: make(model, example_input) if isinstance(model, nn.Module) else model for name, model in models.items()}
         for _ in range(rounds):
             for name, runner in runners.items():
-                for result in measure_latency(runner, example_input, batch_sizes=batch_sizes, runs=runs, warmup=warmup, threads=threads):
+                timed = measure_latency(runner, example_input, batch_sizes=batch_sizes, runs=runs, warmup=warmup, threads=threads, min_seconds=min_seconds)
+                for result in timed:
                     samples[name][result.batch_size].append(result.samples_ms)
     return samples
 
@@ -259,8 +263,8 @@ def compare_latency(
     models: Mapping[str, nn.Module | Runner], example_input: Any, batch_sizes: Sequence[int] = (1,), **timing: Any
 ) -> dict[str, dict[int, float]]:
     """Median latency (ms) of several models measured side by side (``interleaved_latency``, whose ``rounds``,
-    ``runs``, ``warmup``, ``backend`` and ``threads`` it takes): each model's per-round medians reduced to their
-    median.
+    ``runs``, ``warmup``, ``backend``, ``threads`` and ``min_seconds`` it takes): each model's per-round medians
+    reduced to their median.
 
     Example:
         >>> medians = compare_latency({"a": nn.Linear(8, 8), "b": nn.Linear(8, 4)}, torch.zeros(1, 8), rounds=2, runs=5)
