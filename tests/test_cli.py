@@ -396,3 +396,24 @@ def test_a_hugging_face_model_folder_through_the_commands(tmp_path, capsys):
     assert attention.num_attention_heads == 2 and attention.q_proj.out_features == 16
     assert main(["evaluate", str(out), "--data", "digits"]) == 0
     assert "accuracy" in capsys.readouterr().out
+
+
+class RGBNet(torch.nn.Module):
+    """A user's model of three-channel 28x28 images."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.fc = torch.nn.Linear(4 * 26 * 26, 10)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).flatten(1))
+
+
+def test_a_users_model_that_does_not_run_on_the_default_data_is_named_before_any_work(tmp_path, capsys):
+    """A saved three-channel model profiled without --data: the default (mnist-sample, one channel) does not fit it,
+    and the command says so with the input it tried, rather than a shape error from deep inside."""
+    path = ts.save(RGBNet(), tmp_path / "rgb.safetensors", factory="tests.test_cli:RGBNet")
+    assert main(["profile", str(path), "--runs", "2", "--trust-factory"]) == 1
+    error = capsys.readouterr().err
+    assert "does not run on the examples of mnist-sample (input (1, 1, 28, 28))" in error and "give --data with this model's inputs" in error

@@ -325,3 +325,25 @@ def test_a_custom_metrics_value_is_printed_as_it_is_in_the_prune_notes():
     result = ts.prune(Regressor(), {"sparsity": 0.5}, data=train, task=mse_task())
     note = " ".join(result.report.stages[0].notes)
     assert "mse " in note and "%" not in note.split("mse ", 1)[1].split(" ")[0]
+
+
+def test_a_fake_quantized_model_saves_and_loads_back(tmp_path):
+    """QAT without export hands back the fake-quant model: its file rebuilds the fake-quant layers, scales and ranges
+    included, and gives the same outputs."""
+    data = ts.data.load("digits")
+    torch.manual_seed(0)
+    model = AuxHeadNet().eval()
+    result = ts.quantize(model, {"method": "qat", "export": False}, data=data, finetune={"epochs": 1, "lr": 0.01}, progress=False)
+    path = ts.save(result.model, tmp_path / "qat.safetensors", factory="tests.test_user_tasks:AuxHeadNet")
+    loaded = ts.load(path, trust_factory=True)
+    x = data.test.inputs[:8]
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), result.model.eval()(x))
+    assert sum(hasattr(m, "fake") for m in loaded.modules()) == 4
+
+
+def test_a_model_on_the_meta_device_is_refused_with_the_way_out():
+    with torch.device("meta"):
+        model = Regressor()
+    with pytest.raises(TorchslimError, match="on the meta device, shapes without values .*load its weights first"):
+        ts.prune(model, {"sparsity": 0.5})

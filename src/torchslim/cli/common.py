@@ -271,7 +271,32 @@ def load_model_arg(model: str, data: Any, trust_factory: bool, weights: Path | N
     elif ":" in model:
         loaded = build_from_spec({"factory": model, "kwargs": {}}, trust_factory=True, where="--model")
     else:
-        loaded = ts.models.create_for(model, data)
+        created = ts.models.create_for(model, data)
+        if weights is not None:
+            load_state(created, load_weights(weights, trusted=trust_weights), str(weights), cast=True)
+        return created
     if weights is not None:
         load_state(loaded, load_weights(weights, trusted=trust_weights), str(weights), cast=True)
+    if data is not None:
+        _check_runs_on(loaded, model, data)
     return loaded
+
+
+def _check_runs_on(loaded: Any, model: str, data: Any) -> None:
+    """A model of the user's that does not run on the data's examples (the default data set, say) is named before
+    any work, with the input it was given."""
+    import torch
+
+    from torchslim.core.errors import TorchslimError
+    from torchslim.core.modes import eval_mode
+    from torchslim.tasks.batches import call_model
+
+    example = example_input(data)
+    try:
+        with eval_mode(loaded), torch.no_grad():
+            call_model(loaded, example)
+    except Exception as error:  # the user's model on the user's data: any failure is the finding
+        shape = tuple(example.shape) if isinstance(example, torch.Tensor) else type(example).__name__
+        name = getattr(data, "name", None) or "the data"
+        cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise TorchslimError(f"{model} does not run on the examples of {name} (input {shape}): {cause}; give --data with this model's inputs") from error

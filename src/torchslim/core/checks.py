@@ -57,6 +57,12 @@ def check_model(model: nn.Module, where: str, float32: bool = False) -> None:
     of another precision, naming the tensors."""
     if not isinstance(model, nn.Module):
         raise TorchslimError(f"{where}: expected a torch.nn.Module, got {type(model).__name__}")
+    empty = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_meta]
+    if empty:
+        raise TorchslimError(
+            f"{where}: {len(empty)} of the model's tensors are on the meta device, shapes without values (e.g. {', '.join(empty[:3])}): "
+            "load its weights first (model.to_empty(device='cpu') then load_state_dict, or from_pretrained)"
+        )
     counts = nonfinite_counts(model)
     if counts:
         total = sum(counts.values())

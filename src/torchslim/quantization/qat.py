@@ -22,7 +22,7 @@ from torchslim.core.config import Config, check
 from torchslim.core.errors import TorchslimError
 from torchslim.core.modes import eval_mode, model_device
 from torchslim.core.selector import LayerSelector, select_modules, weight_of
-from torchslim.core.spec import model_spec, set_spec
+from torchslim.core.spec import append_transform, model_spec, recorded_layers, register_transform, set_spec
 from torchslim.export.onnx import export_onnx
 from torchslim.quantization.observers import calibrate
 from torchslim.quantization.primitives import UniformSpec, fake_quantize
@@ -160,6 +160,9 @@ def _affine_qparams(low: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor
     return scale, zero
 
 
+TRANSFORM_KIND = "qat"
+
+
 class QATLinear(nn.Linear):
     """Linear trained with fake-quantized input and weight."""
 
@@ -189,10 +192,25 @@ def prepare_qat(model: nn.Module, config: QATConfig | dict | None = None, inplac
     """
     config = QATConfig.coerce(config, where="qat")
     target = model if inplace else copy.deepcopy(model)
-    for _name, module in select_modules(target, config.layers, default_types=("Linear", "Conv2d")):
+    converted = []
+    for name, module in select_modules(target, config.layers, default_types=("Linear", "Conv2d")):
         if type(module) in (nn.Linear, nn.Conv2d):
             _convert(module, config)
+            converted.append(name)
+    if converted:  # a saved file rebuilds the fake-quant layers (their scales and ranges come from the file)
+        append_transform(target, {"kind": TRANSFORM_KIND, "config": config.to_dict(), "layers": {name: {} for name in converted}})
     return target
+
+
+@register_transform(TRANSFORM_KIND)
+def apply_qat(model: nn.Module, transform: dict[str, Any]) -> nn.Module:
+    """Rebuild the fake-quantized layers a saved file lists."""
+    config = QATConfig.from_dict(transform.get("config") or {}, where="the file's qat record")
+    for name, module, _ in recorded_layers(model, transform, "trains with fake quantization"):
+        if type(module) not in (nn.Linear, nn.Conv2d):
+            raise TorchslimError(f"the file trains {name!r} ({type(module).__name__}) with fake quantization; only Linear and Conv2d can")
+        _convert(module, config)
+    return model
 
 
 def calibrate_qat(model: nn.Module, batches, count: int = 8) -> None:
