@@ -347,3 +347,30 @@ def test_a_model_on_the_meta_device_is_refused_with_the_way_out():
         model = Regressor()
     with pytest.raises(TorchslimError, match="on the meta device, shapes without values .*load its weights first"):
         ts.prune(model, {"sparsity": 0.5})
+
+
+class RowSignal(nn.Module):
+    """A Conv1d over a digit's rows as eight channels of a signal, of any length."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(8, 16, 3, padding=1)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.head(F.relu(self.conv(x)).mean(dim=-1))
+
+
+def test_inputs_of_another_length_than_the_exported_example_get_a_clear_error(tmp_path):
+    """Batches of two lengths (a padding collate gives them): static int8 calibration says it needs one shape, and
+    an exported file run on another length names the shape it takes."""
+    images, labels = _digits()["train"]
+    signals = images.float().reshape(len(images), 8, 8) / 255.0
+    batches = [(signals[:32], labels[:32]), (signals[32:64, :, :6], labels[32:64])]
+    model = RowSignal()
+    with pytest.raises(TorchslimError, match=r"come in 2 shapes .*pad or crop the calibration batches to one shape"):
+        ts.quantize(model, {"method": "onnxruntime"}, data=batches, example_input=signals[:2])
+    engine = ts.export(model, "onnx", signals[:2], tmp_path / "signal.onnx").model
+    assert engine(signals[:3]).shape == (3, 10)
+    with pytest.raises(TorchslimError, match=r"takes inputs of shape .*got .*\(3, 8, 6\)"):
+        engine(signals[:3, :, :6])

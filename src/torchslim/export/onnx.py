@@ -228,7 +228,18 @@ def run_onnx(session: Any, inputs: Any) -> torch.Tensor:
         feed = {name: tensor.detach().cpu().numpy() for name, tensor in zip(wanted, inputs)}
     else:
         feed = {wanted[0]: inputs.detach().cpu().numpy()}
-    return torch.from_numpy(session.run(None, feed)[0])
+    try:
+        return torch.from_numpy(session.run(None, feed)[0])
+    except Exception as error:
+        if "invalid dimensions" not in str(error).lower():
+            raise
+        # the exported input has fixed axes besides the batch: name them rather than ONNX Runtime's message
+        takes = {i.name: tuple(i.shape) for i in session.get_inputs()}
+        given = {name: tuple(value.shape) for name, value in feed.items()}
+        raise TorchslimError(
+            f"the ONNX model takes inputs of shape {takes} (a name: an axis of any size), got {given}: it was exported with an example of "
+            "one shape; export with an example of the shape it will run on, or pad inputs to it"
+        ) from error
 
 
 class OnnxModule(nn.Module):

@@ -142,6 +142,13 @@ class _Reader:
                     f"ONNX Runtime calibration takes batches of the model's {len(names)} input(s) ({', '.join(names)}): one tensor, a tuple of "
                     f"that many tensors, or a mapping of named inputs; this data gives {type(inputs).__name__}"
                 )
+        shapes = sorted({tuple(batch[name].shape[1:]) for batch in taken for name in names[:1]})
+        if len(shapes) > 1 and not any(name != INPUT_NAME and not name.startswith(f"{INPUT_NAME}_") for name in names):
+            # tensors of several lengths (a signal, a fully convolutional input): the exported model takes one shape
+            raise TorchslimError(
+                f"static int8 calibration: the batches' inputs come in {len(shapes)} shapes ({', '.join(map(str, shapes[:4]))} after the batch axis), "
+                "and the exported model takes one, its example's; pad or crop the calibration batches to one shape"
+            )
         self.batches = _uniform(taken)
         self.count = 0
 
