@@ -134,10 +134,11 @@ def main() -> None:
         "Each allocation: every coupled channel set pruned alone at 1/4, 1/2 and 3/4 of its channels (l1), and (channels + blocks) the "
         "bypassable residual blocks in the order they would go, each depth (the first k removed together) measured: loss rise on 512 training "
         "examples, cost counted (MACs) or timed side by side with the dense model (eager, batch 1, 3 rounds x 20 runs); an exact knapsack per depth; "
-        "in each round the knapsack's plan (channels + blocks: the plan without blocks and the 3 deeper ones of least predicted rise) and the "
-        "plan of one ratio carried out, trained for 50 batches and measured (loss, and cost as above), the one of least loss among those "
-        "that meet the budget chosen; then channels pruned, blocks removed, 200 batches of fine-tuning, and the result measured again "
-        "(up to 3 rounds).",
+        "in each round (up to 3) the knapsack's plan (channels + blocks: the plan without blocks and the 3 deeper ones of least predicted "
+        "rise) and the plan of one ratio carried out, trained for 50 batches and measured (loss, and cost as above; at least 50 ms a model "
+        "a round), the next round's budget corrected by the plan the round picks; at the end the plan of least loss that met the budget "
+        "in any round is carried out: channels pruned, blocks removed, 200 batches of fine-tuning, and the result measured again (its "
+        "cost the mean of both timings; a miss sends rounds of trials after the margin it showed).",
         "The speedup columns: every result and the dense model timed together after all runs, per engine, 5 rounds x 20 runs, medians.",
     ]
     for measure in BUDGETS:
