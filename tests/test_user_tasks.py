@@ -374,3 +374,16 @@ def test_inputs_of_another_length_than_the_exported_example_get_a_clear_error(tm
     assert engine(signals[:3]).shape == (3, 10)
     with pytest.raises(TorchslimError, match=r"takes inputs of shape .*got .*\(3, 8, 6\)"):
         engine(signals[:3, :, :6])
+
+
+def test_a_batch_of_several_inputs_is_told_from_one_argument_that_is_a_tuple():
+    """((a, b), y) with one batch size is model(a, b); a tuple of images of several sizes with per-image target
+    mappings (detection data) stays one argument, as it was."""
+    from torchslim.tasks.batches import model_inputs
+
+    a, b, y = torch.zeros(4, 3), torch.zeros(4, 8), torch.zeros(4, dtype=torch.long)
+    assert model_inputs(((a, b), y)) == ((a, b), {})
+    images = (torch.zeros(3, 20, 30), torch.zeros(3, 24, 18))
+    targets = ({"boxes": torch.zeros(1, 4)}, {"boxes": torch.zeros(2, 4)})
+    args, _ = model_inputs((images, targets))
+    assert len(args) == 1 and args[0] is images

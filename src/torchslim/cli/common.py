@@ -277,8 +277,8 @@ def load_model_arg(model: str, data: Any, trust_factory: bool, weights: Path | N
         return created
     if weights is not None:
         load_state(loaded, load_weights(weights, trusted=trust_weights), str(weights), cast=True)
-    if data is not None:
-        _check_runs_on(loaded, model, data)
+    if data is not None and model.endswith((".safetensors", ".tslim")):
+        _check_runs_on(loaded, model, data)  # a file torchslim wrote: a float model that runs where it was saved
     return loaded
 
 
@@ -291,6 +291,8 @@ def _check_runs_on(loaded: Any, model: str, data: Any) -> None:
     from torchslim.core.modes import eval_mode
     from torchslim.tasks.batches import call_model
 
+    if any(p.is_floating_point() and p.dtype != torch.float32 for p in loaded.parameters()):
+        return  # the task casts its inputs to a half-precision model's dtype; a bare call would not
     example = example_input(data)
     try:
         with eval_mode(loaded), torch.no_grad():

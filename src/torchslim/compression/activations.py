@@ -36,7 +36,7 @@ from torchslim.core.report import Report, Result, Stage
 from torchslim.core.selector import LayerSelector, matches, set_module
 from torchslim.core.spec import append_transform, recorded_layers, register_transform
 from torchslim.measure.latency import compare_latency
-from torchslim.tasks.batches import model_inputs
+from torchslim.tasks.batches import call_model
 
 TRANSFORM_KIND = "activations"
 
@@ -108,10 +108,9 @@ def functional_activations(model: nn.Module, example_input: Any) -> dict[str, in
         if type(module).__name__ in KINDS or type(module).__name__ in REPLACEMENTS:
             handles.append(module.register_forward_pre_hook(lambda *_: setattr(counter, "inside", counter.inside + 1)))
             handles.append(module.register_forward_hook(lambda *_: setattr(counter, "inside", counter.inside - 1)))
-    args, kwargs = model_inputs(example_input)
     try:
         with torch.no_grad(), counter:
-            model(*args, **kwargs)
+            call_model(model, example_input)
     finally:
         for handle in handles:
             handle.remove()

@@ -45,7 +45,7 @@ from torchslim.core.selector import LayerSelector, matches, set_module
 from torchslim.core.spec import append_transform, recorded_module, register_transform
 from torchslim.data.sources import as_source
 from torchslim.tasks.base import Task, resolve_task
-from torchslim.tasks.batches import model_inputs
+from torchslim.tasks.batches import call_model
 from torchslim.train.evaluate import evaluate_source
 from torchslim.train.fit import TrainConfig, fit
 
@@ -87,10 +87,9 @@ def _shapes(model: nn.Module, example: Any, names: list[str]) -> dict[str, bool]
 
     for name in names:
         handles.append(modules[name].register_forward_hook(hook(name)))
-    args, kwargs = model_inputs(example)
     try:
         with torch.no_grad(), eval_mode(model):  # the caller's model keeps its mode
-            model(*args, **kwargs)
+            call_model(model, example)  # an example: a tuple is several positional inputs
     finally:
         for handle in handles:
             handle.remove()

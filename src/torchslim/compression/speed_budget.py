@@ -94,7 +94,7 @@ from torchslim.compression.speed_choices import (
     trial_plans,
 )
 from torchslim.compression.speed_config import SpeedBudgetConfig
-from torchslim.compression.speed_measure import Cost, factorized_rank, factorized_rows, offered_ranks, set_rows
+from torchslim.compression.speed_measure import Cost, budget_note, factorized_rank, factorized_rows, offered_ranks, set_rows
 from torchslim.core.config import ConfigError
 from torchslim.core.errors import TorchslimError
 from torchslim.core.selector import set_module
@@ -211,6 +211,7 @@ def auto_narrow(
     trial_results: dict[str, tuple[float, float]] = {}
     trial_plan: dict[str, dict[str, Option]] = {}  # each plan tried, by its key
     tried_in: dict[str, int] = {}  # the round that first tried each plan, by its key
+    pending: list[str] = []  # plans tried for the round not yet recorded
     picks: set[str] = set()  # the plans the rounds of trials picked
     searching = config.trials and not config.uniform  # rounds of trials, then the best plan tried carried out
     trials: list[dict[str, Any]] = []  # the plans the one being carried out was chosen from
@@ -241,7 +242,8 @@ def auto_narrow(
                 tuning["seed"] = int(config.finetune.get("seed", 0)) + 1
                 fit(trial, data, tuning, task=task, progress=False, label="trial", evaluate_at_end=False, reference=model)
             built[key] = trial
-            trial_plan[key], tried_in[key] = plan, len(rounds) + 1
+            trial_plan[key] = plan
+            pending.append(key)  # its round is numbered when the round is recorded
         for key, trial in built.items():
             # each timed with the dense model alone, as the round's result is: timed beside other models, the dense
             # model ran slower (LeNet-5 in ONNX Runtime at batch 64: 0.31 of it in a group, 0.37 alone)
@@ -329,7 +331,8 @@ def auto_narrow(
         # a plan tried before is the same model timed twice, apart: its cost is the mean of both (MACs: equal); one
         # timing of a small model can be far off (LeNet-300-100 at batch 64 in ONNX Runtime: 0.59 to 0.88 of the dense
         # time for one model, timed six times)
-        ratio = (finished + trial_results[plan_key(plan)][1]) / 2 if plan_key(plan) in trial_results else finished
+        trial = trial_results[plan_key(plan)][1] if plan_key(plan) in trial_results else None
+        ratio = (finished + trial) / 2 if trial is not None else finished
         predicted = math.exp(sum(option.size for option in plan.values()))
         rounds.append(
             {
@@ -343,6 +346,7 @@ def auto_narrow(
                 "blocks_removed": removed,
                 "carried_out": True,
                 "finished_ratio": finished,
+                "trial_ratio": trial,
                 **({"trials": list(trials)} if trials else {}),
                 **({"trial_round": tried_in[plan_key(plan)]} if plan_key(plan) in tried_in else {}),
             }
@@ -350,17 +354,19 @@ def auto_narrow(
         return result, plan, ratio, len(rounds)
 
     def search(given: float) -> bool | None:
-        """A round of trials only: the plans for ``given`` tried and measured (see ``choose``), the round recorded by
-        the plan it picks, nothing fine-tuned in full. True: that plan meets the budget close enough to end the rounds;
-        None: it was picked before, or removes nothing."""
+        """A round of trials (see ``choose``), recorded by the plan it picks. True: that plan meets the budget close
+        enough to end the rounds; None: it was picked before, or removes nothing."""
         plan = choose(given)
         key = plan_key(plan)
         ratios, factored, removed = plan_parts(plan, sets)
         if key in picks or not (ratios or factored or removed):
+            pending.clear()  # no round recorded: the plans it tried keep no round
             return None
         if key not in trial_results:
             trial_of([plan])
         picks.add(key)
+        tried_in.update({tried: len(rounds) + 1 for tried in pending})
+        pending.clear()
         fraction = trial_results[key][1]
         rounds.append(
             {
@@ -480,20 +486,9 @@ def auto_narrow(
         "chosen_round": chosen["round"],
     }
     result.report.stages[-1].metrics[f"{config.measure}_fraction"] = achieved
-    result.report.stages[-1].notes.append(
-        f"budget {config.target:g} of the dense model's {config.measure} {'met' if chosen['met'] else 'missed'}: {achieved:.3f} "
-        f"({_amount(chosen['measured'], config)} against {_amount(dense, config)} {unit}; round {chosen['round']} of {len(rounds)})"
-        + "".join(
-            f"; {row['layer']} factorized to rank {row['rank']}" if row["rank"] else f"; {row['layer']} left whole (too narrow after pruning to gain)"
-            for row in result.report.artifacts["allocation"]["factorized"]
-        )
-        + (f"; blocks removed: {', '.join(removed)}" if removed else "")
-    )
+    allocation = result.report.artifacts["allocation"]
+    result.report.stages[-1].notes.append(budget_note(config, chosen, achieved, dense, unit, len(rounds), allocation["factorized"], removed))
     return result
-
-
-def _amount(value: float, config: SpeedBudgetConfig) -> str:
-    return f"{value:,.0f}" if config.measure == "macs" else f"{value:.3f}"
 
 
 __all__ = ["SpeedBudgetConfig", "auto_narrow"]

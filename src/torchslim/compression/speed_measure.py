@@ -105,4 +105,32 @@ def factorized_rows(
     ]
 
 
-__all__ = ["Cost", "factorized_rank", "factorized_rows", "offered_ranks", "set_rows"]
+def budget_note(
+    config: SpeedBudgetConfig,
+    chosen: dict[str, Any],
+    achieved: float,
+    dense: float,
+    unit: str,
+    rounds: int,
+    factorized: list[dict[str, Any]],
+    removed: list[str],
+) -> str:
+    """The report's line on the budget: met or missed, by how much, in which round, what was factorized and removed."""
+
+    def amount(value: float) -> str:
+        return f"{value:,.0f}" if config.measure == "macs" else f"{value:.3f}"
+
+    timed = config.measure == "latency" and chosen.get("trial_ratio")
+    return (
+        f"budget {config.target:g} of the dense model's {config.measure} {'met' if chosen['met'] else 'missed'}: {achieved:.3f} "
+        f"({amount(chosen['measured'])} against {amount(dense)} {unit}; round {chosen['round']} of {rounds})"
+        + "".join(
+            f"; {row['layer']} factorized to rank {row['rank']}" if row["rank"] else f"; {row['layer']} left whole (too narrow after pruning to gain)"
+            for row in factorized
+        )
+        + (f"; blocks removed: {', '.join(removed)}" if removed else "")
+        + (f"; timed twice, {chosen['trial_ratio']:.3f} tried and {chosen['finished_ratio']:.3f} finished" if timed else "")
+    )
+
+
+__all__ = ["Cost", "budget_note", "factorized_rank", "factorized_rows", "offered_ranks", "set_rows"]

@@ -121,7 +121,7 @@ def _uniform(batches: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Ten
 class _Reader:
     """CalibrationDataReader over torch batches (one tensor input, several positional ones, or named inputs)."""
 
-    def __init__(self, batches: Iterable, limit: int, names: list[str]) -> None:
+    def __init__(self, batches: Iterable, limit: int, names: list[str], keyword: bool = False) -> None:
         self.names = names
         taken: list[dict[str, torch.Tensor]] = []
         for batch in batches:
@@ -143,7 +143,7 @@ class _Reader:
                     f"that many tensors, or a mapping of named inputs; this data gives {type(inputs).__name__}"
                 )
         shapes = sorted({tuple(batch[name].shape[1:]) for batch in taken for name in names[:1]})
-        if len(shapes) > 1 and not any(name != INPUT_NAME and not name.startswith(f"{INPUT_NAME}_") for name in names):
+        if len(shapes) > 1 and not keyword:  # keyword inputs (token ids and their mask) are padded to one length below
             # tensors of several lengths (a signal, a fully convolutional input): the exported model takes one shape
             raise TorchslimError(
                 f"static int8 calibration: the batches' inputs come in {len(shapes)} shapes ({', '.join(map(str, shapes[:4]))} after the batch axis), "
@@ -389,7 +389,7 @@ def quantize_onnx(
         else:
             if calibration is None:
                 raise TorchslimError("static int8 needs calibration data (a loader of batches)")
-            reader = _Reader(calibration, config.calibration_batches, names)
+            reader = _Reader(calibration, config.calibration_batches, names, keyword)
             if not reader.batches:
                 raise TorchslimError("static int8 calibration got no batches: the calibration data is empty")
             method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}[config.calibration]

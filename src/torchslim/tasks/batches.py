@@ -71,10 +71,20 @@ def model_inputs(batch: Any) -> tuple[tuple, dict[str, Any]]:
         first = batch[0]
         if isinstance(first, Mapping):
             return (), dict(first)
-        if isinstance(first, (tuple, list)) and len(first) > 1 and all(isinstance(item, torch.Tensor) for item in first):
+        if _positional_inputs(first, batch[1] if len(batch) > 1 else None):
             return tuple(first), {}  # several positional inputs
         return (first,), {}
     raise TorchslimError(f"cannot read a batch of type {type(batch).__name__}: give tensors, (inputs, targets) tuples or mappings")
+
+
+def _positional_inputs(first: Any, targets: Any) -> bool:
+    """Whether a batch's first entry is several positional inputs: two or more tensors of one batch size, with no
+    targets or tensor targets of that size (a tuple of images of several sizes, or with per-image target mappings, as
+    detection data gives them, stays one argument)."""
+    if not (isinstance(first, (tuple, list)) and len(first) > 1 and all(isinstance(item, torch.Tensor) and item.dim() > 0 for item in first)):
+        return False
+    sizes = {item.shape[0] for item in first}
+    return len(sizes) == 1 and (targets is None or (isinstance(targets, torch.Tensor) and targets.dim() > 0 and targets.shape[0] in sizes))
 
 
 def batch_targets(batch: Any) -> Any | None:
