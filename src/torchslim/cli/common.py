@@ -288,17 +288,13 @@ def _check_runs_on(loaded: Any, model: str, data: Any) -> None:
     import torch
 
     from torchslim.core.errors import TorchslimError
-    from torchslim.core.modes import eval_mode
-    from torchslim.tasks.batches import call_model
+    from torchslim.tasks.batches import run_failure
 
     if any(p.is_floating_point() and p.dtype != torch.float32 for p in loaded.parameters()):
         return  # the task casts its inputs to a half-precision model's dtype; a bare call would not
     example = example_input(data)
-    try:
-        with eval_mode(loaded), torch.no_grad():
-            call_model(loaded, example)
-    except Exception as error:  # the user's model on the user's data: any failure is the finding
+    failure = run_failure(loaded, example)
+    if failure is not None:
         shape = tuple(example.shape) if isinstance(example, torch.Tensor) else type(example).__name__
         name = getattr(data, "name", None) or "the data"
-        cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise TorchslimError(f"{model} does not run on the examples of {name} (input {shape}): {cause}; give --data with this model's inputs") from error
+        raise TorchslimError(f"{model} does not run on the examples of {name} (input {shape}): {failure}; give --data with this model's inputs")

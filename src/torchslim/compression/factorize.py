@@ -37,12 +37,11 @@ from typing_extensions import Unpack
 from torchslim.compression.common import Transforming, TransformOptions
 from torchslim.core.config import Config, ConfigError, check
 from torchslim.core.errors import TorchslimError
-from torchslim.core.modes import eval_mode
 from torchslim.core.report import Report, Result, Stage
 from torchslim.core.selector import LayerSelector, matches, select_modules, set_module
 from torchslim.core.spec import append_transform, recorded_layers, register_transform
 from torchslim.measure.counts import count_macs, count_parameters
-from torchslim.tasks.batches import call_model
+from torchslim.tasks.batches import run_failure
 
 TRANSFORM_KIND = "factorize"
 DEFAULT_ENERGY = 0.9  # the energy kept when no rank, energy or ratio is given
@@ -382,8 +381,12 @@ def factorize(model: nn.Module, config: FactorizeConfig | dict, **options: Unpac
                 "parameters_after": sum(p.numel() for n, p in built.named_parameters() if n.endswith("weight")),
             }
         )
-    if record and example is not None:
-        _check_runs(target, example, list(record))
+    if record and example is not None and (failure := run_failure(target, example)) is not None:
+        # a module of the user's reads a replaced layer's weight instead of calling it
+        raise TorchslimError(
+            f"factorize: the model no longer runs with {', '.join(record)} factorized ({failure}); some module reads a factorized layer's "
+            "weight directly instead of calling it: leave that layer out with layers={'exclude': [...]}"
+        )
     if record:
         append_transform(target, {"kind": TRANSFORM_KIND, "layers": record})
     metrics: dict[str, Any] = {
@@ -404,18 +407,6 @@ def factorize(model: nn.Module, config: FactorizeConfig | dict, **options: Unpac
         name="factorize", kind="factorize", metrics=metrics, layers=rows, notes=notes, config=config.to_dict(), execution="eager, factorized dense layers"
     )
     return Result(model=target, report=Report.for_model(model, [stage]))
-
-
-def _check_runs(model: nn.Module, example: Any, layers: list[str]) -> None:
-    """Refuse a factorized model that no longer runs (a module of the user's that reads a replaced layer's weight)."""
-    try:
-        with eval_mode(model), torch.no_grad():
-            call_model(model, example)
-    except Exception as error:  # any failure of the user's code: named, with the way out
-        raise TorchslimError(
-            f"factorize: the model no longer runs with {', '.join(layers)} factorized ({type(error).__name__}: {error}); some module reads a "
-            "factorized layer's weight directly instead of calling it: leave that layer out with layers={'exclude': [...]}"
-        ) from error
 
 
 @register_transform(TRANSFORM_KIND)

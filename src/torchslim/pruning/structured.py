@@ -57,9 +57,9 @@ from torchslim.pruning.importance import (
 from torchslim.pruning.model_config import update_model_config
 from torchslim.pruning.multiples import channel_multiple, check_round_to
 from torchslim.pruning.removal import module_width, remove_channels, zero_readers
-from torchslim.pruning.tracing import trace, training_failure
+from torchslim.pruning.tracing import trace
 from torchslim.tasks.base import Task, resolve_task
-from torchslim.tasks.batches import call_model, output_tensor
+from torchslim.tasks.batches import call_model, output_tensor, run_failure
 from torchslim.train.fit import TrainConfig, fit
 
 GroupCriterion = Callable[[nn.Module, Group], float]
@@ -338,8 +338,8 @@ def check_removal(
     shapes, wanted = [tuple(o.shape) for o in outputs], [tuple(e.shape) for e in expected]
     if shapes != wanted:
         return f"output shapes changed from {wanted} to {shapes}"
-    failure = training_failure(pruned, example)
-    if failure is not None and training_failure(original, example) is None:
+    failure = run_failure(pruned, example, train=True)
+    if failure is not None and run_failure(original, example, train=True) is None:
         # a branch that runs only in training (an auxiliary head) reads channels the eval-mode trace never saw
         return f"the pruned model fails in train mode ({failure})"
     if _cross_channel(original, groups):

@@ -97,29 +97,3 @@ def trace(model: nn.Module, example_input: Any) -> ChannelGraph:
         if info is not None:
             graph.block(info.slots, "model output")
     return graph
-
-
-def training_failure(model: nn.Module, example: Any) -> str | None:
-    """Why ``model`` fails to run in train mode (None: it runs), naming the innermost module that failed; its
-    buffers (BatchNorm statistics) and modes are put back."""
-    saved = {name: buffer.clone() for name, buffer in model.named_buffers()}
-    modes = {name: module.training for name, module in model.named_modules()}
-    entered: list[str] = []
-    handles = [module.register_forward_pre_hook(lambda _m, _i, name=name: entered.append(name)) for name, module in model.named_modules() if name]
-    handles += [module.register_forward_hook(lambda _m, _i, _o: entered.pop() and None) for name, module in model.named_modules() if name]
-    try:
-        with torch.no_grad():
-            model.train()
-            call_model(model, example)
-        return None
-    except Exception as error:  # any failure is the finding
-        where = f" in {entered[-1]}" if entered else ""
-        return f"{type(error).__name__}{where}: {str(error).splitlines()[0] if str(error) else ''}"
-    finally:
-        for handle in handles:
-            handle.remove()
-        for name, module in model.named_modules():
-            module.training = modes[name]
-        with torch.no_grad():
-            for name, buffer in model.named_buffers():
-                buffer.copy_(saved[name])

@@ -146,6 +146,33 @@ def call_model(model: Any, example: Any) -> Any:
     return model(example)
 
 
+def run_failure(model: nn.Module, example: Any, train: bool = False) -> str | None:
+    """Why ``model`` fails to run on ``example`` in eval (or train) mode under no_grad, naming the innermost module that
+    failed (None: it runs). Its modes and buffers (BatchNorm statistics a train-mode pass moves) are put back."""
+    saved = {name: buffer.clone() for name, buffer in model.named_buffers()} if train else {}
+    modes = {name: module.training for name, module in model.named_modules()}
+    entered: list[str] = []
+    handles = [module.register_forward_pre_hook(lambda _m, _i, name=name: entered.append(name)) for name, module in model.named_modules() if name]
+    handles += [module.register_forward_hook(lambda _m, _i, _o: entered.pop() and None) for name, module in model.named_modules() if name]
+    try:
+        with torch.no_grad():
+            model.train(train)
+            call_model(model, example)
+        return None
+    except Exception as error:  # any failure of the user's model is the finding
+        where = f" in {entered[-1]}" if entered else ""
+        return f"{type(error).__name__}{where}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+    finally:
+        for handle in handles:
+            handle.remove()
+        for name, module in model.named_modules():
+            module.training = modes[name]
+        with torch.no_grad():
+            for name, buffer in model.named_buffers():
+                if name in saved:
+                    buffer.copy_(saved[name])
+
+
 def batch_size_of(batch: Any) -> int:
     """Examples in a batch (the leading size of its first tensor)."""
     args, kwargs = model_inputs(batch)
@@ -201,4 +228,5 @@ __all__ = [
     "move_to",
     "output_tensor",
     "repeat_example",
+    "run_failure",
 ]

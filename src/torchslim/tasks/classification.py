@@ -40,10 +40,11 @@ def flat_logits_and_targets(outputs: Any, batch: Any, task: str) -> tuple[torch.
     if logits.dim() > 2 and targets.dim() == logits.dim() - 1 and targets.shape == logits.shape[:1] + logits.shape[2:]:
         logits = logits.movedim(1, -1)  # (B, classes, H, W) dense predictions (segmentation): classes on dim 1
     logits = logits.reshape(-1, logits.shape[-1])
-    if targets.is_floating_point() and not bool(torch.equal(targets, targets.round())):
+    fractional = targets[targets != targets.round()] if targets.is_floating_point() else targets[:0]
+    if fractional.numel():
         # regression values read as labels would all but vanish into class 0 (0.7 -> 0): a loss of 0 that trains nothing
         raise TorchslimError(
-            f"{task}: the batches' targets are fractional numbers (e.g. {float(targets.reshape(-1)[(targets != targets.round()).reshape(-1)][0]):g}),"
+            f"{task}: the batches' targets are fractional numbers (e.g. {float(fractional[0]):g}),"
             " not class labels; for regression or any other loss, pass task=Task.custom(loss, evaluate, metric, higher_is_better)"
             " (torchslim.Task.custom), or task='fidelity' to match the original model's outputs"
         )
