@@ -387,3 +387,23 @@ def test_a_batch_of_several_inputs_is_told_from_one_argument_that_is_a_tuple():
     targets = ({"boxes": torch.zeros(1, 4)}, {"boxes": torch.zeros(2, 4)})
     args, _ = model_inputs((images, targets))
     assert len(args) == 1 and args[0] is images
+
+
+def test_a_custom_tasks_metric_heads_the_compress_report():
+    """The report of a user's regression run through ``compress`` shows its own metric (mse) as the headline column,
+    in the console table, the Markdown document and the summary line, not the loss or a percentage."""
+    from torchslim.report.console import stage_rows
+    from torchslim.report.markdown import headline_key
+
+    train, test = regression_loaders()
+    torch.manual_seed(0)
+    model = ts.train(Regressor(), train, {"epochs": 3, "lr": 0.01, "optimizer": "adam"}, task=mse_task(), progress=False).model
+    recipe = {"name": "user", "stages": [{"prune": {"sparsity": 0.5}}, {"quantize": {"weights": {"bits": 8}}}]}
+    report = ts.compress(model, recipe, test, task=mse_task(), latency=False, progress=False).report
+    assert headline_key([s.metrics for s in report.stages]) == ("mse", "mse")
+    headers, rows = stage_rows(report)
+    assert headers[1] == "mse" and float(rows[0][1]) == pytest.approx(report.stages[0].metrics["mse"], rel=1e-3)
+    document = report.render("markdown")
+    assert "| stage | executed as | mse |" in document
+    first, last = report.stages[0].metrics["mse"], report.stages[-1].metrics["mse"]
+    assert f"mse: {first:.4g} -> {last:.4g}." in document

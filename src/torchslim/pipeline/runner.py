@@ -92,11 +92,12 @@ class CompressResult(Result):
 def measure_stage(
     model: nn.Module, source: DataSource, task: Task, outcome: StageOutcome | None, baseline_bytes: int | None, latency: bool = True, threads: int | None = 2
 ) -> dict[str, Any]:
-    """The numbers recorded after a stage: the task's metrics of what runs (the engine a stage produced, or the
+    """The numbers recorded after a stage: the task's metrics of what runs (and the name of its own, ``task_metric``) (the engine a stage produced, or the
     model), counts of the model (``measure.measure_model``), the bytes it would take (or that the stage wrote), and
     the ratio against the dense baseline."""
     engine = outcome.engine if outcome is not None and outcome.engine is not None else model
     metrics: dict[str, Any] = dict(evaluate_source(engine, source, task))
+    metrics["task_metric"] = task.metric  # the report's headline where it is a user's own metric
     metrics.update(measure_model(model, source.example(1), engine=engine, latency=latency, threads=threads))
     if outcome is None:
         size, how = fp32_weight_bytes(model), "dense fp32"

@@ -25,7 +25,14 @@ HEADLINES = [("error", "test error"), ("perplexity", "perplexity"), ("cosine", "
 
 
 def headline_key(metrics: Sequence[dict[str, Any]]) -> tuple[str, str]:
-    """(metric key, column title) of the headline metric the given stages' metrics share."""
+    """(metric key, column title) of the headline metric the given stages' metrics share: a user's own task's metric
+    (``task_metric``, which ``measure_stage`` records) where it is not one of the usual ones, else the first of
+    ``HEADLINES`` they hold."""
+    usual = {key for key, _ in HEADLINES}
+    for m in metrics:
+        own = m.get("task_metric")
+        if isinstance(own, str) and own not in usual and any(isinstance(n.get(own), (int, float)) for n in metrics):
+            return own, own
     for key, title in HEADLINES:
         if any(key in m for m in metrics):
             return key, title
@@ -53,7 +60,7 @@ def format_value(key: str, value: Any) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     if isinstance(value, float):
-        return f"{value:.3f}"
+        return f"{value:.3f}" if abs(value) >= 1 else f"{value:.4g}"  # a small metric (an mse of 0.0012) keeps its digits
     return str(value)
 
 
