@@ -111,3 +111,26 @@ def test_bad_input_is_named(trained):
         SparseVariationalDropout(model, train_size=0)
     with pytest.raises(TorchslimError, match="covers Linear and Conv2d layers; not: 0"):
         SparseVariationalDropout(torch.nn.Sequential(torch.nn.Embedding(4, 4)), 10, layers={"types": ["Embedding"]})
+
+
+def test_train_clip_trains_the_network_as_it_will_be_pruned():
+    """With train_clip, weights whose log alpha passed the threshold are out of the sampled pre-activation, mean and
+    noise: with the kept weights' noise negligible, a training-mode pass is the pruned model's output. Without it,
+    those weights still count, with their noise."""
+    torch.manual_seed(0)
+    digits = ts.data.load("digits")
+    x = digits.test.inputs[:16]
+    for clip in (True, False):
+        model = UsersNet()
+        dropout = SparseVariationalDropout(model, train_size=100, train_clip=clip)
+        pruned = torch.rand_like(model.head.weight) < 0.5
+        with torch.no_grad():
+            model.head.log_sigma2.copy_(torch.where(pruned, torch.log(model.head.weight**2 + 1e-8) + 6.0, torch.full_like(pruned, -40.0, dtype=torch.float)))
+            model.conv.log_sigma2.fill_(-40.0)
+            model.train()
+            sampled = model(x)
+            dropout.to_masks()
+            model.eval()
+            masked = model(x)
+        assert torch.equal(masks_of(model)["head"], ~pruned)
+        assert torch.allclose(sampled, masked, atol=1e-3) == clip  # 1e-4: the noise floor of the sampled standard deviation

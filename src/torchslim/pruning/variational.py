@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import time
 from typing import Any
 
@@ -67,7 +68,9 @@ class SparseVariationalDropout(Callback):
     batch's mean: it is divided by this). ``kl_weight``: the KL term's final weight (1 is the variational bound);
     ``warmup_steps``: steps over which it rises linearly from 0 (training from a trained model first adapts the
     variances). ``threshold``: log alpha above which a weight is pruned. ``initial_log_sigma2``: where the learned
-    variances start (-10: almost no noise).
+    variances start (-10: almost no noise). ``train_clip``: weights past the threshold are left out of the sampled
+    pre-activation while training (their mean and their noise), as the authors' LeNet experiments train, so the network
+    trains as it will be pruned; False trains with every weight and prunes only at the end.
     """
 
     def __init__(
@@ -79,6 +82,7 @@ class SparseVariationalDropout(Callback):
         warmup_steps: int = 0,
         threshold: float = 3.0,
         initial_log_sigma2: float = -10.0,
+        train_clip: bool = False,
     ) -> None:
         if train_size < 1:
             raise TorchslimError(f"train_size must be the number of training examples (>= 1), got {train_size}")
@@ -96,7 +100,7 @@ class SparseVariationalDropout(Callback):
         for _, module in self.modules:
             weight = weight_of(module)
             module.register_parameter("log_sigma2", nn.Parameter(torch.full_like(weight, initial_log_sigma2)))
-            self.handles.append(module.register_forward_hook(_noisy_output))
+            self.handles.append(module.register_forward_hook(functools.partial(_noisy_output, clip=threshold if train_clip else None)))
 
     def kl(self) -> torch.Tensor:
         """The summed approximate KL over every selected weight."""
@@ -136,26 +140,34 @@ def _log_sigma2(module: nn.Module) -> torch.Tensor:
     return value
 
 
-def _noisy_output(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
-    """Training mode: the pre-activation sampled from its Gaussian given the input (local reparametrization)."""
+def _noisy_output(module: nn.Module, inputs: tuple, output: torch.Tensor, clip: float | None = None) -> torch.Tensor | None:
+    """Training mode: the pre-activation sampled from its Gaussian given the input (local reparametrization); with
+    ``clip`` (train_clip's threshold), the weights whose log alpha passed it taken out of the mean and the noise."""
     if not module.training:
         return None
-    x = inputs[0]
+    x, weight = inputs[0], weight_of(module)
     variance_weight = torch.exp(_log_sigma2(module))
-    if isinstance(module, nn.Linear):
-        variance = F.linear(x * x, variance_weight)
-    else:
+    if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
+        raise TorchslimError("sparse variational dropout: Conv2d with padding_mode other than zeros is not covered")
+
+    def product(inputs: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+        if isinstance(module, nn.Linear):
+            return F.linear(inputs, kernel)
         assert isinstance(module, nn.Conv2d)
-        if module.padding_mode != "zeros":
-            raise TorchslimError("sparse variational dropout: Conv2d with padding_mode other than zeros is not covered")
-        variance = F.conv2d(x * x, variance_weight, None, module.stride, module.padding, module.dilation, module.groups)
-    return output + torch.sqrt(variance + 1e-8) * torch.randn_like(output)
+        return F.conv2d(inputs, kernel, None, module.stride, module.padding, module.dilation, module.groups)
+
+    if clip is not None:
+        pruned = (log_alpha(weight, _log_sigma2(module)) > clip).detach()
+        output = output - product(x, weight * pruned)
+        variance_weight = variance_weight * ~pruned
+    return output + torch.sqrt(product(x * x, variance_weight) + 1e-8) * torch.randn_like(output)
 
 
 @dataclasses.dataclass(frozen=True)
 class VariationalConfig(Config):
     """``layers`` (Linear and Conv2d by default), ``kl_weight`` (1: the variational bound), ``warmup_epochs`` over
-    which the KL term's weight rises from 0, ``threshold`` on log alpha, ``initial_log_sigma2``. ``distill_alpha``:
+    which the KL term's weight rises from 0, ``threshold`` on log alpha, ``initial_log_sigma2``, ``train_clip`` (weights past the threshold left out while
+    training, see ``SparseVariationalDropout``). ``distill_alpha``:
     the data term's share taken from the model as it was given (soft targets at ``distill_temperature``, as in
     ``distill``; the rest is the task's loss on labels): 0, the default, trains on the labels alone."""
 
@@ -164,6 +176,7 @@ class VariationalConfig(Config):
     warmup_epochs: float = 1.0
     threshold: float = 3.0
     initial_log_sigma2: float = -10.0
+    train_clip: bool = False
     distill_alpha: float = 0.0
     distill_temperature: float = 4.0
 
@@ -200,7 +213,7 @@ def sparsify_variational(
     started = time.perf_counter()
     loss = _soft_targets(target, source, config, task) if config.distill_alpha > 0 else None  # the teacher copied before the noise
     dropout = SparseVariationalDropout(
-        target, train_size, config.layers, config.kl_weight, round(config.warmup_epochs * steps), config.threshold, config.initial_log_sigma2
+        target, train_size, config.layers, config.kl_weight, round(config.warmup_epochs * steps), config.threshold, config.initial_log_sigma2, config.train_clip
     )
     try:
         with eval_mode(loss.teacher) if loss is not None else contextlib.nullcontext():
