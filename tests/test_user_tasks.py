@@ -407,3 +407,142 @@ def test_a_custom_tasks_metric_heads_the_compress_report():
     assert "| stage | executed as | mse |" in document
     first, last = report.stages[0].metrics["mse"], report.stages[-1].metrics["mse"]
     assert f"mse: {first:.4g} -> {last:.4g}." in document
+
+
+def test_a_signal_model_exports_with_a_dynamic_length_and_runs_on_every_length(tmp_path):
+    """A Conv1d over signals of any length, exported with ``dynamic_axes``: the file is checked a quarter shorter than
+    the example and gives PyTorch's outputs at lengths it never saw; an axis the input lacks is named."""
+    images, _ = _digits()["train"]
+    signals = images.float().reshape(len(images), 8, 8) / 255.0
+    long_signals = signals.repeat(1, 1, 3)  # 24 steps
+    model = RowSignal().eval()
+    result = ts.export(model, "onnx", signals[:2], tmp_path / "signal.onnx", dynamic_axes={"input": {2: "length"}})
+    metrics = result.report.stages[0].metrics
+    assert metrics["dynamic_axes"] == {"input": {2: "length"}} and "length shorter: (2, 8, 6)" in metrics["max_abs_difference"]
+    with torch.no_grad():
+        for x in (signals[:5, :, :3], signals[:5], long_signals[:5]):
+            assert torch.allclose(result.model(x), model(x), atol=1e-5)
+    with pytest.raises(TorchslimError, match=r"dynamic_axes\['input'\] names axis 3; the input has 3 axes \(2, 8, 8\)"):
+        ts.export(model, "onnx", signals[:2], tmp_path / "bad.onnx", dynamic_axes={"input": {3: "length"}})
+    with pytest.raises(TorchslimError, match=r"dynamic_axes names inputs \['signal'\]; the model's inputs are \['input'\]"):
+        ts.export(model, "onnx", signals[:2], tmp_path / "bad.onnx", dynamic_axes={"signal": [2]})
+    assert not (tmp_path / "bad.onnx").exists()
+    program = ts.export(model, "pt2", signals[:2], tmp_path / "signal.pt2", dynamic_axes={"input": [2]}).model
+    with torch.no_grad():
+        assert torch.allclose(program(long_signals[:3]), model(long_signals[:3]), atol=1e-5)
+
+
+class SlicedPositions(TokenEncoder):
+    """Token ids of any length up to 64: the learned positions are sliced to the input's length."""
+
+    def forward(self, ids):
+        return self.head(self.encoder(self.embed(ids) + self.pos[:, : ids.shape[1]]).mean(dim=1))
+
+
+def test_token_ids_given_positionally_export_with_a_dynamic_sequence_where_the_model_allows_it(tmp_path):
+    """Token ids as one positional tensor: the sequence is dynamic where the model runs on other lengths (its positions
+    sliced), and stays the example's where it does not (positions of one fixed length)."""
+    ids = _digits()["test"][0].reshape(-1, 64)[:4].long() * 16 // 255
+    torch.manual_seed(0)
+    sliced, fixed = SlicedPositions().eval(), TokenEncoder().eval()
+    engine = ts.export(sliced, "onnx", ids, tmp_path / "sliced.onnx").model
+    with torch.no_grad():
+        assert torch.allclose(engine(ids[:3, :40]), sliced(ids[:3, :40]), atol=1e-4)
+    engine = ts.export(fixed, "onnx", ids, tmp_path / "fixed.onnx").model
+    assert [tuple(i.shape) for i in engine.session.get_inputs()] == [("batch", 64)]
+
+
+class TwoHeads(nn.Module):
+    """A classifier that also returns its embedding (for retrieval), as a tuple, or as a dict."""
+
+    def __init__(self, as_dict: bool = False):
+        super().__init__()
+        self.as_dict = as_dict
+        self.body = nn.Sequential(nn.Linear(64, 32), nn.ReLU())
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        embedding = self.body(x)
+        logits = self.head(embedding)
+        return {"logits": logits, "embedding": embedding} if self.as_dict else (logits, F.normalize(embedding, dim=1))
+
+
+def test_a_model_of_several_outputs_exports_every_output_and_the_file_returns_them_as_the_model_does(tmp_path):
+    """Every output of a tuple or dict is an ONNX output, checked against PyTorch and handed back in the model's own
+    structure (the file's metadata records it, so a reloaded file does too); the task reads the first, as it does
+    from the PyTorch model."""
+    split = _digits()
+    x = split["test"][0].reshape(-1, 64).float()[:16] / 255.0
+    for as_dict in (False, True):
+        torch.manual_seed(0)
+        model = TwoHeads(as_dict).eval()
+        path = tmp_path / f"two-{as_dict}.onnx"
+        result = ts.export(model, "onnx", x[:2], path)
+        reloaded = ts.load(path)
+        with torch.no_grad():
+            expected = model(x)
+        for engine in (result.model, reloaded):
+            produced = engine(x)
+            assert type(produced) is type(expected)
+            pairs = zip(produced.values(), expected.values()) if as_dict else zip(produced, expected)
+            assert all(torch.allclose(a, b, atol=1e-5) for a, b in pairs)
+        names = [o.name for o in reloaded.session.get_outputs()]
+        assert names == (["logits", "embedding"] if as_dict else ["output", "output_1"])
+    images, labels = split["test"]
+    data = [(images.reshape(-1, 64).float() / 255.0, labels)]
+    assert ts.evaluate(result.model, data)["accuracy"] == ts.evaluate(model, data)["accuracy"]
+
+
+class BranchingSecondOutput(TwoHeads):
+    """Its second output takes a branch by the batch size, which a TorchScript trace records as one fixed path."""
+
+    def forward(self, x):
+        logits, embedding = super().forward(x)
+        return logits, embedding * 2 if x.shape[0] > 2 else embedding
+
+
+def test_the_export_check_covers_every_output(tmp_path):
+    """A traced path that is wrong in the second output only (batch 3 takes the other branch) is caught: nothing is
+    written."""
+    x = _digits()["test"][0].reshape(-1, 64).float()[:4] / 255.0
+    with pytest.raises(TorchslimError, match=r"torchscript file differs from the PyTorch model .*'3': 0\.[1-9]"):
+        ts.export(BranchingSecondOutput().eval(), "torchscript", x[:1], tmp_path / "b.pt")
+    assert not (tmp_path / "b.pt").exists()
+
+
+class ListOfViews(nn.Module):
+    """A model of several views taking them as one list, ``forward(views)``, as multi-crop and multi-modal code does."""
+
+    def __init__(self):
+        super().__init__()
+        self.image = nn.Sequential(nn.Flatten(), nn.Linear(64, 32))
+        self.rows = nn.Linear(8, 32)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, views):
+        image, rows = views
+        return self.head(F.relu(self.image(image) + self.rows(rows)))
+
+
+def test_a_model_that_takes_its_views_as_one_list_gets_them_as_one_list(tmp_path):
+    """``((v1, v2), y)`` batches are ``model(v1, v2)`` for a forward of two inputs and ``model([v1, v2])`` for a
+    forward of one: training, evaluation, distillation, pruning and both exports run on such a model."""
+    from torchslim.tasks.batches import call_model, model_inputs
+
+    loader = two_view_loader()
+    (image, rows), labels = next(iter(loader))
+    args, _ = model_inputs(((image, rows), labels), ListOfViews())
+    assert len(args) == 1 and [v.shape for v in args[0]] == [image.shape, rows.shape]
+    assert model_inputs(((image, rows), labels), TwoViews())[0] == (image, rows)
+    torch.manual_seed(0)
+    model = ts.train(ListOfViews(), loader, {"epochs": 3, "lr": 0.05}, progress=False).model
+    accuracy = ts.evaluate(model, loader)["accuracy"]
+    assert accuracy > 0.7  # chance: 0.1
+    student = ts.distill(ListOfViews(), model, loader, {"train": {"epochs": 3, "lr": 0.05}}, progress=False).model
+    assert ts.evaluate(student, loader)["accuracy"] > 0.5
+    pruned = ts.prune(model, {"sparsity": 0.5}, data=loader).model
+    assert abs(ts.evaluate(pruned, loader)["accuracy"] - accuracy) < 0.2
+    for form in ("onnx", "pt2"):
+        exported = ts.export(model, form, (image[:4], rows[:4]), tmp_path / f"views.{form}").model
+        with torch.no_grad():
+            assert torch.allclose(call_model(exported, (image[:5], rows[:5])), model.eval()([image[:5], rows[:5]]), atol=1e-5)

@@ -140,7 +140,7 @@ class _DistillLoss:
 
     def __call__(self, student: nn.Module, batch: Any) -> torch.Tensor:
         batch = move_to(batch, model_device(student))
-        args, kwargs = model_inputs(batch)
+        args, kwargs = model_inputs(batch, student)
         raw = student(*args, **kwargs)
         outputs = output_tensor(raw, "student output")
         if self.cache is not None:

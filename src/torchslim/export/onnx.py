@@ -43,33 +43,182 @@ class KeywordInputs(nn.Module):
         return output_tensor(self.model(**dict(zip(self.names, tensors))))
 
 
-def _export_plan(
-    model: nn.Module, example_input: Any, dynamic_batch: bool, dynamic_sequence: bool
-) -> tuple[nn.Module, tuple, list[str], dict[str, dict[int, str]]]:
-    """What to export: the module, its positional inputs, their names and the dynamic axes."""
+class ViewsAsList(nn.Module):
+    """A model whose forward takes one list of tensors (its views), as a module of positional tensors (for export)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *tensors: torch.Tensor) -> Any:
+        return self.model(list(tensors))
+
+
+def positional_module(model: nn.Module, inputs: int) -> nn.Module:
+    """``model`` as a module called with ``inputs`` positional tensors: wrapped in ``ViewsAsList`` where its forward
+    takes one list of them."""
+    from torchslim.tasks.batches import takes_one_input
+
+    return ViewsAsList(model).eval() if inputs > 1 and takes_one_input(model) else model
+
+
+class FlatOutputs(nn.Module):
+    """A model whose output is a tuple or list of tensors, or a plain dict of them, as a module returning those tensors
+    as a tuple (each its own ONNX output); ``names`` are the dict's keys (None for a sequence)."""
+
+    def __init__(self, model: nn.Module, names: list[str] | None) -> None:
+        super().__init__()
+        self.model, self.names = model, names
+
+    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        output = self.model(*tensors)
+        return tuple(output[name] for name in self.names) if self.names is not None else tuple(output)
+
+
+def output_layout(output: Any) -> dict[str, Any] | None:
+    """How an exported model's outputs rebuild the model's own: ``{"kind": "tuple" | "list", "count": n}`` for a
+    sequence of tensors, ``{"kind": "dict", "names": [...]}`` for a plain dict of tensors; None for one tensor (or any
+    other output, of which the tensor a task reads is exported)."""
+    if isinstance(output, (tuple, list)) and len(output) > 1 and all(isinstance(t, torch.Tensor) for t in output):
+        return {"kind": type(output).__name__, "count": len(output)}
+    if type(output) is dict and len(output) > 1 and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in output.items()):
+        return {"kind": "dict", "names": list(output)}
+    return None
+
+
+def output_names(layout: dict[str, Any] | None) -> list[str]:
+    """The ONNX output names of a layout: ``output`` for one tensor, ``output``, ``output_1``, ... for a sequence, the
+    dict's keys for a dict."""
+    if layout is None:
+        return [OUTPUT_NAME]
+    if layout["kind"] == "dict":
+        return list(layout["names"])
+    return [OUTPUT_NAME] + [f"{OUTPUT_NAME}_{index}" for index in range(1, layout["count"])]
+
+
+def _input_axes(names: list[str], tensors: tuple, dynamic_batch: bool, dynamic_axes: Mapping[str, Any] | None) -> dict[str, dict[int, str]]:
+    """Each input's dynamic axes: the batch (axis 0) and those ``dynamic_axes`` names per input (``{"input": {2:
+    "length"}}``, or a list of axes, labelled by input and axis)."""
+    unknown = sorted(set(dynamic_axes or {}) - set(names))
+    if unknown:
+        raise TorchslimError(f"ONNX export: dynamic_axes names inputs {unknown}; the model's inputs are {names}")
+    axes: dict[str, dict[int, str]] = {}
+    for name, tensor in zip(names, tensors):
+        axes[name] = {0: "batch"} if dynamic_batch else {}
+        wanted = (dynamic_axes or {}).get(name, {})
+        for axis, label in wanted.items() if isinstance(wanted, Mapping) else ((a, f"{name}_axis{a}") for a in wanted):
+            if not isinstance(axis, int) or not -tensor.dim() <= axis < tensor.dim():
+                raise TorchslimError(f"ONNX export: dynamic_axes[{name!r}] names axis {axis!r}; the input has {tensor.dim()} axes {tuple(tensor.shape)}")
+            axes[name][axis % tensor.dim()] = str(label)
+    return axes
+
+
+def input_plan(
+    example_input: Any,
+    dynamic_batch: bool = True,
+    dynamic_sequence: bool = True,
+    dynamic_axes: Mapping[str, Any] | None = None,
+    model: nn.Module | None = None,
+) -> tuple[list[str], tuple, dict[str, dict[int, str]]]:
+    """The ONNX inputs of an example: their names, tensors and dynamic axes (by input name, axis: label). With
+    ``dynamic_sequence``, every keyword input of the first's length has a dynamic sequence (axis 1); so have token ids
+    given positionally (integer inputs of two or more axes, and the inputs of their length) where ``model`` runs on
+    them a quarter shorter (a model that flattens a fixed length keeps it)."""
     if isinstance(example_input, (tuple, list)) and len(example_input) > 1 and all(isinstance(t, torch.Tensor) for t in example_input):
         # a model of several positional inputs, model(a, b): each its own ONNX input
         names = [INPUT_NAME] + [f"{INPUT_NAME}_{index}" for index in range(1, len(example_input))]
-        return model, tuple(example_input), names, {name: {0: "batch"} for name in [*names, OUTPUT_NAME]} if dynamic_batch else {}
-    if not isinstance(example_input, Mapping):
-        return model, (example_input,), [INPUT_NAME], {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else {}
-    names = [k for k, v in example_input.items() if isinstance(v, torch.Tensor)]
-    if not names:
-        raise TorchslimError("ONNX export: the example input mapping holds no tensors")
-    wrapper = KeywordInputs(model, names).eval()
-    tensors = tuple(example_input[k] for k in names)
-    axes: dict[str, dict[int, str]] = {}
-    length = tensors[0].shape[1] if tensors[0].dim() >= 2 else None
-    for name, tensor in zip(names, tensors):
-        axes[name] = {0: "batch"} if dynamic_batch else {}
-        if dynamic_sequence and tensor.dim() >= 2 and tensor.shape[1] == length:
-            axes[name][1] = "sequence"
+        tensors = tuple(example_input)
+    elif not isinstance(example_input, Mapping):
+        names, tensors = [INPUT_NAME], (example_input,)
+    else:
+        names = [k for k, v in example_input.items() if isinstance(v, torch.Tensor)]
+        if not names:
+            raise TorchslimError("ONNX export: the example input mapping holds no tensors")
+        tensors = tuple(example_input[k] for k in names)
+    axes = _input_axes(names, tensors, dynamic_batch, dynamic_axes)
+    keyed = isinstance(example_input, Mapping)
+    lead = next((t for t in tensors if t.dim() >= 2 and (keyed or not t.is_floating_point())), None) if dynamic_sequence else None
+    if lead is None or lead.shape[1] < 2:
+        return names, tensors, axes
+    shared = [index for index, tensor in enumerate(tensors) if tensor.dim() >= 2 and tensor.shape[1] == lead.shape[1]]
+    if not keyed and not _runs_shorter(None if model is None else positional_module(model, len(tensors)), tensors, shared):
+        return names, tensors, axes
+    for index in shared:
+        axes[names[index]].setdefault(1, "sequence")
+    return names, tensors, axes
+
+
+def _runs_shorter(model: nn.Module | None, tensors: tuple, shared: list[int]) -> bool:
+    """Whether ``model`` runs on ``tensors`` with axis 1 of those at ``shared`` a quarter shorter (eval mode)."""
+    if model is None:
+        return False
+    length = tensors[shared[0]].shape[1]
+    shorter = tuple(t.narrow(1, 0, length - max(1, length // 4)) if index in shared else t for index, t in enumerate(tensors))
+    try:
+        with eval_mode(model), torch.no_grad():
+            model(*shorter)
+        return True
+    except Exception:  # a model of one fixed length: its sequence stays fixed
+        return False
+
+
+def _export_plan(
+    model: nn.Module, example_input: Any, dynamic_batch: bool, dynamic_sequence: bool, dynamic_axes: Mapping[str, Any] | None = None
+) -> tuple[nn.Module, tuple, list[str], dict[str, dict[int, str]], dict[str, Any] | None]:
+    """What to export: the module, its positional inputs, their names, the dynamic axes and the output layout."""
+    names, tensors, axes = input_plan(example_input, dynamic_batch, dynamic_sequence, dynamic_axes, model)
+    module = KeywordInputs(model, names).eval() if isinstance(example_input, Mapping) else positional_module(model, len(tensors))
     with torch.no_grad():
-        output = wrapper(*tensors)
-    axes[OUTPUT_NAME] = {0: "batch"} if dynamic_batch else {}
-    if dynamic_sequence and output.dim() >= 3 and output.shape[1] == length:
-        axes[OUTPUT_NAME][1] = "sequence"
-    return wrapper, tensors, names, {k: v for k, v in axes.items() if v}
+        output = module(*tensors)
+    layout = output_layout(output)
+    if layout is not None:
+        module = FlatOutputs(module, layout.get("names"))
+    # the outputs' batch axis; their other axes follow the inputs' as the exporter traces them
+    for name in output_names(layout):
+        axes[name] = {0: "batch"} if dynamic_batch else {}
+    first = output_tensor_of(output)
+    if any("sequence" in axes.get(n, {}).values() for n in names) and first.dim() >= 3 and tensors[0].dim() >= 2 and first.shape[1] == tensors[0].shape[1]:
+        axes[output_names(layout)[0]][1] = "sequence"
+    return module, tensors, names, {k: v for k, v in axes.items() if v}, layout
+
+
+LAYOUT_KEY = "torchslim.outputs"
+
+
+def set_output_layout(path: str | os.PathLike[str], layout: dict[str, Any]) -> None:
+    """Record an output layout in an ONNX file's metadata (``OnnxModule`` rebuilds the model's outputs from it)."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    copy_output_layout(proto, layout)
+    onnx.save(proto, str(path))
+
+
+def copy_output_layout(proto: Any, layout: dict[str, Any] | None) -> None:
+    """Set (or, for None, leave) the output layout entry of an ONNX model proto's metadata."""
+    import json
+
+    if layout is None:
+        return
+    kept = [entry for entry in proto.metadata_props if entry.key != LAYOUT_KEY]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = LAYOUT_KEY, json.dumps(layout)
+
+
+def read_output_layout(session: Any) -> dict[str, Any] | None:
+    """The output layout an ONNX Runtime session's model records (None: its first output is the model's output)."""
+    import json
+
+    value = session.get_modelmeta().custom_metadata_map.get(LAYOUT_KEY)
+    return json.loads(value) if value else None
+
+
+def output_tensor_of(output: Any) -> torch.Tensor:
+    from torchslim.tasks.batches import output_tensor
+
+    return output_tensor(output)
 
 
 @contextlib.contextmanager
@@ -100,9 +249,16 @@ def export_onnx(
     dynamic_batch: bool = True,
     exporter: str = "torchscript",
     dynamic_sequence: bool = True,
+    dynamic_axes: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``model`` (in eval mode; every submodule's mode is restored) to an ONNX file with a dynamic batch
-    dimension (and, for keyword inputs, a dynamic sequence length).
+    dimension, and a dynamic sequence length for keyword inputs and token ids (integer inputs of two or more axes)
+    with the inputs of their length.
+
+    ``dynamic_axes``: more axes of any size, per input name (``input``, ``input_1``, ... for positional inputs; the
+    keywords for a mapping): ``{"input": {2: "length"}}`` or ``{"input": [2]}`` (a Conv1d over signals of any length).
+    A model returning a tuple or list of tensors, or a plain dict of them, gets one ONNX output each (``output``,
+    ``output_1``, ... or the dict's keys), recorded in the file's metadata so ``OnnxModule`` returns the same structure.
 
     ``exporter`` "torchscript" is fast and folds BatchNorm into convolutions; "dynamo" uses torch.export.
     """
@@ -112,7 +268,8 @@ def export_onnx(
     try:
         with eval_mode(model), torch.no_grad(), warnings.catch_warnings(), _eager_attention(model):
             warnings.simplefilter("ignore")
-            module, inputs, names, axes = _export_plan(model, example_input, dynamic_batch, dynamic_sequence)
+            module, inputs, names, axes, layout = _export_plan(model, example_input, dynamic_batch, dynamic_sequence, dynamic_axes)
+            outputs = output_names(layout)
             if exporter == "torchscript":
                 torch.onnx.export(
                     module,
@@ -121,23 +278,25 @@ def export_onnx(
                     dynamo=False,
                     opset_version=opset,
                     input_names=names,
-                    output_names=[OUTPUT_NAME],
+                    output_names=outputs,
                     do_constant_folding=True,
                     dynamic_axes=axes or None,
                 )
             elif exporter == "dynamo":
-                dims = {label: torch.export.Dim(label) for label in ("batch", "sequence")}
+                dims = {label: torch.export.Dim(label) for entry in axes.values() for label in entry.values()}
                 program = torch.onnx.export(
                     module,
                     inputs,
                     dynamo=True,
                     input_names=names,
-                    output_names=[OUTPUT_NAME],
+                    output_names=outputs,
                     dynamic_shapes=tuple({axis: dims[label] for axis, label in axes.get(name, {}).items()} for name in names) if axes else None,
                 )
                 program.save(str(temporary))
             else:
                 raise TorchslimError(f"exporter must be 'torchscript' or 'dynamo', got {exporter!r}")
+        if layout is not None:
+            set_output_layout(temporary, layout)
         os.replace(temporary, path)
     except TorchslimError:
         raise
@@ -215,7 +374,12 @@ def onnx_session(path: str | os.PathLike[str] | bytes, threads: int = 2, spinnin
 
 def run_onnx(session: Any, inputs: Any) -> torch.Tensor:
     """Run a session on one tensor (its first input), a tuple of tensors (its inputs in order), or a mapping of named
-    inputs (those the model has; a missing one is an error that names what the model takes)."""
+    inputs (those the model has; a missing one is an error that names what the model takes): its first output."""
+    return run_onnx_outputs(session, inputs)[0]
+
+
+def run_onnx_outputs(session: Any, inputs: Any) -> list[torch.Tensor]:
+    """Every output of a session run on ``inputs`` (as ``run_onnx`` takes them), in the model's order."""
     wanted = [i.name for i in session.get_inputs()]
     if isinstance(inputs, Mapping):
         missing = [name for name in wanted if name not in inputs]
@@ -229,7 +393,7 @@ def run_onnx(session: Any, inputs: Any) -> torch.Tensor:
     else:
         feed = {wanted[0]: inputs.detach().cpu().numpy()}
     try:
-        return torch.from_numpy(session.run(None, feed)[0])
+        return [torch.from_numpy(array) for array in session.run(None, feed)]
     except Exception as error:
         if "invalid dimensions" not in str(error).lower():
             raise
@@ -252,9 +416,18 @@ class OnnxModule(nn.Module):
         self.path = None if isinstance(path, bytes) else str(path)
         self.description = description
         self.session = onnx_session(self.onnx_bytes, threads)
+        self.layout = read_output_layout(self.session)
 
-    def forward(self, x: Any = None, *more: Any, **inputs: Any) -> torch.Tensor:
-        return run_onnx(self.session, inputs if x is None else (x, *more) if more else x)
+    def forward(self, x: Any = None, *more: Any, **inputs: Any) -> Any:
+        """The first output (one tensor), or, for a model exported with several outputs, the model's own structure:
+        a tuple / list of tensors or a dict of them."""
+        given = inputs if x is None else (x, *more) if more else x
+        if self.layout is None:
+            return run_onnx(self.session, given)
+        outputs = run_onnx_outputs(self.session, given)
+        if self.layout["kind"] == "dict":
+            return dict(zip(self.layout["names"], outputs))
+        return list(outputs) if self.layout["kind"] == "list" else tuple(outputs)
 
     def save(self, path: str | os.PathLike[str], overwrite: bool = True) -> Path:
         refuse_overwrite(path, overwrite)

@@ -44,7 +44,7 @@ from torchslim.core.errors import TorchslimError
 from torchslim.core.files import refuse_overwrite
 from torchslim.core.modes import eval_mode, model_device
 from torchslim.core.report import Report, Result, Stage
-from torchslim.export.onnx import KeywordInputs, OnnxModule, export_onnx
+from torchslim.export.onnx import KeywordInputs, OnnxModule, ViewsAsList, export_onnx, input_plan, output_layout, positional_module
 from torchslim.export.onnx_weights import rewrite_weights, set_accuracy_level
 from torchslim.tasks.batches import call_model, output_tensor, repeat_example
 
@@ -53,13 +53,17 @@ ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # ONNX Runtime's MatMulNBits: as written, flo
 APPROXIMATE_LEVELS = (2, 3, 4)  # the arithmetic differs from PyTorch's: the check bounds the relative error
 
 
-def _reference(model: nn.Module, example: Any, set_eval: bool = True, decoded: bool = False) -> torch.Tensor:
-    """The model's output on ``example`` (in eval mode unless ``set_eval`` is False: a loaded program has no modes;
-    ``decoded``: weight-only layers without their integer kernels, as an ONNX file computes)."""
+def _reference(model: nn.Module, example: Any, set_eval: bool = True, decoded: bool = False) -> list[torch.Tensor]:
+    """The model's outputs on ``example``, as the exported file has them (every tensor of a tuple, list or plain dict
+    of them; else the one a task reads), in eval mode unless ``set_eval`` is False (a loaded program has no modes);
+    ``decoded``: weight-only layers without their integer kernels, as an ONNX file computes."""
     from torchslim.quantization.modules import decoded_weights
 
     with eval_mode(model) if set_eval else contextlib.nullcontext(), torch.no_grad(), decoded_weights() if decoded else contextlib.nullcontext():
-        return output_tensor(call_model(model, example)).detach().float().cpu()
+        output = call_model(model, example)
+    layout = output_layout(output)
+    tensors = [output_tensor(output)] if layout is None else list(output.values()) if layout["kind"] == "dict" else list(output)
+    return [t.detach().float().cpu() for t in tensors]
 
 
 def _prepared(model: nn.Module, form: str) -> nn.Module:
@@ -80,13 +84,28 @@ def _prepared(model: nn.Module, form: str) -> nn.Module:
     return prepared.eval()
 
 
-def _batch_shapes(args: tuple) -> tuple:
-    """torch.export's dynamic_shapes: dimension 0 of every tensor input is the batch."""
-    batch = torch.export.Dim.DYNAMIC  # whatever range the model allows (a CUDA convolution caps it at 65535)
-    return tuple({0: batch} if isinstance(a, torch.Tensor) and a.dim() > 0 else None for a in args)
+def _batch_shapes(args: tuple, axes: dict[str, dict[int, str]] | None = None, names: list[str] | None = None) -> tuple:
+    """torch.export's dynamic_shapes: dimension 0 of every tensor input is the batch, and the axes ``axes`` names
+    per input (of ``names``, in order) are dynamic as well."""
+    dynamic = torch.export.Dim.DYNAMIC  # whatever range the model allows (a CUDA convolution caps it at 65535)
+    shapes = []
+    for index, a in enumerate(args):
+        more = (axes or {}).get(names[index], {}) if names and index < len(names) else {}
+        shapes.append({axis: dynamic for axis in {0, *more}} if isinstance(a, torch.Tensor) and a.dim() > 0 else None)
+    return tuple(shapes)
 
 
-def _write(model: nn.Module, form: str, example: Any, path: Path, dynamic_batch: bool, accuracy_level: int = 0) -> tuple[nn.Module, int]:
+def _write(
+    model: nn.Module,
+    form: str,
+    example: Any,
+    path: Path,
+    dynamic_batch: bool,
+    accuracy_level: int = 0,
+    dynamic_axes: Mapping[str, Any] | None = None,
+    sequence: bool = True,
+    exporter: str = "torchscript",
+) -> tuple[nn.Module, int]:
     """Write ``model`` to ``path`` in ``form``: (the module loaded back from the file, how many MatMulNBits it has)."""
     import onnx
 
@@ -104,7 +123,7 @@ def _write(model: nn.Module, form: str, example: Any, path: Path, dynamic_batch:
     if form == "onnx":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            export_onnx(prepared, example, path, dynamic_batch=dynamic_batch)
+            export_onnx(prepared, example, path, dynamic_batch=dynamic_batch, dynamic_sequence=sequence, dynamic_axes=dynamic_axes, exporter=exporter)
         proto = onnx.load(str(path))  # the weight passes edit one loaded copy; the file is written once, if changed
         edits = rewrite_weights(proto, model)
         products = set_accuracy_level(proto, accuracy_level)
@@ -113,18 +132,21 @@ def _write(model: nn.Module, form: str, example: Any, path: Path, dynamic_batch:
         return OnnxModule(path), products
     # a batch of two: exporters specialize a batch dimension of 1
     traced = repeat_example(example, 2) if dynamic_batch else example
+    inputs, _, axes = input_plan(example, dynamic_batch, False, dynamic_axes)
     names: list[str] = []
     if isinstance(traced, Mapping):  # keyword inputs (a Hugging Face model): positional tensors, one output tensor
         names = [key for key, value in traced.items() if isinstance(value, torch.Tensor)]
         prepared = KeywordInputs(prepared, names).eval()
         traced = tuple(traced[key] for key in names)
     args = traced if isinstance(traced, tuple) else (traced,)
+    if not names:
+        prepared = positional_module(prepared, len(args))
     loaded: nn.Module
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         if form == "pt2":
-            shapes: Any = _batch_shapes(args) if dynamic_batch else None
-            if names and shapes is not None:  # KeywordInputs.forward(*tensors): one entry for the variadic argument
+            shapes: Any = _batch_shapes(args, axes, inputs) if dynamic_batch or dynamic_axes else None
+            if isinstance(prepared, (KeywordInputs, ViewsAsList)) and shapes is not None:  # forward(*tensors): one entry for the variadic argument
                 shapes = (shapes,)
             program = torch.export.export(prepared, args, dynamic_shapes=shapes)
             torch.export.save(program, str(path))
@@ -155,6 +177,7 @@ def export(
     tolerance: float | None = None,
     overwrite: bool = False,
     accuracy_level: int = 0,
+    dynamic_axes: Mapping[str, Any] | None = None,
 ) -> Result:
     """Export ``model`` as ``format`` ("onnx", "pt2" or "torchscript") to ``path`` (default: ``<class name>`` with
     the format's suffix), load the file back and check it against ``model`` on ``example_input``'s first example
@@ -168,6 +191,12 @@ def export(
     block inside the kernel: the fastest form on x86 CPUs, an 8-bit weight's product several times faster). Levels 2 to
     4 change the arithmetic, so the check bounds the relative error ||file - PyTorch|| / ||PyTorch|| over the output
     instead (``tolerance``, default 0.1; a broken file is off by about 1).
+
+    ``dynamic_axes`` (onnx and pt2): axes of any size besides the batch, per input name (``input``, ``input_1``, ...
+    for positional inputs, the keywords of a mapping): ``{"input": {2: "length"}}`` or ``{"input": [2]}``. An ONNX file
+    also takes token ids (integer inputs) and keyword inputs of any sequence length. Each such axis is checked with
+    inputs a quarter shorter than the example. A model returning a tuple, list or plain dict of tensors exports every
+    one of them, each checked; the loaded ONNX model returns the same structure.
     """
     if format not in FORMATS:
         raise TorchslimError(f"export: format must be one of {', '.join(FORMATS)}, got {format!r}")
@@ -177,6 +206,8 @@ def export(
         raise TorchslimError(
             f"export: accuracy_level must be one of {', '.join(map(str, ACCURACY_LEVELS))} (ONNX Runtime's MatMulNBits levels), got {accuracy_level!r}"
         )
+    if dynamic_axes and format == "torchscript":
+        raise TorchslimError("export: dynamic_axes applies to onnx and pt2; a TorchScript trace keeps the shapes of its example")
     if accuracy_level and format != "onnx":
         raise TorchslimError(f"export: accuracy_level sets ONNX Runtime's MatMulNBits kernels; it applies to onnx only, not {format}")
     path = Path(path) if path is not None else Path(f"{type(model).__name__.lower()}{FORMATS[format]}")
@@ -184,8 +215,9 @@ def export(
     path.parent.mkdir(parents=True, exist_ok=True)
     # written beside the target and moved there only once checked: a failed export leaves what was there alone
     partial = path.with_name(f".{path.stem}.partial{path.suffix}")
+    sequence_notes: list[str] = []
     try:
-        check = _export_and_check(model, format, example_input, partial, dynamic_batch, tolerance, accuracy_level)
+        check = _with_sequence(model, format, example_input, partial, dynamic_batch, tolerance, accuracy_level, dynamic_axes, sequence_notes)
         os.replace(partial, path)
     finally:
         _remove(partial)
@@ -201,11 +233,12 @@ def export(
         "tolerance": check.allowed,
         "tolerance_bounds": "relative error" if accuracy_level in APPROXIMATE_LEVELS else "largest absolute difference",
         "dynamic_batch": dynamic_batch,
+        **({"dynamic_axes": {name: dict(axes) if isinstance(axes, Mapping) else list(axes) for name, axes in dynamic_axes.items()}} if dynamic_axes else {}),
         "seconds": check.seconds,
     }
     measured = check.relative if accuracy_level in APPROXIMATE_LEVELS else check.differences
     notes = [
-        f"checked against PyTorch at batch sizes {', '.join(check.differences)}: {metrics['tolerance_bounds']} {max(measured.values()):.2e} "
+        f"checked against PyTorch at {', '.join(map(_where, check.differences))}: {metrics['tolerance_bounds']} {max(measured.values()):.2e} "
         f"(allowed {check.allowed:.2e})"
     ]
     if format == "onnx" and accuracy_level:
@@ -215,8 +248,39 @@ def export(
             if check.products
             else f"accuracy_level {accuracy_level} has no effect: the file has no MatMulNBits (no weight-only layer of at most 8 bits it could hold)"
         )
+    notes += sequence_notes
+    metrics["exporter"] = check.exporter
     stage = Stage(name="export", kind="export", metrics=metrics, notes=notes, execution=_execution(format))
     return Result(model=loaded, report=Report.for_model(model, [stage]))
+
+
+def _with_sequence(
+    model: nn.Module,
+    form: str,
+    example: Any,
+    path: Path,
+    dynamic_batch: bool,
+    tolerance: float | None,
+    accuracy_level: int,
+    dynamic_axes: Mapping[str, Any] | None,
+    notes: list[str],
+) -> _Check:
+    """``_export_and_check`` with a dynamic sequence for token ids and keyword inputs: by the TorchScript exporter; where
+    that file fails at another length (it baked the length into a reshape, as torch's own attention makes it do), by
+    the torch.export-based exporter; where that fails too, with the example's length (the notes say which)."""
+    try:
+        return _export_and_check(model, form, example, path, dynamic_batch, tolerance, accuracy_level, dynamic_axes)
+    except _SequenceFailure as failure:
+        notes.append(f"the TorchScript exporter's file failed at another sequence length ({failure})")
+    try:
+        return _export_and_check(model, form, example, path, dynamic_batch, tolerance, accuracy_level, dynamic_axes, exporter="dynamo")
+    except TorchslimError as failure:
+        notes.append(f"the torch.export-based exporter's file failed too ({str(failure).splitlines()[0]}): the sequence length stays the example's")
+    return _export_and_check(model, form, example, path, dynamic_batch, tolerance, accuracy_level, dynamic_axes, sequence=False)
+
+
+class _SequenceFailure(TorchslimError):
+    """The file exported with a dynamic sequence (chosen by torchslim, not asked for) fails at another length."""
 
 
 @dataclasses.dataclass
@@ -227,15 +291,27 @@ class _Check:
     allowed: float
     seconds: float
     products: int  # MatMulNBits in an ONNX file
+    exporter: str  # what wrote the file: "torchscript" or "dynamo" for ONNX, else the format
 
 
 def _export_and_check(
-    model: nn.Module, form: str, example_input: Any, path: Path, dynamic_batch: bool, tolerance: float | None, accuracy_level: int = 0
+    model: nn.Module,
+    form: str,
+    example_input: Any,
+    path: Path,
+    dynamic_batch: bool,
+    tolerance: float | None,
+    accuracy_level: int = 0,
+    dynamic_axes: Mapping[str, Any] | None = None,
+    sequence: bool = True,
+    exporter: str = "torchscript",
 ) -> _Check:
-    """Write, reload and compare with the PyTorch model at each batch size."""
+    """Write, reload and compare with the PyTorch model at each batch size (and each dynamic axis a quarter shorter);
+    ``sequence``: token ids and keyword inputs of any sequence length (``_SequenceFailure`` where that fails);
+    ``exporter``: the ONNX exporter ("torchscript" or "dynamo")."""
     started = time.perf_counter()
     try:
-        loaded, products = _write(model, form, example_input, path, dynamic_batch, accuracy_level)
+        loaded, products = _write(model, form, example_input, path, dynamic_batch, accuracy_level, dynamic_axes, sequence, exporter)
     except TorchslimError:
         raise
     except Exception as error:  # exporters raise many types; name the format, the model and the cause
@@ -246,19 +322,20 @@ def _export_and_check(
     relative: dict[str, float] = {}
     approximate = accuracy_level in APPROXIMATE_LEVELS
     allowed = 0.1 if tolerance is None and approximate else tolerance
-    for size in (1, 3) if dynamic_batch else (None,):
-        example = example_input if size is None else repeat_example(example_input, size)
+    for label, example in _check_examples(model, example_input, dynamic_batch, dynamic_axes, form, sequence):
+        failed = _SequenceFailure if label.startswith("sequence ") and sequence else TorchslimError
         expected = _reference(model, example, decoded=form == "onnx")
         try:
             produced = _reference(loaded, example, set_eval=False)
         except Exception as error:
-            raise TorchslimError(f"export: the {form} file does not run at batch {size}: {str(error).strip().splitlines()[0]}") from error
-        if produced.shape != expected.shape:
-            raise TorchslimError(f"export: the {form} file gives outputs of shape {tuple(produced.shape)} where the model gives {tuple(expected.shape)}")
+            raise failed(f"export: the {form} file does not run at {_where(label)}: {str(error).strip().splitlines()[0]}") from error
+        shapes = [tuple(t.shape) for t in produced], [tuple(t.shape) for t in expected]
+        if shapes[0] != shapes[1]:
+            raise failed(f"export: the {form} file gives outputs of shapes {shapes[0]} where the model gives {shapes[1]} (at {_where(label)})")
         if allowed is None:
-            allowed = 1e-4 * max(1.0, float(expected.abs().max()))
-        differences[str(size or "example")] = float((produced - expected).abs().max())
-        relative[str(size or "example")] = float((produced - expected).norm() / expected.norm().clamp_min(1e-12))
+            allowed = 1e-4 * max(1.0, max(float(t.abs().max()) if t.numel() else 0.0 for t in expected))
+        differences[label] = max(float((p - e).abs().max()) if e.numel() else 0.0 for p, e in zip(produced, expected))
+        relative[label] = max(float((p - e).norm() / e.norm().clamp_min(1e-12)) for p, e in zip(produced, expected))
     assert allowed is not None
     measured = relative if approximate else differences
     worst = max(measured.values())
@@ -266,10 +343,46 @@ def _export_and_check(
         what = f"by a relative error of {worst:.3g} at accuracy level {accuracy_level}" if approximate else f"by {worst:.3g}"
         hint = "a lower accuracy_level or a larger tolerance" if approximate else "onnx or pt2 for a traced model whose control flow depends on its inputs"
         raise TorchslimError(
-            f"export: the {form} file differs from the PyTorch model {what} (allowed {allowed:.3g}; per batch size {measured}), "
-            f"so nothing was written; try {hint}"
+            f"export: the {form} file differs from the PyTorch model {what} (allowed {allowed:.3g}; per check {measured}), so nothing was written; try {hint}"
         )
-    return _Check(loaded, differences, relative, allowed, seconds, products)
+    return _Check(loaded, differences, relative, allowed, seconds, products, exporter if form == "onnx" else form)
+
+
+def _where(label: str) -> str:
+    """A check's label as the place it ran: "batch 3", "the example", "sequence shorter: (2, 48)"."""
+    return f"batch {label}" if label.isdigit() else "the example" if label == "example" else label
+
+
+def _check_examples(
+    model: nn.Module, example: Any, dynamic_batch: bool, dynamic_axes: Mapping[str, Any] | None, form: str, sequence: bool = True
+) -> list[tuple[str, Any]]:
+    """(label, example) pairs the file is checked on: the first example repeated to batch 1 and 3 (or the example as
+    it is), and, for each dynamic axis besides the batch (an ONNX file's sequence, or one ``dynamic_axes`` names), the
+    batch of 2 with that axis a quarter shorter in every input that shares it."""
+    cases = [(str(size), repeat_example(example, size)) for size in (1, 3)] if dynamic_batch else [("example", example)]
+    if form != "onnx" and not dynamic_axes:
+        return cases
+    names, _, axes = input_plan(example, dynamic_batch, form == "onnx" and sequence, dynamic_axes, model)
+    labels = {label for entry in axes.values() for axis, label in entry.items() if axis != 0 or not dynamic_batch}
+    base = repeat_example(example, 2) if dynamic_batch else example
+    for label in sorted(labels):
+        cropped: dict[str, torch.Tensor] = {}
+        for name, tensor in zip(names, input_plan(base, dynamic_batch, False, dynamic_axes)[1]):
+            for axis, axis_label in axes[name].items():
+                if axis_label == label and tensor.shape[axis] >= 2:
+                    length = tensor.shape[axis] - max(1, tensor.shape[axis] // 4)
+                    cropped[name] = tensor.narrow(axis, 0, length).contiguous()
+        if not cropped:
+            continue
+        lengths = sorted({tuple(t.shape) for t in cropped.values()})
+        if isinstance(base, Mapping):
+            varied: Any = {**base, **cropped}
+        elif isinstance(base, tuple):
+            varied = tuple(cropped.get(name, tensor) for name, tensor in zip(names, base))
+        else:
+            varied = cropped.get(names[0], base)
+        cases.append((f"{label} shorter: {', '.join(map(str, lengths))}", varied))
+    return cases
 
 
 def _execution(form: str) -> str:

@@ -346,7 +346,7 @@ def activation_statistics(
                 with torch.enable_grad():
                     if loss is None:
                         with torch.no_grad():
-                            args, kwargs = model_inputs(move_to(batch, model_device(model)))
+                            args, kwargs = model_inputs(move_to(batch, model_device(model)), model)
                             model(*args, **kwargs)
                         continue
                     loss(model, batch).backward()

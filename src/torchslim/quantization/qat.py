@@ -224,7 +224,7 @@ def calibrate_qat(model: nn.Module, batches, count: int = 8) -> None:
             for index, batch in enumerate(batches):
                 if index >= count:
                     break
-                args, kwargs = model_inputs(move_to(batch, model_device(model)))
+                args, kwargs = model_inputs(move_to(batch, model_device(model)), model)
                 model(*args, **kwargs)
     finally:
         for fake in fakes:

@@ -48,7 +48,7 @@ class Task(abc.ABC):
     def outputs(self, model: nn.Module, batch: Any) -> Any:
         """The model's output on a batch (moved to the model's device). A half-precision model gets its floating-point
         inputs in its own precision and gives its output in float32, where metrics and losses are computed."""
-        args, kwargs = model_inputs(move_to(batch, model_device(model)))
+        args, kwargs = model_inputs(move_to(batch, model_device(model)), model)
         precision = model_precision(model)
         if precision == torch.float32:
             return model(*args, **kwargs)

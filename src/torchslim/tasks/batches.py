@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -59,10 +60,11 @@ def as_precision(value: Any, dtype: torch.dtype) -> Any:
     return value
 
 
-def model_inputs(batch: Any) -> tuple[tuple, dict[str, Any]]:
+def model_inputs(batch: Any, model: Any = None) -> tuple[tuple, dict[str, Any]]:
     """(positional, keyword) arguments the model is called with: a tensor is the input; a tuple's first entry is
     the input (the rest are targets), or the inputs where it is itself a tuple of tensors (``((a, b), y)`` calls
-    ``model(a, b)``); a mapping's entries other than targets are keyword arguments."""
+    ``model(a, b)``, unless ``model``'s forward takes one positional argument: then ``model([a, b])``, a model of
+    several views); a mapping's entries other than targets are keyword arguments."""
     if isinstance(batch, torch.Tensor):
         return (batch,), {}
     if isinstance(batch, Mapping):
@@ -71,10 +73,25 @@ def model_inputs(batch: Any) -> tuple[tuple, dict[str, Any]]:
         first = batch[0]
         if isinstance(first, Mapping):
             return (), dict(first)
-        if _positional_inputs(first, batch[1] if len(batch) > 1 else None):
+        if _positional_inputs(first, batch[1] if len(batch) > 1 else None) and not takes_one_input(model):
             return tuple(first), {}  # several positional inputs
         return (first,), {}
     raise TorchslimError(f"cannot read a batch of type {type(batch).__name__}: give tensors, (inputs, targets) tuples or mappings")
+
+
+def takes_one_input(model: Any) -> bool:
+    """Whether ``model``'s forward takes exactly one positional argument (no ``*args``): a list of tensors given to it
+    is one argument (its views), not several. False where it cannot be told (no model, no signature)."""
+    if model is None:
+        return False
+    inner = getattr(model, "_orig_mod", None) or (model.module if type(model).__name__ == "DistributedDataParallel" else model)
+    try:
+        parameters = inspect.signature(inner.forward if isinstance(inner, nn.Module) else inner).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    kinds = [p.kind for p in parameters]
+    positional = [k for k in kinds if k in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    return len(positional) == 1 and inspect.Parameter.VAR_POSITIONAL not in kinds
 
 
 def _positional_inputs(first: Any, targets: Any) -> bool:
@@ -142,7 +159,7 @@ def call_model(model: Any, example: Any) -> Any:
     if isinstance(example, Mapping):
         return model(**example)
     if isinstance(example, tuple):
-        return model(*example)
+        return model(list(example)) if len(example) > 1 and takes_one_input(model) else model(*example)
     return model(example)
 
 
@@ -209,7 +226,7 @@ def forward_batches(model: Any, batches: Iterable, limit: int | None = None) -> 
         for batch in batches:
             if limit is not None and count >= limit:
                 break
-            args, kwargs = model_inputs(move_to(batch, device))
+            args, kwargs = model_inputs(move_to(batch, device), model)
             model(*args, **kwargs)
             count += 1
     return count

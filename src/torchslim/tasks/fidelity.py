@@ -59,7 +59,7 @@ class FidelityTask(Task):
     def _reference_output(self, batch: Any) -> torch.Tensor:
         if self.reference is None:
             raise TorchslimError("the fidelity task compares against the original model, and none was given")
-        args, kwargs = model_inputs(move_to(batch, model_device(self.reference)))
+        args, kwargs = model_inputs(move_to(batch, model_device(self.reference)), self.reference)
         with torch.no_grad(), eval_mode(self.reference):
             return output_tensor(self.reference(*args, **kwargs), "reference output").float()
 

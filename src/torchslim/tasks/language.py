@@ -66,7 +66,7 @@ class LanguageModelingTask(Task):
     def outputs(self, model: nn.Module, batch: Any) -> Any:
         """The model's logits; token ids beyond every embedding table of the model are refused by name first."""
         sizes = [m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)]
-        args, kwargs = model_inputs(batch)
+        args, kwargs = model_inputs(batch, model)
         ids = kwargs.get("input_ids", args[0] if args else None)
         if sizes and isinstance(ids, torch.Tensor) and not ids.is_floating_point():
             check_range(ids, max(sizes), "language modeling: token id", "embeddings")
