@@ -182,6 +182,19 @@ def test_export_at_an_accuracy_level(tmp_path, capsys):
     assert "applies to onnx only" in capsys.readouterr().err and not (tmp_path / "x.pt2").exists()
 
 
+def test_export_with_dynamic_image_sizes(tmp_path, capsys):
+    """A globally pooled convnet exported with its height and width dynamic runs in ONNX Runtime on other sizes; a
+    malformed axis is named."""
+    out = tmp_path / "r20.onnx"
+    assert main(["export", "resnet20", "--data", "digits", "--dynamic-axis", "input:2", "--dynamic-axis", "input:3", "--out", str(out)]) == 0
+    assert "onnx written to" in capsys.readouterr().out
+    engine = ts.load(out)
+    assert [tuple(i.shape) for i in engine.session.get_inputs()] == [("batch", 1, "input_axis2", "input_axis3")]
+    assert engine(torch.randn(2, 1, 12, 16)).shape == (2, 10)
+    assert main(["export", "resnet20", "--data", "digits", "--dynamic-axis", "input2", "--out", str(tmp_path / "x.onnx")]) == 1
+    assert "--dynamic-axis takes INPUT:AXIS (e.g. input:2), got 'input2'" in capsys.readouterr().err
+
+
 def test_recipes_command_lists_the_builtins(capsys):
     assert main(["recipes"]) == 0
     out = capsys.readouterr().out

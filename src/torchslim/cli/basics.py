@@ -174,6 +174,17 @@ def profile(
     run.finish(f"{model}: {first['backend']} batch {first['batch_size']} median {first['median_ms']:.3f} ms", result.report, {"report": report})
 
 
+def parse_dynamic_axes(values: list[str]) -> dict[str, list[int]] | None:
+    """``["input:2", "input_1:1"]`` as ``{"input": [2], "input_1": [1]}`` (None for none); a malformed entry is named."""
+    axes: dict[str, list[int]] = {}
+    for value in values:
+        name, _, axis = value.rpartition(":")
+        if not name or not axis.lstrip("-").isdigit():
+            raise TorchslimError(f"--dynamic-axis takes INPUT:AXIS (e.g. input:2), got {value!r}")
+        axes.setdefault(name, []).append(int(axis))
+    return axes or None
+
+
 @app.command("export")
 @with_data()
 @with_run_options()
@@ -184,6 +195,9 @@ def export_command(
     format: str = typer.Option("onnx", "--format", help="onnx, pt2 (torch.export) or torchscript."),
     out: Path | None = typer.Option(None, help="The exported file (default: <model>.<onnx|pt2|pt>)."),
     static_batch: bool = typer.Option(False, "--static-batch", help="Fix the batch size to the example's instead of a dynamic batch."),
+    dynamic_axis: list[str] = typer.Option(
+        [], "--dynamic-axis", help="onnx / pt2: an input axis of any size besides the batch, as INPUT:AXIS (input:2 for a signal's length); repeatable."
+    ),
     accuracy_level: int = typer.Option(
         0,
         "--accuracy-level",
@@ -204,7 +218,10 @@ def export_command(
     refuse_overwrite(out, force=force)
     dataset = source.load()
     network = ts.load(model) if model.endswith(".onnx") else run.place(load_model_arg(model, dataset, trust_factory))
-    result = ts.export(network, format, example_input(dataset), out, dynamic_batch=not static_batch, overwrite=force, accuracy_level=accuracy_level)
+    axes = parse_dynamic_axes(dynamic_axis)
+    result = ts.export(
+        network, format, example_input(dataset), out, dynamic_batch=not static_batch, overwrite=force, accuracy_level=accuracy_level, dynamic_axes=axes
+    )
     metrics = result.report.stages[0].metrics
     worst = max(metrics["max_abs_difference"].values())
     line = f"{format} written to {out} ({metrics['file_bytes']:,} bytes); loaded back: largest difference from PyTorch {worst:.2e}"
