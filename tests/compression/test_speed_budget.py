@@ -534,32 +534,60 @@ def test_a_depth_trial_is_trained_before_it_is_measured():
     assert all(tried[20][blocks] < tried[0][blocks] for blocks in tried[0]), tried
 
 
-def test_the_rounds_try_plans_and_only_the_best_plan_tried_in_any_round_is_fine_tuned(trained, monkeypatch):
+def _users_classifier() -> tuple[torch.nn.Module, torch.utils.data.DataLoader, ts.Task]:
+    """UsersNet trained through its own shuffling DataLoader, judged by its own task (cross-entropy as ``nll``)."""
+    torch.manual_seed(0)
+    digits = ts.data.load("digits")
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(digits.train.inputs, digits.train.targets), batch_size=64, shuffle=True)
+
+    def loss(model, batch):
+        return torch.nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+    def evaluate(model, batches):
+        total, count = 0.0, 0
+        for x, y in batches:
+            total += float(torch.nn.functional.cross_entropy(model(x), y, reduction="sum"))
+            count += len(y)
+        return {"nll": total / count, "loss": total / count}
+
+    task = ts.Task.custom(loss=loss, evaluate=evaluate, metric="nll", higher_is_better=False)
+    model = ts.train(UsersNet(), loader, {"epochs": 3, "lr": 0.05}, task=task, progress=False).model
+    return model, loader, task
+
+
+@pytest.mark.parametrize("whose", ["registry", "user"])
+def test_the_rounds_try_plans_and_only_the_best_plan_tried_in_any_round_is_fine_tuned(trained, monkeypatch, whose):
     """Rounds of trials fine-tune nothing in full: the rounds go on (every plan counts as far under the budget here)
     with budgets corrected by what each round's plan measured, and when they end the one plan carried out is the one
     of least loss among every plan of every round that met the budget (without fine-tuning, the result's loss rise is
-    that trial's)."""
+    that trial's). On the registry's MLP and on a user's convnet (a lambda, functional calls) through its own shuffling
+    DataLoader and its own task."""
     from torchslim.compression import speed_budget
     from torchslim.data.sources import as_source
     from torchslim.tasks.base import resolve_task
     from torchslim.train.evaluate import evaluate_source
 
     model, data = trained
+    task = None
+    if whose == "user":
+        model, data, task = _users_classifier()
     monkeypatch.setattr(speed_budget, "SLACK", 1.0)  # no plan is close enough to end the rounds early
     config = {"target_macs": 0.35, "finetune": None, "rounds": 3}  # the default ratios and ranks
-    result = auto_narrow(model, data, config, progress=False)
+    result = auto_narrow(model, data, config, task=task, progress=False)
     allocation = result.report.artifacts["allocation"]
     rounds = allocation["rounds"]
     searched, carried = rounds[:-1], rounds[-1]
-    assert len(searched) >= 2 and not any(r["carried_out"] for r in searched) and carried["carried_out"] and carried["met"]
+    # the user's net of two sets: its second round's budget gives round 1's plan again, which ends the search
+    assert len(searched) >= (2 if whose == "registry" else 1) and not any(r["carried_out"] for r in searched) and carried["carried_out"] and carried["met"]
     assert allocation["chosen_round"] == carried["round"] and "trials" not in carried
     assert len({r["ratio"] for r in searched}) == len(searched)  # each round a plan of its own
     met = [t for r in searched for t in r["trials"] if t["trial_fraction"] <= 0.35]
     best = min(met, key=lambda t: (t["trial_loss_rise"], -t["trial_fraction"]))
+    assert len(met) >= 2 and any(t["trial_loss_rise"] > best["trial_loss_rise"] for t in met)  # a choice was made
     assert carried["ratio"] == pytest.approx(best["trial_fraction"], abs=1e-4)
     assert carried["trial_round"] == next(r["round"] for r in searched if best in r["trials"])
     source = as_source(data, model)
-    task = resolve_task(None, source, model)
+    task = resolve_task(task, source, model)
     base = evaluate_source(model, source, task, limit=512, split="train")["loss"]
     after = evaluate_source(result.model, source, task, limit=512, split="train")["loss"]
     assert after - base == pytest.approx(best["trial_loss_rise"], abs=1e-4)
