@@ -17,6 +17,7 @@ from torchslim.core.environment import environment
 from torchslim.core.files import load_model_file, save_model_file
 from torchslim.core.report import Report, Result, Stage
 from torchslim.core.spec import set_spec, spec_of
+from torchslim.data.sources import as_source
 from torchslim.measure.counts import count_nonzeros, count_parameters
 from torchslim.tasks.base import Task
 from torchslim.train.fit import TrainConfig, fit
@@ -43,15 +44,20 @@ def train(
     config = TrainConfig.coerce(config)
     check_model(model, "train", float32=True)
     trained = model if inplace else copy.deepcopy(model)
-    history = fit(trained, data, config, task=task, progress=progress)
+    source = as_source(data, trained)
+    history = fit(trained, source, config, task=task, progress=progress)
     metrics = dict(history.final)
     metrics.update(parameters=count_parameters(trained), nonzeros=count_nonzeros(trained), train_seconds=history.seconds)
+    # without evaluation data apart, the "test_" metrics are the training data's: said so, not called test
+    where = "test" if source.separate_eval else "on the training data,"
+    if not source.separate_eval:
+        metrics["evaluated_on"] = "training data"
     stage = Stage(name="train", kind="train", metrics=metrics, config=config.to_dict())
     stage.notes = [
         f"epoch {row['epoch']}: train loss {row['train_loss']:.4f}"
-        + "".join(f", test {key[5:]} {value:.4g}" for key, value in row.items() if key in ("test_accuracy", "test_perplexity", "test_cosine"))
+        + "".join(f", {where} {key[5:]} {value:.4g}" for key, value in row.items() if key in ("test_accuracy", "test_perplexity", "test_cosine"))
         for row in history.epochs
-    ]
+    ] + [note for note in source.notes if note.startswith("no separate evaluation data")]
     report = Report.for_model(model, [stage])
     report.environment = environment()
     return Result(model=trained, report=report)

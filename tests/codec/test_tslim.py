@@ -158,12 +158,23 @@ def test_writes_are_atomic_and_never_overwrite_unasked(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["m.tslim"]
 
 
-def test_a_model_without_spec_needs_one():
-    bare = torch.nn.Sequential(torch.nn.Linear(4, 2))
+class Resized(torch.nn.Module):
+    """Its width is not kept as an attribute: rebuilt from its class, it has the default width."""
+
+    def __init__(self, width: int = 2):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, width)
+
+
+def test_a_model_without_spec_needs_one(tmp_path):
     with pytest.raises(TorchslimError, match="does not give this model.*save with factory="):
-        encode_model(bare)  # Sequential() rebuilt from nothing is not this model
-    data = encode_model(bare, spec={"factory": "torch.nn:Identity", "kwargs": {}})
+        encode_model(Resized(3))  # Resized() rebuilt from its class is not this model
+    data = encode_model(Resized(3), spec={"factory": "torch.nn:Identity", "kwargs": {}})
     assert data[:5] == b"TSLIM"
+    bare = torch.nn.Sequential(torch.nn.Linear(4, 2))  # a plain Sequential is rebuilt from its layers
+    save_tslim(bare, tmp_path / "bare.tslim")
+    x = torch.randn(3, 4)
+    assert torch.equal(load_tslim(tmp_path / "bare.tslim")(x), bare(x))
 
 
 def test_unknown_coder_is_refused():

@@ -270,6 +270,12 @@ def load_model_arg(model: str, data: Any, trust_factory: bool, weights: Path | N
         loaded = ts.load(model, trust_factory=trust_factory)
     elif ":" in model:
         loaded = build_from_spec({"factory": model, "kwargs": {}}, trust_factory=True, where="--model")
+    elif Path(model).is_file():
+        raise TorchslimError(
+            f"{model}: not a model file torchslim reads (.safetensors or .tslim files it wrote, .onnx, a Hugging Face folder); for a "
+            "model saved with torch.save, build it with --model package.module:build and pass its state dict with --weights (a pickled "
+            "whole model is not unpickled), or save it with torchslim.save(model, 'model.safetensors') in Python"
+        )
     else:
         created = ts.models.create_for(model, data)
         if weights is not None:

@@ -38,9 +38,10 @@ from torchslim.compression.common import Transforming, TransformOptions
 from torchslim.core.config import Config, ConfigError, check
 from torchslim.core.errors import TorchslimError
 from torchslim.core.report import Report, Result, Stage
-from torchslim.core.selector import LayerSelector, matches, select_modules, set_module
+from torchslim.core.selector import LayerSelector, matches, select_modules, set_module_everywhere
 from torchslim.core.spec import append_transform, recorded_layers, register_transform
 from torchslim.measure.counts import count_macs, count_parameters
+from torchslim.pruning.apply import masks_of
 from torchslim.tasks.batches import run_failure
 
 TRANSFORM_KIND = "factorize"
@@ -345,8 +346,11 @@ def factorize(model: nn.Module, config: FactorizeConfig | dict, **options: Unpac
             notes.append(f"{name}: {type(module).__name__} with groups={getattr(module, 'groups', 1)} is not factorized (grouped / depthwise)")
         elif (reader := weight_reader(target, name)) is not None:
             notes.append(f"{name}: left whole (torch's {reader} reads its weight directly rather than calling it)")
-        elif getattr(module, "parametrizations", None) is not None:
+        elif getattr(module, "parametrizations", None) is not None and name in masks_of(target):
             raise TorchslimError(f"factorize: {name} carries a pruning mask; call torchslim.make_permanent(model) first")
+        elif getattr(module, "parametrizations", None) is not None:
+            kinds = sorted({type(p).__name__ for plist in module.parametrizations.values() for p in plist})
+            notes.append(f"{name}: left whole (its weight is computed by a parametrization: {', '.join(kinds)})")
         else:
             candidates.append((name, module, form))
     if config.by == "macs" and example is None:
@@ -367,8 +371,10 @@ def factorize(model: nn.Module, config: FactorizeConfig | dict, **options: Unpac
             notes.append(f"{plan.name}: left whole; rank {'/'.join(map(str, layer_ranks))} would cost {factored:,} {config.by} against {dense:,}")
             continue
         built, error = _build(plan, layer_ranks, config.tucker_iterations)
-        set_module(target, plan.name, built)
+        aliases = set_module_everywhere(target, plan.name, built)  # a layer registered under two names stays shared
         record[plan.name] = {"form": plan.form, "ranks": layer_ranks}
+        if len(aliases) > 1:
+            notes.append(f"{plan.name}: the same layer as {', '.join(a for a in aliases if a != plan.name)}, factorized once for all of them")
         rows.append(
             {
                 "name": plan.name,
@@ -418,7 +424,7 @@ def apply_factorization(model: nn.Module, transform: dict[str, Any]) -> nn.Modul
             raise TorchslimError(f"the file's factorization of {name!r} needs a form (svd or tucker2) and positive integer ranks, got {entry!r}")
         if _form(module, "svd" if form == "svd" else "tucker2") is None or len(ranks) != (1 if form == "svd" else 2):
             raise TorchslimError(f"the file factorizes {name!r} ({type(module).__name__}) as {form} with ranks {ranks}, which does not fit that layer")
-        set_module(model, name, _structure(module, form, ranks).to(next(module.parameters()).device))
+        set_module_everywhere(model, name, _structure(module, form, ranks).to(next(module.parameters()).device))
     return model
 
 

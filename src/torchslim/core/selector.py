@@ -118,8 +118,16 @@ def select_modules(
     selector = LayerSelector.coerce(selector)
     types = selector.types or default_types
     named = [(name, module) for name, module in model.named_modules() if name]
+    aliases: dict[int, list[str]] = {}  # a module registered under several names (self.enc = self.dec = shared): all of them
+    for name, module in model.named_modules(remove_duplicate=False):
+        if name:
+            aliases.setdefault(id(module), []).append(name)
+
+    def picked(pattern: str, module: nn.Module) -> bool:
+        return any(matches(pattern, alias, module) for alias in aliases.get(id(module), []))
+
     for pattern in selector.include + selector.exclude:
-        if not any(matches(pattern, name, module) for name, module in named):
+        if not any(picked(pattern, module) for _, module in named):
             raise TorchslimError(f"layer pattern {pattern!r} matches no module; modules: {', '.join(n for n, _ in named[:30])}")
     all_types = set().union(*(_type_names(m) for _, m in named)) if named else set()
     for type_name in selector.types:
@@ -129,7 +137,7 @@ def select_modules(
             )
     chosen = []
     for name, module in named:
-        if not any(matches(p, name, module) for p in selector.include) or any(matches(p, name, module) for p in selector.exclude):
+        if not any(picked(p, module) for p in selector.include) or any(picked(p, module) for p in selector.exclude):
             continue
         explicit = selector.include != ("*",) and all(specificity(p) == 3 for p in selector.include)
         if not (_type_names(module) & set(types)):
@@ -151,7 +159,10 @@ def _parametrized(module: nn.Module) -> bool:
 
 def set_module(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
     """Replace the submodule called ``name`` (``a.b.c``; an index inside a ModuleList) by ``module``; returns the one
-    it replaced."""
+    it replaced. A model without a spec gets its inferred one first (``core.spec.pin_spec``)."""
+    from torchslim.core.spec import pin_spec
+
+    pin_spec(model)
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     previous = parent.get_submodule(child)
@@ -160,6 +171,16 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
     else:
         setattr(parent, child, module)
     return previous
+
+
+def set_module_everywhere(model: nn.Module, name: str, module: nn.Module) -> list[str]:
+    """``set_module`` under ``name`` and under every other name the same module object is registered as
+    (``self.enc = self.dec = shared``), so the layer stays one shared layer; returns the names replaced."""
+    old = model.get_submodule(name)
+    names = [other for other, child in model.named_modules(remove_duplicate=False) if child is old and other]
+    for other in names:
+        set_module(model, other, module)
+    return names
 
 
 def weight_of(module: nn.Module) -> torch.Tensor:

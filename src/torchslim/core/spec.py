@@ -64,11 +64,43 @@ def _json_value(value: Any) -> bool:
     return True
 
 
+SEQUENTIAL = "torchslim.io.modelfile:sequential"  # the builder of a plain nn.Sequential from its layers' specs
+
+
+def factories(spec: dict[str, Any]) -> list[str]:
+    """Every import path a spec builds from: its own factory and, for a sequential spec, its layers' (recursively)."""
+    found = [spec["factory"]] if isinstance(spec.get("factory"), str) else []
+    if spec.get("factory") == SEQUENTIAL:
+        for entry in spec.get("kwargs", {}).get("layers", []):
+            if isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], dict):
+                found += factories(entry[1])
+    return found
+
+
+def _sequential_spec(model: nn.Sequential) -> dict[str, Any]:
+    """An inferred spec of a plain ``nn.Sequential``: each layer's own spec (inferred where it carries none), in order."""
+    layers, missing = [], []
+    for name, child in model.named_children():
+        spec = spec_of(child)
+        if spec.get("unimportable"):
+            missing.append(f"layer {name} ({spec.get('factory')} cannot be imported again)")
+        missing += [f"layer {name}'s {argument}" for argument in spec.get("missing", [])]
+        layers.append([name, {key: value for key, value in spec.items() if key not in ("inferred", "missing", "unimportable")}])
+    result: dict[str, Any] = {"factory": SEQUENTIAL, "kwargs": {"layers": layers}, "inferred": True}
+    if missing:
+        result["missing"] = missing
+    return result
+
+
 def inferred_spec(model: nn.Module) -> dict[str, Any]:
-    """How to rebuild a model that carries no spec: a Hugging Face class with its config, or the model's own class
-    with the constructor arguments its attributes of the same names hold. Arguments that cannot be recovered are
-    listed under ``missing`` (``check_spec`` then asks for them)."""
-    klass = type(model)
+    """How to rebuild a model that carries no spec: a Hugging Face class with its config, a plain ``nn.Sequential``
+    from its layers' specs, or the model's own class with the constructor arguments its attributes of the same names
+    hold. Arguments that cannot be recovered are listed under ``missing`` (``check_spec`` then asks for them)."""
+    from torch.nn.utils.parametrize import type_before_parametrizations
+
+    klass: type[nn.Module] = type_before_parametrizations(model)  # a pruned layer's class, not torch's parametrized subclass of it
+    if klass is nn.Sequential and isinstance(model, nn.Sequential):
+        return _sequential_spec(model)
     config = getattr(model, "config", None)
     if klass.__module__.startswith("transformers.") and callable(getattr(config, "to_dict", None)):
         return {"huggingface": klass.__name__, "config": json.loads(json.dumps(config.to_dict(), default=str)), "kwargs": {}}
@@ -138,6 +170,14 @@ def check_spec(spec: Any, where: str) -> dict[str, Any]:
 def register_transform(kind: str) -> Callable[[Transform], Transform]:
     """Register how to re-apply a recorded transform of ``kind`` to a freshly built model (for loading files)."""
     return TRANSFORMS.register(kind)
+
+
+def pin_spec(model: nn.Module) -> None:
+    """Attach the inferred spec to a model that carries none, before its structure changes: a plain ``nn.Sequential``
+    is inferred from its layers, which a transform is about to replace (a quantized layer has no constructor of its
+    own). A transform recorded later then goes on top of the architecture as it was built."""
+    if model_spec(model) is None:
+        setattr(model, SPEC_ATTRIBUTE, inferred_spec(model))
 
 
 def append_transform(model: nn.Module, transform: dict[str, Any], replace_kind: bool = False) -> None:

@@ -54,6 +54,7 @@ class DataSource:
     def __init__(self, description: str) -> None:
         self.description = description
         self.notes: list[str] = []
+        self.separate_eval = True  # False: the evaluation split is the training data (none was given apart)
 
     def batches(
         self, split: str = "train", batch_size: int | None = None, shuffle: bool | None = None, seed: int = 0, limit: int | None = None
@@ -146,6 +147,9 @@ class TensorSource(DataSource):
         count = len(train) if isinstance(train, Split) else int(train.shape[0])
         super().__init__(f"tensors ({count:,} examples{'' if isinstance(train, Split) else ', unlabeled'})")
         self.train, self.evaluation = train, evaluation
+        if evaluation is None:
+            self.notes.append("no separate evaluation data: metrics are measured on the training tensors")
+            self.separate_eval = False
 
     def _batches(self, split: str, batch_size: int | None, shuffle: bool | None, seed: int) -> Iterable[Any]:
         data = self.train if split == "train" or self.evaluation is None else self.evaluation
@@ -179,6 +183,7 @@ class LoaderSource(DataSource):
         self.train, self.evaluation = _reiterable(train, "data"), (_reiterable(evaluation, "eval data") if evaluation is not None else None)
         if evaluation is None:
             self.notes.append("no separate evaluation data: metrics are measured on the training batches")
+            self.separate_eval = False
 
     def _batches(self, split: str, batch_size: int | None, shuffle: bool | None, seed: int) -> Iterable[Any]:
         source = self.train if split == "train" or self.evaluation is None else self.evaluation
@@ -359,6 +364,12 @@ def as_source(data: Any, model: Any = None, batch_size: int = 64) -> DataSource:
         return source
     if isinstance(data, Mapping):
         raise TorchslimError("data: a single mapping is one batch; pass a list of batches or a DataLoader")
+    if isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.utils.data.IterableDataset) and hasattr(data, "__len__"):
+        # a torch Dataset of single examples (a TensorDataset, the user's own): batched as a DataLoader would, shuffled
+        loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True)
+        source = LoaderSource(loader, description=f"{type(data).__name__} ({len(data):,} examples, shuffled batches of {batch_size})")
+        source.notes.append(f"a torch Dataset given: batches of {batch_size} drawn by a shuffling DataLoader")
+        return source
     return LoaderSource(data)
 
 

@@ -54,12 +54,32 @@ class ViewsAsList(nn.Module):
         return self.model(list(tensors))
 
 
+class Positional(nn.Module):
+    """``model(*tensors)`` behind a forward of positional tensors only: the TorchScript exporter passes a forward's
+    keyword-only arguments (``forward(self, x, *, temperature=1.0)``) as positional ones, which fails."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *tensors: torch.Tensor) -> Any:
+        return self.model(*tensors)
+
+
 def positional_module(model: nn.Module, inputs: int) -> nn.Module:
     """``model`` as a module called with ``inputs`` positional tensors: wrapped in ``ViewsAsList`` where its forward
-    takes one list of them."""
+    takes one list of them, in ``Positional`` where it has keyword-only arguments."""
+    import inspect
+
     from torchslim.tasks.batches import takes_one_input
 
-    return ViewsAsList(model).eval() if inputs > 1 and takes_one_input(model) else model
+    if inputs > 1 and takes_one_input(model):
+        return ViewsAsList(model).eval()
+    try:
+        keyword_only = any(p.kind == inspect.Parameter.KEYWORD_ONLY for p in inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        keyword_only = False
+    return Positional(model).eval() if keyword_only else model
 
 
 class FlatOutputs(nn.Module):
@@ -265,6 +285,7 @@ def export_onnx(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp")
+    example_input = as_called(model, example_input)
     try:
         with eval_mode(model), torch.no_grad(), warnings.catch_warnings(), _eager_attention(model):
             warnings.simplefilter("ignore")
@@ -372,6 +393,18 @@ def onnx_session(path: str | os.PathLike[str] | bytes, threads: int = 2, spinnin
     return ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
 
 
+def as_called(model: nn.Module, example: Any) -> Any:
+    """The example as ``model`` is called with it: a mapping of one input its forward takes no keyword for
+    (``forward(idx)`` fed ``{"input_ids": ...}``) is that one tensor, given positionally."""
+    from torchslim.tasks.batches import keyword_or_positional
+
+    if isinstance(example, Mapping):
+        args, _ = keyword_or_positional(model, dict(example))
+        if args:
+            return args[0]
+    return example
+
+
 def run_onnx(session: Any, inputs: Any) -> torch.Tensor:
     """Run a session on one tensor (its first input), a tuple of tensors (its inputs in order), or a mapping of named
     inputs (those the model has; a missing one is an error that names what the model takes): its first output."""
@@ -381,6 +414,8 @@ def run_onnx(session: Any, inputs: Any) -> torch.Tensor:
 def run_onnx_outputs(session: Any, inputs: Any) -> list[torch.Tensor]:
     """Every output of a session run on ``inputs`` (as ``run_onnx`` takes them), in the model's order."""
     wanted = [i.name for i in session.get_inputs()]
+    if isinstance(inputs, Mapping) and len(inputs) == 1 and len(wanted) == 1 and wanted[0] not in inputs:
+        inputs = next(iter(inputs.values()))  # {"input_ids": ids} for a model exported with one positional input
     if isinstance(inputs, Mapping):
         missing = [name for name in wanted if name not in inputs]
         if missing:

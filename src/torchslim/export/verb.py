@@ -44,7 +44,7 @@ from torchslim.core.errors import TorchslimError
 from torchslim.core.files import refuse_overwrite
 from torchslim.core.modes import eval_mode, model_device
 from torchslim.core.report import Report, Result, Stage
-from torchslim.export.onnx import KeywordInputs, OnnxModule, ViewsAsList, export_onnx, input_plan, output_layout, positional_module
+from torchslim.export.onnx import KeywordInputs, OnnxModule, Positional, ViewsAsList, as_called, export_onnx, input_plan, output_layout, positional_module
 from torchslim.export.onnx_weights import rewrite_weights, set_accuracy_level
 from torchslim.tasks.batches import call_model, output_tensor, repeat_example
 
@@ -146,7 +146,7 @@ def _write(
         warnings.simplefilter("ignore")
         if form == "pt2":
             shapes: Any = _batch_shapes(args, axes, inputs) if dynamic_batch or dynamic_axes else None
-            if isinstance(prepared, (KeywordInputs, ViewsAsList)) and shapes is not None:  # forward(*tensors): one entry for the variadic argument
+            if isinstance(prepared, (KeywordInputs, ViewsAsList, Positional)) and shapes is not None:  # forward(*tensors): one entry for the variadic argument
                 shapes = (shapes,)
             program = torch.export.export(prepared, args, dynamic_shapes=shapes)
             torch.export.save(program, str(path))
@@ -212,6 +212,7 @@ def export(
         raise TorchslimError(f"export: accuracy_level sets ONNX Runtime's MatMulNBits kernels; it applies to onnx only, not {format}")
     path = Path(path) if path is not None else Path(f"{type(model).__name__.lower()}{FORMATS[format]}")
     refuse_overwrite(path, overwrite)
+    example_input = as_called(model, example_input)
     path.parent.mkdir(parents=True, exist_ok=True)
     # written beside the target and moved there only once checked: a failed export leaves what was there alone
     partial = path.with_name(f".{path.stem}.partial{path.suffix}")
@@ -272,11 +273,24 @@ def _with_sequence(
         return _export_and_check(model, form, example, path, dynamic_batch, tolerance, accuracy_level, dynamic_axes)
     except _SequenceFailure as failure:
         notes.append(f"the TorchScript exporter's file failed at another sequence length ({failure})")
+    except _ExporterFailure as failure:
+        if form != "onnx" or isinstance(model, OnnxModule):
+            raise
+        try:  # a forward the TorchScript exporter cannot call (keyword-only arguments, say): torch.export's may
+            check = _export_and_check(model, form, example, path, dynamic_batch, tolerance, accuracy_level, dynamic_axes, exporter="dynamo")
+        except TorchslimError:
+            raise failure from None
+        notes.append(f"the TorchScript exporter failed ({str(failure).split(': ', 1)[-1]}); the file is the torch.export-based exporter's")
+        return check
     try:
         return _export_and_check(model, form, example, path, dynamic_batch, tolerance, accuracy_level, dynamic_axes, exporter="dynamo")
     except TorchslimError as failure:
         notes.append(f"the torch.export-based exporter's file failed too ({str(failure).splitlines()[0]}): the sequence length stays the example's")
     return _export_and_check(model, form, example, path, dynamic_batch, tolerance, accuracy_level, dynamic_axes, sequence=False)
+
+
+class _ExporterFailure(TorchslimError):
+    """The exporter itself failed (nothing was written to check)."""
 
 
 class _SequenceFailure(TorchslimError):
@@ -316,7 +330,9 @@ def _export_and_check(
         raise
     except Exception as error:  # exporters raise many types; name the format, the model and the cause
         cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise TorchslimError(f"export of {type(model).__name__} as {form} failed: {cause}") from error
+        if form == "onnx" and "NOT_IMPLEMENTED" in cause and any(p.dtype == torch.bfloat16 for p in model.parameters()):
+            cause += "; ONNX Runtime's CPU engine has no bfloat16 kernel for it: export model.float() (or model.half())"
+        raise _ExporterFailure(f"export of {type(model).__name__} as {form} failed: {cause}") from error
     seconds = time.perf_counter() - started
     differences: dict[str, float] = {}
     relative: dict[str, float] = {}
@@ -332,8 +348,8 @@ def _export_and_check(
         shapes = [tuple(t.shape) for t in produced], [tuple(t.shape) for t in expected]
         if shapes[0] != shapes[1]:
             raise failed(f"export: the {form} file gives outputs of shapes {shapes[0]} where the model gives {shapes[1]} (at {_where(label)})")
-        if allowed is None:
-            allowed = 1e-4 * max(1.0, max(float(t.abs().max()) if t.numel() else 0.0 for t in expected))
+        if allowed is None:  # relative to the output's scale, and to the precision a half-precision model computes in
+            allowed = _default_tolerance(model) * max(1.0, max(float(t.abs().max()) if t.numel() else 0.0 for t in expected))
         differences[label] = max(float((p - e).abs().max()) if e.numel() else 0.0 for p, e in zip(produced, expected))
         relative[label] = max(float((p - e).norm() / e.norm().clamp_min(1e-12)) for p, e in zip(produced, expected))
     assert allowed is not None
@@ -341,11 +357,24 @@ def _export_and_check(
     worst = max(measured.values())
     if worst > allowed:
         what = f"by a relative error of {worst:.3g} at accuracy level {accuracy_level}" if approximate else f"by {worst:.3g}"
-        hint = "a lower accuracy_level or a larger tolerance" if approximate else "onnx or pt2 for a traced model whose control flow depends on its inputs"
+        hint = (
+            "a lower accuracy_level or a larger tolerance"
+            if approximate
+            else "onnx or pt2 for a traced model whose control flow depends on its inputs"
+            if form == "torchscript"
+            else "a larger tolerance where the difference is rounding (kernels of another engine sum in another order)"
+        )
         raise TorchslimError(
             f"export: the {form} file differs from the PyTorch model {what} (allowed {allowed:.3g}; per check {measured}), so nothing was written; try {hint}"
         )
     return _Check(loaded, differences, relative, allowed, seconds, products, exporter if form == "onnx" else form)
+
+
+def _default_tolerance(model: nn.Module) -> float:
+    """The default bound on the largest difference per unit of output: 1e-4 for float32, 1e-2 for a model in float16
+    or bfloat16 (their rounding steps are about 1e-3 and 8e-3)."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    return 1e-2 if dtypes & {torch.float16, torch.bfloat16} else 1e-4
 
 
 def _where(label: str) -> str:

@@ -21,6 +21,7 @@ import json
 import os
 import pickle
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -33,7 +34,7 @@ from torchslim.core.checks import check_model
 from torchslim.core.errors import ChecksumError, TorchslimError
 from torchslim.core.files import ModelFormat, refuse_overwrite, register_format, write_atomic
 from torchslim.core.memory import release_freed_memory
-from torchslim.core.spec import apply_transforms, check_spec, register_transform, set_spec, spec_of
+from torchslim.core.spec import SEQUENTIAL, apply_transforms, check_spec, factories, register_transform, set_spec, spec_of
 from torchslim.core.ties import plain_name, retie, tied_groups
 from torchslim.measure.weights import effective_weights
 
@@ -55,15 +56,23 @@ def state_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def stored_layout(model: nn.Module) -> dict[str, tuple[int, ...]]:
-    """{name: shape} of what ``state_for_saving`` would store, without copying any tensor."""
+    """{name: shape} of what ``state_for_saving`` would store, without copying any tensor (but for a parametrization
+    of several originals, weight_norm's, whose weight is computed once for its shape)."""
     followers = {name for group in tied_groups(model) for name in group[1:]}
     layout = {}
     for name, tensor in model.state_dict().items():
-        if ".parametrizations." in f".{name}" and not name.endswith(".original"):
+        if ".parametrizations." in f".{name}":
+            owner, _, rest = name.rpartition("parametrizations.")
+            tensor_name, _, part = rest.partition(".")
+            if part == "original":
+                layout[plain_name(name)] = tuple(tensor.shape)
+            elif part.startswith("original") and part != "original":  # original0, original1, ...: the weight they compute
+                module = model.get_submodule(owner.rstrip("."))
+                layout[owner + tensor_name] = tuple(getattr(module, tensor_name).shape)
             continue  # a mask: applied into the weight, not stored
         if plain_name(name) not in followers:
             layout[plain_name(name)] = tuple(tensor.shape)
-    return layout
+    return {name: shape for name, shape in layout.items() if name not in followers}
 
 
 def with_ties(stored: dict[str, Stored], ties: Any, where: str) -> dict[str, Stored]:
@@ -176,7 +185,10 @@ def _resolve_factory(reference: str, where: str):
 
 
 def _trusted(factory: str, trust_factory: bool | str) -> bool:
-    """Whether an import path may be imported: ``trust_factory=True`` trusts any, a string exactly that one."""
+    """Whether an import path may be imported: torch's own layers and torchslim's sequential builder always;
+    otherwise ``trust_factory=True`` trusts any, a string exactly that one."""
+    if factory == SEQUENTIAL or factory.startswith("torch.nn.modules."):
+        return True
     return trust_factory is True or (isinstance(trust_factory, str) and trust_factory == factory)
 
 
@@ -192,9 +204,10 @@ def build_from_spec(spec: dict[str, Any], trust_factory: bool | str = False, whe
         elif "huggingface" in spec:
             model = _huggingface_model(spec, where)
         else:
-            if not _trusted(spec["factory"], trust_factory):
+            untrusted = [factory for factory in factories(spec) if not _trusted(factory, trust_factory)]
+            if untrusted:
                 raise TorchslimError(
-                    f"{where}: the architecture is the import path {spec['factory']!r}; importing it runs its code, so "
+                    f"{where}: the architecture is the import path {untrusted[0]!r}; importing it runs its code, so "
                     f"pass trust_factory=True (CLI: --trust-factory, or name it with --model) if you trust this file"
                 )
             model = _resolve_factory(spec["factory"], where)(**spec["kwargs"])
@@ -207,6 +220,14 @@ def build_from_spec(spec: dict[str, Any], trust_factory: bool | str = False, whe
         raise TorchslimError(f"{where}: the architecture spec does not build a model ({type(error).__name__}: {error})") from None
     set_spec(model, spec)
     return model
+
+
+def sequential(layers: list[list[Any]]) -> nn.Sequential:
+    """An ``nn.Sequential`` of ``[name, spec]`` pairs, each layer built from its spec (the factory an inferred spec of
+    a plain ``nn.Sequential`` names; ``build_from_spec`` has checked every factory in it is trusted)."""
+    if not isinstance(layers, list) or not all(isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str) for entry in layers):
+        raise TorchslimError(f"a sequential spec's layers must be [name, spec] pairs, got {str(layers)[:200]}")
+    return nn.Sequential(OrderedDict((name, build_from_spec(spec, trust_factory=True, where=f"layer {name}")) for name, spec in layers))
 
 
 def build_checked(

@@ -99,7 +99,7 @@ def capture_inputs(model: nn.Module, block: nn.Module, batches: Iterable[Any]) -
     try:
         with eval_mode(model), torch.no_grad():
             for batch in batches:
-                args, kwargs = model_inputs(move_to(batch, device))
+                args, kwargs = model_inputs(move_to(batch, device), model)
                 try:
                     model(*args, **kwargs, **extra)
                 except _Captured:
@@ -169,7 +169,7 @@ def sequential(model: nn.Module, batches: Iterable[Any], method: BlockMethod, pr
     except NoBlocks:
         prefix, blocks = "", nn.ModuleList([model])
         device = model_device(model)
-        inputs = [model_inputs(move_to(batch, device)) for batch in batches]
+        inputs = [model_inputs(move_to(batch, device), model) for batch in batches]
     tokens = sum(int(args[0].shape[0] * args[0].shape[1]) if args and args[0].dim() >= 2 else 0 for args, _ in inputs)
     results = {}
     for index, block in enumerate(blocks):

@@ -195,7 +195,10 @@ def _input_features(name: str, module: nn.Module) -> int:
         return int(module.weight.shape[0])
     if isinstance(module, nn.Conv2d) and module.groups == 1:
         return module.in_channels
-    raise TorchslimError(f"{name}: activation-weighted importance takes Linear, Conv1D and ungrouped Conv2d layers, not {type(module).__name__}")
+    raise TorchslimError(
+        f"{name}: activation-weighted importance takes Linear, Conv1D and ungrouped Conv2d layers, not {type(module).__name__}; "
+        f"select those layers (layers: {{types: [Linear]}}) or leave this one out (layers: {{exclude: [{name}]}})"
+    )
 
 
 # -- per group -------------------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from torchslim.core.errors import TorchslimError
 from torchslim.core.modes import eval_mode
 from torchslim.core.report import Report, Result, Stage
 from torchslim.core.selector import LayerSelector, resolve_overrides, select_modules
-from torchslim.core.spec import append_transform
+from torchslim.core.spec import append_transform, pin_spec
 from torchslim.data.sources import as_source
 from torchslim.measure.counts import count_macs, count_parameters
 from torchslim.pruning.apply import masks_of
@@ -366,6 +366,8 @@ def _safe_removal(
             remove_channels(trial, graph, groups, attempt_heads)
         except TorchslimError as error:
             return str(error)
+        except Exception as error:  # a layer the removal cannot slice (a parametrization with its own buffers): that set stays
+            return f"fails ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
         return check_removal(model, trial, graph, groups, attempt_heads, example, expected)
 
     problem = attempt(chosen, heads)
@@ -445,7 +447,11 @@ def prune_channels(
         graph = trace(target, example)  # the same names and slots on the caller's own model
         chosen = [g for g in graph.groups() if g.id in {c.id for c in chosen}]
         heads = [h for h in graph.heads if (h.module, h.head) in {(x.module, x.head) for x in heads}]
+    pin_spec(target)  # a plain Sequential's spec from its layers' widths before the removal
+    channels_last = any(p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() for p in target.parameters())
     transform = remove_channels(target, graph, chosen, heads)
+    if channels_last:  # the sliced weights come out contiguous: the model keeps the memory format it was given in
+        target.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     append_transform(target, transform)
     notes += update_model_config(target)
     seconds = time.perf_counter() - started

@@ -60,7 +60,10 @@ def trace(model: nn.Module, example_input: Any) -> ChannelGraph:
         else:
             tracer.where.append(graph.names.get(id(module), ""))
 
+    ran: set[int] = set()
+
     def post_hook(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+        ran.add(id(module))
         if is_leaf(module):
             if tracer.depth == 1:  # the rule runs with recording still off
                 name = graph.names.get(id(module), "")
@@ -96,4 +99,64 @@ def trace(model: nn.Module, example_input: Any) -> ChannelGraph:
         info = graph.get_info(tensor)
         if info is not None:
             graph.block(info.slots, "model output")
+    _block_for_unrun(graph, model, example_input, ran)
     return graph
+
+
+def _input_width(module: nn.Module) -> int | None:
+    """The channels a layer reads: a Linear's in_features, a conv's in_channels, a norm's features."""
+    for attribute in ("in_features", "in_channels", "num_features", "num_channels"):
+        value = getattr(module, attribute, None)
+        if isinstance(value, int):
+            return value
+    shape = getattr(module, "normalized_shape", None)
+    return int(shape[-1]) if isinstance(shape, tuple) and shape else None
+
+
+def _block_for_unrun(graph: ChannelGraph, model: nn.Module, example: Any, ran: set[int]) -> None:
+    """Layers the example never ran in eval mode nor in train mode (a head chosen by a runtime key, a branch the
+    example did not take) may read any set of channels as wide as their input: those sets are kept whole and named."""
+    unrun = {name: module for name, module in model.named_modules() if id(module) not in ran and any(True for _ in module.parameters(recurse=False))}
+    unrun = {name: module for name, module in unrun.items() if _input_width(module) is not None}
+    if not unrun:
+        return
+    trained = _modules_run_in_training(model, example)
+    widths = {name: _input_width(module) for name, module in unrun.items() if id(module) not in trained}
+    if not widths:
+        return
+    groups = [g for g in graph.groups() if g.prunable and g.layers]
+    sizes: dict[tuple[str, ...], int] = {}
+    for g in groups:
+        sizes[g.layers] = sizes.get(g.layers, 0) + 1
+    for layers, size in sizes.items():
+        readers = [name for name, width in widths.items() if width == size]
+        if readers:
+            reason = (
+                f"channels of {'+'.join(layers)}: {', '.join(readers)} never ran on the example (a branch it did not take) and "
+                f"take{'s' if len(readers) == 1 else ''} {size} inputs, as many as these channels, so may read them"
+            )
+            graph.block([g.id for g in groups if g.layers == layers], reason)
+
+
+def _modules_run_in_training(model: nn.Module, example: Any) -> set[int]:
+    """ids of the modules a train-mode pass runs (gradients off; modes, buffers and the random state put back)."""
+    ran: set[int] = set()
+    saved = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    modes = {name: module.training for name, module in model.named_modules()}
+    handles = [module.register_forward_hook(lambda m, _i, _o: ran.add(id(m))) for module in model.modules()]
+    try:
+        with torch.random.fork_rng(), torch.no_grad():
+            model.train()
+            call_model(model, example)
+    except Exception:  # a model that fails in train mode is the removal check's finding, not the trace's
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+        for name, module in model.named_modules():
+            module.train(modes[name])
+        with torch.no_grad():
+            for name, buffer in model.named_buffers():
+                if name in saved:
+                    buffer.copy_(saved[name])
+    return ran

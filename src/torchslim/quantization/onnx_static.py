@@ -22,13 +22,15 @@ per-channel weights, in standard ONNX operators.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import itertools
+import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +39,7 @@ from torch import nn
 
 from torchslim.core.config import Config, check
 from torchslim.core.errors import TorchslimError
-from torchslim.export.onnx import INPUT_NAME, OnnxModule, constant_lookup, export_onnx, replace_graph_nodes, weight_product
+from torchslim.export.onnx import INPUT_NAME, OnnxModule, as_called, constant_lookup, export_onnx, replace_graph_nodes, weight_product
 from torchslim.tasks.batches import example_of
 
 DEFAULT_FLOAT_BELOW_DB = 20.0  # transformers: products whose static-grid input SQNR is lower stay float
@@ -130,6 +132,8 @@ class _Reader:
             inputs = example_of(batch)
             if isinstance(inputs, torch.Tensor):
                 taken.append({names[0]: inputs.detach().cpu()})
+            elif isinstance(inputs, dict) and len(inputs) == 1 and len(names) == 1 and names[0] not in inputs:
+                taken.append({names[0]: next(iter(inputs.values())).detach().cpu()})  # {"input_ids": ids} for forward(idx)
             elif isinstance(inputs, dict):
                 missing = [n for n in names if n not in inputs]
                 if missing:
@@ -349,6 +353,18 @@ def float_products(model_bytes: bytes) -> dict[str, Any] | None:
     return None
 
 
+@contextlib.contextmanager
+def _quiet_root_logging() -> Iterator[None]:
+    """ONNX Runtime's quantization tools log their own diagnostics ("Axis 1 is out-of-range") as warnings on the root
+    logger: raised to errors while they run, and put back."""
+    level = logging.root.level
+    logging.root.setLevel(max(level, logging.ERROR))
+    try:
+        yield
+    finally:
+        logging.root.setLevel(level)
+
+
 def quantize_onnx(
     model: nn.Module, example_input: Any, calibration: Iterable | None, path: str | os.PathLike[str], config: OnnxInt8Config | dict | None = None
 ) -> Path:
@@ -358,6 +374,7 @@ def quantize_onnx(
 
     config = OnnxInt8Config.coerce(config, where="quantize")
     path = Path(path)
+    example_input = as_called(model, example_input)  # {"input_ids": ids} for forward(idx): one positional input
     keyword = isinstance(example_input, dict)
     names = [k for k, v in example_input.items() if isinstance(v, torch.Tensor)] if keyword else [INPUT_NAME]
     if isinstance(example_input, (tuple, list)) and len(example_input) > 1:  # several positional inputs, as exported
@@ -369,7 +386,7 @@ def quantize_onnx(
 
         calibration = list(itertools.islice(calibration, config.calibration_batches))
         model = smooth_float(copy.deepcopy(model), calibration, config.smooth)
-    with tempfile.TemporaryDirectory() as folder:
+    with tempfile.TemporaryDirectory() as folder, _quiet_root_logging():
         fp32 = export_onnx(model, example_input, Path(folder) / "fp32.onnx")
         prepared = Path(folder) / "prepared.onnx"
         quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)

@@ -22,7 +22,7 @@ from torchslim.core.config import Config, check
 from torchslim.core.errors import TorchslimError
 from torchslim.core.modes import eval_mode, model_device
 from torchslim.core.selector import LayerSelector, select_modules, weight_of
-from torchslim.core.spec import append_transform, model_spec, recorded_layers, register_transform, set_spec
+from torchslim.core.spec import append_transform, model_spec, pin_spec, recorded_layers, register_transform, set_spec
 from torchslim.export.onnx import export_onnx
 from torchslim.quantization.observers import calibrate
 from torchslim.quantization.primitives import UniformSpec, fake_quantize
@@ -192,6 +192,7 @@ def prepare_qat(model: nn.Module, config: QATConfig | dict | None = None, inplac
     """
     config = QATConfig.coerce(config, where="qat")
     target = model if inplace else copy.deepcopy(model)
+    pin_spec(target)
     converted = []
     for name, module in select_modules(target, config.layers, default_types=("Linear", "Conv2d")):
         if type(module) in (nn.Linear, nn.Conv2d):

@@ -21,7 +21,7 @@ from torch import nn
 from torchslim.core.config import Config, ConfigError
 from torchslim.core.errors import TorchslimError
 from torchslim.core.report import Report, Result, Stage
-from torchslim.core.selector import LayerSelector, resolve_overrides, select_modules, set_module
+from torchslim.core.selector import LayerSelector, resolve_overrides, select_modules, set_module, set_module_everywhere
 from torchslim.core.spec import append_transform, recorded_module, recorded_transform, register_transform
 from torchslim.core.ties import tied_groups
 from torchslim.measure.counts import count_parameters
@@ -79,7 +79,7 @@ def apply_structure(model: nn.Module, transform: dict[str, Any]) -> nn.Module:
         module = recorded_module(model, name, "quantizes")
         if not _quantizable(module):
             raise TorchslimError(f"the file quantizes {name!r}, a {type(module).__name__}: only Linear, Conv2d, Conv1D and Embedding layers are quantized")
-        set_module(model, name, empty_like(module, WeightScheme.from_dict(scheme, where=f"the file's scheme for {name}")))
+        set_module_everywhere(model, name, empty_like(module, WeightScheme.from_dict(scheme, where=f"the file's scheme for {name}")))
     for follower, leader in shared.items():
         if follower not in layers or leader not in layers:
             raise TorchslimError(f"the file shares {leader!r}'s quantized weight with {follower!r}, but does not quantize both")
@@ -115,6 +115,9 @@ def _tie_plan(model: nn.Module, modules: list[tuple[str, nn.Module]]) -> tuple[l
             plan.append((name, module))
             continue
         holders = [n.removesuffix(".weight") for n in group if n.endswith(".weight")]
+        if len(holders) == len(group) and all(model.get_submodule(h) is module for h in holders):
+            plan.append((name, module))  # one layer under several names (self.enc = self.dec = shared): quantized once
+            continue
         if len(holders) != len(group) or any(h not in selected for h in holders):
             others = [n for n in group if n != f"{name}.weight"]
             notes.append(
@@ -177,7 +180,7 @@ def replace_layer(target: nn.Module, plan: LayerPlan, name: str, original: torch
     """Put ``quantized`` in place of layer ``name`` (and of the tied layers sharing it), with its report row; the
     SQNR is measured against the ``original`` float weight."""
     scheme = plan.scheme(name)
-    set_module(target, name, quantized)
+    set_module_everywhere(target, name, quantized)  # a layer registered under several names stays one layer
     plan.recorded[name] = scheme.to_dict()
     for follower in [f for f, leader in plan.shared.items() if leader == name]:
         set_module(target, follower, empty_like(target.get_submodule(follower), scheme))

@@ -68,7 +68,7 @@ def model_inputs(batch: Any, model: Any = None) -> tuple[tuple, dict[str, Any]]:
     if isinstance(batch, torch.Tensor):
         return (batch,), {}
     if isinstance(batch, Mapping):
-        return (), {key: value for key, value in batch.items() if key not in TARGET_KEYS}
+        return keyword_or_positional(model, {key: value for key, value in batch.items() if key not in TARGET_KEYS})
     if isinstance(batch, (tuple, list)) and batch:
         first = batch[0]
         if isinstance(first, Mapping):
@@ -79,15 +79,31 @@ def model_inputs(batch: Any, model: Any = None) -> tuple[tuple, dict[str, Any]]:
     raise TorchslimError(f"cannot read a batch of type {type(batch).__name__}: give tensors, (inputs, targets) tuples or mappings")
 
 
+def keyword_or_positional(model: Any, inputs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    """``model(**inputs)``'s arguments, or, where ``model``'s forward takes no such keyword (``forward(idx)`` fed
+    ``{"input_ids": ...}`` batches), the one input given positionally."""
+    if model is None or len(inputs) != 1:
+        return (), inputs
+    parameters = _forward_parameters(model)
+    if parameters is None or any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters) or next(iter(inputs)) in {p.name for p in parameters}:
+        return (), inputs
+    return (next(iter(inputs.values())),), {}
+
+
+def _forward_parameters(model: Any) -> list[inspect.Parameter] | None:
+    """The parameters of ``model``'s forward (of the module a compiled or DDP-wrapped model holds); None where unknown."""
+    inner = getattr(model, "_orig_mod", None) or (model.module if type(model).__name__ == "DistributedDataParallel" else model)
+    try:
+        return list(inspect.signature(inner.forward if isinstance(inner, nn.Module) else inner).parameters.values())
+    except (TypeError, ValueError):
+        return None
+
+
 def takes_one_input(model: Any) -> bool:
     """Whether ``model``'s forward takes exactly one positional argument (no ``*args``): a list of tensors given to it
     is one argument (its views), not several. False where it cannot be told (no model, no signature)."""
-    if model is None:
-        return False
-    inner = getattr(model, "_orig_mod", None) or (model.module if type(model).__name__ == "DistributedDataParallel" else model)
-    try:
-        parameters = inspect.signature(inner.forward if isinstance(inner, nn.Module) else inner).parameters.values()
-    except (TypeError, ValueError):
+    parameters = _forward_parameters(model) if model is not None else None
+    if parameters is None:
         return False
     kinds = [p.kind for p in parameters]
     positional = [k for k in kinds if k in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
@@ -157,7 +173,8 @@ def call_model(model: Any, example: Any) -> Any:
     if isinstance(model, nn.Module):
         example = move_to(example, model_device(model))
     if isinstance(example, Mapping):
-        return model(**example)
+        args, kwargs = keyword_or_positional(model, dict(example))
+        return model(*args, **kwargs)
     if isinstance(example, tuple):
         return model(list(example)) if len(example) > 1 and takes_one_input(model) else model(*example)
     return model(example)

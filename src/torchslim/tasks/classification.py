@@ -40,6 +40,15 @@ def flat_logits_and_targets(outputs: Any, batch: Any, task: str) -> tuple[torch.
     if logits.dim() > 2 and targets.dim() == logits.dim() - 1 and targets.shape == logits.shape[:1] + logits.shape[2:]:
         logits = logits.movedim(1, -1)  # (B, classes, H, W) dense predictions (segmentation): classes on dim 1
     logits = logits.reshape(-1, logits.shape[-1])
+    if targets.dim() >= 2 and targets.shape[-1] == logits.shape[-1] >= 2 and targets.numel() == logits.numel():
+        hot = targets.reshape(-1, logits.shape[-1])
+        if bool(((hot == 0) | (hot == 1)).all()) and bool((hot.sum(dim=-1) == 1).all()):
+            targets = hot.argmax(dim=-1)  # one-hot labels: the class each row marks
+        else:
+            raise TorchslimError(
+                f"{task}: the targets have shape {tuple(targets.shape)}, one value per class, but are not one-hot (soft labels); "
+                "give class indices, or a custom task (torchslim.Task.custom) for a loss on soft labels"
+            )
     fractional = targets[targets != targets.round()] if targets.is_floating_point() else targets[:0]
     if fractional.numel():
         # regression values read as labels would all but vanish into class 0 (0.7 -> 0): a loss of 0 that trains nothing

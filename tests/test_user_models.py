@@ -1,0 +1,258 @@
+"""Models written the way users write them, through the verbs (a second audit's findings): a head chosen at run time
+from an ``nn.ModuleDict``, a plain ``nn.Sequential``, one layer registered under two names, weight_norm and
+spectral_norm parametrizations, keyword-only forward arguments, half precision, a ``forward(idx)`` language model
+fed ``{"input_ids": ...}`` windows, one-hot labels, tensors without evaluation data. Real data: scikit-learn's digits
+and the Shakespeare text of ../shared/data (skipped without it)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import torchslim as ts
+from torchslim.core.errors import TorchslimError
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return ts.data.load("digits")
+
+
+def _flat(data) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return data.train.inputs.reshape(len(data.train.inputs), -1), data.train.targets, data.test.inputs.reshape(len(data.test.inputs), -1), data.test.targets
+
+
+class Routed(nn.Module):
+    """A trunk and a head chosen at run time by a key on the model (one of an ``nn.ModuleDict``)."""
+
+    def __init__(self, head: str = "digits"):
+        super().__init__()
+        self.head = head
+        self.stem = nn.ModuleList([nn.Linear(64, 48), nn.Linear(48, 32)])
+        self.heads = nn.ModuleDict({"digits": nn.Linear(32, 10), "parity": nn.Linear(32, 2)})
+
+    def forward(self, x):
+        for layer in self.stem:
+            x = F.relu(layer(x))
+        return self.heads[self.head](x)
+
+
+def test_channel_pruning_keeps_the_channels_a_head_the_example_never_ran_may_read(digits):
+    """The example runs one head; the other reads the same 32 trunk channels. Those are kept whole and named, so the
+    pruned model still runs with either head; the trunk's other set is pruned."""
+    x = _flat(digits)[2][:8]
+    model = Routed().eval()
+    result = ts.prune_channels(model, {"ratio": 0.5}, example_input=x)
+    pruned = result.model
+    assert pruned.stem[0].out_features == 24 and pruned.stem[1].out_features == 32
+    assert any("heads.parity never ran on the example" in note and "stem.1" in note for note in result.report.stages[0].notes)
+    pruned.head = "parity"
+    assert pruned(x).shape == (8, 2)
+
+
+def test_a_plain_sequential_saves_loads_and_goes_through_compress_into_a_file(digits, tmp_path):
+    """``nn.Sequential`` is rebuilt from its layers' own specs (no import path to trust): as trained, after channel
+    pruning, and after a recipe of pruning, quantization and coding, whose .tslim file loads back to the same accuracy."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Dropout(0.1), nn.Linear(32, 10))
+    model = ts.train(model, digits, {"epochs": 3}, progress=False).model
+    x = digits.test.inputs[:8]
+    loaded = ts.load(ts.save(model, tmp_path / "seq.safetensors"))
+    assert type(loaded) is nn.Sequential and torch.equal(loaded.eval()(x), model.eval()(x))
+    narrowed = ts.prune_channels(model, {"ratio": 0.5}, example_input=x).model
+    assert torch.allclose(ts.load(ts.save(narrowed, tmp_path / "narrow.safetensors")).eval()(x), narrowed.eval()(x))
+    recipe = {"name": "user", "stages": [{"prune": {"sparsity": 0.5}}, {"quantize": {}}, {"encode": {}}]}
+    result = ts.compress(model, recipe, digits, latency=False, progress=False)
+    result.save(tmp_path / "seq.tslim")
+    assert ts.evaluate(ts.load(tmp_path / "seq.tslim"), digits)["accuracy"] == result.report.stages[-1].metrics["accuracy"]
+    conv = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+    assert torch.equal(ts.load(ts.save(conv, tmp_path / "conv.safetensors")).eval()(x), conv.eval()(x))
+
+
+class Shared(nn.Module):
+    """One layer registered under two names (an encoder and a decoder that share it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(64, 32)
+        shared = nn.Linear(32, 32)
+        self.enc = shared
+        self.dec = shared
+        self.out = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = F.relu(self.inp(x.flatten(1)))
+        return self.out(F.relu(self.dec(F.relu(self.enc(x)))))
+
+
+def test_a_layer_registered_under_two_names_is_factorized_and_quantized_once_and_stays_shared(digits, tmp_path):
+    torch.manual_seed(0)
+    model = ts.train(Shared(), digits, {"epochs": 3, "lr": 0.01, "optimizer": "adam"}, progress=False).model
+    before = sum(p.numel() for p in model.parameters())
+    result = ts.factorize(model, {"rank": 8, "layers": {"include": ["dec"]}}, data=digits)
+    factorized = result.model
+    assert factorized.enc is factorized.dec and type(factorized.enc).__name__ == "FactorizedLinear"
+    assert sum(p.numel() for p in factorized.parameters()) < before
+    assert "enc: the same layer as dec, factorized once for all of them" in result.report.stages[0].notes
+    quantized = ts.quantize(model, {"weights": {"bits": 4}}).model
+    assert quantized.enc is quantized.dec and type(quantized.enc).__name__ == "QuantizedLinear"
+    for changed, name in ((factorized, "f"), (quantized, "q")):
+        loaded = ts.load(ts.save(changed, tmp_path / f"{name}.safetensors"), trust_factory=True)
+        assert loaded.enc is loaded.dec
+        assert torch.allclose(loaded.eval()(digits.test.inputs[:8]), changed.eval()(digits.test.inputs[:8]), atol=1e-6)
+
+
+class Plain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 16, 3, padding=1)
+        self.fc1 = nn.Linear(16 * 16, 32)
+        self.fc2 = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.c1(x)), 2).flatten(1)
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+def test_weight_norm_and_spectral_norm_models_save_factorize_and_prune_with_what_is_left_named(digits, tmp_path):
+    from torch.nn.utils import parametrizations
+
+    x = digits.test.inputs[:8]
+    torch.manual_seed(0)
+    normed = Plain().eval()
+    parametrizations.weight_norm(normed.fc1)
+    loaded = ts.load(ts.save(normed, tmp_path / "wn.safetensors"), trust_factory=True)
+    assert torch.allclose(loaded.eval()(x), normed(x), atol=1e-6)
+    notes = ts.factorize(normed, {"rank": 4}, example_input=x).report.stages[0].notes
+    assert "fc1: left whole (its weight is computed by a parametrization: _WeightNorm)" in notes
+    spectral = Plain().eval()
+    parametrizations.spectral_norm(spectral.c1)
+    result = ts.prune_channels(spectral, {"ratio": 0.5}, example_input=x)
+    assert any(note.startswith("left intact: channels of c1: removing them fails (RuntimeError") for note in result.report.stages[0].notes)
+    assert result.model.fc1.out_features == 16 and result.model(x).shape == (8, 10)
+
+
+class KeywordOnly(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(64, 32)
+        self.fc2 = nn.Linear(32, 10)
+
+    def forward(self, x, mask=None, *, temperature: float = 1.0):
+        x = x.flatten(1) if mask is None else x.flatten(1) * mask
+        return self.fc2(F.relu(self.fc1(x))) / temperature
+
+
+def test_a_forward_with_keyword_only_arguments_exports_and_runs_static_int8(digits, tmp_path):
+    torch.manual_seed(0)
+    model = ts.train(KeywordOnly(), digits, {"epochs": 2}, progress=False).model.eval()
+    x = digits.test.inputs[:16]
+    engine = ts.export(model, "onnx", x[:2], tmp_path / "kw.onnx").model
+    assert torch.allclose(engine(x), model(x), atol=1e-5)
+    int8 = ts.quantize(model, {"method": "onnxruntime"}, data=digits).model
+    assert ts.evaluate(int8, digits)["accuracy"] > ts.evaluate(model, digits)["accuracy"] - 0.03
+
+
+def test_a_half_precision_model_exports_within_its_own_rounding_and_bfloat16_names_the_way_out(digits, tmp_path):
+    x = digits.test.inputs[:4].flatten(1)
+    torch.manual_seed(0)
+    half = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)).half()
+    report = ts.export(half, "onnx", x.half(), tmp_path / "half.onnx").report.stages[0]
+    assert report.metrics["tolerance"] >= 1e-2
+    with pytest.raises(TorchslimError, match=r"no bfloat16 kernel for it: export model.float\(\)"):
+        ts.export(half.float().bfloat16(), "onnx", x.bfloat16(), tmp_path / "bf16.onnx")
+    assert not (tmp_path / "bf16.onnx").exists()
+
+
+class TinyGPT(nn.Module):
+    """A nanoGPT-style character model whose forward takes the ids positionally, ``forward(idx)``."""
+
+    def __init__(self, vocab: int = 65, dim: int = 32, block: int = 64):
+        super().__init__()
+        self.vocab, self.dim, self.block = vocab, dim, block
+        self.wte = nn.Embedding(vocab, dim)
+        self.wpe = nn.Embedding(block, dim)
+        self.fc = nn.Linear(dim, 4 * dim)
+        self.proj = nn.Linear(4 * dim, dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.wte.weight
+        for table in (self.wte, self.wpe):
+            nn.init.normal_(table.weight, std=0.02)
+
+    def forward(self, idx):
+        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+        x = x + self.proj(F.gelu(self.fc(x)))
+        return self.head(x)
+
+
+def test_a_forward_idx_language_model_takes_input_ids_windows_through_the_verbs(tmp_path):
+    """Windows of ``{"input_ids": ...}`` (``ts.data.token_windows``) feed ``forward(idx)`` positionally: training,
+    SparseGPT, GPTQ, static int8 in ONNX Runtime, and the exported file evaluated on the same windows."""
+    from tests.conftest import shared_data_or_skip
+
+    text = ts.data.load("shakespeare", root=shared_data_or_skip("text"), download=False)
+    ids = text.train_ids[:24000]
+    train, held = ts.data.token_windows(ids[:20000], 64, batch_size=16), ts.data.token_windows(ids[20000:], 64, batch_size=16)
+    data = ts.data.Data(train=train, eval=held)
+    torch.manual_seed(0)
+    model = ts.train(TinyGPT(), data, {"epochs": 4, "optimizer": "adam", "lr": 1e-2}, task="language-modeling", progress=False).model
+    base = ts.evaluate(model, data, task="language-modeling")["perplexity"]
+    assert base < 30  # uniform over 65 characters: 65
+    sparse = ts.prune(model, {"solver": "sparsegpt", "sparsity": 0.5}, data=data, task="language-modeling").model
+    assert ts.evaluate(sparse, data, task="language-modeling")["perplexity"] < 1.5 * base
+    gptq = ts.quantize(model, {"method": "gptq", "weights": {"bits": 4, "granularity": "group", "group_size": 32}}, data=data, task="language-modeling")
+    assert ts.evaluate(gptq.model, data, task="language-modeling")["perplexity"] < 1.5 * base
+    int8 = ts.quantize(model, {"method": "onnxruntime"}, data=data, task="language-modeling").model
+    assert ts.evaluate(int8, data, task="language-modeling")["perplexity"] < 2 * base
+    engine = ts.export(model, "onnx", {"input_ids": held[0]["input_ids"][:2]}, tmp_path / "gpt.onnx").model
+    assert ts.evaluate(engine, data, task="language-modeling")["perplexity"] == pytest.approx(base, rel=1e-4)
+
+
+def test_one_hot_labels_are_read_as_the_classes_they_mark_and_soft_labels_are_named(digits):
+    x, y, xt, yt = _flat(digits)
+    torch.manual_seed(0)
+    model = ts.train(nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)), [(x, y)], {"epochs": 3}, progress=False).model
+    assert ts.evaluate(model, [(xt, F.one_hot(yt, 10).float())]) == ts.evaluate(model, [(xt, yt)])
+    soft = F.one_hot(yt, 10).float() * 0.9 + 0.01
+    with pytest.raises(TorchslimError, match=r"one value per class, but are not one-hot \(soft labels\)"):
+        ts.evaluate(model, [(xt, soft)])
+
+
+def test_training_on_tensors_without_evaluation_data_says_its_accuracy_is_the_training_datas(digits):
+    x, y, _, _ = _flat(digits)
+    torch.manual_seed(0)
+    result = ts.train(nn.Sequential(nn.Linear(64, 10)), (x, y), {"epochs": 1}, progress=False)
+    stage = result.report.stages[0]
+    assert stage.metrics["evaluated_on"] == "training data" and "on the training data, accuracy" in stage.notes[0] and "test" not in stage.notes[0]
+    assert ts.train(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), digits, {"epochs": 1}, progress=False).report.stages[0].notes[0].count("test accuracy") == 1
+
+
+def test_the_command_line_names_a_pickled_model_file_and_the_way_in(tmp_path, capsys):
+    from torchslim.cli import main
+
+    path = tmp_path / "net.pt"
+    torch.save(nn.Linear(64, 10), path)
+    assert main(["evaluate", str(path), "--data", "digits"]) == 1
+    assert "not a model file torchslim reads" in capsys.readouterr().err
+
+
+def test_a_torch_dataset_of_single_examples_is_batched(digits):
+    """A ``TensorDataset`` (or any map-style Dataset) is drawn in shuffled batches, as a DataLoader would."""
+    from torch.utils.data import TensorDataset
+
+    x, y, xt, yt = _flat(digits)
+    torch.manual_seed(0)
+    result = ts.train(nn.Sequential(nn.Linear(64, 10)), TensorDataset(x, y), {"epochs": 3}, progress=False)
+    batched, whole = ts.evaluate(result.model, TensorDataset(xt, yt)), ts.evaluate(result.model, [(xt, yt)])
+    assert batched["errors"] == whole["errors"] and batched["loss"] == pytest.approx(whole["loss"], rel=1e-5)
+    assert ts.evaluate(result.model, [(xt, yt)])["accuracy"] > 0.8
+
+
+def test_channel_pruning_keeps_a_channels_last_model_channels_last(digits):
+    x = digits.test.inputs[:4].contiguous(memory_format=torch.channels_last)
+    model = Plain().eval().to(memory_format=torch.channels_last)
+    pruned = ts.prune_channels(model, {"ratio": 0.5}, example_input=x).model
+    assert pruned.c1.out_channels == 8 and pruned.c1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(pruned(x), pruned(x.contiguous()), atol=1e-6)
