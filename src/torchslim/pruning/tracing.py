@@ -17,7 +17,7 @@ from torchslim.core.errors import TorchslimError
 from torchslim.core.modes import eval_mode, model_device
 from torchslim.pruning import rules, transformer_rules  # noqa: F401 - transformer_rules registers its rules
 from torchslim.pruning.graph import ChannelGraph
-from torchslim.tasks.batches import call_model, move_to
+from torchslim.tasks.batches import call_model, move_to, run_failure
 
 
 class _Tracer(TorchFunctionMode):
@@ -139,24 +139,8 @@ def _block_for_unrun(graph: ChannelGraph, model: nn.Module, example: Any, ran: s
 
 
 def _modules_run_in_training(model: nn.Module, example: Any) -> set[int]:
-    """ids of the modules a train-mode pass runs (gradients off; modes, buffers and the random state put back)."""
+    """ids of the modules a train-mode pass runs (modes, buffers and the random state put back; a model that fails in
+    train mode is the removal check's finding, not the trace's)."""
     ran: set[int] = set()
-    saved = {name: buffer.clone() for name, buffer in model.named_buffers()}
-    modes = {name: module.training for name, module in model.named_modules()}
-    handles = [module.register_forward_hook(lambda m, _i, _o: ran.add(id(m))) for module in model.modules()]
-    try:
-        with torch.random.fork_rng(), torch.no_grad():
-            model.train()
-            call_model(model, example)
-    except Exception:  # a model that fails in train mode is the removal check's finding, not the trace's
-        pass
-    finally:
-        for handle in handles:
-            handle.remove()
-        for name, module in model.named_modules():
-            module.train(modes[name])
-        with torch.no_grad():
-            for name, buffer in model.named_buffers():
-                if name in saved:
-                    buffer.copy_(saved[name])
+    run_failure(model, example, train=True, ran=ran)
     return ran

@@ -180,16 +180,19 @@ def call_model(model: Any, example: Any) -> Any:
     return model(example)
 
 
-def run_failure(model: nn.Module, example: Any, train: bool = False) -> str | None:
+def run_failure(model: nn.Module, example: Any, train: bool = False, ran: set[int] | None = None) -> str | None:
     """Why ``model`` fails to run on ``example`` in eval (or train) mode under no_grad, naming the innermost module that
-    failed (None: it runs). Its modes and buffers (BatchNorm statistics a train-mode pass moves) are put back."""
+    failed (None: it runs). Its modes, buffers (BatchNorm statistics a train-mode pass moves) and the random state (its
+    dropout draws) are put back. ``ran`` collects the ids of the modules that ran."""
     saved = {name: buffer.clone() for name, buffer in model.named_buffers()} if train else {}
     modes = {name: module.training for name, module in model.named_modules()}
     entered: list[str] = []
     handles = [module.register_forward_pre_hook(lambda _m, _i, name=name: entered.append(name)) for name, module in model.named_modules() if name]
     handles += [module.register_forward_hook(lambda _m, _i, _o: entered.pop() and None) for name, module in model.named_modules() if name]
+    if ran is not None:
+        handles += [module.register_forward_hook(lambda m, _i, _o: ran.add(id(m))) for module in model.modules()]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch.random.fork_rng():
             model.train(train)
             call_model(model, example)
         return None
