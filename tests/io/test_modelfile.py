@@ -54,6 +54,39 @@ def test_import_path_factory_needs_trust(tmp_path):
     assert torch.equal(again(x), model(x))
 
 
+TOUCH = {"command": "touch {marker}"}
+SEQUENTIAL = "torchslim.io.modelfile:sequential"
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"factory": "torch.nn.modules.module:torch.os.system", "kwargs": TOUCH},
+        {"factory": "torch.nn.modules.linear:Linear.__init__.__globals__.torch.os.system", "kwargs": TOUCH},
+        {"factory": SEQUENTIAL, "kwargs": {"layers": [["0", {"factory": "torch.nn.modules.linear:torch.os.system", "kwargs": TOUCH}]]}},
+        {"factory": SEQUENTIAL, "kwargs": {"layers": [["0", {"factory": "tests.io.test_modelfile:make_user_net", "kwargs": {}}]]}},
+    ],
+)
+def test_a_file_cannot_run_code_through_the_layers_trusted_without_trust_factory(tmp_path, spec):
+    """torch's own layer classes and the builder of a plain Sequential load without trust_factory; nothing else does,
+    however the import path is dressed up (an attribute path through torch's modules) or nested in a Sequential."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    marker = tmp_path / "ran"
+    good = ts.save(nn.Sequential(nn.Linear(2, 2)), tmp_path / "good.safetensors")
+    with safe_open(str(good), "pt") as handle:
+        metadata, tensors = handle.metadata(), {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118 - a safetensors handle is not iterable
+    metadata["torchslim.spec"] = json.dumps(spec).replace("{marker}", str(marker))
+    save_file(tensors, str(tmp_path / "crafted.safetensors"), metadata=metadata)
+    with pytest.raises(TorchslimError, match="importing it runs its code, so pass trust_factory=True"):
+        ts.load(tmp_path / "crafted.safetensors")
+    assert not marker.exists()
+    assert torch.equal(ts.load(good)(torch.ones(1, 2)), ts.load(good)(torch.ones(1, 2)))
+
+
 def test_a_users_own_class_saves_as_it_can_be_rebuilt(tmp_path):
     """A model without a spec records its class and the constructor arguments its attributes hold, checked by
     rebuilding it; where that cannot give the model, the error says to name the factory, and naming it works."""

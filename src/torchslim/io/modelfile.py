@@ -20,6 +20,7 @@ import importlib
 import json
 import os
 import pickle
+import sys
 import warnings
 from collections import OrderedDict
 from pathlib import Path
@@ -184,10 +185,21 @@ def _resolve_factory(reference: str, where: str):
     return target
 
 
+def _torch_layer(factory: str) -> bool:
+    """Whether ``factory`` names one of torch's own layer classes, ``torch.nn.modules.<module>:<Class>``: the class
+    itself (one name, no attribute path), an ``nn.Module`` subclass defined in that module of torch."""
+    module_name, _, attribute = factory.partition(":")
+    if not module_name.startswith("torch.nn.modules.") or not attribute.isidentifier():
+        return False
+    module = sys.modules.get(module_name)  # torch's own modules, imported with torch: nothing new is imported here
+    target = getattr(module, attribute, None) if module is not None else None
+    return isinstance(target, type) and issubclass(target, nn.Module) and target.__module__ == module_name
+
+
 def _trusted(factory: str, trust_factory: bool | str) -> bool:
-    """Whether an import path may be imported: torch's own layers and torchslim's sequential builder always;
+    """Whether an import path may be imported: torch's own layer classes and torchslim's sequential builder always;
     otherwise ``trust_factory=True`` trusts any, a string exactly that one."""
-    if factory == SEQUENTIAL or factory.startswith("torch.nn.modules."):
+    if factory == SEQUENTIAL or _torch_layer(factory):
         return True
     return trust_factory is True or (isinstance(trust_factory, str) and trust_factory == factory)
 
