@@ -47,9 +47,43 @@ def test_channel_pruning_keeps_the_channels_a_head_the_example_never_ran_may_rea
     result = ts.prune_channels(model, {"ratio": 0.5}, example_input=x)
     pruned = result.model
     assert pruned.stem[0].out_features == 24 and pruned.stem[1].out_features == 32
-    assert any("heads.parity never ran on the example" in note and "stem.1" in note for note in result.report.stages[0].notes)
+    assert (
+        "left intact: channels of stem.1: heads.parity did not run on the example, and heads.digits, run in its place, reads them"
+        in result.report.stages[0].notes
+    )
     pruned.head = "parity"
     assert pruned(x).shape == (8, 2)
+
+
+class Experts(nn.Module):
+    """A mixture of experts whose up and down projections sit in two lists; ``route`` picks the expert, and a layer
+    kept from an older version is never called."""
+
+    def __init__(self, width: int = 16, hidden: int = 24, count: int = 3):
+        super().__init__()
+        self.route = 0
+        self.inp = nn.Linear(64, width)
+        self.up = nn.ModuleList(nn.Linear(width, hidden) for _ in range(count))
+        self.down = nn.ModuleList(nn.Linear(hidden, width) for _ in range(count))
+        self.out = nn.Linear(width, 10)
+        self.old_head = nn.Linear(width, 7)
+
+    def forward(self, x):
+        h = F.relu(self.inp(x))
+        return self.out(h + self.down[self.route](F.relu(self.up[self.route](h))))
+
+
+def test_channel_pruning_of_routed_experts_prunes_their_own_channels_and_keeps_the_stream_every_expert_reads(digits):
+    """The example runs expert 0: the stream every expert reads stays whole (named), each routed expert's own hidden
+    channels are pruned, a layer nothing calls blocks nothing, and every expert still runs after."""
+    x = _flat(digits)[2][:8]
+    result = ts.prune_channels(Experts().eval(), {"ratio": 0.5}, example_input=x)
+    pruned = result.model
+    assert pruned.inp.out_features == 16 and pruned.up[0].out_features == 12
+    assert "left intact: channels of down.0+inp: up.1 did not run on the example, and up.0, run in its place, reads them" in result.report.stages[0].notes
+    for route in range(3):
+        pruned.route = route
+        assert pruned(x).shape == (8, 10)
 
 
 def test_a_plain_sequential_saves_loads_and_goes_through_compress_into_a_file(digits, tmp_path):

@@ -106,8 +106,10 @@ def inferred_spec(model: nn.Module) -> dict[str, Any]:
         return {"huggingface": klass.__name__, "config": json.loads(json.dumps(config.to_dict(), default=str)), "kwargs": {}}
     kwargs: dict[str, Any] = {}
     missing: list[str] = []
-    for name, parameter in list(inspect.signature(klass.__init__).parameters.items())[1:]:
-        if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+    # torch's recurrent layers take *args, **kwargs: their arguments are those of RNNBase (less the mode their class sets)
+    init = nn.RNNBase.__init__ if issubclass(klass, nn.RNNBase) and klass is not nn.RNNBase else klass.__init__
+    for name, parameter in list(inspect.signature(init).parameters.items())[1:]:
+        if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD) or (init is nn.RNNBase.__init__ and name == "mode"):
             continue
         value = getattr(model, name, inspect.Parameter.empty)
         if value is not inspect.Parameter.empty and _json_value(value):
@@ -115,6 +117,8 @@ def inferred_spec(model: nn.Module) -> dict[str, Any]:
                 kwargs[name] = value
         elif parameter.default is inspect.Parameter.empty:
             missing.append(name)
+    if isinstance(getattr(model, "nonlinearity", None), str) and klass is nn.RNN:
+        kwargs["nonlinearity"] = model.nonlinearity
     path = class_path(klass)
     spec: dict[str, Any] = {"factory": path or f"{klass.__module__}:{klass.__qualname__}", "kwargs": kwargs, "inferred": True}
     if path is None:
@@ -147,6 +151,11 @@ def check_spec(spec: Any, where: str) -> dict[str, Any]:
         raise TorchslimError(
             f"{where}: the model's class {spec['factory']} cannot be imported again (defined in a function or in "
             f"__main__); move it to a module, or save with factory='package.module:build' and its kwargs"
+        )
+    if spec.get("missing") and spec.get("factory") == SEQUENTIAL:
+        raise TorchslimError(
+            f"{where}: cannot tell how to rebuild this nn.Sequential: {', '.join(spec['missing'])} "
+            "cannot be recovered from the layers; save a model of a class of your own that builds it, or with factory='package.module:build'"
         )
     if spec.get("missing"):
         raise TorchslimError(

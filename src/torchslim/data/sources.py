@@ -241,6 +241,27 @@ def _reiterable(data: Any, where: str) -> Callable[[], Iterable[Any]]:
     return lambda: data
 
 
+class TorchDatasetSource(DataSource):
+    """A map-style torch ``Dataset`` of single examples, batched by a DataLoader at the batch size a step asks for
+    (``batch_size`` where it asks for none), shuffled for training with the pass's seed, in order for evaluation."""
+
+    kind = "batches"
+
+    def __init__(self, dataset: Any, batch_size: int = 64) -> None:
+        super().__init__(f"{type(dataset).__name__} ({len(dataset):,} examples)")
+        self.dataset, self.batch_size = dataset, batch_size
+        self.notes.append("no separate evaluation data: metrics are measured on the training examples")
+        self.separate_eval = False
+
+    def _batches(self, split: str, batch_size: int | None, shuffle: bool | None, seed: int) -> Iterable[Any]:
+        shuffled = split == "train" if shuffle is None else shuffle
+        generator = torch.Generator().manual_seed(seed)
+        return torch.utils.data.DataLoader(self.dataset, batch_size=batch_size or self.batch_size, shuffle=shuffled, generator=generator)
+
+    def batches_per_epoch(self, batch_size: int | None) -> int | None:
+        return -(-len(self.dataset) // (batch_size or self.batch_size))
+
+
 class CombinedSource(DataSource):
     """Training batches from one source, evaluation batches from another."""
 
@@ -365,12 +386,8 @@ def as_source(data: Any, model: Any = None, batch_size: int = 64) -> DataSource:
     if isinstance(data, Mapping):
         raise TorchslimError("data: a single mapping is one batch; pass a list of batches or a DataLoader")
     if isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.utils.data.IterableDataset) and hasattr(data, "__len__"):
-        # a torch Dataset of single examples (a TensorDataset, the user's own): batched as a DataLoader would, shuffled
-        loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True)
-        source = LoaderSource(loader, description=f"{type(data).__name__} ({len(data):,} examples, shuffled batches of {batch_size})")
-        source.notes.append(f"a torch Dataset given: batches of {batch_size} drawn by a shuffling DataLoader")
-        return source
+        return TorchDatasetSource(data, batch_size)  # a torch Dataset of single examples (a TensorDataset, the user's own)
     return LoaderSource(data)
 
 
-__all__ = ["CombinedSource", "Data", "DataSource", "DatasetSource", "LoaderSource", "TensorSource", "TextSource", "as_source"]
+__all__ = ["CombinedSource", "Data", "DataSource", "DatasetSource", "LoaderSource", "TensorSource", "TextSource", "TorchDatasetSource", "as_source"]

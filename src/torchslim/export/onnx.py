@@ -28,6 +28,8 @@ from torchslim.core.files import ModelFormat, refuse_overwrite, register_format,
 from torchslim.core.modes import eval_mode
 
 INPUT_NAME, OUTPUT_NAME = "input", "output"
+# keyword inputs that go with a main one (never fed as a model's only input in its place)
+SECONDARY_INPUTS = ("attention_mask", "token_type_ids", "position_ids", "head_mask", "past_key_values")
 
 
 class KeywordInputs(nn.Module):
@@ -157,7 +159,8 @@ def input_plan(
         tensors = tuple(example_input[k] for k in names)
     axes = _input_axes(names, tensors, dynamic_batch, dynamic_axes)
     keyed = isinstance(example_input, Mapping)
-    lead = next((t for t in tensors if t.dim() >= 2 and (keyed or not t.is_floating_point())), None) if dynamic_sequence else None
+    # token ids: keyword inputs of two or more axes, or integer tensors of (batch, length) given positionally (not images)
+    lead = next((t for t in tensors if (t.dim() >= 2 if keyed else t.dim() == 2 and not t.is_floating_point())), None) if dynamic_sequence else None
     if lead is None or lead.shape[1] < 2:
         return names, tensors, axes
     shared = [index for index, tensor in enumerate(tensors) if tensor.dim() >= 2 and tensor.shape[1] == lead.shape[1]]
@@ -414,7 +417,7 @@ def run_onnx(session: Any, inputs: Any) -> torch.Tensor:
 def run_onnx_outputs(session: Any, inputs: Any) -> list[torch.Tensor]:
     """Every output of a session run on ``inputs`` (as ``run_onnx`` takes them), in the model's order."""
     wanted = [i.name for i in session.get_inputs()]
-    if isinstance(inputs, Mapping) and len(inputs) == 1 and len(wanted) == 1 and wanted[0] not in inputs:
+    if isinstance(inputs, Mapping) and len(inputs) == 1 and wanted == [INPUT_NAME] and next(iter(inputs)) not in SECONDARY_INPUTS:
         inputs = next(iter(inputs.values()))  # {"input_ids": ids} for a model exported with one positional input
     if isinstance(inputs, Mapping):
         missing = [name for name in wanted if name not in inputs]

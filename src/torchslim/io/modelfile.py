@@ -226,7 +226,9 @@ def build_from_spec(spec: dict[str, Any], trust_factory: bool | str = False, whe
             if not isinstance(model, nn.Module):
                 raise TorchslimError(f"{where}: factory {spec['factory']!r} returned {type(model).__name__}, not an nn.Module")
         model = apply_transforms(model, spec.get("transforms", []), where)
-    except TorchslimError:
+    except TorchslimError as error:
+        if spec.get("factory") == SEQUENTIAL and not str(error).startswith(where):
+            raise TorchslimError(f"{where}: nn.Sequential {error}") from None  # a layer's failure, named with the file
         raise
     except (TypeError, ValueError, KeyError, IndexError, AttributeError, RuntimeError) as error:
         raise TorchslimError(f"{where}: the architecture spec does not build a model ({type(error).__name__}: {error})") from None

@@ -103,39 +103,42 @@ def trace(model: nn.Module, example_input: Any) -> ChannelGraph:
     return graph
 
 
-def _input_width(module: nn.Module) -> int | None:
-    """The channels a layer reads: a Linear's in_features, a conv's in_channels, a norm's features."""
-    for attribute in ("in_features", "in_channels", "num_features", "num_channels"):
-        value = getattr(module, attribute, None)
-        if isinstance(value, int):
-            return value
-    shape = getattr(module, "normalized_shape", None)
-    return int(shape[-1]) if isinstance(shape, tuple) and shape else None
-
-
 def _block_for_unrun(graph: ChannelGraph, model: nn.Module, example: Any, ran: set[int]) -> None:
-    """Layers the example never ran in eval mode nor in train mode (a head chosen by a runtime key, a branch the
-    example did not take) may read any set of channels as wide as their input: those sets are kept whole and named."""
-    unrun = {name: module for name, module in model.named_modules() if id(module) not in ran and any(True for _ in module.parameters(recurse=False))}
-    unrun = {name: module for name, module in unrun.items() if _input_width(module) is not None}
-    if not unrun:
+    """A layer of one entry of an ``nn.ModuleDict`` / ``nn.ModuleList`` that the example ran in neither eval nor train
+    mode, while the same layer of another entry ran (a head or an expert chosen at run time), reads what that sibling
+    read: the channels the sibling consumes from outside its own branch (the same entry of any container: an expert's
+    up and down projections in two lists) are kept whole and named. Layers whose weights
+    their parent reads directly (``nn.MultiheadAttention``'s out_proj) or that nothing calls are not such a branch."""
+    containers = {name: module for name, module in model.named_modules() if name and isinstance(module, (nn.ModuleDict, nn.ModuleList))}
+    modules = dict(model.named_modules())
+    branches = []  # (unrun layer, its container, its entry, the path inside the entry)
+    for name, module in modules.items():
+        if id(module) in ran or not any(True for _ in module.parameters(recurse=False)):
+            continue
+        container = max((c for c in containers if name.startswith(c + ".")), key=len, default=None)
+        if container is not None:
+            entry, _, rest = name[len(container) + 1 :].partition(".")
+            branches.append((name, container, entry, rest))
+    if not branches:
         return
     trained = _modules_run_in_training(model, example)
-    widths = {name: _input_width(module) for name, module in unrun.items() if id(module) not in trained}
-    if not widths:
-        return
     groups = [g for g in graph.groups() if g.prunable and g.layers]
-    sizes: dict[tuple[str, ...], int] = {}
-    for g in groups:
-        sizes[g.layers] = sizes.get(g.layers, 0) + 1
-    for layers, size in sizes.items():
-        readers = [name for name, width in widths.items() if width == size]
-        if readers:
-            reason = (
-                f"channels of {'+'.join(layers)}: {', '.join(readers)} never ran on the example (a branch it did not take) and "
-                f"take{'s' if len(readers) == 1 else ''} {size} inputs, as many as these channels, so may read them"
-            )
-            graph.block([g.id for g in groups if g.layers == layers], reason)
+    for name, container, entry, rest in branches:
+        if id(modules[name]) in trained:
+            continue
+        for other, _ in containers[container].named_children():
+            sibling = f"{container}.{other}" + (f".{rest}" if rest else "")
+            if other == entry or sibling not in modules or id(modules[sibling]) not in ran:
+                continue
+
+            def own(layer: str, index: str = other) -> bool:  # a layer of the sibling's own branch (entry ``index`` of any container)
+                return any(layer == f"{c}.{index}" or layer.startswith(f"{c}.{index}.") for c in containers)
+
+            read = [g for g in groups if any(c.module == sibling for c in g.consumers) and not all(own(layer) for layer in g.layers)]
+            for layers in {g.layers for g in read}:
+                reason = f"channels of {'+'.join(layers)}: {name} did not run on the example, and {sibling}, run in its place, reads them"
+                graph.block([g.id for g in read if g.layers == layers], reason)
+            break
 
 
 def _modules_run_in_training(model: nn.Module, example: Any) -> set[int]:

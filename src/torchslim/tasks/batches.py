@@ -175,6 +175,8 @@ def call_model(model: Any, example: Any) -> Any:
     if isinstance(example, Mapping):
         args, kwargs = keyword_or_positional(model, dict(example))
         return model(*args, **kwargs)
+    if isinstance(example, list) and len(example) > 1 and all(isinstance(t, torch.Tensor) for t in example) and not takes_one_input(model):
+        example = tuple(example)  # a list of a model's positional inputs, as a user may give an example
     if isinstance(example, tuple):
         return model(list(example)) if len(example) > 1 and takes_one_input(model) else model(*example)
     return model(example)
