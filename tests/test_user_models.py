@@ -6,6 +6,8 @@ and the Shakespeare text of ../shared/data (skipped without it)."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -290,3 +292,69 @@ def test_channel_pruning_keeps_a_channels_last_model_channels_last(digits):
     pruned = ts.prune_channels(model, {"ratio": 0.5}, example_input=x).model
     assert pruned.c1.out_channels == 8 and pruned.c1.weight.is_contiguous(memory_format=torch.channels_last)
     assert torch.allclose(pruned(x), pruned(x.contiguous()), atol=1e-6)
+
+
+class LengthScaled(nn.Module):
+    """Token ids pooled and scaled by a length the trace records as a constant (``math.sqrt(idx.shape[1])``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(17, 16)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, idx):
+        return self.head(self.emb(idx).sum(1) / math.sqrt(idx.shape[1]))
+
+
+def test_exports_keep_an_input_fixed_where_another_length_would_give_other_values(tmp_path):
+    """A dynamic sequence that would give other values at another length is given up for the example's length (noted),
+    not a failed export; integer images (uint8 pixels) keep their height and width."""
+    ids = torch.randint(0, 17, (2, 12))
+    result = ts.export(LengthScaled().eval(), "onnx", ids, tmp_path / "scaled.onnx")
+    assert [tuple(i.shape) for i in result.model.session.get_inputs()] == [("batch", 12)]
+    assert any("failed at another sequence length" in note for note in result.report.stages[0].notes)
+    pixels = (torch.rand(2, 8, 8) * 255).to(torch.uint8)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+
+    def as_float(module, inputs):
+        return (inputs[0].float() / 255,)
+
+    model.register_forward_pre_hook(as_float)
+    engine = ts.export(model.eval(), "onnx", pixels, tmp_path / "pixels.onnx").model
+    assert [tuple(i.shape) for i in engine.session.get_inputs()] == [("batch", 8, 8)]
+
+
+def test_a_list_example_of_two_inputs_exports_and_a_static_batch_stays_static_in_pt2(tmp_path):
+    signal, extra = torch.randn(2, 8, 16), torch.randn(2, 5)
+
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv1d(8, 3, 3, padding=1), nn.Linear(5, 3)
+
+        def forward(self, x, y):
+            return self.a(x).mean(2) + self.b(y)
+
+    model = TwoInputs().eval()
+    engine = ts.export(model, "onnx", [signal, extra], tmp_path / "two.onnx", dynamic_axes={"input": [2]}).model
+    assert torch.allclose(engine(signal[:, :, :9], extra), model(signal[:, :, :9], extra), atol=1e-5)
+    program = ts.export(model, "pt2", (signal, extra), tmp_path / "two.pt2", dynamic_batch=False, dynamic_axes={"input": [2]}).model
+    assert torch.allclose(program(signal[:, :, :7], extra), model(signal[:, :, :7], extra), atol=1e-5)
+    with pytest.raises(Exception, match="size"):
+        program(torch.randn(5, 8, 16), torch.randn(5, 5))  # the batch stayed the example's
+
+
+def test_a_torch_dataset_is_batched_at_the_size_asked_for_and_a_recurrent_sequential_saves(tmp_path):
+    from torch.utils.data import TensorDataset
+
+    from torchslim.data.sources import as_source
+
+    dataset = TensorDataset(torch.randn(200, 8), torch.randint(0, 3, (200,)))
+    source = as_source(dataset)
+    assert [len(b[1]) for b in source.batches("train", batch_size=64)] == [64, 64, 64, 8] and source.batches_per_epoch(16) == 13
+    first = [next(iter(source.batches("train", batch_size=16, seed=s)))[1].tolist() for s in (1, 1, 2)]
+    assert first[0] == first[1] != first[2]
+    recurrent = nn.Sequential(nn.LSTM(8, 6, batch_first=True))
+    loaded = ts.load(ts.save(recurrent, tmp_path / "lstm.safetensors"))
+    x = torch.randn(2, 5, 8)
+    assert torch.equal(loaded(x)[0], recurrent(x)[0])
