@@ -358,3 +358,17 @@ def test_a_torch_dataset_is_batched_at_the_size_asked_for_and_a_recurrent_sequen
     loaded = ts.load(ts.save(recurrent, tmp_path / "lstm.safetensors"))
     x = torch.randn(2, 5, 8)
     assert torch.equal(loaded(x)[0], recurrent(x)[0])
+
+
+def test_a_replaced_layers_forward_hooks_are_named(digits):
+    """Quantizing or factorizing replaces a layer: hooks the user registered on it stay on the old object, and the
+    notes say so (the caller's model keeps them)."""
+    model = Plain().eval()
+    seen = []
+    model.fc1.register_forward_hook(lambda _m, _i, out: seen.append(out.shape))
+    notes = ts.quantize(model, {"weights": {"bits": 8}}).report.stages[0].notes
+    assert "fc1: its 1 forward hook(s) stay on the original layer; the quantized layer does not run them (register them on it again)" in notes
+    notes = ts.factorize(model, {"rank": 4, "layers": {"include": ["fc1"]}}, example_input=digits.test.inputs[:2]).report.stages[0].notes
+    assert any(note.startswith("fc1: its 1 forward hook(s) stay on the original layer; the factorized layer") for note in notes)
+    model(digits.test.inputs[:2])
+    assert seen  # the caller's model still runs its hook

@@ -183,6 +183,14 @@ def set_module_everywhere(model: nn.Module, name: str, module: nn.Module) -> lis
     return names
 
 
+def hook_note(name: str, module: nn.Module, how: str) -> str | None:
+    """A note for a layer about to be replaced that carries forward hooks (the user's: they stay on the old object)."""
+    count = len(module._forward_hooks) + len(module._forward_pre_hooks)
+    if not count:
+        return None
+    return f"{name}: its {count} forward hook(s) stay on the original layer; the {how} layer does not run them (register them on it again)"
+
+
 def weight_of(module: nn.Module) -> torch.Tensor:
     """A module's ``weight`` as a tensor (as the forward pass computes it)."""
     weight = module.weight
