@@ -113,13 +113,14 @@ def test_fractional_targets_are_refused_as_class_labels_and_the_error_names_the_
     """Regression values read as labels would all fall into class 0 (a loss of 0 that trains nothing); the error says
     so and names Task.custom, and the same data trains with the user's own task."""
     train, _ = regression_loaders()
+    torch.manual_seed(0)
     model = Regressor()
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(TorchslimError, match=r"fractional numbers .* not class labels; .*Task\.custom"):
         ts.train(model, train, {"epochs": 1}, progress=False)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the user's model untouched
-    result = ts.train(model, train, {"epochs": 2, "lr": 0.05}, task=mse_task(), progress=False)
-    assert result.report.stages[0].metrics["mse"] < 0.1
+    result = ts.train(model, train, {"epochs": 4, "lr": 0.05}, task=mse_task(), progress=False)
+    assert result.report.stages[0].metrics["mse"] < 0.08  # predicting the mean: 0.101
 
 
 def test_a_one_output_model_is_refused_by_classification():

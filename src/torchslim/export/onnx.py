@@ -26,222 +26,22 @@ from torch import nn
 from torchslim.core.errors import TorchslimError
 from torchslim.core.files import ModelFormat, refuse_overwrite, register_format, write_atomic
 from torchslim.core.modes import eval_mode
-
-INPUT_NAME, OUTPUT_NAME = "input", "output"
-# keyword inputs that go with a main one (never fed as a model's only input in its place)
-SECONDARY_INPUTS = ("attention_mask", "token_type_ids", "position_ids", "head_mask", "past_key_values")
-
-
-class KeywordInputs(nn.Module):
-    """``model(**dict(zip(names, tensors)))`` as a module of positional tensors returning one tensor (for export)."""
-
-    def __init__(self, model: nn.Module, names: list[str]) -> None:
-        super().__init__()
-        self.model, self.names = model, list(names)
-
-    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
-        from torchslim.tasks.batches import output_tensor
-
-        return output_tensor(self.model(**dict(zip(self.names, tensors))))
-
-
-class ViewsAsList(nn.Module):
-    """A model whose forward takes one list of tensors (its views), as a module of positional tensors (for export)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, *tensors: torch.Tensor) -> Any:
-        return self.model(list(tensors))
-
-
-class Positional(nn.Module):
-    """``model(*tensors)`` behind a forward of positional tensors only: the TorchScript exporter passes a forward's
-    keyword-only arguments (``forward(self, x, *, temperature=1.0)``) as positional ones, which fails."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, *tensors: torch.Tensor) -> Any:
-        return self.model(*tensors)
-
-
-def positional_module(model: nn.Module, inputs: int) -> nn.Module:
-    """``model`` as a module called with ``inputs`` positional tensors: wrapped in ``ViewsAsList`` where its forward
-    takes one list of them, in ``Positional`` where it has keyword-only arguments."""
-    import inspect
-
-    from torchslim.tasks.batches import takes_one_input
-
-    if inputs > 1 and takes_one_input(model):
-        return ViewsAsList(model).eval()
-    try:
-        keyword_only = any(p.kind == inspect.Parameter.KEYWORD_ONLY for p in inspect.signature(model.forward).parameters.values())
-    except (TypeError, ValueError):
-        keyword_only = False
-    return Positional(model).eval() if keyword_only else model
-
-
-class FlatOutputs(nn.Module):
-    """A model whose output is a tuple or list of tensors, or a plain dict of them, as a module returning those tensors
-    as a tuple (each its own ONNX output); ``names`` are the dict's keys (None for a sequence)."""
-
-    def __init__(self, model: nn.Module, names: list[str] | None) -> None:
-        super().__init__()
-        self.model, self.names = model, names
-
-    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        output = self.model(*tensors)
-        return tuple(output[name] for name in self.names) if self.names is not None else tuple(output)
-
-
-def output_layout(output: Any) -> dict[str, Any] | None:
-    """How an exported model's outputs rebuild the model's own: ``{"kind": "tuple" | "list", "count": n}`` for a
-    sequence of tensors, ``{"kind": "dict", "names": [...]}`` for a plain dict of tensors; None for one tensor (or any
-    other output, of which the tensor a task reads is exported)."""
-    if isinstance(output, (tuple, list)) and len(output) > 1 and all(isinstance(t, torch.Tensor) for t in output):
-        return {"kind": type(output).__name__, "count": len(output)}
-    if type(output) is dict and len(output) > 1 and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in output.items()):
-        return {"kind": "dict", "names": list(output)}
-    return None
-
-
-def output_names(layout: dict[str, Any] | None) -> list[str]:
-    """The ONNX output names of a layout: ``output`` for one tensor, ``output``, ``output_1``, ... for a sequence, the
-    dict's keys for a dict."""
-    if layout is None:
-        return [OUTPUT_NAME]
-    if layout["kind"] == "dict":
-        return list(layout["names"])
-    return [OUTPUT_NAME] + [f"{OUTPUT_NAME}_{index}" for index in range(1, layout["count"])]
-
-
-def _input_axes(names: list[str], tensors: tuple, dynamic_batch: bool, dynamic_axes: Mapping[str, Any] | None) -> dict[str, dict[int, str]]:
-    """Each input's dynamic axes: the batch (axis 0) and those ``dynamic_axes`` names per input (``{"input": {2:
-    "length"}}``, or a list of axes, labelled by input and axis)."""
-    unknown = sorted(set(dynamic_axes or {}) - set(names))
-    if unknown:
-        raise TorchslimError(f"ONNX export: dynamic_axes names inputs {unknown}; the model's inputs are {names}")
-    axes: dict[str, dict[int, str]] = {}
-    for name, tensor in zip(names, tensors):
-        axes[name] = {0: "batch"} if dynamic_batch else {}
-        wanted = (dynamic_axes or {}).get(name, {})
-        for axis, label in wanted.items() if isinstance(wanted, Mapping) else ((a, f"{name}_axis{a}") for a in wanted):
-            if not isinstance(axis, int) or not -tensor.dim() <= axis < tensor.dim():
-                raise TorchslimError(f"ONNX export: dynamic_axes[{name!r}] names axis {axis!r}; the input has {tensor.dim()} axes {tuple(tensor.shape)}")
-            axes[name][axis % tensor.dim()] = str(label)
-    return axes
-
-
-def input_plan(
-    example_input: Any,
-    dynamic_batch: bool = True,
-    dynamic_sequence: bool = True,
-    dynamic_axes: Mapping[str, Any] | None = None,
-    model: nn.Module | None = None,
-) -> tuple[list[str], tuple, dict[str, dict[int, str]]]:
-    """The ONNX inputs of an example: their names, tensors and dynamic axes (by input name, axis: label). With
-    ``dynamic_sequence``, every keyword input of the first's length has a dynamic sequence (axis 1); so have token ids
-    given positionally (integer inputs of two or more axes, and the inputs of their length) where ``model`` runs on
-    them a quarter shorter (a model that flattens a fixed length keeps it)."""
-    if isinstance(example_input, (tuple, list)) and len(example_input) > 1 and all(isinstance(t, torch.Tensor) for t in example_input):
-        # a model of several positional inputs, model(a, b): each its own ONNX input
-        names = [INPUT_NAME] + [f"{INPUT_NAME}_{index}" for index in range(1, len(example_input))]
-        tensors = tuple(example_input)
-    elif not isinstance(example_input, Mapping):
-        names, tensors = [INPUT_NAME], (example_input,)
-    else:
-        names = [k for k, v in example_input.items() if isinstance(v, torch.Tensor)]
-        if not names:
-            raise TorchslimError("ONNX export: the example input mapping holds no tensors")
-        tensors = tuple(example_input[k] for k in names)
-    axes = _input_axes(names, tensors, dynamic_batch, dynamic_axes)
-    keyed = isinstance(example_input, Mapping)
-    # token ids: keyword inputs of two or more axes, or integer tensors of (batch, length) given positionally (not images)
-    lead = next((t for t in tensors if (t.dim() >= 2 if keyed else t.dim() == 2 and not t.is_floating_point())), None) if dynamic_sequence else None
-    if lead is None or lead.shape[1] < 2:
-        return names, tensors, axes
-    shared = [index for index, tensor in enumerate(tensors) if tensor.dim() >= 2 and tensor.shape[1] == lead.shape[1]]
-    if not keyed and not _runs_shorter(None if model is None else positional_module(model, len(tensors)), tensors, shared):
-        return names, tensors, axes
-    for index in shared:
-        axes[names[index]].setdefault(1, "sequence")
-    return names, tensors, axes
-
-
-def _runs_shorter(model: nn.Module | None, tensors: tuple, shared: list[int]) -> bool:
-    """Whether ``model`` runs on ``tensors`` with axis 1 of those at ``shared`` a quarter shorter (eval mode)."""
-    if model is None:
-        return False
-    length = tensors[shared[0]].shape[1]
-    shorter = tuple(t.narrow(1, 0, length - max(1, length // 4)) if index in shared else t for index, t in enumerate(tensors))
-    try:
-        with eval_mode(model), torch.no_grad():
-            model(*shorter)
-        return True
-    except Exception:  # a model of one fixed length: its sequence stays fixed
-        return False
-
-
-def _export_plan(
-    model: nn.Module, example_input: Any, dynamic_batch: bool, dynamic_sequence: bool, dynamic_axes: Mapping[str, Any] | None = None
-) -> tuple[nn.Module, tuple, list[str], dict[str, dict[int, str]], dict[str, Any] | None]:
-    """What to export: the module, its positional inputs, their names, the dynamic axes and the output layout."""
-    names, tensors, axes = input_plan(example_input, dynamic_batch, dynamic_sequence, dynamic_axes, model)
-    module = KeywordInputs(model, names).eval() if isinstance(example_input, Mapping) else positional_module(model, len(tensors))
-    with torch.no_grad():
-        output = module(*tensors)
-    layout = output_layout(output)
-    if layout is not None:
-        module = FlatOutputs(module, layout.get("names"))
-    # the outputs' batch axis; their other axes follow the inputs' as the exporter traces them
-    for name in output_names(layout):
-        axes[name] = {0: "batch"} if dynamic_batch else {}
-    first = output_tensor_of(output)
-    if any("sequence" in axes.get(n, {}).values() for n in names) and first.dim() >= 3 and tensors[0].dim() >= 2 and first.shape[1] == tensors[0].shape[1]:
-        axes[output_names(layout)[0]][1] = "sequence"
-    return module, tensors, names, {k: v for k, v in axes.items() if v}, layout
-
-
-LAYOUT_KEY = "torchslim.outputs"
-
-
-def set_output_layout(path: str | os.PathLike[str], layout: dict[str, Any]) -> None:
-    """Record an output layout in an ONNX file's metadata (``OnnxModule`` rebuilds the model's outputs from it)."""
-    import onnx
-
-    proto = onnx.load(str(path))
-    copy_output_layout(proto, layout)
-    onnx.save(proto, str(path))
-
-
-def copy_output_layout(proto: Any, layout: dict[str, Any] | None) -> None:
-    """Set (or, for None, leave) the output layout entry of an ONNX model proto's metadata."""
-    import json
-
-    if layout is None:
-        return
-    kept = [entry for entry in proto.metadata_props if entry.key != LAYOUT_KEY]
-    del proto.metadata_props[:]
-    proto.metadata_props.extend(kept)
-    entry = proto.metadata_props.add()
-    entry.key, entry.value = LAYOUT_KEY, json.dumps(layout)
-
-
-def read_output_layout(session: Any) -> dict[str, Any] | None:
-    """The output layout an ONNX Runtime session's model records (None: its first output is the model's output)."""
-    import json
-
-    value = session.get_modelmeta().custom_metadata_map.get(LAYOUT_KEY)
-    return json.loads(value) if value else None
-
-
-def output_tensor_of(output: Any) -> torch.Tensor:
-    from torchslim.tasks.batches import output_tensor
-
-    return output_tensor(output)
+from torchslim.export.signature import (
+    INPUT_NAME,
+    OUTPUT_NAME,
+    SECONDARY_INPUTS,
+    KeywordInputs,
+    Positional,
+    ViewsAsList,
+    as_called,
+    export_plan,
+    input_plan,
+    output_layout,
+    output_names,
+    positional_module,
+    read_output_layout,
+    set_output_layout,
+)
 
 
 @contextlib.contextmanager
@@ -292,7 +92,7 @@ def export_onnx(
     try:
         with eval_mode(model), torch.no_grad(), warnings.catch_warnings(), _eager_attention(model):
             warnings.simplefilter("ignore")
-            module, inputs, names, axes, layout = _export_plan(model, example_input, dynamic_batch, dynamic_sequence, dynamic_axes)
+            module, inputs, names, axes, layout = export_plan(model, example_input, dynamic_batch, dynamic_sequence, dynamic_axes)
             outputs = output_names(layout)
             if exporter == "torchscript":
                 torch.onnx.export(
@@ -396,18 +196,6 @@ def onnx_session(path: str | os.PathLike[str] | bytes, threads: int = 2, spinnin
     return ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
 
 
-def as_called(model: nn.Module, example: Any) -> Any:
-    """The example as ``model`` is called with it: a mapping of one input its forward takes no keyword for
-    (``forward(idx)`` fed ``{"input_ids": ...}``) is that one tensor, given positionally."""
-    from torchslim.tasks.batches import keyword_or_positional
-
-    if isinstance(example, Mapping):
-        args, _ = keyword_or_positional(model, dict(example))
-        if args:
-            return args[0]
-    return example
-
-
 def run_onnx(session: Any, inputs: Any) -> torch.Tensor:
     """Run a session on one tensor (its first input), a tuple of tensors (its inputs in order), or a mapping of named
     inputs (those the model has; a missing one is an error that names what the model takes): its first output."""
@@ -483,3 +271,24 @@ def _save_onnx(model: nn.Module, path: Path, overwrite: bool = True) -> Path:
 
 
 register_format(ModelFormat(".onnx", save=_save_onnx, load=lambda path, trust_factory=False: OnnxModule(path)))
+
+
+__all__ = [
+    "INPUT_NAME",
+    "OUTPUT_NAME",
+    "KeywordInputs",
+    "OnnxModule",
+    "Positional",
+    "ViewsAsList",
+    "as_called",
+    "constant_lookup",
+    "export_onnx",
+    "input_plan",
+    "onnx_session",
+    "output_layout",
+    "positional_module",
+    "replace_graph_nodes",
+    "run_onnx",
+    "run_onnx_outputs",
+    "weight_product",
+]
