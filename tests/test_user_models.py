@@ -288,9 +288,12 @@ def test_a_torch_dataset_of_single_examples_is_batched(digits):
 
 def test_channel_pruning_keeps_a_channels_last_model_channels_last(digits):
     x = digits.test.inputs[:4].contiguous(memory_format=torch.channels_last)
-    model = Plain().eval().to(memory_format=torch.channels_last)
+    model = nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)
+    )
+    model = model.eval().to(memory_format=torch.channels_last)
     pruned = ts.prune_channels(model, {"ratio": 0.5}, example_input=x).model
-    assert pruned.c1.out_channels == 8 and pruned.c1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert pruned[2].in_channels == 8 and all(pruned[i].weight.is_contiguous(memory_format=torch.channels_last) for i in (0, 2))
     assert torch.allclose(pruned(x), pruned(x.contiguous()), atol=1e-6)
 
 
