@@ -97,16 +97,13 @@ def main() -> None:
     only = only_rows([_label(*run) for run in RUNS])
     options = arguments(__doc__)
     data = load_mnist(options.data_root, options.quick)
-    results: dict = {}
     previous = json.loads((Path(__file__).parent / "results" / "variational.json").read_text())["results"] if only else {}
-    rows, stage_rows = [], []
+    known = {f"{run[0]}: {_label(*run)}" for run in RUNS}
+    results: dict = {key: entry for key, entry in previous.items() if key in known}  # the rows kept, the new ones added as they finish
     for name, kl_weight, epochs, tune_epochs, tuning, bits, teacher, clip in RUNS[:1] + RUNS[-1:] if options.quick else RUNS:
         label = _label(name, kl_weight, epochs, tune_epochs, tuning, bits, teacher, clip)
         if only and label not in only and f"{name}: {label}" in previous:
-            entry = results[f"{name}: {label}"] = previous[f"{name}: {label}"]
-            rows.append(_row(entry))
-            stage_rows += [[name, label, row["name"], f"{row['weights']:,}", f"{100 * row['sparsity']:.2f}%"] for row in entry["per_layer"]]
-            continue
+            continue  # kept from the last saved results
         dense = trained_baseline(name, data, options.quick)
         dense_error = ts.evaluate(dense, data)["error"]
         parameters = sum(p.numel() for p in dense.parameters())
@@ -141,9 +138,18 @@ def main() -> None:
             "seconds": seconds,
         }
         results[f"{name}: {label}"] = entry
-        rows.append(_row(entry))
-        stage_rows += [[name, label, row["name"], f"{row['weights']:,}", f"{100 * row['sparsity']:.2f}%"] for row in entry["per_layer"]]
-        print(rows[-1], flush=True)
+        print(_row(entry), flush=True)
+        _write(results, options)  # after every row: a run stopped later keeps the rows it finished
+    _write(results, options)
+
+
+def _write(results: dict, options) -> None:
+    """The results file and the BENCHMARKS.md section, rows in the order of ``RUNS``."""
+    entries = [results[key] for key in (f"{run[0]}: {_label(*run)}" for run in RUNS) if key in results]
+    rows = [_row(entry) for entry in entries]
+    stage_rows = [
+        [entry["model"], entry["run"], row["name"], f"{row['weights']:,}", f"{100 * row['sparsity']:.2f}%"] for entry in entries for row in entry["per_layer"]
+    ]
     table = markdown.table(
         [
             "model",
