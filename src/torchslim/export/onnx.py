@@ -29,7 +29,6 @@ from torchslim.core.modes import eval_mode
 from torchslim.export.signature import (
     INPUT_NAME,
     OUTPUT_NAME,
-    SECONDARY_INPUTS,
     KeywordInputs,
     Positional,
     ViewsAsList,
@@ -41,6 +40,7 @@ from torchslim.export.signature import (
     positional_module,
     read_output_layout,
     set_output_layout,
+    sole_input,
 )
 
 
@@ -205,8 +205,7 @@ def run_onnx(session: Any, inputs: Any) -> torch.Tensor:
 def run_onnx_outputs(session: Any, inputs: Any) -> list[torch.Tensor]:
     """Every output of a session run on ``inputs`` (as ``run_onnx`` takes them), in the model's order."""
     wanted = [i.name for i in session.get_inputs()]
-    if isinstance(inputs, Mapping) and len(inputs) == 1 and wanted == [INPUT_NAME] and next(iter(inputs)) not in SECONDARY_INPUTS:
-        inputs = next(iter(inputs.values()))  # {"input_ids": ids} for a model exported with one positional input
+    inputs = sole_input(inputs, wanted)  # {"input_ids": ids} for a model exported with one positional input
     if isinstance(inputs, Mapping):
         missing = [name for name in wanted if name not in inputs]
         if missing:
@@ -290,5 +289,6 @@ __all__ = [
     "replace_graph_nodes",
     "run_onnx",
     "run_onnx_outputs",
+    "sole_input",
     "weight_product",
 ]

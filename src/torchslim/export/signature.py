@@ -63,15 +63,20 @@ def positional_module(model: nn.Module, inputs: int) -> nn.Module:
     takes one list of them, in ``Positional`` where it has keyword-only arguments."""
     import inspect
 
-    from torchslim.tasks.batches import takes_one_input
+    from torchslim.tasks.batches import forward_parameters, takes_one_input
 
     if inputs > 1 and takes_one_input(model):
         return ViewsAsList(model).eval()
-    try:
-        keyword_only = any(p.kind == inspect.Parameter.KEYWORD_ONLY for p in inspect.signature(model.forward).parameters.values())
-    except (TypeError, ValueError):
-        keyword_only = False
+    keyword_only = any(p.kind == inspect.Parameter.KEYWORD_ONLY for p in forward_parameters(model) or [])
     return Positional(model).eval() if keyword_only else model
+
+
+def sole_input(inputs: Any, wanted: list[str]) -> Any:
+    """``inputs`` as a file of one positional input takes them: a mapping of one main input (``{"input_ids": ids}``,
+    not a mask) under another name is that tensor; anything else as it is."""
+    if isinstance(inputs, Mapping) and len(inputs) == 1 and wanted == [INPUT_NAME] and INPUT_NAME not in inputs and next(iter(inputs)) not in SECONDARY_INPUTS:
+        return next(iter(inputs.values()))
+    return inputs
 
 
 class FlatOutputs(nn.Module):

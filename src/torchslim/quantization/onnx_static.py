@@ -39,7 +39,7 @@ from torch import nn
 
 from torchslim.core.config import Config, check
 from torchslim.core.errors import TorchslimError
-from torchslim.export.onnx import INPUT_NAME, OnnxModule, as_called, constant_lookup, export_onnx, replace_graph_nodes, weight_product
+from torchslim.export.onnx import INPUT_NAME, OnnxModule, as_called, constant_lookup, export_onnx, replace_graph_nodes, sole_input, weight_product
 from torchslim.tasks.batches import example_of
 
 DEFAULT_FLOAT_BELOW_DB = 20.0  # transformers: products whose static-grid input SQNR is lower stay float
@@ -129,11 +129,9 @@ class _Reader:
         for batch in batches:
             if len(taken) >= limit:
                 break
-            inputs = example_of(batch)
+            inputs = sole_input(example_of(batch), names)  # {"input_ids": ids} for forward(idx): one positional input
             if isinstance(inputs, torch.Tensor):
                 taken.append({names[0]: inputs.detach().cpu()})
-            elif isinstance(inputs, dict) and len(inputs) == 1 and len(names) == 1 and names[0] not in inputs:
-                taken.append({names[0]: next(iter(inputs.values())).detach().cpu()})  # {"input_ids": ids} for forward(idx)
             elif isinstance(inputs, dict):
                 missing = [n for n in names if n not in inputs]
                 if missing:

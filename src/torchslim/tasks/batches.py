@@ -84,13 +84,13 @@ def keyword_or_positional(model: Any, inputs: dict[str, Any]) -> tuple[tuple, di
     ``{"input_ids": ...}`` batches), the one input given positionally."""
     if model is None or len(inputs) != 1:
         return (), inputs
-    parameters = _forward_parameters(model)
+    parameters = forward_parameters(model)
     if parameters is None or any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters) or next(iter(inputs)) in {p.name for p in parameters}:
         return (), inputs
     return (next(iter(inputs.values())),), {}
 
 
-def _forward_parameters(model: Any) -> list[inspect.Parameter] | None:
+def forward_parameters(model: Any) -> list[inspect.Parameter] | None:
     """The parameters of ``model``'s forward (of the module a compiled or DDP-wrapped model holds); None where unknown."""
     inner = getattr(model, "_orig_mod", None) or (model.module if type(model).__name__ == "DistributedDataParallel" else model)
     try:
@@ -102,7 +102,7 @@ def _forward_parameters(model: Any) -> list[inspect.Parameter] | None:
 def takes_one_input(model: Any) -> bool:
     """Whether ``model``'s forward takes exactly one positional argument (no ``*args``): a list of tensors given to it
     is one argument (its views), not several. False where it cannot be told (no model, no signature)."""
-    parameters = _forward_parameters(model) if model is not None else None
+    parameters = forward_parameters(model) if model is not None else None
     if parameters is None:
         return False
     kinds = [p.kind for p in parameters]
