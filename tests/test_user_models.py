@@ -1,6 +1,6 @@
 """Models written the way users write them, through the verbs (a second audit's findings): a head chosen at run time
 from an ``nn.ModuleDict``, a plain ``nn.Sequential``, one layer registered under two names, weight_norm and
-spectral_norm parametrizations, keyword-only forward arguments, half precision, a ``forward(idx)`` language model
+spectral_norm (parametrizations and torch's hook-based functions), keyword-only forward arguments, half precision, a ``forward(idx)`` language model
 fed ``{"input_ids": ...}`` windows, one-hot labels, tensors without evaluation data. Real data: scikit-learn's digits
 and the Shakespeare text of ../shared/data (skipped without it)."""
 
@@ -168,6 +168,35 @@ def test_weight_norm_and_spectral_norm_models_save_factorize_and_prune_with_what
     result = ts.prune_channels(spectral, {"ratio": 0.5}, example_input=x)
     assert any(note.startswith("left intact: channels of c1: removing them fails (RuntimeError") for note in result.report.stages[0].notes)
     assert result.model.fc1.out_features == 16 and result.model(x).shape == (8, 10)
+
+
+def test_spectral_and_weight_norm_layers_export_in_either_torch_form_and_the_hook_form_is_refused_by_name(digits, tmp_path):
+    """ONNX export folds spectral_norm / weight_norm into the weight they compute in eval mode, for torch's
+    parametrizations and for its older hook-based functions (whose model cannot even be deep-copied), and leaves the
+    user's model as it was. A verb that rewrites the model refuses the hook-based form by layer, naming the way out."""
+    from torch.nn.utils import parametrizations, spectral_norm, weight_norm
+
+    x = digits.test.inputs[:8]
+    for form, normed in (("parametrizations", (parametrizations.spectral_norm, parametrizations.weight_norm)), ("hooks", (spectral_norm, weight_norm))):
+        torch.manual_seed(0)
+        model = Plain()
+        normed[0](model.c1)
+        normed[1](model.fc1)
+        model(x)  # one training-mode call: spectral_norm's power iteration moves its vectors
+        model.eval()
+        before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+        reference = model(x)
+        exported = ts.export(model, "onnx", x, path=tmp_path / f"{form}.onnx").model
+        assert torch.allclose(exported(x), reference, atol=1e-4), form
+        assert type(model.c1) is not nn.Conv2d if form == "parametrizations" else hasattr(model.c1, "weight_orig")
+        assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items()) and torch.equal(model(x), reference)
+        loaded = ts.load(ts.save(model, tmp_path / f"{form}.safetensors"), trust_factory=True)  # stored as the weights they compute
+        assert torch.allclose(loaded.eval()(x), reference, atol=1e-6), form
+    with pytest.raises(TorchslimError) as raised:
+        ts.prune(model, {"sparsity": 0.5})
+    message = str(raised.value)
+    assert "prune: 2 layers use torch's hook-based" in message and "c1 (spectral_norm), fc1 (weight_norm)" in message
+    assert "torch.nn.utils.parametrizations.spectral_norm / torch.nn.utils.parametrizations.weight_norm instead" in message
 
 
 class KeywordOnly(nn.Module):

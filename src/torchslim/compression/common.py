@@ -51,7 +51,7 @@ class Transforming:
         unknown = sorted(set(options) - set(TransformOptions.__annotations__))
         if unknown:
             raise TypeError(f"{verb}() got unexpected keyword argument(s) {', '.join(unknown)}; it takes {', '.join(TransformOptions.__annotations__)}")
-        check_model(model, verb, float32=True)
+        check_model(model, verb, float32=True, copies=True)
         data, finetune = options.get("data"), options.get("finetune")
         tuning = TrainConfig.coerce(finetune, where=f"{verb}.finetune") if finetune is not None else None
         if tuning is not None and data is None:

@@ -201,7 +201,7 @@ def remove_blocks(
     calibration batches when the block is bypassed), then fine-tune when ``finetune`` is given. The report lists every
     candidate's score, what was removed, and the task's metrics before, after removal and after fine-tuning."""
     config = DepthConfig.coerce(config, where="remove_blocks")
-    check_model(model, "remove_blocks", float32=True)
+    check_model(model, "remove_blocks", float32=True, copies=True)
     if data is None:
         raise ConfigError("remove_blocks: scoring blocks needs data")
     tuning = TrainConfig.coerce(finetune, where="remove_blocks.finetune") if finetune is not None else None

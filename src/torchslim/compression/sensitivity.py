@@ -103,7 +103,7 @@ def sensitivity(model: nn.Module, data: Any, config: SensitivityConfig | dict, t
     stage has the baseline metrics and one row per (layer, technique, level) with the metric and its change; the
     model comes back unchanged."""
     config = SensitivityConfig.coerce(config, where="sensitivity")
-    check_model(model, "sensitivity", float32=True)
+    check_model(model, "sensitivity", float32=True, copies=True)
     source = as_source(data, model)
     resolved = resolve_task(task, source, model)
     started = time.perf_counter()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -52,11 +53,46 @@ def nonfinite_counts(model: nn.Module) -> dict[str, int]:
     return counts
 
 
-def check_model(model: nn.Module, where: str, float32: bool = False) -> None:
-    """Refuse non-finite weights (a warning inside ``allow_nonfinite()``) and, with ``float32``, floating-point weights
-    of another precision, naming the tensors."""
+def norm_hooks(model: nn.Module) -> list[tuple[str, nn.Module, Any]]:
+    """(layer name, layer, hook) of every layer reparametrized by torch's hook-based ``torch.nn.utils.weight_norm`` /
+    ``spectral_norm`` (not the ``parametrizations`` forms): its weight (``hook.name``) is an attribute computed before
+    each call, which a deep copy cannot copy and a mask cannot be attached to."""
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    return [
+        (name, module, hook)
+        for name, module in model.named_modules()
+        for hook in module._forward_pre_hooks.values()
+        if isinstance(hook, (WeightNorm, SpectralNorm))
+    ]
+
+
+def hook_norms(model: nn.Module) -> dict[str, str]:
+    """{layer name: "weight_norm" | "spectral_norm"} of ``norm_hooks``."""
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    return {name or "(the model itself)": "weight_norm" if isinstance(hook, WeightNorm) else "spectral_norm" for name, _, hook in norm_hooks(model)}
+
+
+def check_model(model: nn.Module, where: str, float32: bool = False, copies: bool = False) -> None:
+    """Refuse non-finite weights (a warning inside ``allow_nonfinite()``), with ``float32`` floating-point weights
+    of another precision, and with ``copies`` (a verb that copies or rewrites the model) torch's hook-based
+    weight_norm / spectral_norm, naming the tensors or layers."""
     if not isinstance(model, nn.Module):
         raise TorchslimError(f"{where}: expected a torch.nn.Module, got {type(model).__name__}")
+    hooked = hook_norms(model) if copies else {}
+    if hooked:
+        kinds = sorted(set(hooked.values()))
+        listed = ", ".join(f"{name} ({kind})" for name, kind in list(hooked.items())[:5]) + (", ..." if len(hooked) > 5 else "")
+        raise TorchslimError(
+            f"{where}: {len(hooked)} layer{'s' if len(hooked) != 1 else ''} use torch's hook-based "
+            f"{' / '.join('torch.nn.utils.' + kind for kind in kinds)}: {listed}; its weight is recomputed by a hook "
+            "before each call, so the model cannot be copied or its weight masked or replaced. Apply "
+            f"{' / '.join('torch.nn.utils.parametrizations.' + kind for kind in kinds)} instead (the same reparametrization, "
+            f"which torchslim supports), or fold it into a plain weight first with "
+            f"{' / '.join('torch.nn.utils.remove_' + kind + '(layer)' for kind in kinds)}"
+        )
     empty = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_meta]
     if empty:
         raise TorchslimError(
@@ -80,4 +116,4 @@ def check_model(model: nn.Module, where: str, float32: bool = False) -> None:
             )
 
 
-__all__ = ["allow_nonfinite", "check_model", "nonfinite_counts"]
+__all__ = ["allow_nonfinite", "check_model", "hook_norms", "nonfinite_counts", "norm_hooks"]

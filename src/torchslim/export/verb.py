@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchslim.core.checks import norm_hooks
 from torchslim.core.errors import TorchslimError
 from torchslim.core.files import refuse_overwrite
 from torchslim.core.modes import eval_mode, model_device
@@ -70,18 +71,34 @@ def _prepared(model: nn.Module, form: str) -> nn.Module:
     """An eval-mode copy with pruning masks folded into plain weights (what every exporter can follow); for ONNX,
     weight-only quantized layers become the float layers they compute (ONNX has no bit unpacking of uint8 codes)."""
     from torchslim.core.selector import set_module
-    from torchslim.pruning.apply import make_permanent, masks_of
+    from torchslim.pruning.apply import fold_parametrizations, make_permanent, masks_of
     from torchslim.quantization.modules import float_equivalent
 
-    prepared = copy.deepcopy(model)
+    prepared = _plain_copy(model)
     if masks_of(prepared):
         make_permanent(prepared)
+    with eval_mode(prepared):
+        fold_parametrizations(prepared)  # weight_norm, spectral_norm (its stored vectors, no power iteration), a user's own
     if form == "onnx":
         for name, module in list(prepared.named_modules()):
             plain = float_equivalent(module)
             if plain is not None:
                 set_module(prepared, name, plain)
     return prepared.eval()
+
+
+def _plain_copy(model: nn.Module) -> nn.Module:
+    """A deep copy in which torch's hook-based weight_norm / spectral_norm are folded into plain weights (the weight
+    they compute now; a deep copy of the model as it is would fail on the computed weight)."""
+    from torch.nn.utils import remove_spectral_norm, remove_weight_norm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    hooked = norm_hooks(model)
+    memo: dict[int, Any] = {id(getattr(module, hook.name)): getattr(module, hook.name).detach().clone() for _, module, hook in hooked}
+    copied = copy.deepcopy(model, memo)
+    for name, _, hook in hooked:
+        (remove_weight_norm if isinstance(hook, WeightNorm) else remove_spectral_norm)(copied.get_submodule(name), hook.name)
+    return copied
 
 
 def _batch_shapes(args: tuple, axes: dict[str, dict[int, str]] | None = None, names: list[str] | None = None, batch: bool = True) -> tuple:

@@ -37,7 +37,7 @@ from torchslim.core.files import ModelFormat, refuse_overwrite, register_format,
 from torchslim.core.memory import release_freed_memory
 from torchslim.core.spec import SEQUENTIAL, apply_transforms, check_spec, factories, register_transform, set_spec, spec_of
 from torchslim.core.ties import plain_name, retie, tied_groups
-from torchslim.measure.weights import effective_weights
+from torchslim.measure.weights import effective_weights, hook_norm_weights
 
 FORMAT = "torchslim-model"
 VERSION = 1
@@ -50,7 +50,8 @@ Stored = TypeVar("Stored")
 def state_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
     """Plain state dict (CPU, contiguous copies) with pruning parametrizations resolved to the weights they compute;
     a tied weight is kept once, under its leading name (``core.ties``)."""
-    state = {k: v for k, v in model.state_dict().items() if ".parametrizations." not in k and not k.startswith("parametrizations.")}
+    replaced = hook_norm_weights(model)[1]  # torch's hook-based weight_norm / spectral_norm: stored as the weight they compute
+    state = {k: v for k, v in model.state_dict().items() if ".parametrizations." not in k and not k.startswith("parametrizations.") and k not in replaced}
     state.update(effective_weights(model))
     followers = {name for group in tied_groups(model) for name in group[1:]}
     return {name: tensor.detach().cpu().contiguous().clone() for name, tensor in state.items() if name not in followers}
@@ -73,6 +74,8 @@ def stored_layout(model: nn.Module) -> dict[str, tuple[int, ...]]:
             continue  # a mask: applied into the weight, not stored
         if plain_name(name) not in followers:
             layout[plain_name(name)] = tuple(tensor.shape)
+    computed, replaced = hook_norm_weights(model)
+    layout = {name: shape for name, shape in layout.items() if name not in replaced} | {name: tuple(tensor.shape) for name, tensor in computed.items()}
     return {name: shape for name, shape in layout.items() if name not in followers}
 
 

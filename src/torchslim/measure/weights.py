@@ -13,6 +13,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from torchslim.core.checks import norm_hooks
+
 
 @torch.no_grad()
 def effective_weights(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -35,7 +37,27 @@ def effective_weights(model: nn.Module) -> dict[str, torch.Tensor]:
                 for original in parametrizations[name].parameters(recurse=False):
                     seen.add(id(original))
                 out[f"{module_name}.{name}" if module_name else name] = getattr(module, name).detach()
-    return out
+    computed, replaced = hook_norm_weights(model)
+    return {**{name: tensor for name, tensor in out.items() if name not in replaced}, **computed}
+
+
+@torch.no_grad()
+def hook_norm_weights(model: nn.Module) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """For torch's hook-based weight_norm / spectral_norm: ({weight's name: the weight they compute}, the names of
+    the tensors it is computed from: ``weight_g`` / ``weight_v``, or ``weight_orig`` / ``weight_u`` / ``weight_v``).
+    spectral_norm's weight is computed from its stored vectors, without a power iteration."""
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    computed, replaced = {}, set()
+    for module_name, module, hook in norm_hooks(model):
+        prefix = f"{module_name}.{hook.name}" if module_name else hook.name
+        if isinstance(hook, WeightNorm):
+            computed[prefix] = hook.compute_weight(module).detach()
+            replaced |= {prefix + "_g", prefix + "_v"}
+        else:
+            computed[prefix] = hook.compute_weight(module, do_power_iteration=False).detach()
+            replaced |= {prefix + "_orig", prefix + "_u", prefix + "_v"}
+    return computed, replaced
 
 
 @torch.no_grad()

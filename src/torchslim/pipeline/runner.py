@@ -178,7 +178,7 @@ def compress(
     """
     recipe = load_recipe(recipe)
     threads = threads if threads is not None else torch.get_num_threads()
-    check_model(model, "compress", float32=True)
+    check_model(model, "compress", float32=True, copies=True)
     source = as_source(data, model)
     store = Checkpoint(checkpoint) if checkpoint is not None else None
     if store is not None and not resume and store.status() is not None:

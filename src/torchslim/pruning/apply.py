@@ -6,6 +6,8 @@ optimizer does to the stored original (momentum, weight decay), and their gradie
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
@@ -56,15 +58,29 @@ def set_mask(module: nn.Module, mask: torch.Tensor) -> None:
 def make_permanent(model: nn.Module) -> nn.Module:
     """Remove every mask parametrization, leaving plain weights with exact zeros where pruned (in place); tied weights
     stay tied."""
+    return _fold(model, lambda module: ["weight"] if get_mask(module) is not None else [], "make_permanent")
+
+
+@torch.no_grad()
+def fold_parametrizations(model: nn.Module) -> nn.Module:
+    """Every parametrization (masks, weight_norm, spectral_norm, a user's own) replaced by the plain tensor it computes
+    now, in place: what an exporter can follow. Call it in eval mode (spectral_norm then uses its stored vectors
+    instead of a power iteration); tied weights stay tied."""
+    return _fold(model, lambda module: list(getattr(module, "parametrizations", None) or {}), "fold_parametrizations")
+
+
+def _fold(model: nn.Module, names: Callable[[nn.Module], list[str]], where: str) -> nn.Module:
     ties = tied_groups(model)
-    for module in model.modules():
-        if get_mask(module) is not None:
+    for module in list(model.modules()):
+        folded = names(module)
+        if folded:
             # a deep copy shares the parametrized class with its original, and removal edits that class: give this
             # module a class of its own first, so removing here cannot break the original
             shared = type(module)
             module.__class__ = type(shared.__name__, shared.__bases__, dict(shared.__dict__))
-            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
-    retie(model, ties, "make_permanent")
+            for name in folded:
+                parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+    retie(model, ties, where)
     return model
 
 

@@ -427,7 +427,7 @@ def prune_channels(
     ...}``) or ``data`` drives the trace. On any failure the input model is left as it was.
     """
     config = StructuredConfig.coerce(config, where="prune_channels")
-    check_model(model, "prune_channels", float32=True)
+    check_model(model, "prune_channels", float32=True, copies=True)
     tuning = TrainConfig.coerce(finetune, where="prune_channels.finetune") if finetune is not None else None
     if masks_of(model):
         raise TorchslimError("the model still carries unstructured pruning masks: call torchslim.make_permanent(model) first")

@@ -250,7 +250,7 @@ def prune(
     (CSR, .tslim) or structurally removed.
     """
     config = PruneConfig.coerce(config, where="prune")
-    check_model(model, "prune", float32=True)
+    check_model(model, "prune", float32=True, copies=True)
     tuning = TrainConfig.coerce(finetune, where="prune.finetune") if finetune is not None else None
     if tuning is not None and data is None:
         raise ConfigError("prune: fine-tuning needs data")

@@ -202,7 +202,7 @@ def sparsify_variational(
     epochs of Adam at 1e-3), then mask every weight whose log alpha passed the threshold. Each layer's sparsity is what
     training found; the report lists it per layer."""
     config = VariationalConfig.coerce(config or {}, where="variational-dropout")
-    check_model(model, "variational-dropout", float32=True)
+    check_model(model, "variational-dropout", float32=True, copies=True)
     if data is None:
         raise ConfigError("variational-dropout trains the model: it needs data")
     training = TrainConfig.coerce(finetune if finetune is not None else DEFAULT_TRAINING, where="variational-dropout.finetune")

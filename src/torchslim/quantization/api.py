@@ -267,7 +267,7 @@ def quantize(
     ONNX file an engine method writes.
     """
     typed = quantize_config(config)
-    check_model(model, "quantize", float32=True)
+    check_model(model, "quantize", float32=True, copies=True)
     method = next(name for name in METHODS.names() if isinstance(typed, METHODS.get(name).config))
     entry = METHODS.get(method)
     if entry.needs_data(typed) and data is None:
