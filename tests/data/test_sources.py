@@ -65,6 +65,12 @@ def test_forms_of_data_become_sources(digits):
     assert isinstance(combined, CombinedSource) and sum(len(b[1]) for b in combined.batches("eval")) == 10
     with pytest.raises(ts.TorchslimError, match="a generator can be read only once"):
         as_source(batch for batch in [(x, y)])
+    with pytest.raises(ts.TorchslimError, match="a generator can be read only once"):
+        ts.train(ts.models.create("lenet-300-100", in_features=64), (b for b in [(x, y)]), {"epochs": 1})
+    model = ts.models.create("lenet-300-100", in_features=64)
+    once = ts.evaluate(model, ((x[i : i + 25], y[i : i + 25]) for i in range(0, 100, 25)))  # evaluation reads it once
+    whole = ts.evaluate(model, (x[:100], y[:100]))
+    assert once["examples"] == 100 and once["accuracy"] == whole["accuracy"] and once["loss"] == pytest.approx(whole["loss"], rel=1e-5)
     with pytest.raises(ts.TorchslimError, match="3 inputs but 2 targets"):
         as_source((x[:3], y[:2]))
     with pytest.raises(ts.TorchslimError, match="this step needs data"):

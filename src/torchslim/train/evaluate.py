@@ -44,7 +44,8 @@ def evaluate(
     reference: nn.Module | None = None,
 ) -> dict[str, float]:
     """Metrics of ``model`` on ``data`` (anything ``torchslim.data.as_source`` takes) by its ``task`` (chosen from
-    the data when not named). ``split`` is "eval" (or "test") or "train"; ``limit`` caps the examples used.
+    the data when not named; a one-shot generator of batches is read once, into memory).
+    ``split`` is "eval" (or "test") or "train"; ``limit`` caps the examples used.
     Every submodule's train/eval mode is restored.
 
     Example:
@@ -55,6 +56,8 @@ def evaluate(
         True
     """
     check_model(model, "evaluate")
+    if isinstance(data, Iterator) and not isinstance(data, torch.Tensor):
+        data = list(data)  # a one-shot generator of batches: one evaluation reads it once (every other verb needs more passes)
     source = as_source(data, model)
     resolved = resolve_task(task, source, reference)
     name = "eval" if split in ("eval", "test") else split
