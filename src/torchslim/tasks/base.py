@@ -108,6 +108,12 @@ class Task(abc.ABC):
         return self
 
     @staticmethod
+    def classification(class_dim: int | None = None) -> Task:
+        """Cross-entropy on class labels; ``class_dim`` (1 or -1) names the output's class axis where the shapes
+        leave it open (a (B, L, L) output against (B, L) targets is read as (B, T, classes) otherwise)."""
+        return TASKS.get("classification")(class_dim=class_dim)
+
+    @staticmethod
     def custom(*args: Any, **kwargs: Any) -> Task:
         """A task from a user's own callables (see ``CustomTask``)."""
         return CustomTask(*args, **kwargs)

@@ -27,6 +27,7 @@ from torchslim.core.modes import eval_mode, model_device
 TARGET_KEYS = ("labels", "label", "targets", "target")
 # keys of a model output mapping, in the order a task looks for the tensor it scores
 OUTPUT_KEYS = ("logits", "last_hidden_state", "pooler_output", "prediction_logits", "sentence_embedding", "embeddings")
+PLAIN_OUTPUT_KEYS = ("out", "output", "outputs", "pred", "preds", "prediction", "predictions", "scores", "y_hat")  # a user's own dict
 
 
 def move_to(value: Any, device: torch.device | str) -> Any:
@@ -223,17 +224,26 @@ def batch_size_of(batch: Any) -> int:
 
 def output_tensor(output: Any, where: str = "model output") -> torch.Tensor:
     """The tensor a task scores from a model's output: the tensor itself; ``logits`` (or ``last_hidden_state``, ...)
-    of a Hugging Face ``ModelOutput`` or mapping; the first entry of a tuple."""
+    of a Hugging Face ``ModelOutput`` or mapping, or its first tensor; a plain dict's only tensor, or the one under
+    ``out`` / ``output`` / ``pred`` / ...; the first entry of a tuple. A plain dict of several tensors under none of
+    those keys is refused by its keys: scoring the wrong one would train and report the wrong thing."""
     if isinstance(output, torch.Tensor):
         return output
     if isinstance(output, Mapping) or hasattr(output, "keys"):
-        for key in OUTPUT_KEYS:
+        model_output = hasattr(output, "to_tuple")  # a Hugging Face ModelOutput: its first tensor is its main one
+        for key in OUTPUT_KEYS + ((PLAIN_OUTPUT_KEYS) if not model_output else ()):
             value = output.get(key) if hasattr(output, "get") else None
             if isinstance(value, torch.Tensor):
                 return value
-        for value in output.values():
-            if isinstance(value, torch.Tensor):
-                return value
+        tensors = [(key, value) for key, value in output.items() if isinstance(value, torch.Tensor)]
+        if len(tensors) > 1 and not model_output:
+            raise TorchslimError(
+                f"{where}: a dict of {len(tensors)} tensors ({', '.join(repr(key) for key, _ in tensors)}) and none under a key that names "
+                f"the prediction ({', '.join(('logits',) + PLAIN_OUTPUT_KEYS)}): return the scored tensor under 'logits', or wrap the model "
+                "so that it returns that tensor (task=Task.custom(...) reads the dict as it is)"
+            )
+        if tensors:
+            return tensors[0][1]
     if isinstance(output, (tuple, list)) and output:
         return output_tensor(output[0], where)
     raise TorchslimError(f"{where}: expected a tensor, a tuple or a ModelOutput with tensors, got {type(output).__name__}")

@@ -23,8 +23,11 @@ from torchslim.tasks.batches import TARGET_KEYS, batch_targets, output_tensor
 IGNORE = -100
 
 
-def flat_logits_and_targets(outputs: Any, batch: Any, task: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits (N, classes) and integer targets (N,) of a batch, with checks that name what is wrong."""
+def flat_logits_and_targets(outputs: Any, batch: Any, task: str, class_dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (N, classes) and integer targets (N,) of a batch, with checks that name what is wrong. ``class_dim``:
+    the output's class axis (1 or -1); by default read from the targets' shape: (B, classes) and (B, T, classes)
+    against (B, T) targets on the last axis, (B, classes, H, W) against (B, H, W) on dim 1, and a (B, L, L) output,
+    which fits both, on the last (token classification; pass ``class_dim=1`` for a Conv1d's (B, classes, L))."""
     logits = output_tensor(outputs)
     targets = batch_targets(batch)
     if targets is None:
@@ -37,7 +40,12 @@ def flat_logits_and_targets(outputs: Any, batch: Any, task: str) -> tuple[torch.
     targets = targets.to(logits.device)
     if logits.dim() < 2:
         raise TorchslimError(f"{task}: the model output has shape {tuple(logits.shape)}; expected logits (batch, classes)")
-    if logits.dim() > 2 and targets.dim() == logits.dim() - 1 and targets.shape == logits.shape[:1] + logits.shape[2:]:
+    channels_first = logits.dim() > 2 and targets.dim() == logits.dim() - 1 and targets.shape == logits.shape[:1] + logits.shape[2:]
+    if class_dim is not None and logits.dim() > 2:
+        channels_first = class_dim == 1
+    elif channels_first and logits.dim() == 3 and targets.shape == logits.shape[:-1]:
+        channels_first = False  # (B, T, classes) with T == classes: token classification, the common case
+    if channels_first:
         logits = logits.movedim(1, -1)  # (B, classes, H, W) dense predictions (segmentation): classes on dim 1
     logits = logits.reshape(-1, logits.shape[-1])
     if targets.dim() >= 2 and targets.shape[-1] == logits.shape[-1] >= 2 and targets.numel() == logits.numel():
@@ -91,21 +99,28 @@ class ClassificationTask(Task):
     higher_is_better = True
     needs_targets = True
 
+    def __init__(self, class_dim: int | None = None) -> None:
+        """``class_dim``: the output's class axis where targets would fit two (1 for (B, classes, L) dense
+        predictions whose length equals the class count); read from the shapes by default."""
+        if class_dim not in (None, 1, -1):
+            raise TorchslimError(f"classification: class_dim must be 1 or -1 (or None: read from the shapes), got {class_dim!r}")
+        self.class_dim = class_dim
+
     def loss_from(self, outputs: Any, batch: Any) -> torch.Tensor:
-        logits, targets = flat_logits_and_targets(outputs, batch, self.name)
+        logits, targets = flat_logits_and_targets(outputs, batch, self.name, self.class_dim)
         return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE)
 
     def training_loss(self, model: Any, batch: Any, label_smoothing: float = 0.0) -> torch.Tensor:
         if not label_smoothing:
             return self.loss(model, batch)
-        logits, targets = flat_logits_and_targets(self.outputs(model, batch), batch, self.name)
+        logits, targets = flat_logits_and_targets(self.outputs(model, batch), batch, self.name, self.class_dim)
         return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE, label_smoothing=label_smoothing)
 
     def start(self) -> dict[str, float]:
         return {"correct": 0.0, "count": 0.0, "loss_sum": 0.0}
 
     def update(self, totals: dict[str, float], outputs: Any, batch: Any) -> None:
-        add_scores(totals, *flat_logits_and_targets(outputs, batch, self.name))
+        add_scores(totals, *flat_logits_and_targets(outputs, batch, self.name, self.class_dim))
 
     def finish(self, totals: dict[str, float]) -> dict[str, float]:
         count = int(totals["count"])
