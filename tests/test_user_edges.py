@@ -93,3 +93,73 @@ def test_a_dict_output_is_scored_by_the_key_that_names_the_prediction_and_an_unn
         assert (trained(x)["out"].argmax(dim=-1) == y).float().mean().item() > 0.8
     with pytest.raises(TorchslimError, match=r"a dict of 2 tensors \('features', 'head'\) and none under a key"):
         ts.evaluate(TwoHeads("head"), (x, y))
+
+
+class Backbone(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 16, 3, padding=1)
+        self.fc = nn.Linear(16 * 4 * 4, 10)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.c2(F.relu(self.c1(x)))), 2)
+        return self.fc(x.flatten(1))
+
+
+def _frozen_weights(model: nn.Module, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    from torchslim.measure.weights import effective_weights
+
+    return {name: tensor.clone() for name, tensor in effective_weights(model).items() if name.startswith(names)}
+
+
+def test_a_frozen_backbone_stays_frozen_through_quantization_and_factorization_fine_tuning(digits):
+    """The layers a user froze (``requires_grad=False``) are replaced by k-means codes and by factors; the
+    replacements are frozen too, so fine-tuning moves the head alone (the codebook and the factors used to train)."""
+    torch.manual_seed(0)
+    model = Backbone()
+    for layer in (model.c1, model.c2):
+        layer.requires_grad_(False)
+    tune = {"epochs": 1, "lr": 0.05}
+    kmeans = {"weights": {"scheme": "kmeans", "bits": 4}}
+    factors = {"rank": 4, "layers": {"include": ["c2", "fc"]}}
+    pairs = [
+        (ts.quantize(model, kmeans).model, ts.quantize(model, kmeans, data=digits, finetune=tune).model),
+        (ts.factorize(model, factors).model, ts.factorize(model, factors, data=digits, finetune=tune).model),
+    ]
+    for untuned, tuned in pairs:
+        frozen = [p for name, p in tuned.named_parameters() if name.startswith(("c1", "c2"))]
+        assert frozen and not any(p.requires_grad for p in frozen)
+        assert all(p.requires_grad for name, p in tuned.named_parameters() if name.startswith("fc"))
+        before, after = _frozen_weights(untuned, ("c1", "c2")), _frozen_weights(tuned, ("c1", "c2"))
+        assert before.keys() == after.keys() and all(torch.equal(tensor, after[name]) for name, tensor in before.items())
+        head_before, head_after = _frozen_weights(untuned, ("fc",)), _frozen_weights(tuned, ("fc",))
+        assert any(not torch.equal(tensor, head_after[name]) for name, tensor in head_before.items())  # the head trained
+
+
+class TiedLM(nn.Module):
+    """A character model whose output layer shares the embedding's weight."""
+
+    def __init__(self, vocabulary: int = 17, width: int = 32):
+        super().__init__()
+        self.embed = nn.Embedding(vocabulary, width)
+        self.fc = nn.Linear(width, width)
+        self.head = nn.Linear(width, vocabulary, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.head(F.relu(self.fc(self.embed(ids))))
+
+
+def test_factorization_leaves_a_weight_tied_to_another_layer_whole_and_says_so(digits):
+    """Factorizing the head would untie it from the embedding and add a copy (the model grew); it is left whole and
+    named, the tie kept, and the other layers factorized."""
+    ids = (digits.test.inputs.reshape(-1, 64)[:16] * 4 + 8).clamp(0, 16).long()
+    torch.manual_seed(0)
+    model = TiedLM()
+    result = ts.factorize(model, {"rank": 4}, example_input=ids)
+    factorized = result.model
+    assert "head: left whole (its weight is tied to embed: factorizing it would untie it and add a copy)" in result.report.stages[0].notes
+    assert factorized.head.weight is factorized.embed.weight and isinstance(factorized.head, nn.Linear)
+    assert sum(p.numel() for p in factorized.parameters()) < sum(p.numel() for p in model.parameters())
+    assert factorized(ids).shape == (16, 64, 17)

@@ -340,9 +340,18 @@ def factorize(model: nn.Module, config: FactorizeConfig | dict, **options: Unpac
     chosen = select_modules(target, config.layers, default_types=("Linear", "Conv2d"))
     notes: list[str] = []
     candidates = []
+    sharers: dict[int, list[str]] = {}  # a weight tensor -> the names of the distinct modules that hold it (a tie)
+    for other, layer in target.named_modules():
+        for tensor in layer.parameters(recurse=False):
+            names = sharers.setdefault(id(tensor), [])
+            if not any(target.get_submodule(known) is layer for known in names):
+                names.append(other)
     for name, module in chosen:
         form = _form(module, config.method)
-        if form is None:
+        tied = [other for other in sharers.get(id(getattr(module, "weight", None)), []) if target.get_submodule(other) is not module]
+        if tied:
+            notes.append(f"{name}: left whole (its weight is tied to {', '.join(tied)}: factorizing it would untie it and add a copy)")
+        elif form is None:
             notes.append(f"{name}: {type(module).__name__} with groups={getattr(module, 'groups', 1)} is not factorized (grouped / depthwise)")
         elif (reader := weight_reader(target, name)) is not None:
             notes.append(f"{name}: left whole (torch's {reader} reads its weight directly rather than calling it)")

@@ -170,7 +170,24 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
         parent[int(child)] = module
     else:
         setattr(parent, child, module)
+    if module is not previous:
+        carry_frozen(previous, module)
     return previous
+
+
+def carry_frozen(original: nn.Module, replacement: nn.Module) -> None:
+    """A frozen layer's replacement stays frozen: where the original's weight (or every parameter) has
+    ``requires_grad=False``, so have the replacement's parameters (its factors, codebook, scales), the bias after the
+    original's bias."""
+    own = dict(original.named_parameters())
+    frozen = {name for name, parameter in own.items() if not parameter.requires_grad}
+    if not frozen:
+        return
+    weight_frozen = frozen == set(own) or any(not name.endswith("bias") for name in frozen)
+    for name, parameter in replacement.named_parameters():
+        bias = name.endswith("bias")
+        if (weight_frozen and not bias) or (bias and (frozen == set(own) or any(n.endswith("bias") for n in frozen))):
+            parameter.requires_grad_(False)
 
 
 def set_module_everywhere(model: nn.Module, name: str, module: nn.Module) -> list[str]:
