@@ -163,3 +163,22 @@ def test_factorization_leaves_a_weight_tied_to_another_layer_whole_and_says_so(d
     assert factorized.head.weight is factorized.embed.weight and isinstance(factorized.head, nn.Linear)
     assert sum(p.numel() for p in factorized.parameters()) < sum(p.numel() for p in model.parameters())
     assert factorized(ids).shape == (16, 64, 17)
+
+
+def test_an_image_given_by_keyword_exports_with_its_channels_fixed(digits, tmp_path):
+    """``{"image": x}`` (and Hugging Face's ``pixel_values``): axis 1 is channels, not a sequence; the export used to
+    make it dynamic and fail on a raw channel-count error."""
+    rgb = digits.test.inputs.expand(-1, 3, -1, -1)  # the digits as three-channel images
+
+    class Keyed(Backbone):
+        def __init__(self):
+            super().__init__()
+            self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+
+        def forward(self, image):
+            return super().forward(image)
+
+    torch.manual_seed(0)
+    model = Keyed().eval()
+    exported = ts.export(model, "onnx", {"image": rgb[:4]}, path=tmp_path / "keyed.onnx").model
+    assert torch.allclose(exported(image=rgb[:7]), model(rgb[:7]), atol=1e-4)

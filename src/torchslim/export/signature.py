@@ -154,16 +154,22 @@ def input_plan(
         tensors = tuple(example_input[k] for k in names)
     axes = _input_axes(names, tensors, dynamic_batch, dynamic_axes)
     keyed = isinstance(example_input, Mapping)
-    # token ids: keyword inputs of two or more axes, or integer tensors of (batch, length) given positionally (not images)
-    lead = next((t for t in tensors if (t.dim() >= 2 if keyed else t.dim() == 2 and not t.is_floating_point())), None) if dynamic_sequence else None
+    # token ids: integer keyword inputs of two or more axes or (batch, length) float ones (audio samples), or integer
+    # tensors of (batch, length) given positionally; never images (pixel_values: axis 1 is their channels)
+    lead = next((t for t in tensors if (_sequence_like(t) if keyed else t.dim() == 2 and not t.is_floating_point())), None) if dynamic_sequence else None
     if lead is None or lead.shape[1] < 2:
         return names, tensors, axes
-    shared = [index for index, tensor in enumerate(tensors) if tensor.dim() >= 2 and tensor.shape[1] == lead.shape[1]]
+    shared = [index for index, tensor in enumerate(tensors) if tensor.dim() >= 2 and tensor.shape[1] == lead.shape[1] and tensor.dim() <= 3]
     if not keyed and not _runs_shorter(None if model is None else positional_module(model, len(tensors)), tensors, shared):
         return names, tensors, axes
     for index in shared:
         axes[names[index]].setdefault(1, "sequence")
     return names, tensors, axes
+
+
+def _sequence_like(tensor: torch.Tensor) -> bool:
+    """A keyword input whose axis 1 is a sequence: integer ids or masks of two or more axes, or float (batch, length)."""
+    return tensor.dim() >= 2 and (not tensor.is_floating_point() or tensor.dim() == 2)
 
 
 def _runs_shorter(model: nn.Module | None, tensors: tuple, shared: list[int]) -> bool:
