@@ -182,3 +182,25 @@ def test_an_image_given_by_keyword_exports_with_its_channels_fixed(digits, tmp_p
     model = Keyed().eval()
     exported = ts.export(model, "onnx", {"image": rgb[:4]}, path=tmp_path / "keyed.onnx").model
     assert torch.allclose(exported(image=rgb[:7]), model(rgb[:7]), atol=1e-4)
+
+
+def test_compiled_and_data_parallel_models_save_and_export_the_module_they_hold(digits, tmp_path):
+    """``torch.compile(model)`` and ``nn.DataParallel(model)``: the file holds the user's module (save used to suggest
+    the wrapper's class as a factory, and export failed on it)."""
+    x = digits.test.inputs[:4]
+    torch.manual_seed(0)
+    model = Backbone().eval()
+    for label, wrapped in (("compiled", torch.compile(model)), ("parallel", nn.DataParallel(model))):
+        loaded = ts.load(ts.save(wrapped, tmp_path / f"{label}.safetensors"), trust_factory=True).eval()
+        assert type(loaded) is Backbone and torch.allclose(loaded(x), model(x), atol=1e-6)
+        exported = ts.export(wrapped, "onnx", x, path=tmp_path / f"{label}.onnx").model
+        assert torch.allclose(exported(x), model(x), atol=1e-4)
+
+
+def test_a_scripted_submodule_is_refused_by_name_before_any_work(digits):
+    model = Backbone()
+    model.c2 = torch.jit.script(model.c2)
+    for verb in (lambda: ts.prune(model, {"sparsity": 0.5}), lambda: ts.train(model, digits, {"epochs": 1}, progress=False)):
+        with pytest.raises(TorchslimError, match=r"c2 is a TorchScript module \(torch.jit.script / torch.jit.trace\).*pass the model before scripting"):
+            verb()
+    assert ts.evaluate(model, digits)["examples"] > 0  # evaluation reads it as it is

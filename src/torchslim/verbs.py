@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from torchslim.core.checks import check_model
+from torchslim.core.checks import check_model, unwrapped
 from torchslim.core.environment import environment
 from torchslim.core.files import load_model_file, save_model_file
 from torchslim.core.report import Report, Result, Stage
@@ -72,6 +72,7 @@ def save(model: nn.Module, path: str | os.PathLike[str], overwrite: bool = True,
     change torchslim made; ``factory="package.module:build"`` with ``kwargs`` names the builder where the class
     cannot tell. Hugging Face models record their class and config. Loading an import path needs ``trust_factory``.
     """
+    model = unwrapped(model)  # a compiled or DataParallel model: the module it holds
     if factory is not None:
         set_spec(model, {"factory": factory, "kwargs": dict(kwargs or {}), "transforms": spec_of(model).get("transforms", []), "inferred": True})
     return save_model_file(model, path, overwrite=overwrite)

@@ -75,12 +75,32 @@ def hook_norms(model: nn.Module) -> dict[str, str]:
     return {name or "(the model itself)": "weight_norm" if isinstance(hook, WeightNorm) else "spectral_norm" for name, _, hook in norm_hooks(model)}
 
 
+def unwrapped(model: Any) -> Any:
+    """The module a ``torch.compile`` / ``nn.DataParallel`` / ``DistributedDataParallel`` wrapper holds (the model
+    itself otherwise): what a file stores and an exporter traces."""
+    while isinstance(model, nn.Module):
+        inner = getattr(model, "_orig_mod", None) if type(model).__name__ == "OptimizedModule" else None
+        if inner is None and isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            inner = model.module
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+    return model
+
+
 def check_model(model: nn.Module, where: str, float32: bool = False, copies: bool = False) -> None:
     """Refuse non-finite weights (a warning inside ``allow_nonfinite()``), with ``float32`` floating-point weights
     of another precision, and with ``copies`` (a verb that copies or rewrites the model) torch's hook-based
     weight_norm / spectral_norm, naming the tensors or layers."""
     if not isinstance(model, nn.Module):
         raise TorchslimError(f"{where}: expected a torch.nn.Module, got {type(model).__name__}")
+    scripted = [name or "(the model itself)" for name, module in model.named_modules() if isinstance(module, torch.jit.ScriptModule)] if copies else []
+    if scripted:
+        raise TorchslimError(
+            f"{where}: {', '.join(scripted[:5])}{', ...' if len(scripted) > 5 else ''} {'is a' if len(scripted) == 1 else 'are'} TorchScript "
+            "module (torch.jit.script / torch.jit.trace), whose code and weights torchslim cannot rewrite or copy: pass the model "
+            "before scripting it (script or export the compressed model afterwards: torchslim.export(model, 'torchscript', ...))"
+        )
     hooked = hook_norms(model) if copies else {}
     if hooked:
         kinds = sorted(set(hooked.values()))
@@ -116,4 +136,4 @@ def check_model(model: nn.Module, where: str, float32: bool = False, copies: boo
             )
 
 
-__all__ = ["allow_nonfinite", "check_model", "hook_norms", "nonfinite_counts", "norm_hooks"]
+__all__ = ["allow_nonfinite", "check_model", "hook_norms", "nonfinite_counts", "norm_hooks", "unwrapped"]

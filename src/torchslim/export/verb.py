@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchslim.core.checks import norm_hooks
+from torchslim.core.checks import norm_hooks, unwrapped
 from torchslim.core.errors import TorchslimError
 from torchslim.core.files import refuse_overwrite
 from torchslim.core.modes import eval_mode, model_device
@@ -227,6 +227,7 @@ def export(
         raise TorchslimError("export: dynamic_axes applies to onnx and pt2; a TorchScript trace keeps the shapes of its example")
     if accuracy_level and format != "onnx":
         raise TorchslimError(f"export: accuracy_level sets ONNX Runtime's MatMulNBits kernels; it applies to onnx only, not {format}")
+    model = unwrapped(model)  # a compiled or DataParallel model: the module it holds
     path = Path(path) if path is not None else Path(f"{type(model).__name__.lower()}{FORMATS[format]}")
     refuse_overwrite(path, overwrite)
     example_input = as_called(model, example_input)

@@ -93,7 +93,9 @@ def keyword_or_positional(model: Any, inputs: dict[str, Any]) -> tuple[tuple, di
 
 def forward_parameters(model: Any) -> list[inspect.Parameter] | None:
     """The parameters of ``model``'s forward (of the module a compiled or DDP-wrapped model holds); None where unknown."""
-    inner = getattr(model, "_orig_mod", None) or (model.module if type(model).__name__ == "DistributedDataParallel" else model)
+    from torchslim.core.checks import unwrapped
+
+    inner = unwrapped(model)
     try:
         return list(inspect.signature(inner.forward if isinstance(inner, nn.Module) else inner).parameters.values())
     except (TypeError, ValueError):
