@@ -204,3 +204,27 @@ def test_a_scripted_submodule_is_refused_by_name_before_any_work(digits):
         with pytest.raises(TorchslimError, match=r"c2 is a TorchScript module \(torch.jit.script / torch.jit.trace\).*pass the model before scripting"):
             verb()
     assert ts.evaluate(model, digits)["examples"] > 0  # evaluation reads it as it is
+
+
+class AutoEncoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.e1 = nn.Conv2d(1, 16, 3, stride=2, padding=1)
+        self.norm = nn.GroupNorm(4, 16)
+        self.e2 = nn.Conv2d(16, 8, 3, padding=1)
+        self.d1 = nn.ConvTranspose2d(8, 16, 2, stride=2)
+        self.d2 = nn.Conv2d(16, 1, 3, padding=1)
+
+    def forward(self, x):
+        x = F.relu(self.e2(F.relu(self.norm(self.e1(x)))))
+        return self.d2(F.relu(self.d1(x)))
+
+
+def test_the_channel_pruning_table_lists_every_narrowed_layer_transposed_convolutions_included(digits):
+    x = digits.test.inputs[:4]
+    torch.manual_seed(0)
+    result = ts.prune_channels(AutoEncoder().eval(), {"ratio": 0.5}, example_input=x)
+    rows = {row["name"]: (row["before"], row["after"]) for row in result.report.stages[0].layers}
+    assert rows["d1"] == ("8->16", "4->8") and rows["d2"] == ("16->1", "8->1") and rows["e2"] == ("16->8", "16->4")
+    assert result.model(x).shape == x.shape
+    assert "1 op(s) the tracer could not follow; their channels were left intact: norm: group_norm" in result.report.stages[0].notes

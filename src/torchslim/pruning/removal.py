@@ -204,13 +204,20 @@ def apply_structure(model: nn.Module, transform: dict[str, Any]) -> nn.Module:
 
 
 def module_width(module: nn.Module) -> str | None:
-    """A layer's width for reports: in->out channels / features, BatchNorm features, attention heads."""
-    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+    """A layer's width for reports: in->out channels / features (transposed convolutions too), normalized features or
+    channels, an embedding's dimension, attention heads."""
+    if isinstance(module, nn.modules.conv._ConvNd):
         return f"{module.in_channels}->{module.out_channels}"
     if isinstance(module, nn.Linear):
         return f"{module.in_features}->{module.out_features}"
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+    if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
         return str(module.num_features)
+    if isinstance(module, nn.GroupNorm):
+        return f"{module.num_channels} ({module.num_groups} groups)"
+    if isinstance(module, nn.LayerNorm):
+        return "x".join(map(str, module.normalized_shape))
+    if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+        return f"{module.num_embeddings}x{module.embedding_dim}"
     for attribute in ("num_heads", "num_attention_heads"):
         if isinstance(getattr(module, attribute, None), int):
             return f"{getattr(module, attribute)} heads"
