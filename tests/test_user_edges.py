@@ -228,3 +228,32 @@ def test_the_channel_pruning_table_lists_every_narrowed_layer_transposed_convolu
     assert rows["d1"] == ("8->16", "4->8") and rows["d2"] == ("16->1", "8->1") and rows["e2"] == ("16->8", "16->4")
     assert result.model(x).shape == x.shape
     assert "1 op(s) the tracer could not follow; their channels were left intact: norm: group_norm" in result.report.stages[0].notes
+
+
+class Scaled(nn.Module):
+    """A convolution of a hundredth the others' scale, which the BatchNorm after it undoes."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16 * 4 * 4, 10)
+        with torch.no_grad():
+            self.c2.weight.mul_(0.01)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.bn(self.c2(F.relu(self.c1(x))))), 2)
+        return self.fc(x.flatten(1))
+
+
+def test_one_global_threshold_never_empties_a_layer(digits):
+    """Global magnitude pruning at 0.9 put every weight of the small-scale convolution under the threshold: the model
+    then computed from c2's bias alone. The layer keeps its top 1%, and the notes say why."""
+    torch.manual_seed(0)
+    result = ts.prune(Scaled().eval(), {"scope": "global", "sparsity": 0.9})
+    rows = {row["name"]: row for row in result.report.stages[0].layers}
+    assert rows["c2"]["nonzeros"] == 12 and rows["c1"]["nonzeros"] > 0 and rows["fc"]["nonzeros"] > 0
+    assert any(
+        note.startswith("c2: every weight fell under the global threshold; it keeps its 12 highest-scored (1%)") for note in result.report.stages[0].notes
+    )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -219,6 +220,8 @@ def prune_in_place(model: nn.Module, config: PruneConfig, data: Any = None, task
         return _sparsegpt_step(model, modules, config, data, notes)
     scores = compute_scores(model, modules, config, data, task)
     masks = compute_masks(scores, modules, config)
+    if config.scope == "global" and config.sparsity is not None:
+        _keep_a_floor(masks, scores, notes)
     for name, _ in modules:
         if name not in masks:
             continue
@@ -227,6 +230,25 @@ def prune_in_place(model: nn.Module, config: PruneConfig, data: Any = None, task
             previous = get_mask(module)
             set_mask(module, masks[name] if previous is None else (masks[name] & previous))
     return [name for name, _ in modules]
+
+
+FLOOR = 0.01  # the share of its weights a layer that the global threshold would empty keeps
+
+
+def _keep_a_floor(masks: dict[str, torch.Tensor], scores: dict[str, torch.Tensor], notes: list[str] | None) -> None:
+    """A layer whose every weight falls under one global threshold (weights of a small scale that a normalization
+    after it undoes) would leave the model its bias alone: it keeps its highest-scored 1% instead, named in the notes."""
+    for name, mask in masks.items():
+        if mask.numel() and not bool(mask.any()):
+            count = max(1, math.ceil(FLOOR * mask.numel()))
+            kept = torch.zeros(mask.numel(), dtype=torch.bool, device=mask.device)
+            kept[torch.topk(scores[name].reshape(-1), count).indices] = True
+            masks[name] = kept.view_as(mask)
+            if notes is not None:
+                notes.append(
+                    f"{name}: every weight fell under the global threshold; it keeps its {count:,} highest-scored ({FLOOR:.0%}) so that the "
+                    "layer still computes (give it its own sparsity in overrides, or prune per layer, if its scale differs from the others')"
+                )
 
 
 def prune(
