@@ -302,6 +302,31 @@ def test_compress_a_users_own_model_from_an_import_path(tmp_path, capsys):
     assert ts.evaluate(loaded, data)["error"] == pytest.approx(report["stages"][-1]["metrics"]["error"])
 
 
+def test_the_technique_commands_take_an_import_path_model_only_with_its_weights(tmp_path, capsys):
+    """prune, quantize and export used to build an import-path model with fresh random weights and write it as
+    if it were the user's; they refuse that now, and take --weights as compress does."""
+    import torch
+
+    from tests.conftest import TinyConvNet
+
+    data = ts.data.load("digits")
+    torch.manual_seed(0)
+    model = ts.train(TinyConvNet(), data, {"epochs": 1}, progress=False).model
+    weights = tmp_path / "net.pt"
+    torch.save(model.state_dict(), weights)
+    for command in (["prune", "--sparsity", "0.5"], ["quantize", "--scheme", "kmeans"], ["export"]):
+        out = tmp_path / f"{command[0]}.{'onnx' if command[0] == 'export' else 'safetensors'}"
+        assert main([command[0], "tests.conftest:TinyConvNet", *command[1:], "--data", "digits", "--out", str(out)]) == 1
+        assert "an import-path model is built with fresh random weights; pass its trained state with --weights" in capsys.readouterr().err
+        assert not out.exists()
+        code = main([command[0], "tests.conftest:TinyConvNet", *command[1:], "--weights", str(weights), "--data", "digits", "--out", str(out)])
+        assert code == 0, capsys.readouterr().err
+        assert out.is_file()
+    pruned = ts.load(tmp_path / "prune.safetensors", trust_factory=True)
+    kept = pruned.conv1.weight != 0
+    assert kept.any() and torch.equal(pruned.conv1.weight[kept], model.conv1.weight.detach()[kept])  # the trained weights, pruned
+
+
 @pytest.mark.slow
 def test_compress_resume_after_interrupt(tmp_path, capsys, monkeypatch):
     from torchslim.pipeline import stages

@@ -11,12 +11,14 @@ from torchslim.cli.app import app, console
 from torchslim.cli.common import (
     DataArguments,
     RunOptions,
+    WeightsArguments,
     example_input,
     int_list,
     load_model_arg,
     refuse_overwrite,
     with_data,
     with_run_options,
+    with_weights,
     write_outputs,
 )
 from torchslim.core.errors import TorchslimError
@@ -140,9 +142,11 @@ def evaluate(
 @app.command()
 @with_data()
 @with_run_options(threads=2)
+@with_weights()
 def profile(
     source: DataArguments,
     run: RunOptions,
+    weights: WeightsArguments,
     model: str = typer.Argument(..., help="A saved model file (.safetensors) or a registered model name."),
     batch_sizes: str = typer.Option("1,64", help="Comma-separated batch sizes to time."),
     backends: str = typer.Option("eager", help="Comma-separated latency backends (see `torchslim list backends`)."),
@@ -156,7 +160,7 @@ def profile(
     from torchslim.report.console import print_report
 
     dataset = source.load()
-    network = run.place(load_model_arg(model, dataset, trust_factory))
+    network = run.place(load_model_arg(model, dataset, trust_factory, weights, untrained=True))
     sizes = int_list(batch_sizes, "--batch-sizes")
     result = ts.profile(network, example_input(dataset), batch_sizes=sizes, backends=[b.strip() for b in backends.split(",")], runs=runs, threads=run.threads)
     print_report(result.report, console)
@@ -188,9 +192,11 @@ def parse_dynamic_axes(values: list[str]) -> dict[str, list[int]] | None:
 @app.command("export")
 @with_data()
 @with_run_options()
+@with_weights()
 def export_command(
     source: DataArguments,
     run: RunOptions,
+    weights: WeightsArguments,
     model: str = typer.Argument(..., help="A saved model file (.safetensors / .tslim / .onnx) or a registered model name."),
     format: str = typer.Option("onnx", "--format", help="onnx, pt2 (torch.export) or torchscript."),
     out: Path | None = typer.Option(None, help="The exported file (default: <model>.<onnx|pt2|pt>)."),
@@ -217,7 +223,7 @@ def export_command(
     out = out or Path(f"{stem}{FORMATS[format]}")
     refuse_overwrite(out, force=force)
     dataset = source.load()
-    network = ts.load(model) if model.endswith(".onnx") else run.place(load_model_arg(model, dataset, trust_factory))
+    network = ts.load(model) if model.endswith(".onnx") else run.place(load_model_arg(model, dataset, trust_factory, weights))
     axes = parse_dynamic_axes(dynamic_axis)
     result = ts.export(
         network, format, example_input(dataset), out, dynamic_batch=not static_batch, overwrite=force, accuracy_level=accuracy_level, dynamic_axes=axes

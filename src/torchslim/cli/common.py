@@ -163,6 +163,23 @@ class RunOptions:
             console.print(line, soft_wrap=True)
 
 
+@dataclasses.dataclass
+class WeightsArguments:
+    """``--weights`` (a state dict for the model named) and ``--trust-weights``."""
+
+    path: Path | None = None
+    trusted: bool = False
+
+
+def with_weights() -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Give a command ``--weights`` and ``--trust-weights``; it receives them as ``weights: WeightsArguments``."""
+    options = [
+        ("weights", Path | None, typer.Option(None, help="Weights to load into the model (.safetensors or .pt state_dict); an import-path model needs them.")),
+        ("trust_weights", bool, typer.Option(False, help="Allow unpickling a .pt that holds more than tensors (only files you made).")),
+    ]
+    return _with_options("weights", options, WeightsArguments)
+
+
 def with_run_options(threads: int | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Give a long command ``--seed``, ``--threads``, ``--device``, ``--json`` and ``--quiet``; it receives them,
     already applied, as ``run: RunOptions``."""
@@ -258,9 +275,19 @@ def example_input(data: Any) -> Any:
     return as_source(data).example(1)
 
 
-def load_model_arg(model: str, data: Any, trust_factory: bool, weights: Path | None = None, trust_weights: bool = False) -> Any:
+def load_model_arg(
+    model: str, data: Any, trust_factory: bool, weights: Path | WeightsArguments | None = None, trust_weights: bool = False, untrained: bool = False
+) -> Any:
     """A registered model name (sized for the data), a saved model file, a Hugging Face model folder, or
-    package.module:callable (+ weights)."""
+    package.module:callable with ``weights`` (refused without them unless ``untrained`` will do: a freshly built model
+    would be compressed and written as if it were the user's)."""
+    if isinstance(weights, WeightsArguments):
+        weights, trust_weights = weights.path, weights.trusted
+    if ":" in model and weights is None and not untrained and not Path(model).exists():
+        raise TorchslimError(
+            f"{model}: an import-path model is built with fresh random weights; pass its trained state with --weights "
+            "(a .safetensors or .pt state dict), or save the trained model with torchslim.save(model, 'model.safetensors') and name that file"
+        )
     import torchslim as ts
     from torchslim.io.modelfile import build_from_spec, load_huggingface, load_state, load_weights
 

@@ -8,7 +8,19 @@ import typer
 
 from torchslim.cli.app import app, console
 from torchslim.cli.basics import change_line, headline
-from torchslim.cli.common import DataArguments, RunOptions, load_model_arg, names, number_list, refuse_overwrite, with_data, with_run_options, write_outputs
+from torchslim.cli.common import (
+    DataArguments,
+    RunOptions,
+    WeightsArguments,
+    load_model_arg,
+    names,
+    number_list,
+    refuse_overwrite,
+    with_data,
+    with_run_options,
+    with_weights,
+    write_outputs,
+)
 from torchslim.core.errors import TorchslimError
 
 WEIGHT_SCHEMES = ("uniform", "kmeans", "pow2", "binary", "ternary", "fp16", "bf16")
@@ -22,9 +34,11 @@ ENGINE_SCHEMES = {
 @app.command()
 @with_data()
 @with_run_options()
+@with_weights()
 def prune(
     source: DataArguments,
     run: RunOptions,
+    weights: WeightsArguments,
     model: str = typer.Argument(..., help="A saved model file (.safetensors) or a registered model name."),
     out: Path = typer.Option(..., help="Where to write the pruned model (.safetensors or .tslim)."),
     sparsity: float | None = typer.Option(None, help="Fraction of the selected weights (with --structured: channels) to remove, in [0, 1)."),
@@ -57,7 +71,7 @@ def prune(
     if steps < 1:
         raise TorchslimError(f"--steps must be >= 1, got {steps}")
     dataset = source.load()
-    network = run.place(load_model_arg(model, dataset, trust_factory))
+    network = run.place(load_model_arg(model, dataset, trust_factory, weights))
     baseline = ts.evaluate(network, dataset, task=source.task)
     layers = {"include": names(include) or ["*"], "exclude": names(exclude)}
     finetune = {"epochs": finetune_epochs, "lr": lr, "eval_every_epoch": False} if finetune_epochs > 0 else None
@@ -107,9 +121,11 @@ def prune(
 @app.command()
 @with_data()
 @with_run_options()
+@with_weights()
 def distill(
     source: DataArguments,
     run: RunOptions,
+    weights: WeightsArguments,
     teacher: str = typer.Option(..., help="The teacher: a saved model file (.safetensors) or a registered model name."),
     student: str = typer.Option(..., help="The student: a saved model file or a registered model name."),
     student_args: str = typer.Option("{}", help="JSON arguments for a registered student, e.g. '{\"hidden\": [300]}'."),
@@ -137,7 +153,7 @@ def distill(
     except json.JSONDecodeError as error:
         raise TorchslimError(f"--student-args is not valid JSON ({error})") from None
     dataset = source.load()
-    teacher_model = load_model_arg(teacher, dataset, trust_factory)
+    teacher_model = load_model_arg(teacher, dataset, trust_factory, weights)
     if student.endswith(".safetensors"):
         student_model = load_model_arg(student, dataset, trust_factory)
     else:
@@ -164,9 +180,11 @@ def distill(
 @app.command()
 @with_data()
 @with_run_options()
+@with_weights()
 def quantize(
     source: DataArguments,
     run: RunOptions,
+    weights: WeightsArguments,
     model: str = typer.Argument(..., help="A saved model file (.safetensors) or a registered model name."),
     out: Path = typer.Option(..., help="Output: .safetensors or .tslim for weight-only schemes, .onnx for int8 in ONNX Runtime."),
     scheme: str = typer.Option(
@@ -209,7 +227,7 @@ def quantize(
     else:
         raise TorchslimError(f"--scheme: unknown scheme {scheme!r}; valid: {', '.join(WEIGHT_SCHEMES + tuple(ENGINE_SCHEMES))}")
     dataset = source.load()
-    network = run.place(load_model_arg(model, dataset, trust_factory))
+    network = run.place(load_model_arg(model, dataset, trust_factory, weights))
     before = ts.evaluate(network, dataset, task=source.task)
     result = ts.quantize(network, config, data=dataset)
     if not run.main:  # under torchrun, rank 0 writes
@@ -229,9 +247,11 @@ def quantize(
 @app.command()
 @with_data()
 @with_run_options()
+@with_weights()
 def sensitivity(
     source: DataArguments,
     run: RunOptions,
+    weights: WeightsArguments,
     model: str = typer.Argument(..., help="A saved model file (.safetensors) or a registered model name."),
     sparsities: str = typer.Option("0.5,0.8,0.9,0.95", help="Comma-separated sparsities to try on each layer alone ('' for none)."),
     bits: str = typer.Option("8,4,3,2", help="Comma-separated bit widths to try on each layer alone ('' for none)."),
@@ -255,7 +275,7 @@ def sensitivity(
         "eval_limit": eval_limit,
     }
     dataset = source.load()
-    network = run.place(load_model_arg(model, dataset, trust_factory))
+    network = run.place(load_model_arg(model, dataset, trust_factory, weights))
     result = ts.sensitivity(network, dataset, config, task=source.task)
     if not run.main:
         return
