@@ -257,3 +257,28 @@ def test_one_global_threshold_never_empties_a_layer(digits):
     assert any(
         note.startswith("c2: every weight fell under the global threshold; it keeps its 12 highest-scored (1%)") for note in result.report.stages[0].notes
     )
+
+
+def test_an_encoder_decoder_language_model_is_scored_on_its_labels_as_they_are():
+    """T5's decoder positions line up with its labels: they are scored unshifted (they used to be shifted by one, 80
+    of 96 tokens scored, and against the encoder's mask). Without the decoder's inputs the error says how to build
+    them (it used to be Hugging Face's own "exactly one of input_ids or inputs_embeds")."""
+    transformers = pytest.importorskip("transformers")
+    from torchslim.data.embedded import load_digits
+
+    pixels = (load_digits()["test"][0].reshape(-1, 64)[:24] * 4 + 8).clamp(0, 16).long() + 2  # digits' pixels as tokens
+    config = transformers.T5Config(vocab_size=20, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2, decoder_start_token_id=0, pad_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.T5ForConditionalGeneration(config).eval()
+    batches = []
+    for start in range(0, 24, 8):
+        source, labels = pixels[start : start + 8, :32].contiguous(), pixels[start : start + 8, 32:].contiguous()
+        decoder = model.prepare_decoder_input_ids_from_labels(labels=labels)
+        batches.append({"input_ids": source, "attention_mask": torch.ones_like(source), "decoder_input_ids": decoder, "labels": labels})
+    metrics = ts.evaluate(model, batches, task="language-modeling")
+    with torch.no_grad():
+        own = sum(model(**batch).loss.item() for batch in batches) / len(batches)
+    assert metrics["tokens"] == 24 * 32
+    assert metrics["perplexity"] == pytest.approx(float(torch.tensor(own).exp()), rel=1e-4)
+    with pytest.raises(TorchslimError, match="T5ForConditionalGeneration is an encoder-decoder model; give each batch the decoder's inputs"):
+        ts.evaluate(model, [{"input_ids": b["input_ids"], "labels": b["labels"]} for b in batches], task="language-modeling")

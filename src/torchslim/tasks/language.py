@@ -37,6 +37,12 @@ def next_token_targets(outputs: Any, batch: Any) -> tuple[torch.Tensor, torch.Te
         raise TorchslimError(f"language modeling: expected logits (batch, tokens, vocabulary), got shape {tuple(logits.shape)}")
     if isinstance(batch, (tuple, list)) and len(batch) > 1 and isinstance(batch[1], torch.Tensor):
         targets = batch[1].to(logits.device)
+    elif isinstance(batch, Mapping) and _decoder_fed(batch) and isinstance(batch.get("labels"), torch.Tensor):
+        # an encoder-decoder model (T5, BART): its decoder's positions already line up with the labels, no shift
+        targets = batch["labels"].to(logits.device)
+        mask = batch.get("decoder_attention_mask")
+        if isinstance(mask, torch.Tensor):
+            targets = targets.masked_fill(mask.to(logits.device) == 0, IGNORE)
     else:
         if isinstance(batch, Mapping):
             ids = batch.get("labels", batch.get("input_ids"))
@@ -56,6 +62,10 @@ def next_token_targets(outputs: Any, batch: Any) -> tuple[torch.Tensor, torch.Te
     return logits.reshape(-1, logits.shape[-1]), targets.reshape(-1).long()
 
 
+def _decoder_fed(batch: Mapping) -> bool:
+    return "decoder_input_ids" in batch or "decoder_inputs_embeds" in batch
+
+
 class LanguageModelingTask(Task):
     """Next-token cross-entropy; perplexity, bits per token and next-token accuracy."""
 
@@ -66,6 +76,11 @@ class LanguageModelingTask(Task):
     def outputs(self, model: nn.Module, batch: Any) -> Any:
         """The model's logits; token ids beyond every embedding table of the model are refused by name first."""
         sizes = [m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)]
+        if getattr(getattr(model, "config", None), "is_encoder_decoder", False) and not (isinstance(batch, Mapping) and _decoder_fed(batch)):
+            raise TorchslimError(
+                f"language modeling: {type(model).__name__} is an encoder-decoder model; give each batch the decoder's inputs as well: "
+                "{'input_ids': ..., 'attention_mask': ..., 'decoder_input_ids': model.prepare_decoder_input_ids_from_labels(labels), 'labels': labels}"
+            )
         args, kwargs = model_inputs(batch, model)
         ids = kwargs.get("input_ids", args[0] if args else None)
         if sizes and isinstance(ids, torch.Tensor) and not ids.is_floating_point():
