@@ -282,3 +282,24 @@ def test_an_encoder_decoder_language_model_is_scored_on_its_labels_as_they_are()
     assert metrics["perplexity"] == pytest.approx(float(torch.tensor(own).exp()), rel=1e-4)
     with pytest.raises(TorchslimError, match="T5ForConditionalGeneration is an encoder-decoder model; give each batch the decoder's inputs"):
         ts.evaluate(model, [{"input_ids": b["input_ids"], "labels": b["labels"]} for b in batches], task="language-modeling")
+
+
+class ScaledOutput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = Backbone()
+
+    def forward(self, x, scale: float = 0.5, features: bool = False):
+        return self.body(x) * scale
+
+
+def test_a_forward_with_a_number_default_exports_with_that_default(digits, tmp_path):
+    """``forward(x, scale: float = 0.5)``: the TorchScript exporter made ``scale`` an input of the graph, and the
+    file then asked for it ("Required inputs ['onnx::Cast_1'] are missing"); the default is used now."""
+    x = digits.test.inputs[:4]
+    torch.manual_seed(0)
+    model = ScaledOutput().eval()
+    exported = ts.export(model, "onnx", x, path=tmp_path / "scaled.onnx").model
+    assert torch.allclose(exported(digits.test.inputs[:9]), model(digits.test.inputs[:9]), atol=1e-4)
+    quantized = ts.quantize(model, {"method": "onnxruntime"}, data=digits).model
+    assert ts.evaluate(quantized, digits)["examples"] == len(digits.test.inputs)

@@ -60,15 +60,19 @@ class Positional(nn.Module):
 
 def positional_module(model: nn.Module, inputs: int) -> nn.Module:
     """``model`` as a module called with ``inputs`` positional tensors: wrapped in ``ViewsAsList`` where its forward
-    takes one list of them, in ``Positional`` where it has keyword-only arguments."""
+    takes one list of them, in ``Positional`` where it has keyword-only arguments or a number default past them."""
     import inspect
 
     from torchslim.tasks.batches import forward_parameters, takes_one_input
 
     if inputs > 1 and takes_one_input(model):
         return ViewsAsList(model).eval()
-    keyword_only = any(p.kind == inspect.Parameter.KEYWORD_ONLY for p in forward_parameters(model) or [])
-    return Positional(model).eval() if keyword_only else model
+    parameters = [p for p in forward_parameters(model) or [] if p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
+    keyword_only = any(p.kind == inspect.Parameter.KEYWORD_ONLY for p in parameters)
+    # the TorchScript exporter feeds a number default of a parameter past the inputs (scale: float = 1.0) as an input
+    # of the graph that the file then asks for: behind Positional the model uses its default
+    numbers = any(isinstance(p.default, (int, float)) and not isinstance(p.default, bool) for p in parameters[inputs:])
+    return Positional(model).eval() if keyword_only or numbers else model
 
 
 def sole_input(inputs: Any, wanted: list[str]) -> Any:
