@@ -303,3 +303,24 @@ def test_a_forward_with_a_number_default_exports_with_that_default(digits, tmp_p
     assert torch.allclose(exported(digits.test.inputs[:9]), model(digits.test.inputs[:9]), atol=1e-4)
     quantized = ts.quantize(model, {"method": "onnxruntime"}, data=digits).model
     assert ts.evaluate(quantized, digits)["examples"] == len(digits.test.inputs)
+
+
+class Named(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(64, 32)
+        self.fc2 = nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+
+
+def test_a_batch_key_the_forward_does_not_take_is_named_with_where_labels_go(digits):
+    """``{"x": ..., "y": ...}`` batches: channel pruning called ``forward(x, y=...)`` and failed on Python's own
+    "unexpected keyword argument 'y'"."""
+    batches = [{"x": digits.test.inputs[:32], "y": digits.test.targets[:32]}]
+    message = r"the batch's 'y' is not an argument of Named.forward\(x\): a mapping's entries are passed by name, and its labels go under one of"
+    with pytest.raises(TorchslimError, match=message):
+        ts.prune_channels(Named(), {"ratio": 0.5}, data=batches)
+    renamed = [{"x": batch["x"], "label": batch["y"]} for batch in batches]
+    assert ts.prune_channels(Named(), {"ratio": 0.5}, data=renamed).model.fc1.out_features == 16

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchslim.core.checks import unwrapped
 from torchslim.core.errors import TorchslimError
 from torchslim.core.modes import eval_mode, model_device
 
@@ -83,9 +84,19 @@ def model_inputs(batch: Any, model: Any = None) -> tuple[tuple, dict[str, Any]]:
 def keyword_or_positional(model: Any, inputs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
     """``model(**inputs)``'s arguments, or, where ``model``'s forward takes no such keyword (``forward(idx)`` fed
     ``{"input_ids": ...}`` batches), the one input given positionally."""
-    if model is None or len(inputs) != 1:
+    if model is None:
         return (), inputs
     parameters = forward_parameters(model)
+    if len(inputs) != 1:
+        accepted = {p.name for p in parameters or [] if p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.POSITIONAL_ONLY)}
+        unknown = [key for key in inputs if key not in accepted]
+        if parameters is not None and unknown and not any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters):
+            raise TorchslimError(
+                f"the batch's {', '.join(repr(key) for key in unknown)} {'is not an argument' if len(unknown) == 1 else 'are not arguments'} of "
+                f"{type(unwrapped(model)).__name__}.forward({', '.join(p.name for p in parameters)}): a mapping's entries are passed by name, "
+                f"and its labels go under one of {', '.join(TARGET_KEYS)} (or give (inputs, labels) tuples)"
+            )
+        return (), inputs
     if parameters is None or any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters) or next(iter(inputs)) in {p.name for p in parameters}:
         return (), inputs
     return (next(iter(inputs.values())),), {}
@@ -93,8 +104,6 @@ def keyword_or_positional(model: Any, inputs: dict[str, Any]) -> tuple[tuple, di
 
 def forward_parameters(model: Any) -> list[inspect.Parameter] | None:
     """The parameters of ``model``'s forward (of the module a compiled or DDP-wrapped model holds); None where unknown."""
-    from torchslim.core.checks import unwrapped
-
     inner = unwrapped(model)
     try:
         return list(inspect.signature(inner.forward if isinstance(inner, nn.Module) else inner).parameters.values())
