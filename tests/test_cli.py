@@ -327,6 +327,23 @@ def test_the_technique_commands_take_an_import_path_model_only_with_its_weights(
     assert kept.any() and torch.equal(pruned.conv1.weight[kept], model.conv1.weight.detach()[kept])  # the trained weights, pruned
 
 
+def test_weights_saved_from_a_wrapper_load_into_the_model(tmp_path, capsys):
+    """A state dict saved from nn.DataParallel (``module.`` before every name) or a compiled model (``_orig_mod.``)
+    loads into the model it was saved from; it used to fail on a list of missing and unexpected names."""
+    import torch
+
+    from tests.conftest import TinyConvNet
+
+    torch.manual_seed(0)
+    model = TinyConvNet().eval()
+    for label, wrapped in (("parallel", torch.nn.DataParallel(model)), ("compiled", torch.compile(model))):
+        weights = tmp_path / f"{label}.pt"
+        torch.save(wrapped.state_dict(), weights)
+        assert main(["evaluate", "tests.conftest:TinyConvNet", "--weights", str(weights), "--data", "digits", "--json"]) == 0
+        printed = json.loads(capsys.readouterr().out)
+        assert printed["metrics"]["accuracy"] == pytest.approx(ts.evaluate(model, ts.data.load("digits"))["accuracy"])
+
+
 @pytest.mark.slow
 def test_compress_resume_after_interrupt(tmp_path, capsys, monkeypatch):
     from torchslim.pipeline import stages

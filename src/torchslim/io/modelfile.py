@@ -345,6 +345,8 @@ def load_state(model: nn.Module, tensors: dict[str, torch.Tensor], where: str, c
     """Load ``tensors`` into ``model``, with an error naming ``where`` when names, shapes or dtypes do not fit
     (``cast``: floating-point tensors of a user's weights file take the architecture's float dtype instead)."""
     expected = model.state_dict()
+    if cast:  # a user's file: a state saved from a wrapper (module. of DataParallel, _orig_mod. of torch.compile, model.) fits
+        tensors = _without_wrapper_prefix(tensors, set(expected))
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
@@ -364,6 +366,15 @@ def load_state(model: nn.Module, tensors: dict[str, torch.Tensor], where: str, c
     ties = tied_groups(model)  # what the architecture ties (an assigned state would untie it)
     model.load_state_dict(tensors, assign=True)
     retie(model, ties, where)
+
+
+def _without_wrapper_prefix(tensors: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
+    """``tensors`` with the first name component they all share removed, where that gives exactly ``expected``."""
+    heads = {name.partition(".")[0] for name in tensors}
+    if len(heads) != 1 or set(tensors) == expected or not all("." in name for name in tensors):
+        return tensors
+    stripped = {name.partition(".")[2]: tensor for name, tensor in tensors.items()}
+    return stripped if set(stripped) == expected else tensors
 
 
 def load_weights(path: str | os.PathLike[str], trusted: bool = False) -> dict[str, torch.Tensor]:
