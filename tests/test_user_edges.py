@@ -324,3 +324,11 @@ def test_a_batch_key_the_forward_does_not_take_is_named_with_where_labels_go(dig
         ts.prune_channels(Named(), {"ratio": 0.5}, data=batches)
     renamed = [{"x": batch["x"], "label": batch["y"]} for batch in batches]
     assert ts.prune_channels(Named(), {"ratio": 0.5}, data=renamed).model.fc1.out_features == 16
+
+
+def test_an_empty_loader_and_a_double_precision_model_get_errors_that_say_what_is_wrong(tmp_path):
+    with pytest.raises(TorchslimError, match=r"the data \(no separate evaluation data was given\) gives no batches \(an empty loader"):
+        ts.evaluate(Named(), [])
+    with pytest.raises(TorchslimError, match="the model holds float64 weights, which torchslim's files do not store; cast it to float32"):
+        ts.save(Named().double(), tmp_path / "double.safetensors")
+    assert not (tmp_path / "double.safetensors").exists()

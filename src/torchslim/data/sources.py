@@ -72,7 +72,8 @@ class DataSource:
     def first_batch(self, split: str = "eval") -> Any:
         for batch in self.batches(split, batch_size=8, shuffle=False, limit=1):
             return batch
-        raise TorchslimError(f"{self.description}: the {split} data is empty")
+        which = f"the {split} data" if getattr(self, "separate_eval", True) else "the data (no separate evaluation data was given)"
+        raise TorchslimError(f"{self.description}: {which} gives no batches (an empty loader, list or split)")
 
     def example(self, count: int | None = 1) -> Any:
         """Model inputs of the first ``count`` examples of the evaluation data (for tracing, MACs, export)."""

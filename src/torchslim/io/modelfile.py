@@ -136,7 +136,8 @@ def _precision(model: nn.Module, where: str) -> str | None:
         return None
     if len(dtypes) == 1 and next(iter(dtypes)) in HALF_PRECISIONS:
         return next(iter(dtypes))
-    raise TorchslimError(f"{where}: the model mixes {', '.join(sorted(dtypes))} weights; cast it to one precision (model.float() or model.half()) to save it")
+    held = f"mixes {', '.join(sorted(dtypes))} weights" if len(dtypes) > 1 else f"holds {next(iter(dtypes))} weights, which torchslim's files do not store"
+    raise TorchslimError(f"{where}: the model {held}; cast it to float32, float16 or bfloat16 (model.float(), model.half()) to save it")
 
 
 @register_transform(PRECISION)
