@@ -322,6 +322,9 @@ def test_the_technique_commands_take_an_import_path_model_only_with_its_weights(
         code = main([command[0], "tests.conftest:TinyConvNet", *command[1:], "--weights", str(weights), "--data", "digits", "--out", str(out)])
         assert code == 0, capsys.readouterr().err
         assert out.is_file()
+    own = tmp_path / "own.safetensors"  # a callable that loads its own checkpoint says so
+    assert main(["prune", "tests.conftest:TinyConvNet", "--factory-trained", "--sparsity", "0.5", "--data", "digits", "--out", str(own)]) == 0
+    assert own.is_file()
     pruned = ts.load(tmp_path / "prune.safetensors", trust_factory=True)
     kept = pruned.conv1.weight != 0
     assert kept.any() and torch.equal(pruned.conv1.weight[kept], model.conv1.weight.detach()[kept])  # the trained weights, pruned

@@ -332,3 +332,67 @@ def test_an_empty_loader_and_a_double_precision_model_get_errors_that_say_what_i
     with pytest.raises(TorchslimError, match="the model holds float64 weights, which torchslim's files do not store; cast it to float32"):
         ts.save(Named().double(), tmp_path / "double.safetensors")
     assert not (tmp_path / "double.safetensors").exists()
+
+
+class Audio(nn.Module):
+    """An audio-style model that applies weight_norm and spectral_norm itself, in both of torch's forms."""
+
+    def __init__(self, width: int = 8):
+        super().__init__()
+        from torch.nn.utils import parametrizations, spectral_norm, weight_norm
+
+        self.width = width
+        self.a = weight_norm(nn.Conv1d(1, width, 3, padding=1))
+        self.b = spectral_norm(nn.Conv1d(width, width, 3, padding=1))
+        self.c = parametrizations.weight_norm(nn.Conv1d(width, 1, 3, padding=1))
+
+    def forward(self, x):
+        return self.c(F.relu(self.b(F.relu(self.a(x)))))
+
+
+def test_a_model_that_applies_weight_and_spectral_norm_itself_saves_and_loads_back(digits, tmp_path):
+    """The file stores the weights the norms compute; the rebuilt architecture, which applies the norms again, has
+    them folded where the file stores the plain weight (a hook-based weight_norm failed on weight_g / weight_v)."""
+    x = digits.test.inputs[:4].reshape(4, 1, 64)  # each digit as a signal of 64 samples
+    torch.manual_seed(0)
+    model = Audio()
+    model(x)  # spectral_norm's power iteration moves its vectors
+    model.eval()
+    loaded = ts.load(ts.save(model, tmp_path / "audio.safetensors"), trust_factory=True)
+    assert torch.allclose(loaded(x), model(x), atol=1e-6)
+
+
+def test_review_edges_a_frozen_layer_in_a_replaced_stack_an_endless_generator_a_two_tensor_dict_export(digits, tmp_path):
+    """A stack swapped for a shorter one keeps each layer's own flags (one frozen layer used to freeze the whole new
+    stack); evaluation of an endless generator stops at ``limit``; a model returning ``{"mu", "sigma"}`` exports both
+    (the scoring rule for dict outputs does not apply to what an exporter writes); ``train(inplace=True)`` runs on a
+    hook-based weight_norm model (nothing is copied)."""
+    from torch.nn.utils import weight_norm
+
+    from torchslim.core.selector import set_module
+
+    stack = nn.Sequential(nn.ModuleList([nn.Linear(4, 4) for _ in range(4)]))
+    stack[0][3].requires_grad_(False)
+    set_module(stack, "0", nn.ModuleList(list(stack[0])[:3]))
+    assert all(p.requires_grad for p in stack.parameters())
+
+    def endless():
+        while True:
+            yield digits.test.inputs[:8].reshape(8, -1), digits.test.targets[:8]
+
+    assert ts.evaluate(Named(), endless(), limit=16)["examples"] == 16
+
+    class Gaussian(Named):
+        def forward(self, x):
+            h = super().forward(x)
+            return {"mu": h, "sigma": h.exp()}
+
+    x = digits.test.inputs[:4]
+    model = Gaussian().eval()
+    exported = ts.export(model, "onnx", x, path=tmp_path / "gaussian.onnx").model
+    assert all(torch.allclose(exported(x)[key], model(x)[key], atol=1e-4) for key in ("mu", "sigma"))
+
+    normed = Named()
+    weight_norm(normed.fc1)
+    trained = ts.train(normed, digits, {"epochs": 1}, inplace=True, progress=False).model
+    assert trained is normed

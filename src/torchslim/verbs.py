@@ -42,7 +42,7 @@ def train(
         'train'
     """
     config = TrainConfig.coerce(config)
-    check_model(model, "train", float32=True, copies=True)
+    check_model(model, "train", float32=True, copies=not inplace)
     trained = model if inplace else copy.deepcopy(model)
     source = as_source(data, trained)
     history = fit(trained, source, config, task=task, progress=progress)

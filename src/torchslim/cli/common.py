@@ -169,6 +169,7 @@ class WeightsArguments:
 
     path: Path | None = None
     trusted: bool = False
+    factory_trained: bool = False
 
 
 def with_weights() -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -176,6 +177,7 @@ def with_weights() -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     options = [
         ("weights", Path | None, typer.Option(None, help="Weights to load into the model (.safetensors or .pt state_dict); an import-path model needs them.")),
         ("trust_weights", bool, typer.Option(False, help="Allow unpickling a .pt that holds more than tensors (only files you made).")),
+        ("factory_trained", bool, typer.Option(False, help="The import path builds the trained model itself (it loads its own checkpoint): no --weights.")),
     ]
     return _with_options("weights", options, WeightsArguments)
 
@@ -282,11 +284,14 @@ def load_model_arg(
     package.module:callable with ``weights`` (refused without them unless ``untrained`` will do: a freshly built model
     would be compressed and written as if it were the user's)."""
     if isinstance(weights, WeightsArguments):
+        untrained = untrained or weights.factory_trained
         weights, trust_weights = weights.path, weights.trusted
-    if ":" in model and weights is None and not untrained and not Path(model).exists():
+    import_path = ":" in model and not Path(model).exists()
+    if import_path and weights is None and not untrained:
         raise TorchslimError(
             f"{model}: an import-path model is built with fresh random weights; pass its trained state with --weights "
-            "(a .safetensors or .pt state dict), or save the trained model with torchslim.save(model, 'model.safetensors') and name that file"
+            "(a .safetensors or .pt state dict), --factory-trained where the callable loads its own checkpoint, or save the trained "
+            "model with torchslim.save(model, 'model.safetensors') and name that file"
         )
     import torchslim as ts
     from torchslim.io.modelfile import build_from_spec, load_huggingface, load_state, load_weights
@@ -295,7 +300,7 @@ def load_model_arg(
         loaded = load_huggingface(model)
     elif model.endswith((".safetensors", ".tslim")) and Path(model).is_file():
         loaded = ts.load(model, trust_factory=trust_factory)
-    elif ":" in model:
+    elif import_path:
         loaded = build_from_spec({"factory": model, "kwargs": {}}, trust_factory=True, where="--model")
     elif Path(model).is_file():
         raise TorchslimError(

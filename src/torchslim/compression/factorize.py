@@ -40,6 +40,7 @@ from torchslim.core.errors import TorchslimError
 from torchslim.core.report import Report, Result, Stage
 from torchslim.core.selector import LayerSelector, hook_note, matches, select_modules, set_module_everywhere
 from torchslim.core.spec import append_transform, recorded_layers, register_transform
+from torchslim.core.ties import tied_weights
 from torchslim.measure.counts import count_macs, count_parameters
 from torchslim.pruning.apply import masks_of
 from torchslim.tasks.batches import run_failure
@@ -340,15 +341,11 @@ def factorize(model: nn.Module, config: FactorizeConfig | dict, **options: Unpac
     chosen = select_modules(target, config.layers, default_types=("Linear", "Conv2d"))
     notes: list[str] = []
     candidates = []
-    sharers: dict[int, list[str]] = {}  # a weight tensor -> the names of the distinct modules that hold it (a tie)
-    for other, layer in target.named_modules():
-        for tensor in layer.parameters(recurse=False):
-            names = sharers.setdefault(id(tensor), [])
-            if not any(target.get_submodule(known) is layer for known in names):
-                names.append(other)
+    ties = tied_weights(target)
     for name, module in chosen:
         form = _form(module, config.method)
-        tied = [other for other in sharers.get(id(getattr(module, "weight", None)), []) if target.get_submodule(other) is not module]
+        # a weight another layer holds too (a tied embedding and head; not this layer under a second name)
+        tied = sorted({other.rpartition(".")[0] for other in ties.get(name, []) if target.get_submodule(other.rpartition(".")[0]) is not module})
         if tied:
             notes.append(f"{name}: left whole (its weight is tied to {', '.join(tied)}: factorizing it would untie it and add a copy)")
         elif form is None:

@@ -68,6 +68,23 @@ def norm_hooks(model: nn.Module) -> list[tuple[str, nn.Module, Any]]:
     ]
 
 
+def remove_norm_hook(module: nn.Module, hook: Any) -> None:
+    """Fold a ``norm_hooks`` entry into a plain weight (the one it computes now), with torch's own remove function,
+    and drop the load hook that torch's ``remove_spectral_norm`` leaves behind (it would ask a later
+    ``load_state_dict`` for ``weight_orig``)."""
+    from torch.nn.utils import remove_spectral_norm, remove_weight_norm
+    from torch.nn.utils.spectral_norm import SpectralNormLoadStateDictPreHook
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    if isinstance(hook, WeightNorm):
+        remove_weight_norm(module, hook.name)
+        return
+    remove_spectral_norm(module, hook.name)
+    for key, entry in list(module._load_state_dict_pre_hooks.items()):
+        if isinstance(getattr(entry, "hook", entry), SpectralNormLoadStateDictPreHook):
+            del module._load_state_dict_pre_hooks[key]
+
+
 def hook_norms(model: nn.Module) -> dict[str, str]:
     """{layer name: "weight_norm" | "spectral_norm"} of ``norm_hooks``."""
     from torch.nn.utils.weight_norm import WeightNorm
@@ -136,4 +153,4 @@ def check_model(model: nn.Module, where: str, float32: bool = False, copies: boo
             )
 
 
-__all__ = ["allow_nonfinite", "check_model", "hook_norms", "nonfinite_counts", "norm_hooks", "unwrapped"]
+__all__ = ["allow_nonfinite", "check_model", "hook_norms", "nonfinite_counts", "norm_hooks", "remove_norm_hook", "unwrapped"]

@@ -176,9 +176,11 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
 
 
 def carry_frozen(original: nn.Module, replacement: nn.Module) -> None:
-    """A frozen layer's replacement stays frozen: where the original's weight (or every parameter) has
+    """A frozen layer's replacement stays frozen: where the original layer's weight (or every parameter) has
     ``requires_grad=False``, so have the replacement's parameters (its factors, codebook, scales), the bias after the
     original's bias."""
+    if any(True for child in original.children() for _ in child.parameters()):
+        return  # a container (a stack of layers): its layers keep their own flags, whatever replaces it
     own = dict(original.named_parameters())
     frozen = {name for name, parameter in own.items() if not parameter.requires_grad}
     if not frozen:

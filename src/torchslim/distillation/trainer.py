@@ -229,7 +229,7 @@ def distill(
     metric (fidelity to the teacher for unlabeled data).
     """
     config = DistillConfig.coerce(config, where="distill")
-    check_model(student, "distill (student)", float32=True, copies=True)
+    check_model(student, "distill (student)", float32=True, copies=not inplace)
     check_model(teacher, "distill (teacher)", float32=True)
     trained = student if inplace else copy.deepcopy(student)
     source = as_source(data, trained)

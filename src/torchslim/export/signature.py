@@ -32,7 +32,7 @@ class KeywordInputs(nn.Module):
     def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
         from torchslim.tasks.batches import output_tensor
 
-        return output_tensor(self.model(**dict(zip(self.names, tensors))))
+        return output_tensor(self.model(**dict(zip(self.names, tensors))), strict=False)
 
 
 class ViewsAsList(nn.Module):
@@ -160,7 +160,11 @@ def input_plan(
     keyed = isinstance(example_input, Mapping)
     # token ids: integer keyword inputs of two or more axes or (batch, length) float ones (audio samples), or integer
     # tensors of (batch, length) given positionally; never images (pixel_values: axis 1 is their channels)
-    lead = next((t for t in tensors if (_sequence_like(t) if keyed else t.dim() == 2 and not t.is_floating_point())), None) if dynamic_sequence else None
+    lead = (
+        next((t for n, t in zip(names, tensors) if (_sequence_like(n, t) if keyed else t.dim() == 2 and not t.is_floating_point())), None)
+        if dynamic_sequence
+        else None
+    )
     if lead is None or lead.shape[1] < 2:
         return names, tensors, axes
     shared = [index for index, tensor in enumerate(tensors) if tensor.dim() >= 2 and tensor.shape[1] == lead.shape[1] and tensor.dim() <= 3]
@@ -171,9 +175,10 @@ def input_plan(
     return names, tensors, axes
 
 
-def _sequence_like(tensor: torch.Tensor) -> bool:
-    """A keyword input whose axis 1 is a sequence: integer ids or masks of two or more axes, or float (batch, length)."""
-    return tensor.dim() >= 2 and (not tensor.is_floating_point() or tensor.dim() == 2)
+def _sequence_like(name: str, tensor: torch.Tensor) -> bool:
+    """A keyword input whose axis 1 is a sequence: integer ids or masks of two or more axes, float (batch, length)
+    samples, or (batch, length, width) ``*_embeds``."""
+    return tensor.dim() >= 2 and (not tensor.is_floating_point() or tensor.dim() == 2 or (tensor.dim() == 3 and name.endswith("embeds")))
 
 
 def _runs_shorter(model: nn.Module | None, tensors: tuple, shared: list[int]) -> bool:
@@ -244,7 +249,7 @@ def read_output_layout(session: Any) -> dict[str, Any] | None:
 def output_tensor_of(output: Any) -> torch.Tensor:
     from torchslim.tasks.batches import output_tensor
 
-    return output_tensor(output)
+    return output_tensor(output, strict=False)  # what an exporter writes, not what a task scores
 
 
 def as_called(model: nn.Module, example: Any) -> Any:

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchslim.core.checks import norm_hooks, unwrapped
+from torchslim.core.checks import norm_hooks, remove_norm_hook, unwrapped
 from torchslim.core.errors import TorchslimError
 from torchslim.core.files import refuse_overwrite
 from torchslim.core.modes import eval_mode, model_device
@@ -63,7 +63,7 @@ def _reference(model: nn.Module, example: Any, set_eval: bool = True, decoded: b
     with eval_mode(model) if set_eval else contextlib.nullcontext(), torch.no_grad(), decoded_weights() if decoded else contextlib.nullcontext():
         output = call_model(model, example)
     layout = output_layout(output)
-    tensors = [output_tensor(output)] if layout is None else list(output.values()) if layout["kind"] == "dict" else list(output)
+    tensors = [output_tensor(output, strict=False)] if layout is None else list(output.values()) if layout["kind"] == "dict" else list(output)
     return [t.detach().float().cpu() for t in tensors]
 
 
@@ -90,14 +90,11 @@ def _prepared(model: nn.Module, form: str) -> nn.Module:
 def _plain_copy(model: nn.Module) -> nn.Module:
     """A deep copy in which torch's hook-based weight_norm / spectral_norm are folded into plain weights (the weight
     they compute now; a deep copy of the model as it is would fail on the computed weight)."""
-    from torch.nn.utils import remove_spectral_norm, remove_weight_norm
-    from torch.nn.utils.weight_norm import WeightNorm
-
     hooked = norm_hooks(model)
     memo: dict[int, Any] = {id(getattr(module, hook.name)): getattr(module, hook.name).detach().clone() for _, module, hook in hooked}
     copied = copy.deepcopy(model, memo)
-    for name, _, hook in hooked:
-        (remove_weight_norm if isinstance(hook, WeightNorm) else remove_spectral_norm)(copied.get_submodule(name), hook.name)
+    for _, module, hook in norm_hooks(copied):  # the copy's own hooks, folded
+        remove_norm_hook(module, hook)
     return copied
 
 

@@ -31,7 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_save
 from torch import nn
 
-from torchslim.core.checks import check_model
+from torchslim.core.checks import check_model, norm_hooks, remove_norm_hook
 from torchslim.core.errors import ChecksumError, TorchslimError
 from torchslim.core.files import ModelFormat, refuse_overwrite, register_format, write_atomic
 from torchslim.core.memory import release_freed_memory
@@ -256,7 +256,7 @@ def build_checked(
     width of 40,000, a float64 weight in a float32 layer) is refused before any allocation."""
     with torch.device("meta"), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Initializing zero-element tensors")  # a forged zero size: refused below
-        skeleton = build_from_spec(spec, trust_factory, where)
+        skeleton = fold_to_stored(build_from_spec(spec, trust_factory, where), set(stored))
     expected = {name: (tuple(t.shape), t.dtype) for name, t in skeleton.state_dict().items()}
     missing, unexpected = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
     if missing or unexpected:
@@ -264,7 +264,24 @@ def build_checked(
     for name, (shape, dtype) in expected.items():
         if stored[name] != (shape, dtype):
             raise TorchslimError(f"{where}: {name} is stored as {stored[name][1]} {stored[name][0]}, the architecture holds {dtype} {shape}")
-    return build_from_spec(spec, trust_factory, where)
+    return fold_to_stored(build_from_spec(spec, trust_factory, where), set(stored))
+
+
+def fold_to_stored(model: nn.Module, stored: set[str]) -> nn.Module:
+    """The weight_norm / spectral_norm an architecture applies itself (torch's hook-based functions or its
+    parametrizations) folded into a plain weight wherever the file stores that weight, as ``save`` writes it: the
+    loaded model computes with the stored weight (and no longer renormalizes it)."""
+    from torch.nn.utils import parametrize
+
+    for name, module, hook in norm_hooks(model):
+        if (f"{name}.{hook.name}" if name else hook.name) in stored:
+            remove_norm_hook(module, hook)
+    for name, module in list(model.named_modules()):
+        for tensor in list(getattr(module, "parametrizations", None) or {}):
+            key = f"{name}.{tensor}" if name else tensor
+            if key in stored and not any(k.startswith(f"{name + '.' if name else ''}parametrizations.{tensor}.") for k in stored):
+                parametrize.remove_parametrizations(module, tensor, leave_parametrized=True)
+    return model
 
 
 def _huggingface_model(spec: dict[str, Any], where: str) -> nn.Module:

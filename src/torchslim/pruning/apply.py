@@ -61,11 +61,11 @@ def make_permanent(model: nn.Module) -> nn.Module:
     return _fold(model, lambda module: ["weight"] if get_mask(module) is not None else [], "make_permanent")
 
 
-@torch.no_grad()
 def fold_parametrizations(model: nn.Module) -> nn.Module:
     """Every parametrization (masks, weight_norm, spectral_norm, a user's own) replaced by the plain tensor it computes
     now, in place: what an exporter can follow. Call it in eval mode (spectral_norm then uses its stored vectors
-    instead of a power iteration); tied weights stay tied."""
+    instead of a power iteration); tied weights stay tied. Not under no_grad: torch would register the weight of a
+    parametrization of several originals (weight_norm's) as a buffer."""
     return _fold(model, lambda module: list(getattr(module, "parametrizations", None) or {}), "fold_parametrizations")
 
 

@@ -6,6 +6,8 @@ pruned per layer (or across all layers for the global scope), ties broken by pos
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from torchslim.core.errors import TorchslimError
@@ -53,6 +55,24 @@ def global_masks(scores: dict[str, torch.Tensor], sparsity: float) -> dict[str, 
         masks[name] = keep[offset : offset + size].view_as(scores[name])
         offset += size
     return masks
+
+
+FLOOR = 0.01  # the share of its weights a layer that one global threshold would empty keeps
+
+
+def keep_a_floor(masks: dict[str, torch.Tensor], scores: dict[str, torch.Tensor]) -> dict[str, int]:
+    """A layer whose every weight (or row) falls under one global threshold (weights of a small scale that a
+    normalization after it undoes) would leave the model its bias alone: it keeps its highest-scored ``FLOOR`` share
+    instead, in place. Returns {layer: weights kept} of those layers."""
+    kept_counts = {}
+    for name, mask in masks.items():
+        if mask.numel() and not bool(mask.any()):
+            count = max(1, math.ceil(FLOOR * mask.numel()))
+            kept = torch.zeros(mask.numel(), dtype=torch.bool, device=mask.device)
+            kept[torch.topk(scores[name].reshape(-1).float(), count).indices] = True
+            masks[name] = kept.view_as(mask)
+            kept_counts[name] = count
+    return kept_counts
 
 
 def row_masks(scores: dict[str, torch.Tensor], sparsity: float | dict[str, float]) -> dict[str, torch.Tensor]:

@@ -15,7 +15,7 @@ from torch.nn.utils import parametrize
 from torchslim.core.errors import TorchslimError
 from torchslim.core.selector import LayerSelector, select_modules, weight_of
 from torchslim.pruning.apply import set_mask
-from torchslim.pruning.masks import global_masks
+from torchslim.pruning.masks import global_masks, keep_a_floor
 from torchslim.train.fit import Callback, TrainState
 
 
@@ -70,6 +70,7 @@ class SparsityRegularizer(Callback):
             else:
                 assert sparsity is not None
                 keep = global_masks(norms, sparsity)
+                keep_a_floor(keep, norms)  # no layer emptied by the one threshold
             for name, module in self.modules:
                 weight = weight_of(module)
                 shape = (-1,) + (1,) * (weight.dim() - 1)
@@ -81,6 +82,7 @@ class SparsityRegularizer(Callback):
             else:
                 assert sparsity is not None
                 masks = global_masks(magnitudes, sparsity)
+                keep_a_floor(masks, magnitudes)
         for name, module in self.modules:
             set_mask(module, masks[name])
         return masks

@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
-import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -32,8 +31,10 @@ from torchslim.measure.counts import count_nonzeros, count_parameters
 from torchslim.pruning.apply import get_mask, set_mask
 from torchslim.pruning.importance import ACTIVATIONS, GRADIENTS, WEIGHT_IMPORTANCE, collect_gradient_statistics, collect_input_norms
 from torchslim.pruning.masks import (
+    FLOOR,
     check_sparsity,
     global_masks,
+    keep_a_floor,
     layer_masks,
     n_m_masks,
     parse_pattern,
@@ -232,23 +233,15 @@ def prune_in_place(model: nn.Module, config: PruneConfig, data: Any = None, task
     return [name for name, _ in modules]
 
 
-FLOOR = 0.01  # the share of its weights a layer that the global threshold would empty keeps
-
-
 def _keep_a_floor(masks: dict[str, torch.Tensor], scores: dict[str, torch.Tensor], notes: list[str] | None) -> None:
-    """A layer whose every weight falls under one global threshold (weights of a small scale that a normalization
-    after it undoes) would leave the model its bias alone: it keeps its highest-scored 1% instead, named in the notes."""
-    for name, mask in masks.items():
-        if mask.numel() and not bool(mask.any()):
-            count = max(1, math.ceil(FLOOR * mask.numel()))
-            kept = torch.zeros(mask.numel(), dtype=torch.bool, device=mask.device)
-            kept[torch.topk(scores[name].reshape(-1), count).indices] = True
-            masks[name] = kept.view_as(mask)
-            if notes is not None:
-                notes.append(
-                    f"{name}: every weight fell under the global threshold; it keeps its {count:,} highest-scored ({FLOOR:.0%}) so that the "
-                    "layer still computes (give it its own sparsity in overrides, or prune per layer, if its scale differs from the others')"
-                )
+    """A layer whose every weight falls under one global threshold keeps its highest-scored 1% (``keep_a_floor``),
+    named in the notes."""
+    for name, count in keep_a_floor(masks, scores).items():
+        if notes is not None:
+            notes.append(
+                f"{name}: every weight fell under the global threshold; it keeps its {count:,} highest-scored ({FLOOR:.0%}) so that the "
+                "layer still computes (give it its own sparsity in overrides, or prune per layer, if its scale differs from the others')"
+            )
 
 
 def prune(

@@ -233,11 +233,12 @@ def batch_size_of(batch: Any) -> int:
     return 1
 
 
-def output_tensor(output: Any, where: str = "model output") -> torch.Tensor:
+def output_tensor(output: Any, where: str = "model output", strict: bool = True) -> torch.Tensor:
     """The tensor a task scores from a model's output: the tensor itself; ``logits`` (or ``last_hidden_state``, ...)
     of a Hugging Face ``ModelOutput`` or mapping, or its first tensor; a plain dict's only tensor, or the one under
     ``out`` / ``output`` / ``pred`` / ...; the first entry of a tuple. A plain dict of several tensors under none of
-    those keys is refused by its keys: scoring the wrong one would train and report the wrong thing."""
+    those keys is refused by its keys where ``strict`` (scoring the wrong one would train and report the wrong thing),
+    its first tensor otherwise (an exporter's output)."""
     if isinstance(output, torch.Tensor):
         return output
     if isinstance(output, Mapping) or hasattr(output, "keys"):
@@ -247,7 +248,7 @@ def output_tensor(output: Any, where: str = "model output") -> torch.Tensor:
             if isinstance(value, torch.Tensor):
                 return value
         tensors = [(key, value) for key, value in output.items() if isinstance(value, torch.Tensor)]
-        if len(tensors) > 1 and not model_output:
+        if len(tensors) > 1 and not model_output and strict:
             raise TorchslimError(
                 f"{where}: a dict of {len(tensors)} tensors ({', '.join(repr(key) for key, _ in tensors)}) and none under a key that names "
                 f"the prediction ({', '.join(('logits',) + PLAIN_OUTPUT_KEYS)}): return the scored tensor under 'logits', or wrap the model "
@@ -256,7 +257,7 @@ def output_tensor(output: Any, where: str = "model output") -> torch.Tensor:
         if tensors:
             return tensors[0][1]
     if isinstance(output, (tuple, list)) and output:
-        return output_tensor(output[0], where)
+        return output_tensor(output[0], where, strict)
     raise TorchslimError(f"{where}: expected a tensor, a tuple or a ModelOutput with tensors, got {type(output).__name__}")
 
 

@@ -57,7 +57,7 @@ def evaluate(
     """
     check_model(model, "evaluate")
     if isinstance(data, Iterator) and not isinstance(data, torch.Tensor):
-        data = list(data)  # a one-shot generator of batches: one evaluation reads it once (every other verb needs more passes)
+        data = list(_examples(data, limit))  # a one-shot generator of batches: read once (up to ``limit``); other verbs need more passes
     source = as_source(data, model)
     resolved = resolve_task(task, source, reference)
     name = "eval" if split in ("eval", "test") else split
