@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import torchslim as ts
+from tests.zoo import LambdaLayer
 from torchslim.core.errors import TorchslimError
 
 
@@ -48,21 +49,10 @@ def test_a_tag_per_position_is_scored_over_the_tags_when_the_sequence_is_as_long
     assert metrics["accuracy"] == pytest.approx(expected) and metrics["examples"] == test[1].numel()
     assert metrics["loss"] == pytest.approx(F.cross_entropy(logits.reshape(-1, 8), test[1].reshape(-1)).item(), rel=1e-5)
     assert expected > 0.6  # trained on the tags (read over the positions, 0.15)
-    channels_first = ts.evaluate(Function(lambda rows: model(rows).transpose(1, 2)), test, task=ts.Task.classification(class_dim=1))
+    channels_first = ts.evaluate(LambdaLayer(lambda rows: model(rows).transpose(1, 2)), test, task=ts.Task.classification(class_dim=1))
     assert channels_first["accuracy"] == pytest.approx(expected)
     with pytest.raises(TorchslimError, match="class_dim must be 1 or -1"):
         ts.Task.classification(class_dim=2)
-
-
-class Function(nn.Module):
-    """A function as a module (a channels-first view of a model)."""
-
-    def __init__(self, function):
-        super().__init__()
-        self.function = function
-
-    def forward(self, x):
-        return self.function(x)
 
 
 class TwoHeads(nn.Module):
