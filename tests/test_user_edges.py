@@ -386,3 +386,12 @@ def test_review_edges_a_frozen_layer_in_a_replaced_stack_an_endless_generator_a_
     weight_norm(normed.fc1)
     trained = ts.train(normed, digits, {"epochs": 1}, inplace=True, progress=False).model
     assert trained is normed
+
+
+def test_a_batch_size_a_dataloader_overrides_is_named_in_the_notes(digits):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    loader = DataLoader(TensorDataset(digits.train.inputs, digits.train.targets), batch_size=32)
+    notes = ts.train(Named(), loader, {"epochs": 1, "batch_size": 256}, progress=False).report.stages[0].notes
+    assert "batch_size 256 left unused: the batches are the data's own (a DataLoader's batch size is its own)" in notes
+    assert not any("left unused" in note for note in ts.train(Named(), loader, {"epochs": 1}, progress=False).report.stages[0].notes)

@@ -41,6 +41,7 @@ def train(
         >>> result.report.stages[0].name
         'train'
     """
+    asked_batch = isinstance(config, Mapping) and "batch_size" in config
     config = TrainConfig.coerce(config)
     check_model(model, "train", float32=True, copies=not inplace)
     trained = model if inplace else copy.deepcopy(model)
@@ -58,6 +59,8 @@ def train(
         + "".join(f", {where} {key[5:]} {value:.4g}" for key, value in row.items() if key in ("test_accuracy", "test_perplexity", "test_cosine"))
         for row in history.epochs
     ] + [note for note in source.notes if note.startswith("no separate evaluation data")]
+    if asked_batch and source.fixed_batches:
+        stage.notes.append(f"batch_size {config.batch_size} left unused: the batches are the data's own (a DataLoader's batch size is its own)")
     report = Report.for_model(model, [stage])
     report.environment = environment()
     return Result(model=trained, report=report)
