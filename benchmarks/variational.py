@@ -38,6 +38,7 @@ RUNS = [
     ("lenet-5", 1.0, 100, 10, "distill", 4, 0.0, False),
     ("lenet-5", 0.5, 30, 10, "distill", 4, 0.0, True),
     ("lenet-5", 0.25, 30, 10, "distill", 4, 0.0, True),
+    ("lenet-5", 0.25, 30, 25, "distill", 4, 0.0, True),
 ]
 PUBLISHED = {  # non-zero ratios (weights kept over all weights), test error
     "lenet-300-100": "Dynamic Network Surgery 56x at 1.99%; Sparse VD 68x at 1.92%; Deep Compression 12x at 1.58%",
