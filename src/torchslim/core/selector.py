@@ -185,10 +185,11 @@ def carry_frozen(original: nn.Module, replacement: nn.Module) -> None:
     frozen = {name for name, parameter in own.items() if not parameter.requires_grad}
     if not frozen:
         return
-    weight_frozen = frozen == set(own) or any(not name.endswith("bias") for name in frozen)
+    every = frozen == set(own)
+    weight_frozen = every or any(not name.endswith("bias") for name in frozen)
+    bias_frozen = every or any(name.endswith("bias") for name in frozen)
     for name, parameter in replacement.named_parameters():
-        bias = name.endswith("bias")
-        if (weight_frozen and not bias) or (bias and (frozen == set(own) or any(n.endswith("bias") for n in frozen))):
+        if bias_frozen if name.endswith("bias") else weight_frozen:
             parameter.requires_grad_(False)
 
 
