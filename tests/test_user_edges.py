@@ -12,6 +12,7 @@ from torch.nn import functional as F
 import torchslim as ts
 from tests.zoo import LambdaLayer
 from torchslim.core.errors import TorchslimError
+from torchslim.pruning.structured import channel_sets
 
 
 @pytest.fixture(scope="module")
@@ -215,9 +216,55 @@ def test_the_channel_pruning_table_lists_every_narrowed_layer_transposed_convolu
     torch.manual_seed(0)
     result = ts.prune_channels(AutoEncoder().eval(), {"ratio": 0.5}, example_input=x)
     rows = {row["name"]: (row["before"], row["after"]) for row in result.report.stages[0].layers}
-    assert rows["d1"] == ("8->16", "4->8") and rows["d2"] == ("16->1", "8->1") and rows["e2"] == ("16->8", "16->4")
+    assert rows["d1"] == ("8->16", "4->8") and rows["d2"] == ("16->1", "8->1") and rows["e2"] == ("16->8", "8->4")
+    assert rows["e1"] == ("1->16", "1->8") and rows["norm"] == ("16 (4 groups)", "8 (2 groups)")  # whole groups of 4 go
     assert result.model(x).shape == x.shape
-    assert "1 op(s) the tracer could not follow; their channels were left intact: norm: group_norm" in result.report.stages[0].notes
+
+
+class GroupNormNet(nn.Module):
+    """Convolutions with GroupNorm (as diffusion and detection models write them), a residual stream across two norms
+    of different group sizes, and a norm of one group (a LayerNorm over channels)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 16, 3, padding=1)
+        self.norm0 = nn.GroupNorm(4, 16)
+        self.conv = nn.Conv2d(16, 16, 3, padding=1)
+        self.norm1 = nn.GroupNorm(8, 16)
+        self.wide = nn.Conv2d(16, 32, 3, padding=1)
+        self.norm2 = nn.GroupNorm(8, 32)
+        self.last = nn.Conv2d(32, 12, 1)
+        self.whole = nn.GroupNorm(1, 12)
+        self.fc = nn.Linear(12, 10)
+
+    def forward(self, x):
+        x = F.silu(self.norm0(self.stem(x)))
+        x = x + F.silu(self.norm1(self.conv(x)))
+        x = F.silu(self.norm2(self.wide(x)))
+        x = F.silu(self.whole(self.last(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_channel_pruning_removes_whole_groupnorm_groups_and_the_model_loads_back(digits, tmp_path):
+    x = digits.test.inputs[:8]
+    torch.manual_seed(0)
+    model = GroupNormNet().eval()
+    result = ts.prune_channels(model, {"ratio": 0.5}, example_input=x)
+    pruned = result.model
+    # the residual stream joins a norm of groups of 4 and one of groups of 2: it loses whole groups of 4
+    assert (pruned.norm0.num_channels, pruned.norm0.num_groups, pruned.norm1.num_channels, pruned.norm1.num_groups) == (8, 2, 8, 4)
+    assert (pruned.wide.out_channels, pruned.norm2.num_channels, pruned.norm2.num_groups) == (16, 16, 4)
+    assert pruned.last.out_channels == 12 and pruned.whole.num_groups == 1  # one group: kept whole, and said
+    assert any("whole: GroupNorm (one group normalizes over every channel)" in note for note in result.report.stages[0].notes)
+    assert result.report.stages[0].metrics["macs"] < 0.6 * result.report.stages[0].metrics["macs_before"]
+    # what is left computes what the original computes with the removed groups' readers zeroed (the removal check),
+    # and the file rebuilds it
+    loaded = ts.load(ts.save(pruned, tmp_path / "gn.safetensors"), trust_factory=True).eval()
+    assert loaded.norm1.num_groups == 4 and torch.allclose(loaded(x), pruned(x), atol=1e-6)
+    sets = channel_sets(model, example_input=x)
+    assert sets["wide"] == 32 and sets["conv+stem"] == 16  # channels, not groups
+    kept = ts.prune_channels(model, {"ratio": 0.5, "round_to": 8}, example_input=x).model
+    assert kept.norm2.num_channels == 16 and kept.norm0.num_channels == 8
 
 
 class Scaled(nn.Module):

@@ -48,6 +48,10 @@ def update_attributes(module: Any) -> None:
         module.out_features, module.in_features = module.weight.shape
     elif isinstance(module, nn.modules.batchnorm._BatchNorm):
         module.num_features = (module.weight if module.weight is not None else module.running_mean).shape[0]
+    elif isinstance(module, nn.GroupNorm) and module.weight is not None:  # whole groups removed: the group size stays
+        size = module.num_channels // module.num_groups
+        module.num_channels = module.weight.shape[0]
+        module.num_groups = module.num_channels // size
     elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)) and module.weight is not None:
         module.normalized_shape = (module.weight.shape[0],)
     elif isinstance(module, nn.Embedding):

@@ -134,6 +134,29 @@ def _batchnorm(graph: ChannelGraph, name: str, module: Any, inputs: list[Any], o
     graph.set_info(output, info.slots, 1)
 
 
+@leaf_rule(nn.GroupNorm)
+def _groupnorm(graph: ChannelGraph, name: str, module: Any, inputs: list[Any], output: Any) -> None:
+    """GroupNorm normalizes each group of channels over itself: a whole group can go (the others' statistics do not
+    change), part of one cannot. The channels of a group are joined into one set, removed together."""
+    info = graph.get_info(inputs[0])
+    if info is None:
+        return
+    if info.axis != 1:
+        graph.unsupported_op(name, "GroupNorm over a tensor whose channels are not on axis 1", inputs[:1])
+        return
+    if module.num_groups == 1 or not module.affine:
+        why = "one group normalizes over every channel" if module.num_groups == 1 else "without affine parameters its width is not recorded"
+        graph.block(info.slots, f"{name}: GroupNorm ({why})")
+    size = module.num_channels // module.num_groups
+    for index, slot in enumerate(info.slots):
+        if index % size:
+            graph.uf.union(info.slots[index - index % size], slot)
+        for parameter in ("weight", "bias"):
+            if getattr(module, parameter, None) is not None:
+                graph.param(slot, "member", name, parameter, 0, index)
+    graph.set_info(output, info.slots, 1)
+
+
 @leaf_rule(nn.LayerNorm)
 def _layernorm(graph: ChannelGraph, name: str, module: Any, inputs: list[Any], output: Any) -> None:
     info = graph.get_info(inputs[0])

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -181,12 +182,19 @@ def head_scores(model: nn.Module, graph: ChannelGraph, heads: list[HeadGroup], c
 # -- selection -------------------------------------------------------------------------------------------------------
 
 
-def _kept_count(total: int, ratio: float, config: StructuredConfig) -> int:
-    kept = total - round(ratio * total)
-    multiple = channel_multiple(config.round_to)
+def _kept_count(total: int, ratio: float, config: StructuredConfig, width: int = 1) -> int:
+    """How many of ``total`` groups ``width`` channels wide stay: kept channels a multiple of round_to and width."""
+    channels = total * width
+    kept = channels - round(ratio * channels)
+    multiple = math.lcm(channel_multiple(config.round_to), width)
     if multiple > 1:
         kept = max(multiple, int(round(kept / multiple)) * multiple)
-    return min(total, max(kept, config.min_channels))
+    return -(-min(channels, max(kept, config.min_channels)) // width)
+
+
+def group_width(group: Group) -> int:
+    """The channels one group holds in each layer: 1, or a GroupNorm group's size."""
+    return max((len(p.indices) for p in group.producers or group.members), default=1)
 
 
 def _protection_notes(groups: list[Group], head_ratio: float) -> list[str]:
@@ -225,7 +233,7 @@ def channel_sets(model: nn.Module, config: StructuredConfig | dict | None = None
     sets: dict[str, int] = {}
     for group in _candidates(graph.groups(), names, config):
         key = set_name(group.layers)
-        sets[key] = sets.get(key, 0) + 1
+        sets[key] = sets.get(key, 0) + group_width(group)
     return sets
 
 
@@ -265,7 +273,7 @@ def select_groups(
         for key, members in sets.items():
             own = [ratios[layer] for layer in key if layer in ratios]
             ratio = config.sets.get(set_name(key), max(own) if own else config.ratio)
-            kept = _kept_count(len(members), ratio, config)
+            kept = _kept_count(len(members), ratio, config, group_width(members[0]))
             chosen += sorted(members, key=lambda g: (scores[g.id], g.id))[: len(members) - kept]
     else:
         normalized = []
@@ -275,14 +283,17 @@ def select_groups(
             mean = sum(scores[g.id] for g in members) / len(members) or 1.0
             normalized += [(scores[g.id] / mean, g.id, key, g) for g in members]
         normalized.sort(key=lambda item: (item[0], item[1]))
-        budget = round(config.ratio * len(normalized))
+        budget = round(config.ratio * sum(group_width(g) for *_, g in normalized))  # in channels
         removed: dict[tuple[str, ...], int] = {}
+        gone = 0
         for _, _, key, g in normalized:
-            if len(chosen) >= budget:
-                break
-            if len(sets[key]) - removed.get(key, 0) - 1 < config.min_channels:
+            width = group_width(g)
+            if gone + width > budget:
+                continue
+            if (len(sets[key]) - removed.get(key, 0) - 1) * width < config.min_channels:
                 continue
             removed[key] = removed.get(key, 0) + 1
+            gone += width
             chosen.append(g)
     return chosen, notes
 
@@ -320,9 +331,9 @@ def _outputs(model: nn.Module, example: Any) -> list[torch.Tensor]:
 
 def _cross_channel(model: nn.Module, groups: list[Group]) -> bool:
     """Whether any removed channel feeds a normalization over channels (LayerNorm, RMSNorm), whose statistics then
-    change."""
+    change (GroupNorm loses whole groups, which leaves the other groups' statistics as they were)."""
     modules = [model.get_submodule(p.module) for g in groups for p in g.members]
-    return any(isinstance(m, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)) or type(m).__name__.endswith("RMSNorm") for m in modules)
+    return any(isinstance(m, (nn.LayerNorm, nn.RMSNorm)) or type(m).__name__.endswith("RMSNorm") for m in modules)
 
 
 def check_removal(
@@ -373,26 +384,19 @@ def _safe_removal(
     problem = attempt(chosen, heads)
     if problem is None:
         return chosen, heads
-    sets: dict[tuple[str, ...], list[Group]] = {}
+    parts: dict[tuple[str, str], list[Any]] = {}  # each coupled set of channels, and each module's heads, tried alone
     for g in chosen:
-        sets.setdefault(g.layers, []).append(g)
-    kept_groups: list[Group] = []
-    for key, members in sets.items():
-        reason = attempt(members, [])
-        if reason is None:
-            kept_groups += members
-        else:
-            notes.append(f"left intact: channels of {', '.join(key)}: removing them {reason.removeprefix('the pruned model ')}")
-    by_module: dict[str, list[HeadGroup]] = {}
+        parts.setdefault(("channels", ", ".join(g.layers)), []).append(g)
     for head in heads:
-        by_module.setdefault(head.module, []).append(head)
+        parts.setdefault(("heads", head.module), []).append(head)
+    kept_groups: list[Group] = []
     kept_heads: list[HeadGroup] = []
-    for module, module_heads in by_module.items():
-        reason = attempt([], module_heads)
+    for (kind, label), members in parts.items():
+        reason = attempt(members, []) if kind == "channels" else attempt([], members)
         if reason is None:
-            kept_heads += module_heads
+            (kept_groups if kind == "channels" else kept_heads).extend(members)
         else:
-            notes.append(f"left intact: heads of {module}: removing them {reason.removeprefix('the pruned model ')}")
+            notes.append(f"left intact: {kind} of {label}: removing them {reason.removeprefix('the pruned model ')}")
     problem = attempt(kept_groups, kept_heads)
     if problem is not None:
         raise TorchslimError(f"structured pruning could not find a removal that keeps the model working ({problem}); the model is unchanged")
