@@ -392,15 +392,29 @@ def test_a_torch_dataset_is_batched_at_the_size_asked_for_and_a_recurrent_sequen
     assert torch.equal(loaded(x)[0], recurrent(x)[0])
 
 
-def test_a_replaced_layers_forward_hooks_are_named(digits):
-    """Quantizing or factorizing replaces a layer: hooks the user registered on it stay on the old object, and the
-    notes say so (the caller's model keeps them)."""
+def test_a_replaced_layers_forward_hooks_move_to_its_replacement(digits):
+    """Quantizing, factorizing or substituting replaces a layer: the hooks the user registered on it (feature capture)
+    run on the replacement, the notes say so, and the caller's model keeps its own."""
     model = Plain().eval()
     seen = []
-    model.fc1.register_forward_hook(lambda _m, _i, out: seen.append(out.shape))
-    notes = ts.quantize(model, {"weights": {"bits": 8}}).report.stages[0].notes
-    assert "fc1: its 1 forward hook(s) stay on the original layer; the quantized layer does not run them (register them on it again)" in notes
-    notes = ts.factorize(model, {"rank": 4, "layers": {"include": ["fc1"]}}, example_input=digits.test.inputs[:2]).report.stages[0].notes
-    assert any(note.startswith("fc1: its 1 forward hook(s) stay on the original layer; the factorized layer") for note in notes)
-    model(digits.test.inputs[:2])
-    assert seen  # the caller's model still runs its hook
+    model.fc1.register_forward_hook(lambda _m, _i, out: seen.append(tuple(out.shape)))
+    model.fc1.register_forward_pre_hook(lambda _m, args: seen.append("pre"))
+    x = digits.test.inputs[:2]
+    quantized = ts.quantize(model, {"weights": {"bits": 8}})
+    moved = "fc1: its 2 forward hook(s) moved to the quantized layer (they see its input and output, which match the original's)"
+    assert moved in quantized.report.stages[0].notes
+    factorized = ts.factorize(model, {"rank": 4, "layers": {"include": ["fc1"]}}, example_input=x)
+    assert any(note.startswith("fc1: its 2 forward hook(s) moved to the factorized layer") for note in factorized.report.stages[0].notes)
+    for result in (quantized, factorized):
+        seen.clear()
+        result.model(x)
+        assert seen == ["pre", (2, 32)]
+    gelu = nn.Sequential(nn.Linear(4, 4), nn.GELU())
+    gelu[1].register_forward_hook(lambda _m, _i, out: seen.append("gelu"))
+    substituted = ts.substitute_activations(gelu, {"to": "relu"})
+    seen.clear()
+    substituted.model(torch.randn(1, 4))
+    assert seen == ["gelu"] and any("moved to the substituted layer" in note for note in substituted.report.stages[0].notes)
+    seen.clear()
+    model(x)
+    assert seen == ["pre", (2, 32)]  # the caller's model still runs its hooks

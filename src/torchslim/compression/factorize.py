@@ -38,7 +38,7 @@ from torchslim.compression.common import Transforming, TransformOptions
 from torchslim.core.config import Config, ConfigError, check
 from torchslim.core.errors import TorchslimError
 from torchslim.core.report import Report, Result, Stage
-from torchslim.core.selector import LayerSelector, hook_note, matches, select_modules, set_module_everywhere
+from torchslim.core.selector import LayerSelector, matches, move_hooks, select_modules, set_module_everywhere
 from torchslim.core.spec import append_transform, recorded_layers, register_transform
 from torchslim.core.ties import tied_weights
 from torchslim.measure.counts import count_macs, count_parameters
@@ -377,7 +377,7 @@ def factorize(model: nn.Module, config: FactorizeConfig | dict, **options: Unpac
             notes.append(f"{plan.name}: left whole; rank {'/'.join(map(str, layer_ranks))} would cost {factored:,} {config.by} against {dense:,}")
             continue
         built, error = _build(plan, layer_ranks, config.tucker_iterations)
-        if (note := hook_note(plan.name, target.get_submodule(plan.name), "factorized")) is not None:
+        if (note := move_hooks(plan.name, target.get_submodule(plan.name), built, "factorized")) is not None:
             notes.append(note)
         aliases = set_module_everywhere(target, plan.name, built)  # a layer registered under two names stays shared
         record[plan.name] = {"form": plan.form, "ranks": layer_ranks}

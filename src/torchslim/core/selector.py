@@ -203,12 +203,28 @@ def set_module_everywhere(model: nn.Module, name: str, module: nn.Module) -> lis
     return names
 
 
-def hook_note(name: str, module: nn.Module, how: str) -> str | None:
-    """A note for a layer about to be replaced that carries forward hooks (the user's: they stay on the old object)."""
-    count = len(module._forward_hooks) + len(module._forward_pre_hooks)
-    if not count:
+HOOK_DICTS = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+)
+
+
+def move_hooks(name: str, original: nn.Module, replacement: nn.Module, how: str) -> str | None:
+    """Hand the forward (pre-)hooks registered on a layer being replaced to its ``replacement`` (a feature-capture
+    hook keeps capturing the quantized or factorized layer's output; the handles still remove them); a note when there
+    were any."""
+    count = len(original._forward_hooks) + len(original._forward_pre_hooks)
+    if not count or replacement is original:
         return None
-    return f"{name}: its {count} forward hook(s) stay on the original layer; the {how} layer does not run them (register them on it again)"
+    for attribute in HOOK_DICTS:
+        moved = getattr(original, attribute, None)
+        if moved:
+            getattr(replacement, attribute).update(moved)
+            moved.clear()
+    return f"{name}: its {count} forward hook(s) moved to the {how} layer (they see its input and output, which match the original's)"
 
 
 def weight_of(module: nn.Module) -> torch.Tensor:

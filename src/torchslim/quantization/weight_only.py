@@ -21,7 +21,7 @@ from torch import nn
 from torchslim.core.config import Config, ConfigError
 from torchslim.core.errors import TorchslimError
 from torchslim.core.report import Report, Result, Stage
-from torchslim.core.selector import LayerSelector, hook_note, resolve_overrides, select_modules, set_module, set_module_everywhere
+from torchslim.core.selector import LayerSelector, move_hooks, resolve_overrides, select_modules, set_module, set_module_everywhere
 from torchslim.core.spec import append_transform, recorded_module, recorded_transform, register_transform
 from torchslim.core.ties import tied_groups
 from torchslim.measure.counts import count_parameters
@@ -180,7 +180,7 @@ def replace_layer(target: nn.Module, plan: LayerPlan, name: str, original: torch
     """Put ``quantized`` in place of layer ``name`` (and of the tied layers sharing it), with its report row; the
     SQNR is measured against the ``original`` float weight."""
     scheme = plan.scheme(name)
-    note = hook_note(name, target.get_submodule(name), "quantized")
+    note = move_hooks(name, target.get_submodule(name), quantized, "quantized")
     if note is not None:
         plan.notes.append(note)
     set_module_everywhere(target, name, quantized)  # a layer registered under several names stays one layer
