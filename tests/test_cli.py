@@ -331,15 +331,16 @@ def test_the_technique_commands_take_an_import_path_model_only_with_its_weights(
 
 
 def test_weights_saved_from_a_wrapper_load_into_the_model(tmp_path, capsys):
-    """A state dict saved from nn.DataParallel (``module.`` before every name) or a compiled model (``_orig_mod.``)
-    loads into the model it was saved from; it used to fail on a list of missing and unexpected names."""
+    """A state dict saved from nn.DataParallel (``module.`` before every name), a compiled model (``_orig_mod.``) or
+    both (``module._orig_mod.``) loads into the model it was saved from; it used to fail on a list of missing and unexpected names."""
     import torch
 
     from tests.conftest import TinyConvNet
 
     torch.manual_seed(0)
     model = TinyConvNet().eval()
-    for label, wrapped in (("parallel", torch.nn.DataParallel(model)), ("compiled", torch.compile(model))):
+    wrappers = (("parallel", torch.nn.DataParallel(model)), ("compiled", torch.compile(model)), ("both", torch.nn.DataParallel(torch.compile(model))))
+    for label, wrapped in wrappers:
         weights = tmp_path / f"{label}.pt"
         torch.save(wrapped.state_dict(), weights)
         assert main(["evaluate", "tests.conftest:TinyConvNet", "--weights", str(weights), "--data", "digits", "--json"]) == 0

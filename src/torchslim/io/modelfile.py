@@ -387,11 +387,11 @@ def load_state(model: nn.Module, tensors: dict[str, torch.Tensor], where: str, c
 
 
 def _without_wrapper_prefix(tensors: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
-    """``tensors`` with the first name component they all share removed, where that gives exactly ``expected``."""
-    heads = {name.partition(".")[0] for name in tensors}
-    if len(heads) != 1 or set(tensors) == expected or not all("." in name for name in tensors):
-        return tensors
-    stripped = {name.partition(".")[2]: tensor for name, tensor in tensors.items()}
+    """``tensors`` with the leading name components they all share removed (a wrapper's ``module.``, a compiled
+    model's ``_orig_mod.``, or both: ``module._orig_mod.``), where that gives exactly ``expected``."""
+    stripped = tensors
+    while set(stripped) != expected and all("." in name for name in stripped) and len({name.partition(".")[0] for name in stripped}) == 1:
+        stripped = {name.partition(".")[2]: tensor for name, tensor in stripped.items()}
     return stripped if set(stripped) == expected else tensors
 
 
