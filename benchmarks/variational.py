@@ -22,7 +22,8 @@ from torchslim.report import markdown
 TARGETS = {"lenet-300-100": {"error": 0.0164, "bytes_ratio": 80, "nonzero_ratio": 60}, "lenet-5": {"error": 0.0080, "bytes_ratio": 200, "nonzero_ratio": 150}}
 # (model, KL weight, epochs of variational dropout, epochs of fine-tuning after, "finetune" or "distill" for that
 # fine-tuning, k-means bits, the share of variational dropout's data term taken from the dense model's soft targets,
-# train_clip: weights past the threshold left out while training, as the authors train)
+# train_clip: weights past the threshold left out while training, as the authors train; optionally the sparsity target:
+# at least that share of the weights masked at the end, the highest log alpha first)
 RUNS = [
     ("lenet-300-100", 1.0, 20, 0, "finetune", 4, 0.0, False),
     ("lenet-300-100", 0.4, 30, 5, "finetune", 4, 0.0, False),
@@ -39,6 +40,8 @@ RUNS = [
     ("lenet-5", 0.5, 30, 10, "distill", 4, 0.0, True),
     ("lenet-5", 0.25, 30, 10, "distill", 4, 0.0, True),
     ("lenet-5", 0.25, 30, 25, "distill", 4, 0.0, True),
+    ("lenet-300-100", 0.3, 40, 25, "distill", 5, 0.0, True, 1 - 1 / 60),
+    ("lenet-5", 0.25, 30, 25, "distill", 4, 0.0, True, 1 - 1 / 150),
 ]
 PUBLISHED = {  # non-zero ratios (weights kept over all weights), test error
     "lenet-300-100": "Dynamic Network Surgery 56x at 1.99%; Sparse VD 68x at 1.92%; Deep Compression 12x at 1.58%",
@@ -46,7 +49,9 @@ PUBLISHED = {  # non-zero ratios (weights kept over all weights), test error
 }
 
 
-def recipe(kl_weight: float, epochs: int, tune_epochs: int, tuning: str, bits: int, teacher: float, clip: bool, quick: bool) -> dict:
+def recipe(
+    kl_weight: float, epochs: int, tune_epochs: int, tuning: str, bits: int, teacher: float, clip: bool, quick: bool, sparsity: float | None = None
+) -> dict:
     train = {"epochs": 1 if quick else epochs, "optimizer": "adam", "lr": 1e-3, "schedule": "cosine", "batch_size": 100, "eval_every_epoch": False}
     tune = {"epochs": 1 if quick else tune_epochs, "optimizer": "adam", "lr": 1e-4, "schedule": "cosine", "eval_every_epoch": False}
     if tuning == "distill":  # soft targets of the dense model the recipe started from (T 4, alpha 0.9)
@@ -60,7 +65,7 @@ def recipe(kl_weight: float, epochs: int, tune_epochs: int, tuning: str, bits: i
     return {
         "name": "variational-deep-compression",
         "stages": [
-            {"variational-dropout": {"kl_weight": kl_weight, "distill_alpha": teacher, "train_clip": clip, "finetune": train}},
+            {"variational-dropout": {"kl_weight": kl_weight, "distill_alpha": teacher, "train_clip": clip, "sparsity": sparsity, "finetune": train}},
             *([tuned] if tune_epochs else []),
             {"quantize": {"weights": {"scheme": "kmeans", "bits": bits}, "finetune": centroids}},
             {"encode": {}},
@@ -68,10 +73,13 @@ def recipe(kl_weight: float, epochs: int, tune_epochs: int, tuning: str, bits: i
     }
 
 
-def _label(name: str, kl_weight: float, epochs: int, tune_epochs: int, tuning: str, bits: int, teacher: float, clip: bool = False) -> str:
+def _label(
+    name: str, kl_weight: float, epochs: int, tune_epochs: int, tuning: str, bits: int, teacher: float, clip: bool = False, sparsity: float | None = None
+) -> str:
     after = f" + {tune_epochs} of {'distillation from the dense model' if tuning == 'distill' else 'fine-tuning'}" if tune_epochs else ""
     data_term = f" (data term {teacher:g} soft targets of the dense model)" if teacher else ""
-    return f"KL weight {kl_weight:g}, {epochs} epochs{data_term}{', train_clip' if clip else ''}{after}, {bits}-bit k-means"
+    target = f", cut to 1 weight in {1 / (1 - sparsity):.0f} by log alpha" if sparsity else ""
+    return f"KL weight {kl_weight:g}, {epochs} epochs{data_term}{', train_clip' if clip else ''}{target}{after}, {bits}-bit k-means"
 
 
 def _row(entry: dict) -> list[str]:
@@ -101,8 +109,10 @@ def main() -> None:
     previous = json.loads((Path(__file__).parent / "results" / "variational.json").read_text())["results"] if only else {}
     known = {f"{run[0]}: {_label(*run)}" for run in RUNS}
     results: dict = {key: entry for key, entry in previous.items() if key in known}  # the rows kept, the new ones added as they finish
-    for name, kl_weight, epochs, tune_epochs, tuning, bits, teacher, clip in RUNS[:1] + RUNS[-1:] if options.quick else RUNS:
-        label = _label(name, kl_weight, epochs, tune_epochs, tuning, bits, teacher, clip)
+    for run in RUNS[:1] + RUNS[-1:] if options.quick else RUNS:
+        name, kl_weight, epochs, tune_epochs, tuning, bits, teacher, clip, *target = run
+        sparsity = target[0] if target else None
+        label = _label(*run)
         if only and label not in only and f"{name}: {label}" in previous:
             continue  # kept from the last saved results
         dense = trained_baseline(name, data, options.quick)
@@ -110,7 +120,9 @@ def main() -> None:
         parameters = sum(p.numel() for p in dense.parameters())
         torch.manual_seed(0)
         started = time.perf_counter()
-        result = ts.compress(dense, recipe(kl_weight, epochs, tune_epochs, tuning, bits, teacher, clip, options.quick), data, latency=False, progress=False)
+        result = ts.compress(
+            dense, recipe(kl_weight, epochs, tune_epochs, tuning, bits, teacher, clip, options.quick, sparsity), data, latency=False, progress=False
+        )
         seconds = time.perf_counter() - started
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / f"{name}.tslim"
@@ -170,7 +182,8 @@ def _write(results: dict, options) -> None:
     notes = [
         "Recipe: variational-dropout (Adam 1e-3, cosine, batch 100; the KL weight rising over the first epoch; log alpha > 3 masked; "
         "where said, its data term 0.9 soft targets of the dense model at T 4 and 0.1 labels; with train_clip, weights past the threshold "
-        "left out of the sampled pre-activations while training, as the authors train LeNets), "
+        "left out of the sampled pre-activations while training, as the authors train LeNets; where a cut is said, the weights of highest "
+        "log alpha masked past the threshold until that share of weights is left, over all layers together), "
         "optionally plain fine-tuning of the kept weights (Adam 1e-4, cosine) or distillation from the dense model (T 4, alpha 0.9, "
         "Adam 3e-4, cosine; masks held), k-means per layer with three epochs of centroid fine-tuning "
         "(Adam 1e-4), entropy coding. A KL weight below 1 keeps more weights for accuracy. From the trained baselines of "

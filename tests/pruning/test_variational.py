@@ -134,3 +134,31 @@ def test_train_clip_trains_the_network_as_it_will_be_pruned():
             masked = model(x)
         assert torch.equal(masks_of(model)["head"], ~pruned)
         assert torch.allclose(sampled, masked, atol=1e-3) == clip  # 1e-4: the noise floor of the sampled standard deviation
+
+
+def test_a_sparsity_target_masks_the_noisiest_weights_next_over_all_layers(trained):
+    torch.manual_seed(0)
+    model = UsersNet()
+    dropout = SparseVariationalDropout(model, train_size=100)
+    with torch.no_grad():
+        for shift, (_, module) in enumerate(dropout.modules):  # all below 3, one layer's noisier than the other's
+            module.log_sigma2.copy_(torch.log(module.weight**2 + 1e-8) + torch.empty_like(module.weight).uniform_(-6.0, 2.0) - 2.0 * shift)
+        alphas = {name: log_alpha(module.weight, module.log_sigma2).clone() for name, module in dropout.modules}
+    masks = dropout.to_masks(0.9)
+    total = sum(mask.numel() for mask in masks.values())
+    assert sum(int((~mask).sum()) for mask in masks.values()) == round(0.9 * total)
+    masked = torch.cat([alphas[name][~mask] for name, mask in masks.items()])
+    kept = torch.cat([alphas[name][mask] for name, mask in masks.items()])
+    assert masked.min() > kept.max() and dropout.cutoff < 3.0  # one cut across layers, the highest log alpha first
+    assert len({round(float((~mask).float().mean()), 2) for mask in masks.values()}) > 1  # each layer's share differs
+
+    mlp, data = trained
+    short = dict(TRAIN, epochs=3)
+    result = sparsify_variational(mlp, data, {"sparsity": 0.9}, finetune=short, progress=False)
+    stage = result.report.stages[0]
+    assert stage.metrics["sparsity"] == pytest.approx(0.9, abs=1e-4) and "lowered to reach sparsity 0.9" in stage.notes[0]
+    assert ts.evaluate(result.model, data)["accuracy"] > 0.8, ts.evaluate(result.model, data)["accuracy"]
+    plain = sparsify_variational(mlp, data, {"sparsity": 0.01}, finetune=short, progress=False).report.stages[0]
+    assert plain.metrics["sparsity"] > 0.01 and "above 3 masked" in plain.notes[0]  # the threshold already masks more
+    with pytest.raises(ts.ConfigError, match=r"sparsity must be in \[0, 1\), got 1.0"):
+        sparsify_variational(mlp, data, {"sparsity": 1.0}, finetune=short, progress=False)

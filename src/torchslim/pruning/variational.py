@@ -96,6 +96,7 @@ class SparseVariationalDropout(Callback):
             raise TorchslimError("sparse variational dropout: no Linear or Conv2d layer selected")
         self.train_size, self.kl_weight, self.warmup_steps, self.threshold = train_size, kl_weight, warmup_steps, threshold
         self.step = 0
+        self.cutoff = threshold
         self.handles = []
         for _, module in self.modules:
             weight = weight_of(module)
@@ -119,15 +120,23 @@ class SparseVariationalDropout(Callback):
         return {name: float((log_alpha(weight_of(m), _log_sigma2(m)) > self.threshold).float().mean()) for name, m in self.modules}
 
     @torch.no_grad()
-    def to_masks(self) -> dict[str, torch.Tensor]:
+    def to_masks(self, sparsity: float | None = None) -> dict[str, torch.Tensor]:
         """Masks where log alpha <= threshold, attached to the layers; the variances and the noise hooks removed, so
-        the model is a plain (masked) model again."""
-        masks = {}
+        the model is a plain (masked) model again. ``sparsity``: at least this fraction of the selected weights
+        masked, over all layers together: where the threshold masks fewer, the weights with the highest log alpha
+        (the noisiest) are masked next. ``self.cutoff`` is the log alpha the masks were cut at."""
         for handle in self.handles:
             handle.remove()
         self.handles = []
+        alphas = {name: log_alpha(weight_of(module), _log_sigma2(module)) for name, module in self.modules}
+        self.cutoff = self.threshold
+        if sparsity:
+            flat = torch.cat([alpha.flatten() for alpha in alphas.values()])
+            kept = max(1, flat.numel() - round(sparsity * flat.numel()))
+            self.cutoff = min(self.threshold, float(flat.kthvalue(kept).values))
+        masks = {}
         for name, module in self.modules:
-            keep = log_alpha(weight_of(module), _log_sigma2(module)) <= self.threshold
+            keep = alphas[name] <= self.cutoff
             del module.log_sigma2
             set_mask(module, keep)
             masks[name] = keep
@@ -179,8 +188,10 @@ class VariationalConfig(Config):
     train_clip: bool = False
     distill_alpha: float = 0.0
     distill_temperature: float = 4.0
+    sparsity: float | None = None
 
     def validate(self) -> None:
+        check(self.sparsity is None or 0.0 <= self.sparsity < 1.0, f"sparsity must be in [0, 1), got {self.sparsity}")
         check(self.kl_weight >= 0 and self.warmup_epochs >= 0, "kl_weight and warmup_epochs must be >= 0")
         check(0.0 <= self.distill_alpha <= 1.0, f"distill_alpha must be in [0, 1], got {self.distill_alpha}")
         check(self.distill_temperature > 0, f"distill_temperature must be > 0, got {self.distill_temperature}")
@@ -221,7 +232,7 @@ def sparsify_variational(
                 target, data, training, task=task, loss=loss, callbacks=[dropout], progress=progress, label="variational dropout", evaluate_at_end=False
             )
     finally:
-        masks = dropout.to_masks()  # the model is left plain (masked), whatever happened
+        masks = dropout.to_masks(config.sparsity)  # the model is left plain (masked), whatever happened
     rows = [{"name": name, "weights": int(mask.numel()), "sparsity": float((~mask).float().mean())} for name, mask in masks.items()]
     pruned = sum(int((~mask).sum()) for mask in masks.values())
     total = sum(int(mask.numel()) for mask in masks.values())
@@ -231,9 +242,10 @@ def sparsify_variational(
         "nonzeros": count_nonzeros(target),
         "seconds": time.perf_counter() - started,
     }
+    cut = f" (the threshold {config.threshold:g} lowered to reach sparsity {config.sparsity:g})" if dropout.cutoff < config.threshold else ""
     teacher = f" (data term: {config.distill_alpha:g} soft targets of the model as given, T {config.distill_temperature:g})" if loss is not None else ""
     notes = [
-        f"{len(history.epochs)} epochs of variational dropout{teacher}; {pruned:,} of {total:,} weights with log alpha above {config.threshold:g} masked "
+        f"{len(history.epochs)} epochs of variational dropout{teacher}; {pruned:,} of {total:,} weights with log alpha above {dropout.cutoff:.3g}{cut} masked "
         f"({100 * metrics['sparsity']:.1f}%): " + ", ".join(f"{row['name']} {100 * row['sparsity']:.1f}%" for row in rows)
     ]
     stage = Stage(
