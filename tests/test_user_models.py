@@ -401,20 +401,55 @@ def test_a_replaced_layers_forward_hooks_move_to_its_replacement(digits):
     model.fc1.register_forward_pre_hook(lambda _m, args: seen.append("pre"))
     x = digits.test.inputs[:2]
     quantized = ts.quantize(model, {"weights": {"bits": 8}})
-    moved = "fc1: its 2 forward hook(s) moved to the quantized layer (they see its input and output, which match the original's)"
+    moved = "fc1: its 2 hook(s) moved to the quantized layer (they see its input and output, which match the original's)"
     assert moved in quantized.report.stages[0].notes
     factorized = ts.factorize(model, {"rank": 4, "layers": {"include": ["fc1"]}}, example_input=x)
-    assert any(note.startswith("fc1: its 2 forward hook(s) moved to the factorized layer") for note in factorized.report.stages[0].notes)
+    assert any(note.startswith("fc1: its 2 hook(s) moved to the factorized layer") for note in factorized.report.stages[0].notes)
     for result in (quantized, factorized):
         seen.clear()
         result.model(x)
         assert seen == ["pre", (2, 32)]
-    gelu = nn.Sequential(nn.Linear(4, 4), nn.GELU())
-    gelu[1].register_forward_hook(lambda _m, _i, out: seen.append("gelu"))
+    shared = nn.GELU()  # one activation object under two names: both replaced, its hook on the one replacement
+    gelu = nn.Sequential(nn.Linear(4, 4), shared, nn.Linear(4, 4), shared)
+    shared.register_forward_hook(lambda _m, _i, out: seen.append("gelu"))
     substituted = ts.substitute_activations(gelu, {"to": "relu"})
     seen.clear()
     substituted.model(torch.randn(1, 4))
-    assert seen == ["gelu"] and any("moved to the substituted layer" in note for note in substituted.report.stages[0].notes)
+    assert [type(m).__name__ for m in substituted.model] == ["Linear", "ReLU", "Linear", "ReLU"] and substituted.model[1] is substituted.model[3]
+    assert seen == ["gelu", "gelu"] and any("moved to the substituted layer" in note for note in substituted.report.stages[0].notes)
     seen.clear()
     model(x)
     assert seen == ["pre", (2, 32)]  # the caller's model still runs its hooks
+
+
+def test_hooks_moved_in_place_keep_their_handles_and_backward_hooks_and_tied_heads_move_too():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    seen = []
+    handle = model[0].register_forward_hook(lambda *_: seen.append("forward"))
+    model[0].register_full_backward_hook(lambda _m, grad_in, grad_out: seen.append("backward"))
+    result = ts.factorize(model, {"rank": 4, "layers": {"include": ["0"]}}, example_input=torch.randn(2, 16), inplace=True)
+    assert "0: its 2 hook(s) moved" in " ".join(result.report.stages[0].notes)
+    seen.clear()  # factorize's own checks ran the model
+    result.model(torch.randn(2, 16, requires_grad=True)).sum().backward()
+    assert seen == ["forward", "backward"]  # the backward hook runs on the factorized layer
+    seen.clear()
+    handle.remove()  # the user's handle removes the hook from the replacement
+    result.model(torch.randn(2, 16))
+    assert seen == []
+
+    class TiedLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(50, 16)
+            self.head = nn.Linear(16, 50, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, ids):
+            return self.head(self.emb(ids))
+
+    lm = TiedLM().eval()
+    lm.head.register_forward_hook(lambda _m, _i, out: seen.append(tuple(out.shape)))
+    quantized = ts.quantize(lm, {"weights": {"bits": 8}, "layers": {"types": ["Linear", "Embedding"]}})
+    quantized.model(torch.randint(0, 50, (1, 5)))
+    assert seen == [(1, 5, 50)] and any(note.startswith("head: its 1 hook(s) moved") for note in quantized.report.stages[0].notes)

@@ -33,7 +33,7 @@ from torchslim.compression.common import Transforming, TransformOptions
 from torchslim.core.config import Config, check
 from torchslim.core.errors import TorchslimError
 from torchslim.core.report import Report, Result, Stage
-from torchslim.core.selector import LayerSelector, matches, move_hooks, set_module
+from torchslim.core.selector import LayerSelector, matches, move_hooks, set_module, set_module_everywhere
 from torchslim.core.spec import append_transform, recorded_layers, register_transform
 from torchslim.measure.latency import compare_latency
 from torchslim.tasks.batches import call_model
@@ -149,11 +149,11 @@ def substitute_activations(model: nn.Module, config: ActivationConfig | dict, th
             if kind is not None and kind not in TARGETS[config.to] and (not config.kinds or kind in config.kinds):
                 notes.append(f"{name}: {type(module).__name__} left (a bounded gate; to: hard replaces it by its hard variant)")
             continue
-        rows.append({"name": name, "before": type(module).__name__, "after": type(new).__name__})
-        record[name] = type(new).__name__
         if (note := move_hooks(name, module, new, "substituted")) is not None:
             notes.append(note)
-        set_module(target, name, new)
+        for other in set_module_everywhere(target, name, new):  # one activation object under several names: every name
+            rows.append({"name": other, "before": type(module).__name__, "after": type(new).__name__})
+            record[other] = type(new).__name__
     if not rows and not notes:
         raise TorchslimError(f"substitute_activations: the model has no activation module to replace with to={config.to!r} (kinds: {', '.join(sorted(KINDS))})")
     if record:

@@ -209,22 +209,28 @@ HOOK_DICTS = (
     "_forward_hooks",
     "_forward_hooks_with_kwargs",
     "_forward_hooks_always_called",
+    "_backward_pre_hooks",
+    "_backward_hooks",
 )
 
 
 def move_hooks(name: str, original: nn.Module, replacement: nn.Module, how: str) -> str | None:
-    """Hand the forward (pre-)hooks registered on a layer being replaced to its ``replacement`` (a feature-capture
-    hook keeps capturing the quantized or factorized layer's output; the handles still remove them); a note when there
-    were any."""
-    count = len(original._forward_hooks) + len(original._forward_pre_hooks)
+    """Hand the hooks registered on a layer being replaced (forward, pre-forward and backward) to its
+    ``replacement``: a feature-capture hook keeps capturing the quantized or factorized layer's output. The hook
+    dictionaries themselves move, so the handles the user holds still remove them. A note when there were any."""
+    count = len(original._forward_hooks) + len(original._forward_pre_hooks) + len(original._backward_hooks) + len(original._backward_pre_hooks)
     if not count or replacement is original:
         return None
+    if original._backward_hooks:
+        replacement._is_full_backward_hook = original._is_full_backward_hook
     for attribute in HOOK_DICTS:
-        moved = getattr(original, attribute, None)
-        if moved:
-            getattr(replacement, attribute).update(moved)
-            moved.clear()
-    return f"{name}: its {count} forward hook(s) moved to the {how} layer (they see its input and output, which match the original's)"
+        hooks = getattr(original, attribute, None)
+        if hooks is None:
+            continue
+        hooks.update(getattr(replacement, attribute, {}))  # the replacement's own hooks (rarely any) after the user's
+        object.__setattr__(replacement, attribute, hooks)
+        object.__setattr__(original, attribute, type(hooks)())
+    return f"{name}: its {count} hook(s) moved to the {how} layer (they see its input and output, which match the original's)"
 
 
 def weight_of(module: nn.Module) -> torch.Tensor:

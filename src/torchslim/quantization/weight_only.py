@@ -186,7 +186,10 @@ def replace_layer(target: nn.Module, plan: LayerPlan, name: str, original: torch
     set_module_everywhere(target, name, quantized)  # a layer registered under several names stays one layer
     plan.recorded[name] = scheme.to_dict()
     for follower in [f for f, leader in plan.shared.items() if leader == name]:
-        set_module(target, follower, empty_like(target.get_submodule(follower), scheme))
+        tied = empty_like(target.get_submodule(follower), scheme)
+        if (note := move_hooks(follower, target.get_submodule(follower), tied, "quantized")) is not None:
+            plan.notes.append(note)
+        set_module(target, follower, tied)
         share(target, follower, quantized)
         plan.recorded[follower] = scheme.to_dict()
     plan.rows.append(
