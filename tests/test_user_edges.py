@@ -267,6 +267,27 @@ def test_channel_pruning_removes_whole_groupnorm_groups_and_the_model_loads_back
     assert kept.norm2.num_channels == 16 and kept.norm0.num_channels == 8
 
 
+
+class OddWidths(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 20, 3, padding=1)
+        self.c2 = nn.Conv2d(20, 36, 3, padding=1)
+        self.norm = nn.GroupNorm(12, 36)  # groups of 3, which multiples of 8 divide only at 24
+        self.fc = nn.Linear(36, 10)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.norm(self.c2(F.relu(self.c1(x))))).mean((2, 3)))
+
+
+def test_round_to_leaves_a_protected_set_whole_and_never_rounds_groups_coarser_than_half_a_set(digits):
+    x = digits.test.inputs[:4]
+    torch.manual_seed(0)
+    result = ts.prune_channels(OddWidths().eval(), {"ratio": 0.1, "round_to": 8, "overrides": {"c1": 0.0}}, example_input=x)
+    pruned = result.model
+    assert pruned.c1.out_channels == 20  # protected by its override: not rounded down to 16
+    assert (pruned.c2.out_channels, pruned.norm.num_groups) == (33, 11)  # whole groups of 3 (a multiple of 24 would leave 24)
+
 class Scaled(nn.Module):
     """A convolution of a hundredth the others' scale, which the BatchNorm after it undoes."""
 

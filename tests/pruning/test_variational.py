@@ -3,6 +3,8 @@ user's own convnet on their own DataLoader, and as a recipe stage that k-means a
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -151,6 +153,14 @@ def test_a_sparsity_target_masks_the_noisiest_weights_next_over_all_layers(train
     kept = torch.cat([alphas[name][mask] for name, mask in masks.items()])
     assert masked.min() > kept.max() and dropout.cutoff < 3.0  # one cut across layers, the highest log alpha first
     assert len({round(float((~mask).float().mean()), 2) for mask in masks.values()}) > 1  # each layer's share differs
+    tied = UsersNet()  # every log alpha on the clamp (-8): ties are cut in order, and the count rounds up
+    dropout = SparseVariationalDropout(tied, train_size=100)
+    with torch.no_grad():
+        for _, module in dropout.modules:
+            module.weight.fill_(1.0)
+    masks = dropout.to_masks(0.3)
+    total = sum(mask.numel() for mask in masks.values())  # 2,704 weights: 0.3 of them is 811.2, so 812 masked
+    assert sum(int((~mask).sum()) for mask in masks.values()) == math.ceil(0.3 * total) == 812 and dropout.cutoff == pytest.approx(-8.0)
 
     mlp, data = trained
     short = dict(TRAIN, epochs=3)
@@ -159,6 +169,6 @@ def test_a_sparsity_target_masks_the_noisiest_weights_next_over_all_layers(train
     assert stage.metrics["sparsity"] == pytest.approx(0.9, abs=1e-4) and "lowered to reach sparsity 0.9" in stage.notes[0]
     assert ts.evaluate(result.model, data)["accuracy"] > 0.8, ts.evaluate(result.model, data)["accuracy"]
     plain = sparsify_variational(mlp, data, {"sparsity": 0.01}, finetune=short, progress=False).report.stages[0]
-    assert plain.metrics["sparsity"] > 0.01 and "above 3 masked" in plain.notes[0]  # the threshold already masks more
+    assert plain.metrics["sparsity"] > 0.2 and "above 3 masked" in plain.notes[0] and "lowered" not in plain.notes[0]  # more than 1%
     with pytest.raises(ts.ConfigError, match=r"sparsity must be in \[0, 1\), got 1.0"):
         sparsify_variational(mlp, data, {"sparsity": 1.0}, finetune=short, progress=False)

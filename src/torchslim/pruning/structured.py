@@ -184,9 +184,13 @@ def head_scores(model: nn.Module, graph: ChannelGraph, heads: list[HeadGroup], c
 
 def _kept_count(total: int, ratio: float, config: StructuredConfig, width: int = 1) -> int:
     """How many of ``total`` groups ``width`` channels wide stay: kept channels a multiple of round_to and width."""
+    if ratio <= 0:
+        return total  # a set kept whole stays whole, whatever the multiple
     channels = total * width
     kept = channels - round(ratio * channels)
     multiple = math.lcm(channel_multiple(config.round_to), width)
+    if width > 1 and multiple > channels // 2:
+        multiple = width  # a multiple of both would be coarser than half the set: whole groups alone
     if multiple > 1:
         kept = max(multiple, int(round(kept / multiple)) * multiple)
     return -(-min(channels, max(kept, config.min_channels)) // width)

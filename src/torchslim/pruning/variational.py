@@ -26,6 +26,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import math
 import time
 from typing import Any
 
@@ -129,17 +130,23 @@ class SparseVariationalDropout(Callback):
             handle.remove()
         self.handles = []
         alphas = {name: log_alpha(weight_of(module), _log_sigma2(module)) for name, module in self.modules}
+        keeps = {name: alpha <= self.threshold for name, alpha in alphas.items()}
         self.cutoff = self.threshold
-        if sparsity:
-            flat = torch.cat([alpha.flatten() for alpha in alphas.values()])
-            kept = max(1, flat.numel() - round(sparsity * flat.numel()))
-            self.cutoff = min(self.threshold, float(flat.kthvalue(kept).values))
+        total = sum(alpha.numel() for alpha in alphas.values())
+        wanted = min(total - 1, math.ceil(round(sparsity * total, 6))) if sparsity else 0
+        if wanted > sum(int((alpha > self.threshold).sum()) for alpha in alphas.values()):
+            flat = torch.cat([alpha.flatten().cpu() for alpha in alphas.values()])
+            order = torch.argsort(flat, descending=True, stable=True)  # exactly `wanted` masked, ties (the clamp) in order
+            kept = torch.ones_like(flat, dtype=torch.bool)
+            kept[order[:wanted]] = False
+            self.cutoff = float(flat[order[wanted - 1]])
+            for (name, alpha), part in zip(alphas.items(), kept.split([alpha.numel() for alpha in alphas.values()])):
+                keeps[name] = part.view_as(alpha).to(alpha.device)
         masks = {}
         for name, module in self.modules:
-            keep = alphas[name] <= self.cutoff
             del module.log_sigma2
-            set_mask(module, keep)
-            masks[name] = keep
+            set_mask(module, keeps[name])
+            masks[name] = keeps[name]
         return masks
 
 
@@ -242,7 +249,7 @@ def sparsify_variational(
         "nonzeros": count_nonzeros(target),
         "seconds": time.perf_counter() - started,
     }
-    cut = f" (the threshold {config.threshold:g} lowered to reach sparsity {config.sparsity:g})" if dropout.cutoff < config.threshold else ""
+    cut = f" (the threshold {config.threshold:g} lowered to reach sparsity {config.sparsity:g})" if dropout.cutoff != config.threshold else ""
     teacher = f" (data term: {config.distill_alpha:g} soft targets of the model as given, T {config.distill_temperature:g})" if loss is not None else ""
     notes = [
         f"{len(history.epochs)} epochs of variational dropout{teacher}; {pruned:,} of {total:,} weights with log alpha above {dropout.cutoff:.3g}{cut} masked "
