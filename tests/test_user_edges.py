@@ -267,7 +267,6 @@ def test_channel_pruning_removes_whole_groupnorm_groups_and_the_model_loads_back
     assert kept.norm2.num_channels == 16 and kept.norm0.num_channels == 8
 
 
-
 class OddWidths(nn.Module):
     def __init__(self):
         super().__init__()
@@ -287,6 +286,7 @@ def test_round_to_leaves_a_protected_set_whole_and_never_rounds_groups_coarser_t
     pruned = result.model
     assert pruned.c1.out_channels == 20  # protected by its override: not rounded down to 16
     assert (pruned.c2.out_channels, pruned.norm.num_groups) == (33, 11)  # whole groups of 3 (a multiple of 24 would leave 24)
+
 
 class Scaled(nn.Module):
     """A convolution of a hundredth the others' scale, which the BatchNorm after it undoes."""
