@@ -142,12 +142,10 @@ class SparseVariationalDropout(Callback):
             self.cutoff = float(flat[order[wanted - 1]])
             for (name, alpha), part in zip(alphas.items(), kept.split([alpha.numel() for alpha in alphas.values()])):
                 keeps[name] = part.view_as(alpha).to(alpha.device)
-        masks = {}
         for name, module in self.modules:
             del module.log_sigma2
             set_mask(module, keeps[name])
-            masks[name] = keeps[name]
-        return masks
+        return keeps
 
 
 def _log_sigma2(module: nn.Module) -> torch.Tensor:
