@@ -288,6 +288,34 @@ def test_round_to_leaves_a_protected_set_whole_and_never_rounds_groups_coarser_t
     assert (pruned.c2.out_channels, pruned.norm.num_groups) == (33, 11)  # whole groups of 3 (a multiple of 24 would leave 24)
 
 
+class NonNesting(nn.Module):
+    """One residual stream of 24 channels through GroupNorms of groups of 8 and of 3: no channel goes alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 24, 3, padding=1)
+        self.norm_a = nn.GroupNorm(3, 24)
+        self.conv = nn.Conv2d(24, 24, 3, padding=1)
+        self.norm_b = nn.GroupNorm(8, 24)
+        self.mid = nn.Conv2d(24, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = F.silu(self.norm_a(self.stem(x)))
+        x = x + F.silu(self.norm_b(self.conv(x)))
+        return self.fc(F.relu(self.mid(x)).mean((2, 3)))
+
+
+def test_a_stream_whose_groupnorm_groups_do_not_nest_is_kept_whole_and_the_notes_say_why(digits):
+    x = digits.test.inputs[:4]
+    torch.manual_seed(0)
+    result = ts.prune_channels(NonNesting().eval(), {"ratio": 0.5}, example_input=x)
+    pruned = result.model
+    assert (pruned.stem.out_channels, pruned.conv.out_channels, pruned.mid.out_channels) == (24, 24, 8)  # the stream whole, mid halved
+    notes = result.report.stages[0].notes
+    assert any("conv+stem" in note and "do not nest" in note for note in notes), notes
+
+
 class Scaled(nn.Module):
     """A convolution of a hundredth the others' scale, which the BatchNorm after it undoes."""
 

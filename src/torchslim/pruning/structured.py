@@ -272,6 +272,9 @@ def select_groups(
     unknown = sorted(set(config.sets) - {set_name(key) for key in sets})
     if unknown:
         raise ConfigError(f"prune_channels.sets: no set of channels named {unknown[0]!r}; the sets: {', '.join(set_name(key) for key in sets)}")
+    joined = [set_name(key) for key, members in sets.items() if len(members) == 1 and group_width(members[0]) > 1]
+    if joined:  # e.g. groups of 8 and of 3 on one residual stream of 24 channels: no channel can go without splitting one
+        notes.append(f"left intact: {', '.join(joined)} (GroupNorm group sizes that do not nest join all of its channels into one group)")
     chosen: list[Group] = []
     if config.scope == "layer":
         for key, members in sets.items():
@@ -484,15 +487,8 @@ def prune_channels(
     if tuning is not None:
         history = fit(target, data, tuning, task=task, progress=progress, label="prune-channels fine-tune", evaluate_at_end=False, reference=model)
         notes.append(f"fine-tuned {len(history.epochs)} epochs ({history.seconds:.1f} s)")
-    stage = Stage(
-        name="prune channels",
-        kind="prune-channels",
-        metrics=metrics,
-        layers=rows,
-        notes=notes,
-        config=config.to_dict(),
-        execution="channels removed (smaller dense layers)",
-    )
+    execution = "channels removed (smaller dense layers)"
+    stage = Stage(name="prune channels", kind="prune-channels", metrics=metrics, layers=rows, notes=notes, config=config.to_dict(), execution=execution)
     return Result(model=target, report=Report.for_model(model, [stage]))
 
 
