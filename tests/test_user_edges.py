@@ -316,6 +316,29 @@ def test_a_stream_whose_groupnorm_groups_do_not_nest_is_kept_whole_and_the_notes
     assert any("conv+stem" in note and "do not nest" in note for note in notes), notes
 
 
+class Concatenated(nn.Module):
+    """Two branches concatenated into one GroupNorm: its groups of 4 hold 2 channels of each branch."""
+
+    def __init__(self, first=2):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(1, first, 3, padding=1), nn.Conv2d(1, 8 - first, 3, padding=1)
+        self.norm = nn.GroupNorm(2, 8)
+        self.c = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.c(F.silu(self.norm(torch.cat([self.a(x), self.b(x)], 1))))).mean((2, 3)))
+
+
+def test_groupnorm_groups_across_a_concatenation_count_every_channel_and_a_one_group_set_is_named(digits):
+    x = digits.test.inputs[:4]
+    assert channel_sets(Concatenated(), example_input=x) == {"a+b": 4, "b": 4, "c": 8}  # a group of 2 of a and 2 of b, then one of b
+    result = ts.prune_channels(Concatenated(4).eval(), {"ratio": 0.5}, example_input=x)  # each branch exactly one group
+    assert (result.model.a.out_channels, result.model.b.out_channels, result.model.c.out_channels) == (4, 4, 4)
+    notes = result.report.stages[0].notes
+    assert any(note.startswith("left intact: a (all of its channels are one GroupNorm group)") for note in notes), notes
+
+
 class Scaled(nn.Module):
     """A convolution of a hundredth the others' scale, which the BatchNorm after it undoes."""
 

@@ -197,9 +197,8 @@ def _kept_count(total: int, ratio: float, config: StructuredConfig, width: int =
 
 
 def group_width(group: Group) -> int:
-    """The channels one group holds in each layer: 1, or a GroupNorm group's size."""
-    return max((len(p.indices) for p in group.producers or group.members), default=1)
-
+    """The channels one group holds: 1, or a GroupNorm group's size (a group across a concatenation counted whole)."""
+    return max((len(p.indices) for p in group.producers + group.members), default=1)
 
 def _protection_notes(groups: list[Group], head_ratio: float) -> list[str]:
     notes = []
@@ -272,9 +271,12 @@ def select_groups(
     unknown = sorted(set(config.sets) - {set_name(key) for key in sets})
     if unknown:
         raise ConfigError(f"prune_channels.sets: no set of channels named {unknown[0]!r}; the sets: {', '.join(set_name(key) for key in sets)}")
-    joined = [set_name(key) for key, members in sets.items() if len(members) == 1 and group_width(members[0]) > 1]
-    if joined:  # e.g. groups of 8 and of 3 on one residual stream of 24 channels: no channel can go without splitting one
-        notes.append(f"left intact: {', '.join(joined)} (GroupNorm group sizes that do not nest join all of its channels into one group)")
+    for key, members in sets.items():  # a set that is one GroupNorm group: it goes whole (the layer with it) or not at all
+        if len(members) == 1 and group_width(members[0]) > 1:
+            norms = [(len(p.indices), model.get_submodule(p.module)) for p in members[0].members]
+            nest = all(size == norm.num_channels // norm.num_groups for size, norm in norms if isinstance(norm, nn.GroupNorm))
+            why = "all of its channels are one GroupNorm group" if nest else "GroupNorm group sizes that do not nest join all of its channels into one group"
+            notes.append(f"left intact: {set_name(key)} ({why})")
     chosen: list[Group] = []
     if config.scope == "layer":
         for key, members in sets.items():
