@@ -435,6 +435,20 @@ def test_a_batch_key_the_forward_does_not_take_is_named_with_where_labels_go(dig
     assert ts.prune_channels(Named(), {"ratio": 0.5}, data=renamed).model.fc1.out_features == 16
 
 
+def test_data_names_the_key_its_mapping_batches_hold_targets_under(digits):
+    batches = [{"x": digits.train.inputs[i : i + 64], "y": digits.train.targets[i : i + 64]} for i in range(0, 512, 64)]
+    test = [{"x": digits.test.inputs[:200], "y": digits.test.targets[:200]}]
+    torch.manual_seed(0)
+    model = Named()
+    data = ts.Data(train=batches, eval=test, targets="y")
+    tuned = ts.prune_channels(model, {"ratio": 0.5}, data=data, finetune={"epochs": 3, "optimizer": "adam", "lr": 1e-2}).model
+    metrics = ts.evaluate(tuned, data)
+    assert metrics["examples"] == 200 and metrics["accuracy"] > 0.5  # trained and scored on the "y" labels
+    assert metrics["accuracy"] == ts.evaluate(tuned, [{"x": test[0]["x"], "labels": test[0]["y"]}])["accuracy"]
+    with pytest.raises(TorchslimError, match=r"Data\(targets='mask'\): a batch has no 'mask' \(its keys: 'x', 'y'\)"):
+        ts.evaluate(tuned, ts.Data(train=test, targets="mask"))
+
+
 def test_an_empty_loader_and_a_double_precision_model_get_errors_that_say_what_is_wrong(tmp_path):
     with pytest.raises(TorchslimError, match=r"the data \(no separate evaluation data was given\) gives no batches \(an empty loader"):
         ts.evaluate(Named(), [])

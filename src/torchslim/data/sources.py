@@ -283,9 +283,37 @@ class CombinedSource(DataSource):
         return self.train.batches_per_epoch(batch_size)
 
 
+class KeyedTargets(DataSource):
+    """Mapping batches whose targets are under the user's own key (``{"image": x, "mask": y}``): the key is read as
+    the targets (renamed ``labels`` as each batch is read), so it is never passed to the model."""
+
+    def __init__(self, inner: DataSource, key: str) -> None:
+        super().__init__(f"{inner.description}; targets under {key!r}")
+        self.inner, self.key = inner, key
+        self.kind, self.fixed_batches, self.notes, self.separate_eval = inner.kind, inner.fixed_batches, list(inner.notes), inner.separate_eval
+
+    def _batches(self, split: str, batch_size: int | None, shuffle: bool | None, seed: int) -> Iterable[Any]:
+        return (self._renamed(batch) for batch in self.inner.batches(split, batch_size, shuffle, seed))
+
+    def _renamed(self, batch: Any) -> Any:
+        where = f"Data(targets={self.key!r})"
+        if not isinstance(batch, Mapping):
+            raise TorchslimError(f"{where} names a key of mapping batches, but a batch is a {type(batch).__name__}")
+        if self.key not in batch:
+            raise TorchslimError(f"{where}: a batch has no {self.key!r} (its keys: {', '.join(map(repr, batch))})")
+        others = [key for key in TARGET_KEYS if key in batch and key != self.key]
+        if others:
+            raise TorchslimError(f"{where}: a batch has targets under {others[0]!r} as well; name one key for the targets")
+        return {("labels" if key == self.key else key): value for key, value in batch.items()}
+
+    def batches_per_epoch(self, batch_size: int | None) -> int | None:
+        return self.inner.batches_per_epoch(batch_size)
+
+
 @dataclasses.dataclass
 class Data:
-    """Separate training and evaluation data, each in any form ``as_source`` takes.
+    """Separate training and evaluation data, each in any form ``as_source`` takes; ``targets`` names the key of
+    mapping batches that holds the targets, where it is not one of ``labels``, ``label``, ``targets``, ``target``.
 
     Example:
         >>> import torch
@@ -296,6 +324,7 @@ class Data:
 
     train: Any
     eval: Any = None
+    targets: str | None = None
 
 
 def _tensor(value: Any) -> torch.Tensor | None:
@@ -364,6 +393,8 @@ def as_source(data: Any, model: Any = None, batch_size: int = 64) -> DataSource:
     if data is None:
         raise TorchslimError("this step needs data: pass data=... (a DataLoader, a list of batches, tensors, a dataset)")
     if isinstance(data, Data):
+        if data.targets is not None:
+            return KeyedTargets(as_source(dataclasses.replace(data, targets=None), model, batch_size), data.targets)
         if data.eval is None:
             return as_source(data.train, model, batch_size)
         return CombinedSource(as_source(data.train, model, batch_size), as_source(data.eval, model, batch_size))
@@ -391,4 +422,15 @@ def as_source(data: Any, model: Any = None, batch_size: int = 64) -> DataSource:
     return LoaderSource(data)
 
 
-__all__ = ["CombinedSource", "Data", "DataSource", "DatasetSource", "LoaderSource", "TensorSource", "TextSource", "TorchDatasetSource", "as_source"]
+__all__ = [
+    "CombinedSource",
+    "Data",
+    "DataSource",
+    "DatasetSource",
+    "KeyedTargets",
+    "LoaderSource",
+    "TensorSource",
+    "TextSource",
+    "TorchDatasetSource",
+    "as_source",
+]

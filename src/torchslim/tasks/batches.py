@@ -94,7 +94,8 @@ def keyword_or_positional(model: Any, inputs: dict[str, Any]) -> tuple[tuple, di
             raise TorchslimError(
                 f"the batch's {', '.join(repr(key) for key in unknown)} {'is not an argument' if len(unknown) == 1 else 'are not arguments'} of "
                 f"{type(unwrapped(model)).__name__}.forward({', '.join(p.name for p in parameters)}): a mapping's entries are passed by name, "
-                f"and its labels go under one of {', '.join(TARGET_KEYS)} (or give (inputs, labels) tuples)"
+                f"and its labels go under one of {', '.join(TARGET_KEYS)} (or name their key: ts.Data(train=..., targets='mask'); "
+                "or give (inputs, labels) tuples)"
             )
         return (), inputs
     if parameters is None or any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters) or next(iter(inputs)) in {p.name for p in parameters}:
