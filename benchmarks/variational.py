@@ -23,7 +23,9 @@ TARGETS = {"lenet-300-100": {"error": 0.0164, "bytes_ratio": 80, "nonzero_ratio"
 # (model, KL weight, epochs of variational dropout, epochs of fine-tuning after, "finetune" or "distill" for that
 # fine-tuning, k-means bits, the share of variational dropout's data term taken from the dense model's soft targets,
 # train_clip: weights past the threshold left out while training, as the authors train; optionally the sparsity target:
-# at least that share of the weights masked at the end, the highest log alpha first)
+# at least that share of the weights masked at the end, the highest log alpha first, or a mapping of that target
+# ("sparsity"), the learning-rate schedule ("schedule", cosine by default) and the epochs the KL weight rises over
+# ("warmup_epochs", 1 by default))
 RUNS = [
     ("lenet-300-100", 1.0, 20, 0, "finetune", 4, 0.0, False),
     ("lenet-300-100", 0.4, 30, 5, "finetune", 4, 0.0, False),
@@ -42,6 +44,7 @@ RUNS = [
     ("lenet-5", 0.25, 30, 25, "distill", 4, 0.0, True),
     ("lenet-300-100", 0.3, 40, 25, "distill", 5, 0.0, True, 1 - 1 / 60),
     ("lenet-5", 0.25, 30, 25, "distill", 4, 0.0, True, 1 - 1 / 150),
+    ("lenet-5", 0.5, 100, 25, "distill", 4, 0.0, True, {"schedule": "linear", "warmup_epochs": 15}),
 ]
 PUBLISHED = {  # non-zero ratios (weights kept over all weights), test error
     "lenet-300-100": "Dynamic Network Surgery 56x at 1.99%; Sparse VD 68x at 1.92%; Deep Compression 12x at 1.58%",
@@ -49,10 +52,16 @@ PUBLISHED = {  # non-zero ratios (weights kept over all weights), test error
 }
 
 
+def _options(target: float | dict | None) -> dict:
+    return dict(target) if isinstance(target, dict) else {"sparsity": target}
+
+
 def recipe(
-    kl_weight: float, epochs: int, tune_epochs: int, tuning: str, bits: int, teacher: float, clip: bool, quick: bool, sparsity: float | None = None
+    kl_weight: float, epochs: int, tune_epochs: int, tuning: str, bits: int, teacher: float, clip: bool, quick: bool, target: float | dict | None = None
 ) -> dict:
-    train = {"epochs": 1 if quick else epochs, "optimizer": "adam", "lr": 1e-3, "schedule": "cosine", "batch_size": 100, "eval_every_epoch": False}
+    options = _options(target)
+    schedule, sparsity, warmup = options.get("schedule", "cosine"), options.get("sparsity"), options.get("warmup_epochs", 1.0)
+    train = {"epochs": 1 if quick else epochs, "optimizer": "adam", "lr": 1e-3, "schedule": schedule, "batch_size": 100, "eval_every_epoch": False}
     tune = {"epochs": 1 if quick else tune_epochs, "optimizer": "adam", "lr": 1e-4, "schedule": "cosine", "eval_every_epoch": False}
     if tuning == "distill":  # soft targets of the dense model the recipe started from (T 4, alpha 0.9)
         tune.update(lr=3e-4, batch_size=100)
@@ -65,7 +74,16 @@ def recipe(
     return {
         "name": "variational-deep-compression",
         "stages": [
-            {"variational-dropout": {"kl_weight": kl_weight, "distill_alpha": teacher, "train_clip": clip, "sparsity": sparsity, "finetune": train}},
+            {
+                "variational-dropout": {
+                    "kl_weight": kl_weight,
+                    "distill_alpha": teacher,
+                    "train_clip": clip,
+                    "sparsity": sparsity,
+                    "warmup_epochs": 1 if quick else warmup,
+                    "finetune": train,
+                }
+            },
             *([tuned] if tune_epochs else []),
             {"quantize": {"weights": {"scheme": "kmeans", "bits": bits}, "finetune": centroids}},
             {"encode": {}},
@@ -74,12 +92,18 @@ def recipe(
 
 
 def _label(
-    name: str, kl_weight: float, epochs: int, tune_epochs: int, tuning: str, bits: int, teacher: float, clip: bool = False, sparsity: float | None = None
+    name: str, kl_weight: float, epochs: int, tune_epochs: int, tuning: str, bits: int, teacher: float, clip: bool = False, target: float | dict | None = None
 ) -> str:
     after = f" + {tune_epochs} of {'distillation from the dense model' if tuning == 'distill' else 'fine-tuning'}" if tune_epochs else ""
     data_term = f" (data term {teacher:g} soft targets of the dense model)" if teacher else ""
-    target = f", cut to 1 weight in {1 / (1 - sparsity):.0f} by log alpha" if sparsity else ""
-    return f"KL weight {kl_weight:g}, {epochs} epochs{data_term}{', train_clip' if clip else ''}{target}{after}, {bits}-bit k-means"
+    options = _options(target)
+    sparsity = options.get("sparsity")
+    cut = f", cut to 1 weight in {1 / (1 - sparsity):.0f} by log alpha" if sparsity else ""
+    if "schedule" in options:
+        cut += f", learning rate {options['schedule']} to 0" if options["schedule"] == "linear" else f", {options['schedule']} learning rate"
+    if "warmup_epochs" in options:
+        cut += f", KL weight rising over {options['warmup_epochs']:g} epochs"
+    return f"KL weight {kl_weight:g}, {epochs} epochs{data_term}{', train_clip' if clip else ''}{cut}{after}, {bits}-bit k-means"
 
 
 def _row(entry: dict) -> list[str]:
@@ -111,7 +135,7 @@ def main() -> None:
     results: dict = {key: entry for key, entry in previous.items() if key in known}  # the rows kept, the new ones added as they finish
     for run in RUNS[:1] + RUNS[-1:] if options.quick else RUNS:
         name, kl_weight, epochs, tune_epochs, tuning, bits, teacher, clip, *target = run
-        sparsity = target[0] if target else None
+        sparsity = target[0] if target else None  # the target, or a mapping of it and the training's options
         label = _label(*run)
         if only and label not in only and f"{name}: {label}" in previous:
             continue  # kept from the last saved results
@@ -180,7 +204,7 @@ def _write(results: dict, options) -> None:
     )
     layers = markdown.table(["model", "run", "layer", "weights", "sparsity learned"], stage_rows)
     notes = [
-        "Recipe: variational-dropout (Adam 1e-3, cosine, batch 100; the KL weight rising over the first epoch; log alpha > 3 masked; "
+        "Recipe: variational-dropout (Adam 1e-3, cosine unless said, batch 100; the KL weight rising over the first epoch unless said; log alpha > 3 masked; "
         "where said, its data term 0.9 soft targets of the dense model at T 4 and 0.1 labels; with train_clip, weights past the threshold "
         "left out of the sampled pre-activations while training, as the authors train LeNets; where a cut is said, the weights of highest "
         "log alpha masked past the threshold until that share of weights is left, over all layers together), "
