@@ -65,7 +65,25 @@ TARGETS: dict[str, dict[str, type[nn.Module]]] = {
     "relu": {kind: nn.ReLU for kind in ("gelu", "silu", "mish", "elu", "leaky_relu", "relu6", "hardswish")},
     "hard": {"gelu": nn.Hardswish, "silu": nn.Hardswish, "mish": nn.Hardswish, "sigmoid": nn.Hardsigmoid, "tanh": nn.Hardtanh},
 }
-FUNCTIONS = {F.gelu: "gelu", F.silu: "silu", F.mish: "mish", F.elu: "elu", torch.sigmoid: "sigmoid", torch.tanh: "tanh", F.hardswish: "hardswish"}
+FUNCTIONS = {
+    F.gelu: "gelu",
+    F.silu: "silu",
+    F.mish: "mish",
+    F.elu: "elu",
+    F.leaky_relu: "leaky_relu",
+    F.relu6: "relu6",
+    torch.sigmoid: "sigmoid",
+    torch.Tensor.sigmoid: "sigmoid",  # x.sigmoid(), F.sigmoid
+    torch.tanh: "tanh",
+    torch.Tensor.tanh: "tanh",  # x.tanh(), F.tanh
+    F.hardswish: "hardswish",
+}
+# the fused inference path of torch's TransformerEncoderLayer reads this flag, not its activation module: 1 ReLU, 2 GELU,
+# 0 neither (the module is called)
+FAST_PATH_FLAGS = {"ReLU": 1, "GELU": 2}
+# Hugging Face config fields naming the activation, and the names its activation table knows the replacements by
+CONFIG_FIELDS = ("hidden_act", "hidden_activation", "activation_function")
+CONFIG_NAMES = {"ReLU": "relu", "Hardswish": "hardswish", "GELU": "gelu", "SiLU": "silu"}
 REPLACEMENTS = {cls.__name__: cls for targets in TARGETS.values() for cls in targets.values()} | {"ReLU": nn.ReLU}
 
 
@@ -139,6 +157,10 @@ def substitute_activations(model: nn.Module, config: ActivationConfig | dict, th
     original = copy.deepcopy(model) if target is model else model
     metrics: dict[str, Any] = run.evaluate("_before")
     selector = LayerSelector.coerce(config.layers)
+    named = [(name, module) for name, module in target.named_modules() if name]
+    for pattern in selector.include + selector.exclude:
+        if not any(matches(pattern, name, module) for name, module in named):
+            raise TorchslimError(f"substitute_activations: layer pattern {pattern!r} matches no module; modules: {', '.join(n for n, _ in named[:30])}")
     rows, record, notes = [], {}, []
     for name, module in list(target.named_modules()):
         if not name or not any(matches(p, name, module) for p in selector.include) or any(matches(p, name, module) for p in selector.exclude):
@@ -147,20 +169,24 @@ def substitute_activations(model: nn.Module, config: ActivationConfig | dict, th
         if new is None:
             kind = KINDS.get(type(module).__name__)
             if kind is not None and kind not in TARGETS[config.to] and (not config.kinds or kind in config.kinds):
-                notes.append(f"{name}: {type(module).__name__} left (a bounded gate; to: hard replaces it by its hard variant)")
+                why = (
+                    "a bounded gate; to: hard replaces it by its hard variant" if config.to == "relu" else "to: hard has no variant of it; to: relu replaces it"
+                )
+                notes.append(f"{name}: {type(module).__name__} left ({why})")
             continue
         if (note := move_hooks(name, module, new, "substituted")) is not None:
             notes.append(note)
         for other in set_module_everywhere(target, name, new):  # one activation object under several names: every name
             rows.append({"name": other, "before": type(module).__name__, "after": type(new).__name__})
             record[other] = type(new).__name__
-    if not rows and not notes:
+    calls = functional_activations(target, example) if example is not None else {}
+    if not rows and not notes and not calls:
         raise TorchslimError(f"substitute_activations: the model has no activation module to replace with to={config.to!r} (kinds: {', '.join(sorted(KINDS))})")
     if record:
         append_transform(target, {"kind": TRANSFORM_KIND, "layers": record})
-    if example is not None:
-        for kind, calls in sorted(functional_activations(target, example).items()):
-            notes.append(f"{calls} call(s) of {kind} as a function in forward code: not replaced (only activation modules can be)")
+        notes += _sync_fast_paths(target) + _sync_config(target, rows)
+    for kind, count in sorted(calls.items()):
+        notes.append(f"{count} call(s) of {kind} as a function in forward code: not replaced (only activation modules can be)")
     metrics["replaced"] = len(rows)
     metrics.update(run.evaluate("_substituted"))
     notes += run.finetune()
@@ -172,6 +198,38 @@ def substitute_activations(model: nn.Module, config: ActivationConfig | dict, th
     return Result(model=target, report=Report.for_model(model, [stage]))
 
 
+def _sync_fast_paths(model: nn.Module) -> list[str]:
+    """Point the fused inference path of each ``nn.TransformerEncoderLayer`` at its activation as it now is (left at
+    GELU, inference would still run GELU while training ran the replacement)."""
+    notes = []
+    for name, layer in model.named_modules():
+        if isinstance(layer, nn.TransformerEncoderLayer) and isinstance(layer.activation, nn.Module):
+            flag = FAST_PATH_FLAGS.get(type(layer.activation).__name__, 0)
+            if layer.activation_relu_or_gelu != flag:
+                layer.activation_relu_or_gelu = flag
+                notes.append(f"{name}: its fused inference path set to {type(layer.activation).__name__}" if flag else f"{name}: fused inference path off")
+    return notes
+
+
+def _sync_config(model: nn.Module, rows: list[dict[str, str]]) -> list[str]:
+    """A Hugging Face config's activation field set to the replacement where every replaced activation became one
+    class it has a name for (``save_pretrained`` then reloads what runs); otherwise a note that it still names the old one."""
+    config = getattr(model, "config", None)
+    fields = [field for field in CONFIG_FIELDS if isinstance(getattr(config, field, None), str)]
+    if not fields:
+        return []
+    after = {row["after"] for row in rows}
+    name = CONFIG_NAMES.get(next(iter(after))) if len(after) == 1 else None
+    notes = []
+    for field in fields:
+        if name is not None:
+            setattr(config, field, name)
+            notes.append(f"config.{field} set to {name!r}")
+        else:
+            notes.append(f"config.{field} still names {getattr(config, field)!r}: save_pretrained would reload it; ts.save keeps the replacements")
+    return notes
+
+
 @register_transform(TRANSFORM_KIND)
 def apply_activations(model: nn.Module, transform: dict[str, Any]) -> nn.Module:
     """Put back the activation replacements a saved file lists."""
@@ -179,6 +237,7 @@ def apply_activations(model: nn.Module, transform: dict[str, Any]) -> nn.Module:
         if class_name not in REPLACEMENTS:
             raise TorchslimError(f"the file replaces {name!r} by {class_name!r}, which is not one of {', '.join(sorted(REPLACEMENTS))}")
         set_module(model, name, REPLACEMENTS[class_name]())
+    _sync_fast_paths(model)
     return model
 
 

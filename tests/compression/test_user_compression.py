@@ -1,0 +1,82 @@
+"""The network-compression verbs on models written the way users write them: torch's own transformer layers, Hugging
+Face configs, subclassed layers, parametrized weights, nested block containers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import torchslim as ts
+from torchslim.core.errors import TorchslimError
+
+
+def test_a_transformer_encoder_layer_infers_with_the_activation_it_was_given():
+    """torch's fused inference path reads a flag, not the activation module: it ran GELU after GELU -> ReLU."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, activation=nn.GELU(), batch_first=True)
+    model = nn.Sequential(nn.Linear(8, 16), nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), nn.Linear(16, 3)).eval()
+    x = torch.randn(3, 5, 8)
+    result = ts.substitute_activations(model, {"to": "relu"}, example_input=x)
+    replaced = result.model
+    with torch.no_grad():
+        fused = replaced(x)  # eval and no_grad: the fused path
+        replaced.train()
+        plain = replaced(x)  # the modules, one by one
+        replaced.eval()
+        assert torch.allclose(fused, plain, atol=1e-5)
+        assert not torch.allclose(fused, model(x), atol=1e-3)
+    assert any("fused inference path set to ReLU" in note for note in result.report.stages[0].notes)
+    hard = ts.substitute_activations(model, {"to": "hard"}, example_input=x).model
+    assert all(layer.activation_relu_or_gelu == 0 for layer in hard[1].layers)  # Hardswish: the fused path is off
+
+
+def test_a_hugging_face_config_names_the_new_activation_so_save_pretrained_reloads_it(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    lm = transformers.LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 64, (2, 6))
+    result = ts.substitute_activations(lm, {"to": "relu"}, example_input={"input_ids": ids})
+    assert result.model.config.hidden_act == "relu" and lm.config.hidden_act == "silu"  # the caller's model keeps its own
+    result.model.save_pretrained(tmp_path)
+    reloaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.allclose(reloaded(ids).logits, result.model(ids).logits, atol=1e-5)
+
+
+class Functional(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 8), nn.Linear(8, 8)
+        self.elu = nn.ELU()
+
+    def forward(self, x):
+        h = self.elu(self.fc1(x))
+        return F.relu6(h.sigmoid() + h.tanh() + F.leaky_relu(self.fc2(h)))
+
+
+def test_activation_notes_say_what_was_left_and_every_functional_call_is_counted():
+    x = torch.randn(2, 8)
+    notes = ts.substitute_activations(Functional(), {"to": "hard"}, example_input=x).report.stages[0].notes
+    assert "elu: ELU left (to: hard has no variant of it; to: relu replaces it)" in notes
+    for kind in ("sigmoid", "tanh", "leaky_relu", "relu6"):
+        assert f"1 call(s) of {kind} as a function in forward code: not replaced (only activation modules can be)" in notes, notes
+    with pytest.raises(TorchslimError, match=r"layer pattern 'seqq\.\*' matches no module"):
+        ts.substitute_activations(Functional(), {"layers": {"include": ["seqq.*"]}}, example_input=x)
+
+
+class OnlyFunctional(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return F.silu(self.fc(x))
+
+
+def test_a_model_of_functional_activations_gets_them_counted_not_an_error():
+    result = ts.substitute_activations(OnlyFunctional(), {"to": "relu"}, example_input=torch.randn(2, 8))
+    assert result.report.stages[0].metrics["replaced"] == 0
+    assert "1 call(s) of silu as a function in forward code: not replaced (only activation modules can be)" in result.report.stages[0].notes
