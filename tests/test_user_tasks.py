@@ -195,7 +195,7 @@ def test_torchs_transformer_encoder_is_factorized_where_it_can_be_and_runs(encod
 
 def test_a_module_that_reads_a_factorized_layers_weight_is_named_and_the_model_kept(encoder):
     """A user's module that reads a layer's weight instead of calling it: factorizing that layer would break the
-    model, so the verb refuses with the way out and the user's model stays as it was."""
+    model, so that layer stays whole and is named, the others are factorized, and the user's model stays as it was."""
 
     class TiedHead(nn.Module):
         def __init__(self):
@@ -208,8 +208,9 @@ def test_a_module_that_reads_a_factorized_layers_weight_is_named_and_the_model_k
 
     model = TiedHead()
     before = copy.deepcopy(model.state_dict())
-    with pytest.raises(TorchslimError, match=r"no longer runs with .*out.* factorized .*reads a factorized layer's weight directly"):
-        ts.factorize(model, {"rank": 2}, example_input=torch.randn(2, 32))
+    result = ts.factorize(model, {"rank": 2}, example_input=torch.randn(2, 32))
+    assert [row["name"] for row in result.report.stages[0].layers] == ["proj"] and isinstance(result.model.out, nn.Linear)
+    assert any(note.startswith("out: left whole (the model fails with it factorized") for note in result.report.stages[0].notes)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 

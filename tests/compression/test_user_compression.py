@@ -80,3 +80,46 @@ def test_a_model_of_functional_activations_gets_them_counted_not_an_error():
     result = ts.substitute_activations(OnlyFunctional(), {"to": "relu"}, example_input=torch.randn(2, 8))
     assert result.report.stages[0].metrics["replaced"] == 0
     assert "1 call(s) of silu as a function in forward code: not replaced (only activation modules can be)" in result.report.stages[0].notes
+
+
+class ScaledLinear(nn.Linear):
+    def forward(self, x):
+        return super().forward(x) * 2.0
+
+
+class ReadsWeight(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp, self.fc, self.out = nn.Linear(8, 32), nn.Linear(32, 32), nn.Linear(32, 3)
+
+    def forward(self, x):
+        return self.out(F.relu(F.linear(F.relu(self.inp(x)), self.fc.weight, self.fc.bias)))
+
+
+def test_factorize_leaves_whole_a_subclassed_layer_and_one_whose_weight_the_model_reads():
+    torch.manual_seed(0)
+    scaled = nn.Sequential(ScaledLinear(16, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    result = ts.factorize(scaled, {"rank": 2}, example_input=torch.randn(4, 16))
+    assert isinstance(result.model[0], ScaledLinear)
+    assert "0: left whole (ScaledLinear has its own forward, which two plain factor layers would not run)" in result.report.stages[0].notes
+    model, x = ReadsWeight().eval(), torch.randn(4, 8)
+    for inplace in (False, True):
+        user = ReadsWeight().eval() if inplace else model
+        result = ts.factorize(user, {"rank": 2}, example_input=x, inplace=inplace)
+        assert isinstance(result.model.fc, nn.Linear) and not isinstance(result.model.inp, nn.Linear)  # the read layer stays whole
+        assert any(note.startswith("fc: left whole (the model fails with it factorized") for note in result.report.stages[0].notes)
+        assert [row["name"] for row in result.report.stages[0].layers] == ["inp", "out"]
+        assert result.model(x).shape == (4, 3)
+    unchecked = ts.factorize(model, {"rank": 2})
+    assert any(note.startswith("not checked: without data or example_input") for note in unchecked.report.stages[0].notes)
+
+
+def test_factorize_overrides_take_the_most_specific_pattern_and_a_pattern_that_picks_nothing_is_an_error():
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+    ranks = lambda config: {row["name"]: row["rank"] for row in ts.factorize(model, config).report.stages[0].layers}  # noqa: E731
+    assert ranks({"rank": 8, "overrides": {"*": 16, "0": 4}}) == {"0": 4, "2": 16}
+    assert ranks({"rank": 8, "overrides": {"type:Linear": 16, "0": 4}}) == {"0": 4, "2": 16}
+    with pytest.raises(TorchslimError, match=r"factorize.overrides: layer pattern 'typo' picks none of the selected layers"):
+        ts.factorize(model, {"rank": 8, "overrides": {"typo": 2}})
+    with pytest.raises(TorchslimError, match=r"factorize.rank_shares: layer pattern 'typo' picks none"):
+        ts.factorize(model, {"rank": 8, "rank_shares": {"typo": 0.5}})

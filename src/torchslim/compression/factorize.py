@@ -38,7 +38,7 @@ from torchslim.compression.common import Transforming, TransformOptions
 from torchslim.core.config import Config, ConfigError, check
 from torchslim.core.errors import TorchslimError
 from torchslim.core.report import Report, Result, Stage
-from torchslim.core.selector import LayerSelector, matches, move_hooks, select_modules, set_module_everywhere
+from torchslim.core.selector import LayerSelector, move_hooks, resolve_overrides, select_modules, set_module_everywhere
 from torchslim.core.spec import append_transform, recorded_layers, register_transform
 from torchslim.core.ties import tied_weights
 from torchslim.measure.counts import count_macs, count_parameters
@@ -258,22 +258,23 @@ def _conv_like(conv: nn.Conv2d, inputs: int, outputs: int, spatial: bool = False
     return nn.Conv2d(inputs, outputs, 1, bias=bias)
 
 
-def _override(config: FactorizeConfig, plan: _Plan) -> list[int] | None:
-    """The layer's ranks from ``overrides`` (a rank or an energy) or ``rank_shares`` (a fraction of its full rank)."""
-    for pattern, value in config.overrides.items():
-        if matches(pattern, plan.name, plan.module):
-            return plan.ranks_for(float(value))
-    for pattern, share in config.rank_shares.items():
-        if matches(pattern, plan.name, plan.module):
-            return [max(1, round(share * spectrum.numel())) for spectrum in plan.spectra]
-    return None
+def _overridden(selected: list[tuple[str, nn.Module]], plans: list[_Plan], config: FactorizeConfig) -> dict[str, list[int]]:
+    """The ranks ``overrides`` (a rank or an energy) and ``rank_shares`` (a fraction of the full rank) give layers,
+    the most specific pattern winning; a name pattern that picks none of the selected layers is an error."""
+    values = resolve_overrides(selected, config.overrides, "factorize.overrides")
+    shares = resolve_overrides(selected, config.rank_shares, "factorize.rank_shares")
+    both = sorted(set(values) & set(shares))
+    if both:
+        raise ConfigError(f"factorize: {both[0]!r} is picked by both overrides and rank_shares; give it one rank")
+    fixed = {p.name: p.ranks_for(float(values[p.name])) for p in plans if p.name in values}
+    return fixed | {p.name: [max(1, round(shares[p.name] * spectrum.numel())) for spectrum in p.spectra] for p in plans if p.name in shares}
 
 
-def _choose(plans: list[_Plan], config: FactorizeConfig) -> dict[str, list[int]]:
-    """Ranks per layer from the config. A ``ratio`` is met greedily: starting from every layer whole, each move takes
-    the layer whose next cut loses the least relative energy per unit of cost saved (first to the rank where its
-    factorized form breaks even, then one singular value at a time), until the selected layers fit the budget."""
-    fixed = {p.name: ranks for p in plans if (ranks := _override(config, p)) is not None}
+def _choose(plans: list[_Plan], config: FactorizeConfig, fixed: dict[str, list[int]]) -> dict[str, list[int]]:
+    """Ranks per layer from the config (``fixed``: those overrides give). A ``ratio`` is met greedily: starting from
+    every layer whole, each move takes the layer whose next cut loses the least relative energy per unit of cost saved
+    (first to the rank where its factorized form breaks even, then one singular value at a time), until the selected
+    layers fit the budget."""
     if config.ratio is None:
         if config.rank is not None:
             return fixed | {p.name: p.ranks_for(float(config.rank)) for p in plans if p.name not in fixed}
@@ -357,16 +358,18 @@ def factorize(model: nn.Module, config: FactorizeConfig | dict, **options: Unpac
         elif getattr(module, "parametrizations", None) is not None:
             kinds = sorted({type(p).__name__ for plist in module.parametrizations.values() for p in plist})
             notes.append(f"{name}: left whole (its weight is computed by a parametrization: {', '.join(kinds)})")
+        elif (own := _own_forward(module)) is not None:
+            notes.append(f"{name}: left whole ({type(module).__name__} has its own {own}, which two plain factor layers would not run)")
         else:
             candidates.append((name, module, form))
     if config.by == "macs" and example is None:
         raise ConfigError("factorize: by='macs' needs data or example_input to count MACs")
     positions = _positions(target, example, [name for name, _, _ in candidates])
     plans = [_plan(name, module, form, positions.get(name, 1)) for name, module, form in candidates]
-    ranks = _choose(plans, config)
+    ranks = _choose(plans, config, _overridden(chosen, plans, config))
     before = {"parameters": count_parameters(target), "macs": int(count_macs(target, example)["total"]) if example is not None else None}
     baseline = run.evaluate("_before")
-    rows, record = [], {}
+    rows, record, built_layers = [], {}, {}
     for plan in plans:
         if plan.name not in ranks:
             notes.append(f"{plan.name}: left whole (the budget was met without it)")
@@ -380,7 +383,7 @@ def factorize(model: nn.Module, config: FactorizeConfig | dict, **options: Unpac
         if (note := move_hooks(plan.name, target.get_submodule(plan.name), built, "factorized")) is not None:
             notes.append(note)
         aliases = set_module_everywhere(target, plan.name, built)  # a layer registered under two names stays shared
-        record[plan.name] = {"form": plan.form, "ranks": layer_ranks}
+        record[plan.name], built_layers[plan.name] = {"form": plan.form, "ranks": layer_ranks}, (plan.module, built)
         if len(aliases) > 1:
             notes.append(f"{plan.name}: the same layer as {', '.join(a for a in aliases if a != plan.name)}, factorized once for all of them")
         rows.append(
@@ -395,12 +398,25 @@ def factorize(model: nn.Module, config: FactorizeConfig | dict, **options: Unpac
                 "parameters_after": sum(p.numel() for n, p in built.named_parameters() if n.endswith("weight")),
             }
         )
-    if record and example is not None and (failure := run_failure(target, example)) is not None:
-        # a module of the user's reads a replaced layer's weight instead of calling it
-        raise TorchslimError(
-            f"factorize: the model no longer runs with {', '.join(record)} factorized ({failure}); some module reads a factorized layer's "
-            "weight directly instead of calling it: leave that layer out with layers={'exclude': [...]}"
-        )
+    if record and example is None:
+        notes.append("not checked: without data or example_input the factorized model was not run (a module reading a layer's weight would fail)")
+    if record and example is not None and run_failure(target, example) is not None:
+        # a module of the user's reads a replaced layer's weight or attributes instead of calling it: those layers stay whole
+        for name in record:
+            _swap(target, name, *reversed(built_layers[name]))
+        for name in list(record):
+            _swap(target, name, *built_layers[name])
+            if (failure := run_failure(target, example)) is not None:
+                _swap(target, name, *reversed(built_layers[name]))
+                del record[name]
+                rows = [row for row in rows if row["name"] != name]
+                notes = [note for note in notes if not note.startswith(f"{name}: its ")] + [
+                    f"{name}: left whole (the model fails with it factorized: {failure}; some module reads its weight or attributes instead of calling it)"
+                ]
+        if record and (failure := run_failure(target, example)) is not None:
+            for name in record:
+                _swap(target, name, *reversed(built_layers[name]))
+            raise TorchslimError(f"factorize: the model no longer runs with {', '.join(record)} factorized ({failure}); the model is unchanged")
     if record:
         append_transform(target, {"kind": TRANSFORM_KIND, "layers": record})
     metrics: dict[str, Any] = {
@@ -421,6 +437,22 @@ def factorize(model: nn.Module, config: FactorizeConfig | dict, **options: Unpac
         name="factorize", kind="factorize", metrics=metrics, layers=rows, notes=notes, config=config.to_dict(), execution="eager, factorized dense layers"
     )
     return Result(model=target, report=Report.for_model(model, [stage]))
+
+
+def _own_forward(module: nn.Module) -> str | None:
+    """The method a subclass of Linear / Conv2d overrides to compute its output (a scaled or weight-standardized
+    layer), or None for the plain layer."""
+    base = nn.Linear if isinstance(module, nn.Linear) else nn.Conv2d
+    for method in ("forward", "_conv_forward"):
+        if getattr(type(module), method, None) is not getattr(base, method, None):
+            return method
+    return None
+
+
+def _swap(model: nn.Module, name: str, old: nn.Module, new: nn.Module) -> None:
+    """``new`` in place of ``old`` under every name ``old`` has, the user's hooks moved along."""
+    move_hooks(name, old, new, "factorized")
+    set_module_everywhere(model, name, new)
 
 
 @register_transform(TRANSFORM_KIND)
