@@ -123,3 +123,20 @@ def test_factorize_overrides_take_the_most_specific_pattern_and_a_pattern_that_p
         ts.factorize(model, {"rank": 8, "overrides": {"typo": 2}})
     with pytest.raises(TorchslimError, match=r"factorize.rank_shares: layer pattern 'typo' picks none"):
         ts.factorize(model, {"rank": 8, "rank_shares": {"typo": 0.5}})
+
+
+def test_sensitivity_measures_layers_whose_weight_is_computed_and_leaves_them_as_they_were():
+    """A weight_norm parametrization or a pruning mask recomputes the weight at each access: a change to it never
+    reached the forward, and every row read the baseline."""
+    torch.manual_seed(0)
+    data = [(torch.randn(16, 32), torch.randint(0, 3, (16,))) for _ in range(2)]
+    normed = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(32, 32)), nn.ReLU(), nn.Linear(32, 3))
+    masked = ts.prune(nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3)), {"sparsity": 0.5}).model
+    for model in (normed, masked):
+        before = {key: value.clone() for key, value in model.state_dict().items()}
+        result = ts.sensitivity(model, data, {"sparsities": [0.99], "bits": [2], "ranks": [1], "layers": {"include": ["0"]}})
+        stage = result.report.stages[0]
+        assert all(abs(row["loss"] - stage.metrics["loss"]) > 1e-4 for row in stage.layers), stage.layers
+        assert any(note.startswith("measured on a copy with computed weights folded") for note in stage.notes)
+        assert result.model is model and all(torch.equal(before[key], value) for key, value in model.state_dict().items())
+        assert hasattr(model[0], "parametrizations")

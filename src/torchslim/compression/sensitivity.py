@@ -3,8 +3,10 @@ technique (magnitude sparsity, uniform bits, low rank). The curves show where co
 allocation reads them.
 
 Each measurement changes one layer's weight in place (masked by |w|, quantized per channel and dequantized, or
-replaced by its best rank-r approximation), evaluates, and puts the weight back, so the model is never copied and
-is returned unchanged.
+replaced by its best rank-r approximation), evaluates, and puts the weight back, so the model is not copied and is
+returned unchanged. A model whose weights are computed (pruning masks, weight_norm, spectral_norm: each access
+recomputes the weight, so a change to it would not reach the forward) is measured on a copy with every such weight
+folded into the plain tensor it computes now.
 
 Example:
     >>> import torch
@@ -21,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from typing import Any
@@ -28,11 +31,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchslim.core.checks import check_model
+from torchslim.core.checks import check_model, norm_hooks, remove_norm_hook
 from torchslim.core.config import Config, check
 from torchslim.core.report import Report, Result, Stage
 from torchslim.core.selector import LayerSelector, select_modules
 from torchslim.data.sources import as_source
+from torchslim.pruning.apply import fold_parametrizations
 from torchslim.quantization.nonuniform import kmeans_quantize
 from torchslim.quantization.primitives import UniformSpec, quantize_dequantize
 from torchslim.report.plots import sensitivity_plot, write_sensitivity_plots
@@ -107,8 +111,9 @@ def sensitivity(model: nn.Module, data: Any, config: SensitivityConfig | dict, t
     source = as_source(data, model)
     resolved = resolve_task(task, source, model)
     started = time.perf_counter()
-    chosen = select_modules(model, config.layers, default_types=("Linear", "Conv2d"))
-    baseline = evaluate_source(model, source, resolved, limit=config.eval_limit, split=config.split)
+    measured, notes = _plain(model)
+    chosen = select_modules(measured, config.layers, default_types=("Linear", "Conv2d"))
+    baseline = evaluate_source(measured, source, resolved, limit=config.eval_limit, split=config.split)
     metric = resolved.metric
     rows = []
     for name, module in chosen:
@@ -126,7 +131,7 @@ def sensitivity(model: nn.Module, data: Any, config: SensitivityConfig | dict, t
                 with torch.no_grad():
                     weight.copy_(changed)
                 try:
-                    metrics = evaluate_source(model, source, resolved, limit=config.eval_limit, split=config.split)
+                    metrics = evaluate_source(measured, source, resolved, limit=config.eval_limit, split=config.split)
                 finally:
                     with torch.no_grad():
                         weight.copy_(original)
@@ -147,9 +152,25 @@ def sensitivity(model: nn.Module, data: Any, config: SensitivityConfig | dict, t
         metrics={**baseline, "metric": metric, "measurements": len(rows), "seconds": time.perf_counter() - started},
         layers=rows,
         config=config.to_dict(),
-        notes=[f"{metric} with only one layer compressed at a time; baseline {baseline[metric]:.4g}"],
+        notes=[f"{metric} with only one layer compressed at a time; baseline {baseline[metric]:.4g}", *notes],
     )
     return Result(model=model, report=Report.for_model(model, [stage]))
+
+
+def _plain(model: nn.Module) -> tuple[nn.Module, list[str]]:
+    """``model``, or where weights are computed (parametrizations, hook-based norms) a copy with each folded into the
+    plain weight it computes now, and a note saying so."""
+    computed = [name for name, module in model.named_modules() if getattr(module, "parametrizations", None)]
+    computed += [name for name, _, _ in norm_hooks(model)]
+    if not computed:
+        return model, []
+    training = model.training
+    plain = fold_parametrizations(copy.deepcopy(model).eval())  # in eval mode: spectral_norm uses its stored vectors
+    for _, module, hook in norm_hooks(plain):
+        remove_norm_hook(module, hook)
+    plain.train(training)
+    listed = ", ".join(sorted(set(computed))[:5]) + (", ..." if len(set(computed)) > 5 else "")
+    return plain, [f"measured on a copy with computed weights folded into plain ones (masks or weight norms of {listed})"]
 
 
 __all__ = ["SensitivityConfig", "sensitivity", "sensitivity_plot", "write_sensitivity_plots"]
