@@ -140,3 +140,55 @@ def test_sensitivity_measures_layers_whose_weight_is_computed_and_leaves_them_as
         assert any(note.startswith("measured on a copy with computed weights folded") for note in stage.notes)
         assert result.model is model and all(torch.equal(before[key], value) for key, value in model.state_dict().items())
         assert hasattr(model[0], "parametrizations")
+
+
+class Block(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(channels, channels, 3, padding=1), nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return F.relu(x + self.c2(F.relu(self.c1(x))))
+
+
+def _stages():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.Sequential(Block(8), Block(8)),
+        nn.Sequential(Block(8), Block(8)),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 10),
+    ).eval()
+
+
+class Recurrent(nn.Module):
+    """One block applied three times (weights shared across depth), then two of their own."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = nn.ModuleList([Block(8), Block(8), Block(8)])
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for _ in range(3):
+            x = self.blocks[0](x)
+        return self.head(self.blocks[2](self.blocks[1](x)).mean((2, 3)))
+
+
+def test_remove_blocks_never_counts_a_block_inside_a_removed_one_and_fails_without_touching_the_model():
+    data = [(torch.randn(16, 3, 8, 8), torch.randint(0, 10, (16,))) for _ in range(2)]
+    result = ts.remove_blocks(_stages(), {"count": 3}, data=data)  # the blocks of the stages, not the stages
+    assert result.report.stages[0].metrics["candidates"] == 4 and all(name.count(".") == 1 for name in result.report.stages[0].metrics["removed"])
+    model = _stages()
+    nested = {"count": 5, "layers": {"include": ["type:Sequential", "type:Block"]}}  # stages and their blocks, chosen by the user
+    with pytest.raises(TorchslimError, match=r"only \d of 5 blocks could be removed .*inside or around removed ones.*the model is unchanged"):
+        ts.remove_blocks(model, nested, data=data, inplace=True)
+    assert [type(child).__name__ for child in model] == ["Conv2d", "Sequential", "Sequential", "AdaptiveAvgPool2d", "Flatten", "Linear"]
+    assert all(isinstance(block, Block) for stage in (model[1], model[2]) for block in stage)
+    shared = ts.remove_blocks(Recurrent().eval(), {"count": 1, "iterative": False}, data=data)
+    assert shared.report.stages[0].metrics["removed"] in (["blocks.1"], ["blocks.2"]) and shared.report.stages[0].metrics["candidates"] == 2
+    assert "not candidates: blocks.0 (each runs several times per forward: bypassing it would remove every application)" in shared.report.stages[0].notes

@@ -72,16 +72,19 @@ class DepthConfig(Config):
         check(self.calibration_batches >= 1, f"calibration_batches must be >= 1, got {self.calibration_batches}")
 
 
-def _shapes(model: nn.Module, example: Any, names: list[str]) -> dict[str, bool]:
-    """{name: whether the module's first input and its output are tensors of one shape} from one forward."""
+def _shapes(model: nn.Module, example: Any, names: list[str], calls: dict[str, int] | None = None) -> dict[str, bool]:
+    """{name: whether the module's first input and its output are tensors of one shape} from one forward; ``calls``
+    gets how often each module ran."""
     modules = dict(model.named_modules())
     same: dict[str, bool] = {}
+    calls = {} if calls is None else calls
     handles = []
 
     def hook(name: str):
         def record(module, inputs, output):
             first = inputs[0] if inputs else None
             same[name] = isinstance(first, torch.Tensor) and isinstance(output, torch.Tensor) and first.shape == output.shape
+            calls[name] = calls.get(name, 0) + 1
 
         return record
 
@@ -96,9 +99,11 @@ def _shapes(model: nn.Module, example: Any, names: list[str]) -> dict[str, bool]
     return same
 
 
-def candidate_blocks(model: nn.Module, example: Any, selector: LayerSelector | None = None) -> list[str]:
+def candidate_blocks(model: nn.Module, example: Any, selector: LayerSelector | None = None, notes: list[str] | None = None) -> list[str]:
     """Names of the blocks that can be bypassed: children of a Sequential / ModuleList (or the modules ``selector``
-    names) that hold parameters and whose output has their input's shape."""
+    names) that hold parameters, run once per forward and whose output has their input's shape; without a
+    ``selector``, the innermost of nested ones (the blocks of a stage, not the stage). A block applied several times
+    (one layer shared across depth, as ALBERT's) is left out, and ``notes`` says so."""
     if selector is not None:
         chosen = LayerSelector.coerce(selector)
         names = [
@@ -114,8 +119,15 @@ def candidate_blocks(model: nn.Module, example: Any, selector: LayerSelector | N
             for child, module in container.named_children()
             if any(True for _ in module.parameters()) and len(list(module.children())) > 0
         ]
-    same = _shapes(model, example, names)
-    return [name for name in names if same.get(name)]
+    calls: dict[str, int] = {}
+    same = _shapes(model, example, names, calls)
+    shared = [name for name in names if same.get(name) and calls.get(name, 0) > 1]
+    if shared and notes is not None:
+        notes.append(f"not candidates: {', '.join(shared)} (each runs several times per forward: bypassing it would remove every application)")
+    found = [name for name in names if same.get(name) and name not in shared]
+    if selector is None:  # stages of blocks (a Sequential of Sequentials): the blocks, the finest units, are the candidates
+        found = [name for name in found if not any(other.startswith(f"{name}.") for other in found)]
+    return found
 
 
 class Skip(nn.Identity):
@@ -208,36 +220,46 @@ def remove_blocks(
     source = as_source(data, model)
     resolved = resolve_task(task, source, model)
     target = model if inplace else copy.deepcopy(model)
-    candidates = candidate_blocks(target, source.example(1), config.layers)
+    notes: list[str] = []
+    candidates = candidate_blocks(target, source.example(1), config.layers, notes)
     count = config.count if config.count is not None else math.floor(config.ratio * len(candidates)) if config.ratio is not None else 1
     if not candidates:
         raise TorchslimError(
             "remove_blocks: the model has no block that can be bypassed (a child of a Sequential / ModuleList whose output has its input's shape)"
         )
     if count < 1 or count >= len(candidates) + (config.layers is not None):
-        raise ConfigError(f"remove_blocks: {count} block(s) to remove out of {len(candidates)} candidates ({', '.join(candidates)})")
+        keep = " (at least one must stay)" if count >= len(candidates) and config.layers is None else ""
+        raise ConfigError(f"remove_blocks: {count} block(s) to remove out of {len(candidates)} candidates{keep} ({', '.join(candidates)})")
     batches = list(source.batches("train", batch_size=config.batch_size, seed=0, limit=config.calibration_batches))
     metrics: dict[str, Any] = {f"{k}_before": v for k, v in evaluate_source(target, source, resolved).items() if isinstance(v, float)}
     base = _loss(target, batches, resolved)
     scores: dict[str, float] = {}
     removed: list[str] = []
     remaining = list(candidates)
+    blocks: dict[str, nn.Module] = {}  # each removed block, to put back if the count cannot be reached
     for step in range(count):
+        if not remaining:  # nested candidates: a removed block took those inside and around it out of the running
+            for name in reversed(removed):
+                set_module(target, name, blocks[name])
+            raise ConfigError(
+                f"remove_blocks: only {len(removed)} of {count} blocks could be removed ({', '.join(removed)}): the other candidates lie inside or "
+                "around removed ones; ask for fewer (the model is unchanged)"
+            )
         if step == 0 or config.iterative:
             current = _loss(target, batches, resolved)
             for name in remaining:
                 with bypassed(target, name):
                     scores[name] = _loss(target, batches, resolved) - current
         name = min(remaining, key=lambda n: scores[n])
-        remaining.remove(name)
-        set_module(target, name, Skip())
+        remaining = [other for other in remaining if other != name and not other.startswith(f"{name}.") and not name.startswith(f"{other}.")]
+        blocks[name] = set_module(target, name, Skip())
         removed.append(name)
     append_transform(target, {"kind": TRANSFORM_KIND, "removed": removed})  # the spec keeps the config from before
     deleted = _delete_decoder_layers(target, removed)
     rows = [{"name": n, "loss_rise_when_bypassed": round(scores[n], 5), "removed": n in removed} for n in candidates]
     metrics.update(removed=removed, candidates=len(candidates), calibration_loss_before=base, calibration_loss=_loss(target, batches, resolved))
     metrics.update({f"{k}_removed": v for k, v in evaluate_source(target, source, resolved).items() if isinstance(v, float)})
-    notes = list(deleted)
+    notes += deleted
     if tuning is not None:
         history = fit(target, data, tuning, task=task, progress=progress, label="depth fine-tune", evaluate_at_end=False, reference=model)
         notes.append(f"fine-tuned {len(history.epochs)} epochs ({history.seconds:.1f} s)")
