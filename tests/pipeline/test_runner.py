@@ -238,3 +238,10 @@ def test_an_interrupt_inside_a_training_stage_loses_one_epoch_at_most(trained, d
     resumed = ts.compress(trained, recipe, digits, checkpoint=folder, resume=True, latency=False, progress=False)
     assert _states_equal(resumed.model, uninterrupted.model)
     assert not folder.exists() or not (folder / "training.safetensors").exists()
+
+
+def test_a_stage_that_fails_after_others_says_they_completed_and_why_nothing_was_kept(digits):
+    model = ts.models.create_for("lenet-300-100", digits)
+    recipe = {"name": "x", "stages": [{"prune": {"sparsity": 0.5}}, {"narrow": {"width": 0.5}}, {"factorize": {"ratio": 0.0001}}]}
+    with pytest.raises(TorchslimError, match=r"stage 3 \(factorize\) stopped: .*; stages 1 to 2 had completed, but no checkpoint folder was given"):
+        ts.compress(model, recipe, digits, latency=False, progress=False)

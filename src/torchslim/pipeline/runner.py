@@ -280,6 +280,9 @@ def _run(
         if store is not None and (index > 1 or done["step"] > 0):
             parts = ([f"stage {index - 1}"] if index > 1 else []) + ([f"step {done['step']} of stage {index}"] if done["step"] else [])
             return f"the checkpoint after {' and '.join(parts)} is in {store.folder}; run again with --resume to continue"
+        if store is None and index > 1:
+            done_stages = f"stages 1 to {index - 1}" if index > 2 else "stage 1"
+            return f"{done_stages} had completed, but no checkpoint folder was given (checkpoint=...), so nothing was kept"
         return "no stage had completed, so no checkpoint was written"
 
     began = time.perf_counter()
