@@ -528,3 +528,10 @@ def test_a_batch_size_a_dataloader_overrides_is_named_in_the_notes(digits):
     notes = ts.train(Named(), loader, {"epochs": 1, "batch_size": 256}, progress=False).report.stages[0].notes
     assert "batch_size 256 left unused: the batches are the data's own (a DataLoader's batch size is its own)" in notes
     assert not any("left unused" in note for note in ts.train(Named(), loader, {"epochs": 1}, progress=False).report.stages[0].notes)
+
+
+def test_a_linear_over_a_sequence_input_gets_no_note_about_its_axis():
+    """The model input's channel axis is a guess (axis 1): a Linear reading a (batch, time, features) input is fine."""
+    result = ts.narrow(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)), 0.5, example_input=torch.randn(3, 5, 8))
+    assert result.model[0].out_features == 8
+    assert not any("not on the last axis" in note or "could not follow" in note for note in result.report.stages[0].notes)

@@ -106,7 +106,8 @@ def dense_layer(graph: ChannelGraph, name: str, module: Any, inputs: list[Any], 
     """A layer that maps the last axis to ``outputs`` features (a Linear; GPT-2's Conv1D stores its weight transposed)."""
     info = graph.get_info(inputs[0])
     if info is not None and info.axis != inputs[0].dim() - 1:
-        graph.unsupported_op(name, f"{type(module).__name__} over a tensor whose channels are not on the last axis", inputs[:1])
+        if not all(graph.blocked.get(slot) == "model input" for slot in info.slots):  # a model input's axes were a guess
+            graph.unsupported_op(name, f"{type(module).__name__} over a tensor whose channels are not on the last axis", inputs[:1])
         info = None
     graph.consume(name, info, 1 - weight_out_dim)
     graph.produce(name, module, output, outputs, -1, weight_dim=weight_out_dim)
