@@ -156,6 +156,8 @@ def test_narrow_takes_its_config_like_every_verb():
     assert all(width % channel_multiple("onnxruntime") == 0 for width in widths)
     with pytest.raises(ts.ConfigError, match="narrow: unknown key 'depth'"):
         ts.narrow(model, {"width": 0.5, "depth": 2}, example_input=example)
+    with pytest.raises(ts.ConfigError, match="narrow: with the config given as a whole, per_set, round_to go in it, not as keyword arguments"):
+        ts.narrow(model, {"width": 0.5}, example_input=example, per_set={"conv1": 1.0}, round_to=12)  # they were ignored
 
 
 def test_decoder_layers_of_a_hugging_face_llama_are_deleted_and_the_model_round_trips(tmp_path):

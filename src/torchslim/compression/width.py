@@ -57,6 +57,9 @@ def narrow(
     ``width`` may also be the whole config, as every verb takes it: ``narrow(model, {"width": 0.5, "round_to":
     "onnxruntime"}, example_input=x)`` (then ``per_set``, ``round_to`` and ``heads`` come from it)."""
     if isinstance(width, (NarrowConfig, dict)):
+        given = [name for name, value in (("per_set", per_set), ("round_to", round_to != 1), ("heads", heads)) if value]
+        if given:
+            raise ConfigError(f"narrow: with the config given as a whole, {', '.join(given)} go in it, not as keyword arguments beside it")
         config = NarrowConfig.coerce(width, where="narrow")
     else:
         if not 0.0 < width <= 1.0:
