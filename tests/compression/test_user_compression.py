@@ -192,3 +192,13 @@ def test_remove_blocks_never_counts_a_block_inside_a_removed_one_and_fails_witho
     shared = ts.remove_blocks(Recurrent().eval(), {"count": 1, "iterative": False}, data=data)
     assert shared.report.stages[0].metrics["removed"] in (["blocks.1"], ["blocks.2"]) and shared.report.stages[0].metrics["candidates"] == 2
     assert "not candidates: blocks.0 (each runs several times per forward: bypassing it would remove every application)" in shared.report.stages[0].notes
+
+
+def test_sensitivity_at_one_bit_measures_two_levels_per_channel_not_the_two_bit_grid():
+    from torchslim.compression.sensitivity import _quantized
+
+    torch.manual_seed(0)
+    weight = torch.randn(4, 16)
+    one, two = _quantized(weight, 1, "uniform"), _quantized(weight, 2, "uniform")
+    assert all(len(row.unique()) == 2 for row in one) and not torch.equal(one, two)
+    assert torch.allclose(one.abs().mean(1), weight.abs().mean(1))  # sign times the channel's mean |w|

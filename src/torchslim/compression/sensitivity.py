@@ -37,7 +37,7 @@ from torchslim.core.report import Report, Result, Stage
 from torchslim.core.selector import LayerSelector, select_modules
 from torchslim.data.sources import as_source
 from torchslim.pruning.apply import fold_parametrizations
-from torchslim.quantization.nonuniform import kmeans_quantize
+from torchslim.quantization.nonuniform import binarize, kmeans_quantize
 from torchslim.quantization.primitives import UniformSpec, quantize_dequantize
 from torchslim.report.plots import sensitivity_plot, write_sensitivity_plots
 from torchslim.tasks.base import Task, resolve_task
@@ -47,7 +47,8 @@ from torchslim.train.evaluate import evaluate_source
 @dataclasses.dataclass(frozen=True)
 class SensitivityConfig(Config):
     """Levels per technique: ``sparsities`` (fractions of the layer's weights zeroed by |w|), ``bits`` (both default
-    to the levels shown, [] skips one) in ``bits_scheme`` "uniform" (symmetric, per output channel) or "kmeans" (a
+    to the levels shown, [] skips one) in ``bits_scheme`` "uniform" (symmetric, per output channel; 1 bit: sign
+    times the channel's mean magnitude) or "kmeans" (a
     shared codebook of 2^bits centroids, at most 8 bits: what Deep Compression's weight sharing does), ``ranks`` (an
     integer rank, or a fraction: that share of the layer's full rank); ``layers`` to measure (default every Linear /
     Conv2d); ``eval_limit``: examples evaluated per measurement (None: the whole split); ``split``: the data measured
@@ -87,8 +88,10 @@ def _quantized(weight: torch.Tensor, bits: int, scheme: str) -> torch.Tensor:
     if scheme == "kmeans":
         codebook, index = kmeans_quantize(weight, bits)
         return codebook[index].to(weight.dtype)
-    spec = UniformSpec(bits=bits, symmetric=True, granularity="channel", axis=0) if bits > 1 else UniformSpec(bits=2, granularity="channel", axis=0)
-    return quantize_dequantize(weight, spec)
+    if bits == 1:  # two levels: sign times each channel's mean |w| (a symmetric grid of one bit has a single level)
+        signs, scale = binarize(weight)
+        return (signs * scale).to(weight.dtype)
+    return quantize_dequantize(weight, UniformSpec(bits=bits, symmetric=True, granularity="channel", axis=0))
 
 
 def _low_rank(weight: torch.Tensor, rank: float) -> tuple[torch.Tensor, int]:
