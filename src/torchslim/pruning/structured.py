@@ -485,7 +485,7 @@ def prune_channels(
     }
     if graph.unsupported:
         listed = "; ".join(graph.unsupported[:5]) + ("; ..." if len(graph.unsupported) > 5 else "")
-        notes.append(f"{len(graph.unsupported)} op(s) the tracer could not follow; their channels were left intact: {listed}")
+        notes.append(f"{len(graph.unsupported)} op(s) the tracer could not follow; the channels they read or write were left intact: {listed}")
     if tuning is not None:
         history = fit(target, data, tuning, task=task, progress=progress, label="prune-channels fine-tune", evaluate_at_end=False, reference=model)
         notes.append(f"fine-tuned {len(history.epochs)} epochs ({history.seconds:.1f} s)")
