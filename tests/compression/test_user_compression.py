@@ -202,3 +202,19 @@ def test_sensitivity_at_one_bit_measures_two_levels_per_channel_not_the_two_bit_
     one, two = _quantized(weight, 1, "uniform"), _quantized(weight, 2, "uniform")
     assert all(len(row.unique()) == 2 for row in one) and not torch.equal(one, two)
     assert torch.allclose(one.abs().mean(1), weight.abs().mean(1))  # sign times the channel's mean |w|
+
+
+def test_factorize_takes_gpt2s_conv1d_projections_and_the_file_loads_back(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    gpt = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32)).eval()
+    ids = torch.randint(0, 64, (2, 8))
+    result = ts.factorize(gpt, {"rank": 4}, example_input={"input_ids": ids})
+    names = {row["name"] for row in result.report.stages[0].layers}
+    assert {"transformer.h.0.attn.c_attn", "transformer.h.0.mlp.c_fc", "transformer.h.1.mlp.c_proj"} <= names
+    assert result.report.stages[0].metrics["parameter_ratio"] > 1.2
+    exact = ts.factorize(gpt, {"rank": 32, "min_saving": 0.0, "layers": {"include": ["transformer.h.0.attn.c_proj"]}}, example_input={"input_ids": ids})
+    with torch.no_grad():  # a full-rank factorization of the (in, out) weight computes what the layer computes
+        assert torch.allclose(exact.model(ids).logits, gpt(ids).logits, atol=1e-4)
+        loaded = ts.load(ts.save(result.model, tmp_path / "gpt.safetensors"), trust_factory=True).eval()
+        assert torch.equal(loaded(ids).logits, result.model(ids).logits)

@@ -117,9 +117,7 @@ class _Plan:
 
     @property
     def weight(self) -> torch.Tensor:
-        weight = self.module.weight
-        assert isinstance(weight, torch.Tensor)
-        return weight
+        return _matrix(self.module)
 
     def cost(self, ranks: list[int], by: str) -> int:
         out, inp = self.weight.shape[0], self.weight.shape[1]
@@ -165,8 +163,20 @@ def weight_reader(model: nn.Module, name: str) -> str | None:
     return type(parent).__name__ if isinstance(parent, READS_WEIGHTS) else None
 
 
+def _conv1d(module: nn.Module) -> bool:
+    """A Hugging Face ``Conv1D`` (GPT-2's projections): a Linear whose weight is stored (in, out)."""
+    return type(module).__name__ == "Conv1D" and isinstance(getattr(module, "nf", None), int) and getattr(module, "weight", None) is not None
+
+
+def _matrix(module: nn.Module) -> torch.Tensor:
+    """The layer's weight as (outputs, inputs, ...)."""
+    weight = module.weight
+    assert isinstance(weight, torch.Tensor)
+    return weight.T if _conv1d(module) else weight
+
+
 def _form(module: nn.Module, method: str) -> str | None:
-    if isinstance(module, nn.Linear):
+    if isinstance(module, nn.Linear) or _conv1d(module):
         return "svd"
     if not isinstance(module, nn.Conv2d) or module.groups != 1:
         return None
@@ -180,7 +190,7 @@ def _unfold(weight: torch.Tensor, mode: int) -> torch.Tensor:
 
 
 def _plan(name: str, module: nn.Module, form: str, positions: int) -> _Plan:
-    weight = module.weight.detach().double()
+    weight = _matrix(module).detach().double()
     if form == "svd":
         spectra = [torch.linalg.svdvals(weight.reshape(weight.shape[0], -1))]
     else:
@@ -196,8 +206,9 @@ def _leading(matrix: torch.Tensor, rank: int) -> torch.Tensor:
 def _structure(module: nn.Module, form: str, ranks: list[int]) -> nn.Module:
     """The factorized module for ``module`` at ``ranks``, with uninitialized weights (the bias goes on the last layer)."""
     bias = module.bias is not None
-    if isinstance(module, nn.Linear):
-        return FactorizedLinear(nn.Linear(module.in_features, ranks[0], bias=False), nn.Linear(ranks[0], module.out_features, bias=bias))
+    if isinstance(module, nn.Linear) or _conv1d(module):
+        outputs, inputs = _matrix(module).shape
+        return FactorizedLinear(nn.Linear(inputs, ranks[0], bias=False), nn.Linear(ranks[0], outputs, bias=bias))
     assert isinstance(module, nn.Conv2d)
     if form == "svd":
         first = _conv_like(module, module.in_channels, ranks[0], spatial=True)
@@ -339,7 +350,7 @@ def factorize(model: nn.Module, config: FactorizeConfig | dict, **options: Unpac
     run = Transforming.start("factorize", model, options)
     target, example = run.target, run.example
     started = time.perf_counter()
-    chosen = select_modules(target, config.layers, default_types=("Linear", "Conv2d"))
+    chosen = select_modules(target, config.layers, default_types=("Linear", "Conv2d", "Conv1D"))
     notes: list[str] = []
     candidates = []
     ties = tied_weights(target)
@@ -442,6 +453,8 @@ def factorize(model: nn.Module, config: FactorizeConfig | dict, **options: Unpac
 def _own_forward(module: nn.Module) -> str | None:
     """The method a subclass of Linear / Conv2d overrides to compute its output (a scaled or weight-standardized
     layer), or None for the plain layer."""
+    if _conv1d(module):
+        return None  # computes x @ W + b, as the factors do
     base = nn.Linear if isinstance(module, nn.Linear) else nn.Conv2d
     for method in ("forward", "_conv_forward"):
         if getattr(type(module), method, None) is not getattr(base, method, None):
