@@ -206,3 +206,132 @@ def test_a_budget_met_by_factorizing_layers_saves_and_loads_back(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(data.test.inputs[:32]), result.model(data.test.inputs[:32]))
     assert ts.evaluate(loaded, data)["error"] < dense + 0.05
+
+
+def _tiny_budget_case():
+    torch.manual_seed(0)
+    x = torch.randn(64, 16)
+    y = (x[:, 0] > 0).long()
+    data = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 64, 16)]
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 2))
+    fixed = 1024 + 4 * (32 + 2)  # the header and the biases
+    return model, data, fixed
+
+
+def _fake_files(monkeypatch, fixed, weights_ratio):
+    """auto_compress with each plan's 'file' made up: the fixed bytes plus ``weights_ratio`` times the plan's
+    predicted weights (a size model that under-predicts the weights, as k-means codebooks and indices can)."""
+    from types import SimpleNamespace
+
+    import torchslim.compression.budget as budget
+    import torchslim.pipeline.runner as runner
+
+    made = []
+
+    def compress(model, recipe, data, **_):
+        made.append(recipe["plan"])
+        report = SimpleNamespace(artifacts={}, stages=[SimpleNamespace(notes=[], metrics={})])
+        return SimpleNamespace(model=model, report=report, plan=recipe["plan"])
+
+    monkeypatch.setattr(budget, "_recipe", lambda plan, config: {"plan": plan})
+    monkeypatch.setattr(runner, "compress", compress)
+    monkeypatch.setattr(budget, "_file_bytes", lambda result: fixed + round(weights_ratio * sum(o.size for o in result.plan.values())))
+    return made
+
+
+def test_size_rounds_correct_the_weights_bytes_not_the_whole_file(monkeypatch):
+    model, data, fixed = _tiny_budget_case()
+    _fake_files(monkeypatch, fixed, 1.5)
+    config = {"target_size": fixed + 300, "sparsities": [0.5, 0.7, 0.9], "bits": [8, 4, 3, 2], "ranks": [], "rounds": 2, "eval_limit": 32}
+    result = ts.compression.auto_compress(model, data, config, progress=False)
+    allocation = result.report.artifacts["allocation"]
+    # the first file misses by half its weights; the weights' correction (not the whole file's) meets it next
+    assert [r["met"] for r in allocation["rounds"]] == [False, True]
+    assert allocation["chosen_round"] == 2 and "budget 1,460 bytes met" in result.report.stages[-1].notes[-1]
+
+
+def test_size_rounds_tighten_past_a_repeated_plan_that_missed():
+    from torchslim.compression.budget import size_rounds
+
+    a, b = Option(0.0, 8, 0.0, 100.0), Option(0.5, 8, 1.0, 80.0)
+    ratios = {100.0: 1.2, 80.0: 1.0}  # plan a's file misses by a fifth, b's is as predicted
+    runs = []
+
+    def run(plan):
+        runs.append(plan["x"].size)
+        return plan["x"].size, 10 + round(ratios[plan["x"].size] * plan["x"].size)
+
+    config = BudgetConfig(target_size=110, rounds=3)
+    rounds, _, best, ended = size_rounds({"x": [a, b]}, 10, config, run)
+    # a misses; b meets far under (loosening back to a, which missed: tightened again, not ended); b again ends it
+    assert runs == [100.0, 80.0] and [r["met"] for r in rounds] == [False, True] and best == 1 and ended is None
+
+
+def test_size_rounds_measure_the_smallest_plan_then_keep_what_met():
+    from torchslim.compression.budget import size_rounds
+
+    big, small = Option(0.0, 8, 0.0, 100.0), Option(0.9, 2, 1.0, 65.0)
+    ratios = {100.0: 1.6, 65.0: 1.0}
+
+    def run(plan):
+        return plan["x"].size, 10 + round(ratios[plan["x"].size] * plan["x"].size)
+
+    rounds, _, best, ended = size_rounds({"x": [big, small]}, 10, BudgetConfig(target_size=110, rounds=3), run)
+    # the corrected budget falls below the smallest plan: that plan is measured (and meets); back at the plan that
+    # missed, tightened below the smallest again, the rounds end with the reason and keep the file that met
+    assert [r["measured_bytes"] for r in rounds] == [170, 75] and best == 1
+    assert ended is not None and "round 3 not run" in ended and "65 bytes of their smallest allowed setting, which was run" in ended
+
+
+def test_a_size_budget_below_the_smallest_plan_names_bytes_and_fixed_tensors():
+    model, data, fixed = _tiny_budget_case()
+    config = {"target_size": fixed + 20, "sparsities": [0.9], "bits": [2], "ranks": [], "eval_limit": 16}
+    with pytest.raises(ts.TorchslimError, match=r"target_size 1,180 bytes leaves 20 bytes .* tensors stored whole \(biases, norms, buffers: 136 bytes\)"):
+        ts.compression.auto_compress(model, data, config, progress=False)
+    with pytest.raises(ts.TorchslimError, match="target_size 1,000 bytes is used up before any weight is stored"):
+        ts.compression.auto_compress(model, data, {**config, "target_size": 1000}, progress=False)
+
+
+class TinyNet(torch.nn.Module):
+    def __init__(self, width: int = 32) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(16, width), torch.nn.Linear(width, 2)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def build_tiny(width: int) -> torch.nn.Module:
+    """An importable builder of the architecture of a class a script defines for itself."""
+    return TinyNet(width)
+
+
+def test_a_class_that_cannot_be_imported_is_refused_before_any_work_and_factory_saves_it(monkeypatch, tmp_path):
+    import torchslim.compression.budget as budget
+
+    class ScriptNet(TinyNet):  # as a class defined in the user's script: no import path
+        pass
+
+    _, data, _ = _tiny_budget_case()
+    model = ScriptNet(24)
+    ft = {"epochs": 1, "max_batches_per_epoch": 1}
+    config = {"target_size": 1800, "finetune": ft, "quantize_finetune": ft, "prune_steps": 1, "rounds": 1, "sparsities": [0.9], "bits": [4], "ranks": []}
+    measure = budget.sensitivity
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("measured before the model was checked")
+
+    monkeypatch.setattr(budget, "sensitivity", no_work)
+    with pytest.raises(ts.TorchslimError, match=r"ScriptNet cannot be imported again .* checked before any work: .*factory='package.module:callable'"):
+        ts.compression.auto_compress(model, data, config, progress=False)
+    with pytest.raises(ts.TorchslimError, match="script being run"):
+        ts.compression.auto_compress(model, data, config, progress=False, factory="__main__:ScriptNet")
+    monkeypatch.setattr(budget, "sensitivity", measure)
+    factory = f"{__name__}:build_tiny"
+    result = ts.compression.auto_compress(model, data, config, progress=False, factory=factory, factory_kwargs={"width": 24})
+    assert not hasattr(model, "torchslim_spec")  # the caller's model is left as it was
+    result.save(tmp_path / "m.tslim")
+    loaded = ts.load(tmp_path / "m.tslim", trust_factory=factory)
+    x = data[0][0]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), result.model(x))

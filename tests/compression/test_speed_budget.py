@@ -665,3 +665,80 @@ def test_the_depths_tried_are_the_plan_without_blocks_and_the_deeper_ones_of_lea
     assert [entry[2][DEPTH].blocks for entry in trial_plans(plans[1:], 2)] == [("a",), ("a", "b")]  # where no-blocks does not fit
     unchanged = [plan((), 0.0, 0.0, pruned=0.0), *plans[1:]]  # a plan that would change nothing is not worth a trial
     assert [entry[2][DEPTH].blocks for entry in trial_plans(unchanged, 2)] == [("a",), ("a", "b")]
+
+
+def _two_layer_case():
+    torch.manual_seed(0)
+    x = torch.randn(96, 8)
+    y = (x[:, 0] > 0).long()
+    data = [(x[i : i + 32], y[i : i + 32]) for i in range(0, 96, 32)]
+    return torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 2)), data
+
+
+def test_a_finished_model_over_a_latency_budget_is_not_called_met_on_a_trial_timing_far_from_it(monkeypatch):
+    """Timings injected: the trial of the plan timed 0.006 of the dense model (the dense model it was timed beside
+    stalled), the finished model 0.9 of it, over the 0.6 budget. The two far apart, the finished model is timed again
+    and the median taken: that round misses (its mean, 0.45, would have met), and the most-pruned plan, which meets as
+    finished, is kept."""
+    from torchslim.compression import speed_measure
+
+    retimed = []
+
+    def timed(self, models):
+        costs = {"dense": 1.0}
+        for name, model in models.items():
+            hidden = model[0].out_features
+            if name == "pruned":  # a finished model
+                retimed.append(hidden)
+                costs[name] = 0.9 if hidden > 8 else 0.5
+            elif "@" in name:  # the table: each set pruned alone
+                costs[name] = hidden / 32
+            else:  # a trial, timed beside a dense model that stalled
+                costs[name] = 0.006
+        return costs
+
+    monkeypatch.setattr(speed_measure.Cost, "of", timed)
+    model, data = _two_layer_case()
+    config = {"target_latency": 0.6, "finetune": None, "ratios": [0.5, 0.75], "ranks": [], "rounds": 2, "eval_limit": 32}
+    result = auto_narrow(model, data, config, progress=False)
+    allocation = result.report.artifacts["allocation"]
+    carried = [r for r in allocation["rounds"] if r["carried_out"]]
+    first = carried[0]
+    assert first["sets"] == {"0": 0.5} and first["trial_ratio"] == pytest.approx(0.006)
+    assert first["ratio"] == pytest.approx(0.9) and not first["met"]
+    assert first["finished_ratio"] == first.get("retimed_ratio") == pytest.approx(0.9)
+    assert retimed[:2] == [16, 16]  # the finished model timed twice
+    chosen = allocation["rounds"][allocation["chosen_round"] - 1]
+    assert chosen["met"] and chosen["sets"] == {"0": 0.75} and chosen["finished_ratio"] == pytest.approx(0.5)
+    assert result.model[0].out_features == 8 and "met: 0.500" in result.report.stages[-1].notes[-1]
+
+
+def test_a_finished_timing_and_its_trial_are_averaged_where_they_agree_and_retimed_where_they_do_not():
+    from torchslim.compression.speed_measure import DISAGREE, finished_cost
+
+    def never():
+        raise AssertionError("timed again where the timings agree")
+
+    assert finished_cost(0.5, None, never) == (0.5, None)
+    assert finished_cost(0.5, 0.6, never) == (pytest.approx(0.55), None)
+    assert finished_cost(0.9, 0.9 / (DISAGREE + 0.1), lambda: 0.88) == (pytest.approx(0.88), 0.88)
+    assert finished_cost(0.9, 0.006, lambda: 0.85) == (pytest.approx(0.85), 0.85)  # a trial far off does not pull it under
+    assert finished_cost(0.2, 0.55, lambda: 0.56) == (pytest.approx(0.55), 0.56)  # a finished timing far off: the others stand
+
+
+def test_one_ratio_for_every_set_prefers_the_least_compression_that_fits_where_rises_tie():
+    import math
+
+    from torchslim.compression.budget import FLOAT
+
+    ratios = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)
+    # loss rises clamped at 0 for every ratio (a model with channels to spare): all tie
+    options = {name: [Option(0.0, FLOAT, 0.0, 0.0)] + [Option(r, FLOAT, 0.0, math.log(1 - r)) for r in ratios] for name in ("a", "b")}
+    plan = allocate(options, 2 * math.log(0.55), uniform=True)
+    assert {option.sparsity for option in plan.values()} == {0.5}  # the mildest ratio within the budget, not the harshest
+    # where the rises differ, the least summed rise still wins
+    options["a"][-1] = Option(0.875, FLOAT, -0.0, math.log(0.125))
+    options["b"] = [Option(0.0, FLOAT, 0.0, 0.0)] + [Option(r, FLOAT, 0.1 if r < 0.8 else 0.0, math.log(1 - r)) for r in ratios]
+    assert {option.sparsity for option in allocate(options, 2 * math.log(0.55), uniform=True).values()} == {0.875}
+    with pytest.raises(TorchslimError, match="no single .* pair fits a budget of"):
+        allocate(options, 2 * math.log(0.1), uniform=True)

@@ -68,3 +68,30 @@ def test_profile_report(tmp_path):
     assert {row["name"] for row in result.report.stages[0].layers} == {"conv1", "conv2", "fc1", "fc2"}
     result.report.save(tmp_path / "r.json")
     assert "| profile |" in result.report.to_markdown()
+
+
+class _TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(6, 8), nn.Linear(3, 8), nn.Linear(8, 2)
+
+    def forward(self, x, mask):
+        return self.head(torch.relu(self.a(x) * self.b(mask)))
+
+
+def test_onnxruntime_backend_feeds_positional_and_keyword_inputs():
+    pytest.importorskip("onnxruntime")
+    from torchslim.measure.latency import onnxruntime_backend
+
+    model = _TwoInputs().eval()
+    x, mask = torch.randn(2, 6), torch.randn(2, 3)
+    expected = model(x, mask)
+    for example in ((x, mask), {"x": x, "mask": mask}):
+        output = onnxruntime_backend(model, example)(example)[0]
+        torch.testing.assert_close(torch.from_numpy(output), expected, rtol=1e-4, atol=1e-5)
+        results = measure_latency(model, example, batch_sizes=(1, 3), backend="onnxruntime", runs=3, warmup=1)
+        assert [r.batch_size for r in results] == [1, 3] and all(r.median_ms > 0 for r in results)
+    profiled = ts.profile(model, (x[:1], mask[:1]), backends=("eager", "onnxruntime"), runs=3, file_bytes=False)
+    assert [row["backend"] for row in profiled.report.stages[0].metrics["latency"]] == ["eager", "onnxruntime"]
+    with pytest.raises(ts.TorchslimError, match="takes 2 inputs .*the example has 3"):
+        onnxruntime_backend(model, (x, mask))((x, mask, mask))

@@ -116,3 +116,23 @@ def test_bf16_autocast_trains_with_fp32_weights(digits):
 def test_fp16_on_cpu_is_refused_with_the_alternative(digits):
     with pytest.raises(ts.TorchslimError, match="fp16 needs a CUDA device; on CPU use bf16"):
         fit(ts.models.create_for("lenet-300-100", digits), digits, {"epochs": 1, "precision": "fp16"}, progress=False)
+
+
+def test_task_metric_named_loss_trains_and_shows_both(capsys):
+    import torch.nn.functional as F
+    from torch import nn
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 4)
+    y = x.sum(1, keepdim=True)
+    data = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 64, 16)]
+    task = ts.Task.custom(
+        lambda m, b: F.mse_loss(m(b[0]), b[1]),
+        lambda m, batches: {"loss": sum(F.mse_loss(m(a), b).item() for a, b in batches)},
+        metric="loss",
+        higher_is_better=False,
+    )
+    result = ts.train(nn.Linear(4, 1), data, {"epochs": 1}, task=task, progress="lines")
+    assert "loss" in result.report.stages[0].metrics
+    line = capsys.readouterr().err
+    assert "train 1/1: loss " in line and "test loss " in line

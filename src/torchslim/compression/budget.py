@@ -12,14 +12,17 @@ the compressed file fits the budget with the least predicted loss of quality.
    ``uniform`` instead gives every layer the same pair (the baseline an automatic allocation must beat).
 3. The plan runs as a recipe (the chosen layers factorized and fine-tuned, iterative pruning with fine-tuning,
    k-means weight sharing with centroid fine-tuning, entropy coding); the file's real size is measured, and while it
-   misses the budget, or leaves more than a tenth of it unused, the size model is corrected by the measured ratio and
-   the allocation repeated (the last file that fits is kept; a plan already run ends the rounds).
+   misses the budget, or leaves more than a tenth of it unused, the weights' size model is corrected by the measured
+   ratio of the weights' bytes (the file less the header and the tensors stored whole) and the allocation repeated
+   (of the files that fit, the largest is kept; a corrected budget that picks a plan that missed already is tightened
+   further, one that picks a plan that met ends the rounds).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any
 
 from torch import nn
@@ -40,7 +43,7 @@ class BudgetConfig(Config):
     """``target_size``: bytes of the compressed .tslim file. ``sparsities`` and ``bits``: the levels each layer may
     take (0 and 32 = unpruned / float are always allowed). ``uniform``: one pair for all layers. ``prune_steps`` and
     ``finetune``: the pruning schedule's steps and the training after each; ``quantize_finetune``: centroid training;
-    ``rounds``: allocations tried while the file misses the budget; ``eval_limit``: examples evaluated per
+    ``rounds``: files made while the file misses the budget (or leaves a tenth of it unused); ``eval_limit``: examples evaluated per
     sensitivity measurement, on ``sensitivity_split`` ("train", the default, so that the allocation never sees the
     data the result is tested on; or "eval"). The bit widths' sensitivity is measured with uniform levels per output channel,
     although the plan shares k-means centroids: one-shot k-means on a layer costs almost no loss (at high sparsity it
@@ -133,18 +136,19 @@ def layer_options(curves: dict[str, dict[float, float]], shape: tuple[int, int],
 
 def allocate(options: dict[str, list[Option]], budget: float, uniform: bool = False) -> dict[str, Option]:
     """Each layer's option with the least summed predicted cost whose sizes fit ``budget`` (``allocate_exact``;
-    ``uniform``: the one shared (sparsity, bits) pair that fits with the least cost)."""
+    ``uniform``: the one shared (sparsity, bits) pair that fits with the least cost). Of equal costs (rises clamped
+    at 0 tie often) the larger plan, the least compressed, wins, as in ``allocate_exact``."""
     if uniform:
-        pairs = {(o.sparsity, o.bits) for layer in options.values() for o in layer}
-        best = None
+        pairs = sorted({(o.sparsity, o.bits) for layer in options.values() for o in layer})
+        fitting = []
         for pair in pairs:
             chosen = {name: next(o for o in layer if (o.sparsity, o.bits) == pair) for name, layer in options.items()}
             size, cost = sum(o.size for o in chosen.values()), sum(o.cost for o in chosen.values())
-            if size <= budget and (best is None or cost < best[0]):
-                best = (cost, chosen)
-        if best is None:
-            raise TorchslimError(f"no single (sparsity, bits) pair fits {budget:,.0f} bytes of weights")
-        return best[1]
+            if size <= budget:
+                fitting.append((round(cost, 12), -size, chosen))
+        if not fitting:
+            raise TorchslimError(f"no single (sparsity, bits) pair fits a budget of {budget:,.4g} (in the allocation's units)")
+        return min(fitting, key=lambda entry: (entry[0], entry[1]))[2]
 
     return allocate_exact(options, budget)
 
@@ -188,20 +192,35 @@ def _curves(result: Any, names: list[str]) -> dict[str, dict[str, dict[float, fl
     return curves
 
 
-def auto_compress(model: nn.Module, data: Any, config: BudgetConfig | dict, task: str | Task | None = None, progress: bool | str | None = None) -> Any:
+def auto_compress(
+    model: nn.Module,
+    data: Any,
+    config: BudgetConfig | dict,
+    task: str | Task | None = None,
+    progress: bool | str | None = None,
+    factory: str | None = None,
+    factory_kwargs: dict[str, Any] | None = None,
+) -> Any:
     """Compress ``model`` into a .tslim of at most ``target_size`` bytes (see the module's documentation). Returns the
     ``CompressResult`` of the round that met the budget (or the last one, with a note that it missed), its report
     holding the allocation (``artifacts["allocation"]``: each layer's sparsity, bits, predicted bytes and loss rise,
-    and each round's predicted and measured size)."""
+    and each round's predicted and measured size).
+
+    Every plan is measured as the .tslim file it saves to, so the file must be able to rebuild the model; this is
+    checked before any work. A model whose class cannot be imported again (defined in the script being run, or in a
+    function) names its builder with ``factory="package.module:callable"`` and ``factory_kwargs`` (as ``ts.save``
+    takes them): the file records it, and the result saves and loads with it (``trust_factory``)."""
     from torchslim.pipeline.runner import compress
 
     config = BudgetConfig.coerce(config, where="auto_compress")
+    model = _rebuildable(model, factory, factory_kwargs)
     chosen = select_modules(model, config.layers, default_types=("Linear", "Conv2d"))
     names = [name for name, _ in chosen]
     shapes = {name: (int(module.weight.shape[0]), int(module.weight[0].numel())) for name, module in chosen}
     weights = {name: rows * columns for name, (rows, columns) in shapes.items()}
     selected = {f"{name}.weight" for name in names}
     fixed = HEADER_BYTES + sum(4 * t.numel() for key, t in model.state_dict().items() if key not in selected and t.is_floating_point())
+    _check_room(config.target_size, fixed)  # before any measurement
     measured = sensitivity(
         model,
         data,
@@ -223,31 +242,14 @@ def auto_compress(model: nn.Module, data: Any, config: BudgetConfig | dict, task
         if not (isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1)):
             curves[name]["rank"] = {}
     options = {name: layer_options(curves[name], shapes[name], config) for name in names}
-    correction, rounds = 1.0, []
-    tried: list[tuple[int, dict[str, Option]]] = []
-    best: tuple[Any, dict[str, Option]] | None = None
-    last: tuple[Any, dict[str, Option]] | None = None
-    for round_index in range(config.rounds):
-        available = (config.target_size - fixed) / correction
-        if available <= 0:
-            raise TorchslimError(f"target_size {config.target_size:,} bytes: the tensors left whole (biases, norms) and the header already take {fixed:,}")
-        plan = allocate(options, available, config.uniform)
-        if any(plan == earlier for _, earlier in tried):
-            break  # the corrected size model chose a plan already run: running it again would give the same file
-        tried.append((round_index, plan))
+
+    def run(plan: dict[str, Option]) -> tuple[Any, int]:
         result = compress(model, _recipe(plan, config), data, task=task, latency=False, progress=progress)
-        actual = _file_bytes(result)
-        predicted = fixed + sum(o.size for o in plan.values())
-        met = actual <= config.target_size
-        rounds.append({"round": round_index + 1, "predicted_bytes": round(predicted), "measured_bytes": actual, "met": met})
-        last = (result, plan)
-        if met:
-            best = (result, plan)
-            if actual >= SLACK * config.target_size:
-                break  # close enough to the budget: little left to spend
-        correction *= actual / predicted * (1.02 if not met else 1.0)  # the size model corrected by what was measured, both ways
-    result, plan = best if best is not None else last  # type: ignore[misc]
-    chosen_round = next(r for r in reversed(rounds) if r["met"]) if best is not None else rounds[-1]
+        return result, _file_bytes(result)
+
+    rounds, outcomes, best, ended = size_rounds(options, fixed, config, run)
+    result, plan = outcomes[best if best is not None else -1]
+    chosen_round = rounds[best if best is not None else -1]
     result.report.artifacts["allocation"] = {
         "target_size": config.target_size,
         "uniform": config.uniform,
@@ -268,9 +270,134 @@ def auto_compress(model: nn.Module, data: Any, config: BudgetConfig | dict, task
     }
     result.report.stages[-1].notes.append(
         f"budget {config.target_size:,} bytes {'met' if chosen_round['met'] else 'missed'}: {chosen_round['measured_bytes']:,} bytes "
-        f"(round {chosen_round['round']} of {len(rounds)})"
+        f"(round {chosen_round['round']} of {len(rounds)})" + (f"; {ended}" if ended else "")
     )
     return result
+
+
+def size_rounds(
+    options: dict[str, list[Option]], fixed: float, config: BudgetConfig, run: Callable[[dict[str, Option]], tuple[Any, int]]
+) -> tuple[list[dict[str, Any]], list[tuple[Any | None, dict[str, Option]]], int | None, str | None]:
+    """The rounds of a size budget: allocate the bytes left for the selected weights (``target_size`` less ``fixed``,
+    the header and the tensors stored whole), carry the plan out (``run(plan)``: the result and its file's bytes) and
+    correct the weights' size model by what the file measured, ``(measured - fixed) / (predicted - fixed)`` (with 2%
+    more after a miss), up to ``config.rounds`` files. A corrected budget that picks a plan that missed already is
+    tightened further (until the plan no longer fits) instead of ending the rounds; one that picks a plan that met
+    ends them (the same file again). Returns each round's row, its (result, plan), the index of the round that met the
+    budget with the largest file (None: none met) and why the rounds ended early (None: they did not); of the results
+    only the best round's and the last round's are kept (the others are None)."""
+    target = config.target_size
+    room = _check_room(target, fixed)
+    correction = 1.0  # measured over predicted bytes of the selected weights
+    rounds: list[dict[str, Any]] = []
+    outcomes: list[tuple[Any | None, dict[str, Option]]] = []
+    best: int | None = None
+    for _ in range(4 * config.rounds):  # a repeated plan costs no round, but its tightening is bounded
+        if len(rounds) >= config.rounds:
+            break
+        available = room / correction
+        try:
+            plan = allocate(options, available, config.uniform)
+        except TorchslimError:
+            smallest = _smallest(options, config.uniform)
+            if not rounds:
+                raise TorchslimError(
+                    f"auto_compress: target_size {target:,} bytes leaves {room:,.0f} bytes for the weights of the {len(options)} selected layers once "
+                    f"the header ({HEADER_BYTES:,} bytes) and the tensors stored whole (biases, norms, buffers: {fixed - HEADER_BYTES:,.0f} bytes) are "
+                    f"counted; the smallest allowed setting of {'all layers (one shared pair)' if config.uniform else 'every layer'} "
+                    f"(its highest sparsity, fewest bits or lowest rank) takes {smallest:,.0f} bytes: raise target_size to at least "
+                    f"{fixed + smallest:,.0f} bytes, or allow higher sparsities, fewer bits or lower ranks"
+                ) from None
+            # a later round: the corrected size model leaves less than the smallest plan; that plan is measured before
+            # the budget is called missed (the rounds run so far stand: one may have met the budget)
+            plan = allocate(options, smallest * (1 + 1e-9), config.uniform)
+            if any(ran == plan for _, ran in outcomes):
+                note = (
+                    f"round {len(rounds) + 1} not run: the size model, corrected by the files measured (x{correction:.3f}), leaves "
+                    f"{available:,.0f} bytes for the weights, less than the {smallest:,.0f} bytes of their smallest allowed setting, which was run"
+                )
+                return rounds, outcomes, best, note
+        earlier = next((index for index, (_, ran) in enumerate(outcomes) if ran == plan), None)
+        if earlier is not None:
+            if rounds[earlier]["met"]:
+                break  # the corrected size model chose a plan that met already: running it again gives the same file
+            # it chose a plan that missed already: tighten by that plan's own miss, so that it no longer fits
+            correction = max(correction * 1.02, _weights_ratio(rounds[earlier]["measured_bytes"], fixed, plan) * 1.02)
+            continue
+        result, actual = run(plan)
+        met = actual <= target
+        rounds.append({"round": len(rounds) + 1, "predicted_bytes": round(fixed + sum(o.size for o in plan.values())), "measured_bytes": actual, "met": met})
+        outcomes.append((result, plan))
+        if met and (best is None or actual > rounds[best]["measured_bytes"]):
+            best = len(rounds) - 1  # of the files that fit, the one that spends most of the budget
+        # only the best and the last result are held (each is a whole model); the plans run stay, to be recognized
+        outcomes[:-1] = [(ran if index == best else None, plan_run) for index, (ran, plan_run) in enumerate(outcomes[:-1])]
+        if met and actual >= SLACK * target:
+            break  # close enough to the budget: little left to spend
+        # the weights' size model corrected by what was measured, both ways (the fixed bytes do not scale with it)
+        correction = _weights_ratio(actual, fixed, plan) * (1.02 if not met else 1.0)
+    return rounds, outcomes, best, None
+
+
+def _rebuildable(model: nn.Module, factory: str | None, factory_kwargs: dict[str, Any] | None) -> nn.Module:
+    """``model`` as auto_compress measures it: with ``factory`` (a copy of it) recording that builder, and checked
+    to save to a file that rebuilds it (an error, before any work, says what to give where it would not)."""
+    import copy
+
+    from torchslim.core.spec import set_spec, spec_of
+    from torchslim.io.modelfile import file_spec
+
+    if factory is None and factory_kwargs:
+        raise TorchslimError("auto_compress: factory_kwargs given without a factory; name the builder with factory='package.module:callable'")
+    if factory is not None:
+        if factory.split(":", 1)[0] == "__main__":
+            raise TorchslimError(
+                f"auto_compress: factory {factory!r} is in the script being run (__main__), which another process cannot import; "
+                "move the class (or a function that builds it) to a module and name it there, e.g. factory='mynets:Net'"
+            )
+        model = copy.deepcopy(model)  # the caller's model keeps its own spec
+        set_spec(model, {"factory": factory, "kwargs": dict(factory_kwargs or {}), "transforms": spec_of(model).get("transforms", []), "inferred": True})
+    spec = spec_of(model)
+    if spec.get("unimportable"):
+        raise TorchslimError(
+            f"auto_compress: the model's class {spec['factory']} cannot be imported again (it is defined in the script being run or in a "
+            "function), and every plan is measured as the .tslim file it saves, which records how to rebuild the model; checked before any "
+            "work: move the class to a module and import it from there, or pass auto_compress(..., factory='package.module:callable', "
+            "factory_kwargs={...}) naming an importable builder of this architecture"
+        )
+    try:
+        file_spec(model, "auto_compress")
+    except TorchslimError as error:
+        raise TorchslimError(
+            f"{error}. auto_compress measures every plan as the .tslim file it saves, so this is checked before any work: "
+            "move the class to a module and import it from there, or pass auto_compress(..., factory='package.module:callable', "
+            "factory_kwargs={...}) naming an importable builder of this architecture"
+        ) from None
+    return model
+
+
+def _check_room(target: int, fixed: float) -> float:
+    """The bytes ``target`` leaves for the selected weights once the ``fixed`` bytes are counted (an error: none)."""
+    if target <= fixed:
+        raise TorchslimError(
+            f"auto_compress: target_size {target:,} bytes is used up before any weight is stored: the header ({HEADER_BYTES:,} bytes) and the "
+            f"tensors stored whole (biases, norms, buffers: {fixed - HEADER_BYTES:,.0f} bytes) take {fixed:,.0f} bytes; raise target_size"
+        )
+    return target - fixed
+
+
+def _weights_ratio(measured: int, fixed: float, plan: dict[str, Option]) -> float:
+    """Measured over predicted bytes of a plan's weights (the file less the fixed bytes)."""
+    return max(1.0, measured - fixed) / max(1e-9, sum(o.size for o in plan.values()))
+
+
+def _smallest(options: dict[str, list[Option]], uniform: bool) -> float:
+    """Bytes of the smallest plan allowed: every layer at its smallest option (``uniform``: the smallest shared pair)."""
+    if not uniform:
+        return sum(min(o.size for o in layer) for layer in options.values())
+    pairs = {(o.sparsity, o.bits) for layer in options.values() for o in layer}
+    sizes = [sum(next(o.size for o in layer if (o.sparsity, o.bits) == pair) for layer in options.values()) for pair in pairs]
+    return min(sizes)
 
 
 def _file_bytes(result: Any) -> int:
@@ -330,4 +457,4 @@ def parse_size(text: str) -> int:
     return int(value * units[unit])
 
 
-__all__ = ["BudgetConfig", "allocate", "auto_compress", "layer_bytes", "parse_size"]
+__all__ = ["BudgetConfig", "allocate", "auto_compress", "layer_bytes", "parse_size", "size_rounds"]

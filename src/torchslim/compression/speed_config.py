@@ -15,7 +15,7 @@ class SpeedBudgetConfig(Config):
     """``target_macs``: the pruned model's MACs as a fraction of the dense model's (0.25: 4x fewer); or
     ``target_latency``: its latency on ``backend`` (eager or onnxruntime) at ``batch_size`` as a fraction of the
     dense model's there. ``ratios``: the shares of a set's channels it may lose (0 is always allowed); ``importance``,
-    ``round_to``, ``layers`` and ``prune_residual`` as in ``prune_channels``; ``uniform``: one ratio for every set;
+    ``round_to``, ``layers`` and ``prune_residual`` as in ``prune_channels``; ``uniform``: one ratio for every set (of equal loss rises, the mildest that fits);
     ``ranks``: the ranks (integers, or fractions of a layer's full rank; empty: none) each Linear / ungrouped Conv2d
     layer among ``layers`` may be factorized to by SVD instead of, or as well as, losing channels (a rank whose
     factors cost as much as the layer, or whose loss rise passes the harshest channel ratio's, is not offered; ignored

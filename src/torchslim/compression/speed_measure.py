@@ -3,6 +3,8 @@ model), the ranks each layer may be factorized to, and the rank a layer was fact
 
 from __future__ import annotations
 
+import statistics
+from collections.abc import Callable
 from typing import Any
 
 from torch import nn
@@ -39,6 +41,24 @@ class Cost:
             min_seconds=self.config.timing_min_seconds,
         )
         return {name: per_size[self.config.batch_size] for name, per_size in medians.items()}
+
+
+DISAGREE = 1.5  # a finished model's timing and its trial's further apart than this factor: the finished model is timed again
+
+
+def finished_cost(finished: float, trial: float | None, retime: Callable[[], float]) -> tuple[float, float | None]:
+    """The cost (a fraction of the dense model's) of a finished model timed at ``finished``, its plan's trial timed at
+    ``trial`` (None: not tried): the mean of both where they agree within ``DISAGREE`` (the same architecture timed
+    twice, apart; MACs: equal). Where they do not, one of them is off (a noise spike of the dense model it was timed
+    beside gave a trial 0.006 of the dense time): the finished model is timed again (``retime()``) and the median of
+    the three is its cost, so that a finished model that measures over a budget twice is not called within it on
+    the strength of a trial far from it. Returns (cost, the second timing or None)."""
+    if trial is None:
+        return finished, None
+    if max(finished, trial) <= DISAGREE * min(finished, trial):
+        return (finished + trial) / 2, None
+    again = retime()
+    return statistics.median([finished, trial, again]), again
 
 
 def offered_ranks(model: nn.Module, config: SpeedBudgetConfig, outputs: set[str]) -> dict[str, list[int]]:
@@ -130,7 +150,8 @@ def budget_note(
         )
         + (f"; blocks removed: {', '.join(removed)}" if removed else "")
         + (f"; timed twice, {chosen['trial_ratio']:.3f} tried and {chosen['finished_ratio']:.3f} finished" if timed else "")
+        + (f" (far apart: the finished model timed again, {chosen['retimed_ratio']:.3f})" if timed and chosen.get("retimed_ratio") is not None else "")
     )
 
 
-__all__ = ["Cost", "budget_note", "factorized_rank", "factorized_rows", "offered_ranks", "set_rows"]
+__all__ = ["DISAGREE", "Cost", "budget_note", "factorized_rank", "factorized_rows", "finished_cost", "offered_ranks", "set_rows"]

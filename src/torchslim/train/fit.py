@@ -272,7 +272,7 @@ def fit(
                 test = evaluate_source(model, source, resolved, limit=config.eval_limit)
                 metrics.update({f"test_{k}": v for k, v in test.items()})
             state.history.append(metrics)
-            lines.step(loss=metrics["train_loss"], **({resolved.metric: metrics[f"test_{resolved.metric}"]} if f"test_{resolved.metric}" in metrics else {}))
+            lines.step(**epoch_line(metrics, resolved.metric))
             for callback in callbacks:
                 callback.on_epoch_end(state, metrics)
             if on_epoch is not None:
@@ -329,6 +329,15 @@ def _resume(state: TrainState, saved: dict[str, Any], start_epoch: int, label: s
         raise TorchslimError(f"{label}: the saved training state does not fit this run ({type(error).__name__}: {error})") from None
     state.history = list(saved.get("history", []))
     state.step = start_epoch * state.steps_per_epoch
+
+
+def epoch_line(metrics: dict[str, Any], metric: str) -> dict[str, Any]:
+    """What an epoch's progress line shows: the training loss and the task's test metric (named ``test <metric>``
+    when the metric's own name would clash with the training loss, e.g. a task whose metric is "loss")."""
+    shown: dict[str, Any] = {"loss": metrics["train_loss"]}
+    if f"test_{metric}" in metrics:
+        shown[metric if metric not in shown else f"test_{metric}"] = metrics[f"test_{metric}"]
+    return shown
 
 
 def epoch_steps(source: DataSource, config: TrainConfig) -> int:
