@@ -218,3 +218,18 @@ def test_factorize_takes_gpt2s_conv1d_projections_and_the_file_loads_back(tmp_pa
         assert torch.allclose(exact.model(ids).logits, gpt(ids).logits, atol=1e-4)
         loaded = ts.load(ts.save(result.model, tmp_path / "gpt.safetensors"), trust_factory=True).eval()
         assert torch.equal(loaded(ids).logits, result.model(ids).logits)
+
+
+class BareTie(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+        self.shared = self.fc.weight  # the model's own parameter, tied to the layer's
+
+    def forward(self, x):
+        return self.fc(x) @ self.shared
+
+
+def test_a_weight_tied_to_a_bare_parameter_is_named_by_that_parameter():
+    notes = ts.factorize(BareTie(), {"rank": 2}, example_input=torch.randn(2, 16)).report.stages[0].notes
+    assert "fc: left whole (its weight is tied to shared: factorizing it would untie it and add a copy)" in notes

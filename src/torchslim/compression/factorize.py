@@ -357,7 +357,7 @@ def factorize(model: nn.Module, config: FactorizeConfig | dict, **options: Unpac
     for name, module in chosen:
         form = _form(module, config.method)
         # a weight another layer holds too (a tied embedding and head; not this layer under a second name)
-        tied = sorted({other.rpartition(".")[0] for other in ties.get(name, []) if target.get_submodule(other.rpartition(".")[0]) is not module})
+        tied = sorted({other.rpartition(".")[0] or other for other in ties.get(name, []) if target.get_submodule(other.rpartition(".")[0]) is not module})
         if tied:
             notes.append(f"{name}: left whole (its weight is tied to {', '.join(tied)}: factorizing it would untie it and add a copy)")
         elif form is None:
