@@ -95,3 +95,10 @@ def test_nonzeros_see_parametrized_masks():
     torch.nn.utils.parametrize.register_parametrization(model.fc2, "weight", Mask())
     assert count_nonzeros(model) == 266_610 - 30_000
     assert count_parameters(model) == 266_610
+
+
+def test_recurrent_layers_count_every_gate_at_every_step():
+    lstm = count_macs(nn.LSTM(8, 16, batch_first=True), torch.randn(2, 5, 8))["total"]
+    assert lstm == 5 * 4 * 16 * (8 + 16)  # per example: 5 steps, 4 gates, input and hidden products
+    gru = count_macs(nn.GRU(8, 16, num_layers=2, bidirectional=True, batch_first=True), torch.randn(2, 5, 8))["total"]
+    assert gru == 5 * 2 * (3 * 16 * (8 + 16) + 3 * 16 * (32 + 16))  # the second layer reads both directions

@@ -70,6 +70,24 @@ def _multihead_attention(module: nn.MultiheadAttention, inputs: tuple, output: A
     return projections + attention + batch * query_length * embed * embed
 
 
+def _recurrent(module: nn.RNNBase, inputs: tuple, output: Any) -> int:
+    """An LSTM / GRU / RNN: every gate's input and hidden products at every step, per layer and direction."""
+    x = inputs[0]
+    steps = x.data.shape[0] if isinstance(x, nn.utils.rnn.PackedSequence) else x.shape[0] * x.shape[1] if x.dim() == 3 else x.shape[0]
+    gates = {"LSTM": 4, "GRU": 3}.get(module.mode, 1)
+    hidden, projected = module.hidden_size, getattr(module, "proj_size", 0) or module.hidden_size
+    directions = 2 if module.bidirectional else 1
+    per_step = 0
+    for layer in range(module.num_layers):
+        width = module.input_size if layer == 0 else projected * directions
+        per_step += gates * hidden * (width + projected) + (hidden * projected if projected != hidden else 0)
+    return steps * directions * per_step
+
+
+for _recurrent_type in (nn.LSTM, nn.GRU, nn.RNN):
+    register_mac_counter(_recurrent_type)(_recurrent)
+
+
 def _attention_method(module: nn.Module, inputs: tuple, output: Any) -> int:
     return inputs[0].shape[0] * module.attention_macs(inputs[0])
 
@@ -118,7 +136,7 @@ def _transposed_linear(module: Any, inputs: tuple, output: torch.Tensor) -> int:
 
 @torch.no_grad()
 def count_macs(model: nn.Module, example_input: torch.Tensor | tuple, per_example: bool = True) -> dict[str, Any]:
-    """Multiply-accumulates of one forward pass, by hooks on Linear, Conv and attention modules.
+    """Multiply-accumulates of one forward pass, by hooks on Linear, Conv, attention and recurrent (LSTM / GRU / RNN) modules.
 
     Returns {"total": int, "layers": [{"name", "type", "macs"}...]}; per example of the batch by default.
     Modules inside a counted module (an nn.MultiheadAttention's projections) are not counted twice.
