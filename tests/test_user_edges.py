@@ -535,3 +535,20 @@ def test_a_linear_over_a_sequence_input_gets_no_note_about_its_axis():
     result = ts.narrow(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)), 0.5, example_input=torch.randn(3, 5, 8))
     assert result.model[0].out_features == 8
     assert not any("not on the last axis" in note or "could not follow" in note for note in result.report.stages[0].notes)
+
+
+def test_gpt2s_mlp_neurons_go_through_its_tanh_gelu_and_the_model_reloads(tmp_path):
+    """GPT-2's GELU is 0.5 x (1 + tanh(c (x + 0.044715 x ** 3))): the power, and x added to a function of itself,
+    kept every MLP neuron (the add was taken for a residual stream)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    gpt = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32)).eval()
+    ids = torch.randint(0, 64, (2, 8))
+    result = ts.prune_channels(gpt, {"ratio": 0.5, "prune_residual": False}, example_input={"input_ids": ids})
+    rows = {row["name"]: (row["before"], row["after"]) for row in result.report.stages[0].layers}
+    assert rows["transformer.h.0.mlp.c_fc"] == ("32->128", "32->64") and rows["transformer.h.1.mlp.c_proj"] == ("128->32", "64->32")
+    assert result.model.config.n_inner == 64
+    result.model.save_pretrained(tmp_path)
+    reloaded = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.allclose(reloaded(ids).logits, result.model(ids).logits, atol=1e-6)

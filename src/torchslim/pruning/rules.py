@@ -278,6 +278,7 @@ UNARY = {
     torch.Tensor.exp,
     torch.exp,
 }
+POWERS = {torch.pow, torch.Tensor.pow, torch.Tensor.__pow__}
 REDUCTIONS = {torch.mean, torch.Tensor.mean, torch.sum, torch.Tensor.sum, torch.amax, torch.Tensor.amax}
 IGNORED = {
     torch.Tensor.size,
@@ -312,6 +313,8 @@ def _elementwise(graph: ChannelGraph, where: str, name: str, args: tuple, output
         return
     first, first_info = carried[0]
     out_axis_from_end, result = first.dim() - first_info.axis, first_info.slots
+    # channels of different layers added (a residual stream); x + f(x) with f elementwise (a GELU's tanh form) joins none
+    distinct = any(graph.uf.find(a) != graph.uf.find(b) for _, info in carried[1:] for a, b in zip(result, info.slots))
     for tensor, info in carried:
         from_end = tensor.dim() - info.axis
         if tensor.shape[info.axis] != output.shape[output.dim() - from_end]:
@@ -322,7 +325,7 @@ def _elementwise(graph: ChannelGraph, where: str, name: str, args: tuple, output
             return
         for a, b in zip(result, info.slots):
             graph.uf.union(a, b)
-    if len(carried) > 1 and not any(word in name for word in ("mul", "div")):  # a residual add, not a gate (SwiGLU)
+    if distinct and not any(word in name for word in ("mul", "div")):  # a residual add, not a gate (SwiGLU)
         graph.joined.update(result)
     for tensor, known in infos:  # a plain tensor (not a traced activation) of full channel size would need slicing too
         if known is None and tensor.dim() >= out_axis_from_end and tensor.shape[tensor.dim() - out_axis_from_end] > 1:
@@ -342,6 +345,10 @@ def apply_function(graph: ChannelGraph, where: str, func: Any, args: tuple, kwar
     info = graph.get_info(first)
     if func in ELEMENTWISE:
         _elementwise(graph, where, name, args, output)
+        return
+    scalar_power = func in POWERS and len(args) > 1 and isinstance(args[1], (int, float))
+    if scalar_power and info is not None and isinstance(output, torch.Tensor) and output.shape == first.shape:
+        graph.set_info(output, info.slots, info.axis)  # x ** 3 (a tanh-approximated GELU): each channel on its own
         return
     if (
         func in UNARY
