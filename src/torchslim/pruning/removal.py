@@ -214,8 +214,9 @@ def module_width(module: nn.Module) -> str | None:
         return f"{module.in_channels}->{module.out_channels}"
     if isinstance(module, nn.Linear):
         return f"{module.in_features}->{module.out_features}"
-    if type(module).__name__ == "Conv1D" and isinstance(getattr(module, "weight", None), torch.Tensor):  # GPT-2's (in, out) Linear
-        return "->".join(map(str, module.weight.shape))
+    weight = getattr(module, "weight", None)
+    if type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor):  # GPT-2's (in, out) Linear
+        return "->".join(map(str, weight.shape))
     if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
         return str(module.num_features)
     if isinstance(module, nn.GroupNorm):

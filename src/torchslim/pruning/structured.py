@@ -200,6 +200,7 @@ def group_width(group: Group) -> int:
     """The channels one group holds: 1, or a GroupNorm group's size (a group across a concatenation counted whole)."""
     return max((len(p.indices) for p in group.producers + group.members), default=1)
 
+
 def _protection_notes(groups: list[Group], head_ratio: float) -> list[str]:
     notes = []
     outputs = sorted({layer for g in groups if "model output" in g.blocked for layer in g.layers})
