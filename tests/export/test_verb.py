@@ -1,5 +1,6 @@
 """``ts.export``: dense, pruned, factorized and quantized models as ONNX, torch.export programs and TorchScript,
-each loaded back from the file and checked against PyTorch at two batch sizes; failures leave nothing behind."""
+each loaded back from the file and checked against PyTorch at two batch sizes and on inputs of other values; failures
+leave nothing behind."""
 
 from __future__ import annotations
 
@@ -47,7 +48,8 @@ def test_every_kind_of_compressed_model_exports_and_matches_pytorch(trained, dig
         result = ts.export(model, form, example, path)
         metrics = result.report.stages[0].metrics
         assert path.is_file() and metrics["file_bytes"] == path.stat().st_size, name
-        assert set(metrics["max_abs_difference"]) == {"1", "3"} and max(metrics["max_abs_difference"].values()) <= metrics["tolerance"], name
+        assert set(metrics["max_abs_difference"]) == {"1", "3", "other values", "negated"}, name
+        assert max(metrics["max_abs_difference"].values()) <= metrics["tolerance"], name
         # the loaded model takes any batch size and agrees with the original on real digits (an ONNX file has no int8
         # kernel with bfloat16 activations: it matches the exact decoded math)
         with torch.no_grad(), decoded_weights() if form == "onnx" else contextlib.nullcontext():
@@ -101,21 +103,20 @@ def test_a_wrong_export_is_refused_and_what_was_there_stays(tmp_path):
     target.write_bytes(b"the user's file")
     with pytest.raises(ts.TorchslimError, match="exists; refusing to overwrite"):
         ts.export(_ValueDependent(), "torchscript", torch.ones(2, 4), target)
-    # traced on a positive example, checked on inputs whose first example is positive too: passes...
+    # traced on a positive example: the batches checked are positive too, but the example negated takes the other branch
     torch.manual_seed(0)
     model = _ValueDependent()
-    positive = torch.ones(2, 4)
-    ts.export(model, "torchscript", positive, tmp_path / "ok.pt")
-    # ...but a tolerance check on a negative example catches the recorded branch; the existing file is untouched
-    negative = -torch.ones(1, 4)
+    with pytest.raises(ts.TorchslimError, match="differs on the example negated .*control flow that depends on its input values"):
+        ts.export(model, "torchscript", torch.ones(2, 4), target, overwrite=True)
+    # a file wrong on the batches themselves (traced on a positive example, checked on a negative one) is refused too
     with pytest.raises(ts.TorchslimError, match="differs from the PyTorch model"):
-        _traced_on(model, positive, negative, target)
-    assert target.read_bytes() == b"the user's file"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", "ok.pt"]
+        _traced_on(model, torch.ones(2, 4), -torch.ones(1, 4), target)
+    assert target.read_bytes() == b"the user's file"  # the existing file is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
 
 
 def _traced_on(model, traced, checked, target):
-    """Export traced on one example and checked on another (by swapping the first example the check repeats)."""
+    """Export traced on one example and checked on another (by swapping the example the file is traced on)."""
     from torchslim.export import verb
 
     original = verb.repeat_example

@@ -30,18 +30,73 @@ from torchslim.export.signature import (
     INPUT_NAME,
     OUTPUT_NAME,
     KeywordInputs,
+    MainOutput,
     Positional,
     ViewsAsList,
     as_called,
     export_plan,
+    first_line,
     input_plan,
     output_layout,
     output_names,
     positional_module,
     read_output_layout,
+    rebuild_outputs,
     set_output_layout,
     sole_input,
 )
+
+# the tracer's warnings that a value computed from the inputs became a constant of the file: control flow on values
+# (``if x.sum() > 0``) or a number read from a tensor, which other inputs may need otherwise
+TRACER_MESSAGES = ("Converting a tensor to a Python", "Iterating over a tensor")
+
+
+class OnnxExporterError(TorchslimError):
+    """torch's ONNX exporter itself failed on the model (an operator it has no conversion for, a forward it cannot
+    call): nothing was written."""
+
+
+@contextlib.contextmanager
+def tracer_warnings(found: list[warnings.WarningMessage]) -> Iterator[None]:
+    """Warnings off while exporting, except the tracer's ``TRACER_MESSAGES`` about the model's own code (not torch's),
+    which are collected in ``found``."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("ignore")
+        warnings.filterwarnings("always", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=r"torch\.(?!jit)")
+        try:
+            yield
+        finally:
+            found.extend(w for w in caught if issubclass(w.category, torch.jit.TracerWarning) and str(w.message).startswith(TRACER_MESSAGES))
+
+
+@contextlib.contextmanager
+def _graph_log_off() -> Iterator[None]:
+    """torch's TorchScript exporter turns its graph log on whatever ``verbose`` says (it tests the flag's getter, not
+    its value) and so prints the whole graph to stderr when a conversion fails: the log stays off while exporting."""
+    try:
+        from torch.onnx._internal.torchscript_exporter import utils
+    except ImportError:  # another torch: its own logging
+        yield
+        return
+    original = getattr(utils, "setup_onnx_logging", None)
+    if original is None:
+        yield
+        return
+
+    @contextlib.contextmanager
+    def quiet(verbose: bool) -> Iterator[None]:
+        torch._C._jit_set_onnx_log_enabled(bool(verbose))
+        try:
+            yield
+        finally:
+            torch._C._jit_set_onnx_log_enabled(False)
+
+    utils.setup_onnx_logging = quiet
+    try:
+        yield
+    finally:
+        utils.setup_onnx_logging = original
 
 
 @contextlib.contextmanager
@@ -73,6 +128,7 @@ def export_onnx(
     exporter: str = "torchscript",
     dynamic_sequence: bool = True,
     dynamic_axes: Mapping[str, Any] | None = None,
+    warned: list[warnings.WarningMessage] | None = None,
 ) -> Path:
     """Write ``model`` (in eval mode; every submodule's mode is restored) to an ONNX file with a dynamic batch
     dimension, and a dynamic sequence length for keyword inputs and token ids (integer inputs of two or more axes)
@@ -83,15 +139,17 @@ def export_onnx(
     A model returning a tuple or list of tensors, or a plain dict of them, gets one ONNX output each (``output``,
     ``output_1``, ... or the dict's keys), recorded in the file's metadata so ``OnnxModule`` returns the same structure.
 
-    ``exporter`` "torchscript" is fast and folds BatchNorm into convolutions; "dynamo" uses torch.export.
+    ``exporter`` "torchscript" is fast and folds BatchNorm into convolutions; "dynamo" uses torch.export. A failure of
+    the exporter itself raises ``OnnxExporterError``. Warnings are off while exporting; the tracer's warnings that a
+    value computed from the inputs became a constant of the file (control flow on values) go to ``warned``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp")
     example_input = as_called(model, example_input)
+    found: list[warnings.WarningMessage] = [] if warned is None else warned
     try:
-        with eval_mode(model), torch.no_grad(), warnings.catch_warnings(), _eager_attention(model):
-            warnings.simplefilter("ignore")
+        with eval_mode(model), torch.no_grad(), tracer_warnings(found), _eager_attention(model), _graph_log_off():
             module, inputs, names, axes, layout = export_plan(model, example_input, dynamic_batch, dynamic_sequence, dynamic_axes)
             outputs = output_names(layout)
             if exporter == "torchscript":
@@ -114,6 +172,7 @@ def export_onnx(
                     dynamo=True,
                     input_names=names,
                     output_names=outputs,
+                    verbose=False,
                     dynamic_shapes=tuple({axis: dims[label] for axis, label in axes.get(name, {}).items()} for name in names) if axes else None,
                 )
                 program.save(str(temporary))
@@ -125,7 +184,7 @@ def export_onnx(
     except TorchslimError:
         raise
     except Exception as error:  # the exporter raises many types; name the model and the cause
-        raise TorchslimError(f"ONNX export of {type(model).__name__} failed: {str(error).splitlines()[0] if str(error) else type(error).__name__}") from error
+        raise OnnxExporterError(f"ONNX export of {type(model).__name__} failed: {first_line(error)}") from error
     finally:
         if temporary.exists():
             temporary.unlink()
@@ -243,16 +302,30 @@ class OnnxModule(nn.Module):
         self.session = onnx_session(self.onnx_bytes, threads)
         self.layout = read_output_layout(self.session)
 
-    def forward(self, x: Any = None, *more: Any, **inputs: Any) -> Any:
-        """The first output (one tensor), or, for a model exported with several outputs, the model's own structure:
-        a tuple / list of tensors or a dict of them."""
-        given = inputs if x is None else (x, *more) if more else x
+    def forward(self, *args: Any, **inputs: Any) -> Any:
+        """Run on positional inputs (in the file's order; one tensor, tuple or mapping as ``run_onnx`` takes it),
+        inputs by name, or both: the first output (one tensor), or, for a model exported with several outputs, the
+        model's own structure (a tuple / list of tensors, a dict of them, or those nested)."""
+        given = self._given(args, inputs)
         if self.layout is None:
             return run_onnx(self.session, given)
-        outputs = run_onnx_outputs(self.session, given)
-        if self.layout["kind"] == "dict":
-            return dict(zip(self.layout["names"], outputs))
-        return list(outputs) if self.layout["kind"] == "list" else tuple(outputs)
+        return rebuild_outputs(run_onnx_outputs(self.session, given), self.layout)
+
+    def _given(self, args: tuple, inputs: dict[str, Any]) -> Any:
+        if not inputs:
+            if not args:
+                raise TorchslimError(f"the ONNX model takes inputs {', '.join(i.name for i in self.session.get_inputs())}; it was called with none")
+            return args[0] if len(args) == 1 else args
+        if not args:
+            return inputs
+        wanted = [i.name for i in self.session.get_inputs()]
+        if len(args) > len(wanted):
+            raise TorchslimError(f"the ONNX model takes {len(wanted)} inputs ({', '.join(wanted)}), got {len(args)} positional and {', '.join(inputs)} by name")
+        positional = dict(zip(wanted, args))
+        twice = [name for name in positional if name in inputs]
+        if twice:
+            raise TorchslimError(f"the ONNX model got {', '.join(twice)} both by position and by name")
+        return {**positional, **inputs}
 
     def save(self, path: str | os.PathLike[str], overwrite: bool = True) -> Path:
         refuse_overwrite(path, overwrite)
@@ -276,6 +349,8 @@ __all__ = [
     "INPUT_NAME",
     "OUTPUT_NAME",
     "KeywordInputs",
+    "MainOutput",
+    "OnnxExporterError",
     "OnnxModule",
     "Positional",
     "ViewsAsList",
@@ -290,5 +365,6 @@ __all__ = [
     "run_onnx",
     "run_onnx_outputs",
     "sole_input",
+    "tracer_warnings",
     "weight_product",
 ]

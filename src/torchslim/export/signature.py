@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,16 +24,28 @@ SECONDARY_INPUTS = ("attention_mask", "token_type_ids", "position_ids", "head_ma
 
 
 class KeywordInputs(nn.Module):
-    """``model(**dict(zip(names, tensors)))`` as a module of positional tensors returning one tensor (for export)."""
+    """``model(**dict(zip(names, tensors)))`` as a module of positional tensors (for export): the model's output as it
+    is where that is a tuple, list or plain dict of tensors (every one exported), else the tensor a task reads."""
 
     def __init__(self, model: nn.Module, names: list[str]) -> None:
         super().__init__()
         self.model, self.names = model, list(names)
 
-    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
-        from torchslim.tasks.batches import output_tensor
+    def forward(self, *tensors: torch.Tensor) -> Any:
+        output = self.model(**dict(zip(self.names, tensors)))
+        return output if output_layout(output) is not None else output_tensor_of(output)
 
-        return output_tensor(self.model(**dict(zip(self.names, tensors))), strict=False)
+
+class MainOutput(nn.Module):
+    """A model whose output is neither a tensor nor tuples, lists and dicts of tensors (a Hugging Face ``ModelOutput``,
+    a tuple holding None) as a module returning the tensor a task reads: what a trace can return and the check reads."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        return output_tensor_of(self.model(*tensors))
 
 
 class ViewsAsList(nn.Module):
@@ -84,27 +97,84 @@ def sole_input(inputs: Any, wanted: list[str]) -> Any:
 
 
 class FlatOutputs(nn.Module):
-    """A model whose output is a tuple or list of tensors, or a plain dict of them, as a module returning those tensors
-    as a tuple (each its own ONNX output); ``names`` are the dict's keys (None for a sequence)."""
+    """A model whose output is a tuple or list of tensors, a plain dict of them, or such containers nested, as a module
+    returning those tensors as one flat tuple (each its own ONNX output), in the order ``layout`` records."""
 
-    def __init__(self, model: nn.Module, names: list[str] | None) -> None:
+    def __init__(self, model: nn.Module, layout: dict[str, Any]) -> None:
         super().__init__()
-        self.model, self.names = model, names
+        self.model, self.layout = model, layout
 
     def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        output = self.model(*tensors)
-        return tuple(output[name] for name in self.names) if self.names is not None else tuple(output)
+        return tuple(output_tensors(self.model(*tensors), self.layout))
 
 
 def output_layout(output: Any) -> dict[str, Any] | None:
     """How an exported model's outputs rebuild the model's own: ``{"kind": "tuple" | "list", "count": n}`` for a
-    sequence of tensors, ``{"kind": "dict", "names": [...]}`` for a plain dict of tensors; None for one tensor (or any
-    other output, of which the tensor a task reads is exported)."""
+    sequence of tensors, ``{"kind": "dict", "names": [...]}`` for a plain dict of tensors, ``{"kind": "tree", "count":
+    n, "tree": ...}`` for plain tuples, lists and dicts nested (``(y, (a, b))``) with tensors only as leaves; None for
+    one tensor (or any other output, of which the tensor a task reads is exported)."""
     if isinstance(output, (tuple, list)) and len(output) > 1 and all(isinstance(t, torch.Tensor) for t in output):
         return {"kind": type(output).__name__, "count": len(output)}
     if type(output) is dict and len(output) > 1 and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in output.items()):
         return {"kind": "dict", "names": list(output)}
+    tree = _nesting(output)
+    if isinstance(tree, dict):
+        count = len(_leaves(output))
+        return {"kind": "tree", "count": count, "tree": tree} if count > 1 else None
     return None
+
+
+_LEAF = 0  # a tensor in a recorded nesting; a container is {"tuple" | "list": [...]} or {"dict": {key: ...}}
+
+
+def _nesting(value: Any) -> Any:
+    """The nesting of plain tuples, lists and str-keyed dicts around tensors, as JSON can hold it; None where any entry
+    is something else (None, a number, a Hugging Face ModelOutput)."""
+    if isinstance(value, torch.Tensor):
+        return _LEAF
+    if type(value) in (tuple, list) and value:
+        parts = [_nesting(v) for v in value]
+        return None if any(p is None for p in parts) else {type(value).__name__: parts}
+    if type(value) is dict and value and all(isinstance(k, str) for k in value):
+        entries = {k: _nesting(v) for k, v in value.items()}
+        return None if any(p is None for p in entries.values()) else {"dict": entries}
+    return None
+
+
+def _leaves(value: Any) -> list[torch.Tensor]:
+    """The tensors of plain nested tuples, lists and dicts, depth first, in order."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    return [t for v in (value.values() if isinstance(value, dict) else value) for t in _leaves(v)]
+
+
+def output_tensors(output: Any, layout: dict[str, Any] | None) -> list[torch.Tensor]:
+    """The tensors an exported file has for ``output`` of ``layout``, in the file's order."""
+    if layout is None:
+        return [output_tensor_of(output)]
+    if layout["kind"] == "dict":
+        return [output[name] for name in layout["names"]]
+    return _leaves(output) if layout["kind"] == "tree" else list(output)
+
+
+def rebuild_outputs(tensors: list[Any], layout: dict[str, Any]) -> Any:
+    """The model's output structure of ``layout`` from a file's outputs (in order)."""
+    if layout["kind"] == "dict":
+        return dict(zip(layout["names"], tensors))
+    if layout["kind"] == "tree":
+        remaining = iter(tensors)
+
+        def build(tree: Any) -> Any:
+            if tree == _LEAF:
+                return next(remaining)
+            (kind, parts), *_ = tree.items()
+            if kind == "dict":
+                return {key: build(part) for key, part in parts.items()}
+            built = [build(part) for part in parts]
+            return built if kind == "list" else tuple(built)
+
+        return build(layout["tree"])
+    return list(tensors) if layout["kind"] == "list" else tuple(tensors)
 
 
 def output_names(layout: dict[str, Any] | None) -> list[str]:
@@ -142,9 +212,10 @@ def input_plan(
     model: nn.Module | None = None,
 ) -> tuple[list[str], tuple, dict[str, dict[int, str]]]:
     """The ONNX inputs of an example: their names, tensors and dynamic axes (by input name, axis: label). With
-    ``dynamic_sequence``, every keyword input of the first's length has a dynamic sequence (axis 1); so have token ids
-    given positionally (integer inputs of two or more axes, and the inputs of their length) where ``model`` runs on
-    them a quarter shorter (a model that flattens a fixed length keeps it)."""
+    ``dynamic_sequence``, sequence-like keyword inputs (ids, masks, (batch, length) samples) and those of their length
+    have a dynamic sequence (axis 1), and so have token ids given positionally (integer inputs of two or more axes, and
+    the inputs of their length), where ``model`` runs on them a quarter shorter (a Linear over (batch, features) or a
+    flatten of a fixed length keeps it; keyword inputs without ``model`` are taken as sequences)."""
     if isinstance(example_input, (tuple, list)) and len(example_input) > 1 and all(isinstance(t, torch.Tensor) for t in example_input):
         # a model of several positional inputs, model(a, b): each its own ONNX input
         names = [INPUT_NAME] + [f"{INPUT_NAME}_{index}" for index in range(1, len(example_input))]
@@ -168,7 +239,10 @@ def input_plan(
     if lead is None or lead.shape[1] < 2:
         return names, tensors, axes
     shared = [index for index, tensor in enumerate(tensors) if tensor.dim() >= 2 and tensor.shape[1] == lead.shape[1] and tensor.dim() <= 3]
-    if not keyed and not _runs_shorter(None if model is None else positional_module(model, len(tensors)), tensors, shared):
+    # a model that runs on the example only (a Linear over (batch, features), a flatten of a fixed length) keeps it;
+    # keyword inputs without a model to try are taken as sequences
+    runner = None if model is None else KeywordInputs(model, names) if keyed else positional_module(model, len(tensors))
+    if (runner is not None or not keyed) and not _runs_shorter(runner, tensors, shared):
         return names, tensors, axes
     for index in shared:
         axes[names[index]].setdefault(1, "sequence")
@@ -205,7 +279,9 @@ def export_plan(
         output = module(*tensors)
     layout = output_layout(output)
     if layout is not None:
-        module = FlatOutputs(module, layout.get("names"))
+        module = FlatOutputs(module, layout)
+    elif not isinstance(output, torch.Tensor):  # a ModelOutput with a cache object, a tuple holding None: its main tensor
+        module = MainOutput(module)
     # the outputs' batch axis; their other axes follow the inputs' as the exporter traces them
     for name in output_names(layout):
         axes[name] = {0: "batch"} if dynamic_batch else {}
@@ -244,6 +320,12 @@ def read_output_layout(session: Any) -> dict[str, Any] | None:
 
     value = session.get_modelmeta().custom_metadata_map.get(LAYOUT_KEY)
     return json.loads(value) if value else None
+
+
+def first_line(error: BaseException) -> str:
+    """An error's first line without terminal colour codes (torch.export's messages carry them), or its type's name."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def output_tensor_of(output: Any) -> torch.Tensor:

@@ -10,12 +10,13 @@ PyTorch model at two batch sizes (the batch dimension is dynamic unless ``dynami
 - ``pt2``: ``torch.export.export`` with a dynamic batch, saved with ``torch.export.save``; reload with
   ``torch.export.load(path).module()``.
 - ``torchscript``: ``torch.jit.trace``, saved with ``torch.jit.save``; reload with ``torch.jit.load``. Tracing
-  records the path the example took: a model whose control flow depends on values exports wrongly, which the check
-  catches.
+  records the path the example took: a model whose control flow depends on values exports wrongly, which the check on
+  inputs of other values catches.
 
 Pruning masks are made permanent in the exported copy (the caller's model is not changed). The result's model is
-the one loaded from the file; its report holds the file's bytes and the largest difference from PyTorch per batch
-size. A difference over the tolerance removes the file and raises: no broken file is handed back.
+the one loaded from the file; its report holds the file's bytes and the largest difference from PyTorch per check
+(batch sizes, inputs of other values, shorter axes). A difference over the tolerance removes the file and raises: no
+broken file is handed back.
 
 Example:
     >>> import torch, torchslim as ts, tempfile, os
@@ -27,7 +28,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import os
@@ -45,26 +45,42 @@ from torchslim.core.errors import TorchslimError
 from torchslim.core.files import refuse_overwrite
 from torchslim.core.modes import eval_mode, model_device
 from torchslim.core.report import Report, Result, Stage
-from torchslim.export.onnx import KeywordInputs, OnnxModule, Positional, ViewsAsList, as_called, export_onnx, input_plan, output_layout, positional_module
+from torchslim.export.check import (
+    APPROXIMATE_LEVELS,
+    ExporterFailure,
+    SequenceFailure,
+    check_examples,
+    default_tolerance,
+    dropped_outputs,
+    first_line,
+    largest_difference,
+    output_scale,
+    reference,
+    refuse_differences,
+    relative_error,
+    tracer_note,
+    unrunnable,
+    where,
+)
+from torchslim.export.onnx import (
+    KeywordInputs,
+    MainOutput,
+    OnnxExporterError,
+    OnnxModule,
+    Positional,
+    ViewsAsList,
+    as_called,
+    export_onnx,
+    input_plan,
+    output_layout,
+    positional_module,
+    tracer_warnings,
+)
 from torchslim.export.onnx_weights import rewrite_weights, set_accuracy_level
-from torchslim.tasks.batches import call_model, output_tensor, repeat_example
+from torchslim.tasks.batches import repeat_example
 
 FORMATS = {"onnx": ".onnx", "pt2": ".pt2", "torchscript": ".pt"}
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # ONNX Runtime's MatMulNBits: as written, float32, float16, bfloat16, int8 activations
-APPROXIMATE_LEVELS = (2, 3, 4)  # the arithmetic differs from PyTorch's: the check bounds the relative error
-
-
-def _reference(model: nn.Module, example: Any, set_eval: bool = True, decoded: bool = False) -> list[torch.Tensor]:
-    """The model's outputs on ``example``, as the exported file has them (every tensor of a tuple, list or plain dict
-    of them; else the one a task reads), in eval mode unless ``set_eval`` is False (a loaded program has no modes);
-    ``decoded``: weight-only layers without their integer kernels, as an ONNX file computes."""
-    from torchslim.quantization.modules import decoded_weights
-
-    with eval_mode(model) if set_eval else contextlib.nullcontext(), torch.no_grad(), decoded_weights() if decoded else contextlib.nullcontext():
-        output = call_model(model, example)
-    layout = output_layout(output)
-    tensors = [output_tensor(output, strict=False)] if layout is None else list(output.values()) if layout["kind"] == "dict" else list(output)
-    return [t.detach().float().cpu() for t in tensors]
 
 
 def _prepared(model: nn.Module, form: str) -> nn.Module:
@@ -119,10 +135,13 @@ def _write(
     dynamic_axes: Mapping[str, Any] | None = None,
     sequence: bool = True,
     exporter: str = "torchscript",
+    found: list[warnings.WarningMessage] | None = None,
 ) -> tuple[nn.Module, int]:
-    """Write ``model`` to ``path`` in ``form``: (the module loaded back from the file, how many MatMulNBits it has)."""
+    """Write ``model`` to ``path`` in ``form``: (the module loaded back from the file, how many MatMulNBits it has);
+    the tracer's warnings that values became constants of the file go to ``found``."""
     import onnx
 
+    found = [] if found is None else found
     if isinstance(model, OnnxModule):
         if form != "onnx":
             raise TorchslimError(f"export: {type(model).__name__} runs in ONNX Runtime (an int8 engine); it exports as onnx only, not {form}")
@@ -135,9 +154,7 @@ def _write(
         return OnnxModule(path), products
     prepared = _prepared(model, form)
     if form == "onnx":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            export_onnx(prepared, example, path, dynamic_batch=dynamic_batch, dynamic_sequence=sequence, dynamic_axes=dynamic_axes, exporter=exporter)
+        export_onnx(prepared, example, path, dynamic_batch=dynamic_batch, dynamic_sequence=sequence, dynamic_axes=dynamic_axes, exporter=exporter, warned=found)
         proto = onnx.load(str(path))  # the weight passes edit one loaded copy; the file is written once, if changed
         edits = rewrite_weights(proto, model)
         products = set_accuracy_level(proto, accuracy_level)
@@ -148,16 +165,17 @@ def _write(
     traced = repeat_example(example, 2) if dynamic_batch else example
     inputs, _, axes = input_plan(example, dynamic_batch, False, dynamic_axes)
     names: list[str] = []
-    if isinstance(traced, Mapping):  # keyword inputs (a Hugging Face model): positional tensors, one output tensor
+    if isinstance(traced, Mapping):  # keyword inputs (a Hugging Face model): positional tensors, the outputs the model has
         names = [key for key, value in traced.items() if isinstance(value, torch.Tensor)]
         prepared = KeywordInputs(prepared, names).eval()
         traced = tuple(traced[key] for key in names)
     args = traced if isinstance(traced, tuple) else (traced,)
     if not names:
         prepared = positional_module(prepared, len(args))
+        if form == "torchscript" and _traces_badly(prepared, args):
+            prepared = MainOutput(prepared).eval()
     loaded: nn.Module
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
+    with torch.no_grad(), tracer_warnings(found):
         if form == "pt2":
             shapes: Any = _batch_shapes(args, axes, inputs, dynamic_batch) if dynamic_batch or dynamic_axes else None
             if isinstance(prepared, (KeywordInputs, ViewsAsList, Positional)) and shapes is not None:  # forward(*tensors): one entry for the variadic argument
@@ -171,6 +189,14 @@ def _write(
     return (_ByName(loaded, names) if names else loaded), 0
 
 
+def _traces_badly(model: nn.Module, args: tuple) -> bool:
+    """Whether ``model``'s output is something a trace returns otherwise than the model (a Hugging Face ModelOutput
+    becomes a dict of every tensor) or not at all (a tuple holding None)."""
+    with torch.no_grad():
+        output = model(*args)
+    return not isinstance(output, torch.Tensor) and output_layout(output) is None
+
+
 class _ByName(nn.Module):
     """A loaded program of positional tensors called with the model's keyword inputs (in the exported order)."""
 
@@ -178,7 +204,7 @@ class _ByName(nn.Module):
         super().__init__()
         self.program, self.names = program, list(names)
 
-    def forward(self, *args: torch.Tensor, **inputs: torch.Tensor) -> torch.Tensor:
+    def forward(self, *args: torch.Tensor, **inputs: torch.Tensor) -> Any:
         return self.program(*args, *(inputs[name] for name in self.names if name in inputs))
 
 
@@ -195,10 +221,15 @@ def export(
 ) -> Result:
     """Export ``model`` as ``format`` ("onnx", "pt2" or "torchscript") to ``path`` (default: ``<class name>`` with
     the format's suffix), load the file back and check it against ``model`` on ``example_input``'s first example
-    repeated to batch 1 and 3 (or on ``example_input`` as it is when ``dynamic_batch`` is False).
+    repeated to batch 1 and 3 (or on ``example_input`` as it is when ``dynamic_batch`` is False), and on inputs of the
+    same shapes with other values (floating tensors drawn at random with the example's mean and deviation, and the
+    example negated; integer ids permuted, masks kept): a file traced on the example keeps the branch of any control
+    flow on values the example took, which the check refuses by name. The tracer's warnings that values became
+    constants are in the notes.
 
     ``tolerance`` bounds the largest absolute output difference; by default 1e-4 x the largest output magnitude
-    (at least 1e-4). Returns the loaded model and a report with the file's size, the differences and the time taken.
+    over the checks (at least 1e-4). Returns the loaded model and a report with the file's size, the differences and
+    the time taken.
 
     ``accuracy_level`` (onnx only) is ONNX Runtime's setting for its MatMulNBits kernels: 0 (as written: float
     arithmetic, matches PyTorch), 1 (float32), 2 (float16), 3 (bfloat16) or 4 (activations quantized to int8 per
@@ -225,7 +256,10 @@ def export(
     if accuracy_level and format != "onnx":
         raise TorchslimError(f"export: accuracy_level sets ONNX Runtime's MatMulNBits kernels; it applies to onnx only, not {format}")
     model = unwrapped(model)  # a compiled or DataParallel model: the module it holds
+    _refuse_compiled(model, format)
     path = Path(path) if path is not None else Path(f"{type(model).__name__.lower()}{FORMATS[format]}")
+    if path.is_dir():
+        raise TorchslimError(f"export: {path} is a directory; give the file to write, such as {path / (type(model).__name__.lower() + FORMATS[format])}")
     refuse_overwrite(path, overwrite)
     example_input = as_called(model, example_input)
     if isinstance(example_input, list) and all(isinstance(t, torch.Tensor) for t in example_input):
@@ -256,7 +290,7 @@ def export(
     }
     measured = check.relative if accuracy_level in APPROXIMATE_LEVELS else check.differences
     notes = [
-        f"checked against PyTorch at {', '.join(map(_where, check.differences))}: {metrics['tolerance_bounds']} {max(measured.values()):.2e} "
+        f"checked against PyTorch at {', '.join(map(where, check.differences))}: {metrics['tolerance_bounds']} {max(measured.values()):.2e} "
         f"(allowed {check.allowed:.2e})"
     ]
     if format == "onnx" and accuracy_level:
@@ -266,10 +300,22 @@ def export(
             if check.products
             else f"accuracy_level {accuracy_level} has no effect: the file has no MatMulNBits (no weight-only layer of at most 8 bits it could hold)"
         )
-    notes += sequence_notes
+    notes += check.notes + sequence_notes
     metrics["exporter"] = check.exporter
     stage = Stage(name="export", kind="export", metrics=metrics, notes=notes, execution=_execution(format))
     return Result(model=loaded, report=Report.for_model(model, [stage]))
+
+
+def _refuse_compiled(model: nn.Module, form: str) -> None:
+    """A PT2E int8 model runs as a graph torch.compile lowered to int8 kernels: torch.export follows it, a trace cannot
+    (it would capture the compiled graph's weights as constants)."""
+    from torchslim.quantization.pt2e import CompiledModule
+
+    if isinstance(model, CompiledModule) and form != "pt2":
+        raise TorchslimError(
+            f"export: {type(model).__name__} is a PT2E int8 model compiled by torch.compile; export it as pt2 (a torch.export program of its int8 "
+            f"graph), not {form}. For an int8 ONNX file, quantize with method 'onnxruntime' instead"
+        )
 
 
 def _with_sequence(
@@ -285,18 +331,20 @@ def _with_sequence(
 ) -> _Check:
     """``_export_and_check`` with a dynamic sequence for token ids and keyword inputs: by the TorchScript exporter; where
     that file fails at another length (it baked the length into a reshape, as torch's own attention makes it do), by
-    the torch.export-based exporter; where that fails too, with the example's length (the notes say which)."""
+    the torch.export-based exporter; where that fails too, with the example's length (the notes say which). Where the
+    TorchScript exporter itself fails (an operator it has no conversion for, a forward it cannot call), the
+    torch.export-based exporter writes the file."""
     try:
         return _export_and_check(model, form, example, path, dynamic_batch, tolerance, accuracy_level, dynamic_axes)
-    except _SequenceFailure as failure:
+    except SequenceFailure as failure:
         notes.append(f"the TorchScript exporter's file failed at another sequence length ({failure})")
-    except _ExporterFailure as failure:
+    except ExporterFailure as failure:
         if form != "onnx" or isinstance(model, OnnxModule):
             raise
-        try:  # a forward the TorchScript exporter cannot call (keyword-only arguments, say): torch.export's may
+        try:  # torch.export's exporter may convert what the TorchScript one cannot
             check = _export_and_check(model, form, example, path, dynamic_batch, tolerance, accuracy_level, dynamic_axes, exporter="dynamo")
-        except TorchslimError:
-            raise failure from None
+        except TorchslimError as second:
+            raise TorchslimError(f"{failure}; the torch.export-based exporter failed too: {str(second).splitlines()[0]}") from failure
         notes.append(f"the TorchScript exporter failed ({str(failure).split(': ', 1)[-1]}); the file is the torch.export-based exporter's")
         return check
     try:
@@ -306,23 +354,16 @@ def _with_sequence(
     return _export_and_check(model, form, example, path, dynamic_batch, tolerance, accuracy_level, dynamic_axes, sequence=False)
 
 
-class _ExporterFailure(TorchslimError):
-    """The exporter itself failed (nothing was written to check)."""
-
-
-class _SequenceFailure(TorchslimError):
-    """The file exported with a dynamic sequence (chosen by torchslim, not asked for) fails at another length."""
-
-
 @dataclasses.dataclass
 class _Check:
     loaded: nn.Module
-    differences: dict[str, float]  # largest absolute difference per batch size
-    relative: dict[str, float]  # ||file - PyTorch|| / ||PyTorch|| per batch size
+    differences: dict[str, float]  # largest absolute difference per check
+    relative: dict[str, float]  # ||file - PyTorch|| / ||PyTorch|| per check
     allowed: float
     seconds: float
     products: int  # MatMulNBits in an ONNX file
     exporter: str  # what wrote the file: "torchscript" or "dynamo" for ONNX, else the format
+    notes: list[str]  # what the report should say besides the differences
 
 
 def _export_and_check(
@@ -337,101 +378,62 @@ def _export_and_check(
     sequence: bool = True,
     exporter: str = "torchscript",
 ) -> _Check:
-    """Write, reload and compare with the PyTorch model at each batch size (and each dynamic axis a quarter shorter);
-    ``sequence``: token ids and keyword inputs of any sequence length (``_SequenceFailure`` where that fails);
-    ``exporter``: the ONNX exporter ("torchscript" or "dynamo")."""
+    """Write, reload and compare with the PyTorch model on each check (``check_examples``): the model's outputs come
+    first, so an axis it cannot vary is named before anything is written; ``sequence``: token ids and keyword inputs
+    of any sequence length (``SequenceFailure`` where that fails); ``exporter``: the ONNX exporter ("torchscript" or
+    "dynamo")."""
+    name = type(model).__name__
+    notes: list[str] = []
+    cases = check_examples(model, example_input, dynamic_batch, dynamic_axes, form, sequence)
+    expected: dict[str, list[torch.Tensor]] = {}
+    for case in cases:
+        try:
+            expected[case.label] = reference(model, case.example, decoded=form == "onnx")
+        except Exception as error:
+            unrunnable(model, form, case, error, sequence, notes, example_input)
     started = time.perf_counter()
+    found: list[warnings.WarningMessage] = []
     try:
-        loaded, products = _write(model, form, example_input, path, dynamic_batch, accuracy_level, dynamic_axes, sequence, exporter)
+        loaded, products = _write(model, form, example_input, path, dynamic_batch, accuracy_level, dynamic_axes, sequence, exporter, found)
+    except OnnxExporterError as error:  # the exporter itself: the torch.export-based one may do better
+        raise ExporterFailure(f"export of {name} as {form} failed: {str(error).split(': ', 1)[-1]}") from error
     except TorchslimError:
         raise
     except Exception as error:  # exporters raise many types; name the format, the model and the cause
-        cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        cause = first_line(error)
         if form == "onnx" and "NOT_IMPLEMENTED" in cause and any(p.dtype == torch.bfloat16 for p in model.parameters()):
             cause += "; ONNX Runtime's CPU engine has no bfloat16 kernel for it: export model.float() (or model.half())"
-        raise _ExporterFailure(f"export of {type(model).__name__} as {form} failed: {cause}") from error
+        if "data-dependent" in cause:  # torch.export on an `if` over a tensor's value
+            cause += "; the model has control flow that depends on its input values: compute both branches with torch.where (or use torch.cond)"
+        raise ExporterFailure(f"export of {name} as {form} failed: {cause}") from error
     seconds = time.perf_counter() - started
     differences: dict[str, float] = {}
     relative: dict[str, float] = {}
     approximate = accuracy_level in APPROXIMATE_LEVELS
-    allowed = 0.1 if tolerance is None and approximate else tolerance
-    for label, example in _check_examples(model, example_input, dynamic_batch, dynamic_axes, form, sequence):
-        failed = _SequenceFailure if label.startswith("sequence ") and sequence else TorchslimError
-        expected = _reference(model, example, decoded=form == "onnx")
-        try:
-            produced = _reference(loaded, example, set_eval=False)
-        except Exception as error:
-            raise failed(f"export: the {form} file does not run at {_where(label)}: {str(error).strip().splitlines()[0]}") from error
-        shapes = [tuple(t.shape) for t in produced], [tuple(t.shape) for t in expected]
-        if shapes[0] != shapes[1]:
-            raise failed(f"export: the {form} file gives outputs of shapes {shapes[0]} where the model gives {shapes[1]} (at {_where(label)})")
-        if allowed is None:  # relative to the output's scale, and to the precision a half-precision model computes in
-            allowed = _default_tolerance(model) * max(1.0, max(float(t.abs().max()) if t.numel() else 0.0 for t in expected))
-        differences[label] = max(float((p - e).abs().max()) if e.numel() else 0.0 for p, e in zip(produced, expected))
-        relative[label] = max(float((p - e).norm() / e.norm().clamp_min(1e-12)) for p, e in zip(produced, expected))
-    assert allowed is not None
-    measured = relative if approximate else differences
-    worst = max(measured.values())
-    if worst > allowed:
-        what = f"by a relative error of {worst:.3g} at accuracy level {accuracy_level}" if approximate else f"by {worst:.3g}"
-        if sequence and all(value <= allowed for label, value in measured.items() if not label.startswith("sequence ")):
-            # only at another length, which torchslim chose to allow: the caller exports again with the length fixed
-            raise _SequenceFailure(f"export: the {form} file differs from the PyTorch model at another sequence length {what} (allowed {allowed:.3g})")
-        hint = (
-            "a lower accuracy_level or a larger tolerance"
-            if approximate
-            else "onnx or pt2 for a traced model whose control flow depends on its inputs"
-            if form == "torchscript"
-            else "a larger tolerance where the difference is rounding (kernels of another engine sum in another order)"
-        )
-        raise TorchslimError(
-            f"export: the {form} file differs from the PyTorch model {what} (allowed {allowed:.3g}; per check {measured}), so nothing was written; try {hint}"
-        )
-    return _Check(loaded, differences, relative, allowed, seconds, products, exporter if form == "onnx" else form)
-
-
-def _default_tolerance(model: nn.Module) -> float:
-    """The default bound on the largest difference per unit of output: 1e-4 for float32, 1e-2 for a model in float16
-    or bfloat16 (their rounding steps are about 1e-3 and 8e-3)."""
-    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
-    return 1e-2 if dtypes & {torch.float16, torch.bfloat16} else 1e-4
-
-
-def _where(label: str) -> str:
-    """A check's label as the place it ran: "batch 3", "the example", "sequence shorter: (2, 48)"."""
-    return f"batch {label}" if label.isdigit() else "the example" if label == "example" else label
-
-
-def _check_examples(
-    model: nn.Module, example: Any, dynamic_batch: bool, dynamic_axes: Mapping[str, Any] | None, form: str, sequence: bool = True
-) -> list[tuple[str, Any]]:
-    """(label, example) pairs the file is checked on: the first example repeated to batch 1 and 3 (or the example as
-    it is), and, for each dynamic axis besides the batch (an ONNX file's sequence, or one ``dynamic_axes`` names), the
-    batch of 2 with that axis a quarter shorter in every input that shares it."""
-    cases = [(str(size), repeat_example(example, size)) for size in (1, 3)] if dynamic_batch else [("example", example)]
-    if form != "onnx" and not dynamic_axes:
-        return cases
-    names, _, axes = input_plan(example, dynamic_batch, form == "onnx" and sequence, dynamic_axes, model)
-    labels = {label for entry in axes.values() for axis, label in entry.items() if axis != 0 or not dynamic_batch}
-    base = repeat_example(example, 2) if dynamic_batch else example
-    for label in sorted(labels):
-        cropped: dict[str, torch.Tensor] = {}
-        for name, tensor in zip(names, input_plan(base, dynamic_batch, False, dynamic_axes)[1]):
-            for axis, axis_label in axes[name].items():
-                if axis_label == label and tensor.shape[axis] >= 2:
-                    length = tensor.shape[axis] - max(1, tensor.shape[axis] // 4)
-                    cropped[name] = tensor.narrow(axis, 0, length).contiguous()
-        if not cropped:
+    scale = 0.0
+    for case in cases:
+        label = case.label
+        if label not in expected:
             continue
-        lengths = sorted({tuple(t.shape) for t in cropped.values()})
-        if isinstance(base, Mapping):
-            varied: Any = {**base, **cropped}
-        elif isinstance(base, tuple):
-            varied = tuple(cropped.get(name, tensor) for name, tensor in zip(names, base))
-        else:
-            varied = cropped.get(names[0], base)
-        cases.append((f"{label} shorter: {', '.join(map(str, lengths))}", varied))
-    return cases
+        failed = SequenceFailure if label.startswith("sequence ") and sequence else TorchslimError
+        try:
+            produced = reference(loaded, case.example, set_eval=False)
+        except Exception as error:
+            raise failed(f"export: the {form} file does not run on {where(label)}: {first_line(error)}") from error
+        shapes = [tuple(t.shape) for t in produced], [tuple(t.shape) for t in expected[label]]
+        if shapes[0] != shapes[1]:
+            raise failed(f"export: the {form} file gives outputs of shapes {shapes[0]} where the model gives {shapes[1]} (on {where(label)})")
+        differences[label] = max(largest_difference(p, e) for p, e in zip(produced, expected[label]))
+        relative[label] = max(relative_error(p, e) for p, e in zip(produced, expected[label]))
+        scale = max(scale, output_scale(expected[label]))
+    # relative to the output's scale over every check, and to the precision a half-precision model computes in
+    allowed = (0.1 if approximate else default_tolerance(model) * max(1.0, scale)) if tolerance is None else tolerance
+    measured = relative if approximate else differences
+    refuse_differences(form, measured, allowed, accuracy_level, sequence, found)
+    if found:
+        notes.append(f"{tracer_note(found)}; the file matched PyTorch on inputs of other values too, but check it on inputs that take other branches")
+    dropped = dropped_outputs(model, cases[0].example)
+    return _Check(loaded, differences, relative, allowed, seconds, products, exporter if form == "onnx" else form, notes + ([dropped] if dropped else []))
 
 
 def _execution(form: str) -> str:
