@@ -291,3 +291,13 @@ def test_a_model_that_runs_on_the_example_only_is_named_before_anything_is_writt
     with pytest.raises(ts.TorchslimError, match=r"export of Linear as pt2 failed: Linear does not run on the example \(.*2x3"):
         ts.export(nn.Linear(4, 2), "pt2", torch.randn(2, 3), tmp_path / "linear.pt2")
     assert not any(tmp_path.iterdir())
+
+
+def test_pt2_says_it_fixed_the_sequence_length_and_how_to_free_it(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64)
+    bert = transformers.BertModel(config).eval()
+    example = {"input_ids": torch.randint(0, 64, (2, 12)), "attention_mask": torch.ones(2, 12, dtype=torch.long)}
+    notes = ts.export(bert, "pt2", example, tmp_path / "bert.pt2").report.stages[0].notes
+    assert "the sequence length is the example's (12): give dynamic_axes={'input_ids': {1: 'length'}, 'attention_mask': {1: 'length'}}" in " ".join(notes)

@@ -301,9 +301,24 @@ def export(
             else f"accuracy_level {accuracy_level} has no effect: the file has no MatMulNBits (no weight-only layer of at most 8 bits it could hold)"
         )
     notes += check.notes + sequence_notes
+    # token ids and keyword inputs: an ONNX file takes any sequence length; torch.export fixes it unless told
+    keyed = isinstance(example_input, dict)
+    sequences = {name: t.shape[1] for name, t in _named_inputs(example_input) if t.dim() >= 2 and (keyed or not t.is_floating_point())}
+    if format == "pt2" and sequences and not dynamic_axes:
+        shared = ", ".join(f"{name!r}: {{1: 'length'}}" for name in sequences)
+        length = max(sequences.values())
+        notes.append(f"the sequence length is the example's ({length}): give dynamic_axes={{{shared}}} for any length (one label for axes that match)")
     metrics["exporter"] = check.exporter
     stage = Stage(name="export", kind="export", metrics=metrics, notes=notes, execution=_execution(format))
     return Result(model=loaded, report=Report.for_model(model, [stage]))
+
+
+def _named_inputs(example: Any) -> list[tuple[str, torch.Tensor]]:
+    """The example's tensors by the names dynamic_axes takes: a mapping's keys, else input, input_1, ..."""
+    if isinstance(example, dict):
+        return [(name, value) for name, value in example.items() if isinstance(value, torch.Tensor)]
+    values = example if isinstance(example, (tuple, list)) else (example,)
+    return [("input" if index == 0 else f"input_{index}", value) for index, value in enumerate(values) if isinstance(value, torch.Tensor)]
 
 
 def _refuse_compiled(model: nn.Module, form: str) -> None:
