@@ -552,3 +552,39 @@ def test_gpt2s_mlp_neurons_go_through_its_tanh_gelu_and_the_model_reloads(tmp_pa
     reloaded = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         assert torch.allclose(reloaded(ids).logits, result.model(ids).logits, atol=1e-6)
+
+
+class Twice(nn.Module):
+    """One layer applied twice in a row (weights shared across depth)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.shared, self.out = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.out(F.relu(self.shared(F.relu(self.shared(F.relu(self.inp(x)))))))
+
+
+class SharedConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.conv, self.head = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        for _ in range(3):
+            x = x + F.relu(self.conv(x))
+        return self.head(x.mean((2, 3)))
+
+
+def test_a_layer_run_several_times_is_pruned_as_one_with_what_it_reads(digits):
+    """The calls of a shared layer read and write the same rows and columns: its input channels, its output channels
+    and those of the layers feeding it are one set. It was left intact with a shape error."""
+    x = torch.randn(4, 8)
+    result = ts.prune_channels(Twice().eval(), {"ratio": 0.5}, example_input=x)
+    pruned = result.model
+    assert (pruned.inp.out_features, pruned.shared.in_features, pruned.shared.out_features) == (8, 8, 8)
+    assert not any(note.startswith("left intact: channels") for note in result.report.stages[0].notes)
+    images = digits.test.inputs[:4]
+    conv = ts.prune_channels(SharedConv().eval(), {"ratio": 0.5}, example_input=images).model
+    assert (conv.stem.out_channels, conv.conv.in_channels, conv.conv.out_channels) == (4, 4, 4) and conv(images).shape == (4, 10)

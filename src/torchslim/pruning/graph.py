@@ -119,6 +119,8 @@ class ChannelGraph:
         self.heads: list[HeadGroup] = []
         self.joined: set[int] = set()  # slots where layers' outputs are added (residual streams)
         self.leaf_records: dict[str, list[tuple[list[int] | None, list[int]]]] = {}  # pad-shortcut slot maps
+        self.calls: dict[str, int] = {}  # how often each module ran in the traced forward
+        self.seen: dict[tuple, list[int]] = {}  # the slots each layer first produced or read (a layer run again: the same)
 
     # -- slot bookkeeping ------------------------------------------------------------------------------------------
     def set_info(self, tensor: Any, slots: list[int], axis: int) -> None:
@@ -155,6 +157,7 @@ class ChannelGraph:
             self.param(slot, "producer", name, "weight", weight_dim, index)
             if bias and getattr(module, "bias", None) is not None:
                 self.param(slot, "producer", name, "bias", 0, index)
+        self._same_as_before(("produce", name, weight_dim), slots)
         self.set_info(output, slots, axis)
         return slots
 
@@ -162,6 +165,15 @@ class ChannelGraph:
         """``name``'s ``parameter`` reads the channels of ``info`` along ``dim`` (e.g. a Linear's input columns)."""
         if info is not None:
             self.consumer_records.append((name, parameter, dim, list(info.slots)))
+            self._same_as_before(("consume", name, parameter, dim), info.slots)
+
+    def _same_as_before(self, key: tuple, slots: list[int]) -> None:
+        """A layer run several times (one block applied twice, weights shared across depth) reads and writes the same
+        rows and columns each time: the channels of every call are one channel."""
+        before = self.seen.setdefault(key, list(slots))
+        if before is not slots and len(before) == len(slots):
+            for a, b in zip(before, slots):
+                self.uf.union(a, b)
 
     def attention(
         self,

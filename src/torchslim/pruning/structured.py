@@ -406,7 +406,8 @@ def _safe_removal(
         if reason is None:
             (kept_groups if kind == "channels" else kept_heads).extend(members)
         else:
-            notes.append(f"left intact: {kind} of {label}: removing them {reason.removeprefix('the pruned model ')}")
+            twice = "; ".join(f"{layer} runs {graph.calls[layer]} times per forward" for layer in label.split(", ") if graph.calls.get(layer, 0) > 1)
+            notes.append(f"left intact: {kind} of {label}: removing them {reason.removeprefix('the pruned model ')}" + (f" ({twice})" if twice else ""))
     problem = attempt(kept_groups, kept_heads)
     if problem is not None:
         raise TorchslimError(f"structured pruning could not find a removal that keeps the model working ({problem}); the model is unchanged")

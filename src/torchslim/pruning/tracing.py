@@ -64,6 +64,8 @@ def trace(model: nn.Module, example_input: Any) -> ChannelGraph:
 
     def post_hook(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
         ran.add(id(module))
+        name_of = graph.names.get(id(module), "")
+        graph.calls[name_of] = graph.calls.get(name_of, 0) + 1
         if is_leaf(module):
             if tracer.depth == 1:  # the rule runs with recording still off
                 name = graph.names.get(id(module), "")
