@@ -447,6 +447,15 @@ def test_data_names_the_key_its_mapping_batches_hold_targets_under(digits):
     assert metrics["accuracy"] == ts.evaluate(tuned, [{"x": test[0]["x"], "labels": test[0]["y"]}])["accuracy"]
     with pytest.raises(TorchslimError, match=r"Data\(targets='mask'\): a batch has no 'mask' \(its keys: 'x', 'y'\)"):
         ts.evaluate(tuned, ts.Data(train=test, targets="mask"))
+    # a task of the user's reads the batch as given, the targets under their own key
+    task = ts.Task.custom(
+        loss=lambda model, batch: F.cross_entropy(model(batch["x"]), batch["y"]),
+        evaluate=lambda model, batches: {"hits": float(sum((model(b["x"]).argmax(1) == b["y"]).sum() for b in batches))},
+        metric="hits",
+        higher_is_better=True,
+    )
+    tuned = ts.prune_channels(model, {"ratio": 0.5}, data=data, task=task, finetune={"epochs": 3, "optimizer": "adam", "lr": 1e-2}).model
+    assert ts.evaluate(tuned, data, task=task)["hits"] > 100  # of 200 (chance: 20)
 
 
 def test_an_empty_loader_and_a_double_precision_model_get_errors_that_say_what_is_wrong(tmp_path):

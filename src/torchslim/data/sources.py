@@ -34,7 +34,7 @@ import torch
 
 from torchslim.core.errors import TorchslimError
 from torchslim.data.datasets import Dataset, Split, TensorLoader, TextDataset
-from torchslim.tasks.batches import TARGET_KEYS, batch_targets, example_of
+from torchslim.tasks.batches import TARGET_KEYS, KeyedBatch, batch_targets, example_of
 
 SPLITS = ("train", "eval")
 
@@ -284,8 +284,9 @@ class CombinedSource(DataSource):
 
 
 class KeyedTargets(DataSource):
-    """Mapping batches whose targets are under the user's own key (``{"image": x, "mask": y}``): the key is read as
-    the targets (renamed ``labels`` as each batch is read), so it is never passed to the model."""
+    """Mapping batches whose targets are under the user's own key (``{"image": x, "mask": y}``): each batch is read
+    as a ``KeyedBatch``, whose entry under that key is the targets and never passed to the model (a task of the
+    user's still finds it under its own key)."""
 
     def __init__(self, inner: DataSource, key: str) -> None:
         super().__init__(f"{inner.description}; targets under {key!r}")
@@ -304,7 +305,7 @@ class KeyedTargets(DataSource):
         others = [key for key in TARGET_KEYS if key in batch and key != self.key]
         if others:
             raise TorchslimError(f"{where}: a batch has targets under {others[0]!r} as well; name one key for the targets")
-        return {("labels" if key == self.key else key): value for key, value in batch.items()}
+        return KeyedBatch(batch, self.key)
 
     def batches_per_epoch(self, batch_size: int | None) -> int | None:
         return self.inner.batches_per_epoch(batch_size)

@@ -31,10 +31,29 @@ OUTPUT_KEYS = ("logits", "last_hidden_state", "pooler_output", "prediction_logit
 PLAIN_OUTPUT_KEYS = ("out", "output", "outputs", "pred", "preds", "prediction", "predictions", "scores", "y_hat")  # a user's own dict
 
 
+class KeyedBatch(dict):
+    """A mapping batch whose targets are under the user's own key (``ts.Data(targets="mask")``): that entry is the
+    targets, never a model input, and a task of the user's reads the batch as it was given."""
+
+    def __init__(self, items: Mapping[str, Any], target_key: str) -> None:
+        super().__init__(items)
+        self.target_key = target_key
+
+    def rebuilt(self, items: Mapping[str, Any]) -> KeyedBatch:
+        return KeyedBatch(items, self.target_key)
+
+
+def target_keys(batch: Mapping[str, Any]) -> tuple[str, ...]:
+    """The keys of a mapping batch that hold targets, not model inputs."""
+    return (batch.target_key, *TARGET_KEYS) if isinstance(batch, KeyedBatch) else TARGET_KEYS
+
+
 def move_to(value: Any, device: torch.device | str) -> Any:
     """``value`` with every tensor in it moved to ``device`` (tuples, lists and mappings kept as they are)."""
     if isinstance(value, torch.Tensor):
         return value.to(device)
+    if isinstance(value, KeyedBatch):
+        return value.rebuilt({key: move_to(item, device) for key, item in value.items()})
     if isinstance(value, Mapping):
         return {key: move_to(item, device) for key, item in value.items()}
     if isinstance(value, tuple):
@@ -51,6 +70,8 @@ def as_precision(value: Any, dtype: torch.dtype) -> Any:
         return value.to(dtype) if value.is_floating_point() else value
     if isinstance(value, Mapping):
         items = {key: as_precision(item, dtype) for key, item in value.items()}
+        if isinstance(value, KeyedBatch):
+            return value.rebuilt(items)
         try:
             return type(value)(**items)
         except TypeError:
@@ -70,7 +91,7 @@ def model_inputs(batch: Any, model: Any = None) -> tuple[tuple, dict[str, Any]]:
     if isinstance(batch, torch.Tensor):
         return (batch,), {}
     if isinstance(batch, Mapping):
-        return keyword_or_positional(model, {key: value for key, value in batch.items() if key not in TARGET_KEYS})
+        return keyword_or_positional(model, {key: value for key, value in batch.items() if key not in target_keys(batch)})
     if isinstance(batch, (tuple, list)) and batch:
         first = batch[0]
         if isinstance(first, Mapping):
@@ -136,7 +157,7 @@ def _positional_inputs(first: Any, targets: Any) -> bool:
 def batch_targets(batch: Any) -> Any | None:
     """The targets a batch carries, or None for unlabeled data."""
     if isinstance(batch, Mapping):
-        return next((batch[key] for key in TARGET_KEYS if key in batch), None)
+        return next((batch[key] for key in target_keys(batch) if key in batch), None)
     if isinstance(batch, (tuple, list)) and len(batch) > 1:
         return batch[1]
     return None
@@ -280,6 +301,7 @@ def forward_batches(model: Any, batches: Iterable, limit: int | None = None) -> 
 __all__ = [
     "OUTPUT_KEYS",
     "TARGET_KEYS",
+    "KeyedBatch",
     "batch_size_of",
     "batch_targets",
     "call_model",

@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from torchslim.core.errors import TorchslimError
-from torchslim.tasks.batches import batch_size_of
+from torchslim.tasks.batches import KeyedBatch, batch_size_of
 from torchslim.train.sharded import Sharded
 
 # how the model is spread over the processes: replicated (DistributedDataParallel) or sharded (FSDP2)
@@ -151,7 +151,8 @@ def shard_batch(batch: Any, current: World) -> Any:
             )
         return torch.tensor_split(batch, current.size)[current.rank]
     if isinstance(batch, dict):
-        return {key: shard_batch(value, current) for key, value in batch.items()}
+        shards = {key: shard_batch(value, current) for key, value in batch.items()}
+        return batch.rebuilt(shards) if isinstance(batch, KeyedBatch) else shards
     if isinstance(batch, tuple):
         return tuple(shard_batch(value, current) for value in batch)
     if isinstance(batch, list):
