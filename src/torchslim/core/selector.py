@@ -126,6 +126,10 @@ def select_modules(
     def picked(pattern: str, module: nn.Module) -> bool:
         return any(matches(pattern, alias, module) for alias in aliases.get(id(module), []))
 
+    if not named:
+        raise TorchslimError(
+            f"the model is a single {type(model).__name__} with no submodules: wrap it (nn.Sequential(layer)) so that its layer can be selected and replaced"
+        )
     for pattern in selector.include + selector.exclude:
         if not any(picked(pattern, module) for _, module in named):
             raise TorchslimError(f"layer pattern {pattern!r} matches no module; modules: {', '.join(n for n, _ in named[:30])}")

@@ -251,6 +251,9 @@ def onnx_session(path: str | os.PathLike[str] | bytes, threads: int = 2, spinnin
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    # the optimizer fuses an int8 DequantizeLinear + MatMul into MatMulNBits at accuracy level 4 (int8 activations)
+    # unless told: level 0 keeps the float arithmetic the file was checked with
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     model = path if isinstance(path, bytes) else str(path)
     return ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
 
@@ -269,6 +272,12 @@ def run_onnx_outputs(session: Any, inputs: Any) -> list[torch.Tensor]:
         missing = [name for name in wanted if name not in inputs]
         if missing:
             raise TorchslimError(f"the ONNX model takes inputs {', '.join(wanted)}; missing {', '.join(missing)}")
+        extra = [name for name in inputs if name not in wanted]
+        if extra:  # left out, it would change nothing in the file while the PyTorch model reads it
+            raise TorchslimError(
+                f"the ONNX model takes inputs {', '.join(wanted)}, not {', '.join(extra)}: it was exported or quantized with an example "
+                "without them; give that example every input the model will be called with"
+            )
         feed = {name: inputs[name].detach().cpu().numpy() for name in wanted}
     elif isinstance(inputs, (tuple, list)):
         if len(inputs) != len(wanted):

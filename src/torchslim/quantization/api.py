@@ -181,7 +181,8 @@ def _onnxruntime(model: nn.Module, config: OnnxInt8Config, context: _Context) ->
         engine = OnnxModule(path, threads=context.threads)
     notes = []
     if config.mode == "static":
-        how = f"static int8 ({config.calibration} calibration, {config.activations} activations)"
+        calibrated = f"torchslim's {config.observer} observer" if config.observer is not None else f"{config.calibration} calibration"
+        how = f"static int8 ({calibrated}, {config.activations} activations)"
         kept = float_products(engine.onnx_bytes)
         if kept is not None:
             products = kept["products"]
@@ -221,13 +222,15 @@ def _pt2e(model: nn.Module, config: Pt2eConfig, context: _Context) -> tuple[nn.M
 
 @quantization_method("qat", QATConfig, needs_data=True, engine=lambda config: bool(getattr(config, "export", False)))
 def _qat(model: nn.Module, config: QATConfig, context: _Context) -> tuple[nn.Module, Stage]:
-    trained = prepare_qat(model, config, inplace=True)
+    mode = model.training
+    trained = prepare_qat(model, config, inplace=True).train(mode)  # the fake-quant modules take the model's mode (eval: ranges frozen)
     calibrate_qat(trained, _calibration(context, 64), config.calibration_batches)
     notes = [f"{sum(1 for m in trained.modules() if hasattr(m, 'fake'))} layers fake-quantized ({config.weight_scale} weight scales)"]
     if context.finetune is not None:
         assert context.source is not None
         history = fit(trained, context.source, context.finetune, task=context.task, progress=context.progress, label="qat", evaluate_at_end=False)
         notes.append(f"trained {len(history.epochs)} epochs with fake quantization ({history.seconds:.1f} s)")
+        trained.train(mode)
     if not config.export:
         return trained, _stage(notes, "simulated (fake-quant) in eager PyTorch")
     with tempfile.TemporaryDirectory() as folder:

@@ -176,18 +176,39 @@ def float_weight(module: nn.Module) -> torch.Tensor:
     return weight.t() if is_transposed_linear(module) else weight
 
 
+def _bias_count(module: nn.Module) -> int:
+    bias = getattr(module, "bias", None)
+    return bias.numel() if isinstance(bias, torch.Tensor) else 0
+
+
+@torch.no_grad()
+def _keep_bias(before: nn.Module, tied: nn.Module, leader: nn.Module, quantized: nn.Module) -> None:
+    """A tied layer shares its ``leader``'s weight only: its own bias comes along (the quantized leader's bias
+    parameter, where the two biases were tied too)."""
+    bias = getattr(before, "bias", None)
+    if not isinstance(bias, torch.Tensor) or getattr(tied, "bias", None) is None:
+        return
+    if bias is getattr(leader, "bias", None):
+        tied.bias = quantized.bias
+    else:
+        tied.bias.copy_(bias.detach())
+
+
 def replace_layer(target: nn.Module, plan: LayerPlan, name: str, original: torch.Tensor, quantized: nn.Module, **extra: Any) -> None:
     """Put ``quantized`` in place of layer ``name`` (and of the tied layers sharing it), with its report row; the
     SQNR is measured against the ``original`` float weight."""
     scheme = plan.scheme(name)
-    note = move_hooks(name, target.get_submodule(name), quantized, "quantized")
+    leader = target.get_submodule(name)
+    note = move_hooks(name, leader, quantized, "quantized")
     if note is not None:
         plan.notes.append(note)
     set_module_everywhere(target, name, quantized)  # a layer registered under several names stays one layer
     plan.recorded[name] = scheme.to_dict()
     for follower in [f for f, leader in plan.shared.items() if leader == name]:
-        tied = empty_like(target.get_submodule(follower), scheme)
-        if (note := move_hooks(follower, target.get_submodule(follower), tied, "quantized")) is not None:
+        before = target.get_submodule(follower)
+        tied = empty_like(before, scheme)
+        _keep_bias(before, tied, leader, quantized)
+        if (note := move_hooks(follower, before, tied, "quantized")) is not None:
             plan.notes.append(note)
         set_module(target, follower, tied)
         share(target, follower, quantized)
@@ -199,7 +220,7 @@ def replace_layer(target: nn.Module, plan: LayerPlan, name: str, original: torch
             "bits": scheme.stored_bits,
             "weights": original.numel(),
             "sqnr_db": round(layer_sqnr(original, quantized), 2),
-            "dense_bytes": original.numel() * 4,
+            "dense_bytes": (original.numel() + _bias_count(quantized)) * 4,  # the bias too, as stored_bytes counts it
             "stored_bytes": quantized.stored_bytes(),
             "runs_on": _runs_on(quantized),
             **extra,

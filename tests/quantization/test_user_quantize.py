@@ -1,0 +1,85 @@
+"""Quantization on models written the way users write them: tied layers with biases of their own, QAT's mode,
+inputs an engine does not take, transformers' token axis in ONNX Runtime."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import torchslim as ts
+from torchslim.core.errors import TorchslimError
+
+
+def _tied(bias_tied: bool) -> nn.Module:
+    torch.manual_seed(0)
+    first, second = nn.Linear(16, 16), nn.Linear(16, 16)
+    second.weight = first.weight
+    if bias_tied:
+        second.bias = first.bias
+    return nn.Sequential(first, nn.ReLU(), second).eval()
+
+
+@pytest.mark.parametrize("bias_tied", [False, True])
+def test_a_layer_tied_by_its_weight_keeps_its_own_bias(tmp_path, bias_tied):
+    """The follower was rebuilt empty and shared only the leader's quantized weight: its bias became zeros."""
+    model, x = _tied(bias_tied), torch.randn(4, 16)
+    quantized = ts.quantize(model, {"weights": {"bits": 8}}).model
+    with torch.no_grad():
+        assert (quantized(x) - model(x)).abs().max() < 0.02 * model(x).abs().max()
+        assert (quantized[2].bias is quantized[0].bias) == bias_tied
+        if not bias_tied:  # a tie of biases is not something a Sequential's spec can rebuild, float or quantized
+            loaded = ts.load(ts.save(quantized, tmp_path / "tied.safetensors"), trust_factory=True)
+            assert torch.equal(loaded(x), quantized(x))
+
+
+def test_a_qat_model_in_eval_mode_keeps_its_activation_ranges_at_inference():
+    """The fake-quant modules were left in training mode inside an eval model: every call moved their ranges."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    quantized = ts.quantize(model, {"method": "qat", "export": False, "calibration_batches": 2}, data=[torch.randn(8, 16)] * 2).model
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        first = quantized(x)
+        for _ in range(5):
+            quantized(100 * torch.randn(4, 16))
+        assert torch.equal(quantized(x), first)
+    assert not any(module.training for module in quantized.modules())
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x, gain=None):
+        return self.fc(x if gain is None else x * gain)
+
+
+def test_an_engine_refuses_an_input_its_file_does_not_take():
+    """ONNX Runtime's engine dropped keyword inputs it was not exported with: the result silently ignored them."""
+    x = torch.randn(4, 8)
+    engine = ts.quantize(TwoInputs().eval(), {"method": "onnxruntime", "mode": "dynamic"}, example_input={"x": x}).model
+    assert engine(x=x).shape == (4, 3)
+    with pytest.raises(TorchslimError, match=r"the ONNX model takes inputs x, not gain: it was exported or quantized with an example without them"):
+        engine(x=x, gain=torch.full_like(x, 2.0))
+
+
+def test_int8_weights_over_a_token_axis_export_to_onnx_with_float_arithmetic(tmp_path):
+    """ONNX Runtime fused the int8 DequantizeLinear + MatMul of a (batch, tokens, features) input into MatMulNBits at
+    accuracy level 4 (int8 activations): the file no longer matched PyTorch and the export was refused."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8)).eval()
+    quantized = ts.quantize(model, {"weights": {"bits": 8}}).model
+    x = torch.randn(2, 5, 64)
+    result = ts.export(quantized, "onnx", x, tmp_path / "tokens.onnx")  # checked against the decoded fp32 weights
+    assert "largest absolute difference" in result.report.stages[0].notes[0]
+    assert result.model(x).shape == (2, 5, 8)
+
+
+def test_a_bare_layer_is_named_and_compression_counts_the_same_tensors_on_both_sides():
+    with pytest.raises(TorchslimError, match=r"the model is a single Linear with no submodules: wrap it \(nn.Sequential\(layer\)\)"):
+        ts.quantize(nn.Linear(16, 32), {"weights": {"bits": 8}})
+    metrics = ts.quantize(nn.Sequential(nn.Linear(16, 32)), {"weights": {"bits": 8}}).report.stages[0].metrics
+    assert metrics["dense_weight_bytes"] == (16 * 32 + 32) * 4  # the bias on both sides, as the stored bytes count it
+    assert metrics["compression"] == pytest.approx(metrics["dense_weight_bytes"] / metrics["weight_bytes"])
