@@ -103,11 +103,30 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def refuse_engine(model: nn.Module, where: str) -> None:
+    """Refuse what holds no PyTorch weights to write, saying how it is kept: an ONNX Runtime engine (what
+    quantize's onnxruntime, native-int8 and exported qat methods return) and a compiled PT2E int8 model."""
+    from torchslim.export.onnx import OnnxModule
+    from torchslim.quantization.pt2e import CompiledModule
+
+    if isinstance(model, OnnxModule):
+        raise TorchslimError(
+            f"{where}: an ONNX Runtime engine is saved as its .onnx file: give a path ending in .onnx "
+            "(ts.save(model, 'model.onnx')); it holds an int8 ONNX graph, not PyTorch weights for .safetensors or .tslim"
+        )
+    if isinstance(model, CompiledModule):
+        raise TorchslimError(
+            f"{where}: a PT2E int8 model runs a graph compiled in this process and holds no PyTorch weights to save; "
+            "export it with ts.export(model, 'pt2', example_input) (a .pt2 file torch.export.load reads back)"
+        )
+
+
 def file_spec(model: nn.Module, where: str, spec: dict[str, Any] | None = None) -> dict[str, Any]:
     """The spec a file records for ``model``: ``spec`` as given, else the model's own, or for a model that carries
     none (a user's own class, a Hugging Face model) the one ``core.spec.inferred_spec`` finds. An inferred spec (or
     a factory a user named at save time) is checked by building the model from it: the rebuilt model must hold
     tensors of the same names and shapes, or the error says which differs."""
+    refuse_engine(model, where)
     spec = check_spec(spec if spec is not None else spec_of(model), where)
     if spec.pop("inferred", False):
         rebuilt = build_from_spec(spec, trust_factory=True, where=where)  # the class is this process's own: nothing new runs
@@ -156,6 +175,7 @@ def save_model(model: nn.Module, path: str | os.PathLike[str], spec: dict[str, A
     applied (zeros are stored).
     """
     path = Path(path)
+    refuse_engine(model, str(path))
     refuse_overwrite(path, overwrite)
     check_model(model, str(path))
     spec = file_spec(model, str(path), spec)

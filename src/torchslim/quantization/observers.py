@@ -169,9 +169,20 @@ class EntropyObserver(HistogramObserver):
     def __init__(self, where: str = "tensor", bins: int = 2048, levels: int = 128) -> None:
         super().__init__(where, bins)
         self.levels = levels
+        self.zeros = 0.0  # exact zeros seen (ReLU outputs); they stay in bin 0 whatever the histogram's range
+
+    def _observe(self, x: torch.Tensor) -> None:
+        super()._observe(x)
+        self.zeros += float((x == 0).sum())
 
     def clip(self) -> float:
-        histogram = self.histogram
+        """The search compares the distributions of the nonzero values: exact zeros (half of a ReLU's outputs) are
+        represented exactly by any grid, and left in bin 0 they make the divergence favour grids whose first level
+        is narrow, clipping far below the largest values."""
+        histogram = self.histogram.clone()
+        histogram[0] = (histogram[0] - self.zeros).clamp(min=0.0)
+        if float(histogram.sum()) == 0:  # nothing but zeros seen
+            return self.edge
         best_index, best_divergence = self.bins, float("inf")
         for index in range(self.levels, self.bins + 1, 16):
             reference = histogram[:index].clone()

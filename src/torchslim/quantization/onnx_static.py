@@ -40,6 +40,7 @@ from torch import nn
 from torchslim.core.config import Config, check
 from torchslim.core.errors import TorchslimError
 from torchslim.export.onnx import INPUT_NAME, OnnxModule, as_called, constant_lookup, export_onnx, replace_graph_nodes, sole_input, weight_product
+from torchslim.quantization.observers import OBSERVERS
 from torchslim.tasks.batches import example_of
 
 DEFAULT_FLOAT_BELOW_DB = 20.0  # transformers: products whose static-grid input SQNR is lower stay float
@@ -90,16 +91,16 @@ class OnnxInt8Config(Config):
         check(not self.per_token or self.mode == "dynamic", "per_token activation scales are computed at run time: use mode 'dynamic'")
         check(not self.float_below_db or self.mode == "static", "float_below_db chooses products a static calibration would round badly: use mode 'static'")
         check(self.float_below_db is None or self.float_below_db >= 0, f"float_below_db must be >= 0 (0: off), got {self.float_below_db}")
+        check(self.observer is None or self.observer in OBSERVERS, f"observer must be one of {', '.join(OBSERVERS.names())} or None, got {self.observer!r}")
+        for key, value, default in (("observer", self.observer, None), ("calibration", self.calibration, "minmax")):
+            check(self.mode == "static" or value == default, f"{key} {value!r}: dynamic int8 calibrates nothing; use mode 'static' or leave {key} out")
+        check(self.observer is None or self.calibration == "minmax", f"give observer or calibration, not both (calibration {self.calibration!r})")
 
     def float_threshold(self, keyword_inputs: bool) -> float:
         """The SQNR (dB) below which a static product stays float (0: none does)."""
         if self.mode != "static":
             return 0.0
         return (DEFAULT_FLOAT_BELOW_DB if keyword_inputs else 0.0) if self.float_below_db is None else self.float_below_db
-        if self.observer is not None:
-            from torchslim.quantization.observers import OBSERVERS
-
-            check(self.observer in OBSERVERS, f"observer must be one of {', '.join(OBSERVERS.names())} or None, got {self.observer!r}")
 
 
 def _uniform(batches: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
@@ -272,7 +273,7 @@ def observed_ranges(path: Path, batches: list[dict[str, torch.Tensor]], observer
         feed = {name: value.numpy() for name, value in batch.items()}
         for name in inputs:
             observers[name].observe(torch.from_numpy(feed[name]))
-        for name, value in zip(names, session.run(names, feed)):
+        for name, value in zip(names, _run(session, names, feed, f"observe its activations ({observer} observer)")):
             if name in observers:
                 observers[name].observe(torch.from_numpy(np.asarray(value)))
     overrides = {}
@@ -306,7 +307,8 @@ def input_sqnr(path: Path, batches: list[dict[str, torch.Tensor]], nodes: list[s
 
     def each() -> Any:
         for batch in batches:
-            yield dict(zip(tensors, session.run(tensors, {name: value.numpy() for name, value in batch.items()})))
+            feed = {name: value.numpy() for name, value in batch.items()}
+            yield dict(zip(tensors, _run(session, tensors, feed, "measure its products' input SQNR (float_below_db)")))
 
     low = dict.fromkeys(tensors, 0.0)
     high = dict.fromkeys(tensors, 0.0)
@@ -349,6 +351,31 @@ def float_products(model_bytes: bytes) -> dict[str, Any] | None:
         if entry.key == FLOAT_PRODUCTS_KEY:
             return dict(json.loads(entry.value))
     return None
+
+
+def _failure(error: BaseException, path: Path) -> str:
+    """What ONNX Runtime's quantizer raised, at which node and weight (its innermost frames'), and the weight's users."""
+    import onnx
+
+    found, frame = {"node": "", "weight": ""}, error.__traceback__
+    while frame is not None:
+        seen, frame = frame.tb_frame.f_locals, frame.tb_next
+        info, node = seen.get("bias_info"), seen.get("node")
+        found["node"] = str(getattr(info, "node_name", None) or getattr(node, "name", None) or found["node"])
+        found["weight"] = str(getattr(info, "weight_name", None) or seen.get("weight_name") or found["weight"])
+    where = ", ".join(f"{key} {name}" for key, name in found.items() if name)
+    users = [n.name or n.op_type for n in onnx.load(str(path)).graph.node if found["weight"] in n.input] if found["weight"] else []
+    shared = f"; the weight {found['weight']} is used by {len(users)} nodes ({', '.join(users[:4])}), and ONNX Runtime quantizes a weight once, "
+    shared += "per channel along one axis (a weight reused transposed, as by a tied decoder, cannot): give each use its own copy, or use method 'weight-only'"
+    return (f" at {where} ({type(error).__name__}: {error})" if where else f": {type(error).__name__}: {error}") + (shared if len(users) > 1 else "")
+
+
+def _run(session: Any, names: list[str], feed: dict[str, Any], purpose: str) -> list[Any]:
+    """``session.run``; where ONNX Runtime cannot run the model (an operator form it lacks) a clear error naming the node."""
+    try:
+        return session.run(names, feed)
+    except Exception as error:  # ONNX Runtime's own exception types
+        raise TorchslimError(f"ONNX Runtime cannot run the exported model to {purpose}: {type(error).__name__}: {error}") from None
 
 
 @contextlib.contextmanager
@@ -434,8 +461,9 @@ def quantize_onnx(
                     extra_options=extra,
                     **selection,
                 )
-            except ValueError as error:
-                raise TorchslimError(f"ONNX Runtime static quantization ({config.calibration} calibration) failed: {error}") from None
+            except Exception as error:  # ONNX Runtime's quantizer and its calibration runs raise many kinds
+                calibrated = "torchslim's " + config.observer if config.observer is not None else config.calibration
+                raise TorchslimError(f"ONNX Runtime static quantization ({calibrated} calibration) failed{_failure(error, prepared)}") from None
             if threshold > 0:
                 _note_float_products(temporary, kept_float, threshold)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -41,8 +41,31 @@ def _freezing():
     return inductor_config.patch(freezing=True)
 
 
+ONE_INPUT = (
+    "PT2E int8 takes a model called with one tensor, model(x), and batches of that tensor (or (x, target) pairs); "
+    "for a model with several positional or named inputs, quantize with method 'onnxruntime' or 'native-int8'"
+)
+
+
+def _sole_tensor(value: object, what: str) -> torch.Tensor:
+    """The one input tensor of ``value`` (a tensor, or a tuple / list holding only it); otherwise a clear error."""
+    if isinstance(value, (tuple, list)) and len(value) == 1:
+        value = value[0]
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)):
+        shown = f"a {type(value).__name__} of {len(value)} inputs"
+    elif isinstance(value, dict):
+        shown = f"a mapping of inputs {', '.join(map(str, list(value)[:6]))}"
+    else:
+        shown = type(value).__name__
+    raise TorchslimError(f"{what} is {shown}: {ONE_INPUT}")
+
+
 def pt2e_int8(model: nn.Module, example_input: torch.Tensor, calibration: Iterable, batches: int = 16) -> CompiledModule:
-    """Quantize ``model`` (static int8, X86InductorQuantizer defaults) and compile it; calibration batches are inputs."""
+    """Quantize ``model`` (static int8, X86InductorQuantizer defaults) and compile it; calibration batches are inputs
+    (or (inputs, targets) pairs). One tensor input only (``ONE_INPUT``)."""
+    example_input = _sole_tensor(example_input, "PT2E int8: the example input")
     try:
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
         from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
@@ -59,7 +82,8 @@ def pt2e_int8(model: nn.Module, example_input: torch.Tensor, calibration: Iterab
         for inputs in calibration:
             if seen >= batches:
                 break
-            prepared(inputs[0] if isinstance(inputs, (tuple, list)) else inputs)
+            given = inputs[0] if isinstance(inputs, (tuple, list)) and inputs else inputs  # (inputs, targets) or inputs
+            prepared(_sole_tensor(given, f"PT2E int8: the inputs of calibration batch {seen}"))
             seen += 1
         if seen == 0:
             raise TorchslimError("PT2E calibration got no batches: the calibration data is empty")
