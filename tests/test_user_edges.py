@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import torchslim as ts
-from tests.zoo import LambdaLayer
+from tests.zoo import LambdaLayer, same_after_save_pretrained
 from torchslim.core.errors import TorchslimError
 from torchslim.pruning.structured import channel_sets
 
@@ -557,10 +557,7 @@ def test_gpt2s_mlp_neurons_go_through_its_tanh_gelu_and_the_model_reloads(tmp_pa
     rows = {row["name"]: (row["before"], row["after"]) for row in result.report.stages[0].layers}
     assert rows["transformer.h.0.mlp.c_fc"] == ("32->128", "32->64") and rows["transformer.h.1.mlp.c_proj"] == ("128->32", "64->32")
     assert result.model.config.n_inner == 64
-    result.model.save_pretrained(tmp_path)
-    reloaded = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
-    with torch.no_grad():
-        assert torch.allclose(reloaded(ids).logits, result.model(ids).logits, atol=1e-6)
+    assert same_after_save_pretrained(result.model, ids, tmp_path)
 
 
 class Twice(nn.Module):

@@ -358,3 +358,11 @@ def hf_vit(classes=10):
         image_size=32, patch_size=8, num_channels=3, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, num_labels=classes
     )
     return transformers.ViTForImageClassification(config)
+
+
+def same_after_save_pretrained(model, ids, folder, atol=1e-6) -> bool:
+    """Whether a Hugging Face model saved with save_pretrained and loaded back as its class gives the same logits."""
+    model.save_pretrained(folder)
+    reloaded = type(model).from_pretrained(folder).eval()
+    with torch.no_grad():
+        return torch.allclose(reloaded(ids).logits, model(ids).logits, atol=atol)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import torchslim as ts
+from tests.zoo import same_after_save_pretrained
 from torchslim.core.errors import TorchslimError
 
 
@@ -40,10 +41,7 @@ def test_a_hugging_face_config_names_the_new_activation_so_save_pretrained_reloa
     ids = torch.randint(0, 64, (2, 6))
     result = ts.substitute_activations(lm, {"to": "relu"}, example_input={"input_ids": ids})
     assert result.model.config.hidden_act == "relu" and lm.config.hidden_act == "silu"  # the caller's model keeps its own
-    result.model.save_pretrained(tmp_path)
-    reloaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
-    with torch.no_grad():
-        assert torch.allclose(reloaded(ids).logits, result.model(ids).logits, atol=1e-5)
+    assert same_after_save_pretrained(result.model, ids, tmp_path, atol=1e-5)
 
 
 class Functional(nn.Module):
