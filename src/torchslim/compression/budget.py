@@ -134,15 +134,19 @@ def layer_options(curves: dict[str, dict[float, float]], shape: tuple[int, int],
     return options
 
 
+def uniform_plans(options: dict[str, list[Option]]) -> list[dict[str, Option]]:
+    """Every plan of one shared (sparsity, bits) pair for all layers, in the order of the pairs."""
+    pairs = sorted({(o.sparsity, o.bits) for layer in options.values() for o in layer})
+    return [{name: next(o for o in layer if (o.sparsity, o.bits) == pair) for name, layer in options.items()} for pair in pairs]
+
+
 def allocate(options: dict[str, list[Option]], budget: float, uniform: bool = False) -> dict[str, Option]:
     """Each layer's option with the least summed predicted cost whose sizes fit ``budget`` (``allocate_exact``;
     ``uniform``: the one shared (sparsity, bits) pair that fits with the least cost). Of equal costs (rises clamped
     at 0 tie often) the larger plan, the least compressed, wins, as in ``allocate_exact``."""
     if uniform:
-        pairs = sorted({(o.sparsity, o.bits) for layer in options.values() for o in layer})
         fitting = []
-        for pair in pairs:
-            chosen = {name: next(o for o in layer if (o.sparsity, o.bits) == pair) for name, layer in options.items()}
+        for chosen in uniform_plans(options):
             size, cost = sum(o.size for o in chosen.values()), sum(o.cost for o in chosen.values())
             if size <= budget:
                 fitting.append((round(cost, 12), -size, chosen))
@@ -395,9 +399,7 @@ def _smallest(options: dict[str, list[Option]], uniform: bool) -> float:
     """Bytes of the smallest plan allowed: every layer at its smallest option (``uniform``: the smallest shared pair)."""
     if not uniform:
         return sum(min(o.size for o in layer) for layer in options.values())
-    pairs = {(o.sparsity, o.bits) for layer in options.values() for o in layer}
-    sizes = [sum(next(o.size for o in layer if (o.sparsity, o.bits) == pair) for layer in options.values()) for pair in pairs]
-    return min(sizes)
+    return min(sum(o.size for o in chosen.values()) for chosen in uniform_plans(options))
 
 
 def _file_bytes(result: Any) -> int:

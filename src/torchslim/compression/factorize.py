@@ -43,6 +43,7 @@ from torchslim.core.spec import append_transform, recorded_layers, register_tran
 from torchslim.core.ties import tied_weights
 from torchslim.measure.counts import count_macs, count_parameters
 from torchslim.pruning.apply import masks_of
+from torchslim.quantization.modules import is_transposed_linear
 from torchslim.tasks.batches import run_failure
 
 TRANSFORM_KIND = "factorize"
@@ -163,20 +164,15 @@ def weight_reader(model: nn.Module, name: str) -> str | None:
     return type(parent).__name__ if isinstance(parent, READS_WEIGHTS) else None
 
 
-def _conv1d(module: nn.Module) -> bool:
-    """A Hugging Face ``Conv1D`` (GPT-2's projections): a Linear whose weight is stored (in, out)."""
-    return type(module).__name__ == "Conv1D" and isinstance(getattr(module, "nf", None), int) and getattr(module, "weight", None) is not None
-
-
 def _matrix(module: nn.Module) -> torch.Tensor:
     """The layer's weight as (outputs, inputs, ...)."""
     weight = module.weight
     assert isinstance(weight, torch.Tensor)
-    return weight.T if _conv1d(module) else weight
+    return weight.T if is_transposed_linear(module) else weight
 
 
 def _form(module: nn.Module, method: str) -> str | None:
-    if isinstance(module, nn.Linear) or _conv1d(module):
+    if isinstance(module, nn.Linear) or is_transposed_linear(module):
         return "svd"
     if not isinstance(module, nn.Conv2d) or module.groups != 1:
         return None
@@ -206,7 +202,7 @@ def _leading(matrix: torch.Tensor, rank: int) -> torch.Tensor:
 def _structure(module: nn.Module, form: str, ranks: list[int]) -> nn.Module:
     """The factorized module for ``module`` at ``ranks``, with uninitialized weights (the bias goes on the last layer)."""
     bias = module.bias is not None
-    if isinstance(module, nn.Linear) or _conv1d(module):
+    if isinstance(module, nn.Linear) or is_transposed_linear(module):
         outputs, inputs = _matrix(module).shape
         return FactorizedLinear(nn.Linear(inputs, ranks[0], bias=False), nn.Linear(ranks[0], outputs, bias=bias))
     assert isinstance(module, nn.Conv2d)
@@ -453,7 +449,7 @@ def factorize(model: nn.Module, config: FactorizeConfig | dict, **options: Unpac
 def _own_forward(module: nn.Module) -> str | None:
     """The method a subclass of Linear / Conv2d overrides to compute its output (a scaled or weight-standardized
     layer), or None for the plain layer."""
-    if _conv1d(module):
+    if is_transposed_linear(module):
         return None  # computes x @ W + b, as the factors do
     base = nn.Linear if isinstance(module, nn.Linear) else nn.Conv2d
     for method in ("forward", "_conv_forward"):

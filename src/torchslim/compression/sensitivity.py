@@ -4,7 +4,7 @@ allocation reads them.
 
 Each measurement changes one layer's weight in place (masked by |w|, quantized per channel and dequantized, or
 replaced by its best rank-r approximation), evaluates, and puts the weight back, so the model is not copied and is
-returned unchanged. A model whose weights are computed (pruning masks, weight_norm, spectral_norm: each access
+returned unchanged. A model whose weights are computed by parametrizations (pruning masks, weight_norm, spectral_norm: each access
 recomputes the weight, so a change to it would not reach the forward) is measured on a copy with every such weight
 folded into the plain tensor it computes now.
 
@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchslim.core.checks import check_model, norm_hooks, remove_norm_hook
+from torchslim.core.checks import check_model
 from torchslim.core.config import Config, check
 from torchslim.core.report import Report, Result, Stage
 from torchslim.core.selector import LayerSelector, select_modules
@@ -161,18 +161,14 @@ def sensitivity(model: nn.Module, data: Any, config: SensitivityConfig | dict, t
 
 
 def _plain(model: nn.Module) -> tuple[nn.Module, list[str]]:
-    """``model``, or where weights are computed (parametrizations, hook-based norms) a copy with each folded into the
-    plain weight it computes now, and a note saying so."""
+    """``model``, or where weights are computed by parametrizations a copy with each folded into the plain weight it
+    computes now, and a note saying so (torch's hook-based norms are refused by ``check_model`` before)."""
     computed = [name for name, module in model.named_modules() if getattr(module, "parametrizations", None)]
-    computed += [name for name, _, _ in norm_hooks(model)]
     if not computed:
         return model, []
     training = model.training
-    plain = fold_parametrizations(copy.deepcopy(model).eval())  # in eval mode: spectral_norm uses its stored vectors
-    for _, module, hook in norm_hooks(plain):
-        remove_norm_hook(module, hook)
-    plain.train(training)
-    listed = ", ".join(sorted(set(computed))[:5]) + (", ..." if len(set(computed)) > 5 else "")
+    plain = fold_parametrizations(copy.deepcopy(model).eval()).train(training)  # in eval mode: spectral_norm uses its stored vectors
+    listed = ", ".join(sorted(computed)[:5]) + (", ..." if len(computed) > 5 else "")
     return plain, [f"measured on a copy with computed weights folded into plain ones (masks or weight norms of {listed})"]
 
 

@@ -266,7 +266,24 @@ def run_onnx(session: Any, inputs: Any) -> torch.Tensor:
 
 def run_onnx_outputs(session: Any, inputs: Any) -> list[torch.Tensor]:
     """Every output of a session run on ``inputs`` (as ``run_onnx`` takes them), in the model's order."""
-    wanted = [i.name for i in session.get_inputs()]
+    feed = onnx_feed([i.name for i in session.get_inputs()], inputs)
+    try:
+        return [torch.from_numpy(array) for array in session.run(None, feed)]
+    except Exception as error:
+        if "invalid dimensions" not in str(error).lower():
+            raise
+        # the exported input has fixed axes besides the batch: name them rather than ONNX Runtime's message
+        takes = {i.name: tuple(i.shape) for i in session.get_inputs()}
+        given = {name: tuple(value.shape) for name, value in feed.items()}
+        raise TorchslimError(
+            f"the ONNX model takes inputs of shape {takes} (a name: an axis of any size), got {given}: it was exported with an example of "
+            "one shape; export with an example of the shape it will run on, or pad inputs to it"
+        ) from error
+
+
+def onnx_feed(wanted: list[str], inputs: Any) -> dict[str, Any]:
+    """The ONNX Runtime feed (name: array) for a session of inputs ``wanted``: one tensor, a tuple or list of
+    positional tensors (in order), or a mapping by name (every input the file takes, and no other)."""
     inputs = sole_input(inputs, wanted)  # {"input_ids": ids} for a model exported with one positional input
     if isinstance(inputs, Mapping):
         missing = [name for name in wanted if name not in inputs]
@@ -281,22 +298,11 @@ def run_onnx_outputs(session: Any, inputs: Any) -> list[torch.Tensor]:
         feed = {name: inputs[name].detach().cpu().numpy() for name in wanted}
     elif isinstance(inputs, (tuple, list)):
         if len(inputs) != len(wanted):
-            raise TorchslimError(f"the ONNX model takes {len(wanted)} inputs ({', '.join(wanted)}), got {len(inputs)}")
+            raise TorchslimError(f"the ONNX model takes {len(wanted)} inputs ({', '.join(wanted)}), the example has {len(inputs)}")
         feed = {name: tensor.detach().cpu().numpy() for name, tensor in zip(wanted, inputs)}
     else:
         feed = {wanted[0]: inputs.detach().cpu().numpy()}
-    try:
-        return [torch.from_numpy(array) for array in session.run(None, feed)]
-    except Exception as error:
-        if "invalid dimensions" not in str(error).lower():
-            raise
-        # the exported input has fixed axes besides the batch: name them rather than ONNX Runtime's message
-        takes = {i.name: tuple(i.shape) for i in session.get_inputs()}
-        given = {name: tuple(value.shape) for name, value in feed.items()}
-        raise TorchslimError(
-            f"the ONNX model takes inputs of shape {takes} (a name: an axis of any size), got {given}: it was exported with an example of "
-            "one shape; export with an example of the shape it will run on, or pad inputs to it"
-        ) from error
+    return feed
 
 
 class OnnxModule(nn.Module):

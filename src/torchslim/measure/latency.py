@@ -14,7 +14,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchslim.core.errors import TorchslimError
 from torchslim.core.modes import eval_mode, model_device
 from torchslim.core.registry import Registry
 from torchslim.tasks.batches import call_model, move_to, repeat_example
@@ -67,7 +66,7 @@ def onnxruntime_backend(model: nn.Module, example: Any) -> Runner:
     import tempfile
     from pathlib import Path
 
-    from torchslim.export.onnx import as_called, export_onnx, onnx_session
+    from torchslim.export.onnx import as_called, export_onnx, onnx_feed, onnx_session
 
     folder = tempfile.mkdtemp(prefix="torchslim-onnx-")
     path = export_onnx(model, example, Path(folder) / "model.onnx")
@@ -82,33 +81,6 @@ def onnxruntime_backend(model: nn.Module, example: Any) -> Runner:
         return session.run(None, fed[id(x)][1])
 
     return run
-
-
-def onnx_feed(names: list[str], inputs: Any) -> dict[str, Any]:
-    """The ONNX Runtime feed (name: array) of ``inputs`` for a session of inputs ``names``: one tensor, a tuple or
-    list of positional tensors (in order), or a mapping of tensors by name (a single one under another name is the
-    session's one input)."""
-    from torchslim.export.onnx import sole_input
-
-    inputs = sole_input(inputs, names)
-
-    def array(name: str, value: Any) -> Any:
-        if not isinstance(value, torch.Tensor):
-            raise TorchslimError(f"onnxruntime latency backend: input {name!r} is a {type(value).__name__}; the exported model takes tensors {names}")
-        return value.detach().cpu().numpy()
-
-    if isinstance(inputs, Mapping):
-        missing = [name for name in names if name not in inputs]
-        if missing:
-            raise TorchslimError(f"onnxruntime latency backend: the exported model takes inputs {names}; the example lacks {missing}")
-        return {name: array(name, inputs[name]) for name in names}
-    if isinstance(inputs, (tuple, list)):
-        if len(inputs) != len(names):
-            raise TorchslimError(f"onnxruntime latency backend: the exported model takes {len(names)} inputs {names}, the example has {len(inputs)}")
-        return {name: array(name, value) for name, value in zip(names, inputs)}
-    if len(names) != 1:
-        raise TorchslimError(f"onnxruntime latency backend: the exported model takes {len(names)} inputs {names}, the example is one tensor")
-    return {names[0]: array(names[0], inputs)}
 
 
 @dataclasses.dataclass
