@@ -164,16 +164,16 @@ def _noisy_output(module: nn.Module, inputs: tuple, output: torch.Tensor, clip: 
     if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
         raise TorchslimError("sparse variational dropout: Conv2d with padding_mode other than zeros is not covered")
 
-    def product(inputs: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    def product(inputs: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if isinstance(module, nn.Linear):
-            return F.linear(inputs, kernel)
+            return F.linear(inputs, kernel, bias)
         assert isinstance(module, nn.Conv2d)
-        return F.conv2d(inputs, kernel, None, module.stride, module.padding, module.dilation, module.groups)
+        return F.conv2d(inputs, kernel, bias, module.stride, module.padding, module.dilation, module.groups)
 
-    if clip is not None:
-        pruned = (log_alpha(weight, _log_sigma2(module)) > clip).detach()
-        output = output - product(x, weight * pruned)
-        variance_weight = variance_weight * ~pruned
+    if clip is not None:  # the mean recomputed with the kept weights: the layer's own output leaves the graph
+        kept = (log_alpha(weight, _log_sigma2(module)) <= clip).detach()
+        output = product(x, weight * kept, module.bias)
+        variance_weight = variance_weight * kept
     return output + torch.sqrt(product(x * x, variance_weight) + 1e-8) * torch.randn_like(output)
 
 
