@@ -26,7 +26,7 @@ from benchmarks.harness import arguments, only_rows, write
 from benchmarks.llm import MODEL_DIR, WINDOW, _tokens
 from torchslim.export.onnx import OnnxModule, export_onnx
 from torchslim.export.verb import export
-from torchslim.quantization.onnx_static import float_products
+from torchslim.quantization.onnx_notes import float_products
 from torchslim.report.markdown import format_bytes, table
 
 CONFIGS: dict[str, dict[str, Any]] = {

@@ -105,3 +105,41 @@ def test_a_pt2e_model_of_convolutions_exports_as_pt2_within_int8_rounding(tmp_pa
     compiled = ts.quantize(model, {"method": "pt2e", "calibration_batches": 2}, data=data, example_input=x).model
     exported = ts.export(compiled, "pt2", x, tmp_path / "int8.pt2")
     assert exported.model(x).shape == (4, 5) and "largest absolute difference" in exported.report.stages[0].notes[0]
+
+
+class _SignBranch(nn.Module):
+    """A user's model that picks a layer by the sign of its input's mean: a trace keeps the example's branch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.positive, self.negative = nn.Linear(8, 4), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.mean() > 0:
+            return self.positive(x)
+        return self.negative(x)
+
+
+@pytest.mark.parametrize("config", [{"method": "onnxruntime"}, {"method": "native-int8"}, {"method": "qat", "export": True}])
+def test_engines_refuse_a_model_whose_control_flow_depends_on_input_values(tmp_path, config):
+    """The int8 engines quantized the float export unchecked: the example's branch was baked in, and on inputs of
+    the other sign the engine ran the wrong layer. Now the refusal names the control flow, and no file is left."""
+    torch.manual_seed(0)
+    model = _SignBranch().eval()
+    data = [(torch.randn(16, 8).abs(), torch.randint(0, 4, (16,))) for _ in range(4)]
+    path = tmp_path / "int8.onnx"
+    with pytest.raises(TorchslimError, match="control flow that depends on its input values") as raised:
+        ts.quantize(model, config, data=data, path=path)
+    assert "torch.where" in str(raised.value)
+    assert not path.exists()
+
+
+def test_an_engine_of_a_model_without_value_branches_still_matches_pytorch():
+    """The checked float export changes nothing for a model the trace follows: the engine still matches PyTorch."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    data = [(torch.randn(16, 8), torch.randint(0, 4, (16,))) for _ in range(4)]
+    engine = ts.quantize(model, {"method": "onnxruntime"}, data=data).model
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        assert (engine(x) - model(x)).abs().max() < 0.2 * model(x).abs().max()  # int8 rounding of a tiny model; a wrong branch is off by about 1x

@@ -38,7 +38,8 @@ from torchslim.core.report import Report, Result, Stage
 from torchslim.data.sources import DataSource, as_source
 from torchslim.export.onnx import OnnxModule
 from torchslim.quantization.observers import OBSERVERS
-from torchslim.quantization.onnx_static import OnnxInt8Config, float_products, quantize_onnx
+from torchslim.quantization.onnx_notes import export_notes, float_products
+from torchslim.quantization.onnx_static import OnnxInt8Config, quantize_onnx
 from torchslim.quantization.qat import QATConfig, calibrate_qat, export_qat_onnx, prepare_qat
 from torchslim.quantization.weight_only import WeightOnlyConfig, quantize_weights
 from torchslim.tasks.base import Task, resolve_task
@@ -193,7 +194,7 @@ def _onnxruntime(model: nn.Module, config: OnnxInt8Config, context: _Context) ->
             )
     else:
         how = f"dynamic int8 ({'per-token' if config.uses_per_token(isinstance(context.example, dict)) else 'per-tensor'} activation scales)"
-    return engine, _stage([f"ONNX Runtime quantizer: {how}", *notes], f"ONNX Runtime, {how}", engine)
+    return engine, _stage([f"ONNX Runtime quantizer: {how}", *notes, *export_notes(engine.onnx_bytes)], f"ONNX Runtime, {how}", engine)
 
 
 @quantization_method("native-int8", NativeInt8Config, needs_data=True, engine=lambda config: True)
@@ -205,7 +206,8 @@ def _native_int8(model: nn.Module, config: NativeInt8Config, context: _Context) 
     return engine, _stage(
         [
             f"BatchNorm folded; every activation range from torchslim's {config.observer} observer over {len(batches)} batches; "
-            "Q/DQ pairs placed by ONNX Runtime's quantizer (convolutions, matrix products, residual adds, concatenations, pooling)"
+            "Q/DQ pairs placed by ONNX Runtime's quantizer (convolutions, matrix products, residual adds, concatenations, pooling)",
+            *export_notes(engine.onnx_bytes),
         ],
         f"ONNX Runtime, static int8 QDQ ({config.observer} calibration by torchslim)",
         engine,

@@ -41,10 +41,10 @@ from torchslim.core.config import Config, check
 from torchslim.core.errors import TorchslimError
 from torchslim.export.onnx import INPUT_NAME, OnnxModule, as_called, constant_lookup, export_onnx, replace_graph_nodes, sole_input, weight_product
 from torchslim.quantization.observers import OBSERVERS
+from torchslim.quantization.onnx_notes import EXPORT_NOTES_KEY, add_metadata, checked_float_export, note_float_products
 from torchslim.tasks.batches import example_of
 
 DEFAULT_FLOAT_BELOW_DB = 20.0  # transformers: products whose static-grid input SQNR is lower stay float
-FLOAT_PRODUCTS_KEY = "torchslim.float_products"  # metadata of a static int8 file: the products kept float, by name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -327,32 +327,6 @@ def input_sqnr(path: Path, batches: list[dict[str, torch.Tensor]], nodes: list[s
     return {node: float(np.median(np.concatenate(rows[t]))) for node, t in inputs.items() if t and rows[t]}
 
 
-def _note_float_products(path: Path, kept: dict[str, float], threshold: float) -> None:
-    """Record in the file's metadata which products stayed float and why (``float_products`` reads it back)."""
-    import json
-
-    import onnx
-
-    model = onnx.load(str(path))
-    entry = model.metadata_props.add()
-    entry.key = FLOAT_PRODUCTS_KEY
-    entry.value = json.dumps({"threshold_db": threshold, "products": {name: round(db, 2) for name, db in kept.items()}})
-    onnx.save(model, str(path))
-
-
-def float_products(model_bytes: bytes) -> dict[str, Any] | None:
-    """What a static int8 file records of the products it kept float: {"threshold_db", "products": {name: SQNR dB}};
-    None when it records nothing (no check was made)."""
-    import json
-
-    import onnx
-
-    for entry in onnx.load_from_string(model_bytes).metadata_props:
-        if entry.key == FLOAT_PRODUCTS_KEY:
-            return dict(json.loads(entry.value))
-    return None
-
-
 def _failure(error: BaseException, path: Path) -> str:
     """What ONNX Runtime's quantizer raised, at which node and weight (its innermost frames'), and the weight's users."""
     import onnx
@@ -412,7 +386,7 @@ def quantize_onnx(
         calibration = list(itertools.islice(calibration, config.calibration_batches))
         model = smooth_float(copy.deepcopy(model), calibration, config.smooth)
     with tempfile.TemporaryDirectory() as folder, _quiet_root_logging():
-        fp32 = export_onnx(model, example_input, Path(folder) / "fp32.onnx")
+        fp32, noted = checked_float_export(model, example_input, Path(folder) / "fp32.onnx")
         prepared = Path(folder) / "prepared.onnx"
         quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
         temporary = Path(folder) / "int8.onnx"
@@ -465,7 +439,9 @@ def quantize_onnx(
                 calibrated = "torchslim's " + config.observer if config.observer is not None else config.calibration
                 raise TorchslimError(f"ONNX Runtime static quantization ({calibrated} calibration) failed{_failure(error, prepared)}") from None
             if threshold > 0:
-                _note_float_products(temporary, kept_float, threshold)
+                note_float_products(temporary, kept_float, threshold)
+        if noted:
+            add_metadata(temporary, EXPORT_NOTES_KEY, noted)
         path.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(temporary, path)
     return path

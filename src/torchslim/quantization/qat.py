@@ -270,13 +270,41 @@ def export_qat_onnx(model: nn.Module, example_input: torch.Tensor, path: str | o
     fakes = [module.fake for module in model.modules() if isinstance(module, (QATLinear, QATConv2d))]
     for fake in fakes:
         fake.freeze()
+    found: list = []
     try:
-        exported = export_onnx(model, example_input, path, opset=17)
+        exported = export_onnx(model, example_input, path, opset=17, warned=found)
     finally:
         for fake in fakes:
             fake.frozen = None
     store_int8_weights(exported)
+    if found:  # the tracer made values computed from the inputs constants: check the file takes the model's branches
+        _refuse_value_branches(model, example_input, exported, found)
     return exported
+
+
+def _refuse_value_branches(model: nn.Module, example_input: Any, path: Path, found: list) -> None:
+    """Compare the int8 file with the fake-quantized model on inputs of other values and on the example negated; a
+    relative error over 0.1 (int8 rounding stays far below it) is a branch the trace baked in: the file is removed and
+    the export refused by name."""
+    from torchslim.export.check import NEGATED, OTHER_VALUES, other_values, reference, relative_error, tracer_note, where
+    from torchslim.export.onnx import OnnxModule, as_called
+    from torchslim.tasks.batches import repeat_example
+
+    base = repeat_example(as_called(model, example_input), 2)
+    engine = OnnxModule(path)
+    for label, inputs in ((OTHER_VALUES, other_values(base)), (NEGATED, other_values(base, seed=1, negate=True))):
+        try:
+            expected = reference(model, inputs)
+        except Exception:  # the model itself does not run on such inputs: nothing to compare
+            continue
+        error = max(relative_error(p, e) for p, e in zip(reference(engine, inputs, set_eval=False), expected))
+        if error > 0.1:
+            Path(path).unlink(missing_ok=True)
+            raise TorchslimError(
+                f"QAT export: the int8 ONNX file differs from the fake-quantized model on {where(label)} by a relative error of {error:.3g} "
+                f"(int8 rounding stays below 0.1): the model has control flow that depends on its input values ({tracer_note(found)}), "
+                "and the file keeps the branch the example took; compute both branches with torch.where (or use torch.cond)"
+            )
 
 
 def store_int8_weights(path: str | os.PathLike[str]) -> None:
