@@ -143,3 +143,26 @@ def test_an_engine_of_a_model_without_value_branches_still_matches_pytorch():
     x = torch.randn(5, 8)
     with torch.no_grad():
         assert (engine(x) - model(x)).abs().max() < 0.2 * model(x).abs().max()  # int8 rounding of a tiny model; a wrong branch is off by about 1x
+
+
+def test_qat_names_the_layers_it_leaves_in_float():
+    """QAT fake-quantized plain Linear / Conv2d only and said nothing of the rest: on GPT-2 it trained the head alone
+    with every Conv1D in float, and the report read as if the model were quantized."""
+    pytest.importorskip("transformers")
+    from tests import zoo
+
+    torch.manual_seed(0)
+    model = zoo.gpt2().eval()
+    ids = torch.randint(0, 65, (4, 16))
+    notes = ts.quantize(model, {"method": "qat", "export": False, "calibration_batches": 1}, data=[{"input_ids": ids, "labels": ids}]).report.stages[0].notes
+    assert notes[0].startswith("1 layer fake-quantized")
+    assert any(note.startswith("left in float:") and "transformer.h.0.attn.c_attn (Conv1D)" in note for note in notes)
+
+
+def test_qat_with_no_layer_it_covers_is_an_error_naming_the_layers():
+    class Scaled(nn.Linear):  # a user's layer with a forward of its own
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x) * 2
+
+    with pytest.raises(TorchslimError, match=r"no layer to fake-quantize.*0 \(Scaled\)"):
+        ts.quantize(nn.Sequential(Scaled(4, 4)), {"method": "qat", "export": False, "calibration_batches": 1}, data=[torch.randn(2, 4)])

@@ -40,7 +40,7 @@ from torchslim.export.onnx import OnnxModule
 from torchslim.quantization.observers import OBSERVERS
 from torchslim.quantization.onnx_notes import export_notes, float_products
 from torchslim.quantization.onnx_static import OnnxInt8Config, quantize_onnx
-from torchslim.quantization.qat import QATConfig, calibrate_qat, export_qat_onnx, prepare_qat
+from torchslim.quantization.qat import QATConfig, calibrate_qat, export_qat_onnx, left_float, prepare_qat
 from torchslim.quantization.weight_only import WeightOnlyConfig, quantize_weights
 from torchslim.tasks.base import Task, resolve_task
 from torchslim.train.fit import TrainConfig, fit
@@ -227,7 +227,11 @@ def _qat(model: nn.Module, config: QATConfig, context: _Context) -> tuple[nn.Mod
     mode = model.training
     trained = prepare_qat(model, config, inplace=True).train(mode)  # the fake-quant modules take the model's mode (eval: ranges frozen)
     calibrate_qat(trained, _calibration(context, 64), config.calibration_batches)
-    notes = [f"{sum(1 for m in trained.modules() if hasattr(m, 'fake'))} layers fake-quantized ({config.weight_scale} weight scales)"]
+    count = sum(1 for m in trained.modules() if hasattr(m, "fake"))
+    notes = [f"{count} layer{'' if count == 1 else 's'} fake-quantized ({config.weight_scale} weight scales)"]
+    left = left_float(trained)
+    if left:
+        notes.append(f"left in float: {', '.join(left[:8])}{f' and {len(left) - 8} more' if len(left) > 8 else ''} (QAT covers plain nn.Linear and nn.Conv2d)")
     if context.finetune is not None:
         assert context.source is not None
         history = fit(trained, context.source, context.finetune, task=context.task, progress=context.progress, label="qat", evaluate_at_end=False)

@@ -198,9 +198,29 @@ def prepare_qat(model: nn.Module, config: QATConfig | dict | None = None, inplac
         if type(module) in (nn.Linear, nn.Conv2d):
             _convert(module, config)
             converted.append(name)
-    if converted:  # a saved file rebuilds the fake-quant layers (their scales and ranges come from the file)
-        append_transform(target, {"kind": TRANSFORM_KIND, "config": config.to_dict(), "layers": {name: {} for name in converted}})
+    if not converted:
+        left = left_float(target)
+        raise TorchslimError(
+            "qat: no layer to fake-quantize: QAT covers plain nn.Linear and nn.Conv2d layers"
+            + (f"; the model's weight layers are {', '.join(left[:6])}{', ...' if len(left) > 6 else ''}" if left else "")
+            + (" (use method 'weight-only' or 'onnxruntime' for these)" if left else "")
+        )
+    # a saved file rebuilds the fake-quant layers (their scales and ranges come from the file)
+    append_transform(target, {"kind": TRANSFORM_KIND, "config": config.to_dict(), "layers": {name: {} for name in converted}})
     return target
+
+
+def left_float(model: nn.Module) -> list[str]:
+    """The weight layers QAT leaves in float, as "name (Type)": Linear and Conv2d subclasses with forwards of their
+    own, GPT-2's Conv1D, convolutions of other dimensions, and plain layers outside the selection."""
+    from torchslim.quantization.modules import is_transposed_linear
+
+    kinds = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    return [
+        f"{name} ({type(module).__name__})"
+        for name, module in model.named_modules()
+        if (isinstance(module, kinds) and not isinstance(module, (QATLinear, QATConv2d))) or is_transposed_linear(module)
+    ]
 
 
 @register_transform(TRANSFORM_KIND)
