@@ -166,3 +166,32 @@ def test_qat_with_no_layer_it_covers_is_an_error_naming_the_layers():
 
     with pytest.raises(TorchslimError, match=r"no layer to fake-quantize.*0 \(Scaled\)"):
         ts.quantize(nn.Sequential(Scaled(4, 4)), {"method": "qat", "export": False, "calibration_batches": 1}, data=[torch.randn(2, 4)])
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"weights": {"scheme": "binary", "bits": 4}}, r"quantize.weights: scheme 'binary' ignores bits=4"),
+        ({"weights": {"scheme": "kmeans", "bits": 4, "granularity": "group"}}, r"scheme 'kmeans' ignores granularity='group'"),
+        ({"weights": {"scheme": "fp16", "group_size": 32}}, r"scheme 'fp16' ignores group_size=32"),
+        ({"weights": {"scheme": "binary"}, "overrides": {"2": {"bits": 4}}}, r"quantize.overrides\['2'\]: scheme 'binary' ignores bits=4"),
+    ],
+)
+def test_a_key_the_scheme_would_ignore_is_an_error(config, message):
+    """binary, ternary and fp16 ignored bits and the grid, k-means ignored granularity: the user got another model
+    than the one asked for, without a word."""
+    with pytest.raises(ts.ConfigError, match=message):
+        ts.quantize(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)), config)
+
+
+def test_an_override_of_another_scheme_does_not_inherit_keys_it_would_ignore():
+    """A group-wise int4 model with its head in fp16: the head's override does not carry int4's grid."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    config = {"weights": {"scheme": "uniform", "bits": 4, "granularity": "group", "group_size": 4}, "overrides": {"2": {"scheme": "fp16"}}}
+    result = ts.quantize(model, config)
+    head = result.report.stages[0].config["overrides"]["2"]
+    assert head["scheme"] == "fp16" and head["granularity"] == "channel" and head["group_size"] == 128
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        assert (result.model(x) - model(x)).abs().max() < 0.2 * model(x).abs().max()

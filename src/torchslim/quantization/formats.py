@@ -6,6 +6,7 @@ them, decodes them back and which integer kernel runs them). ``FORMATS`` maps sc
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -21,6 +22,19 @@ if TYPE_CHECKING:
 
 # weights encoded (and decoded for measuring) this many at a time, bounding the float temporaries of a large table
 ENCODE_CHUNK = 2**22
+
+
+# the keys each scheme reads besides these common ones; any other key a person writes for it would be ignored
+COMMON_KEYS = {"scheme", "kernel", "input_scale"}
+SCHEME_KEYS = {
+    "uniform": {"bits", "symmetric", "granularity", "group_size", "activation_bits"},
+    "kmeans": {"bits", "kmeans_init", "kmeans_iterations", "trainable_codebook"},
+    "pow2": {"bits"},
+    "binary": set(),
+    "ternary": set(),
+    "fp16": set(),
+    "bf16": set(),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +72,21 @@ class WeightScheme(Config):
     @property
     def stored_bits(self) -> int:
         return {"binary": 1, "ternary": 2, "fp16": 16, "bf16": 16}.get(self.scheme, self.bits)
+
+    @classmethod
+    def inapplicable(cls, written: Mapping[str, Any]) -> list[str]:
+        """The keys of a scheme as a person wrote it that its scheme would ignore (``granularity`` for k-means,
+        ``bits: 4`` for binary): a key at its default, or ``bits`` equal to what the scheme stores, is not counted."""
+        scheme = written.get("scheme", "uniform")
+        if scheme not in SCHEME_KEYS:
+            return []  # validate names an unknown scheme
+        defaults = {field.name: field.default for field in dataclasses.fields(cls)}
+        stored = {"binary": 1, "ternary": 2, "fp16": 16, "bf16": 16}.get(scheme)
+        return [
+            key
+            for key, value in written.items()
+            if key in defaults and key not in COMMON_KEYS | SCHEME_KEYS[scheme] and value != defaults[key] and not (key == "bits" and value == stored)
+        ]
 
     def uniform_spec(self) -> UniformSpec:
         return UniformSpec(bits=self.bits, symmetric=self.symmetric, granularity=self.granularity, axis=0, group_size=self.group_size)

@@ -25,7 +25,7 @@ from torchslim.core.selector import LayerSelector, move_hooks, resolve_overrides
 from torchslim.core.spec import append_transform, recorded_module, recorded_transform, register_transform
 from torchslim.core.ties import tied_groups
 from torchslim.measure.counts import count_parameters
-from torchslim.quantization.formats import WeightScheme
+from torchslim.quantization.formats import SCHEME_KEYS, WeightScheme
 from torchslim.quantization.modules import (
     QuantizedConv2d,
     QuantizedEmbedding,
@@ -59,14 +59,40 @@ class WeightOnlyConfig(Config):
 
     @classmethod
     def from_dict(cls, mapping: Any, where: str | None = None) -> WeightOnlyConfig:
-        """As ``Config.from_dict``, with each override a partial scheme merged onto ``weights``."""
-        if isinstance(mapping, Mapping) and isinstance(mapping.get("overrides"), Mapping):
-            base = mapping.get("weights", {})
-            base = base.to_dict() if isinstance(base, WeightScheme) else dict(base) if isinstance(base, Mapping) else base
-            if isinstance(base, dict):
-                merged = {key: ({**base, **value} if isinstance(value, Mapping) else value) for key, value in mapping["overrides"].items()}
-                mapping = {**mapping, "overrides": merged}
+        """As ``Config.from_dict``, with each override a partial scheme merged onto ``weights`` (keys of ``weights``
+        that the override's scheme does not read are left out: ``granularity`` does not pass to an ``fp16`` layer). A
+        key written for a scheme that ignores it (``granularity`` for k-means, ``bits: 4`` for binary) is an error."""
+        where = where or cls.__name__
+        if not isinstance(mapping, Mapping):
+            return super().from_dict(mapping, where=where)
+        base = mapping.get("weights", {})
+        base = base.to_dict() if isinstance(base, WeightScheme) else dict(base) if isinstance(base, Mapping) else base
+        if isinstance(base, dict):
+            _refuse_ignored(base, f"{where}.weights")
+        if isinstance(base, dict) and isinstance(mapping.get("overrides"), Mapping):
+            merged = {}
+            for key, value in mapping["overrides"].items():
+                if not isinstance(value, Mapping):
+                    merged[key] = value
+                    continue
+                scheme = value.get("scheme", base.get("scheme", "uniform"))
+                _refuse_ignored({**value, "scheme": scheme}, f"{where}.overrides[{key!r}]")
+                carried = {k: v for k, v in base.items() if not WeightScheme.inapplicable({"scheme": scheme, k: v})}
+                merged[key] = {**carried, **value}
+            mapping = {**mapping, "overrides": merged}
         return super().from_dict(mapping, where=where)
+
+
+def _refuse_ignored(written: Mapping[str, Any], where: str) -> None:
+    ignored = WeightScheme.inapplicable(written)
+    if ignored:
+        scheme = written.get("scheme", "uniform")
+        reads = sorted(SCHEME_KEYS.get(scheme, set()))
+        raise ConfigError(
+            f"{where}: scheme {scheme!r} ignores {', '.join(f'{key}={written[key]!r}' for key in ignored)}"
+            + (f" (it reads {', '.join(reads)})" if reads else f" (it has no {'bits or grid' if scheme in ('fp16', 'bf16') else 'bits, grid or codebook'} to set)")
+            + ("; uniform takes granularity and group_size" if {"granularity", "group_size", "symmetric"} & set(ignored) else "")
+        )
 
 
 @register_transform(TRANSFORM_KIND)
