@@ -173,7 +173,7 @@ def test_qat_with_no_layer_it_covers_is_an_error_naming_the_layers():
     [
         ({"weights": {"scheme": "binary", "bits": 4}}, r"quantize.weights: scheme 'binary' ignores bits=4"),
         ({"weights": {"scheme": "kmeans", "bits": 4, "granularity": "group"}}, r"scheme 'kmeans' ignores granularity='group'"),
-        ({"weights": {"scheme": "fp16", "group_size": 32}}, r"scheme 'fp16' ignores group_size=32"),
+        ({"weights": {"scheme": "fp16", "group_size": 32}}, r"scheme 'fp16' ignores group_size=32 \(it has no bits"),
         ({"weights": {"scheme": "binary"}, "overrides": {"2": {"bits": 4}}}, r"quantize.overrides\['2'\]: scheme 'binary' ignores bits=4"),
     ],
 )

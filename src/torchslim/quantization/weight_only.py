@@ -90,7 +90,7 @@ def _refuse_ignored(written: Mapping[str, Any], where: str) -> None:
         reads = sorted(SCHEME_KEYS.get(scheme, set()))
         raise ConfigError(
             f"{where}: scheme {scheme!r} ignores {', '.join(f'{key}={written[key]!r}' for key in ignored)}"
-            + (f" (it reads {', '.join(reads)})" if reads else f" (it has no {'bits or grid' if scheme in ('fp16', 'bf16') else 'bits, grid or codebook'} to set)")
+            + (f" (it reads {', '.join(reads)})" if reads else " (it has no bits, grid or codebook to set)")
             + ("; uniform takes granularity and group_size" if {"granularity", "group_size", "symmetric"} & set(ignored) else "")
         )
 
