@@ -594,3 +594,21 @@ def test_a_layer_run_several_times_is_pruned_as_one_with_what_it_reads(digits):
     images = digits.test.inputs[:4]
     conv = ts.prune_channels(SharedConv().eval(), {"ratio": 0.5}, example_input=images).model
     assert (conv.stem.out_channels, conv.conv.in_channels, conv.conv.out_channels) == (4, 4, 4) and conv(images).shape == (4, 10)
+
+
+def test_saving_a_model_with_a_users_forward_hook_warns_that_the_file_has_no_hooks(tmp_path):
+    """A hook that scaled an output was dropped by save without a word: the loaded model computed something else."""
+    import warnings
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+
+    def double(module, inputs, output):
+        return output * 2
+
+    model[0].register_forward_hook(double)
+    with pytest.warns(UserWarning, match=r"not forward hooks; the loaded model runs without 0: .*double"):
+        ts.save(model, tmp_path / "hooked.safetensors")
+    plain = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(4, 4)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's own reparametrizations are not a user's hooks
+        ts.save(plain, tmp_path / "plain.safetensors")

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from torchslim.core.checks import check_model, unwrapped
+from torchslim.core.checks import check_model, unwrapped, user_hooks
 from torchslim.core.environment import environment
 from torchslim.core.files import load_model_file, save_model_file
 from torchslim.core.report import Report, Result, Stage
@@ -76,6 +77,13 @@ def save(model: nn.Module, path: str | os.PathLike[str], overwrite: bool = True,
     cannot tell. Hugging Face models record their class and config. Loading an import path needs ``trust_factory``.
     """
     model = unwrapped(model)  # a compiled or DataParallel model: the module it holds
+    hooks = user_hooks(model)
+    if hooks:
+        warnings.warn(
+            f"ts.save({str(path)!r}): the file stores weights and the architecture, not forward hooks; the loaded model runs without "
+            f"{'; '.join(hooks[:4])}{f' and {len(hooks) - 4} more' if len(hooks) > 4 else ''} (unless its constructor registers them)",
+            stacklevel=2,
+        )
     if factory is not None:
         set_spec(model, {"factory": factory, "kwargs": dict(kwargs or {}), "transforms": spec_of(model).get("transforms", []), "inferred": True})
     return save_model_file(model, path, overwrite=overwrite)

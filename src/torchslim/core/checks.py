@@ -85,6 +85,24 @@ def remove_norm_hook(module: nn.Module, hook: Any) -> None:
             del module._load_state_dict_pre_hooks[key]
 
 
+LIBRARY_HOOKS = ("torch.", "torchslim.", "transformers.", "accelerate.")  # hooks these register are theirs to rebuild
+
+
+def user_hooks(model: nn.Module) -> list[str]:
+    """The forward hooks and forward pre-hooks a person registered on the model's modules, as "layer: function"
+    (torch's weight_norm / spectral_norm and the hooks of torch, torchslim, transformers and accelerate left out):
+    a file stores weights and the architecture, so a model rebuilt from it runs without them."""
+    found = []
+    for name, module in model.named_modules():
+        for hook in [*module._forward_pre_hooks.values(), *module._forward_hooks.values()]:
+            function = getattr(hook, "func", hook)  # a functools.partial: the function it calls
+            owner = getattr(function, "__module__", None) or type(function).__module__ or ""
+            if f"{owner}.".startswith(LIBRARY_HOOKS):  # torch's weight_norm / spectral_norm among them
+                continue
+            found.append(f"{name or '(the model itself)'}: {getattr(function, '__qualname__', type(function).__name__)}")
+    return found
+
+
 def hook_norms(model: nn.Module) -> dict[str, str]:
     """{layer name: "weight_norm" | "spectral_norm"} of ``norm_hooks``."""
     from torch.nn.utils.weight_norm import WeightNorm
