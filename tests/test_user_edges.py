@@ -4,6 +4,7 @@ and scripted models, layers that lose every weight. Real data: scikit-learn's di
 
 from __future__ import annotations
 
+import copy
 import pytest
 import torch
 from torch import nn
@@ -558,6 +559,38 @@ def test_gpt2s_mlp_neurons_go_through_its_tanh_gelu_and_the_model_reloads(tmp_pa
     assert rows["transformer.h.0.mlp.c_fc"] == ("32->128", "32->64") and rows["transformer.h.1.mlp.c_proj"] == ("128->32", "64->32")
     assert result.model.config.n_inner == 64
     assert same_after_save_pretrained(result.model, ids, tmp_path)
+
+
+@pytest.mark.parametrize("importance", ["l1", "wanda"])
+def test_gpt2s_attention_heads_are_pruned_whole_and_the_model_reloads(tmp_path, importance):
+    """GPT-2 writes queries, keys and values side by side from one Conv1D (c_attn) and reads the heads back through a
+    transposed Conv1D (c_proj): its heads could not be pruned. A head is now its columns in each third of c_attn and
+    its rows of c_proj, and split_size / num_heads follow."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    gpt = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32)).eval()
+    ids = torch.randint(0, 64, (2, 8))
+    data = [{"input_ids": ids, "labels": ids}] * 2 if importance == "wanda" else None
+    config = {"ratio": 0.0, "prune_residual": False, "head_ratio": 0.5, "importance": importance}
+    result = ts.prune_channels(gpt, config, data=data, example_input={"input_ids": ids})
+    rows = {row["name"]: (row["before"], row["after"]) for row in result.report.stages[0].layers}
+    assert rows["transformer.h.0.attn"] == ("4 heads", "2 heads") and rows["transformer.h.1.attn.c_attn"] == ("32->96", "32->48")
+    attention = result.model.transformer.h[1].attn
+    assert (attention.num_heads, attention.split_size, tuple(attention.c_proj.weight.shape)) == (2, 16, (16, 32))
+    reference = copy.deepcopy(gpt)  # the original with the removed heads' c_proj rows zeroed computes the same
+    for block, pruned in zip(reference.transformer.h, result.model.transformer.h):
+        heads = block.attn.c_attn.weight[:, :32].reshape(32, 4, 8)
+        kept = [h for h in range(4) if any(torch.equal(heads[:, h], pruned.attn.c_attn.weight[:, 8 * k : 8 * k + 8]) for k in range(2))]
+        assert len(kept) == 2
+        with torch.no_grad():
+            for head in set(range(4)) - set(kept):
+                block.attn.c_proj.weight[8 * head : 8 * head + 8] = 0
+    with torch.no_grad():
+        assert torch.allclose(result.model(ids).logits, reference(ids).logits, atol=1e-5)
+    loaded = ts.load(ts.save(result.model, tmp_path / "gpt2-heads.safetensors"))
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, result.model(ids).logits, atol=1e-5)
+    assert any("save with torchslim.save" in note for note in result.report.stages[0].notes)
 
 
 class Twice(nn.Module):

@@ -70,6 +70,7 @@ class HeadGroup:
     slices: list[ParamSlice]
     slots: list[int] = dataclasses.field(default_factory=list)
     attributes: dict[str, str] = dataclasses.field(default_factory=dict)
+    readers: list[str] = dataclasses.field(default_factory=list)  # the modules whose weight reads the head's output (else: columns, dim 1)
 
 
 class UnionFind:
@@ -215,9 +216,23 @@ class ChannelGraph:
         """Entries ``indices`` of ``module.name`` along ``dim`` (for head groups)."""
         return ParamSlice(module, name, dim, list(indices))
 
-    def add_head(self, module: str, head: int, slices: list[ParamSlice], slots: list[int] | None = None, attributes: dict[str, str] | None = None) -> None:
-        """One attention head of ``module`` that may be removed whole."""
-        self.heads.append(HeadGroup(module, head, slices, slots=list(slots or []), attributes=dict(attributes or {})))
+    def add_head(
+        self,
+        module: str,
+        head: int,
+        slices: list[ParamSlice],
+        slots: list[int] | None = None,
+        attributes: dict[str, str] | None = None,
+        readers: list[str] | None = None,
+    ) -> None:
+        """One attention head of ``module`` that may be removed whole; ``readers``: the modules whose weight slices
+        among ``slices`` read the head's output (GPT-2's transposed c_proj reads rows), where they are not columns."""
+        self.heads.append(HeadGroup(module, head, slices, slots=list(slots or []), attributes=dict(attributes or {}), readers=list(readers or [])))
+
+    def head_readers(self, head: HeadGroup) -> list[ParamSlice]:
+        """The weight slices that read a head's output: zeroed, they take the head out of the model's computation."""
+        slices = [s for s in self.head_slices(head) if s.name == "weight"]
+        return [s for s in slices if s.module in head.readers] if head.readers else [s for s in slices if s.dim == 1]
 
     def head_slices(self, head: HeadGroup) -> list[ParamSlice]:
         """A head's own slices plus the columns of whatever reads its output features."""

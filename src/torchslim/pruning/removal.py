@@ -82,7 +82,7 @@ def _pieces(graph: ChannelGraph, groups: list[Group], heads: list[HeadGroup]) ->
 def zero_readers(model: nn.Module, graph: ChannelGraph, groups: list[Group], heads: list[HeadGroup]) -> None:
     """Zero the weight columns that read the given channels and heads (in place): the model then computes what the
     model with those channels removed computes, which is how removal is checked."""
-    readers = [p for g in groups for p in g.consumers] + [s for h in heads for s in graph.head_slices(h) if s.name == "weight" and s.dim == 1]
+    readers = [p for g in groups for p in g.consumers] + [s for h in heads for s in graph.head_readers(h)]
     for piece in readers:
         tensor = getattr(model.get_submodule(piece.module), piece.name)
         tensor.index_fill_(piece.dim, torch.tensor(piece.indices, device=tensor.device), 0.0)
@@ -153,6 +153,7 @@ SIZE_ATTRIBUTES = (
     "num_kv_heads",
     "all_head_size",
     "attention_head_size",
+    "split_size",
 )
 
 

@@ -172,9 +172,9 @@ def head_scores(model: nn.Module, graph: ChannelGraph, heads: list[HeadGroup], c
         generator = torch.Generator().manual_seed(config.seed)
         return {key: float(torch.rand(1, generator=generator)) for key in pieces}
     if importance == "wanda":
-        readers = [s for slices in pieces.values() for s in slices if s.name == "weight" and s.dim == 1]
-        statistics = _input_norms(model, readers, config, data)
-        scores = {key: reader_contribution(model, [s for s in slices if s.dim == 1], statistics) for key, slices in pieces.items()}
+        reading = {(h.module, h.head): graph.head_readers(h) for h in heads}
+        statistics = _input_norms(model, [s for slices in reading.values() for s in slices], config, data)
+        scores = {key: reader_contribution(model, slices, statistics) for key, slices in reading.items()}
         return {key: value for key, value in scores.items() if value is not None}
     return {key: group_norm(model, [s for s in slices if s.name == "weight"], 2 if importance == "l2" else 1) for key, slices in pieces.items()}
 

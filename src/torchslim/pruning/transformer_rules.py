@@ -24,6 +24,48 @@ def _gpt_conv1d(graph: ChannelGraph, name: str, module: Any, inputs: list[Any], 
     dense_layer(graph, name, module, inputs, output, module.nf, 1)
 
 
+def _is_gpt2_attention(module: nn.Module) -> bool:
+    """GPT-2's self-attention: one Conv1D (c_attn) writing queries, keys and values side by side, each ``split_size``
+    wide, and a Conv1D (c_proj) reading the heads back (cross-attention, with its own q_attn, is left to the trace)."""
+    c_attn, c_proj, split = getattr(module, "c_attn", None), getattr(module, "c_proj", None), getattr(module, "split_size", None)
+    return (
+        c_attn is not None
+        and c_proj is not None
+        and _is_gpt_conv1d(c_attn)
+        and _is_gpt_conv1d(c_proj)
+        and isinstance(split, int)
+        and isinstance(getattr(module, "head_dim", None), int)
+        and not getattr(module, "is_cross_attention", False)
+        and c_attn.nf == 3 * split
+        and c_proj.nx == split
+    )
+
+
+def _gpt2_attention(graph: ChannelGraph, name: str, module: Any, inputs: list[Any], output: Any) -> None:
+    """GPT-2's attention: c_attn reads the input channels (its weight's rows), c_proj produces the output channels (its
+    weight's columns). A head is its columns in each of the query, key and value thirds of c_attn (weight and bias)
+    and its rows of c_proj, which read its output; ``split_size`` and ``num_heads`` follow the removal (the forward
+    splits c_attn's output by ``split_size`` and shapes heads of ``head_dim``)."""
+    result = output[0] if isinstance(output, (tuple, list)) else output
+    info = graph.get_info(inputs[0]) if inputs else None
+    if info is not None and info.axis != inputs[0].dim() - 1:
+        graph.unsupported_op(name, "GPT-2 attention over a tensor whose channels are not on the last axis", inputs[:1])
+        info = None
+    graph.consume(f"{name}.c_attn", info, 0)
+    graph.produce(f"{name}.c_proj", module.c_proj, result, module.c_proj.nf, -1, weight_dim=1)
+    width, split = module.head_dim, module.split_size
+    if width <= 0 or split % width:
+        graph.unsupported.append(f"{name}: split_size {split} is not whole heads of {width}; heads kept whole")
+        return
+    attributes = {"size": "split_size", "head": "head_dim", "count": "num_heads"} if isinstance(getattr(module, "num_heads", None), int) else {}
+    for head in range(split // width):
+        rows = list(range(head * width, (head + 1) * width))
+        columns = [part * split + row for part in range(3) for row in rows]
+        slices = [graph.slice(f"{name}.c_attn", "weight", 1, columns), graph.slice(f"{name}.c_attn", "bias", 0, columns)]
+        slices.append(graph.slice(f"{name}.c_proj", "weight", 0, rows))
+        graph.add_head(name, head, slices, attributes=attributes, readers=[f"{name}.c_proj"])
+
+
 def _is_hf_self_attention(module: nn.Module) -> bool:
     return (
         all(isinstance(getattr(module, n, None), nn.Linear) for n in ("query", "key", "value"))
@@ -128,6 +170,7 @@ def _rms_norm(graph: ChannelGraph, name: str, module: Any, inputs: list[Any], ou
 PREDICATE_RULES.extend(
     [
         (_is_gpt_conv1d, _gpt_conv1d),
+        (_is_gpt2_attention, _gpt2_attention),
         (_is_hf_self_attention, _hf_self_attention),
         (_is_projection_attention, _projection_attention),
         (_is_rms_norm, _rms_norm),
