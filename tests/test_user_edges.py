@@ -5,6 +5,7 @@ and scripted models, layers that lose every weight. Real data: scikit-learn's di
 from __future__ import annotations
 
 import copy
+
 import pytest
 import torch
 from torch import nn
