@@ -102,3 +102,25 @@ def test_recurrent_layers_count_every_gate_at_every_step():
     assert lstm == 5 * 4 * 16 * (8 + 16)  # per example: 5 steps, 4 gates, input and hidden products
     gru = count_macs(nn.GRU(8, 16, num_layers=2, bidirectional=True, batch_first=True), torch.randn(2, 5, 8))["total"]
     assert gru == 5 * 2 * (3 * 16 * (8 + 16) + 3 * 16 * (32 + 16))  # the second layer reads both directions
+
+
+class _SequenceFirst(nn.Module):
+    """An LSTM tagger fed (sequence, batch, features), torch's default layout."""
+
+    def __init__(self, batch_first: bool) -> None:
+        super().__init__()
+        self.rnn, self.head = nn.LSTM(8, 16, batch_first=batch_first), nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(x)[0])
+
+
+def test_a_sequence_first_model_is_counted_per_example_not_per_time_step():
+    """The example's first axis was taken for the batch: a (20 steps, batch 3) input counted 3 examples' MACs for
+    one step's worth, 6.7x off. The recurrent layers' own layout says where the batch is."""
+    per_example = 20 * (4 * 16 * (8 + 16) + 16 * 4)
+    assert count_macs(_SequenceFirst(False), torch.randn(20, 3, 8))["total"] == per_example
+    assert count_macs(_SequenceFirst(True), torch.randn(3, 20, 8))["total"] == per_example
+    attention = nn.MultiheadAttention(16, 2)  # sequence first as well
+    batched = nn.MultiheadAttention(16, 2, batch_first=True)
+    assert count_macs(attention, (torch.randn(10, 3, 16),) * 3)["total"] == count_macs(batched, (torch.randn(3, 10, 16),) * 3)["total"]

@@ -149,6 +149,7 @@ def count_macs(model: nn.Module, example_input: torch.Tensor | tuple, per_exampl
     rows: dict[str, int] = {}
     types: dict[str, str] = {}
     handles = []
+    sequence_first: set[int] = set()  # the batch sizes torch's sequence-first layers (batch_first=False) saw on their axis 1
     modules = dict(model.named_modules())
     # Modules whose counter covers their children (nn.MultiheadAttention counts its own projections).
     covering = [name for name, module in modules.items() if isinstance(module, nn.MultiheadAttention)]
@@ -159,6 +160,9 @@ def count_macs(model: nn.Module, example_input: torch.Tensor | tuple, per_exampl
 
         def hook(mod, args, output, _name=name, _counter=counter):
             rows[_name] = rows.get(_name, 0) + int(_counter(mod, args, output))
+            first = args[0] if args else None
+            if isinstance(mod, (nn.RNNBase, nn.MultiheadAttention)) and not mod.batch_first and isinstance(first, torch.Tensor) and first.dim() == 3:
+                sequence_first.add(first.shape[1])
 
         handles.append(module.register_forward_hook(hook))
         types[name] = type(module).__name__
@@ -168,7 +172,9 @@ def count_macs(model: nn.Module, example_input: torch.Tensor | tuple, per_exampl
     finally:
         for handle in handles:
             handle.remove()
-    divisor = batch if per_example else 1
+    # a model fed (sequence, batch, features), as torch's recurrent and attention layers take by default: its
+    # example's first axis is the sequence, and those layers say where the batch is
+    divisor = (next(iter(sequence_first)) if len(sequence_first) == 1 else batch) if per_example else 1
     layers = [{"name": name, "type": types[name], "macs": macs // divisor} for name, macs in rows.items()]
     return {"total": sum(row["macs"] for row in layers), "layers": layers}
 
