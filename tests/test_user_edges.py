@@ -569,7 +569,8 @@ def test_gpt2s_attention_heads_are_pruned_whole_and_the_model_reloads(tmp_path, 
     its rows of c_proj, and split_size / num_heads follow."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    gpt = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32)).eval()
+    config = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32, n_inner=128)  # no field for the heads changes
+    gpt = transformers.GPT2LMHeadModel(config).eval()
     ids = torch.randint(0, 64, (2, 8))
     data = [{"input_ids": ids, "labels": ids}] * 2 if importance == "wanda" else None
     config = {"ratio": 0.0, "prune_residual": False, "head_ratio": 0.5, "importance": importance}

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 import torchslim as ts
 from torchslim.core.errors import TorchslimError
@@ -172,3 +173,24 @@ def test_a_sparsity_target_masks_the_noisiest_weights_next_over_all_layers(train
     assert plain.metrics["sparsity"] > 0.2 and "above 3 masked" in plain.notes[0] and "lowered" not in plain.notes[0]  # more than 1%
     with pytest.raises(ts.ConfigError, match=r"sparsity must be in \[0, 1\), got 1.0"):
         sparsify_variational(mlp, data, {"sparsity": 1.0}, finetune=short, progress=False)
+
+
+class _Doubled(nn.Linear):
+    """A user's Linear with a forward of its own."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * 2
+
+
+def test_train_clip_keeps_a_layers_own_forward():
+    """train_clip computed the mean again with F.linear: a subclass's own forward (here, doubling) was lost while
+    training, so the network trained was not the one evaluated."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_Doubled(8, 4))
+    SparseVariationalDropout(model, train_size=100, train_clip=True)
+    x = torch.randn(16, 8)
+    with torch.no_grad():
+        model[0].log_sigma2.fill_(-40.0)  # no noise: a training pass is the mean
+        sampled = model.train()(x)
+        expected = model.eval()(x)
+    assert torch.allclose(sampled, expected, atol=1e-3)

@@ -195,3 +195,56 @@ def test_an_override_of_another_scheme_does_not_inherit_keys_it_would_ignore():
     x = torch.randn(3, 8)
     with torch.no_grad():
         assert (result.model(x) - model(x)).abs().max() < 0.2 * model(x).abs().max()
+
+
+class _AlwaysFirst(nn.Module):
+    """A branch on a value that always takes the same way: the tracer warns, the file is right."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = nn.Linear(16, 4), nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.first(x) if x.abs().sum() >= 0 else self.second(x)
+
+
+def test_qat_export_of_a_harmless_branch_is_not_refused():
+    """The QAT check compared the int8 file with the fake-quantized model: int8 clipping on inputs of other values
+    passed its 0.1 bound and a right file was refused. The branches are now checked on the float model."""
+    torch.manual_seed(0)
+    data = [(torch.randn(16, 16), torch.randint(0, 4, (16,))) for _ in range(2)]
+    engine = ts.quantize(_AlwaysFirst().eval(), {"method": "qat", "calibration_batches": 1}, data=data).model
+    assert engine(torch.randn(3, 16)).shape == (3, 4)
+
+
+def test_a_qat_model_quantized_again_exports_and_a_pruned_one_is_told_to_fold_its_masks():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    data = [(torch.randn(16, 16), torch.randint(0, 4, (16,))) for _ in range(2)]
+    simulated = ts.quantize(model, {"method": "qat", "export": False, "calibration_batches": 1}, data=data).model
+    engine = ts.quantize(simulated, {"method": "qat", "export": True, "calibration_batches": 1}, data=data).model
+    assert engine(torch.randn(3, 16)).shape == (3, 4)
+    pruned = ts.prune(model, {"sparsity": 0.5}).model
+    with pytest.raises(TorchslimError, match="masked by pruning: fold the masks first"):
+        ts.quantize(pruned, {"method": "qat", "export": False, "calibration_batches": 1}, data=data)
+
+
+def test_activation_bits_is_taken_by_every_scheme():
+    """Activations are quantized per token whatever the weights' scheme: activation_bits is not a key k-means ignores."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16))
+    x = torch.randn(4, 16)
+    plain = ts.quantize(model, {"weights": {"scheme": "fp16"}}).model
+    quantized = ts.quantize(model, {"weights": {"scheme": "fp16", "activation_bits": 8}}).model
+    with torch.no_grad():
+        assert not torch.equal(plain(x), quantized(x))
+
+
+def test_a_recipes_fp32_export_stage_refuses_a_branch_on_input_values(tmp_path):
+    """The recipe's export stage wrote the fp32 file unchecked, with the example's branch baked in."""
+    torch.manual_seed(0)
+    data = [(torch.randn(16, 8).abs(), torch.randint(0, 4, (16,))) for _ in range(4)]
+    path = tmp_path / "model.onnx"
+    with pytest.raises(TorchslimError, match="export stage: the fp32 ONNX file failed its check.*control flow"):
+        ts.compress(_SignBranch().eval(), {"name": "e", "stages": [{"export": {}}]}, data, export_path=path, latency=False, progress=False)
+    assert not path.exists()

@@ -85,7 +85,8 @@ def remove_norm_hook(module: nn.Module, hook: Any) -> None:
             del module._load_state_dict_pre_hooks[key]
 
 
-LIBRARY_HOOKS = ("torch.", "torchslim.", "transformers.", "accelerate.")  # hooks these register are theirs to rebuild
+# hooks these register are theirs to rebuild (transformers_modules: a Hub model's own code, run again when it is built)
+LIBRARY_HOOKS = ("torch.", "torchslim.", "transformers.", "transformers_modules.", "accelerate.", "deepspeed.")
 
 
 def user_hooks(model: nn.Module) -> list[str]:

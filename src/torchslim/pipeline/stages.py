@@ -26,7 +26,7 @@ from torchslim.core.config import Config, check
 from torchslim.core.spec import sizing_spec
 from torchslim.data.sources import DataSource
 from torchslim.distillation.trainer import DistillConfig, distill
-from torchslim.export.onnx import OnnxModule, export_onnx
+from torchslim.export.onnx import OnnxModule
 from torchslim.io.modelfile import load_model
 from torchslim.pipeline.recipe import RecipeStage, register_stage
 from torchslim.pruning.apply import make_permanent
@@ -34,6 +34,7 @@ from torchslim.pruning.structured import StructuredConfig, prune_channels
 from torchslim.pruning.unstructured import PruneConfig, prune
 from torchslim.pruning.variational import VariationalConfig, sparsify_variational
 from torchslim.quantization.api import NativeInt8Config, method_of, quantize, quantize_config
+from torchslim.quantization.onnx_notes import checked_float_export
 from torchslim.quantization.onnx_static import OnnxInt8Config
 from torchslim.tasks.base import Task
 from torchslim.train.fit import TrainConfig, fit
@@ -275,8 +276,9 @@ def run_export(context: StageContext, stage: RecipeStage) -> StageOutcome:
     plain = make_permanent(copy.deepcopy(context.model))
     engine: nn.Module
     if stage.config.int8 is None:
-        engine = OnnxModule(export_onnx(plain, context.source.example(1), context.export_path), threads=context.threads)
-        notes = ["fp32 ONNX"]
+        path, noted = checked_float_export(plain, context.source.example(1), context.export_path, "export stage: the fp32 ONNX file failed its check")
+        engine = OnnxModule(path, threads=context.threads)
+        notes = ["fp32 ONNX", *noted]
     else:
         result = quantize(
             plain, stage.config.int8, context.source, context.task, example_input=context.source.example(1), path=context.export_path, threads=context.threads

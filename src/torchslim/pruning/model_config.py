@@ -89,7 +89,16 @@ def update_model_config(model: nn.Module) -> list[str]:
     wanted = {key: value for key, value in _widths(model, reasons).items() if hasattr(config, key)}
     changed: dict[str, Any] = {key: value for key, value in wanted.items() if getattr(config, key) != value}
     if not changed:
-        return [f"the config cannot describe the pruned model: {'; '.join(reasons)}; save it with torchslim.save"] if reasons else []
+        if reasons:
+            return [f"the config cannot describe the pruned model: {'; '.join(reasons)}; save it with torchslim.save"]
+        shapes, rebuilt = _shapes(model), _rebuilt_shapes(model, config)  # widths no field above covers (GPT-2's head count)
+        mismatch = next((n for n in shapes if rebuilt is not None and rebuilt.get(n) != shapes[n]), None)
+        if mismatch is None:
+            return []
+        return [
+            f"the config cannot describe the pruned model ({type(config).__name__} does not describe these widths ({mismatch}: {shapes[mismatch]} pruned, "
+            f"{rebuilt.get(mismatch) if rebuilt else None} from the config)); it is left as it was: save with torchslim.save, not save_pretrained"
+        ]
     if "num_attention_heads" in changed or "hidden_size" in changed:
         changed["head_dim"] = wanted.get("head_dim", getattr(config, "head_dim", None))
     trial = copy.deepcopy(config)

@@ -170,9 +170,12 @@ def _noisy_output(module: nn.Module, inputs: tuple, output: torch.Tensor, clip: 
         assert isinstance(module, nn.Conv2d)
         return F.conv2d(inputs, kernel, bias, module.stride, module.padding, module.dilation, module.groups)
 
-    if clip is not None:  # the mean recomputed with the kept weights: the layer's own output leaves the graph
+    if clip is not None:
         kept = (log_alpha(weight, _log_sigma2(module)) <= clip).detach()
-        output = product(x, weight * kept, module.bias)
+        if type(module).forward in (nn.Linear.forward, nn.Conv2d.forward) and len(module._forward_hooks) == 1:
+            output = product(x, weight * kept, module.bias)  # the mean again from the kept weights: the layer's own output leaves the graph
+        else:  # a forward of the user's own, or hooks before this one: their output less what the pruned weights add
+            output = output - product(x, weight * ~kept)
         variance_weight = variance_weight * kept
     return output + torch.sqrt(product(x * x, variance_weight) + 1e-8) * torch.randn_like(output)
 

@@ -25,9 +25,9 @@ ENCODE_CHUNK = 2**22
 
 
 # the keys each scheme reads besides these common ones; any other key a person writes for it would be ignored
-COMMON_KEYS = {"scheme", "kernel", "input_scale"}
+COMMON_KEYS = {"scheme", "kernel", "input_scale", "activation_bits"}  # activations are quantized per token whatever the weights' scheme
 SCHEME_KEYS = {
-    "uniform": {"bits", "symmetric", "granularity", "group_size", "activation_bits"},
+    "uniform": {"bits", "symmetric", "granularity", "group_size"},
     "kmeans": {"bits", "kmeans_init", "kmeans_iterations", "trainable_codebook"},
     "pow2": {"bits"},
     "binary": set(),

@@ -16,7 +16,10 @@ FLOAT_PRODUCTS_KEY = "torchslim.float_products"  # metadata of a static int8 fil
 EXPORT_NOTES_KEY = "torchslim.export_notes"  # metadata of an int8 file: what its float export's check noted
 
 
-def checked_float_export(model: nn.Module, example_input: Any, path: Path) -> tuple[Path, list[str]]:
+QUANTIZED_EXPORT = "quantize: int8 in ONNX Runtime quantizes the model's float ONNX export, and that export failed its check"
+
+
+def checked_float_export(model: nn.Module, example_input: Any, path: Path, failure: str = QUANTIZED_EXPORT) -> tuple[Path, list[str]]:
     """The float ONNX file the quantizer starts from, written and checked as ``ts.export`` checks (batch sizes, inputs
     of other values and the example negated, shorter sequences): a model whose control flow depends on its input
     values would otherwise be quantized with the example's branch baked in. Returns the file and the export's notes
@@ -24,9 +27,9 @@ def checked_float_export(model: nn.Module, example_input: Any, path: Path) -> tu
     from torchslim.export.verb import export
 
     try:
-        exported = export(model, "onnx", example_input, path)
+        exported = export(model, "onnx", example_input, path, overwrite=True)
     except TorchslimError as error:
-        raise TorchslimError(f"quantize: int8 in ONNX Runtime quantizes the model's float ONNX export, and that export failed its check: {error}") from None
+        raise TorchslimError(f"{failure}: {error}") from None
     return path, list(exported.report.stages[0].notes[1:])  # the first note is the differences the check measured
 
 
