@@ -248,3 +248,11 @@ def test_a_recipes_fp32_export_stage_refuses_a_branch_on_input_values(tmp_path):
     with pytest.raises(TorchslimError, match="export stage: the fp32 ONNX file failed its check.*control flow"):
         ts.compress(_SignBranch().eval(), {"name": "e", "stages": [{"export": {}}]}, data, export_path=path, latency=False, progress=False)
     assert not path.exists()
+
+
+def test_one_bit_uniform_says_what_its_two_levels_are():
+    """A 1-bit uniform grid holds zero, so it keeps one sign of the weights: the report says so and names binary."""
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    notes = ts.quantize(model, {"weights": {"scheme": "uniform", "bits": 1}}).report.stages[0].notes
+    assert any("2 layers at 1-bit uniform" in note and "scheme 'binary'" in note for note in notes)
+    assert not any("1-bit uniform" in note for note in ts.quantize(model, {"weights": {"scheme": "binary"}}).report.stages[0].notes)

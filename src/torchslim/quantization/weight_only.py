@@ -193,7 +193,15 @@ def plan_layers(target: nn.Module, config: Any, types: tuple[str, ...] = QUANTIZ
             raise TorchslimError(f"layer {name!r} is already quantized")
         if not _quantizable(module):
             raise TorchslimError(f"layer {name!r} ({type(module).__name__}): weight-only quantization supports Linear, Conv2d, Conv1D and Embedding")
-    return LayerPlan(modules, {name: by_layer.get(name, config.weights) for name, _ in modules}, shared, notes)
+    schemes = {name: by_layer.get(name, config.weights) for name, _ in modules}
+    one_bit = [name for name, scheme in schemes.items() if scheme.scheme == "uniform" and scheme.bits == 1]
+    if one_bit:  # the grid must hold zero exactly: its second level is all a layer has
+        notes.append(
+            f"{len(one_bit)} layer{'' if len(one_bit) == 1 else 's'} at 1-bit uniform ({', '.join(one_bit[:4])}{', ...' if len(one_bit) > 4 else ''}): "
+            "a uniform grid holds zero exactly, so its two levels are {-s, 0} (symmetric) or {0, s} (affine) and one sign of weights is lost; "
+            "scheme 'binary' stores sign x each channel's mean magnitude"
+        )
+    return LayerPlan(modules, schemes, shared, notes)
 
 
 def float_weight(module: nn.Module) -> torch.Tensor:
