@@ -51,7 +51,9 @@ def kmeans_1d(values: torch.Tensor, count: int, init: str = "linear", iterations
     values = values.reshape(-1).float()
     if values.numel() == 0:
         raise TorchslimError("k-means needs at least one value")
-    count = min(count, values.numel())
+    distinct = torch.unique(values)  # sorted
+    if distinct.numel() <= count:  # a codebook as large as the values it holds: each value its own centroid, exactly
+        return distinct, assign(values, distinct)
     centroids = initial_centroids(values, count, init, torch.Generator().manual_seed(seed))
     for _ in range(iterations):
         index = assign(values, centroids)
