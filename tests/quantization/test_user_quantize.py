@@ -268,3 +268,18 @@ def test_kmeans_of_a_layer_with_fewer_weights_than_centroids_is_exact():
     with torch.no_grad():
         assert torch.equal(result.model(x), model(x))
     assert all("SQNR inf dB" in note for note in result.report.stages[0].notes if "kmeans" in note)
+
+
+def test_static_uint8_weights_go_to_7_bits_on_a_cpu_without_vnni(monkeypatch):
+    """ONNX Runtime's U8S8 kernels on AVX2 without VNNI sum pairs of uint8 x int8 products in int16 and saturate: a
+    tiny Llama's static int8 logits fell to cosine 0.9973 on such a CPU (0.9998 with 7-bit weights)."""
+    from torchslim.quantization import onnx_static
+    from torchslim.quantization.onnx_static import OnnxInt8Config
+
+    monkeypatch.setattr(onnx_static, "cpu_has_vnni", lambda: False)
+    assert OnnxInt8Config().weights_on_7_bits()
+    assert OnnxInt8Config(mode="dynamic").weights_on_7_bits()  # dynamic int8's activations are uint8 too
+    assert not OnnxInt8Config(activations="int8").weights_on_7_bits()
+    assert not OnnxInt8Config(reduce_range=False).weights_on_7_bits()
+    monkeypatch.setattr(onnx_static, "cpu_has_vnni", lambda: True)
+    assert not OnnxInt8Config().weights_on_7_bits() and OnnxInt8Config(reduce_range=True).weights_on_7_bits()

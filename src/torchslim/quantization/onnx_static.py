@@ -28,6 +28,7 @@ import dataclasses
 import itertools
 import logging
 import os
+import platform
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -75,6 +76,15 @@ class OnnxInt8Config(Config):
     observer: str | None = None  # a torchslim observer sets every activation range (ONNX Runtime's calibrator is not used)
     float_below_db: float | None = None
     per_token: bool | None = None  # dynamic mode: each token's own activation scale (None: for transformers)
+    reduce_range: bool | None = None  # 7-bit weights (None: where uint8 activations meet an x86 CPU without VNNI)
+
+    def weights_on_7_bits(self) -> bool:
+        """U8S8 (static with uint8 activations, or dynamic, whose activations are uint8) on an x86 CPU without VNNI: ONNX
+        Runtime's kernels multiply uint8 by int8 in pairs summed into int16 (AVX2's vpmaddubsw), which saturates with
+        full-range weights; 7-bit weights keep the sums in range."""
+        if self.reduce_range is not None:
+            return self.reduce_range
+        return (self.mode == "dynamic" or self.activations == "uint8") and not cpu_has_vnni()
 
     def uses_per_token(self, keyword_inputs: bool) -> bool:
         """Whether dynamic int8 scales each token on its own (by default for models called with keyword inputs)."""
@@ -179,7 +189,7 @@ def _weight_matmuls(path: Path) -> tuple[list[str], list[str]]:
     return with_weight, between
 
 
-def per_token_int8(source: Path, target: Path, nodes: list[str]) -> int:
+def per_token_int8(source: Path, target: Path, nodes: list[str], levels: int = 127) -> int:
     """Rewrite each named MatMul/Gemm with a 2-D weight of the ONNX model at ``source`` as int8 with per-token
     activation scales, computed at run time: every row x of the input (one token) is scaled by max|x| / 127 and
     stored as uint8 with zero point 128 (the U8S8 form x86 kernels run fastest), multiplied by the weight rounded
@@ -214,9 +224,9 @@ def per_token_int8(source: Path, target: Path, nodes: list[str]) -> int:
             continue
         weight, bias = product  # weight (in, out)
         x = node.input[0]
-        scale = np.abs(weight).max(axis=0) / 127.0
+        scale = np.abs(weight).max(axis=0) / float(levels)  # levels 63: 7-bit weights where uint8 x int8 pairs saturate
         scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
-        codes = np.clip(np.round(weight / scale), -127, 127).astype(np.int8)
+        codes = np.clip(np.round(weight / scale), -levels, levels).astype(np.int8)
         prefix = f"tslim_pt_{rewritten}"
         graph.initializer.extend([numpy_helper.from_array(codes, f"{prefix}_w"), numpy_helper.from_array(scale, f"{prefix}_wscale")])
         t = {k: f"{prefix}_{k}" for k in ("abs", "amax", "floor", "scale", "div", "round", "shift", "q", "acc", "accf", "y1", "y2")}
@@ -364,6 +374,18 @@ def _quiet_root_logging() -> Iterator[None]:
         logging.root.setLevel(level)
 
 
+def cpu_has_vnni() -> bool:
+    """Whether this CPU multiplies uint8 by int8 into int32 directly (AVX-512 VNNI, AVX-VNNI or AMX); a CPU that is not
+    x86 has no saturating pairs to avoid (True); an x86 CPU whose flags cannot be read counts as without."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return True
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
 def quantize_onnx(
     model: nn.Module, example_input: Any, calibration: Iterable | None, path: str | os.PathLike[str], config: OnnxInt8Config | dict | None = None
 ) -> Path:
@@ -398,10 +420,12 @@ def quantize_onnx(
         if only_weights:
             selection = {"op_types_to_quantize": ["MatMul", "Gemm"], "nodes_to_exclude": between + head}
         if per_token:
-            if not per_token_int8(prepared, temporary, [name for name in with_weight if name not in head]):
+            if not per_token_int8(prepared, temporary, [name for name in with_weight if name not in head], 63 if config.weights_on_7_bits() else 127):
                 raise TorchslimError("per-token int8: the model has no matrix product with a 2-D weight to quantize")
         elif config.mode == "dynamic":
-            quantize_dynamic(str(prepared), str(temporary), weight_type=QuantType.QInt8, per_channel=config.per_channel, **selection)
+            quantize_dynamic(
+                str(prepared), str(temporary), weight_type=QuantType.QInt8, per_channel=config.per_channel, reduce_range=config.weights_on_7_bits(), **selection
+            )
         else:
             if calibration is None:
                 raise TorchslimError("static int8 needs calibration data (a loader of batches)")
@@ -431,6 +455,7 @@ def quantize_onnx(
                     per_channel=config.per_channel,
                     activation_type=QuantType.QUInt8 if config.activations == "uint8" else QuantType.QInt8,
                     weight_type=QuantType.QInt8,
+                    reduce_range=config.weights_on_7_bits(),
                     calibrate_method=method,
                     extra_options=extra,
                     **selection,
