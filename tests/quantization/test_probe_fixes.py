@@ -113,7 +113,7 @@ def test_native_int8_of_an_operator_onnx_runtime_cannot_run_says_so():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, (3, 5), padding="same", dilation=(1, 2)), nn.ReLU()).eval()
     x = torch.randn(2, 3, 9, 9)
-    with pytest.raises(TorchslimError, match="ONNX Runtime cannot run the exported model.*Conv"):
+    with pytest.raises(TorchslimError, match="(ONNX Runtime cannot run the exported model|the onnx file does not run on batch 1).*Conv"):
         ts.quantize(model, {"method": "native-int8", "calibration_batches": 2}, data=[x, x])
 
 

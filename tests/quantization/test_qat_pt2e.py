@@ -3,7 +3,7 @@ import torch
 
 import torchslim as ts
 from torchslim.export.onnx import OnnxModule
-from torchslim.quantization.onnx_static import count_ops
+from torchslim.quantization.onnx_static import count_ops, cpu_has_vnni
 from torchslim.quantization.qat import QATConv2d, QATLinear, calibrate_qat, export_qat_onnx, prepare_qat
 from torchslim.train import fit
 
@@ -29,7 +29,8 @@ def test_qat_trains_and_runs_as_int8_in_onnx_runtime(weight_scale, mnist_small, 
     # inputs and outputs quantized at run time (3 + 3), weights stored as int8 initializers, all dequantized (9)
     assert ops["QuantizeLinear"] == 6 and ops["DequantizeLinear"] == 9 and "Round" not in ops
     engine = OnnxModule(path)
-    assert abs(ts.evaluate(engine, mnist_small)["accuracy"] - accuracy) <= 0.005  # integer kernels round differently
+    # integer kernels round differently; without VNNI, AVX2's uint8 x int8 pair sums also saturate on QAT's 8-bit weights
+    assert abs(ts.evaluate(engine, mnist_small)["accuracy"] - accuracy) <= (0.005 if cpu_has_vnni() else 0.01)
 
 
 def test_qat_convs(tmp_path):

@@ -10,6 +10,7 @@ import torchslim as ts
 from torchslim.core.config import ConfigError
 from torchslim.export.onnx import OnnxModule
 from torchslim.quantization import FORMATS, METHODS, QuantizedLinear, quantize_config
+from torchslim.quantization.formats import SCHEME_KEYS
 
 CONFIGS = {
     "weight-only": {"method": "weight-only", "weights": {"scheme": "kmeans", "bits": 4}},
@@ -56,7 +57,7 @@ def test_every_method_runs_and_keeps_accuracy(method, trained, digits, tmp_path)
 def test_quantized_layers_read_like_the_layers_they_replace(scheme):
     """``.weight`` of a quantized Linear is the decoded tensor, read-only; parameters count the weights it encodes."""
     model = ts.models.create("lenet-300-100")
-    result = ts.quantize(model, {"weights": {"scheme": scheme, "bits": 4}})
+    result = ts.quantize(model, {"weights": {"scheme": scheme, **({"bits": 4} if "bits" in SCHEME_KEYS[scheme] else {})}})  # bits where it reads them
     fc1 = result.model.fc1
     assert isinstance(fc1, QuantizedLinear) and fc1.weight.shape == (300, 784)
     assert torch.equal(fc1(torch.ones(1, 784)), torch.nn.functional.linear(torch.ones(1, 784), fc1.weight, fc1.bias))
