@@ -173,7 +173,8 @@ def _noisy_output(module: nn.Module, inputs: tuple, output: torch.Tensor, clip: 
     if clip is not None:
         kept = (log_alpha(weight, _log_sigma2(module)) <= clip).detach()
         if type(module).forward in (nn.Linear.forward, nn.Conv2d.forward) and len(module._forward_hooks) == 1:
-            output = product(x, weight * kept, module.bias)  # the mean again from the kept weights: the layer's own output leaves the graph
+            bias = module.bias if isinstance(module.bias, torch.Tensor) else None
+            output = product(x, weight * kept, bias)  # the mean again from the kept weights: the layer's own output leaves the graph
         else:  # a forward of the user's own, or hooks before this one: their output less what the pruned weights add
             output = output - product(x, weight * ~kept)
         variance_weight = variance_weight * kept

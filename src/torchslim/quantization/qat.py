@@ -313,10 +313,11 @@ def _refuse_value_branches(model: nn.Module, example_input: Any, path: Path) -> 
     from torchslim.quantization.onnx_notes import checked_float_export
 
     plain = copy.deepcopy(model)
-    for module in plain.modules():
-        if isinstance(module, (QATLinear, QATConv2d)):
-            module.__class__ = nn.Linear if isinstance(module, QATLinear) else nn.Conv2d
-            del module.fake
+    for layer in plain.modules():
+        if isinstance(layer, (QATLinear, QATConv2d)):
+            plain_type: type[nn.Module] = nn.Linear if isinstance(layer, QATLinear) else nn.Conv2d
+            layer.__class__ = plain_type  # type: ignore[assignment]
+            del layer.fake
     try:
         with tempfile.TemporaryDirectory() as folder:
             failure = "QAT export: the model with its fake quantization taken out failed the export check"
