@@ -79,6 +79,15 @@ def _rebuilt_shapes(model: nn.Module, config: Any) -> dict[str, tuple[int, ...]]
     return _shapes(rebuilt)
 
 
+LEFT = "it is left as it was: save with torchslim.save, not save_pretrained"
+
+
+def _mismatch(shapes: dict[str, tuple[int, ...]], rebuilt: dict[str, tuple[int, ...]] | None) -> str:
+    """The first tensor whose pruned shape the config does not give, as " (name: pruned shape, config's shape)"."""
+    name = next((n for n in shapes if rebuilt is None or rebuilt.get(n) != shapes[n]), None)
+    return f" ({name}: {shapes[name]} pruned, {rebuilt.get(name) if rebuilt else None} from the config)" if name else ""
+
+
 def update_model_config(model: nn.Module) -> list[str]:
     """Set a Hugging Face model's config to its pruned widths (in place); returns notes for the report. Models without
     a Hugging Face config are left alone."""
@@ -92,13 +101,9 @@ def update_model_config(model: nn.Module) -> list[str]:
         if reasons:
             return [f"the config cannot describe the pruned model: {'; '.join(reasons)}; save it with torchslim.save"]
         shapes, rebuilt = _shapes(model), _rebuilt_shapes(model, config)  # widths no field above covers (GPT-2's head count)
-        mismatch = next((n for n in shapes if rebuilt is not None and rebuilt.get(n) != shapes[n]), None)
-        if mismatch is None:
+        if rebuilt is None or rebuilt == shapes:
             return []
-        return [
-            f"the config cannot describe the pruned model ({type(config).__name__} does not describe these widths ({mismatch}: {shapes[mismatch]} pruned, "
-            f"{rebuilt.get(mismatch) if rebuilt else None} from the config)); it is left as it was: save with torchslim.save, not save_pretrained"
-        ]
+        return [f"the config cannot describe the pruned model ({type(config).__name__} does not describe these widths{_mismatch(shapes, rebuilt)}); {LEFT}"]
     if "num_attention_heads" in changed or "hidden_size" in changed:
         changed["head_dim"] = wanted.get("head_dim", getattr(config, "head_dim", None))
     trial = copy.deepcopy(config)
@@ -108,10 +113,9 @@ def update_model_config(model: nn.Module) -> list[str]:
     shapes = _shapes(model)
     rebuilt = _rebuilt_shapes(model, trial)
     if rebuilt != shapes:
-        mismatch = next((n for n in shapes if rebuilt is None or rebuilt.get(n) != shapes[n]), None)
-        detail = f" ({mismatch}: {shapes[mismatch]} pruned, {rebuilt.get(mismatch) if rebuilt else None} from the config)" if mismatch else ""
+        detail = _mismatch(shapes, rebuilt)
         why = "; ".join(reasons) or f"{type(config).__name__} does not describe these widths{detail}"
-        return [f"the config cannot describe the pruned model ({why}); it is left as it was: save with torchslim.save, not save_pretrained"]
+        return [f"the config cannot describe the pruned model ({why}); {LEFT}"]
     for key, value in changed.items():
         if value is not None:
             setattr(config, key, value)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import itertools
 import logging
 import os
@@ -374,6 +375,7 @@ def _quiet_root_logging() -> Iterator[None]:
         logging.root.setLevel(level)
 
 
+@functools.cache
 def cpu_has_vnni() -> bool:
     """Whether this CPU multiplies uint8 by int8 into int32 directly (AVX-512 VNNI, AVX-VNNI or AMX); a CPU that is not
     x86 has no saturating pairs to avoid (True); an x86 CPU whose flags cannot be read counts as without."""
