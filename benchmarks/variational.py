@@ -45,6 +45,8 @@ RUNS = [
     ("lenet-300-100", 0.3, 40, 25, "distill", 5, 0.0, True, 1 - 1 / 60),
     ("lenet-5", 0.25, 30, 25, "distill", 4, 0.0, True, 1 - 1 / 150),
     ("lenet-5", 0.5, 100, 25, "distill", 4, 0.0, True, {"schedule": "linear", "warmup_epochs": 15}),
+    ("lenet-300-100", 0.5, 100, 25, "distill", 5, 0.0, True, {"schedule": "linear", "warmup_epochs": 15}),
+    ("lenet-300-100", 0.35, 100, 25, "distill", 5, 0.0, True, {"schedule": "linear", "warmup_epochs": 15}),
 ]
 PUBLISHED = {  # non-zero ratios (weights kept over all weights), test error
     "lenet-300-100": "Dynamic Network Surgery 56x at 1.99%; Sparse VD 68x at 1.92%; Deep Compression 12x at 1.58%",

@@ -68,9 +68,8 @@ def onnxruntime_backend(model: nn.Module, example: Any) -> Runner:
 
     from torchslim.export.onnx import as_called, export_onnx, onnx_feed, onnx_session
 
-    folder = tempfile.mkdtemp(prefix="torchslim-onnx-")
-    path = export_onnx(model, example, Path(folder) / "model.onnx")
-    session = onnx_session(path, threads=torch.get_num_threads())
+    with tempfile.TemporaryDirectory(prefix="torchslim-onnx-") as folder:  # the session holds the model once built
+        session = onnx_session(export_onnx(model, example, Path(folder) / "model.onnx"), threads=torch.get_num_threads())
     names = [i.name for i in session.get_inputs()]
     fed: dict[int, tuple[Any, dict[str, Any]]] = {}
 

@@ -229,7 +229,9 @@ def _qat(model: nn.Module, config: QATConfig, context: _Context) -> tuple[nn.Mod
     trained = prepare_qat(model, config, inplace=True).train(mode)  # the fake-quant modules take the model's mode (eval: ranges frozen)
     calibrate_qat(trained, _calibration(context, 64), config.calibration_batches)
     count = sum(1 for m in trained.modules() if hasattr(m, "fake"))
-    notes = [f"{count} layer{'' if count == 1 else 's'} fake-quantized ({config.weight_scale} weight scales)"]
+    seven = any(getattr(m, "fake", None) is not None and m.fake.qmax < 127 for m in trained.modules())
+    why = ("this CPU has no VNNI" if config.reduce_range is None else "reduce_range") if seven else ""
+    notes = [f"{count} layer{'' if count == 1 else 's'} fake-quantized ({config.weight_scale} weight scales{f', 7-bit weights: {why}' if seven else ''})"]
     left = left_float(trained)
     if left:
         notes.append(f"left in float: {', '.join(left[:8])}{f' and {len(left) - 8} more' if len(left) > 8 else ''} (QAT covers plain nn.Linear and nn.Conv2d)")

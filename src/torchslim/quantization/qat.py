@@ -29,7 +29,6 @@ from torchslim.quantization.primitives import UniformSpec, fake_quantize
 from torchslim.tasks.batches import model_inputs, move_to
 from torchslim.train import distributed
 
-WEIGHT_SPEC = UniformSpec(bits=8, symmetric=True, granularity="channel", axis=0)
 ACTIVATION_SPEC = UniformSpec(bits=8, symmetric=False)
 
 
@@ -45,6 +44,10 @@ class QATConfig(Config):
     layers: LayerSelector = LayerSelector()
     calibration_batches: int = 8
     export: bool = True
+    # weights on 7 bits ([-64, 63]): ONNX Runtime's uint8 x int8 kernels on an x86 CPU without VNNI add pairs of
+    # products in int16, which saturate with 8-bit weights (None: 7 bits where this CPU lacks VNNI, decided when the
+    # layers are prepared and recorded with them, so a saved model trains and exports on the grid it was given)
+    reduce_range: bool | None = None
 
     def validate(self) -> None:
         check(self.method == "qat", f"method must be 'qat' for QATConfig, got {self.method!r}")
@@ -66,8 +69,10 @@ class FakeQuant(nn.Module):
     def __init__(self, weight: torch.Tensor, config: QATConfig) -> None:
         super().__init__()
         self.config = config
+        self.qmin, self.qmax = (-64, 63) if config.reduce_range else (-128, 127)
+        self.spec = UniformSpec(bits=7 if config.reduce_range else 8, symmetric=True, granularity="channel", axis=0)
         channels = weight.shape[0]
-        initial = weight.detach().abs().reshape(channels, -1).amax(dim=1).clamp(min=1e-8) / 127
+        initial = weight.detach().abs().reshape(channels, -1).amax(dim=1).clamp(min=1e-8) / self.qmax
         shape = (channels,) + (1,) * (weight.dim() - 1)
         if config.weight_scale == "learned":
             self.weight_scale = nn.Parameter(initial.reshape(shape).clone())
@@ -102,7 +107,7 @@ class FakeQuant(nn.Module):
     def quantize_weight(self, weight: torch.Tensor) -> torch.Tensor:
         if self.config.weight_scale == "observer":
             channels = weight.shape[0]
-            scale = weight.detach().abs().reshape(channels, -1).amax(dim=1).clamp(min=1e-8) / 127
+            scale = weight.detach().abs().reshape(channels, -1).amax(dim=1).clamp(min=1e-8) / self.qmax
             self.weight_scale = scale.reshape(self.weight_scale.shape)
         if self.frozen is not None and torch.onnx.is_in_onnx_export():
             scale = self.frozen["weight_scale"]
@@ -110,11 +115,11 @@ class FakeQuant(nn.Module):
         scale = self.weight_scale.abs().clamp(min=1e-8)
         zero = torch.zeros(scale.shape, dtype=torch.int32, device=weight.device)
         if not self.training:
-            return torch.fake_quantize_per_channel_affine(weight, scale.reshape(-1).detach(), zero.reshape(-1), 0, -128, 127)
+            return torch.fake_quantize_per_channel_affine(weight, scale.reshape(-1).detach(), zero.reshape(-1), 0, self.qmin, self.qmax)
         if self.config.weight_scale == "learned":  # LSQ gradient scaling: 1 / sqrt(numel * qmax)
-            gradient_scale = 1.0 / (weight[0].numel() * 127) ** 0.5
+            gradient_scale = 1.0 / (weight[0].numel() * self.qmax) ** 0.5
             scale = (scale - scale * gradient_scale).detach() + scale * gradient_scale
-        return fake_quantize(weight, scale, zero, WEIGHT_SPEC)
+        return fake_quantize(weight, scale, zero, self.spec)
 
     def activation_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         return _affine_qparams(self.input_low, self.input_high)
@@ -191,6 +196,10 @@ def prepare_qat(model: nn.Module, config: QATConfig | dict | None = None, inplac
     Fold BatchNorm first for the closest match to the exported graph (the exporter folds it anyway).
     """
     config = QATConfig.coerce(config, where="qat")
+    if config.reduce_range is None:
+        from torchslim.quantization.onnx_static import cpu_has_vnni
+
+        config = dataclasses.replace(config, reduce_range=not cpu_has_vnni())
     target = model if inplace else copy.deepcopy(model)
     pin_spec(target)
     converted = []
@@ -288,15 +297,25 @@ def calibrate_observers(model: nn.Module, batches, observer: str = "minmax", cou
 
 def export_qat_onnx(model: nn.Module, example_input: torch.Tensor, path: str | os.PathLike[str]) -> Path:
     """Export the fake-quantized model as a QDQ ONNX file (real int8 in ONNX Runtime)."""
-    fakes = [module.fake for module in model.modules() if isinstance(module, (QATLinear, QATConv2d))]
-    for fake in fakes:
-        fake.freeze()
+    layers = [module for module in model.modules() if isinstance(module, (QATLinear, QATConv2d))]
+    kept = {}
+    for layer in layers:
+        layer.fake.freeze()
+        if layer.fake.qmax < 127:  # ONNX's QuantizeLinear knows the full int8 range only: the weights clipped to 7 bits
+            assert layer.fake.frozen is not None
+            bound = layer.fake.frozen["weight_scale"].reshape((-1,) + (1,) * (layer.weight.dim() - 1)).to(layer.weight.device)
+            kept[layer] = layer.weight.detach().clone()
+            with torch.no_grad():
+                layer.weight.copy_(torch.maximum(torch.minimum(layer.weight, bound * layer.fake.qmax), bound * layer.fake.qmin))
     found: list = []
     try:
         exported = export_onnx(model, example_input, path, opset=17, warned=found)
     finally:
-        for fake in fakes:
-            fake.frozen = None
+        for layer in layers:
+            layer.fake.frozen = None
+        with torch.no_grad():
+            for layer, weight in kept.items():
+                layer.weight.copy_(weight)
     store_int8_weights(exported)
     if found:  # the tracer made values computed from the inputs constants: check the trace takes the model's branches
         _refuse_value_branches(model, example_input, exported)
