@@ -25,7 +25,8 @@ TARGETS = {"lenet-300-100": {"error": 0.0164, "bytes_ratio": 80, "nonzero_ratio"
 # train_clip: weights past the threshold left out while training, as the authors train; optionally the sparsity target:
 # at least that share of the weights masked at the end, the highest log alpha first, or a mapping of that target
 # ("sparsity"), the learning-rate schedule ("schedule", cosine by default) and the epochs the KL weight rises over
-# ("warmup_epochs", 1 by default))
+# ("warmup_epochs", 1 by default), and the model the distillation after it learns from ("teacher": a registry name whose
+# trained baseline is the teacher; the dense model the recipe started from by default))
 RUNS = [
     ("lenet-300-100", 1.0, 20, 0, "finetune", 4, 0.0, False),
     ("lenet-300-100", 0.4, 30, 5, "finetune", 4, 0.0, False),
@@ -47,6 +48,7 @@ RUNS = [
     ("lenet-5", 0.5, 100, 25, "distill", 4, 0.0, True, {"schedule": "linear", "warmup_epochs": 15}),
     ("lenet-300-100", 0.5, 100, 25, "distill", 5, 0.0, True, {"schedule": "linear", "warmup_epochs": 15}),
     ("lenet-300-100", 0.35, 100, 25, "distill", 5, 0.0, True, {"schedule": "linear", "warmup_epochs": 15}),
+    ("lenet-300-100", 0.5, 100, 25, "distill", 5, 0.0, True, {"schedule": "linear", "warmup_epochs": 15, "teacher": "lenet-5"}),
 ]
 PUBLISHED = {  # non-zero ratios (weights kept over all weights), test error
     "lenet-300-100": "Dynamic Network Surgery 56x at 1.99%; Sparse VD 68x at 1.92%; Deep Compression 12x at 1.58%",
@@ -59,7 +61,16 @@ def _options(target: float | dict | None) -> dict:
 
 
 def recipe(
-    kl_weight: float, epochs: int, tune_epochs: int, tuning: str, bits: int, teacher: float, clip: bool, quick: bool, target: float | dict | None = None
+    kl_weight: float,
+    epochs: int,
+    tune_epochs: int,
+    tuning: str,
+    bits: int,
+    teacher: float,
+    clip: bool,
+    quick: bool,
+    target: float | dict | None = None,
+    teacher_file: Path | None = None,
 ) -> dict:
     options = _options(target)
     schedule, sparsity, warmup = options.get("schedule", "cosine"), options.get("sparsity"), options.get("warmup_epochs", 1.0)
@@ -67,7 +78,7 @@ def recipe(
     tune = {"epochs": 1 if quick else tune_epochs, "optimizer": "adam", "lr": 1e-4, "schedule": "cosine", "eval_every_epoch": False}
     if tuning == "distill":  # soft targets of the dense model the recipe started from (T 4, alpha 0.9)
         tune.update(lr=3e-4, batch_size=100)
-        tuned = {"distill": {"temperature": 4.0, "alpha": 0.9, "train": tune}}
+        tuned = {"distill": {"temperature": 4.0, "alpha": 0.9, "train": tune, **({"teacher": str(teacher_file)} if teacher_file else {})}}
     else:
         tuned = {"finetune": tune}
     centroids = {"epochs": 1 if quick else 3, "optimizer": "adam", "lr": 1e-4, "eval_every_epoch": False}
@@ -96,9 +107,10 @@ def recipe(
 def _label(
     name: str, kl_weight: float, epochs: int, tune_epochs: int, tuning: str, bits: int, teacher: float, clip: bool = False, target: float | dict | None = None
 ) -> str:
-    after = f" + {tune_epochs} of {'distillation from the dense model' if tuning == 'distill' else 'fine-tuning'}" if tune_epochs else ""
-    data_term = f" (data term {teacher:g} soft targets of the dense model)" if teacher else ""
     options = _options(target)
+    source = f"the trained {options['teacher'].upper().replace('LENET', 'LeNet')}" if "teacher" in options else "the dense model"
+    after = f" + {tune_epochs} of {f'distillation from {source}' if tuning == 'distill' else 'fine-tuning'}" if tune_epochs else ""
+    data_term = f" (data term {teacher:g} soft targets of the dense model)" if teacher else ""
     sparsity = options.get("sparsity")
     cut = f", cut to 1 weight in {1 / (1 - sparsity):.0f} by log alpha" if sparsity else ""
     if "schedule" in options:
@@ -144,12 +156,14 @@ def main() -> None:
         dense = trained_baseline(name, data, options.quick)
         dense_error = ts.evaluate(dense, data)["error"]
         parameters = sum(p.numel() for p in dense.parameters())
-        torch.manual_seed(0)
-        started = time.perf_counter()
-        result = ts.compress(
-            dense, recipe(kl_weight, epochs, tune_epochs, tuning, bits, teacher, clip, options.quick, sparsity), data, latency=False, progress=False
-        )
-        seconds = time.perf_counter() - started
+        with tempfile.TemporaryDirectory() as folder:
+            teacher_name = _options(sparsity).get("teacher")
+            teacher_file = ts.save(trained_baseline(teacher_name, data, options.quick), Path(folder) / "teacher.safetensors") if teacher_name else None
+            torch.manual_seed(0)
+            started = time.perf_counter()
+            plan = recipe(kl_weight, epochs, tune_epochs, tuning, bits, teacher, clip, options.quick, sparsity, teacher_file)
+            result = ts.compress(dense, plan, data, latency=False, progress=False)
+            seconds = time.perf_counter() - started
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / f"{name}.tslim"
             result.save(path)
