@@ -4,7 +4,6 @@ model and returns a ``Result`` (a new model and a ``Report``) or metrics."""
 
 from __future__ import annotations
 
-import copy
 import os
 import warnings
 from collections.abc import Mapping
@@ -14,6 +13,7 @@ from typing import Any
 from torch import nn
 
 from torchslim.core.checks import check_model, unwrapped, user_hooks
+from torchslim.core.copying import copy_model
 from torchslim.core.environment import environment
 from torchslim.core.files import load_model_file, save_model_file
 from torchslim.core.report import Report, Result, Stage
@@ -45,7 +45,7 @@ def train(
     asked_batch = isinstance(config, Mapping) and "batch_size" in config
     config = TrainConfig.coerce(config)
     check_model(model, "train", float32=True, copies=not inplace)
-    trained = model if inplace else copy.deepcopy(model)
+    trained = model if inplace else copy_model(model)
     source = as_source(data, trained)
     history = fit(trained, source, config, task=task, progress=progress)
     metrics = dict(history.final)

@@ -19,7 +19,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from typing import Any
 
@@ -31,6 +30,7 @@ from typing_extensions import Unpack
 
 from torchslim.compression.common import Transforming, TransformOptions
 from torchslim.core.config import Config, check
+from torchslim.core.copying import copy_model
 from torchslim.core.errors import TorchslimError
 from torchslim.core.report import Report, Result, Stage
 from torchslim.core.selector import LayerSelector, matches, move_hooks, set_module, set_module_everywhere
@@ -154,7 +154,7 @@ def substitute_activations(model: nn.Module, config: ActivationConfig | dict, th
     config = ActivationConfig.coerce(config, where="substitute_activations")
     run = Transforming.start("substitute_activations", model, options)
     target, example = run.target, run.example
-    original = copy.deepcopy(model) if target is model else model
+    original = copy_model(model) if target is model else model
     metrics: dict[str, Any] = run.evaluate("_before")
     selector = LayerSelector.coerce(config.layers)
     named = [(name, module) for name, module in target.named_modules() if name]

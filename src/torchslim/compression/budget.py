@@ -29,6 +29,7 @@ from torch import nn
 
 from torchslim.compression.sensitivity import sensitivity
 from torchslim.core.config import Config, ConfigError, check
+from torchslim.core.copying import copy_model
 from torchslim.core.errors import TorchslimError
 from torchslim.core.selector import LayerSelector, select_modules
 from torchslim.tasks.base import Task
@@ -346,7 +347,6 @@ def size_rounds(
 def _rebuildable(model: nn.Module, factory: str | None, factory_kwargs: dict[str, Any] | None) -> nn.Module:
     """``model`` as auto_compress measures it: with ``factory`` (a copy of it) recording that builder, and checked
     to save to a file that rebuilds it (an error, before any work, says what to give where it would not)."""
-    import copy
 
     from torchslim.core.spec import set_spec, spec_of
     from torchslim.io.modelfile import file_spec
@@ -359,7 +359,7 @@ def _rebuildable(model: nn.Module, factory: str | None, factory_kwargs: dict[str
                 f"auto_compress: factory {factory!r} is in the script being run (__main__), which another process cannot import; "
                 "move the class (or a function that builds it) to a module and name it there, e.g. factory='mynets:Net'"
             )
-        model = copy.deepcopy(model)  # the caller's model keeps its own spec
+        model = copy_model(model)  # the caller's model keeps its own spec
         set_spec(model, {"factory": factory, "kwargs": dict(factory_kwargs or {}), "transforms": spec_of(model).get("transforms", []), "inferred": True})
     spec = spec_of(model)
     if spec.get("unimportable"):

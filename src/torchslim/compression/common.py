@@ -3,7 +3,6 @@ of the model, evaluates it before and after, and fine-tunes it."""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from typing import Any, TypedDict
 
@@ -11,6 +10,7 @@ from torch import nn
 
 from torchslim.core.checks import check_model
 from torchslim.core.config import ConfigError
+from torchslim.core.copying import copy_model
 from torchslim.data.sources import DataSource, as_source
 from torchslim.tasks.base import Task, resolve_task
 from torchslim.train.evaluate import evaluate_source
@@ -61,7 +61,7 @@ class Transforming:
         if example is None and source is not None:
             example = source.example(1)
         task = resolve_task(options.get("task"), source, model) if source is not None else None
-        target = model if options.get("inplace", False) else copy.deepcopy(model)
+        target = model if options.get("inplace", False) else copy_model(model)
         return cls(verb, model, target, data, source, example, task, tuning, options.get("progress"))
 
     def evaluate(self, suffix: str = "") -> dict[str, Any]:

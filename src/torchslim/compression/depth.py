@@ -27,7 +27,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import math
 from collections.abc import Iterator
@@ -38,6 +37,7 @@ from torch import nn
 
 from torchslim.core.checks import check_model
 from torchslim.core.config import Config, ConfigError, check
+from torchslim.core.copying import copy_model
 from torchslim.core.errors import TorchslimError
 from torchslim.core.modes import eval_mode
 from torchslim.core.report import Report, Result, Stage
@@ -219,7 +219,7 @@ def remove_blocks(
     tuning = TrainConfig.coerce(finetune, where="remove_blocks.finetune") if finetune is not None else None
     source = as_source(data, model)
     resolved = resolve_task(task, source, model)
-    target = model if inplace else copy.deepcopy(model)
+    target = model if inplace else copy_model(model)
     notes: list[str] = []
     candidates = candidate_blocks(target, source.example(1), config.layers, notes)
     count = config.count if config.count is not None else math.floor(config.ratio * len(candidates)) if config.ratio is not None else 1

@@ -23,7 +23,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import time
 from typing import Any
@@ -33,6 +32,7 @@ from torch import nn
 
 from torchslim.core.checks import check_model
 from torchslim.core.config import Config, check
+from torchslim.core.copying import copy_model
 from torchslim.core.report import Report, Result, Stage
 from torchslim.core.selector import LayerSelector, select_modules
 from torchslim.data.sources import as_source
@@ -167,7 +167,7 @@ def _plain(model: nn.Module) -> tuple[nn.Module, list[str]]:
     if not computed:
         return model, []
     training = model.training
-    plain = fold_parametrizations(copy.deepcopy(model).eval()).train(training)  # in eval mode: spectral_norm uses its stored vectors
+    plain = fold_parametrizations(copy_model(model).eval()).train(training)  # in eval mode: spectral_norm uses its stored vectors
     listed = ", ".join(sorted(computed)[:5]) + (", ..." if len(computed) > 5 else "")
     return plain, [f"measured on a copy with computed weights folded into plain ones (masks or weight norms of {listed})"]
 

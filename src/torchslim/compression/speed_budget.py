@@ -62,7 +62,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import math
 from typing import Any
 
@@ -96,6 +95,7 @@ from torchslim.compression.speed_choices import (
 from torchslim.compression.speed_config import SpeedBudgetConfig
 from torchslim.compression.speed_measure import Cost, budget_note, factorized_rank, factorized_rows, finished_cost, offered_ranks, set_rows
 from torchslim.core.config import ConfigError
+from torchslim.core.copying import copy_model
 from torchslim.core.errors import TorchslimError
 from torchslim.core.selector import set_module
 from torchslim.data.sources import as_source
@@ -230,7 +230,7 @@ def auto_narrow(
             if key in trial_results or key in built:
                 continue
             ratios, factored, removed = plan_parts(plan, sets)
-            trial = prune_channels(model, {**structured, "sets": ratios}, data=data, example_input=example, task=task).model if ratios else copy.deepcopy(model)
+            trial = prune_channels(model, {**structured, "sets": ratios}, data=data, example_input=example, task=task).model if ratios else copy_model(model)
             if factored:
                 trial = factorize(trial, {"method": "svd", "overrides": factored, "layers": {"include": list(factored)}}, example_input=example).model
             for block in removed:

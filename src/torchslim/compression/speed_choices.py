@@ -3,7 +3,6 @@ blocks a plan removes, measured together in the order they would go, with each s
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 from collections.abc import Callable
@@ -13,6 +12,7 @@ from torch import nn
 
 from torchslim.compression.budget import FLOAT, Option, allocate_exact
 from torchslim.compression.depth import Skip, bypassed
+from torchslim.core.copying import copy_model
 from torchslim.core.errors import TorchslimError
 from torchslim.core.selector import set_module
 from torchslim.measure.counts import count_macs
@@ -60,7 +60,7 @@ def removal_order(
     compounds: each step is measured together, not summed). After each step the ``RESCORE`` blocks that scored
     lowest so far are scored again with the ones removed gone (as ``remove_blocks(iterative)`` re-scores them all; a
     bound on the evaluations, which would otherwise grow with the square of the blocks)."""
-    current = copy.deepcopy(model)
+    current = copy_model(model)
     remaining, steps = list(blocks), list[RemovalStep]()
     scores: dict[str, float] = {}
     alone: dict[str, float] = {}
@@ -79,7 +79,7 @@ def removal_order(
             break
         remaining.remove(block)
         set_module(current, block, Skip())
-        steps.append(RemovalStep(block, max(0.0, scores[block]), copy.deepcopy(current)))
+        steps.append(RemovalStep(block, max(0.0, scores[block]), copy_model(current)))
     return alone, steps
 
 

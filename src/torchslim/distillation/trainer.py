@@ -18,7 +18,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from typing import Any
 
@@ -27,6 +26,7 @@ from torch import nn
 
 from torchslim.core.checks import check_model
 from torchslim.core.config import Config, ConfigError, check
+from torchslim.core.copying import copy_model
 from torchslim.core.errors import TorchslimError
 from torchslim.core.modes import eval_mode, model_device
 from torchslim.core.report import Report, Result, Stage
@@ -231,7 +231,7 @@ def distill(
     config = DistillConfig.coerce(config, where="distill")
     check_model(student, "distill (student)", float32=True, copies=not inplace)
     check_model(teacher, "distill (teacher)", float32=True)
-    trained = student if inplace else copy.deepcopy(student)
+    trained = student if inplace else copy_model(student)
     source = as_source(data, trained)
     resolved = resolve_task(task, source, teacher)
     adapters = _check_compatible(trained, teacher, move_to(source.example(2), model_device(trained)), config)

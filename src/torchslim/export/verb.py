@@ -28,7 +28,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
 import time
@@ -41,6 +40,7 @@ import torch
 from torch import nn
 
 from torchslim.core.checks import norm_hooks, remove_norm_hook, unwrapped
+from torchslim.core.copying import copy_model
 from torchslim.core.errors import TorchslimError
 from torchslim.core.files import refuse_overwrite
 from torchslim.core.modes import eval_mode, model_device
@@ -108,7 +108,7 @@ def _plain_copy(model: nn.Module) -> nn.Module:
     they compute now; a deep copy of the model as it is would fail on the computed weight)."""
     hooked = norm_hooks(model)
     memo: dict[int, Any] = {id(getattr(module, hook.name)): getattr(module, hook.name).detach().clone() for _, module, hook in hooked}
-    copied = copy.deepcopy(model, memo)
+    copied = copy_model(model, memo)
     for _, module, hook in norm_hooks(copied):  # the copy's own hooks, folded
         remove_norm_hook(module, hook)
     return copied

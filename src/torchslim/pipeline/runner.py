@@ -21,7 +21,6 @@ The runner knows no stage kind: each is a handler registered in ``pipeline.stage
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
 import time
@@ -35,6 +34,7 @@ from torch import nn
 from torchslim.codec.reader import inspect_tslim
 from torchslim.codec.tslim import encode_model, save_tslim
 from torchslim.core.checks import check_model
+from torchslim.core.copying import copy_model
 from torchslim.core.environment import environment
 from torchslim.core.errors import TorchslimError
 from torchslim.core.files import refuse_overwrite
@@ -191,7 +191,7 @@ def compress(
         raise TorchslimError("resume needs the checkpoint folder of the run to continue")
     if any(stage.writes_onnx for stage in recipe.stages) and export_path is None:
         raise TorchslimError(f"recipe {recipe.name!r} writes an ONNX file: give export_path (CLI: --out model.onnx)")
-    original = copy.deepcopy(model).eval()
+    original = copy_model(model).eval()
     completed, step = 0, 0
     training: dict[str, Any] | None = None
     resumed = resume and store is not None and store.status() is not None
@@ -206,7 +206,7 @@ def compress(
     ranges = histogram_ranges(original, largest_layers(layer_rows(original)))
     keep = latency and fp32_weight_bytes(original) <= KEEP_FOR_TIMING  # every stage's model kept for the final timing
     if not resumed:
-        current = copy.deepcopy(model)
+        current = copy_model(model)
         report = Report.for_model(model)
         baseline = Stage(name="baseline", kind="baseline", metrics=measure_stage(current, source, resolved, None, None, latency and not keep, threads))
         describe_layers(baseline, current, example, ranges)
@@ -246,7 +246,7 @@ def compress(
         record.metrics["seconds"] = round(outcome.seconds, 2)
         describe_layers(record, current, example, ranges)
         if keep:
-            timed[record.name] = outcome.engine if outcome.engine is not None else copy.deepcopy(current)
+            timed[record.name] = outcome.engine if outcome.engine is not None else copy_model(current)
         report.stages.append(record)
         if on_stage:
             on_stage(record)

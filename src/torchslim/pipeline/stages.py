@@ -8,7 +8,6 @@ executes, and the bytes of the artifact it wrote, where it wrote one.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +22,7 @@ from torchslim.compression.depth import DepthConfig, remove_blocks
 from torchslim.compression.factorize import FactorizeConfig, factorize
 from torchslim.compression.width import NarrowConfig, narrow
 from torchslim.core.config import Config, check
+from torchslim.core.copying import copy_model
 from torchslim.core.spec import sizing_spec
 from torchslim.data.sources import DataSource
 from torchslim.distillation.trainer import DistillConfig, distill
@@ -273,7 +273,7 @@ class ExportConfig(Config):
 def run_export(context: StageContext, stage: RecipeStage) -> StageOutcome:
     """An ONNX file (fp32, or int8 through torchslim.quantize) run by ONNX Runtime."""
     assert isinstance(stage.config, ExportConfig) and context.export_path is not None
-    plain = make_permanent(copy.deepcopy(context.model))
+    plain = make_permanent(copy_model(context.model))
     engine: nn.Module
     if stage.config.int8 is None:
         path, noted = checked_float_export(plain, context.source.example(1), context.export_path, "export stage: the fp32 ONNX file failed its check")

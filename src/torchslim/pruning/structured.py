@@ -22,7 +22,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import time
@@ -34,6 +33,7 @@ from torch import nn
 
 from torchslim.core.checks import check_model
 from torchslim.core.config import Config, ConfigError, check
+from torchslim.core.copying import copy_model
 from torchslim.core.errors import TorchslimError
 from torchslim.core.modes import eval_mode
 from torchslim.core.report import Report, Result, Stage
@@ -231,7 +231,7 @@ def channel_sets(model: nn.Module, config: StructuredConfig | dict | None = None
     ``prune_residual``): {name: channel count}, a set named by the layers whose outputs its channels are, joined by
     "+" (``"conv1+layer1.0.conv2"``), the name ``StructuredConfig.sets`` takes."""
     config = StructuredConfig.coerce(config or {}, where="channel_sets")
-    working = copy.deepcopy(model)
+    working = copy_model(model)
     graph = trace(working, _example(data, example_input, working))
     names = {name for name, _ in select_modules(working, config.layers)}
     sets: dict[str, int] = {}
@@ -244,7 +244,7 @@ def channel_sets(model: nn.Module, config: StructuredConfig | dict | None = None
 def output_layers(model: nn.Module, data: Any = None, example_input: Any = None) -> set[str]:
     """The layers whose outputs are the model's own outputs (a classifier, a language model's head): structured
     pruning keeps their channels, and a budget does not factorize them either."""
-    working = copy.deepcopy(model)
+    working = copy_model(model)
     graph = trace(working, _example(data, example_input, working))
     return {layer for g in graph.groups() if "model output" in g.blocked for layer in g.layers}
 
@@ -365,7 +365,7 @@ def check_removal(
         return f"the pruned model fails in train mode ({failure})"
     if _cross_channel(original, groups):
         return None
-    reference = copy.deepcopy(original)
+    reference = copy_model(original)
     zero_readers(reference, graph, groups, heads)
     for output, zeroed in zip(outputs, _outputs(reference, example)):
         if output.is_floating_point():
@@ -382,7 +382,7 @@ def _safe_removal(
     expected = _outputs(model, example)
 
     def attempt(groups: list[Group], attempt_heads: list[HeadGroup]) -> str | None:
-        trial = copy.deepcopy(model)
+        trial = copy_model(model)
         try:
             remove_channels(trial, graph, groups, attempt_heads)
         except TorchslimError as error:
@@ -450,7 +450,7 @@ def prune_channels(
         raise ConfigError("prune_channels: fine-tuning needs data")
     example = _example(data, example_input, model)
     started = time.perf_counter()
-    working = copy.deepcopy(model)
+    working = copy_model(model)
     graph = trace(working, example)
     chosen, notes = select_groups(working, graph, config, data, task)
     heads = select_heads(working, graph, config, data)

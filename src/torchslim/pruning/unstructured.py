@@ -10,7 +10,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import itertools
 import time
@@ -22,6 +21,7 @@ from torch import nn
 
 from torchslim.core.checks import check_model
 from torchslim.core.config import Config, ConfigError, check
+from torchslim.core.copying import copy_model
 from torchslim.core.errors import TorchslimError
 from torchslim.core.report import Report, Result, Stage
 from torchslim.core.selector import LayerSelector, module_type_name, resolve_overrides, select_modules
@@ -269,7 +269,7 @@ def prune(
     tuning = TrainConfig.coerce(finetune, where="prune.finetune") if finetune is not None else None
     if tuning is not None and data is None:
         raise ConfigError("prune: fine-tuning needs data")
-    target = model if inplace else copy.deepcopy(model)
+    target = model if inplace else copy_model(model)
     source = as_source(data, target) if data is not None else None
     resolved = resolve_task(task, source, model) if source is not None else None
     started = time.perf_counter()

@@ -23,7 +23,6 @@ or as a ``fit`` callback, then ``to_masks``:
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import functools
 import math
@@ -36,6 +35,7 @@ from torch.nn import functional as F
 
 from torchslim.core.checks import check_model
 from torchslim.core.config import Config, ConfigError, check
+from torchslim.core.copying import copy_model
 from torchslim.core.errors import TorchslimError
 from torchslim.core.modes import eval_mode
 from torchslim.core.report import Report, Result, Stage
@@ -226,7 +226,7 @@ def sparsify_variational(
     if data is None:
         raise ConfigError("variational-dropout trains the model: it needs data")
     training = TrainConfig.coerce(finetune if finetune is not None else DEFAULT_TRAINING, where="variational-dropout.finetune")
-    target = model if inplace else copy.deepcopy(model)
+    target = model if inplace else copy_model(model)
     source = as_source(data, target)
     steps = epoch_steps(source, training)
     train_size = steps * training.batch_size  # examples per epoch (the last batch may be short)
@@ -273,7 +273,7 @@ def _soft_targets(model: nn.Module, source: Any, config: VariationalConfig, task
     """The distillation loss against a frozen copy of ``model`` as it is now (``distill``'s own loss)."""
     from torchslim.distillation.trainer import DistillConfig, _DistillLoss
 
-    teacher = copy.deepcopy(model).eval()
+    teacher = copy_model(model).eval()
     for parameter in teacher.parameters():
         parameter.requires_grad_(False)
     settings = DistillConfig(temperature=config.distill_temperature, alpha=config.distill_alpha)

@@ -19,7 +19,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import tempfile
 import time
@@ -31,6 +30,7 @@ from torch import nn
 
 from torchslim.core.checks import check_model
 from torchslim.core.config import Config, ConfigError, check
+from torchslim.core.copying import copy_model
 from torchslim.core.errors import TorchslimError
 from torchslim.core.memory import release_freed_memory
 from torchslim.core.registry import Registry
@@ -284,7 +284,7 @@ def quantize(
     entry = METHODS.get(method)
     if entry.needs_data(typed) and data is None:
         raise ConfigError(f"quantize: method {method!r} calibrates on data: pass data=...")
-    target = model if inplace else copy.deepcopy(model)
+    target = model if inplace else copy_model(model)
     source = as_source(data, target) if data is not None else None
     tuning = TrainConfig.coerce(finetune, where="quantize.finetune") if finetune is not None else None
     resolved = resolve_task(task, source, model) if source is not None and tuning is not None else None

@@ -23,7 +23,6 @@ per-channel weights, in standard ONNX operators.
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import functools
 import itertools
@@ -40,6 +39,7 @@ import torch
 from torch import nn
 
 from torchslim.core.config import Config, check
+from torchslim.core.copying import copy_model
 from torchslim.core.errors import TorchslimError
 from torchslim.export.onnx import INPUT_NAME, OnnxModule, as_called, constant_lookup, export_onnx, replace_graph_nodes, sole_input, weight_product
 from torchslim.quantization.observers import OBSERVERS
@@ -408,7 +408,7 @@ def quantize_onnx(
         from torchslim.llm.scaling import smooth_float
 
         calibration = list(itertools.islice(calibration, config.calibration_batches))
-        model = smooth_float(copy.deepcopy(model), calibration, config.smooth)
+        model = smooth_float(copy_model(model), calibration, config.smooth)
     with tempfile.TemporaryDirectory() as folder, _quiet_root_logging():
         fp32, noted = checked_float_export(model, example_input, Path(folder) / "fp32.onnx")
         prepared = Path(folder) / "prepared.onnx"

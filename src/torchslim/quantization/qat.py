@@ -8,7 +8,6 @@ QuantizeLinear / DequantizeLinear pairs, which ONNX Runtime fuses into integer k
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
 from pathlib import Path
@@ -19,6 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from torchslim.core.config import Config, check
+from torchslim.core.copying import copy_model
 from torchslim.core.errors import TorchslimError
 from torchslim.core.modes import eval_mode, model_device
 from torchslim.core.selector import LayerSelector, select_modules, weight_of
@@ -200,7 +200,7 @@ def prepare_qat(model: nn.Module, config: QATConfig | dict | None = None, inplac
         from torchslim.quantization.onnx_static import cpu_has_vnni
 
         config = dataclasses.replace(config, reduce_range=not cpu_has_vnni())
-    target = model if inplace else copy.deepcopy(model)
+    target = model if inplace else copy_model(model)
     pin_spec(target)
     converted = []
     for name, module in select_modules(target, config.layers, default_types=("Linear", "Conv2d")):
@@ -267,7 +267,7 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     from torch.fx.experimental.optimization import fuse
 
     try:
-        folded = fuse(copy.deepcopy(model).eval(), inplace=True)
+        folded = fuse(copy_model(model).eval(), inplace=True)
     except Exception as error:  # tracing fails in many ways; name the model and the cause
         raise TorchslimError(f"cannot trace {type(model).__name__} to fold BatchNorm: {str(error).splitlines()[0]}") from None
     set_spec(folded, model_spec(model))
@@ -331,7 +331,7 @@ def _refuse_value_branches(model: nn.Module, example_input: Any, path: Path) -> 
 
     from torchslim.quantization.onnx_notes import checked_float_export
 
-    plain = copy.deepcopy(model)
+    plain = copy_model(model)
     for layer in plain.modules():
         if isinstance(layer, (QATLinear, QATConv2d)):
             plain_type: type[nn.Module] = nn.Linear if isinstance(layer, QATLinear) else nn.Conv2d

@@ -9,7 +9,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 from collections.abc import Mapping
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 
 from torchslim.core.config import Config, ConfigError
+from torchslim.core.copying import copy_model
 from torchslim.core.errors import TorchslimError
 from torchslim.core.report import Report, Result, Stage
 from torchslim.core.selector import LayerSelector, move_hooks, resolve_overrides, select_modules, set_module, set_module_everywhere
@@ -310,7 +310,7 @@ def quantize_weights(model: nn.Module, config: WeightOnlyConfig | dict, inplace:
     """Replace the selected layers by weight-only quantized modules (round to nearest); report SQNR and stored bytes
     per layer."""
     config = WeightOnlyConfig.coerce(config, where="quantize")
-    target = model if inplace else copy.deepcopy(model)
+    target = model if inplace else copy_model(model)
     plan = plan_layers(target, config)
     for name, module in plan.modules:
         replace_layer(target, plan, name, float_weight(module), quantize_module(module, plan.scheme(name), name))

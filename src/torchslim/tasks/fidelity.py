@@ -16,7 +16,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,6 +23,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from torchslim.core.copying import copy_model
 from torchslim.core.errors import TorchslimError
 from torchslim.core.modes import eval_mode, model_device
 from torchslim.tasks.base import TASKS, Task
@@ -51,7 +51,7 @@ class FidelityTask(Task):
     def with_reference(self, reference: nn.Module) -> Task:
         if self.reference is not None:
             return self
-        frozen = copy.deepcopy(reference).eval()
+        frozen = copy_model(reference).eval()
         for parameter in frozen.parameters():
             parameter.requires_grad_(False)
         return FidelityTask(frozen)
