@@ -43,7 +43,7 @@ from torchslim.core.spec import append_transform, recorded_layers, register_tran
 from torchslim.core.ties import tied_weights
 from torchslim.measure.counts import count_macs, count_parameters
 from torchslim.pruning.apply import masks_of
-from torchslim.quantization.modules import is_transposed_linear
+from torchslim.quantization.modules import is_transposed_linear, own_forward
 from torchslim.tasks.batches import run_failure
 
 TRANSFORM_KIND = "factorize"
@@ -365,7 +365,7 @@ def factorize(model: nn.Module, config: FactorizeConfig | dict, **options: Unpac
         elif getattr(module, "parametrizations", None) is not None:
             kinds = sorted({type(p).__name__ for plist in module.parametrizations.values() for p in plist})
             notes.append(f"{name}: left whole (its weight is computed by a parametrization: {', '.join(kinds)})")
-        elif (own := _own_forward(module)) is not None:
+        elif (own := own_forward(module)) is not None:
             notes.append(f"{name}: left whole ({type(module).__name__} has its own {own}, which two plain factor layers would not run)")
         else:
             candidates.append((name, module, form))
@@ -444,18 +444,6 @@ def factorize(model: nn.Module, config: FactorizeConfig | dict, **options: Unpac
         name="factorize", kind="factorize", metrics=metrics, layers=rows, notes=notes, config=config.to_dict(), execution="eager, factorized dense layers"
     )
     return Result(model=target, report=Report.for_model(model, [stage]))
-
-
-def _own_forward(module: nn.Module) -> str | None:
-    """The method a subclass of Linear / Conv2d overrides to compute its output (a scaled or weight-standardized
-    layer), or None for the plain layer."""
-    if is_transposed_linear(module):
-        return None  # computes x @ W + b, as the factors do
-    base = nn.Linear if isinstance(module, nn.Linear) else nn.Conv2d
-    for method in ("forward", "_conv_forward"):
-        if getattr(type(module), method, None) is not getattr(base, method, None):
-            return method
-    return None
 
 
 def _swap(model: nn.Module, name: str, old: nn.Module, new: nn.Module) -> None:

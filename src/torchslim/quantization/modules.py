@@ -421,3 +421,18 @@ def quantize_module(module: Any, scheme: WeightScheme, where: str) -> nn.Module:
     if isinstance(module, nn.Embedding):
         return QuantizedEmbedding.from_float(module, scheme, where)
     raise TypeError(f"{where}: weight-only quantization supports Linear, Conv2d and Embedding, not {type(module).__name__}")
+
+
+def own_forward(module: nn.Module) -> str | None:
+    """The method a subclass of Linear / Conv2d / Embedding overrides to compute its output (a scaled, weight-
+    standardized or position-offset layer), or None for the plain layer: a replacement that computes the plain
+    layer's output from the weight would drop what the subclass adds."""
+    if is_transposed_linear(module):
+        return None  # computes x @ W + b, as its replacements do
+    base = next((kind for kind in (nn.Linear, nn.Conv2d, nn.Embedding) if isinstance(module, kind)), None)
+    if base is None:
+        return None
+    for method in ("forward", "_conv_forward"):
+        if getattr(type(module), method, None) is not getattr(base, method, None):
+            return method
+    return None

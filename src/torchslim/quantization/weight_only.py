@@ -32,6 +32,7 @@ from torchslim.quantization.modules import (
     QuantizedLinear,
     empty_like,
     is_transposed_linear,
+    own_forward,
     quantize_module,
 )
 
@@ -126,7 +127,9 @@ def share(model: nn.Module, name: str, leader: nn.Module) -> None:
     follower.quantized = holder
 
 
-def _tie_plan(model: nn.Module, modules: list[tuple[str, nn.Module]]) -> tuple[list[tuple[str, nn.Module]], dict[str, str], list[str]]:
+def _tie_plan(
+    model: nn.Module, modules: list[tuple[str, nn.Module]], kept_float: frozenset[str] | set[str] = frozenset()
+) -> tuple[list[tuple[str, nn.Module]], dict[str, str], list[str]]:
     """(layers to quantize, {follower: leader} for tied layers that share the leader's quantized weight, notes on
     tied layers left in float). A tied weight is quantized once when every layer holding it is selected (an output
     layer and the embedding it shares), else left in float, so it stays tied."""
@@ -146,6 +149,12 @@ def _tie_plan(model: nn.Module, modules: list[tuple[str, nn.Module]]) -> tuple[l
             continue
         if len(holders) != len(group) or any(h not in selected for h in holders):
             others = [n for n in group if n != f"{name}.weight"]
+            floating = [h for h in holders if h in kept_float]
+            if floating:
+                notes.append(
+                    f"{name}: left in float, its weight is tied to {', '.join(others)}; {floating[0]} stays in float (its own forward), so it does too"
+                )
+                continue
             notes.append(
                 f"{name}: left in float, its weight is tied to {', '.join(others)}; select every layer holding it "
                 f"(layers.types: [Linear, Embedding]) to quantize them as one"
@@ -176,7 +185,18 @@ def plan_layers(target: nn.Module, config: Any, types: tuple[str, ...] = QUANTIZ
     """The layers ``config`` (``weights``, ``layers``, ``overrides``) selects in ``target``, checked quantizable."""
     modules = select_modules(target, config.layers, default_types=types)
     by_layer = resolve_overrides(modules, config.overrides, "quantize.overrides")
-    modules, shared, notes = _tie_plan(target, modules)
+    own = [(name, module, method) for name, module in modules if (method := own_forward(module)) is not None]
+    notes = [f"{name}: left in float ({type(module).__name__} has its own {method}, which its quantized form would not run)" for name, module, method in own]
+    modules = [(name, module) for name, module in modules if own_forward(module) is None]
+    modules, shared, tie_notes = _tie_plan(target, modules, {name for name, _, _ in own})
+    notes += tie_notes
+    for follower, leader in shared.items():
+        mine, theirs = by_layer.get(follower, config.weights), by_layer.get(leader, config.weights)
+        if follower in by_layer and mine != theirs:  # without an override of its own a tied layer follows its leader
+            raise TorchslimError(
+                f"quantize.overrides: {follower} shares its weight with {leader} (tied), which is quantized once, as {leader}; "
+                f"give both the same override ({follower}: {mine.scheme} {mine.bits} bits, {leader}: {theirs.scheme} {theirs.bits} bits)"
+            )
     padded = [name for name, module in modules if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros"]
     notes += [f"{name}: left in float (padding_mode {target.get_submodule(name).padding_mode!r}; its quantized form pads with zeros)" for name in padded]
     modules = [(name, module) for name, module in modules if name not in padded]
