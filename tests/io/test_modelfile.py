@@ -110,6 +110,47 @@ def test_a_users_own_class_saves_as_it_can_be_rebuilt(tmp_path):
         ts.save(Local(2, 2), tmp_path / "l.safetensors")
 
 
+class HeadsNet(nn.Module):
+    """Constructor arguments kept under other names (or not at all): same tensors whatever they are."""
+
+    def __init__(self, heads: int = 4, activation: str = "relu", temperature: float = 1.0) -> None:
+        super().__init__()
+        self.h = heads
+        self.proj = nn.Linear(8, 8)
+        self.act = nn.GELU() if activation == "gelu" else nn.ReLU()
+        self.soft = lambda t: torch.softmax(t / temperature, -1)
+
+    def forward(self, x):
+        b, d = x.shape
+        return self.soft(self.act(self.proj(x)).view(b, self.h, d // self.h)).reshape(b, d)
+
+
+def make_heads_net(**kwargs) -> HeadsNet:
+    return HeadsNet(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "difference"),
+    [
+        ({"heads": 2}, "h is 4 rebuilt, 2 in the model"),
+        ({"activation": "gelu"}, "act is ReLU rebuilt, GELU in the model"),
+        ({"temperature": 5.0}, r"soft is HeadsNet.__init__.<locals>.<lambda>\(1.0\) rebuilt, HeadsNet.__init__.<locals>.<lambda>\(5.0\)"),
+    ],
+)
+def test_a_default_the_model_keeps_no_attribute_of_is_checked_before_it_is_recorded(tmp_path, kwargs, difference):
+    """The tensors of a model built with other arguments had the same names and shapes, so the file recorded the
+    defaults and ts.load built another model (other heads, activation or temperature) without a word."""
+    model = HeadsNet(**kwargs).eval()
+    with pytest.raises(TorchslimError, match=f"keeps no attribute named 'heads', 'activation', 'temperature'.*differs: {difference}"):
+        ts.save(model, tmp_path / "m.safetensors")
+    assert not (tmp_path / "m.safetensors").exists()
+    path = ts.save(model, tmp_path / "m.safetensors", factory="tests.io.test_modelfile:make_heads_net", kwargs=kwargs)
+    x = torch.randn(3, 8)
+    assert torch.equal(ts.load(path, trust_factory=True).eval()(x), model(x))
+    default = HeadsNet().eval()  # built with the defaults: the rebuilt model is the same, so it saves as before
+    assert torch.equal(ts.load(ts.save(default, tmp_path / "d.safetensors"), trust_factory=True).eval()(x), default(x))
+
+
 def test_corrupt_and_truncated_files(tmp_path):
     path = ts.save(ts.models.create("lenet-300-100"), tmp_path / "m.safetensors")
     data = bytearray(path.read_bytes())

@@ -79,17 +79,23 @@ def factories(spec: dict[str, Any]) -> list[str]:
 
 def _sequential_spec(model: nn.Sequential) -> dict[str, Any]:
     """An inferred spec of a plain ``nn.Sequential``: each layer's own spec (inferred where it carries none), in order."""
-    layers, missing = [], []
+    layers, missing, assumed = [], [], []
     for name, child in model.named_children():
         spec = spec_of(child)
         if spec.get("unimportable"):
             missing.append(f"layer {name} ({spec.get('factory')} cannot be imported again)")
         missing += [f"layer {name}'s {argument}" for argument in spec.get("missing", [])]
-        layers.append([name, {key: value for key, value in spec.items() if key not in ("inferred", "missing", "unimportable")}])
+        assumed += [f"{name}.{argument}" for argument in spec.get("assumed", [])]
+        layers.append([name, {key: value for key, value in spec.items() if key not in INFERENCE_KEYS}])
     result: dict[str, Any] = {"factory": SEQUENTIAL, "kwargs": {"layers": layers}, "inferred": True}
     if missing:
         result["missing"] = missing
+    if assumed:
+        result["assumed"] = assumed
     return result
+
+
+INFERENCE_KEYS = ("inferred", "missing", "unimportable", "assumed")  # what inference notes in a spec, not written to files
 
 
 def inferred_spec(model: nn.Module) -> dict[str, Any]:
@@ -106,6 +112,7 @@ def inferred_spec(model: nn.Module) -> dict[str, Any]:
         return {"huggingface": klass.__name__, "config": json.loads(json.dumps(config.to_dict(), default=str)), "kwargs": {}}
     kwargs: dict[str, Any] = {}
     missing: list[str] = []
+    assumed: list[str] = []  # arguments with defaults the model keeps no attribute of: the default is assumed (and checked)
     # torch's recurrent layers take *args, **kwargs: their arguments are those of RNNBase (less the mode their class sets)
     init = nn.RNNBase.__init__ if issubclass(klass, nn.RNNBase) and klass is not nn.RNNBase else klass.__init__
     for name, parameter in list(inspect.signature(init).parameters.items())[1:]:
@@ -117,6 +124,8 @@ def inferred_spec(model: nn.Module) -> dict[str, Any]:
                 kwargs[name] = value
         elif parameter.default is inspect.Parameter.empty:
             missing.append(name)
+        elif not klass.__module__.startswith("torch."):  # torch's layers keep what shapes their tensors as attributes
+            assumed.append(name)
     if isinstance(getattr(model, "nonlinearity", None), str) and klass is nn.RNN:
         kwargs["nonlinearity"] = model.nonlinearity
     path = class_path(klass)
@@ -125,6 +134,8 @@ def inferred_spec(model: nn.Module) -> dict[str, Any]:
         spec["unimportable"] = True
     if missing:
         spec["missing"] = missing
+    if assumed:
+        spec["assumed"] = assumed
     return spec
 
 
@@ -136,7 +147,7 @@ def spec_of(model: nn.Module) -> dict[str, Any]:
 def sizing_spec(model: nn.Module) -> dict[str, Any]:
     """The spec a file of ``model`` would record, as a stand-in for measuring the file's size before the spec is
     checked (an inferred spec's notes on what it could not recover left out)."""
-    return {key: value for key, value in spec_of(model).items() if key not in ("inferred", "missing", "unimportable")}
+    return {key: value for key, value in spec_of(model).items() if key not in INFERENCE_KEYS}
 
 
 def check_spec(spec: Any, where: str) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from torchslim.core.checks import check_model, norm_hooks, remove_norm_hook
 from torchslim.core.errors import ChecksumError, TorchslimError
 from torchslim.core.files import ModelFormat, refuse_overwrite, register_format, write_atomic
 from torchslim.core.memory import release_freed_memory
-from torchslim.core.spec import SEQUENTIAL, apply_transforms, check_spec, factories, register_transform, set_spec, spec_of
+from torchslim.core.spec import SEQUENTIAL, SPEC_ATTRIBUTE, apply_transforms, check_spec, factories, register_transform, set_spec, spec_of
 from torchslim.core.ties import plain_name, retie, tied_groups
 from torchslim.measure.weights import effective_weights, hook_norm_weights
 
@@ -128,6 +128,7 @@ def file_spec(model: nn.Module, where: str, spec: dict[str, Any] | None = None) 
     tensors of the same names and shapes, or the error says which differs."""
     refuse_engine(model, where)
     spec = check_spec(spec if spec is not None else spec_of(model), where)
+    assumed = spec.pop("assumed", [])
     if spec.pop("inferred", False):
         rebuilt = build_from_spec(spec, trust_factory=True, where=where)  # the class is this process's own: nothing new runs
         expected, actual = stored_layout(rebuilt), stored_layout(model)
@@ -137,11 +138,65 @@ def file_spec(model: nn.Module, where: str, spec: dict[str, Any] | None = None) 
                 f"{where}: rebuilding {spec.get('factory') or spec.get('huggingface')} from {spec['kwargs']} does not give this "
                 f"model ({differing[0]} differs); save with factory='package.module:callable' and the kwargs that build it"
             )
+        difference = structure_difference(rebuilt, model) if assumed else None
+        if difference is not None:  # same tensors, yet a default the model keeps no attribute of built something else
+            raise TorchslimError(
+                f"{where}: {spec['factory']} keeps no attribute named {', '.join(repr(a) for a in assumed)}, so its default"
+                f"{'s were' if len(assumed) > 1 else ' was'} assumed, and the model rebuilt from {spec['kwargs']} differs: {difference}; "
+                f"store each argument under its own name (self.{assumed[0]} = {assumed[0]}), or save with "
+                f"factory='package.module:callable' and the kwargs that build it"
+            )
     transforms = [t for t in spec.get("transforms", []) if t.get("kind") != PRECISION]
     precision = _precision(model, where)
     if precision is not None or len(transforms) != len(spec.get("transforms", [])):
         spec = {**spec, "transforms": transforms + ([{"kind": PRECISION, "dtype": precision}] if precision is not None else [])}
     return spec
+
+
+def structure_difference(rebuilt: nn.Module, model: nn.Module) -> str | None:
+    """The first difference between two models beyond their tensors (a layer's class, a plain attribute such as a
+    head count, a stored function or the simple values it closes over), as "where: rebuilt vs model", or None."""
+    mine, theirs = dict(rebuilt.named_modules()), dict(model.named_modules())
+    for name, module in theirs.items():
+        if "parametrizations" in name.split("."):  # torch's reparametrizations (pruning masks, weight_norm): not rebuilt
+            continue
+        other = mine.get(name)
+        if other is None or type_name(other) != type_name(module):
+            return f"{name or 'the model'} is {type_name(other) if other is not None else 'missing'} rebuilt, {type_name(module)} in the model"
+        for key, value in vars(module).items():
+            if key.startswith("_") or key in ("training", SPEC_ATTRIBUTE):
+                continue
+            left, right = _plain(getattr(other, key, None)), _plain(value)
+            if right is not None and left != right:
+                return f"{f'{name}.' if name else ''}{key} is {left} rebuilt, {right} in the model"
+    return None
+
+
+def _plain(value: Any) -> Any:
+    """A comparable summary of an attribute: simple values as they are, a function by its name and the simple
+    values it closes over or defaults to; None for what is not compared (tensors, modules, other objects)."""
+    import types
+
+    if isinstance(value, (bool, int, float, str)) or (isinstance(value, (tuple, list)) and all(isinstance(v, (bool, int, float, str)) for v in value)):
+        return repr(value)
+    if isinstance(value, types.FunctionType):
+        captured = [cell.cell_contents for cell in value.__closure__ or () if _filled(cell)] + list(value.__defaults__ or ())
+        return f"{value.__qualname__}({', '.join(repr(v) for v in captured if isinstance(v, (bool, int, float, str)))})"
+    return None
+
+
+def _filled(cell: Any) -> bool:
+    try:
+        _ = cell.cell_contents
+    except ValueError:
+        return False
+    return True
+
+
+def type_name(module: nn.Module) -> str:
+    from torch.nn.utils.parametrize import type_before_parametrizations
+
+    return type_before_parametrizations(module).__qualname__
 
 
 PRECISION = "precision"
