@@ -595,6 +595,21 @@ def test_gpt2s_attention_heads_are_pruned_whole_and_the_model_reloads(tmp_path, 
     assert any("save with torchslim.save" in note for note in result.report.stages[0].notes)
 
 
+def test_gpt2_narrowed_with_its_heads_gets_a_config_of_that_head_count(tmp_path):
+    """Narrowing GPT-2's residual stream with its heads left 2 heads of 8 in the modules while the config kept n_head 4
+    beside the new n_embd 16: 4 x 4 = 2 x 8 gave the same shapes, and from_pretrained built 4 heads of 4."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    gpt = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32)).eval()
+    with torch.no_grad():
+        for block in gpt.transformer.h:
+            block.attn.c_attn.weight.mul_(25)  # sharp attention, where the head split shows
+    ids = torch.randint(0, 64, (2, 8))
+    narrowed = ts.narrow(gpt, {"width": 0.5, "heads": True}, example_input={"input_ids": ids}).model
+    assert narrowed.transformer.h[0].attn.num_heads == 2 and (narrowed.config.n_embd, narrowed.config.n_head) == (16, 2)
+    assert same_after_save_pretrained(narrowed, ids, tmp_path)
+
+
 class Twice(nn.Module):
     """One layer applied twice in a row (weights shared across depth)."""
 

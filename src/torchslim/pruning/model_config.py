@@ -54,6 +54,9 @@ def _widths(model: nn.Module, reasons: list[str]) -> dict[str, int]:
             if counts is not None:
                 heads.add(counts)
                 head_dims.add(module.head_dim)
+        elif type(getattr(module, "c_attn", None)).__name__ == "Conv1D" and isinstance(getattr(module, "num_heads", None), int):
+            heads.add((module.num_heads, module.num_heads))  # GPT-2: queries, keys and values side by side in c_attn
+            head_dims.add(module.head_dim)
     width = _one(mlp, "the MLP width", reasons)
     if width is not None:
         found["intermediate_size"] = found["n_inner"] = width
