@@ -231,3 +231,26 @@ class BareTie(nn.Module):
 def test_a_weight_tied_to_a_bare_parameter_is_named_by_that_parameter():
     notes = ts.factorize(BareTie(), {"rank": 2}, example_input=torch.randn(2, 16)).report.stages[0].notes
     assert "fc: left whole (its weight is tied to shared: factorizing it would untie it and add a copy)" in notes
+
+
+def test_activation_selection_by_the_block_holding_them():
+    """include naming a block replaced nothing and reported success; now it selects the activations inside the block,
+    exclude leaves a block's out, and a selection that holds no activation is an error naming what it holds."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 8)) for _ in range(2)])
+
+        def forward(self, x):
+            for block in self.blocks:
+                x = block(x)
+            return x
+
+    x = torch.randn(2, 8)
+    first = ts.substitute_activations(Net(), {"to": "relu", "layers": {"include": ["blocks.0"]}}, example_input=x).model
+    assert type(first.blocks[0][1]) is nn.ReLU and type(first.blocks[1][1]) is nn.GELU
+    rest = ts.substitute_activations(Net(), {"to": "relu", "layers": {"exclude": ["blocks.0"]}}, example_input=x).model
+    assert type(rest.blocks[0][1]) is nn.GELU and type(rest.blocks[1][1]) is nn.ReLU
+    with pytest.raises(ts.TorchslimError, match=r"select no activation module \(blocks.0.0 is Linear\)"):
+        ts.substitute_activations(Net(), {"to": "relu", "layers": {"include": ["blocks.0.0"]}}, example_input=x)

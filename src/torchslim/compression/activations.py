@@ -161,9 +161,17 @@ def substitute_activations(model: nn.Module, config: ActivationConfig | dict, th
     for pattern in selector.include + selector.exclude:
         if not any(matches(pattern, name, module) for name, module in named):
             raise TorchslimError(f"substitute_activations: layer pattern {pattern!r} matches no module; modules: {', '.join(n for n, _ in named[:30])}")
+    # a pattern naming a block selects (or leaves out) the activations inside it as well
+    included = {name for name, module in named if any(matches(p, name, module) for p in selector.include)}
+    excluded = {name for name, module in named if any(matches(p, name, module) for p in selector.exclude)}
+
+    def within(name: str, names: set[str]) -> bool:
+        parts = name.split(".")
+        return any(".".join(parts[:end]) in names for end in range(1, len(parts) + 1))
+
     rows, record, notes = [], {}, []
     for name, module in list(target.named_modules()):
-        if not name or not any(matches(p, name, module) for p in selector.include) or any(matches(p, name, module) for p in selector.exclude):
+        if not name or not within(name, included) or within(name, excluded):
             continue
         new = _replacement(module, config)
         if new is None:
@@ -180,6 +188,12 @@ def substitute_activations(model: nn.Module, config: ActivationConfig | dict, th
             rows.append({"name": other, "before": type(module).__name__, "after": type(new).__name__})
             record[other] = type(new).__name__
     calls = functional_activations(target, example) if example is not None else {}
+    if not rows and not notes and selector.include != ("*",):
+        chosen = [f"{n} is {type(m).__name__}" for n, m in named if n in included][:4]
+        raise TorchslimError(
+            f"substitute_activations: layers {list(selector.include)} select no activation module "
+            f"({', '.join(chosen) or 'nothing'}); name the activations or the blocks holding them"
+        )
     if not rows and not notes and not calls:
         raise TorchslimError(f"substitute_activations: the model has no activation module to replace with to={config.to!r} (kinds: {', '.join(sorted(KINDS))})")
     if record:
