@@ -3,6 +3,8 @@ Face configs, subclassed layers, parametrized weights, nested block containers."
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -254,3 +256,53 @@ def test_activation_selection_by_the_block_holding_them():
     assert type(rest.blocks[0][1]) is nn.GELU and type(rest.blocks[1][1]) is nn.ReLU
     with pytest.raises(ts.TorchslimError, match=r"select no activation module \(blocks.0.0 is Linear\)"):
         ts.substitute_activations(Net(), {"to": "relu", "layers": {"include": ["blocks.0.0"]}}, example_input=x)
+
+
+class _InlineResidual(nn.Module):
+    """Residual branches added in the parent's forward (x = x + block(x), pre-norm x = x + block(norm(x))), next to a
+    block that holds its own residual."""
+
+    def __init__(self, width=16):
+        super().__init__()
+        self.inp = nn.Linear(8, width)
+        self.branches = nn.ModuleList([nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width)) for _ in range(2)])
+        self.norm = nn.LayerNorm(width)
+        self.prenorm = nn.ModuleList([nn.Sequential(nn.Linear(width, width), nn.Tanh())])
+        self.whole = nn.Sequential(nn.Linear(width, width), nn.Linear(width, width))  # a stage whose blocks are plain layers
+        self.out = nn.Linear(width, 3)
+
+    def forward(self, x):
+        x = self.inp(x)
+        for block in self.branches:
+            x = x + block(x)
+        for block in self.prenorm:
+            x = x + 0.5 * block(self.norm(x))
+        return self.out(x)
+
+
+def test_a_residual_branch_written_in_the_parent_is_removed_as_adding_nothing(tmp_path):
+    """Bypassing x + block(x) by the identity doubled the stream (x + x): the branch that contributed nothing scored
+    as harmful and another block went instead."""
+    from torchslim.compression.depth import BRANCH, candidate_blocks
+
+    torch.manual_seed(0)
+    model = _InlineResidual().eval()
+    with torch.no_grad():
+        model.branches[1][2].weight.mul_(1e-4)
+        model.branches[1][2].bias.zero_()
+    x = torch.randn(32, 8)
+    batches = [(x, torch.randint(0, 3, (32,)))] * 2
+    assert set(candidate_blocks(copy.deepcopy(model), x[:1])) >= {"branches.0", "branches.1", "prenorm.0"}
+    result = ts.remove_blocks(model, {"count": 1, "layers": {"include": ["branches.*", "prenorm.*"]}}, data=batches)
+    scores = {row["name"]: row["loss_rise_when_bypassed"] for row in result.report.stages[0].layers}
+    assert abs(scores["branches.1"]) < 1e-3 and abs(scores["branches.0"]) > 10 * abs(scores["branches.1"])
+    one = ts.remove_blocks(model, {"count": 1, "layers": {"include": ["branches.1"]}}, data=batches).model
+    assert getattr(model.branches[1], BRANCH, False) is False  # the caller's blocks are not marked
+    with torch.no_grad():
+        stream = model.inp(x)
+        stream = stream + model.branches[0](stream)
+        stream = stream + 0.5 * model.prenorm[0](model.norm(stream))
+        assert torch.allclose(one(x), model.out(stream), atol=1e-6)
+        assert torch.allclose(ts.load(ts.save(one, tmp_path / "one.safetensors"), trust_factory=True)(x), one(x))
+    prenorm = ts.remove_blocks(model, {"count": 1, "layers": {"include": ["prenorm.0"]}}, data=batches)
+    assert "prenorm.0: residual branches" in " ".join(prenorm.report.stages[0].notes)

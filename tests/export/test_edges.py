@@ -184,6 +184,30 @@ def test_a_dict_example_with_a_dict_output_keeps_every_output(form, tmp_path):
         torch.testing.assert_close(produced[key], expected[key], atol=1e-5, rtol=1e-5)
 
 
+class OneEntry(nn.Module):
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.fc, self.kind = nn.Linear(4, 3), kind
+
+    def forward(self, x: torch.Tensor):
+        y = self.fc(x)
+        return {"logits": y} if self.kind == "dict" else (y,) if self.kind == "tuple" else [y]
+
+
+@pytest.mark.parametrize("form", ["pt2", "torchscript", "onnx"])
+@pytest.mark.parametrize("kind", ["dict", "tuple", "list"])
+def test_an_output_of_one_entry_comes_back_as_the_model_returns_it(form, kind, tmp_path):
+    """A dict or tuple of one tensor came back as a bare tensor, with a note that other values were dropped (none were)."""
+    torch.manual_seed(0)
+    model = OneEntry(kind).eval()
+    result = ts.export(model, form, torch.randn(2, 4), tmp_path / f"one{SUFFIX[form]}")
+    assert not any("besides tensors" in note for note in result.report.stages[0].notes)
+    x = torch.randn(5, 4)
+    produced, expected = result.model(x), model(x)
+    assert type(produced) is type(expected)
+    torch.testing.assert_close(produced["logits"] if kind == "dict" else produced[0], model.fc(x), atol=1e-5, rtol=1e-5)
+
+
 class Differences(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from torchslim.core.checks import check_model
 from torchslim.core.config import Config, ConfigError, check
@@ -72,30 +73,80 @@ class DepthConfig(Config):
         check(self.calibration_batches >= 1, f"calibration_batches must be >= 1, got {self.calibration_batches}")
 
 
-def _shapes(model: nn.Module, example: Any, names: list[str], calls: dict[str, int] | None = None) -> dict[str, bool]:
+ADDS = frozenset({"add", "add_", "__add__", "__radd__", "__iadd__"})
+
+
+class _ResidualWatch(TorchFunctionMode):
+    """Sees, during one forward, whether a block's output (or a tensor computed from it alone: scaled, dropped out) is
+    added to the tensor the block was given or one it was computed from (``x + block(norm(x))``): then the block is a
+    residual branch written in its parent's forward, and bypassing it means adding nothing, not handing its input on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.parents: dict[int, set[int]] = {}
+        self.owner: dict[int, str] = {}  # a tensor computed from a block's output -> that block
+        self.given: dict[str, int] = {}  # block -> the tensor it was given
+        self.branches: set[str] = set()
+        self.alive: list[torch.Tensor] = []  # every tensor seen is kept, so that no id is reused during the forward
+
+    def block_ran(self, name: str, given: Any, output: Any) -> None:
+        if isinstance(given, torch.Tensor) and isinstance(output, torch.Tensor):
+            self.alive += [given, output]
+            self.given[name] = id(given)
+            self.owner[id(output)] = name
+
+    def _ancestors(self, start: int, depth: int = 4) -> set[int]:
+        found, frontier = {start}, {start}
+        for _ in range(depth):
+            frontier = {parent for item in frontier for parent in self.parents.get(item, ())} - found
+            found |= frontier
+        return found
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
+        tensors = [a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)]
+        owners = {self.owner[id(t)] for t in tensors if id(t) in self.owner}
+        name = getattr(func, "__name__", "")
+        if owners and name in ADDS:
+            others = {id(t) for t in tensors if id(t) not in self.owner}
+            self.branches |= {owner for owner in owners if others & self._ancestors(self.given[owner])}
+        if isinstance(result, torch.Tensor):
+            self.alive.append(result)
+            self.parents.setdefault(id(result), set()).update(id(t) for t in tensors if t is not result)
+            if len(owners) == 1 and name not in ADDS and all(id(t) in self.owner or t.numel() <= 1 or t.dim() < result.dim() for t in tensors):
+                self.owner.setdefault(id(result), next(iter(owners)))  # scaled or dropped out: still the block's output
+        return result
+
+
+def _shapes(model: nn.Module, example: Any, names: list[str], calls: dict[str, int] | None = None, branches: set[str] | None = None) -> dict[str, bool]:
     """{name: whether the module's first input and its output are tensors of one shape} from one forward; ``calls``
-    gets how often each module ran."""
+    gets how often each module ran, ``branches`` the blocks whose output the parent adds to their input."""
     modules = dict(model.named_modules())
     same: dict[str, bool] = {}
     calls = {} if calls is None else calls
     handles = []
+    watch = _ResidualWatch()
 
     def hook(name: str):
         def record(module, inputs, output):
             first = inputs[0] if inputs else None
             same[name] = isinstance(first, torch.Tensor) and isinstance(output, torch.Tensor) and first.shape == output.shape
             calls[name] = calls.get(name, 0) + 1
+            watch.block_ran(name, first, output)
 
         return record
 
     for name in names:
         handles.append(modules[name].register_forward_hook(hook(name)))
     try:
-        with torch.no_grad(), eval_mode(model):  # the caller's model keeps its mode
+        with torch.no_grad(), eval_mode(model), watch:  # the caller's model keeps its mode
             call_model(model, example)  # an example: a tuple is several positional inputs
     finally:
         for handle in handles:
             handle.remove()
+    if branches is not None:
+        branches |= watch.branches
     return same
 
 
@@ -120,7 +171,14 @@ def candidate_blocks(model: nn.Module, example: Any, selector: LayerSelector | N
             if any(True for _ in module.parameters()) and len(list(module.children())) > 0
         ]
     calls: dict[str, int] = {}
-    same = _shapes(model, example, names, calls)
+    branches: set[str] = set()
+    same = _shapes(model, example, names, calls, branches)
+    modules = dict(model.named_modules())
+    for name in names:  # the block carries how it is bypassed, into every copy of the model
+        if name in branches:
+            setattr(modules[name], BRANCH, True)
+        elif getattr(modules[name], BRANCH, False):
+            delattr(modules[name], BRANCH)
     shared = [name for name in names if same.get(name) and calls.get(name, 0) > 1]
     if shared and notes is not None:
         notes.append(f"not candidates: {', '.join(shared)} (each runs several times per forward: bypassing it would remove every application)")
@@ -140,6 +198,21 @@ class Skip(nn.Identity):
         if "hidden_states" in kwargs:
             return kwargs["hidden_states"]
         return next(iter(kwargs.values()))
+
+
+class Zero(Skip):
+    """A removed residual branch (``x = x + block(x)`` written in the parent): adds nothing to the stream."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return torch.zeros_like(super().forward(*args, **kwargs))
+
+
+BRANCH = "_torchslim_residual_branch"  # set on a block found to be a branch its parent adds to its input
+
+
+def bypass_for(block: nn.Module) -> Skip:
+    """What takes a block's place when it is bypassed: nothing added for a residual branch, else its input handed on."""
+    return Zero() if getattr(block, BRANCH, False) else Skip()
 
 
 def _decoder_stack(model: nn.Module, names: list[str]) -> tuple[str, nn.ModuleList, Any] | None:
@@ -187,8 +260,8 @@ def _delete_decoder_layers(model: nn.Module, names: list[str]) -> list[str]:
 
 @contextlib.contextmanager
 def bypassed(model: nn.Module, name: str) -> Iterator[None]:
-    """``name`` replaced by the identity while inside."""
-    block = set_module(model, name, Skip())
+    """``name`` bypassed while inside (the identity, or zero for a residual branch)."""
+    block = set_module(model, name, bypass_for(model.get_submodule(name)))
     try:
         yield
     finally:
@@ -252,9 +325,13 @@ def remove_blocks(
                     scores[name] = _loss(target, batches, resolved) - current
         name = min(remaining, key=lambda n: scores[n])
         remaining = [other for other in remaining if other != name and not other.startswith(f"{name}.") and not name.startswith(f"{other}.")]
-        blocks[name] = set_module(target, name, Skip())
+        blocks[name] = set_module(target, name, bypass_for(target.get_submodule(name)))
         removed.append(name)
-    append_transform(target, {"kind": TRANSFORM_KIND, "removed": removed})  # the spec keeps the config from before
+    zeroed = [name for name in removed if getattr(blocks[name], BRANCH, False)]
+    if zeroed:
+        notes.append(f"{', '.join(zeroed)}: residual branches their parent adds to its stream (x + block(x)): removed as adding nothing")
+    # the spec keeps the config from before
+    append_transform(target, {"kind": TRANSFORM_KIND, "removed": removed, **({"zeroed": zeroed} if zeroed else {})})
     deleted = _delete_decoder_layers(target, removed)
     rows = [{"name": n, "loss_rise_when_bypassed": round(scores[n], 5), "removed": n in removed} for n in candidates]
     metrics.update(removed=removed, candidates=len(candidates), calibration_loss_before=base, calibration_loss=_loss(target, batches, resolved))
@@ -274,11 +351,12 @@ def apply_depth(model: nn.Module, transform: dict[str, Any]) -> nn.Module:
     removed = transform.get("removed")
     if not isinstance(removed, list) or not all(isinstance(n, str) for n in removed):
         raise TorchslimError("the file's depth record needs a 'removed' list of block names")
+    zeroed = set(transform.get("zeroed") or [])
     for name in removed:
         recorded_module(model, name, "removes")
-        set_module(model, name, Skip())
+        set_module(model, name, Zero() if name in zeroed else Skip())
     _delete_decoder_layers(model, removed)
     return model
 
 
-__all__ = ["DepthConfig", "Skip", "apply_depth", "bypassed", "candidate_blocks", "remove_blocks"]
+__all__ = ["DepthConfig", "Skip", "Zero", "apply_depth", "bypass_for", "bypassed", "candidate_blocks", "remove_blocks"]

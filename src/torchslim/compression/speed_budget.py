@@ -68,7 +68,7 @@ from typing import Any
 from torch import nn
 
 from torchslim.compression.budget import FLOAT, SLACK, Option, allocate
-from torchslim.compression.depth import Skip, candidate_blocks
+from torchslim.compression.depth import bypass_for, candidate_blocks
 from torchslim.compression.factorize import factorize
 from torchslim.compression.speed_choices import (
     BLOCK,
@@ -234,7 +234,7 @@ def auto_narrow(
             if factored:
                 trial = factorize(trial, {"method": "svd", "overrides": factored, "layers": {"include": list(factored)}}, example_input=example).model
             for block in removed:
-                set_module(trial, block, Skip())
+                set_module(trial, block, bypass_for(trial.get_submodule(block)))
             if config.finetune and config.trial_batches:
                 # no warm-up (it would fill the trial); another seed than the evaluation's, so that the examples the
                 # trial is measured on are not the batches it was trained on last

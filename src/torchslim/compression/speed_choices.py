@@ -11,7 +11,7 @@ from typing import Any
 from torch import nn
 
 from torchslim.compression.budget import FLOAT, Option, allocate_exact
-from torchslim.compression.depth import Skip, bypassed
+from torchslim.compression.depth import bypass_for, bypassed
 from torchslim.core.copying import copy_model
 from torchslim.core.errors import TorchslimError
 from torchslim.core.selector import set_module
@@ -78,7 +78,7 @@ def removal_order(
         if scores[block] > limit:
             break
         remaining.remove(block)
-        set_module(current, block, Skip())
+        set_module(current, block, bypass_for(current.get_submodule(block)))
         steps.append(RemovalStep(block, max(0.0, scores[block]), copy_model(current)))
     return alone, steps
 

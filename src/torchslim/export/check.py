@@ -50,6 +50,8 @@ def dropped_outputs(model: nn.Module, example: Any) -> str | None:
         return None
     entries = list(output.values()) if isinstance(output, dict) else list(output)
     others = sorted({type(value).__name__ for value in entries if not isinstance(value, torch.Tensor)})
+    if not others:  # nested containers the layout does not rebuild: their tensors are exported all the same
+        return None
     return (
         f"the model returns a {type(output).__name__} holding {', '.join(others)} besides tensors: the file has its first tensor only "
         "(return a tuple, list or dict of tensors, nested or not, to export every one)"

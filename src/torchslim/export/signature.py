@@ -111,16 +111,16 @@ class FlatOutputs(nn.Module):
 def output_layout(output: Any) -> dict[str, Any] | None:
     """How an exported model's outputs rebuild the model's own: ``{"kind": "tuple" | "list", "count": n}`` for a
     sequence of tensors, ``{"kind": "dict", "names": [...]}`` for a plain dict of tensors, ``{"kind": "tree", "count":
-    n, "tree": ...}`` for plain tuples, lists and dicts nested (``(y, (a, b))``) with tensors only as leaves; None for
-    one tensor (or any other output, of which the tensor a task reads is exported)."""
-    if isinstance(output, (tuple, list)) and len(output) > 1 and all(isinstance(t, torch.Tensor) for t in output):
+    n, "tree": ...}`` for plain tuples, lists and dicts nested (``(y, (a, b))``) with tensors only as leaves (one entry
+    too: ``{"logits": y}`` comes back as such); None for one tensor (or any other output, of which the tensor a task
+    reads is exported)."""
+    if type(output) in (tuple, list) and output and all(isinstance(t, torch.Tensor) for t in output):
         return {"kind": type(output).__name__, "count": len(output)}
-    if type(output) is dict and len(output) > 1 and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in output.items()):
+    if type(output) is dict and output and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in output.items()):
         return {"kind": "dict", "names": list(output)}
     tree = _nesting(output)
     if isinstance(tree, dict):
-        count = len(_leaves(output))
-        return {"kind": "tree", "count": count, "tree": tree} if count > 1 else None
+        return {"kind": "tree", "count": len(_leaves(output)), "tree": tree}
     return None
 
 
