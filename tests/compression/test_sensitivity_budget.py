@@ -335,3 +335,16 @@ def test_a_class_that_cannot_be_imported_is_refused_before_any_work_and_factory_
     x = data[0][0]
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), result.model(x))
+
+
+def test_a_typo_in_the_budgets_training_is_refused_before_any_measurement():
+    """It was found when the recipe reached its stage, after the whole sensitivity sweep, and named that stage."""
+    from torchslim.compression.budget import BudgetConfig
+    from torchslim.compression.speed_config import SpeedBudgetConfig
+
+    with pytest.raises(ts.ConfigError, match="auto_compress.finetune: unknown key 'epoch'"):
+        BudgetConfig.coerce({"target_size": 6000, "finetune": {"epoch": 1}}, where="auto_compress")
+    with pytest.raises(ts.ConfigError, match="auto_compress.quantize_finetune: unknown key 'lrr'"):
+        BudgetConfig.coerce({"target_size": 6000, "quantize_finetune": {"lrr": 1e-4}}, where="auto_compress")
+    with pytest.raises(ts.ConfigError, match="auto_narrow.finetune: unknown key 'epoch'"):
+        SpeedBudgetConfig.coerce({"target_macs": 0.5, "finetune": {"epoch": 1}}, where="auto_narrow")

@@ -76,6 +76,10 @@ class BudgetConfig(Config):
         check(self.sensitivity_split in ("eval", "train"), f"sensitivity_split must be eval or train, got {self.sensitivity_split!r}")
         for value in self.ranks:
             check(value > 0 and (value < 1 or float(value).is_integer()), f"ranks: each must be an integer rank or a fraction in (0, 1), got {value}")
+        from torchslim.train.fit import TrainConfig
+
+        for key in ("finetune", "quantize_finetune"):  # before the sensitivity sweep, not when the recipe reaches them
+            TrainConfig.coerce(getattr(self, key), where=f"auto_compress.{key}")
 
 
 def index_bits(sparsity: float) -> float:

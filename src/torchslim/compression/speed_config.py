@@ -83,6 +83,10 @@ class SpeedBudgetConfig(Config):
         check(self.depth_trials >= 1, f"depth_trials must be >= 1, got {self.depth_trials}")
         check(self.trial_batches >= 0, f"trial_batches must be >= 0, got {self.trial_batches}")
         check_round_to(self.round_to)
+        if self.finetune is not None:  # before the sensitivity sweep, not when the recipe reaches it
+            from torchslim.train.fit import TrainConfig
+
+            TrainConfig.coerce(self.finetune, where="auto_narrow.finetune")
 
     @property
     def removes_blocks(self) -> bool:
