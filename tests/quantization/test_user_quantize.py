@@ -352,3 +352,23 @@ def test_an_override_on_a_tied_layer_is_an_error_unless_its_leader_agrees():
     with torch.no_grad():
         assert torch.equal(both(ids), leader_only(ids))
     assert both.head.quantized is both.emb.quantized and both.emb.quantized.bits == 8  # one 8-bit weight, shared
+
+
+def test_qat_calibration_takes_the_range_of_every_batch():
+    """Calibration averaged the ranges of its batches (the training observer's moving average): batches of 8 clipped
+    every activation the first few did not reach, 4.7% relative error of the fake-quantized model before training."""
+    from torchslim.quantization.qat import calibrate_qat, prepare_qat
+
+    torch.manual_seed(0)
+    data = ts.data.load("digits")
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
+    model = ts.train(model, data, {"epochs": 5}, progress=False).model.eval()
+    x = torch.cat([batch[0] for batch in data.loader("test", batch_size=256)])
+    qat = prepare_qat(model, {"reduce_range": False}).eval()
+    batches = list(data.loader("train", batch_size=8))[:8]
+    calibrate_qat(qat, batches, 8)
+    with torch.no_grad():
+        reference, fake = model(x), qat(x)
+        assert (fake - reference).norm() < 0.025 * reference.norm()
+        seen = torch.cat([b[0] for b in batches]).flatten(1)
+    assert float(qat[1].fake.input_high) == float(seen.max())  # the widest batch's range, not an average

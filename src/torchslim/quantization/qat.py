@@ -140,6 +140,9 @@ class FakeQuant(nn.Module):
                 low_buffer.copy_(low)
                 high_buffer.copy_(high)
                 observed.fill_(True)
+            elif self.calibrating and not self.training:  # calibration: the range of every batch seen (an average of
+                low_buffer.copy_(torch.minimum(low_buffer, low))  # small batches' ranges would clip the rest)
+                high_buffer.copy_(torch.maximum(high_buffer, high))
             else:
                 momentum = self.config.activation_momentum
                 low_buffer.add_(momentum * (low - low_buffer))
