@@ -1,5 +1,6 @@
 import pytest
 import torch
+from torch import nn
 
 import torchslim as ts
 from torchslim.core.errors import TorchslimError
@@ -245,3 +246,17 @@ def test_a_stage_that_fails_after_others_says_they_completed_and_why_nothing_was
     recipe = {"name": "x", "stages": [{"prune": {"sparsity": 0.5}}, {"narrow": {"width": 0.5}}, {"factorize": {"ratio": 0.0001}}]}
     with pytest.raises(TorchslimError, match=r"stage 3 \(factorize\) stopped: .*; stages 1 to 2 had completed, but no checkpoint folder was given"):
         ts.compress(model, recipe, digits, latency=False, progress=False)
+
+
+@pytest.mark.parametrize("index_bits", [None, [8]])
+def test_the_encode_stage_measures_the_file_the_result_saves(tmp_path, index_bits):
+    """The stage measured the model without the recipe's metadata (41 bytes short of the file), and the saved file
+    ignored the stage's index_bits."""
+    torch.manual_seed(0)
+    data = ts.data.load("digits")
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    encode = {"index_bits": index_bits} if index_bits else {}
+    recipe = {"name": "sized", "stages": [{"prune": {"sparsity": 0.8}}, {"quantize": {"weights": {"scheme": "kmeans", "bits": 4}}}, {"encode": encode}]}
+    result = ts.compress(model, recipe, data, latency=False, progress=False)
+    path = result.save(tmp_path / "m.tslim")
+    assert path.stat().st_size == result.report.stages[-1].metrics["stored_bytes"]

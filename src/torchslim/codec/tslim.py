@@ -226,11 +226,12 @@ def save_tslim(
     spec: dict[str, Any] | None = None,
     metadata: dict[str, Any] | None = None,
     overwrite: bool = True,
+    index_bits: tuple[int, ...] = INDEX_BITS,
 ) -> TslimSummary:
     """Write the model as a .tslim file (temporary file, then rename)."""
     path = Path(path)
     refuse_overwrite(path, overwrite)
     check_model(model, str(path))
-    data, header = _encode(model, coders, INDEX_BITS, spec, metadata)
+    data, header = _encode(model, coders, index_bits, spec, metadata)
     write_atomic(path, data)
     return TslimSummary(path=path, bytes=len(data), tensors=header["tensors"])

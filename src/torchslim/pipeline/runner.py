@@ -75,18 +75,24 @@ class CompressResult(Result):
         report_path = path.with_suffix(path.suffix + ".report.json")
         refuse_overwrite(report_path, overwrite)
         encode = [s.config for s in (self.recipe.stages if self.recipe else ()) if isinstance(s.config, EncodeConfig)]
-        coders = encode[-1].coders if encode else EncodeConfig().coders
+        settings = encode[-1] if encode else EncodeConfig()
         save_tslim(
             self.model,
             path,
-            coders=coders,
+            coders=settings.coders,
+            index_bits=settings.index_bits,
             overwrite=overwrite,
-            metadata={"recipe": self.recipe.name if self.recipe else None, "stages": [s.name for s in self.report.stages]},
+            metadata=tslim_metadata(self.recipe, [s.name for s in self.report.stages]),
         )
         info = inspect_tslim(path)
         self.report.artifacts["tslim"] = {key: info[key] for key in ("bytes", "header_bytes", "tensors")} | {"file": path.name}
         self.report.save(report_path)
         return path
+
+
+def tslim_metadata(recipe: Recipe | None, stages: list[str]) -> dict[str, Any]:
+    """What a recipe's .tslim file records beside the model (the encode stage measures the file with it)."""
+    return {"recipe": recipe.name if recipe else None, "stages": stages}
 
 
 def measure_stage(
@@ -238,6 +244,7 @@ def compress(
                 export_path=Path(export_path) if export_path is not None else None,
                 resume_step=step if index == completed + 1 else 0,
                 resume_training=training if index == completed + 1 else None,
+                tslim_metadata=tslim_metadata(recipe, ["baseline"] + [f"{i} {s.kind}" for i, s in enumerate(recipe.stages, start=1)]),
             ),
         )
         files.update(outcome.files)

@@ -55,6 +55,7 @@ class StageContext:
     resume_step: int = 0
     resume_training: dict[str, Any] | None = None
     on_step: Callable[..., None] | None = None
+    tslim_metadata: dict[str, Any] | None = None  # what the recipe's .tslim file records beside the model
 
     def verb_options(self, stage: RecipeStage) -> dict[str, Any]:
         """The keyword arguments every verb a stage calls takes: data, task, the stage's fine-tuning, progress."""
@@ -252,7 +253,11 @@ class EncodeConfig(Config):
 def run_encode(context: StageContext, stage: RecipeStage) -> StageOutcome:
     """The .tslim file: entropy-coded sparse indices and codes."""
     assert isinstance(stage.config, EncodeConfig)
-    size = len(encode_model(context.model, coders=stage.config.coders, index_bits=stage.config.index_bits, spec=sizing_spec(context.model)))
+    size = len(
+        encode_model(
+            context.model, coders=stage.config.coders, index_bits=stage.config.index_bits, spec=sizing_spec(context.model), metadata=context.tslim_metadata
+        )
+    )
     return StageOutcome(context.model, [], "eager (as rebuilt from .tslim)", stored=(size, ".tslim, entropy-coded"))
 
 
