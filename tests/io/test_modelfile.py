@@ -132,14 +132,13 @@ def make_heads_net(**kwargs) -> HeadsNet:
 @pytest.mark.parametrize(
     ("kwargs", "difference"),
     [
-        ({"heads": 2}, "h is 4 rebuilt, 2 in the model"),
         ({"activation": "gelu"}, "act is ReLU rebuilt, GELU in the model"),
         ({"temperature": 5.0}, r"soft is HeadsNet.__init__.<locals>.<lambda>\(1.0\) rebuilt, HeadsNet.__init__.<locals>.<lambda>\(5.0\)"),
     ],
 )
 def test_a_default_the_model_keeps_no_attribute_of_is_checked_before_it_is_recorded(tmp_path, kwargs, difference):
     """The tensors of a model built with other arguments had the same names and shapes, so the file recorded the
-    defaults and ts.load built another model (other heads, activation or temperature) without a word."""
+    defaults and ts.load built another model (another activation or temperature) without a word."""
     model = HeadsNet(**kwargs).eval()
     with pytest.raises(TorchslimError, match=f"keeps no attribute named 'heads', 'activation', 'temperature'.*differs: {difference}"):
         ts.save(model, tmp_path / "m.safetensors")
@@ -149,6 +148,31 @@ def test_a_default_the_model_keeps_no_attribute_of_is_checked_before_it_is_recor
     assert torch.equal(ts.load(path, trust_factory=True).eval()(x), model(x))
     default = HeadsNet().eval()  # built with the defaults: the rebuilt model is the same, so it saves as before
     assert torch.equal(ts.load(ts.save(default, tmp_path / "d.safetensors"), trust_factory=True).eval()(x), default(x))
+
+
+class Counting(nn.Module):
+    def __init__(self, hidden: int = 8, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.hidden, self.calls = hidden, 0
+        self.fc = nn.Linear(4, hidden)
+
+    def forward(self, x):
+        self.calls += 1
+        return self.fc(x)
+
+
+def test_a_plain_attribute_that_differs_is_said_not_refused(tmp_path):
+    """A plain attribute may be the argument's trace (a head count) or state (a counter forward updates, a flag set
+    after construction): the save goes ahead with a warning naming it."""
+    model = HeadsNet(heads=2).eval()
+    with pytest.warns(UserWarning, match="differs: h is 4 rebuilt, 2 in the model; if these shape what the model computes"):
+        ts.save(model, tmp_path / "h.safetensors")
+    counting = Counting()
+    counting(torch.randn(2, 4))
+    with pytest.warns(UserWarning, match="calls is 0 rebuilt, 1 in the model"):
+        path = ts.save(counting, tmp_path / "c.safetensors")
+    x = torch.randn(2, 4)
+    assert torch.equal(ts.load(path, trust_factory=True)(x), counting(x))
 
 
 def test_corrupt_and_truncated_files(tmp_path):

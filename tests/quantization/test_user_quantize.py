@@ -346,6 +346,9 @@ def test_an_override_on_a_tied_layer_is_an_error_unless_its_leader_agrees():
     config = {"weights": {"scheme": "uniform", "bits": 4}, "layers": {"types": ["Linear", "Embedding"]}}
     with pytest.raises(TorchslimError, match=r"head shares its weight with emb \(tied\).*head: uniform 8 bits, emb: uniform 4 bits"):
         ts.quantize(model, {**config, "overrides": {"head": {"bits": 8}}})
+    typed = ts.quantize(model, {**config, "overrides": {"type:Linear": {"bits": 8}}})  # a rule for every Linear: the tied head follows emb
+    assert typed.model.head.quantized is typed.model.emb.quantized and typed.model.emb.quantized.bits == 4
+    assert "head: follows emb's quantization (uniform 4 bits; tied)" in " ".join(typed.report.stages[0].notes)
     both = ts.quantize(model, {**config, "overrides": {"head": {"bits": 8}, "emb": {"bits": 8}}}).model
     leader_only = ts.quantize(model, {**config, "overrides": {"emb": {"bits": 8}}}).model  # the tied head follows its leader
     ids = torch.randint(0, 50, (2, 5))

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -78,22 +79,44 @@ ADDS = frozenset({"add", "add_", "__add__", "__radd__", "__iadd__"})
 
 class _ResidualWatch(TorchFunctionMode):
     """Sees, during one forward, whether a block's output (or a tensor computed from it alone: scaled, dropped out) is
-    added to the tensor the block was given or one it was computed from (``x + block(norm(x))``): then the block is a
-    residual branch written in its parent's forward, and bypassing it means adding nothing, not handing its input on."""
+    added to the tensor the block was given or one it was computed from without an addition (``x + block(norm(x))``):
+    then the block is a residual branch written in its parent's forward, and bypassing it means adding nothing, not
+    handing its input on. A tensor added before the block (a conditioning or position term re-added around every
+    block) is not the stream the block continues. Tensors are told apart by a tag set on them (not their ``id``, which
+    a freed tensor's successor may take), so nothing is kept alive beyond the forward's own tensors."""
+
+    TAG = "_torchslim_watch_tag"
 
     def __init__(self) -> None:
         super().__init__()
-        self.parents: dict[int, set[int]] = {}
-        self.owner: dict[int, str] = {}  # a tensor computed from a block's output -> that block
-        self.given: dict[str, int] = {}  # block -> the tensor it was given
+        self.count = 0
+        self.tagged: list[weakref.ref] = []  # the tags are taken off again when the forward is over
+        self.parents: dict[int, set[int]] = {}  # tag -> tags of the tensors it was computed from (not through an addition)
+        self.owner: dict[int, tuple[str, torch.Size]] = {}  # tag of a tensor computed from a block's output -> (block, its shape)
+        self.given: dict[str, int] = {}  # block -> tag of the tensor it was given
         self.branches: set[str] = set()
-        self.alive: list[torch.Tensor] = []  # every tensor seen is kept, so that no id is reused during the forward
+
+    def tag(self, tensor: torch.Tensor) -> int:
+        found = getattr(tensor, self.TAG, None)
+        if found is None:
+            self.count += 1
+            found = self.count
+            setattr(tensor, self.TAG, found)
+            self.tagged.append(weakref.ref(tensor))
+        return found
+
+    def __exit__(self, *exc: Any) -> None:
+        super().__exit__(*exc)
+        for ref in self.tagged:
+            tensor = ref()
+            if tensor is not None and hasattr(tensor, self.TAG):
+                delattr(tensor, self.TAG)
+        self.tagged.clear()
 
     def block_ran(self, name: str, given: Any, output: Any) -> None:
-        if isinstance(given, torch.Tensor) and isinstance(output, torch.Tensor):
-            self.alive += [given, output]
-            self.given[name] = id(given)
-            self.owner[id(output)] = name
+        if isinstance(given, torch.Tensor) and isinstance(output, torch.Tensor) and not isinstance(given, nn.Parameter):
+            self.given[name] = self.tag(given)
+            self.owner[self.tag(output)] = (name, output.shape)
 
     def _ancestors(self, start: int, depth: int = 4) -> set[int]:
         found, frontier = {start}, {start}
@@ -105,17 +128,21 @@ class _ResidualWatch(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         result = func(*args, **kwargs)
-        tensors = [a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)]
-        owners = {self.owner[id(t)] for t in tensors if id(t) in self.owner}
-        name = getattr(func, "__name__", "")
-        if owners and name in ADDS:
-            others = {id(t) for t in tensors if id(t) not in self.owner}
-            self.branches |= {owner for owner in owners if others & self._ancestors(self.given[owner])}
-        if isinstance(result, torch.Tensor):
-            self.alive.append(result)
-            self.parents.setdefault(id(result), set()).update(id(t) for t in tensors if t is not result)
-            if len(owners) == 1 and name not in ADDS and all(id(t) in self.owner or t.numel() <= 1 or t.dim() < result.dim() for t in tensors):
-                self.owner.setdefault(id(result), next(iter(owners)))  # scaled or dropped out: still the block's output
+        tensors = [a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor) and not isinstance(a, nn.Parameter)]
+        tags = [self.tag(t) for t in tensors]
+        owners = {self.owner[tag] for tag in tags if tag in self.owner}
+        adds = getattr(func, "__name__", "") in ADDS
+        if owners and adds:
+            for owner, shape in owners:
+                stream = self._ancestors(self.given[owner])
+                if any(tag not in self.owner and tag in stream and t.shape == shape for t, tag in zip(tensors, tags)):
+                    self.branches.add(owner)
+        if isinstance(result, torch.Tensor) and not isinstance(result, nn.Parameter):
+            mine = self.tag(result)
+            if not adds:  # the stream a block continues is followed back through other operations, not through sums
+                self.parents.setdefault(mine, set()).update(tag for tag in tags if tag != mine)
+            if len(owners) == 1 and not adds and all(tag in self.owner or t.numel() <= 1 or t.dim() < result.dim() for t, tag in zip(tensors, tags)):
+                self.owner.setdefault(mine, next(iter(owners)))  # scaled or dropped out: still the block's output
         return result
 
 

@@ -138,14 +138,20 @@ def file_spec(model: nn.Module, where: str, spec: dict[str, Any] | None = None) 
                 f"{where}: rebuilding {spec.get('factory') or spec.get('huggingface')} from {spec['kwargs']} does not give this "
                 f"model ({differing[0]} differs); save with factory='package.module:callable' and the kwargs that build it"
             )
-        difference = structure_difference(rebuilt, model) if assumed else None
-        if difference is not None:  # same tensors, yet a default the model keeps no attribute of built something else
-            raise TorchslimError(
-                f"{where}: {spec['factory']} keeps no attribute named {', '.join(repr(a) for a in assumed)}, so its default"
-                f"{'s were' if len(assumed) > 1 else ' was'} assumed, and the model rebuilt from {spec['kwargs']} differs: {difference}; "
-                f"store each argument under its own name (self.{assumed[0]} = {assumed[0]}), or save with "
-                f"factory='package.module:callable' and the kwargs that build it"
+        layers, plain = structure_differences(rebuilt, model) if assumed else ([], [])
+        if layers or plain:  # same tensors, yet a default the model keeps no attribute of may have built something else
+            told = (
+                f"{spec['factory']} keeps no attribute named {', '.join(repr(a) for a in assumed)}, so its default"
+                f"{'s were' if len(assumed) > 1 else ' was'} assumed, and the model rebuilt from {spec['kwargs']} differs: "
             )
+            fix = (
+                f"store each argument under its own name (self.{assumed[0]} = {assumed[0]}), "
+                "or save with factory='package.module:callable' and the kwargs that build it"
+            )
+            if layers:  # another layer class or function: the loaded model would compute something else
+                raise TorchslimError(f"{where}: {told}{layers[0]}; {fix}")
+            # plain attributes (a head count, or state such as a counter forward updates): said, not refused
+            warnings.warn(f"{where}: {told}{'; '.join(plain[:3])}; if these shape what the model computes, {fix}", stacklevel=3)
     transforms = [t for t in spec.get("transforms", []) if t.get("kind") != PRECISION]
     precision = _precision(model, where)
     if precision is not None or len(transforms) != len(spec.get("transforms", [])):
@@ -153,23 +159,28 @@ def file_spec(model: nn.Module, where: str, spec: dict[str, Any] | None = None) 
     return spec
 
 
-def structure_difference(rebuilt: nn.Module, model: nn.Module) -> str | None:
-    """The first difference between two models beyond their tensors (a layer's class, a plain attribute such as a
-    head count, a stored function or the simple values it closes over), as "where: rebuilt vs model", or None."""
+def structure_differences(rebuilt: nn.Module, model: nn.Module) -> tuple[list[str], list[str]]:
+    """How two models differ beyond their tensors, as "where is ... rebuilt, ... in the model": (layer classes and
+    stored functions with the simple values they close over, which change what the model computes; plain attributes
+    such as a head count, which may, or may be state such as a counter)."""
     mine, theirs = dict(rebuilt.named_modules()), dict(model.named_modules())
+    layers: list[str] = []
+    plain: list[str] = []
     for name, module in theirs.items():
         if "parametrizations" in name.split("."):  # torch's reparametrizations (pruning masks, weight_norm): not rebuilt
             continue
         other = mine.get(name)
         if other is None or type_name(other) != type_name(module):
-            return f"{name or 'the model'} is {type_name(other) if other is not None else 'missing'} rebuilt, {type_name(module)} in the model"
+            layers.append(f"{name or 'the model'} is {type_name(other) if other is not None else 'missing'} rebuilt, {type_name(module)} in the model")
+            continue
         for key, value in vars(module).items():
             if key.startswith("_") or key in ("training", SPEC_ATTRIBUTE):
                 continue
             left, right = _plain(getattr(other, key, None)), _plain(value)
             if right is not None and left != right:
-                return f"{f'{name}.' if name else ''}{key} is {left} rebuilt, {right} in the model"
-    return None
+                found = layers if callable(value) else plain
+                found.append(f"{f'{name}.' if name else ''}{key} is {left} rebuilt, {right} in the model")
+    return layers, plain
 
 
 def _plain(value: Any) -> Any:

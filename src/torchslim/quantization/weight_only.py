@@ -192,7 +192,9 @@ def plan_layers(target: nn.Module, config: Any, types: tuple[str, ...] = QUANTIZ
     notes += tie_notes
     for follower, leader in shared.items():
         mine, theirs = by_layer.get(follower, config.weights), by_layer.get(leader, config.weights)
-        if follower in by_layer and mine != theirs:  # without an override of its own a tied layer follows its leader
+        if follower in by_layer and mine != theirs and follower not in (config.overrides or {}):
+            notes.append(f"{follower}: follows {leader}'s quantization ({theirs.scheme} {theirs.bits} bits; tied), not the override rule that matched it")
+        elif follower in by_layer and mine != theirs:  # an override naming the tied layer itself: it cannot have its own
             raise TorchslimError(
                 f"quantize.overrides: {follower} shares its weight with {leader} (tied), which is quantized once, as {leader}; "
                 f"give both the same override ({follower}: {mine.scheme} {mine.bits} bits, {leader}: {theirs.scheme} {theirs.bits} bits)"
