@@ -22,6 +22,8 @@ from torchslim.quantization.pt2e import CompiledModule, compiled_fp32, pt2e_int8
 from torchslim.report import markdown
 from torchslim.tasks.batches import repeat_example
 
+COMPILED, PT2E = "fp32 compiled (inductor, freezing)", "PT2E int8 (inductor, freezing)"
+
 REFERENCE = "fp32 (ONNX Runtime)"
 
 
@@ -61,8 +63,8 @@ def main() -> None:
             # the PyTorch paths: eager fp32, inductor fp32 and PT2E int8 (both compiled with freezing)
             inputs = [batch[0] if isinstance(batch, tuple) else batch for batch in itertools.islice(_inputs(calibration), 16)]
             engines["fp32 eager (PyTorch)"] = model
-            engines["fp32 compiled (inductor, freezing)"] = compiled_fp32(model, example)
-            engines["PT2E int8 (inductor, freezing)"] = pt2e_int8(model, example, inputs, 16)
+            engines[COMPILED] = compiled_fp32(model, example)
+            engines[PT2E] = pt2e_int8(model, example, inputs, 16)
             for engine in engines.values():
                 if isinstance(engine, CompiledModule):  # frozen graphs are static: compile each timed shape now
                     for batch in (1, 64):
@@ -114,19 +116,43 @@ def main() -> None:
             "The ONNX int8 models are QDQ files run by ONNX Runtime (2 threads, spinning off); speedups are against the fp32 ONNX "
             "file in the same engine; every engine of a model timed in 3 interleaved rounds (medians).",
             "PyTorch paths: eager fp32; torch.compile (inductor) with freezing in fp32; torchao PT2E int8 (X86InductorQuantizer "
-            "defaults) compiled the same way, which lowers to oneDNN int8 kernels (this CPU has AVX512-VNNI and AMX). Every call "
+            f"defaults) compiled the same way, which lowers to oneDNN int8 kernels ({_int8_units()}). Every call "
             "of a compiled model runs in the settings it was compiled in (inference mode, freezing, static shapes): a call in "
             "other settings used to compile again without freezing, and that slower graph, tried first from then on, is what made "
-            "PT2E look slower than compiled fp32 before. At batch 64 PT2E int8 is the fastest path of all; at batch 1 it still "
-            "loses to compiled fp32 on LeNet-5 and ResNet-56: per call LeNet-5's int8 conv takes 88 us against 73 us in fp32 and "
-            "its int8 linear 70 us against MKL's 33 us (torch.profiler, 100 calls), fixed per-op costs of layers too small to gain "
-            "from int8 (keeping the linear layers fp32 did not change it: 0.55 ms vs 0.54 ms).",
+            f"PT2E look slower than compiled fp32 before. {_pt2e_summary(results)}",
             "torchslim PTQ: BatchNorm folded by the export, per-channel symmetric int8 weights, every uint8 activation range from "
             "torchslim's observer (MSE or 99.99th percentile) over 16 batches, the Q/DQ pairs placed by ONNX Runtime's quantizer: "
             "convolutions, residual adds, pooling and the classifier run as QLinearConv / QLinearAdd / QLinearGlobalAveragePool / "
             "QGemm in the optimized graph (tests/quantization/test_qat_pt2e.py checks it). With the min-max observer the file "
             "equals quantize_static's exactly. LeNet-5 errors are out of 10,000 test images (fp32: the baseline).",
         ],
+    )
+
+
+def _int8_units() -> str:
+    """What this CPU has for int8 products, from /proc/cpuinfo."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return "this CPU's flags could not be read"
+    found = [label for flag, label in (("avx512_vnni", "AVX512-VNNI"), ("avx_vnni", "AVX-VNNI"), ("amx_int8", "AMX")) if flag in flags]
+    return f"this CPU has {' and '.join(found)}" if found else "this CPU has no VNNI or AMX"
+
+
+def _pt2e_summary(results: dict) -> str:
+    """Where PT2E int8 beats compiled fp32, at each batch size, from this run."""
+    parts = []
+    for size in (1, 64):
+        key = f"batch_{size}_ms"
+        wins = [name for name, entry in results.items() if entry[PT2E][key] < entry[COMPILED][key]]
+        losses = [name for name in results if name not in wins]
+        parts.append(
+            f"At batch {size} PT2E int8 beats compiled fp32 on {', '.join(wins) or 'none'}" + (f" and loses on {', '.join(losses)}" if losses else "") + "."
+        )
+    return " ".join(parts) + (
+        " Where it loses at batch 1 the layers are too small to gain from int8: per call LeNet-5's int8 conv took 88 us against "
+        "73 us in fp32 and its int8 linear 70 us against MKL's 33 us (torch.profiler, 100 calls, on an Intel Xeon with AMX, "
+        "2026-11-30), fixed per-op costs."
     )
 
 
