@@ -254,7 +254,7 @@ def test_activation_selection_by_the_block_holding_them():
     assert type(first.blocks[0][1]) is nn.ReLU and type(first.blocks[1][1]) is nn.GELU
     rest = ts.substitute_activations(Net(), {"to": "relu", "layers": {"exclude": ["blocks.0"]}}, example_input=x).model
     assert type(rest.blocks[0][1]) is nn.GELU and type(rest.blocks[1][1]) is nn.ReLU
-    with pytest.raises(ts.TorchslimError, match=r"select no activation module \(blocks.0.0 is Linear\)"):
+    with pytest.raises(ts.TorchslimError, match=r"select no activation module that to=.relu. replaces \(blocks.0.0 is Linear\)"):
         ts.substitute_activations(Net(), {"to": "relu", "layers": {"include": ["blocks.0.0"]}}, example_input=x)
 
 

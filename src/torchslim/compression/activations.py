@@ -190,9 +190,11 @@ def substitute_activations(model: nn.Module, config: ActivationConfig | dict, th
     calls = functional_activations(target, example) if example is not None else {}
     if not rows and not notes and selector.include != ("*",):
         chosen = [f"{n} is {type(m).__name__}" for n, m in named if n in included][:4]
+        kinds = f" of kinds {list(config.kinds)}" if config.kinds else ""
         raise TorchslimError(
-            f"substitute_activations: layers {list(selector.include)} select no activation module "
-            f"({', '.join(chosen) or 'nothing'}); name the activations or the blocks holding them"
+            f"substitute_activations: layers {list(selector.include)} select no activation module{kinds} that to={config.to!r} replaces "
+            f"({', '.join(chosen) or 'nothing'}); name the activation modules or the blocks holding them (activations called as "
+            "functions in forward cannot be replaced)"
         )
     if not rows and not notes and not calls:
         raise TorchslimError(f"substitute_activations: the model has no activation module to replace with to={config.to!r} (kinds: {', '.join(sorted(KINDS))})")
