@@ -306,3 +306,14 @@ def test_a_residual_branch_written_in_the_parent_is_removed_as_adding_nothing(tm
         assert torch.allclose(ts.load(ts.save(one, tmp_path / "one.safetensors"), trust_factory=True)(x), one(x))
     prenorm = ts.remove_blocks(model, {"count": 1, "layers": {"include": ["prenorm.0"]}}, data=batches)
     assert "prenorm.0: residual branches" in " ".join(prenorm.report.stages[0].notes)
+
+    from torchslim.compression.depth import leaves_no_marks
+
+    @leaves_no_marks
+    def finds(caller, example):
+        found = candidate_blocks(caller, example)
+        assert getattr(caller.branches[0], BRANCH, False)  # marked while the function runs, for its copies to carry
+        return found
+
+    finds(model, x[:1])
+    assert not any(getattr(module, BRANCH, False) for module in model.modules())  # the caller's model is left as it was

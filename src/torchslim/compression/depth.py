@@ -28,9 +28,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -235,6 +236,22 @@ class Zero(Skip):
 
 
 BRANCH = "_torchslim_residual_branch"  # set on a block found to be a branch its parent adds to its input
+
+
+def leaves_no_marks(function: Callable[..., Any]) -> Callable[..., Any]:
+    """A function of a caller's model (its first argument) that finds blocks on it: the marks ``candidate_blocks``
+    sets for copies to carry are taken off the caller's blocks when it returns."""
+
+    @functools.wraps(function)
+    def wrapped(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(model, *args, **kwargs)
+        finally:
+            for module in model.modules():
+                if getattr(module, BRANCH, False):
+                    delattr(module, BRANCH)
+
+    return wrapped
 
 
 def bypass_for(block: nn.Module) -> Skip:

@@ -68,7 +68,7 @@ from typing import Any
 from torch import nn
 
 from torchslim.compression.budget import FLOAT, SLACK, Option, allocate
-from torchslim.compression.depth import bypass_for, candidate_blocks
+from torchslim.compression.depth import bypass_for, candidate_blocks, leaves_no_marks
 from torchslim.compression.factorize import factorize
 from torchslim.compression.speed_choices import (
     BLOCK,
@@ -105,6 +105,7 @@ from torchslim.train.evaluate import evaluate_source
 from torchslim.train.fit import fit
 
 
+@leaves_no_marks
 def auto_narrow(
     model: nn.Module,
     data: Any,
