@@ -16,6 +16,7 @@ import torchslim as ts
 from benchmarks.common import load_mnist, trained_baseline
 from benchmarks.harness import arguments, write
 from torchslim.measure import compare_latency
+from torchslim.quantization.cpu import cpu_flags, int8_units
 from torchslim.quantization.onnx_static import fp32_onnx_module
 from torchslim.quantization.primitives import sqnr_db
 from torchslim.quantization.pt2e import CompiledModule, compiled_fp32, pt2e_int8
@@ -130,12 +131,10 @@ def main() -> None:
 
 
 def _int8_units() -> str:
-    """What this CPU has for int8 products, from /proc/cpuinfo."""
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
+    """What this CPU has for int8 products."""
+    if cpu_flags() is None:
         return "this CPU's flags could not be read"
-    found = [label for flag, label in (("avx512_vnni", "AVX512-VNNI"), ("avx_vnni", "AVX-VNNI"), ("amx_int8", "AMX")) if flag in flags]
+    found = int8_units()
     return f"this CPU has {' and '.join(found)}" if found else "this CPU has no VNNI or AMX"
 
 

@@ -3,7 +3,8 @@ import torch
 
 import torchslim as ts
 from torchslim.export.onnx import OnnxModule
-from torchslim.quantization.onnx_static import count_ops, cpu_has_vnni
+from torchslim.quantization.cpu import cpu_has_vnni
+from torchslim.quantization.onnx_static import count_ops
 from torchslim.quantization.qat import QATConv2d, QATLinear, calibrate_qat, export_qat_onnx, prepare_qat
 from torchslim.train import fit
 

@@ -90,6 +90,11 @@ class CompressResult(Result):
         return path
 
 
+def stage_name(index: int, stage: RecipeStage) -> str:
+    """A recipe stage's name in the report (and in its .tslim file's metadata): "2 prune"."""
+    return f"{index} {stage.kind}"
+
+
 def tslim_metadata(recipe: Recipe | None, stages: list[str]) -> dict[str, Any]:
     """What a recipe's .tslim file records beside the model (the encode stage measures the file with it)."""
     return {"recipe": recipe.name if recipe else None, "stages": stages}
@@ -244,11 +249,11 @@ def compress(
                 export_path=Path(export_path) if export_path is not None else None,
                 resume_step=step if index == completed + 1 else 0,
                 resume_training=training if index == completed + 1 else None,
-                tslim_metadata=tslim_metadata(recipe, ["baseline"] + [f"{i} {s.kind}" for i, s in enumerate(recipe.stages, start=1)]),
+                tslim_metadata=tslim_metadata(recipe, ["baseline"] + [stage_name(i, s) for i, s in enumerate(recipe.stages, start=1)]),
             ),
         )
         files.update(outcome.files)
-        record = Stage(name=f"{index} {stage.kind}", kind=stage.kind, notes=outcome.notes, execution=outcome.execution, config=stage.to_dict()[stage.kind])
+        record = Stage(name=stage_name(index, stage), kind=stage.kind, notes=outcome.notes, execution=outcome.execution, config=stage.to_dict()[stage.kind])
         record.metrics = measure_stage(current, source, resolved, outcome, baseline_bytes, latency and not keep, threads)
         record.metrics["seconds"] = round(outcome.seconds, 2)
         describe_layers(record, current, example, ranges)
@@ -294,7 +299,7 @@ def _run(
 
     began = time.perf_counter()
     try:
-        with progress_stage(f"{index} {stage.kind}"):
+        with progress_stage(stage_name(index, stage)):
             outcome = STAGES.get(stage.kind).run(context, stage)
     except KeyboardInterrupt:
         raise CompressInterrupted(f"interrupted during stage {index} ({stage.kind}); {kept()}") from None

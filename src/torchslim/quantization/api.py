@@ -181,9 +181,10 @@ def _onnxruntime(model: nn.Module, config: OnnxInt8Config, context: _Context) ->
         path = quantize_onnx(model, context.example, batches, _output_path(context, folder), config)
         engine = OnnxModule(path, threads=context.threads)
     notes = []
+    seven = ", 7-bit weights: this CPU has no VNNI" if config.weights_on_7_bits() else ""
     if config.mode == "static":
         calibrated = f"torchslim's {config.observer} observer" if config.observer is not None else f"{config.calibration} calibration"
-        how = f"static int8 ({calibrated}, {config.activations} activations{', 7-bit weights: this CPU has no VNNI' if config.weights_on_7_bits() else ''})"
+        how = f"static int8 ({calibrated}, {config.activations} activations{seven})"
         kept = float_products(engine.onnx_bytes)
         if kept is not None:
             products = kept["products"]
@@ -193,7 +194,6 @@ def _onnxruntime(model: nn.Module, config: OnnxInt8Config, context: _Context) ->
                 f"keep a median SQNR below {kept['threshold_db']:g} dB" + (f" (lowest: {named}{', ...' if len(products) > 6 else ''})" if products else "")
             )
     else:
-        seven = ", 7-bit weights: this CPU has no VNNI" if config.weights_on_7_bits() else ""
         how = f"dynamic int8 ({'per-token' if config.uses_per_token(isinstance(context.example, dict)) else 'per-tensor'} activation scales{seven})"
     return engine, _stage([f"ONNX Runtime quantizer: {how}", *notes, *export_notes(engine.onnx_bytes)], f"ONNX Runtime, {how}", engine)
 

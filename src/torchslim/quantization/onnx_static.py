@@ -24,11 +24,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import itertools
 import logging
 import os
-import platform
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -42,6 +40,7 @@ from torchslim.core.config import Config, check
 from torchslim.core.copying import copy_model
 from torchslim.core.errors import TorchslimError
 from torchslim.export.onnx import INPUT_NAME, OnnxModule, as_called, constant_lookup, export_onnx, replace_graph_nodes, sole_input, weight_product
+from torchslim.quantization.cpu import cpu_has_vnni
 from torchslim.quantization.observers import OBSERVERS
 from torchslim.quantization.onnx_notes import EXPORT_NOTES_KEY, add_metadata, checked_float_export, note_float_products
 from torchslim.tasks.batches import example_of
@@ -373,19 +372,6 @@ def _quiet_root_logging() -> Iterator[None]:
         yield
     finally:
         logging.root.setLevel(level)
-
-
-@functools.cache
-def cpu_has_vnni() -> bool:
-    """Whether this CPU multiplies uint8 by int8 into int32 directly (AVX-512 VNNI, AVX-VNNI or AMX); a CPU that is not
-    x86 has no saturating pairs to avoid (True); an x86 CPU whose flags cannot be read counts as without."""
-    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
-        return True
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(flag in flags.split() for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
 def quantize_onnx(

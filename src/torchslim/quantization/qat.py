@@ -24,6 +24,7 @@ from torchslim.core.modes import eval_mode, model_device
 from torchslim.core.selector import LayerSelector, select_modules, weight_of
 from torchslim.core.spec import append_transform, model_spec, pin_spec, recorded_layers, register_transform, set_spec
 from torchslim.export.onnx import export_onnx
+from torchslim.quantization.cpu import cpu_has_vnni
 from torchslim.quantization.observers import calibrate
 from torchslim.quantization.primitives import UniformSpec, fake_quantize
 from torchslim.tasks.batches import model_inputs, move_to
@@ -69,8 +70,8 @@ class FakeQuant(nn.Module):
     def __init__(self, weight: torch.Tensor, config: QATConfig) -> None:
         super().__init__()
         self.config = config
-        self.qmin, self.qmax = (-64, 63) if config.reduce_range else (-128, 127)
         self.spec = UniformSpec(bits=7 if config.reduce_range else 8, symmetric=True, granularity="channel", axis=0)
+        self.qmin, self.qmax = self.spec.code_range
         channels = weight.shape[0]
         initial = weight.detach().abs().reshape(channels, -1).amax(dim=1).clamp(min=1e-8) / self.qmax
         shape = (channels,) + (1,) * (weight.dim() - 1)
@@ -200,8 +201,6 @@ def prepare_qat(model: nn.Module, config: QATConfig | dict | None = None, inplac
     """
     config = QATConfig.coerce(config, where="qat")
     if config.reduce_range is None:
-        from torchslim.quantization.onnx_static import cpu_has_vnni
-
         config = dataclasses.replace(config, reduce_range=not cpu_has_vnni())
     target = model if inplace else copy_model(model)
     pin_spec(target)

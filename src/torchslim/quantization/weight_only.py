@@ -185,16 +185,20 @@ def plan_layers(target: nn.Module, config: Any, types: tuple[str, ...] = QUANTIZ
     """The layers ``config`` (``weights``, ``layers``, ``overrides``) selects in ``target``, checked quantizable."""
     modules = select_modules(target, config.layers, default_types=types)
     by_layer = resolve_overrides(modules, config.overrides, "quantize.overrides")
-    own = [(name, module, method) for name, module in modules if (method := own_forward(module)) is not None]
-    notes = [f"{name}: left in float ({type(module).__name__} has its own {method}, which its quantized form would not run)" for name, module, method in own]
-    modules = [(name, module) for name, module in modules if own_forward(module) is None]
-    modules, shared, tie_notes = _tie_plan(target, modules, {name for name, _, _ in own})
+    own = {name: (module, method) for name, module in modules if (method := own_forward(module)) is not None}
+    notes = [
+        f"{name}: left in float ({type(module).__name__} has its own {method}, which its quantized form would not run)"
+        for name, (module, method) in own.items()
+    ]
+    modules, shared, tie_notes = _tie_plan(target, [(name, module) for name, module in modules if name not in own], set(own))
     notes += tie_notes
     for follower, leader in shared.items():
         mine, theirs = by_layer.get(follower, config.weights), by_layer.get(leader, config.weights)
-        if follower in by_layer and mine != theirs and follower not in (config.overrides or {}):
+        if follower not in by_layer or mine == theirs:
+            continue  # without a scheme of its own a tied layer follows its leader
+        if follower not in (config.overrides or {}):  # a rule that matched it among others (type:Linear)
             notes.append(f"{follower}: follows {leader}'s quantization ({theirs.scheme} {theirs.bits} bits; tied), not the override rule that matched it")
-        elif follower in by_layer and mine != theirs:  # an override naming the tied layer itself: it cannot have its own
+        else:  # an override naming the tied layer itself: it cannot have its own
             raise TorchslimError(
                 f"quantize.overrides: {follower} shares its weight with {leader} (tied), which is quantized once, as {leader}; "
                 f"give both the same override ({follower}: {mine.scheme} {mine.bits} bits, {leader}: {theirs.scheme} {theirs.bits} bits)"
