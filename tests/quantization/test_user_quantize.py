@@ -375,3 +375,23 @@ def test_qat_calibration_takes_the_range_of_every_batch():
         assert (fake - reference).norm() < 0.025 * reference.norm()
         seen = torch.cat([b[0] for b in batches]).flatten(1)
     assert float(qat[1].fake.input_high) == float(seen.max())  # the widest batch's range, not an average
+
+
+def test_an_existing_onnx_file_is_kept_unless_overwrite(tmp_path):
+    """quantize(path=) and compress(export_path=) wrote over a file the user had, without a word."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    data = [(torch.randn(16, 8), torch.randint(0, 4, (16,))) for _ in range(2)]
+    path = tmp_path / "mine.onnx"
+    path.write_bytes(b"the user's own file")
+    with pytest.raises(TorchslimError, match="mine.onnx exists; refusing to overwrite"):
+        ts.quantize(model, {"method": "onnxruntime"}, data=data, path=path)
+    with pytest.raises(TorchslimError, match="mine.onnx exists; refusing to overwrite"):
+        ts.compress(model, {"name": "e", "stages": [{"export": {}}]}, data, export_path=path, latency=False, progress=False)
+    assert path.read_bytes() == b"the user's own file"
+    engine = ts.quantize(model, {"method": "onnxruntime"}, data=data, path=path, overwrite=True).model
+    x = data[0][0]
+    with torch.no_grad():
+        assert (engine(x) - model(x)).abs().max() < 0.05 * model(x).abs().max()
+    result = ts.compress(model, {"name": "e", "stages": [{"export": {}}]}, data, export_path=path, latency=False, progress=False, overwrite=True)
+    assert result.report.stages[-1].metrics["stored_bytes"] == path.stat().st_size

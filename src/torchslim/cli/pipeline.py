@@ -185,6 +185,7 @@ def compress(
                 threads=run.threads,
                 trust_factory=trusted,
                 on_stage=show,
+                overwrite=True,  # --force was checked above
             )
         except CompressInterrupted as error:
             console.print(f"[yellow]{error}[/yellow]", soft_wrap=True)

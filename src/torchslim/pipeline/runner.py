@@ -166,6 +166,7 @@ def compress(
     progress: bool | str | None = None,
     trust_factory: bool | str = False,
     on_stage: Callable[[Stage], None] | None = None,
+    overwrite: bool = False,
 ) -> CompressResult:
     """Run ``recipe`` (a built-in name, a YAML path, a mapping or a Recipe) on a copy of ``model``, with ``data``
     (anything ``torchslim.data.as_source`` takes) and its ``task`` (chosen from the data when not named).
@@ -173,7 +174,8 @@ def compress(
     With ``checkpoint=folder`` the run saves after each stage, each pruning step and each training epoch (with the
     optimizer's state, so a resumed run trains as the uninterrupted one would); ``resume=True`` continues
     after the last of them (the recipe must be the same); Ctrl-C raises ``CompressInterrupted`` naming the
-    checkpoint. ``export_path`` is the ONNX file of a stage that writes one. ``trust_factory``: True, or the one
+    checkpoint. ``export_path`` is the ONNX file of a stage that writes one (an existing file there is refused
+    before any work unless ``overwrite``). ``trust_factory``: True, or the one
     import path a checkpoint's model may be built from.
 
     Example:
@@ -202,6 +204,8 @@ def compress(
         raise TorchslimError("resume needs the checkpoint folder of the run to continue")
     if any(stage.writes_onnx for stage in recipe.stages) and export_path is None:
         raise TorchslimError(f"recipe {recipe.name!r} writes an ONNX file: give export_path (CLI: --out model.onnx)")
+    if export_path is not None and any(stage.writes_onnx for stage in recipe.stages):
+        refuse_overwrite(export_path, overwrite)
     original = copy_model(model).eval()
     completed, step = 0, 0
     training: dict[str, Any] | None = None

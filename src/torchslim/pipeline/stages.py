@@ -191,7 +191,14 @@ def run_quantize(context: StageContext, stage: RecipeStage) -> StageOutcome:
     (then the stage must end the recipe)."""
     example = context.source.example(1)
     result = quantize(
-        context.model, stage.config, inplace=True, example_input=example, path=context.export_path, threads=context.threads, **context.verb_options(stage)
+        context.model,
+        stage.config,
+        inplace=True,
+        example_input=example,
+        path=context.export_path,
+        threads=context.threads,
+        overwrite=True,
+        **context.verb_options(stage),
     )
     report = result.report.stages[0]
     if isinstance(result.model, OnnxModule):  # an engine: the float model stays for counting, the engine runs
@@ -286,7 +293,14 @@ def run_export(context: StageContext, stage: RecipeStage) -> StageOutcome:
         notes = ["fp32 ONNX", *noted]
     else:
         result = quantize(
-            plain, stage.config.int8, context.source, context.task, example_input=context.source.example(1), path=context.export_path, threads=context.threads
+            plain,
+            stage.config.int8,
+            context.source,
+            context.task,
+            example_input=context.source.example(1),
+            path=context.export_path,
+            threads=context.threads,
+            overwrite=True,
         )
         engine, notes = result.model, result.report.stages[0].notes
     notes = notes + [f"written to {context.export_path}"]

@@ -32,6 +32,7 @@ from torchslim.core.checks import check_model
 from torchslim.core.config import Config, ConfigError, check
 from torchslim.core.copying import copy_model
 from torchslim.core.errors import TorchslimError
+from torchslim.core.files import refuse_overwrite
 from torchslim.core.memory import release_freed_memory
 from torchslim.core.registry import Registry
 from torchslim.core.report import Report, Result, Stage
@@ -270,16 +271,19 @@ def quantize(
     path: str | Path | None = None,
     threads: int = 2,
     progress: bool | str | None = None,
+    overwrite: bool = False,
 ) -> Result:
     """Quantize ``model`` by the method its ``config`` names (see this module's table); the caller's model is left
     as it was unless ``inplace`` (weight-only and QAT change it; engine methods never do).
 
     ``data`` (anything ``torchslim.data.as_source`` takes) calibrates and, with ``finetune``, trains (k-means
     centroids; QAT). ``example_input`` (default: from the data) fixes the exported input shape; ``path`` keeps the
-    ONNX file an engine method writes.
+    ONNX file an engine method writes (an existing file there is refused unless ``overwrite``).
     """
     typed = quantize_config(config)
     check_model(model, "quantize", float32=True, copies=True)
+    if path is not None:
+        refuse_overwrite(path, overwrite)
     method = next(name for name in METHODS.names() if isinstance(typed, METHODS.get(name).config))
     entry = METHODS.get(method)
     if entry.needs_data(typed) and data is None:
