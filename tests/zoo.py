@@ -366,3 +366,20 @@ def same_after_save_pretrained(model, ids, folder, atol=1e-6) -> bool:
     reloaded = type(model).from_pretrained(folder).eval()
     with torch.no_grad():
         return torch.allclose(reloaded(ids).logits, model(ids).logits, atol=atol)
+
+
+def gemma(vocab=128):
+    """A tiny Gemma: RMSNorm scales by (1 + weight), so no input scale folds into it (every fold is refused)."""
+    import transformers
+
+    config = transformers.GemmaConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=64,
+    )
+    return transformers.GemmaForCausalLM(config)

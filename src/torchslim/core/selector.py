@@ -244,6 +244,11 @@ def weight_of(module: nn.Module) -> torch.Tensor:
     return weight
 
 
+def is_conv1d(module: object) -> bool:
+    """GPT-2's Conv1D (a Linear whose weight is stored (in, out)), parametrized (masked) or not."""
+    return isinstance(module, nn.Module) and module_type_name(module) == "Conv1D"
+
+
 def module_type_name(module: nn.Module) -> str:
     """The module's class name, looking through parametrization wrappers (ParametrizedLinear -> Linear)."""
     klass = type(module)

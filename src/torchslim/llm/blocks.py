@@ -36,6 +36,7 @@ from torch import nn
 
 from torchslim.core.errors import TorchslimError
 from torchslim.core.modes import eval_mode, model_device
+from torchslim.core.selector import is_conv1d
 from torchslim.tasks.batches import model_inputs, move_to
 
 # what one calibration batch gives a block: its positional and keyword arguments
@@ -60,7 +61,7 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
             continue
         if len({type(child) for child in module}) != 1:
             continue
-        if not any(isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D" for m in module[0].modules()):
+        if not any(isinstance(m, nn.Linear) or is_conv1d(m) for m in module[0].modules()):
             continue
         if best is None or len(module) > len(best[1]):
             best = (name, module)
@@ -189,7 +190,7 @@ def block_layers(block: nn.Module, selected: set[nn.Module] | None = None) -> di
     return {
         name: module
         for name, module in block.named_modules()
-        if (isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D") and (selected is None or module in selected)
+        if (isinstance(module, nn.Linear) or is_conv1d(module)) and (selected is None or module in selected)
     }
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchslim.core.selector import is_conv1d
 from torchslim.llm.blocks import BlockInput, block_layers, block_output, forward_inputs, sequential
 
 
@@ -36,7 +37,7 @@ def input_groups(block: nn.Module, sample: BlockInput, selected: dict[str, nn.Mo
     readers: dict[int, list[str]] = {}
     producers: dict[int, nn.Module] = {}
     keep: list[torch.Tensor] = []  # holds the tensors alive, so their ids stay unique during the run
-    linear_names = {module: name for name, module in block.named_modules() if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"}
+    linear_names = {module: name for name, module in block.named_modules() if isinstance(module, nn.Linear) or is_conv1d(module)}
 
     def read(module: nn.Module, args: tuple) -> None:
         if args and isinstance(args[0], torch.Tensor):
@@ -66,14 +67,16 @@ def input_groups(block: nn.Module, sample: BlockInput, selected: dict[str, nn.Mo
 
 
 def oriented_weight(layer: nn.Module) -> torch.Tensor:
-    """(out, in) float weight (GPT-2's Conv1D stores it transposed)."""
-    weight = layer.weight.detach().float()
-    return weight.t() if type(layer).__name__ == "Conv1D" else weight
+    """(out, in) float weight (GPT-2's Conv1D stores it transposed): a copy, never the layer's own storage (a fold
+    that is refused puts the weight back from it)."""
+    weight = layer.weight.detach().to(torch.float32, copy=True)
+    return weight.t() if is_conv1d(layer) else weight
 
 
 def _set_weight(layer: nn.Module, weight: torch.Tensor) -> None:
-    target: Any = layer.weight
-    target.data.copy_((weight.t() if type(layer).__name__ == "Conv1D" else weight).to(target.dtype))
+    parametrizations = getattr(layer, "parametrizations", None)  # a masked layer: the mask applies to what is written
+    target: Any = parametrizations.weight.original if parametrizations is not None and "weight" in parametrizations else layer.weight
+    target.data.copy_((weight.t() if is_conv1d(layer) else weight).to(target.dtype))
 
 
 @torch.no_grad()
@@ -124,7 +127,7 @@ def smooth_float(model: nn.Module, batches: Any, alpha: float) -> nn.Module:
     """SmoothQuant's migration alone, in float (in place): each group's scales folded into the normalization before
     it where the block's outputs stay the same (groups that cannot fold are left as they are). The model computes the
     same function; its activations have smaller outliers, for engines that quantize activations per tensor."""
-    planned = {module for module in model.modules() if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"}
+    planned = {module for module in model.modules() if isinstance(module, nn.Linear) or is_conv1d(module)}
 
     def smooth_block(block_name: str, block: nn.Module, inputs: list) -> None:
         for group, scale, _ in smoothing_scales(block, inputs, block_layers(block, planned), alpha):

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from torchslim.core.errors import TorchslimError
+from torchslim.core.selector import is_conv1d
 from torchslim.llm.blocks import block_layers, forward_inputs, sequential
 from torchslim.llm.gptq import HessianAccumulator, inverse_hessian_factor
 from torchslim.pruning.apply import get_mask, set_mask
@@ -49,7 +50,7 @@ def sparsegpt(
     if (sparsity is None) == (pattern is None):
         raise TorchslimError("SparseGPT takes a sparsity or an N:M pattern")
     kept_per_group, group = parse_pattern(pattern) if pattern is not None else (0, 0)
-    weight = weight.detach().float().clone()
+    weight = weight.detach().float().clone(memory_format=torch.contiguous_format)  # GPT-2's transposed weight too: rows in memory
     columns = weight.shape[1]
     if pattern is not None and columns % group:
         raise TorchslimError(f"pattern {pattern} needs the input width ({columns}) to be a multiple of {group}")
@@ -58,7 +59,7 @@ def sparsegpt(
     hessian[dead, dead] = 1.0
     weight[:, dead] = 0.0
     inverse = inverse_hessian_factor(hessian, damp)
-    keep = torch.ones_like(weight, dtype=torch.bool) if keep is None else keep.to(torch.bool).clone()
+    keep = torch.ones_like(weight, dtype=torch.bool) if keep is None else keep.to(torch.bool).clone(memory_format=torch.contiguous_format)
     mask = torch.ones_like(weight, dtype=torch.bool)
     for start in range(0, columns, block_size):
         end = min(start + block_size, columns)
@@ -66,7 +67,7 @@ def sparsegpt(
         errors = torch.zeros_like(block)
         inverse_block = inverse[start:end, start:end]
         diagonal = inverse_block.diagonal().reshape(1, -1)
-        pruned = ~keep[:, start:end]
+        pruned = (~keep[:, start:end]).contiguous()
         if sparsity is not None:
             saliency = block.pow(2) / diagonal.pow(2)
             saliency[pruned] = -1.0  # already pruned: first to go
@@ -77,7 +78,7 @@ def sparsegpt(
             else:
                 count = int(round(sparsity * saliency.numel()))
                 if count:
-                    flat = pruned.reshape(-1)
+                    flat = pruned.view(-1)  # a view: the marks land in pruned
                     flat[torch.argsort(saliency.reshape(-1), stable=True)[:count]] = True
         for i in range(end - start):
             if pattern is not None and i % group == 0:
@@ -120,7 +121,7 @@ def prune_sparsegpt(
             new_weight, mask = sparsegpt(
                 _weight(layer), hessians[local].hessian(), target, config.pattern, config.block_size, config.damp, keep, config.scope == "row"
             )
-            transposed = type(layer).__name__ == "Conv1D"
+            transposed = is_conv1d(layer)
             stored = new_weight.t() if transposed else new_weight
             stored_mask = mask.t() if transposed else mask
             original: Any = layer.parametrizations["weight"].original if previous is not None else layer.weight
@@ -149,11 +150,11 @@ def _target(sparsity: dict[str, float] | float | None, name: str) -> float | Non
 def _weight(layer: nn.Module) -> torch.Tensor:
     """The layer's weight as (out, in) (GPT-2's Conv1D stores it transposed)."""
     weight = layer.weight.detach().float()
-    return weight.t() if type(layer).__name__ == "Conv1D" else weight
+    return weight.t() if is_conv1d(layer) else weight
 
 
 def _oriented(layer: nn.Module, mask: torch.Tensor) -> torch.Tensor:
-    return mask.t() if type(layer).__name__ == "Conv1D" else mask
+    return mask.t() if is_conv1d(layer) else mask
 
 
 __all__ = ["prune_sparsegpt", "sparsegpt"]

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from torchslim.core.modes import eval_mode
-from torchslim.core.selector import module_type_name
+from torchslim.core.selector import is_conv1d, module_type_name
 from torchslim.measure.weights import effective_weights, iter_logical_weights
 from torchslim.tasks.batches import batch_size_of, call_model
 
@@ -125,7 +125,7 @@ def _counter_for(module: nn.Module) -> MacCounter | None:
             return MAC_COUNTERS[klass]
     if callable(getattr(module, "attention_macs", None)):
         return _attention_method
-    if type(module).__name__ == "Conv1D" and isinstance(getattr(module, "nx", None), int):  # GPT-2's (in, out) Linear
+    if is_conv1d(module) and isinstance(getattr(module, "nx", None), int):  # GPT-2's (in, out) Linear
         return _transposed_linear
     return None
 

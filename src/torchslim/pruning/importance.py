@@ -29,6 +29,7 @@ from torch.nn import functional as F
 from torchslim.core.errors import TorchslimError
 from torchslim.core.modes import eval_mode, model_device, train_mode
 from torchslim.core.registry import Registry
+from torchslim.core.selector import is_conv1d
 from torchslim.pruning.apply import get_mask
 from torchslim.pruning.graph import Group, ParamSlice
 from torchslim.tasks.batches import forward_batches, model_inputs, move_to
@@ -183,7 +184,7 @@ def collect_input_norms(model: nn.Module, modules: list[tuple[str, nn.Module]], 
             handle.remove()
     if seen == 0:
         raise TorchslimError("activation statistics need at least one calibration batch; the data gave none")
-    transposed = {name: type(module).__name__ == "Conv1D" for name, module in modules}
+    transposed = {name: is_conv1d(module) for name, module in modules}
     return {name: {"input_norm": total.sqrt().float(), "transposed": transposed[name]} for name, total in sums.items()}
 
 
@@ -191,7 +192,7 @@ def _input_features(name: str, module: nn.Module) -> int:
     """The input features an activation criterion scores a layer's weight columns by."""
     if isinstance(module, nn.Linear):
         return module.in_features
-    if type(module).__name__ == "Conv1D":
+    if is_conv1d(module):
         return int(module.weight.shape[0])
     if isinstance(module, nn.Conv2d) and module.groups == 1:
         return module.in_channels
@@ -275,7 +276,7 @@ def group_taylor(model: nn.Module, group: Group, statistics: dict[str, Any]) -> 
 
 def reads_inputs(module: nn.Module) -> bool:
     """Whether ``collect_input_norms`` can measure this layer's input features."""
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D" or (isinstance(module, nn.Conv2d) and module.groups == 1)
+    return isinstance(module, nn.Linear) or is_conv1d(module) or (isinstance(module, nn.Conv2d) and module.groups == 1)
 
 
 def reader_contribution(model: nn.Module, pieces: list[ParamSlice], statistics: dict[str, Any]) -> float | None:

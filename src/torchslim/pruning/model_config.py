@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchslim.core.selector import is_conv1d
 from torchslim.pruning.transformer_rules import _head_counts, _is_projection_attention
 
 
@@ -45,7 +46,7 @@ def _widths(model: nn.Module, reasons: list[str]) -> dict[str, int]:
         if isinstance(first, nn.Linear) and isinstance(second, nn.Linear) and first.out_features == second.in_features:
             mlp.add(first.out_features)
         fc = getattr(module, "c_fc", None)  # GPT-2's MLP
-        if type(fc).__name__ == "Conv1D" and isinstance(getattr(fc, "nf", None), int):
+        if is_conv1d(fc) and isinstance(getattr(fc, "nf", None), int):
             mlp.add(fc.nf)
         if name.endswith("intermediate") and isinstance(getattr(module, "dense", None), nn.Linear):  # BERT / ViT
             mlp.add(module.dense.out_features)
@@ -54,7 +55,7 @@ def _widths(model: nn.Module, reasons: list[str]) -> dict[str, int]:
             if counts is not None:
                 heads.add(counts)
                 head_dims.add(module.head_dim)
-        elif type(getattr(module, "c_attn", None)).__name__ == "Conv1D" and isinstance(getattr(module, "num_heads", None), int):
+        elif is_conv1d(getattr(module, "c_attn", None)) and isinstance(getattr(module, "num_heads", None), int):
             heads.add((module.num_heads, module.num_heads))  # GPT-2: queries, keys and values side by side in c_attn
             head_dims.add(module.head_dim)
     width = _one(mlp, "the MLP width", reasons)

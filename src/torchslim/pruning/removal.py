@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from torchslim.core.errors import TorchslimError
+from torchslim.core.selector import is_conv1d
 from torchslim.core.spec import recorded_module, register_transform
 from torchslim.core.ties import retie, tied_groups
 from torchslim.pruning.graph import ChannelGraph, Group, HeadGroup, ParamSlice
@@ -58,7 +59,7 @@ def update_attributes(module: Any) -> None:
         module.embedding_dim = module.weight.shape[1]
     elif isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
         module.in_channels, module.out_channels = module.weight.shape[0], module.weight.shape[1] * module.groups
-    elif type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # GPT-2's (in, out) Linear
+    elif is_conv1d(module) and hasattr(module, "nf"):  # GPT-2's (in, out) Linear
         module.nx, module.nf = module.weight.shape
 
 
@@ -216,7 +217,7 @@ def module_width(module: nn.Module) -> str | None:
     if isinstance(module, nn.Linear):
         return f"{module.in_features}->{module.out_features}"
     weight = getattr(module, "weight", None)
-    if type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor):  # GPT-2's (in, out) Linear
+    if is_conv1d(module) and isinstance(weight, torch.Tensor):  # GPT-2's (in, out) Linear
         return "->".join(map(str, weight.shape))
     if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
         return str(module.num_features)

@@ -11,12 +11,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchslim.core.selector import is_conv1d
 from torchslim.pruning.graph import ChannelGraph
 from torchslim.pruning.rules import PREDICATE_RULES, dense_layer
 
 
 def _is_gpt_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D" and isinstance(getattr(module, "nf", None), int) and isinstance(getattr(module, "nx", None), int)
+    return is_conv1d(module) and isinstance(getattr(module, "nf", None), int) and isinstance(getattr(module, "nx", None), int)
 
 
 def _gpt_conv1d(graph: ChannelGraph, name: str, module: Any, inputs: list[Any], output: Any) -> None:

@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from torchslim.core.memory import release_freed_memory
+from torchslim.core.selector import is_conv1d
 from torchslim.measure.counts import register_mac_counter
 from torchslim.quantization import kernels
 from torchslim.quantization.formats import ENCODE_CHUNK, FORMATS, WeightScheme
@@ -364,7 +365,7 @@ def _quantized_conv_macs(module: QuantizedConv2d, inputs: tuple, output: torch.T
 
 def is_transposed_linear(module: nn.Module) -> bool:
     """GPT-2's Conv1D: a Linear whose weight is stored (in, out); it quantizes as a Linear."""
-    return type(module).__name__ == "Conv1D" and isinstance(getattr(module, "nf", None), int)
+    return is_conv1d(module) and isinstance(getattr(module, "nf", None), int)
 
 
 def empty_like(module: Any, scheme: WeightScheme) -> nn.Module:
