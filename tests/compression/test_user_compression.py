@@ -13,6 +13,7 @@ from torch import nn
 import torchslim as ts
 from tests.zoo import same_after_save_pretrained
 from torchslim.core.errors import TorchslimError
+from torchslim.measure.counts import count_macs
 
 
 def test_a_transformer_encoder_layer_infers_with_the_activation_it_was_given():
@@ -317,3 +318,92 @@ def test_a_residual_branch_written_in_the_parent_is_removed_as_adding_nothing(tm
 
     finds(model, x[:1])
     assert not any(getattr(module, BRANCH, False) for module in model.modules())  # the caller's model is left as it was
+
+
+class _Aliased(nn.Module):
+    """One layer kept under two attribute names (self.block2 = self.block1), called twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.block1, self.head = nn.Linear(20, 64), nn.Linear(64, 64), nn.Linear(64, 4)
+        self.block2 = self.block1
+
+    def forward(self, x):
+        return self.head(F.relu(self.block2(F.relu(self.block1(F.relu(self.inp(x)))))))
+
+
+def _classes(count=512, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(count, 20, generator=generator)
+    return x, (x[:, :4] * torch.tensor([1.0, -1.0, 0.5, 2.0])).argmax(1)
+
+
+def test_a_layer_under_two_names_is_counted_once_by_the_size_budget():
+    """Its weight was counted again as a tensor 'stored whole': a 6,000-byte budget was refused as too small for the
+    fixed bytes (18,192), though the file stores the layer once."""
+    torch.manual_seed(0)
+    model = _Aliased()
+    x, y = _classes()
+    ts.train(model, (x, y), {"epochs": 5, "lr": 0.01, "batch_size": 64, "eval_every_epoch": False}, progress=False)
+    config = {
+        "target_size": 6000,
+        "rounds": 2,
+        "sparsities": [0.7, 0.9],
+        "bits": [4, 2],
+        "ranks": [],
+        "prune_steps": 1,
+        "finetune": {"epochs": 1, "lr": 0.01, "eval_every_epoch": False},
+    }
+    result = ts.compression.auto_compress(model, (x, y), config, progress=False)
+    rounds = result.report.artifacts["allocation"]["rounds"]
+    assert any(r["met"] for r in rounds) and min(r["measured_bytes"] for r in rounds if r["met"]) <= 6000
+
+
+class _Sequence(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.fc = nn.Conv1d(4, 16, 5, padding=2), nn.Conv1d(16, 32, 5, padding=2), nn.Linear(32, 3)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.c2(F.relu(self.c1(x)))).mean(-1))
+
+
+def test_layers_a_technique_does_not_take_are_named_not_dropped():
+    """type:Conv1d among the include patterns was dropped without a word (sensitivity measured only the Linear), and
+    auto_compress with layers.types [Conv1d] failed in its own quantize stage after the whole sensitivity sweep."""
+    model, data = _Sequence(), [(torch.randn(8, 4, 16), torch.randint(0, 3, (8,))) for _ in range(2)]
+    with pytest.raises(TorchslimError, match=r"layer 'c1' \(Conv1d, picked by 'type:Conv1d'\) is not one of the selectable types Linear, Conv2d"):
+        ts.sensitivity(model, data, {"sparsities": [0.5], "layers": {"include": ["type:Conv1d", "type:Linear"]}})
+    with pytest.raises(ts.ConfigError, match="layer 'c1' is a Conv1d; auto_compress compresses Linear and Conv2d layers"):
+        ts.compression.auto_compress(model, data, {"target_size": 4000, "layers": {"types": ["Conv1d", "Linear"]}}, progress=False)
+
+
+def test_the_budget_verbs_rank_by_the_loss_of_unlabeled_data():
+    """The fidelity task (unlabeled data: outputs against the original model's) reported no loss, so auto_compress and
+    auto_narrow refused data that prune_channels took."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 32))
+    batches = list((torch.randn(256, 8) @ torch.randn(8, 32)).split(64))
+    narrowed = ts.compression.auto_narrow(model, batches, {"target_macs": 0.6, "finetune": None, "ratios": [0.5]})
+    assert count_macs(narrowed.model, batches[0])["total"] <= 0.6 * count_macs(model, batches[0])["total"]
+    assert "loss" in ts.evaluate(narrowed.model, batches, task="fidelity", reference=model)
+
+
+class _NormMLP(nn.Module):
+    def __init__(self, norm="ln"):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(20, 64), nn.Linear(64, 4)
+        self.norm = {"ln": nn.LayerNorm(64), "bn": nn.BatchNorm1d(64)}[norm]  # the argument is not kept as self.norm
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.norm(self.fc1(x))))
+
+
+def test_saving_a_narrowed_model_whose_default_was_assumed_says_why_and_how(tmp_path):
+    """The error was the replayed pruning step's shape mismatch, naming neither the assumed default nor factory=."""
+    model = _NormMLP("bn").eval()
+    x, y = _classes(64)
+    narrowed = ts.narrow(model, 0.5, data=(x, y)).model
+    with pytest.raises(TorchslimError, match=r"keeps no attribute named 'norm'.*replaying its recorded changes fails.*factory="):
+        ts.save(narrowed, tmp_path / "narrow.safetensors")
+    assert not (tmp_path / "narrow.safetensors").exists()

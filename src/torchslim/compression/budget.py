@@ -25,6 +25,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 
 from torchslim.compression.sensitivity import sensitivity
@@ -224,11 +225,16 @@ def auto_compress(
     config = BudgetConfig.coerce(config, where="auto_compress")
     model = _rebuildable(model, factory, factory_kwargs)
     chosen = select_modules(model, config.layers, default_types=("Linear", "Conv2d"))
+    for name, module in chosen:  # its stages: k-means weight sharing and SVD of Linear / Conv2d weights
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+            raise ConfigError(
+                f"auto_compress.layers: layer {name!r} is a {type(module).__name__}; auto_compress compresses Linear and Conv2d layers "
+                "(leave the others out of layers.types / include)"
+            )
     names = [name for name, _ in chosen]
     shapes = {name: (int(module.weight.shape[0]), int(module.weight[0].numel())) for name, module in chosen}
     weights = {name: rows * columns for name, (rows, columns) in shapes.items()}
-    selected = {f"{name}.weight" for name in names}
-    fixed = HEADER_BYTES + sum(4 * t.numel() for key, t in model.state_dict().items() if key not in selected and t.is_floating_point())
+    fixed = HEADER_BYTES + _whole_bytes(model, [module for _, module in chosen])
     _check_room(config.target_size, fixed)  # before any measurement
     measured = sensitivity(
         model,
@@ -245,7 +251,7 @@ def auto_compress(
         task=task,
     )
     if "loss" not in measured.report.stages[0].metrics:
-        raise ConfigError("auto_compress reads the task's loss from the sensitivity report; this task reports none")
+        raise ConfigError(f"auto_compress ranks its choices by the task's loss; the task's metrics hold none: {sorted(measured.report.stages[0].metrics)}")
     curves = _curves(measured, names)
     for name, module in chosen:  # factorize's SVD forms: a Linear, an ungrouped convolution
         if not (isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1)):
@@ -382,6 +388,14 @@ def _rebuildable(model: nn.Module, factory: str | None, factory_kwargs: dict[str
             "factory_kwargs={...}) naming an importable builder of this architecture"
         ) from None
     return model
+
+
+def _whole_bytes(model: nn.Module, layers: list[nn.Module]) -> int:
+    """fp32 bytes of the floating-point tensors stored whole (all but the selected layers' weights), each tensor once
+    however many names it has (a layer kept as self.a = self.b, tied weights)."""
+    selected = {id(layer.parametrizations.weight.original if hasattr(layer, "parametrizations") else layer.weight) for layer in layers}
+    unique = {id(t): t for t in model.state_dict(keep_vars=True).values() if isinstance(t, torch.Tensor)}
+    return sum(4 * t.numel() for key, t in unique.items() if key not in selected and t.is_floating_point())
 
 
 def _check_room(target: int, fixed: float) -> float:

@@ -131,7 +131,7 @@ def auto_narrow(
         raise TorchslimError("auto_narrow: structured pruning finds no set of channels it may remove in this model (see prune_channels' notes)")
     base = evaluate_source(model, source, resolved, limit=config.eval_limit, split=config.sensitivity_split)
     if "loss" not in base:
-        raise ConfigError("auto_narrow reads the task's loss to rank sets; this task reports none")
+        raise ConfigError(f"auto_narrow ranks channel sets by the task's loss; the task's metrics hold none: {sorted(base)}")
     candidates: dict[str, nn.Module] = {}
     rises: dict[str, float] = {}
     for name in sets:

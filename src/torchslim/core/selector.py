@@ -144,9 +144,14 @@ def select_modules(
         if not any(picked(p, module) for p in selector.include) or any(picked(p, module) for p in selector.exclude):
             continue
         explicit = selector.include != ("*",) and all(specificity(p) == 3 for p in selector.include)
+        by_type = next((p for p in selector.include if p.startswith("type:") and picked(p, module)), None)
         if not (_type_names(module) & set(types)):
-            if explicit:
-                raise TorchslimError(f"layer {name!r} ({type(module).__name__}) is not one of the selectable types {', '.join(types)}")
+            if explicit or by_type:  # asked for by its name or its type: never dropped without a word
+                asked = f", picked by {by_type!r}" if by_type else ""
+                raise TorchslimError(
+                    f"layer {name!r} ({type(module).__name__}{asked}) is not one of the selectable types {', '.join(types)} "
+                    "(layers.types names others where the technique takes them)"
+                )
             continue
         if require_weight and not isinstance(getattr(module, "weight", None), nn.Parameter) and not _parametrized(module):
             raise TorchslimError(f"layer {name!r} ({type(module).__name__}) has no weight to work on")

@@ -131,12 +131,20 @@ def file_spec(model: nn.Module, where: str, spec: dict[str, Any] | None = None) 
     spec = check_spec(spec if spec is not None else spec_of(model), where)
     assumed = spec.pop("assumed", [])
     if spec.pop("inferred", False):
-        rebuilt = build_from_spec(spec, trust_factory=True, where=where)  # the class is this process's own: nothing new runs
+        built_by = f"{spec.get('factory') or spec.get('huggingface')} from {spec['kwargs']}"
+        guess = f" ({built_by.split(' from ')[0]} keeps no attribute named {', '.join(repr(a) for a in assumed)}: its default was assumed)" if assumed else ""
+        try:
+            rebuilt = build_from_spec(spec, trust_factory=True, where=where)  # the class is this process's own: nothing new runs
+        except TorchslimError as error:  # e.g. a recorded pruning step that does not fit the model the defaults build
+            raise TorchslimError(
+                f"{where}: rebuilding {built_by}{guess} and replaying its recorded changes fails ({error}); "
+                "save with factory='package.module:callable' and the kwargs that build it"
+            ) from None
         expected, actual = stored_layout(rebuilt), stored_layout(model)
         if expected != actual:
             differing = sorted(set(expected) ^ set(actual)) or sorted(n for n in expected if expected[n] != actual[n])
             raise TorchslimError(
-                f"{where}: rebuilding {spec.get('factory') or spec.get('huggingface')} from {spec['kwargs']} does not give this "
+                f"{where}: rebuilding {built_by}{guess} does not give this "
                 f"model ({differing[0]} differs); save with factory='package.module:callable' and the kwargs that build it"
             )
         layers, plain = structure_differences(rebuilt, model) if assumed else ([], [])

@@ -92,6 +92,7 @@ class FidelityTask(Task):
         return {
             "cosine": totals["cosine_sum"] / totals["rows"],
             "mse": mse,
+            "loss": mse,  # the training loss (loss_from), for what ranks choices by the loss
             "relative_error": (totals["squared_sum"] / max(totals["reference_sum"], 1e-30)) ** 0.5,
             "examples": int(totals["rows"]),
         }
