@@ -1,8 +1,10 @@
 """Block-by-block (layer-wise) calibration of transformers: the model's repeated blocks (decoder layers) are found,
-the inputs of the first block are captured for every calibration batch, and then each block in turn is handed to a
-method (GPTQ, AWQ, SparseGPT, Wanda, ...) with its inputs, changed, and run to give the next block's inputs. Only
-one block's weights are worked on and one set of block inputs is held at a time, so calibration of a model that
-barely fits in memory still fits.
+the inputs of the first block and the other arguments of every block (attention mask, position embeddings: a layer
+of sliding-window attention gets its own mask) are captured for every calibration batch in one forward pass, and
+then each block in turn is handed to a method (GPTQ, AWQ, SparseGPT, Wanda, ...) with its inputs, changed, and run
+to give the next block's hidden states. Only one block's weights are worked on and one set of hidden states is held
+at a time (the blocks' other arguments are mostly the same tensors), so calibration of a model that barely fits in
+memory still fits.
 
 Example:
     >>> import torch
@@ -25,10 +27,12 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import resource
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -45,7 +49,7 @@ BlockMethod = Callable[[str, nn.Module, list[BlockInput]], Any]
 
 
 class _Captured(Exception):
-    """Raised by the hook on the first block once it has its inputs: nothing after it needs to run."""
+    """Raised by the hook on the last block once it has its arguments: nothing after it needs to run."""
 
 
 class NoBlocks(TorchslimError):
@@ -88,27 +92,50 @@ def _detach(value: Any) -> Any:
 def capture_inputs(model: nn.Module, block: nn.Module, batches: Iterable[Any]) -> list[BlockInput]:
     """The arguments ``block`` is called with, for each batch, stopping the forward pass there (nothing after it
     runs). A Hugging Face model is called without its key/value cache."""
-    captured: list[BlockInput] = []
+    return capture_arguments(model, [block], batches)[0]
 
-    def grab(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        captured.append((_detach(args), {k: _detach(v) for k, v in kwargs.items() if k not in ("past_key_value", "past_key_values")}))
-        raise _Captured
 
-    handle = block.register_forward_pre_hook(grab, with_kwargs=True)
+def capture_arguments(model: nn.Module, blocks: Sequence[nn.Module], batches: Iterable[Any]) -> list[list[BlockInput]]:
+    """The arguments each of ``blocks`` (in the order the model runs them) is called with, for each batch, in one
+    forward pass stopped at the last block. The first block's are whole; a later block's hidden states are left out
+    (``None`` in their place: ``run_block`` puts the previous block's output there), so only its own other arguments
+    are held. A block the forward pass skips gets the arguments of the block before it. A Hugging Face model is
+    called without its key/value cache."""
+    captured: list[list[BlockInput]] = [[] for _ in blocks]
+    batch = [0]
+
+    def grab(index: int, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if len(captured[index]) == batch[0]:  # not yet called in this pass (a block run twice keeps its first arguments)
+            kept = {k: _detach(v) for k, v in kwargs.items() if k not in ("past_key_value", "past_key_values")}
+            if index == 0:
+                captured[0].append((_detach(args), kept))
+            elif args:
+                captured[index].append(((None, *_detach(args[1:])), kept))
+            else:
+                captured[index].append(((), {k: v for k, v in kept.items() if k != "hidden_states"}))
+        if index == len(blocks) - 1:
+            raise _Captured
+
+    handles = [block.register_forward_pre_hook(functools.partial(grab, index), with_kwargs=True) for index, block in enumerate(blocks)]
     device = model_device(model)
     extra = {"use_cache": False} if getattr(getattr(model, "config", None), "use_cache", None) is not None else {}
     try:
         with eval_mode(model), torch.no_grad():
-            for batch in batches:
-                args, kwargs = model_inputs(move_to(batch, device), model)
-                try:
+            for data in batches:
+                args, kwargs = model_inputs(move_to(data, device), model)
+                with contextlib.suppress(_Captured):  # the last block's hook stops the pass
                     model(*args, **kwargs, **extra)
-                except _Captured:
-                    continue
-                raise TorchslimError("block-by-block calibration: the model's forward pass never reached its first block")
+                if len(captured[0]) == batch[0]:
+                    raise TorchslimError("block-by-block calibration: the model's forward pass never reached its first block")
+                batch[0] += 1
+                for index in range(1, len(blocks)):
+                    if len(captured[index]) < batch[0]:
+                        before, named = captured[index - 1][-1]
+                        captured[index].append(((None, *before[1:]) if before else (), {k: v for k, v in named.items() if k != "hidden_states"}))
     finally:
-        handle.remove()
-    if not captured:
+        for handle in handles:
+            handle.remove()
+    if not captured[0]:
         raise TorchslimError("block-by-block calibration got no calibration batches")
     return captured
 
@@ -123,13 +150,16 @@ def block_output(output: Any) -> torch.Tensor:
 
 
 @torch.no_grad()
-def run_block(block: nn.Module, inputs: list[BlockInput]) -> list[BlockInput]:
-    """The next block's inputs: each input's hidden states replaced by what ``block`` makes of them."""
+def run_block(block: nn.Module, inputs: list[BlockInput], following: list[BlockInput] | None = None) -> list[BlockInput]:
+    """The next block's inputs: each input's hidden states replaced by what ``block`` makes of them, with the next
+    block's own other arguments (``following``, one per input, as ``capture_arguments`` gives them) or, without
+    them, this block's."""
     outputs = []
     with eval_mode(block):
-        for args, kwargs in inputs:
+        for index, (args, kwargs) in enumerate(inputs):
             hidden = block_output(block(*args, **kwargs))
-            outputs.append(((hidden, *args[1:]) if args else (), kwargs if args else {**kwargs, "hidden_states": hidden}))
+            args, kwargs = following[index] if following is not None else (args, kwargs)
+            outputs.append(((hidden, *args[1:]), kwargs) if args else ((), {**kwargs, "hidden_states": hidden}))
     return outputs
 
 
@@ -166,18 +196,20 @@ def sequential(model: nn.Module, batches: Iterable[Any], method: BlockMethod, pr
     started = time.perf_counter()
     try:
         prefix, blocks = find_blocks(model)
-        inputs = capture_inputs(model, blocks[0], batches)
+        arguments = capture_arguments(model, list(blocks), batches)
     except NoBlocks:
         prefix, blocks = "", nn.ModuleList([model])
         device = model_device(model)
-        inputs = [model_inputs(move_to(batch, device), model) for batch in batches]
+        arguments = [[model_inputs(move_to(batch, device), model) for batch in batches]]
+    inputs, arguments[0] = arguments[0], []
     tokens = sum(int(args[0].shape[0] * args[0].shape[1]) if args and args[0].dim() >= 2 else 0 for args, _ in inputs)
     results = {}
     for index, block in enumerate(blocks):
         name = f"{prefix}.{index}" if prefix else (str(index) if block is not model else "")
         results[name] = method(name, block, inputs)
         if index + 1 < len(blocks):
-            inputs = run_block(block, inputs)
+            inputs = run_block(block, inputs, arguments[index + 1])
+            arguments[index + 1] = []  # held as inputs now
         if progress is not None:
             progress(f"{name} done ({index + 1}/{len(blocks)}, {time.perf_counter() - started:.0f} s)")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -199,6 +231,7 @@ __all__ = [
     "SequentialRun",
     "block_layers",
     "block_output",
+    "capture_arguments",
     "capture_inputs",
     "find_blocks",
     "forward_inputs",

@@ -24,11 +24,12 @@ from torchslim.core.config import Config, ConfigError, check
 from torchslim.core.copying import copy_model
 from torchslim.core.errors import TorchslimError
 from torchslim.core.report import Report, Result, Stage
-from torchslim.core.selector import LayerSelector, module_type_name, resolve_overrides, select_modules
+from torchslim.core.selector import WEIGHT_TYPES, LayerSelector, module_type_name, resolve_overrides, select_modules
 from torchslim.core.ties import tied_weights
 from torchslim.data.sources import as_source
 from torchslim.measure.counts import count_nonzeros, count_parameters
 from torchslim.pruning.apply import get_mask, set_mask
+from torchslim.pruning.csr import SparseLinear
 from torchslim.pruning.importance import ACTIVATIONS, GRADIENTS, WEIGHT_IMPORTANCE, collect_gradient_statistics, collect_input_norms
 from torchslim.pruning.masks import (
     FLOOR,
@@ -312,8 +313,21 @@ def prune(
         "seconds": time.perf_counter() - started,
     }
     metrics["compression"] = metrics["parameters"] / max(1, metrics["nonzeros"])
+    notes += _uncovered(target)
     stage = Stage(name="prune", kind="prune", metrics=metrics, layers=layers, notes=notes, execution="simulated (masks)", config=config.to_dict())
     return Result(model=target, report=Report.for_model(model, [stage]))
+
+
+def _uncovered(model: nn.Module) -> list[str]:
+    """A note on the weights held by modules of no prunable layer type (a mixture of experts' fused expert weights),
+    which pruning leaves dense."""
+    from torchslim.quantization.weight_only import uncovered_note
+
+    def covered(module: nn.Module) -> bool:
+        return isinstance(module, SparseLinear) or module_type_name(module) in WEIGHT_TYPES or any(k.__name__ in WEIGHT_TYPES for k in type(module).__mro__)
+
+    note = uncovered_note(model, covered, "left dense", "prunable layer", "weight_sparsity counts the selected layers only")
+    return [note] if note else []
 
 
 def _format(value: float, metric: str) -> str:

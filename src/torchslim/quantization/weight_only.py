@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from torchslim.core.config import Config, ConfigError
 from torchslim.core.copying import copy_model
@@ -214,6 +216,15 @@ def plan_layers(target: nn.Module, config: Any, types: tuple[str, ...] = QUANTIZ
     if others:
         kinds = ", ".join(f"{count} {kind}" for kind, count in sorted(others.items()))
         notes.append(f"left in float: {kinds} (weight-only quantization covers Linear, Conv2d, GPT-2's Conv1D and Embedding)")
+    covered = (*UNCOVERED, QuantizedLinear, QuantizedConv2d, QuantizedEmbedding)  # UNCOVERED layers: named just above
+    note = uncovered_note(
+        target,
+        lambda module: _quantizable(module) or isinstance(module, covered),
+        "left in float",
+        "quantizable layer",
+        "compression counts the quantized layers only",
+    )
+    notes += [note] if note else []
     for name, module in modules:
         if isinstance(module, (QuantizedLinear, QuantizedConv2d, QuantizedEmbedding)):
             raise TorchslimError(f"layer {name!r} is already quantized")
@@ -228,6 +239,44 @@ def plan_layers(target: nn.Module, config: Any, types: tuple[str, ...] = QUANTIZ
             "scheme 'binary' stores sign x each channel's mean magnitude"
         )
     return LayerPlan(modules, schemes, shared, notes)
+
+
+def uncovered_weights(model: nn.Module, covered: Callable[[nn.Module], bool]) -> tuple[int, list[str], list[str]]:
+    """(how many weights, names, module types) of the weight tensors (parameters with at least two dimensions larger
+    than one) that modules ``covered`` rejects hold themselves, such as a mixture of experts' fused expert weights or
+    a router's matrix: weights a method that works on layers leaves as they are. A shared tensor counts once; an index
+    in a name is folded (``model.layers.*.mlp.experts.down_proj``)."""
+    seen: set[int] = set()
+    count = 0
+    names: list[str] = []
+    kinds: list[str] = []
+    for name, module in model.named_modules():
+        if covered(module) or isinstance(module, parametrize.ParametrizationList):
+            continue
+        tensors = dict(module.named_parameters(recurse=False))
+        if parametrize.is_parametrized(module):
+            tensors.update({key: plist.original for key, plist in module.parametrizations.items() if hasattr(plist, "original")})
+        for key, tensor in tensors.items():
+            if id(tensor) in seen or sum(size > 1 for size in tensor.shape) < 2:
+                continue
+            seen.add(id(tensor))
+            count += tensor.numel()
+            folded = re.sub(r"(?<=\.)\d+(?=\.)", "*", f".{name}.{key}" if name else f".{key}")[1:]
+            names += [folded] if folded not in names else []
+            kinds += [type(module).__name__] if type(module).__name__ not in kinds else []
+    return count, names, kinds
+
+
+def uncovered_note(model: nn.Module, covered: Callable[[nn.Module], bool], left: str, layer: str, metric: str) -> str | None:
+    """A note naming the weights ``uncovered_weights`` finds (``left``: what became of them; ``layer``: what a
+    covered module is; ``metric``: what the stage's metric counts), or None when there are none."""
+    count, names, kinds = uncovered_weights(model, covered)
+    if not count:
+        return None
+    listed = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+    types = ", ".join(kinds[:4]) + (", ..." if len(kinds) > 4 else "")
+    share = count / max(count_parameters(model), 1)
+    return f"{left}: {count:,} weights ({share:.1%} of the parameters) in modules that are no {layer} ({types}): {listed}; {metric}"
 
 
 def float_weight(module: nn.Module) -> torch.Tensor:
@@ -373,4 +422,6 @@ __all__ = [
     "quantize_weights",
     "replace_layer",
     "set_module",
+    "uncovered_note",
+    "uncovered_weights",
 ]
