@@ -220,3 +220,13 @@ def test_progress_on_a_terminal_shows_stage_epoch_loss_and_time_left():
     progress = Progress("train", total=2, mode="lines", stream=lines)
     progress.step(loss=0.5)
     assert lines.getvalue().startswith("train 1/2: loss 0.5000") and "left" in lines.getvalue()
+
+
+def test_a_language_models_headline_is_its_perplexity():
+    """A language model's stages hold a token error too, and the headline showed it (99.6% 'test error')."""
+    from torchslim.report.markdown import headline_key
+
+    stages = [{"error": 0.996, "perplexity": 120.0, "accuracy": 0.004, "task_metric": "perplexity"}]
+    assert headline_key(stages) == ("perplexity", "perplexity")
+    assert headline_key([{"error": 0.02, "accuracy": 0.98, "task_metric": "accuracy"}]) == ("error", "test error")
+    assert headline_key([{"loss": 0.3, "r2": 0.9, "task_metric": "r2"}]) == ("r2", "r2")

@@ -26,13 +26,13 @@ HEADLINES = [("error", "test error"), ("perplexity", "perplexity"), ("cosine", "
 
 def headline_key(metrics: Sequence[dict[str, Any]]) -> tuple[str, str]:
     """(metric key, column title) of the headline metric the given stages' metrics share: a user's own task's metric
-    (``task_metric``, which ``measure_stage`` records) where it is not one of the usual ones, else the first of
-    ``HEADLINES`` they hold."""
-    usual = {key for key, _ in HEADLINES}
+    (``task_metric``, which ``measure_stage`` records: perplexity for a language model, though its stages hold a token
+    error too), else the first of ``HEADLINES`` they hold."""
+    titles = dict(HEADLINES)
     for m in metrics:
         own = m.get("task_metric")
-        if isinstance(own, str) and own not in usual and any(isinstance(n.get(own), (int, float)) for n in metrics):
-            return own, own
+        if isinstance(own, str) and own != "accuracy" and any(isinstance(n.get(own), (int, float)) for n in metrics):
+            return own, titles.get(own, own)
     for key, title in HEADLINES:
         if any(key in m for m in metrics):
             return key, title
