@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 import torchslim as ts
@@ -68,3 +69,15 @@ def test_a_pruned_gpt2_is_pruned_and_quantized_again():
     quantized = ts.quantize(pruned, {"method": "gptq", "weights": {"bits": 4, "group_size": 32}, **CALIBRATION}, data=data).model
     assert abs(float((quantized.transformer.h[1].mlp.c_fc.weight == 0).float().mean()) - 0.6) < 0.05
     assert _relative(quantized, pruned, data) < 0.25
+
+
+def test_wanda_on_a_language_model_leaves_its_embedding_dense_and_says_so():
+    """Wanda with the default selection stopped at the embedding, which it cannot score by its inputs."""
+    torch.manual_seed(0)
+    model, data = zoo.llama(128).eval(), _text_batches()
+    result = ts.prune(model, {"importance": "wanda", "sparsity": 0.5, **CALIBRATION}, data=data)
+    assert any("left dense (wanda" in note and "model.embed_tokens" in note for note in result.report.stages[0].notes)
+    layer = result.model.model.layers[0].mlp.down_proj
+    assert abs(float((layer.weight == 0).float().mean()) - 0.5) < 0.01
+    with pytest.raises(ts.TorchslimError, match="model.embed_tokens: activation-weighted importance takes"):
+        ts.prune(model, {"importance": "wanda", "sparsity": 0.5, "layers": {"include": ["model.embed_tokens", "model.layers.*"]}, **CALIBRATION}, data=data)

@@ -30,7 +30,7 @@ from torchslim.data.sources import as_source
 from torchslim.measure.counts import count_nonzeros, count_parameters
 from torchslim.pruning.apply import get_mask, set_mask
 from torchslim.pruning.csr import SparseLinear
-from torchslim.pruning.importance import ACTIVATIONS, GRADIENTS, WEIGHT_IMPORTANCE, collect_gradient_statistics, collect_input_norms
+from torchslim.pruning.importance import ACTIVATIONS, GRADIENTS, WEIGHT_IMPORTANCE, collect_gradient_statistics, collect_input_norms, reads_inputs
 from torchslim.pruning.masks import (
     FLOOR,
     check_sparsity,
@@ -220,6 +220,7 @@ def prune_in_place(model: nn.Module, config: PruneConfig, data: Any = None, task
             modules.append((name, module))
     if config.solver == "sparsegpt":
         return _sparsegpt_step(model, modules, config, data, notes)
+    modules = _activation_readable(modules, config, notes)
     scores = compute_scores(model, modules, config, data, task)
     masks = compute_masks(scores, modules, config)
     if config.scope == "global" and config.sparsity is not None:
@@ -232,6 +233,19 @@ def prune_in_place(model: nn.Module, config: PruneConfig, data: Any = None, task
             previous = get_mask(module)
             set_mask(module, masks[name] if previous is None else (masks[name] & previous))
     return [name for name, _ in modules]
+
+
+def _activation_readable(modules: list[tuple[str, nn.Module]], config: PruneConfig, notes: list[str] | None) -> list[tuple[str, nn.Module]]:
+    """Under an activation-weighted criterion (wanda) and the default selection, the layers it cannot score (a
+    language model's embedding) are left dense and named; a selection the user made keeps them, and scoring names
+    the layer it cannot score."""
+    criterion = WEIGHT_IMPORTANCE.get(config.importance) if config.importance in WEIGHT_IMPORTANCE.names() else None
+    if criterion is None or criterion.needs != ACTIVATIONS or config.layers != LayerSelector():
+        return modules
+    left = [name for name, module in modules if not reads_inputs(module)]
+    if left and notes is not None:
+        notes.append(f"left dense ({config.importance} scores Linear, Conv1D and ungrouped Conv2d layers by their inputs): {', '.join(left)}")
+    return [(name, module) for name, module in modules if reads_inputs(module)] if len(left) < len(modules) else modules
 
 
 def _keep_a_floor(masks: dict[str, torch.Tensor], scores: dict[str, torch.Tensor], notes: list[str] | None) -> None:
