@@ -51,3 +51,28 @@ def test_making_a_copy_permanent_leaves_the_original_masked_and_working():
     permanent = ts.make_permanent(copy.deepcopy(model))
     assert torch.equal(permanent(x), before) and not hasattr(permanent[0], "parametrizations")
     assert torch.equal(model(x), before) and hasattr(model[0], "parametrizations")  # the original still runs, masked
+
+
+def test_training_a_compressed_model_says_it_regrows_its_zeros_and_hold_zeros_keeps_them():
+    """ts.compress hands back plain weights (masks folded): fine-tuning it further regrew every pruned weight
+    without a word."""
+    import warnings
+
+    import torchslim as ts
+
+    torch.manual_seed(0)
+    x, y = torch.randn(256, 20), torch.randint(0, 4, (256,))
+    model = torch.nn.Sequential(torch.nn.Linear(20, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
+    recipe = {"name": "p", "stages": [{"prune": {"sparsity": 0.8}}]}
+    pruned = ts.compress(model, recipe, (x, y), latency=False, progress=False).model
+    assert float((pruned[0].weight == 0).float().mean()) > 0.79
+    config = {"epochs": 1, "lr": 0.05, "batch_size": 64, "eval_every_epoch": False}
+    with pytest.warns(UserWarning, match=r"regrows the zeros of 2 pruned layer\(s\) that hold no mask \(0: 80% zeros, 2: 80% zeros\)"):
+        trained = ts.train(pruned, (x, y), config, progress=False).model
+    assert float((trained[0].weight == 0).float().mean()) < 0.1
+    held = ts.compress(model, recipe, (x, y), latency=False, progress=False).model
+    assert ts.pruning.hold_zeros(held) == ["0", "2"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trained = ts.train(held, (x, y), config, progress=False).model
+    assert float((trained[0].weight == 0).float().mean()) > 0.79

@@ -6,7 +6,7 @@ and attention ``HeadGroup``s; ``select_groups`` / ``select_heads`` choose what t
 slices it out.
 """
 
-from torchslim.pruning.apply import get_mask, make_permanent, masks_of, set_mask
+from torchslim.pruning.apply import get_mask, hold_zeros, make_permanent, masks_of, set_mask
 from torchslim.pruning.csr import CSRWeight, SparseLinear, to_csr
 from torchslim.pruning.graph import ChannelGraph, Group, HeadGroup, ParamSlice
 from torchslim.pruning.importance import GROUP_IMPORTANCE, WEIGHT_IMPORTANCE, Criterion, group_criterion, weight_criterion
@@ -40,6 +40,7 @@ __all__ = [
     "check_removal",
     "get_mask",
     "group_criterion",
+    "hold_zeros",
     "make_permanent",
     "masks_of",
     "polynomial_sparsity",

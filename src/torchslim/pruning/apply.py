@@ -87,3 +87,29 @@ def _fold(model: nn.Module, names: Callable[[nn.Module], list[str]], where: str)
 def masks_of(model: nn.Module) -> dict[str, torch.Tensor]:
     """{module name: mask} of every masked module."""
     return {name: mask for name, module in model.named_modules() if (mask := get_mask(module)) is not None}
+
+
+HELD_SHARE = 0.5  # a trainable weight at least this share exact zeros, with no mask, is taken for a pruned one
+
+
+def unheld_zeros(model: nn.Module) -> dict[str, float]:
+    """{layer name: share of zeros} of the Linear / Conv layers whose trainable weight is mostly exact zeros and holds
+    no mask: a pruned model whose masks were folded (``ts.compress``'s result), which training would regrow."""
+    found = {}
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) and isinstance(weight, nn.Parameter) and weight.requires_grad:
+            share = float((weight.detach() == 0).float().mean()) if weight.numel() else 0.0
+            if share >= HELD_SHARE:
+                found[name] = share
+    return found
+
+
+def hold_zeros(model: nn.Module) -> list[str]:
+    """Attach a mask of its non-zeros to every layer ``unheld_zeros`` finds (in place), so that training keeps its
+    pruned weights at zero; returns their names. ``make_permanent`` folds the masks again."""
+    names = list(unheld_zeros(model))
+    modules = dict(model.named_modules())
+    for name in names:
+        set_mask(modules[name], weight_of(modules[name]).detach() != 0)
+    return names

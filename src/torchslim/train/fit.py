@@ -8,6 +8,7 @@ import dataclasses
 import math
 import random
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -161,6 +162,18 @@ def learning_rate_factor(config: TrainConfig, step: int, steps_per_epoch: int) -
     return 1.0
 
 
+def _warn_unheld_zeros(model: nn.Module) -> None:
+    from torchslim.pruning.apply import unheld_zeros
+
+    found = unheld_zeros(model)
+    if found:
+        listed = ", ".join(f"{name}: {share:.0%} zeros" for name, share in list(found.items())[:4]) + (", ..." if len(found) > 4 else "")
+        warnings.warn(
+            f"training regrows the zeros of {len(found)} pruned layer(s) that hold no mask ({listed}); torchslim.pruning.hold_zeros(model) keeps them at zero",
+            stacklevel=3,
+        )
+
+
 def fit(
     model: nn.Module,
     data: Any,
@@ -197,6 +210,7 @@ def fit(
         True
     """
     config = TrainConfig.coerce(config)
+    _warn_unheld_zeros(model)
     seed_everything(config.seed)
     source = as_source(data, model)
     resolved = resolve_task(task, source, reference)
