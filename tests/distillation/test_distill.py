@@ -82,3 +82,26 @@ def test_bad_input(teacher, mnist_small):
         ts.distill(ts.models.create("mlp", hidden=(8,)), teacher, mnist_small, {"features": [{"student": "layers.0", "teacher": "conv9"}]})
     with pytest.raises(ts.ConfigError, match="alpha must be in"):
         ts.distill(ts.models.create("mlp", hidden=(8,)), teacher, mnist_small, {"alpha": 1.5})
+
+
+def test_the_teacher_is_called_by_its_own_signature():
+    """The teacher was called with the student's keyword arguments: forward(idx) got input_ids= and training failed."""
+    from torch import nn
+
+    class Teacher(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.head = nn.Embedding(32, 16), nn.Linear(16, 4)
+
+        def forward(self, idx):
+            return self.head(self.embed(idx).mean(1))
+
+    class Student(Teacher):
+        def forward(self, input_ids, attention_mask=None):
+            return self.head(self.embed(input_ids).mean(1))
+
+    torch.manual_seed(0)
+    batches = [{"input_ids": torch.randint(0, 32, (8, 6)), "labels": torch.randint(0, 4, (8,))} for _ in range(4)]
+    teacher = ts.train(Teacher(), batches, {"epochs": 2, "lr": 0.1, "eval_every_epoch": False}, progress=False).model
+    result = ts.distill(Student(), teacher, batches, {"train": {"epochs": 2, "lr": 0.1, "eval_every_epoch": False}}, progress=False)
+    assert result.report.stages[0].metrics["teacher_accuracy"] == ts.evaluate(teacher, batches)["accuracy"]

@@ -5,6 +5,8 @@ model cannot vary and a PT2E model in a format it cannot take."""
 
 from __future__ import annotations
 
+import collections
+
 import pytest
 import torch
 from torch import nn
@@ -325,3 +327,37 @@ def test_pt2_says_it_fixed_the_sequence_length_and_how_to_free_it(tmp_path):
     example = {"input_ids": torch.randint(0, 64, (2, 12)), "attention_mask": torch.ones(2, 12, dtype=torch.long)}
     notes = ts.export(bert, "pt2", example, tmp_path / "bert.pt2").report.stages[0].notes
     assert "the sequence length is the example's (12): give dynamic_axes={'input_ids': {1: 'length'}, 'attention_mask': {1: 'length'}}" in " ".join(notes)
+
+
+class _Named(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body, self.head = nn.Linear(8, 16), nn.Linear(16, 3)
+
+    def forward(self, x, ids=None):  # ids: a collate function's strings, never read by the graph
+        feature = torch.relu(self.body(x))
+        return _Out(self.head(feature), feature)
+
+
+_Out = collections.namedtuple("_Out", ["logits", "feature"])
+
+
+def test_a_namedtuple_output_exports_every_field_and_comes_back_by_name(tmp_path):
+    """Every field but the first was dropped, with no note."""
+    torch.manual_seed(0)
+    model, x = _Named().eval(), torch.randn(7, 8)
+    engine = ts.export(model, "onnx", x[:2], tmp_path / "m.onnx").model
+    out, reference = engine(x), model(x)
+    assert type(out).__name__ == "_Out" and out._fields == ("logits", "feature")
+    assert torch.allclose(out.feature, reference.feature, atol=1e-5) and torch.allclose(out.logits, reference.logits, atol=1e-5)
+
+
+def test_an_engine_takes_the_batches_whose_non_tensor_entries_its_export_left_out(tmp_path):
+    """Dict batches with strings from a collate function: the engine refused the entry its own export had dropped."""
+    torch.manual_seed(0)
+    model = _Named().eval()
+    batches = [{"x": torch.randn(8, 8), "ids": [f"row{i}" for i in range(8)], "labels": torch.randint(0, 3, (8,))} for _ in range(2)]
+    engine = ts.export(model, "onnx", {"x": batches[0]["x"][:2], "ids": ["a", "b"]}, tmp_path / "m.onnx").model
+    assert ts.evaluate(engine, batches)["accuracy"] == ts.evaluate(model, batches)["accuracy"]
+    with pytest.raises(ts.TorchslimError, match="takes inputs x, not extra"):
+        engine(x=batches[0]["x"], extra=torch.zeros(8))

@@ -149,7 +149,8 @@ class _DistillLoss:
             batch = (args[0], self.cache.labels[indices].to(outputs.device))
         else:
             with torch.no_grad():
-                teacher_outputs = output_tensor(self.teacher(*args, **kwargs), "teacher output")
+                taught, named = model_inputs(batch, self.teacher)  # each model by its own signature
+                teacher_outputs = output_tensor(self.teacher(*taught, **named), "teacher output")
             self.teacher_calls += 1
         if self.config.loss == "kl":
             soft = kl_soft_targets(outputs, teacher_outputs, self.config.temperature)

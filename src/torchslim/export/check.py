@@ -46,7 +46,7 @@ def dropped_outputs(model: nn.Module, example: Any) -> str | None:
     the file has its first tensor only."""
     with eval_mode(model), torch.no_grad():
         output = call_model(model, example)
-    if type(output) not in (tuple, list, dict) or output_layout(output) is not None:
+    if not isinstance(output, (tuple, list, dict)) or output_layout(output) is not None:
         return None
     entries = list(output.values()) if isinstance(output, dict) else list(output)
     others = sorted({type(value).__name__ for value in entries if not isinstance(value, torch.Tensor)})

@@ -289,8 +289,10 @@ def onnx_feed(wanted: list[str], inputs: Any) -> dict[str, Any]:
         missing = [name for name in wanted if name not in inputs]
         if missing:
             raise TorchslimError(f"the ONNX model takes inputs {', '.join(wanted)}; missing {', '.join(missing)}")
-        extra = [name for name in inputs if name not in wanted]
-        if extra:  # left out, it would change nothing in the file while the PyTorch model reads it
+        # a value that is no tensor (a collate function's ids, lengths as a list) was left out of the file when it
+        # was exported; an extra tensor would change nothing in the file while the PyTorch model reads it
+        extra = [name for name in inputs if name not in wanted and isinstance(inputs[name], torch.Tensor)]
+        if extra:
             raise TorchslimError(
                 f"the ONNX model takes inputs {', '.join(wanted)}, not {', '.join(extra)}: it was exported or quantized with an example "
                 "without them; give that example every input the model will be called with"

@@ -6,6 +6,8 @@ did."""
 
 from __future__ import annotations
 
+import collections
+import functools
 import json
 import os
 import re
@@ -116,12 +118,24 @@ def output_layout(output: Any) -> dict[str, Any] | None:
     reads is exported)."""
     if type(output) in (tuple, list) and output and all(isinstance(t, torch.Tensor) for t in output):
         return {"kind": type(output).__name__, "count": len(output)}
+    if _namedtuple(output) and all(isinstance(t, torch.Tensor) for t in output):  # rebuilt with the same fields
+        return {"kind": "namedtuple", "count": len(output), "name": type(output).__name__, "fields": list(output._fields)}
     if type(output) is dict and output and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in output.items()):
         return {"kind": "dict", "names": list(output)}
     tree = _nesting(output)
     if isinstance(tree, dict):
         return {"kind": "tree", "count": len(_leaves(output)), "tree": tree}
     return None
+
+
+def _namedtuple(value: Any) -> bool:
+    return isinstance(value, tuple) and bool(value) and isinstance(getattr(type(value), "_fields", None), tuple)
+
+
+@functools.lru_cache(maxsize=64)
+def _namedtuple_class(name: str, fields: tuple[str, ...]) -> type:
+    """One class per recorded (name, fields): outputs rebuilt by a file compare and pickle alike across calls."""
+    return collections.namedtuple(name, fields)  # type: ignore[misc]
 
 
 _LEAF = 0  # a tensor in a recorded nesting; a container is {"tuple" | "list": [...]} or {"dict": {key: ...}}
@@ -174,6 +188,8 @@ def rebuild_outputs(tensors: list[Any], layout: dict[str, Any]) -> Any:
             return built if kind == "list" else tuple(built)
 
         return build(layout["tree"])
+    if layout["kind"] == "namedtuple":
+        return _namedtuple_class(layout["name"], tuple(layout["fields"]))(*tensors)
     return list(tensors) if layout["kind"] == "list" else tuple(tensors)
 
 
