@@ -160,3 +160,30 @@ def test_recompressed_files_pass_and_own_copies_load_unverified(tmp_path):
     own = ts.data.load("mnist", root=tmp_path, download=False, verify=False)
     assert any("NOT verified" in check for check in own.checks)
     shutil.rmtree(tmp_path)
+
+
+def _batch_norm_net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.BatchNorm1d(32), torch.nn.ReLU(), torch.nn.Linear(32, 3))
+
+
+def test_no_training_batch_of_one_example_from_torchslims_batching():
+    """257 examples in batches of 128 left one example over: batch normalization failed with torch's bare error."""
+    from torchslim.data.datasets import batch_bounds
+
+    assert batch_bounds(257, 128) == [(0, 128), (128, 257)] and batch_bounds(256, 128) == [(0, 128), (128, 256)]
+    assert batch_bounds(1, 128) == [(0, 1)] and batch_bounds(257, 128, drop_last=True) == [(0, 128), (128, 256)]
+    x, y = torch.randn(257, 8), torch.randint(0, 3, (257,))
+    config = {"epochs": 1, "batch_size": 128, "eval_every_epoch": False}
+    for data in ((x, y), TensorDataset(x, y), x):
+        sizes = [len(b[0]) if isinstance(b, (tuple, list)) else len(b) for b in as_source(data).batches("train", batch_size=128)]
+        assert 1 not in sizes and sum(sizes) >= 256, (type(data).__name__, sizes)
+    ts.train(_batch_norm_net(), (x, y), config, progress=False)
+    ts.train(_batch_norm_net(), TensorDataset(x, y), config, progress=False)
+
+
+def test_a_users_loader_with_a_lone_last_example_is_told_what_to_change():
+    x, y = torch.randn(257, 8), torch.randint(0, 3, (257,))
+    loader = DataLoader(TensorDataset(x, y), batch_size=128)
+    with pytest.raises(ts.TorchslimError, match=r"train: a training batch of one example at epoch 1, step 2.*drop_last=True"):
+        ts.train(_batch_norm_net(), loader, {"epochs": 1, "eval_every_epoch": False}, progress=False)

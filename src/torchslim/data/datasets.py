@@ -26,6 +26,17 @@ class Split:
         return Split(self.inputs[:count], self.targets[:count])
 
 
+def batch_bounds(count: int, batch_size: int, drop_last: bool = False) -> list[tuple[int, int]]:
+    """(start, stop) of each batch of ``count`` examples. A last batch of one example joins the batch before it: a
+    model with batch normalization cannot train on one example (its statistics over the batch are undefined)."""
+    bounds = [(start, min(start + batch_size, count)) for start in range(0, count, batch_size)]
+    if drop_last and bounds and bounds[-1][1] - bounds[-1][0] < batch_size:
+        bounds.pop()
+    elif len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
+        bounds[-2:] = [(bounds[-2][0], count)]
+    return bounds
+
+
 class TensorLoader:
     """Batches over in-memory tensors, far faster than a per-item DataLoader for small images.
 
@@ -57,16 +68,12 @@ class TensorLoader:
         self.generator = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
-        full, rest = divmod(len(self.split), self.batch_size)
-        return full if (self.drop_last or rest == 0) else full + 1
+        return len(batch_bounds(len(self.split), self.batch_size, self.drop_last))
 
     def __iter__(self) -> Iterator[Batch]:
         count = len(self.split)
         order = torch.randperm(count, generator=self.generator) if self.shuffle else None
-        for start in range(0, count, self.batch_size):
-            stop = min(start + self.batch_size, count)
-            if self.drop_last and stop - start < self.batch_size:
-                break
+        for start, stop in batch_bounds(count, self.batch_size, self.drop_last):
             if order is None:
                 inputs, targets = self.split.inputs[start:stop], self.split.targets[start:stop]
             else:

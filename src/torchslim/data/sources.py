@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from torchslim.core.errors import TorchslimError
-from torchslim.data.datasets import Dataset, Split, TensorLoader, TextDataset
+from torchslim.data.datasets import Dataset, Split, TensorLoader, TextDataset, batch_bounds
 from torchslim.tasks.batches import TARGET_KEYS, KeyedBatch, batch_targets, example_of
 
 SPLITS = ("train", "eval")
@@ -162,13 +162,13 @@ class TensorSource(DataSource):
 
     def batches_per_epoch(self, batch_size: int | None) -> int | None:
         count = len(self.train) if isinstance(self.train, Split) else int(self.train.shape[0])
-        return -(-count // (batch_size or 128))
+        return len(batch_bounds(count, batch_size or 128))
 
 
 def _unlabeled(inputs: torch.Tensor, batch_size: int, shuffle: bool, seed: int) -> Iterator[torch.Tensor]:
     order = torch.randperm(inputs.shape[0], generator=torch.Generator().manual_seed(seed)) if shuffle else None
-    for start in range(0, inputs.shape[0], batch_size):
-        yield inputs[start : start + batch_size] if order is None else inputs[order[start : start + batch_size]]
+    for start, stop in batch_bounds(inputs.shape[0], batch_size):
+        yield inputs[start:stop] if order is None else inputs[order[start:stop]]
 
 
 class LoaderSource(DataSource):
@@ -257,10 +257,13 @@ class TorchDatasetSource(DataSource):
     def _batches(self, split: str, batch_size: int | None, shuffle: bool | None, seed: int) -> Iterable[Any]:
         shuffled = split == "train" if shuffle is None else shuffle
         generator = torch.Generator().manual_seed(seed)
-        return torch.utils.data.DataLoader(self.dataset, batch_size=batch_size or self.batch_size, shuffle=shuffled, generator=generator)
+        size = batch_size or self.batch_size
+        lone = split == "train" and len(self.dataset) % size == 1 and len(self.dataset) > 1  # batch normalization cannot train on one example
+        return torch.utils.data.DataLoader(self.dataset, batch_size=size, shuffle=shuffled, generator=generator, drop_last=lone)
 
     def batches_per_epoch(self, batch_size: int | None) -> int | None:
-        return -(-len(self.dataset) // (batch_size or self.batch_size))
+        size = batch_size or self.batch_size
+        return len(self.dataset) // size if len(self.dataset) % size == 1 and len(self.dataset) > 1 else -(-len(self.dataset) // size)
 
 
 class CombinedSource(DataSource):

@@ -9,7 +9,7 @@ import math
 import random
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -162,6 +162,20 @@ def learning_rate_factor(config: TrainConfig, step: int, steps_per_epoch: int) -
     return 1.0
 
 
+@contextlib.contextmanager
+def _one_example_batch(label: str, epoch: int, step: int) -> Iterator[None]:
+    """torch's bare error for batch normalization given one example in training, said with the step and the fix."""
+    try:
+        yield
+    except ValueError as error:
+        if "Expected more than 1 value per channel when training" not in str(error):
+            raise
+        raise TorchslimError(
+            f"{label}: a training batch of one example at epoch {epoch + 1}, step {step}, and the model's batch normalization cannot "
+            f"train on one ({error}); give the DataLoader drop_last=True, or a batch size that leaves no single example over"
+        ) from None
+
+
 def _warn_unheld_zeros(model: nn.Module) -> None:
     from torchslim.pruning.apply import unheld_zeros
 
@@ -248,7 +262,7 @@ def fit(
                 state.batch = batch = parallel.batch(batch) if parallel is not None else batch
                 for callback in callbacks:
                     callback.on_batch_start(state)
-                with precision.autocast():
+                with precision.autocast(), _one_example_batch(label, epoch, state.step):
                     value = loss_function(forward_model, batch)
                 for callback in callbacks:
                     extra = callback.extra_loss(state)
