@@ -395,3 +395,14 @@ def test_an_existing_onnx_file_is_kept_unless_overwrite(tmp_path):
         assert (engine(x) - model(x)).abs().max() < 0.05 * model(x).abs().max()
     result = ts.compress(model, {"name": "e", "stages": [{"export": {}}]}, data, export_path=path, latency=False, progress=False, overwrite=True)
     assert result.report.stages[-1].metrics["stored_bytes"] == path.stat().st_size
+
+
+def test_a_qat_model_exports_as_pt2(tmp_path):
+    """The fake-quant layers read their 'observed' flag in Python: torch.export refused it as the user's control flow."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 3))
+    x = torch.randn(64, 20)
+    fake = ts.quantize(model, {"method": "qat", "export": False, "calibration_batches": 2}, data=[x[:32], x[32:]]).model.eval()
+    exported = ts.export(fake, "pt2", x[:2], tmp_path / "qat.pt2")
+    with torch.no_grad():
+        assert torch.allclose(exported.model(x[:7]), fake(x[:7]), atol=1e-5)

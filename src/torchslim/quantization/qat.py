@@ -148,6 +148,10 @@ class FakeQuant(nn.Module):
                 momentum = self.config.activation_momentum
                 low_buffer.add_(momentum * (low - low_buffer))
                 high_buffer.add_(momentum * (high - high_buffer))
+        if torch.compiler.is_exporting():  # torch.export (pt2): the flag is a buffer, read in the graph, not by Python
+            scale, zero = _affine_qparams(low_buffer, high_buffer)  # the fake-quant op written out: it has no export rule
+            quantized = (torch.clamp(torch.round(x / scale) + zero, 0, 255) - zero) * scale
+            return torch.where(observed, quantized.to(x.dtype), x)
         if not bool(observed):
             return x
         scale, zero = _affine_qparams(low_buffer, high_buffer)
