@@ -105,3 +105,4 @@ def test_the_teacher_is_called_by_its_own_signature():
     teacher = ts.train(Teacher(), batches, {"epochs": 2, "lr": 0.1, "eval_every_epoch": False}, progress=False).model
     result = ts.distill(Student(), teacher, batches, {"train": {"epochs": 2, "lr": 0.1, "eval_every_epoch": False}}, progress=False)
     assert result.report.stages[0].metrics["teacher_accuracy"] == ts.evaluate(teacher, batches)["accuracy"]
+    assert result.report.stages[0].metrics["evaluated_on"] == "training data"  # no evaluation data apart

@@ -284,6 +284,8 @@ def distill(
         "teacher_calls": loss.teacher_calls,
         "train_seconds": history.seconds,
     }
+    if not source.separate_eval:  # without evaluation data apart, the metrics are the training data's (as train says)
+        metrics["evaluated_on"] = "training data"
     stage = Stage(
         name="distill",
         kind="distill",
