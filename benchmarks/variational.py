@@ -26,7 +26,9 @@ TARGETS = {"lenet-300-100": {"error": 0.0164, "bytes_ratio": 80, "nonzero_ratio"
 # at least that share of the weights masked at the end, the highest log alpha first, or a mapping of that target
 # ("sparsity"), the learning-rate schedule ("schedule", cosine by default) and the epochs the KL weight rises over
 # ("warmup_epochs", 1 by default), and the model the distillation after it learns from ("teacher": a registry name whose
-# trained baseline is the teacher; the dense model the recipe started from by default))
+# trained baseline is the teacher; the dense model the recipe started from by default), that distillation's learning
+# rate ("distill_lr", 3e-4 by default), and how the k-means centroids are trained ("centroids": "finetune", 3 epochs on
+# the labels by default, or "distill", 5 epochs of distillation from the same teacher at 1e-4))
 RUNS = [
     ("lenet-300-100", 1.0, 20, 0, "finetune", 4, 0.0, False),
     ("lenet-300-100", 0.4, 30, 5, "finetune", 4, 0.0, False),
@@ -49,6 +51,17 @@ RUNS = [
     ("lenet-300-100", 0.5, 100, 25, "distill", 5, 0.0, True, {"schedule": "linear", "warmup_epochs": 15}),
     ("lenet-300-100", 0.35, 100, 25, "distill", 5, 0.0, True, {"schedule": "linear", "warmup_epochs": 15}),
     ("lenet-300-100", 0.5, 100, 25, "distill", 5, 0.0, True, {"schedule": "linear", "warmup_epochs": 15, "teacher": "lenet-5"}),
+    (
+        "lenet-300-100",
+        0.5,
+        100,
+        25,
+        "distill",
+        6,
+        0.0,
+        True,
+        {"schedule": "linear", "warmup_epochs": 15, "teacher": "lenet-5", "distill_lr": 1e-3, "centroids": "distill"},
+    ),
 ]
 PUBLISHED = {  # non-zero ratios (weights kept over all weights), test error
     "lenet-300-100": "Dynamic Network Surgery 56x at 1.99%; Sparse VD 68x at 1.92%; Deep Compression 12x at 1.58%",
@@ -76,14 +89,21 @@ def recipe(
     schedule, sparsity, warmup = options.get("schedule", "cosine"), options.get("sparsity"), options.get("warmup_epochs", 1.0)
     train = {"epochs": 1 if quick else epochs, "optimizer": "adam", "lr": 1e-3, "schedule": schedule, "batch_size": 100, "eval_every_epoch": False}
     tune = {"epochs": 1 if quick else tune_epochs, "optimizer": "adam", "lr": 1e-4, "schedule": "cosine", "eval_every_epoch": False}
+    taught = {"teacher": str(teacher_file)} if teacher_file else {}
     if tuning == "distill":  # soft targets of the dense model the recipe started from (T 4, alpha 0.9)
-        tune.update(lr=3e-4, batch_size=100)
-        tuned = {"distill": {"temperature": 4.0, "alpha": 0.9, "train": tune, **({"teacher": str(teacher_file)} if teacher_file else {})}}
+        tune.update(lr=options.get("distill_lr", 3e-4), batch_size=100)
+        tuned = {"distill": {"temperature": 4.0, "alpha": 0.9, "train": tune, **taught}}
     else:
         tuned = {"finetune": tune}
     centroids = {"epochs": 1 if quick else 3, "optimizer": "adam", "lr": 1e-4, "eval_every_epoch": False}
+    distilled = {"epochs": 1 if quick else 5, "optimizer": "adam", "lr": 1e-4, "batch_size": 100, "schedule": "cosine", "eval_every_epoch": False}
     if quick:
-        train["max_batches_per_epoch"] = tune["max_batches_per_epoch"] = centroids["max_batches_per_epoch"] = 40
+        for run in (train, tune, centroids, distilled):
+            run["max_batches_per_epoch"] = 40
+    if options.get("centroids") == "distill":  # the centroids (and biases) trained by distillation after k-means
+        shared = [{"quantize": {"weights": {"scheme": "kmeans", "bits": bits}}}, {"distill": {"temperature": 4.0, "alpha": 0.9, "train": distilled, **taught}}]
+    else:
+        shared = [{"quantize": {"weights": {"scheme": "kmeans", "bits": bits}, "finetune": centroids}}]
     return {
         "name": "variational-deep-compression",
         "stages": [
@@ -98,7 +118,7 @@ def recipe(
                 }
             },
             *([tuned] if tune_epochs else []),
-            {"quantize": {"weights": {"scheme": "kmeans", "bits": bits}, "finetune": centroids}},
+            *shared,
             {"encode": {}},
         ],
     }
@@ -109,7 +129,8 @@ def _label(
 ) -> str:
     options = _options(target)
     source = f"the trained {options['teacher'].upper().replace('LENET', 'LeNet')}" if "teacher" in options else "the dense model"
-    after = f" + {tune_epochs} of {f'distillation from {source}' if tuning == 'distill' else 'fine-tuning'}" if tune_epochs else ""
+    rate = f" at {options['distill_lr']:g}" if "distill_lr" in options else ""
+    after = f" + {tune_epochs} of {f'distillation from {source}{rate}' if tuning == 'distill' else 'fine-tuning'}" if tune_epochs else ""
     data_term = f" (data term {teacher:g} soft targets of the dense model)" if teacher else ""
     sparsity = options.get("sparsity")
     cut = f", cut to 1 weight in {1 / (1 - sparsity):.0f} by log alpha" if sparsity else ""
@@ -117,7 +138,8 @@ def _label(
         cut += f", learning rate {options['schedule']} to 0" if options["schedule"] == "linear" else f", {options['schedule']} learning rate"
     if "warmup_epochs" in options:
         cut += f", KL weight rising over {options['warmup_epochs']:g} epochs"
-    return f"KL weight {kl_weight:g}, {epochs} epochs{data_term}{', train_clip' if clip else ''}{cut}{after}, {bits}-bit k-means"
+    centroids = f" (centroids distilled from {source}, 5 epochs)" if options.get("centroids") == "distill" else ""
+    return f"KL weight {kl_weight:g}, {epochs} epochs{data_term}{', train_clip' if clip else ''}{cut}{after}, {bits}-bit k-means{centroids}"
 
 
 def _row(entry: dict) -> list[str]:

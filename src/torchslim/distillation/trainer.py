@@ -275,7 +275,7 @@ def distill(
         loss.remove()
     final = evaluate_source(trained, source, resolved)
     teacher_metrics = evaluate_source(teacher, source, resolved)
-    metrics = {
+    metrics: dict[str, Any] = {
         **final,
         **{f"teacher_{key}": value for key, value in teacher_metrics.items() if key in (resolved.metric, "error", "accuracy")},
         "parameters": count_parameters(trained),

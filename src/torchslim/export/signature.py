@@ -135,7 +135,7 @@ def _namedtuple(value: Any) -> bool:
 @functools.lru_cache(maxsize=64)
 def _namedtuple_class(name: str, fields: tuple[str, ...]) -> type:
     """One class per recorded (name, fields): outputs rebuilt by a file compare and pickle alike across calls."""
-    return collections.namedtuple(name, fields)  # type: ignore[misc]
+    return collections.namedtuple(name, fields)
 
 
 _LEAF = 0  # a tensor in a recorded nesting; a container is {"tuple" | "list": [...]} or {"dict": {key: ...}}
