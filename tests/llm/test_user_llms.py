@@ -81,3 +81,17 @@ def test_wanda_on_a_language_model_leaves_its_embedding_dense_and_says_so():
     assert abs(float((layer.weight == 0).float().mean()) - 0.5) < 0.01
     with pytest.raises(ts.TorchslimError, match="model.embed_tokens: activation-weighted importance takes"):
         ts.prune(model, {"importance": "wanda", "sparsity": 0.5, "layers": {"include": ["model.embed_tokens", "model.layers.*"]}, **CALIBRATION}, data=data)
+
+
+def test_falcons_linear_layers_are_quantized_as_linear():
+    """FalconLinear overrides forward with x @ W.T + b: it was left in float as a subclass with its own forward, so
+    GPTQ quantized none of Falcon's layers and reported success."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.FalconConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
+    model, data = transformers.FalconForCausalLM(config).eval(), _text_batches()
+    result = ts.quantize(model, {"method": "gptq", "weights": {"bits": 8, "group_size": 32}, **CALIBRATION}, data=data)
+    quantized = [name for name, module in result.model.named_modules() if "Quantized" in type(module).__name__]
+    assert len(quantized) >= 8 and any("query_key_value" in name for name in quantized)
+    assert _relative(result.model, model, data) < 0.02

@@ -435,5 +435,30 @@ def own_forward(module: nn.Module) -> str | None:
         return None
     for method in ("forward", "_conv_forward"):
         if getattr(type(module), method, None) is not getattr(base, method, None):
-            return method
+            return None if base is nn.Linear and method == "forward" and _computes_linear(module) else method
     return None
+
+
+@torch.no_grad()
+def _computes_linear(module: nn.Module) -> bool:
+    """Whether a Linear subclass's own forward computes exactly F.linear(x, weight, bias) (Falcon's FalconLinear
+    writes x @ W.T + b out), in training and in eval mode, on probe inputs of two shapes: then it is the plain layer.
+    Its hooks do not run; a forward that fails on the probe, or differs, keeps the subclass."""
+    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point() or weight.is_meta:
+        return False
+    generator = torch.Generator().manual_seed(0)
+    mode = module.training
+    try:
+        for training in (False, True):
+            module.train(training)
+            for shape in ((3, weight.shape[1]), (2, 5, weight.shape[1])):
+                x = torch.randn(shape, generator=generator).to(device=weight.device, dtype=weight.dtype)
+                out = type(module).forward(module, x)
+                if not isinstance(out, torch.Tensor) or not torch.allclose(out, F.linear(x, weight, bias), rtol=1e-5, atol=1e-6):
+                    return False
+    except Exception:  # a forward that takes other inputs is the subclass's own
+        return False
+    finally:
+        module.train(mode)
+    return True
