@@ -361,3 +361,28 @@ def test_an_engine_takes_the_batches_whose_non_tensor_entries_its_export_left_ou
     assert ts.evaluate(engine, batches)["accuracy"] == ts.evaluate(model, batches)["accuracy"]
     with pytest.raises(ts.TorchslimError, match="takes inputs x, not extra"):
         engine(x=batches[0]["x"], extra=torch.zeros(8))
+
+
+class _LastStep(nn.Module):
+    """A GRU read at each sequence's last real step, given the lengths beside the padded ids."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.rnn, self.head = nn.Embedding(50, 16), nn.GRU(16, 32, batch_first=True), nn.Linear(32, 3)
+
+    def forward(self, input_ids, lengths):
+        out, _ = self.rnn(self.embed(input_ids))
+        return self.head(out[torch.arange(out.shape[0]), lengths - 1])
+
+
+def test_per_example_lengths_are_cut_with_the_sequence_so_the_file_takes_any_length(tmp_path):
+    """The trial at a shorter sequence kept lengths of the example's length: indexing failed, and the file was
+    written for the example's length alone, with no note."""
+    torch.manual_seed(0)
+    model = _LastStep().eval()
+    example = {"input_ids": torch.randint(1, 50, (2, 10)), "lengths": torch.tensor([10, 4])}
+    engine = ts.export(model, "onnx", example, tmp_path / "gru.onnx").model
+    for count, length in ((1, 4), (7, 25)):
+        ids, lengths = torch.randint(1, 50, (count, length)), torch.randint(1, length + 1, (count,))
+        with torch.no_grad():
+            assert torch.allclose(engine(input_ids=ids, lengths=lengths), model(ids, lengths), atol=1e-5)

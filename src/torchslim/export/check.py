@@ -15,7 +15,7 @@ from torch import nn
 
 from torchslim.core.errors import TorchslimError
 from torchslim.core.modes import eval_mode
-from torchslim.export.signature import first_line, input_plan, output_layout, output_tensors
+from torchslim.export.signature import first_line, input_plan, output_layout, output_tensors, shorter_lengths
 from torchslim.tasks.batches import call_model, repeat_example
 
 OTHER_VALUES = "other values"  # the label of the check on inputs drawn at random like the example's
@@ -106,12 +106,18 @@ def check_examples(model: nn.Module, example: Any, dynamic_batch: bool, dynamic_
     for label in sorted(labels):
         cropped: dict[str, torch.Tensor] = {}
         where: list[str] = []
-        for name, tensor in zip(names, input_plan(base, dynamic_batch, False, dynamic_axes)[1]):
+        given = dict(zip(names, input_plan(base, dynamic_batch, False, dynamic_axes)[1]))
+        for name, tensor in given.items():
             for axis, axis_label in axes[name].items():
                 if axis_label == label and tensor.shape[axis] >= 2:
                     length = tensor.shape[axis] - max(1, tensor.shape[axis] // 4)
                     cropped[name] = tensor.narrow(axis, 0, length).contiguous()
                     where.append(f"axis {axis} of input {name!r} ({tensor.shape[axis]} -> {length})")
+                    if axis == 1:  # per-example lengths among the other inputs cut with the sequence
+                        for other, value in given.items():
+                            clamped = shorter_lengths(value, tensor.shape[1], length)
+                            if other not in cropped and not axes[other].get(1) and clamped is not value:
+                                cropped[other] = clamped
         if not cropped:
             continue
         lengths = sorted({tuple(t.shape) for t in cropped.values()})

@@ -271,12 +271,22 @@ def _sequence_like(name: str, tensor: torch.Tensor) -> bool:
     return tensor.dim() >= 2 and (not tensor.is_floating_point() or tensor.dim() == 2 or (tensor.dim() == 3 and name.endswith("embeds")))
 
 
+def shorter_lengths(tensor: torch.Tensor, length: int, shorter: int) -> torch.Tensor:
+    """Per-example lengths (a 1-D integer input, say ``lengths`` for a packed GRU, none past ``length`` and the longest
+    at it) clamped to a sequence cut from ``length`` to ``shorter``; any other tensor as it is."""
+    if tensor.dim() == 1 and not tensor.is_floating_point() and tensor.dtype != torch.bool and tensor.numel() and int(tensor.max()) == length:
+        return tensor.clamp(max=shorter)
+    return tensor
+
+
 def _runs_shorter(model: nn.Module | None, tensors: tuple, shared: list[int]) -> bool:
-    """Whether ``model`` runs on ``tensors`` with axis 1 of those at ``shared`` a quarter shorter (eval mode)."""
+    """Whether ``model`` runs on ``tensors`` with axis 1 of those at ``shared`` a quarter shorter (eval mode), the
+    per-example lengths among the other inputs cut with them."""
     if model is None:
         return False
     length = tensors[shared[0]].shape[1]
-    shorter = tuple(t.narrow(1, 0, length - max(1, length // 4)) if index in shared else t for index, t in enumerate(tensors))
+    cut = length - max(1, length // 4)
+    shorter = tuple(t.narrow(1, 0, cut) if index in shared else shorter_lengths(t, length, cut) for index, t in enumerate(tensors))
     try:
         with eval_mode(model), torch.no_grad():
             model(*shorter)
