@@ -285,3 +285,44 @@ def test_pruned_option_a_shortcuts_pad_a_contiguous_block_instead_of_gathering(t
     x = torch.randn(3, 3, 32, 32)
     ops = count_ops(export_onnx(pruned, x[:1], tmp_path / "pruned.onnx"))
     assert "Gather" not in ops and ops.get("Pad", 0) >= len(shortcuts)
+
+
+class _CrossAttention(nn.Module):
+    """q from the tokens, k / v from a context of its own encoder (a decoder's or a conditioning pattern)."""
+
+    def __init__(self, d=32, heads=4):
+        super().__init__()
+        self.num_heads, self.head_dim = heads, d // heads
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x, context):
+        b, n, m = x.shape[0], x.shape[1], context.shape[1]
+        q = self.q_proj(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(context).view(b, m, self.num_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(context).view(b, m, self.num_heads, self.head_dim).transpose(1, 2)
+        return self.o_proj(torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, -1))
+
+
+class _Conditioned(nn.Module):
+    def __init__(self, d=32):
+        super().__init__()
+        self.embed, self.ctx, self.norm = nn.Linear(8, d), nn.Linear(6, d), nn.LayerNorm(d)
+        self.attn, self.head = _CrossAttention(d), nn.Linear(d, 5)
+
+    def forward(self, x, context):
+        h = self.embed(x)
+        h = h + self.attn(self.norm(h), torch.nn.functional.gelu(self.ctx(context)))
+        return self.head(h.mean(1))
+
+
+def test_cross_attention_keys_read_the_contexts_kept_channels():
+    """k / v were taken to read the attention's first input: they kept the token stream's columns while the context's
+    producer kept others, and the pruned model computed something else with no word (the stream's LayerNorm had
+    turned the output check off)."""
+    torch.manual_seed(0)
+    model, x, c = _Conditioned().eval(), torch.randn(2, 5, 8), torch.randn(2, 7, 6)
+    pruned = prune_channels(model, {"ratio": 0.5}, example_input=(x, c)).model
+    assert pruned.ctx.out_features < model.ctx.out_features
+    kept_context = [int((model.ctx.weight - row).abs().sum(1).argmin()) for row in pruned.ctx.weight]
+    kept_columns = [int((model.attn.k_proj.weight.t() - column).abs().sum(1).argmin()) for column in pruned.attn.k_proj.weight.t()]
+    assert kept_context == kept_columns

@@ -193,12 +193,17 @@ class ChannelGraph:
         ``heads`` heads of ``width`` is their rows (and bias entries) plus, with ``output_projection``, that layer's
         columns, which also produces the module's ``output`` channels. ``head_slots`` are the heads' output features
         where another module reads them."""
-        info = self.get_info(inputs[0]) if inputs else None
+        # every input of the projections' width with channels of its own: a cross-attention's context (by position or
+        # keyword) is read by k / v, so its channels are joined with the stream's (one index, removed from both)
+        reads = getattr(getattr(module, projections[0], None), "in_features", None)
+        found = [self.get_info(t) for t in inputs if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[-1] == reads]
+        infos = [info for info in found if info is not None] or ([self.get_info(inputs[0])] if inputs else [])
         if attributes is None:  # the module's head count follows the removal
             count = next((a for a in ("num_heads", "num_attention_heads") if isinstance(getattr(module, a, None), int)), None)
             attributes = {"count": count} if count else {}
         for projection in projections:
-            self.consume(f"{name}.{projection}", info, 1)
+            for info in infos:
+                self.consume(f"{name}.{projection}", info, 1)
         if output_projection is not None:
             layer = getattr(module, output_projection)
             self.produce(f"{name}.{output_projection}", layer, output, layer.out_features, -1)
