@@ -326,3 +326,17 @@ def test_cross_attention_keys_read_the_contexts_kept_channels():
     kept_context = [int((model.ctx.weight - row).abs().sum(1).argmin()) for row in pruned.ctx.weight]
     kept_columns = [int((model.attn.k_proj.weight.t() - column).abs().sum(1).argmin()) for column in pruned.attn.k_proj.weight.t()]
     assert kept_context == kept_columns
+
+
+def test_a_per_channel_prelu_goes_with_its_channels():
+    """PReLU(num_parameters=C) was a pass-through: removing the conv's channels before it failed, so none went."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.PReLU(16), nn.Conv2d(16, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 36, 4)).eval()
+    with torch.no_grad():  # half of the channels contribute nothing: removing them must leave the function as it is
+        model[0].weight[::2] = 0.0
+        model[0].bias[::2] = 0.0
+        model[1].weight.copy_(torch.rand(16))
+    x = torch.randn(2, 3, 6, 6)
+    pruned = prune_channels(model, {"ratio": 0.5, "layers": {"include": ["0"]}}, example_input=x).model
+    assert pruned[0].out_channels == 8 and pruned[1].num_parameters == 8 and pruned[1].weight.shape == (8,)
+    assert torch.allclose(pruned(x), model(x), atol=1e-6)

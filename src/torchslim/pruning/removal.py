@@ -57,6 +57,8 @@ def update_attributes(module: Any) -> None:
         module.normalized_shape = (module.weight.shape[0],)
     elif isinstance(module, nn.Embedding):
         module.embedding_dim = module.weight.shape[1]
+    elif isinstance(module, nn.PReLU):
+        module.num_parameters = module.weight.shape[0]
     elif isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
         module.in_channels, module.out_channels = module.weight.shape[0], module.weight.shape[1] * module.groups
     elif is_conv1d(module) and hasattr(module, "nf"):  # GPT-2's (in, out) Linear

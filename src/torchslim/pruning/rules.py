@@ -58,7 +58,6 @@ PASS_MODULES = (
     nn.UpsamplingBilinear2d,
     nn.Mish,
     nn.Softplus,
-    nn.PReLU,
 )
 
 
@@ -133,6 +132,22 @@ def _batchnorm(graph: ChannelGraph, name: str, module: Any, inputs: list[Any], o
             if getattr(module, parameter, None) is not None:
                 graph.param(slot, "member", name, parameter, 0, index)
     graph.set_info(output, info.slots, 1)
+
+
+@leaf_rule(nn.PReLU)
+def _prelu(graph: ChannelGraph, name: str, module: Any, inputs: list[Any], output: Any) -> None:
+    """PReLU with one slope per channel (``num_parameters=C``): its slope goes with its channel, as a BatchNorm's
+    entries do; with one slope, a pass-through."""
+    info = graph.get_info(inputs[0])
+    if info is None:
+        return
+    if module.num_parameters > 1:
+        if info.axis != 1:
+            graph.unsupported_op(name, "PReLU with a slope per channel over a tensor whose channels are not on axis 1", inputs[:1])
+            return
+        for index, slot in enumerate(info.slots):
+            graph.param(slot, "member", name, "weight", 0, index)
+    graph.set_info(output, info.slots, info.axis)
 
 
 @leaf_rule(nn.GroupNorm)
