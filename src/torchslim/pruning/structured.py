@@ -340,8 +340,7 @@ def _outputs(model: nn.Module, example: Any) -> list[torch.Tensor]:
 
 
 def _cross_channel(model: nn.Module, groups: list[Group]) -> bool:
-    """Whether any removed channel feeds a normalization over channels (LayerNorm, RMSNorm), whose statistics then
-    change (GroupNorm loses whole groups, which leaves the other groups' statistics as they were)."""
+    """Whether a removed channel feeds a LayerNorm / RMSNorm, whose statistics then change (not GroupNorm: whole groups go)."""
     modules = [model.get_submodule(p.module) for g in groups for p in g.members]
     return any(isinstance(m, (nn.LayerNorm, nn.RMSNorm)) or type(m).__name__.endswith("RMSNorm") for m in modules)
 
@@ -349,9 +348,8 @@ def _cross_channel(model: nn.Module, groups: list[Group]) -> bool:
 def check_removal(
     original: nn.Module, pruned: nn.Module, graph: ChannelGraph, groups: list[Group], heads: list[HeadGroup], example: Any, expected: list[torch.Tensor]
 ) -> str | None:
-    """Why ``pruned`` is not a faithful removal of ``groups`` / ``heads`` from ``original``, or None when it is:
-    it must run, keep every output's shape, and (unless cross-channel norms are involved) equal the original with
-    the removed channels' readers zeroed."""
+    """Why ``pruned`` is not a faithful removal of ``groups`` / ``heads`` from ``original``, or None: it must run, keep
+    its output shapes, and (unless LayerNorms are involved) equal the original with the removed channels' readers zeroed."""
     try:
         outputs = _outputs(pruned, example)
     except Exception as error:  # any failure of the pruned model is the finding
@@ -391,7 +389,9 @@ def _safe_removal(
             return f"fails ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
         return check_removal(model, trial, graph, groups, attempt_heads, example, expected)
 
-    problem = attempt(chosen, heads)
+    problem, plain = attempt(chosen, heads), [g for g in chosen if not _cross_channel(model, [g])]
+    if problem is None and len(plain) < len(chosen) and (plain or heads):  # a LayerNorm's set unchecks the rest: check them alone
+        problem = attempt(plain, heads)
     if problem is None:
         return chosen, heads
     parts: dict[tuple[str, str], list[Any]] = {}  # each coupled set of channels, and each module's heads, tried alone
