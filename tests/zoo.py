@@ -368,18 +368,18 @@ def same_after_save_pretrained(model, ids, folder, atol=1e-6) -> bool:
         return torch.allclose(reloaded(ids).logits, model(ids).logits, atol=atol)
 
 
-def gemma(vocab=128):
-    """A tiny Gemma: RMSNorm scales by (1 + weight), so no input scale folds into it (every fold is refused)."""
+def decoder(family: str, **settings):
+    """A tiny causal LM of a Hugging Face family ("Gemma", "Gemma2", "Mixtral", ...): hidden 64, 2 layers of 4 query and 2
+    key/value heads, vocabulary 128, unless ``settings`` say otherwise."""
     import transformers
 
-    config = transformers.GemmaConfig(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=64,
+    shape = dict(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64
     )
-    return transformers.GemmaForCausalLM(config)
+    config = getattr(transformers, f"{family}Config")(**{**shape, **settings})
+    return getattr(transformers, f"{family}ForCausalLM")(config)
+
+
+def gemma():
+    """A tiny Gemma: RMSNorm scales by (1 + weight), so no input scale folds into it (every fold is refused)."""
+    return decoder("Gemma", head_dim=16)

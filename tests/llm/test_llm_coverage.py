@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import torchslim as ts
+from tests import zoo
 from tests.test_zoo import _text_batches
 from torchslim.llm.blocks import capture_inputs, sequential
 
@@ -68,20 +69,9 @@ def test_a_block_the_forward_pass_skips_gets_the_arguments_of_the_block_before_i
 
 
 def _gemma2(layers: int = 3):
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     torch.manual_seed(0)
-    config = transformers.Gemma2Config(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        sliding_window=8,
-        max_position_embeddings=64,
-    )
-    return transformers.Gemma2ForCausalLM(config).eval()
+    return zoo.decoder("Gemma2", num_hidden_layers=layers, head_dim=16, sliding_window=8).eval()
 
 
 def test_calibration_inputs_of_every_block_of_a_sliding_window_model_are_its_real_hidden_states():
@@ -99,20 +89,9 @@ def test_calibration_inputs_of_every_block_of_a_sliding_window_model_are_its_rea
 
 
 def _mixtral():
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     torch.manual_seed(0)
-    config = transformers.MixtralConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-    )
-    model = transformers.MixtralForCausalLM(config).eval()
+    model = zoo.decoder("Mixtral", num_local_experts=4, num_experts_per_tok=2).eval()
     if not any(p.dim() == 3 for p in model.parameters()):
         pytest.skip("this transformers keeps Mixtral's experts as Linear layers")
     return model
