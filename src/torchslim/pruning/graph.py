@@ -197,7 +197,8 @@ class ChannelGraph:
         # keyword) is read by k / v, so its channels are joined with the stream's (one index, removed from both)
         reads = getattr(getattr(module, projections[0], None), "in_features", None)
         found = [self.get_info(t) for t in inputs if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[-1] == reads]
-        infos = [info for info in found if info is not None] or ([self.get_info(inputs[0])] if inputs else [])
+        first = self.get_info(inputs[0]) if inputs else None
+        infos = [info for info in found if info is not None] or ([first] if first is not None else [])
         if attributes is None:  # the module's head count follows the removal
             count = next((a for a in ("num_heads", "num_attention_heads") if isinstance(getattr(module, a, None), int)), None)
             attributes = {"count": count} if count else {}
