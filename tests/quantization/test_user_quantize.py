@@ -406,3 +406,13 @@ def test_a_qat_model_exports_as_pt2(tmp_path):
     exported = ts.export(fake, "pt2", x[:2], tmp_path / "qat.pt2")
     with torch.no_grad():
         assert torch.allclose(exported.model(x[:7]), fake(x[:7]), atol=1e-5)
+
+
+def test_qat_names_the_weights_no_layer_holds():
+    """An attention's in_proj_weight (held by the MultiheadAttention itself, not by a Linear) stayed float unnamed."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
+    model = nn.Sequential(nn.Linear(8, 16), nn.TransformerEncoder(layer, 1, enable_nested_tensor=False), nn.Linear(16, 3)).eval()
+    data = [torch.randn(4, 5, 8) for _ in range(2)]
+    notes = ts.quantize(model, {"method": "qat", "export": False, "calibration_batches": 2}, data=data).report.stages[0].notes
+    assert any(note.startswith("left in float: 768 weights") and "self_attn.in_proj_weight" in note for note in notes), notes
