@@ -33,6 +33,7 @@ from torchslim.core.config import Config, ConfigError, check
 from torchslim.core.copying import copy_model
 from torchslim.core.errors import TorchslimError
 from torchslim.core.selector import LayerSelector, select_modules
+from torchslim.pruning.importance import parametrized_weight
 from torchslim.tasks.base import Task
 
 FLOAT = 32
@@ -393,7 +394,7 @@ def _rebuildable(model: nn.Module, factory: str | None, factory_kwargs: dict[str
 def _whole_bytes(model: nn.Module, layers: list[nn.Module]) -> int:
     """fp32 bytes of the floating-point tensors stored whole (all but the selected layers' weights), each tensor once
     however many names it has (a layer kept as self.a = self.b, tied weights)."""
-    selected = {id(layer.parametrizations.weight.original if hasattr(layer, "parametrizations") else layer.weight) for layer in layers}
+    selected = {id(parametrized_weight(layer)) for layer in layers}
     unique = {id(t): t for t in model.state_dict(keep_vars=True).values() if isinstance(t, torch.Tensor)}
     return sum(4 * t.numel() for key, t in unique.items() if key not in selected and t.is_floating_point())
 

@@ -262,8 +262,7 @@ class TorchDatasetSource(DataSource):
         return torch.utils.data.DataLoader(self.dataset, batch_size=size, shuffle=shuffled, generator=generator, drop_last=lone)
 
     def batches_per_epoch(self, batch_size: int | None) -> int | None:
-        size = batch_size or self.batch_size
-        return len(self.dataset) // size if len(self.dataset) % size == 1 and len(self.dataset) > 1 else -(-len(self.dataset) // size)
+        return len(batch_bounds(len(self.dataset), batch_size or self.batch_size))
 
 
 class CombinedSource(DataSource):

@@ -115,8 +115,10 @@ def check_examples(model: nn.Module, example: Any, dynamic_batch: bool, dynamic_
                     where.append(f"axis {axis} of input {name!r} ({tensor.shape[axis]} -> {length})")
                     if axis == 1:  # per-example lengths among the other inputs cut with the sequence
                         for other, value in given.items():
+                            if other in cropped or axes[other].get(1):
+                                continue
                             clamped = shorter_lengths(value, tensor.shape[1], length)
-                            if other not in cropped and not axes[other].get(1) and clamped is not value:
+                            if clamped is not value:
                                 cropped[other] = clamped
         if not cropped:
             continue

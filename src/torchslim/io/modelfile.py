@@ -131,8 +131,9 @@ def file_spec(model: nn.Module, where: str, spec: dict[str, Any] | None = None) 
     spec = check_spec(spec if spec is not None else spec_of(model), where)
     assumed = spec.pop("assumed", [])
     if spec.pop("inferred", False):
-        built_by = f"{spec.get('factory') or spec.get('huggingface')} from {spec['kwargs']}"
-        guess = f" ({built_by.split(' from ')[0]} keeps no attribute named {', '.join(repr(a) for a in assumed)}: its default was assumed)" if assumed else ""
+        builder = spec.get("factory") or spec.get("huggingface")
+        built_by = f"{builder} from {spec['kwargs']}"
+        guess = f" ({builder} keeps no attribute named {', '.join(repr(a) for a in assumed)}: its default was assumed)" if assumed else ""
         try:
             rebuilt = build_from_spec(spec, trust_factory=True, where=where)  # the class is this process's own: nothing new runs
         except TorchslimError as error:  # e.g. a recorded pruning step that does not fit the model the defaults build

@@ -14,6 +14,7 @@ from torch import nn
 
 from torchslim.core.selector import is_conv1d
 from torchslim.llm.blocks import BlockInput, block_layers, block_output, forward_inputs, sequential
+from torchslim.pruning.importance import parametrized_weight
 
 
 @dataclasses.dataclass
@@ -74,8 +75,7 @@ def oriented_weight(layer: nn.Module) -> torch.Tensor:
 
 
 def _set_weight(layer: nn.Module, weight: torch.Tensor) -> None:
-    parametrizations = getattr(layer, "parametrizations", None)  # a masked layer: the mask applies to what is written
-    target: Any = parametrizations.weight.original if parametrizations is not None and "weight" in parametrizations else layer.weight
+    target = parametrized_weight(layer)  # a masked layer: the mask applies to what is written
     target.data.copy_((weight.t() if is_conv1d(layer) else weight).to(target.dtype))
 
 

@@ -30,6 +30,7 @@ from torchslim.core.selector import is_conv1d
 from torchslim.llm.blocks import block_layers, forward_inputs, sequential
 from torchslim.llm.gptq import HessianAccumulator, inverse_hessian_factor
 from torchslim.pruning.apply import get_mask, set_mask
+from torchslim.pruning.importance import parametrized_weight
 from torchslim.pruning.masks import parse_pattern
 
 
@@ -124,7 +125,7 @@ def prune_sparsegpt(
             transposed = is_conv1d(layer)
             stored = new_weight.t() if transposed else new_weight
             stored_mask = mask.t() if transposed else mask
-            original: Any = layer.parametrizations["weight"].original if previous is not None else layer.weight
+            original = parametrized_weight(layer)
             original.data.copy_(stored.to(original.dtype))
             set_mask(layer, stored_mask)
             done.add(name)

@@ -202,9 +202,9 @@ def compress(
         )
     if resume and store is None:
         raise TorchslimError("resume needs the checkpoint folder of the run to continue")
-    if any(stage.writes_onnx for stage in recipe.stages) and export_path is None:
-        raise TorchslimError(f"recipe {recipe.name!r} writes an ONNX file: give export_path (CLI: --out model.onnx)")
-    if export_path is not None and any(stage.writes_onnx for stage in recipe.stages):
+    if any(stage.writes_onnx for stage in recipe.stages):
+        if export_path is None:
+            raise TorchslimError(f"recipe {recipe.name!r} writes an ONNX file: give export_path (CLI: --out model.onnx)")
         refuse_overwrite(export_path, overwrite)
     original = copy_model(model).eval()
     completed, step = 0, 0

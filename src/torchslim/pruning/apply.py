@@ -99,7 +99,7 @@ def unheld_zeros(model: nn.Module) -> dict[str, float]:
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
         if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) and isinstance(weight, nn.Parameter) and weight.requires_grad:
-            share = float((weight.detach() == 0).float().mean()) if weight.numel() else 0.0
+            share = 1 - int(torch.count_nonzero(weight.detach())) / weight.numel() if weight.numel() else 0.0
             if share >= HELD_SHARE:
                 found[name] = share
     return found

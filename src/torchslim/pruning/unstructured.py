@@ -338,7 +338,7 @@ def _uncovered(model: nn.Module) -> list[str]:
     from torchslim.quantization.weight_only import uncovered_note
 
     def covered(module: nn.Module) -> bool:
-        return isinstance(module, SparseLinear) or module_type_name(module) in WEIGHT_TYPES or any(k.__name__ in WEIGHT_TYPES for k in type(module).__mro__)
+        return isinstance(module, SparseLinear) or any(k.__name__ in WEIGHT_TYPES for k in type(module).__mro__)
 
     note = uncovered_note(model, covered, "left dense", "prunable layer", "weight_sparsity counts the selected layers only")
     return [note] if note else []

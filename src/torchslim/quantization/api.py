@@ -236,9 +236,9 @@ def _qat(model: nn.Module, config: QATConfig, context: _Context) -> tuple[nn.Mod
     left = left_float(trained)
     if left:
         notes.append(f"left in float: {', '.join(left[:8])}{f' and {len(left) - 8} more' if len(left) > 8 else ''} (QAT covers plain nn.Linear and nn.Conv2d)")
-    outside = uncovered_note(trained, lambda m: isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)), "left in float", "weight layer", "")
+    outside = uncovered_note(trained, lambda m: isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)), "left in float", "weight layer")
     if outside:  # weights no layer holds (a mixture of experts' fused experts, an attention's in_proj_weight)
-        notes.append(outside.removesuffix("; "))
+        notes.append(outside)
     if context.finetune is not None:
         assert context.source is not None
         history = fit(trained, context.source, context.finetune, task=context.task, progress=context.progress, label="qat", evaluate_at_end=False)

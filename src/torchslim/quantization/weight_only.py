@@ -267,7 +267,7 @@ def uncovered_weights(model: nn.Module, covered: Callable[[nn.Module], bool]) ->
     return count, names, kinds
 
 
-def uncovered_note(model: nn.Module, covered: Callable[[nn.Module], bool], left: str, layer: str, metric: str) -> str | None:
+def uncovered_note(model: nn.Module, covered: Callable[[nn.Module], bool], left: str, layer: str, metric: str = "") -> str | None:
     """A note naming the weights ``uncovered_weights`` finds (``left``: what became of them; ``layer``: what a
     covered module is; ``metric``: what the stage's metric counts), or None when there are none."""
     count, names, kinds = uncovered_weights(model, covered)
@@ -276,7 +276,7 @@ def uncovered_note(model: nn.Module, covered: Callable[[nn.Module], bool], left:
     listed = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
     types = ", ".join(kinds[:4]) + (", ..." if len(kinds) > 4 else "")
     share = count / max(count_parameters(model), 1)
-    return f"{left}: {count:,} weights ({share:.1%} of the parameters) in modules that are no {layer} ({types}): {listed}; {metric}"
+    return f"{left}: {count:,} weights ({share:.1%} of the parameters) in modules that are no {layer} ({types}): {listed}" + (f"; {metric}" if metric else "")
 
 
 def float_weight(module: nn.Module) -> torch.Tensor:
