@@ -132,7 +132,7 @@ def distill(
     out: Path = typer.Option(..., help="Where to write the distilled student (.safetensors)."),
     temperature: float = typer.Option(4.0, help="Softmax temperature T of the soft targets."),
     alpha: float = typer.Option(0.9, help="Weight of the soft term; 1 - alpha weighs the task's loss on labels."),
-    loss: str = typer.Option("kl", help="kl (soft targets) or mse (outputs)."),
+    loss: str = typer.Option("auto", help="kl (soft targets), mse (outputs), or auto: kl for classification and language modeling, mse otherwise."),
     epochs: int = typer.Option(10, help="Training epochs."),
     lr: float = typer.Option(0.05, help="Learning rate."),
     batch_size: int = typer.Option(128, help="Batch size."),

@@ -2,8 +2,12 @@
 features (FitNets hints through learned adapters, or attention transfer), plus the task's own loss where the data
 has labels.
 
-Outputs may be tensors, tuples or Hugging Face ``ModelOutput``s (their logits, or hidden states for encoders). The
-teacher runs in eval mode under no_grad, once per batch; with ``cache_teacher`` its outputs over the (fixed,
+Outputs may be tensors, tuples or Hugging Face ``ModelOutput``s (their logits, or hidden states for encoders), or a
+dict of several outputs (two heads) under keys that name no prediction: each entry is matched to the teacher's, and
+the terms add up. The output term is soft targets (``loss`` "kl") for classification and language modeling and the
+outputs' mean squared error ("mse") for every other task (regression, fidelity, a custom task), unless ``loss`` names
+one; positions the batch marks as padding (an ``attention_mask``, or the task's ignored label per position) are left
+out of it. The teacher runs in eval mode under no_grad, once per batch; with ``cache_teacher`` its outputs over the (fixed,
 un-augmented) training split of an in-memory dataset are computed once and looked up by example.
 
 Example:
@@ -19,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -36,6 +41,8 @@ from torchslim.distillation.losses import attention_transfer_loss, class_axis, h
 from torchslim.measure.counts import count_nonzeros, count_parameters
 from torchslim.tasks.base import CustomTask, Task, resolve_task
 from torchslim.tasks.batches import batch_targets, call_model, model_inputs, move_to, output_tensor
+from torchslim.tasks.classification import IGNORE, ClassificationTask
+from torchslim.tasks.language import LanguageModelingTask
 from torchslim.train.evaluate import evaluate_source
 from torchslim.train.fit import EpochHook, TrainConfig, fit, make_optimizer
 
@@ -56,12 +63,13 @@ class FeaturePair(Config):
 
 @dataclasses.dataclass(frozen=True)
 class DistillConfig(Config):
-    """Distillation settings: ``loss`` "kl" (soft targets at temperature T, weight alpha) or "mse" (logits);
-    ``features`` pairs for hint / attention-transfer terms; ``train`` the student's training run."""
+    """Distillation settings: ``loss`` "kl" (soft targets at temperature T, weight alpha), "mse" (outputs) or "auto"
+    (kl for classification and language modeling, mse for any other task); ``features`` pairs for hint /
+    attention-transfer terms; ``train`` the student's training run."""
 
     temperature: float = 4.0
     alpha: float = 0.9
-    loss: str = "kl"
+    loss: str = "auto"
     features: tuple[FeaturePair, ...] = ()
     cache_teacher: bool = False
     train: TrainConfig = TrainConfig(epochs=10)
@@ -69,7 +77,7 @@ class DistillConfig(Config):
     def validate(self) -> None:
         check(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
         check(0.0 <= self.alpha <= 1.0, f"alpha must be in [0, 1], got {self.alpha}")
-        check(self.loss in ("kl", "mse"), f"loss must be 'kl' or 'mse', got {self.loss!r}")
+        check(self.loss in ("auto", "kl", "mse"), f"loss must be 'auto', 'kl' or 'mse', got {self.loss!r}")
         check(not (self.cache_teacher and self.features), "cache_teacher holds logits only: it cannot be combined with features")
 
 
@@ -128,6 +136,58 @@ class _TeacherCache:
         self.data = dataclasses.replace(data, train=indexed)
 
 
+def output_loss_kind(config: DistillConfig, task: Task) -> str:
+    """The output term ``config`` asks for: its ``loss``, or for "auto" soft targets ("kl") where the task scores class
+    logits (classification, language modeling) and the outputs' mean squared error ("mse") for any other task: a
+    softmax would ignore a shift of a regression output, or of an image's pixels, and learn it only up to that."""
+    if config.loss != "auto":
+        return config.loss
+    return "kl" if isinstance(task, (ClassificationTask, LanguageModelingTask)) else "mse"
+
+
+def distilled_outputs(output: Any, where: str) -> dict[str, torch.Tensor]:
+    """The outputs distillation matches, by key: the one a task scores (see ``output_tensor``, under the key ""), or
+    every floating-point tensor of a plain dict whose keys name no prediction (a model of two heads)."""
+    try:
+        return {"": output_tensor(output, where)}
+    except TorchslimError:
+        entries = (
+            {str(key): value for key, value in output.items() if isinstance(value, torch.Tensor) and value.is_floating_point()}
+            if isinstance(output, Mapping)
+            else {}
+        )
+        if not entries:
+            raise
+        return entries
+
+
+def kept_positions(output: torch.Tensor, attention_mask: Any, batch: Any, task: Task) -> torch.Tensor | None:
+    """Per position of a sequence or dense output (its shape less the class axis), whether it is real: the batch's
+    ``attention_mask``, or for classification a label that is not ignored (padded tokens, unlabeled pixels).
+    None: every position counts (an output of one row per example, or nothing that marks padding)."""
+    if output.dim() < 3:
+        return None
+    positions = tuple(class_axis(output).shape[:-1])
+    if isinstance(attention_mask, torch.Tensor) and tuple(attention_mask.shape) == positions:
+        return attention_mask.to(output.device) != 0
+    targets = batch_targets(batch) if isinstance(task, ClassificationTask) else None
+    if isinstance(targets, torch.Tensor) and tuple(targets.shape) == positions and not targets.is_floating_point():
+        targets = targets.to(output.device)
+        return (targets != IGNORE) & (targets != task.ignore_index)  # type: ignore[attr-defined]
+    return None
+
+
+def output_term(kind: str, student: torch.Tensor, teacher: torch.Tensor, keep: torch.Tensor | None, temperature: float) -> torch.Tensor:
+    """The output term of one output: soft targets ("kl") or mean squared error ("mse"), over the ``keep`` positions."""
+    if keep is not None:
+        student, teacher = class_axis(student)[keep], class_axis(teacher)[keep]
+        if not student.numel():
+            return student.sum()  # a batch of padding alone: nothing to match (zero, with a gradient path)
+    if kind == "kl":
+        return kl_soft_targets(student, teacher, temperature)
+    return torch.nn.functional.mse_loss(student.float(), teacher.float().detach())
+
+
 class _DistillLoss:
     """The loss for ``fit``: the output term against the teacher (run once per batch, or cached), the task's loss on
     labels weighted by 1 - alpha where the batch has labels, plus feature terms."""
@@ -137,25 +197,31 @@ class _DistillLoss:
         self.student_features = FeatureCapture(student, [p.student for p in config.features], "student") if config.features else None
         self.teacher_features = FeatureCapture(teacher, [p.teacher for p in config.features], "teacher") if config.features else None
         self.teacher_calls = 0
+        self.kind = output_loss_kind(config, task)
 
     def __call__(self, student: nn.Module, batch: Any) -> torch.Tensor:
         batch = move_to(batch, model_device(student))
         args, kwargs = model_inputs(batch, student)
         raw = student(*args, **kwargs)
-        outputs = output_tensor(raw, "student output")
+        outputs = distilled_outputs(raw, "student output")
         if self.cache is not None:
             indices = batch_targets(batch).cpu()
-            teacher_outputs = self.cache.logits[indices].to(outputs.device)
-            batch = (args[0], self.cache.labels[indices].to(outputs.device))
+            teacher_outputs = {"": self.cache.logits[indices].to(outputs[""].device)}
+            batch = (args[0], self.cache.labels[indices].to(outputs[""].device))
         else:
             with torch.no_grad():
                 taught, named = model_inputs(batch, self.teacher)  # each model by its own signature
-                teacher_outputs = output_tensor(self.teacher(*taught, **named), "teacher output")
+                teacher_outputs = distilled_outputs(self.teacher(*taught, **named), "teacher output")
             self.teacher_calls += 1
-        if self.config.loss == "kl":
-            soft = kl_soft_targets(outputs, teacher_outputs, self.config.temperature)
-        else:
-            soft = torch.nn.functional.mse_loss(outputs.float(), teacher_outputs.float())
+        soft = sum(
+            (
+                output_term(
+                    self.kind, value, teacher_outputs[key], kept_positions(value, kwargs.get("attention_mask"), batch, self.task), self.config.temperature
+                )
+                for key, value in outputs.items()
+            ),
+            torch.zeros((), device=next(iter(outputs.values())).device),
+        )
         loss = soft
         if self.config.alpha < 1.0 and isinstance(self.task, CustomTask):
             # a user's own task computes its loss from the model and the batch (a second forward pass)
@@ -176,8 +242,9 @@ class _DistillLoss:
                 capture.remove()
 
 
-def _check_compatible(student: nn.Module, teacher: nn.Module, example: Any, config: DistillConfig) -> nn.ModuleDict:
-    """Dry run on one batch: output shapes must agree; builds the feature adapters."""
+def _check_compatible(student: nn.Module, teacher: nn.Module, example: Any, kind: str, config: DistillConfig) -> tuple[nn.ModuleDict, list[str]]:
+    """Dry run on one batch: the outputs must agree in keys and shapes; builds the feature adapters. Returns them and
+    the keys of the outputs matched ("" for a model's one scored output)."""
     captures = (
         [FeatureCapture(student, [p.student for p in config.features], "student"), FeatureCapture(teacher, [p.teacher for p in config.features], "teacher")]
         if config.features
@@ -185,24 +252,31 @@ def _check_compatible(student: nn.Module, teacher: nn.Module, example: Any, conf
     )
     try:
         with eval_mode(student), eval_mode(teacher), torch.no_grad():
-            student_out = output_tensor(call_model(student, example), "student output")
-            teacher_out = output_tensor(call_model(teacher, example), "teacher output")
-        if student_out.shape != teacher_out.shape:
+            student_outs = distilled_outputs(call_model(student, example), "student output")
+            teacher_outs = distilled_outputs(call_model(teacher, example), "teacher output")
+        if sorted(student_outs) != sorted(teacher_outs):
             raise TorchslimError(
-                f"teacher output {tuple(teacher_out.shape)} and student output {tuple(student_out.shape)} differ: "
-                f"distillation needs outputs of the same shape (the same classes or embedding width)"
+                f"distill: the student returns the outputs {sorted(student_outs)} and the teacher {sorted(teacher_outs)}: each output is matched to the "
+                "teacher's of the same key, so both must return the same keys"
             )
-        if config.loss == "kl" and class_axis(student_out).shape[-1] < 2:
-            raise TorchslimError(
-                f"distill: the outputs have shape {tuple(student_out.shape)}, one value per example: soft targets (loss 'kl') over a single "
-                "output are always equal; use loss 'mse' (a regression output matched to the teacher's)"
-            )
+        for key, student_out in student_outs.items():
+            teacher_out, named = teacher_outs[key], f" {key!r}" if key else ""
+            if student_out.shape != teacher_out.shape:
+                raise TorchslimError(
+                    f"teacher output{named} {tuple(teacher_out.shape)} and student output{named} {tuple(student_out.shape)} differ: "
+                    f"distillation needs outputs of the same shape (the same classes or embedding width)"
+                )
+            if kind == "kl" and class_axis(student_out).shape[-1] < 2:
+                raise TorchslimError(
+                    f"distill: the output{named} has shape {tuple(student_out.shape)}, one value per example: soft targets (loss 'kl') over a single "
+                    "output are always equal; use loss 'mse' (a regression output matched to the teacher's)"
+                )
         adapters = nn.ModuleDict()
         for index, pair in enumerate(config.features):
             adapters[str(index)] = make_adapter(
                 captures[0].outputs[pair.student], captures[1].outputs[pair.teacher], pair.kind, f"features[{index}] ({pair.student} -> {pair.teacher})"
             )
-        return adapters.to(model_device(student))
+        return adapters.to(model_device(student)), list(student_outs)
     finally:
         for capture in captures:
             capture.remove()
@@ -235,9 +309,12 @@ def distill(
     trained = student if inplace else copy_model(student)
     source = as_source(data, trained)
     resolved = resolve_task(task, source, teacher)
-    adapters = _check_compatible(trained, teacher, move_to(source.example(2), model_device(trained)), config)
+    kind = output_loss_kind(config, resolved)
+    adapters, keys = _check_compatible(trained, teacher, move_to(source.example(2), model_device(trained)), kind, config)
     cache = None
     if config.cache_teacher:
+        if keys != [""]:
+            raise ConfigError(f"cache_teacher holds one output per example; these models return {len(keys)} ({', '.join(map(repr, keys))})")
         if not isinstance(source, DatasetSource):
             raise ConfigError("cache_teacher holds the outputs of an in-memory dataset's training split; this data is a loader")
         if source.dataset.augment is not None:
@@ -292,7 +369,11 @@ def distill(
         metrics=metrics,
         config=config.to_dict(),
         notes=[
-            f"teacher outputs {'cached once' if cache is not None else 'computed once per batch'}; {len(config.features)} feature pair(s); task {resolved.name}"
+            f"teacher outputs {'cached once' if cache is not None else 'computed once per batch'}; {len(config.features)} feature pair(s); "
+            f"task {resolved.name}",
+            f"output term: {'soft targets (kl) at temperature ' + format(config.temperature, 'g') if kind == 'kl' else 'mean squared error (mse)'}"
+            + (f" on each of {', '.join(map(repr, keys))}, added up" if keys != [""] else "")
+            + (" (loss 'auto' for this task)" if config.loss == "auto" else ""),
         ],
     )
     report = Report.for_model(student, [stage])

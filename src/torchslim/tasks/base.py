@@ -108,10 +108,11 @@ class Task(abc.ABC):
         return self
 
     @staticmethod
-    def classification(class_dim: int | None = None) -> Task:
+    def classification(class_dim: int | None = None, ignore_index: int = -100) -> Task:
         """Cross-entropy on class labels; ``class_dim`` (1 or -1) names the output's class axis where the shapes
-        leave it open (a (B, L, L) output against (B, L) targets is read as (B, T, classes) otherwise)."""
-        return TASKS.get("classification")(class_dim=class_dim)
+        leave it open (a (B, L, L) output against (B, L) targets is read as (B, T, classes) otherwise);
+        ``ignore_index`` the label left out of loss and scores (-100; 255 for many segmentation masks)."""
+        return TASKS.get("classification")(class_dim=class_dim, ignore_index=ignore_index)
 
     @staticmethod
     def custom(*args: Any, **kwargs: Any) -> Task:

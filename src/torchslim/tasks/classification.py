@@ -1,5 +1,6 @@
 """Classification: cross-entropy on class labels; accuracy and error. Sequence outputs (B, T, classes) with
-targets (B, T) are scored per position (token classification); targets of -100 are ignored.
+targets (B, T) are scored per position (token classification); targets of -100 are ignored (or of the value
+``ignore_index`` names, such as a segmentation mask's 255).
 
 Example:
     >>> import torch
@@ -23,11 +24,12 @@ from torchslim.tasks.batches import TARGET_KEYS, batch_targets, output_tensor
 IGNORE = -100
 
 
-def flat_logits_and_targets(outputs: Any, batch: Any, task: str, class_dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def flat_logits_and_targets(outputs: Any, batch: Any, task: str, class_dim: int | None = None, ignore_index: int = IGNORE) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (N, classes) and integer targets (N,) of a batch, with checks that name what is wrong. ``class_dim``:
     the output's class axis (1 or -1); by default read from the targets' shape: (B, classes) and (B, T, classes)
     against (B, T) targets on the last axis, (B, classes, H, W) against (B, H, W) on dim 1, and a (B, L, L) output,
-    which fits both, on the last (token classification; pass ``class_dim=1`` for a Conv1d's (B, classes, L))."""
+    which fits both, on the last (token classification; pass ``class_dim=1`` for a Conv1d's (B, classes, L)).
+    Targets equal to ``ignore_index`` come back as -100, the value every score skips."""
     logits = output_tensor(outputs)
     targets = batch_targets(batch)
     if targets is None:
@@ -70,7 +72,14 @@ def flat_logits_and_targets(outputs: Any, batch: Any, task: str, class_dim: int 
     targets = targets.reshape(-1).long()
     if logits.shape[0] != targets.shape[0]:
         raise TorchslimError(f"{task}: {logits.shape[0]} predictions but {targets.shape[0]} labels in the batch")
-    check_range(targets, logits.shape[-1], f"{task}: label", "classes")
+    if ignore_index != IGNORE:
+        targets = targets.masked_fill(targets == ignore_index, IGNORE)
+    try:
+        check_range(targets, logits.shape[-1], f"{task}: label", "classes")
+    except TorchslimError as error:
+        if ignore_index == IGNORE and int(targets.max()) == 255:  # the value segmentation datasets mark unlabeled pixels with
+            raise TorchslimError(f"{error}; if 255 marks examples to leave out, pass task=Task.classification(ignore_index=255)") from None
+        raise
     return logits, targets
 
 
@@ -99,28 +108,31 @@ class ClassificationTask(Task):
     higher_is_better = True
     needs_targets = True
 
-    def __init__(self, class_dim: int | None = None) -> None:
+    def __init__(self, class_dim: int | None = None, ignore_index: int = IGNORE) -> None:
         """``class_dim``: the output's class axis where targets would fit two (1 for (B, classes, L) dense
-        predictions whose length equals the class count); read from the shapes by default."""
+        predictions whose length equals the class count); read from the shapes by default. ``ignore_index``: the
+        label of examples (pixels, tokens) left out of the loss and the scores, -100 by default."""
         if class_dim not in (None, 1, -1):
             raise TorchslimError(f"classification: class_dim must be 1 or -1 (or None: read from the shapes), got {class_dim!r}")
-        self.class_dim = class_dim
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise TorchslimError(f"classification: ignore_index must be an integer label, got {ignore_index!r}")
+        self.class_dim, self.ignore_index = class_dim, ignore_index
 
     def loss_from(self, outputs: Any, batch: Any) -> torch.Tensor:
-        logits, targets = flat_logits_and_targets(outputs, batch, self.name, self.class_dim)
+        logits, targets = flat_logits_and_targets(outputs, batch, self.name, self.class_dim, self.ignore_index)
         return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE)
 
     def training_loss(self, model: Any, batch: Any, label_smoothing: float = 0.0) -> torch.Tensor:
         if not label_smoothing:
             return self.loss(model, batch)
-        logits, targets = flat_logits_and_targets(self.outputs(model, batch), batch, self.name, self.class_dim)
+        logits, targets = flat_logits_and_targets(self.outputs(model, batch), batch, self.name, self.class_dim, self.ignore_index)
         return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE, label_smoothing=label_smoothing)
 
     def start(self) -> dict[str, float]:
         return {"correct": 0.0, "count": 0.0, "loss_sum": 0.0}
 
     def update(self, totals: dict[str, float], outputs: Any, batch: Any) -> None:
-        add_scores(totals, *flat_logits_and_targets(outputs, batch, self.name, self.class_dim))
+        add_scores(totals, *flat_logits_and_targets(outputs, batch, self.name, self.class_dim, self.ignore_index))
 
     def finish(self, totals: dict[str, float]) -> dict[str, float]:
         count = int(totals["count"])
