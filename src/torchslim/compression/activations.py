@@ -19,7 +19,9 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import itertools
 from typing import Any
 
 import torch
@@ -82,7 +84,7 @@ FUNCTIONS = {
 # 0 neither (the module is called)
 FAST_PATH_FLAGS = {"ReLU": 1, "GELU": 2}
 # Hugging Face config fields naming the activation, and the names its activation table knows the replacements by
-CONFIG_FIELDS = ("hidden_act", "hidden_activation", "activation_function")
+CONFIG_FIELDS = ("hidden_act", "hidden_activation", "activation_function", "activation", "feat_extract_activation", "projection_hidden_act")
 CONFIG_NAMES = {"ReLU": "relu", "Hardswish": "hardswish", "GELU": "gelu", "SiLU": "silu"}
 REPLACEMENTS = {cls.__name__: cls for targets in TARGETS.values() for cls in targets.values()} | {"ReLU": nn.ReLU}
 
@@ -227,22 +229,63 @@ def _sync_fast_paths(model: nn.Module) -> list[str]:
     return notes
 
 
+def _activation_classes(model: nn.Module) -> dict[str, str]:
+    """The class of every parameterless leaf module (activations, dropouts, ...), by name."""
+    return {
+        name: type(m).__name__
+        for name, m in model.named_modules()
+        if not any(True for _ in m.children()) and not any(True for _ in m.parameters(recurse=False))
+    }
+
+
+def _differences(model: nn.Module, config: Any) -> list[str] | None:
+    """The modules whose class a model built from ``config`` (on the meta device) would not have as ``model`` has it
+    now; None where the class cannot be built from a config alone."""
+    if not type(model).__module__.startswith("transformers."):
+        return None
+    try:
+        with torch.device("meta"):
+            rebuilt = _activation_classes(type(model)(config))
+    except Exception:  # a class that takes more than its config: the fields are set as named, unchecked
+        return None
+    return [f"{name} ({kind} runs, {rebuilt[name]} from the config)" for name, kind in _activation_classes(model).items() if rebuilt.get(name, kind) != kind]
+
+
 def _sync_config(model: nn.Module, rows: list[dict[str, str]]) -> list[str]:
-    """A Hugging Face config's activation field set to the replacement where every replaced activation became one
-    class it has a name for (``save_pretrained`` then reloads what runs); otherwise a note that it still names the old one."""
+    """A Hugging Face config's activation fields set to the replacement, so that ``save_pretrained`` reloads what runs:
+    of the fields the config has (``hidden_act``, DistilBERT's ``activation``, Wav2Vec2's ``feat_extract_activation``,
+    ...), the set whose model, built from the config on the meta device, has every activation module of the class
+    that runs now (a field that also drives activations left alone is not set). Otherwise a note names the modules
+    save_pretrained would reload another way."""
     config = getattr(model, "config", None)
     fields = [field for field in CONFIG_FIELDS if isinstance(getattr(config, field, None), str)]
     if not fields:
         return []
     after = {row["after"] for row in rows}
     name = CONFIG_NAMES.get(next(iter(after))) if len(after) == 1 else None
-    notes = []
-    for field in fields:
-        if name is not None:
-            setattr(config, field, name)
-            notes.append(f"config.{field} set to {name!r}")
-        else:
-            notes.append(f"config.{field} still names {getattr(config, field)!r}: save_pretrained would reload it; ts.save keeps the replacements")
+    if name is None:
+        return [f"config.{field} still names {getattr(config, field)!r}: save_pretrained would reload it; ts.save keeps the replacements" for field in fields]
+    best: tuple[int, list[str], list[str]] | None = None
+    for chosen in itertools.chain.from_iterable(itertools.combinations(fields, size) for size in range(len(fields), 0, -1)):
+        trial = copy.deepcopy(config)
+        for field in chosen:
+            setattr(trial, field, name)
+        differ = _differences(model, trial)
+        if differ is None:  # nothing to check against: every field set, as the replacement asks
+            best = (0, list(chosen), [])
+            break
+        if best is None or len(differ) < best[0]:
+            best = (len(differ), list(chosen), differ)
+        if not differ:
+            break
+    assert best is not None
+    for field in best[1]:
+        setattr(config, field, name)
+    notes = [f"config.{field} set to {name!r}" for field in best[1]]
+    differ = best[2]
+    if differ:
+        shown = "; ".join(differ[:3]) + (f"; ... ({len(differ)} in all)" if len(differ) > 3 else "")
+        notes.append(f"the config cannot name every activation as it runs: save_pretrained would reload {shown}; ts.save keeps the replacements")
     return notes
 
 

@@ -19,7 +19,24 @@ import torch
 from torch import nn
 
 from torchslim.core.selector import is_conv1d
-from torchslim.pruning.transformer_rules import _head_counts, _is_projection_attention
+from torchslim.pruning.transformer_rules import _head_counts, _is_hf_self_attention, _is_projection_attention
+
+# the per-module sizes a forward reads as numbers (head counts and sizes): equal tensor shapes do not make them equal
+# (4 heads of 4 and 2 heads of 8 hold the same weights), so a rebuilt model must agree on these too
+MODULE_SIZES = (
+    "num_attention_heads",
+    "num_heads",
+    "n_heads",
+    "num_key_value_heads",
+    "num_kv_heads",
+    "attention_head_size",
+    "all_head_size",
+    "head_dim",
+    "key_value_proj_dim",
+    "inner_dim",
+    "split_size",
+    "embed_dim",
+)
 
 
 def _one(values: set[int], label: str, reasons: list[str]) -> int | None:
@@ -32,9 +49,15 @@ def _one(values: set[int], label: str, reasons: list[str]) -> int | None:
 def _widths(model: nn.Module, reasons: list[str]) -> dict[str, int]:
     """The config fields the pruned modules imply, where every layer agrees."""
     found: dict[str, int] = {}
-    embeddings = model.get_input_embeddings() if callable(getattr(model, "get_input_embeddings", None)) else None
+    try:
+        embeddings = model.get_input_embeddings() if callable(getattr(model, "get_input_embeddings", None)) else None
+    except (NotImplementedError, AttributeError):  # a model of no token embeddings (a ConvNext, an audio encoder)
+        embeddings = None
+    config = getattr(model, "config", None)
     if isinstance(embeddings, nn.Embedding):
-        found["hidden_size"] = embeddings.embedding_dim
+        # ALBERT-style factorized embeddings have a width of their own, mapped up to hidden_size
+        own = isinstance(getattr(config, "embedding_size", None), int) and config.embedding_size != getattr(config, "hidden_size", None)
+        found["embedding_size" if own else "hidden_size"] = embeddings.embedding_dim
     mlp: set[int] = set()
     heads: set[tuple[int, int]] = set()
     head_dims: set[int] = set()
@@ -50,7 +73,13 @@ def _widths(model: nn.Module, reasons: list[str]) -> dict[str, int]:
             mlp.add(fc.nf)
         if name.endswith("intermediate") and isinstance(getattr(module, "dense", None), nn.Linear):  # BERT / ViT
             mlp.add(module.dense.out_features)
-        if _is_projection_attention(module):
+        wo = getattr(module, "wo", None)  # T5's MLP: wi (or gated wi_0 / wi_1) and wo
+        if isinstance(wo, nn.Linear) and any(isinstance(getattr(module, n, None), nn.Linear) for n in ("wi", "wi_0")):
+            mlp.add(wo.in_features)
+        if _is_hf_self_attention(module):  # BERT-style query / key / value
+            heads.add((module.num_attention_heads, module.num_attention_heads))
+            head_dims.add(module.attention_head_size)
+        elif _is_projection_attention(module):
             counts = _head_counts(module)
             if counts is not None:
                 heads.add(counts)
@@ -60,7 +89,7 @@ def _widths(model: nn.Module, reasons: list[str]) -> dict[str, int]:
             head_dims.add(module.head_dim)
     width = _one(mlp, "the MLP width", reasons)
     if width is not None:
-        found["intermediate_size"] = found["n_inner"] = width
+        found["intermediate_size"] = found["n_inner"] = found["d_ff"] = width
     pair = heads.pop() if len(heads) == 1 else None
     if len(heads) > 0:
         reasons.append("the number of attention heads differs between layers")
@@ -71,25 +100,48 @@ def _widths(model: nn.Module, reasons: list[str]) -> dict[str, int]:
 
 
 def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
-    return {name: tuple(t.shape) for name, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))}
+    """Every tensor's shape, and every module's size (``MODULE_SIZES``) as ``(value,)`` under ``module.attribute``."""
+    tensors = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+    return {**{name: tuple(t.shape) for name, t in tensors}, **{key: (value,) for key, value in _sizes(model).items()}}
+
+
+def _sizes(model: nn.Module) -> dict[str, int]:
+    return {
+        f"{name}.{key}": value
+        for name, module in model.named_modules()
+        for key in MODULE_SIZES
+        if isinstance(value := getattr(module, key, None), int) and not isinstance(value, bool)
+    }
 
 
 def _rebuilt_shapes(model: nn.Module, config: Any) -> dict[str, tuple[int, ...]] | None:
+    """The shapes of the tensors a model built from ``config`` has, and its modules' sizes (``MODULE_SIZES``, as
+    ``(value,)`` under ``module.attribute``) where the pruned model has that size as well."""
     try:
         with torch.device("meta"):
             rebuilt = type(model)(config)
     except Exception:  # a config the class cannot build from is a config that does not describe the model
         return None
-    return _shapes(rebuilt)
+    sizes = _sizes(model)
+    return {**_shapes(rebuilt), **{key: (value,) for key, value in _sizes(rebuilt).items() if key in sizes}}
 
 
 LEFT = "it is left as it was: save with torchslim.save, not save_pretrained"
 
 
 def _mismatch(shapes: dict[str, tuple[int, ...]], rebuilt: dict[str, tuple[int, ...]] | None) -> str:
-    """The first tensor whose pruned shape the config does not give, as " (name: pruned shape, config's shape)"."""
+    """The first tensor whose pruned shape the config does not give, as " (name: pruned shape, config's shape)", and
+    where it is a layer's weight, the override that keeps that layer whole (a BERT pooler's width, which no config
+    field holds)."""
     name = next((n for n in shapes if rebuilt is None or rebuilt.get(n) != shapes[n]), None)
-    return f" ({name}: {shapes[name]} pruned, {rebuilt.get(name) if rebuilt else None} from the config)" if name else ""
+    if name is None:
+        return ""
+    hint = ""
+    config_shape = rebuilt.get(name) if rebuilt is not None else None
+    # a layer whose own outputs were removed (not only the inputs an earlier layer lost)
+    if name.endswith(".weight") and config_shape is not None and len(shapes[name]) >= 2 and shapes[name][0] != config_shape[0]:
+        hint = f"; to keep a config that describes it, leave that layer whole (overrides: {{{name.removesuffix('.weight')!r}: 0.0}})"
+    return f" ({name}: {shapes[name]} pruned, {rebuilt.get(name) if rebuilt else None} from the config{hint})"
 
 
 def update_model_config(model: nn.Module) -> list[str]:
