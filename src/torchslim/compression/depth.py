@@ -75,7 +75,15 @@ class DepthConfig(Config):
         check(self.calibration_batches >= 1, f"calibration_batches must be >= 1, got {self.calibration_batches}")
 
 
-ADDS = frozenset({"add", "add_", "__add__", "__radd__", "__iadd__"})
+ADDS = frozenset({"add", "add_", "__add__", "__radd__", "__iadd__", "sub", "sub_", "__sub__", "__isub__"})
+
+
+def _broadcasts(tensor: torch.Tensor, result: Any) -> bool:
+    """Whether ``tensor`` is a factor that reaches ``result`` by broadcasting alone (a scale, a padding mask, a
+    per-channel buffer), not a tensor that makes it larger."""
+    if not isinstance(result, torch.Tensor) or tensor.dim() > result.dim():
+        return False
+    return all(size in (1, full) for size, full in zip(reversed(tensor.shape), reversed(result.shape)))
 
 
 class _ResidualWatch(TorchFunctionMode):
@@ -119,7 +127,7 @@ class _ResidualWatch(TorchFunctionMode):
             self.given[name] = self.tag(given)
             self.owner[self.tag(output)] = (name, output.shape)
 
-    def _ancestors(self, start: int, depth: int = 4) -> set[int]:
+    def _ancestors(self, start: int, depth: int = 8) -> set[int]:
         found, frontier = {start}, {start}
         for _ in range(depth):
             frontier = {parent for item in frontier for parent in self.parents.get(item, ())} - found
@@ -134,16 +142,18 @@ class _ResidualWatch(TorchFunctionMode):
         owners = {self.owner[tag] for tag in tags if tag in self.owner}
         adds = getattr(func, "__name__", "") in ADDS
         if owners and adds:
-            for owner, shape in owners:
-                stream = self._ancestors(self.given[owner])
-                if any(tag not in self.owner and tag in stream and t.shape == shape for t, tag in zip(tensors, tags)):
-                    self.branches.add(owner)
+            for owner in owners:
+                stream = self._ancestors(self.given[owner[0]])
+                # the block's output as it reaches the sum (masked, scaled, transposed back) has the stream's shape
+                mine = [t.shape for t, tag in zip(tensors, tags) if self.owner.get(tag) == owner]
+                if any(tag not in self.owner and tag in stream and t.shape in mine for t, tag in zip(tensors, tags)):
+                    self.branches.add(owner[0])
         if isinstance(result, torch.Tensor) and not isinstance(result, nn.Parameter):
             mine = self.tag(result)
             if not adds:  # the stream a block continues is followed back through other operations, not through sums
                 self.parents.setdefault(mine, set()).update(tag for tag in tags if tag != mine)
-            if len(owners) == 1 and not adds and all(tag in self.owner or t.numel() <= 1 or t.dim() < result.dim() for t, tag in zip(tensors, tags)):
-                self.owner.setdefault(mine, next(iter(owners)))  # scaled or dropped out: still the block's output
+            if len(owners) == 1 and not adds and all(tag in self.owner or _broadcasts(t, result) for t, tag in zip(tensors, tags)):
+                self.owner.setdefault(mine, next(iter(owners)))  # scaled, masked, dropped out or transposed: still the block's output
         return result
 
 
