@@ -140,6 +140,14 @@ def _block_for_unrun(graph: ChannelGraph, model: nn.Module, example: Any, ran: s
             for layers in {g.layers for g in read}:
                 reason = f"channels of {'+'.join(layers)}: {name} did not run on the example, and {sibling}, run in its place, reads them"
                 graph.block([g.id for g in read if g.layers == layers], reason)
+            # what the entry that ran writes out of its branch, the entry that did not run writes at full width
+            written = [g for g in groups if any(own(p.module) for p in g.producers) and any(not own(c.module) for c in g.consumers)]
+            for layers in {g.layers for g in written}:
+                reason = (
+                    f"channels of {'+'.join(layers)}: {container}.{entry} did not run on the example, and writes where {container}.{other}, "
+                    "run in its place, does"
+                )
+                graph.block([g.id for g in written if g.layers == layers], reason)
             break
 
 
