@@ -32,7 +32,7 @@ from torchslim.compression.sensitivity import sensitivity
 from torchslim.core.config import Config, ConfigError, check
 from torchslim.core.copying import copy_model
 from torchslim.core.errors import TorchslimError
-from torchslim.core.selector import LayerSelector, select_modules
+from torchslim.core.selector import LayerSelector, distinct_weights, select_modules
 from torchslim.pruning.importance import parametrized_weight
 from torchslim.tasks.base import Task
 
@@ -225,7 +225,7 @@ def auto_compress(
 
     config = BudgetConfig.coerce(config, where="auto_compress")
     model = _rebuildable(model, factory, factory_kwargs)
-    chosen = select_modules(model, config.layers, default_types=("Linear", "Conv2d"))
+    chosen, _ = distinct_weights(select_modules(model, config.layers, default_types=("Linear", "Conv2d")))  # a tied weight: one layer
     for name, module in chosen:  # its stages: k-means weight sharing and SVD of Linear / Conv2d weights
         if not isinstance(module, (nn.Linear, nn.Conv2d)):
             raise ConfigError(

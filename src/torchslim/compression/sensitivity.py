@@ -34,7 +34,7 @@ from torchslim.core.checks import check_model
 from torchslim.core.config import Config, check
 from torchslim.core.copying import copy_model
 from torchslim.core.report import Report, Result, Stage
-from torchslim.core.selector import LayerSelector, select_modules
+from torchslim.core.selector import LayerSelector, distinct_weights, select_modules
 from torchslim.data.sources import as_source
 from torchslim.pruning.apply import fold_parametrizations
 from torchslim.quantization.nonuniform import binarize, kmeans_quantize
@@ -115,7 +115,8 @@ def sensitivity(model: nn.Module, data: Any, config: SensitivityConfig | dict, t
     resolved = resolve_task(task, source, model)
     started = time.perf_counter()
     measured, notes = _plain(model)
-    chosen = select_modules(measured, config.layers, default_types=("Linear", "Conv2d"))
+    chosen, aliases = distinct_weights(select_modules(measured, config.layers, default_types=("Linear", "Conv2d")))
+    notes += [f"{alias} holds {leader}'s weight: measured once, as {leader}" for alias, leader in aliases.items()]
     baseline = evaluate_source(measured, source, resolved, limit=config.eval_limit, split=config.split)
     metric = resolved.metric
     rows = []

@@ -59,8 +59,26 @@ def specificity(pattern: str) -> int:
     return 3
 
 
-def resolve_overrides(modules: list[tuple[str, nn.Module]], overrides: Mapping[str, V], where: str) -> dict[str, V]:
-    """{layer name: value} for every module an override pattern picks, the most specific pattern winning.
+def distinct_weights(modules: list[tuple[str, nn.Module]]) -> tuple[list[tuple[str, nn.Module]], dict[str, str]]:
+    """The layers of ``modules`` whose weight no earlier one holds (``self.b.weight = self.a.weight``, ``self.b =
+    self.a``), and {each other name: the earlier layer that holds its weight}."""
+    kept: list[tuple[str, nn.Module]] = []
+    owners: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for name, module in modules:
+        weight = getattr(module, "weight", None)
+        key = id(weight) if isinstance(weight, torch.Tensor) else id(module)
+        if key in owners:
+            aliases[name] = owners[key]
+        else:
+            owners[key] = name
+            kept.append((name, module))
+    return kept, aliases
+
+
+def resolve_overrides(modules: list[tuple[str, nn.Module]], overrides: Mapping[str, V], where: str, aliases: Mapping[str, str] | None = None) -> dict[str, V]:
+    """{layer name: value} for every module an override pattern picks, the most specific pattern winning. A pattern
+    that names a layer of ``aliases`` (another name of a layer in ``modules``: a tied weight) picks that layer.
 
     Errors: a name pattern that picks none of ``modules`` (a ``type:`` pattern is a general rule and may pick none);
     two equally specific patterns giving one layer different values.
@@ -73,6 +91,9 @@ def resolve_overrides(modules: list[tuple[str, nn.Module]], overrides: Mapping[s
     chosen: dict[str, tuple[int, str, V]] = {}
     for pattern, value in overrides.items():
         picked = [(name, module) for name, module in modules if matches(pattern, name, module)]
+        held = dict(modules)
+        picked += [(leader, held[leader]) for alias, leader in (aliases or {}).items() if leader in held and matches(pattern, alias, held[leader])]
+        picked = list(dict(picked).items())  # a layer picked by its own name and by another counts once
         if not picked and pattern.startswith("type:"):
             continue  # a type rule is general (a recipe may meet models without that type); names must match
         if not picked:
@@ -82,8 +103,10 @@ def resolve_overrides(modules: list[tuple[str, nn.Module]], overrides: Mapping[s
         for name, _ in picked:
             previous = chosen.get(name)
             if previous is not None and previous[0] == rank and previous[2] != value:
+                others = [alias for alias, leader in (aliases or {}).items() if leader == name]
+                tie = f" ({', '.join(others)} holds the same weight: one layer, one value)" if others else ""
                 raise TorchslimError(
-                    f"{where}: layer {name!r} is picked by both {previous[1]!r} and {pattern!r} with different values; name it exactly to say which wins"
+                    f"{where}: layer {name!r} is picked by both {previous[1]!r} and {pattern!r} with different values{tie}; name it exactly to say which wins"
                 )
             if previous is None or rank > previous[0]:
                 chosen[name] = (rank, pattern, value)

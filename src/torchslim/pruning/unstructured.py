@@ -149,15 +149,18 @@ def compute_scores(
     return scores
 
 
-def compute_masks(scores: dict[str, torch.Tensor], modules: list[tuple[str, nn.Module]], config: PruneConfig) -> dict[str, torch.Tensor]:
-    """Masks for the selected layers (layers that keep every weight get none)."""
+def compute_masks(
+    scores: dict[str, torch.Tensor], modules: list[tuple[str, nn.Module]], config: PruneConfig, aliases: dict[str, str] | None = None
+) -> dict[str, torch.Tensor]:
+    """Masks for the selected layers (layers that keep every weight get none); ``aliases``: other names of those layers
+    (tied weights), which overrides may name."""
     if config.quality is not None:
         return std_threshold_masks({n: m.weight.detach() for n, m in modules}, config.quality)
     if config.threshold is not None:
         return threshold_masks(scores, config.threshold)
     if config.pattern is not None:
         return n_m_masks(scores, config.pattern)
-    own = resolve_overrides(modules, config.overrides, "prune.overrides")
+    own = resolve_overrides(modules, config.overrides, "prune.overrides", aliases)
     per_layer = row_masks if config.scope == "row" else layer_masks
     masks = per_layer({name: scores[name] for name in own}, own)
     rest = {name: score for name, score in scores.items() if name not in own}
@@ -169,13 +172,15 @@ def compute_masks(scores: dict[str, torch.Tensor], modules: list[tuple[str, nn.M
     return masks
 
 
-def _sparsegpt_step(model: nn.Module, modules: list[tuple[str, nn.Module]], config: PruneConfig, data: Any, notes: list[str] | None) -> list[str]:
+def _sparsegpt_step(
+    model: nn.Module, modules: list[tuple[str, nn.Module]], config: PruneConfig, data: Any, notes: list[str] | None, aliases: dict[str, str]
+) -> list[str]:
     """One SparseGPT step over the selected layers (``llm.sparsegpt``)."""
     from torchslim.llm.sparsegpt import prune_sparsegpt
 
     if data is None:
         raise ConfigError("solver 'sparsegpt' calibrates on data: pass data=...")
-    own = resolve_overrides(modules, config.overrides, "prune.overrides")
+    own = resolve_overrides(modules, config.overrides, "prune.overrides", aliases)
     sparsity = {name: own.get(name, config.sparsity) for name, _ in modules}
     source = as_source(data, model)
     batches = itertools.islice(source.batches("train", batch_size=config.batch_size, seed=config.seed), config.calibration_batches)
@@ -215,14 +220,18 @@ def prune_in_place(model: nn.Module, config: PruneConfig, data: Any = None, task
     tied = tied_weights(model)
     sharing = {name: [other.removesuffix(".weight") for other in others if other.endswith(".weight")] for name, others in tied.items()}
     modules: list[tuple[str, nn.Module]] = []
+    aliases: dict[str, str] = {}
     for name, module in select_modules(model, config.layers):
-        if not any(other in sharing.get(name, []) for other, _ in modules):
+        leader = next((other for other, _ in modules if other in sharing.get(name, [])), None)
+        if leader is None:
             modules.append((name, module))
+        else:
+            aliases[name] = leader
     if config.solver == "sparsegpt":
-        return _sparsegpt_step(model, modules, config, data, notes)
+        return _sparsegpt_step(model, modules, config, data, notes, aliases)
     modules = _activation_readable(modules, config, notes)
     scores = compute_scores(model, modules, config, data, task)
-    masks = compute_masks(scores, modules, config)
+    masks = compute_masks(scores, modules, config, aliases)
     if config.scope == "global" and config.sparsity is not None:
         _keep_a_floor(masks, scores, notes)
     for name, _ in modules:
