@@ -148,3 +148,17 @@ def test_a_trained_lenet_at_half_the_parameters_keeps_its_accuracy_and_runs_in_a
     assert run.report.stages[-1].metrics["error"] <= dense + 0.02
     run.save(tmp_path / "m.tslim")
     assert ts.evaluate(ts.load(tmp_path / "m.tslim"), data) == ts.evaluate(run.model, data)
+
+
+def test_layers_factorize_does_not_take_are_named_not_passed_over_in_silence():
+    """A Conv1d sequence net: "ratio 0.5" took 3% off and the notes were empty; the two Conv1d layers (92% of the
+    weights) are now named, by factorize and by sensitivity."""
+    model = nn.Sequential(nn.Conv1d(4, 32, 5, padding=2), nn.ReLU(), nn.Conv1d(32, 32, 5, padding=2), nn.Flatten(), nn.Linear(32 * 8, 10))
+    example = torch.randn(2, 4, 8)
+    result = ts.factorize(model, {"ratio": 0.5}, example_input=example)
+    note = next(note for note in result.report.stages[0].notes if note.startswith("not factorized"))
+    assert "(Conv1d): 0.weight, 2.weight" in note and "5,760 weights" in note
+    measured = ts.sensitivity(model, [example], {"sparsities": [0.5], "bits": [], "ranks": []}, task="fidelity")
+    assert any(note.startswith("not measured: 5,760 weights") for note in measured.report.stages[0].notes)
+    chosen = ts.factorize(model, {"ratio": 0.5, "layers": {"include": ["4"]}}, example_input=example)
+    assert not any(note.startswith("not factorized") for note in chosen.report.stages[0].notes)  # the caller's selection

@@ -88,4 +88,15 @@ class Transforming:
         return [f"fine-tuned {len(history.epochs)} epochs ({history.seconds:.1f} s)"]
 
 
-__all__ = ["TransformOptions", "Transforming"]
+def other_weights_note(model: nn.Module, layers: Any, left: str) -> str | None:
+    """Under the default selection, a note naming the weights of modules that are no Linear, Conv2d or GPT-2 Conv1D
+    (a Conv1d, a ConvTranspose2d, an embedding): what a Linear / Conv2d technique leaves as it was (``left``)."""
+    from torchslim.core.selector import LayerSelector, is_conv1d
+    from torchslim.quantization.weight_only import uncovered_note
+
+    if LayerSelector.coerce(layers) != LayerSelector():
+        return None  # a selection the caller made says what it takes
+    return uncovered_note(model, lambda m: isinstance(m, (nn.Linear, nn.Conv2d)) or is_conv1d(m), left, "Linear, Conv2d or Conv1D layer")
+
+
+__all__ = ["TransformOptions", "Transforming", "other_weights_note"]

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from typing_extensions import Unpack
 
-from torchslim.compression.common import Transforming, TransformOptions
+from torchslim.compression.common import Transforming, TransformOptions, other_weights_note
 from torchslim.core.config import Config, ConfigError, check
 from torchslim.core.errors import TorchslimError
 from torchslim.core.report import Report, Result, Stage
@@ -347,7 +347,7 @@ def factorize(model: nn.Module, config: FactorizeConfig | dict, **options: Unpac
     target, example = run.target, run.example
     started = time.perf_counter()
     chosen = select_modules(target, config.layers, default_types=("Linear", "Conv2d", "Conv1D"))
-    notes: list[str] = []
+    notes: list[str] = [note] if (note := other_weights_note(target, config.layers, "not factorized")) else []
     candidates = []
     ties = tied_weights(target)
     for name, module in chosen:

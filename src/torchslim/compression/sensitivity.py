@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchslim.compression.common import other_weights_note
 from torchslim.core.checks import check_model
 from torchslim.core.config import Config, check
 from torchslim.core.copying import copy_model
@@ -117,6 +118,7 @@ def sensitivity(model: nn.Module, data: Any, config: SensitivityConfig | dict, t
     measured, notes = _plain(model)
     chosen, aliases = distinct_weights(select_modules(measured, config.layers, default_types=("Linear", "Conv2d")))
     notes += [f"{alias} holds {leader}'s weight: measured once, as {leader}" for alias, leader in aliases.items()]
+    notes += [note] if (note := other_weights_note(measured, config.layers, "not measured")) else []
     baseline = evaluate_source(measured, source, resolved, limit=config.eval_limit, split=config.split)
     metric = resolved.metric
     rows = []

@@ -261,7 +261,7 @@ def uncovered_weights(model: nn.Module, covered: Callable[[nn.Module], bool]) ->
                 continue
             seen.add(id(tensor))
             count += tensor.numel()
-            folded = re.sub(r"(?<=\.)\d+(?=\.)", "*", f".{name}.{key}" if name else f".{key}")[1:]
+            folded = re.sub(r"(?<=[^.]\.)\d+(?=\.)", "*", f".{name}.{key}" if name else f".{key}")[1:]  # a top-level index stays
             names += [folded] if folded not in names else []
             kinds += [type(module).__name__] if type(module).__name__ not in kinds else []
     return count, names, kinds
