@@ -102,3 +102,13 @@ def test_with_stage_validates_again():
     assert changed.stages[0].finetune == recipe.stages[0].finetune
     with pytest.raises(ConfigError, match=r"stage 1 \(prune\)"):
         recipe.with_stage(0, sparsity=[1.5])
+
+
+@pytest.mark.parametrize("after", ["export", "encode"])
+def test_an_int8_engine_stage_ends_the_recipe(after):
+    """``quantize native-int8`` then ``export`` exported the float model over the int8 ONNX file the quantize stage
+    had written (an fp32 file where int8 was asked, with no error); then ``encode`` reported a .tslim never written."""
+    mapping = {"name": "mine", "stages": [{"quantize": {"method": "native-int8"}}, {after: {}}]}
+    with pytest.raises(ConfigError, match=rf"stage 1 \(quantize, method native-int8\) hands back an int8 engine .* the stages after it \({after}\)"):
+        Recipe.from_dict(mapping)
+    assert Recipe.from_dict({"name": "mine", "stages": [{"prune": {"sparsity": 0.5}}, {"quantize": {"method": "native-int8"}}]}).stages[-1].terminal

@@ -152,6 +152,15 @@ class Recipe:
                 f"recipe {self.name!r}: stages that write the final artifact (encode, export, int8 engines) may only be "
                 f"followed by one another at the end (stages: {[s.kind for s in self.stages]})"
             )
+        engine = next((i for i, stage in enumerate(self.stages) if stage.kind == "quantize" and stage.terminal), None)
+        if engine is not None and engine < len(self.stages) - 1:
+            # what follows would work on the float model the engine was made from (an export would write it over the int8 file)
+            method = getattr(self.stages[engine].config, "method", "int8")
+            raise ConfigError(
+                f"recipe {self.name!r}: stage {engine + 1} (quantize, method {method}) hands back an int8 engine (the ONNX file it writes, or "
+                f"a compiled model), so it ends the recipe; the stages after it ({', '.join(s.kind for s in self.stages[engine + 1 :])}) would "
+                "work on the float model it was made from: remove them"
+            )
 
     @classmethod
     def from_dict(cls, mapping: Mapping[str, Any], where: str = "recipe") -> Recipe:
