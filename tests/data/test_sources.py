@@ -126,6 +126,11 @@ def test_image_folder_with_the_users_normalization(tmp_path):
     assert data.classes == tuple(str(i) for i in range(10)) and len(data.train) == 200 and data.input_shape == (1, 8, 8)
     assert float(data.train.inputs.min()) >= 0.0 and float(data.train.inputs.max()) <= 1.0
     assert torch.allclose(data.train.inputs.sort(0).values.mean(), digits.train.inputs[:200].sort(0).values.mean(), atol=1e-3)
+    # the default, as for a named set, is the folder's own statistics (it did no standardization at all)
+    own = ts.data.load(tmp_path)
+    raw = data.train.inputs
+    assert own.mean == (round(float(raw.mean()), 4),) and own.std == (round(float(raw.std()), 4),)
+    assert abs(float(own.train.inputs.mean())) < 1e-3 and float(own.train.inputs.std()) == pytest.approx(1.0, abs=1e-3)
     (tmp_path / "test" / "3" / "broken.png").write_bytes(b"not an image")
     with pytest.raises(ts.TorchslimError, match="broken.png: not a readable image"):
         ts.data.load(tmp_path)

@@ -164,7 +164,7 @@ def load(
     """
     options = {"normalize": normalize, "scale": scale, "verify": verify}
     if str(name) not in DATASETS and Path(name).expanduser().is_dir():
-        return image_folder(Path(name), normalize_with=None if normalize == DEFAULT else normalize, scale=scale)
+        return image_folder(Path(name), normalize_with=normalize, scale=scale)  # "dataset": the folder's own mean and std
     return DATASETS.get(str(name))(root=root, download=download, **options)
 
 

@@ -3,7 +3,8 @@
 Layout: ``root/train/<class>/*.png`` and ``root/test/<class>/*.png`` (``val`` or ``valid`` also name the
 evaluation split), or just ``root/<class>/*.png``, from which a seeded ``test_fraction`` is held out. Classes are
 the subfolder names in sorted order. Every image is converted to the mode of the first one (grayscale ``L`` or
-``RGB``) and must have its size. Pixels become floats by ``scale`` and, where given, ``normalize=(mean, std)``.
+``RGB``) and must have its size. Pixels become floats by ``scale`` and, where given, ``normalize=(mean, std)``
+(``ts.data.load`` of a folder uses the folder's own mean and std per channel by default, as for a named set).
 
 Example:
     >>> import tempfile, numpy as np
@@ -72,12 +73,14 @@ def _read(folder: Path, classes: list[str], mode: str | None, size: tuple[int, i
 
 def image_folder(
     root: str | Path,
-    normalize_with: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+    normalize_with: tuple[tuple[float, ...], tuple[float, ...]] | str | None = None,
     scale: float = 1 / 255,
     test_fraction: float = 0.1,
     seed: int = 0,
 ) -> Dataset:
-    """Read a folder of class subfolders (optionally under ``train/`` and ``test/``) into a ``Dataset``."""
+    """Read a folder of class subfolders (optionally under ``train/`` and ``test/``) into a ``Dataset``;
+    ``normalize_with``: (mean, std), "dataset" (the mean and std of each channel over the training images, after
+    ``scale``) or None (no standardization)."""
     root = Path(root).expanduser()
     if not root.is_dir():
         raise TorchslimError(f"{root}: no such folder of images")
@@ -97,7 +100,15 @@ def image_folder(
         test, train = order[:held], order[held:]
         train_images, train_labels, test_images, test_labels = images[train], labels[train], images[test], labels[test]
         source = f"{root} ({test_fraction:.0%} held out for evaluation, seed {seed})"
-    mean, std = normalize_with if normalize_with is not None else (None, None)
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    if isinstance(normalize_with, str):  # "dataset": the folder's own statistics, per channel, over its training images
+        if normalize_with != "dataset":
+            raise TorchslimError(f"normalize must be 'dataset' (the folder's statistics), None or (mean, std), got {normalize_with!r}")
+        pixels = train_images.float().mul(scale).transpose(0, 1).reshape(train_images.shape[1], -1)
+        mean, std = tuple(round(float(v), 4) for v in pixels.mean(dim=1)), tuple(round(float(v), 4) for v in pixels.std(dim=1))
+    elif normalize_with is not None:
+        mean, std = normalize_with
     return Dataset(
         name=root.name,
         train=Split(normalize(train_images, mean, std, scale), train_labels),
