@@ -260,3 +260,18 @@ def test_the_encode_stage_measures_the_file_the_result_saves(tmp_path, index_bit
     result = ts.compress(model, recipe, data, latency=False, progress=False)
     path = result.save(tmp_path / "m.tslim")
     assert path.stat().st_size == result.report.stages[-1].metrics["stored_bytes"]
+
+
+def test_a_run_resumed_on_other_data_is_refused(trained, digits, tmp_path, monkeypatch):
+    """``--resume`` with another ``--data`` finished with no warning, its report mixing two datasets (the baseline on
+    one, the later stages on the other)."""
+    recipe = {"name": "p", "stages": [{"prune": {"sparsity": [0.5]}}, {"finetune": {"epochs": 1, "lr": 0.05, "eval_every_epoch": False}}]}
+    original = stages_module.fit
+    monkeypatch.setattr(stages_module, "fit", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(CompressInterrupted):
+        ts.compress(trained, recipe, digits, checkpoint=tmp_path / "c", latency=False, progress=False)
+    monkeypatch.setattr(stages_module, "fit", original)
+    other = ts.Data(train=(digits.train.inputs, digits.train.targets), eval=(digits.test.inputs[:300], digits.test.targets[:300]))
+    with pytest.raises(TorchslimError, match=rf"started on other data \(the original model's examples {len(digits.test)} then, 300 now"):
+        ts.compress(trained, recipe, other, checkpoint=tmp_path / "c", resume=True, latency=False, progress=False)
+    assert ts.compress(trained, recipe, digits, checkpoint=tmp_path / "c", resume=True, latency=False, progress=False).report.stages[-1].kind == "finetune"

@@ -15,6 +15,7 @@ from torchslim.cli.common import (
     example_input,
     int_list,
     load_model_arg,
+    model_arguments,
     refuse_overwrite,
     with_data,
     with_run_options,
@@ -111,7 +112,7 @@ def train(
     profiled = ts.profile(result.model, example_input(dataset), batch_sizes=(1, 64), threads=run.threads)
     stage = profiled.report.stages[0]
     stage.name, stage.kind = "trained", "train"
-    stage.metrics.update({k: v for k, v in result.report.stages[0].metrics.items() if k in ("accuracy", "error", "loss", "examples", "perplexity")})
+    stage.metrics.update({k: v for k, v in result.report.stages[0].metrics.items() if k in ("accuracy", "error", "errors", "loss", "examples", "perplexity")})
     result.report.stages.append(stage)
     print_report(type(result.report)(model=result.report.model, stages=[stage], environment=result.report.environment), console)
     write_outputs(result, out, report, lambda saved: f"model written to {saved} ({saved.stat().st_size:,} bytes)")
@@ -124,17 +125,19 @@ def train(
 def evaluate(
     source: DataArguments,
     run: RunOptions,
-    model: str = typer.Argument(..., help="A saved model file (.safetensors / .tslim / .onnx) or a registered model name."),
+    model: str = typer.Argument(..., help="A saved model file (.safetensors / .tslim / .onnx), a registered name, or package.module:callable with --weights."),
     weights: Path | None = typer.Option(None, help="Weights to load into the model (.safetensors or .pt state_dict)."),
     trust_weights: bool = typer.Option(False, help="Allow unpickling a .pt that holds more than tensors (only files you made)."),
     trust_factory: bool = typer.Option(False, help="Allow a model file whose architecture is an import path."),
+    model_args: str = typer.Option("{}", help="The model's constructor arguments (an import path or a registered name) as JSON."),
     split: str = typer.Option("test", help="train or test."),
 ) -> None:
     """Evaluate a model on a dataset split by its task: accuracy and error, perplexity, or cosine similarity."""
     import torchslim as ts
 
     dataset = source.load()
-    network = ts.load(model) if model.endswith(".onnx") else run.place(load_model_arg(model, dataset, trust_factory, weights, trust_weights))
+    kwargs = model_arguments(model_args)
+    network = ts.load(model) if model.endswith(".onnx") else run.place(load_model_arg(model, dataset, trust_factory, weights, trust_weights, kwargs=kwargs))
     metrics = ts.evaluate(network, dataset, task=source.task, split=split)
     run.finish(f"{source.name} {split}: {describe_metrics(metrics)}", metrics=metrics)
 

@@ -170,6 +170,7 @@ class WeightsArguments:
     path: Path | None = None
     trusted: bool = False
     factory_trained: bool = False
+    model_args: str = "{}"
 
 
 def with_weights() -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -178,6 +179,11 @@ def with_weights() -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         ("weights", Path | None, typer.Option(None, help="Weights to load into the model (.safetensors or .pt state_dict); an import-path model needs them.")),
         ("trust_weights", bool, typer.Option(False, help="Allow unpickling a .pt that holds more than tensors (only files you made).")),
         ("factory_trained", bool, typer.Option(False, help="The import path builds the trained model itself (it loads its own checkpoint): no --weights.")),
+        (
+            "model_args",
+            str,
+            typer.Option("{}", help="The model's constructor arguments (an import path or a registered name) as JSON, e.g. '{\"width\": 32}'."),
+        ),
     ]
     return _with_options("weights", options, WeightsArguments)
 
@@ -277,16 +283,50 @@ def example_input(data: Any) -> Any:
     return as_source(data).example(1)
 
 
+MODEL_FILES = (".safetensors", ".tslim", ".onnx", ".pt", ".pth", ".bin", ".ckpt")
+
+
+def model_arguments(text: str, option: str = "--model-args") -> dict[str, Any]:
+    """Constructor arguments given as a JSON object on the command line."""
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise TorchslimError(f"{option} is not valid JSON ({error}): give an object such as '{{\"width\": 32}}'") from None
+    if not isinstance(value, dict):
+        raise TorchslimError(f"{option}: expected a JSON object of constructor arguments, got {text!r}")
+    return value
+
+
 def load_model_arg(
-    model: str, data: Any, trust_factory: bool, weights: Path | WeightsArguments | None = None, trust_weights: bool = False, untrained: bool = False
+    model: str,
+    data: Any,
+    trust_factory: bool,
+    weights: Path | WeightsArguments | None = None,
+    trust_weights: bool = False,
+    untrained: bool = False,
+    kwargs: dict[str, Any] | None = None,
 ) -> Any:
     """A registered model name (sized for the data), a saved model file, a Hugging Face model folder, or
     package.module:callable with ``weights`` (refused without them unless ``untrained`` will do: a freshly built model
-    would be compressed and written as if it were the user's)."""
+    would be compressed and written as if it were the user's); ``kwargs`` (or ``--model-args``) are the constructor
+    arguments of an import path or a registered name."""
     if isinstance(weights, WeightsArguments):
         untrained = untrained or weights.factory_trained
+        kwargs = {**model_arguments(weights.model_args), **(kwargs or {})}
         weights, trust_weights = weights.path, weights.trusted
+    kwargs = kwargs or {}
     import_path = ":" in model and not Path(model).exists()
+    module_part = model.rpartition(":")[0]
+    if import_path and (module_part.endswith(".py") or "/" in module_part or "\\" in module_part):
+        raise TorchslimError(
+            f"--model {model}: a model is named by an importable module, not a file path: package.module:callable with the folder "
+            f"that holds it on PYTHONPATH (for {module_part}: PYTHONPATH={Path(module_part).parent or '.'} and --model "
+            f"{Path(module_part).stem}:{model.rpartition(':')[2]})"
+        )
+    if not import_path and model.lower().endswith(MODEL_FILES) and not Path(model).exists():
+        raise TorchslimError(f"{model}: no such file")
     if import_path and weights is None and not untrained:
         raise TorchslimError(
             f"{model}: an import-path model is built with fresh random weights; pass its trained state with --weights "
@@ -296,12 +336,19 @@ def load_model_arg(
     import torchslim as ts
     from torchslim.io.modelfile import build_from_spec, load_huggingface, load_state, load_weights
 
+    if kwargs and not import_path and Path(model).exists():
+        raise TorchslimError(f"--model-args: {model} is a saved model, built as saved; constructor arguments go with an import path or a registered name")
     if Path(model).is_dir():
         loaded = load_huggingface(model)
     elif model.endswith((".safetensors", ".tslim")) and Path(model).is_file():
         loaded = ts.load(model, trust_factory=trust_factory)
     elif import_path:
-        loaded = build_from_spec({"factory": model, "kwargs": {}}, trust_factory=True, where="--model")
+        try:
+            loaded = build_from_spec({"factory": model, "kwargs": kwargs}, trust_factory=True, where="--model")
+        except TorchslimError as error:
+            if "missing" in str(error) and "required" in str(error) and "argument" in str(error):
+                raise TorchslimError(f"{error}; give them as JSON with --model-args, e.g. --model-args '{{\"width\": 32}}'") from None
+            raise
     elif Path(model).is_file():
         raise TorchslimError(
             f"{model}: not a model file torchslim reads (.safetensors or .tslim files it wrote, .onnx, a Hugging Face folder); for a "
@@ -309,14 +356,14 @@ def load_model_arg(
             "whole model is not unpickled), or save it with torchslim.save(model, 'model.safetensors') in Python"
         )
     else:
-        created = ts.models.create_for(model, data)
+        created = ts.models.create_for(model, data, **kwargs)
         if weights is not None:
             load_state(created, load_weights(weights, trusted=trust_weights), str(weights), cast=True)
         return created
     if weights is not None:
         load_state(loaded, load_weights(weights, trusted=trust_weights), str(weights), cast=True)
-    if data is not None and model.endswith((".safetensors", ".tslim")):
-        _check_runs_on(loaded, model, data)  # a file torchslim wrote: a float model that runs where it was saved
+    if data is not None and (import_path or model.endswith((".safetensors", ".tslim"))):
+        _check_runs_on(loaded, model, data)  # a user's model (a file torchslim wrote, or their class): named before any work
     return loaded
 
 

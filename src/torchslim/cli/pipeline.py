@@ -10,7 +10,7 @@ import typer
 
 from torchslim.cli.app import app, console
 from torchslim.cli.basics import headline
-from torchslim.cli.common import DataArguments, RunOptions, load_model_arg, refuse_overwrite, with_data, with_run_options
+from torchslim.cli.common import DataArguments, RunOptions, load_model_arg, model_arguments, refuse_overwrite, with_data, with_run_options
 from torchslim.core.errors import TorchslimError
 
 
@@ -31,6 +31,7 @@ def compress(
     weights: Path | None = typer.Option(
         None, help="Trained weights for --model (.safetensors or a .pt state_dict). Without them a registered model is trained first."
     ),
+    model_args: str = typer.Option("{}", help="The model's constructor arguments (an import path or a registered name) as JSON."),
     recipe: str = typer.Option("deep-compression", help="A built-in recipe (see `torchslim recipes`) or a recipe .yaml file."),
     out: Path | None = typer.Option(
         None, help="The compressed file: .tslim (or .onnx for recipes that end in an int8 engine). Default: <model>-<recipe>.tslim."
@@ -132,7 +133,7 @@ def compress(
     elif weights is None and ":" in model:
         raise TorchslimError(f"--model {model}: an import-path model needs --weights (its trained state)")
     else:
-        network = run.place(load_model_arg(model, dataset, trust_factory, weights, trust_weights))
+        network = run.place(load_model_arg(model, dataset, trust_factory, weights, trust_weights, kwargs=model_arguments(model_args)))
         if weights is None and model in ts.models.MODELS:  # a registered architecture comes untrained
             console.print(f"no --weights given: training {model} on {source.name} for {train_epochs} epochs first")
             network = ts.train(

@@ -13,6 +13,7 @@ from torchslim.cli.common import (
     RunOptions,
     WeightsArguments,
     load_model_arg,
+    model_arguments,
     names,
     number_list,
     refuse_overwrite,
@@ -126,9 +127,9 @@ def distill(
     source: DataArguments,
     run: RunOptions,
     weights: WeightsArguments,
-    teacher: str = typer.Option(..., help="The teacher: a saved model file (.safetensors) or a registered model name."),
-    student: str = typer.Option(..., help="The student: a saved model file or a registered model name."),
-    student_args: str = typer.Option("{}", help="JSON arguments for a registered student, e.g. '{\"hidden\": [300]}'."),
+    teacher: str = typer.Option(..., help="The teacher: a saved model file (.safetensors), a registered name, or package.module:callable with --weights."),
+    student: str = typer.Option(..., help="The student: a saved model file, a registered name, or package.module:callable (trained from its initialization)."),
+    student_args: str = typer.Option("{}", help="JSON constructor arguments of the student (a registered name or an import path), e.g. '{\"hidden\": [300]}'."),
     out: Path = typer.Option(..., help="Where to write the distilled student (.safetensors)."),
     temperature: float = typer.Option(4.0, help="Softmax temperature T of the soft targets."),
     alpha: float = typer.Option(0.9, help="Weight of the soft term; 1 - alpha weighs the task's loss on labels."),
@@ -142,22 +143,15 @@ def distill(
     force: bool = typer.Option(False, help="Overwrite --out / --report if they exist."),
 ) -> None:
     """Distill a teacher into a student: soft targets at temperature T (or output MSE), then save the student."""
-    import json
-
     import torchslim as ts
     from torchslim.report.console import print_report
 
     refuse_overwrite(out, report, force=force)
-    try:
-        kwargs = json.loads(student_args)
-    except json.JSONDecodeError as error:
-        raise TorchslimError(f"--student-args is not valid JSON ({error})") from None
+    kwargs = model_arguments(student_args, "--student-args")
     dataset = source.load()
     teacher_model = load_model_arg(teacher, dataset, trust_factory, weights)
-    if student.endswith(".safetensors"):
-        student_model = load_model_arg(student, dataset, trust_factory)
-    else:
-        student_model = ts.models.create_for(student, dataset, **kwargs)
+    # a student trains from its initialization: an import path (or a registered name) is built with its arguments
+    student_model = load_model_arg(student, dataset, trust_factory, untrained=True, kwargs=kwargs)
     config = {
         "temperature": temperature,
         "alpha": alpha,

@@ -20,6 +20,7 @@ import importlib
 import json
 import os
 import pickle
+import re
 import sys
 import warnings
 from collections import OrderedDict
@@ -269,7 +270,7 @@ def build_from_spec(spec: dict[str, Any], trust_factory: bool | str = False, whe
             if untrusted:
                 raise TorchslimError(
                     f"{where}: the architecture is the import path {untrusted[0]!r}; importing it runs its code, so "
-                    f"pass trust_factory=True (CLI: --trust-factory, or name it with --model) if you trust this file"
+                    f"pass trust_factory=True (CLI: --trust-factory) if you trust this file"
                 )
             model = _resolve_factory(spec["factory"], where)(**spec["kwargs"])
             if not isinstance(model, nn.Module):
@@ -459,7 +460,9 @@ def load_weights(path: str | os.PathLike[str], trusted: bool = False) -> dict[st
     try:
         state = torch.load(path, map_location="cpu", weights_only=not trusted)
     except pickle.UnpicklingError as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else "refused"
+        # torch's message runs over many lines with terminal colour codes; the line naming the object is the one to show
+        lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(error).splitlines() if line.strip()]
+        first_line = next((line for line in lines if "GLOBAL" in line or "Unsupported global" in line), lines[0] if lines else "refused")
         raise TorchslimError(
             f"{path}: refused to unpickle objects beyond plain tensors ({first_line}). Save a plain state_dict "
             f"(torch.save(model.state_dict(), ...)) or safetensors; if you made this file yourself, pass trusted=True "

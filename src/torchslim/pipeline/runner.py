@@ -22,6 +22,7 @@ The runner knows no stage kind: each is a handler registered in ``pipeline.stage
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -98,6 +99,18 @@ def stage_name(index: int, stage: RecipeStage) -> str:
 def tslim_metadata(recipe: Recipe | None, stages: list[str]) -> dict[str, Any]:
     """What a recipe's .tslim file records beside the model (the encode stage measures the file with it)."""
     return {"recipe": recipe.name if recipe else None, "stages": stages}
+
+
+def _check_same_data(original: nn.Module, source: Any, task: Any, report: Report, folder: Path) -> None:
+    """A resumed run must see the data it started on: the original model is evaluated again, and its metric and the
+    examples it was measured on must be the checkpoint's baseline (a report of two datasets reads as one run)."""
+    recorded = report.stages[0].metrics if report.stages else {}
+    now = evaluate_source(original, source, task)
+    keys = [key for key in ("examples", task.metric) if key in recorded and key in now]
+    differ = [key for key in keys if not math.isclose(float(now[key]), float(recorded[key]), rel_tol=1e-4, abs_tol=1e-9)]
+    if differ:
+        shown = ", ".join(f"{key} {recorded[key]:.6g} then, {now[key]:.6g} now" for key in differ)
+        raise TorchslimError(f"{folder}: the checkpointed run started on other data (the original model's {shown}); resume with the same data (--data)")
 
 
 def measure_stage(
@@ -217,6 +230,8 @@ def compress(
         file_spec(original, f"checkpoint {store.folder}")  # a model checkpoints cannot rebuild is named now, not after a stage
         store.check()
     resolved = resolve_task(task, source, original)
+    if resumed and store is not None:
+        _check_same_data(original, source, resolved, report, store.folder)
     example = source.example(1)
     ranges = histogram_ranges(original, largest_layers(layer_rows(original)))
     keep = latency and fp32_weight_bytes(original) <= KEEP_FOR_TIMING  # every stage's model kept for the final timing
