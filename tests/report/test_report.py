@@ -230,3 +230,23 @@ def test_a_language_models_headline_is_its_perplexity():
     assert headline_key(stages) == ("perplexity", "perplexity")
     assert headline_key([{"error": 0.02, "accuracy": 0.98, "task_metric": "accuracy"}]) == ("error", "test error")
     assert headline_key([{"loss": 0.3, "r2": 0.9, "task_metric": "r2"}]) == ("r2", "r2")
+
+
+def test_a_users_metric_named_error_or_accuracy_is_shown_as_it_is():
+    """A regression's mean absolute "error" of 5.05 was shown as "test error: 505.46%", and a custom "accuracy" was
+    dropped from the headline for the loss."""
+    from torchslim.core.report import Report
+    from torchslim.report.console import stage_rows
+    from torchslim.report.markdown import headline_key
+
+    regression = Report(model={"name": "mine"})
+    regression.add_stage("baseline", metrics={"error": 5.0546, "loss": 5.0546, "task_metric": "error", "stored_bytes": 5776})
+    regression.add_stage("prune", metrics={"error": 6.8224, "loss": 6.8224, "task_metric": "error", "stored_bytes": 3758})
+    assert "error: 5.055 -> 6.822." in regression.to_markdown()
+    assert stage_rows(regression)[1][0][1] == "5.055"
+    labels = Report(model={"name": "mine"})
+    labels.add_stage("baseline", metrics={"accuracy": 0.9156, "loss": 0.25, "task_metric": "accuracy"})
+    labels.add_stage("prune", metrics={"accuracy": 0.8789, "loss": 0.31, "task_metric": "accuracy"})
+    assert "accuracy: 91.56% -> 87.89%." in labels.to_markdown()
+    # classification still heads with its test error
+    assert headline_key([{"accuracy": 0.99, "error": 0.01, "errors": 1, "task_metric": "accuracy"}]) == ("error", "test error")

@@ -108,3 +108,19 @@ def test_a_users_own_task():
         ts.evaluate(model, batches, task=broken)
     with pytest.raises(ts.TorchslimError, match="unknown task 'regression'"):
         get_task("regression")
+
+
+def test_fidelity_compares_an_image_output_example_by_example():
+    """An autoencoder's (B, 1, 28, 28) output was compared row by row: 7,168 "examples" for 256 images."""
+    import torch
+    from torch import nn
+
+    from torchslim.tasks.fidelity import FidelityTask
+
+    reference = nn.Conv2d(1, 1, 3, padding=1)
+    model = nn.Conv2d(1, 1, 3, padding=1)
+    images = torch.randn(16, 1, 28, 28)
+    metrics = FidelityTask(reference).evaluate(model, [images])
+    with torch.no_grad():
+        expected = torch.nn.functional.cosine_similarity(model(images).flatten(1), reference(images).flatten(1), dim=1).mean().item()
+    assert metrics["examples"] == 16 and abs(metrics["cosine"] - expected) < 1e-5

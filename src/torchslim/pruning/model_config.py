@@ -21,7 +21,8 @@ from torch import nn
 from torchslim.core.selector import is_conv1d
 from torchslim.pruning.transformer_rules import _head_counts, _is_hf_self_attention, _is_projection_attention
 
-# the per-module sizes a forward reads as numbers (head counts and sizes): equal tensor shapes do not make them equal
+# the per-module sizes a forward reads as numbers (head counts and sizes; not widths such as GPT-2's embed_dim, which
+# its forward does not read and removal leaves as they were): equal tensor shapes do not make them equal
 # (4 heads of 4 and 2 heads of 8 hold the same weights), so a rebuilt model must agree on these too
 MODULE_SIZES = (
     "num_attention_heads",
@@ -35,7 +36,6 @@ MODULE_SIZES = (
     "key_value_proj_dim",
     "inner_dim",
     "split_size",
-    "embed_dim",
 )
 
 

@@ -10,7 +10,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from torchslim.report.markdown import format_bytes, headline_key
+from torchslim.report.markdown import format_bytes, headline_key, percent
 
 if TYPE_CHECKING:
     from torchslim.core.report import Report
@@ -39,7 +39,7 @@ def stage_rows(report: Report) -> tuple[list[str], list[list[str]]]:
     for stage in report.stages:
         m: dict[str, Any] = stage.metrics
         value = m.get(key)
-        shown = "-" if value is None else f"{100 * value:.2f}%" if key in ("error", "accuracy") else f"{value:.4g}"
+        shown = "-" if value is None else f"{100 * value:.2f}%" if percent(key, value) else f"{value:.4g}"
         row = [
             stage.name,
             shown,

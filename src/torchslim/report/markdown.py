@@ -29,10 +29,11 @@ def headline_key(metrics: Sequence[dict[str, Any]]) -> tuple[str, str]:
     (``task_metric``, which ``measure_stage`` records: perplexity for a language model, though its stages hold a token
     error too), else the first of ``HEADLINES`` they hold."""
     titles = dict(HEADLINES)
+    classification = any("error" in m and "accuracy" in m for m in metrics)  # the error rate is the headline, titled as such
     for m in metrics:
         own = m.get("task_metric")
-        if isinstance(own, str) and own != "accuracy" and any(isinstance(n.get(own), (int, float)) for n in metrics):
-            return own, titles.get(own, own)
+        if isinstance(own, str) and not (own == "accuracy" and classification) and any(isinstance(n.get(own), (int, float)) for n in metrics):
+            return own, titles.get(own, own) if classification or own != "error" else own
     for key, title in HEADLINES:
         if any(key in m for m in metrics):
             return key, title
@@ -48,10 +49,16 @@ def format_bytes(count: float) -> str:
     return f"{count:.2f} GiB"
 
 
+def percent(key: str, value: Any) -> bool:
+    """Whether a metric reads as a percentage: an accuracy or error that is a fraction in [0, 1]; a user's own metric
+    of that name with other values (a mean absolute "error" of 5.05) is shown as it is."""
+    return key in ("accuracy", "error") and isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0
+
+
 def format_value(key: str, value: Any) -> str:
     if value is None:
         return "-"
-    if key in ("accuracy", "error") and isinstance(value, float):
+    if percent(key, value) and isinstance(value, float):
         return f"{100 * value:.2f}%"
     if key == "compression" and isinstance(value, (int, float)):
         return f"{value:.1f}x"

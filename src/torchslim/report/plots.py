@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from torchslim.measure.layers import largest_layers
-from torchslim.report.markdown import headline_key
+from torchslim.report.markdown import headline_key, percent
 
 if TYPE_CHECKING:
     from torchslim.core.report import Report
@@ -36,10 +36,6 @@ def _label_points(axis: Any, names: list[str], xs: list[float], ys: list[float])
         axis.annotate(name, (x, y), textcoords="offset points", xytext=(5, 5 + 11 * (index % 3)), fontsize=8)
 
 
-def _metric_value(key: str, value: float) -> float:
-    return 100 * value if key in ("error", "accuracy") else value
-
-
 def tradeoff_plot(report: Report) -> bytes | None:
     """The headline metric against bytes on disk and against measured latency (median, p10-p90 bars), one point per
     stage joined in run order."""
@@ -51,11 +47,12 @@ def tradeoff_plot(report: Report) -> bytes | None:
     if len(stages) < 2:
         return None
     timed = [s for s in stages if "latency_median_ms" in s.metrics]
-    label = f"{title} (%)" if key in ("error", "accuracy") else title
+    shares = all(percent(key, s.metrics[key]) for s in stages)  # fractions shown as percentages
+    label = f"{title} (%)" if shares else title
     figure, axes = plt.subplots(1, 2 if timed else 1, figsize=(11 if timed else 6, 4), squeeze=False)
     size_axis = axes[0][0]
     xs = [s.metrics["stored_bytes"] / 1024 for s in stages]
-    ys = [_metric_value(key, s.metrics[key]) for s in stages]
+    ys = [100 * s.metrics[key] if shares else s.metrics[key] for s in stages]
     size_axis.plot(xs, ys, "-o", color=COLORS[0])
     _label_points(size_axis, [s.name for s in stages], xs, ys)
     size_axis.set_xscale("log")
@@ -66,7 +63,7 @@ def tradeoff_plot(report: Report) -> bytes | None:
     if timed:
         axis = axes[0][1]
         xs = [s.metrics["latency_median_ms"] for s in timed]
-        ys = [_metric_value(key, s.metrics[key]) for s in timed]
+        ys = [100 * s.metrics[key] if shares else s.metrics[key] for s in timed]
         low = [x - s.metrics.get("latency_p10_ms", x) for s, x in zip(timed, xs)]
         high = [s.metrics.get("latency_p90_ms", x) - x for s, x in zip(timed, xs)]
         axis.errorbar(xs, ys, xerr=[low, high], fmt="-o", color=COLORS[1], capsize=3)

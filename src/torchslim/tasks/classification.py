@@ -56,8 +56,8 @@ def flat_logits_and_targets(outputs: Any, batch: Any, task: str, class_dim: int 
             targets = hot.argmax(dim=-1)  # one-hot labels: the class each row marks
         else:
             raise TorchslimError(
-                f"{task}: the targets have shape {tuple(targets.shape)}, one value per class, but are not one-hot (soft labels); "
-                "give class indices, or a custom task (torchslim.Task.custom) for a loss on soft labels"
+                f"{task}: the targets have shape {tuple(targets.shape)}, one value per output, but are not one-hot (soft labels, or "
+                "regression values); give class indices, or a custom task (torchslim.Task.custom) for a loss on soft labels or a regression"
             )
     fractional = targets[targets != targets.round()] if targets.is_floating_point() else targets[:0]
     if fractional.numel():

@@ -2,8 +2,9 @@
 compressed model is trained and judged by how closely its outputs follow the uncompressed model's on the same
 batches: mean cosine similarity (primary, higher is better) and mean squared error.
 
-Outputs of shape (batch, tokens, features) with an ``attention_mask`` in the batch are compared at the unmasked
-positions only.
+Outputs of shape (batch, tokens, features) are compared position by position (with an ``attention_mask`` in the
+batch, at the unmasked positions only), (batch, features) row by row, and images or maps of four or more dimensions
+(batch, channels, H, W) example by example, over all their values (an autoencoder's image is one vector, not 28 rows).
 
 Example:
     >>> import torch
@@ -31,10 +32,13 @@ from torchslim.tasks.batches import model_inputs, move_to, output_tensor
 
 
 def _positions(tensor: torch.Tensor, batch: Any) -> torch.Tensor:
-    """Rows of features to compare: (N, features), masked positions dropped."""
+    """Rows of features to compare: (N, features), masked positions dropped; one row per example of an output of four
+    or more dimensions."""
     mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
     if mask is not None and tensor.dim() == 3 and tuple(mask.shape) == tuple(tensor.shape[:2]):
         return tensor[mask.to(tensor.device) != 0]
+    if tensor.dim() >= 4:
+        return tensor.reshape(tensor.shape[0], -1)
     return tensor.reshape(-1, tensor.shape[-1]) if tensor.dim() > 1 else tensor.reshape(1, -1)
 
 
