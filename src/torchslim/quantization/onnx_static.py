@@ -279,13 +279,24 @@ def observed_ranges(path: Path, batches: list[dict[str, torch.Tensor]], observer
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     observers = {name: make_observer(observer, where=f"ONNX tensor {name}") for name in inputs + produced}
+    unbounded: set[str] = set()  # tensors with an infinity (T5's log of a zero offset, masked out later): no range of ours
+
+    def watch(name: str, value: torch.Tensor) -> None:
+        if name in unbounded:
+            return
+        if not bool(torch.isfinite(value).all()):
+            unbounded.add(name)  # left to ONNX Runtime's own calibration, as the "onnxruntime" method does everywhere
+            observers.pop(name, None)
+            return
+        observers[name].observe(value)
+
     for batch in batches:
         feed = {name: value.numpy() for name, value in batch.items()}
         for name in inputs:
-            observers[name].observe(torch.from_numpy(feed[name]))
+            watch(name, torch.from_numpy(feed[name]))
         for name, value in zip(names, _run(session, names, feed, f"observe its activations ({observer} observer)")):
-            if name in observers:
-                observers[name].observe(torch.from_numpy(np.asarray(value)))
+            if name in observers or name in unbounded:
+                watch(name, torch.from_numpy(np.asarray(value)))
     overrides = {}
     for name, seen in observers.items():
         low, high = seen.range()
