@@ -319,14 +319,29 @@ def test_a_model_that_runs_on_the_example_only_is_named_before_anything_is_writt
     assert not any(tmp_path.iterdir())
 
 
-def test_pt2_says_it_fixed_the_sequence_length_and_how_to_free_it(tmp_path):
+def test_pt2_of_keyword_token_inputs_takes_any_sequence_length(tmp_path):
+    """A pt2 program of BERT kept the example's length (12) and failed at 7 with a guard error, while the ONNX file
+    took any length; torch.export is now asked for any length and the program checked at a shorter one. The notes say
+    the loaded program takes the tensors by position. An image's channel axis is not taken for a sequence."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64)
     bert = transformers.BertModel(config).eval()
     example = {"input_ids": torch.randint(0, 64, (2, 12)), "attention_mask": torch.ones(2, 12, dtype=torch.long)}
-    notes = ts.export(bert, "pt2", example, tmp_path / "bert.pt2").report.stages[0].notes
-    assert "the sequence length is the example's (12): give dynamic_axes={'input_ids': {1: 'length'}, 'attention_mask': {1: 'length'}}" in " ".join(notes)
+    result = ts.export(bert, "pt2", example, tmp_path / "bert.pt2")
+    notes = " ".join(result.report.stages[0].notes)
+    assert "any sequence length (input_ids, attention_mask: axis 1)" in notes and "in this order: input_ids, attention_mask" in notes
+    shorter = {"input_ids": torch.randint(0, 64, (5, 7)), "attention_mask": torch.ones(5, 7, dtype=torch.long)}
+    with torch.no_grad():
+        expected = bert(**shorter).last_hidden_state
+        program = torch.export.load(str(tmp_path / "bert.pt2")).module()
+        got = program(shorter["input_ids"], shorter["attention_mask"])
+    leaves = [t for t in torch.utils._pytree.tree_leaves(got) if isinstance(t, torch.Tensor)]
+    assert any(t.shape == expected.shape and torch.allclose(t, expected, atol=1e-4) for t in leaves)
+    returned = result.model(**shorter)
+    assert torch.allclose(getattr(returned, "last_hidden_state", returned), expected, atol=1e-4)
+    image = ts.export(nn.Conv2d(3, 4, 3), "pt2", {"x": torch.randn(2, 3, 8, 8)}, tmp_path / "conv.pt2").report.stages[0].notes
+    assert not any("sequence" in note for note in image)
 
 
 class _Named(nn.Module):

@@ -268,8 +268,23 @@ def export(
     # written beside the target and moved there only once checked: a failed export leaves what was there alone
     partial = path.with_name(f".{path.stem}.partial{path.suffix}")
     sequence_notes: list[str] = []
+    # token ids and keyword inputs: an ONNX file takes any sequence length; a pt2 program is asked for one too, and
+    # keeps the example's where torch.export cannot give it
+    keyed = isinstance(example_input, dict)
+    sequences = {name: t.shape[1] for name, t in _named_inputs(example_input) if t.dim() in (2, 3) and (keyed or not t.is_floating_point())}
+    fixed = format == "pt2" and bool(sequences) and not dynamic_axes
+    automatic = False
     try:
-        check = _with_sequence(model, format, example_input, partial, dynamic_batch, tolerance, accuracy_level, dynamic_axes, sequence_notes)
+        check: _Check | None = None
+        if fixed:
+            asked = {name: {1: "length"} for name in sequences}
+            try:
+                check = _with_sequence(model, format, example_input, partial, dynamic_batch, tolerance, accuracy_level, asked, sequence_notes)
+                dynamic_axes, fixed, automatic = asked, False, True
+            except TorchslimError as failure:
+                sequence_notes.append(f"a program of any sequence length failed ({str(failure).splitlines()[0][:200]})")
+        if check is None:
+            check = _with_sequence(model, format, example_input, partial, dynamic_batch, tolerance, accuracy_level, dynamic_axes, sequence_notes)
         os.replace(partial, path)
     finally:
         _remove(partial)
@@ -301,13 +316,17 @@ def export(
             else f"accuracy_level {accuracy_level} has no effect: the file has no MatMulNBits (no weight-only layer of at most 8 bits it could hold)"
         )
     notes += check.notes + sequence_notes
-    # token ids and keyword inputs: an ONNX file takes any sequence length; torch.export fixes it unless told
-    keyed = isinstance(example_input, dict)
-    sequences = {name: t.shape[1] for name, t in _named_inputs(example_input) if t.dim() >= 2 and (keyed or not t.is_floating_point())}
-    if format == "pt2" and sequences and not dynamic_axes:
+    if fixed:
         shared = ", ".join(f"{name!r}: {{1: 'length'}}" for name in sequences)
         length = max(sequences.values())
-        notes.append(f"the sequence length is the example's ({length}): give dynamic_axes={{{shared}}} for any length (one label for axes that match)")
+        notes.append(f"the sequence length is the example's ({length}): dynamic_axes={{{shared}}} asks for any length where torch.export allows it")
+    elif automatic:
+        notes.append(f"any sequence length ({', '.join(sequences)}: axis 1), checked at a shorter one")
+    if format == "pt2" and keyed:
+        notes.append(
+            f"the program takes the example's tensors by position, in this order: {', '.join(name for name, _ in _named_inputs(example_input))} "
+            "(torch.export.load(path).module()(*tensors)); the model returned here takes them by name"
+        )
     metrics["exporter"] = check.exporter
     stage = Stage(name="export", kind="export", metrics=metrics, notes=notes, execution=_execution(format))
     return Result(model=loaded, report=Report.for_model(model, [stage]))
