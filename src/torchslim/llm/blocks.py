@@ -46,6 +46,7 @@ from torchslim.tasks.batches import model_inputs, move_to
 # what one calibration batch gives a block: its positional and keyword arguments
 BlockInput = tuple[tuple[Any, ...], dict[str, Any]]
 BlockMethod = Callable[[str, nn.Module, list[BlockInput]], Any]
+Blocks = nn.ModuleList | nn.Sequential  # a model's repeated blocks, in the order it runs them
 
 
 class _Captured(Exception):
@@ -56,25 +57,86 @@ class NoBlocks(TorchslimError):
     """The model has no repeated blocks."""
 
 
-def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The model's repeated blocks: the longest ``ModuleList`` of modules of one class that hold Linear layers (a
-    decoder's layers, a ViT's blocks)."""
-    best: tuple[str, nn.ModuleList] | None = None
+def _candidates(model: nn.Module) -> list[tuple[str, Blocks]]:
+    """Containers that may hold the repeated blocks, longest first (model order among equals): an ``nn.ModuleList``
+    or ``nn.Sequential`` of modules of one class holding Linear layers (a Sequential of bare layers is a layer stack,
+    not blocks)."""
+    found: list[tuple[str, Blocks]] = []
     for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+        if not isinstance(module, (nn.ModuleList, nn.Sequential)) or len(module) == 0:
             continue
-        if len({type(child) for child in module}) != 1:
+        children = list(module)
+        if len({type(child) for child in children}) != 1:
             continue
-        if not any(isinstance(m, nn.Linear) or is_conv1d(m) for m in module[0].modules()):
+        if isinstance(module, nn.Sequential) and (len(children) < 2 or isinstance(children[0], nn.Linear) or is_conv1d(children[0])):
             continue
-        if best is None or len(module) > len(best[1]):
-            best = (name, module)
-    if best is None:
+        if not any(isinstance(m, nn.Linear) or is_conv1d(m) for m in children[0].modules()):
+            continue
+        found.append((name, module))
+    return sorted(found, key=lambda item: -len(item[1]))
+
+
+def _first_tensor(value: Any) -> torch.Tensor | None:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+        return value[0]
+    return None
+
+
+def _chained(model: nn.Module, candidates: list[tuple[str, Blocks]], batch: Any) -> set[str]:
+    """The candidates whose members run one after another on one forward pass of ``batch``: each at most once, in
+    order, each given the hidden states the one before returned (a decoder's layers), not all given the same input (a
+    layer's parallel heads, a mixture's experts)."""
+    calls: dict[str, list[tuple[int, torch.Tensor | None, torch.Tensor | None]]] = {name: [] for name, _ in candidates}
+
+    def record(name: str, index: int, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        given = _first_tensor(args) if args else kwargs.get("hidden_states")
+        calls[name].append((index, given, _first_tensor(output)))
+
+    handles = [
+        member.register_forward_hook(functools.partial(record, name, index), with_kwargs=True)
+        for name, container in candidates
+        for index, member in enumerate(container)
+    ]
+    extra = {"use_cache": False} if getattr(getattr(model, "config", None), "use_cache", None) is not None else {}
+    try:
+        with eval_mode(model), torch.no_grad():
+            args, kwargs = model_inputs(move_to(batch, model_device(model)), model)
+            model(*args, **kwargs, **extra)
+    finally:
+        for handle in handles:
+            handle.remove()
+    chained = set()
+    for name, container in candidates:
+        seen = calls[name]
+        indices = [index for index, _, _ in seen]
+        if not indices or indices != sorted(set(indices)):  # each at most once, in order (a block the forward skips is allowed)
+            continue
+        links = zip(seen, seen[1:])
+        if all(
+            out is not None and given is not None and (given is out or (given.shape == out.shape and torch.equal(given, out)))
+            for (_, _, out), (_, given, _) in links
+        ):
+            chained.add(name)
+    return chained
+
+
+def find_blocks(model: nn.Module, batch: Any = None) -> tuple[str, Blocks]:
+    """The model's repeated blocks: the longest ``ModuleList`` (or ``Sequential``) of modules of one class that hold
+    Linear layers (a decoder's layers, a ViT's blocks); with a calibration ``batch``, the longest whose members run
+    in a chain on it, each on the hidden states the one before returned (so not a layer's parallel heads or a
+    mixture's experts, which all read one input)."""
+    candidates = _candidates(model)
+    if batch is not None and candidates:
+        chained = _chained(model, candidates, batch)
+        candidates = [(name, module) for name, module in candidates if name in chained]
+    if not candidates:
         raise NoBlocks(
-            "block-by-block calibration needs the model's repeated blocks (an nn.ModuleList of layers holding Linear "
-            "layers, such as a decoder's layers); this model has none"
+            "block-by-block calibration needs the model's repeated blocks (an nn.ModuleList or nn.Sequential of layers holding "
+            "Linear layers, run one after another, such as a decoder's layers); this model has none"
         )
-    return best
+    return candidates[0]
 
 
 def _detach(value: Any) -> Any:
@@ -187,6 +249,7 @@ class SequentialRun:
     seconds: float
     peak_rss_mib: float
     results: dict[str, Any]
+    prefix: str = ""  # where the blocks are ("" where none were found: the whole model was one block)
 
 
 def sequential(model: nn.Module, batches: Iterable[Any], method: BlockMethod, progress: Callable[[str], None] | None = None) -> SequentialRun:
@@ -194,8 +257,9 @@ def sequential(model: nn.Module, batches: Iterable[Any], method: BlockMethod, pr
     place), then run the changed block to give the next one its inputs. Returns what each call returned, by block.
     A model without repeated blocks is one block: the whole model, calibrated in one pass."""
     started = time.perf_counter()
+    batches = list(batches)
     try:
-        prefix, blocks = find_blocks(model)
+        prefix, blocks = find_blocks(model, batches[0] if batches else None)
         arguments = capture_arguments(model, list(blocks), batches)
     except NoBlocks:
         prefix, blocks = "", nn.ModuleList([model])
@@ -213,7 +277,7 @@ def sequential(model: nn.Module, batches: Iterable[Any], method: BlockMethod, pr
         if progress is not None:
             progress(f"{name} done ({index + 1}/{len(blocks)}, {time.perf_counter() - started:.0f} s)")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return SequentialRun(len(blocks), len(inputs), tokens, time.perf_counter() - started, peak, results)
+    return SequentialRun(len(blocks), len(inputs), tokens, time.perf_counter() - started, peak, results, prefix)
 
 
 def block_layers(block: nn.Module, selected: set[nn.Module] | None = None) -> dict[str, nn.Module]:

@@ -89,13 +89,22 @@ class GPTQConfig(Config):
         return super().from_dict(mapping, where=where)
 
 
-def _outside_blocks(target: nn.Module, plan: LayerPlan, inside: set[str]) -> list[str]:
-    """Round the planned layers that no block holds to nearest; the note names them."""
+def _outside_blocks(target: nn.Module, plan: LayerPlan, inside: set[str], prefix: str = "") -> list[str]:
+    """Round the planned layers no block calibrated to nearest; the notes name them: those no block holds, and those
+    of a block that its forward never called (``prefix``: where the blocks are)."""
     names = [name for name, _ in plan.modules if name not in inside]
     for name in names:
         module = target.get_submodule(name)
         replace_layer(target, plan, name, float_weight(module), quantize_module(module, plan.scheme(name), name), method="round to nearest")
-    return [f"outside the repeated blocks, rounded to nearest: {', '.join(names)}"] if names else []
+    held = [name for name in names if prefix and name.startswith(f"{prefix}.")]
+    outside = [name for name in names if name not in held]
+    notes = [f"outside the repeated blocks, rounded to nearest: {', '.join(outside)}"] if outside else []
+    if held:
+        notes.append(
+            "never called on the calibration batches (the block reads its weight directly, as nn.MultiheadAttention reads out_proj's), "
+            f"rounded to nearest: {', '.join(held)}"
+        )
+    return notes
 
 
 def run_gptq(model: nn.Module, config: GPTQConfig, batches: Any) -> Stage:
@@ -112,6 +121,8 @@ def run_gptq(model: nn.Module, config: GPTQConfig, batches: Any) -> Stage:
             name = planned[layer]
             scheme = plan.scheme(name)
             spec = scheme.uniform_spec()
+            if hessians[local].count == 0:
+                continue  # never called: its weight is read directly (rounded to nearest, named, with those outside)
             weight = float_weight(layer)
             hessian = hessians[local].hessian()
             codes, scale, zero = gptq(weight, hessian, spec, config.block_size, config.damp, config.act_order, config.clip_search)
@@ -122,7 +133,7 @@ def run_gptq(model: nn.Module, config: GPTQConfig, batches: Any) -> Stage:
             inside.add(name)
 
     run = sequential(model, batches, quantize_block)
-    notes = _outside_blocks(model, plan, inside)
+    notes = _outside_blocks(model, plan, inside, run.prefix)
     stage = finish(model, model, config, plan, notes)
     rows = [row for row in plan.rows if "rtn_output_error" in row]
     gptq_total, rtn_total = sum(r["output_error"] for r in rows), sum(r["rtn_output_error"] for r in rows)
@@ -187,7 +198,7 @@ def run_awq(model: nn.Module, config: AWQConfig, batches: Any) -> Stage:
         groups.extend(results)
 
     run = sequential(model, batches, quantize_block)
-    notes = _outside_blocks(model, plan, inside)
+    notes = _outside_blocks(model, plan, inside, run.prefix)
     stage = finish(model, model, config, plan, notes)
     awq_total, rtn_total = sum(g["error"] for g in groups), sum(g["rtn_error"] for g in groups)
     folded = sum(1 for g in groups if g["folded"])
@@ -260,7 +271,7 @@ def run_smoothquant(model: nn.Module, config: SmoothQuantConfig, batches: Any) -
                 inside.add(full)
 
     run = sequential(model, batches, smooth_block)
-    notes = _outside_blocks(model, plan, inside)
+    notes = _outside_blocks(model, plan, inside, run.prefix)
     stage = finish(model, model, config, plan, notes)
     stage.metrics.update({"calibration_tokens": run.tokens, "calibration_seconds": round(run.seconds, 2), "peak_rss_mib": round(run.peak_rss_mib, 1)})
     stage.notes.insert(

@@ -107,6 +107,7 @@ def prune_sparsegpt(
     scope ("row" prunes each row of a column block on its own), block_size and damp. Returns what the pass measured."""
     selected = {module: name for name, module in modules}
     done: set[str] = set()
+    uncalled: list[str] = []
 
     def prune_block(block_name: str, block: nn.Module, inputs: list) -> None:
         layers = block_layers(block, set(selected))
@@ -116,6 +117,9 @@ def prune_sparsegpt(
             name = selected[layer]
             target = sparsity.get(name) if isinstance(sparsity, dict) else sparsity
             if target is None and config.pattern is None:
+                continue
+            if hessians[local].count == 0:
+                uncalled.append(name)  # its block reads the weight directly (nn.MultiheadAttention's out_proj): left dense
                 continue
             previous = get_mask(layer)
             keep = _oriented(layer, previous) if previous is not None else None
@@ -141,6 +145,7 @@ def prune_sparsegpt(
         "calibration_seconds": round(run.seconds, 2),
         "peak_rss_mib": round(run.peak_rss_mib, 1),
         "left_dense": left,
+        "uncalled": uncalled,
     }
 
 

@@ -165,11 +165,14 @@ def collect_gradient_statistics(
 
 def collect_input_norms(model: nn.Module, modules: list[tuple[str, nn.Module]], batches: Iterable, count: int) -> dict[str, dict[str, Any]]:
     """||x_j||_2 over every calibration token of each selected layer's input features (eval mode, no gradients): the
-    activation statistic of Wanda. Convolution inputs count every spatial position as a token."""
+    activation statistic of Wanda, and how often each layer was called. Convolution inputs count every spatial
+    position as a token."""
     sums = {name: torch.zeros(_input_features(name, module), dtype=torch.float64) for name, module in modules}
+    calls = dict.fromkeys(sums, 0)
 
     def hook(name: str) -> Callable[..., None]:
         def record(module: nn.Module, inputs: tuple, output: Any) -> None:
+            calls[name] += 1
             x = inputs[0].detach()
             x = x.movedim(1, -1) if isinstance(module, nn.Conv2d) else x
             sums[name] += x.reshape(-1, x.shape[-1]).double().pow(2).sum(0).cpu()
@@ -185,7 +188,9 @@ def collect_input_norms(model: nn.Module, modules: list[tuple[str, nn.Module]], 
     if seen == 0:
         raise TorchslimError("activation statistics need at least one calibration batch; the data gave none")
     transposed = {name: is_conv1d(module) for name, module in modules}
-    return {name: {"input_norm": total.sqrt().float(), "transposed": transposed[name]} for name, total in sums.items()}
+    # a layer never called (its weight read directly by its parent, as nn.MultiheadAttention reads out_proj's) has no
+    # inputs to weigh its columns by: "calls" 0 tells the caller
+    return {name: {"input_norm": total.sqrt().float(), "transposed": transposed[name], "calls": calls[name]} for name, total in sums.items()}
 
 
 def _input_features(name: str, module: nn.Module) -> int:

@@ -123,9 +123,16 @@ class PruneConfig(Config):
 
 
 def compute_scores(
-    model: nn.Module, modules: list[tuple[str, nn.Module]], config: PruneConfig, data: Any = None, task: str | Task | None = None
+    model: nn.Module,
+    modules: list[tuple[str, nn.Module]],
+    config: PruneConfig,
+    data: Any = None,
+    task: str | Task | None = None,
+    uncalled: list[str] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Importance of every selected weight, computed on the weights the model currently uses (masked = zero)."""
+    """Importance of every selected weight, computed on the weights the model currently uses (masked = zero). Under
+    an activation criterion, a layer the calibration batches never called is left out of the scores and its name
+    added to ``uncalled``: with no inputs every column would score 0, and ties would prune it by position."""
     statistics: dict[str, dict[str, Any]] = {name: {} for name, _ in modules}
     criterion = WEIGHT_IMPORTANCE.get(config.importance)
     if criterion.needs in (GRADIENTS, ACTIVATIONS):
@@ -141,6 +148,10 @@ def compute_scores(
     generator = torch.Generator().manual_seed(config.seed)
     scores = {}
     for name, module in modules:
+        if statistics[name].get("calls") == 0:
+            if uncalled is not None:
+                uncalled.append(name)
+            continue
         score = criterion.score(module.weight.detach(), {**statistics[name], "generator": generator}).float()
         mask = get_mask(module)
         if mask is not None:  # already pruned weights stay pruned: rank them lowest
@@ -187,8 +198,14 @@ def _sparsegpt_step(
     run = prune_sparsegpt(model, modules, batches, sparsity, config)  # type: ignore[arg-type]
     if notes is not None:
         notes.append(f"SparseGPT over {run['blocks']} blocks on {run['calibration_tokens']:,} tokens in {run['calibration_seconds']} s")
-        if run["left_dense"]:
-            notes.append(f"left dense (SparseGPT prunes the Linear layers of the repeated blocks): {', '.join(run['left_dense'])}")
+        outside = [name for name in run["left_dense"] if name not in run["uncalled"]]
+        if outside:
+            notes.append(f"left dense (SparseGPT prunes the Linear layers of the repeated blocks): {', '.join(outside)}")
+        if run["uncalled"]:
+            notes.append(
+                "left dense (never called on the calibration batches: the block reads the weight directly, as nn.MultiheadAttention reads "
+                f"out_proj's): {', '.join(run['uncalled'])}"
+            )
     return [name for name, _ in modules if name not in run["left_dense"]]
 
 
@@ -230,7 +247,15 @@ def prune_in_place(model: nn.Module, config: PruneConfig, data: Any = None, task
     if config.solver == "sparsegpt":
         return _sparsegpt_step(model, modules, config, data, notes, aliases)
     modules = _activation_readable(modules, config, notes)
-    scores = compute_scores(model, modules, config, data, task)
+    uncalled: list[str] = []
+    scores = compute_scores(model, modules, config, data, task, uncalled)
+    if uncalled:
+        if notes is not None:
+            notes.append(
+                f"left dense ({config.importance} weighs a layer's weights by its inputs, and the calibration batches never called these: their "
+                f"parent reads the weight directly, as nn.MultiheadAttention reads out_proj's): {', '.join(uncalled)}"
+            )
+        modules = [(name, module) for name, module in modules if name in scores]
     masks = compute_masks(scores, modules, config, aliases)
     if config.scope == "global" and config.sparsity is not None:
         _keep_a_floor(masks, scores, notes)
