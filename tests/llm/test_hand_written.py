@@ -134,3 +134,14 @@ def test_a_layer_its_block_never_calls_is_named_not_pruned_by_position():
     sparse = ts.prune(model, {"solver": "sparsegpt", "sparsity": 0.5, "calibration_batches": 4}, data=text)
     assert any("never called on the calibration batches" in note for note in sparse.report.stages[0].notes)
     assert float((sparse.model.encoder.layers[1].linear2.weight == 0).float().mean()) == 0.5
+
+
+def test_token_windows_are_scored_as_language_modeling_without_a_task():
+    """The README's prune example passes no task: token windows were scored as classification of each token against
+    itself ("accuracy 99.38%" at perplexity 259)."""
+    torch.manual_seed(0)
+    text = _text()
+    assert "perplexity" in ts.evaluate(LectureGPT(), text)
+    assert "perplexity" in ts.evaluate(LectureGPT(), text.train)
+    pruned = ts.prune(LectureGPT(), {"solver": "sparsegpt", "sparsity": 0.5, "calibration_batches": 2}, data=text)
+    assert any("perplexity" in note for note in pruned.report.stages[0].notes)

@@ -23,6 +23,13 @@ from torchslim.core.errors import TorchslimError
 IGNORED = -100
 
 
+class TokenWindows(list):
+    """Batches of token windows: a list that says it is text, so that a verb given it without a task scores it as
+    language modeling (next-token perplexity), not as classification of each token against itself."""
+
+    kind = "text"
+
+
 def token_windows(
     ids: torch.Tensor, length: int, stride: int | None = None, max_tokens: int | None = None, batch_size: int = 8, start: int = 0
 ) -> list[dict[str, torch.Tensor]]:
@@ -45,9 +52,9 @@ def token_windows(
         position += stride
     if not windows:
         raise TorchslimError(f"{ids.numel() - start} tokens do not fill one window of {length}")
-    return [
+    return TokenWindows(
         {"input_ids": torch.stack(windows[i : i + batch_size]), "labels": torch.stack(labels[i : i + batch_size])} for i in range(0, len(windows), batch_size)
-    ]
+    )
 
 
-__all__ = ["token_windows"]
+__all__ = ["TokenWindows", "token_windows"]

@@ -108,7 +108,7 @@ def _chained(model: nn.Module, candidates: list[tuple[str, Blocks]], batch: Any)
         for handle in handles:
             handle.remove()
     chained = set()
-    for name, container in candidates:
+    for name, _ in candidates:
         seen = calls[name]
         indices = [index for index, _, _ in seen]
         if not indices or indices != sorted(set(indices)):  # each at most once, in order (a block the forward skips is allowed)
