@@ -416,3 +416,35 @@ def test_qat_names_the_weights_no_layer_holds():
     data = [torch.randn(4, 5, 8) for _ in range(2)]
     notes = ts.quantize(model, {"method": "qat", "export": False, "calibration_batches": 2}, data=data).report.stages[0].notes
     assert any(note.startswith("left in float: 768 weights") and "self_attn.in_proj_weight" in note for note in notes), notes
+
+
+class _OneReLU(nn.Module):
+    """torchvision's BasicBlock style: one ``self.relu`` called after each convolution."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.relu = nn.ReLU(inplace=True)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.relu(self.bn2(self.conv2(x)) + x)
+        return self.fc(x.mean((2, 3)))
+
+
+def test_pt2e_quantizes_a_model_that_calls_one_activation_module_twice():
+    """torchao's quantizer took both calls of ``self.relu`` for one partition and failed ("Input partition has more
+    than one output node"). Each call now gets its own copy, on a copy of the model; the caller's keeps its one ReLU."""
+    pytest.importorskip("torchao")
+    torch.manual_seed(0)
+    model = _OneReLU().eval()
+    x = torch.randn(4, 3, 8, 8)
+    data = [(torch.randn(8, 3, 8, 8), torch.randint(0, 5, (8,))) for _ in range(4)]
+    compiled = ts.quantize(model, {"method": "pt2e", "calibration_batches": 4}, data=data, example_input=x).model
+    with torch.no_grad():
+        expected = model(x)
+    got = compiled(x)
+    assert float((got - expected).norm() / expected.norm()) < 0.1
+    assert isinstance(model.relu, nn.ReLU)

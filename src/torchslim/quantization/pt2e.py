@@ -3,13 +3,17 @@ torch.compile (inductor) with freezing on, which lowers the quantized patterns t
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
 
+from torchslim.core.copying import copy_model
 from torchslim.core.errors import TorchslimError
 from torchslim.core.modes import eval_mode
+from torchslim.core.selector import set_module
 
 
 class CompiledModule(nn.Module):
@@ -62,6 +66,66 @@ def _sole_tensor(value: object, what: str) -> torch.Tensor:
     raise TorchslimError(f"{what} is {shown}: {ONE_INPUT}")
 
 
+class _PerCall(nn.Module):
+    """A parameterless module a forward calls several times (one ``self.relu`` after each convolution), as one copy
+    per call: PT2E's quantizer annotates the calls of one module as one partition and refuses one with several
+    outputs. The calls of one forward go to the copies in order (``_Calls`` starts each forward at the first)."""
+
+    def __init__(self, module: nn.Module, count: int) -> None:
+        super().__init__()
+        self.copies = nn.ModuleList(copy.deepcopy(module) for _ in range(count))
+        self.calls = 0
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        module = self.copies[self.calls % len(self.copies)]
+        self.calls += 1
+        return module(*args, **kwargs)
+
+
+class _Calls(nn.Module):
+    """The model, with each ``_PerCall`` counted from its first copy at every forward."""
+
+    def __init__(self, model: nn.Module, shared: list[_PerCall]) -> None:
+        super().__init__()
+        self.model, self.shared = model, shared
+
+    def forward(self, x: torch.Tensor) -> Any:
+        for module in self.shared:
+            module.calls = 0
+        return self.model(x)
+
+
+def one_module_per_call(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    """``model`` as it is where no parameterless module runs twice in one forward; else a copy in which each such
+    module is a ``_PerCall`` (the caller's model is not changed)."""
+    counts: dict[str, int] = {}
+    leaves = {
+        name: module
+        for name, module in model.named_modules()
+        if name
+        and not any(True for _ in module.children())
+        and not any(True for _ in module.parameters(recurse=False))
+        and not list(module.buffers(recurse=False))
+    }
+    handles = [module.register_forward_hook(lambda *_, name=name: counts.__setitem__(name, counts.get(name, 0) + 1)) for name, module in leaves.items()]
+    try:
+        with eval_mode(model), torch.no_grad():
+            model(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    repeated = {name: count for name, count in counts.items() if count > 1}
+    if not repeated:
+        return model
+    copied = copy_model(model)
+    shared = []
+    for name, count in repeated.items():
+        wrapper = _PerCall(copied.get_submodule(name), count)
+        set_module(copied, name, wrapper)
+        shared.append(wrapper)
+    return _Calls(copied, shared).eval()
+
+
 def pt2e_int8(model: nn.Module, example_input: torch.Tensor, calibration: Iterable, batches: int = 16) -> CompiledModule:
     """Quantize ``model`` (static int8, X86InductorQuantizer defaults) and compile it; calibration batches are inputs
     (or (inputs, targets) pairs). One tensor input only (``ONE_INPUT``)."""
@@ -71,6 +135,7 @@ def pt2e_int8(model: nn.Module, example_input: torch.Tensor, calibration: Iterab
         from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
     except ImportError:
         raise TorchslimError("the PT2E int8 path needs torchao: pip install torchao (with torch pinned)") from None
+    model = one_module_per_call(model, example_input)
     with eval_mode(model), torch.no_grad():
         batch = torch.export.Dim("batch", min=1, max=4096)
         traced_input = example_input[:1].expand(2, *example_input.shape[1:]).contiguous()  # batch 1 would specialize
