@@ -132,6 +132,14 @@ def test_int8_export_stage_runs_in_onnx_runtime(trained, digits, tmp_path):
     assert stage.execution == "ONNX Runtime" and (tmp_path / "m.onnx").is_file() and result.files["onnx"] == tmp_path / "m.onnx"
     assert stage.metrics["stored_bytes"] == (tmp_path / "m.onnx").stat().st_size < result.report.stages[0].metrics["stored_bytes"] / 2.5
     assert abs(stage.metrics["accuracy"] - result.report.stages[0].metrics["accuracy"]) < 0.03
+    # the result is the engine the last stage describes (it was the float model), the float model beside it
+    from torchslim.export.onnx import OnnxModule
+
+    assert isinstance(result.model, OnnxModule) and result.float_model is not None
+    assert ts.evaluate(result.model, digits)["accuracy"] == pytest.approx(stage.metrics["accuracy"])
+    with pytest.raises(TorchslimError, match="ends in an int8 engine"):
+        result.save(tmp_path / "m.tslim")
+    assert ts.evaluate(ts.load(result.save(tmp_path / "again.onnx")), digits)["accuracy"] == pytest.approx(stage.metrics["accuracy"])
     with pytest.raises(TorchslimError, match="export_path"):
         ts.compress(trained, "int8-static", digits)
 

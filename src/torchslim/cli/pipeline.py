@@ -10,7 +10,7 @@ import typer
 
 from torchslim.cli.app import app, console
 from torchslim.cli.basics import headline
-from torchslim.cli.common import DataArguments, RunOptions, load_model_arg, model_arguments, refuse_overwrite, with_data, with_run_options
+from torchslim.cli.common import DataArguments, RunOptions, example_input, load_model_arg, model_arguments, refuse_overwrite, with_data, with_run_options
 from torchslim.core.errors import TorchslimError
 
 
@@ -104,11 +104,16 @@ def compress(
         speed = SpeedBudgetConfig.coerce({**speed, "uniform": uniform, "threads": run.threads or 2, **depth}, where="compress").to_dict()
     plan = load_recipe(recipe) if not targets else load_recipe({"name": f"{name}{'-uniform' if uniform else ''}", "stages": [{"encode": {}}]})
     exports = any(stage.writes_onnx for stage in plan.stages)
+    compiled = any(stage.kind == "quantize" and stage.terminal and not stage.writes_onnx for stage in plan.stages)  # PT2E int8
     stem = Path(model).stem if model.endswith((".safetensors", ".tslim")) or Path(model).is_dir() else model.replace(":", "-").replace(".", "-")
-    out = out or Path(f"{stem}-{plan.name}{'.onnx' if exports else '.tslim'}")
+    out = out or Path(f"{stem}-{plan.name}{'.onnx' if exports else '.pt2' if compiled else '.tslim'}")
     if exports and out.suffix != ".onnx":
         raise TorchslimError(f"--out: recipe {plan.name!r} ends in an ONNX Runtime engine, so the output must end in .onnx, got {out}")
-    if not exports and out.suffix != ".tslim":
+    if compiled and out.suffix != ".pt2":
+        raise TorchslimError(
+            f"--out: recipe {plan.name!r} ends in a PT2E int8 model, written as its torch.export program: the output must end in .pt2, got {out}"
+        )
+    if not exports and not compiled and out.suffix != ".tslim":
         raise TorchslimError(f"--out: recipe {plan.name!r} writes a .tslim file, got {out}")
     beside = out.with_suffix(out.suffix + ".report.json")  # the compressed file's own report, written beside it
     report = report or beside
@@ -197,6 +202,10 @@ def compress(
     if exports:
         result.report.save(report)
         final = f"ONNX model written to {out} ({format_bytes(out.stat().st_size)})"
+    elif compiled:
+        ts.export(result.model, "pt2", example_input(dataset), out, overwrite=True)  # --force was checked above
+        result.report.save(report)
+        final = f"PT2E int8 program written to {out} ({format_bytes(out.stat().st_size)}); load it with torch.export.load"
     else:
         result.save(out, overwrite=force)
         if report != beside:

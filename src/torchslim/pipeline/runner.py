@@ -62,15 +62,24 @@ class CompressInterrupted(TorchslimError):
 
 @dataclasses.dataclass
 class CompressResult(Result):
-    """The compressed model, the per-stage report, the recipe, and files a stage wrote (e.g. ONNX)."""
+    """The compressed model (the int8 engine, where the recipe ends in one: an ONNX Runtime session or a compiled
+    PT2E model), the per-stage report, the recipe, files a stage wrote (e.g. ONNX), and ``float_model``: the float
+    model the engine was made from (the compressed model itself where there is no engine)."""
 
     recipe: Recipe | None = None
     files: dict[str, Path] = dataclasses.field(default_factory=dict)
+    float_model: nn.Module | None = None
 
     def save(self, path: str | os.PathLike[str], overwrite: bool = True) -> Path:
         """As ``Result.save``; a ``.tslim`` file is written with the recipe's encode settings and its name in the
         file's metadata."""
         path = Path(path)
+        if path.suffix == ".tslim" and self.float_model is not None and self.model is not self.float_model:
+            raise TorchslimError(
+                f"{path}: the recipe ends in an int8 engine ({type(self.model).__name__}), which a .tslim file does not hold: save it as "
+                ".onnx (an ONNX Runtime engine), export a PT2E model with ts.export(result.model, 'pt2', example), or save "
+                "result.float_model, the float model it was made from"
+            )
         if path.suffix != ".tslim":
             return super().save(path, overwrite=overwrite)
         report_path = path.with_suffix(path.suffix + ".report.json")
@@ -247,6 +256,7 @@ def compress(
     baseline_bytes = report.stages[0].metrics["stored_bytes"]
     timed: dict[str, nn.Module] = {"baseline": original} if keep else {}
     files: dict[str, Path] = {}
+    engine: nn.Module | None = None  # what runs the last stage's model, where that stage made an engine
     for index, stage in enumerate(recipe.stages, start=1):
         if index <= completed:
             continue
@@ -272,6 +282,7 @@ def compress(
             ),
         )
         files.update(outcome.files)
+        engine = outcome.engine
         record = Stage(name=stage_name(index, stage), kind=stage.kind, notes=outcome.notes, execution=outcome.execution, config=stage.to_dict()[stage.kind])
         record.metrics = measure_stage(current, source, resolved, outcome, baseline_bytes, latency and not keep, threads)
         record.metrics["seconds"] = round(outcome.seconds, 2)
@@ -291,7 +302,7 @@ def compress(
         )
     make_permanent(current)
     current.eval()
-    return CompressResult(model=current, report=report, recipe=recipe, files=files)
+    return CompressResult(model=engine if engine is not None else current, report=report, recipe=recipe, files=files, float_model=current)
 
 
 def _run(
