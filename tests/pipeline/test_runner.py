@@ -283,3 +283,18 @@ def test_a_run_resumed_on_other_data_is_refused(trained, digits, tmp_path, monke
     with pytest.raises(TorchslimError, match=rf"started on other data \(the original model's examples {len(digits.test)} then, 300 now"):
         ts.compress(trained, recipe, other, checkpoint=tmp_path / "c", resume=True, latency=False, progress=False)
     assert ts.compress(trained, recipe, digits, checkpoint=tmp_path / "c", resume=True, latency=False, progress=False).report.stages[-1].kind == "finetune"
+
+
+def test_quantization_aware_training_after_pruning_keeps_the_pruned_weights_at_zero(trained, digits, tmp_path):
+    """A prune stage then a QAT stage was refused ("fold the masks first with make_permanent", which a recipe cannot
+    do between stages), after the pruning had run. QAT now trains the pruned layers with their zeros held."""
+    recipe = {
+        "name": "prune-qat",
+        "stages": [{"prune": {"sparsity": 0.5}}, {"quantize": {"method": "qat", "finetune": {"epochs": 1, "lr": 0.001, "optimizer": "adam"}}}],
+    }
+    result = ts.compress(trained, recipe, digits, export_path=tmp_path / "m.onnx", latency=False, progress=False)
+    assert result.float_model is not None
+    for name, module in result.float_model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            assert float((module.weight == 0).float().mean()) >= 0.5, name
+    assert abs(result.report.stages[-1].metrics["accuracy"] - result.report.stages[1].metrics["accuracy"]) < 0.05

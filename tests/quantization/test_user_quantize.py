@@ -217,7 +217,7 @@ def test_qat_export_of_a_harmless_branch_is_not_refused():
     assert engine(torch.randn(3, 16)).shape == (3, 4)
 
 
-def test_a_qat_model_quantized_again_exports_and_a_pruned_one_is_told_to_fold_its_masks():
+def test_a_qat_model_quantized_again_exports_and_a_pruned_one_keeps_its_zeros():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
     data = [(torch.randn(16, 16), torch.randint(0, 4, (16,))) for _ in range(2)]
@@ -225,8 +225,8 @@ def test_a_qat_model_quantized_again_exports_and_a_pruned_one_is_told_to_fold_it
     engine = ts.quantize(simulated, {"method": "qat", "export": True, "calibration_batches": 1}, data=data).model
     assert engine(torch.randn(3, 16)).shape == (3, 4)
     pruned = ts.prune(model, {"sparsity": 0.5}).model
-    with pytest.raises(TorchslimError, match="masked by pruning: fold the masks first"):
-        ts.quantize(pruned, {"method": "qat", "export": False, "calibration_batches": 1}, data=data)
+    trained = ts.quantize(pruned, {"method": "qat", "export": False, "calibration_batches": 1}, data=data, finetune={"epochs": 2, "lr": 0.05}).model
+    assert all(float((layer.weight == 0).float().mean()) == 0.5 for layer in (trained[0], trained[2]))
 
 
 def test_activation_bits_is_taken_by_every_scheme():

@@ -206,13 +206,23 @@ def prepare_qat(model: nn.Module, config: QATConfig | dict | None = None, inplac
     config = QATConfig.coerce(config, where="qat")
     if config.reduce_range is None:
         config = dataclasses.replace(config, reduce_range=not cpu_has_vnni())
+    from torchslim.pruning.apply import get_mask, make_permanent
+
     target = model if inplace else copy_model(model)
     pin_spec(target)
+    # layers masked by pruning train with their masks folded and their pruned weights' gradients zeroed: they stay zero
+    # (a zero weight fake-quantizes to zero), as a recipe's prune stage left them
+    masks = {name: mask.detach().clone() for name, module in target.named_modules() if (mask := get_mask(module)) is not None}
+    if masks:
+        make_permanent(target)
     converted = []
     for name, module in select_modules(target, config.layers, default_types=("Linear", "Conv2d")):
         if type(module) in (nn.Linear, nn.Conv2d):
             _convert(module, config)
             converted.append(name)
+            if name in masks:
+                weight = weight_of(module)
+                weight.register_hook(lambda grad, keep=masks[name].to(weight.device): grad * keep)
     if not converted and not any(isinstance(m, (QATLinear, QATConv2d)) for m in target.modules()):  # a QAT model again: its layers are
         left = left_float(target)
         masked = " (masked by pruning: fold the masks first with torchslim.pruning.make_permanent)" if any("Parametrized" in entry for entry in left) else ""
