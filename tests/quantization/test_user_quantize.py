@@ -448,3 +448,15 @@ def test_pt2e_quantizes_a_model_that_calls_one_activation_module_twice():
     got = compiled(x)
     assert float((got - expected).norm() / expected.norm()) < 0.1
     assert isinstance(model.relu, nn.ReLU)
+
+
+def test_what_onnx_runtimes_quantizer_does_other_than_asked_is_said():
+    """Entropy calibration through quantize_static gave the min-max file byte for byte, and dynamic int8 gave every
+    convolution one weight scale with per_channel on: the report said "entropy calibration" and nothing else."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 4)).eval()
+    data = [(torch.randn(8, 3, 8, 8), torch.randint(0, 4, (8,))) for _ in range(2)]
+    entropy = ts.quantize(model, {"method": "onnxruntime", "calibration": "entropy"}, data=data).report.stages[0].notes
+    assert any("these ranges are min-max's; observer: entropy searches the KL threshold" in note for note in entropy)
+    dynamic = ts.quantize(model, {"method": "onnxruntime", "mode": "dynamic"}, data=data).report.stages[0].notes
+    assert any(note.startswith("2 convolutions as ConvInteger") for note in dynamic)

@@ -186,6 +186,11 @@ def _onnxruntime(model: nn.Module, config: OnnxInt8Config, context: _Context) ->
     if config.mode == "static":
         calibrated = f"torchslim's {config.observer} observer" if config.observer is not None else f"{config.calibration} calibration"
         how = f"static int8 ({calibrated}, {config.activations} activations{seven})"
+        if config.observer is None and config.calibration == "entropy":
+            notes.append(
+                "ONNX Runtime's entropy calibration, as quantize_static runs it, has a histogram of 128 bins for 128 levels: the only threshold "
+                "it can choose is the largest value, so these ranges are min-max's; observer: entropy searches the KL threshold (torchslim's)"
+            )
         kept = float_products(engine.onnx_bytes)
         if kept is not None:
             products = kept["products"]
@@ -196,6 +201,12 @@ def _onnxruntime(model: nn.Module, config: OnnxInt8Config, context: _Context) ->
             )
     else:
         how = f"dynamic int8 ({'per-token' if config.uses_per_token(isinstance(context.example, dict)) else 'per-tensor'} activation scales{seven})"
+        convolutions = _dynamic_convolutions(engine.onnx_bytes)
+        if convolutions:
+            notes.append(
+                f"{convolutions} convolution{'' if convolutions == 1 else 's'} as ConvInteger: ONNX Runtime's dynamic quantizer gives a convolution "
+                "one weight scale per tensor, whatever per_channel says (static int8 quantizes them per channel, and runs faster on CPU)"
+            )
     return engine, _stage([f"ONNX Runtime quantizer: {how}", *notes, *export_notes(engine.onnx_bytes)], f"ONNX Runtime, {how}", engine)
 
 
@@ -249,6 +260,13 @@ def _qat(model: nn.Module, config: QATConfig, context: _Context) -> tuple[nn.Mod
     with tempfile.TemporaryDirectory() as folder:
         engine = OnnxModule(export_qat_onnx(trained, context.example, _output_path(context, folder)), threads=context.threads)
     return engine, _stage(notes, "ONNX Runtime, int8 QDQ from quantization-aware training", engine)
+
+
+def _dynamic_convolutions(onnx_bytes: bytes) -> int:
+    """How many ConvInteger nodes (dynamic int8 convolutions) an ONNX file holds."""
+    import onnx
+
+    return sum(node.op_type == "ConvInteger" for node in onnx.load_from_string(onnx_bytes).graph.node)
 
 
 def _stage(notes: list[str], execution: str, engine: OnnxModule | None = None) -> Stage:
