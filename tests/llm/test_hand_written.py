@@ -145,3 +145,22 @@ def test_token_windows_are_scored_as_language_modeling_without_a_task():
     assert "perplexity" in ts.evaluate(LectureGPT(), text.train)
     pruned = ts.prune(LectureGPT(), {"solver": "sparsegpt", "sparsity": 0.5, "calibration_batches": 2}, data=text)
     assert any("perplexity" in note for note in pruned.report.stages[0].notes)
+
+
+class Flat(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.mix, self.head = nn.Embedding(64, 32), nn.Linear(32, 32), nn.Linear(32, 64)
+
+    def forward(self, idx):
+        return self.head(torch.relu(self.mix(self.embed(idx))))
+
+
+def test_a_model_without_repeated_blocks_is_said_to_be_calibrated_in_one_pass():
+    text = _text()
+    for notes in (
+        ts.quantize(Flat(), GPTQ, data=text).report.stages[0].notes,
+        ts.prune(Flat(), {"solver": "sparsegpt", "sparsity": 0.5, "calibration_batches": 2}, data=text).report.stages[0].notes,
+    ):
+        assert any(note.startswith("no repeated blocks found") for note in notes)
+    assert not any(note.startswith("no repeated blocks found") for note in ts.quantize(LectureGPT(), GPTQ, data=text).report.stages[0].notes)

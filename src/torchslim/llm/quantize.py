@@ -89,6 +89,13 @@ class GPTQConfig(Config):
         return super().from_dict(mapping, where=where)
 
 
+# said where a block-by-block method found no repeated blocks
+NO_BLOCKS = (
+    "no repeated blocks found (an nn.ModuleList or nn.Sequential of layers run one after another on the hidden states): the whole "
+    "model was calibrated as one block, in one pass (more memory than block by block)"
+)
+
+
 def _outside_blocks(target: nn.Module, plan: LayerPlan, inside: set[str], prefix: str = "") -> list[str]:
     """Round the planned layers no block calibrated to nearest; the notes name them: those no block holds, and those
     of a block that its forward never called (``prefix``: where the blocks are)."""
@@ -99,6 +106,8 @@ def _outside_blocks(target: nn.Module, plan: LayerPlan, inside: set[str], prefix
     held = [name for name in names if prefix and name.startswith(f"{prefix}.")]
     outside = [name for name in names if name not in held]
     notes = [f"outside the repeated blocks, rounded to nearest: {', '.join(outside)}"] if outside else []
+    if not prefix:
+        notes.append(NO_BLOCKS)
     if held:
         notes.append(
             "never called on the calibration batches (the block reads its weight directly, as nn.MultiheadAttention reads out_proj's), "

@@ -146,6 +146,7 @@ def prune_sparsegpt(
         "peak_rss_mib": round(run.peak_rss_mib, 1),
         "left_dense": left,
         "uncalled": uncalled,
+        "found_blocks": bool(run.prefix),
     }
 
 

@@ -198,6 +198,10 @@ def _sparsegpt_step(
     run = prune_sparsegpt(model, modules, batches, sparsity, config)  # type: ignore[arg-type]
     if notes is not None:
         notes.append(f"SparseGPT over {run['blocks']} blocks on {run['calibration_tokens']:,} tokens in {run['calibration_seconds']} s")
+        if not run["found_blocks"]:
+            from torchslim.llm.quantize import NO_BLOCKS
+
+            notes.append(NO_BLOCKS)
         outside = [name for name in run["left_dense"] if name not in run["uncalled"]]
         if outside:
             notes.append(f"left dense (SparseGPT prunes the Linear layers of the repeated blocks): {', '.join(outside)}")
