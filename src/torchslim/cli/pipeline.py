@@ -134,7 +134,15 @@ def compress(
         raise TorchslimError(f"--resume: no checkpoint in {checkpoint} to continue")
     dataset = source.load()
     if resume:  # the run continues from its checkpoint, which holds the model it started from
-        network = checkpoint_original(checkpoint, trust_factory=trusted)
+        try:
+            network = checkpoint_original(checkpoint, trust_factory=trusted)
+        except TorchslimError as error:
+            if "trust_factory" not in str(error) or not isinstance(trusted, str):
+                raise
+            raise TorchslimError(
+                f"--resume: the checkpoint in {checkpoint} was not started from --model {model} ({str(error).split(': ', 1)[-1].split(';')[0]}); "
+                "resume with the --model the run started with, or pass --trust-factory if you trust the checkpoint"
+            ) from None
     elif weights is None and ":" in model:
         raise TorchslimError(f"--model {model}: an import-path model needs --weights (its trained state)")
     else:
