@@ -114,14 +114,20 @@ def test_interrupted_run_resumes_to_the_same_model(trained, digits, tmp_path, mo
         ts.compress(trained, load_recipe(SMALL).with_stage(1, epochs=3), digits, checkpoint=folder, resume=True, latency=False)
 
 
-def test_masks_are_restored_on_resume(trained, digits, tmp_path, monkeypatch):
-    """Resuming after the prune stage keeps pruned weights at zero through the next fine-tuning."""
-    recipe = {"name": "p", "stages": [{"prune": {"sparsity": [0.9]}}, {"finetune": {"epochs": 1, "lr": 0.05, "eval_every_epoch": False}}]}
+def _interrupted_in_finetune(trained, digits, tmp_path, monkeypatch, sparsity: float) -> dict:
+    """A prune-then-finetune recipe run until Ctrl-C in its fine-tuning (checkpoint in tmp_path / "c"); returns it."""
+    recipe = {"name": "p", "stages": [{"prune": {"sparsity": [sparsity]}}, {"finetune": {"epochs": 1, "lr": 0.05, "eval_every_epoch": False}}]}
     original = stages_module.fit
     monkeypatch.setattr(stages_module, "fit", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(CompressInterrupted):
         ts.compress(trained, recipe, digits, checkpoint=tmp_path / "c", latency=False, progress=False)
     monkeypatch.setattr(stages_module, "fit", original)
+    return recipe
+
+
+def test_masks_are_restored_on_resume(trained, digits, tmp_path, monkeypatch):
+    """Resuming after the prune stage keeps pruned weights at zero through the next fine-tuning."""
+    recipe = _interrupted_in_finetune(trained, digits, tmp_path, monkeypatch, 0.9)
     result = ts.compress(trained, recipe, digits, checkpoint=tmp_path / "c", resume=True, latency=False, progress=False)
     assert result.report.stages[-1].metrics["nonzeros"] == result.report.stages[1].metrics["nonzeros"]
 
@@ -273,12 +279,7 @@ def test_the_encode_stage_measures_the_file_the_result_saves(tmp_path, index_bit
 def test_a_run_resumed_on_other_data_is_refused(trained, digits, tmp_path, monkeypatch):
     """``--resume`` with another ``--data`` finished with no warning, its report mixing two datasets (the baseline on
     one, the later stages on the other)."""
-    recipe = {"name": "p", "stages": [{"prune": {"sparsity": [0.5]}}, {"finetune": {"epochs": 1, "lr": 0.05, "eval_every_epoch": False}}]}
-    original = stages_module.fit
-    monkeypatch.setattr(stages_module, "fit", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
-    with pytest.raises(CompressInterrupted):
-        ts.compress(trained, recipe, digits, checkpoint=tmp_path / "c", latency=False, progress=False)
-    monkeypatch.setattr(stages_module, "fit", original)
+    recipe = _interrupted_in_finetune(trained, digits, tmp_path, monkeypatch, 0.5)
     other = ts.Data(train=(digits.train.inputs, digits.train.targets), eval=(digits.test.inputs[:300], digits.test.targets[:300]))
     with pytest.raises(TorchslimError, match=rf"started on other data \(the original model's examples {len(digits.test)} then, 300 now"):
         ts.compress(trained, recipe, other, checkpoint=tmp_path / "c", resume=True, latency=False, progress=False)
