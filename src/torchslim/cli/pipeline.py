@@ -140,8 +140,8 @@ def compress(
             if "trust_factory" not in str(error) or not isinstance(trusted, str):
                 raise
             raise TorchslimError(
-                f"--resume: the checkpoint in {checkpoint} was not started from --model {model} ({str(error).split(': ', 1)[-1].split(';')[0]}); "
-                "resume with the --model the run started with, or pass --trust-factory if you trust the checkpoint"
+                f"--resume: the checkpoint in {checkpoint} was not started from --model {model}: {str(error).split(': ', 1)[-1]}; resume with "
+                "the --model the run started with"
             ) from None
     elif weights is None and ":" in model:
         raise TorchslimError(f"--model {model}: an import-path model needs --weights (its trained state)")
