@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -219,3 +221,41 @@ def test_pt_files_load_weights_only(tmp_path):
 def test_unknown_registry_name_in_spec():
     with pytest.raises(TorchslimError, match="unknown model 'alexnet'"):
         build_from_spec({"name": "alexnet", "kwargs": {}})
+
+
+@dataclasses.dataclass
+class Scales:
+    width: int = 8
+    residual: float = 1.0
+
+
+class ConfiguredNet(nn.Module):
+    """A config dataclass and a dict keyed by integers as constructor arguments, held as attributes."""
+
+    def __init__(self, cfg: Scales = Scales(), widths: dict | None = None) -> None:
+        super().__init__()
+        self.cfg, self.widths = cfg, widths or {0: 8}
+        self.fc = nn.Linear(8, self.widths[0])
+
+    def forward(self, x):
+        return self.fc(x) * self.cfg.residual
+
+
+def build_configured(residual: float = 1.0) -> ConfiguredNet:
+    return ConfiguredNet(Scales(residual=residual))
+
+
+def test_arguments_json_cannot_write_back_are_refused_not_swapped_for_their_defaults(tmp_path):
+    """A config dataclass other than its default was taken for the default: the reloaded model scaled by 1.0, not
+    3.0 (0.93 off), with no warning. A dict keyed by integers saved, and the file then failed to load (KeyError: 0)."""
+    x = torch.randn(2, 8)
+    plain = ConfiguredNet()
+    assert torch.equal(ts.load(ts.save(plain, tmp_path / "p.safetensors"), trust_factory=True)(x), plain(x))  # its defaults: fine
+    with pytest.raises(TorchslimError, match=r"cfg is Scales\(width=8, residual=3.0\) in the model, a value JSON cannot write back"):
+        ts.save(ConfiguredNet(Scales(residual=3.0)), tmp_path / "c.safetensors")
+    with pytest.raises(TorchslimError, match=r"widths is \{0: 8, 1: 4\} in the model"):
+        ts.save(ConfiguredNet(widths={0: 8, 1: 4}), tmp_path / "w.safetensors")
+    assert not (tmp_path / "c.safetensors").exists() and not (tmp_path / "w.safetensors").exists()
+    scaled = build_configured(3.0)
+    path = ts.save(scaled, tmp_path / "b.safetensors", factory="tests.io.test_modelfile:build_configured", kwargs={"residual": 3.0})
+    assert torch.equal(ts.load(path, trust_factory=True)(x), scaled(x))

@@ -25,6 +25,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 
 from torchslim.core.errors import TorchslimError
@@ -56,12 +57,30 @@ def class_path(klass: type) -> str | None:
     return f"{klass.__module__}:{klass.__qualname__}"
 
 
+def _as_json(value: Any) -> Any:
+    """``value`` as JSON gives it back: tuples become lists (a dict's keys stay as they are, to be compared)."""
+    if isinstance(value, (tuple, list)):
+        return [_as_json(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _as_json(v) for k, v in value.items()}
+    return value
+
+
 def _json_value(value: Any) -> bool:
+    """Whether JSON writes ``value`` and reads it back the same (a dict keyed by integers comes back keyed by strings,
+    which would build another model, or none)."""
     try:
-        json.dumps(value)
+        return bool(json.loads(json.dumps(value)) == _as_json(value))
     except (TypeError, ValueError):
         return False
-    return True
+
+
+def same_value(value: Any, other: Any) -> bool:
+    """``value == other``, False where the comparison raises or is no bool (a tensor of several elements)."""
+    try:
+        return bool(value == other)
+    except Exception:  # an object whose == raises or is not a bool (a tensor of several elements)
+        return False
 
 
 SEQUENTIAL = "torchslim.io.modelfile:sequential"  # the builder of a plain nn.Sequential from its layers' specs
@@ -95,7 +114,7 @@ def _sequential_spec(model: nn.Sequential) -> dict[str, Any]:
     return result
 
 
-INFERENCE_KEYS = ("inferred", "missing", "unimportable", "assumed")  # what inference notes in a spec, not written to files
+INFERENCE_KEYS = ("inferred", "missing", "unimportable", "assumed", "unwritable", "held")  # what inference notes in a spec, not written to files
 
 
 def inferred_spec(model: nn.Module) -> dict[str, Any]:
@@ -113,6 +132,8 @@ def inferred_spec(model: nn.Module) -> dict[str, Any]:
     kwargs: dict[str, Any] = {}
     missing: list[str] = []
     assumed: list[str] = []  # arguments with defaults the model keeps no attribute of: the default is assumed (and checked)
+    unwritable: list[str] = []  # arguments without a default the model holds as values JSON cannot write
+    held: list[str] = []  # arguments with a default the model holds as values JSON cannot write: the default, compared
     # torch's recurrent layers take *args, **kwargs: their arguments are those of RNNBase (less the mode their class sets)
     init = nn.RNNBase.__init__ if issubclass(klass, nn.RNNBase) and klass is not nn.RNNBase else klass.__init__
     for name, parameter in list(inspect.signature(init).parameters.items())[1:]:
@@ -122,6 +143,13 @@ def inferred_spec(model: nn.Module) -> dict[str, Any]:
         if value is not inspect.Parameter.empty and _json_value(value):
             if parameter.default is inspect.Parameter.empty or value != parameter.default:
                 kwargs[name] = value
+        elif value is not inspect.Parameter.empty and not isinstance(value, (nn.Module, torch.Tensor)) and not klass.__module__.startswith("torch."):
+            # held, but JSON cannot write it (a config dataclass, a dict keyed by integers): its default, where the model
+            # the default builds holds the same value (``io.modelfile.file_spec`` compares them), else refused
+            if parameter.default is inspect.Parameter.empty:
+                unwritable.append(f"{name} ({type(value).__name__})")
+            else:
+                held.append(name)
         elif parameter.default is inspect.Parameter.empty:
             missing.append(name)
         elif not klass.__module__.startswith("torch."):  # torch's layers keep what shapes their tensors as attributes
@@ -136,6 +164,10 @@ def inferred_spec(model: nn.Module) -> dict[str, Any]:
         spec["missing"] = missing
     if assumed:
         spec["assumed"] = assumed
+    if unwritable:
+        spec["unwritable"] = unwritable
+    if held:
+        spec["held"] = held
     return spec
 
 
@@ -174,6 +206,12 @@ def check_spec(spec: Any, where: str) -> dict[str, Any]:
             f"{', '.join(spec['missing'])} are not attributes of the model; save with "
             f"factory='{spec['factory']}' and kwargs={{...}}"
         )
+    if spec.get("unwritable"):
+        raise TorchslimError(
+            f"{where}: cannot write how to rebuild {spec['factory']}: its constructor argument(s) {', '.join(spec['unwritable'])} are held as "
+            "values JSON cannot write back as they are (a config dataclass; a dict keyed by integers comes back keyed by strings), and "
+            "have no default; save with factory='package.module:build', a function of JSON arguments that builds the model, and those kwargs"
+        )
     kwargs = spec.get("kwargs", {})
     if not isinstance(kwargs, dict) or not all(isinstance(key, str) for key in kwargs):
         raise TorchslimError(f"{where}: the spec's 'kwargs' must be a mapping, got {kwargs!r}")
@@ -181,6 +219,9 @@ def check_spec(spec: Any, where: str) -> dict[str, Any]:
         json.dumps(kwargs)
     except TypeError as error:
         raise TorchslimError(f"{where}: the spec's kwargs are not JSON-serializable ({error})") from None
+    changed = [key for key, value in kwargs.items() if not _json_value(value)]
+    if changed:
+        raise TorchslimError(f"{where}: the kwargs {', '.join(changed)} read back otherwise from JSON (a dict keyed by integers comes back keyed by strings)")
     transforms = spec.get("transforms", [])
     if not isinstance(transforms, list) or not all(isinstance(t, dict) and isinstance(t.get("kind"), str) for t in transforms):
         raise TorchslimError(f"{where}: the spec's 'transforms' must be a list of mappings with a 'kind'")
@@ -261,6 +302,7 @@ __all__ = [
     "recorded_layers",
     "recorded_transform",
     "register_transform",
+    "same_value",
     "set_spec",
     "sizing_spec",
     "spec_of",

@@ -36,7 +36,7 @@ from torchslim.core.checks import check_model, norm_hooks, remove_norm_hook
 from torchslim.core.errors import ChecksumError, TorchslimError
 from torchslim.core.files import ModelFormat, refuse_overwrite, register_format, write_atomic
 from torchslim.core.memory import release_freed_memory
-from torchslim.core.spec import SEQUENTIAL, apply_transforms, check_spec, factories, register_transform, set_spec, spec_of
+from torchslim.core.spec import SEQUENTIAL, apply_transforms, check_spec, factories, register_transform, same_value, set_spec, spec_of
 from torchslim.core.ties import plain_name, retie, tied_groups
 from torchslim.io.rebuild import structure_differences
 from torchslim.measure.weights import effective_weights, hook_norm_weights
@@ -130,7 +130,7 @@ def file_spec(model: nn.Module, where: str, spec: dict[str, Any] | None = None) 
     tensors of the same names and shapes, or the error says which differs."""
     refuse_engine(model, where)
     spec = check_spec(spec if spec is not None else spec_of(model), where)
-    assumed = spec.pop("assumed", [])
+    assumed, held = spec.pop("assumed", []), spec.pop("held", [])
     if spec.pop("inferred", False):
         builder = spec.get("factory") or spec.get("huggingface")
         built_by = f"{builder} from {spec['kwargs']}"
@@ -149,6 +149,13 @@ def file_spec(model: nn.Module, where: str, spec: dict[str, Any] | None = None) 
                 f"{where}: rebuilding {built_by}{guess} does not give this "
                 f"model ({differing[0]} differs); save with factory='package.module:callable' and the kwargs that build it"
             )
+        for name in held:  # a value JSON cannot write (a config dataclass): the default must build the model's own
+            if not same_value(getattr(rebuilt, name, None), getattr(model, name)):
+                raise TorchslimError(
+                    f"{where}: {name} is {getattr(model, name)!r} in the model, a value JSON cannot write back as it is, and "
+                    f"{getattr(rebuilt, name, None)!r} in the model its default builds; save with factory='package.module:build', a function "
+                    "of JSON arguments that builds the model, and those kwargs"
+                )
         layers, plain = structure_differences(rebuilt, model) if assumed else ([], [])
         if layers or plain:  # same tensors, yet a default the model keeps no attribute of may have built something else
             told = (
