@@ -43,3 +43,23 @@ def test_the_path_that_did_not_run_keeps_what_it_writes_as_well_as_what_it_reads
         with torch.no_grad():
             assert torch.equal(slim(x), model(x))  # path a and what it reads and writes are whole
         model.key = "b"
+
+
+class TorchAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = nn.Linear(8, 16), nn.Linear(16, 3)
+        self.blocks = nn.ModuleList([nn.MultiheadAttention(16, 4, batch_first=True) for _ in range(2)])
+
+    def forward(self, x):
+        x = self.embed(x)
+        for attention in self.blocks:
+            x = x + attention(x, x, x, need_weights=False)[0]
+        return self.head(x.mean(1))
+
+
+def test_heads_asked_of_torchs_multihead_attention_are_said_to_stay():
+    """head_ratio on a hand-written ViT of nn.MultiheadAttention removed no head, and no note said so."""
+    result = ts.prune_channels(TorchAttention(), {"ratio": 0.3, "head_ratio": 0.5}, example_input=torch.randn(2, 5, 8))
+    assert result.report.stages[0].metrics["heads_removed"] == 0
+    assert any(note.startswith("heads kept whole in blocks.0, blocks.1: nn.MultiheadAttention") for note in result.report.stages[0].notes)

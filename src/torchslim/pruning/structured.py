@@ -59,6 +59,7 @@ from torchslim.pruning.model_config import update_model_config
 from torchslim.pruning.multiples import channel_multiple, check_round_to
 from torchslim.pruning.removal import module_width, remove_channels, zero_readers
 from torchslim.pruning.tracing import trace
+from torchslim.pruning.transformer_rules import heads_kept_note
 from torchslim.tasks.base import Task, resolve_task
 from torchslim.tasks.batches import call_model, output_tensor, run_failure
 from torchslim.train.fit import TrainConfig, fit
@@ -454,6 +455,7 @@ def prune_channels(
     graph = trace(working, example)
     chosen, notes = select_groups(working, graph, config, data, task)
     heads = select_heads(working, graph, config, data)
+    notes += heads_kept_note(working, graph) if config.head_ratio > 0 else []
     chosen, heads = _safe_removal(working, graph, chosen, heads, example, notes)
     before = {n: module_width(m) for n, m in working.named_modules() if module_width(m) is not None}
     macs_before = count_macs(working, example)["total"]

@@ -177,3 +177,14 @@ PREDICATE_RULES.extend(
         (_is_rms_norm, _rms_norm),
     ]
 )
+
+
+def heads_kept_note(model: nn.Module, graph: ChannelGraph) -> list[str]:
+    """Where heads were asked for: a note naming the attention modules whose heads no rule could take apart (torch's
+    nn.MultiheadAttention computes them inside one fused function), as nothing else would say so."""
+    headed = {head.module for head in graph.heads}
+    kept = [name for name, module in model.named_modules() if isinstance(module, nn.MultiheadAttention) and name not in headed]
+    if not kept:
+        return []
+    listed = ", ".join(kept[:6]) + (f" and {len(kept) - 6} more" if len(kept) > 6 else "")
+    return [f"heads kept whole in {listed}: nn.MultiheadAttention computes its heads inside one fused function, which head removal cannot take apart"]
