@@ -299,3 +299,25 @@ def test_quantization_aware_training_after_pruning_keeps_the_pruned_weights_at_z
         if isinstance(module, (nn.Linear, nn.Conv2d)):
             assert float((module.weight == 0).float().mean()) >= 0.5, name
     assert abs(result.report.stages[-1].metrics["accuracy"] - result.report.stages[1].metrics["accuracy"]) < 0.05
+
+
+class _AttentionNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.attention, self.head = nn.Linear(8, 16), nn.MultiheadAttention(16, 4, batch_first=True), nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = self.embed(x)
+        return self.head((x + self.attention(x, x, x, need_weights=False)[0]).mean(1))
+
+
+def test_the_macs_of_non_zeros_count_what_no_layer_row_holds():
+    """An nn.MultiheadAttention's products have no layer row (its weight is in_proj_weight): a dense model was reported
+    with 'MACs of non-zeros' of half its MACs. Only what the rows' zeros save comes off now."""
+    data = [(torch.randn(4, 5, 8), torch.randint(0, 3, (4,))) for _ in range(2)]
+    recipe = {"name": "p", "stages": [{"prune": {"sparsity": 0.5, "layers": {"include": ["head"]}}}]}
+    result = ts.compress(_AttentionNet(), recipe, data, latency=False, progress=False)
+    baseline, pruned = result.report.stages[0].metrics, result.report.stages[-1].metrics
+    assert "sparse_macs" not in baseline
+    head = next(row for row in result.report.stages[-1].layers if row["name"] == "head")
+    assert pruned["sparse_macs"] == pruned["macs"] - (head["macs"] - head["sparse_macs"]) and pruned["sparse_macs"] > pruned["macs"] / 2

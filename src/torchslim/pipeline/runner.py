@@ -152,9 +152,11 @@ def describe_layers(stage: Stage, model: nn.Module, example: Any, ranges: dict[s
     alone would need) joins the stage's metrics when it differs from the MACs that execute."""
     stage.layers = layer_rows(model, example)
     stage.histograms = weight_histograms(model, ranges)
-    sparse = sum(row.get("sparse_macs", 0) for row in stage.layers)
-    if stage.layers and sparse < stage.metrics.get("macs", 0):
-        stage.metrics["sparse_macs"] = sparse
+    # what the rows' zeros save, off the MACs that execute: modules with no row (an nn.MultiheadAttention's products,
+    # whose weight is no layer's) count in full
+    saved = sum(row["macs"] - row["sparse_macs"] for row in stage.layers if "sparse_macs" in row and "macs" in row)
+    if stage.layers and saved > 0 and "macs" in stage.metrics:
+        stage.metrics["sparse_macs"] = stage.metrics["macs"] - saved
 
 
 def time_stages(report: Report, models: dict[str, nn.Module], example: Any, threads: int | None, rounds: int = 7, runs: int = 15) -> None:
