@@ -81,7 +81,7 @@ def test_wanda_ranks_gated_neurons_and_grouped_heads_by_what_they_add_to_the_out
         kept[importance] = bool((pruned.abs().amax(dim=0) > 50 * pruned.abs().amax(dim=0).median()).any())
     assert kept == {"l1": False, "wanda": True}
     heads = ts.prune_channels(model, {"head_ratio": 0.5, "importance": "wanda"}, data=data, task="language-modeling")
-    assert heads.report.stages[0].metrics["heads_removed"] == 2
+    assert heads.report.stages[0].metrics["heads_removed"] == 4  # query heads: one key/value unit of two per layer, two query heads each
     with pytest.raises(ts.ConfigError, match="needs calibration data"):
         ts.prune_channels(model, {"head_ratio": 0.5, "importance": "wanda"}, example_input=data[0])
 

@@ -484,7 +484,7 @@ def prune_channels(
         "macs": macs_after,
         "macs_ratio": macs_before / max(1, macs_after),
         "groups_removed": len(chosen),
-        "heads_removed": len(heads),
+        "heads_removed": sum(int(head.attributes.get("per_unit", 1)) for head in heads),  # query heads (a grouped unit holds several)
         "prune_seconds": seconds,
     }
     if graph.unsupported:
