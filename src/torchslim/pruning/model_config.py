@@ -154,11 +154,11 @@ def update_model_config(model: nn.Module) -> list[str]:
     wanted = {key: value for key, value in _widths(model, reasons).items() if hasattr(config, key)}
     changed: dict[str, Any] = {key: value for key, value in wanted.items() if getattr(config, key) != value}
     if not changed:
-        if reasons:
-            return [f"the config cannot describe the pruned model: {'; '.join(reasons)}; save it with torchslim.save"]
         shapes, rebuilt = _shapes(model), _rebuilt_shapes(model, config)  # widths no field above covers (GPT-2's head count)
         if rebuilt is None or rebuilt == shapes:
-            return []
+            return []  # the config builds the model as it is (Swin's widths differ by stage, by its own ratios)
+        if reasons:
+            return [f"the config cannot describe the pruned model: {'; '.join(reasons)}; save it with torchslim.save"]
         return [f"the config cannot describe the pruned model ({type(config).__name__} does not describe these widths{_mismatch(shapes, rebuilt)}); {LEFT}"]
     if "num_attention_heads" in changed or "hidden_size" in changed:
         changed["head_dim"] = wanted.get("head_dim", getattr(config, "head_dim", None))
