@@ -281,7 +281,7 @@ def test_one_hot_labels_are_read_as_the_classes_they_mark_and_soft_labels_are_na
     model = ts.train(nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)), [(x, y)], {"epochs": 3}, progress=False).model
     assert ts.evaluate(model, [(xt, F.one_hot(yt, 10).float())]) == ts.evaluate(model, [(xt, yt)])
     soft = F.one_hot(yt, 10).float() * 0.9 + 0.01
-    with pytest.raises(TorchslimError, match=r"one value per class, but are not one-hot \(soft labels\)"):
+    with pytest.raises(TorchslimError, match=r"one value per output, but are not one-hot \(soft labels, or regression values\)"):
         ts.evaluate(model, [(xt, soft)])
 
 
