@@ -169,3 +169,18 @@ def test_t5_quantizes_to_native_int8_past_its_infinite_log():
     got = got.logits if hasattr(got, "logits") else got[0] if isinstance(got, (tuple, list)) else got
     assert torch.isfinite(got).all()
     assert float((got - expected).norm() / expected.norm()) < 0.1
+
+
+def test_alberts_embedding_and_feed_forward_widths_follow_into_the_config(tmp_path):
+    """ALBERT's factorized embedding width (embedding_size) and its ffn / ffn_output width were not read, so the
+    config stayed as it was and save_pretrained could not describe the pruned model."""
+    config = transformers.AlbertConfig(
+        vocab_size=100, embedding_size=16, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, num_labels=2
+    )
+    torch.manual_seed(0)
+    model = transformers.AlbertForSequenceClassification(config).eval()
+    result = ts.prune_channels(model, {"ratio": 0.5, "overrides": {"albert.pooler": 0.0}}, example_input=_ids())
+    assert "config updated for save_pretrained: embedding_size=8, intermediate_size=32" in result.report.stages[0].notes
+    reloaded = _reloaded(result.model.eval(), tmp_path / "albert")
+    with torch.no_grad():
+        assert torch.equal(result.model(**_ids(seed=2)).logits, reloaded(**_ids(seed=2)).logits)

@@ -73,6 +73,9 @@ def _widths(model: nn.Module, reasons: list[str]) -> dict[str, int]:
             mlp.add(fc.nf)
         if name.endswith("intermediate") and isinstance(getattr(module, "dense", None), nn.Linear):  # BERT / ViT
             mlp.add(module.dense.out_features)
+        ffn, ffn_output = getattr(module, "ffn", None), getattr(module, "ffn_output", None)  # ALBERT's MLP
+        if isinstance(ffn, nn.Linear) and isinstance(ffn_output, nn.Linear) and ffn.out_features == ffn_output.in_features:
+            mlp.add(ffn.out_features)
         wo = getattr(module, "wo", None)  # T5's MLP: wi (or gated wi_0 / wi_1) and wo
         if isinstance(wo, nn.Linear) and any(isinstance(getattr(module, n, None), nn.Linear) for n in ("wi", "wi_0")):
             mlp.add(wo.in_features)
