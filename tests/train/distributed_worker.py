@@ -88,6 +88,20 @@ def main(out: str, strategy: str) -> None:
     sampled = UserNet()
     sampler = DistributedSampler(examples, num_replicas=current.size, rank=current.rank, seed=0)
     fit(sampled, DataLoader(examples, batch_size=32, sampler=sampler), {**tune, "epochs": 2}, progress=False, evaluate_at_end=False)
+    # a head forward never calls (DDP must be told, or it waits for its gradient) beside BatchNorm (whose running
+    # statistics each rank updates from its own half of a batch: rank 0's are taken at the end)
+
+    class Unused(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body, self.norm = torch.nn.Linear(64, 32), torch.nn.BatchNorm1d(32)
+            self.head, self.spare = torch.nn.Linear(32, 10), torch.nn.Linear(32, 5)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.norm(self.body(x.flatten(1)))))
+
+    torch.manual_seed(5)
+    unused = ts.train(Unused(), DataLoader(examples, batch_size=64), {**tune, "epochs": 1}, progress=False).model
     # a Hugging Face Llama (tied embedding and head, grouped KV heads) pruned with fine-tuning by AdamW on text: one
     # FSDP unit per decoder layer under fsdp
     sys.path.insert(0, str(Path(__file__).parents[2]))
@@ -113,6 +127,7 @@ def main(out: str, strategy: str) -> None:
         ("resumed", resumed),
         ("user", users),
         ("sampled", sampled),
+        ("unused", unused),
         ("llama", llama),
     )
     for prefix, network in networks:

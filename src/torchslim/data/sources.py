@@ -182,6 +182,7 @@ class LoaderSource(DataSource):
     def __init__(self, train: Any, evaluation: Any = None, description: str | None = None) -> None:
         super().__init__(description or _describe(train))
         self.kind = "text" if getattr(train, "kind", None) == "text" else "batches"  # token windows are text
+        self.loader = train  # the user's own object (a DataLoader whose DistributedSampler shards it already)
         self.train, self.evaluation = _reiterable(train, "data"), (_reiterable(evaluation, "eval data") if evaluation is not None else None)
         if evaluation is None:
             self.notes.append("no separate evaluation data: metrics are measured on the training batches")

@@ -147,7 +147,8 @@ def shard_batch(batch: Any, current: World) -> Any:
             return batch
         if batch.shape[0] < current.size:
             raise TorchslimError(
-                f"a training batch of {batch.shape[0]} examples cannot be split across {current.size} processes; use a batch size of at least {current.size}"
+                f"a training batch of {batch.shape[0]} examples cannot be split across {current.size} processes; use a batch size of at least "
+                f"{current.size} (a loader's last batch: drop_last=True)"
             )
         return torch.tensor_split(batch, current.size)[current.rank]
     if isinstance(batch, dict):
@@ -163,19 +164,67 @@ def shard_batch(batch: Any, current: World) -> Any:
     return batch
 
 
-def presharded(data: Any) -> bool:
-    """Whether the user's data is a loader that already gives each rank its own examples (a DistributedSampler)."""
+def _has_unused_parameters(model: nn.Module, data: Any) -> bool:
+    """Whether a trainable parameter gets no gradient from a forward pass on an example of ``data`` (a head the
+    forward never calls), on any rank."""
+    from torchslim.core.modes import eval_mode
+    from torchslim.tasks.batches import call_model, move_to
+
+    example = data.example(2) if callable(getattr(data, "example", None)) else None
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    unused = 0.0
+    if example is not None and trainable:
+        device = trainable[0].device
+        with eval_mode(model), torch.enable_grad():
+            output = call_model(model, move_to(example, device))
+            leaves = [t for t in _tensors(output) if t.requires_grad]
+            if leaves:
+                grads = torch.autograd.grad(torch.stack([t.float().sum() for t in leaves]).sum(), trainable, allow_unused=True)
+                unused = float(any(g is None for g in grads))
+        flag = torch.tensor([unused], device=device if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        unused = float(flag.item())
+    return unused > 0
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict) or hasattr(value, "values"):
+        return [t for v in value.values() for t in _tensors(v)]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+def _distributed_sampler(data: Any) -> Any:
+    """The DistributedSampler of the user's training loader (as given, or inside the data source made of it, as its
+    ``sampler`` or its ``batch_sampler``'s), or None."""
     from torch.utils.data.distributed import DistributedSampler
 
-    loader = getattr(data, "train", data)
-    return isinstance(getattr(loader, "sampler", None), DistributedSampler)
+    seen: list[Any] = []
+    pending = [data]
+    while pending:
+        item = pending.pop(0)
+        if item is None or any(item is other for other in seen):
+            continue
+        seen.append(item)
+        for sampler in (getattr(item, "sampler", None), getattr(getattr(item, "batch_sampler", None), "sampler", None)):
+            if isinstance(sampler, DistributedSampler):
+                return sampler
+        pending += [getattr(item, key, None) for key in ("loader", "train", "inner")]  # a source of sources: its training side
+    return None
+
+
+def presharded(data: Any) -> bool:
+    """Whether the user's data is a loader that already gives each rank its own examples (a DistributedSampler)."""
+    return _distributed_sampler(data) is not None
 
 
 def set_epoch(data: Any, epoch: int) -> None:
     """Tell a user's DistributedSampler which epoch starts (its shuffling depends on it)."""
-    loader = getattr(data, "train", data)
-    sampler = getattr(loader, "sampler", None)
-    if hasattr(sampler, "set_epoch"):
+    sampler = _distributed_sampler(data)
+    if sampler is not None:
         sampler.set_epoch(epoch)
 
 
@@ -203,7 +252,8 @@ class DataParallel:
         else:
             from torch.nn.parallel import DistributedDataParallel
 
-            self.wrapped = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+            unused = _has_unused_parameters(model, data)  # a head forward never calls: DDP must be told, or its reduction waits
+            self.wrapped = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None, find_unused_parameters=unused)
 
     @contextlib.contextmanager
     def whole(self) -> Iterator[None]:
@@ -223,6 +273,10 @@ class DataParallel:
                 self.sharding.optimizer.state.clear()
             self.sharding.release()
             self.sharding = None
+        # buffers (BatchNorm's running statistics) each rank updated from its own part of the batches: rank 0's everywhere
+        module = self.wrapped.module if isinstance(getattr(self.wrapped, "module", None), nn.Module) else self.wrapped
+        for buffer in module.buffers():
+            dist.broadcast(buffer.data, 0)
 
     def batch(self, batch: Any) -> Any:
         """This rank's part of the batch. ``weight`` becomes the factor that makes the gradients DDP averages equal
