@@ -12,8 +12,9 @@ from torchslim.pruning.graph import ChannelGraph, Group, HeadGroup, ParamSlice
 from torchslim.pruning.importance import GROUP_IMPORTANCE, WEIGHT_IMPORTANCE, Criterion, group_criterion, weight_criterion
 from torchslim.pruning.regularize import HardConcreteGate, L0Regularizer, SparsityRegularizer
 from torchslim.pruning.removal import apply_structure, remove_channels, zero_readers
+from torchslim.pruning.removal_checks import check_removal
 from torchslim.pruning.schedule import GradualPruning, polynomial_sparsity, schedule_sparsities
-from torchslim.pruning.structured import StructuredConfig, check_removal, prune_channels, select_groups, select_heads
+from torchslim.pruning.structured import StructuredConfig, prune_channels, select_groups, select_heads
 from torchslim.pruning.tracing import trace
 from torchslim.pruning.unstructured import PruneConfig, prune, prune_in_place
 from torchslim.pruning.variational import SparseVariationalDropout, VariationalConfig, sparsify_variational

@@ -177,7 +177,7 @@ def _has_unused_parameters(model: nn.Module, data: Any) -> bool:
         device = trainable[0].device
         with eval_mode(model), torch.enable_grad():
             output = call_model(model, move_to(example, device))
-            leaves = [t for t in _tensors(output) if t.requires_grad]
+            leaves = [t for t in torch.utils._pytree.tree_leaves(output) if isinstance(t, torch.Tensor) and t.requires_grad]
             if leaves:
                 grads = torch.autograd.grad(torch.stack([t.float().sum() for t in leaves]).sum(), trainable, allow_unused=True)
                 unused = float(any(g is None for g in grads))
@@ -185,16 +185,6 @@ def _has_unused_parameters(model: nn.Module, data: Any) -> bool:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         unused = float(flag.item())
     return unused > 0
-
-
-def _tensors(value: Any) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, dict) or hasattr(value, "values"):
-        return [t for v in value.values() for t in _tensors(v)]
-    if isinstance(value, (tuple, list)):
-        return [t for v in value for t in _tensors(v)]
-    return []
 
 
 def _distributed_sampler(data: Any) -> Any:
